@@ -1,0 +1,72 @@
+//! Typed errors of the library. Every message says what went wrong and what to do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "model folder {path} does not exist: pass a folder in the diffusers layout \
+         (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/)"
+    )]
+    ModelFolderMissing { path: PathBuf },
+
+    #[error("{path} is missing: {hint}")]
+    FileMissing { path: PathBuf, hint: String },
+
+    #[error(
+        "tensor `{name}` is missing from the weights of {component} ({path}): the checkpoint does not \
+         match its config.json, or the download is incomplete"
+    )]
+    TensorMissing { component: String, name: String, path: PathBuf },
+
+    #[error(
+        "tensor `{name}` in the weights of {component} ({path}) has shape {found:?}, but its config.json \
+         expects {expected:?}: the weights and the config belong to different models"
+    )]
+    ShapeMismatch {
+        component: String,
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("weights file {path} is corrupt or truncated ({reason}): download it again")]
+    CorruptWeights { path: PathBuf, reason: String },
+
+    #[error(
+        "refusing to load {path}: its pickle references `{global}`, which is not tensor storage. \
+         A PyTorch .bin file can run arbitrary code when unpickled; t2v only reads plain state dicts. \
+         Convert the checkpoint to safetensors, or use one from a source you trust"
+    )]
+    UnsafePickle { path: PathBuf, global: String },
+
+    #[error("{component} class `{class}` is not supported (supported: {supported}); {hint}")]
+    UnsupportedClass { component: String, class: String, supported: String, hint: String },
+
+    #[error("cannot parse {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("generation cancelled")]
+    Cancelled,
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

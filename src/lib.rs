@@ -1,0 +1,15 @@
+//! t2v: the ModelScope text-to-video latent diffusion model (diffusers' `TextToVideoSDPipeline`)
+//! in Rust on candle.
+//!
+//! The modules follow the pipeline: [`tokenizer`] → [`text_encoder`] → [`unet3d`] iterated by
+//! [`schedulers`] from [`noise`] → [`vae`] → frames; [`loading`] reads checkpoint folders.
+
+pub mod error;
+pub mod loading;
+pub mod pth;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet3d;
+pub mod vae;
+
+pub use error::{Error, Result};

@@ -1,0 +1,178 @@
+//! Attention layers shared by the spatial and the temporal transformers: diffusers' `Attention`
+//! (with the default scaled-dot-product processor), `FeedForward` with GEGLU, and
+//! `BasicTransformerBlock` in its `layer_norm` form.
+//!
+//! candle-transformers' Stable Diffusion `BasicTransformerBlock` is private and its GEGLU uses the
+//! tanh approximation of GELU, where diffusers' uses the exact one; these mirror diffusers.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+
+/// Query rows processed at once in the score matrix: bounds the memory of long self-attention
+/// (a 32×32 latent has 1024 tokens a frame) without changing any result.
+const QUERY_CHUNK: usize = 1024;
+
+/// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
+/// v from the context (cross-attention) or from the hidden states (self-attention).
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * dim_head;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (dim_head as f64).sqrt(),
+        })
+    }
+
+    /// `xs`: (batch, tokens, query_dim). `context`: (batch / repeat, context_tokens, context_dim),
+    /// used for every `repeat` consecutive batch rows (the frames of one video share its prompt:
+    /// projecting it once per video gives the same k and v as diffusers' per-frame copies).
+    pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
+        let (batch, tokens, _) = xs.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let (k, v) = match context {
+            None => (self.split_heads(&self.to_k.forward(xs)?)?, self.split_heads(&self.to_v.forward(xs)?)?),
+            Some((ctx, repeat)) => {
+                let k = repeat_interleave(&self.to_k.forward(ctx)?, repeat)?;
+                let v = repeat_interleave(&self.to_v.forward(ctx)?, repeat)?;
+                (self.split_heads(&k)?, self.split_heads(&v)?)
+            }
+        };
+        debug_assert_eq!(q.dim(0)?, batch * self.heads);
+        let k_t = k.t()?.contiguous()?;
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < tokens {
+            let len = QUERY_CHUNK.min(tokens - start);
+            let q_chunk = q.narrow(1, start, len)?;
+            let scores = (q_chunk.matmul(&k_t)? * self.scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(probs.matmul(&v)?);
+            start += len;
+        }
+        let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? };
+        let inner = out.dim(D::Minus1)? * self.heads;
+        let out = out
+            .reshape((batch, self.heads, tokens, inner / self.heads))?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, inner))?;
+        self.to_out.forward(&out)
+    }
+
+    /// (batch, tokens, heads·dim) → (batch·heads, tokens, dim), contiguous.
+    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, tokens, inner) = xs.dims3()?;
+        xs.reshape((batch, tokens, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .reshape((batch * self.heads, tokens, inner / self.heads))
+    }
+}
+
+/// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor.
+pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
+    if repeat == 1 {
+        return Ok(xs.clone());
+    }
+    let dims = xs.dims();
+    let mut expanded = vec![dims[0], repeat];
+    expanded.extend_from_slice(&dims[1..]);
+    let mut flat = vec![dims[0] * repeat];
+    flat.extend_from_slice(&dims[1..]);
+    xs.unsqueeze(1)?.broadcast_as(expanded)?.contiguous()?.reshape(flat)
+}
+
+/// `FeedForward(dim, activation_fn="geglu", mult=4)`.
+#[derive(Debug)]
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
+        let inner = dim * 4;
+        Ok(Self { proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))? })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.proj.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
+        let value = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        self.out.forward(&(value * gate)?)
+    }
+}
+
+/// What the second attention of a `BasicTransformerBlock` attends to.
+#[derive(Debug, Clone, Copy)]
+pub enum SecondAttention {
+    /// Cross-attention to the text embeddings of this width.
+    Cross(usize),
+    /// Self-attention again (`double_self_attention`, as the temporal transformers use).
+    SelfAgain,
+}
+
+/// `BasicTransformerBlock` with `norm_type="layer_norm"`: self-attention, then cross- or
+/// self-attention, then GEGLU feed-forward, each pre-normed and residual.
+#[derive(Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        second: SecondAttention,
+    ) -> candle_core::Result<Self> {
+        let context_dim = match second {
+            SecondAttention::Cross(d) => Some(d),
+            SecondAttention::SelfAgain => None,
+        };
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, dim_head)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, dim_head)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
+    pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}

@@ -1,0 +1,234 @@
+//! The UNet's levels: diffusers' `CrossAttnDownBlock3D`, `DownBlock3D`,
+//! `UNetMidBlock3DCrossAttn`, `UpBlock3D` and `CrossAttnUpBlock3D`. Every layer is a spatial
+//! ResNet block on each frame followed by a temporal convolution; the cross-attention kinds add
+//! a spatial transformer and a temporal transformer after it.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use super::temporal::{TemporalConvLayer, TransformerTemporalModel};
+use super::transformer_2d::Transformer2DModel;
+
+/// What every level shares: the time-embedding width, the norms and the attention geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct LevelConfig {
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub cross_attention_dim: usize,
+    /// The config's `attention_head_dim` for this level, which the reference uses as the width
+    /// of one head (heads = channels / it) — see the note in `UNet3DConditionModel.__init__`.
+    pub head_dim: usize,
+}
+
+/// One layer of a level: ResNet, temporal conv, and for cross-attention levels the spatial and
+/// temporal transformers.
+#[derive(Debug)]
+struct Layer {
+    resnet: ResnetBlock2D,
+    temp_conv: TemporalConvLayer,
+    attention: Option<(Transformer2DModel, TransformerTemporalModel)>,
+}
+
+fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, cfg: &LevelConfig, output_scale_factor: f64) -> candle_core::Result<ResnetBlock2D> {
+    let rcfg = ResnetBlock2DConfig {
+        out_channels: Some(out_ch),
+        temb_channels: Some(cfg.temb_channels),
+        groups: cfg.groups,
+        groups_out: None,
+        eps: cfg.eps,
+        use_in_shortcut: None,
+        output_scale_factor,
+    };
+    ResnetBlock2D::new(vb, in_ch, rcfg)
+}
+
+fn attentions(
+    vb: &VarBuilder,
+    index: usize,
+    channels: usize,
+    cfg: &LevelConfig,
+) -> candle_core::Result<(Transformer2DModel, TransformerTemporalModel)> {
+    let heads = channels / cfg.head_dim;
+    Ok((
+        Transformer2DModel::new(
+            vb.pp("attentions").pp(index),
+            channels,
+            heads,
+            cfg.head_dim,
+            cfg.cross_attention_dim,
+            cfg.groups,
+        )?,
+        TransformerTemporalModel::new(vb.pp("temp_attentions").pp(index), channels, heads, cfg.head_dim, cfg.groups)?,
+    ))
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        let xs = self.resnet.forward(xs, Some(temb))?;
+        let xs = self.temp_conv.forward(&xs, frames)?;
+        match &self.attention {
+            Some((spatial, temporal)) => temporal.forward(&spatial.forward(&xs, context, frames)?, frames),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// `CrossAttnDownBlock3D` (with attention) or `DownBlock3D` (without).
+#[derive(Debug)]
+pub struct DownBlock {
+    layers: Vec<Layer>,
+    downsample: Option<Conv2d>,
+}
+
+impl DownBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        with_attention: bool,
+        add_downsample: bool,
+        downsample_padding: usize,
+        cfg: &LevelConfig,
+    ) -> candle_core::Result<Self> {
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            let in_ch = if i == 0 { in_channels } else { out_channels };
+            layers.push(Layer {
+                resnet: resnet(vb.pp("resnets").pp(i), in_ch, out_channels, cfg, 1.0)?,
+                temp_conv: TemporalConvLayer::new(vb.pp("temp_convs").pp(i), out_channels, out_channels, cfg.groups)?,
+                attention: if with_attention { Some(attentions(&vb, i, out_channels, cfg)?) } else { None },
+            });
+        }
+        // Downsample2D(use_conv=True): a stride-2 3×3 convolution.
+        let downsample = if add_downsample {
+            let conv_cfg = Conv2dConfig { padding: downsample_padding, stride: 2, ..Default::default() };
+            Some(conv2d(out_channels, out_channels, 3, conv_cfg, vb.pp("downsamplers.0.conv"))?)
+        } else {
+            None
+        };
+        Ok(Self { layers, downsample })
+    }
+
+    /// Returns the output and the skip connections it adds for the up path.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut skips = Vec::with_capacity(self.layers.len() + 1);
+        for layer in &self.layers {
+            xs = layer.forward(&xs, temb, context, frames)?;
+            skips.push(xs.clone());
+        }
+        if let Some(down) = &self.downsample {
+            xs = down.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok((xs, skips))
+    }
+}
+
+/// `UNetMidBlock3DCrossAttn`: ResNet + temporal conv, then one layer of spatial transformer,
+/// temporal transformer, ResNet and temporal conv.
+#[derive(Debug)]
+pub struct MidBlock {
+    first_resnet: ResnetBlock2D,
+    first_temp_conv: TemporalConvLayer,
+    layers: Vec<(Transformer2DModel, TransformerTemporalModel, ResnetBlock2D, TemporalConvLayer)>,
+}
+
+impl MidBlock {
+    pub fn new(vb: VarBuilder, channels: usize, output_scale_factor: f64, cfg: &LevelConfig) -> candle_core::Result<Self> {
+        let (spatial, temporal) = attentions(&vb, 0, channels, cfg)?;
+        Ok(Self {
+            first_resnet: resnet(vb.pp("resnets.0"), channels, channels, cfg, output_scale_factor)?,
+            first_temp_conv: TemporalConvLayer::new(vb.pp("temp_convs.0"), channels, channels, cfg.groups)?,
+            layers: vec![(
+                spatial,
+                temporal,
+                resnet(vb.pp("resnets.1"), channels, channels, cfg, output_scale_factor)?,
+                TemporalConvLayer::new(vb.pp("temp_convs.1"), channels, channels, cfg.groups)?,
+            )],
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        let mut xs = self.first_temp_conv.forward(&self.first_resnet.forward(xs, Some(temb))?, frames)?;
+        for (spatial, temporal, resnet, temp_conv) in &self.layers {
+            xs = temporal.forward(&spatial.forward(&xs, context, frames)?, frames)?;
+            xs = temp_conv.forward(&resnet.forward(&xs, Some(temb))?, frames)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `CrossAttnUpBlock3D` (with attention) or `UpBlock3D` (without).
+#[derive(Debug)]
+pub struct UpBlock {
+    layers: Vec<Layer>,
+    upsample: Option<Conv2d>,
+}
+
+impl UpBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        prev_output_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        with_attention: bool,
+        add_upsample: bool,
+        cfg: &LevelConfig,
+    ) -> candle_core::Result<Self> {
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            // The last layer takes the skip from the level's input, the others from its output.
+            let skip_ch = if i == num_layers - 1 { in_channels } else { out_channels };
+            let resnet_in = if i == 0 { prev_output_channels } else { out_channels };
+            layers.push(Layer {
+                resnet: resnet(vb.pp("resnets").pp(i), resnet_in + skip_ch, out_channels, cfg, 1.0)?,
+                temp_conv: TemporalConvLayer::new(vb.pp("temp_convs").pp(i), out_channels, out_channels, cfg.groups)?,
+                attention: if with_attention { Some(attentions(&vb, i, out_channels, cfg)?) } else { None },
+            });
+        }
+        let upsample = if add_upsample {
+            let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
+            Some(conv2d(out_channels, out_channels, 3, conv_cfg, vb.pp("upsamplers.0.conv"))?)
+        } else {
+            None
+        };
+        Ok(Self { layers, upsample })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `skips`: this level's skip connections, consumed from the last. `upsample_size`: the
+    /// size to interpolate to when the latent size is not a multiple of the total down-sampling
+    /// (otherwise twice the input).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        frames: usize,
+        upsample_size: Option<(usize, usize)>,
+    ) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for (layer, skip) in self.layers.iter().zip(skips.iter().rev()) {
+            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = layer.forward(&xs, temb, context, frames)?;
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            let (th, tw) = upsample_size.unwrap_or((2 * h, 2 * w));
+            // Upsample2D: nearest-neighbour interpolation, then a 3×3 convolution.
+            xs = conv.forward(&xs.upsample_nearest2d(th, tw)?)?;
+        }
+        Ok(xs)
+    }
+}

@@ -1,0 +1,287 @@
+//! diffusers' `UNet3DConditionModel`: the noise prediction network of the text-to-video model,
+//! built from `unet/config.json`.
+//!
+//! Latents (batch, C, frames, h, w) are folded to (batch·frames, C, h, w) so that convolutions,
+//! ResNet blocks and spatial attention run on every frame; the temporal convolutions and
+//! temporal transformers unfold them again to mix across frames.
+
+mod attention;
+mod blocks;
+mod temporal;
+mod transformer_2d;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use serde::Deserialize;
+
+pub use attention::repeat_interleave;
+use blocks::{DownBlock, LevelConfig, MidBlock, UpBlock};
+use temporal::{frames_to_video, video_to_frames, TransformerTemporalModel};
+
+use crate::error::{Error, Result};
+
+/// An integer, or one integer per level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerLevel {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerLevel {
+    fn expand(&self, levels: usize) -> Vec<usize> {
+        match self {
+            PerLevel::One(v) => vec![*v; levels],
+            PerLevel::Each(v) => v.clone(),
+        }
+    }
+}
+
+/// `unet/config.json`. Missing keys take `UNet3DConditionModel.__init__`'s defaults (those of
+/// the published 1.7B model); keys not listed are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub sample_size: Option<usize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub act_fn: String,
+    pub norm_num_groups: Option<usize>,
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    pub attention_head_dim: PerLevel,
+    pub num_attention_heads: Option<PerLevel>,
+    pub time_cond_proj_dim: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            down_block_types: ["CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"]
+                .map(String::from)
+                .to_vec(),
+            up_block_types: ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"]
+                .map(String::from)
+                .to_vec(),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: 1024,
+            attention_head_dim: PerLevel::One(64),
+            num_attention_heads: None,
+            time_cond_proj_dim: None,
+        }
+    }
+}
+
+impl Config {
+    /// Rejects what the reference rejects or what t2v does not implement, with the reason.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(format!("unet/config.json: {msg}")));
+        let levels = self.block_out_channels.len();
+        if levels == 0 || self.down_block_types.len() != levels || self.up_block_types.len() != levels {
+            return bad(format!(
+                "block_out_channels ({levels}), down_block_types ({}) and up_block_types ({}) must have the same length",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        if self.num_attention_heads.is_some() {
+            return bad("num_attention_heads must be null: UNet3DConditionModel takes the head size from attention_head_dim".into());
+        }
+        if self.act_fn != "silu" && self.act_fn != "swish" {
+            return bad(format!("act_fn `{}` is not supported (only silu)", self.act_fn));
+        }
+        let Some(groups) = self.norm_num_groups else {
+            return bad("norm_num_groups null is not supported".into());
+        };
+        let head_dims = self.attention_head_dim.expand(levels);
+        if head_dims.len() != levels {
+            return bad(format!("attention_head_dim has {} entries for {levels} levels", head_dims.len()));
+        }
+        for (i, (&ch, &hd)) in self.block_out_channels.iter().zip(&head_dims).enumerate() {
+            if hd == 0 || ch % hd != 0 || ch % groups != 0 {
+                return bad(format!(
+                    "level {i}: {ch} channels are not a multiple of attention_head_dim {hd} and norm_num_groups {groups}"
+                ));
+            }
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock3D" && t != "DownBlock3D" {
+                return bad(format!("down block type `{t}` is not supported (CrossAttnDownBlock3D, DownBlock3D)"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock3D" && t != "UpBlock3D" {
+                return bad(format!("up block type `{t}` is not supported (CrossAttnUpBlock3D, UpBlock3D)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The factor between the latent size and the smallest level's size.
+    pub fn overall_downsampling(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// The 3D UNet: `forward(latents, timestep, text embeddings)` → predicted noise.
+#[derive(Debug)]
+pub struct UNet3DConditionModel {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    transformer_in: TransformerTemporalModel,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: Config,
+}
+
+impl UNet3DConditionModel {
+    pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self::build(vb, cfg)?)
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let levels = cfg.block_out_channels.len();
+        let groups = cfg.norm_num_groups.unwrap_or(32);
+        let head_dims = cfg.attention_head_dim.expand(levels);
+        let ch0 = cfg.block_out_channels[0];
+        let time_embed_dim = ch0 * 4;
+        let level_cfg = |i: usize| LevelConfig {
+            temb_channels: time_embed_dim,
+            groups,
+            eps: cfg.norm_eps,
+            cross_attention_dim: cfg.cross_attention_dim,
+            head_dim: head_dims[i],
+        };
+        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
+        let conv_in = conv2d(cfg.in_channels, ch0, 3, pad1, vb.pp("conv_in"))?;
+        // Timesteps(ch0, flip_sin_to_cos=True, downscale_freq_shift=0).
+        let time_proj = Timesteps::new(ch0, true, 0.0);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
+        // transformer_in: 8 heads of attention_head_dim channels, as the reference hard-wires.
+        let transformer_in = TransformerTemporalModel::new(vb.pp("transformer_in"), ch0, 8, head_dims[0], groups)?;
+
+        let mut down_blocks = Vec::with_capacity(levels);
+        let mut out_ch = ch0;
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = cfg.block_out_channels[i];
+            down_blocks.push(DownBlock::new(
+                vb.pp("down_blocks").pp(i),
+                in_ch,
+                out_ch,
+                cfg.layers_per_block,
+                kind == "CrossAttnDownBlock3D",
+                i + 1 < levels,
+                cfg.downsample_padding,
+                &level_cfg(i),
+            )?);
+        }
+        let last = *cfg.block_out_channels.last().unwrap();
+        let mid_block = MidBlock::new(vb.pp("mid_block"), last, cfg.mid_block_scale_factor, &level_cfg(levels - 1))?;
+
+        let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(levels);
+        let mut out_ch = reversed[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let prev_out = out_ch;
+            out_ch = reversed[i];
+            let in_ch = reversed[(i + 1).min(levels - 1)];
+            up_blocks.push(UpBlock::new(
+                vb.pp("up_blocks").pp(i),
+                in_ch,
+                prev_out,
+                out_ch,
+                cfg.layers_per_block + 1,
+                kind == "CrossAttnUpBlock3D",
+                i + 1 < levels,
+                &level_cfg(levels - 1 - i),
+            )?);
+        }
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            transformer_in,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(ch0, cfg.out_channels, 3, pad1, vb.pp("conv_out"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// `latents`: (batch, C, frames, h, w); `timestep`: the scheduler's integer timestep;
+    /// `encoder_hidden_states`: (batch, tokens, cross_attention_dim). Returns the predicted noise,
+    /// shaped like `latents`.
+    pub fn forward(&self, latents: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states)?)
+    }
+
+    fn forward_inner(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, _, frames, h, w) = latents.dims5()?;
+        let dtype = latents.dtype();
+        let device = latents.device();
+        let factor = self.config.overall_downsampling();
+        // Sizes the down-sampling does not divide are handled as in the reference: each
+        // up-sampling interpolates to the size of the skip connection it meets.
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+
+        let timesteps = Tensor::full(timestep as f32, batch, device)?;
+        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
+        let emb = self.time_embedding.forward(&t_emb)?;
+        let emb = repeat_interleave(&emb, frames)?;
+
+        let mut xs = self.conv_in.forward(&video_to_frames(latents)?)?;
+        xs = self.transformer_in.forward(&xs, frames)?;
+
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(&xs, &emb, context, frames)?;
+            xs = out;
+            skips.extend(res);
+        }
+        xs = self.mid_block.forward(&xs, &emb, context, frames)?;
+
+        let n_up = self.up_blocks.len();
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let level_skips = skips.split_off(skips.len() - block.num_layers());
+            let upsample_size = if i + 1 < n_up && forward_upsample_size {
+                let next = skips.last().expect("one skip per up-block layer");
+                let (_, _, sh, sw) = next.dims4()?;
+                Some((sh, sw))
+            } else {
+                None
+            };
+            xs = block.forward(&xs, &level_skips, &emb, context, frames, upsample_size)?;
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_out.forward(&xs)?;
+        frames_to_video(&xs, frames)?.contiguous()
+    }
+}

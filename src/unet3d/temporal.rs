@@ -1,0 +1,135 @@
+//! The layers that mix information across frames: diffusers' `TemporalConvLayer` (four
+//! GroupNorm–SiLU–Conv3d(3,1,1) stages, residual) and `TransformerTemporalModel` (each pixel's
+//! sequence of frames attends to itself).
+
+use candle_core::{Module, Tensor};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+
+use super::attention::{BasicTransformerBlock, SecondAttention};
+
+/// (batch·frames, C, H, W) → (batch, C, frames, H, W).
+pub fn frames_to_video(xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    xs.reshape((n / frames, frames, c, h, w))?.permute((0, 2, 1, 3, 4))
+}
+
+/// (batch, C, frames, H, W) → (batch·frames, C, H, W), contiguous.
+pub fn video_to_frames(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, f, h, w) = xs.dims5()?;
+    xs.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))
+}
+
+/// `nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`: a convolution along frames
+/// only, with zero frames padded at both ends.
+#[derive(Debug)]
+struct TemporalConv {
+    /// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D
+    /// convolution over (frames, H·W).
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl TemporalConv {
+    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
+        let weight = vb.get((out_dim, in_dim, 3, 1, 1), "weight")?.reshape((out_dim, in_dim, 3, 1))?;
+        let bias = vb.get(out_dim, "bias")?;
+        Ok(Self { weight, bias })
+    }
+
+    /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, f, h, w) = xs.dims5()?;
+        let padded = xs.reshape((b, c, f, h * w))?.pad_with_zeros(2, 1, 1)?;
+        let out = padded.conv2d(&self.weight, 0, 1, 1, 1)?;
+        let out_dim = out.dim(1)?;
+        out.broadcast_add(&self.bias.reshape((1, out_dim, 1, 1))?)?.reshape((b, out_dim, f, h, w))
+    }
+}
+
+#[derive(Debug)]
+struct NormActConv {
+    norm: GroupNorm,
+    conv: TemporalConv,
+}
+
+/// `TemporalConvLayer(in_dim, out_dim, norm_num_groups)`.
+#[derive(Debug)]
+pub struct TemporalConvLayer {
+    stages: Vec<NormActConv>,
+}
+
+impl TemporalConvLayer {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, norm_num_groups: usize) -> candle_core::Result<Self> {
+        // conv1 maps in→out, conv2..4 map out→in (equal in every UNet3D use); GroupNorm keeps
+        // torch's default eps 1e-5. Each stage is Sequential(GroupNorm, SiLU, [Dropout], Conv3d),
+        // so the conv sits at index 2 in conv1 and index 3 after the dropout.
+        let mut stages = vec![NormActConv {
+            norm: group_norm(norm_num_groups, in_dim, 1e-5, vb.pp("conv1.0"))?,
+            conv: TemporalConv::new(vb.pp("conv1.2"), in_dim, out_dim)?,
+        }];
+        for name in ["conv2", "conv3", "conv4"] {
+            stages.push(NormActConv {
+                norm: group_norm(norm_num_groups, out_dim, 1e-5, vb.pp(name).pp("0"))?,
+                conv: TemporalConv::new(vb.pp(name).pp("3"), out_dim, in_dim)?,
+            });
+        }
+        Ok(Self { stages })
+    }
+
+    /// `xs`: (batch·frames, C, H, W).
+    pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        let identity = frames_to_video(xs, frames)?;
+        let mut h = identity.clone();
+        for stage in &self.stages {
+            // GroupNorm statistics span all frames of a video, as on the 5-D tensor in diffusers.
+            h = stage.conv.forward(&candle_nn::ops::silu(&stage.norm.forward(&h)?)?)?;
+        }
+        video_to_frames(&(identity + h)?)
+    }
+}
+
+/// `TransformerTemporalModel(heads, dim_head, in_channels, num_layers=1, norm_num_groups)` with
+/// its default `double_self_attention`: both attentions of its block are across frames.
+#[derive(Debug)]
+pub struct TransformerTemporalModel {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+impl TransformerTemporalModel {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        heads: usize,
+        dim_head: usize,
+        norm_num_groups: usize,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * dim_head;
+        let block =
+            BasicTransformerBlock::new(vb.pp("transformer_blocks.0"), inner, heads, dim_head, SecondAttention::SelfAgain)?;
+        Ok(Self {
+            norm: group_norm(norm_num_groups, in_channels, 1e-6, vb.pp("norm"))?,
+            proj_in: linear(in_channels, inner, vb.pp("proj_in"))?,
+            blocks: vec![block],
+            proj_out: linear(inner, in_channels, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// `xs`: (batch·frames, C, H, W).
+    pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        let b = n / frames;
+        let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
+        // (b, C, F, H, W) → (b·H·W, F, C): one sequence of frames per pixel.
+        let seq = normed.permute((0, 3, 4, 2, 1))?.reshape((b * h * w, frames, c))?;
+        let mut seq = self.proj_in.forward(&seq)?;
+        for block in &self.blocks {
+            seq = block.forward(&seq, None)?;
+        }
+        let seq = self.proj_out.forward(&seq)?;
+        let out = seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?.reshape((n, c, h, w))?;
+        out + xs
+    }
+}
