@@ -6,7 +6,10 @@
 
 pub mod error;
 pub mod loading;
+pub mod noise;
+pub mod pipeline;
 pub mod pth;
+pub mod schedulers;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet3d;

@@ -258,7 +258,8 @@ impl ComponentWeights {
                         files.paths.len()
                     )));
                 }
-                Box::new(crate::pth::open_checked(&path)?)
+                // Checked and read whole: a pickle is parsed, not mapped.
+                Box::new(crate::pth::load_pth_tensors(&path, dtype, device)?)
             }
         };
         let failure = Arc::new(Mutex::new(None));

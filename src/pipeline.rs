@@ -1,0 +1,360 @@
+//! The text-to-video pipeline: diffusers' `TextToVideoSDPipeline.__call__`, step for step.
+//!
+//! Load a checkpoint once with [`TextToVideo::load`], then call [`TextToVideo::generate`] as often
+//! as needed; a per-step callback reports progress and can cancel.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::loading::{ModelFolder, WeightsVariant};
+use crate::noise::TorchGenerator;
+use crate::schedulers::{self, SchedulerKind};
+use crate::text_encoder::{self, TextEncoder};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet3d::{self, UNet3DConditionModel};
+use crate::vae::{self, Vae};
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// The compute dtype; stored weights of any float dtype are converted to it.
+    pub dtype: DType,
+    pub variant: WeightsVariant,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, variant: WeightsVariant::Auto }
+    }
+}
+
+/// What to generate. [`GenerationParams::new`] gives the model card's recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub prompt: String,
+    /// What to steer away from; the empty prompt when absent, as the reference.
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale; at most 1 runs the UNet once a step, without guidance.
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+    /// DDIM's η (0: deterministic); ignored by DPM-Solver++.
+    pub eta: f64,
+    pub num_frames: usize,
+    /// Pixels; `None` takes the UNet's `sample_size` times the VAE scale.
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+}
+
+impl GenerationParams {
+    /// The model card's recipe: DPM-Solver++, 25 steps, guidance 9, 16 frames.
+    pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            seed,
+            num_inference_steps: 25,
+            guidance_scale: 9.0,
+            scheduler: SchedulerKind::DpmSolverMultistep,
+            eta: 0.0,
+            num_frames: 16,
+            height: None,
+            width: None,
+        }
+    }
+}
+
+/// Reported after each denoising step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress {
+    /// 1-based index of the step just finished.
+    pub step: usize,
+    pub total_steps: usize,
+    pub timestep: usize,
+    /// Since the first step started.
+    pub elapsed: Duration,
+}
+
+/// What the step callback tells the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+/// A generated video.
+#[derive(Debug, Clone)]
+pub struct Video {
+    /// (frames, height, width, 3), float32 in [0, 1]: the reference's `output_type="np"` frames.
+    pub frames: Tensor,
+    pub seed: u64,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub text_encoding: Duration,
+    pub denoising: Duration,
+    pub decoding: Duration,
+}
+
+/// A loaded checkpoint: tokenizer, text encoder, UNet, VAE and the scheduler configuration.
+pub struct TextToVideo {
+    folder: ModelFolder,
+    tokenizer: ClipTokenizer,
+    text_encoder: TextEncoder,
+    unet: UNet3DConditionModel,
+    vae: Vae,
+    scheduler_config: serde_json::Value,
+    device: Device,
+    dtype: DType,
+}
+
+impl TextToVideo {
+    /// Loads every component of the checkpoint folder at `root`.
+    pub fn load(root: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let folder = ModelFolder::open(root)?;
+        let (device, dtype) = (&options.device, options.dtype);
+        let tokenizer = ClipTokenizer::from_folder(&folder.component_dir("tokenizer"))?;
+
+        folder.check_config_class("text_encoder", "config.json", &["CLIPTextModel"])?;
+        let te_cfg: text_encoder::Config = folder.config("text_encoder", "config.json")?;
+        let weights = folder.weights("text_encoder", options.variant, dtype, device)?;
+        let text_encoder = weights.build(|vb| Ok(TextEncoder::new(vb, &te_cfg)))??;
+
+        folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
+        let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
+        let weights = folder.weights("unet", options.variant, dtype, device)?;
+        let unet = weights.build(|vb| Ok(UNet3DConditionModel::new(vb, &unet_cfg)))??;
+
+        folder.check_config_class("vae", "config.json", &["AutoencoderKL"])?;
+        let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
+        let weights = folder.weights("vae", options.variant, dtype, device)?;
+        let vae = weights.build(|vb| Ok(Vae::new(vb, &vae_cfg)))??;
+
+        // diffusers writes non-finite floats (`-Infinity`) that strict JSON rejects.
+        let scheduler_config =
+            schedulers::load_scheduler_config(&folder.component_dir("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            folder,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn folder(&self) -> &ModelFolder {
+        &self.folder
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text_encoder
+    }
+
+    pub fn unet(&self) -> &UNet3DConditionModel {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &Vae {
+        &self.vae
+    }
+
+    pub fn scheduler_config(&self) -> &serde_json::Value {
+        &self.scheduler_config
+    }
+
+    /// The frame size when none is asked for: the UNet's `sample_size` times the VAE scale.
+    pub fn default_size(&self) -> (usize, usize) {
+        let side = self.unet.config().sample_size.unwrap_or(32) * self.vae.config().scale_factor();
+        (side, side)
+    }
+
+    /// Checks `params` against this model before any work; resolves the default size.
+    pub fn validate(&self, params: &GenerationParams) -> Result<(usize, usize)> {
+        let (default_h, default_w) = self.default_size();
+        let (height, width) = (params.height.unwrap_or(default_h), params.width.unwrap_or(default_w));
+        validate_params(params, height, width, self.vae.config().scale_factor())?;
+        Ok((height, width))
+    }
+
+    /// Warnings about a prompt that the model will not read as written: cut at the tokenizer's
+    /// length, or not in English (the only language the model card says it understands).
+    pub fn prompt_warnings(&self, prompt: &str) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        let encoded = self.tokenizer.encode_padded(prompt)?;
+        if encoded.truncated {
+            let ids = self.tokenizer.encode_untruncated(prompt)?;
+            let keep = self.tokenizer.max_length() - 1;
+            let removed = self.tokenizer.decode(&ids[keep..ids.len() - 1], true)?;
+            warnings.push(format!(
+                "the prompt is longer than the {} tokens the text encoder reads; this part is ignored: \"{removed}\"",
+                self.tokenizer.max_length()
+            ));
+        }
+        if let Some(w) = non_english_warning(prompt) {
+            warnings.push(w);
+        }
+        Ok(warnings)
+    }
+
+    /// The text encoder's last hidden state for `prompt`, padded to the tokenizer's length:
+    /// (1, tokens, hidden).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let encoded = self.tokenizer.encode_padded(prompt)?;
+        let ids = Tensor::new(encoded.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        self.text_encoder.forward(&ids)
+    }
+
+    /// The initial latents the seed gives: (1, C, frames, h, w), torch-identical noise.
+    pub fn initial_latents(&self, generator: &mut TorchGenerator, frames: usize, height: usize, width: usize) -> Result<Tensor> {
+        let scale = self.vae.config().scale_factor();
+        let shape = [1, self.unet.config().in_channels, frames, height / scale, width / scale];
+        Ok(generator.randn_tensor(&shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Generates one video. `on_step` runs after every denoising step and may cancel.
+    pub fn generate(
+        &self,
+        params: &GenerationParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Video> {
+        let (height, width) = self.validate(params)?;
+        let guided = params.guidance_scale > 1.0;
+
+        let started = Instant::now();
+        let prompt_embeds = self.encode_prompt(&params.prompt)?;
+        // Classifier-free guidance runs one batch: [negative, prompt].
+        let context = if guided {
+            let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
+            Tensor::cat(&[&negative, &prompt_embeds], 0)?
+        } else {
+            prompt_embeds
+        };
+        let text_encoding = started.elapsed();
+
+        let started = Instant::now();
+        let mut scheduler =
+            schedulers::build_scheduler(
+                params.scheduler,
+                &self.scheduler_config,
+                &self.folder.component_dir("scheduler").join("scheduler_config.json"),
+                params.num_inference_steps,
+                params.eta,
+            )?;
+        let mut generator = TorchGenerator::new(params.seed);
+        let mut latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
+        latents = (latents * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let device = self.device.clone();
+        let dtype = self.dtype;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_input = scheduler.scale_model_input(model_input, t)?;
+            let noise_pred = self.unet.forward(&model_input, t as f64, &context)?;
+            let noise_pred = if guided {
+                let uncond = noise_pred.narrow(0, 0, 1)?;
+                let text = noise_pred.narrow(0, 1, 1)?;
+                (&uncond + ((text - &uncond)? * params.guidance_scale)?)?
+            } else {
+                noise_pred
+            };
+            // The reference steps the scheduler on (batch·frames, C, h, w): DDIM's η-noise is
+            // drawn in that shape.
+            let (b, c, f, h, w) = latents.dims5()?;
+            let to_frames = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?)
+            };
+            let mut noise = |shape: &[usize]| -> Result<Tensor> {
+                Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?)
+            };
+            let stepped = scheduler.step(&to_frames(&noise_pred)?, t, &to_frames(&latents)?, &mut noise)?;
+            latents = stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?;
+            let progress = StepProgress { step: i + 1, total_steps: timesteps.len(), timestep: t, elapsed: started.elapsed() };
+            if on_step(&progress) == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        let denoising = started.elapsed();
+
+        let started = Instant::now();
+        let frames = self.decode_latents(&latents)?;
+        let decoding = started.elapsed();
+        Ok(Video { frames, seed: params.seed, timings: Timings { text_encoding, denoising, decoding } })
+    }
+
+    /// Latents (1, C, frames, h, w) → frames (frames, H, W, 3) in [0, 1]: divide by the VAE's
+    /// `scaling_factor`, decode each frame, map [-1, 1] to [0, 1] and clamp.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let latents = (latents / self.vae.config().scaling_factor)?;
+        let (b, c, f, h, w) = latents.dims5()?;
+        if b != 1 {
+            return Err(Error::InvalidArgument(format!("decode_latents takes one video, got a batch of {b}")));
+        }
+        let per_frame = latents.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
+        let images = self.vae.decode(&per_frame)?;
+        let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        Ok(images.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?.contiguous()?)
+    }
+}
+
+/// The checks that need no model: sizes, counts and scales.
+pub fn validate_params(params: &GenerationParams, height: usize, width: usize, vae_scale: usize) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if params.num_frames == 0 {
+        return bad("the number of frames must be at least 1".into());
+    }
+    if params.num_inference_steps == 0 {
+        return bad("the number of denoising steps must be at least 1".into());
+    }
+    if !params.guidance_scale.is_finite() || params.guidance_scale < 0.0 {
+        return bad(format!("the guidance scale must be 0 or more, got {}", params.guidance_scale));
+    }
+    if !params.eta.is_finite() || params.eta < 0.0 {
+        return bad(format!("eta must be 0 or more, got {}", params.eta));
+    }
+    for (name, v) in [("height", height), ("width", width)] {
+        if v == 0 || v % vae_scale != 0 {
+            return bad(format!(
+                "the {name} must be a positive multiple of {vae_scale} (the VAE's scale), got {v}; try {}",
+                (v / vae_scale).max(1) * vae_scale
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The model card: "only English is supported". A prompt whose letters are mostly outside the
+/// Latin script gets a warning (it still runs).
+pub fn non_english_warning(prompt: &str) -> Option<String> {
+    let letters: Vec<char> = prompt.chars().filter(|c| c.is_alphabetic()).collect();
+    if letters.is_empty() {
+        return None;
+    }
+    let latin = letters.iter().filter(|&&c| is_latin(c)).count();
+    if latin * 2 < letters.len() {
+        Some(
+            "the prompt is mostly not in the Latin script: the model understands English only, so expect a video that ignores much of it"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+fn is_latin(c: char) -> bool {
+    c.is_ascii_alphabetic()
+        || matches!(c as u32, 0x00C0..=0x024F | 0x1E00..=0x1EFF | 0x2C60..=0x2C7F | 0xA720..=0xA7FF | 0xFF21..=0xFF3A | 0xFF41..=0xFF5A)
+}

@@ -1,0 +1,561 @@
+//! Noise schedulers of the denoising loop: DDIM and multistep DPM-Solver(++), matching
+//! diffusers 0.42.1 `DDIMScheduler` and `DPMSolverMultistepScheduler`.
+//!
+//! Both read the checkpoint's `scheduler/scheduler_config.json`. Like diffusers'
+//! `from_config`, a scheduler takes the keys of the file that it knows and its *own* defaults for
+//! the keys the file lacks: a DPM-Solver built from a DDIM file without `timestep_spacing` uses
+//! `linspace` (DPM's default), while the DDIM built from that same file uses `leading`.
+//!
+//! Scalar coefficients are computed in `f32`, in the order the reference computes them (its
+//! schedules are float32 torch tensors); the tensor arithmetic uses candle ops only, so a step
+//! runs on any device.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+pub mod ddim;
+pub mod dpm_solver;
+
+pub use ddim::{DdimConfig, DdimScheduler};
+pub use dpm_solver::{DpmSolverConfig, DpmSolverMultistepScheduler};
+
+/// Which scheduler drives the denoising loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// `DDIMScheduler` (the published text-to-video checkpoints ship this one).
+    Ddim,
+    /// `DPMSolverMultistepScheduler` (DPM-Solver++ 2M by default).
+    DpmSolverMultistep,
+}
+
+impl SchedulerKind {
+    /// The diffusers class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+        }
+    }
+
+    /// The kind for a diffusers `_class_name`, if it is one of the supported classes.
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        match name {
+            "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmSolverMultistep),
+            _ => None,
+        }
+    }
+
+    /// Parses a user-facing name: `ddim`, or `dpm` / `dpm++` / `dpmsolver` / `dpm-solver` /
+    /// `dpmsolver++` / `dpmsolvermultistep`, or a diffusers class name (case-insensitive).
+    pub fn parse(name: &str) -> Result<Self> {
+        let lower = name.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "ddim" | "ddimscheduler" => Ok(SchedulerKind::Ddim),
+            "dpm"
+            | "dpm++"
+            | "dpmsolver"
+            | "dpmsolver++"
+            | "dpm-solver"
+            | "dpm-solver++"
+            | "dpmsolvermultistep"
+            | "dpmsolvermultistepscheduler" => Ok(SchedulerKind::DpmSolverMultistep),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown scheduler `{name}`: choose `ddim` or `dpm` (DPM-Solver++ multistep)"
+            ))),
+        }
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        SchedulerKind::parse(s)
+    }
+}
+
+/// A noise source: given a shape, returns standard normal noise of that shape (f32).
+/// The pipeline passes a closure drawing from its seeded generator.
+pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
+
+/// A noise source for configurations that never draw noise (DDIM with `eta == 0`, the ODE
+/// variants of DPM-Solver). Errors if it is called.
+pub fn no_noise(shape: &[usize]) -> Result<Tensor> {
+    Err(Error::InvalidArgument(format!(
+        "the scheduler needs random noise of shape {shape:?} (DDIM with eta > 0, or an SDE \
+         variant of DPM-Solver), but no noise source was given"
+    )))
+}
+
+/// The interface of the denoising loop:
+/// ```text
+/// latents = latents * init_noise_sigma
+/// for t in timesteps: x = scale_model_input(latents, t); eps = unet(x, t); latents = step(eps, t, latents, noise)
+/// ```
+pub trait Scheduler: Send {
+    fn kind(&self) -> SchedulerKind;
+    /// The timesteps of the current schedule, in the order the loop visits them (descending).
+    fn timesteps(&self) -> &[usize];
+    /// The standard deviation the initial noise is scaled by.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scales the UNet input for this timestep (identity for both DDIM and DPM-Solver).
+    fn scale_model_input(&self, sample: Tensor, timestep: usize) -> Result<Tensor>;
+    /// One denoising step: the sample at the previous (lower-noise) timestep.
+    /// `noise` is called only when the step is stochastic, with `model_output`'s shape.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource<'_>,
+    ) -> Result<Tensor>;
+    /// Recomputes the schedule for `num_inference_steps` and clears any multistep state.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+}
+
+/// Builds a scheduler of `kind` from a scheduler config (the parsed `scheduler_config.json`,
+/// whatever its `_class_name`), with its timesteps set for `num_inference_steps`.
+/// `config_path` is only used in error messages. `eta` is DDIM's noise weight (0 =
+/// deterministic); DPM-Solver has no such parameter, so it ignores it, as diffusers does.
+pub fn build_scheduler(
+    kind: SchedulerKind,
+    config_json: &serde_json::Value,
+    config_path: &Path,
+    num_inference_steps: usize,
+    eta: f64,
+) -> Result<Box<dyn Scheduler>> {
+    Ok(match kind {
+        SchedulerKind::Ddim => {
+            let config = DdimConfig::from_json(config_json, config_path)?;
+            Box::new(DdimScheduler::new(config, config_path, num_inference_steps, eta)?)
+        }
+        SchedulerKind::DpmSolverMultistep => {
+            let config = DpmSolverConfig::from_json(config_json, config_path)?;
+            Box::new(DpmSolverMultistepScheduler::new(config, config_path, num_inference_steps)?)
+        }
+    })
+}
+
+/// Reads and parses a `scheduler_config.json` (see [`parse_scheduler_config`]).
+pub fn load_scheduler_config(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_scheduler_config(&text, path)
+}
+
+/// Parses the text of a scheduler config. Python's `json` writes non-finite floats as bare
+/// `Infinity` / `-Infinity` / `NaN` (diffusers saves DPM-Solver's default `lambda_min_clipped`
+/// as `-Infinity`), which strict JSON rejects: such tokens are read as strings, which the
+/// float fields accept.
+pub fn parse_scheduler_config(text: &str, path: &Path) -> Result<serde_json::Value> {
+    let cleaned = quote_non_finite_tokens(text);
+    serde_json::from_str(&cleaned).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: format!("invalid JSON: {e}"),
+    })
+}
+
+fn quote_non_finite_tokens(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else {
+            let token = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t));
+            if let Some(token) = token {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                rest = &rest[token.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Prepares a config object for deserialising into one scheduler's config struct: keys listed
+/// in `_use_default_values` (present in the config of an in-memory diffusers scheduler, never
+/// in a saved file) and `null` values are dropped so that the scheduler's own defaults apply;
+/// unknown keys are ignored by the structs.
+pub(crate) fn parse_config<T: DeserializeOwned>(
+    value: &serde_json::Value,
+    path: &Path,
+) -> Result<T> {
+    let config_err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+    let object = value
+        .as_object()
+        .ok_or_else(|| config_err("a scheduler config must be a JSON object".to_string()))?;
+    let used_defaults: Vec<&str> = object
+        .get("_use_default_values")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let filtered: serde_json::Map<String, serde_json::Value> = object
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !used_defaults.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(filtered))
+        .map_err(|e| config_err(e.to_string()))
+}
+
+/// A float config value that may be non-finite (written by Python as `-Infinity` etc).
+pub(crate) fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum F {
+        Num(f64),
+        Str(String),
+    }
+    match F::deserialize(d)? {
+        F::Num(v) => Ok(v),
+        F::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "-infinity" | "-inf" => Ok(f64::NEG_INFINITY),
+            "infinity" | "inf" | "+inf" | "+infinity" => Ok(f64::INFINITY),
+            "nan" => Ok(f64::NAN),
+            other => other
+                .parse::<f64>()
+                .map_err(|_| serde::de::Error::custom(format!("expected a number, found \"{s}\""))),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BetaSchedule {
+    #[serde(rename = "linear")]
+    Linear,
+    #[serde(rename = "scaled_linear")]
+    ScaledLinear,
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum PredictionType {
+    #[serde(rename = "epsilon")]
+    Epsilon,
+    #[serde(rename = "sample")]
+    Sample,
+    #[serde(rename = "v_prediction")]
+    VPrediction,
+    #[serde(rename = "flow_prediction")]
+    FlowPrediction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TimestepSpacing {
+    #[serde(rename = "leading")]
+    Leading,
+    #[serde(rename = "linspace")]
+    Linspace,
+    #[serde(rename = "trailing")]
+    Trailing,
+}
+
+/// The noise schedule settings shared by both schedulers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BetaConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub rescale_betas_zero_snr: bool,
+}
+
+/// `alphas_cumprod` (float32) as the reference computes it.
+pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> {
+    let n = cfg.num_train_timesteps;
+    if n == 0 {
+        return Err(config_error(path, "num_train_timesteps must be at least 1"));
+    }
+    let mut betas: Vec<f32> = if let Some(trained) = &cfg.trained_betas {
+        if trained.len() != n {
+            return Err(config_error(
+                path,
+                format!(
+                    "trained_betas has {} values but num_train_timesteps is {n}",
+                    trained.len()
+                ),
+            ));
+        }
+        trained.iter().map(|&b| b as f32).collect()
+    } else {
+        match cfg.beta_schedule {
+            BetaSchedule::Linear => torch_linspace_f32(cfg.beta_start, cfg.beta_end, n),
+            BetaSchedule::ScaledLinear => {
+                torch_linspace_f32(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
+            BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(n, 0.999),
+        }
+    };
+    if cfg.rescale_betas_zero_snr {
+        betas = rescale_zero_terminal_snr(&betas);
+    }
+    let alphas: Vec<f32> = betas.iter().map(|&b| 1.0f32 - b).collect();
+    Ok(cumprod_f32(&alphas))
+}
+
+pub(crate) fn config_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Config { path: PathBuf::from(path), reason: reason.into() }
+}
+
+/// `torch.linspace(start, end, steps, dtype=float32)` on CPU (its scalar formula: the first
+/// half counts up from `start`, the second half down from `end`).
+pub(crate) fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
+    let start = start as f32;
+    let end = end as f32;
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// `torch.cumprod` of a float32 tensor on CPU: accumulates in f64, stores each partial product
+/// as f32.
+pub(crate) fn cumprod_f32(values: &[f32]) -> Vec<f32> {
+    let mut acc = 1f64;
+    values
+        .iter()
+        .map(|&v| {
+            acc *= v as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+fn betas_for_alpha_bar_cosine(n: usize, max_beta: f64) -> Vec<f32> {
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    (0..n)
+        .map(|i| {
+            let t1 = i as f64 / n as f64;
+            let t2 = (i + 1) as f64 / n as f64;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(max_beta) as f32
+        })
+        .collect()
+}
+
+/// Rescales betas to zero terminal SNR (Lin et al. 2023, Algorithm 1), in float32.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let alphas: Vec<f32> = betas.iter().map(|&b| 1.0f32 - b).collect();
+    let mut sqrt_bar: Vec<f32> = cumprod_f32(&alphas).into_iter().map(f32::sqrt).collect();
+    let first = sqrt_bar[0];
+    let last = *sqrt_bar.last().unwrap();
+    let scale = first / (first - last);
+    for v in sqrt_bar.iter_mut() {
+        *v = (*v - last) * scale;
+    }
+    let bar: Vec<f32> = sqrt_bar.iter().map(|v| v * v).collect();
+    let mut out = Vec::with_capacity(bar.len());
+    out.push(1.0f32 - bar[0]);
+    for i in 1..bar.len() {
+        out.push(1.0f32 - bar[i] / bar[i - 1]);
+    }
+    out
+}
+
+/// `np.linspace(start, stop, num)` (float64, endpoint included).
+pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 0 {
+        return vec![];
+    }
+    if num == 1 {
+        return vec![start];
+    }
+    let div = (num - 1) as f64;
+    let delta = stop - start;
+    let step = delta / div;
+    let mut y: Vec<f64> = if step == 0.0 {
+        (0..num).map(|i| i as f64 / div * delta + start).collect()
+    } else {
+        (0..num).map(|i| i as f64 * step + start).collect()
+    };
+    y[num - 1] = stop;
+    y
+}
+
+/// `np.arange(start, stop, step)` for float64 arguments: the length is
+/// `ceil((stop - start) / step)` and element i is `start + i * ((start + step) - start)`.
+pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil();
+    if len.is_nan() || len <= 0.0 {
+        return vec![];
+    }
+    let len = len as usize;
+    let mut out = Vec::with_capacity(len);
+    out.push(start);
+    if len > 1 {
+        let second = start + step;
+        out.push(second);
+        let delta = second - start;
+        for i in 2..len {
+            out.push(start + i as f64 * delta);
+        }
+    }
+    out
+}
+
+/// Converts schedule values (already integral) to timesteps, refusing negative ones (the
+/// reference's `trailing` spacing yields -1 for some step counts, e.g. 61 of 1000, through a
+/// float rounding quirk of `np.arange`; it then silently indexes the last training timestep).
+pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize) -> Result<Vec<usize>> {
+    values
+        .iter()
+        .map(|&t| {
+            usize::try_from(t).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "the timestep schedule for {num_inference_steps} steps contains the negative \
+                     timestep {t}: choose another number of steps or another timestep_spacing"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `sum_i c_i * x_i`, evaluated left to right with one rounding per product and per sum, as the
+/// reference's tensor expressions are (`a*x - b*y` equals `a*x + (-b)*y` exactly).
+pub(crate) fn linear_combination(terms: &[(f32, &Tensor)]) -> Result<Tensor> {
+    let mut iter = terms.iter();
+    let (c0, x0) =
+        iter.next().ok_or_else(|| Error::InvalidArgument("empty linear combination".into()))?;
+    let mut acc = x0.affine(*c0 as f64, 0.0)?;
+    for (c, x) in iter {
+        acc = (acc + x.affine(*c as f64, 0.0)?)?;
+    }
+    Ok(acc)
+}
+
+/// Dynamic thresholding (Imagen): per batch item, `s` = the `ratio` quantile of |x| (linear
+/// interpolation, as `torch.quantile`), clamped to `[1, max_value]`; x is clamped to `[-s, s]`
+/// and divided by `s`. Uses a sort along the flattened item, which candle's CUDA/Metal kernels
+/// only support for moderately sized rows.
+pub(crate) fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "dynamic thresholding needs a (batch, channels, ...) sample, got shape {dims:?}"
+        )));
+    }
+    let batch = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let xf = match dtype {
+        DType::F32 | DType::F64 => x.clone(),
+        _ => x.to_dtype(DType::F32)?,
+    };
+    let flat = xf.reshape((batch, rest))?;
+    let (sorted, _) = flat.abs()?.contiguous()?.sort_last_dim(true)?;
+    let rank = (ratio as f32) * (rest - 1) as f32;
+    let below = rank as usize;
+    let above = rank.ceil() as usize;
+    let weight = rank - below as f32;
+    let low = sorted.narrow(1, below.min(rest - 1), 1)?;
+    let high = sorted.narrow(1, above.min(rest - 1), 1)?;
+    let s = if weight < 0.5 {
+        (&low + (&high - &low)?.affine(weight as f64, 0.0)?)?
+    } else {
+        (&high - (&high - &low)?.affine((1.0 - weight) as f64, 0.0)?)?
+    };
+    let s = s.maximum(1.0)?.minimum(max_value)?;
+    let out = flat.broadcast_maximum(&s.neg()?)?.broadcast_minimum(&s)?.broadcast_div(&s)?;
+    Ok(out.reshape(dims)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_tokens_are_quoted_outside_strings_only() {
+        let text = r#"{"a": -Infinity, "b": "NaN -Infinity", "c": [Infinity, NaN], "d\"NaN": 1}"#;
+        let v = parse_scheduler_config(text, Path::new("x.json")).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"], "NaN -Infinity");
+        assert_eq!(v["c"][0], "Infinity");
+        assert_eq!(v["c"][1], "NaN");
+        assert_eq!(v["d\"NaN"], 1);
+    }
+
+    #[test]
+    fn arange_and_linspace_edges() {
+        assert_eq!(np_arange_f64(1000.0, 0.0, -250.0), vec![1000.0, 750.0, 500.0, 250.0]);
+        assert_eq!(np_linspace(0.0, 999.0, 3), vec![0.0, 499.5, 999.0]);
+        assert_eq!(np_linspace(0.0, 999.0, 1), vec![0.0]);
+    }
+
+    #[test]
+    fn dynamic_thresholding_follows_torch_quantile() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[[0.5f32, -3.0, 2.0, 1.0, -1.5], [0.1, 0.2, -0.3, 0.4, 0.5]], &dev)
+            .unwrap();
+        // ratio 0.5: rank 2 of |x| sorted -> s = 1.5 (row 0); row 1's s < 1 is raised to 1
+        let y = threshold_sample(&x, 0.5, 10.0).unwrap().to_vec2::<f32>().unwrap();
+        let expect0 = [0.5 / 1.5, -1.0, 1.0, 1.0 / 1.5, -1.0];
+        for (a, b) in y[0].iter().zip(expect0) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+        assert_eq!(y[1], vec![0.1, 0.2, -0.3, 0.4, 0.5]);
+        // ratio 0.6: rank 2.4 -> s = 1.5 + 0.4 * (2 - 1.5) = 1.7; max_value caps it at 1.6
+        let y = threshold_sample(&x, 0.6, 10.0).unwrap().to_vec2::<f32>().unwrap();
+        assert!((y[0][2] - 1.0).abs() < 1e-6 && (y[0][3] - 1.0 / 1.7).abs() < 1e-6, "{y:?}");
+        let y = threshold_sample(&x, 0.6, 1.6).unwrap().to_vec2::<f32>().unwrap();
+        assert!((y[0][3] - 1.0 / 1.6).abs() < 1e-6, "{y:?}");
+    }
+
+    #[test]
+    fn float32_schedule_matches_torch_values() {
+        // values printed by numpy emulating torch float32 (linspace, then cumprod in f64)
+        let cfg = BetaConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            trained_betas: None,
+            rescale_betas_zero_snr: false,
+        };
+        let ac = alphas_cumprod(&cfg, Path::new("x")).unwrap();
+        assert_eq!(ac[0], 0.9991499781608582f64 as f32);
+        assert_eq!(ac[1], 0.9982960224151611f64 as f32);
+        assert_eq!(ac[500], 0.27633246779441833f64 as f32);
+        assert_eq!(ac[999], 0.00466009508818388f64 as f32);
+        let zsnr =
+            alphas_cumprod(&BetaConfig { rescale_betas_zero_snr: true, ..cfg }, Path::new("x"))
+                .unwrap();
+        assert!(zsnr[999].abs() < 1e-6 && (zsnr[0] - ac[0]).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,79 @@
+//! End-to-end runs against the reference pipeline's frames (`run.*` in the fixtures): the same
+//! prompt, seed and settings give the same frames within 1e-3.
+
+mod common;
+
+use std::str::FromStr;
+
+use candle_core::IndexOp;
+use common::*;
+use t2v::pipeline::{Control, GenerationParams, LoadOptions, TextToVideo};
+use t2v::schedulers::SchedulerKind;
+
+fn params_of(run: &serde_json::Value) -> GenerationParams {
+    let mut p = GenerationParams::new(run["prompt"].as_str().unwrap(), run["seed"].as_u64().unwrap());
+    p.negative_prompt = run.get("negative_prompt").and_then(|v| v.as_str()).map(String::from);
+    p.num_inference_steps = run["steps"].as_u64().unwrap() as usize;
+    p.guidance_scale = run["guidance_scale"].as_f64().unwrap();
+    p.scheduler = SchedulerKind::from_str(run["scheduler"].as_str().unwrap()).unwrap();
+    p.num_frames = run["num_frames"].as_u64().unwrap() as usize;
+    p.height = Some(run["height"].as_u64().unwrap() as usize);
+    p.width = Some(run["width"].as_u64().unwrap() as usize);
+    p
+}
+
+fn check_runs(model: &str) {
+    let pipe = TextToVideo::load(model_dir(model), &LoadOptions::default()).unwrap();
+    let refs = reference(model);
+    for (i, run) in reference_json(model)["runs"].as_array().unwrap().iter().enumerate() {
+        let params = params_of(run);
+        let (h, w) = pipe.validate(&params).unwrap();
+        let mut generator = t2v::noise::TorchGenerator::new(params.seed);
+        let latents = pipe.initial_latents(&mut generator, params.num_frames, h, w).unwrap();
+        let latents_err = max_abs_diff(&latents, &refs[run["latents_key"].as_str().unwrap()]);
+        assert!(latents_err <= 1e-6, "{model} run {i}: initial latents differ by {latents_err:.2e}");
+
+        let mut steps = 0;
+        let video = pipe
+            .generate(&params, &mut |p| {
+                steps = p.step;
+                Control::Continue
+            })
+            .unwrap();
+        assert_eq!(steps, params.num_inference_steps);
+        let expected = &refs[run["frames_key"].as_str().unwrap()];
+        let err = max_abs_diff(&video.frames, expected);
+        println!("{model} run {i} ({}): frames max abs err {err:.2e}", run["scheduler"]);
+        assert!(err <= 1e-3, "{model} run {i}: frames differ by {err:.2e}");
+        // Not a blank video: the frames span a real range.
+        let first = video.frames.i(0).unwrap();
+        let range = (first.max_all().unwrap().to_scalar::<f32>().unwrap()
+            - first.min_all().unwrap().to_scalar::<f32>().unwrap()) as f64;
+        assert!(range > 0.05, "{model} run {i}: flat frame");
+    }
+}
+
+#[test]
+fn tiny_runs_match_reference() {
+    check_runs("tiny-t2v");
+}
+
+#[test]
+fn small_runs_match_reference() {
+    check_runs("small-t2v");
+}
+
+#[test]
+fn cancel_stops_after_the_step() {
+    let pipe = TextToVideo::load(model_dir("tiny-t2v"), &LoadOptions::default()).unwrap();
+    let mut params = GenerationParams::new("a cat", 3);
+    params.num_inference_steps = 5;
+    params.num_frames = 2;
+    let mut seen = 0;
+    let result = pipe.generate(&params, &mut |p| {
+        seen = p.step;
+        if p.step == 2 { Control::Cancel } else { Control::Continue }
+    });
+    assert!(matches!(result, Err(t2v::Error::Cancelled)), "{result:?}");
+    assert_eq!(seen, 2);
+}
