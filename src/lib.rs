@@ -2,7 +2,8 @@
 //! in Rust on candle.
 //!
 //! The modules follow the pipeline: [`tokenizer`] → [`text_encoder`] → [`unet3d`] iterated by
-//! [`schedulers`] from [`noise`] → [`vae`] → frames; [`loading`] reads checkpoint folders.
+//! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`loading`] reads checkpoint folders and
+//! [`pipeline`] runs the whole.
 
 pub mod error;
 pub mod loading;
@@ -14,5 +15,6 @@ pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet3d;
 pub mod vae;
+pub mod video;
 
 pub use error::{Error, Result};

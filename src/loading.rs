@@ -279,13 +279,13 @@ impl ComponentWeights {
 
     /// Runs a model constructor over these weights; a failure caused by a missing tensor or a
     /// tensor of the wrong shape comes back as the typed error that names it.
-    pub fn build<T>(&self, f: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>) -> Result<T> {
+    pub fn build<T>(&self, f: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
         match f(self.vb.clone()) {
-            Ok(model) => Ok(model),
-            Err(err) => {
+            Err(Error::Candle(err)) => {
                 let recorded = self.failure.lock().ok().and_then(|mut slot| slot.take());
                 Err(recorded.unwrap_or(Error::Candle(err)))
             }
+            other => other,
         }
     }
 }

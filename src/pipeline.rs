@@ -125,17 +125,17 @@ impl TextToVideo {
         folder.check_config_class("text_encoder", "config.json", &["CLIPTextModel"])?;
         let te_cfg: text_encoder::Config = folder.config("text_encoder", "config.json")?;
         let weights = folder.weights("text_encoder", options.variant, dtype, device)?;
-        let text_encoder = weights.build(|vb| Ok(TextEncoder::new(vb, &te_cfg)))??;
+        let text_encoder = weights.build(|vb| TextEncoder::new(vb, &te_cfg))?;
 
         folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
         let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
         let weights = folder.weights("unet", options.variant, dtype, device)?;
-        let unet = weights.build(|vb| Ok(UNet3DConditionModel::new(vb, &unet_cfg)))??;
+        let unet = weights.build(|vb| UNet3DConditionModel::new(vb, &unet_cfg))?;
 
         folder.check_config_class("vae", "config.json", &["AutoencoderKL"])?;
         let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
         let weights = folder.weights("vae", options.variant, dtype, device)?;
-        let vae = weights.build(|vb| Ok(Vae::new(vb, &vae_cfg)))??;
+        let vae = weights.build(|vb| Vae::new(vb, &vae_cfg))?;
 
         // diffusers writes non-finite floats (`-Infinity`) that strict JSON rejects.
         let scheduler_config =
@@ -176,18 +176,10 @@ impl TextToVideo {
         &self.scheduler_config
     }
 
-    /// The frame size when none is asked for: the UNet's `sample_size` times the VAE scale.
-    pub fn default_size(&self) -> (usize, usize) {
-        let side = self.unet.config().sample_size.unwrap_or(32) * self.vae.config().scale_factor();
-        (side, side)
-    }
-
-    /// Checks `params` against this model before any work; resolves the default size.
+    /// Checks `params` against this model before any work; returns (height, width) with the
+    /// defaults resolved.
     pub fn validate(&self, params: &GenerationParams) -> Result<(usize, usize)> {
-        let (default_h, default_w) = self.default_size();
-        let (height, width) = (params.height.unwrap_or(default_h), params.width.unwrap_or(default_w));
-        validate_params(params, height, width, self.vae.config().scale_factor())?;
-        Ok((height, width))
+        resolve_size(self.unet.config(), self.vae.config(), params)
     }
 
     /// Warnings about a prompt that the model will not read as written: cut at the tokenizer's
@@ -308,6 +300,26 @@ impl TextToVideo {
         let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(images.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?.contiguous()?)
     }
+}
+
+/// Checks `params` against a checkpoint's configs alone (no weights are read), so that bad
+/// input fails before any model work. Returns (height, width) with the defaults resolved.
+pub fn check_params(root: impl AsRef<Path>, params: &GenerationParams) -> Result<(usize, usize)> {
+    let folder = ModelFolder::open(root)?;
+    let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
+    let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
+    unet_cfg.validate()?;
+    vae_cfg.validate()?;
+    resolve_size(&unet_cfg, &vae_cfg, params)
+}
+
+/// The frame size: as asked, or the UNet's `sample_size` times the VAE scale (the reference's
+/// default); then every check of [`validate_params`].
+pub fn resolve_size(unet: &unet3d::Config, vae: &vae::Config, params: &GenerationParams) -> Result<(usize, usize)> {
+    let side = unet.sample_size.unwrap_or(32) * vae.scale_factor();
+    let (height, width) = (params.height.unwrap_or(side), params.width.unwrap_or(side));
+    validate_params(params, height, width, vae.scale_factor())?;
+    Ok((height, width))
 }
 
 /// The checks that need no model: sizes, counts and scales.

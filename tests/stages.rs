@@ -31,7 +31,7 @@ fn check_unet(model: &str, reference_of: &str) {
     let folder = ModelFolder::open(model_dir(model)).unwrap();
     let cfg: unet3d::Config = folder.config("unet", "config.json").unwrap();
     let weights = folder.weights("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
-    let unet = weights.build(|vb| Ok(UNet3DConditionModel::new(vb, &cfg))).unwrap().unwrap();
+    let unet = weights.build(|vb| UNet3DConditionModel::new(vb, &cfg)).unwrap();
     let refs = reference(reference_of);
     let sample = &refs["unet.sample"];
     let context = &refs["unet.context"];
@@ -48,7 +48,7 @@ fn check_vae(model: &str, reference_of: &str) {
     let folder = ModelFolder::open(model_dir(model)).unwrap();
     let cfg: vae::Config = folder.config("vae", "config.json").unwrap();
     let weights = folder.weights("vae", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
-    let vae = weights.build(|vb| Ok(Vae::new(vb, &cfg))).unwrap().unwrap();
+    let vae = weights.build(|vb| Vae::new(vb, &cfg)).unwrap();
     let refs = reference(reference_of);
     let out = vae.decode(&refs["vae.latents"]).unwrap();
     let err = rel_err(&out, &refs["vae.decoded"]);
