@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod loading;
+pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod pth;

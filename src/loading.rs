@@ -193,7 +193,7 @@ impl ModelFolder {
     }
 
     /// A `VarBuilder` over the weights of `component`, converting each tensor to `dtype` on
-    /// `device` as it is read. Use with [`ModelFolder::build`] to get typed errors.
+    /// `device` as it is read. Use with [`ComponentWeights::build`] to get typed errors.
     pub fn weights(
         &self,
         component: &str,
@@ -201,8 +201,21 @@ impl ModelFolder {
         dtype: DType,
         device: &Device,
     ) -> Result<ComponentWeights> {
+        self.weights_with(component, variant, dtype, device, false)
+    }
+
+    /// [`ModelFolder::weights`], keeping float16 matrices narrow when `keep_narrow` (see
+    /// [`ComponentWeights::open`]).
+    pub fn weights_with(
+        &self,
+        component: &str,
+        variant: WeightsVariant,
+        dtype: DType,
+        device: &Device,
+        keep_narrow: bool,
+    ) -> Result<ComponentWeights> {
         let files = self.weights_files(component, variant)?;
-        ComponentWeights::open(component, &files, dtype, device)
+        ComponentWeights::open(component, &files, dtype, device, keep_narrow)
     }
 }
 
@@ -238,9 +251,12 @@ pub struct ComponentWeights {
 }
 
 impl ComponentWeights {
-    pub fn open(component: &str, files: &WeightsFiles, dtype: DType, device: &Device) -> Result<Self> {
+    /// With `keep_narrow`, weight matrices and kernels stored in a narrower float dtype than
+    /// `dtype` (float16 checkpoints) stay in it; the layers of [`crate::nn`] widen them when
+    /// used. Vectors (biases, norms) are always converted.
+    pub fn open(component: &str, files: &WeightsFiles, dtype: DType, device: &Device, keep_narrow: bool) -> Result<Self> {
         let path = files.paths[0].clone();
-        let inner: Box<dyn SimpleBackend> = match files.format {
+        let source = match files.format {
             WeightsFormat::Safetensors => {
                 for p in &files.paths {
                     check_safetensors_header(p)?;
@@ -249,7 +265,7 @@ impl ComponentWeights {
                 // being truncated while the model is loaded.
                 let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files.paths) }
                     .map_err(|e| Error::CorruptWeights { path: path.clone(), reason: e.to_string() })?;
-                Box::new(st)
+                Source::Safetensors(st)
             }
             WeightsFormat::PytorchBin => {
                 if files.paths.len() != 1 {
@@ -259,12 +275,13 @@ impl ComponentWeights {
                     )));
                 }
                 // Checked and read whole: a pickle is parsed, not mapped.
-                Box::new(crate::pth::load_pth_tensors(&path, dtype, device)?)
+                Source::Tensors(crate::pth::load_pth_tensors(&path, dtype, device)?)
             }
         };
         let failure = Arc::new(Mutex::new(None));
         let backend = CheckedBackend {
-            inner,
+            source,
+            keep_narrow,
             component: component.to_string(),
             path,
             failure: failure.clone(),
@@ -330,10 +347,27 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
     Ok(())
 }
 
+enum Source {
+    /// Memory-mapped; tensors are read (and converted) as layers are built.
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    /// Already read, in the compute dtype (PyTorch `.bin` files).
+    Tensors(std::collections::HashMap<String, Tensor>),
+}
+
+impl Source {
+    fn backend(&self) -> &dyn SimpleBackend {
+        match self {
+            Source::Safetensors(st) => st,
+            Source::Tensors(map) => map,
+        }
+    }
+}
+
 /// Wraps a weights reader: checks each tensor's presence and shape and keeps a typed error for
 /// the model builder to report.
 struct CheckedBackend {
-    inner: Box<dyn SimpleBackend>,
+    source: Source,
+    keep_narrow: bool,
     component: String,
     path: PathBuf,
     failure: Arc<Mutex<Option<Error>>>,
@@ -359,10 +393,18 @@ impl CheckedBackend {
 
 impl SimpleBackend for CheckedBackend {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if !self.inner.contains_tensor(name) {
+        if !self.source.backend().contains_tensor(name) {
             return Err(self.missing(name));
         }
-        let tensor = self.inner.get_unchecked(name, dtype, dev)?;
+        let tensor = match &self.source {
+            Source::Safetensors(st) if self.keep_narrow && s.rank() >= 2 => {
+                let stored = st.load(name, dev)?;
+                let narrower = stored.dtype().size_in_bytes() < dtype.size_in_bytes()
+                    && matches!(stored.dtype(), DType::F16 | DType::BF16);
+                if narrower { stored } else { stored.to_dtype(dtype)? }
+            }
+            source => source.backend().get_unchecked(name, dtype, dev)?,
+        };
         if tensor.shape() != &s {
             return Err(self.fail(Error::ShapeMismatch {
                 component: self.component.clone(),
@@ -376,13 +418,13 @@ impl SimpleBackend for CheckedBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if !self.inner.contains_tensor(name) {
+        if !self.source.backend().contains_tensor(name) {
             return Err(self.missing(name));
         }
-        self.inner.get_unchecked(name, dtype, dev)
+        self.source.backend().get_unchecked(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
+        self.source.backend().contains_tensor(name)
     }
 }

@@ -6,10 +6,11 @@
 //! dimensions cannot be given to it: this is the same network, configured from `config.json`.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear};
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`); defaults are transformers'.
 #[derive(Debug, Clone, Deserialize)]
@@ -191,11 +192,11 @@ impl TextEncoder {
         let input_ids = input_ids.to_dtype(DType::U32)?;
         let device = input_ids.device();
         let positions = Tensor::arange(0u32, seq_len as u32, device)?;
-        let dtype = self.token_embedding.embeddings().dtype();
+        let dtype = self.final_layer_norm.weight().dtype();
         let xs = self
             .token_embedding
-            .forward(&input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+            .forward(&input_ids, dtype)?
+            .broadcast_add(&self.position_embedding.forward(&positions, dtype)?)?;
         let mask = causal_mask(seq_len, dtype, device)?;
         let mut xs = xs;
         for layer in &self.layers {

@@ -1,17 +1,15 @@
 //! The VAE decoder (diffusers' `AutoencoderKL.decode`), which turns latents into frames.
 //!
-//! The network itself is candle-transformers' `AutoEncoderKL`, which the fixtures show to match
-//! the reference; this module configures it from `vae/config.json` and decodes a video a few
-//! frames at a time (each frame is decoded independently, so the result is the same as one
-//! batch and the activations stay small).
+//! Only the decoder is built: generation never encodes, and the encoder's weights are left
+//! unread. Each frame is decoded on its own (GroupNorm statistics are per image, so this is the
+//! same result as one batch), which keeps the activations of a 256×256 frame small.
 
-use candle_core::Tensor;
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-
+use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, silu, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig};
 /// `vae/config.json`; missing keys take `AutoencoderKL.__init__`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -77,27 +75,126 @@ impl Config {
     }
 }
 
-/// Frames decoded in one batch: the top level of the 1.7B decoder holds 128×256×256 floats a frame.
-const FRAMES_PER_BATCH: usize = 1;
+/// The mid-block attention: one head over all pixels of a frame, with a residual. Checkpoints
+/// saved before diffusers 0.15 name its layers `query`/`key`/`value`/`proj_attn`, later ones
+/// `to_q`/`to_k`/`to_v`/`to_out.0`; both are read.
+#[derive(Debug)]
+struct SpatialSelfAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
 
+impl SpatialSelfAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
+        let names = if vb.contains_tensor("query.weight") {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(channels, channels, vb.pp(names[0]))?,
+            to_k: linear(channels, channels, vb.pp(names[1]))?,
+            to_v: linear(channels, channels, vb.pp(names[2]))?,
+            to_out: linear(channels, channels, vb.pp(names[3]))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let tokens = self.group_norm.forward(x)?.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, 1.0 / (c as f64).sqrt())?;
+        let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((n, c, h, w))?;
+        out + x
+    }
+}
+
+/// `UpDecoderBlock2D`: ResNet blocks, then nearest 2× up-sampling and a 3×3 convolution.
+#[derive(Debug)]
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsample: Option<Conv2d>,
+}
+
+impl UpDecoderBlock {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for r in &self.resnets {
+            x = r.forward(&x, None)?;
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = x.dims4()?;
+            x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The decoder half of `AutoencoderKL`, with its `post_quant_conv`.
 pub struct Vae {
-    model: AutoEncoderKL,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: SpatialSelfAttention,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     config: Config,
 }
 
 impl Vae {
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         cfg.validate()?;
-        let kl_cfg = AutoEncoderKLConfig {
-            block_out_channels: cfg.block_out_channels.clone(),
-            layers_per_block: cfg.layers_per_block,
-            latent_channels: cfg.latent_channels,
-            norm_num_groups: cfg.norm_num_groups,
-            use_quant_conv: cfg.use_quant_conv,
-            use_post_quant_conv: cfg.use_post_quant_conv,
+        Ok(Self::build(vb, cfg)?)
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let groups = cfg.norm_num_groups;
+        let resnet_cfg = ResnetConfig { groups, eps: 1e-6, temb_channels: None, output_scale_factor: 1.0 };
+        let top = *cfg.block_out_channels.last().unwrap();
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv2d(cfg.latent_channels, cfg.latent_channels, 1, 1, 0, vb.pp("post_quant_conv"))?)
+        } else {
+            None
         };
-        let model = AutoEncoderKL::new(vb, cfg.in_channels, cfg.out_channels, kl_cfg)?;
-        Ok(Self { model, config: cfg.clone() })
+        let dec = vb.pp("decoder");
+        let mid = dec.pp("mid_block");
+        let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut out_ch = reversed[0];
+        for (i, &ch) in reversed.iter().enumerate() {
+            let prev = out_ch;
+            out_ch = ch;
+            let block = dec.pp("up_blocks").pp(i);
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| ResnetBlock2D::new(block.pp("resnets").pp(j), if j == 0 { prev } else { out_ch }, out_ch, resnet_cfg))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let upsample = if i + 1 < reversed.len() {
+                Some(conv2d(out_ch, out_ch, 3, 1, 1, block.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpDecoderBlock { resnets, upsample });
+        }
+        Ok(Self {
+            post_quant_conv,
+            conv_in: conv2d(cfg.latent_channels, top, 3, 1, 1, dec.pp("conv_in"))?,
+            mid_resnets: [
+                ResnetBlock2D::new(mid.pp("resnets.0"), top, top, resnet_cfg)?,
+                ResnetBlock2D::new(mid.pp("resnets.1"), top, top, resnet_cfg)?,
+            ],
+            mid_attention: SpatialSelfAttention::new(mid.pp("attentions.0"), top, groups)?,
+            up_blocks,
+            conv_norm_out: group_norm(groups, cfg.block_out_channels[0], 1e-6, dec.pp("conv_norm_out"))?,
+            conv_out: conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, 1, 1, dec.pp("conv_out"))?,
+            config: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -107,13 +204,25 @@ impl Vae {
     /// Raw `vae.decode(z)`: (n, latent_channels, h, w) → (n, out_channels, s·h, s·w), no scaling.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let n = latents.dim(0)?;
-        let mut parts = Vec::with_capacity(n.div_ceil(FRAMES_PER_BATCH));
-        let mut start = 0;
-        while start < n {
-            let len = FRAMES_PER_BATCH.min(n - start);
-            parts.push(self.model.decode(&latents.narrow(0, start, len)?)?);
-            start += len;
+        let mut frames = Vec::with_capacity(n);
+        for i in 0..n {
+            frames.push(self.decode_one(&latents.narrow(0, i, 1)?)?);
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        Ok(Tensor::cat(&frames, 0)?)
+    }
+
+    fn decode_one(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z)?,
+            None => z.clone(),
+        };
+        let x = self.conv_in.forward(&z)?;
+        let x = self.mid_resnets[0].forward(&x, None)?;
+        let x = self.mid_attention.forward(&x)?;
+        let mut x = self.mid_resnets[1].forward(&x, None)?;
+        for block in &self.up_blocks {
+            x = block.forward(&x)?;
+        }
+        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }

@@ -201,3 +201,40 @@ fn bin_checkpoint_loads_whole() {
     let embeds = pipe.encode_prompt("Spiderman is surfing").unwrap();
     assert!(rel_err(&embeds, &refs["text.0.embeds"]) < MODULE_TOL);
 }
+
+#[test]
+fn narrow_weights_stay_float16_and_vectors_widen() {
+    let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
+    let vb = |narrow| folder.weights_with("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu, narrow).unwrap().var_builder();
+    let w = vb(true).get((32, 32), "down_blocks.0.attentions.0.proj_in.weight").unwrap();
+    let b = vb(true).get(32, "down_blocks.0.attentions.0.proj_in.bias").unwrap();
+    assert_eq!((w.dtype(), b.dtype()), (DType::F16, DType::F32));
+    let wide = vb(false).get((32, 32), "down_blocks.0.attentions.0.proj_in.weight").unwrap();
+    assert_eq!(wide.dtype(), DType::F32);
+    assert_eq!(max_abs_diff(&w.to_dtype(DType::F32).unwrap(), &wide), 0.0);
+}
+
+#[test]
+fn vae_with_pre_0_15_attention_names_decodes_the_same() {
+    // Checkpoints saved before diffusers 0.15 name the VAE's attention query/key/value/proj_attn.
+    let root = copy_model("tiny-t2v", "old-vae-names");
+    let path = root.join("vae/diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace("attentions.0.to_q.", "attentions.0.query.")
+                .replace("attentions.0.to_k.", "attentions.0.key.")
+                .replace("attentions.0.to_v.", "attentions.0.value.")
+                .replace("attentions.0.to_out.0.", "attentions.0.proj_attn.");
+            (k, v)
+        })
+        .collect();
+    assert!(renamed.contains_key("decoder.mid_block.attentions.0.query.weight"));
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let pipe = TextToVideo::load(&root, &LoadOptions::default()).unwrap();
+    let refs = reference("tiny-t2v");
+    let out = pipe.vae().decode(&refs["vae.latents"]).unwrap();
+    assert!(rel_err(&out, &refs["vae.decoded"]) < MODULE_TOL);
+}

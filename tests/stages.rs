@@ -11,11 +11,12 @@ use t2v::text_encoder::{self, TextEncoder};
 use t2v::unet3d::{self, UNet3DConditionModel};
 use t2v::vae::{self, Vae};
 
-fn check_text_encoder(model: &str, reference_of: &str) {
+fn check_text_encoder(model: &str, reference_of: &str, keep_narrow: bool) {
     let folder = ModelFolder::open(model_dir(model)).unwrap();
     let cfg: text_encoder::Config = folder.config("text_encoder", "config.json").unwrap();
-    let weights = folder.weights("text_encoder", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
-    let encoder = TextEncoder::new(weights.var_builder(), &cfg).unwrap();
+    let weights =
+        folder.weights_with("text_encoder", WeightsVariant::Auto, DType::F32, &Device::Cpu, keep_narrow).unwrap();
+    let encoder = weights.build(|vb| TextEncoder::new(vb, &cfg)).unwrap();
     let refs = reference(reference_of);
     let count = reference_json(reference_of)["text"].as_array().unwrap().len();
     for i in 0..count {
@@ -27,10 +28,11 @@ fn check_text_encoder(model: &str, reference_of: &str) {
     }
 }
 
-fn check_unet(model: &str, reference_of: &str) {
+/// `keep_narrow`: float16-stored matrices stay float16 and are widened as each layer runs.
+fn check_unet(model: &str, reference_of: &str, keep_narrow: bool) {
     let folder = ModelFolder::open(model_dir(model)).unwrap();
     let cfg: unet3d::Config = folder.config("unet", "config.json").unwrap();
-    let weights = folder.weights("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
+    let weights = folder.weights_with("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu, keep_narrow).unwrap();
     let unet = weights.build(|vb| UNet3DConditionModel::new(vb, &cfg)).unwrap();
     let refs = reference(reference_of);
     let sample = &refs["unet.sample"];
@@ -44,10 +46,10 @@ fn check_unet(model: &str, reference_of: &str) {
     }
 }
 
-fn check_vae(model: &str, reference_of: &str) {
+fn check_vae(model: &str, reference_of: &str, keep_narrow: bool) {
     let folder = ModelFolder::open(model_dir(model)).unwrap();
     let cfg: vae::Config = folder.config("vae", "config.json").unwrap();
-    let weights = folder.weights("vae", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
+    let weights = folder.weights_with("vae", WeightsVariant::Auto, DType::F32, &Device::Cpu, keep_narrow).unwrap();
     let vae = weights.build(|vb| Vae::new(vb, &cfg)).unwrap();
     let refs = reference(reference_of);
     let out = vae.decode(&refs["vae.latents"]).unwrap();
@@ -57,20 +59,26 @@ fn check_vae(model: &str, reference_of: &str) {
 }
 
 #[test]
-fn text_encoder_tiny() { check_text_encoder("tiny-t2v", "tiny-t2v") }
+fn text_encoder_tiny() { check_text_encoder("tiny-t2v", "tiny-t2v", false) }
 #[test]
-fn text_encoder_small() { check_text_encoder("small-t2v", "small-t2v") }
+fn text_encoder_small() { check_text_encoder("small-t2v", "small-t2v", false) }
 #[test]
-fn text_encoder_tiny_bin() { check_text_encoder("tiny-t2v-bin", "tiny-t2v") }
+fn text_encoder_small_narrow() { check_text_encoder("small-t2v", "small-t2v", true) }
 #[test]
-fn unet_tiny() { check_unet("tiny-t2v", "tiny-t2v") }
+fn text_encoder_tiny_bin() { check_text_encoder("tiny-t2v-bin", "tiny-t2v", true) }
 #[test]
-fn unet_small() { check_unet("small-t2v", "small-t2v") }
+fn unet_tiny() { check_unet("tiny-t2v", "tiny-t2v", false) }
 #[test]
-fn unet_tiny_bin() { check_unet("tiny-t2v-bin", "tiny-t2v") }
+fn unet_small() { check_unet("small-t2v", "small-t2v", false) }
 #[test]
-fn vae_tiny() { check_vae("tiny-t2v", "tiny-t2v") }
+fn unet_small_narrow() { check_unet("small-t2v", "small-t2v", true) }
 #[test]
-fn vae_small() { check_vae("small-t2v", "small-t2v") }
+fn unet_tiny_bin() { check_unet("tiny-t2v-bin", "tiny-t2v", true) }
 #[test]
-fn vae_tiny_bin() { check_vae("tiny-t2v-bin", "tiny-t2v") }
+fn vae_tiny() { check_vae("tiny-t2v", "tiny-t2v", false) }
+#[test]
+fn vae_small() { check_vae("small-t2v", "small-t2v", false) }
+#[test]
+fn vae_small_narrow() { check_vae("small-t2v", "small-t2v", true) }
+#[test]
+fn vae_tiny_bin() { check_vae("tiny-t2v-bin", "tiny-t2v", true) }

@@ -6,11 +6,9 @@
 //! tanh approximation of GELU, where diffusers' uses the exact one; these mirror diffusers.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-/// Query rows processed at once in the score matrix: bounds the memory of long self-attention
-/// (a 32×32 latent has 1024 tokens a frame) without changing any result.
-const QUERY_CHUNK: usize = 1024;
+use crate::nn::{layer_norm, linear, linear_no_bias, scaled_dot_product_attention, LayerNorm, Linear};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).
@@ -58,19 +56,7 @@ impl Attention {
                 (self.split_heads(&k)?, self.split_heads(&v)?)
             }
         };
-        debug_assert_eq!(q.dim(0)?, batch * self.heads);
-        let k_t = k.t()?.contiguous()?;
-        let mut outs = Vec::new();
-        let mut start = 0;
-        while start < tokens {
-            let len = QUERY_CHUNK.min(tokens - start);
-            let q_chunk = q.narrow(1, start, len)?;
-            let scores = (q_chunk.matmul(&k_t)? * self.scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&v)?);
-            start += len;
-        }
-        let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? };
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let inner = out.dim(D::Minus1)? * self.heads;
         let out = out
             .reshape((batch, self.heads, tokens, inner / self.heads))?

@@ -4,8 +4,9 @@
 //! a spatial transformer and a temporal transformer after it.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_nn::VarBuilder;
+
+use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 
 use super::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use super::transformer_2d::Transformer2DModel;
@@ -32,16 +33,9 @@ struct Layer {
 }
 
 fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, cfg: &LevelConfig, output_scale_factor: f64) -> candle_core::Result<ResnetBlock2D> {
-    let rcfg = ResnetBlock2DConfig {
-        out_channels: Some(out_ch),
-        temb_channels: Some(cfg.temb_channels),
-        groups: cfg.groups,
-        groups_out: None,
-        eps: cfg.eps,
-        use_in_shortcut: None,
-        output_scale_factor,
-    };
-    ResnetBlock2D::new(vb, in_ch, rcfg)
+    let rcfg =
+        ResnetConfig { groups: cfg.groups, eps: cfg.eps, temb_channels: Some(cfg.temb_channels), output_scale_factor };
+    ResnetBlock2D::new(vb, in_ch, out_ch, rcfg)
 }
 
 fn attentions(
@@ -105,8 +99,7 @@ impl DownBlock {
         }
         // Downsample2D(use_conv=True): a stride-2 3×3 convolution.
         let downsample = if add_downsample {
-            let conv_cfg = Conv2dConfig { padding: downsample_padding, stride: 2, ..Default::default() };
-            Some(conv2d(out_channels, out_channels, 3, conv_cfg, vb.pp("downsamplers.0.conv"))?)
+            Some(conv2d(out_channels, out_channels, 3, 2, downsample_padding, vb.pp("downsamplers.0.conv"))?)
         } else {
             None
         };
@@ -194,8 +187,7 @@ impl UpBlock {
             });
         }
         let upsample = if add_upsample {
-            let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
-            Some(conv2d(out_channels, out_channels, 3, conv_cfg, vb.pp("upsamplers.0.conv"))?)
+            Some(conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
         } else {
             None
         };

@@ -11,8 +11,8 @@ mod temporal;
 mod transformer_2d;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use serde::Deserialize;
 
 pub use attention::repeat_interleave;
@@ -20,6 +20,24 @@ use blocks::{DownBlock, LevelConfig, MidBlock, UpBlock};
 use temporal::{frames_to_video, video_to_frames, TransformerTemporalModel};
 
 use crate::error::{Error, Result};
+use crate::nn::{conv2d, group_norm, linear, silu, Conv2d, GroupNorm, Linear};
+
+/// diffusers' `TimestepEmbedding`: linear, SiLU, linear.
+#[derive(Debug)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
+        Ok(Self { linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?, linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    }
+}
 
 /// An integer, or one integer per level.
 #[derive(Debug, Clone, Deserialize)]
@@ -173,8 +191,7 @@ impl UNet3DConditionModel {
             cross_attention_dim: cfg.cross_attention_dim,
             head_dim: head_dims[i],
         };
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = conv2d(cfg.in_channels, ch0, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = conv2d(cfg.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?;
         // Timesteps(ch0, flip_sin_to_cos=True, downscale_freq_shift=0).
         let time_proj = Timesteps::new(ch0, true, 0.0);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
@@ -227,7 +244,7 @@ impl UNet3DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(ch0, cfg.out_channels, 3, pad1, vb.pp("conv_out"))?,
+            conv_out: conv2d(ch0, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: cfg.clone(),
         })
     }
@@ -280,7 +297,7 @@ impl UNet3DConditionModel {
             };
             xs = block.forward(&xs, &level_skips, &emb, context, frames, upsample_size)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
         let xs = self.conv_out.forward(&xs)?;
         frames_to_video(&xs, frames)?.contiguous()
     }

@@ -3,7 +3,9 @@
 //! sequence of frames attends to itself).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::{group_norm, linear, silu, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -33,6 +35,7 @@ impl TemporalConv {
     fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim, 3, 1, 1), "weight")?.reshape((out_dim, in_dim, 3, 1))?;
         let bias = vb.get(out_dim, "bias")?;
+        // The kernel may stay in its stored (narrower) dtype; it is widened when used.
         Ok(Self { weight, bias })
     }
 
@@ -40,7 +43,7 @@ impl TemporalConv {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, f, h, w) = xs.dims5()?;
         let padded = xs.reshape((b, c, f, h * w))?.pad_with_zeros(2, 1, 1)?;
-        let out = padded.conv2d(&self.weight, 0, 1, 1, 1)?;
+        let out = padded.conv2d(&self.weight.to_dtype(xs.dtype())?, 0, 1, 1, 1)?;
         let out_dim = out.dim(1)?;
         out.broadcast_add(&self.bias.reshape((1, out_dim, 1, 1))?)?.reshape((b, out_dim, f, h, w))
     }
@@ -82,7 +85,7 @@ impl TemporalConvLayer {
         let mut h = identity.clone();
         for stage in &self.stages {
             // GroupNorm statistics span all frames of a video, as on the 5-D tensor in diffusers.
-            h = stage.conv.forward(&candle_nn::ops::silu(&stage.norm.forward(&h)?)?)?;
+            h = stage.conv.forward(&silu(&stage.norm.forward(&h)?)?)?;
         }
         video_to_frames(&(identity + h)?)
     }

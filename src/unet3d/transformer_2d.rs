@@ -2,7 +2,9 @@
 //! and to the prompt.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::{group_norm, linear, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 

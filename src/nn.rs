@@ -1,0 +1,205 @@
+//! The layers every network here is built from. Weight matrices and kernels may be kept in the
+//! narrower dtype they are stored in (float16 checkpoints) and are widened to the compute dtype
+//! one layer at a time, as they are used: the same numbers as widening them all at load time,
+//! in half the memory.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// Widens a narrow weight to `dtype` (a no-op when it already is).
+fn widen(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if w.dtype() == dtype {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(dtype)
+    }
+}
+
+/// `nn.Linear`: y = x·Wᵀ + b over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
+    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
+    Ok(Linear { weight, bias: Some(bias) })
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
+    Ok(Linear { weight, bias: None })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = widen(&self.weight, x.dtype())?;
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has a last dimension");
+        // One matrix product over all leading dimensions.
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// `nn.Conv2d` with groups 1 and dilation 1 (all this model uses).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", Init::Const(0.))?;
+    let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.))?;
+    Ok(Conv2d { weight, bias, stride, padding })
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = widen(&self.weight, x.dtype())?;
+        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// `nn.Embedding`: rows of a table by id.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Tensor,
+}
+
+pub fn embedding(count: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Embedding> {
+    Ok(Embedding { table: vb.get_with_hints((count, dim), "weight", Init::Const(0.))? })
+}
+
+impl Embedding {
+    /// `ids`: u32 of any shape → (..., dim) in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.table.dim(1)?);
+        let rows = self.table.index_select(&ids.flatten_all()?, 0)?;
+        widen(&rows, dtype)?.reshape(dims)
+    }
+}
+
+pub use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm};
+
+/// Query rows processed at once in the score matrix: bounds the memory of long self-attention
+/// (a 32×32 latent has 1024 tokens a frame) without changing any result.
+const QUERY_CHUNK: usize = 1024;
+
+/// softmax(q·kᵀ·scale)·v for (batch·heads, tokens, head_dim) inputs, computed over blocks of
+/// query rows so that no full score matrix of a long sequence is held at once.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let tokens = q.dim(1)?;
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let mut outs = Vec::with_capacity(tokens.div_ceil(QUERY_CHUNK));
+    let mut start = 0;
+    while start < tokens {
+        let len = QUERY_CHUNK.min(tokens - start);
+        let scores = (q.narrow(1, start, len)?.matmul(&k_t)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&v)?);
+        start += len;
+    }
+    if outs.len() == 1 {
+        Ok(outs.pop().unwrap())
+    } else {
+        Tensor::cat(&outs, 1)
+    }
+}
+
+/// SiLU, x·σ(x).
+pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::silu(x)
+}
+
+/// diffusers' `ResnetBlock2D` (pre-norm, SiLU, `time_embedding_norm="default"`), on each image:
+/// GroupNorm–SiLU–conv, plus the projected time embedding, GroupNorm–SiLU–conv, plus the
+/// (1×1-projected when the width changes) input, divided by `output_scale_factor`.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub groups: usize,
+    pub eps: f64,
+    /// Width of the time embedding; `None` for the VAE, which has none.
+    pub temb_channels: Option<usize>,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, in_ch: usize, out_ch: usize, cfg: ResnetConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: group_norm(cfg.groups, in_ch, cfg.eps, vb.pp("norm1"))?,
+            conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: match cfg.temb_channels {
+                Some(t) => Some(linear(t, out_ch, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            norm2: group_norm(cfg.groups, out_ch, cfg.eps, vb.pp("norm2"))?,
+            conv2: conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut: if in_ch != out_ch {
+                Some(conv2d(in_ch, out_ch, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `x`: (n, C, H, W); `temb`: (n, temb_channels) when the block has a time projection.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&silu(temb)?)?;
+            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
