@@ -61,6 +61,23 @@ pub enum Error {
 
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+
+    #[error(
+        "no model folder `{spec}`, and it is not a Hugging Face repo id: pass a folder in the \
+         diffusers layout (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/) \
+         or a repo id such as damo-vilab/text-to-video-ms-1.7b (optionally @revision)"
+    )]
+    ModelSpec { spec: String },
+
+    #[error(
+        "{file} of {repo} is not in the Hugging Face cache {cache}, and downloads are off \
+         (HF_HUB_OFFLINE or --offline): run once with network access to download it, or unset \
+         HF_HUB_OFFLINE (point HF_HUB_CACHE or HF_HOME at another cache if the model is elsewhere)"
+    )]
+    Offline { repo: String, file: String, cache: PathBuf },
+
+    #[error("cannot download {file} of the Hugging Face repo {repo}: {reason}")]
+    Download { repo: String, file: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,13 +5,16 @@
 //! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`loading`] reads checkpoint folders and
 //! [`pipeline`] runs the whole.
 
+pub mod bench;
 pub mod error;
+pub mod hub;
 pub mod loading;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod pth;
 pub mod schedulers;
+pub mod settings;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet3d;

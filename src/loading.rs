@@ -148,7 +148,7 @@ impl ModelFolder {
                 Some(n) => n.to_string(),
                 None => continue,
             };
-            let is_fp16 = name.contains(".fp16.");
+            let is_fp16 = name.contains(".fp16.") || name.contains(".fp16-");
             let bucket = if name.ends_with(".safetensors") {
                 &mut safetensors
             } else if name.ends_with(".bin") {

@@ -3,15 +3,64 @@
 //! one layer at a time, as they are used: the same numbers as widening them all at load time,
 //! in half the memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// Floating-point operations of the matrix products and convolutions run so far (2 per
+/// multiply-add, as torch's FLOP counter counts them): the benchmark's effective GFLOP/s.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+pub fn flops() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_flops(n: usize) {
+    FLOPS.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Time spent per kind of layer, when profiling is on (the benchmark's `--profile`).
+static PROFILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PROFILE: std::sync::Mutex<Vec<(&'static str, f64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+pub fn set_profiling(on: bool) {
+    PROFILING.store(on, Ordering::Relaxed);
+}
+
+/// (kind, seconds, calls) per kind of layer since profiling was turned on, slowest first.
+pub fn profile() -> Vec<(&'static str, f64, u64)> {
+    let mut p = PROFILE.lock().map(|p| p.clone()).unwrap_or_default();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    p
+}
+
+/// Runs `f`, adding its time to `kind` when profiling.
+pub(crate) fn timed<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
+    if !PROFILING.load(Ordering::Relaxed) {
+        return f();
+    }
+    let started = std::time::Instant::now();
+    let out = f();
+    let secs = started.elapsed().as_secs_f64();
+    if let Ok(mut p) = PROFILE.lock() {
+        match p.iter_mut().find(|e| e.0 == kind) {
+            Some(e) => {
+                e.1 += secs;
+                e.2 += 1;
+            }
+            None => p.push((kind, secs, 1)),
+        }
+    }
+    out
+}
+
 /// Widens a narrow weight to `dtype` (a no-op when it already is).
-fn widen(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+pub(crate) fn widen(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     if w.dtype() == dtype {
         Ok(w.clone())
     } else {
-        w.to_dtype(dtype)
+        timed("widen weights", || w.to_dtype(dtype))
     }
 }
 
@@ -46,9 +95,10 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dimension");
         // One matrix product over all leading dimensions.
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = timed("linear", || x.reshape((rows, in_dim))?.matmul(&w.t()?))?;
+        count_flops(2 * rows * in_dim * y.dim(1)?);
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => timed("linear bias", || y.broadcast_add(b))?,
             None => y,
         };
         let mut out_dims = dims;
@@ -82,8 +132,15 @@ pub fn conv2d(
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = widen(&self.weight, x.dtype())?;
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let (_, c_in, kh, kw) = w.dims4()?;
+        let kind = match (kh, self.stride) {
+            (1, _) => "conv 1x1",
+            (_, 1) => "conv 3x3",
+            _ => "conv 3x3 stride 2",
+        };
+        let y = timed(kind, || x.conv2d(&w, self.padding, self.stride, 1, 1))?;
+        count_flops(2 * c_in * kh * kw * y.elem_count());
+        timed("conv bias", || y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?))
     }
 }
 
@@ -109,6 +166,11 @@ impl Embedding {
 
 pub use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm};
 
+/// `GroupNorm` timed as its own kind of layer when profiling.
+pub fn norm(n: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    timed("group norm", || n.forward(x))
+}
+
 /// Query rows processed at once in the score matrix: bounds the memory of long self-attention
 /// (a 32×32 latent has 1024 tokens a frame) without changing any result.
 const QUERY_CHUNK: usize = 1024;
@@ -116,9 +178,11 @@ const QUERY_CHUNK: usize = 1024;
 /// softmax(q·kᵀ·scale)·v for (batch·heads, tokens, head_dim) inputs, computed over blocks of
 /// query rows so that no full score matrix of a long sequence is held at once.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let tokens = q.dim(1)?;
+    let (rows, tokens, head_dim) = q.dims3()?;
+    count_flops(4 * rows * tokens * k.dim(1)? * head_dim);
     let k_t = k.t()?.contiguous()?;
     let v = v.contiguous()?;
+    timed("attention", || {
     let mut outs = Vec::with_capacity(tokens.div_ceil(QUERY_CHUNK));
     let mut start = 0;
     while start < tokens {
@@ -133,11 +197,12 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     } else {
         Tensor::cat(&outs, 1)
     }
+    })
 }
 
 /// SiLU, x·σ(x).
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::ops::silu(x)
+    timed("silu", || candle_nn::ops::silu(x))
 }
 
 /// diffusers' `ResnetBlock2D` (pre-norm, SiLU, `time_embedding_norm="default"`), on each image:
@@ -185,12 +250,12 @@ impl ResnetBlock2D {
 
     /// `x`: (n, C, H, W); `temb`: (n, temb_channels) when the block has a time projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&silu(&norm(&self.norm1, x)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&silu(&norm(&self.norm2, &h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -226,6 +226,20 @@ impl TextToVideo {
         params: &GenerationParams,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Video> {
+        let (latents, mut timings) = self.denoise(params, on_step)?;
+        let started = Instant::now();
+        let frames = self.decode_latents(&latents)?;
+        timings.decoding = started.elapsed();
+        Ok(Video { frames, seed: params.seed, timings })
+    }
+
+    /// Text encoding and the denoising loop: the final latents (1, C, frames, h, w), before the
+    /// VAE. [`TextToVideo::generate`] is this followed by [`TextToVideo::decode_latents`].
+    pub fn denoise(
+        &self,
+        params: &GenerationParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<(Tensor, Timings)> {
         let (height, width) = self.validate(params)?;
         let guided = params.guidance_scale > 1.0;
 
@@ -283,11 +297,7 @@ impl TextToVideo {
             }
         }
         let denoising = started.elapsed();
-
-        let started = Instant::now();
-        let frames = self.decode_latents(&latents)?;
-        let decoding = started.elapsed();
-        Ok(Video { frames, seed: params.seed, timings: Timings { text_encoding, denoising, decoding } })
+        Ok((latents, Timings { text_encoding, denoising, decoding: Duration::ZERO }))
     }
 
     /// Latents (1, C, frames, h, w) → frames (frames, H, W, 3) in [0, 1]: divide by the VAE's

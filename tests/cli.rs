@@ -223,3 +223,193 @@ fn non_english_prompt_warns_and_still_runs() {
     let o = t2v(&["tokenize", "a café in Zürich", "--model", model.to_str().unwrap()]);
     assert!(!stderr(&o).contains("English only"), "{}", stderr(&o));
 }
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool).arg("-version").output().is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {tool} is not installed (CI installs ffmpeg)");
+    }
+    ok
+}
+
+/// BT.601 luma (0..255) of RGB frames in [0, 1], and of an MP4 decoded by ffmpeg (Y plane,
+/// limited range expanded): the luma PSNR between them.
+fn mp4_luma_psnr(frames: &Tensor, mp4: &Path) -> f64 {
+    let (f, h, w, _) = frames.dims4().unwrap();
+    let rgb = frames.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let out = Command::new("ffmpeg").args(["-v", "error", "-i"]).arg(mp4).args(["-f", "rawvideo", "-pix_fmt", "yuv420p", "-"]).output().unwrap();
+    assert!(out.status.success());
+    let frame_bytes = w * h * 3 / 2;
+    assert_eq!(out.stdout.len(), f * frame_bytes, "decoded frame count");
+    let mut se = 0.0f64;
+    for t in 0..f {
+        for p in 0..h * w {
+            let i = (t * h * w + p) * 3;
+            let y_in = 255.0 * (0.299 * rgb[i] + 0.587 * rgb[i + 1] + 0.114 * rgb[i + 2]) as f64;
+            let y_out = (out.stdout[t * frame_bytes + p] as f64 - 16.0) * 255.0 / 219.0;
+            se += (y_in - y_out).powi(2);
+        }
+    }
+    10.0 * (255.0f64.powi(2) / (se / (f * h * w) as f64)).log10()
+}
+
+#[test]
+fn mp4_carries_its_settings_and_repeats_the_run() {
+    let dir = temp_dir("mp4");
+    let model = model_dir("small-t2v");
+    let mp4 = dir.join("corgi.mp4");
+    let o = t2v(&[
+        "generate", "a corgi", "--model", model.to_str().unwrap(), "--seed", "5", "--steps", "2", "-f", "8",
+        "--scheduler", "ddim", "-n", "blurry", "-o", mp4.to_str().unwrap(), "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "-q prints nothing: {}", stderr(&o));
+    // The settings beside the video and inside it.
+    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("corgi.json")).unwrap()).unwrap();
+    assert_eq!(settings["prompt"], "a corgi");
+    assert_eq!(settings["negative_prompt"], "blurry");
+    assert_eq!((settings["seed"].as_u64(), settings["steps"].as_u64(), settings["num_frames"].as_u64()), (Some(5), Some(2), Some(8)));
+    assert_eq!((settings["scheduler"].as_str(), settings["height"].as_u64()), (Some("ddim"), Some(64)));
+    assert_eq!(settings["t2v_version"], env!("CARGO_PKG_VERSION"));
+    let embedded = t2v::video::read_mp4_metadata(&mp4).unwrap().expect("settings in the MP4");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&embedded).unwrap(), settings);
+
+    // --from the MP4 and --from the JSON repeat the run: the same frames.
+    let a = dir.join("again.npy");
+    let o = t2v(&["generate", "--from", mp4.to_str().unwrap(), "-o", a.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = dir.join("again-json.npy");
+    let o = t2v(&["generate", "--from", dir.join("corgi.json").to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (fa, fb) = (read_npy(&a), read_npy(&b));
+    assert_eq!(fa.dims(), &[8, 64, 64, 3]);
+    assert_eq!(max_abs_diff(&fa, &fb), 0.0);
+    // An option given with --from overrides the stored setting.
+    let c = dir.join("other-seed.npy");
+    let o = t2v(&["generate", "--from", mp4.to_str().unwrap(), "--seed", "6", "-o", c.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(max_abs_diff(&read_npy(&c), &fa) > 0.01);
+
+    if have("ffprobe") {
+        let probe = Command::new("ffprobe")
+            .args(["-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json"])
+            .arg(&mp4)
+            .output()
+            .unwrap();
+        let probe: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+        let s = &probe["streams"][0];
+        assert_eq!((s["codec_name"].as_str(), s["pix_fmt"].as_str(), s["codec_tag_string"].as_str()), (Some("h264"), Some("yuv420p"), Some("avc1")));
+        assert_eq!((s["nb_read_frames"].as_str(), s["r_frame_rate"].as_str()), (Some("8"), Some("8/1")));
+        assert_eq!(probe["format"]["duration"].as_str(), Some("1.000000"));
+        assert!(probe["format"]["tags"]["comment"].as_str().unwrap().contains("\"a corgi\""));
+    }
+    // The fixture model's noise-like frames survive H.264 at the default quality.
+    if have("ffmpeg") {
+        let psnr = mp4_luma_psnr(&fa, &mp4);
+        println!("fixture frames: luma PSNR {psnr:.1} dB");
+        assert!(psnr >= 38.0, "luma PSNR {psnr:.1} dB");
+    }
+}
+
+#[test]
+fn several_videos_and_prompt_files_load_the_model_once() {
+    let dir = temp_dir("many");
+    let model = model_dir("tiny-t2v");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "a cat\n\n# skipped\na dog surfing\n").unwrap();
+    let out = dir.join("v.gif");
+    let o = t2v(&[
+        "generate", "--prompts", prompts.to_str().unwrap(), "--num-videos", "2", "--seed", "10", "--model",
+        model.to_str().unwrap(), "--steps", "1", "-f", "2", "--height", "16", "--width", "16", "-o",
+        out.to_str().unwrap(), "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("loaded ").count(), 1, "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let videos = summary["videos"].as_array().unwrap();
+    let got: Vec<(String, u64, String)> = videos
+        .iter()
+        .map(|v| (v["settings"]["prompt"].as_str().unwrap().into(), v["settings"]["seed"].as_u64().unwrap(), v["output"].as_str().unwrap().into()))
+        .collect();
+    let name = |n: usize| dir.join(format!("v-{n}.gif")).display().to_string();
+    assert_eq!(
+        got,
+        [("a cat".into(), 10, name(1)), ("a cat".into(), 11, name(2)), ("a dog surfing".into(), 10, name(3)), ("a dog surfing".into(), 11, name(4))]
+    );
+    for v in videos {
+        let path = PathBuf::from(v["output"].as_str().unwrap());
+        assert_eq!(&std::fs::read(&path).unwrap()[..6], b"GIF89a");
+        assert!(PathBuf::from(v["settings_file"].as_str().unwrap()).exists());
+        assert!(v["denoising_s"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn default_output_goes_to_outputs_with_a_unique_name() {
+    let dir = temp_dir("default-out");
+    let model = model_dir("tiny-t2v");
+    for _ in 0..2 {
+        let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
+            .current_dir(&dir)
+            .args(["generate", "A Cat, surfing!", "--model", model.to_str().unwrap(), "--seed", "3", "--steps", "1", "-f", "2", "-q"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.join("outputs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["a-cat-surfing-3-1.json", "a-cat-surfing-3-1.mp4", "a-cat-surfing-3.json", "a-cat-surfing-3.mp4"]);
+}
+
+/// A Hugging Face cache holding the tiny model as `damo-vilab/text-to-video-ms-1.7b`, laid out as
+/// the hub client lays it out: blobs, a snapshot of relative links, refs/main.
+fn hub_cache_with_tiny_model() -> PathBuf {
+    let cache = temp_dir("hf-cache").join("hub");
+    let repo = cache.join("models--damo-vilab--text-to-video-ms-1.7b");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    let root = model_dir("tiny-t2v");
+    for (i, file) in walk(&root).into_iter().enumerate() {
+        let rel = file.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+        if rel.starts_with("reference.") {
+            continue;
+        }
+        let blob = repo.join("blobs").join(format!("{i:040x}"));
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &blob).unwrap();
+        let link = snapshot.join(&rel);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let up = "../".repeat(rel.split('/').count() + 1);
+        std::os::unix::fs::symlink(format!("{up}blobs/{i:040x}"), &link).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    cache
+}
+
+#[test]
+fn model_by_repo_id_from_the_hub_cache_offline() {
+    let cache = hub_cache_with_tiny_model();
+    let dir = temp_dir("hub-run");
+    let out = dir.join("v.npy");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "a cat", "--seed", "3", "--steps", "1", "-f", "2", "-q", "--overwrite", "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_t2v")).env("HF_HUB_CACHE", &cache).env("HF_HUB_OFFLINE", "1").args(&args).output().unwrap()
+    };
+    // The default model, by name, from the cache.
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let by_name = read_npy(&out);
+    let o = run(&["--model", "damo-vilab/text-to-video-ms-1.7b@main"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(max_abs_diff(&read_npy(&out), &by_name), 0.0);
+    let o = run(&["--model", model_dir("tiny-t2v").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(max_abs_diff(&read_npy(&out), &by_name), 0.0);
+    // Another repo is not in the cache: offline, that is a clear error.
+    let o = run(&["--model", "cerspense/zeroscope_v2_576w"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not in the Hugging Face cache") && stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+}

@@ -42,8 +42,11 @@ impl TemporalConv {
     /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, f, h, w) = xs.dims5()?;
-        let padded = xs.reshape((b, c, f, h * w))?.pad_with_zeros(2, 1, 1)?;
-        let out = padded.conv2d(&self.weight.to_dtype(xs.dtype())?, 0, 1, 1, 1)?;
+        let weight = crate::nn::widen(&self.weight, xs.dtype())?;
+        let out = crate::nn::timed("temporal conv", || {
+            xs.reshape((b, c, f, h * w))?.pad_with_zeros(2, 1, 1)?.conv2d(&weight, 0, 1, 1, 1)
+        })?;
+        crate::nn::count_flops(2 * 3 * c * out.elem_count());
         let out_dim = out.dim(1)?;
         out.broadcast_add(&self.bias.reshape((1, out_dim, 1, 1))?)?.reshape((b, out_dim, f, h, w))
     }
@@ -85,7 +88,7 @@ impl TemporalConvLayer {
         let mut h = identity.clone();
         for stage in &self.stages {
             // GroupNorm statistics span all frames of a video, as on the 5-D tensor in diffusers.
-            h = stage.conv.forward(&silu(&stage.norm.forward(&h)?)?)?;
+            h = stage.conv.forward(&silu(&crate::nn::norm(&stage.norm, &h)?)?)?;
         }
         video_to_frames(&(identity + h)?)
     }
@@ -124,7 +127,7 @@ impl TransformerTemporalModel {
     pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let b = n / frames;
-        let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
+        let normed = crate::nn::norm(&self.norm, &frames_to_video(xs, frames)?)?;
         // (b, C, F, H, W) → (b·H·W, F, C): one sequence of frames per pixel.
         let seq = normed.permute((0, 3, 4, 2, 1))?.reshape((b * h * w, frames, c))?;
         let mut seq = self.proj_in.forward(&seq)?;

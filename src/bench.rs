@@ -1,0 +1,178 @@
+//! The full-size benchmark: the published 1.7B configuration with random weights (nothing is
+//! downloaded), timed stage by stage as `../shared/bench/torch_fullsize.py` times PyTorch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::text_encoder::{self, TextEncoder};
+use crate::unet3d::{self, UNet3DConditionModel};
+use crate::vae::{self, Vae};
+
+/// The published checkpoint's configuration (`damo-vilab/text-to-video-ms-1.7b`), as diffusers
+/// writes it; the same files as `tests/fixtures/full-1.7b-config/`.
+pub const UNET_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/unet/config.json");
+pub const TEXT_ENCODER_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/text_encoder/config.json");
+pub const VAE_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/vae/config.json");
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Guided UNet steps to time (their mean is reported).
+    pub steps: usize,
+    /// Store weight matrices as float16 (as the published fp16 weights) and widen per layer.
+    pub float16_weights: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { frames: 16, height: 256, width: 256, steps: 2, float16_weights: true }
+    }
+}
+
+/// Seconds per stage, memory and throughput; the JSON field names are the benchmark's contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub threads: usize,
+    pub params_m: f64,
+    pub build_s: f64,
+    pub text_encode_s: f64,
+    /// Mean of the timed guided steps (batch 2: negative and positive prompt).
+    pub unet_step_s: f64,
+    pub unet_steps_s: Vec<f64>,
+    pub unet_step_gflop: f64,
+    pub unet_gflops_per_s: f64,
+    pub vae_decode_s: f64,
+    /// Text encoding + 25 guided steps + decoding: the model card's recipe.
+    pub run_25_steps_s: f64,
+    pub peak_rss_gib: f64,
+}
+
+/// Random weights of the requested shapes: matrices uniform in ±1/√fan_in (PyTorch's default
+/// scale, so activations stay finite), norm scales 1, biases 0.
+struct RandomWeights {
+    matrix_dtype: DType,
+    /// Parameters handed out so far.
+    count: Arc<AtomicU64>,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        self.count.fetch_add(s.elem_count() as u64, Ordering::Relaxed);
+        if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let t = Tensor::rand(-bound as f32, bound as f32, s, dev)?;
+            let narrow = self.matrix_dtype.size_in_bytes() < dtype.size_in_bytes();
+            t.to_dtype(if narrow { self.matrix_dtype } else { dtype })
+        } else if name.ends_with("weight") {
+            Tensor::ones(s, dtype, dev)
+        } else {
+            Tensor::zeros(s, dtype, dev)
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Config { path: what.into(), reason: e.to_string() })
+}
+
+/// Builds the full-size model and times each stage; `progress` hears what is being done.
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let device = Device::Cpu;
+    let dtype = DType::F32;
+    let matrix_dtype = if opts.float16_weights { DType::F16 } else { DType::F32 };
+    let count = Arc::new(AtomicU64::new(0));
+    let vb = || VarBuilder::from_backend(Box::new(RandomWeights { matrix_dtype, count: count.clone() }), dtype, device.clone());
+    let te_cfg: text_encoder::Config = parse(TEXT_ENCODER_CONFIG, "text_encoder/config.json")?;
+    let unet_cfg: unet3d::Config = parse(UNET_CONFIG, "unet/config.json")?;
+    let vae_cfg: vae::Config = parse(VAE_CONFIG, "vae/config.json")?;
+    let scale = vae_cfg.scale_factor();
+    if opts.height % scale != 0 || opts.width % scale != 0 || opts.frames == 0 || opts.steps == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the benchmark needs at least one frame and step, and a size that is a multiple of {scale}"
+        )));
+    }
+
+    progress("building the 1.7B model with random weights");
+    let started = Instant::now();
+    let text_encoder = TextEncoder::new(vb(), &te_cfg)?;
+    let unet = UNet3DConditionModel::new(vb(), &unet_cfg)?;
+    let vae = Vae::new(vb(), &vae_cfg)?;
+    let build_s = started.elapsed().as_secs_f64();
+    let params = count.load(Ordering::Relaxed);
+
+    progress("text encoding");
+    let ids: Vec<u32> = (0..2 * 77).map(|i| (i * 7919 % 49407) as u32).collect();
+    let ids = Tensor::from_vec(ids, (2, 77), &device)?;
+    let started = Instant::now();
+    let context = text_encoder.forward(&ids)?;
+    let text_encode_s = started.elapsed().as_secs_f64();
+
+    let (h, w) = (opts.height / scale, opts.width / scale);
+    let latents = Tensor::randn(0f32, 1f32, (2, unet_cfg.in_channels, opts.frames, h, w), &device)?;
+    let mut unet_steps_s = Vec::with_capacity(opts.steps);
+    let mut step_flops = 0;
+    for i in 0..opts.steps {
+        progress(&format!("guided UNet step {}/{}", i + 1, opts.steps));
+        let before = crate::nn::flops();
+        let started = Instant::now();
+        let out = unet.forward(&latents, (981 - 20 * i) as f64, &context)?;
+        drop(out);
+        unet_steps_s.push(started.elapsed().as_secs_f64());
+        step_flops = crate::nn::flops() - before;
+    }
+    let unet_step_s = unet_steps_s.iter().sum::<f64>() / unet_steps_s.len() as f64;
+
+    progress("VAE decode");
+    let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
+    let started = Instant::now();
+    let frames = vae.decode(&z)?;
+    let vae_decode_s = started.elapsed().as_secs_f64();
+    drop(frames);
+
+    Ok(BenchReport {
+        frames: opts.frames,
+        height: opts.height,
+        width: opts.width,
+        threads: candle_core::utils::get_num_threads(),
+        params_m: params as f64 / 1e6,
+        build_s,
+        text_encode_s,
+        unet_step_s,
+        unet_steps_s,
+        unet_step_gflop: step_flops as f64 / 1e9,
+        unet_gflops_per_s: step_flops as f64 / 1e9 / unet_step_s,
+        vae_decode_s,
+        run_25_steps_s: text_encode_s + 25.0 * unet_step_s + vae_decode_s,
+        peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+    })
+}
