@@ -445,7 +445,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let (latents, mut timings) = pipe.denoise(params, &mut |p| {
             if let Some(bar) = &bar {
                 bar.set_position(p.step as u64);
-                bar.set_message(format!("t={}", p.timestep));
+                let per_step = p.elapsed.as_secs_f64() / p.step as f64;
+                bar.set_message(format!("t={:<4} {per_step:.2}s/step", p.timestep));
             }
             if interrupted.load(Ordering::SeqCst) { Control::Cancel } else { Control::Continue }
         })?;
@@ -625,7 +626,7 @@ fn steps_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
-            "denoising {bar:30.cyan/blue} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+            "denoising {bar:30.cyan/blue} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise} left]",
         )
         .expect("valid template")
         .progress_chars("█▉▊▋▌▍▎▏ "),
