@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod loading;
 pub mod nn;
 pub mod noise;

@@ -164,11 +164,38 @@ impl Embedding {
     }
 }
 
-pub use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm};
+pub use candle_nn::{layer_norm, LayerNorm};
 
-/// `GroupNorm` timed as its own kind of layer when profiling.
-pub fn norm(n: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    timed("group norm", || n.forward(x))
+/// `nn.GroupNorm(groups, channels, eps)` with its affine scale and shift.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", Init::Const(1.))?,
+        bias: vb.get_with_hints(channels, "bias", Init::Const(0.))?,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    /// GroupNorm followed by SiLU, fused: the pair that opens every ResNet and temporal
+    /// convolution stage.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        timed("group norm", || crate::kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true))
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        timed("group norm", || crate::kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false))
+    }
 }
 
 /// Query rows processed at once in the score matrix: bounds the memory of long self-attention
@@ -250,12 +277,12 @@ impl ResnetBlock2D {
 
     /// `x`: (n, C, H, W); `temb`: (n, temb_channels) when the block has a time projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&norm(&self.norm1, x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&silu(&norm(&self.norm2, &h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, silu, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig};
+use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig};
 /// `vae/config.json`; missing keys take `AutoencoderKL.__init__`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -223,6 +223,6 @@ impl Vae {
         for block in &self.up_blocks {
             x = block.forward(&x)?;
         }
-        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }

@@ -297,7 +297,7 @@ impl UNet3DConditionModel {
             };
             xs = block.forward(&xs, &level_skips, &emb, context, frames, upsample_size)?;
         }
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         let xs = self.conv_out.forward(&xs)?;
         frames_to_video(&xs, frames)?.contiguous()
     }

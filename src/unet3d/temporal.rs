@@ -5,7 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{group_norm, linear, silu, GroupNorm, Linear};
+use crate::nn::{group_norm, linear, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -88,7 +88,7 @@ impl TemporalConvLayer {
         let mut h = identity.clone();
         for stage in &self.stages {
             // GroupNorm statistics span all frames of a video, as on the 5-D tensor in diffusers.
-            h = stage.conv.forward(&silu(&crate::nn::norm(&stage.norm, &h)?)?)?;
+            h = stage.conv.forward(&stage.norm.forward_silu(&h)?)?;
         }
         video_to_frames(&(identity + h)?)
     }
@@ -127,7 +127,7 @@ impl TransformerTemporalModel {
     pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let b = n / frames;
-        let normed = crate::nn::norm(&self.norm, &frames_to_video(xs, frames)?)?;
+        let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
         // (b, C, F, H, W) → (b·H·W, F, C): one sequence of frames per pixel.
         let seq = normed.permute((0, 3, 4, 2, 1))?.reshape((b * h * w, frames, c))?;
         let mut seq = self.proj_in.forward(&seq)?;
