@@ -198,32 +198,44 @@ impl Module for GroupNorm {
     }
 }
 
-/// Query rows processed at once in the score matrix: bounds the memory of long self-attention
-/// (a 32×32 latent has 1024 tokens a frame) without changing any result.
-const QUERY_CHUNK: usize = 1024;
+/// Score-matrix elements computed at once (64 MiB of float32): attention runs over blocks of
+/// (batch·heads) rows and query tokens within this budget, so no full score matrix of a long
+/// sequence is held (a 32×32 latent has 1024 tokens a frame). The result is the same.
+const SCORE_BUDGET: usize = 16 << 20;
 
-/// softmax(q·kᵀ·scale)·v for (batch·heads, tokens, head_dim) inputs, computed over blocks of
-/// query rows so that no full score matrix of a long sequence is held at once.
+/// softmax(q·kᵀ·scale)·v for (batch·heads, tokens, head_dim) inputs, in blocks of at most
+/// [`SCORE_BUDGET`] scores.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    attention_in_blocks(q, k, v, scale, SCORE_BUDGET)
+}
+
+/// [`scaled_dot_product_attention`] with at most `budget` scores computed at once.
+pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> candle_core::Result<Tensor> {
     let (rows, tokens, head_dim) = q.dims3()?;
-    count_flops(4 * rows * tokens * k.dim(1)? * head_dim);
-    let k_t = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
+    let keys = k.dim(1)?;
+    count_flops(4 * rows * tokens * keys * head_dim);
     timed("attention", || {
-    let mut outs = Vec::with_capacity(tokens.div_ceil(QUERY_CHUNK));
-    let mut start = 0;
-    while start < tokens {
-        let len = QUERY_CHUNK.min(tokens - start);
-        let scores = (q.narrow(1, start, len)?.matmul(&k_t)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        outs.push(probs.matmul(&v)?);
-        start += len;
-    }
-    if outs.len() == 1 {
-        Ok(outs.pop().unwrap())
-    } else {
-        Tensor::cat(&outs, 1)
-    }
+        let k_t = k.t()?.contiguous()?;
+        let v = v.contiguous()?;
+        let q_block = tokens.min((budget / keys).max(1));
+        let row_block = rows.min((budget / (q_block * keys)).max(1));
+        let mut row_outs = Vec::with_capacity(rows.div_ceil(row_block));
+        for r in (0..rows).step_by(row_block) {
+            let nr = row_block.min(rows - r);
+            let (q_r, k_r, v_r) = (q.narrow(0, r, nr)?, k_t.narrow(0, r, nr)?, v.narrow(0, r, nr)?);
+            let mut outs = Vec::with_capacity(tokens.div_ceil(q_block));
+            for t in (0..tokens).step_by(q_block) {
+                let nt = q_block.min(tokens - t);
+                let scores = (q_r.narrow(1, t, nt)?.matmul(&k_r)? * scale)?;
+                outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_r)?);
+            }
+            row_outs.push(if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? });
+        }
+        if row_outs.len() == 1 {
+            Ok(row_outs.pop().unwrap())
+        } else {
+            Tensor::cat(&row_outs, 0)
+        }
     })
 }
 

@@ -47,3 +47,18 @@ fn group_norm_reads_non_contiguous_input() {
     let c = group_norm(&x.contiguous().unwrap(), &g, &b, 3, 1e-6, false).unwrap();
     assert_eq!(max_rel(&a, &c), 0.0);
 }
+
+#[test]
+fn attention_in_blocks_equals_one_block() {
+    use t2v::nn::attention_in_blocks;
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1f32, (6, 37, 8), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1f32, (6, 29, 8), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1f32, (6, 29, 8), &dev).unwrap();
+    let whole = attention_in_blocks(&q, &k, &v, 0.35, usize::MAX).unwrap();
+    // Blocks of several rows and of a few query tokens, with ragged ends.
+    for budget in [29 * 5, 29 * 37 * 4, 1] {
+        let blocked = attention_in_blocks(&q, &k, &v, 0.35, budget).unwrap();
+        assert!(max_rel(&blocked, &whole) < 1e-6, "budget {budget}");
+    }
+}
