@@ -138,14 +138,15 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let text_encode_s = started.elapsed().as_secs_f64();
 
     let (h, w) = (opts.height / scale, opts.width / scale);
-    let latents = Tensor::randn(0f32, 1f32, (2, unet_cfg.in_channels, opts.frames, h, w), &device)?;
+    // A guided step: one video's latents under [negative, prompt], as the pipeline runs it.
+    let latents = Tensor::randn(0f32, 1f32, (1, unet_cfg.in_channels, opts.frames, h, w), &device)?;
     let mut unet_steps_s = Vec::with_capacity(opts.steps);
     let mut step_flops = 0;
     for i in 0..opts.steps {
         progress(&format!("guided UNet step {}/{}", i + 1, opts.steps));
         let before = crate::nn::flops();
         let started = Instant::now();
-        let out = unet.forward(&latents, (981 - 20 * i) as f64, &context)?;
+        let out = unet.forward_shared_latents(&latents, (981 - 20 * i) as f64, &context)?;
         drop(out);
         unet_steps_s.push(started.elapsed().as_secs_f64());
         step_flops = crate::nn::flops() - before;

@@ -270,9 +270,10 @@ impl TextToVideo {
         let device = self.device.clone();
         let dtype = self.dtype;
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_input = scheduler.scale_model_input(model_input, t)?;
-            let noise_pred = self.unet.forward(&model_input, t as f64, &context)?;
+            // Under guidance both halves of the batch see the same latents: the UNet computes
+            // what precedes the prompt once for both.
+            let model_input = scheduler.scale_model_input(latents.clone(), t)?;
+            let noise_pred = self.unet.forward_shared_latents(&model_input, t as f64, &context)?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let text = noise_pred.narrow(0, 1, 1)?;

@@ -82,3 +82,19 @@ fn vae_small() { check_vae("small-t2v", "small-t2v", false) }
 fn vae_small_narrow() { check_vae("small-t2v", "small-t2v", true) }
 #[test]
 fn vae_tiny_bin() { check_vae("tiny-t2v-bin", "tiny-t2v", true) }
+
+#[test]
+fn guided_step_shares_the_latents_prefix_exactly() {
+    let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
+    let cfg: unet3d::Config = folder.config("unet", "config.json").unwrap();
+    let weights = folder.weights("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu).unwrap();
+    let unet = weights.build(|vb| UNet3DConditionModel::new(vb, &cfg)).unwrap();
+    let refs = reference("small-t2v");
+    let one = refs["unet.sample"].narrow(0, 0, 1).unwrap();
+    let both = candle_core::Tensor::cat(&[&one, &one], 0).unwrap();
+    let context = &refs["unet.context"];
+    let batched = unet.forward(&both, 500.0, context).unwrap();
+    let shared = unet.forward_shared_latents(&one, 500.0, context).unwrap();
+    let err = rel_err(&shared, &batched);
+    assert!(err < 1e-6, "{err:.2e}");
+}

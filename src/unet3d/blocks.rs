@@ -60,11 +60,18 @@ fn attentions(
 
 impl Layer {
     fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
-        let xs = self.resnet.forward(xs, Some(temb))?;
-        let xs = self.temp_conv.forward(&xs, frames)?;
+        self.attend(&self.convolve(xs, temb, frames)?, context, frames)
+    }
+
+    /// The part before the prompt is seen: ResNet and temporal convolution.
+    fn convolve(&self, xs: &Tensor, temb: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        self.temp_conv.forward(&self.resnet.forward(xs, Some(temb))?, frames)
+    }
+
+    fn attend(&self, xs: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
         match &self.attention {
-            Some((spatial, temporal)) => temporal.forward(&spatial.forward(&xs, context, frames)?, frames),
-            None => Ok(xs),
+            Some((spatial, temporal)) => temporal.forward(&spatial.forward(xs, context, frames)?, frames),
+            None => Ok(xs.clone()),
         }
     }
 }
@@ -108,9 +115,28 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it adds for the up path.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
-        let mut xs = xs.clone();
+        let first = self.forward_prefix(xs, temb, frames)?;
+        self.forward_after_prefix(&first, temb, context, frames)
+    }
+
+    /// The first layer's ResNet and temporal convolution: all that comes before the block first
+    /// sees the prompt.
+    pub fn forward_prefix(&self, xs: &Tensor, temb: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        self.layers[0].convolve(xs, temb, frames)
+    }
+
+    /// The rest of [`DownBlock::forward`], from the output of [`DownBlock::forward_prefix`].
+    pub fn forward_after_prefix(
+        &self,
+        prefix: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        frames: usize,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.layers.len() + 1);
-        for layer in &self.layers {
+        let mut xs = self.layers[0].attend(prefix, context, frames)?;
+        skips.push(xs.clone());
+        for layer in &self.layers[1..] {
             xs = layer.forward(&xs, temb, context, frames)?;
             skips.push(xs.clone());
         }

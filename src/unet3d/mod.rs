@@ -257,11 +257,40 @@ impl UNet3DConditionModel {
     /// `encoder_hidden_states`: (batch, tokens, cross_attention_dim). Returns the predicted noise,
     /// shaped like `latents`.
     pub fn forward(&self, latents: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        if latents.dim(0)? != encoder_hidden_states.dim(0)? {
+            return Err(Error::InvalidArgument(format!(
+                "the UNet got {} latents for {} text embeddings",
+                latents.dim(0)?,
+                encoder_hidden_states.dim(0)?
+            )));
+        }
         Ok(self.forward_inner(latents, timestep, encoder_hidden_states)?)
     }
 
+    /// The prediction for the same latents under each of several text embeddings (classifier-free
+    /// guidance: [negative, prompt]): `latents` (1, C, frames, h, w), `encoder_hidden_states`
+    /// (n, tokens, D) → (n, C, frames, h, w). Equal to [`UNet3DConditionModel::forward`] on the
+    /// latents repeated n times, but what comes before the first cross-attention (the input
+    /// convolution, the input temporal transformer, the first ResNet and temporal convolution)
+    /// depends only on the latents and the timestep, so it is computed once.
+    pub fn forward_shared_latents(&self, latents: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        if latents.dim(0)? != 1 {
+            return Err(Error::InvalidArgument("forward_shared_latents takes the latents of one video".into()));
+        }
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states)?)
+    }
+
+    /// `latents` has the batch of `context`, or a batch of 1 shared by every text embedding.
     fn forward_inner(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, _, frames, h, w) = latents.dims5()?;
+        let (_, _, frames, h, w) = latents.dims5()?;
+        let batch = context.dim(0)?;
+        let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if x.dim(0)? == batch * frames {
+                Ok(x.clone())
+            } else {
+                Tensor::cat(&vec![x; batch], 0)
+            }
+        };
         let dtype = latents.dtype();
         let device = latents.device();
         let factor = self.config.overall_downsampling();
@@ -269,16 +298,20 @@ impl UNet3DConditionModel {
         // up-sampling interpolates to the size of the skip connection it meets.
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let timesteps = Tensor::full(timestep as f32, batch, device)?;
+        let timesteps = Tensor::full(timestep as f32, latents.dim(0)?, device)?;
         let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         let emb = repeat_interleave(&emb, frames)?;
 
-        let mut xs = self.conv_in.forward(&video_to_frames(latents)?)?;
-        xs = self.transformer_in.forward(&xs, frames)?;
+        let xs = self.conv_in.forward(&video_to_frames(latents)?)?;
+        let xs = self.transformer_in.forward(&xs, frames)?;
+        let prefix = self.down_blocks[0].forward_prefix(&xs, &emb, frames)?;
+        let (emb, prefix) = (repeat(&emb)?, repeat(&prefix)?);
 
-        let mut skips = vec![xs.clone()];
-        for block in &self.down_blocks {
+        let mut skips = vec![repeat(&xs)?];
+        let (mut xs, res) = self.down_blocks[0].forward_after_prefix(&prefix, &emb, context, frames)?;
+        skips.extend(res);
+        for block in &self.down_blocks[1..] {
             let (out, res) = block.forward(&xs, &emb, context, frames)?;
             xs = out;
             skips.extend(res);
