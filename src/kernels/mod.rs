@@ -2,4 +2,5 @@
 //! candle's custom-op interface and used only for contiguous float32 tensors on the CPU; every
 //! other device and dtype takes candle's standard ops, so the model code stays device-generic.
 
+pub mod conv;
 pub mod group_norm;

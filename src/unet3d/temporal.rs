@@ -41,14 +41,10 @@ impl TemporalConv {
 
     /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, f, h, w) = xs.dims5()?;
-        let weight = crate::nn::widen(&self.weight, xs.dtype())?;
-        let out = crate::nn::timed("temporal conv", || {
-            xs.reshape((b, c, f, h * w))?.pad_with_zeros(2, 1, 1)?.conv2d(&weight, 0, 1, 1, 1)
-        })?;
+        let c = xs.dim(1)?;
+        let out = crate::nn::timed("temporal conv", || crate::kernels::conv::temporal_conv3(xs, &self.weight, Some(&self.bias)))?;
         crate::nn::count_flops(2 * 3 * c * out.elem_count());
-        let out_dim = out.dim(1)?;
-        out.broadcast_add(&self.bias.reshape((1, out_dim, 1, 1))?)?.reshape((b, out_dim, f, h, w))
+        Ok(out)
     }
 }
 
