@@ -1,21 +1,16 @@
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+use common::fixtures;
 
 use candle_core::{DType, Device, Tensor};
 use t2v::noise::TorchGenerator;
-
-/// Where the reference fixtures live (`tiny-t2v/`, `small-t2v/`).
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
-}
 
 const MODELS: [&str; 2] = ["tiny-t2v", "small-t2v"];
 const TOL: f32 = 1e-6;
 
 fn load(model: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join(model).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    common::reference(model)
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

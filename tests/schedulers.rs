@@ -3,7 +3,11 @@
 
 #![allow(clippy::result_large_err)] // the closures return the crate's `Result`
 
+mod common;
+
 use std::collections::HashMap;
+
+use common::{fixtures, reference};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -14,18 +18,8 @@ use t2v::schedulers::{
     SchedulerKind, TimestepSpacing,
 };
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
-}
-
 const MODELS: [&str; 2] = ["tiny-t2v", "small-t2v"];
 const TOLERANCE: f32 = 1e-4;
-
-fn reference(model: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join(model).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 fn scheduler_config(dir: &str) -> (serde_json::Value, PathBuf) {
     let path = fixtures().join(dir).join("scheduler").join("scheduler_config.json");
@@ -78,20 +72,9 @@ fn fake_eps(latents: &Tensor, t: usize, step_index: usize) -> Tensor {
     latents.affine(1.3, shift).unwrap().sin().unwrap().affine(0.7, bias).unwrap()
 }
 
-/// max |a - b| / max |b|
+/// max |a - b| / max |b|, as the fixtures' README measures it.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    diff / scale.max(f32::MIN_POSITIVE)
+    common::rel_err(a, b) as f32
 }
 
 /// The trajectories' start latents: `torch.randn((2,4,3,3), generator seed 9)`, from the

@@ -180,14 +180,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Err(Error::InvalidArgument(

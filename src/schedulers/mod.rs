@@ -102,9 +102,13 @@ pub trait Scheduler: Send {
     /// The timesteps of the current schedule, in the order the loop visits them (descending).
     fn timesteps(&self) -> &[usize];
     /// The standard deviation the initial noise is scaled by.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// Scales the UNet input for this timestep (identity for both DDIM and DPM-Solver).
-    fn scale_model_input(&self, sample: Tensor, timestep: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: Tensor, _timestep: usize) -> Result<Tensor> {
+        Ok(sample)
+    }
     /// One denoising step: the sample at the previous (lower-noise) timestep.
     /// `noise` is called only when the step is stochastic, with `model_output`'s shape.
     fn step(
