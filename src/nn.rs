@@ -90,17 +90,12 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = widen(&self.weight, x.dtype())?;
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dimension");
-        // One matrix product over all leading dimensions.
+        // One matrix product over all leading dimensions, the bias added as it is written.
         let rows = x.elem_count() / in_dim;
-        let y = timed("linear", || x.reshape((rows, in_dim))?.matmul(&w.t()?))?;
+        let y = timed("linear", || crate::kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
         count_flops(2 * rows * in_dim * y.dim(1)?);
-        let y = match &self.bias {
-            Some(b) => timed("linear bias", || y.broadcast_add(b))?,
-            None => y,
-        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out_dims)
@@ -215,6 +210,12 @@ pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budge
     let keys = k.dim(1)?;
     count_flops(4 * rows * tokens * keys * head_dim);
     timed("attention", || {
+        if let Some(out) = crate::kernels::attention::short_attention(q, k, v, scale)? {
+            return Ok(out);
+        }
+        // The scale is applied to q (tokens × head_dim) rather than to the scores
+        // (tokens × keys): the same product up to rounding, with far fewer multiplications.
+        let q = (q * scale)?;
         let k_t = k.t()?.contiguous()?;
         let v = v.contiguous()?;
         let q_block = tokens.min((budget / keys).max(1));
@@ -226,7 +227,7 @@ pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budge
             let mut outs = Vec::with_capacity(tokens.div_ceil(q_block));
             for t in (0..tokens).step_by(q_block) {
                 let nt = q_block.min(tokens - t);
-                let scores = (q_r.narrow(1, t, nt)?.matmul(&k_r)? * scale)?;
+                let scores = q_r.narrow(1, t, nt)?.matmul(&k_r)?;
                 outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_r)?);
             }
             row_outs.push(if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? });

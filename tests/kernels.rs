@@ -62,3 +62,47 @@ fn attention_in_blocks_equals_one_block() {
         assert!(max_rel(&blocked, &whole) < 1e-6, "budget {budget}");
     }
 }
+
+#[test]
+fn geglu_matches_the_separate_ops() {
+    let dev = Device::Cpu;
+    let h = (Tensor::randn(0f32, 1f32, (3, 5, 16), &dev).unwrap() * 3.0).unwrap();
+    let fast = t2v::kernels::geglu::geglu(&h).unwrap();
+    let value = h.narrow(2, 0, 8).unwrap();
+    let gate = h.narrow(2, 8, 8).unwrap().gelu_erf().unwrap();
+    let slow = (value * gate).unwrap();
+    assert_eq!(fast.dims(), &[3, 5, 8]);
+    assert!(max_rel(&fast, &slow) < 1e-6);
+}
+
+#[test]
+fn fused_linear_matches_matmul_with_float16_weights_too() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (37, 24), &dev).unwrap();
+    let w = Tensor::randn(0f32, 0.2, (13, 24), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1f32, 13, &dev).unwrap();
+    let expected = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let got = t2v::kernels::linear::linear(&x, &w, Some(&b)).unwrap();
+    assert!(max_rel(&got, &expected) < 1e-6);
+    let no_bias = t2v::kernels::linear::linear(&x, &w, None).unwrap();
+    assert!(max_rel(&no_bias, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+    let w16 = w.to_dtype(DType::F16).unwrap();
+    let expected16 = x.matmul(&w16.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let got16 = t2v::kernels::linear::linear(&x, &w16, Some(&b)).unwrap();
+    assert!(max_rel(&got16, &expected16) < 1e-6);
+}
+
+#[test]
+fn short_attention_matches_matrix_products() {
+    let dev = Device::Cpu;
+    for (rows, t, s, d) in [(50, 16, 16, 64), (7, 3, 77, 8), (9, 33, 20, 5)] {
+        let q = Tensor::randn(0f32, 1f32, (rows, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1f32, (rows, s, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1f32, (rows, s, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let expected = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
+        let got = t2v::nn::scaled_dot_product_attention(&q, &k, &v, scale).unwrap();
+        assert!(max_rel(&got, &expected) < 1e-5, "{rows} {t} {s} {d}");
+    }
+}

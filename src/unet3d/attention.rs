@@ -114,11 +114,9 @@ impl Module for FeedForward {
         let mut outs = Vec::with_capacity(rows.div_ceil(FF_ROWS));
         for start in (0..rows).step_by(FF_ROWS) {
             let h = self.proj.forward(&flat.narrow(0, start, FF_ROWS.min(rows - start))?)?;
-            let half = h.dim(D::Minus1)? / 2;
             // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
-            let value = h.narrow(D::Minus1, 0, half)?;
-            let gate = crate::nn::timed("gelu", || h.narrow(D::Minus1, half, half)?.gelu_erf())?;
-            outs.push(self.out.forward(&(value * gate)?)?);
+            let gated = crate::nn::timed("geglu", || crate::kernels::geglu::geglu(&h))?;
+            outs.push(self.out.forward(&gated)?);
         }
         let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? };
         out.reshape(dims)
