@@ -209,10 +209,10 @@ pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budge
     let (rows, tokens, head_dim) = q.dims3()?;
     let keys = k.dim(1)?;
     count_flops(4 * rows * tokens * keys * head_dim);
-    timed("attention", || {
-        if let Some(out) = crate::kernels::attention::short_attention(q, k, v, scale)? {
-            return Ok(out);
-        }
+    if let Some(out) = timed("attention (short)", || crate::kernels::attention::short_attention(q, k, v, scale))? {
+        return Ok(out);
+    }
+    timed(if keys == 77 { "attention (cross)" } else { "attention (long)" }, || {
         // The scale is applied to q (tokens × head_dim) rather than to the scores
         // (tokens × keys): the same product up to rounding, with far fewer multiplications.
         let q = (q * scale)?;
