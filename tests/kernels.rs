@@ -106,3 +106,20 @@ fn short_attention_matches_matrix_products() {
         assert!(max_rel(&got, &expected) < 1e-5, "{rows} {t} {s} {d}");
     }
 }
+
+#[test]
+fn parallel_contiguous_copies_any_view() {
+    use t2v::kernels::copy::contiguous;
+    let dev = Device::Cpu;
+    let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 5.0 * 6.0, &dev).unwrap().reshape((2, 3, 4, 5, 6)).unwrap();
+    for view in [
+        x.permute((0, 3, 4, 2, 1)).unwrap(),
+        x.permute((0, 2, 1, 3, 4)).unwrap(),
+        x.narrow(3, 1, 3).unwrap().transpose(1, 4).unwrap(),
+        x.narrow(0, 1, 1).unwrap().unsqueeze(1).unwrap().broadcast_as((1, 3, 3, 4, 5, 6)).unwrap(),
+    ] {
+        let fast = contiguous(&view).unwrap();
+        assert!(fast.is_contiguous());
+        assert_eq!(max_rel(&fast, &view.contiguous().unwrap()), 0.0);
+    }
+}

@@ -88,5 +88,6 @@ pub fn short_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         return Ok(None);
     }
     let op = ShortAttention { scale: scale as f32 };
-    Ok(Some(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?))
+    let c = crate::kernels::copy::contiguous;
+    Ok(Some(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?))
 }

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 /// falls back to candle's `Tensor::conv2d` (+ a broadcast bias add).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if let Some(kind) = fast_kind(x, weight, bias, stride, padding)? {
-        let x = x.contiguous()?;
+        let x = crate::kernels::copy::contiguous(x)?;
         let weight = weight.contiguous()?;
         let op = ConvOp { kind, has_bias: bias.is_some() };
         return match bias {
@@ -94,7 +94,7 @@ pub fn temporal_conv3_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, a
         && matches!(weight.dtype(), DType::F32 | DType::F16)
         && bias.is_none_or(|b| matches!(b.dtype(), DType::F32 | DType::F16) && b.dims() == [cout])
     {
-        let x = x.contiguous()?;
+        let x = crate::kernels::copy::contiguous(x)?;
         let weight = weight.contiguous()?;
         let op = TemporalOp { has_bias: bias.is_some(), algo };
         return match bias {

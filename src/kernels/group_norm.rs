@@ -82,7 +82,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
         candle_core::bail!("{c} channels do not split into {groups} groups");
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
-        let x = x.contiguous()?;
+        let x = crate::kernels::copy::contiguous(x)?;
         return x.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu });
     }
     // Any other device or dtype: candle's own ops.

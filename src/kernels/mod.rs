@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod copy;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;

@@ -58,19 +58,16 @@ impl Attention {
         };
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let inner = out.dim(D::Minus1)? * self.heads;
-        let out = out
-            .reshape((batch, self.heads, tokens, inner / self.heads))?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, inner))?;
+        let out = out.reshape((batch, self.heads, tokens, inner / self.heads))?.transpose(1, 2)?;
+        let out = crate::kernels::copy::contiguous(&out)?.reshape((batch, tokens, inner))?;
         self.to_out.forward(&out)
     }
 
     /// (batch, tokens, heads·dim) → (batch·heads, tokens, dim), contiguous.
     fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, tokens, inner) = xs.dims3()?;
-        xs.reshape((batch, tokens, self.heads, inner / self.heads))?
-            .transpose(1, 2)?
-            .reshape((batch * self.heads, tokens, inner / self.heads))
+        let heads = xs.reshape((batch, tokens, self.heads, inner / self.heads))?.transpose(1, 2)?;
+        crate::kernels::copy::contiguous(&heads)?.reshape((batch * self.heads, tokens, inner / self.heads))
     }
 }
 
@@ -84,7 +81,7 @@ pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tens
     expanded.extend_from_slice(&dims[1..]);
     let mut flat = vec![dims[0] * repeat];
     flat.extend_from_slice(&dims[1..]);
-    xs.unsqueeze(1)?.broadcast_as(expanded)?.contiguous()?.reshape(flat)
+    crate::kernels::copy::contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
 }
 
 /// `FeedForward(dim, activation_fn="geglu", mult=4)`.

@@ -5,6 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::kernels::copy::contiguous;
 use crate::nn::{group_norm, linear, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
@@ -18,7 +19,7 @@ pub fn frames_to_video(xs: &Tensor, frames: usize) -> candle_core::Result<Tensor
 /// (batch, C, frames, H, W) → (batch·frames, C, H, W), contiguous.
 pub fn video_to_frames(xs: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, f, h, w) = xs.dims5()?;
-    xs.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))
+    contiguous(&xs.permute((0, 2, 1, 3, 4))?)?.reshape((b * f, c, h, w))
 }
 
 /// `nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`: a convolution along frames
@@ -125,13 +126,13 @@ impl TransformerTemporalModel {
         let b = n / frames;
         let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
         // (b, C, F, H, W) → (b·H·W, F, C): one sequence of frames per pixel.
-        let seq = normed.permute((0, 3, 4, 2, 1))?.reshape((b * h * w, frames, c))?;
+        let seq = contiguous(&normed.permute((0, 3, 4, 2, 1))?)?.reshape((b * h * w, frames, c))?;
         let mut seq = self.proj_in.forward(&seq)?;
         for block in &self.blocks {
             seq = block.forward(&seq, None)?;
         }
         let seq = self.proj_out.forward(&seq)?;
-        let out = seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?.reshape((n, c, h, w))?;
+        let out = contiguous(&seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?.reshape((n, c, h, w))?;
         out + xs
     }
 }

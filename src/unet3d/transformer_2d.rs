@@ -4,6 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::kernels::copy::contiguous;
 use crate::nn::{group_norm, linear, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
@@ -48,11 +49,11 @@ impl Transformer2DModel {
     pub fn forward(&self, xs: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let mut tokens = self.proj_in.forward(&normed.permute((0, 2, 3, 1))?.reshape((n, h * w, c))?)?;
+        let mut tokens = self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, Some((context, frames)))?;
         }
-        let out = self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?;
+        let out = contiguous(&self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
         out + xs
     }
 }
