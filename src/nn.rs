@@ -300,7 +300,7 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = crate::kernels::add::add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

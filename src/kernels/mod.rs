@@ -2,6 +2,7 @@
 //! candle's custom-op interface and used only for contiguous float32 tensors on the CPU; every
 //! other device and dtype takes candle's standard ops, so the model code stays device-generic.
 
+pub mod add;
 pub mod attention;
 pub mod conv;
 pub mod copy;

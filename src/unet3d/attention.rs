@@ -165,8 +165,9 @@ impl BasicTransformerBlock {
 
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        use crate::kernels::add::add;
+        let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
+        let xs = add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)?;
+        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }

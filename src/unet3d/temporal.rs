@@ -81,13 +81,13 @@ impl TemporalConvLayer {
 
     /// `xs`: (batch·frames, C, H, W).
     pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
-        let identity = frames_to_video(xs, frames)?;
-        let mut h = identity.clone();
+        let mut h = frames_to_video(xs, frames)?;
         for stage in &self.stages {
             // GroupNorm statistics span all frames of a video, as on the 5-D tensor in diffusers.
             h = stage.conv.forward(&stage.norm.forward_silu(&h)?)?;
         }
-        video_to_frames(&(identity + h)?)
+        // The residual, added in the per-frame layout where both are contiguous.
+        crate::kernels::add::add(&video_to_frames(&h)?, &crate::kernels::copy::contiguous(xs)?)
     }
 }
 
@@ -133,6 +133,6 @@ impl TransformerTemporalModel {
         }
         let seq = self.proj_out.forward(&seq)?;
         let out = contiguous(&seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?.reshape((n, c, h, w))?;
-        out + xs
+        crate::kernels::add::add(&out, xs)
     }
 }
