@@ -2,7 +2,7 @@
 //! second pass over the output for the bias), reading float16 weights widened once per call.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::f16;
+use rayon::prelude::*;
 
 struct LinearOp;
 
@@ -18,7 +18,17 @@ fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, 
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("linear needs a contiguous weight") };
     Ok(match s {
         CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::F16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|h: &f16| h.to_f32()).collect()),
+        CpuStorage::F16(v) => {
+            // Widened on both cores: a step widens every weight of the UNet once.
+            let src = &v[a..b];
+            let mut wide = vec![0f32; src.len()];
+            wide.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| {
+                for (d, h) in d.iter_mut().zip(s) {
+                    *d = h.to_f32();
+                }
+            });
+            std::borrow::Cow::Owned(wide)
+        }
         _ => candle_core::bail!("linear: unsupported weight dtype"),
     })
 }
