@@ -1,5 +1,5 @@
 //! The full-size benchmark: the published 1.7B configuration with random weights (nothing is
-//! downloaded), timed stage by stage as `../shared/bench/torch_fullsize.py` times PyTorch.
+//! downloaded), timed stage by stage as the reference PyTorch benchmark (`torch_fullsize.py`) times PyTorch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
