@@ -361,6 +361,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         FormatArg::Png => VideoFormat::PngFrames,
         FormatArg::Npy => VideoFormat::Npy,
     });
+    if args.output.is_none() {
+        std::fs::create_dir_all("outputs").context("creating outputs/")?;
+    }
     let mut jobs = Vec::with_capacity(total);
     let mut taken = HashSet::new();
     for (p, prompt) in prompts.iter().enumerate() {
@@ -385,12 +388,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
         job.params.height = Some(height);
         job.params.width = Some(width);
     }
-    if let Some(dir) = args.output.as_ref().and_then(|o| o.parent()).filter(|d| !d.as_os_str().is_empty()) {
-        debug_assert!(dir.is_dir());
-    } else if args.output.is_none() {
-        std::fs::create_dir_all("outputs").context("creating outputs/")?;
-    }
-
     // Ctrl-C stops after the current step; nothing half-written stays behind.
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -560,7 +557,7 @@ fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    if parent != Path::new("outputs") && !parent.is_dir() {
+    if !parent.is_dir() {
         bail!("the output folder {} does not exist: create it, or choose another --output", parent.display());
     }
     if path.exists() && !overwrite {

@@ -71,12 +71,6 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-impl Linear {
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-}
-
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
