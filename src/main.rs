@@ -223,6 +223,7 @@ struct BenchArgs {
 
 fn main() {
     let cli = Cli::parse();
+    t2v::kernels::tune_allocator();
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
         Command::Tokenize(args) => tokenize(args),
@@ -595,8 +596,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.profile {
         eprintln!("time per kind of layer (whole run):");
-        for (kind, secs, calls) in t2v::nn::profile() {
-            eprintln!("  {kind:<20} {secs:>9.2}s {calls:>7} calls");
+        for p in t2v::nn::profile() {
+            let rate = if p.flops > 0 && p.seconds > 0.0 { format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9) } else { String::new() };
+            eprintln!("  {:<20} {:>9.2}s {:>7} calls {:>9.1} GFLOP{rate}", p.kind, p.seconds, p.calls, p.flops as f64 / 1e9);
         }
     }
     Ok(())

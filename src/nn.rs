@@ -16,22 +16,48 @@ pub fn flops() -> u64 {
     FLOPS.load(Ordering::Relaxed)
 }
 
-pub(crate) fn count_flops(n: usize) {
+/// Counts `n` floating-point operations of a layer of kind `kind`.
+pub(crate) fn count_flops(kind: &'static str, n: usize) {
     FLOPS.fetch_add(n as u64, Ordering::Relaxed);
+    if PROFILING.load(Ordering::Relaxed) {
+        if let Ok(mut p) = PROFILE.lock() {
+            entry(&mut p, kind).flops += n as u64;
+        }
+    }
 }
 
 /// Time spent per kind of layer, when profiling is on (the benchmark's `--profile`).
 static PROFILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-static PROFILE: std::sync::Mutex<Vec<(&'static str, f64, u64)>> = std::sync::Mutex::new(Vec::new());
+static PROFILE: std::sync::Mutex<Vec<LayerProfile>> = std::sync::Mutex::new(Vec::new());
+
+/// Where the time of one kind of layer went.
+#[derive(Debug, Clone)]
+pub struct LayerProfile {
+    pub kind: &'static str,
+    pub seconds: f64,
+    pub calls: u64,
+    /// Floating-point operations of its matrix products (0 for elementwise kinds).
+    pub flops: u64,
+}
+
+fn entry<'a>(p: &'a mut Vec<LayerProfile>, kind: &'static str) -> &'a mut LayerProfile {
+    match p.iter().position(|e| e.kind == kind) {
+        Some(i) => &mut p[i],
+        None => {
+            p.push(LayerProfile { kind, seconds: 0.0, calls: 0, flops: 0 });
+            p.last_mut().unwrap()
+        }
+    }
+}
 
 pub fn set_profiling(on: bool) {
     PROFILING.store(on, Ordering::Relaxed);
 }
 
-/// (kind, seconds, calls) per kind of layer since profiling was turned on, slowest first.
-pub fn profile() -> Vec<(&'static str, f64, u64)> {
+/// Each kind of layer since profiling was turned on, slowest first.
+pub fn profile() -> Vec<LayerProfile> {
     let mut p = PROFILE.lock().map(|p| p.clone()).unwrap_or_default();
-    p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     p
 }
 
@@ -44,13 +70,9 @@ pub(crate) fn timed<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
     let out = f();
     let secs = started.elapsed().as_secs_f64();
     if let Ok(mut p) = PROFILE.lock() {
-        match p.iter_mut().find(|e| e.0 == kind) {
-            Some(e) => {
-                e.1 += secs;
-                e.2 += 1;
-            }
-            None => p.push((kind, secs, 1)),
-        }
+        let e = entry(&mut p, kind);
+        e.seconds += secs;
+        e.calls += 1;
     }
     out
 }
@@ -89,7 +111,7 @@ impl Module for Linear {
         // One matrix product over all leading dimensions, the bias added as it is written.
         let rows = x.elem_count() / in_dim;
         let y = timed("linear", || crate::kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
-        count_flops(2 * rows * in_dim * y.dim(1)?);
+        count_flops("linear", 2 * rows * in_dim * y.dim(1)?);
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out_dims)
@@ -128,7 +150,7 @@ impl Module for Conv2d {
         };
         // The kernels widen float16 weights themselves, and add the bias as they write.
         let y = timed(kind, || crate::kernels::conv::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding))?;
-        count_flops(2 * c_in * kh * kw * y.elem_count());
+        count_flops(kind, 2 * c_in * kh * kw * y.elem_count());
         Ok(y)
     }
 }
@@ -202,11 +224,14 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
 pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> candle_core::Result<Tensor> {
     let (rows, tokens, head_dim) = q.dims3()?;
     let keys = k.dim(1)?;
-    count_flops(4 * rows * tokens * keys * head_dim);
+    let flops = 4 * rows * tokens * keys * head_dim;
     if let Some(out) = timed("attention (short)", || crate::kernels::attention::short_attention(q, k, v, scale))? {
+        count_flops("attention (short)", flops);
         return Ok(out);
     }
-    timed(if keys == 77 { "attention (cross)" } else { "attention (long)" }, || {
+    let kind = if keys == 77 { "attention (cross)" } else { "attention (long)" };
+    count_flops(kind, flops);
+    timed(kind, || {
         // The scale is applied to q (tokens × head_dim) rather than to the scores
         // (tokens × keys): the same product up to rounding, with far fewer multiplications.
         let q = (q * scale)?;

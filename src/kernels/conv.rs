@@ -25,7 +25,7 @@
 use std::cell::RefCell;
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::f16;
+use super::gemm::Src;
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -123,18 +123,9 @@ pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
     out.reshape((b, cout, f, h, w))
 }
 
-/// Whether this machine runs the Winograd kernel (AVX2 and FMA, detected at run time).
+/// Whether this machine runs the Winograd kernel (AVX2, FMA and F16C, detected at run time).
 pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::gemm::available()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,28 +162,6 @@ fn fast_kind(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, 
         return Ok(Some(Kind::Pointwise));
     }
     Ok(None)
-}
-
-/// A contiguous f32 or f16 slice.
-#[derive(Clone, Copy)]
-enum Src<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
-
-impl Src<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Src::F32(s) => s.len(),
-            Src::F16(s) => s.len(),
-        }
-    }
-    fn to_f32_vec(self) -> Vec<f32> {
-        match self {
-            Src::F32(s) => s.to_vec(),
-            Src::F16(s) => s.iter().map(|v| v.to_f32()).collect(),
-        }
-    }
 }
 
 fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -594,9 +563,9 @@ mod wino {
     use std::arch::x86_64::*;
 
     /// Output channels per micro-kernel panel (broadcast operand).
-    pub(super) const MR: usize = 6;
+    pub(super) use super::super::gemm::MR;
     /// Tiles per micro-kernel panel (2 AVX vectors).
-    pub(super) const NR: usize = 16;
+    pub(super) use super::super::gemm::NR;
     /// Input channels per accumulation block: partial sums over KC channels start from zero and
     /// are then added, which keeps the f32 error of long channel sums small.
     pub(super) const KC: usize = 128;
@@ -732,34 +701,6 @@ mod wino {
     }
 
 
-    #[inline(always)]
-    unsafe fn transpose8(r: &mut [__m256; 8]) {
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        r[0] = _mm256_permute2f128_ps::<0x20>(s0, s4);
-        r[1] = _mm256_permute2f128_ps::<0x20>(s1, s5);
-        r[2] = _mm256_permute2f128_ps::<0x20>(s2, s6);
-        r[3] = _mm256_permute2f128_ps::<0x20>(s3, s7);
-        r[4] = _mm256_permute2f128_ps::<0x31>(s0, s4);
-        r[5] = _mm256_permute2f128_ps::<0x31>(s1, s5);
-        r[6] = _mm256_permute2f128_ps::<0x31>(s2, s6);
-        r[7] = _mm256_permute2f128_ps::<0x31>(s3, s7);
-    }
-
     /// Transform the weights of output channels [co0, co0 + np·MR) into `u`, laid out in the
     /// order the GEMM loop reads them: `[ξ][channel block kb][panel][ci − kb][MR]` (channel blocks
     /// of `KC` input channels; ξ planes `uxs` floats apart; channels past Cout are zero).
@@ -800,7 +741,7 @@ mod wino {
                     }
                     // after the transposes rows[q][m] holds flat index 8q + m = cl·9 + k, lane = r
                     for rq in rows.iter_mut() {
-                        transpose8(rq);
+                        super::super::gemm::transpose8(rq);
                     }
                     let flat = rows.as_ptr() as *const __m256;
                     for cl in 0..8 {
@@ -1000,60 +941,6 @@ mod wino {
 
     // ----- GEMM over the 36 planes + output transform -----------------------------------------
 
-    /// `c[r][0..16] (+)= Σ_k u[k][r] · v[k][0..16]` for r < 6, rows `rs` apart.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel_6x16(k: usize, u: *const f32, v: *const f32, c: *mut f32, rs: usize, acc: bool) {
-        let mut c00 = _mm256_setzero_ps();
-        let mut c01 = _mm256_setzero_ps();
-        let mut c10 = _mm256_setzero_ps();
-        let mut c11 = _mm256_setzero_ps();
-        let mut c20 = _mm256_setzero_ps();
-        let mut c21 = _mm256_setzero_ps();
-        let mut c30 = _mm256_setzero_ps();
-        let mut c31 = _mm256_setzero_ps();
-        let mut c40 = _mm256_setzero_ps();
-        let mut c41 = _mm256_setzero_ps();
-        let mut c50 = _mm256_setzero_ps();
-        let mut c51 = _mm256_setzero_ps();
-        let mut up = u;
-        let mut vp = v;
-        for _ in 0..k {
-            let b0 = _mm256_loadu_ps(vp);
-            let b1 = _mm256_loadu_ps(vp.add(8));
-            let a = _mm256_broadcast_ss(&*up);
-            c00 = _mm256_fmadd_ps(a, b0, c00);
-            c01 = _mm256_fmadd_ps(a, b1, c01);
-            let a = _mm256_broadcast_ss(&*up.add(1));
-            c10 = _mm256_fmadd_ps(a, b0, c10);
-            c11 = _mm256_fmadd_ps(a, b1, c11);
-            let a = _mm256_broadcast_ss(&*up.add(2));
-            c20 = _mm256_fmadd_ps(a, b0, c20);
-            c21 = _mm256_fmadd_ps(a, b1, c21);
-            let a = _mm256_broadcast_ss(&*up.add(3));
-            c30 = _mm256_fmadd_ps(a, b0, c30);
-            c31 = _mm256_fmadd_ps(a, b1, c31);
-            let a = _mm256_broadcast_ss(&*up.add(4));
-            c40 = _mm256_fmadd_ps(a, b0, c40);
-            c41 = _mm256_fmadd_ps(a, b1, c41);
-            let a = _mm256_broadcast_ss(&*up.add(5));
-            c50 = _mm256_fmadd_ps(a, b0, c50);
-            c51 = _mm256_fmadd_ps(a, b1, c51);
-            up = up.add(MR);
-            vp = vp.add(NR);
-        }
-        let rows = [(c00, c01), (c10, c11), (c20, c21), (c30, c31), (c40, c41), (c50, c51)];
-        for (r, (lo, hi)) in rows.into_iter().enumerate() {
-            let p = c.add(r * rs);
-            if acc {
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo));
-                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi));
-            } else {
-                _mm256_storeu_ps(p, lo);
-                _mm256_storeu_ps(p.add(8), hi);
-            }
-        }
-    }
-
     /// One task: output channels [co0, co0 + np·MR) × all tiles of the chunk.
     /// `m` scratch layout: `[s in SG][co_local][ξ][NR]`.
     #[target_feature(enable = "avx2,fma")]
@@ -1073,7 +960,7 @@ mod wino {
                         for s in 0..sg {
                             let vp = v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
                             let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-                            kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0);
+                            super::super::gemm::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
                         }
                     }
                     kb += kl;

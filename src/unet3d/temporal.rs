@@ -44,7 +44,7 @@ impl TemporalConv {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let c = xs.dim(1)?;
         let out = crate::nn::timed("temporal conv", || crate::kernels::conv::temporal_conv3(xs, &self.weight, Some(&self.bias)))?;
-        crate::nn::count_flops(2 * 3 * c * out.elem_count());
+        crate::nn::count_flops("temporal conv", 2 * 3 * c * out.elem_count());
         Ok(out)
     }
 }
