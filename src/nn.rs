@@ -214,24 +214,59 @@ impl Module for GroupNorm {
 /// sequence is held (a 32×32 latent has 1024 tokens a frame). The result is the same.
 const SCORE_BUDGET: usize = 16 << 20;
 
-/// softmax(q·kᵀ·scale)·v for (batch·heads, tokens, head_dim) inputs, in blocks of at most
-/// [`SCORE_BUDGET`] scores.
+/// softmax(q·kᵀ·scale)·v for (batch, tokens, head_dim) inputs (one head).
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    attention_in_blocks(q, k, v, scale, SCORE_BUDGET)
+    multi_head_attention(q, k, v, 1, scale, 1)
+}
+
+/// Attention with `heads` heads for q (batch, tokens, heads·d) and k, v (batch / repeat, keys,
+/// heads·d), row b / repeat of k and v serving query row b; (batch, tokens, heads·d) out.
+/// On the CPU one kernel reads the heads in place ([`crate::kernels::attention`]); elsewhere
+/// the heads are split into (batch·heads, tokens, d) and [`attention_in_blocks`] runs.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> candle_core::Result<Tensor> {
+    let (batch, tokens, width) = q.dims3()?;
+    let keys = k.dim(1)?;
+    let kind = if tokens <= crate::kernels::attention::SHORT && keys <= crate::kernels::attention::SHORT {
+        "attention (short)"
+    } else if keys == 77 {
+        "attention (cross)"
+    } else {
+        "attention (long)"
+    };
+    count_flops(kind, 4 * batch * tokens * keys * width);
+    timed(kind, || {
+        if let Some(out) = crate::kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat)? {
+            return Ok(out);
+        }
+        let (k, v) = (repeat_interleave(k, repeat)?, repeat_interleave(v, repeat)?);
+        let d = width / heads;
+        let split = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let n = x.dim(1)?;
+            x.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d))
+        };
+        let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
+        out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
+    })
+}
+
+/// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor.
+pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
+    if repeat == 1 {
+        return Ok(xs.clone());
+    }
+    let dims = xs.dims();
+    let mut expanded = vec![dims[0], repeat];
+    expanded.extend_from_slice(&dims[1..]);
+    let mut flat = vec![dims[0] * repeat];
+    flat.extend_from_slice(&dims[1..]);
+    crate::kernels::copy::contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
 }
 
 /// [`scaled_dot_product_attention`] with at most `budget` scores computed at once.
 pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> candle_core::Result<Tensor> {
-    let (rows, tokens, head_dim) = q.dims3()?;
+    let (rows, tokens, _) = q.dims3()?;
     let keys = k.dim(1)?;
-    let flops = 4 * rows * tokens * keys * head_dim;
-    if let Some(out) = timed("attention (short)", || crate::kernels::attention::short_attention(q, k, v, scale))? {
-        count_flops("attention (short)", flops);
-        return Ok(out);
-    }
-    let kind = if keys == 77 { "attention (cross)" } else { "attention (long)" };
-    count_flops(kind, flops);
-    timed(kind, || {
+    {
         // The scale is applied to q (tokens × head_dim) rather than to the scores
         // (tokens × keys): the same product up to rounding, with far fewer multiplications.
         let q = (q * scale)?;
@@ -256,7 +291,7 @@ pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budge
         } else {
             Tensor::cat(&row_outs, 0)
         }
-    })
+    }
 }
 
 /// SiLU, x·σ(x).

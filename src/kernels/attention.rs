@@ -1,16 +1,32 @@
-//! Attention over short sequences (the temporal transformers attend across 16 frames, for every
-//! pixel and head: hundreds of thousands of 16×16 problems a layer). candle runs each as a tiny
-//! batched matrix product, dominated by per-product overhead; here each (batch·head) row is one
-//! small loop nest, rows in parallel. Long sequences keep candle's matrix products.
+//! Multi-head attention straight from the projections' layout: q (batch, tokens, heads·d) and
+//! k, v (batch / repeat, keys, heads·d) in, (batch, tokens, heads·d) out, so that the heads are
+//! never split into a (batch·heads, tokens, d) copy and merged back (four full copies a layer),
+//! and the text embeddings' k and v are read once per video instead of repeated per frame.
+//!
+//! * Long sequences (the spatial attention over 1024 tokens, the cross-attention to 77 text
+//!   tokens, the VAE's attention): per (batch, head) the keys and values are packed once, then
+//!   blocks of query rows go through scores = q·kᵀ ([`super::gemm`]), a row softmax (max
+//!   subtracted, vectorised `exp`) and out = p·v, with the score block small enough for L2. The
+//!   softmax is exact: each block holds every key of its rows.
+//! * Short sequences (the temporal attention across 16 frames, for every pixel and head: hundreds
+//!   of thousands of 16×16 problems a layer): one small loop nest per (batch, head).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{self, Init, PackedB, Src};
+
 /// Sequences at most this long (queries and keys) take the loop kernel.
 pub const SHORT: usize = 64;
 
-struct ShortAttention {
+/// Score elements of one block of query rows (96 rows × 1024 keys: 384 KiB, with the packed
+/// keys and values within a 1 MiB L2).
+const SCORE_BLOCK: usize = 96 * 1024;
+
+struct MultiHeadAttention {
+    heads: usize,
     scale: f32,
+    repeat: usize,
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -30,64 +46,238 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-impl CustomOp3 for ShortAttention {
-    fn name(&self) -> &'static str {
-        "short-attention"
-    }
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let get = |s: &'_ CpuStorage, l: &Layout| -> Result<Vec<f32>> {
-            let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("short-attention needs contiguous inputs") };
-            Ok(s.as_slice::<f32>()?[a..b].to_vec())
-        };
-        let (q, k, v) = (get(q, lq)?, get(k, lk)?, get(v, lv)?);
-        let (rows, t, d) = lq.shape().dims3()?;
-        let s = lk.shape().dims3()?.1;
-        let mut out = vec![0f32; rows * t * d];
-        out.par_chunks_mut(t * d).enumerate().for_each(|(r, out)| {
-            let (q, k, v) = (&q[r * t * d..(r + 1) * t * d], &k[r * s * d..(r + 1) * s * d], &v[r * s * d..(r + 1) * s * d]);
+/// The shapes of one call: `batch` query rows of `tokens` × `heads·d`; keys and values have
+/// `batch / repeat` rows of `keys` × `heads·d`.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    tokens: usize,
+    keys: usize,
+    heads: usize,
+    d: usize,
+    repeat: usize,
+}
+
+impl Dims {
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+}
+
+impl MultiHeadAttention {
+    /// Short sequences: per (batch, head), scores row by row, softmax, weighted sum of values.
+    fn short(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims) {
+        let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
+        out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| {
+            let kv = (b / dm.repeat) * s * hd;
+            let q = &q[b * t * hd..(b + 1) * t * hd];
             let mut p = [0f32; SHORT];
-            for ti in 0..t {
-                let qi = &q[ti * d..(ti + 1) * d];
-                let mut max = f32::NEG_INFINITY;
-                for si in 0..s {
-                    p[si] = dot(qi, &k[si * d..(si + 1) * d]) * self.scale;
-                    max = max.max(p[si]);
-                }
-                let mut sum = 0f32;
-                for pi in p[..s].iter_mut() {
-                    *pi = (*pi - max).exp();
-                    sum += *pi;
-                }
-                let o = &mut out[ti * d..(ti + 1) * d];
-                for si in 0..s {
-                    let w = p[si] / sum;
-                    for (o, &vv) in o.iter_mut().zip(&v[si * d..(si + 1) * d]) {
-                        *o += w * vv;
+            for h in 0..dm.heads {
+                let col = h * d;
+                for ti in 0..t {
+                    let qi = &q[ti * hd + col..ti * hd + col + d];
+                    let mut max = f32::NEG_INFINITY;
+                    for si in 0..s {
+                        let ks = kv + si * hd + col;
+                        p[si] = dot(qi, &k[ks..ks + d]) * self.scale;
+                        max = max.max(p[si]);
+                    }
+                    let mut sum = 0f32;
+                    for pi in p[..s].iter_mut() {
+                        *pi = (*pi - max).exp();
+                        sum += *pi;
+                    }
+                    let o = &mut out[ti * hd + col..ti * hd + col + d];
+                    o.fill(0.0);
+                    for si in 0..s {
+                        let w = p[si] / sum;
+                        let vs = kv + si * hd + col;
+                        for (o, &vv) in o.iter_mut().zip(&v[vs..vs + d]) {
+                            *o += w * vv;
+                        }
                     }
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((rows, t, d))))
+    }
+
+    /// Long sequences: per (batch, head, chunk of query rows) a task that packs that head's
+    /// keys and values and runs blocks of query rows through two packed GEMMs and a softmax.
+    fn long(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims) {
+        let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
+        let threads = rayon::current_num_threads().max(1);
+        // Enough tasks for every thread even when there is a single head (the VAE's attention):
+        // query chunks of one head then pack its keys and values once each.
+        let pairs = dm.batch * dm.heads;
+        let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(gemm::MR)).max(1);
+        let chunk_rows = t.div_ceil(chunks);
+        let rows_per_block = (SCORE_BLOCK / s).clamp(gemm::MR, t.max(gemm::MR));
+        let optr = SendPtr(out.as_mut_ptr());
+        (0..pairs * chunks).into_par_iter().for_each(|task| {
+            let optr = optr;
+            let (pair, chunk) = (task / chunks, task % chunks);
+            let (b, h) = (pair / dm.heads, pair % dm.heads);
+            let (r0, r1) = (chunk * chunk_rows, ((chunk + 1) * chunk_rows).min(t));
+            if r0 >= r1 {
+                return;
+            }
+            let kv = (b / dm.repeat) * s * hd + h * d;
+            let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
+            let values = PackedB::from_rows(&v[kv..], s, d, hd);
+            let mut scores = vec![0f32; rows_per_block.min(r1 - r0) * s];
+            let mut r = r0;
+            while r < r1 {
+                let rows = rows_per_block.min(r1 - r);
+                let at = (b * t + r) * hd + h * d;
+                // SAFETY: `gemm::available()` was checked before this op ran; q and out hold
+                // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
+                // writes columns [h·d, h·d + d) of these rows of `out`.
+                unsafe {
+                    gemm::gemm_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
+                    for row in scores.chunks_mut(s).take(rows) {
+                        softmax_row(row, self.scale);
+                    }
+                    gemm::gemm_rows(rows, scores.as_ptr(), s, &values, optr.0.add(at), hd, Init::Overwrite);
+                }
+                r += rows;
+            }
+        });
     }
 }
 
-/// softmax(q·kᵀ·scale)·v for short sequences, or `None` when this kernel does not apply
-/// (another device or dtype, or sequences longer than [`SHORT`]).
-pub fn short_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let (t, s) = (q.dim(1)?, k.dim(1)?);
-    if !(q.device().is_cpu() && q.dtype() == DType::F32 && t <= SHORT && s <= SHORT) {
+/// `row ← softmax(row · scale)` (scale > 0), as torch: max subtracted, exponentials divided by
+/// their sum.
+fn softmax_row(row: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if gemm::available() {
+        // SAFETY: AVX2 and FMA checked.
+        unsafe { simd::softmax_row(row, scale) };
+        return;
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = ((*x - max) * scale).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// e^x for x ≤ 0 (Cephes' single-precision polynomial: ≤ 2 ulp over the range that is not
+    /// flushed to zero; below −87.3 the result is 0, as e^x is then under f32's normal range).
+    #[inline(always)]
+    unsafe fn exp_neg(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.33));
+        let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_2e-4);
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_2e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
+        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_row(row: &mut [f32], scale: f32) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let main = n / 8 * 8;
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < main {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(p.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &x in &row[main..] {
+            max = max.max(x);
+        }
+        let (sv, shift) = (_mm256_set1_ps(scale), _mm256_set1_ps(max * scale));
+        let mut sumv = _mm256_setzero_ps();
+        i = 0;
+        while i < main {
+            // (x − max)·scale as x·scale − max·scale in one fused step
+            let e = exp_neg(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), sv, shift));
+            _mm256_storeu_ps(p.add(i), e);
+            sumv = _mm256_add_ps(sumv, e);
+            i += 8;
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sumv);
+        let mut sum: f32 = lanes.iter().sum();
+        for x in &mut row[main..] {
+            *x = (*x * scale - max * scale).exp();
+            sum += *x;
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        i = 0;
+        while i < main {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+            i += 8;
+        }
+        for x in &mut row[main..] {
+            *x /= sum;
+        }
+    }
+}
+
+impl CustomOp3 for MultiHeadAttention {
+    fn name(&self) -> &'static str {
+        "multi-head-attention"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, lq: &Layout, k: &CpuStorage, lk: &Layout, v: &CpuStorage, lv: &Layout) -> Result<(CpuStorage, Shape)> {
+        let get = |s: &'_ CpuStorage, l: &Layout| -> Result<std::ops::Range<usize>> {
+            let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("attention needs contiguous inputs") };
+            let _ = s.as_slice::<f32>()?;
+            Ok(a..b)
+        };
+        let (q, k, v) = (&q.as_slice::<f32>()?[get(q, lq)?], &k.as_slice::<f32>()?[get(k, lk)?], &v.as_slice::<f32>()?[get(v, lv)?]);
+        let (batch, tokens, width) = lq.shape().dims3()?;
+        let keys = lk.shape().dims3()?.1;
+        let dm = Dims { batch, tokens, keys, heads: self.heads, d: width / self.heads, repeat: self.repeat };
+        let mut out = vec![0f32; batch * tokens * width];
+        if tokens <= SHORT && keys <= SHORT {
+            self.short(q, k, v, &mut out, dm);
+        } else {
+            self.long(q, k, v, &mut out, dm);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, tokens, width))))
+    }
+}
+
+/// softmax(q·kᵀ·scale)·v per head, for q (batch, tokens, heads·d) and k, v (batch / repeat,
+/// keys, heads·d) whose row b / repeat serves query rows b (the frames of a video sharing its
+/// text embeddings); the output is (batch, tokens, heads·d). `None` where this kernel does not
+/// apply (another device or dtype, or a CPU without AVX2/FMA): the caller then splits heads and
+/// uses candle's ops.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> Result<Option<Tensor>> {
+    let on_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if !on_cpu || !gemm::available() {
         return Ok(None);
     }
-    let op = ShortAttention { scale: scale as f32 };
+    let (batch, _, width) = q.dims3()?;
+    let (kb, keys, kw) = k.dims3()?;
+    if repeat == 0 || kb * repeat != batch || kw != width || v.dims() != [kb, keys, width] || heads == 0 || width % heads != 0 {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} don't fit {heads} heads and repeat {repeat}", q.dims(), k.dims(), v.dims());
+    }
+    let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
     let c = crate::kernels::copy::contiguous;
     Ok(Some(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?))
 }

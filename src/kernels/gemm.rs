@@ -96,10 +96,16 @@ impl PackedB {
         self.n
     }
 
-    /// B = Wᵀ for a row-major `w` of n rows × k (a linear layer's weight, or attention's keys).
-    /// Panels are packed in parallel when `parallel`.
+    /// B = Wᵀ for a row-major `w` of n rows × k (a linear layer's weight). Panels are packed in
+    /// parallel when `parallel`.
     pub fn from_transposed(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
-        assert_eq!(w.len(), n * k, "packed operand size");
+        Self::from_transposed_rows(w, n, k, k, parallel)
+    }
+
+    /// B = Wᵀ for `w` holding n rows of k values, rows `row_stride` apart (attention's keys,
+    /// one head of the (keys, heads·d) projection).
+    pub fn from_transposed_rows(w: Src, n: usize, k: usize, row_stride: usize, parallel: bool) -> PackedB {
+        assert!(n == 0 || w.len() >= (n - 1) * row_stride + k, "packed operand size");
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
         let pack = |(p, dst): (usize, &mut [f32])| {
@@ -108,11 +114,11 @@ impl PackedB {
                 // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    pack_transposed_panel(w, p * NR, k, dst)
+                    pack_transposed_panel(w, p * NR, k, row_stride, dst)
                 };
             } else {
                 for c in 0..cols {
-                    let row = (p * NR + c) * k;
+                    let row = (p * NR + c) * row_stride;
                     for kk in 0..k {
                         dst[kk * NR + c] = w.get(row + kk);
                     }
@@ -142,14 +148,14 @@ impl PackedB {
     }
 }
 
-/// Packs 16 rows [r0, r0 + 16) of a row-major n×k `w` as one panel `[k][16]`, 8×8 blocks at a
-/// time through register transposes.
+/// Packs 16 rows [r0, r0 + 16) of `w` (rows of k values, `stride` apart) as one panel
+/// `[k][16]`, 8×8 blocks at a time through register transposes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_transposed_panel(w: Src, r0: usize, k: usize, dst: &mut [f32]) {
+unsafe fn pack_transposed_panel(w: Src, r0: usize, k: usize, stride: usize, dst: &mut [f32]) {
     let d = dst.as_mut_ptr();
     let load8 = |row: usize, kk: usize| -> __m256 {
-        let at = row * k + kk;
+        let at = row * stride + kk;
         match w {
             Src::F32(s) => _mm256_loadu_ps(s.as_ptr().add(at)),
             Src::F16(s) => _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(at) as *const __m128i)),
@@ -171,7 +177,7 @@ unsafe fn pack_transposed_panel(w: Src, r0: usize, k: usize, dst: &mut [f32]) {
     }
     for kk in kk..k {
         for c in 0..NR {
-            *d.add(kk * NR + c) = w.get((r0 + c) * k + kk);
+            *d.add(kk * NR + c) = w.get((r0 + c) * stride + kk);
         }
     }
 }

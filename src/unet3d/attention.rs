@@ -5,10 +5,10 @@
 //! candle-transformers' Stable Diffusion `BasicTransformerBlock` is private and its GEGLU uses the
 //! tanh approximation of GELU, where diffusers' uses the exact one; these mirror diffusers.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{layer_norm, linear, linear_no_bias, scaled_dot_product_attention, LayerNorm, Linear};
+use crate::nn::{layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).
@@ -46,42 +46,12 @@ impl Attention {
     /// used for every `repeat` consecutive batch rows (the frames of one video share its prompt:
     /// projecting it once per video gives the same k and v as diffusers' per-frame copies).
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        let (batch, tokens, _) = xs.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let (k, v) = match context {
-            None => (self.split_heads(&self.to_k.forward(xs)?)?, self.split_heads(&self.to_v.forward(xs)?)?),
-            Some((ctx, repeat)) => {
-                let k = repeat_interleave(&self.to_k.forward(ctx)?, repeat)?;
-                let v = repeat_interleave(&self.to_v.forward(ctx)?, repeat)?;
-                (self.split_heads(&k)?, self.split_heads(&v)?)
-            }
-        };
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-        let inner = out.dim(D::Minus1)? * self.heads;
-        let out = out.reshape((batch, self.heads, tokens, inner / self.heads))?.transpose(1, 2)?;
-        let out = crate::kernels::copy::contiguous(&out)?.reshape((batch, tokens, inner))?;
+        let q = self.to_q.forward(xs)?;
+        let (source, repeat) = context.unwrap_or((xs, 1));
+        let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
+        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat)?;
         self.to_out.forward(&out)
     }
-
-    /// (batch, tokens, heads·dim) → (batch·heads, tokens, dim), contiguous.
-    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, tokens, inner) = xs.dims3()?;
-        let heads = xs.reshape((batch, tokens, self.heads, inner / self.heads))?.transpose(1, 2)?;
-        crate::kernels::copy::contiguous(&heads)?.reshape((batch * self.heads, tokens, inner / self.heads))
-    }
-}
-
-/// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor.
-pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
-    if repeat == 1 {
-        return Ok(xs.clone());
-    }
-    let dims = xs.dims();
-    let mut expanded = vec![dims[0], repeat];
-    expanded.extend_from_slice(&dims[1..]);
-    let mut flat = vec![dims[0] * repeat];
-    flat.extend_from_slice(&dims[1..]);
-    crate::kernels::copy::contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
 }
 
 /// `FeedForward(dim, activation_fn="geglu", mult=4)`.

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use serde::Deserialize;
 
-pub use attention::repeat_interleave;
+pub use crate::nn::repeat_interleave;
 use blocks::{DownBlock, LevelConfig, MidBlock, UpBlock};
 use temporal::{frames_to_video, video_to_frames, TransformerTemporalModel};
 
