@@ -123,3 +123,100 @@ fn parallel_contiguous_copies_any_view() {
         assert_eq!(max_rel(&fast, &view.contiguous().unwrap()), 0.0);
     }
 }
+
+/// `C = init + A·B` in float64 from row-major A (m×k) and W (n×k), B = Wᵀ.
+fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f64]) -> Vec<f64> {
+    let mut c = init.to_vec();
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] += (0..k).map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64).sum::<f64>();
+        }
+    }
+    c
+}
+
+#[test]
+fn packed_gemm_matches_float64_on_ragged_shapes() {
+    use t2v::kernels::gemm::{self, Init, PackedB, Src};
+    if !gemm::available() {
+        eprintln!("no AVX2/FMA: the packed GEMM is not used on this machine");
+        return;
+    }
+    let dev = Device::Cpu;
+    // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block, and a
+    // product big enough to be split across threads.
+    for (m, n, k) in [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96)] {
+        let a = Tensor::randn(0f32, 1f32, (m, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = Tensor::randn(0f32, 1f32, (n, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bias = Tensor::randn(0f32, 1f32, n, &dev).unwrap().to_vec1::<f32>().unwrap();
+        let start = Tensor::randn(0f32, 1f32, (m, n), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let w_of16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let cases: [(&str, Src, &[f32], Init, Vec<f64>); 4] = [
+            ("overwrite", Src::F32(&w), &w, Init::Overwrite, vec![0.0; m * n]),
+            ("bias", Src::F32(&w), &w, Init::Bias(&bias), (0..m * n).map(|i| bias[i % n] as f64).collect()),
+            ("accumulate", Src::F32(&w), &w, Init::Accumulate, start.iter().map(|&v| v as f64).collect()),
+            ("float16 weights", Src::F16(&w16), &w_of16, Init::Overwrite, vec![0.0; m * n]),
+        ];
+        for (what, src, w_used, init, init64) in cases {
+            let packed = PackedB::from_transposed(src, n, k, true);
+            let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
+            unsafe { gemm::gemm(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
+            let expected = reference_gemm(&a, w_used, m, n, k, &init64);
+            let scale = expected.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+            let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
+            assert!(err < 1e-6, "{what} {m}x{n}x{k}: {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn multi_head_attention_in_place_matches_split_heads() {
+    use t2v::nn::{attention_in_blocks, repeat_interleave};
+    let dev = Device::Cpu;
+    // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
+    // frames, and the short temporal kind.
+    for (batch, tokens, keys, heads, d, repeat) in [(2, 150, 150, 3, 20, 1), (4, 70, 77, 2, 16, 2), (6, 16, 16, 5, 8, 1), (1, 9, 130, 1, 64, 1)] {
+        let q = Tensor::randn(0f32, 1f32, (batch, tokens, heads * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = t2v::nn::multi_head_attention(&q, &k, &v, heads, scale, repeat).unwrap();
+        let split = |x: &Tensor| {
+            let n = x.dim(1).unwrap();
+            x.reshape((batch, n, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((batch * heads, n, d)).unwrap()
+        };
+        let (kr, vr) = (repeat_interleave(&k, repeat).unwrap(), repeat_interleave(&v, repeat).unwrap());
+        let expected = attention_in_blocks(&split(&q), &split(&kr), &split(&vr), scale, usize::MAX).unwrap();
+        let expected = expected.reshape((batch, heads, tokens, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((batch, tokens, heads * d)).unwrap();
+        let err = max_rel(&got, &expected);
+        assert!(err < 1e-5, "{batch} {tokens} {keys} {heads} {d} {repeat}: {err:.2e}");
+    }
+}
+
+#[test]
+fn vectorised_gelu_and_silu_match_float64() {
+    let dev = Device::Cpu;
+    // GEGLU with value 1 is GELU: check it over [-12, 12] against the float64 erf.
+    let gate: Vec<f32> = (0..4001).map(|i| -12.0 + 24.0 * i as f32 / 4000.0).collect();
+    let n = gate.len();
+    let mut h = vec![1f32; 2 * n];
+    h[n..].copy_from_slice(&gate);
+    let out = t2v::kernels::geglu::geglu(&Tensor::from_vec(h, (1, 2 * n), &dev).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (&x, &y) in gate.iter().zip(&out) {
+        let x = x as f64;
+        let exact = 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+        assert!((y as f64 - exact).abs() <= 2e-7 * exact.abs().max(1.0), "gelu({x}) = {y}, exact {exact}");
+    }
+    // GroupNorm with one channel per group, gamma 1, beta 0 over ±x is ±x/std: SiLU of known values.
+    let xs: Vec<f32> = (0..64).map(|i| -20.0 + 40.0 * i as f32 / 63.0).collect();
+    let x = Tensor::from_vec(xs.clone(), (1, 1, 64), &dev).unwrap();
+    let (g, b) = (Tensor::ones(1, DType::F32, &dev).unwrap(), Tensor::zeros(1, DType::F32, &dev).unwrap());
+    let normed = group_norm(&x, &g, &b, 1, 0.0, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let silu = group_norm(&x, &g, &b, 1, 0.0, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (&y, &s) in normed.iter().zip(&silu) {
+        let y = y as f64;
+        let exact = y / (1.0 + (-y).exp());
+        assert!((s as f64 - exact).abs() <= 3e-7 * exact.abs().max(1.0), "silu({y}) = {s}, exact {exact}");
+    }
+}

@@ -173,25 +173,6 @@ fn softmax_row(row: &mut [f32], scale: f32) {
 mod simd {
     use std::arch::x86_64::*;
 
-    /// e^x for x ≤ 0 (Cephes' single-precision polynomial: ≤ 2 ulp over the range that is not
-    /// flushed to zero; below −87.3 the result is 0, as e^x is then under f32's normal range).
-    #[inline(always)]
-    unsafe fn exp_neg(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.33));
-        let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_2e-4);
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_2e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
-        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    }
-
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn softmax_row(row: &mut [f32], scale: f32) {
         let n = row.len();
@@ -214,7 +195,7 @@ mod simd {
         i = 0;
         while i < main {
             // (x − max)·scale as x·scale − max·scale in one fused step
-            let e = exp_neg(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), sv, shift));
+            let e = super::super::vmath::exp(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), sv, shift));
             _mm256_storeu_ps(p.add(i), e);
             sumv = _mm256_add_ps(sumv, e);
             i += 8;

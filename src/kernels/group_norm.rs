@@ -15,6 +15,77 @@ struct GroupNormOp {
     silu: bool,
 }
 
+/// Σ x (or Σ (x − m)² when `squares`) over a short chunk, in eight lanes where AVX2 is present.
+fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::available() {
+        // SAFETY: AVX2 and FMA checked.
+        return unsafe { simd::sum(xs, m, squares) };
+    }
+    if squares {
+        xs.iter().map(|&v| (v - m) * (v - m)).sum()
+    } else {
+        xs.iter().sum()
+    }
+}
+
+/// `o = x·scale + shift`, then SiLU when `silu`.
+fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::available() {
+        // SAFETY: AVX2 and FMA checked; equal lengths.
+        done = unsafe { simd::normalize(o, xs, scale, shift, silu) };
+    }
+    for (o, &v) in o.iter_mut().zip(xs).skip(done) {
+        let y = v * scale + shift;
+        *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
+        let n = xs.len() / 16 * 16;
+        let p = xs.as_ptr();
+        let mv = _mm256_set1_ps(m);
+        let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..n).step_by(16) {
+            let (x0, x1) = (_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + 8)));
+            if squares {
+                let (d0, d1) = (_mm256_sub_ps(x0, mv), _mm256_sub_ps(x1, mv));
+                a = _mm256_fmadd_ps(d0, d0, a);
+                b = _mm256_fmadd_ps(d1, d1, b);
+            } else {
+                a = _mm256_add_ps(a, x0);
+                b = _mm256_add_ps(b, x1);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a, b));
+        let mut s: f32 = lanes.iter().sum();
+        for &v in &xs[n..] {
+            s += if squares { (v - m) * (v - m) } else { v };
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) -> usize {
+        let n = xs.len().min(o.len()) / 8 * 8;
+        let (sv, hv) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+        for i in (0..n).step_by(8) {
+            let y = _mm256_fmadd_ps(_mm256_loadu_ps(xs.as_ptr().add(i)), sv, hv);
+            let y = if silu { super::super::vmath::silu(y) } else { y };
+            _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
+        }
+        n
+    }
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm-silu"
@@ -47,9 +118,9 @@ impl CustomOp3 for GroupNormOp {
             let group = i % self.groups;
             // Two passes (mean, then squared deviations): no cancellation when |mean| ≫ std.
             let count = block as f64;
-            let mean = x.chunks(256).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / count;
+            let mean = x.chunks(256).map(|c| sum(c, 0.0, false) as f64).sum::<f64>() / count;
             let m = mean as f32;
-            let var = x.chunks(256).map(|c| c.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() as f64).sum::<f64>() / count;
+            let var = x.chunks(256).map(|c| sum(c, m, true) as f64).sum::<f64>() / count;
             let inv_std = 1.0 / (var + self.eps).sqrt();
             for ch in 0..channels_per_group {
                 let channel = group * channels_per_group + ch;
@@ -57,17 +128,7 @@ impl CustomOp3 for GroupNormOp {
                 let scale = (inv_std * gamma[channel] as f64) as f32;
                 let shift = (beta[channel] as f64 - mean * inv_std * gamma[channel] as f64) as f32;
                 let range = ch * spatial..(ch + 1) * spatial;
-                let (o, xs) = (&mut out[range.clone()], &x[range]);
-                if self.silu {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        let y = v * scale + shift;
-                        *o = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = v * scale + shift;
-                    }
-                }
+                normalize(&mut out[range.clone()], &x[range], scale, shift, self.silu);
             }
         });
         debug_assert_eq!(out.len(), n * c * spatial);

@@ -10,6 +10,8 @@ pub mod geglu;
 pub mod gemm;
 pub mod group_norm;
 pub mod linear;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vmath;
 
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).
 ///
