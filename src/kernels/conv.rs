@@ -22,7 +22,6 @@
 //! than f32 activations with f32/f16 weights, and shapes the kernels don't cover; weights may be
 //! f16 (widened exactly to f32 inside the kernel, so the result equals the f32-weight result).
 
-use std::cell::RefCell;
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use super::gemm::Src;
@@ -560,6 +559,7 @@ fn g3to6(a: f32, b: f32, c: f32) -> [f32; 6] {
 #[allow(clippy::needless_range_loop)]
 mod wino {
     use super::*;
+    use std::cell::RefCell;
     use std::arch::x86_64::*;
 
     /// Output channels per micro-kernel panel (broadcast operand).

@@ -12,7 +12,18 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// `o = value · gelu(gate)` over whole vectors of eight; returns how many were done.
+/// `o = value · gelu(gate)` over whole vectors of eight where AVX2 is present; returns how many
+/// elements were done (the rest take the scalar loop).
+fn geglu_vectors(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::available() {
+        // SAFETY: AVX2 and FMA checked; the slices hold the same number of floats.
+        return unsafe { geglu_simd(o, value, gate) };
+    }
+    let _ = (o, value, gate);
+    0
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn geglu_simd(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
@@ -41,12 +52,7 @@ impl CustomOp1 for GegluOp {
         let mut out = vec![0f32; h.len() / 2];
         out.par_chunks_mut(half).zip(h.par_chunks(width)).for_each(|(o, row)| {
             let (value, gate) = row.split_at(half);
-            let mut done = 0;
-            #[cfg(target_arch = "x86_64")]
-            if super::gemm::available() {
-                // SAFETY: AVX2 and FMA checked; the slices hold `half` floats each.
-                done = unsafe { geglu_simd(o, value, gate) };
-            }
+            let done = geglu_vectors(o, value, gate);
             for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate).skip(done) {
                 *o = v * gelu(g);
             }

@@ -15,6 +15,9 @@
 //! Each output element sums its k products in blocks of ≤ `KC` (each block in order, blocks
 //! added in order): a different but equally accurate rounding order from candle's matmul.
 
+// Elsewhere than x86-64 only the packing exists (nothing calls it: `available()` is false).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -398,6 +401,15 @@ pub unsafe fn gemm(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32
         let rows = block.min(m - r0);
         gemm_rows(rows, ap.0.add(r0 * lda), lda, b, cp.0.add(r0 * ldc), ldc, init);
     });
+}
+
+/// Never called off x86-64: [`available`] is false there and callers take candle's matmul.
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn gemm_rows(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+    unreachable!("the packed GEMM runs only where gemm::available() is true (x86-64 with AVX2+FMA)")
 }
 
 /// Never called off x86-64: [`available`] is false there and callers take candle's matmul.

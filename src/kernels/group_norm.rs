@@ -31,12 +31,15 @@ fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
 
 /// `o = x·scale + shift`, then SiLU when `silu`.
 fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::gemm::available() {
+    let done = if super::gemm::available() {
         // SAFETY: AVX2 and FMA checked; equal lengths.
-        done = unsafe { simd::normalize(o, xs, scale, shift, silu) };
-    }
+        unsafe { simd::normalize(o, xs, scale, shift, silu) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (o, &v) in o.iter_mut().zip(xs).skip(done) {
         let y = v * scale + shift;
         *o = if silu { y / (1.0 + (-y).exp()) } else { y };
