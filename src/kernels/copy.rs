@@ -51,7 +51,7 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 {
-        return x.apply_op1_no_bwd(&Contiguous);
+        return crate::nn::timed("layout copies", || x.apply_op1_no_bwd(&Contiguous));
     }
     x.contiguous()
 }

@@ -136,8 +136,9 @@ impl BasicTransformerBlock {
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
         use crate::kernels::add::add;
-        let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
-        let xs = add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)?;
-        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
+        let norm = |n: &LayerNorm, x: &Tensor| crate::nn::timed("layer norm", || n.forward(x));
+        let xs = add(&self.attn1.forward(&norm(&self.norm1, xs)?, None)?, xs)?;
+        let xs = add(&self.attn2.forward(&norm(&self.norm2, &xs)?, context)?, &xs)?;
+        add(&self.ff.forward(&norm(&self.norm3, &xs)?)?, &xs)
     }
 }
