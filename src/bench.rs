@@ -30,17 +30,20 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Store weight matrices as float16 (as the published fp16 weights) and widen per layer.
     pub float16_weights: bool,
+    pub device: Device,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { frames: 16, height: 256, width: 256, steps: 2, float16_weights: true }
+        Self { frames: 16, height: 256, width: 256, steps: 2, float16_weights: true, device: Device::Cpu }
     }
 }
 
 /// Seconds per stage, memory and throughput; the JSON field names are the benchmark's contract.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// `cpu`, or the GPU's kind (`cuda`, `metal`).
+    pub device: String,
     pub frames: usize,
     pub height: usize,
     pub width: usize,
@@ -107,7 +110,9 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
 
 /// Builds the full-size model and times each stage; `progress` hears what is being done.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
-    let device = Device::Cpu;
+    let device = opts.device.clone();
+    // A GPU runs its kernels asynchronously: each timed stage ends when the device is idle.
+    let finish = || -> Result<()> { Ok(device.synchronize()?) };
     let dtype = DType::F32;
     let matrix_dtype = if opts.float16_weights { DType::F16 } else { DType::F32 };
     let count = Arc::new(AtomicU64::new(0));
@@ -135,6 +140,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let ids = Tensor::from_vec(ids, (2, 77), &device)?;
     let started = Instant::now();
     let context = text_encoder.forward(&ids)?;
+    finish()?;
     let text_encode_s = started.elapsed().as_secs_f64();
 
     let (h, w) = (opts.height / scale, opts.width / scale);
@@ -147,6 +153,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         let before = crate::nn::flops();
         let started = Instant::now();
         let out = unet.forward_shared_latents(&latents, (981 - 20 * i) as f64, &context)?;
+        finish()?;
         drop(out);
         unet_steps_s.push(started.elapsed().as_secs_f64());
         step_flops = crate::nn::flops() - before;
@@ -157,10 +164,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
     let started = Instant::now();
     let frames = vae.decode(&z)?;
+    finish()?;
     let vae_decode_s = started.elapsed().as_secs_f64();
     drop(frames);
 
     Ok(BenchReport {
+        device: match &device {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(_) => "cuda".into(),
+            Device::Metal(_) => "metal".into(),
+        },
         frames: opts.frames,
         height: opts.height,
         width: opts.width,

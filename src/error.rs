@@ -53,6 +53,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    #[error("{0}")]
+    Device(String),
+
     #[error("generation cancelled")]
     Cancelled,
 

@@ -165,6 +165,11 @@ struct GenerateArgs {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
 
+    /// Where to run: cpu, cuda, cuda:N, metal, metal:N, or auto (a GPU when this build supports
+    /// one and it is present, else the CPU). GPUs need a build with `--features cuda` or `metal`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+
     /// Which weights to use (and download) when the model has several.
     #[arg(long, value_enum, default_value = "auto")]
     variant: VariantArg,
@@ -219,6 +224,9 @@ struct BenchArgs {
     /// Print one JSON object (text_encode_s, unet_step_s, vae_decode_s, peak_rss_gib, ...) on stdout.
     #[arg(long)]
     json: bool,
+    /// Where to run: cpu, cuda, cuda:N, metal, metal:N or auto (as `generate --device`).
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 fn main() {
@@ -404,6 +412,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
 
     let options = LoadOptions {
+        device: pipeline::select_device(&args.device)?,
         dtype: match args.dtype {
             DtypeArg::F32 => DType::F32,
         },
@@ -574,6 +583,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         width: args.width,
         steps: args.steps,
         float16_weights: !args.float32_weights,
+        device: t2v::pipeline::select_device(&args.device)?,
     };
     t2v::nn::set_profiling(args.profile);
     let started = Instant::now();
@@ -584,7 +594,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let r = &report;
-        println!("{} frames of {}x{}, {} threads, {:.0}M parameters", r.frames, r.width, r.height, r.threads, r.params_m);
+        println!("{} frames of {}x{} on the {}, {} threads, {:.0}M parameters", r.frames, r.width, r.height, r.device, r.threads, r.params_m);
         println!("text_encode_s      {:.3}", r.text_encode_s);
         println!(
             "unet_step_s        {:.3}   (guided step, batch 2; {:.0} GFLOP at {:.1} GFLOP/s)",

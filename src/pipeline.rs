@@ -17,6 +17,39 @@ use crate::tokenizer::ClipTokenizer;
 use crate::unet3d::{self, UNet3DConditionModel};
 use crate::vae::{self, Vae};
 
+/// The device named by `spec`: `cpu`, `cuda` / `cuda:N`, `metal` / `metal:N`, or `auto` (a CUDA
+/// GPU, else a Metal one, when this build supports it and one is present; else the CPU).
+pub fn select_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((kind, n)) => {
+            let n = n.parse::<usize>().map_err(|_| Error::Device(format!("`{spec}`: the device number must be a whole number, as in cuda:1")))?;
+            (kind.to_string(), n)
+        }
+        None => (spec.clone(), 0),
+    };
+    let rebuild = |feature: &str| format!("this t2v was built without {feature} support: rebuild it with `cargo build --release --features {feature}`");
+    match kind.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            // A build with GPU support on a machine without that GPU still runs, on the CPU.
+            let gpu = if candle_core::utils::cuda_is_available() {
+                Device::new_cuda(ordinal).ok()
+            } else if candle_core::utils::metal_is_available() {
+                Device::new_metal(ordinal).ok()
+            } else {
+                None
+            };
+            Ok(gpu.unwrap_or(Device::Cpu))
+        }
+        "cuda" if !candle_core::utils::cuda_is_available() => Err(Error::Device(rebuild("cuda"))),
+        "cuda" => Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal}: {e}"))),
+        "metal" if !candle_core::utils::metal_is_available() => Err(Error::Device(rebuild("metal"))),
+        "metal" => Device::new_metal(ordinal).map_err(|e| Error::Device(format!("cannot open Metal device {ordinal}: {e}"))),
+        _ => Err(Error::Device(format!("unknown device `{spec}`: use cpu, cuda, cuda:N, metal, metal:N or auto"))),
+    }
+}
+
 /// How to load a checkpoint.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

@@ -155,6 +155,10 @@ fn bad_input_fails_before_model_work() {
         (&["--steps", "0"], "steps must be at least 1"),
         (&["--guidance-scale", "-1"], "guidance scale must be 0 or more"),
         (&["--scheduler", "euler"], "invalid value 'euler'"),
+        (&["--device", "tpu"], "unknown device `tpu`: use cpu, cuda, cuda:N, metal, metal:N or auto"),
+        (&["--device", "cuda:x"], "the device number must be a whole number"),
+        #[cfg(not(feature = "cuda"))]
+        (&["--device", "cuda"], "built without cuda support: rebuild it with `cargo build --release --features cuda`"),
     ];
     for (extra, expected) in cases {
         let o = base(extra);

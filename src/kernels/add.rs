@@ -28,7 +28,7 @@ impl CustomOp2 for Add {
 
 /// `a + b` for tensors of one shape; both cores for contiguous float32 CPU tensors.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.device().is_cpu()
+    if super::on_cpu(a.device())
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
         && a.dims() == b.dims()

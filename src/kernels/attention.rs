@@ -249,7 +249,7 @@ impl CustomOp3 for MultiHeadAttention {
 /// apply (another device or dtype, or a CPU without AVX2/FMA): the caller then splits heads and
 /// uses candle's ops.
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> Result<Option<Tensor>> {
-    let on_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if !on_cpu || !gemm::available() {
         return Ok(None);
     }

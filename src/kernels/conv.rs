@@ -88,7 +88,7 @@ pub fn temporal_conv3_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, a
         bail!("temporal_conv3: weight {:?} doesn't fit input {:?}", wdims, x.dims());
     }
     let weight = weight.reshape((cout, cin, 3))?;
-    if x.device().is_cpu()
+    if super::on_cpu(x.device())
         && x.dtype() == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::F16)
         && bias.is_none_or(|b| matches!(b.dtype(), DType::F32 | DType::F16) && b.dims() == [cout])
@@ -138,7 +138,7 @@ enum Kind {
 }
 
 fn fast_kind(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Option<Kind>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 || weight.rank() != 4 {
+    if !super::on_cpu(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 || weight.rank() != 4 {
         return Ok(None);
     }
     if !matches!(weight.dtype(), DType::F32 | DType::F16) {

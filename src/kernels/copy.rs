@@ -50,7 +50,7 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() {
         return Ok(x.clone());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 {
+    if super::on_cpu(x.device()) && x.dtype() == DType::F32 && x.rank() > 0 {
         return crate::nn::timed("layout copies", || x.apply_op1_no_bwd(&Contiguous));
     }
     x.contiguous()

@@ -68,7 +68,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if width % 2 != 0 {
         candle_core::bail!("geglu needs an even last dimension, got {width}");
     }
-    if h.device().is_cpu() && h.dtype() == DType::F32 {
+    if super::on_cpu(h.device()) && h.dtype() == DType::F32 {
         return h.contiguous()?.apply_op1_no_bwd(&GegluOp);
     }
     let half = width / 2;

@@ -75,7 +75,7 @@ impl CustomOp3 for LinearOp {
 /// `x` (rows, in) · `weight` (out, in)ᵀ + `bias` (out) → (rows, out). On the CPU with float32
 /// activations (and float32 or float16 weights) one fused GEMM; elsewhere candle's matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let cpu_f32 = x.device().is_cpu()
+    let cpu_f32 = super::on_cpu(x.device())
         && gemm::available()
         && x.dtype() == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::F16)

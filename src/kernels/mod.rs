@@ -2,6 +2,22 @@
 //! candle's custom-op interface and used only for contiguous float32 tensors on the CPU; every
 //! other device and dtype takes candle's standard ops, so the model code stays device-generic.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the CPU kernels of this module off (or back on): every operation then takes candle's
+/// standard ops, the path that CUDA and Metal devices take. The tests run the fixtures through
+/// both paths.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether tensors on `device` take this module's kernels: the CPU, with the kernels enabled.
+pub(crate) fn on_cpu(device: &candle_core::Device) -> bool {
+    device.is_cpu() && ENABLED.load(Ordering::Relaxed)
+}
+
 pub mod add;
 pub mod attention;
 pub mod conv;

@@ -2,6 +2,8 @@
 //! fixtures' README defines.
 #![allow(dead_code)]
 
+pub mod stages;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

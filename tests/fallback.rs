@@ -1,0 +1,32 @@
+//! The fixtures through candle's standard ops alone (`t2v::kernels::set_enabled(false)`): the
+//! path that CUDA and Metal devices take, which must meet the same tolerances as the CPU
+//! kernels. A test binary of its own, as the switch is process-wide.
+
+mod common;
+
+use common::stages::*;
+
+fn without_kernels(f: impl FnOnce()) {
+    t2v::kernels::set_enabled(false);
+    f();
+}
+
+#[test]
+fn text_encoder_small_narrow_without_kernels() {
+    without_kernels(|| check_text_encoder("small-t2v", "small-t2v", true))
+}
+
+#[test]
+fn unet_small_narrow_without_kernels() {
+    without_kernels(|| check_unet("small-t2v", "small-t2v", true))
+}
+
+#[test]
+fn unet_tiny_without_kernels() {
+    without_kernels(|| check_unet("tiny-t2v", "tiny-t2v", false))
+}
+
+#[test]
+fn vae_small_narrow_without_kernels() {
+    without_kernels(|| check_vae("small-t2v", "small-t2v", true))
+}
