@@ -121,7 +121,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let unet_cfg: unet3d::Config = parse(UNET_CONFIG, "unet/config.json")?;
     let vae_cfg: vae::Config = parse(VAE_CONFIG, "vae/config.json")?;
     let scale = vae_cfg.scale_factor();
-    if opts.height % scale != 0 || opts.width % scale != 0 || opts.frames == 0 || opts.steps == 0 {
+    if !opts.height.is_multiple_of(scale) || !opts.width.is_multiple_of(scale) || opts.frames == 0 || opts.steps == 0 {
         return Err(Error::InvalidArgument(format!(
             "the benchmark needs at least one frame and step, and a size that is a multiple of {scale}"
         )));

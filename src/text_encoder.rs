@@ -150,7 +150,7 @@ pub struct TextEncoder {
 impl TextEncoder {
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let activation = Activation::from_name(&cfg.hidden_act)?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::InvalidArgument(format!(
                 "text_encoder/config.json: hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

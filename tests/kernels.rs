@@ -152,6 +152,8 @@ fn packed_gemm_matches_float64_on_ragged_shapes() {
         let start = Tensor::randn(0f32, 1f32, (m, n), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
         let w_of16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        // (what, packed weight, the weight as float32, start of the output, that start in f64)
+        #[allow(clippy::type_complexity)]
         let cases: [(&str, Src, &[f32], Init, Vec<f64>); 4] = [
             ("overwrite", Src::F32(&w), &w, Init::Overwrite, vec![0.0; m * n]),
             ("bias", Src::F32(&w), &w, Init::Bias(&bias), (0..m * n).map(|i| bias[i % n] as f64).collect()),

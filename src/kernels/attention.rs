@@ -82,10 +82,10 @@ impl MultiHeadAttention {
                 for ti in 0..t {
                     let qi = &q[ti * hd + col..ti * hd + col + d];
                     let mut max = f32::NEG_INFINITY;
-                    for si in 0..s {
+                    for (si, pi) in p[..s].iter_mut().enumerate() {
                         let ks = kv + si * hd + col;
-                        p[si] = dot(qi, &k[ks..ks + d]) * self.scale;
-                        max = max.max(p[si]);
+                        *pi = dot(qi, &k[ks..ks + d]) * self.scale;
+                        max = max.max(*pi);
                     }
                     let mut sum = 0f32;
                     for pi in p[..s].iter_mut() {
@@ -94,8 +94,8 @@ impl MultiHeadAttention {
                     }
                     let o = &mut out[ti * hd + col..ti * hd + col + d];
                     o.fill(0.0);
-                    for si in 0..s {
-                        let w = p[si] / sum;
+                    for (si, &pi) in p[..s].iter().enumerate() {
+                        let w = pi / sum;
                         let vs = kv + si * hd + col;
                         for (o, &vv) in o.iter_mut().zip(&v[vs..vs + d]) {
                             *o += w * vv;
@@ -119,6 +119,8 @@ impl MultiHeadAttention {
         let rows_per_block = (SCORE_BLOCK / s).clamp(gemm::MR, t.max(gemm::MR));
         let optr = SendPtr(out.as_mut_ptr());
         (0..pairs * chunks).into_par_iter().for_each(|task| {
+            // (the whole wrapper is captured, not its raw-pointer field, which is not Send)
+            #[allow(clippy::redundant_locals)]
             let optr = optr;
             let (pair, chunk) = (task / chunks, task % chunks);
             let (b, h) = (pair / dm.heads, pair % dm.heads);
