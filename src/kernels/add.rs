@@ -16,7 +16,8 @@ impl CustomOp2 for Add {
             candle_core::bail!("residual-add needs contiguous inputs");
         };
         let (a, b) = (&a.as_slice::<f32>()?[a0..a1], &b.as_slice::<f32>()?[b0..b1]);
-        let mut out = vec![0f32; a.len()];
+        // every element is written below
+        let mut out = super::output_buffer(a.len());
         out.par_chunks_mut(1 << 14).zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14))).for_each(|(o, (a, b))| {
             for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
                 *o = x + y;

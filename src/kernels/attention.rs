@@ -109,7 +109,8 @@ impl MultiHeadAttention {
             let kv = (b / dm.repeat) * s * hd + h * d;
             let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
             let values = PackedB::from_rows(&v[kv..], s, d, hd);
-            let mut scores = vec![0f32; rows_per_block.min(r1 - r0) * s];
+            // each block's scores are written by the first GEMM before the softmax reads them
+            let mut scores = super::output_buffer(rows_per_block.min(r1 - r0) * s);
             let mut r = r0;
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
@@ -250,7 +251,8 @@ impl CustomOp3 for MultiHeadAttention {
         let (batch, tokens, width) = lq.shape().dims3()?;
         let keys = lk.shape().dims3()?.1;
         let dm = Dims { batch, tokens, keys, heads: self.heads, d: width / self.heads, repeat: self.repeat };
-        let mut out = vec![0f32; batch * tokens * width];
+        // both paths write every (token, head) slice of every row
+        let mut out = super::output_buffer(batch * tokens * width);
         if tokens <= SHORT && keys <= SHORT {
             self.short(q, k, v, &mut out, dm);
         } else {

@@ -199,7 +199,9 @@ impl ConvOp {
         if wcin != cin {
             bail!("t2v conv: weight {:?} doesn't fit input {:?}", wl.shape(), xl.shape());
         }
-        let mut out = vec![0f32; n * cout * h * wd];
+        // both kernels write every output pixel (Winograd tiles cover the plane; the 1×1 GEMM
+        // starts from the bias or overwrites)
+        let mut out = super::output_buffer(n * cout * h * wd);
         match self.kind {
             Kind::Wino3x3 => {
                 if kh != 3 || kw != 3 || !has_avx2_fma() {
@@ -260,7 +262,8 @@ impl TemporalOp {
         if wcin != cin || k != 3 {
             bail!("t2v temporal conv: weight {:?} doesn't fit input {:?}", wl.shape(), xl.shape());
         }
-        let mut out = vec![0f32; b * cout * f * h * wd];
+        // every frame of every channel starts from the bias or is overwritten by a first GEMM
+        let mut out = super::output_buffer(b * cout * f * h * wd);
         let wino = match self.algo {
             TemporalAlgo::Auto => f >= 3 && b * f * h * wd >= 2048,
             TemporalAlgo::Direct => false,

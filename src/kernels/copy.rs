@@ -21,7 +21,8 @@ impl CustomOp1 for Contiguous {
         let rank = dims.len();
         let inner = dims[rank - 1];
         let inner_stride = strides[rank - 1];
-        let mut out = vec![0f32; layout.shape().elem_count()];
+        // every element is copied in
+        let mut out = super::output_buffer(layout.shape().elem_count());
         if inner == 0 {
             return Ok((CpuStorage::F32(out), layout.shape().clone()));
         }

@@ -49,7 +49,8 @@ impl CustomOp1 for GegluOp {
         let mut dims = layout.shape().dims().to_vec();
         let width = *dims.last().unwrap();
         let half = width / 2;
-        let mut out = vec![0f32; h.len() / 2];
+        // every element is written (vectors, then the scalar remainder)
+        let mut out = super::output_buffer(h.len() / 2);
         out.par_chunks_mut(half).zip(h.par_chunks(width)).for_each(|(o, row)| {
             let (value, gate) = row.split_at(half);
             let done = geglu_vectors(o, value, gate);

@@ -116,7 +116,8 @@ impl CustomOp3 for GroupNormOp {
         let spatial: usize = dims[2..].iter().product();
         let channels_per_group = c / self.groups;
         let block = channels_per_group * spatial;
-        let mut out = vec![0f32; x.len()];
+        // every channel of every group is normalised into it
+        let mut out = super::output_buffer(x.len());
         out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(i, (out, x))| {
             let group = i % self.groups;
             // Two passes (mean, then squared deviations): no cancellation when |mean| ≫ std.

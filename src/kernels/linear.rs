@@ -35,7 +35,8 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     }
     // The weight is packed (and float16 widened) once per call, on both cores.
     let packed = PackedB::from_transposed(w, n, k, true);
-    let mut out = vec![0f32; m * n];
+    // the GEMM overwrites (or starts from the bias in) every tile
+    let mut out = super::output_buffer(m * n);
     let init = bias.map_or(Init::Overwrite, Init::Bias);
     // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `available()` was checked
     // by `linear` before this op was applied.
