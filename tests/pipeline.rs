@@ -77,3 +77,20 @@ fn cancel_stops_after_the_step() {
     assert!(matches!(result, Err(t2v::Error::Cancelled)), "{result:?}");
     assert_eq!(seen, 2);
 }
+
+#[test]
+fn devices_are_chosen_by_name() {
+    use t2v::pipeline::select_device;
+    assert!(select_device("cpu").unwrap().is_cpu());
+    assert!(select_device(" CPU ").unwrap().is_cpu());
+    // Without a GPU build (or a GPU), auto is the CPU.
+    if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
+        assert!(select_device("auto").unwrap().is_cpu());
+        let err = select_device("metal").unwrap_err().to_string();
+        assert!(err.contains("--features metal"), "{err}");
+    }
+    let err = select_device("gpu").unwrap_err().to_string();
+    assert!(err.contains("unknown device `gpu`"), "{err}");
+    let err = select_device("cuda:one").unwrap_err().to_string();
+    assert!(err.contains("whole number"), "{err}");
+}
