@@ -455,16 +455,20 @@ fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], b: us
     let mut u = vec![0f32; 6 * cout * cin];
     {
         let uptr = SendPtr(u.as_mut_ptr());
-        (0..cout).into_par_iter().for_each(|co| {
-            let mut g = [0f32; 3];
-            for ci in 0..cin {
-                let base = (co * cin + ci) * 3;
-                for (k, gk) in g.iter_mut().enumerate() {
-                    *gk = match w {
-                        Src::F32(s) => s[base + k],
-                        Src::F16(s) => s[base + k].to_f32(),
-                    };
+        (0..cout).into_par_iter().for_each_init(Vec::new, |row, co| {
+            // this output channel's 3·cin taps as float32 (one vectorised widening)
+            let taps = 3 * cin;
+            let row: &[f32] = match w {
+                Src::F32(s) => &s[co * taps..(co + 1) * taps],
+                Src::F16(s) => {
+                    use half::slice::HalfFloatSliceExt;
+                    row.resize(taps, 0.0);
+                    s[co * taps..(co + 1) * taps].convert_to_f32_slice(row);
+                    row
                 }
+            };
+            for ci in 0..cin {
+                let g = &row[3 * ci..3 * ci + 3];
                 let t = g3to6(g[0], g[1], g[2]);
                 for (xi, &tv) in t.iter().enumerate() {
                     unsafe { *uptr.get().add((xi * cout + co) * cin + ci) = tv };
