@@ -159,6 +159,7 @@ fn bad_input_fails_before_model_work() {
         (&["--device", "cuda:x"], "the device number must be a whole number"),
         #[cfg(not(feature = "cuda"))]
         (&["--device", "cuda"], "built without cuda support: rebuild it with `cargo build --release --features cuda`"),
+        (&["--device", "cpu", "--dtype", "bf16"], "--dtype bf16 needs a GPU"),
     ];
     for (extra, expected) in cases {
         let o = base(extra);
