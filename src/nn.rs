@@ -226,10 +226,11 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> candle_core::Result<Tensor> {
     let (batch, tokens, width) = q.dims3()?;
     let keys = k.dim(1)?;
-    let kind = if tokens <= crate::kernels::attention::SHORT && keys <= crate::kernels::attention::SHORT {
-        "attention (short)"
-    } else if keys == 77 {
+    // (profile labels: cross-attention attends to another sequence than its queries')
+    let kind = if keys != tokens {
         "attention (cross)"
+    } else if tokens <= crate::kernels::attention::SHORT {
+        "attention (short)"
     } else {
         "attention (long)"
     };
