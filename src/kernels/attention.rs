@@ -242,12 +242,7 @@ impl CustomOp3 for MultiHeadAttention {
     }
 
     fn cpu_fwd(&self, q: &CpuStorage, lq: &Layout, k: &CpuStorage, lk: &Layout, v: &CpuStorage, lv: &Layout) -> Result<(CpuStorage, Shape)> {
-        let get = |s: &'_ CpuStorage, l: &Layout| -> Result<std::ops::Range<usize>> {
-            let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("attention needs contiguous inputs") };
-            let _ = s.as_slice::<f32>()?;
-            Ok(a..b)
-        };
-        let (q, k, v) = (&q.as_slice::<f32>()?[get(q, lq)?], &k.as_slice::<f32>()?[get(k, lk)?], &v.as_slice::<f32>()?[get(v, lv)?]);
+        let (q, k, v) = (super::f32_of(q, lq, "attention q")?, super::f32_of(k, lk, "attention k")?, super::f32_of(v, lv, "attention v")?);
         let (batch, tokens, width) = lq.shape().dims3()?;
         let keys = lk.shape().dims3()?.1;
         let dm = Dims { batch, tokens, keys, heads: self.heads, d: width / self.heads, repeat: self.repeat };

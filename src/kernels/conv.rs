@@ -25,6 +25,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use super::gemm::Src;
+use super::{f32_of, src_of};
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -163,28 +164,6 @@ fn fast_kind(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, 
     Ok(None)
 }
 
-fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("t2v conv: {what} is not contiguous"),
-    }
-}
-
-fn src_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Src<'a>> {
-    Ok(match s {
-        CpuStorage::F32(v) => Src::F32(contiguous_slice(v, l, what)?),
-        CpuStorage::F16(v) => Src::F16(contiguous_slice(v, l, what)?),
-        _ => bail!("t2v conv: {what} must be f32 or f16"),
-    })
-}
-
-fn f32_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => contiguous_slice(v, l, what),
-        _ => bail!("t2v conv: {what} must be f32"),
-    }
-}
-
 struct ConvOp {
     kind: Kind,
     has_bias: bool,
@@ -192,8 +171,8 @@ struct ConvOp {
 
 impl ConvOp {
     fn run(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<Vec<f32>>) -> Result<(CpuStorage, Shape)> {
-        let x = f32_of(xs, xl, "input")?;
-        let w = src_of(ws, wl, "weight")?;
+        let x = f32_of(xs, xl, "conv input")?;
+        let w = src_of(ws, wl, "conv weight")?;
         let (n, cin, h, wd) = xl.shape().dims4()?;
         let (cout, wcin, kh, kw) = wl.shape().dims4()?;
         if wcin != cin {
@@ -224,7 +203,7 @@ impl ConvOp {
 }
 
 fn bias_vec(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    Ok(src_of(s, l, "bias")?.to_f32_vec())
+    Ok(src_of(s, l, "conv bias")?.to_f32_vec())
 }
 
 impl CustomOp2 for ConvOp {
@@ -255,8 +234,8 @@ struct TemporalOp {
 
 impl TemporalOp {
     fn run(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<Vec<f32>>) -> Result<(CpuStorage, Shape)> {
-        let x = f32_of(xs, xl, "input")?;
-        let w = src_of(ws, wl, "weight")?;
+        let x = f32_of(xs, xl, "conv input")?;
+        let w = src_of(ws, wl, "conv weight")?;
         let (b, cin, f, h, wd) = xl.shape().dims5()?;
         let (cout, wcin, k) = wl.shape().dims3()?;
         if wcin != cin || k != 3 {

@@ -4,30 +4,13 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::{self, Init, PackedB, Src};
+use super::gemm::{self, Init, PackedB};
 
 struct LinearOp;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Option<&'a [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("linear needs contiguous inputs") };
-    Ok(match s {
-        CpuStorage::F32(v) => Some(&v[a..b]),
-        _ => None,
-    })
-}
-
-fn weight_src<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Src<'a>> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("linear needs a contiguous weight") };
-    Ok(match s {
-        CpuStorage::F32(v) => Src::F32(&v[a..b]),
-        CpuStorage::F16(v) => Src::F16(&v[a..b]),
-        _ => candle_core::bail!("linear: unsupported weight dtype"),
-    })
-}
-
 fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-    let x = slice(x, lx)?.ok_or_else(|| candle_core::Error::Msg("linear: input must be f32".into()))?;
-    let w = weight_src(w, lw)?;
+    let x = super::f32_of(x, lx, "linear input")?;
+    let w = super::src_of(w, lw, "linear weight")?;
     let (m, k) = lx.shape().dims2()?;
     let (n, k2) = lw.shape().dims2()?;
     if k != k2 {
@@ -68,7 +51,7 @@ impl CustomOp3 for LinearOp {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let b = slice(b, lb)?.ok_or_else(|| candle_core::Error::Msg("linear: bias must be f32".into()))?;
+        let b = super::f32_of(b, lb, "linear bias")?;
         run(x, lx, w, lw, Some(b))
     }
 }

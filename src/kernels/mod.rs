@@ -33,6 +33,26 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// The contiguous float32 data of a custom op's operand (`what` names it in errors).
+pub(crate) fn f32_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (candle_core::CpuStorage::F32(_), None) => candle_core::bail!("{what} is not contiguous"),
+        _ => candle_core::bail!("{what} must be f32"),
+    }
+}
+
+/// The contiguous float32 or float16 data of a custom op's operand (a weight that may stay
+/// float16 in memory).
+pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<gemm::Src<'a>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what} is not contiguous") };
+    Ok(match s {
+        candle_core::CpuStorage::F32(v) => gemm::Src::F32(&v[a..b]),
+        candle_core::CpuStorage::F16(v) => gemm::Src::F16(&v[a..b]),
+        _ => candle_core::bail!("{what} must be f32 or f16"),
+    })
+}
+
 pub mod add;
 pub mod attention;
 pub mod conv;
