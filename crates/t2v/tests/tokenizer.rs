@@ -8,7 +8,7 @@ use t2v::tokenizer::ClipTokenizer;
 
 /// Where the reference fixtures live (`tokenizer_cases.json`, `tiny-t2v/`).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
 fn tokenizer_dir() -> PathBuf {

@@ -10,7 +10,12 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// The published 1.7B checkpoint's configuration (no weights), kept with the library for `t2v bench`.
+pub fn full_config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join("full-1.7b")
 }
 
 pub fn model_dir(name: &str) -> PathBuf {

@@ -43,7 +43,7 @@ fn unet_weights(root: &Path) -> PathBuf {
 
 #[test]
 fn published_configuration_loads() {
-    let root = model_dir("full-1.7b-config");
+    let root = full_config_dir();
     let folder = ModelFolder::open(&root).unwrap();
     let unet: unet3d::Config = folder.config("unet", "config.json").unwrap();
     unet.validate().unwrap();

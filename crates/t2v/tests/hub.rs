@@ -17,7 +17,7 @@ use t2v::error::Error;
 use t2v::hub::{resolve_model, select_files, HubOptions, RepoSpec, DEFAULT_MODEL};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
 fn tiny() -> PathBuf {

@@ -16,10 +16,10 @@ use crate::unet3d::{self, UNet3DConditionModel};
 use crate::vae::{self, Vae};
 
 /// The published checkpoint's configuration (`damo-vilab/text-to-video-ms-1.7b`), as diffusers
-/// writes it; the same files as `tests/fixtures/full-1.7b-config/`.
-pub const UNET_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/unet/config.json");
-pub const TEXT_ENCODER_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/text_encoder/config.json");
-pub const VAE_CONFIG: &str = include_str!("../tests/fixtures/full-1.7b-config/vae/config.json");
+/// writes it; the same files as `configs/full-1.7b/`.
+pub const UNET_CONFIG: &str = include_str!("../configs/full-1.7b/unet/config.json");
+pub const TEXT_ENCODER_CONFIG: &str = include_str!("../configs/full-1.7b/text_encoder/config.json");
+pub const VAE_CONFIG: &str = include_str!("../configs/full-1.7b/vae/config.json");
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -10,7 +10,7 @@ use t2v::error::Error;
 use t2v::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
 const PAIRS: &[(&str, &str)] = &[

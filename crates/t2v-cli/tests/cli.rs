@@ -2,6 +2,7 @@
 //! `.npy` files, bad input fails before any model work with a message that says what to do,
 //! and `t2v tokenize` prints the reference ids.
 
+#[path = "../../t2v/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

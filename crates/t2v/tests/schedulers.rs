@@ -189,7 +189,8 @@ fn full_trajectories_match_reference() {
 fn published_config_defaults_differ_per_scheduler() {
     // The published 1.7B config has no `timestep_spacing`: DDIM takes its default `leading`,
     // DPM-Solver its default `linspace` (as diffusers' `from_config(ddim.config)`).
-    let (json, path) = scheduler_config("full-1.7b-config");
+    let path = common::full_config_dir().join("scheduler").join("scheduler_config.json");
+    let json = load_scheduler_config(&path).unwrap();
     let ddim = DdimConfig::from_json(&json, &path).unwrap();
     let dpm = DpmSolverConfig::from_json(&json, &path).unwrap();
     assert_eq!(ddim.timestep_spacing, TimestepSpacing::Leading);
