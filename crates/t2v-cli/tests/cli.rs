@@ -19,11 +19,11 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("t2v-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder, removed when the returned guard drops.
+fn temp_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new().prefix("t2v-cli-").tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    (tmp, dir)
 }
 
 /// Reads a little-endian float32 `.npy` file as numpy writes and reads it.
@@ -74,7 +74,7 @@ fn run_args(run: &serde_json::Value) -> Vec<String> {
 }
 
 fn check_cli_runs(model: &str) {
-    let dir = temp_dir(model);
+    let (_tmp_dir, dir) = temp_dir();
     let refs = reference(model);
     for (i, run) in reference_json(model)["runs"].as_array().unwrap().iter().enumerate() {
         let out = dir.join(format!("run{i}.npy"));
@@ -101,7 +101,7 @@ fn generate_reproduces_small_runs() {
 
 #[test]
 fn generate_without_seed_prints_the_seed() {
-    let dir = temp_dir("noseed");
+    let (_tmp_dir, dir) = temp_dir();
     let out = dir.join("v.npy");
     let model = model_dir("tiny-t2v");
     let o = t2v(&[
@@ -115,8 +115,8 @@ fn generate_without_seed_prints_the_seed() {
 
 /// A checkpoint with configs but no weights: a setting error must be reported from the configs
 /// alone, before any weights are needed.
-fn configs_only_model() -> PathBuf {
-    let dir = temp_dir("configs-only");
+fn configs_only_model() -> (tempfile::TempDir, PathBuf) {
+    let (tmp, dir) = temp_dir();
     for entry in walk(&model_dir("small-t2v")) {
         let rel = entry.strip_prefix(model_dir("small-t2v")).unwrap();
         let name = rel.to_string_lossy();
@@ -127,7 +127,7 @@ fn configs_only_model() -> PathBuf {
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         std::fs::copy(&entry, dest).unwrap();
     }
-    dir
+    (tmp, dir)
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -141,8 +141,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn bad_input_fails_before_model_work() {
-    let model = configs_only_model();
-    let out_dir = temp_dir("bad-input");
+    let (_tmp_model, model) = configs_only_model();
+    let (_tmp_out_dir, out_dir) = temp_dir();
     let out = out_dir.join("v.npy");
     let base = |extra: &[&str]| -> Output {
         let mut args = vec!["generate", "a cat", "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
@@ -180,7 +180,7 @@ fn bad_input_fails_before_model_work() {
 
 #[test]
 fn existing_output_is_not_overwritten() {
-    let dir = temp_dir("exists");
+    let (_tmp_dir, dir) = temp_dir();
     let out = dir.join("v.npy");
     std::fs::write(&out, b"keep me").unwrap();
     let model = model_dir("tiny-t2v");
@@ -261,7 +261,7 @@ fn mp4_luma_psnr(frames: &Tensor, mp4: &Path) -> f64 {
 
 #[test]
 fn mp4_carries_its_settings_and_repeats_the_run() {
-    let dir = temp_dir("mp4");
+    let (_tmp_dir, dir) = temp_dir();
     let model = model_dir("small-t2v");
     let mp4 = dir.join("corgi.mp4");
     let o = t2v(&[
@@ -271,7 +271,7 @@ fn mp4_carries_its_settings_and_repeats_the_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).is_empty(), "-q prints nothing: {}", stderr(&o));
     // The settings beside the video and inside it.
-    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("corgi.json")).unwrap()).unwrap();
+    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("corgi.mp4.json")).unwrap()).unwrap();
     assert_eq!(settings["prompt"], "a corgi");
     assert_eq!(settings["negative_prompt"], "blurry");
     assert_eq!((settings["seed"].as_u64(), settings["steps"].as_u64(), settings["num_frames"].as_u64()), (Some(5), Some(2), Some(8)));
@@ -285,7 +285,7 @@ fn mp4_carries_its_settings_and_repeats_the_run() {
     let o = t2v(&["generate", "--from", mp4.to_str().unwrap(), "-o", a.to_str().unwrap(), "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let b = dir.join("again-json.npy");
-    let o = t2v(&["generate", "--from", dir.join("corgi.json").to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]);
+    let o = t2v(&["generate", "--from", dir.join("corgi.mp4.json").to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (fa, fb) = (read_npy(&a), read_npy(&b));
     assert_eq!(fa.dims(), &[8, 64, 64, 3]);
@@ -319,7 +319,7 @@ fn mp4_carries_its_settings_and_repeats_the_run() {
 
 #[test]
 fn several_videos_and_prompt_files_load_the_model_once() {
-    let dir = temp_dir("many");
+    let (_tmp_dir, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     let prompts = dir.join("prompts.txt");
     std::fs::write(&prompts, "a cat\n\n# skipped\na dog surfing\n").unwrap();
@@ -335,7 +335,7 @@ fn several_videos_and_prompt_files_load_the_model_once() {
     let videos = summary["videos"].as_array().unwrap();
     let got: Vec<(String, u64, String)> = videos
         .iter()
-        .map(|v| (v["settings"]["prompt"].as_str().unwrap().into(), v["settings"]["seed"].as_u64().unwrap(), v["output"].as_str().unwrap().into()))
+        .map(|v| (v["settings"]["prompt"].as_str().unwrap().into(), v["settings"]["seed"].as_u64().unwrap(), v["outputs"][0]["output"].as_str().unwrap().into()))
         .collect();
     let name = |n: usize| dir.join(format!("v-{n}.gif")).display().to_string();
     assert_eq!(
@@ -343,16 +343,16 @@ fn several_videos_and_prompt_files_load_the_model_once() {
         [("a cat".into(), 10, name(1)), ("a cat".into(), 11, name(2)), ("a dog surfing".into(), 10, name(3)), ("a dog surfing".into(), 11, name(4))]
     );
     for v in videos {
-        let path = PathBuf::from(v["output"].as_str().unwrap());
+        let path = PathBuf::from(v["outputs"][0]["output"].as_str().unwrap());
         assert_eq!(&std::fs::read(&path).unwrap()[..6], b"GIF89a");
-        assert!(PathBuf::from(v["settings_file"].as_str().unwrap()).exists());
+        assert!(PathBuf::from(v["outputs"][0]["settings_file"].as_str().unwrap()).exists());
         assert!(v["denoising_s"].as_f64().unwrap() > 0.0);
     }
 }
 
 #[test]
 fn default_output_goes_to_outputs_with_a_unique_name() {
-    let dir = temp_dir("default-out");
+    let (_tmp_dir, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     for _ in 0..2 {
         let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
@@ -365,13 +365,14 @@ fn default_output_goes_to_outputs_with_a_unique_name() {
     let mut names: Vec<String> =
         std::fs::read_dir(dir.join("outputs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, ["a-cat-surfing-3-1.json", "a-cat-surfing-3-1.mp4", "a-cat-surfing-3.json", "a-cat-surfing-3.mp4"]);
+    assert_eq!(names, ["a-cat-surfing-3-1.mp4", "a-cat-surfing-3-1.mp4.json", "a-cat-surfing-3.mp4", "a-cat-surfing-3.mp4.json"]);
 }
 
 /// A Hugging Face cache holding the tiny model as `damo-vilab/text-to-video-ms-1.7b`, laid out as
 /// the hub client lays it out: blobs, a snapshot of relative links, refs/main.
-fn hub_cache_with_tiny_model() -> PathBuf {
-    let cache = temp_dir("hf-cache").join("hub");
+fn hub_cache_with_tiny_model() -> (tempfile::TempDir, PathBuf) {
+    let (tmp, cache) = temp_dir();
+    let cache = cache.join("hub");
     let repo = cache.join("models--damo-vilab--text-to-video-ms-1.7b");
     let commit = "0123456789abcdef0123456789abcdef01234567";
     let snapshot = repo.join("snapshots").join(commit);
@@ -391,13 +392,13 @@ fn hub_cache_with_tiny_model() -> PathBuf {
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    cache
+    (tmp, cache)
 }
 
 #[test]
 fn model_by_repo_id_from_the_hub_cache_offline() {
-    let cache = hub_cache_with_tiny_model();
-    let dir = temp_dir("hub-run");
+    let (_tmp_cache, cache) = hub_cache_with_tiny_model();
+    let (_tmp_dir, dir) = temp_dir();
     let out = dir.join("v.npy");
     let run = |extra: &[&str]| {
         let mut args = vec!["generate", "a cat", "--seed", "3", "--steps", "1", "-f", "2", "-q", "--overwrite", "-o", out.to_str().unwrap()];
@@ -418,4 +419,45 @@ fn model_by_repo_id_from_the_hub_cache_offline() {
     let o = run(&["--model", "cerspense/zeroscope_v2_576w"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not in the Hugging Face cache") && stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+}
+
+#[test]
+fn several_formats_from_one_run_and_no_settings_collide() {
+    let (_tmp, dir) = temp_dir();
+    let model = model_dir("tiny-t2v");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
+            "--height", "16", "--width", "16", "--seed", "3", "-q"];
+        args.extend_from_slice(extra);
+        t2v(&args)
+    };
+    // One run, two formats from --format: v.mp4 and v.gif, each with its own settings.
+    let v = dir.join("v.mp4");
+    let o = run(&["-o", v.to_str().unwrap(), "--format", "mp4,gif"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["v.mp4", "v.mp4.json", "v.gif", "v.gif.json"] {
+        assert!(dir.join(name).is_file(), "{name} written");
+    }
+    // --output given twice: an npy and a PNG folder of the same frames.
+    let (npy, png) = (dir.join("w.npy"), dir.join("w-frames"));
+    let o = run(&["-o", npy.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_npy(&npy).dims(), &[2, 16, 16, 3]);
+    assert!(png.join("frame_0001.png").is_file() && dir.join("w-frames.json").is_file());
+    // A second run to another format of the same name does not touch the first run's settings.
+    let first = std::fs::read(dir.join("v.mp4.json")).unwrap();
+    let x = dir.join("x.mp4");
+    let o = run(&["-o", x.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t2v(&["generate", "a dog", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
+        "--height", "16", "--width", "16", "--seed", "4", "-q", "-o", dir.join("x.gif").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let x_settings: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("x.mp4.json")).unwrap()).unwrap();
+    assert_eq!(x_settings["prompt"], "a cat", "the MP4's settings still describe the MP4");
+    assert_eq!(std::fs::read(dir.join("v.mp4.json")).unwrap(), first);
+    // A format that contradicts the extension is refused before any work.
+    let o = run(&["-o", dir.join("y.mp4").to_str().unwrap(), "--format", "gif"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--format"), "{}", stderr(&o));
+    assert!(!dir.join("y.mp4").exists());
 }

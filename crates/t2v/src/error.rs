@@ -56,6 +56,9 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
+    #[error("{path} exists: choose another output path, or allow replacing it")]
+    OutputExists { path: PathBuf },
+
     #[error("generation cancelled")]
     Cancelled,
 

@@ -15,7 +15,6 @@ pub mod noise;
 pub mod pipeline;
 pub mod pth;
 pub mod schedulers;
-pub mod settings;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet3d;

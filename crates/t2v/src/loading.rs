@@ -27,6 +27,37 @@ pub enum WeightsVariant {
     Full,
 }
 
+impl WeightsVariant {
+    /// The name that [`FromStr`](std::str::FromStr) reads back: `auto`, `fp16` or `full`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightsVariant::Auto => "auto",
+            WeightsVariant::Fp16 => "fp16",
+            WeightsVariant::Full => "full",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightsVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightsVariant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(WeightsVariant::Auto),
+            "fp16" => Ok(WeightsVariant::Fp16),
+            "full" | "fp32" => Ok(WeightsVariant::Full),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown weights variant `{other}`: use auto, fp16 or full"
+            ))),
+        }
+    }
+}
+
 /// The classes t2v knows, per component, as `model_index.json` names them.
 const SUPPORTED_CLASSES: &[(&str, &[&str])] = &[
     ("text_encoder", &["CLIPTextModel"]),

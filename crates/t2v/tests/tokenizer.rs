@@ -24,11 +24,9 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// A fresh copy of the fixture tokenizer folder, to edit.
-fn temp_copy(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("t2v-tokenizer-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn temp_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new().prefix(&format!("t2v-tokenizer-test-{name}-")).tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     for f in [
         "vocab.json",
         "merges.txt",
@@ -37,7 +35,7 @@ fn temp_copy(name: &str) -> PathBuf {
     ] {
         std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
     }
-    dir
+    (tmp, dir)
 }
 
 #[test]
@@ -125,7 +123,7 @@ fn decode_round_trip() {
 
 #[test]
 fn pad_falls_back_to_tokenizer_config() {
-    let dir = temp_copy("pad-fallback");
+    let (_tmp, dir) = temp_copy("pad-fallback");
     let map_path = dir.join("special_tokens_map.json");
     let mut map: Value =
         serde_json::from_str(&std::fs::read_to_string(&map_path).unwrap()).unwrap();
@@ -151,7 +149,7 @@ fn pad_falls_back_to_tokenizer_config() {
 
 #[test]
 fn max_length_fallback() {
-    let dir = temp_copy("max-length");
+    let (_tmp, dir) = temp_copy("max-length");
     let cfg_path = dir.join("tokenizer_config.json");
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -171,7 +169,7 @@ fn max_length_fallback() {
 
 #[test]
 fn missing_vocab_is_reported() {
-    let dir = temp_copy("missing-vocab");
+    let (_tmp, dir) = temp_copy("missing-vocab");
     std::fs::remove_file(dir.join("vocab.json")).unwrap();
     let err = ClipTokenizer::from_folder(&dir).unwrap_err();
     assert!(

@@ -13,33 +13,25 @@ use t2v::video::{
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh, empty folder for one test (removed when dropped).
-struct TmpDir(PathBuf);
+/// A fresh, empty folder for one test (removed when dropped; kept with T2V_KEEP_TEST_FILES set).
+struct TmpDir(tempfile::TempDir);
 impl TmpDir {
     fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("t2v-video-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
+        let dir = tempfile::Builder::new().prefix(&format!("t2v-video-test-{name}-")).tempdir().unwrap();
+        let dir = if std::env::var_os("T2V_KEEP_TEST_FILES").is_some() { dir.disable_cleanup(true); dir } else { dir };
+        TmpDir(dir)
     }
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
     /// Names of everything in the folder, sorted.
     fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+        let mut v: Vec<String> = std::fs::read_dir(self.0.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
         v
-    }
-}
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if std::env::var_os("T2V_KEEP_TEST_FILES").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 

@@ -79,6 +79,22 @@ impl std::str::FromStr for SchedulerKind {
     }
 }
 
+impl SchedulerKind {
+    /// The short name that [`SchedulerKind::parse`] reads back: `ddim` or `dpm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::DpmSolverMultistep => "dpm",
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A noise source: given a shape, returns standard normal noise of that shape (f32).
 /// The pipeline passes a closure drawing from its seeded generator.
 pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;

@@ -1,89 +1,136 @@
-//! Atomic output: write to a hidden sibling, rename at the end, remove it on any error.
+//! Outputs appear whole or not at all: each is written to a hidden temporary sibling (a
+//! `tempfile`), then published by a rename that, unless asked to replace, refuses an existing path
+//! at the moment of the rename itself (no window between a check and the write).
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use tempfile::{NamedTempFile, TempDir};
 
 use crate::error::{Error, Result};
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Marks a temporary output's name; the process id after it lets a later run tell stale
+/// temporaries of dead processes from those of a run in progress.
+pub const PARTIAL_TAG: &str = "partial";
 
-/// `DIR/.NAME.<tag>-PID-N` next to `path` (same folder, so the final rename is atomic).
-fn sibling(path: &Path, tag: &str) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "output path {} does not name a file or folder",
-            path.display()
-        ))
-    })?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Ok(parent.join(format!(
-        ".{}.{tag}-{}-{n}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
-/// Removes the temporary path on drop unless disarmed.
-struct TempGuard {
+/// An output written in full under a temporary name, not yet visible under its own.
+/// Dropping it removes the temporary.
+#[derive(Debug)]
+pub struct Staged {
     path: PathBuf,
-    dir: bool,
-    armed: bool,
+    temp: Temp,
 }
 
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = if self.dir {
-                fs::remove_dir_all(&self.path)
-            } else {
-                fs::remove_file(&self.path)
-            };
+#[derive(Debug)]
+enum Temp {
+    File(NamedTempFile),
+    Dir(TempDir),
+}
+
+impl Staged {
+    /// Where the output will appear.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the temporary onto [`Staged::path`]. Without `overwrite` an existing path is
+    /// left as it is and an error returned; with it, a file is replaced, and a folder only if it
+    /// holds nothing but PNG frames that t2v writes.
+    pub fn publish(self, overwrite: bool) -> Result<()> {
+        let path = self.path;
+        match self.temp {
+            Temp::File(file) => {
+                if path.is_dir() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} is a folder: give a file name for this format",
+                        path.display()
+                    )));
+                }
+                let persisted = if overwrite { file.persist(&path) } else { file.persist_noclobber(&path) };
+                persisted.map(drop).map_err(|e| exists_or_io(&path, e.error))
+            }
+            Temp::Dir(dir) => {
+                if overwrite && check_replaceable_dir(&path)? {
+                    // Move the old folder aside, put the new one in place, then delete the old one.
+                    let old = tempfile::Builder::new()
+                        .prefix(&hidden_prefix(&path, "old")?)
+                        .tempdir_in(parent_of(&path))
+                        .map_err(|e| Error::io(&path, e))?;
+                    let old_path = old.path().join("frames");
+                    fs::rename(&path, &old_path).map_err(|e| Error::io(&path, e))?;
+                    if let Err(e) = fs::rename(dir.path(), &path) {
+                        let _ = fs::rename(&old_path, &path);
+                        return Err(Error::io(&path, e));
+                    }
+                    let _ = dir.keep();
+                    Ok(())
+                } else {
+                    // Claim the name with an empty folder (this fails if anything holds it), then
+                    // rename the finished folder onto it: POSIX replaces an empty folder atomically.
+                    fs::create_dir(&path).map_err(|e| exists_or_io(&path, e))?;
+                    if let Err(e) = fs::rename(dir.path(), &path) {
+                        let _ = fs::remove_dir(&path);
+                        return Err(Error::io(&path, e));
+                    }
+                    let _ = dir.keep();
+                    Ok(())
+                }
+            }
         }
     }
 }
 
-/// Writes a file atomically: `write` fills a buffered temporary file that is synced and renamed
-/// onto `path`. Errors name `path`.
-pub(crate) fn write_file(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
-) -> Result<()> {
-    let tmp = sibling(path, "partial")?;
-    let file = File::create(&tmp).map_err(|e| Error::io(path, e))?;
-    let mut guard = TempGuard {
-        path: tmp.clone(),
-        dir: false,
-        armed: true,
-    };
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    write(&mut w).map_err(|e| Error::io(path, e))?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| {
-        if path.is_dir() {
-            Error::InvalidArgument(format!(
-                "{} is a folder: give a file name for this format",
-                path.display()
-            ))
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    guard.armed = false;
-    Ok(())
+fn exists_or_io(path: &Path, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        Error::OutputExists { path: path.to_path_buf() }
+    } else {
+        Error::io(path, e)
+    }
 }
 
-/// True when `dir` holds only files named like `frame_NNNN.png` (what we write), or nothing.
-fn is_our_frame_folder(dir: &Path) -> io::Result<bool> {
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `.NAME.<tag>-PID-`: hidden, named after the output, and tagged with this process.
+fn hidden_prefix(path: &Path, tag: &str) -> Result<String> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::InvalidArgument(format!("output path {} does not name a file or folder", path.display()))
+    })?;
+    Ok(format!(".{}.{tag}-{}-", name.to_string_lossy(), std::process::id()))
+}
+
+/// Writes a file under a temporary name beside `path`: `write` fills it through a buffer; the
+/// data is synced to disk before [`Staged::publish`] can make it visible. Errors name `path`.
+pub fn stage_file(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>) -> Result<Staged> {
+    let file = tempfile::Builder::new()
+        .prefix(&hidden_prefix(path, PARTIAL_TAG)?)
+        .tempfile_in(parent_of(path))
+        .map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file.as_file());
+    write(&mut w).map_err(|e| Error::io(path, e))?;
+    w.flush().map_err(|e| Error::io(path, e))?;
+    drop(w);
+    file.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(Staged { path: path.to_path_buf(), temp: Temp::File(file) })
+}
+
+/// Writes a folder under a temporary name beside `path`: `write` fills it.
+pub fn stage_dir(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<Staged> {
+    let dir = tempfile::Builder::new()
+        .prefix(&hidden_prefix(path, PARTIAL_TAG)?)
+        .tempdir_in(parent_of(path))
+        .map_err(|e| Error::io(path, e))?;
+    write(dir.path())?;
+    Ok(Staged { path: path.to_path_buf(), temp: Temp::Dir(dir) })
+}
+
+/// True when `dir` holds only files named like `frame_NNNN.png` (what t2v writes), or nothing.
+fn is_frame_folder(dir: &Path) -> io::Result<bool> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -100,12 +147,14 @@ fn is_our_frame_folder(dir: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-fn check_replaceable_dir(path: &Path) -> Result<bool> {
+/// Whether `path` is a PNG frame folder that may be replaced (false: nothing is there); an
+/// error when something else is there.
+pub(crate) fn check_replaceable_dir(path: &Path) -> Result<bool> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(path, e)),
         Ok(m) if m.is_dir() => {
-            if is_our_frame_folder(path).map_err(|e| Error::io(path, e))? {
+            if is_frame_folder(path).map_err(|e| Error::io(path, e))? {
                 Ok(true)
             } else {
                 Err(Error::InvalidArgument(format!(
@@ -120,32 +169,4 @@ fn check_replaceable_dir(path: &Path) -> Result<bool> {
             path.display()
         ))),
     }
-}
-
-/// Writes a folder atomically: `write` fills a temporary sibling folder that is then renamed
-/// onto `path`. An existing `path` is replaced only if it holds nothing but `frame_NNNN.png`.
-pub(crate) fn write_dir(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    check_replaceable_dir(path)?;
-    let tmp = sibling(path, "partial")?;
-    fs::create_dir(&tmp).map_err(|e| Error::io(path, e))?;
-    let mut guard = TempGuard {
-        path: tmp.clone(),
-        dir: true,
-        armed: true,
-    };
-    write(&tmp)?;
-    if check_replaceable_dir(path)? {
-        // Move the old folder aside, put the new one in place, then delete the old one.
-        let old = sibling(path, "old")?;
-        fs::rename(path, &old).map_err(|e| Error::io(path, e))?;
-        if let Err(e) = fs::rename(&tmp, path) {
-            let _ = fs::rename(&old, path);
-            return Err(Error::io(path, e));
-        }
-        let _ = fs::remove_dir_all(&old);
-    } else {
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    }
-    guard.armed = false;
-    Ok(())
 }

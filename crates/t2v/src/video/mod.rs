@@ -20,6 +20,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub use atomic::{Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
 pub use mp4::{mp4_dimensions, mp4_top_level_boxes, read_mp4_metadata};
 pub use npy::npy_header;
@@ -49,11 +50,10 @@ impl VideoFormat {
     ];
 
     /// Picks the format from the output path: `.mp4`, `.gif`, `.npy` (case-insensitive), or a
-    /// path without an extension (or an existing directory) for a folder of PNG frames.
+    /// path without an extension (or ending in a slash, or an existing folder with another
+    /// extension) for a folder of PNG frames. A known extension decides even when a folder of
+    /// that name exists, so that a folder is never silently written as another format.
     pub fn from_path(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            return Ok(VideoFormat::PngFrames);
-        }
         // A trailing slash ("out/") means a folder.
         let s = path.as_os_str().to_string_lossy();
         if s.ends_with('/') || s.ends_with(std::path::MAIN_SEPARATOR) {
@@ -65,6 +65,7 @@ impl VideoFormat {
                 "mp4" | "m4v" => Ok(VideoFormat::Mp4),
                 "gif" => Ok(VideoFormat::Gif),
                 "npy" => Ok(VideoFormat::Npy),
+                _ if path.is_dir() => Ok(VideoFormat::PngFrames),
                 _ => Err(Error::InvalidArgument(format!(
                     "cannot tell the video format of {} from its extension `.{ext}`: use .mp4, .gif, \
                      .npy, or a path without an extension for a folder of PNG frames",
@@ -263,16 +264,9 @@ pub(crate) fn to_u8(v: f32) -> u8 {
     (v.clamp(0.0, 1.0) * 255.0).round() as u8
 }
 
-/// Writes `frames` to `path` in `format`. The file (or, for [`VideoFormat::PngFrames`], the
-/// folder) appears only once it is complete; on error nothing is left behind. The parent folder
-/// must exist. An existing file is replaced; an existing PNG folder is replaced only if it holds
-/// nothing but `frame_NNNN.png` files.
-pub fn write_video(
-    frames: &Frames,
-    format: VideoFormat,
-    path: &Path,
-    opts: &EncodeOptions,
-) -> Result<()> {
+/// Writes `frames` in `format` under a temporary name beside `path`; [`Staged::publish`] then
+/// makes it appear whole. On error, or when the [`Staged`] is dropped, nothing is left behind.
+pub fn stage_video(frames: &Frames, format: VideoFormat, path: &Path, opts: &EncodeOptions) -> Result<Staged> {
     frames.validate()?;
     if opts.fps == 0 {
         return Err(Error::InvalidArgument("fps must be at least 1".to_string()));
@@ -280,15 +274,27 @@ pub fn write_video(
     match format {
         VideoFormat::Mp4 => {
             let bytes = mp4::encode_mp4(frames, opts, path)?;
-            atomic::write_file(path, |w| w.write_all(&bytes))
+            atomic::stage_file(path, |w| w.write_all(&bytes))
         }
         VideoFormat::Gif => {
             gif::check(frames)?;
-            atomic::write_file(path, |w| gif::write_gif(frames, opts.fps, w))
+            atomic::stage_file(path, |w| gif::write_gif(frames, opts.fps, w))
         }
-        VideoFormat::Npy => atomic::write_file(path, |w| npy::write_npy(frames, w)),
-        VideoFormat::PngFrames => atomic::write_dir(path, |dir| png::write_png_frames(frames, dir)),
+        VideoFormat::Npy => atomic::stage_file(path, |w| npy::write_npy(frames, w)),
+        VideoFormat::PngFrames => {
+            // Refuse a folder holding other files before the frames are encoded.
+            atomic::check_replaceable_dir(path)?;
+            atomic::stage_dir(path, |dir| png::write_png_frames(frames, dir))
+        }
     }
+}
+
+/// Writes `frames` to `path` in `format`, replacing what is there. The file (or, for
+/// [`VideoFormat::PngFrames`], the folder) appears only once it is complete; on error nothing is
+/// left behind. The parent folder must exist. An existing PNG folder is replaced only if it holds
+/// nothing but `frame_NNNN.png` files.
+pub fn write_video(frames: &Frames, format: VideoFormat, path: &Path, opts: &EncodeOptions) -> Result<()> {
+    stage_video(frames, format, path, opts)?.publish(true)
 }
 
 /// [`write_video`] with the format picked by [`VideoFormat::from_path`].
@@ -298,13 +304,17 @@ pub fn write_video_auto(frames: &Frames, path: &Path, opts: &EncodeOptions) -> R
     Ok(format)
 }
 
-/// File name of PNG frame `i` in a [`VideoFormat::PngFrames`] folder.
-/// Writes `text` to `path` without ever leaving a partial file (temporary file, then rename).
-pub fn write_text(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    atomic::write_file(path, |w| w.write_all(text.as_bytes()))
+/// `text` under a temporary name beside `path`, to publish with [`Staged::publish`].
+pub fn stage_text(path: &Path, text: &str) -> Result<Staged> {
+    atomic::stage_file(path, |w| w.write_all(text.as_bytes()))
 }
 
+/// Writes `text` to `path`, replacing what is there, without ever leaving a partial file.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
+    stage_text(path, text)?.publish(true)
+}
+
+/// File name of PNG frame `i` in a [`VideoFormat::PngFrames`] folder.
 pub fn png_frame_name(i: usize) -> String {
     format!("frame_{i:04}.png")
 }

@@ -1,0 +1,72 @@
+//! `t2v bench`: the full-size model's speed and memory.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Number of frames.
+    #[arg(long, short = 'f', default_value_t = 16)]
+    frames: usize,
+    /// Frame height in pixels.
+    #[arg(long, default_value_t = 256)]
+    height: usize,
+    /// Frame width in pixels.
+    #[arg(long, default_value_t = 256)]
+    width: usize,
+    /// Guided UNet steps to time (the mean is reported).
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Keep weight matrices in float32 instead of float16 (as the published fp16 weights).
+    #[arg(long)]
+    float32_weights: bool,
+    /// Print the time spent per kind of layer after the run.
+    #[arg(long)]
+    profile: bool,
+    /// Print one JSON object (text_encode_s, unet_step_s, vae_decode_s, peak_rss_gib, ...) on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Where to run: cpu, cuda, cuda:N, metal, metal:N or auto (as `generate --device`).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let opts = t2v::bench::BenchOptions {
+        frames: args.frames,
+        height: args.height,
+        width: args.width,
+        steps: args.steps,
+        float16_weights: !args.float32_weights,
+        device: t2v::pipeline::select_device(&args.device)?,
+    };
+    t2v::nn::set_profiling(args.profile);
+    let started = Instant::now();
+    let report = t2v::bench::run(&opts, &mut |stage| {
+        eprintln!("[{:>7.1}s] {stage}", started.elapsed().as_secs_f64());
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let r = &report;
+        println!("{} frames of {}x{} on the {}, {} threads, {:.0}M parameters", r.frames, r.width, r.height, r.device, r.threads, r.params_m);
+        println!("text_encode_s      {:.3}", r.text_encode_s);
+        println!(
+            "unet_step_s        {:.3}   (guided step, batch 2; {:.0} GFLOP at {:.1} GFLOP/s)",
+            r.unet_step_s, r.unet_step_gflop, r.unet_gflops_per_s
+        );
+        println!("vae_decode_s       {:.3}", r.vae_decode_s);
+        println!("run_25_steps_s     {:.1}", r.run_25_steps_s);
+        println!("peak_rss_gib       {:.2}", r.peak_rss_gib);
+    }
+    if args.profile {
+        eprintln!("time per kind of layer (whole run):");
+        for p in t2v::nn::profile() {
+            let rate = if p.flops > 0 && p.seconds > 0.0 { format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9) } else { String::new() };
+            eprintln!("  {:<20} {:>9.2}s {:>7} calls {:>9.1} GFLOP{rate}", p.kind, p.seconds, p.calls, p.flops as f64 / 1e9);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! Progress on stderr: a spinner for loading and decoding, a bar for the denoising steps.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn spinner(msg: &str) -> ProgressBar {
+    let s = ProgressBar::new_spinner();
+    s.set_message(msg.to_string());
+    if std::io::stderr().is_terminal() {
+        s.enable_steady_tick(Duration::from_millis(120));
+    }
+    s
+}
+
+pub fn steps_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "denoising {bar:30.cyan/blue} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise} left]",
+        )
+        .expect("valid template")
+        .progress_chars("█▉▊▋▌▍▎▏ "),
+    );
+    bar
+}
