@@ -17,8 +17,8 @@ use t2v::video::{
 struct TmpDir(tempfile::TempDir);
 impl TmpDir {
     fn new(name: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix(&format!("t2v-video-test-{name}-")).tempdir().unwrap();
-        let dir = if std::env::var_os("T2V_KEEP_TEST_FILES").is_some() { dir.disable_cleanup(true); dir } else { dir };
+        let mut dir = tempfile::Builder::new().prefix(&format!("t2v-video-test-{name}-")).tempdir().unwrap();
+        dir.disable_cleanup(std::env::var_os("T2V_KEEP_TEST_FILES").is_some());
         TmpDir(dir)
     }
     fn path(&self, name: &str) -> PathBuf {
