@@ -50,7 +50,7 @@ fn group_norm_reads_non_contiguous_input() {
 
 #[test]
 fn attention_in_blocks_equals_one_block() {
-    use t2v::nn::attention_in_blocks;
+    use t2v::kernels::attention::attention_in_blocks;
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1f32, (6, 37, 8), &dev).unwrap();
     let k = Tensor::randn(0f32, 1f32, (6, 29, 8), &dev).unwrap();
@@ -174,7 +174,8 @@ fn packed_gemm_matches_float64_on_ragged_shapes() {
 
 #[test]
 fn multi_head_attention_in_place_matches_split_heads() {
-    use t2v::nn::{attention_in_blocks, repeat_interleave};
+    use t2v::kernels::attention::attention_in_blocks;
+    use t2v::nn::repeat_interleave;
     let dev = Device::Cpu;
     // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
     // frames, and the short temporal kind.

@@ -36,7 +36,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && a.is_contiguous()
         && b.is_contiguous()
     {
-        return crate::nn::timed("residual add", || a.apply_op2_no_bwd(b, &Add));
+        return a.apply_op2_no_bwd(b, &Add);
     }
     a + b
 }

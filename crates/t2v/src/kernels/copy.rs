@@ -52,7 +52,21 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if super::on_cpu(x.device()) && x.dtype() == DType::F32 && x.rank() > 0 {
-        return crate::nn::timed("layout copies", || x.apply_op1_no_bwd(&Contiguous));
+        return x.apply_op1_no_bwd(&Contiguous);
     }
     x.contiguous()
+}
+
+/// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor: each row `repeat`
+/// times in a row.
+pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> Result<Tensor> {
+    if repeat == 1 {
+        return Ok(xs.clone());
+    }
+    let dims = xs.dims();
+    let mut expanded = vec![dims[0], repeat];
+    expanded.extend_from_slice(&dims[1..]);
+    let mut flat = vec![dims[0] * repeat];
+    flat.extend_from_slice(&dims[1..]);
+    contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
 }
