@@ -5,7 +5,7 @@
 //!
 //! * Long sequences (the spatial attention over 1024 tokens, the cross-attention to 77 text
 //!   tokens, the VAE's attention): per (batch, head) the keys and values are packed once, then
-//!   blocks of query rows go through scores = q·kᵀ ([`super::gemm`]), a row softmax (max
+//!   blocks of query rows go through scores = q·kᵀ ([`super::packed_matmul`]), a row softmax (max
 //!   subtracted, vectorised `exp`) and out = p·v, with the score block small enough for L2. The
 //!   softmax is exact: each block holds every key of its rows.
 //! * Short sequences (the temporal attention across 16 frames, for every pixel and head: hundreds
@@ -17,7 +17,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{self, Init, PackedB, Src};
+use super::packed_matmul::{self, Init, PackedB};
+use super::{has_avx2_fma, SendPtr, Src};
 
 /// Sequences at most this long (queries and keys) take the loop kernel.
 pub const SHORT: usize = 64;
@@ -50,11 +51,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// The shapes of one call: `batch` query rows of `tokens` × `heads·d`; keys and values have
 /// `batch / repeat` rows of `keys` × `heads·d`.
 #[derive(Clone, Copy)]
@@ -79,7 +75,7 @@ impl MultiHeadAttention {
         let (t, hd) = (dm.tokens, dm.width());
         out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| {
             #[cfg(target_arch = "x86_64")]
-            if gemm::available() {
+            if has_avx2_fma() {
                 // SAFETY: AVX2 and FMA checked.
                 return unsafe { short_video_avx2(self.scale, q, k, v, out, dm, b) };
             }
@@ -95,14 +91,11 @@ impl MultiHeadAttention {
         // Enough tasks for every thread even when there is a single head (the VAE's attention):
         // query chunks of one head then pack its keys and values once each.
         let pairs = dm.batch * dm.heads;
-        let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(gemm::MR)).max(1);
+        let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(packed_matmul::MR)).max(1);
         let chunk_rows = t.div_ceil(chunks);
-        let rows_per_block = (SCORE_BLOCK / s).clamp(gemm::MR, t.max(gemm::MR));
+        let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
         let optr = SendPtr(out.as_mut_ptr());
         (0..pairs * chunks).into_par_iter().for_each(|task| {
-            // (the whole wrapper is captured, not its raw-pointer field, which is not Send)
-            #[allow(clippy::redundant_locals)]
-            let optr = optr;
             let (pair, chunk) = (task / chunks, task % chunks);
             let (b, h) = (pair / dm.heads, pair % dm.heads);
             let (r0, r1) = (chunk * chunk_rows, ((chunk + 1) * chunk_rows).min(t));
@@ -118,15 +111,15 @@ impl MultiHeadAttention {
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
                 let at = (b * t + r) * hd + h * d;
-                // SAFETY: `gemm::available()` was checked before this op ran; q and out hold
+                // SAFETY: `has_avx2_fma()` was checked before this op ran; q and out hold
                 // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
                 // writes columns [h·d, h·d + d) of these rows of `out`.
                 unsafe {
-                    gemm::gemm_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
+                    packed_matmul::matmul_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
                     for row in scores.chunks_mut(s).take(rows) {
                         softmax_row(row, self.scale);
                     }
-                    gemm::gemm_rows(rows, scores.as_ptr(), s, &values, optr.0.add(at), hd, Init::Overwrite);
+                    packed_matmul::matmul_rows(rows, scores.as_ptr(), s, &values, optr.get().add(at), hd, Init::Overwrite);
                 }
                 r += rows;
             }
@@ -175,7 +168,7 @@ unsafe fn short_video_avx2(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mu
 #[inline]
 fn softmax_row(row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if gemm::available() {
+    if has_avx2_fma() {
         // SAFETY: AVX2 and FMA checked.
         unsafe { simd::softmax_row(row, scale) };
         return;
@@ -278,7 +271,7 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, sc
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} don't fit {heads} heads and repeat {repeat}", q.dims(), k.dims(), v.dims());
     }
     let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if on_cpu && gemm::available() {
+    if on_cpu && has_avx2_fma() {
         let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
         let c = super::copy::contiguous;
         return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);

@@ -24,8 +24,7 @@
 
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use super::gemm::Src;
-use super::{f32_of, src_of};
+use super::{f32_of, src_of, threads, SendPtr, Src};
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -123,11 +122,6 @@ pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
     out.reshape((b, cout, f, h, w))
 }
 
-/// Whether this machine runs the Winograd kernel (AVX2, FMA and F16C, detected at run time).
-pub fn has_avx2_fma() -> bool {
-    super::gemm::available()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Dispatch and custom ops
 // ---------------------------------------------------------------------------------------------
@@ -155,7 +149,7 @@ fn fast_kind(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, 
             return Ok(None);
         }
     }
-    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && has_avx2_fma() {
+    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::has_avx2_fma() {
         return Ok(Some(Kind::Wino3x3));
     }
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
@@ -183,7 +177,7 @@ impl ConvOp {
         let mut out = super::output_buffer(n * cout * h * wd);
         match self.kind {
             Kind::Wino3x3 => {
-                if kh != 3 || kw != 3 || !has_avx2_fma() {
+                if kh != 3 || kw != 3 || !super::has_avx2_fma() {
                     bail!("t2v conv: winograd kernel needs a 3x3 kernel and AVX2+FMA");
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -281,21 +275,6 @@ impl CustomOp3 for TemporalOp {
 // ---------------------------------------------------------------------------------------------
 // GEMM-based kernels (1×1 convolution, temporal convolution)
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    #[inline(always)]
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-fn threads() -> usize {
-    rayon::current_num_threads().max(1)
-}
 
 /// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
 /// row stride rhs_rs)`; all columns of dst and rhs contiguous.
@@ -549,9 +528,9 @@ mod wino {
     use std::arch::x86_64::*;
 
     /// Output channels per micro-kernel panel (broadcast operand).
-    pub(super) use super::super::gemm::MR;
+    pub(super) use super::super::packed_matmul::MR;
     /// Tiles per micro-kernel panel (2 AVX vectors).
-    pub(super) use super::super::gemm::NR;
+    pub(super) use super::super::packed_matmul::NR;
     /// Input channels per accumulation block: partial sums over KC channels start from zero and
     /// are then added, which keeps the f32 error of long channel sums small.
     pub(super) const KC: usize = 128;
@@ -727,7 +706,7 @@ mod wino {
                     }
                     // after the transposes rows[q][m] holds flat index 8q + m = cl·9 + k, lane = r
                     for rq in rows.iter_mut() {
-                        super::super::gemm::transpose8(rq);
+                        super::super::packed_matmul::transpose8(rq);
                     }
                     let flat = rows.as_ptr() as *const __m256;
                     for cl in 0..8 {
@@ -946,7 +925,7 @@ mod wino {
                         for s in 0..sg {
                             let vp = v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
                             let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-                            super::super::gemm::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
+                            super::super::packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
                         }
                     }
                     kb += kl;

@@ -4,6 +4,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use half::f16;
+use rayon::prelude::*;
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Turns the CPU kernels of this module off (or back on): every operation then takes candle's
@@ -44,23 +47,104 @@ pub(crate) fn f32_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout
 
 /// The contiguous float32 or float16 data of a custom op's operand (a weight that may stay
 /// float16 in memory).
-pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<gemm::Src<'a>> {
+pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<Src<'a>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what} is not contiguous") };
     Ok(match s {
-        candle_core::CpuStorage::F32(v) => gemm::Src::F32(&v[a..b]),
-        candle_core::CpuStorage::F16(v) => gemm::Src::F16(&v[a..b]),
+        candle_core::CpuStorage::F32(v) => Src::F32(&v[a..b]),
+        candle_core::CpuStorage::F16(v) => Src::F16(&v[a..b]),
         _ => candle_core::bail!("{what} must be f32 or f16"),
     })
 }
+
+/// A contiguous float32 or float16 slice (weights may stay float16 in memory).
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl Src<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Src::F32(s) => s.len(),
+            Src::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Src::F32(s) => s[i],
+            Src::F16(s) => s[i].to_f32(),
+        }
+    }
+
+    /// The values as float32 (float16 widened with the CPU's conversion instructions, in
+    /// parallel for large weights).
+    pub fn to_f32_vec(self) -> Vec<f32> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Src::F32(s) => s.to_vec(),
+            Src::F16(s) => {
+                let mut out = vec![0f32; s.len()];
+                out.par_chunks_mut(1 << 16).zip(s.par_chunks(1 << 16)).for_each(|(d, h)| h.convert_to_f32_slice(d));
+                out
+            }
+        }
+    }
+}
+
+/// A raw output pointer shared by the tasks of a parallel loop, each of which writes its own
+/// disjoint part of the buffer (the parallel loops say which part).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the pointer is only dereferenced by tasks writing disjoint ranges of a buffer that
+// outlives the parallel loop.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper rather than
+    /// its raw-pointer field).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// rayon's threads (at least 1).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Whether the CPU has AVX2, FMA and F16C (detected once): the vectorised kernels need them, and
+/// take a scalar loop or candle's ops without.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 
 pub mod add;
 pub mod attention;
 pub mod conv;
 pub mod copy;
 pub mod geglu;
-pub mod gemm;
 pub mod group_norm;
 pub mod linear;
+pub mod packed_matmul;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vmath;
 
