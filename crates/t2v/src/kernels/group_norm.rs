@@ -147,7 +147,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
         candle_core::bail!("{c} channels do not split into {groups} groups");
     }
     if super::on_cpu(x.device()) && x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
-        let x = crate::kernels::copy::contiguous(x)?;
+        let x = super::copy::contiguous(x)?;
         return x.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu });
     }
     // Any other device or dtype: candle's own ops.

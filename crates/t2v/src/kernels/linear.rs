@@ -65,7 +65,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         && matches!(weight.dtype(), DType::F32 | DType::F16)
         && bias.is_none_or(|b| b.dtype() == DType::F32);
     if cpu_f32 {
-        let (x, w) = (crate::kernels::copy::contiguous(x)?, weight.contiguous()?);
+        let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
         return match bias {
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp),
             None => x.apply_op2_no_bwd(&w, &LinearOp),
