@@ -27,7 +27,7 @@ impl CustomOp2 for Add {
     }
 }
 
-/// `a + b` for tensors of one shape; both cores for contiguous float32 CPU tensors.
+/// `a + b` for tensors of one shape; on every thread for contiguous float32 CPU tensors.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if super::on_cpu(a.device())
         && a.dtype() == DType::F32

@@ -1,7 +1,7 @@
 //! Making a strided (permuted, narrowed) float32 tensor contiguous, in parallel. candle copies
 //! strided tensors on one thread; the UNet moves its activations between the per-frame layout
 //! (batch·frames, C, H, W) and the per-video one (batch, C, frames, H, W) dozens of times a
-//! step, so those copies are worth both cores.
+//! step, so those copies are worth spreading over every thread.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -46,7 +46,7 @@ impl CustomOp1 for Contiguous {
     }
 }
 
-/// `x.contiguous()`, copying float32 CPU tensors with both cores.
+/// `x.contiguous()`, copying float32 CPU tensors on every thread.
 pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() {
         return Ok(x.clone());

@@ -16,7 +16,7 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     if k != k2 {
         candle_core::bail!("linear: input width {k} ≠ weight width {k2}");
     }
-    // The weight is packed (and float16 widened) once per call, on both cores.
+    // The weight is packed (and float16 widened) once per call, on every thread.
     let packed = PackedB::from_transposed(w, n, k, true);
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);

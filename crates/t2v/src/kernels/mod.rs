@@ -1,6 +1,21 @@
 //! CPU kernels for the operations where candle's general ones cost the most time, each behind
 //! candle's custom-op interface and used only for contiguous float32 tensors on the CPU; every
 //! other device and dtype takes candle's standard ops, so the model code stays device-generic.
+//!
+//! Each public function chooses for itself: the CPU kernel where it applies, candle's ops
+//! otherwise, both within the fixtures' tolerances. The kernels are the bottom of the library: they
+//! use nothing of it but each other, and record no time (the layers of [`crate::nn`] do).
+
+pub mod add;
+pub mod attention;
+pub mod conv;
+pub mod copy;
+pub mod geglu;
+pub mod group_norm;
+pub mod linear;
+pub mod packed_matmul;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vmath;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -136,23 +151,11 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
-
-pub mod add;
-pub mod attention;
-pub mod conv;
-pub mod copy;
-pub mod geglu;
-pub mod group_norm;
-pub mod linear;
-pub mod packed_matmul;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod vmath;
-
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).
 ///
 /// A UNet step allocates and frees hundreds of activation buffers of 10–400 MB. glibc serves
 /// anything over 32 MB with a fresh `mmap` and unmaps it on free, so every such buffer is
-/// faulted in and zeroed by the kernel page by page again: a quarter of a step's time went to
+/// faulted in and zeroed by the kernel page by page again: a quarter of a step's time goes to
 /// system time (27 s of page faults in a 100 s benchmark). With large blocks served from the
 /// heap and the heap never trimmed, the buffers are reused; the peak resident memory is the
 /// same (measured 4.42 → 4.48 GiB at 16 frames). Returns whether the settings took effect.

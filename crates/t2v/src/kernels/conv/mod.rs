@@ -107,7 +107,8 @@ pub fn temporal_conv3_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, a
     temporal_conv3_fallback(&x.reshape((b, cin, f, h, w))?, &weight, bias)
 }
 
-/// What the main crate did before: candle's conv2d with a (3, 1) kernel over zero-padded frames.
+/// candle's own ops for [`temporal_conv3`] (what it falls back to): conv2d with a (3, 1) kernel over
+/// frames padded with a zero frame at each end, as torch's Conv3d pads.
 pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, c, f, h, w) = x.dims5()?;
     let cout = weight.dim(0)?;
