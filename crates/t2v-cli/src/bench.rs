@@ -42,7 +42,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         float16_weights: !args.float32_weights,
         device: t2v::pipeline::select_device(&args.device)?,
     };
-    t2v::nn::set_profiling(args.profile);
+    t2v::profile::set_enabled(args.profile);
     let started = Instant::now();
     let report = t2v::bench::run(&opts, &mut |stage| {
         eprintln!("[{:>7.1}s] {stage}", started.elapsed().as_secs_f64());
@@ -63,7 +63,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.profile {
         eprintln!("time per kind of layer (whole run):");
-        for p in t2v::nn::profile() {
+        for p in t2v::profile::report() {
             let rate = if p.flops > 0 && p.seconds > 0.0 { format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9) } else { String::new() };
             eprintln!("  {:<20} {:>9.2}s {:>7} calls {:>9.1} GFLOP{rate}", p.kind, p.seconds, p.calls, p.flops as f64 / 1e9);
         }

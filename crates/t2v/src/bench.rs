@@ -150,13 +150,13 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let mut step_flops = 0;
     for i in 0..opts.steps {
         progress(&format!("guided UNet step {}/{}", i + 1, opts.steps));
-        let before = crate::nn::flops();
+        let before = crate::profile::flops();
         let started = Instant::now();
         let out = unet.forward_shared_latents(&latents, (981 - 20 * i) as f64, &context)?;
         finish()?;
         drop(out);
         unet_steps_s.push(started.elapsed().as_secs_f64());
-        step_flops = crate::nn::flops() - before;
+        step_flops = crate::profile::flops() - before;
     }
     let unet_step_s = unet_steps_s.iter().sum::<f64>() / unet_steps_s.len() as f64;
 

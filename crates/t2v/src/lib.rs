@@ -13,6 +13,7 @@ pub mod loading;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
+pub mod profile;
 pub mod pth;
 pub mod schedulers;
 pub mod text_encoder;

@@ -2,80 +2,16 @@
 //! narrower dtype they are stored in (float16 checkpoints) and are widened to the compute dtype
 //! one layer at a time, as they are used: the same numbers as widening them all at load time,
 //! in half the memory.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! Each layer runs a CPU kernel of [`crate::kernels`] or candle's ops (the kernel chooses) and
+//! records its time and floating-point operations in [`crate::profile`]: here, and only here, so
+//! that the model code above and the kernels below count nothing themselves.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-/// Floating-point operations of the matrix products and convolutions run so far (2 per
-/// multiply-add, as torch's FLOP counter counts them): the benchmark's effective GFLOP/s.
-static FLOPS: AtomicU64 = AtomicU64::new(0);
-
-pub fn flops() -> u64 {
-    FLOPS.load(Ordering::Relaxed)
-}
-
-/// Counts `n` floating-point operations of a layer of kind `kind`.
-pub(crate) fn count_flops(kind: &'static str, n: usize) {
-    FLOPS.fetch_add(n as u64, Ordering::Relaxed);
-    if PROFILING.load(Ordering::Relaxed) {
-        if let Ok(mut p) = PROFILE.lock() {
-            entry(&mut p, kind).flops += n as u64;
-        }
-    }
-}
-
-/// Time spent per kind of layer, when profiling is on (the benchmark's `--profile`).
-static PROFILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-static PROFILE: std::sync::Mutex<Vec<LayerProfile>> = std::sync::Mutex::new(Vec::new());
-
-/// Where the time of one kind of layer went.
-#[derive(Debug, Clone)]
-pub struct LayerProfile {
-    pub kind: &'static str,
-    pub seconds: f64,
-    pub calls: u64,
-    /// Floating-point operations of its matrix products (0 for elementwise kinds).
-    pub flops: u64,
-}
-
-fn entry<'a>(p: &'a mut Vec<LayerProfile>, kind: &'static str) -> &'a mut LayerProfile {
-    match p.iter().position(|e| e.kind == kind) {
-        Some(i) => &mut p[i],
-        None => {
-            p.push(LayerProfile { kind, seconds: 0.0, calls: 0, flops: 0 });
-            p.last_mut().unwrap()
-        }
-    }
-}
-
-pub fn set_profiling(on: bool) {
-    PROFILING.store(on, Ordering::Relaxed);
-}
-
-/// Each kind of layer since profiling was turned on, slowest first.
-pub fn profile() -> Vec<LayerProfile> {
-    let mut p = PROFILE.lock().map(|p| p.clone()).unwrap_or_default();
-    p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    p
-}
-
-/// Runs `f`, adding its time to `kind` when profiling.
-pub(crate) fn timed<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
-    if !PROFILING.load(Ordering::Relaxed) {
-        return f();
-    }
-    let started = std::time::Instant::now();
-    let out = f();
-    let secs = started.elapsed().as_secs_f64();
-    if let Ok(mut p) = PROFILE.lock() {
-        let e = entry(&mut p, kind);
-        e.seconds += secs;
-        e.calls += 1;
-    }
-    out
-}
+use crate::kernels;
+use crate::profile::{count_flops, timed};
 
 /// Widens a narrow weight to `dtype` (a no-op when it already is).
 pub(crate) fn widen(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
@@ -110,7 +46,7 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dimension");
         // One matrix product over all leading dimensions, the bias added as it is written.
         let rows = x.elem_count() / in_dim;
-        let y = timed("linear", || crate::kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
+        let y = timed("linear", || kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
         count_flops("linear", 2 * rows * in_dim * y.dim(1)?);
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
@@ -149,9 +85,36 @@ impl Module for Conv2d {
             _ => "conv 3x3 stride 2",
         };
         // The kernels widen float16 weights themselves, and add the bias as they write.
-        let y = timed(kind, || crate::kernels::conv::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding))?;
+        let y = timed(kind, || kernels::conv::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding))?;
         count_flops(kind, 2 * c_in * kh * kw * y.elem_count());
         Ok(y)
+    }
+}
+
+/// `nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`: a convolution along frames
+/// only, with zero frames padded at both ends (diffusers' `TemporalConvLayer`).
+#[derive(Debug, Clone)]
+pub struct TemporalConv {
+    /// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D
+    /// convolution over (frames, H·W).
+    weight: Tensor,
+    bias: Tensor,
+}
+
+pub fn temporal_conv(in_channels: usize, out_channels: usize, vb: VarBuilder) -> candle_core::Result<TemporalConv> {
+    let weight = vb.get((out_channels, in_channels, 3, 1, 1), "weight")?.reshape((out_channels, in_channels, 3, 1))?;
+    let bias = vb.get(out_channels, "bias")?;
+    // The kernel may stay in its stored (narrower) dtype; it is widened when used.
+    Ok(TemporalConv { weight, bias })
+}
+
+impl TemporalConv {
+    /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let c = xs.dim(1)?;
+        let out = timed("temporal conv", || kernels::conv::temporal_conv3(xs, &self.weight, Some(&self.bias)))?;
+        count_flops("temporal conv", 2 * 3 * c * out.elem_count());
+        Ok(out)
     }
 }
 
@@ -175,7 +138,25 @@ impl Embedding {
     }
 }
 
-pub use candle_nn::{layer_norm, LayerNorm};
+/// `nn.LayerNorm(size, eps)` with its affine scale and shift (candle's).
+#[derive(Debug, Clone)]
+pub struct LayerNorm(candle_nn::LayerNorm);
+
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm(candle_nn::layer_norm(size, eps, vb)?))
+}
+
+impl LayerNorm {
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        timed("layer norm", || self.0.forward(x))
+    }
+}
 
 /// `nn.GroupNorm(groups, channels, eps)` with its affine scale and shift.
 #[derive(Debug, Clone)]
@@ -199,20 +180,15 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU, fused: the pair that opens every ResNet and temporal
     /// convolution stage.
     pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        timed("group norm", || crate::kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true))
+        timed("group norm", || kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true))
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        timed("group norm", || crate::kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false))
+        timed("group norm", || kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false))
     }
 }
-
-/// Score-matrix elements computed at once (64 MiB of float32): attention runs over blocks of
-/// (batch·heads) rows and query tokens within this budget, so no full score matrix of a long
-/// sequence is held (a 32×32 latent has 1024 tokens a frame). The result is the same.
-const SCORE_BUDGET: usize = 16 << 20;
 
 /// softmax(q·kᵀ·scale)·v for (batch, tokens, head_dim) inputs (one head).
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
@@ -220,34 +196,21 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
 }
 
 /// Attention with `heads` heads for q (batch, tokens, heads·d) and k, v (batch / repeat, keys,
-/// heads·d), row b / repeat of k and v serving query row b; (batch, tokens, heads·d) out.
-/// On the CPU one kernel reads the heads in place ([`crate::kernels::attention`]); elsewhere
-/// the heads are split into (batch·heads, tokens, d) and [`attention_in_blocks`] runs.
+/// heads·d), row b / repeat of k and v serving query row b; (batch, tokens, heads·d) out
+/// ([`kernels::attention::multi_head_attention`]).
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> candle_core::Result<Tensor> {
     let (batch, tokens, width) = q.dims3()?;
     let keys = k.dim(1)?;
     // (profile labels: cross-attention attends to another sequence than its queries')
     let kind = if keys != tokens {
         "attention (cross)"
-    } else if tokens <= crate::kernels::attention::SHORT {
+    } else if tokens <= kernels::attention::SHORT {
         "attention (short)"
     } else {
         "attention (long)"
     };
     count_flops(kind, 4 * batch * tokens * keys * width);
-    timed(kind, || {
-        if let Some(out) = crate::kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat)? {
-            return Ok(out);
-        }
-        let (k, v) = (repeat_interleave(k, repeat)?, repeat_interleave(v, repeat)?);
-        let d = width / heads;
-        let split = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let n = x.dim(1)?;
-            x.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d))
-        };
-        let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
-        out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
-    })
+    timed(kind, || kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat))
 }
 
 /// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor.
@@ -255,44 +218,26 @@ pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tens
     if repeat == 1 {
         return Ok(xs.clone());
     }
-    let dims = xs.dims();
-    let mut expanded = vec![dims[0], repeat];
-    expanded.extend_from_slice(&dims[1..]);
-    let mut flat = vec![dims[0] * repeat];
-    flat.extend_from_slice(&dims[1..]);
-    crate::kernels::copy::contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
+    timed("layout copies", || kernels::copy::repeat_interleave(xs, repeat))
 }
 
-/// [`scaled_dot_product_attention`] with at most `budget` scores computed at once.
-pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> candle_core::Result<Tensor> {
-    let (rows, tokens, _) = q.dims3()?;
-    let keys = k.dim(1)?;
-    {
-        // The scale is applied to q (tokens × head_dim) rather than to the scores
-        // (tokens × keys): the same product up to rounding, with far fewer multiplications.
-        let q = (q * scale)?;
-        let k_t = k.t()?.contiguous()?;
-        let v = v.contiguous()?;
-        let q_block = tokens.min((budget / keys).max(1));
-        let row_block = rows.min((budget / (q_block * keys)).max(1));
-        let mut row_outs = Vec::with_capacity(rows.div_ceil(row_block));
-        for r in (0..rows).step_by(row_block) {
-            let nr = row_block.min(rows - r);
-            let (q_r, k_r, v_r) = (q.narrow(0, r, nr)?, k_t.narrow(0, r, nr)?, v.narrow(0, r, nr)?);
-            let mut outs = Vec::with_capacity(tokens.div_ceil(q_block));
-            for t in (0..tokens).step_by(q_block) {
-                let nt = q_block.min(tokens - t);
-                let scores = q_r.narrow(1, t, nt)?.matmul(&k_r)?;
-                outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_r)?);
-            }
-            row_outs.push(if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? });
-        }
-        if row_outs.len() == 1 {
-            Ok(row_outs.pop().unwrap())
-        } else {
-            Tensor::cat(&row_outs, 0)
-        }
+/// `x.contiguous()`: the moves between the per-frame and the per-video layout, and between
+/// channels-first images and token sequences.
+pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.is_contiguous() {
+        return Ok(x.clone());
     }
+    timed("layout copies", || kernels::copy::contiguous(x))
+}
+
+/// `a + b` for tensors of one shape: the residual connections.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    timed("residual add", || kernels::add::add(a, b))
+}
+
+/// GEGLU, `h[..., :n] * gelu(h[..., n:])` with the exact (erf) GELU, as diffusers' `GEGLU`.
+pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
+    timed("geglu", || kernels::geglu::geglu(h))
 }
 
 /// SiLU, x·σ(x).
@@ -355,7 +300,7 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = crate::kernels::add::add(&shortcut, &h)?;
+        let out = add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

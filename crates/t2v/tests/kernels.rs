@@ -50,7 +50,7 @@ fn group_norm_reads_non_contiguous_input() {
 
 #[test]
 fn attention_in_blocks_equals_one_block() {
-    use t2v::nn::attention_in_blocks;
+    use t2v::kernels::attention::attention_in_blocks;
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1f32, (6, 37, 8), &dev).unwrap();
     let k = Tensor::randn(0f32, 1f32, (6, 29, 8), &dev).unwrap();
@@ -136,10 +136,11 @@ fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f6
 }
 
 #[test]
-fn packed_gemm_matches_float64_on_ragged_shapes() {
-    use t2v::kernels::gemm::{self, Init, PackedB, Src};
-    if !gemm::available() {
-        eprintln!("no AVX2/FMA: the packed GEMM is not used on this machine");
+fn packed_matmul_matches_float64_on_ragged_shapes() {
+    use t2v::kernels::packed_matmul::{self, Init, PackedB};
+    use t2v::kernels::Src;
+    if !t2v::kernels::has_avx2_fma() {
+        eprintln!("no AVX2/FMA: the packed matrix product is not used on this CPU");
         return;
     }
     let dev = Device::Cpu;
@@ -163,7 +164,7 @@ fn packed_gemm_matches_float64_on_ragged_shapes() {
         for (what, src, w_used, init, init64) in cases {
             let packed = PackedB::from_transposed(src, n, k, true);
             let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
-            unsafe { gemm::gemm(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
+            unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
             let expected = reference_gemm(&a, w_used, m, n, k, &init64);
             let scale = expected.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
@@ -174,7 +175,8 @@ fn packed_gemm_matches_float64_on_ragged_shapes() {
 
 #[test]
 fn multi_head_attention_in_place_matches_split_heads() {
-    use t2v::nn::{attention_in_blocks, repeat_interleave};
+    use t2v::kernels::attention::attention_in_blocks;
+    use t2v::nn::repeat_interleave;
     let dev = Device::Cpu;
     // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
     // frames, and the short temporal kind.

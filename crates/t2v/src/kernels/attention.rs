@@ -5,16 +5,20 @@
 //!
 //! * Long sequences (the spatial attention over 1024 tokens, the cross-attention to 77 text
 //!   tokens, the VAE's attention): per (batch, head) the keys and values are packed once, then
-//!   blocks of query rows go through scores = q·kᵀ ([`super::gemm`]), a row softmax (max
+//!   blocks of query rows go through scores = q·kᵀ ([`super::packed_matmul`]), a row softmax (max
 //!   subtracted, vectorised `exp`) and out = p·v, with the score block small enough for L2. The
 //!   softmax is exact: each block holds every key of its rows.
 //! * Short sequences (the temporal attention across 16 frames, for every pixel and head: hundreds
 //!   of thousands of 16×16 problems a layer): one small loop nest per (batch, head).
+//!
+//! Other devices, dtypes and CPUs without AVX2/FMA split the heads and run candle's ops over
+//! blocks of rows ([`attention_in_blocks`]).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{self, Init, PackedB, Src};
+use super::packed_matmul::{self, Init, PackedB};
+use super::{has_avx2_fma, SendPtr, Src};
 
 /// Sequences at most this long (queries and keys) take the loop kernel.
 pub const SHORT: usize = 64;
@@ -47,11 +51,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// The shapes of one call: `batch` query rows of `tokens` × `heads·d`; keys and values have
 /// `batch / repeat` rows of `keys` × `heads·d`.
 #[derive(Clone, Copy)]
@@ -76,7 +75,7 @@ impl MultiHeadAttention {
         let (t, hd) = (dm.tokens, dm.width());
         out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| {
             #[cfg(target_arch = "x86_64")]
-            if gemm::available() {
+            if has_avx2_fma() {
                 // SAFETY: AVX2 and FMA checked.
                 return unsafe { short_video_avx2(self.scale, q, k, v, out, dm, b) };
             }
@@ -92,14 +91,11 @@ impl MultiHeadAttention {
         // Enough tasks for every thread even when there is a single head (the VAE's attention):
         // query chunks of one head then pack its keys and values once each.
         let pairs = dm.batch * dm.heads;
-        let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(gemm::MR)).max(1);
+        let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(packed_matmul::MR)).max(1);
         let chunk_rows = t.div_ceil(chunks);
-        let rows_per_block = (SCORE_BLOCK / s).clamp(gemm::MR, t.max(gemm::MR));
+        let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
         let optr = SendPtr(out.as_mut_ptr());
         (0..pairs * chunks).into_par_iter().for_each(|task| {
-            // (the whole wrapper is captured, not its raw-pointer field, which is not Send)
-            #[allow(clippy::redundant_locals)]
-            let optr = optr;
             let (pair, chunk) = (task / chunks, task % chunks);
             let (b, h) = (pair / dm.heads, pair % dm.heads);
             let (r0, r1) = (chunk * chunk_rows, ((chunk + 1) * chunk_rows).min(t));
@@ -115,15 +111,15 @@ impl MultiHeadAttention {
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
                 let at = (b * t + r) * hd + h * d;
-                // SAFETY: `gemm::available()` was checked before this op ran; q and out hold
+                // SAFETY: `has_avx2_fma()` was checked before this op ran; q and out hold
                 // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
                 // writes columns [h·d, h·d + d) of these rows of `out`.
                 unsafe {
-                    gemm::gemm_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
+                    packed_matmul::matmul_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
                     for row in scores.chunks_mut(s).take(rows) {
                         softmax_row(row, self.scale);
                     }
-                    gemm::gemm_rows(rows, scores.as_ptr(), s, &values, optr.0.add(at), hd, Init::Overwrite);
+                    packed_matmul::matmul_rows(rows, scores.as_ptr(), s, &values, optr.get().add(at), hd, Init::Overwrite);
                 }
                 r += rows;
             }
@@ -172,7 +168,7 @@ unsafe fn short_video_avx2(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mu
 #[inline]
 fn softmax_row(row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if gemm::available() {
+    if has_avx2_fma() {
         // SAFETY: AVX2 and FMA checked.
         unsafe { simd::softmax_row(row, scale) };
         return;
@@ -257,22 +253,66 @@ impl CustomOp3 for MultiHeadAttention {
     }
 }
 
+/// Score-matrix elements computed at once by candle's ops (64 MiB of float32): off the CPU
+/// kernel, attention runs over blocks of (batch·heads) rows and query tokens within this budget,
+/// so no full score matrix of a long sequence is held (a 32×32 latent has 1024 tokens a frame).
+/// The result is the same.
+const SCORE_BUDGET: usize = 16 << 20;
+
 /// softmax(q·kᵀ·scale)·v per head, for q (batch, tokens, heads·d) and k, v (batch / repeat,
 /// keys, heads·d) whose row b / repeat serves query rows b (the frames of a video sharing its
-/// text embeddings); the output is (batch, tokens, heads·d). `None` where this kernel does not
-/// apply (another device or dtype, or a CPU without AVX2/FMA): the caller then splits heads and
-/// uses candle's ops.
-pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> Result<Option<Tensor>> {
-    let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if !on_cpu || !gemm::available() {
-        return Ok(None);
-    }
-    let (batch, _, width) = q.dims3()?;
+/// text embeddings); the output is (batch, tokens, heads·d). On the CPU with float32 tensors
+/// (and AVX2/FMA) one kernel reads the heads in place; elsewhere the heads are split into
+/// (batch·heads, tokens, d) and [`attention_in_blocks`] runs candle's ops.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> Result<Tensor> {
+    let (batch, tokens, width) = q.dims3()?;
     let (kb, keys, kw) = k.dims3()?;
     if repeat == 0 || kb * repeat != batch || kw != width || v.dims() != [kb, keys, width] || heads == 0 || width % heads != 0 {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} don't fit {heads} heads and repeat {repeat}", q.dims(), k.dims(), v.dims());
     }
-    let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
-    let c = crate::kernels::copy::contiguous;
-    Ok(Some(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?))
+    let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if on_cpu && has_avx2_fma() {
+        let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
+        let c = super::copy::contiguous;
+        return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);
+    }
+    let (k, v) = (super::copy::repeat_interleave(k, repeat)?, super::copy::repeat_interleave(v, repeat)?);
+    let d = width / heads;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let n = x.dim(1)?;
+        x.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d))
+    };
+    let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
+    out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
+}
+
+/// softmax(q·kᵀ·scale)·v for (rows, tokens, head_dim) inputs with candle's ops, at most
+/// `budget` scores computed at once.
+pub fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Result<Tensor> {
+    let (rows, tokens, _) = q.dims3()?;
+    let keys = k.dim(1)?;
+    // The scale is applied to q (tokens × head_dim) rather than to the scores (tokens × keys):
+    // the same product up to rounding, with far fewer multiplications.
+    let q = (q * scale)?;
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let q_block = tokens.min((budget / keys).max(1));
+    let row_block = rows.min((budget / (q_block * keys)).max(1));
+    let mut row_outs = Vec::with_capacity(rows.div_ceil(row_block));
+    for r in (0..rows).step_by(row_block) {
+        let nr = row_block.min(rows - r);
+        let (q_r, k_r, v_r) = (q.narrow(0, r, nr)?, k_t.narrow(0, r, nr)?, v.narrow(0, r, nr)?);
+        let mut outs = Vec::with_capacity(tokens.div_ceil(q_block));
+        for t in (0..tokens).step_by(q_block) {
+            let nt = q_block.min(tokens - t);
+            let scores = q_r.narrow(1, t, nt)?.matmul(&k_r)?;
+            outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_r)?);
+        }
+        row_outs.push(if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? });
+    }
+    if row_outs.len() == 1 {
+        Ok(row_outs.pop().unwrap())
+    } else {
+        Tensor::cat(&row_outs, 0)
+    }
 }

@@ -1,7 +1,7 @@
 //! Making a strided (permuted, narrowed) float32 tensor contiguous, in parallel. candle copies
 //! strided tensors on one thread; the UNet moves its activations between the per-frame layout
 //! (batch·frames, C, H, W) and the per-video one (batch, C, frames, H, W) dozens of times a
-//! step, so those copies are worth both cores.
+//! step, so those copies are worth spreading over every thread.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -46,13 +46,27 @@ impl CustomOp1 for Contiguous {
     }
 }
 
-/// `x.contiguous()`, copying float32 CPU tensors with both cores.
+/// `x.contiguous()`, copying float32 CPU tensors on every thread.
 pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() {
         return Ok(x.clone());
     }
     if super::on_cpu(x.device()) && x.dtype() == DType::F32 && x.rank() > 0 {
-        return crate::nn::timed("layout copies", || x.apply_op1_no_bwd(&Contiguous));
+        return x.apply_op1_no_bwd(&Contiguous);
     }
     x.contiguous()
+}
+
+/// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor: each row `repeat`
+/// times in a row.
+pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> Result<Tensor> {
+    if repeat == 1 {
+        return Ok(xs.clone());
+    }
+    let dims = xs.dims();
+    let mut expanded = vec![dims[0], repeat];
+    expanded.extend_from_slice(&dims[1..]);
+    let mut flat = vec![dims[0] * repeat];
+    flat.extend_from_slice(&dims[1..]);
+    contiguous(&xs.unsqueeze(1)?.broadcast_as(expanded)?)?.reshape(flat)
 }

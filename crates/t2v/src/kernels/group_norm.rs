@@ -18,7 +18,7 @@ struct GroupNormOp {
 /// Σ x (or Σ (x − m)² when `squares`) over a short chunk, in eight lanes where AVX2 is present.
 fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::gemm::available() {
+    if super::has_avx2_fma() {
         // SAFETY: AVX2 and FMA checked.
         return unsafe { simd::sum(xs, m, squares) };
     }
@@ -32,7 +32,7 @@ fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
 /// `o = x·scale + shift`, then SiLU when `silu`.
 fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
-    let done = if super::gemm::available() {
+    let done = if super::has_avx2_fma() {
         // SAFETY: AVX2 and FMA checked; equal lengths.
         unsafe { simd::normalize(o, xs, scale, shift, silu) }
     } else {
@@ -147,7 +147,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
         candle_core::bail!("{c} channels do not split into {groups} groups");
     }
     if super::on_cpu(x.device()) && x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
-        let x = crate::kernels::copy::contiguous(x)?;
+        let x = super::copy::contiguous(x)?;
         return x.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu });
     }
     // Any other device or dtype: candle's own ops.

@@ -1,10 +1,10 @@
-//! `y = x·Wᵀ + b` as one packed GEMM ([`super::gemm`]) whose output tiles start as the bias
+//! `y = x·Wᵀ + b` as one packed GEMM ([`super::packed_matmul`]) whose output tiles start as the bias
 //! (candle's matmul would need a second pass over the output for the bias), float16 weights
 //! widened as they are packed, once per call.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::{self, Init, PackedB};
+use super::packed_matmul::{self, Init, PackedB};
 
 struct LinearOp;
 
@@ -16,14 +16,14 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     if k != k2 {
         candle_core::bail!("linear: input width {k} ≠ weight width {k2}");
     }
-    // The weight is packed (and float16 widened) once per call, on both cores.
+    // The weight is packed (and float16 widened) once per call, on every thread.
     let packed = PackedB::from_transposed(w, n, k, true);
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
     let init = bias.map_or(Init::Overwrite, Init::Bias);
-    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `available()` was checked
+    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `has_avx2_fma()` was checked
     // by `linear` before this op was applied.
-    unsafe { gemm::gemm(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init) };
+    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init) };
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
@@ -60,12 +60,12 @@ impl CustomOp3 for LinearOp {
 /// activations (and float32 or float16 weights) one fused GEMM; elsewhere candle's matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let cpu_f32 = super::on_cpu(x.device())
-        && gemm::available()
+        && super::has_avx2_fma()
         && x.dtype() == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::F16)
         && bias.is_none_or(|b| b.dtype() == DType::F32);
     if cpu_f32 {
-        let (x, w) = (crate::kernels::copy::contiguous(x)?, weight.contiguous()?);
+        let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
         return match bias {
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp),
             None => x.apply_op2_no_bwd(&w, &LinearOp),

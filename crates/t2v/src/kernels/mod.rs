@@ -1,8 +1,26 @@
 //! CPU kernels for the operations where candle's general ones cost the most time, each behind
 //! candle's custom-op interface and used only for contiguous float32 tensors on the CPU; every
 //! other device and dtype takes candle's standard ops, so the model code stays device-generic.
+//!
+//! Each public function chooses for itself: the CPU kernel where it applies, candle's ops
+//! otherwise, both within the fixtures' tolerances. The kernels are the bottom of the library: they
+//! use nothing of it but each other, and record no time (the layers of [`crate::nn`] do).
+
+pub mod add;
+pub mod attention;
+pub mod conv;
+pub mod copy;
+pub mod geglu;
+pub mod group_norm;
+pub mod linear;
+pub mod packed_matmul;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vmath;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use half::f16;
+use rayon::prelude::*;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -44,31 +62,100 @@ pub(crate) fn f32_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout
 
 /// The contiguous float32 or float16 data of a custom op's operand (a weight that may stay
 /// float16 in memory).
-pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<gemm::Src<'a>> {
+pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<Src<'a>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what} is not contiguous") };
     Ok(match s {
-        candle_core::CpuStorage::F32(v) => gemm::Src::F32(&v[a..b]),
-        candle_core::CpuStorage::F16(v) => gemm::Src::F16(&v[a..b]),
+        candle_core::CpuStorage::F32(v) => Src::F32(&v[a..b]),
+        candle_core::CpuStorage::F16(v) => Src::F16(&v[a..b]),
         _ => candle_core::bail!("{what} must be f32 or f16"),
     })
 }
 
-pub mod add;
-pub mod attention;
-pub mod conv;
-pub mod copy;
-pub mod geglu;
-pub mod gemm;
-pub mod group_norm;
-pub mod linear;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod vmath;
+/// A contiguous float32 or float16 slice (weights may stay float16 in memory).
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl Src<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Src::F32(s) => s.len(),
+            Src::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Src::F32(s) => s[i],
+            Src::F16(s) => s[i].to_f32(),
+        }
+    }
+
+    /// The values as float32 (float16 widened with the CPU's conversion instructions, in
+    /// parallel for large weights).
+    pub fn to_f32_vec(self) -> Vec<f32> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Src::F32(s) => s.to_vec(),
+            Src::F16(s) => {
+                let mut out = vec![0f32; s.len()];
+                out.par_chunks_mut(1 << 16).zip(s.par_chunks(1 << 16)).for_each(|(d, h)| h.convert_to_f32_slice(d));
+                out
+            }
+        }
+    }
+}
+
+/// A raw output pointer shared by the tasks of a parallel loop, each of which writes its own
+/// disjoint part of the buffer (the parallel loops say which part).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the pointer is only dereferenced by tasks writing disjoint ranges of a buffer that
+// outlives the parallel loop.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper rather than
+    /// its raw-pointer field).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// rayon's threads (at least 1).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Whether the CPU has AVX2, FMA and F16C (detected once): the vectorised kernels need them, and
+/// take a scalar loop or candle's ops without.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).
 ///
 /// A UNet step allocates and frees hundreds of activation buffers of 10–400 MB. glibc serves
 /// anything over 32 MB with a fresh `mmap` and unmaps it on free, so every such buffer is
-/// faulted in and zeroed by the kernel page by page again: a quarter of a step's time went to
+/// faulted in and zeroed by the kernel page by page again: a quarter of a step's time goes to
 /// system time (27 s of page faults in a 100 s benchmark). With large blocks served from the
 /// heap and the heap never trimmed, the buffers are reused; the peak resident memory is the
 /// same (measured 4.42 → 4.48 GiB at 16 frames). Returns whether the settings took effect.

@@ -8,7 +8,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
+use crate::nn::{add, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).
@@ -82,7 +82,7 @@ impl Module for FeedForward {
         for start in (0..rows).step_by(FF_ROWS) {
             let h = self.proj.forward(&flat.narrow(0, start, FF_ROWS.min(rows - start))?)?;
             // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
-            let gated = crate::nn::timed("geglu", || crate::kernels::geglu::geglu(&h))?;
+            let gated = geglu(&h)?;
             outs.push(self.out.forward(&gated)?);
         }
         let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? };
@@ -135,10 +135,8 @@ impl BasicTransformerBlock {
 
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        use crate::kernels::add::add;
-        let norm = |n: &LayerNorm, x: &Tensor| crate::nn::timed("layer norm", || n.forward(x));
-        let xs = add(&self.attn1.forward(&norm(&self.norm1, xs)?, None)?, xs)?;
-        let xs = add(&self.attn2.forward(&norm(&self.norm2, &xs)?, context)?, &xs)?;
-        add(&self.ff.forward(&norm(&self.norm3, &xs)?)?, &xs)
+        let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
+        let xs = add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)?;
+        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }

@@ -5,8 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::copy::contiguous;
-use crate::nn::{group_norm, linear, GroupNorm, Linear};
+use crate::nn::{add, contiguous, group_norm, linear, temporal_conv, GroupNorm, Linear, TemporalConv};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -20,33 +19,6 @@ pub fn frames_to_video(xs: &Tensor, frames: usize) -> candle_core::Result<Tensor
 pub fn video_to_frames(xs: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, f, h, w) = xs.dims5()?;
     contiguous(&xs.permute((0, 2, 1, 3, 4))?)?.reshape((b * f, c, h, w))
-}
-
-/// `nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`: a convolution along frames
-/// only, with zero frames padded at both ends.
-#[derive(Debug)]
-struct TemporalConv {
-    /// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D
-    /// convolution over (frames, H·W).
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl TemporalConv {
-    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        let weight = vb.get((out_dim, in_dim, 3, 1, 1), "weight")?.reshape((out_dim, in_dim, 3, 1))?;
-        let bias = vb.get(out_dim, "bias")?;
-        // The kernel may stay in its stored (narrower) dtype; it is widened when used.
-        Ok(Self { weight, bias })
-    }
-
-    /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let c = xs.dim(1)?;
-        let out = crate::nn::timed("temporal conv", || crate::kernels::conv::temporal_conv3(xs, &self.weight, Some(&self.bias)))?;
-        crate::nn::count_flops("temporal conv", 2 * 3 * c * out.elem_count());
-        Ok(out)
-    }
 }
 
 #[derive(Debug)]
@@ -68,12 +40,12 @@ impl TemporalConvLayer {
         // so the conv sits at index 2 in conv1 and index 3 after the dropout.
         let mut stages = vec![NormActConv {
             norm: group_norm(norm_num_groups, in_dim, 1e-5, vb.pp("conv1.0"))?,
-            conv: TemporalConv::new(vb.pp("conv1.2"), in_dim, out_dim)?,
+            conv: temporal_conv(in_dim, out_dim, vb.pp("conv1.2"))?,
         }];
         for name in ["conv2", "conv3", "conv4"] {
             stages.push(NormActConv {
                 norm: group_norm(norm_num_groups, out_dim, 1e-5, vb.pp(name).pp("0"))?,
-                conv: TemporalConv::new(vb.pp(name).pp("3"), out_dim, in_dim)?,
+                conv: temporal_conv(out_dim, in_dim, vb.pp(name).pp("3"))?,
             });
         }
         Ok(Self { stages })
@@ -87,7 +59,7 @@ impl TemporalConvLayer {
             h = stage.conv.forward(&stage.norm.forward_silu(&h)?)?;
         }
         // The residual, added in the per-frame layout where both are contiguous.
-        crate::kernels::add::add(&video_to_frames(&h)?, &crate::kernels::copy::contiguous(xs)?)
+        add(&video_to_frames(&h)?, &contiguous(xs)?)
     }
 }
 
@@ -133,6 +105,6 @@ impl TransformerTemporalModel {
         }
         let seq = self.proj_out.forward(&seq)?;
         let out = contiguous(&seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?.reshape((n, c, h, w))?;
-        crate::kernels::add::add(&out, xs)
+        add(&out, xs)
     }
 }

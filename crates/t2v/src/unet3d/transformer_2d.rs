@@ -4,8 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::copy::contiguous;
-use crate::nn::{group_norm, linear, GroupNorm, Linear};
+use crate::nn::{add, contiguous, group_norm, linear, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -54,6 +53,6 @@ impl Transformer2DModel {
             tokens = block.forward(&tokens, Some((context, frames)))?;
         }
         let out = contiguous(&self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
-        crate::kernels::add::add(&out, xs)
+        add(&out, xs)
     }
 }

@@ -2,27 +2,29 @@
 //! the operand layout of the UNet's linear layers (A = activations, B = the transposed weight)
 //! and of attention (A = queries or probabilities, B = keys or values).
 //!
+//! Our own because the shapes here are few and known: with the block sizes fixed for them and the
+//! bias written as the first tile, it reaches about 85 % of the FMA units' peak on the UNet's
+//! linear shapes (`t2v bench --profile`), where the `gemm` crate that candle uses reaches about
+//! 55 %, and attention can run it on strided heads without copying them out.
+//!
 //! Goto/BLIS blocking: B is packed once per call into panels of [`NR`] columns (`[panel][k][NR]`,
 //! where float16 weights are widened as they are packed); each task takes a block of rows of A,
 //! packs [`MC`]×[`KC`] blocks of it into micro-panels of [`MR`] rows (`[ir][k][MR]`, kept in L2)
 //! and runs the 6×16 register-blocked micro-kernel over every (B panel, A micro-panel) pair, so a
 //! B micro-panel stays in L1 while the A micro-panels stream past it.
 //!
-//! Measured on the 2-core Zen 4 this project is benchmarked on (`t2v bench`): ~200 GFLOP/s on the
-//! UNet's linear shapes (the peak of two cores' FMA units is 232), where the `gemm` crate that
-//! candle uses reaches ~130.
-//!
 //! Each output element sums its k products in blocks of ≤ `KC` (each block in order, blocks
 //! added in order): a different but equally accurate rounding order from candle's matmul.
 
-// Elsewhere than x86-64 only the packing exists (nothing calls it: `available()` is false).
+// Elsewhere than x86-64 only the packing exists (nothing calls it: `has_avx2_fma()` is false).
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use half::f16;
 use rayon::prelude::*;
+
+use super::{has_avx2_fma, SendPtr, Src};
 
 /// Rows of a micro-tile (broadcast from A).
 pub const MR: usize = 6;
@@ -32,62 +34,6 @@ pub const NR: usize = 16;
 const KC: usize = 384;
 /// Rows of a packed A block (MC×KC floats, 288 KiB, fit L2).
 const MC: usize = 192;
-
-/// A contiguous float32 or float16 slice (weights may stay float16 in memory).
-#[derive(Clone, Copy)]
-pub enum Src<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
-
-impl Src<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Src::F32(s) => s.len(),
-            Src::F16(s) => s.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    #[inline(always)]
-    pub fn get(&self, i: usize) -> f32 {
-        match self {
-            Src::F32(s) => s[i],
-            Src::F16(s) => s[i].to_f32(),
-        }
-    }
-
-    /// The values as float32 (float16 widened with the CPU's conversion instructions, in
-    /// parallel for large weights).
-    pub fn to_f32_vec(self) -> Vec<f32> {
-        use half::slice::HalfFloatSliceExt;
-        match self {
-            Src::F32(s) => s.to_vec(),
-            Src::F16(s) => {
-                let mut out = vec![0f32; s.len()];
-                out.par_chunks_mut(1 << 16).zip(s.par_chunks(1 << 16)).for_each(|(d, h)| h.convert_to_f32_slice(d));
-                out
-            }
-        }
-    }
-}
-
-/// Whether this machine runs the kernels of this module (AVX2, FMA and F16C, detected once).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// B packed into panels of [`NR`] columns: `data[(panel·k + kk)·NR + c] = B[kk][panel·NR + c]`,
 /// columns past `n` zero.
@@ -120,7 +66,7 @@ impl PackedB {
         let mut data = vec![0f32; panels * k * NR];
         let pack = |(p, dst): (usize, &mut [f32])| {
             let cols = NR.min(n - p * NR);
-            if available() && cols == NR {
+            if has_avx2_fma() && cols == NR {
                 // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
@@ -318,10 +264,10 @@ thread_local! {
 /// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread.
 ///
 /// # Safety
-/// [`available`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
+/// [`has_avx2_fma`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn gemm_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
@@ -382,48 +328,42 @@ pub unsafe fn gemm_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mu
     });
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-/// [`gemm_rows`] on all of rayon's threads: rows split into equal blocks (a few per thread on
+/// [`matmul_rows`] on all of rayon's threads: rows split into equal blocks (a few per thread on
 /// large products; one per thread otherwise, so that no thread idles on a short tail).
 ///
 /// # Safety
-/// As [`gemm_rows`].
+/// As [`matmul_rows`].
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn gemm(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
-        return gemm_rows(m, a, lda, b, c, ldc, init);
+        return matmul_rows(m, a, lda, b, c, ldc, init);
     }
     let tasks = threads * (m / (threads * 2048)).max(1);
     let block = m.div_ceil(tasks).div_ceil(MR) * MR;
     let (ap, cp) = (SendPtr(a as *mut f32), SendPtr(c));
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
-        let (ap, cp) = (ap, cp);
         let r0 = t * block;
         let rows = block.min(m - r0);
-        gemm_rows(rows, ap.0.add(r0 * lda), lda, b, cp.0.add(r0 * ldc), ldc, init);
+        matmul_rows(rows, ap.get().add(r0 * lda), lda, b, cp.get().add(r0 * ldc), ldc, init);
     });
 }
 
-/// Never called off x86-64: [`available`] is false there and callers take candle's matmul.
+/// Never called off x86-64: [`has_avx2_fma`] is false there and callers take candle's matmul.
 ///
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn gemm_rows(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
-    unreachable!("the packed GEMM runs only where gemm::available() is true (x86-64 with AVX2+FMA)")
+pub unsafe fn matmul_rows(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+    unreachable!("the packed matrix product runs only where has_avx2_fma() is true (x86-64 with AVX2+FMA)")
 }
 
-/// Never called off x86-64: [`available`] is false there and callers take candle's matmul.
+/// Never called off x86-64: [`has_avx2_fma`] is false there and callers take candle's matmul.
 ///
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn gemm(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
-    unreachable!("the packed GEMM runs only where gemm::available() is true (x86-64 with AVX2+FMA)")
+pub unsafe fn matmul(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+    unreachable!("the packed matrix product runs only where has_avx2_fma() is true (x86-64 with AVX2+FMA)")
 }

@@ -1,0 +1,245 @@
+//! The convolutions that are matrix products, run by the `gemm` crate (candle's own matmul
+//! backend, which takes strided operands: the frame-shifted views below need no copy):
+//!
+//! * 1×1 convolutions: one product per image.
+//! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
+//!   the input, or 1-D Winograd F(4, 3) along frames (six products with half the
+//!   multiplications).
+
+use rayon::prelude::*;
+
+use super::g3to6;
+use crate::kernels::{threads, SendPtr, Src};
+
+/// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
+/// row stride rhs_rs)`; all columns of dst and rhs contiguous.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
+    if let Some(b) = bias {
+        for (chunk, &bv) in out.chunks_mut(plane.max(1)).zip(b.iter().cycle()) {
+            chunk.fill(bv);
+        }
+    }
+}
+
+/// 1×1 convolution: `out[n] = W · x[n] (+ bias)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pointwise(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], n: usize, cin: usize, cout: usize, hw: usize) {
+    let wf: Vec<f32>;
+    let wp: &[f32] = match w {
+        Src::F32(s) => s,
+        Src::F16(_) => {
+            wf = w.to_f32_vec();
+            &wf
+        }
+    };
+    fill_bias(out, bias, hw);
+    let acc = bias.is_some();
+    let nt = threads();
+    let optr = SendPtr(out.as_mut_ptr());
+    let per_image_flops = 2 * cout * cin * hw;
+    if n >= nt && nt > 1 && per_image_flops < (64 << 20) {
+        (0..n).into_par_iter().for_each(|i| unsafe {
+            sgemm(cout, hw, cin, optr.get().add(i * cout * hw), hw, acc, wp.as_ptr(), cin, 1, x.as_ptr().add(i * cin * hw), hw, gemm::Parallelism::None);
+        });
+    } else {
+        let par = if nt > 1 { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
+        for i in 0..n {
+            unsafe {
+                sgemm(cout, hw, cin, optr.get().add(i * cout * hw), hw, acc, wp.as_ptr(), cin, 1, x.as_ptr().add(i * cin * hw), hw, par);
+            }
+        }
+    }
+}
+
+/// Temporal convolution over (B, C, F, HW): three accumulated GEMMs per video, each over a
+/// frame-shifted view of the input.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn temporal(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], b: usize, cin: usize, cout: usize, f: usize, hw: usize) {
+    let wf: Vec<f32>;
+    let wp: &[f32] = match w {
+        Src::F32(s) => s,
+        Src::F16(_) => {
+            wf = w.to_f32_vec();
+            &wf
+        }
+    };
+    let fhw = f * hw;
+    fill_bias(out, bias, fhw);
+    let nt = threads();
+    let optr = SendPtr(out.as_mut_ptr());
+    let run = |bi: usize, par: gemm::Parallelism| unsafe {
+        let o = optr.get().add(bi * cout * fhw);
+        let xi = x.as_ptr().add(bi * cin * fhw);
+        let wk = |k: usize| wp.as_ptr().add(k);
+        // centre tap: all frames
+        sgemm(cout, fhw, cin, o, fhw, bias.is_some(), wk(1), 3 * cin, 3, xi, fhw, par);
+        if f > 1 {
+            let n = (f - 1) * hw;
+            // k = 0: y[f] += W0 · x[f − 1] for f ≥ 1
+            sgemm(cout, n, cin, o.add(hw), fhw, true, wk(0), 3 * cin, 3, xi, fhw, par);
+            // k = 2: y[f] += W2 · x[f + 1] for f ≤ F − 2
+            sgemm(cout, n, cin, o, fhw, true, wk(2), 3 * cin, 3, xi.add(hw), fhw, par);
+        }
+    };
+    let par = if nt > 1 { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
+    for bi in 0..b {
+        run(bi, par);
+    }
+}
+
+/// 1-D Winograd F(4, 3) along frames (points {0, 1, −1, ½, −2, ∞}): frames in tiles of 4
+/// (input windows of 6, zero outside [0, F)); `V_ξ = Σ_k Bᵀ[ξ][k] x[4τ − 1 + k]`,
+/// `U_ξ = Σ_k G[ξ][k] W_k`, `M_ξ = U_ξ · V_ξ` (six GEMMs, half the multiplications of the direct
+/// form), `y[4τ + i] = bias + Σ_ξ Aᵀ[i][ξ] M_ξ`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], b: usize, cin: usize, cout: usize, f: usize, hw: usize) {
+    const BT: [[f32; 6]; 6] = [
+        [1.0, -1.5, -2.0, 1.5, 1.0, 0.0],
+        [0.0, -1.0, 0.5, 2.5, 1.0, 0.0],
+        [0.0, 1.0, -2.5, 0.5, 1.0, 0.0],
+        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        [0.0, 0.5, -1.0, -0.5, 1.0, 0.0],
+        [0.0, 1.0, -1.5, -2.0, 1.5, 1.0],
+    ];
+    const AT: [[f32; 6]; 4] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.5, -2.0, 0.0], [0.0, 1.0, 1.0, 0.25, 4.0, 0.0], [0.0, 1.0, -1.0, 0.125, -8.0, 1.0]];
+    let nt = f.div_ceil(4);
+    let fhw = f * hw;
+    let nthreads = threads();
+    let par = if nthreads > 1 { gemm::Parallelism::Rayon(nthreads) } else { gemm::Parallelism::None };
+    // U[ξ][co][ci]
+    let mut u = vec![0f32; 6 * cout * cin];
+    {
+        let uptr = SendPtr(u.as_mut_ptr());
+        (0..cout).into_par_iter().for_each_init(Vec::new, |row, co| {
+            // this output channel's 3·cin taps as float32 (one vectorised widening)
+            let taps = 3 * cin;
+            let row: &[f32] = match w {
+                Src::F32(s) => &s[co * taps..(co + 1) * taps],
+                Src::F16(s) => {
+                    use half::slice::HalfFloatSliceExt;
+                    row.resize(taps, 0.0);
+                    s[co * taps..(co + 1) * taps].convert_to_f32_slice(row);
+                    row
+                }
+            };
+            for ci in 0..cin {
+                let g = &row[3 * ci..3 * ci + 3];
+                let t = g3to6(g[0], g[1], g[2]);
+                for (xi, &tv) in t.iter().enumerate() {
+                    unsafe { *uptr.get().add((xi * cout + co) * cin + ci) = tv };
+                }
+            }
+        });
+    }
+    // Columns: (batch, frame tile, pixel). A chunk is `ns` segments of `pl` pixels of one
+    // (batch, frame tile) each, sized so that its transformed input and GEMM output (6·C·cols
+    // floats each) stay around a few MB (cache-resident between the passes).
+    const BUDGET: usize = 1 << 20;
+    let cmax = cin.max(cout);
+    let pl = if 6 * cmax * hw <= BUDGET { hw } else { (BUDGET / (6 * cmax)).max(256).min(hw) };
+    let pieces = hw.div_ceil(pl);
+    let segs: Vec<(usize, usize, usize, usize)> = (0..b * nt)
+        .flat_map(|g| (0..pieces).map(move |q| (g / nt, g % nt, q * pl, pl.min(hw - q * pl))))
+        .collect();
+    let ns_max = (BUDGET / (6 * cmax * pl)).max(1);
+    let mut v = vec![0f32; 6 * cin * ns_max * pl];
+    let mut m = vec![0f32; 6 * cout * ns_max * pl];
+    let optr = SendPtr(out.as_mut_ptr());
+    for chunk in segs.chunks(ns_max) {
+        // segments of a chunk share one length except possibly a last, shorter piece of a row:
+        // give every segment the stride `pl` (the columns past a short piece are left unused)
+        let ncols = chunk.len() * pl;
+        let vptr = SendPtr(v.as_mut_ptr());
+        // input transform, parallel over input channels
+        (0..cin).into_par_iter().for_each(|ci| {
+            for (sl, &(bb, tau, p0, len)) in chunk.iter().enumerate() {
+                let plane = &x[(bb * cin + ci) * fhw..][..fhw];
+                let rows: [Option<&[f32]>; 6] = std::array::from_fn(|k| {
+                    let fr = (4 * tau + k) as isize - 1;
+                    (fr >= 0 && (fr as usize) < f).then(|| &plane[fr as usize * hw + p0..][..len])
+                });
+                for (xi, bt) in BT.iter().enumerate() {
+                    let dst = unsafe { std::slice::from_raw_parts_mut(vptr.get().add((xi * cin + ci) * ncols + sl * pl), pl) };
+                    dst.fill(0.0);
+                    for (k, row) in rows.iter().enumerate() {
+                        if let (Some(row), c) = (row, bt[k]) {
+                            if c != 0.0 {
+                                for (d, &s) in dst.iter_mut().zip(row.iter()) {
+                                    *d += c * s;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        // six GEMMs
+        for xi in 0..6 {
+            unsafe {
+                sgemm(cout, ncols, cin, m.as_mut_ptr().add(xi * cout * ncols), ncols, false, u.as_ptr().add(xi * cout * cin), cin, 1, v.as_ptr().add(xi * cin * ncols), ncols, par);
+            }
+        }
+        // output transform, parallel over output channels
+        let mref = &m;
+        (0..cout).into_par_iter().for_each(|co| {
+            let bv = bias.map_or(0.0, |bs| bs[co]);
+            for (sl, &(bb, tau, p0, len)) in chunk.iter().enumerate() {
+                let ms: [&[f32]; 6] = std::array::from_fn(|xi| &mref[(xi * cout + co) * ncols + sl * pl..][..len]);
+                for (i, at) in AT.iter().enumerate() {
+                    let fr = 4 * tau + i;
+                    if fr >= f {
+                        break;
+                    }
+                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.get().add(((bb * cout + co) * f + fr) * hw + p0), len) };
+                    dst.fill(bv);
+                    for (xi, mrow) in ms.iter().enumerate() {
+                        let c = at[xi];
+                        if c != 0.0 {
+                            for (d, &s) in dst.iter_mut().zip(mrow.iter()) {
+                                *d += c * s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
