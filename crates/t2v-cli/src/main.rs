@@ -12,8 +12,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use t2v::hub::{self, HubOptions, DEFAULT_MODEL};
-use t2v::loading::WeightsVariant;
+use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::SchedulerKind;
 use t2v::settings::{self, RunSettings};
@@ -266,16 +265,16 @@ fn main() {
     }
 }
 
-fn hub_options(offline: bool, quiet: bool, fp16: bool) -> HubOptions {
+fn hub_options(offline: bool, quiet: bool, variant: WeightsVariant) -> HubOptions {
     let mut opts = HubOptions::from_env();
     opts.offline |= offline;
     opts.progress &= !quiet;
-    opts.variant_fp16 = fp16;
+    opts.variant = variant;
     opts
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let model = hub::resolve_model(&args.model, &hub_options(args.offline, false, false))?;
+    let model = checkpoint::resolve_model(&args.model, &hub_options(args.offline, false, WeightsVariant::Auto))?;
     let tokenizer = ClipTokenizer::from_folder(&model.join("tokenizer"))
         .with_context(|| format!("loading the tokenizer of {}", args.model))?;
     let encoded = tokenizer.encode_padded(&args.prompt)?;
@@ -420,7 +419,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
 
-    let model_folder = hub::resolve_model(&model_spec, &hub_options(args.offline, quiet, matches!(args.variant, VariantArg::Fp16)))
+    let variant = match args.variant {
+        VariantArg::Auto => WeightsVariant::Auto,
+        VariantArg::Fp16 => WeightsVariant::Fp16,
+        VariantArg::Full => WeightsVariant::Full,
+    };
+    let model_folder = checkpoint::resolve_model(&model_spec, &hub_options(args.offline, quiet, variant))
         .with_context(|| format!("finding the model {model_spec}"))?;
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
@@ -445,11 +449,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let options = LoadOptions {
         device,
         dtype: dtype.dtype(),
-        variant: match args.variant {
-            VariantArg::Auto => WeightsVariant::Auto,
-            VariantArg::Fp16 => WeightsVariant::Fp16,
-            VariantArg::Full => WeightsVariant::Full,
-        },
+        variant,
         ..LoadOptions::default()
     };
     let started = Instant::now();

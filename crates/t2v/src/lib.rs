@@ -2,18 +2,16 @@
 //! in Rust on candle.
 //!
 //! The modules follow the pipeline: [`tokenizer`] → [`text_encoder`] → [`unet3d`] iterated by
-//! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`loading`] reads checkpoint folders and
-//! [`pipeline`] runs the whole.
+//! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`checkpoint`] finds and reads
+//! checkpoint folders and [`pipeline`] runs the whole.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
-pub mod hub;
 pub mod kernels;
-pub mod loading;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
-pub mod pth;
 pub mod schedulers;
 pub mod settings;
 pub mod text_encoder;

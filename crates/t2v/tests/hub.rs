@@ -1,4 +1,4 @@
-//! Offline tests of `--model` resolution through the Hugging Face cache.
+//! Offline tests of model resolution through the Hugging Face cache.
 //!
 //! A cache is laid out in a temp dir exactly as the hub clients lay it out (blobs/, refs/main,
 //! snapshots/<commit>/ with relative symlinks to the blobs), from the fixture model `tiny-t2v`.
@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use t2v::error::Error;
-use t2v::hub::{resolve_model, select_files, HubOptions, RepoSpec, DEFAULT_MODEL};
+use t2v::checkpoint::hub::select_files;
+use t2v::checkpoint::{resolve_model, HubOptions, RepoSpec, WeightsVariant, DEFAULT_MODEL};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -152,7 +153,7 @@ fn offline(cache: &Path) -> HubOptions {
     HubOptions { offline: true, progress: false, ..HubOptions::new(cache) }
 }
 
-/// What the main crate's loader opens: model_index.json and each component's files.
+/// What the loader opens: model_index.json and each component's files.
 fn assert_checkpoint(folder: &Path) {
     for f in [
         "model_index.json",
@@ -341,14 +342,14 @@ fn file_selection() {
         "vae/diffusion_pytorch_model.bin",
         "vae/diffusion_pytorch_model.fp16.bin",
     ]));
-    let full = select_files(&damo, false).unwrap();
+    let full = select_files(&damo, WeightsVariant::Auto).unwrap();
     let weights: Vec<&String> = full.iter().filter(|f| !f.ends_with(".json") && !f.ends_with(".txt")).collect();
     assert_eq!(
         weights,
         ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
     );
     assert_eq!(full.len(), configs.len() + 3);
-    let half = select_files(&damo, true).unwrap();
+    let half = select_files(&damo, WeightsVariant::Fp16).unwrap();
     assert!(half.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
     assert!(half.contains(&"text_encoder/model.fp16.safetensors".to_string()));
     assert!(!half.iter().any(|f| f.ends_with(".bin") || f == "unet/diffusion_pytorch_model.safetensors"));
@@ -361,8 +362,8 @@ fn file_selection() {
         "vae/diffusion_pytorch_model.bin",
         "zs2_576w/text2video_pytorch_model.pth",
     ]));
-    for fp16 in [false, true] {
-        let files = select_files(&zeroscope, fp16).unwrap();
+    for variant in [WeightsVariant::Auto, WeightsVariant::Fp16, WeightsVariant::Full] {
+        let files = select_files(&zeroscope, variant).unwrap();
         assert!(files.contains(&"unet/diffusion_pytorch_model.bin".to_string()));
         assert_eq!(files.len(), configs.len() + 3);
     }
@@ -377,28 +378,28 @@ fn file_selection() {
         "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
         "unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
     ]));
-    let files = select_files(&sharded, false).unwrap();
+    let files = select_files(&sharded, WeightsVariant::Auto).unwrap();
     let unet: Vec<&String> = files.iter().filter(|f| f.starts_with("unet/diffusion")).collect();
     assert_eq!(unet, ["unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]);
-    let files = select_files(&sharded, true).unwrap();
+    let files = select_files(&sharded, WeightsVariant::Fp16).unwrap();
     assert!(files.contains(&"unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors".to_string()));
 
     // Optional tokenizer file; required ones; weights.
     let mut minimal = list(&configs);
     minimal.retain(|f| f != "tokenizer/special_tokens_map.json");
     minimal.extend(list(&["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"]));
-    assert_eq!(select_files(&minimal, false).unwrap_err(), "vae/*.safetensors or vae/*.bin (the weights)");
+    assert_eq!(select_files(&minimal, WeightsVariant::Auto).unwrap_err(), "vae/*.safetensors or vae/*.bin (the weights)");
     minimal.push("vae/diffusion_pytorch_model.safetensors".into());
-    assert!(select_files(&minimal, false).is_ok());
+    assert!(select_files(&minimal, WeightsVariant::Auto).is_ok());
     minimal.retain(|f| f != "tokenizer/merges.txt");
-    assert_eq!(select_files(&minimal, false).unwrap_err(), "tokenizer/merges.txt");
+    assert_eq!(select_files(&minimal, WeightsVariant::Auto).unwrap_err(), "tokenizer/merges.txt");
 }
 
 #[test]
 fn the_fp16_variant_offline() {
     let (_dir, cache, snapshot) = cached_repo("fp16");
     // Without fp16 files in the cache, asking for them falls back to the plain ones.
-    let opts = HubOptions { variant_fp16: true, ..offline(&cache) };
+    let opts = HubOptions { variant: WeightsVariant::Fp16, ..offline(&cache) };
     assert_eq!(resolve_model(DEFAULT_MODEL, &opts).unwrap(), snapshot);
     // With only the fp16 unet in a snapshot, both settings resolve.
     let mut files = fixture_files();
@@ -409,8 +410,8 @@ fn the_fp16_variant_offline() {
     }
     let dir = TempDir::new("fp16only");
     let snap = add_snapshot(dir.path(), COMMIT, &files, &["main"]);
-    for fp16 in [false, true] {
-        let opts = HubOptions { variant_fp16: fp16, ..offline(dir.path()) };
+    for variant in [WeightsVariant::Auto, WeightsVariant::Fp16] {
+        let opts = HubOptions { variant, ..offline(dir.path()) };
         assert_eq!(resolve_model(DEFAULT_MODEL, &opts).unwrap(), snap);
     }
 }
@@ -707,7 +708,7 @@ fn downloads_only_the_needed_files_into_the_hub_layout() {
     // And offline it resolves from what was downloaded.
     assert_eq!(resolve_model(DEFAULT_MODEL, &offline(&cache)).unwrap(), got);
     // The fp16 variant, asked for later: only the unet has one.
-    let fp16 = HubOptions { variant_fp16: true, ..opts.clone() };
+    let fp16 = HubOptions { variant: WeightsVariant::Fp16, ..opts.clone() };
     let seen = hub.resolved().len();
     assert_eq!(resolve_model(DEFAULT_MODEL, &fp16).unwrap(), got);
     let new: Vec<String> = hub.resolved().into_iter().skip(seen).collect();

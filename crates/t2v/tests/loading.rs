@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use t2v::loading::{ModelFolder, WeightsFormat, WeightsVariant};
+use t2v::checkpoint::{ModelFolder, WeightsFormat, WeightsVariant};
 use t2v::pipeline::{check_params, GenerationParams, LoadOptions, TextToVideo};
 use t2v::tokenizer::ClipTokenizer;
 use t2v::unet3d::{self, UNet3DConditionModel};

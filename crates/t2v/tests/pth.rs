@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use t2v::error::Error;
-use t2v::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
+use t2v::checkpoint::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
