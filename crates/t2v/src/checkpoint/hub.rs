@@ -151,8 +151,7 @@ fn env_true(name: &str) -> bool {
 }
 
 fn home_dir() -> PathBuf {
-    #[allow(deprecated)]
-    std::env::home_dir().unwrap_or_else(|| PathBuf::from("."))
+    dirs::home_dir().unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A repo id and revision, parsed from `owner/name` or `owner/name@revision`.
