@@ -1,4 +1,4 @@
-//! Resolving `--model`: a local checkpoint folder, or a Hugging Face repo id (`owner/name`,
+//! Resolving a model name: a local checkpoint folder, or a Hugging Face repo id (`owner/name`,
 //! optionally `owner/name@revision`) looked up in, and downloaded into, the standard Hugging Face
 //! cache.
 //!
@@ -27,7 +27,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use super::select::{select_weights, WeightsVariant};
 use crate::error::{Error, Result};
 
-/// The checkpoint `--model` names when none is given.
+/// The checkpoint to use when none is named: the model card's.
 pub const DEFAULT_MODEL: &str = "damo-vilab/text-to-video-ms-1.7b";
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -211,7 +211,7 @@ fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Resolves `--model` to a checkpoint folder.
+/// Resolves a model name to a checkpoint folder.
 ///
 /// - An existing directory is returned as is (checked first: a folder named like a repo wins).
 /// - `owner/name[@revision]` gives the snapshot folder `<cache>/models--owner--name/snapshots/<commit>`,
@@ -602,7 +602,7 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
                                        HF_HUB_OFFLINE=1 if the model is already in the cache"
                         .to_string(),
                     _ => "run again; if it persists, download the model with `hf download` and \
-                          pass its folder"
+                          load it from its folder"
                         .to_string(),
                 };
                 format!("{what}: {hint}")
@@ -631,7 +631,7 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
             .to_string(),
         ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => format!(
             "the Hub's answer lacks a valid `{h}` header (a proxy may be rewriting it): run again, \
-             or download with `hf download` and pass the folder"
+             or download with `hf download` and load it from its folder"
         ),
         other => format!("{other}: run again"),
     }
