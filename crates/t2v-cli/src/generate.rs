@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Args;
 use serde::Serialize;
-use t2v::hub::{self, HubOptions, DEFAULT_MODEL};
-use t2v::loading::WeightsVariant;
+use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::SchedulerKind;
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
@@ -173,7 +172,7 @@ pub fn hub_options(offline: bool, quiet: bool, variant: WeightsVariant) -> HubOp
     let mut opts = HubOptions::from_env();
     opts.offline |= offline;
     opts.progress &= !quiet;
-    opts.variant_fp16 = variant == WeightsVariant::Fp16;
+    opts.variant = variant;
     opts
 }
 
@@ -277,7 +276,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
 
-    let model_folder = hub::resolve_model(&model_spec, &hub_options(args.offline, quiet, args.variant))
+    let model_folder = checkpoint::resolve_model(&model_spec, &hub_options(args.offline, quiet, args.variant))
         .with_context(|| format!("finding the model {model_spec}"))?;
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;

@@ -8,8 +8,7 @@ mod settings;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use t2v::hub::{self, DEFAULT_MODEL};
-use t2v::loading::WeightsVariant;
+use t2v::checkpoint::{self, WeightsVariant, DEFAULT_MODEL};
 use t2v::tokenizer::ClipTokenizer;
 
 /// Text to video with the ModelScope text-to-video model (and zeroscope checkpoints), natively in
@@ -63,7 +62,7 @@ fn main() {
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let model = hub::resolve_model(&args.model, &generate::hub_options(args.offline, false, WeightsVariant::Auto))?;
+    let model = checkpoint::resolve_model(&args.model, &generate::hub_options(args.offline, false, WeightsVariant::Auto))?;
     let tokenizer = ClipTokenizer::from_folder(&model.join("tokenizer"))
         .with_context(|| format!("loading the tokenizer of {}", args.model))?;
     let encoded = tokenizer.encode_padded(&args.prompt)?;

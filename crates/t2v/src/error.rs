@@ -5,7 +5,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "model folder {path} does not exist: pass a folder in the diffusers layout \
+        "model folder {path} does not exist: name a folder in the diffusers layout \
          (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/)"
     )]
     ModelFolderMissing { path: PathBuf },
@@ -69,7 +69,7 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
 
     #[error(
-        "no model folder `{spec}`, and it is not a Hugging Face repo id: pass a folder in the \
+        "no model folder `{spec}`, and it is not a Hugging Face repo id: name a folder in the \
          diffusers layout (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/) \
          or a repo id such as damo-vilab/text-to-video-ms-1.7b (optionally @revision)"
     )]
@@ -77,8 +77,9 @@ pub enum Error {
 
     #[error(
         "{file} of {repo} is not in the Hugging Face cache {cache}, and downloads are off \
-         (HF_HUB_OFFLINE or --offline): run once with network access to download it, or unset \
-         HF_HUB_OFFLINE (point HF_HUB_CACHE or HF_HOME at another cache if the model is elsewhere)"
+         (offline mode, or HF_HUB_OFFLINE): run once with network access and offline mode off (and \
+         HF_HUB_OFFLINE unset) to download it, or point HF_HUB_CACHE or HF_HOME at the cache that \
+         holds the model"
     )]
     Offline { repo: String, file: String, cache: PathBuf },
 

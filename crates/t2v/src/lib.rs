@@ -2,19 +2,17 @@
 //! in Rust on candle.
 //!
 //! The modules follow the pipeline: [`tokenizer`] → [`text_encoder`] → [`unet3d`] iterated by
-//! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`loading`] reads checkpoint folders and
-//! [`pipeline`] runs the whole.
+//! [`schedulers`] from [`noise`] → [`vae`] → frames → [`video`]; [`checkpoint`] finds and reads
+//! checkpoint folders and [`pipeline`] runs the whole.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
-pub mod hub;
 pub mod kernels;
-pub mod loading;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod profile;
-pub mod pth;
 pub mod schedulers;
 pub mod text_encoder;
 pub mod tokenizer;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::loading::{ModelFolder, WeightsVariant};
+use crate::checkpoint::{ModelFolder, WeightsVariant};
 use crate::noise::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::text_encoder::{self, TextEncoder};

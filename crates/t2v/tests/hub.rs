@@ -1,24 +1,23 @@
-//! Offline tests of `--model` resolution through the Hugging Face cache.
+//! Offline tests of model resolution through the Hugging Face cache.
 //!
 //! A cache is laid out in a temp dir exactly as the hub clients lay it out (blobs/, refs/main,
 //! snapshots/<commit>/ with relative symlinks to the blobs), from the fixture model `tiny-t2v`.
 //! Downloads are tested against a small HTTP server on 127.0.0.1 that answers like the Hub
 //! (`/api/models/...` and `/.../resolve/...`), so nothing leaves the machine.
 
+mod common;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use common::fixtures;
+use common::http::{Request, Response, Server};
+use t2v::checkpoint::hub::select_files;
+use t2v::checkpoint::{resolve_model, HubOptions, RepoSpec, WeightsVariant, DEFAULT_MODEL};
 use t2v::error::Error;
-use t2v::hub::{resolve_model, select_files, HubOptions, RepoSpec, DEFAULT_MODEL};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use tempfile::TempDir;
 
 fn tiny() -> PathBuf {
     fixtures().join("tiny-t2v")
@@ -37,35 +36,7 @@ fn env_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Temp dirs and a cache laid out like the hub clients'.
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "t2v-hub-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+// A cache laid out like the hub clients'.
 
 fn hex_digest(bytes: &[u8], chars: usize) -> String {
     let mut out = String::new();
@@ -141,8 +112,8 @@ fn add_snapshot(cache: &Path, commit: &str, files: &[(String, Vec<u8>)], refs: &
     snapshot
 }
 
-fn cached_repo(tag: &str) -> (TempDir, PathBuf, PathBuf) {
-    let dir = TempDir::new(tag);
+fn cached_repo() -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new().unwrap();
     let cache = dir.path().join("hub");
     let snapshot = add_snapshot(&cache, COMMIT, &fixture_files(), &["main"]);
     (dir, cache, snapshot)
@@ -152,7 +123,7 @@ fn offline(cache: &Path) -> HubOptions {
     HubOptions { offline: true, progress: false, ..HubOptions::new(cache) }
 }
 
-/// What the main crate's loader opens: model_index.json and each component's files.
+/// What the loader opens: model_index.json and each component's files.
 fn assert_checkpoint(folder: &Path) {
     for f in [
         "model_index.json",
@@ -196,7 +167,7 @@ fn assert_links_into_blobs(snapshot: &Path) {
 
 #[test]
 fn repo_id_resolves_to_the_cached_snapshot() {
-    let (_dir, cache, snapshot) = cached_repo("resolve");
+    let (_dir, cache, snapshot) = cached_repo();
     let got = resolve_model(DEFAULT_MODEL, &offline(&cache)).unwrap();
     assert_eq!(got, cache.join(REPO_FOLDER).join("snapshots").join(COMMIT));
     assert_eq!(got, snapshot);
@@ -206,7 +177,7 @@ fn repo_id_resolves_to_the_cached_snapshot() {
 
 #[test]
 fn revisions_main_commit_and_tags() {
-    let (_dir, cache, snapshot) = cached_repo("revisions");
+    let (_dir, cache, snapshot) = cached_repo();
     let opts = offline(&cache);
     assert_eq!(resolve_model(&format!("{DEFAULT_MODEL}@main"), &opts).unwrap(), snapshot);
     // A commit hash names its snapshot directly (huggingface_hub writes no ref for it).
@@ -228,7 +199,7 @@ fn revisions_main_commit_and_tags() {
 
 #[test]
 fn a_file_missing_offline_is_a_clear_error() {
-    let (_dir, cache, snapshot) = cached_repo("missing");
+    let (_dir, cache, snapshot) = cached_repo();
     let opts = offline(&cache);
 
     std::fs::remove_file(snapshot.join("vae/config.json")).unwrap();
@@ -248,7 +219,7 @@ fn a_file_missing_offline_is_a_clear_error() {
     println!("{msg}");
 
     // A link whose blob was deleted does not count as present.
-    let (_dir2, cache2, snapshot2) = cached_repo("dangling");
+    let (_dir2, cache2, snapshot2) = cached_repo();
     let blob = std::fs::canonicalize(snapshot2.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::remove_file(blob).unwrap();
     match resolve_model(DEFAULT_MODEL, &offline(&cache2)).unwrap_err() {
@@ -257,7 +228,7 @@ fn a_file_missing_offline_is_a_clear_error() {
     }
 
     // A repo that was never downloaded.
-    let empty = TempDir::new("empty");
+    let empty = TempDir::new().unwrap();
     let err = resolve_model("cerspense/zeroscope_v2_576w", &offline(empty.path())).unwrap_err();
     assert!(matches!(&err, Error::Offline { repo, .. } if repo == "cerspense/zeroscope_v2_576w"), "{err:?}");
 }
@@ -265,7 +236,7 @@ fn a_file_missing_offline_is_a_clear_error() {
 #[test]
 fn a_local_folder_is_returned_as_is() {
     let folder = tiny();
-    let empty = TempDir::new("local");
+    let empty = TempDir::new().unwrap();
     let got = resolve_model(folder.to_str().unwrap(), &offline(empty.path())).unwrap();
     assert_eq!(got, folder);
     // Even online: a folder never reaches the network.
@@ -279,7 +250,7 @@ fn a_local_folder_is_returned_as_is() {
 
 #[test]
 fn neither_a_folder_nor_a_repo_id_is_a_clear_error() {
-    let empty = TempDir::new("spec");
+    let empty = TempDir::new().unwrap();
     let opts = offline(empty.path());
     for spec in ["./no/such/folder", "/no/such/folder", "justaname", "a/b/c", "owner/na me", "owner--x/y", "o/n@", "", "-owner/name"] {
         match resolve_model(spec, &opts) {
@@ -341,14 +312,14 @@ fn file_selection() {
         "vae/diffusion_pytorch_model.bin",
         "vae/diffusion_pytorch_model.fp16.bin",
     ]));
-    let full = select_files(&damo, false).unwrap();
+    let full = select_files(&damo, WeightsVariant::Auto).unwrap();
     let weights: Vec<&String> = full.iter().filter(|f| !f.ends_with(".json") && !f.ends_with(".txt")).collect();
     assert_eq!(
         weights,
         ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
     );
     assert_eq!(full.len(), configs.len() + 3);
-    let half = select_files(&damo, true).unwrap();
+    let half = select_files(&damo, WeightsVariant::Fp16).unwrap();
     assert!(half.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
     assert!(half.contains(&"text_encoder/model.fp16.safetensors".to_string()));
     assert!(!half.iter().any(|f| f.ends_with(".bin") || f == "unet/diffusion_pytorch_model.safetensors"));
@@ -361,8 +332,8 @@ fn file_selection() {
         "vae/diffusion_pytorch_model.bin",
         "zs2_576w/text2video_pytorch_model.pth",
     ]));
-    for fp16 in [false, true] {
-        let files = select_files(&zeroscope, fp16).unwrap();
+    for variant in [WeightsVariant::Auto, WeightsVariant::Fp16, WeightsVariant::Full] {
+        let files = select_files(&zeroscope, variant).unwrap();
         assert!(files.contains(&"unet/diffusion_pytorch_model.bin".to_string()));
         assert_eq!(files.len(), configs.len() + 3);
     }
@@ -377,28 +348,28 @@ fn file_selection() {
         "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
         "unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
     ]));
-    let files = select_files(&sharded, false).unwrap();
+    let files = select_files(&sharded, WeightsVariant::Auto).unwrap();
     let unet: Vec<&String> = files.iter().filter(|f| f.starts_with("unet/diffusion")).collect();
     assert_eq!(unet, ["unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]);
-    let files = select_files(&sharded, true).unwrap();
+    let files = select_files(&sharded, WeightsVariant::Fp16).unwrap();
     assert!(files.contains(&"unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors".to_string()));
 
     // Optional tokenizer file; required ones; weights.
     let mut minimal = list(&configs);
     minimal.retain(|f| f != "tokenizer/special_tokens_map.json");
     minimal.extend(list(&["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"]));
-    assert_eq!(select_files(&minimal, false).unwrap_err(), "vae/*.safetensors or vae/*.bin (the weights)");
+    assert_eq!(select_files(&minimal, WeightsVariant::Auto).unwrap_err(), "vae/*.safetensors or vae/*.bin (the weights)");
     minimal.push("vae/diffusion_pytorch_model.safetensors".into());
-    assert!(select_files(&minimal, false).is_ok());
+    assert!(select_files(&minimal, WeightsVariant::Auto).is_ok());
     minimal.retain(|f| f != "tokenizer/merges.txt");
-    assert_eq!(select_files(&minimal, false).unwrap_err(), "tokenizer/merges.txt");
+    assert_eq!(select_files(&minimal, WeightsVariant::Auto).unwrap_err(), "tokenizer/merges.txt");
 }
 
 #[test]
 fn the_fp16_variant_offline() {
-    let (_dir, cache, snapshot) = cached_repo("fp16");
+    let (_dir, cache, snapshot) = cached_repo();
     // Without fp16 files in the cache, asking for them falls back to the plain ones.
-    let opts = HubOptions { variant_fp16: true, ..offline(&cache) };
+    let opts = HubOptions { variant: WeightsVariant::Fp16, ..offline(&cache) };
     assert_eq!(resolve_model(DEFAULT_MODEL, &opts).unwrap(), snapshot);
     // With only the fp16 unet in a snapshot, both settings resolve.
     let mut files = fixture_files();
@@ -407,10 +378,10 @@ fn the_fp16_variant_offline() {
             *path = "unet/diffusion_pytorch_model.fp16.safetensors".into();
         }
     }
-    let dir = TempDir::new("fp16only");
+    let dir = TempDir::new().unwrap();
     let snap = add_snapshot(dir.path(), COMMIT, &files, &["main"]);
-    for fp16 in [false, true] {
-        let opts = HubOptions { variant_fp16: fp16, ..offline(dir.path()) };
+    for variant in [WeightsVariant::Auto, WeightsVariant::Fp16] {
+        let opts = HubOptions { variant, ..offline(dir.path()) };
         assert_eq!(resolve_model(DEFAULT_MODEL, &opts).unwrap(), snap);
     }
 }
@@ -438,7 +409,7 @@ fn options_from_the_environment() {
         std::env::remove_var(v);
     }
     let result = std::panic::catch_unwind(|| {
-        let (dir, cache, snapshot) = cached_repo("env");
+        let (dir, cache, snapshot) = cached_repo();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
 
@@ -504,25 +475,20 @@ struct MockRepo {
 }
 
 struct MockHub {
-    endpoint: String,
+    server: Server,
     log: Arc<Mutex<Vec<Logged>>>,
 }
 
 impl MockHub {
     fn start(repos: Vec<MockRepo>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
-        let repos = Arc::new(repos);
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (repos, log) = (repos.clone(), log2.clone());
-                std::thread::spawn(move || serve(stream, &repos, &log));
-            }
-        });
-        Self { endpoint, log }
+        let served = log.clone();
+        let server = Server::start(move |request| serve(request, &repos, &served));
+        Self { server, log }
+    }
+
+    fn endpoint(&self) -> String {
+        self.server.url()
     }
 
     fn log(&self) -> Vec<Logged> {
@@ -538,54 +504,21 @@ impl MockHub {
     }
 }
 
-fn serve(mut stream: TcpStream, repos: &[MockRepo], log: &Mutex<Vec<Logged>>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let mut lines = text.split("\r\n");
-    let target = lines.next().unwrap().split(' ').nth(1).unwrap().to_string();
-    let header = |name: &str| {
-        text.split("\r\n")
-            .skip(1)
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
-    };
-    let (range, auth) = (header("range"), header("authorization"));
-    let path = target.split('?').next().unwrap().to_string();
+fn serve(request: &Request, repos: &[MockRepo], log: &Mutex<Vec<Logged>>) -> Response {
+    let path = request.path().to_string();
+    let range = request.header("range").map(str::to_string);
+    let auth = request.header("authorization").map(str::to_string);
     log.lock().unwrap().push(Logged { path: path.clone(), range: range.clone(), auth });
-
-    let respond = |stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]| {
-        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        let _ = stream.write_all(head.as_bytes());
-        let _ = stream.write_all(body);
-    };
-    let not_found = |stream: &mut TcpStream, code: &str| {
-        respond(stream, "404 Not Found", &[("X-Error-Code", code.to_string())], b"not found")
-    };
+    let not_found = |code: &str| Response::new("404 Not Found", "not found").header("X-Error-Code", code);
 
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let Some(repo) = repos.iter().find(|r| rest.starts_with(&format!("{}/revision/", r.id))) else {
-            return respond(&mut stream, "401 Unauthorized", &[("X-Error-Code", "RepoNotFound".into())], b"{}");
+            return Response::new("401 Unauthorized", "{}").header("X-Error-Code", "RepoNotFound");
         };
         if repo.gated {
-            return respond(
-                &mut stream,
-                "401 Unauthorized",
-                &[
-                    ("X-Error-Code", "GatedRepo".into()),
-                    ("X-Error-Message", format!("Access to model {} is restricted.", repo.id)),
-                ],
-                b"{}",
-            );
+            return Response::new("401 Unauthorized", "{}")
+                .header("X-Error-Code", "GatedRepo")
+                .header("X-Error-Message", format!("Access to model {} is restricted.", repo.id));
         }
         let siblings: Vec<serde_json::Value> = repo
             .files
@@ -601,35 +534,36 @@ fn serve(mut stream: TcpStream, repos: &[MockRepo], log: &Mutex<Vec<Logged>>) {
             })
             .collect();
         let body = serde_json::json!({"id": repo.id, "sha": repo.commit, "siblings": siblings}).to_string();
-        return respond(&mut stream, "200 OK", &[("Content-Type", "application/json".into())], body.as_bytes());
+        return Response::new("200 OK", body).header("Content-Type", "application/json");
     }
     let Some((repo, rest)) = repos.iter().find_map(|r| path.strip_prefix(&format!("/{}/resolve/", r.id)).map(|rest| (r, rest))) else {
-        return not_found(&mut stream, "RepoNotFound");
+        return not_found("RepoNotFound");
     };
     let (revision, file) = rest.split_once('/').unwrap();
     if revision != repo.commit && revision != "main" {
-        return not_found(&mut stream, "RevisionNotFound");
+        return not_found("RevisionNotFound");
     }
     let Some((_, bytes)) = repo.files.iter().find(|(p, _)| p == file) else {
-        return not_found(&mut stream, "EntryNotFound");
+        return not_found("EntryNotFound");
     };
     let etag = etag_of(file, bytes);
-    let mut headers = vec![("X-Repo-Commit", repo.commit.clone())];
-    if is_lfs(file) {
-        headers.push(("X-Linked-Etag", format!("\"{etag}\"")));
-        headers.push(("ETag", "\"cdn-etag\"".into()));
-    } else {
-        headers.push(("ETag", format!("\"{etag}\"")));
-    }
+    let with_etags = |response: Response| {
+        let response = response.header("X-Repo-Commit", repo.commit.clone());
+        if is_lfs(file) {
+            response.header("X-Linked-Etag", format!("\"{etag}\"")).header("ETag", "\"cdn-etag\"")
+        } else {
+            response.header("ETag", format!("\"{etag}\""))
+        }
+    };
     match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
         Some(spec) => {
             let (a, b) = spec.split_once('-').unwrap();
             let start: usize = a.parse().unwrap();
             let end: usize = if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().unwrap().min(bytes.len() - 1) };
-            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", bytes.len())));
-            respond(&mut stream, "206 Partial Content", &headers, &bytes[start..=end]);
+            with_etags(Response::new("206 Partial Content", &bytes[start..=end]))
+                .header("Content-Range", format!("bytes {start}-{end}/{}", bytes.len()))
         }
-        None => respond(&mut stream, "200 OK", &headers, bytes),
+        None => with_etags(Response::new("200 OK", bytes.as_slice())),
     }
 }
 
@@ -665,14 +599,14 @@ fn clear_proxies() {
 }
 
 fn online(cache: &Path, hub: &MockHub) -> HubOptions {
-    HubOptions { endpoint: hub.endpoint.clone(), progress: false, ..HubOptions::new(cache) }
+    HubOptions { endpoint: hub.endpoint(), progress: false, ..HubOptions::new(cache) }
 }
 
 #[test]
 fn downloads_only_the_needed_files_into_the_hub_layout() {
     clear_proxies();
     let hub = mock_damo(served_files(), COMMIT);
-    let dir = TempDir::new("download");
+    let dir = TempDir::new().unwrap();
     let cache = dir.path().join("hub");
     let opts = HubOptions { token: Some("hf_secret".into()), ..online(&cache, &hub) };
 
@@ -707,7 +641,7 @@ fn downloads_only_the_needed_files_into_the_hub_layout() {
     // And offline it resolves from what was downloaded.
     assert_eq!(resolve_model(DEFAULT_MODEL, &offline(&cache)).unwrap(), got);
     // The fp16 variant, asked for later: only the unet has one.
-    let fp16 = HubOptions { variant_fp16: true, ..opts.clone() };
+    let fp16 = HubOptions { variant: WeightsVariant::Fp16, ..opts.clone() };
     let seen = hub.resolved().len();
     assert_eq!(resolve_model(DEFAULT_MODEL, &fp16).unwrap(), got);
     let new: Vec<String> = hub.resolved().into_iter().skip(seen).collect();
@@ -720,7 +654,7 @@ fn a_partial_download_is_resumed() {
     clear_proxies();
     let files = fixture_files();
     let hub = mock_damo(files.clone(), COMMIT);
-    let dir = TempDir::new("resume");
+    let dir = TempDir::new().unwrap();
     let cache = dir.path().join("hub");
     let (path, bytes) = files.iter().find(|(p, _)| p == "unet/diffusion_pytorch_model.safetensors").unwrap();
     let blob = cache.join(REPO_FOLDER).join("blobs").join(etag_of(path, bytes));
@@ -755,7 +689,7 @@ fn a_partial_download_is_resumed() {
 fn a_cached_blob_is_linked_not_downloaded_again() {
     clear_proxies();
     // The cache has commit COMMIT; the branch has moved to NEW_COMMIT, whose unet config changed.
-    let (_dir, cache, _old) = cached_repo("relink");
+    let (_dir, cache, _old) = cached_repo();
     let mut files = fixture_files();
     for (p, b) in files.iter_mut() {
         if p == "unet/config.json" {
@@ -776,7 +710,7 @@ fn a_cached_blob_is_linked_not_downloaded_again() {
 fn hub_errors_say_what_to_do() {
     clear_proxies();
     let hub = mock_damo(served_files(), COMMIT);
-    let dir = TempDir::new("errors");
+    let dir = TempDir::new().unwrap();
     let opts = online(dir.path(), &hub);
 
     let msg = resolve_model("gated/model", &opts).unwrap_err().to_string();
@@ -804,11 +738,11 @@ fn hub_errors_say_what_to_do() {
 fn an_unreachable_hub_falls_back_to_a_complete_cache() {
     clear_proxies();
     // Nothing listens on port 1: the connection is refused at once.
-    let (_dir, cache, snapshot) = cached_repo("unreachable");
+    let (_dir, cache, snapshot) = cached_repo();
     let opts = HubOptions { endpoint: "http://127.0.0.1:1".into(), progress: false, ..HubOptions::new(&cache) };
     assert_eq!(resolve_model(DEFAULT_MODEL, &opts).unwrap(), snapshot);
 
-    let empty = TempDir::new("unreachable-empty");
+    let empty = TempDir::new().unwrap();
     let opts = HubOptions { cache_dir: empty.path().to_path_buf(), ..opts };
     let err = resolve_model(DEFAULT_MODEL, &opts).unwrap_err();
     let msg = err.to_string();

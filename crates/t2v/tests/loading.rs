@@ -7,18 +7,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use t2v::loading::{ModelFolder, WeightsFormat, WeightsVariant};
+use t2v::checkpoint::{ModelFolder, WeightsFormat, WeightsVariant};
 use t2v::pipeline::{check_params, GenerationParams, LoadOptions, TextToVideo};
 use t2v::tokenizer::ClipTokenizer;
 use t2v::unet3d::{self, UNet3DConditionModel};
 use t2v::Error;
+use tempfile::TempDir;
 
-/// A fresh copy of a fixture model to damage.
-fn copy_model(name: &str, tag: &str) -> PathBuf {
-    let dest = std::env::temp_dir().join(format!("t2v-loading-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dest);
+/// A fresh copy of a fixture model to damage, in a folder removed with the returned guard.
+fn copy_model(name: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new().unwrap();
+    let dest = dir.path().join(name);
     copy_dir(&model_dir(name), &dest);
-    dest
+    (dir, dest)
 }
 
 fn copy_dir(src: &Path, dest: &Path) {
@@ -78,36 +79,36 @@ fn missing_folder_and_files_are_named() {
     assert!(matches!(err, Error::ModelFolderMissing { .. }));
     assert!(err.to_string().contains("/nonexistent/model does not exist"), "{err}");
 
-    let root = copy_model("tiny-t2v", "no-index");
+    let (_dir, root) = copy_model("tiny-t2v");
     std::fs::remove_file(root.join("model_index.json")).unwrap();
     let err = load_err(&root);
     assert!(err.to_string().contains("model_index.json is missing"), "{err}");
 
-    let root = copy_model("tiny-t2v", "no-unet-config");
+    let (_dir, root) = copy_model("tiny-t2v");
     std::fs::remove_file(root.join("unet/config.json")).unwrap();
     let err = load_err(&root);
     assert!(matches!(err, Error::FileMissing { .. }), "{err}");
     assert!(err.to_string().contains("unet/config.json is missing"), "{err}");
 
-    let root = copy_model("tiny-t2v", "no-vae");
+    let (_dir, root) = copy_model("tiny-t2v");
     std::fs::remove_dir_all(root.join("vae")).unwrap();
     let err = load_err(&root);
     assert!(err.to_string().contains("vae is missing"), "{err}");
 }
 
 /// Rewrites the tiny UNet's weights through `edit`.
-fn edit_unet(tag: &str, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) -> PathBuf {
-    let root = copy_model("tiny-t2v", tag);
+fn edit_unet(edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) -> (TempDir, PathBuf) {
+    let (dir, root) = copy_model("tiny-t2v");
     let mut tensors = candle_core::safetensors::load(unet_weights(&root), &Device::Cpu).unwrap();
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, unet_weights(&root)).unwrap();
-    root
+    (dir, root)
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let name = "down_blocks.0.temp_convs.0.conv2.3.weight";
-    let root = edit_unet("missing-tensor", |t| {
+    let (_dir, root) = edit_unet(|t| {
         t.remove(name);
     });
     match load_err(&root) {
@@ -121,7 +122,7 @@ fn missing_tensor_is_named() {
 #[test]
 fn wrong_shape_reports_expected_and_found() {
     let name = "mid_block.attentions.0.proj_in.weight";
-    let root = edit_unet("wrong-shape", |t| {
+    let (_dir, root) = edit_unet(|t| {
         t.insert(name.into(), Tensor::zeros((8, 6), DType::F32, &Device::Cpu).unwrap());
     });
     let err = load_err(&root);
@@ -136,7 +137,7 @@ fn wrong_shape_reports_expected_and_found() {
 
 #[test]
 fn truncated_and_garbage_weights_are_corrupt() {
-    let root = copy_model("tiny-t2v", "truncated");
+    let (_dir, root) = copy_model("tiny-t2v");
     let bytes = std::fs::read(unet_weights(&root)).unwrap();
     std::fs::write(unet_weights(&root), &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(&root);
@@ -150,7 +151,7 @@ fn truncated_and_garbage_weights_are_corrupt() {
 
 #[test]
 fn unsupported_component_class_is_named_with_the_supported_ones() {
-    let root = copy_model("tiny-t2v", "unet2d");
+    let (_dir, root) = copy_model("tiny-t2v");
     let index = std::fs::read_to_string(root.join("model_index.json")).unwrap();
     std::fs::write(root.join("model_index.json"), index.replace("UNet3DConditionModel", "UNet2DConditionModel")).unwrap();
     let err = load_err(&root);
@@ -161,13 +162,13 @@ fn unsupported_component_class_is_named_with_the_supported_ones() {
 
 #[test]
 fn fp16_variant_is_taken_when_alone_or_asked_for() {
-    let root = copy_model("small-t2v", "fp16");
+    let (_dir, root) = copy_model("small-t2v");
     let fp16 = root.join("unet/diffusion_pytorch_model.fp16.safetensors");
     std::fs::copy(unet_weights(&root), &fp16).unwrap();
     let folder = ModelFolder::open(&root).unwrap();
     // Both present: the plain file unless fp16 is asked for.
     assert_eq!(folder.weights_files("unet", WeightsVariant::Auto).unwrap().paths, [unet_weights(&root)]);
-    assert_eq!(folder.weights_files("unet", WeightsVariant::Fp16).unwrap().paths, [fp16.clone()]);
+    assert_eq!(folder.weights_files("unet", WeightsVariant::Fp16).unwrap().paths, std::slice::from_ref(&fp16));
     // Only the variant: taken automatically, and it computes the reference's output.
     std::fs::remove_file(unet_weights(&root)).unwrap();
     let files = folder.weights_files("unet", WeightsVariant::Auto).unwrap();
@@ -185,7 +186,7 @@ fn fp16_variant_is_taken_when_alone_or_asked_for() {
 
 #[test]
 fn malicious_pickle_in_a_checkpoint_is_refused_and_runs_nothing() {
-    let root = copy_model("tiny-t2v-bin", "malicious");
+    let (_dir, root) = copy_model("tiny-t2v-bin");
     std::fs::copy(fixtures().join("malicious.bin"), root.join("vae/diffusion_pytorch_model.bin")).unwrap();
     let err = load_err(&root);
     assert!(matches!(err, Error::UnsafePickle { .. }), "{err}");
@@ -217,7 +218,7 @@ fn narrow_weights_stay_float16_and_vectors_widen() {
 #[test]
 fn vae_with_pre_0_15_attention_names_decodes_the_same() {
     // Checkpoints saved before diffusers 0.15 name the VAE's attention query/key/value/proj_attn.
-    let root = copy_model("tiny-t2v", "old-vae-names");
+    let (_dir, root) = copy_model("tiny-t2v");
     let path = root.join("vae/diffusion_pytorch_model.safetensors");
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let renamed: std::collections::HashMap<String, Tensor> = tensors

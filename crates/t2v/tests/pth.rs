@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use t2v::error::Error;
-use t2v::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
+use t2v::checkpoint::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
+use tempfile::TempDir;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -27,13 +28,6 @@ const PAIRS: &[(&str, &str)] = &[
         "vae/diffusion_pytorch_model.safetensors",
     ),
 ];
-
-/// A fresh scratch file path, unique to this test process and `name`.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("t2v-pth-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
@@ -144,6 +138,7 @@ fn malicious_pickle_is_refused_and_runs_nothing() {
 
 #[test]
 fn truncated_garbage_and_other_non_checkpoints_are_corrupt() {
+    let dir = TempDir::new().unwrap();
     let original =
         std::fs::read(fixtures().join("tiny-t2v-bin/unet/diffusion_pytorch_model.bin")).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -182,7 +177,7 @@ fn truncated_garbage_and_other_non_checkpoints_are_corrupt() {
         ),
     ];
     for (name, bytes, needle) in cases {
-        let path = scratch(name);
+        let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         assert_corrupt(check_pth_is_plain_state_dict(&path), needle);
         assert_corrupt(
@@ -190,7 +185,7 @@ fn truncated_garbage_and_other_non_checkpoints_are_corrupt() {
             needle,
         );
     }
-    match check_pth_is_plain_state_dict(&scratch("does-not-exist.bin")) {
+    match check_pth_is_plain_state_dict(&dir.path().join("does-not-exist.bin")) {
         Err(Error::Io { .. }) => {}
         other => panic!("expected Io, got {other:?}"),
     }
@@ -261,8 +256,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn write_pth(name: &str, pickle: &[u8], storages: &[(&str, Vec<u8>)]) -> PathBuf {
-    let path = scratch(name);
+fn write_pth(dir: &TempDir, name: &str, pickle: &[u8], storages: &[(&str, Vec<u8>)]) -> PathBuf {
+    let path = dir.path().join(name);
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     let opts =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -282,6 +277,7 @@ fn write_pth(name: &str, pickle: &[u8], storages: &[(&str, Vec<u8>)]) -> PathBuf
 
 #[test]
 fn views_shared_storage_wrappers_and_nested_state_dict() {
+    let dir = TempDir::new().unwrap();
     let data = f32_bytes(&[0., 1., 2., 3., 4., 5.]);
     let mut p = P::new();
     p.raw(b"}(").str("state_dict").raw(b"}(");
@@ -306,7 +302,7 @@ fn views_shared_storage_wrappers_and_nested_state_dict() {
     p.str("epoch").int(3);
     let pickle = p.raw(b"u").stop();
     let ids: Vec<u8> = [7i64, -1].iter().flat_map(|x| x.to_le_bytes()).collect();
-    let path = write_pth("views.bin", &pickle, &[("0", data), ("1", ids)]);
+    let path = write_pth(&dir, "views.bin", &pickle, &[("0", data), ("1", ids)]);
 
     check_pth_is_plain_state_dict(&path).unwrap();
     let t = load_pth_tensors(&path, DType::F32, &Device::Cpu).unwrap();
@@ -337,6 +333,7 @@ fn views_shared_storage_wrappers_and_nested_state_dict() {
 /// pickling stand-ins registered under torch's module names (no torch needed to regenerate).
 #[test]
 fn state_dict_as_python_pickles_it() {
+    let dir = TempDir::new().unwrap();
     let pickle: Vec<u8> = [
         b"\x80\x02ccollections\x0aOrderedDict\x0aq\x00)Rq\x01(X\x08\x00\x00\x00a.weightq".as_slice(),
         b"\x02ctorch._utils\x0a_rebuild_tensor_v2\x0aq\x03((X\x07\x00\x00\x00stora".as_slice(),
@@ -355,7 +352,7 @@ fn state_dict_as_python_pickles_it() {
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect();
-    let path = write_pth("python-state-dict.bin", &pickle, &[("0", s0), ("1", s1)]);
+    let path = write_pth(&dir, "python-state-dict.bin", &pickle, &[("0", s0), ("1", s1)]);
     let t = load_pth_tensors(&path, DType::F32, &Device::Cpu).unwrap();
     let mut names: Vec<_> = t.keys().cloned().collect();
     names.sort();
@@ -379,12 +376,13 @@ fn state_dict_as_python_pickles_it() {
 
 #[test]
 fn other_forbidden_globals_are_named() {
+    let dir = TempDir::new().unwrap();
     // A proto-4 pickle: STACK_GLOBAL through memoized strings.
     let mut p = b"\x80\x04\x95\x30\x00\x00\x00\x00\x00\x00\x00".to_vec();
     p.extend_from_slice(
         b"\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94\x8c\x0a__import__\x94\x85\x94R\x94.",
     );
-    let path = write_pth("stack-global.bin", &p, &[]);
+    let path = write_pth(&dir, "stack-global.bin", &p, &[]);
     match check_pth_is_plain_state_dict(&path) {
         Err(Error::UnsafePickle { global, .. }) => assert_eq!(global, "builtins.eval"),
         other => panic!("expected UnsafePickle, got {other:?}"),
@@ -396,7 +394,7 @@ fn other_forbidden_globals_are_named() {
         .tensor("load", "0", 1, 0, &[1], &[1])
         .raw(b"s")
         .stop();
-    let path = write_pth("torch-load.bin", &pickle, &[("0", f32_bytes(&[1.]))]);
+    let path = write_pth(&dir, "torch-load.bin", &pickle, &[("0", f32_bytes(&[1.]))]);
     match load_pth_tensors(&path, DType::F32, &Device::Cpu) {
         Err(Error::UnsafePickle { global, .. }) => assert_eq!(global, "torch.load"),
         other => panic!("expected UnsafePickle, got {other:?}"),
@@ -408,12 +406,13 @@ fn other_forbidden_globals_are_named() {
         .tensor("CharStorage", "0", 1, 0, &[1], &[1])
         .raw(b"s")
         .stop();
-    let path = write_pth("int8.bin", &pickle, &[("0", vec![1u8])]);
+    let path = write_pth(&dir, "int8.bin", &pickle, &[("0", vec![1u8])]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "CharStorage");
 }
 
 #[test]
 fn inconsistent_archives_are_corrupt() {
+    let dir = TempDir::new().unwrap();
     let tensor = |numel, offset, size: &[usize], stride: &[usize]| {
         P::new()
             .raw(b"}")
@@ -425,6 +424,7 @@ fn inconsistent_archives_are_corrupt() {
     let four = f32_bytes(&[1., 2., 3., 4.]);
     // A view past the end of its storage.
     let path = write_pth(
+        &dir,
         "past-end.bin",
         &tensor(4, 2, &[3], &[1]),
         &[("0", four.clone())],
@@ -432,27 +432,30 @@ fn inconsistent_archives_are_corrupt() {
     assert_corrupt(check_pth_is_plain_state_dict(&path), "past the end");
     // A storage whose bytes do not match its declared size.
     let path = write_pth(
+        &dir,
         "short-storage.bin",
         &tensor(4, 0, &[4], &[1]),
         &[("0", four[..12].to_vec())],
     );
     assert_corrupt(check_pth_is_plain_state_dict(&path), "declares 4 elements");
     // A missing storage.
-    let path = write_pth("no-storage.bin", &tensor(4, 0, &[4], &[1]), &[]);
+    let path = write_pth(&dir, "no-storage.bin", &tensor(4, 0, &[4], &[1]), &[]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "missing");
     // A pickle cut short, inside a sound zip.
     let full = tensor(4, 0, &[4], &[1]);
     let path = write_pth(
+        &dir,
         "cut-pickle.bin",
         &full[..full.len() / 2],
         &[("0", four.clone())],
     );
     assert_corrupt(check_pth_is_plain_state_dict(&path), "truncated pickle");
     // Not a state dict at all.
-    let path = write_pth("list.bin", &P::new().raw(b"]").stop(), &[]);
+    let path = write_pth(&dir, "list.bin", &P::new().raw(b"]").stop(), &[]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "not a state dict");
     // A dict without tensors.
     let path = write_pth(
+        &dir,
         "no-tensors.bin",
         &P::new().raw(b"}").str("model").raw(b"}s").stop(),
         &[],
@@ -461,6 +464,7 @@ fn inconsistent_archives_are_corrupt() {
     // A flipped byte in a storage: caught by the zip's CRC when the tensors are read.
     let marker = f32_bytes(&[1234.5, 1234.5, 1234.5, 1234.5]);
     let path = write_pth(
+        &dir,
         "flipped.bin",
         &tensor(4, 0, &[4], &[1]),
         &[("0", marker.clone())],
@@ -478,7 +482,7 @@ fn inconsistent_archives_are_corrupt() {
         "checksum",
     );
     // No data.pkl.
-    let path = scratch("no-pickle.bin");
+    let path = dir.path().join("no-pickle.bin");
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     z.start_file("archive/version", zip::write::SimpleFileOptions::default())
         .unwrap();
@@ -490,6 +494,7 @@ fn inconsistent_archives_are_corrupt() {
 /// Thousands of damaged pickles (flipped bytes, cuts) inside sound archives: errors, never a panic.
 #[test]
 fn damaged_pickles_never_panic() {
+    let dir = TempDir::new().unwrap();
     let original = fixtures().join("tiny-t2v-bin/vae/diffusion_pytorch_model.bin");
     let mut z = zip::ZipArchive::new(std::fs::File::open(&original).unwrap()).unwrap();
     let mut entries = vec![];
@@ -511,7 +516,7 @@ fn damaged_pickles_never_panic() {
         seed ^= seed << 17;
         (seed % n as u64) as usize
     };
-    let path = scratch("damaged.bin");
+    let path = dir.path().join("damaged.bin");
     let (mut refused, mut loaded) = (0, 0);
     for case in 0..600 {
         let mut pickle = clean.clone();

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::stages::*;
 use common::*;
-use t2v::loading::{ModelFolder, WeightsVariant};
+use t2v::checkpoint::{ModelFolder, WeightsVariant};
 use t2v::unet3d::{self, UNet3DConditionModel};
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use t2v::error::Error;
 use t2v::tokenizer::ClipTokenizer;
+use tempfile::TempDir;
 
 /// Where the reference fixtures live (`tokenizer_cases.json`, `tiny-t2v/`).
 fn fixtures() -> PathBuf {
@@ -23,19 +24,18 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// A fresh copy of the fixture tokenizer folder, to edit.
-fn temp_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::Builder::new().prefix(&format!("t2v-tokenizer-test-{name}-")).tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
+/// A fresh copy of the fixture tokenizer folder, to edit (removed when dropped).
+fn temp_copy() -> TempDir {
+    let dir = TempDir::new().unwrap();
     for f in [
         "vocab.json",
         "merges.txt",
         "special_tokens_map.json",
         "tokenizer_config.json",
     ] {
-        std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
+        std::fs::copy(tokenizer_dir().join(f), dir.path().join(f)).unwrap();
     }
-    (tmp, dir)
+    dir
 }
 
 #[test]
@@ -123,14 +123,15 @@ fn decode_round_trip() {
 
 #[test]
 fn pad_falls_back_to_tokenizer_config() {
-    let (_tmp, dir) = temp_copy("pad-fallback");
+    let temp = temp_copy();
+    let dir = temp.path();
     let map_path = dir.join("special_tokens_map.json");
     let mut map: Value =
         serde_json::from_str(&std::fs::read_to_string(&map_path).unwrap()).unwrap();
     map.as_object_mut().unwrap().remove("pad_token");
     std::fs::write(&map_path, serde_json::to_string_pretty(&map).unwrap()).unwrap();
 
-    let tok = ClipTokenizer::from_folder(&dir).unwrap();
+    let tok = ClipTokenizer::from_folder(dir).unwrap();
     // tokenizer_config.json names <|endoftext|>
     assert_eq!(tok.pad_id(), 49407);
     let enc = tok.encode_padded("a photo of a cat").unwrap();
@@ -142,36 +143,36 @@ fn pad_falls_back_to_tokenizer_config() {
 
     // with no special_tokens_map.json at all, tokenizer_config.json still decides
     std::fs::remove_file(&map_path).unwrap();
-    let tok = ClipTokenizer::from_folder(&dir).unwrap();
+    let tok = ClipTokenizer::from_folder(dir).unwrap();
     assert_eq!(tok.pad_id(), 49407);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn max_length_fallback() {
-    let (_tmp, dir) = temp_copy("max-length");
+    let temp = temp_copy();
+    let dir = temp.path();
     let cfg_path = dir.join("tokenizer_config.json");
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["model_max_length"] = serde_json::json!(1000000000000000019884624838656.0f64);
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    assert_eq!(ClipTokenizer::from_folder(&dir).unwrap().max_length(), 77);
+    assert_eq!(ClipTokenizer::from_folder(dir).unwrap().max_length(), 77);
     cfg.as_object_mut().unwrap().remove("model_max_length");
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    assert_eq!(ClipTokenizer::from_folder(&dir).unwrap().max_length(), 77);
+    assert_eq!(ClipTokenizer::from_folder(dir).unwrap().max_length(), 77);
     cfg["model_max_length"] = serde_json::json!(16);
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let tok = ClipTokenizer::from_folder(&dir).unwrap();
+    let tok = ClipTokenizer::from_folder(dir).unwrap();
     assert_eq!(tok.max_length(), 16);
     assert_eq!(tok.encode_padded("a photo of a cat").unwrap().ids.len(), 16);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn missing_vocab_is_reported() {
-    let (_tmp, dir) = temp_copy("missing-vocab");
+    let temp = temp_copy();
+    let dir = temp.path();
     std::fs::remove_file(dir.join("vocab.json")).unwrap();
-    let err = ClipTokenizer::from_folder(&dir).unwrap_err();
+    let err = ClipTokenizer::from_folder(dir).unwrap_err();
     assert!(
         matches!(&err, Error::FileMissing { path, .. } if path.ends_with("vocab.json")),
         "{err:?}"
@@ -179,5 +180,4 @@ fn missing_vocab_is_reported() {
     let msg = err.to_string();
     assert!(msg.contains("vocab.json"), "{msg}");
     assert!(msg.contains("download"), "{msg}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,9 +1,12 @@
 //! Output-format tests. Checks that need ffprobe/ffmpeg/chromium print "SKIPPED (...)" to stderr
 //! and return when the tool is missing (CI installs Debian's `ffmpeg chromium`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::http::{Response, Server};
 use t2v::video::{
     gif_delay_cs, mp4_top_level_boxes, read_mp4_metadata, write_video, write_video_auto,
     EncodeOptions, Frames, Quality, VideoFormat,
@@ -13,12 +16,15 @@ use t2v::video::{
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh, empty folder for one test (removed when dropped; kept with T2V_KEEP_TEST_FILES set).
+/// A fresh, empty folder for one test (removed when dropped, unless `T2V_KEEP_TEST_FILES` is set).
 struct TmpDir(tempfile::TempDir);
 impl TmpDir {
     fn new(name: &str) -> Self {
-        let mut dir = tempfile::Builder::new().prefix(&format!("t2v-video-test-{name}-")).tempdir().unwrap();
-        dir.disable_cleanup(std::env::var_os("T2V_KEEP_TEST_FILES").is_some());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("t2v-video-test-{name}-"))
+            .disable_cleanup(std::env::var_os("T2V_KEEP_TEST_FILES").is_some())
+            .tempdir()
+            .unwrap();
         TmpDir(dir)
     }
     fn path(&self, name: &str) -> PathBuf {
@@ -636,109 +642,47 @@ setTimeout(() => say(out.textContent + ' TIMEOUT', true), 20000);
 /// Serves `mp4` and [`CHROMIUM_PAGE`] on a loopback port, opens the page in headless Chromium,
 /// and returns what the page reported: `OK WxH DURATION px=R,G,B seeked=T` or `ERROR ...`.
 fn chromium_report(chrome: &str, dir: &TmpDir, mp4: &Path) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::TcpListener;
-    use std::sync::{mpsc, Arc, Condvar, Mutex};
+    use std::sync::{mpsc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
-    let video = Arc::new(std::fs::read(mp4).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let report: Arc<(Mutex<Option<String>>, Condvar)> =
-        Arc::new((Mutex::new(None), Condvar::new()));
+    let video = std::fs::read(mp4).unwrap();
+    let report: (Mutex<Option<String>>, Condvar) = (Mutex::new(None), Condvar::new());
     let (tx, rx) = mpsc::channel::<String>();
-    {
-        let report = report.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { break };
-                let (video, report, tx) = (video.clone(), report.clone(), tx.clone());
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut request = String::new();
-                    if reader.read_line(&mut request).is_err() {
-                        return;
-                    }
-                    let mut range = None;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                            break;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(r) = lower.strip_prefix("range: bytes=") {
-                            let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
-                            let start: usize = a.parse().unwrap_or(0);
-                            let end: usize =
-                                b.parse().unwrap_or(video.len() - 1).min(video.len() - 1);
-                            range = Some((start, end));
-                        }
-                    }
-                    let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    let send = |stream: &mut std::net::TcpStream,
-                                status: &str,
-                                ctype: &str,
-                                extra: &str,
-                                body: &[u8]| {
-                        let head = format!(
-                            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-                            body.len()
-                        );
-                        let _ = stream.write_all(head.as_bytes());
-                        let _ = stream.write_all(body);
-                    };
-                    if target == "/" || target == "/index.html" {
-                        send(
-                            &mut stream,
-                            "200 OK",
-                            "text/html",
-                            "",
-                            CHROMIUM_PAGE.as_bytes(),
-                        );
-                    } else if target == "/clip.mp4" {
-                        match range {
-                            Some((a, b)) if a <= b && a < video.len() => {
-                                let extra = format!(
-                                    "Accept-Ranges: bytes\r\nContent-Range: bytes {a}-{b}/{}\r\n",
-                                    video.len()
-                                );
-                                send(
-                                    &mut stream,
-                                    "206 Partial Content",
-                                    "video/mp4",
-                                    &extra,
-                                    &video[a..=b],
-                                );
-                            }
-                            _ => send(
-                                &mut stream,
-                                "200 OK",
-                                "video/mp4",
-                                "Accept-Ranges: bytes\r\n",
-                                &video,
-                            ),
-                        }
-                    } else if let Some(q) = target.strip_prefix("/report?") {
-                        let decoded = percent_decode(q);
-                        let (lock, cv) = &*report;
-                        *lock.lock().unwrap() = Some(decoded.clone());
-                        cv.notify_all();
-                        let _ = tx.send(decoded);
-                        send(&mut stream, "204 No Content", "text/plain", "", b"");
-                    } else if target == "/hold" {
-                        let (lock, cv) = &*report;
-                        let guard = lock.lock().unwrap();
-                        let _ = cv
-                            .wait_timeout_while(guard, Duration::from_secs(30), |r| r.is_none())
-                            .unwrap();
-                        send(&mut stream, "404 Not Found", "text/plain", "", b"");
-                    } else {
-                        send(&mut stream, "404 Not Found", "text/plain", "", b"");
-                    }
-                });
+    let server = Server::start(move |request| {
+        let target = request.target.as_str();
+        let response = if target == "/" || target == "/index.html" {
+            Response::new("200 OK", CHROMIUM_PAGE).header("Content-Type", "text/html")
+        } else if target == "/clip.mp4" {
+            let range = request.header("range").and_then(|r| r.to_ascii_lowercase().strip_prefix("bytes=").map(|r| {
+                let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
+                let start: usize = a.parse().unwrap_or(0);
+                let end: usize = b.parse().unwrap_or(video.len() - 1).min(video.len() - 1);
+                (start, end)
+            }));
+            let response = match range {
+                Some((a, b)) if a <= b && a < video.len() => Response::new("206 Partial Content", &video[a..=b])
+                    .header("Content-Range", format!("bytes {a}-{b}/{}", video.len())),
+                _ => Response::new("200 OK", video.as_slice()),
+            };
+            response.header("Content-Type", "video/mp4").header("Accept-Ranges", "bytes")
+        } else if let Some(q) = target.strip_prefix("/report?") {
+            let decoded = percent_decode(q);
+            let (lock, cv) = &report;
+            *lock.lock().unwrap() = Some(decoded.clone());
+            cv.notify_all();
+            let _ = tx.send(decoded);
+            Response::new("204 No Content", "").header("Content-Type", "text/plain")
+        } else {
+            if target == "/hold" {
+                let (lock, cv) = &report;
+                let guard = lock.lock().unwrap();
+                let _ = cv.wait_timeout_while(guard, Duration::from_secs(30), |r| r.is_none()).unwrap();
             }
-        });
-    }
+            Response::new("404 Not Found", "").header("Content-Type", "text/plain")
+        };
+        response.header("Cache-Control", "no-store")
+    });
+    let port = server.port();
 
     let profile = dir.path(&format!("profile-{port}"));
     std::fs::create_dir_all(&profile).unwrap();

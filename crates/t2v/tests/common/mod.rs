@@ -1,7 +1,8 @@
-//! Shared helpers of the fixture tests: where the fixtures are, and the error measure that the
-//! fixtures' README defines.
+//! Shared helpers of the fixture tests: where the fixtures are, the error measure that the
+//! fixtures' README defines, and a loopback HTTP server ([`http`]).
 #![allow(dead_code)]
 
+pub mod http;
 pub mod stages;
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! `tests/fallback.rs` (candle's standard ops, the path of other devices).
 
 use candle_core::{DType, Device};
-use t2v::loading::{ModelFolder, WeightsVariant};
+use t2v::checkpoint::{ModelFolder, WeightsVariant};
 use t2v::text_encoder::{self, TextEncoder};
 use t2v::unet3d::{self, UNet3DConditionModel};
 use t2v::vae::{self, Vae};

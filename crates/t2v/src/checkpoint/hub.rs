@@ -1,4 +1,4 @@
-//! Resolving `--model`: a local checkpoint folder, or a Hugging Face repo id (`owner/name`,
+//! Resolving a model name: a local checkpoint folder, or a Hugging Face repo id (`owner/name`,
 //! optionally `owner/name@revision`) looked up in, and downloaded into, the standard Hugging Face
 //! cache.
 //!
@@ -13,8 +13,8 @@
 //! ```
 //!
 //! Only the files the pipeline reads are fetched: `model_index.json`, each component's config, the
-//! tokenizer files, and for each of text_encoder/unet/vae one set of weights: `*.safetensors`
-//! before `*.bin`, the `fp16` variant (`*.fp16.safetensors`) first when asked for.
+//! tokenizer files, and for each of text_encoder/unet/vae the weights files that the loader will
+//! read ([`select_weights`]).
 //!
 //! Downloads go through the blocking client of the `hf-hub` crate: one progress bar per file on
 //! stderr, and a partial download (`blobs/<etag>.part`) is resumed with an HTTP Range request.
@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::select::{select_weights, WeightsVariant};
 use crate::error::{Error, Result};
 
-/// The checkpoint `--model` names when none is given.
+/// The checkpoint to use when none is named: the model card's.
 pub const DEFAULT_MODEL: &str = "damo-vilab/text-to-video-ms-1.7b";
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -61,22 +62,23 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// Base URL of the Hub (`https://huggingface.co`, or a mirror).
     pub endpoint: String,
-    /// Fetch the `fp16` weights (`*.fp16.safetensors`) where the repo has them.
-    pub variant_fp16: bool,
+    /// The weights to fetch: what the loader reads for this variant, and for a component that lacks
+    /// the variant what it reads for [`WeightsVariant::Auto`] (see [`select_files`]).
+    pub variant: WeightsVariant,
     /// Show download progress bars (and a line saying what is downloaded) on stderr.
     pub progress: bool,
 }
 
 impl HubOptions {
-    /// Options with the cache at `cache_dir`, online, anonymous, the public Hub, plain weights,
-    /// progress shown.
+    /// Options with the cache at `cache_dir`, online, anonymous, the public Hub, the weights of
+    /// [`WeightsVariant::Auto`], progress shown.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
             offline: false,
             token: None,
             endpoint: DEFAULT_ENDPOINT.to_string(),
-            variant_fp16: false,
+            variant: WeightsVariant::Auto,
             progress: true,
         }
     }
@@ -119,7 +121,7 @@ impl HubOptions {
             offline,
             token,
             endpoint,
-            variant_fp16: false,
+            variant: WeightsVariant::Auto,
             progress: !env_true("HF_HUB_DISABLE_PROGRESS_BARS"),
         }
     }
@@ -149,8 +151,7 @@ fn env_true(name: &str) -> bool {
 }
 
 fn home_dir() -> PathBuf {
-    #[allow(deprecated)]
-    std::env::home_dir().unwrap_or_else(|| PathBuf::from("."))
+    dirs::home_dir().unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A repo id and revision, parsed from `owner/name` or `owner/name@revision`.
@@ -210,7 +211,7 @@ fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Resolves `--model` to a checkpoint folder.
+/// Resolves a model name to a checkpoint folder.
 ///
 /// - An existing directory is returned as is (checked first: a folder named like a repo wins).
 /// - `owner/name[@revision]` gives the snapshot folder `<cache>/models--owner--name/snapshots/<commit>`,
@@ -232,13 +233,13 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
 }
 
 /// The files of a checkpoint to fetch, chosen among `available` (paths inside the repo, with `/`):
-/// the required configs, the optional ones that are there, and for each weighted component one set
-/// of weights. With `variant_fp16` false the order of preference is the one of t2v's loader with
-/// `WeightsVariant::Auto`: `*.safetensors`, `*.bin`, then the fp16 files if they are the only ones;
-/// with `variant_fp16`, `*.fp16.safetensors`, `*.fp16.bin`, then the plain files.
+/// the required configs, the optional ones that are there, and for each weighted component the
+/// weights files that [`select_weights`] picks for `variant`. A component without the variant gets
+/// the files of [`WeightsVariant::Auto`], as diffusers' download does
+/// (`variant_compatible_siblings`): the loader then says which variant is missing.
 ///
 /// `Err` names the first required file that is not available.
-pub fn select_files(available: &[String], variant_fp16: bool) -> std::result::Result<Vec<String>, String> {
+pub fn select_files(available: &[String], variant: WeightsVariant) -> std::result::Result<Vec<String>, String> {
     let has = |f: &str| available.iter().any(|a| a == f);
     let mut files = Vec::new();
     for f in REQUIRED_FILES {
@@ -253,33 +254,15 @@ pub fn select_files(available: &[String], variant_fp16: bool) -> std::result::Re
         }
     }
     for component in WEIGHTED_COMPONENTS {
-        // (plain safetensors, fp16 safetensors, plain bin, fp16 bin)
-        let mut buckets: [Vec<String>; 4] = Default::default();
-        for f in available {
-            let Some(name) = f.strip_prefix(component).and_then(|r| r.strip_prefix('/')) else {
-                continue;
-            };
-            if name.contains('/') {
-                continue;
-            }
-            // `model.fp16.safetensors`, and the shards `model.fp16-00001-of-00002.safetensors`.
-            let fp16 = name.contains(".fp16.") || name.contains(".fp16-");
-            let slot = if name.ends_with(".safetensors") {
-                0
-            } else if name.ends_with(".bin") {
-                2
-            } else {
-                continue;
-            };
-            buckets[slot + fp16 as usize].push(f.clone());
-        }
-        let order: [usize; 4] = if variant_fp16 { [1, 3, 0, 2] } else { [0, 2, 1, 3] };
-        match order.iter().map(|&i| &buckets[i]).find(|b| !b.is_empty()) {
-            Some(chosen) => {
-                let mut chosen = chosen.clone();
-                chosen.sort();
-                files.extend(chosen);
-            }
+        let names: Vec<&str> = available
+            .iter()
+            .filter_map(|f| f.strip_prefix(component)?.strip_prefix('/'))
+            .filter(|name| !name.contains('/'))
+            .collect();
+        let chosen = select_weights(names.iter().copied(), variant)
+            .or_else(|| select_weights(names.iter().copied(), WeightsVariant::Auto));
+        match chosen {
+            Some((_, chosen)) => files.extend(chosen.iter().map(|name| format!("{component}/{name}"))),
             None => return Err(format!("{component}/*.safetensors or {component}/*.bin (the weights)")),
         }
     }
@@ -340,7 +323,7 @@ fn resolve_cached(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
     };
     let commit = cached_commit(repo, opts).ok_or_else(|| offline("model_index.json".to_string()))?;
     let snapshot = repo_dir(repo, opts).join("snapshots").join(&commit);
-    select_files(&snapshot_files(&snapshot), opts.variant_fp16).map_err(offline)?;
+    select_files(&snapshot_files(&snapshot), opts.variant).map_err(offline)?;
     Ok(snapshot)
 }
 
@@ -386,7 +369,7 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
     };
     let commit = info.commit.clone();
     let available: Vec<String> = info.files.iter().map(|f| f.path.clone()).collect();
-    let files = select_files(&available, opts.variant_fp16).map_err(|file| Error::Download {
+    let files = select_files(&available, opts.variant).map_err(|file| Error::Download {
         repo: repo.display(),
         file,
         reason: "the repo has no such file: t2v needs a text-to-video checkpoint in the diffusers \
@@ -619,7 +602,7 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
                                        HF_HUB_OFFLINE=1 if the model is already in the cache"
                         .to_string(),
                     _ => "run again; if it persists, download the model with `hf download` and \
-                          pass its folder"
+                          load it from its folder"
                         .to_string(),
                 };
                 format!("{what}: {hint}")
@@ -648,7 +631,7 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
             .to_string(),
         ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => format!(
             "the Hub's answer lacks a valid `{h}` header (a proxy may be rewriting it): run again, \
-             or download with `hf download` and pass the folder"
+             or download with `hf download` and load it from its folder"
         ),
         other => format!("{other}: run again"),
     }
