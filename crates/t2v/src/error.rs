@@ -27,8 +27,8 @@ pub enum Error {
         component: String,
         name: String,
         path: PathBuf,
-        expected: Vec<usize>,
-        found: Vec<usize>,
+        expected: Box<[usize]>,
+        found: Box<[usize]>,
     },
 
     #[error("weights file {path} is corrupt or truncated ({reason}): download it again")]

@@ -128,7 +128,7 @@ fn wrong_shape_reports_expected_and_found() {
     let err = load_err(&root);
     match &err {
         Error::ShapeMismatch { name: n, expected, found, .. } => {
-            assert_eq!((n.as_str(), expected.as_slice(), found.as_slice()), (name, &[8usize, 8][..], &[8usize, 6][..]));
+            assert_eq!((n.as_str(), &expected[..], &found[..]), (name, &[8usize, 8][..], &[8usize, 6][..]));
         }
         other => panic!("{other}"),
     }

@@ -66,13 +66,12 @@ fn rng_keys_match_torch() {
 fn initial_latents_match_torch() {
     for model in MODELS {
         let refs = load(model);
-        let json_path = fixtures().join(model).join("reference.json");
-        let json = std::fs::read_to_string(&json_path).unwrap();
+        let json = common::reference_json(model);
         let mut n = 0;
         for i in 0.. {
             let key = format!("run.{i}.initial_latents");
             let Some(want) = refs.get(&key) else { break };
-            let seed = run_seed(&json, i);
+            let seed = json["runs"][i]["seed"].as_u64().expect("seed");
             let got = TorchGenerator::new(seed).randn(want.dims());
             let err = max_abs_diff(&got, &values(want));
             eprintln!(
@@ -84,22 +83,6 @@ fn initial_latents_match_torch() {
         }
         assert!(n > 0, "{model}: no run.*.initial_latents");
     }
-}
-
-/// The `seed` of `runs[i]` in reference.json (a tiny scan; the main crate has a JSON parser).
-fn run_seed(json: &str, i: usize) -> u64 {
-    let runs = &json[json.find("\"runs\"").expect("runs")..];
-    let mut rest = runs;
-    for _ in 0..=i {
-        let at = rest.find("\"seed\"").expect("seed");
-        rest = &rest[at + 6..];
-    }
-    let digits: String = rest
-        .trim_start_matches(|c: char| c == ':' || c.is_whitespace())
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().unwrap()
 }
 
 /// State advance across calls, derived from the source rather than from a torch run:

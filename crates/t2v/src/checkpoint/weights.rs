@@ -179,8 +179,8 @@ impl SimpleBackend for CheckedBackend {
                 component: self.component.clone(),
                 name: name.to_string(),
                 path: self.path.clone(),
-                expected: s.dims().to_vec(),
-                found: tensor.dims().to_vec(),
+                expected: s.dims().into(),
+                found: tensor.dims().into(),
             }));
         }
         Ok(tensor)
