@@ -45,11 +45,11 @@ pub struct GenerateArgs {
 
     /// Random seed: the same seed and settings give the same video; with --num-videos, the
     /// videos use seed, seed+1, ... [default: picked at random and printed]
-    #[arg(long, short = 's')]
+    #[arg(long, short = 's', allow_negative_numbers = true)]
     seed: Option<u64>,
 
     /// Denoising steps. [default: 25]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<usize>,
 
     /// Classifier-free guidance scale: how strongly to follow the prompt (≤ 1 turns guidance
@@ -67,20 +67,20 @@ pub struct GenerateArgs {
     eta: Option<f64>,
 
     /// Number of frames. [default: 16]
-    #[arg(long, short = 'f')]
+    #[arg(long, short = 'f', allow_negative_numbers = true)]
     num_frames: Option<usize>,
 
     /// Frame height in pixels, a multiple of the VAE's scale (8). [default: the model's native
     /// size, 256 for the 1.7B model]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     height: Option<usize>,
 
     /// Frame width in pixels, a multiple of the VAE's scale (8). [default: the model's native size]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     width: Option<usize>,
 
     /// Videos per prompt, with consecutive seeds.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     num_videos: usize,
 
     /// Output file (or folder, for PNG frames); the format follows the extension. Give it more
@@ -95,7 +95,7 @@ pub struct GenerateArgs {
     format: Vec<VideoFormat>,
 
     /// Frames per second of the MP4 or GIF. [default: 8, as the original model's videos]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     fps: Option<u32>,
 
     /// H.264 quantiser, 12 (best) to 51 (smallest); 16 is visually lossless.
@@ -270,7 +270,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut jobs = Vec::with_capacity(total);
     for (p, prompt) in prompts.iter().enumerate() {
         for k in 0..args.num_videos {
-            let params = GenerationParams { prompt: prompt.clone(), seed: template.seed + k as u64, ..template.clone() };
+            let seed = template.seed.checked_add(k as u64).with_context(|| {
+                format!("seed {} + {k} is past the largest seed ({}): choose a smaller --seed", template.seed, u64::MAX)
+            })?;
+            let params = GenerationParams { prompt: prompt.clone(), seed, ..template.clone() };
             let targets = planner.plan(prompt, params.seed, p * args.num_videos + k, total)?;
             jobs.push(Job { params, targets });
         }
@@ -278,6 +281,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let model_folder = checkpoint::resolve_model(&model_spec, &hub_options(args.offline, quiet, args.variant))
         .with_context(|| format!("finding the model {model_spec}"))?;
+    // A local folder is recorded as an absolute path, so that --from finds it from anywhere.
+    let model_spec = match std::path::Path::new(&model_spec).is_dir() {
+        true => std::fs::canonicalize(&model_spec).map(|p| p.display().to_string()).unwrap_or(model_spec),
+        false => model_spec,
+    };
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
     for job in &mut jobs {
@@ -300,12 +308,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     for (i, job) in jobs.iter().enumerate() {
         let params = &job.params;
         for w in pipe.prompt_warnings(&params.prompt)? {
-            say(&format!("warning: {w}"));
+            say(&format!("warning: {}", printable(&w)));
         }
         let counter = if jobs.len() > 1 { format!("[{}/{}] ", i + 1, jobs.len()) } else { String::new() };
         say(&format!(
             "{counter}\"{}\": {} frames of {width}×{height}, {} {} steps, guidance {}, seed {}",
-            params.prompt, params.num_frames, params.num_inference_steps, params.scheduler, params.guidance_scale, params.seed
+            printable(&params.prompt),
+            params.num_frames, params.num_inference_steps, params.scheduler, params.guidance_scale, params.seed
         ));
         let bar = (!quiet).then(|| steps_bar(params.num_inference_steps as u64));
         let mut decoding = None;
@@ -395,4 +404,10 @@ fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.finish() % (1 << 32)
+}
+
+/// Text from files (a prompt file, settings, an MP4's metadata) as it may be printed: control
+/// characters escaped, so that a shared video cannot send escape sequences to the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }

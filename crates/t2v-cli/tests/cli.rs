@@ -461,3 +461,44 @@ fn several_formats_from_one_run_and_no_settings_collide() {
     assert!(stderr(&o).contains("--format"), "{}", stderr(&o));
     assert!(!dir.join("y.mp4").exists());
 }
+
+#[test]
+fn numbers_seeds_and_printed_text_are_handled() {
+    let (_tmp, dir) = temp_dir();
+    let model = model_dir("tiny-t2v");
+    let out = dir.join("v.npy");
+    let base = ["generate", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2", "--height", "16",
+        "--width", "16", "-o", out.to_str().unwrap()];
+    // A negative count is named as an invalid value of its option, not as an unknown argument.
+    let mut args = base.to_vec();
+    args[6] = "-1";
+    args.push("a cat");
+    let o = t2v(&args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid value '-1' for '--num-frames"), "{}", stderr(&o));
+    // Consecutive seeds past the largest one are refused, not wrapped to 0.
+    let mut args = base.to_vec();
+    args.extend(["a cat", "--seed", "18446744073709551615", "--num-videos", "2"]);
+    let o = t2v(&args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("past the largest seed"), "{}", stderr(&o));
+    assert!(!dir.join("v-1.npy").exists());
+    // A prompt with an escape sequence is printed escaped, and the settings record the model's
+    // absolute path, so that --from works from another folder.
+    let mut args = base.to_vec();
+    args.extend(["a \u{1b}[31mred\u{1b}[0m cat", "--seed", "1"]);
+    let o = t2v(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains('\u{1b}'), "raw escape printed: {:?}", stderr(&o));
+    assert!(stderr(&o).contains("\\u{1b}[31mred"), "{}", stderr(&o));
+    let settings: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("v.npy.json")).unwrap()).unwrap();
+    assert!(Path::new(settings["model"].as_str().unwrap()).is_absolute(), "{settings}");
+    let again = dir.join("again.npy");
+    let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
+        .current_dir(std::env::temp_dir())
+        .args(["generate", "--from", dir.join("v.npy.json").to_str().unwrap(), "-q", "-o", again.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(max_abs_diff(&read_npy(&again), &read_npy(&out)), 0.0);
+}
