@@ -170,3 +170,68 @@ pub(crate) fn check_replaceable_dir(path: &Path) -> Result<bool> {
         ))),
     }
 }
+
+/// Removes the temporaries in `dir` that processes which no longer exist left behind (killed
+/// while writing); those of running processes are left alone. Returns what was removed.
+pub fn remove_stale_partials(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else { return removed };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = temporary_owner(&name.to_string_lossy()) else { continue };
+        if process_exists(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The process id in a temporary's name `.NAME.<tag>-PID-RANDOM`, for the tags this module writes.
+fn temporary_owner(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    ["partial", "old"].iter().find_map(|tag| {
+        let at = name.rfind(&format!(".{tag}-"))?;
+        let rest = &name[at + tag.len() + 2..];
+        let (pid, random) = rest.split_once('-')?;
+        (!random.is_empty() && !random.contains('-')).then_some(())?;
+        pid.parse().ok()
+    })
+}
+
+#[cfg(unix)]
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // Signal 0 checks for the process without signalling it; EPERM means it exists as another user.
+    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+#[cfg(not(unix))]
+fn process_exists(_pid: u32) -> bool {
+    // Without a cheap liveness check, leave every temporary alone.
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::temporary_owner;
+
+    #[test]
+    fn temporaries_name_their_process() {
+        assert_eq!(temporary_owner(".clip.mp4.partial-1234-a8Xk2p"), Some(1234));
+        assert_eq!(temporary_owner(".frames.old-77-zz"), Some(77));
+        assert_eq!(temporary_owner(".a.partial-x.mp4.partial-9-q"), Some(9));
+        assert_eq!(temporary_owner("clip.mp4.partial-1234-a8Xk2p"), None);
+        assert_eq!(temporary_owner(".clip.mp4"), None);
+        assert_eq!(temporary_owner(".clip.partial-12-"), None);
+    }
+}

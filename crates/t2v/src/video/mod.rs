@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-pub use atomic::{Staged, PARTIAL_TAG};
+pub use atomic::{remove_stale_partials, Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
 pub use mp4::{mp4_dimensions, mp4_top_level_boxes, read_mp4_metadata};
 pub use npy::npy_header;
