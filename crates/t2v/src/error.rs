@@ -56,6 +56,9 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
+    #[error("cannot read the video {path}: {reason}")]
+    VideoInput { path: PathBuf, reason: String },
+
     #[error("generation cancelled")]
     Cancelled,
 
