@@ -258,7 +258,7 @@ impl<'a> Collector<'a> {
 
     /// Whether frame number `i` (0-based) is one of the chosen.
     fn chosen(&self, i: usize) -> bool {
-        i >= self.options.start_frame && (i - self.options.start_frame) % self.options.every == 0
+        i >= self.options.start_frame && (i - self.options.start_frame).is_multiple_of(self.options.every)
     }
 
     /// Asks what to do with the next frame of the clip; every call but one answered `Stop`
