@@ -59,6 +59,9 @@ pub enum Error {
     #[error("{path} exists: choose another output path, or allow replacing it")]
     OutputExists { path: PathBuf },
 
+    #[error("cannot read the video {path}: {reason}")]
+    VideoInput { path: PathBuf, reason: String },
+
     #[error("generation cancelled")]
     Cancelled,
 

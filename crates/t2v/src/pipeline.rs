@@ -15,7 +15,10 @@ use crate::schedulers::{self, SchedulerKind};
 use crate::text_encoder::{self, TextEncoder};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet3d::{self, UNet3DConditionModel};
-use crate::vae::{self, Vae};
+use crate::vae::{self, Vae, VaeEncoder};
+
+mod video_to_video;
+pub use video_to_video::VideoLatents;
 
 /// The device named by `spec`: `cpu`, `cuda` / `cuda:N`, `metal` / `metal:N`, or `auto` (a CUDA
 /// GPU, else a Metal one, when this build supports it and one is present; else the CPU).
@@ -135,6 +138,8 @@ pub struct Video {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
     pub text_encoding: Duration,
+    /// The VAE encoding of the input video (video-to-video only).
+    pub video_encoding: Duration,
     pub denoising: Duration,
     pub decoding: Duration,
 }
@@ -146,6 +151,9 @@ pub struct TextToVideo {
     text_encoder: TextEncoder,
     unet: UNet3DConditionModel,
     vae: Vae,
+    /// Built on first use by video-to-video: text-to-video never reads the encoder's weights.
+    vae_encoder: std::sync::OnceLock<VaeEncoder>,
+    options: LoadOptions,
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
@@ -182,6 +190,8 @@ impl TextToVideo {
             text_encoder,
             unet,
             vae,
+            vae_encoder: std::sync::OnceLock::new(),
+            options: options.clone(),
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -274,39 +284,67 @@ impl TextToVideo {
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
         let (height, width) = self.validate(params)?;
-        let guided = params.guidance_scale > 1.0;
-
         let started = Instant::now();
-        let prompt_embeds = self.encode_prompt(&params.prompt)?;
-        // Classifier-free guidance runs one batch: [negative, prompt].
-        let context = if guided {
-            let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
-            Tensor::cat(&[&negative, &prompt_embeds], 0)?
-        } else {
-            prompt_embeds
-        };
+        let context = self.guidance_context(params)?;
         let text_encoding = started.elapsed();
 
         let started = Instant::now();
-        let mut scheduler =
-            schedulers::build_scheduler(
-                params.scheduler,
-                &self.scheduler_config,
-                &self.folder.component_dir("scheduler").join("scheduler_config.json"),
-                params.num_inference_steps,
-                params.eta,
-            )?;
+        let mut scheduler = self.scheduler(params)?;
         let mut generator = TorchGenerator::new(params.seed);
-        let mut latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
-        latents = (latents * scheduler.init_noise_sigma())?;
+        let latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
+        let latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        let latents =
+            self.denoising_loop(params, &context, scheduler.as_mut(), &mut generator, latents, &timesteps, started, on_step)?;
+        let denoising = started.elapsed();
+        Ok((latents, Timings { text_encoding, denoising, ..Timings::default() }))
+    }
+
+    /// The text encoder's output for the UNet: under classifier-free guidance one batch of
+    /// [negative, prompt], else the prompt alone.
+    fn guidance_context(&self, params: &GenerationParams) -> Result<Tensor> {
+        let prompt_embeds = self.encode_prompt(&params.prompt)?;
+        if params.guidance_scale > 1.0 {
+            let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
+            Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
+        } else {
+            Ok(prompt_embeds)
+        }
+    }
+
+    /// The scheduler `params` ask for, its timesteps set for their step count.
+    fn scheduler(&self, params: &GenerationParams) -> Result<Box<dyn schedulers::Scheduler>> {
+        schedulers::build_scheduler(
+            params.scheduler,
+            &self.scheduler_config,
+            &self.folder.component_dir("scheduler").join("scheduler_config.json"),
+            params.num_inference_steps,
+            params.eta,
+        )
+    }
+
+    /// The denoising loop over `timesteps` from `latents` (1, C, frames, h, w), shared by text-
+    /// and video-to-video; `started` is when the steps' elapsed time counts from.
+    #[allow(clippy::too_many_arguments)]
+    fn denoising_loop(
+        &self,
+        params: &GenerationParams,
+        context: &Tensor,
+        scheduler: &mut dyn schedulers::Scheduler,
+        generator: &mut TorchGenerator,
+        mut latents: Tensor,
+        timesteps: &[usize],
+        started: Instant,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Tensor> {
+        let guided = params.guidance_scale > 1.0;
         let device = self.device.clone();
         let dtype = self.dtype;
         for (i, &t) in timesteps.iter().enumerate() {
             // Under guidance both halves of the batch see the same latents: the UNet computes
             // what precedes the prompt once for both.
             let model_input = scheduler.scale_model_input(latents.clone(), t)?;
-            let noise_pred = self.unet.forward_shared_latents(&model_input, t as f64, &context)?;
+            let noise_pred = self.unet.forward_shared_latents(&model_input, t as f64, context)?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let text = noise_pred.narrow(0, 1, 1)?;
@@ -330,8 +368,7 @@ impl TextToVideo {
                 return Err(Error::Cancelled);
             }
         }
-        let denoising = started.elapsed();
-        Ok((latents, Timings { text_encoding, denoising, decoding: Duration::ZERO }))
+        Ok(latents)
     }
 
     /// Latents (1, C, frames, h, w) → frames (frames, H, W, 3) in [0, 1]: divide by the VAE's

@@ -1,7 +1,8 @@
-//! The VAE decoder (diffusers' `AutoencoderKL.decode`), which turns latents into frames.
+//! The VAE decoder (diffusers' `AutoencoderKL.decode`), which turns latents into frames, and in
+//! [`encoder`] its encoder (`AutoencoderKL.encode`), which video-to-video needs.
 //!
-//! Only the decoder is built: generation never encodes, and the encoder's weights are left
-//! unread. Each frame is decoded on its own (GroupNorm statistics are per image, so this is the
+//! [`Vae`] is the decoder alone: text-to-video never encodes, so the encoder's weights are only
+//! read when a [`VaeEncoder`] is built. Each frame is decoded on its own (GroupNorm statistics are per image, so this is the
 //! same result as one batch), which keeps the activations of a 256×256 frame small.
 
 use candle_core::{Module, Tensor};
@@ -9,6 +10,9 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+pub mod encoder;
+pub use encoder::{DiagonalGaussian, VaeEncoder};
+
 use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig};
 /// `vae/config.json`; missing keys take `AutoencoderKL.__init__`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -16,6 +20,7 @@ use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, Conv2d
 pub struct Config {
     pub in_channels: usize,
     pub out_channels: usize,
+    pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
     pub block_out_channels: Vec<usize>,
     pub layers_per_block: usize,
@@ -35,6 +40,7 @@ impl Default for Config {
         Self {
             in_channels: 3,
             out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
             up_block_types: vec!["UpDecoderBlock2D".into()],
             block_out_channels: vec![64],
             layers_per_block: 1,
@@ -79,7 +85,7 @@ impl Config {
 /// saved before diffusers 0.15 name its layers `query`/`key`/`value`/`proj_attn`, later ones
 /// `to_q`/`to_k`/`to_v`/`to_out.0`; both are read.
 #[derive(Debug)]
-struct SpatialSelfAttention {
+pub(crate) struct SpatialSelfAttention {
     group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
@@ -88,7 +94,7 @@ struct SpatialSelfAttention {
 }
 
 impl SpatialSelfAttention {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
         let names = if vb.contains_tensor("query.weight") {
             ["query", "key", "value", "proj_attn"]
         } else {
@@ -103,7 +109,7 @@ impl SpatialSelfAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let tokens = self.group_norm.forward(x)?.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.to_q.forward(&tokens)?;

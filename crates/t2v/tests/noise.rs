@@ -1,7 +1,6 @@
 mod common;
 
 use std::collections::HashMap;
-use common::fixtures;
 
 use candle_core::{DType, Device, Tensor};
 use t2v::noise::TorchGenerator;

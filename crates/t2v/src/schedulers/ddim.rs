@@ -197,6 +197,12 @@ impl Scheduler for DdimScheduler {
         Ok(())
     }
 
+    /// `sqrt(ᾱ_t) · original + sqrt(1 − ᾱ_t) · noise`, the coefficients in float32 as the reference.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor> {
+        let alpha = self.alpha_prod(timestep as i64)?;
+        linear_combination(&[(alpha.sqrt(), original), ((1.0f32 - alpha).sqrt(), noise)])
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -211,6 +211,8 @@ pub struct DpmSolverMultistepScheduler {
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
     step_index: Option<usize>,
+    /// Where the loop starts when it skips the first timesteps (`set_begin_index`).
+    begin_index: Option<usize>,
 }
 
 impl DpmSolverMultistepScheduler {
@@ -244,6 +246,7 @@ impl DpmSolverMultistepScheduler {
             sigmas: vec![],
             lower_order_nums: 0,
             step_index: None,
+            begin_index: None,
         };
         scheduler.set_timesteps(num_inference_steps)?;
         Ok(scheduler)
@@ -654,7 +657,27 @@ impl Scheduler for DpmSolverMultistepScheduler {
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;
         self.step_index = None;
+        self.begin_index = None;
         Ok(())
+    }
+
+    fn set_begin_index(&mut self, index: usize) {
+        self.begin_index = Some(index);
+    }
+
+    /// `alpha_t · original + sigma_t · noise` at the sigma of the step the loop is at: the begin
+    /// index before the first step, the current step after it, else the timestep's index.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor> {
+        let i = match (self.begin_index, self.step_index) {
+            (None, _) => self.index_for_timestep(timestep),
+            (Some(_), Some(step)) => step,
+            (Some(begin), None) => begin,
+        };
+        let sigma = *self.sigmas.get(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("step index {i} is outside the schedule's {} sigmas", self.sigmas.len()))
+        })?;
+        let (alpha_t, sigma_t) = alpha_sigma(sigma);
+        linear_combination(&[(alpha_t, original), (sigma_t, noise)])
     }
 
     fn step(
@@ -664,9 +687,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sample: &Tensor,
         noise: &mut NoiseSource<'_>,
     ) -> Result<Tensor> {
-        let i = match self.step_index {
-            Some(i) => i,
-            None => self.index_for_timestep(timestep),
+        let i = match (self.step_index, self.begin_index) {
+            (Some(i), _) => i,
+            (None, Some(begin)) => begin,
+            (None, None) => self.index_for_timestep(timestep),
         };
         let len = self.timesteps.len();
         if i >= len {

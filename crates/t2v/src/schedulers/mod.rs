@@ -136,6 +136,63 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
     /// Recomputes the schedule for `num_inference_steps` and clears any multistep state.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+    /// diffusers' `set_begin_index`: the loop will start at `timesteps()[index]` rather than at
+    /// the first timestep (video-to-video skips the noisiest steps). Schedulers that find their
+    /// place from the timestep alone (DDIM) ignore it.
+    fn set_begin_index(&mut self, _index: usize) {}
+    /// diffusers' `add_noise`: `original` noised to the level of `timestep` with `noise`, where
+    /// the loop will start (see [`Scheduler::set_begin_index`]).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor>;
+}
+
+/// The timesteps that run for `num_inference_steps` at `strength`, as diffusers' img2img
+/// `get_timesteps`: `init = min(int(n · strength), n)` and the last `init` of the n-step
+/// schedule. Returns the index of the first one (`n − init`, the begin index); refuses a
+/// strength outside [0, 1] or one that runs no step, naming the smallest that runs one.
+pub fn strength_begin_index(num_inference_steps: usize, strength: f64) -> Result<usize> {
+    let n = num_inference_steps;
+    if n == 0 {
+        return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
+    }
+    if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+        return Err(Error::InvalidArgument(format!(
+            "the strength must be between 0 and 1 (how much of the input video is replaced), got {strength}"
+        )));
+    }
+    let init = ((n as f64 * strength) as usize).min(n);
+    if init == 0 {
+        let more_steps = match fewest_steps(strength) {
+            Some(m) => format!(", or use at least {m} steps"),
+            None => String::new(),
+        };
+        return Err(Error::InvalidArgument(format!(
+            "a strength of {strength} runs no denoising step of {n} (int({n} × {strength}) = 0): the smallest \
+             strength that runs one is {}{more_steps}",
+            smallest_strength(n)
+        )));
+    }
+    Ok(n - init)
+}
+
+/// The smallest strength s with `int(n · s) ≥ 1`.
+fn smallest_strength(n: usize) -> f64 {
+    let mut s = 1.0 / n as f64;
+    while ((n as f64) * s) < 1.0 {
+        s = s.next_up();
+    }
+    s
+}
+
+/// The fewest steps n with `int(n · strength) ≥ 1`; none for strength 0.
+fn fewest_steps(strength: f64) -> Option<usize> {
+    if strength <= 0.0 {
+        return None;
+    }
+    let mut n = (1.0 / strength).floor().max(1.0) as usize;
+    while ((n as f64) * strength) < 1.0 {
+        n += 1;
+    }
+    Some(n)
 }
 
 /// Builds a scheduler of `kind` from a scheduler config (the parsed `scheduler_config.json`,

@@ -1,4 +1,5 @@
 //! Writing generated frames to disk: H.264 MP4, animated GIF, a folder of PNGs, or a raw `.npy` array.
+//! Reading videos back in, for video-to-video, is [`input`].
 //!
 //! Input frames are `f32` in `(frames, height, width, 3)` row-major order with values in `[0, 1]`
 //! (what the pipeline returns). Values outside `[0, 1]` are clamped (NaN becomes 0) for the 8-bit
@@ -10,6 +11,7 @@
 
 mod atomic;
 mod gif;
+pub mod input;
 mod mp4;
 mod npy;
 mod png;
