@@ -92,6 +92,8 @@ impl<'a> Planner<'a> {
             }
         }
         for t in &targets {
+            // Temporaries that killed runs left in this folder go before this run writes there.
+            video::remove_stale_partials(&parent_of(&t.path));
             check_output_path(&t.path, self.overwrite)?;
             check_output_path(&t.settings, self.overwrite)?;
             for p in [&t.path, &t.settings] {
@@ -152,11 +154,15 @@ fn default_stem(prompt: &str, seed: u64) -> String {
     format!("{slug}-{seed}")
 }
 
-fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
-    let parent = match path.parent() {
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
+    }
+}
+
+fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
+    let parent = parent_of(path);
     if !parent.is_dir() {
         bail!("the output folder {} does not exist: create it, or choose another --output", parent.display());
     }

@@ -502,3 +502,29 @@ fn numbers_seeds_and_printed_text_are_handled() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(max_abs_diff(&read_npy(&again), &read_npy(&out)), 0.0);
 }
+
+#[test]
+fn stale_temporaries_of_dead_runs_are_removed() {
+    let (_tmp, dir) = temp_dir();
+    // The temporaries a killed run leaves: named after a process that no longer exists.
+    let mut done = Command::new("true").spawn().unwrap();
+    let dead = done.id();
+    done.wait().unwrap();
+    let stale_file = dir.join(format!(".v.npy.partial-{dead}-Ab12Cd"));
+    let stale_dir = dir.join(format!(".frames.partial-{dead}-Xy34Zw"));
+    std::fs::write(&stale_file, b"half a video").unwrap();
+    std::fs::create_dir(&stale_dir).unwrap();
+    // One of a run in progress (this test's own process) stays.
+    let live = dir.join(format!(".w.npy.partial-{}-Qq11Rr", std::process::id()));
+    std::fs::write(&live, b"being written").unwrap();
+    let model = model_dir("tiny-t2v");
+    let out = dir.join("v.npy");
+    let o = t2v(&["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
+        "--height", "16", "--width", "16", "--seed", "1", "-q", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stale_file.exists() && !stale_dir.exists(), "stale temporaries removed");
+    assert!(live.exists(), "a running process's temporary is left alone");
+    let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, [format!(".w.npy.partial-{}-Qq11Rr", std::process::id()), "v.npy".into(), "v.npy.json".into()]);
+}

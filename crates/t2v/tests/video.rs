@@ -1089,3 +1089,33 @@ fn failed_writes_leave_nothing_behind() {
     }
     assert_eq!(dir.entries(), ["b.gif", "b.mp4", "b.npy", "c.npy", "ro"]);
 }
+
+/// A file that appears while a video is being made is never replaced unless asked: the check is
+/// the publishing rename itself.
+#[test]
+fn publishing_never_replaces_what_appeared_meanwhile() {
+    let dir = TmpDir::new("noclobber");
+    let data = smooth_clip(2, 16, 16);
+    let clip = Frames::new(&data, 2, 16, 16).unwrap();
+    for (name, format) in [("v.npy", VideoFormat::Npy), ("frames", VideoFormat::PngFrames)] {
+        let path = dir.path(name);
+        let staged = t2v::video::stage_video(&clip, format, &path, &EncodeOptions::default()).unwrap();
+        // Someone else's file (or folder) appears before the video is published.
+        if format == VideoFormat::PngFrames {
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join("mine.txt"), b"mine").unwrap();
+        } else {
+            std::fs::write(&path, b"mine").unwrap();
+        }
+        let err = staged.publish(false).unwrap_err();
+        assert!(matches!(err, t2v::Error::OutputExists { .. }), "{name}: {err}");
+        let kept = if format == VideoFormat::PngFrames { path.join("mine.txt") } else { path.clone() };
+        assert_eq!(std::fs::read(&kept).unwrap(), b"mine", "{name} untouched");
+    }
+    // Nothing but the two intruders is left: the staged temporaries are gone.
+    assert_eq!(dir.entries(), ["frames", "v.npy"]);
+    // With overwrite, a file is replaced.
+    let path = dir.path("v.npy");
+    t2v::video::stage_video(&clip, VideoFormat::Npy, &path, &EncodeOptions::default()).unwrap().publish(true).unwrap();
+    assert_ne!(std::fs::read(&path).unwrap(), b"mine");
+}
