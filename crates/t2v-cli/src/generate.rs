@@ -1,23 +1,24 @@
 //! `t2v generate`: settings are the library's defaults, then those of `--from`, then the flags;
 //! every output is decided and checked before the model loads; the model loads once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
-use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
-use t2v::schedulers::SchedulerKind;
+use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Video};
+use t2v::schedulers::{strength_begin_index, SchedulerKind};
+use t2v::video::input::{read_video, Fit, ReadOptions};
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
 
 use crate::output::{self, Planner, Target};
 use crate::progress::{spinner, steps_bar};
-use crate::settings::{parse_dtype, RunSettings};
+use crate::settings::{input_sha256, parse_dtype, InputSettings, RunSettings, UpscaleSettings};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -66,7 +67,8 @@ pub struct GenerateArgs {
     #[arg(long, allow_negative_numbers = true)]
     eta: Option<f64>,
 
-    /// Number of frames. [default: 16]
+    /// Number of frames; with --video, how many frames to read (a clip with fewer is refused).
+    /// [default: 16; with --video, all the frames chosen, up to 64]
     #[arg(long, short = 'f', allow_negative_numbers = true)]
     num_frames: Option<usize>,
 
@@ -78,6 +80,50 @@ pub struct GenerateArgs {
     /// Frame width in pixels, a multiple of the VAE's scale (8). [default: the model's native size]
     #[arg(long, allow_negative_numbers = true)]
     width: Option<usize>,
+
+    /// Re-render this video following the prompt (video-to-video): an MP4 (H.264), a GIF, a
+    /// folder of PNG or JPEG frames, or a .npy array. Its frames are resized to --height/--width
+    /// (default: the model's native size) with a note.
+    #[arg(long, value_name = "IN")]
+    video: Option<PathBuf>,
+
+    /// With --video: how much of the input is replaced, 0 to 1; the last int(steps × strength)
+    /// steps run. [default: 0.6, as diffusers' VideoToVideoSDPipeline]
+    #[arg(long, allow_negative_numbers = true)]
+    strength: Option<f64>,
+
+    /// With --video: the first frame read, 0-based. [default: 0]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    video_start: Option<usize>,
+
+    /// With --video: read every N-th frame (3 turns a 24 fps clip into the model's 8 fps). [default: 1]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    video_every: Option<usize>,
+
+    /// With --video: how a clip of another size becomes the frame size: resize (stretch to it),
+    /// crop (cover it, cut the overflow) or pad (fit inside, black bars). [default: resize]
+    #[arg(long, value_name = "HOW")]
+    video_fit: Option<Fit>,
+
+    /// Two passes in one command: generate with --model, then re-render those frames with this
+    /// model at --upscale-size (video-to-video; one model in memory at a time), as zeroscope's
+    /// 576w → XL recipe. With --video, re-render that video with this model (the same as --video
+    /// with --model).
+    #[arg(long, value_name = "MODEL")]
+    upscale: Option<String>,
+
+    /// Frame size of the second pass, WIDTHxHEIGHT. [default: the upscale model's native size]
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    upscale_size: Option<(usize, usize)>,
+
+    /// How much of the first pass the second replaces, 0 to 1. [default: 0.7; zeroscope_v2_XL's
+    /// card: 0.66 to 0.85]
+    #[arg(long, allow_negative_numbers = true)]
+    upscale_strength: Option<f64>,
+
+    /// Denoising steps of the second pass (of which int(steps × strength) run). [default: --steps]
+    #[arg(long, allow_negative_numbers = true)]
+    upscale_steps: Option<usize>,
 
     /// Videos per prompt, with consecutive seeds.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
@@ -187,6 +233,7 @@ struct VideoSummary {
     outputs: Vec<Written>,
     settings: RunSettings,
     text_encoding_s: f64,
+    video_encoding_s: f64,
     denoising_s: f64,
     decoding_s: f64,
     writing_s: f64,
@@ -207,6 +254,35 @@ struct Summary {
     videos: Vec<VideoSummary>,
 }
 
+/// diffusers' `VideoToVideoSDPipeline.__call__` default.
+pub const DEFAULT_STRENGTH: f64 = 0.6;
+/// Within zeroscope_v2_XL's card range (0.66 to 0.85).
+pub const DEFAULT_UPSCALE_STRENGTH: f64 = 0.7;
+
+/// `WIDTHxHEIGHT`, as `1024x576`.
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("invalid size `{s}`: give WIDTHxHEIGHT, as 1024x576");
+    let (w, h) = s.trim().split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    Ok((w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?))
+}
+
+/// The second pass of a two-pass run, resolved.
+struct UpscalePass {
+    spec: String,
+    folder: PathBuf,
+    height: usize,
+    width: usize,
+    strength: f64,
+    steps: usize,
+}
+
+/// The input video of a video-to-video run, read and checked.
+struct InputClip {
+    settings: InputSettings,
+    /// (frames, 3, H, W) in [-1, 1].
+    tensor: Tensor,
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     let quiet = args.quiet;
     let say = |msg: &str| {
@@ -218,6 +294,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(path) => Some(RunSettings::read(path).with_context(|| format!("reading the settings in {}", path.display()))?),
         None => None,
     };
+    let from_input = from.as_ref().and_then(|s| s.input.clone());
+    let from_upscale = from.as_ref().and_then(|s| s.upscale.clone());
 
     // The library's defaults (the model card's recipe), then the settings repeated, then the flags.
     let mut template = GenerationParams::new(String::new(), 0);
@@ -238,7 +316,100 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(s)) => s.dtype().context("the settings of --from")?,
         (None, None) => DType::F32,
     };
-    let model_spec = args.model.clone().or_else(|| from.as_ref().map(|s| s.model.clone())).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+
+    // Video-to-video and the second pass.
+    let video_path = args.video.clone().or_else(|| from_input.as_ref().map(|i| i.path.clone()));
+    if video_path.is_none() {
+        for (given, name) in [
+            (args.strength.is_some(), "--strength"),
+            (args.video_start.is_some(), "--video-start"),
+            (args.video_every.is_some(), "--video-every"),
+            (args.video_fit.is_some(), "--video-fit"),
+        ] {
+            if given {
+                bail!("{name} applies to an input video: give it with --video IN");
+            }
+        }
+    }
+    let upscale_model = args.upscale.clone().or_else(|| from_upscale.as_ref().map(|u| u.model.clone()));
+    if upscale_model.is_none() {
+        for (given, name) in [
+            (args.upscale_size.is_some(), "--upscale-size"),
+            (args.upscale_strength.is_some(), "--upscale-strength"),
+            (args.upscale_steps.is_some(), "--upscale-steps"),
+        ] {
+            if given {
+                bail!("{name} applies to a second pass: give it with --upscale MODEL");
+            }
+        }
+    }
+    let mut model_arg = args.model.clone();
+    let mut strength = args.strength.or(from_input.as_ref().map(|i| i.strength)).unwrap_or(DEFAULT_STRENGTH);
+    let mut upscale = None;
+    if let Some(up_model) = upscale_model {
+        let up_strength =
+            args.upscale_strength.or(from_upscale.as_ref().map(|u| u.strength)).unwrap_or(DEFAULT_UPSCALE_STRENGTH);
+        let up_steps =
+            args.upscale_steps.or(from_upscale.as_ref().map(|u| u.steps)).unwrap_or(template.num_inference_steps);
+        let up_size = args.upscale_size.or(from_upscale.as_ref().map(|u| (u.width, u.height)));
+        if video_path.is_some() {
+            // An existing video re-rendered by the upscaler: one video-to-video pass.
+            for (given, name) in [
+                (args.model.is_some(), "--model"),
+                (args.strength.is_some(), "--strength"),
+                (args.height.is_some(), "--height"),
+                (args.width.is_some(), "--width"),
+            ] {
+                if given {
+                    bail!(
+                        "with --video, `--upscale M --upscale-size WxH --upscale-strength S` is the same as `--model M \
+                         --width W --height H --strength S`: give one form, not {name} as well"
+                    );
+                }
+            }
+            model_arg = Some(up_model);
+            strength = up_strength;
+            template.num_inference_steps = up_steps;
+            template.height = up_size.map(|(_, h)| h);
+            template.width = up_size.map(|(w, _)| w);
+        } else {
+            upscale = Some((up_model, up_size, up_strength, up_steps));
+        }
+    }
+    // A strength that runs no step is refused before anything is read.
+    if video_path.is_some() {
+        strength_begin_index(template.num_inference_steps, strength)?;
+    }
+    if let Some((_, _, s, n)) = &upscale {
+        strength_begin_index(*n, *s).context("the second pass")?;
+    }
+    let model_spec = model_arg.or_else(|| from.as_ref().map(|s| s.model.clone())).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+
+    if let Some(path) = &args.video {
+        if !path.exists() {
+            bail!("the input video {} does not exist: give the path of an .mp4, .gif, .npy or a folder of frames", path.display());
+        }
+    }
+    // Repeating a video-to-video run needs the very same input.
+    if let (None, Some(i)) = (&args.video, &from_input) {
+        if !i.path.exists() {
+            bail!(
+                "the input video of these settings, {}, is missing: put it back to repeat the run, or give --video \
+                 with another clip (the result will differ)",
+                i.path.display()
+            );
+        }
+        let now = input_sha256(&i.path)?;
+        if now != i.sha256 {
+            bail!(
+                "the input video {} has changed since the run (SHA-256 {} recorded, {now} now): restore the original \
+                 to repeat the run, or pass --video {} to re-render it as it is now",
+                i.path.display(),
+                i.sha256,
+                i.path.display()
+            );
+        }
+    }
 
     // The prompts: given, from a file, or from the settings being repeated.
     let prompts: Vec<String> = if let Some(p) = &args.prompt {
@@ -279,100 +450,130 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
 
-    let model_folder = checkpoint::resolve_model(&model_spec, &hub_options(args.offline, quiet, args.variant))
-        .with_context(|| format!("finding the model {model_spec}"))?;
-    // A local folder is recorded as an absolute path, so that --from finds it from anywhere.
-    let model_spec = match std::path::Path::new(&model_spec).is_dir() {
-        true => std::fs::canonicalize(&model_spec).map(|p| p.display().to_string()).unwrap_or(model_spec),
-        false => model_spec,
-    };
+    let hub = hub_options(args.offline, quiet, args.variant);
+    let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
+    let upscale = match upscale {
+        Some((spec, size, strength, steps)) => {
+            let (spec, folder) = resolve(&spec, &hub)?;
+            let asked = GenerationParams {
+                num_inference_steps: steps,
+                height: size.map(|(_, h)| h),
+                width: size.map(|(w, _)| w),
+                ..template.clone()
+            };
+            let (h, w) = pipeline::check_params(&folder, &asked)
+                .with_context(|| format!("checking the second pass's settings against {spec}"))?;
+            Some(UpscalePass { spec, folder, height: h, width: w, strength, steps })
+        }
+        None => None,
+    };
+
+    // The input video, read at the frame size (a note says when it was resized).
+    let input = match &video_path {
+        Some(path) => {
+            let from_input = from_input.as_ref();
+            let fit = match (args.video_fit, from_input) {
+                (Some(f), _) => f,
+                (None, Some(i)) => Fit::parse(&i.fit).context("the settings of --from")?,
+                (None, None) => Fit::default(),
+            };
+            let options = ReadOptions {
+                size: Some((width, height)),
+                fit,
+                start_frame: args.video_start.or(from_input.map(|i| i.start_frame)).unwrap_or(0),
+                every: args.video_every.or(from_input.map(|i| i.every)).unwrap_or(1),
+                num_frames: args.num_frames.or(from.as_ref().filter(|_| from_input.is_some()).map(|s| s.num_frames)),
+                ..ReadOptions::default()
+            };
+            let clip = read_video(path, &options).with_context(|| format!("reading the input video {}", path.display()))?;
+            for w in &clip.warnings {
+                say(&format!("note: {}", printable(w)));
+            }
+            let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            let settings = InputSettings {
+                sha256: input_sha256(&absolute)?,
+                path: absolute,
+                strength,
+                start_frame: options.start_frame,
+                every: options.every,
+                fit: fit.name().to_string(),
+            };
+            for job in &mut jobs {
+                job.params.num_frames = clip.frames;
+            }
+            Some(InputClip { settings, tensor: clip.to_model_input(&candle_core::Device::Cpu, DType::F32)? })
+        }
+        None => None,
+    };
     for job in &mut jobs {
         job.params.height = Some(height);
         job.params.width = Some(width);
     }
     let interrupted = on_interrupt();
-
     let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
-    let started = Instant::now();
-    let loading = (!quiet).then(|| spinner(&format!("loading {model_spec}")));
-    let pipe = TextToVideo::load(&model_folder, &options).with_context(|| format!("loading the model {model_spec}"))?;
-    if let Some(s) = loading {
-        s.finish_and_clear();
-    }
-    let load_s = started.elapsed().as_secs_f64();
-    say(&format!("loaded {model_spec} in {load_s:.1}s"));
+    let passes = if upscale.is_some() { 2 } else { 1 };
+    let ctx = RunContext { quiet, interrupted: &interrupted, jobs: jobs.len(), passes };
 
+    let (pipe, load_s) = load(&model_spec, &model_folder, &options, &ctx, 1)?;
     let mut summaries = Vec::with_capacity(jobs.len());
+    let mut first_pass = Vec::new();
+    let staging = match &upscale {
+        Some(_) => Some(tempfile::Builder::new().prefix("t2v-pass1-").tempdir().context("creating a temporary folder")?),
+        None => None,
+    };
     for (i, job) in jobs.iter().enumerate() {
         let params = &job.params;
         for w in pipe.prompt_warnings(&params.prompt)? {
             say(&format!("warning: {}", printable(&w)));
         }
-        let counter = if jobs.len() > 1 { format!("[{}/{}] ", i + 1, jobs.len()) } else { String::new() };
-        say(&format!(
-            "{counter}\"{}\": {} frames of {width}×{height}, {} {} steps, guidance {}, seed {}",
-            printable(&params.prompt),
-            params.num_frames, params.num_inference_steps, params.scheduler, params.guidance_scale, params.seed
-        ));
-        let bar = (!quiet).then(|| steps_bar(params.num_inference_steps as u64));
-        let mut decoding = None;
-        let video = pipe.generate(params, &mut |p| {
-            if let Some(bar) = &bar {
-                bar.set_position(p.step as u64);
-                let per_step = p.elapsed.as_secs_f64() / p.step as f64;
-                bar.set_message(format!("t={:<4} {per_step:.2}s/step", p.timestep));
-                if p.step == p.total_steps {
-                    bar.finish_and_clear();
-                    decoding = Some(spinner("decoding frames"));
-                }
+        let video_input = input.as_ref().map(|c| (&c.tensor, c.settings.strength));
+        let video = ctx.denoise(&pipe, params, video_input, i, 1, (height, width))?;
+        let mut run_settings = RunSettings::new(&model_spec, params, height, width, fps, dtype);
+        run_settings.input = input.as_ref().map(|c| c.settings.clone());
+        match (&upscale, &staging) {
+            (Some(up), Some(dir)) => {
+                // The first pass's frames as the reference's workflow hands them on: 8-bit images.
+                let folder = dir.path().join(format!("video-{i}"));
+                let data = video.frames.flatten_all()?.to_vec1::<f32>()?;
+                let clip = Frames::new(&data, params.num_frames, height, width)?;
+                t2v::video::write_video(&clip, VideoFormat::PngFrames, &folder, &EncodeOptions::default())
+                    .context("keeping the first pass's frames")?;
+                run_settings.upscale = Some(UpscaleSettings {
+                    model: up.spec.clone(),
+                    height: up.height,
+                    width: up.width,
+                    strength: up.strength,
+                    steps: up.steps,
+                });
+                first_pass.push((folder, run_settings, video.timings));
             }
-            if interrupted.load(Ordering::SeqCst) {
-                Control::Cancel
-            } else {
-                Control::Continue
-            }
-        })?;
-        if let Some(s) = &decoding {
-            s.set_message("writing");
+            _ => summaries.push(ctx.publish(job, &video, run_settings, fps, args.quality, args.overwrite, i)?),
         }
-        let write_started = Instant::now();
-        let run_settings = RunSettings::new(&model_spec, params, height, width, fps, dtype);
-        let settings_json = run_settings.to_json();
-        let data = video.frames.flatten_all()?.to_vec1::<f32>()?;
-        let clip = Frames::new(&data, params.num_frames, height, width)?;
-        let encode = EncodeOptions { fps, quality: Quality::Qp(args.quality), metadata: Some(settings_json.clone()) };
-        output::publish(&job.targets, &clip, &encode, &settings_json, args.overwrite)?;
-        if let Some(s) = decoding {
-            s.finish_and_clear();
-        }
-        let names: Vec<String> = job.targets.iter().map(|t| t.path.display().to_string()).collect();
-        say(&format!(
-            "{counter}wrote {} (settings: {}) — denoised in {:.1}s, decoded in {:.1}s",
-            names.join(", "),
-            job.targets.iter().map(|t| t.settings.display().to_string()).collect::<Vec<_>>().join(", "),
-            video.timings.denoising.as_secs_f64(),
-            video.timings.decoding.as_secs_f64()
-        ));
-        summaries.push(VideoSummary {
-            outputs: job
-                .targets
-                .iter()
-                .map(|t| Written { output: t.path.clone(), settings_file: t.settings.clone(), format: t.format.name() })
-                .collect(),
-            settings: run_settings,
-            text_encoding_s: video.timings.text_encoding.as_secs_f64(),
-            denoising_s: video.timings.denoising.as_secs_f64(),
-            decoding_s: video.timings.decoding.as_secs_f64(),
-            writing_s: write_started.elapsed().as_secs_f64(),
-        });
-        if interrupted.load(Ordering::SeqCst) {
-            if i + 1 < jobs.len() {
-                say(&format!("stopped: {} is complete and kept; {} videos not made", names.join(", "), jobs.len() - i - 1));
-                return Err(t2v::Error::Cancelled.into());
-            }
-            say(&format!("{} is complete and kept", names.join(", ")));
+    }
+    drop(pipe);
+
+    let mut load_s = load_s;
+    if let Some(up) = &upscale {
+        // Only one model in memory at a time: the first is dropped before the second loads.
+        let (pipe, s) = load(&up.spec, &up.folder, &options, &ctx, 2)?;
+        load_s += s;
+        for (i, (job, (folder, run_settings, first_timings))) in jobs.iter().zip(first_pass).enumerate() {
+            let read = ReadOptions { size: Some((up.width, up.height)), ..ReadOptions::default() };
+            let clip = read_video(&folder, &read).context("reading the first pass's frames")?;
+            let tensor = clip.to_model_input(&candle_core::Device::Cpu, DType::F32)?;
+            let params = GenerationParams {
+                num_inference_steps: up.steps,
+                height: Some(up.height),
+                width: Some(up.width),
+                ..job.params.clone()
+            };
+            let mut video = ctx.denoise(&pipe, &params, Some((&tensor, up.strength)), i, 2, (up.height, up.width))?;
+            video.timings.text_encoding += first_timings.text_encoding;
+            video.timings.denoising += first_timings.denoising;
+            video.timings.decoding += first_timings.decoding;
+            summaries.push(ctx.publish(job, &video, run_settings, fps, args.quality, args.overwrite, i)?);
         }
     }
     if args.json {
@@ -380,6 +581,166 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+/// The folder of `spec`, and `spec` as recorded: a local folder by its absolute path, so that
+/// --from finds it from anywhere.
+fn resolve(spec: &str, hub: &HubOptions) -> Result<(String, PathBuf)> {
+    let folder = checkpoint::resolve_model(spec, hub).with_context(|| format!("finding the model {spec}"))?;
+    let spec = match Path::new(spec).is_dir() {
+        true => std::fs::canonicalize(spec).map(|p| p.display().to_string()).unwrap_or_else(|_| spec.to_string()),
+        false => spec.to_string(),
+    };
+    Ok((spec, folder))
+}
+
+/// What every pass of a run shares: how it reports and stops.
+struct RunContext<'a> {
+    quiet: bool,
+    interrupted: &'a AtomicBool,
+    jobs: usize,
+    passes: usize,
+}
+
+impl RunContext<'_> {
+    fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// "pass 1/2 " when there are two passes.
+    fn pass_label(&self, pass: usize) -> String {
+        if self.passes > 1 { format!("pass {pass}/{} ", self.passes) } else { String::new() }
+    }
+
+    /// "[2/4] " when there are several videos.
+    fn counter(&self, i: usize) -> String {
+        if self.jobs > 1 { format!("[{}/{}] ", i + 1, self.jobs) } else { String::new() }
+    }
+
+    /// Runs one pass of video `i`: text-to-video, or video-to-video from `input` (the frames and
+    /// the strength), with a bar counting the steps that run.
+    fn denoise(
+        &self,
+        pipe: &TextToVideo,
+        params: &GenerationParams,
+        input: Option<(&Tensor, f64)>,
+        i: usize,
+        pass: usize,
+        (height, width): (usize, usize),
+    ) -> Result<Video> {
+        let (label, counter) = (self.pass_label(pass), self.counter(i));
+        let n = params.num_inference_steps;
+        let (frames, steps, from) = match input {
+            Some((video, strength)) => {
+                let run = n - strength_begin_index(n, strength)?;
+                (video.dim(0)?, run, format!(", strength {strength} ({run} of {n} steps run)"))
+            }
+            None => (params.num_frames, n, String::new()),
+        };
+        self.say(&format!(
+            "{label}{counter}\"{}\": {frames} frames of {width}×{height}, {} {n} steps, guidance {}, seed {}{from}",
+            printable(&params.prompt),
+            params.scheduler,
+            params.guidance_scale,
+            params.seed
+        ));
+        let bar = (!self.quiet).then(|| steps_bar(&label, steps as u64));
+        let mut decoding = None;
+        let mut on_step = |p: &StepProgress| {
+            if let Some(bar) = &bar {
+                bar.set_position(p.step as u64);
+                let per_step = p.elapsed.as_secs_f64() / p.step as f64;
+                bar.set_message(format!("t={:<4} {per_step:.2}s/step", p.timestep));
+                if p.step == p.total_steps {
+                    bar.finish_and_clear();
+                    decoding = Some(spinner(&format!("{label}decoding frames")));
+                }
+            }
+            if self.interrupted.load(Ordering::SeqCst) {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        };
+        let video = match input {
+            Some((video, strength)) => pipe.video_to_video(params, video, strength, &mut on_step)?,
+            None => pipe.generate(params, &mut on_step)?,
+        };
+        if let Some(s) = decoding {
+            s.finish_and_clear();
+        }
+        if self.interrupted.load(Ordering::SeqCst) && pass < self.passes {
+            self.say("stopped after the first pass: nothing was written");
+            return Err(t2v::Error::Cancelled.into());
+        }
+        Ok(video)
+    }
+
+    /// Writes video `i` to its targets with its settings.
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        job: &Job,
+        video: &Video,
+        run_settings: RunSettings,
+        fps: u32,
+        quality: u8,
+        overwrite: bool,
+        i: usize,
+    ) -> Result<VideoSummary> {
+        let write_started = Instant::now();
+        let settings_json = run_settings.to_json();
+        let (frames, height, width, _) = video.frames.dims4()?;
+        let data = video.frames.flatten_all()?.to_vec1::<f32>()?;
+        let clip = Frames::new(&data, frames, height, width)?;
+        let encode = EncodeOptions { fps, quality: Quality::Qp(quality), metadata: Some(settings_json.clone()) };
+        output::publish(&job.targets, &clip, &encode, &settings_json, overwrite)?;
+        let counter = self.counter(i);
+        let names: Vec<String> = job.targets.iter().map(|t| t.path.display().to_string()).collect();
+        self.say(&format!(
+            "{counter}wrote {} (settings: {}) — denoised in {:.1}s, decoded in {:.1}s",
+            names.join(", "),
+            job.targets.iter().map(|t| t.settings.display().to_string()).collect::<Vec<_>>().join(", "),
+            video.timings.denoising.as_secs_f64(),
+            video.timings.decoding.as_secs_f64()
+        ));
+        if self.interrupted.load(Ordering::SeqCst) {
+            if i + 1 < self.jobs {
+                self.say(&format!("stopped: {} is complete and kept; {} videos not made", names.join(", "), self.jobs - i - 1));
+                return Err(t2v::Error::Cancelled.into());
+            }
+            self.say(&format!("{} is complete and kept", names.join(", ")));
+        }
+        Ok(VideoSummary {
+            outputs: job
+                .targets
+                .iter()
+                .map(|t| Written { output: t.path.clone(), settings_file: t.settings.clone(), format: t.format.name() })
+                .collect(),
+            settings: run_settings,
+            text_encoding_s: video.timings.text_encoding.as_secs_f64(),
+            video_encoding_s: video.timings.video_encoding.as_secs_f64(),
+            denoising_s: video.timings.denoising.as_secs_f64(),
+            decoding_s: video.timings.decoding.as_secs_f64(),
+            writing_s: write_started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Loads the model of pass `pass`, with a spinner.
+fn load(spec: &str, folder: &Path, options: &LoadOptions, ctx: &RunContext, pass: usize) -> Result<(TextToVideo, f64)> {
+    let label = ctx.pass_label(pass);
+    let started = Instant::now();
+    let loading = (!ctx.quiet).then(|| spinner(&format!("{label}loading {spec}")));
+    let pipe = TextToVideo::load(folder, options).with_context(|| format!("loading the model {spec}"))?;
+    if let Some(s) = loading {
+        s.finish_and_clear();
+    }
+    let load_s = started.elapsed().as_secs_f64();
+    ctx.say(&format!("{label}loaded {spec} in {load_s:.1}s"));
+    Ok((pipe, load_s))
 }
 
 /// Ctrl-C stops after the current step, and nothing half-written stays behind; a second Ctrl-C

@@ -14,12 +14,13 @@ pub fn spinner(msg: &str) -> ProgressBar {
     s
 }
 
-pub fn steps_bar(total: u64) -> ProgressBar {
+/// `label` comes first ("pass 1/2 " in a two-pass run).
+pub fn steps_bar(label: &str, total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template(
-            "denoising {bar:30.cyan/blue} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise} left]",
-        )
+        ProgressStyle::with_template(&format!(
+            "{label}denoising {{bar:30.cyan/blue}} {{pos}}/{{len}} steps {{msg}} [{{elapsed_precise}} < {{eta_precise}} left]"
+        ))
         .expect("valid template")
         .progress_chars("█▉▊▋▌▍▎▏ "),
     );

@@ -32,6 +32,70 @@ pub struct RunSettings {
     pub fps: u32,
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// The video re-rendered (video-to-video); absent for text-to-video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputSettings>,
+    /// The second pass of a two-pass run: the frames above, resized and re-rendered by another model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<UpscaleSettings>,
+}
+
+/// The input of a video-to-video run and how its frames were chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSettings {
+    /// Absolute path of the file or frame folder.
+    pub path: PathBuf,
+    /// See [`input_sha256`].
+    pub sha256: String,
+    /// How much of the input is replaced, 0 to 1.
+    pub strength: f64,
+    pub start_frame: usize,
+    pub every: usize,
+    /// `resize`, `crop` or `pad`.
+    pub fit: String,
+}
+
+/// The second pass of `--upscale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpscaleSettings {
+    /// A folder (absolute) or a Hugging Face repo id.
+    pub model: String,
+    pub height: usize,
+    pub width: usize,
+    pub strength: f64,
+    pub steps: usize,
+}
+
+/// The SHA-256 of a video input, as lowercase hex: of the file's bytes, or for a folder of
+/// frames, of its frame files (the non-hidden `.png`, `.jpg`, `.jpeg` files the reader takes)
+/// sorted by name, each contributing its name, a NUL byte, its length as 8 little-endian bytes
+/// and its bytes.
+pub fn input_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    if path.is_dir() {
+        let mut frames = Vec::new();
+        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = entry?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if !name.starts_with('.') && matches!(ext.as_str(), "png" | "jpg" | "jpeg") && p.is_file() {
+                frames.push((name, p));
+            }
+        }
+        frames.sort();
+        for (name, p) in frames {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            hasher.update(name.as_bytes());
+            hasher.update([0u8]);
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+        }
+    } else {
+        let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn default_fps() -> u32 {
@@ -78,6 +142,8 @@ impl RunSettings {
             width,
             fps,
             dtype: dtype_name(dtype).to_string(),
+            input: None,
+            upscale: None,
         }
     }
 
