@@ -39,6 +39,9 @@ enum Command {
     /// Time the full-size 1.7B model (random weights, nothing downloaded): text encoding, one
     /// guided UNet step, VAE decoding, the 25-step run, peak memory and GFLOP/s.
     Bench(BenchArgs),
+    /// Serve the model over HTTP: a web page, and an API in the shape of OpenAI's videos API,
+    /// with a job queue that survives restarts.
+    Serve(Box<t2v_serve::ServeArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -258,6 +261,7 @@ fn main() {
         Command::Generate(args) => generate(*args),
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(args) => bench(args),
+        Command::Serve(args) => t2v_serve::run(*args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
