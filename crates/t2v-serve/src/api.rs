@@ -14,7 +14,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tower::ServiceExt;
@@ -50,7 +50,8 @@ pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
         .route("/openapi.json", get(|| async { Json(crate::openapi::spec()) }))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see /openapi.json") })
-        .layer(DefaultBodyLimit::max(shared.limits.max_upload_bytes))
+        // Bodies are read with their own limits (`read_body`).
+        .layer(DefaultBodyLimit::disable())
         .with_state(shared);
     if !cors.is_empty() {
         let origins = if cors.iter().any(|o| o == "*") {
@@ -207,25 +208,25 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
 
 async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiError> {
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let map: BTreeMap<String, Value> = if content_type.starts_with("multipart/form-data") {
-        read_multipart(&s, req).await?
-    } else if content_type.is_empty() || content_type.starts_with("application/json") {
-        let limit = s.limits.max_json_bytes;
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::too_large(limit));
-        }
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::too_large(limit))?;
+    let is_multipart = content_type.starts_with("multipart/form-data");
+    if !is_multipart && !content_type.is_empty() && !content_type.starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("send the fields as application/json or multipart/form-data, not {content_type}"),
+        ));
+    }
+    let limit = if is_multipart { s.limits.max_upload_bytes } else { s.limits.max_json_bytes };
+    let (parts, body) = req.into_parts();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let bytes = read_body(body, declared, limit).await?;
+    let map: BTreeMap<String, Value> = if is_multipart {
+        read_multipart(Request::from_parts(parts, Body::from(bytes))).await?
+    } else {
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => map.into_iter().collect(),
             Ok(_) => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}")),
             Err(e) => return Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
         }
-    } else {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("send the fields as application/json or multipart/form-data, not {content_type}"),
-        ));
     };
     let fields = Fields::new(map)?;
     let settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
@@ -236,31 +237,49 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     Ok(video_response(&s, &job))
 }
 
-async fn read_multipart(s: &Shared, req: Request) -> Result<BTreeMap<String, Value>, ApiError> {
-    let limit = s.limits.max_upload_bytes;
+/// Reads a body of at most `limit` bytes. A larger one is read on (up to [`DRAIN_BYTES`] more)
+/// and dropped before the 413: a client still sending then reads the answer instead of a reset
+/// connection.
+async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    if declared.is_some_and(|n| n > limit + DRAIN_BYTES) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut total) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(None, format!("reading the request body: {e}")))?;
+        total += chunk.len();
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > limit + DRAIN_BYTES {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(kept.into())
+}
+
+const DRAIN_BYTES: usize = 64 << 20;
+
+async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiError> {
     let mut multipart = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
     let mut map = BTreeMap::new();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::too_large(limit)),
             Err(e) => return Err(ApiError::bad_request(None, e.body_text())),
         };
         let name = field.name().unwrap_or_default().to_string();
         let value = if name == "input_reference" {
-            // The upload is read (and so size-checked) in full; video-to-video takes it from here.
+            // Video-to-video takes the upload from here.
             let file_name = field.file_name().unwrap_or("upload").to_string();
-            field.bytes().await.map_err(|e| match e.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(limit),
-                _ => ApiError::bad("input_reference", e.body_text()),
-            })?;
+            field.bytes().await.map_err(|e| ApiError::bad("input_reference", e.body_text()))?;
             Value::String(file_name)
         } else {
-            Value::String(field.text().await.map_err(|e| match e.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(limit),
-                _ => ApiError::bad(&name, e.body_text()),
-            })?)
+            Value::String(field.text().await.map_err(|e| ApiError::bad(&name, e.body_text()))?)
         };
         if map.insert(name.clone(), value).is_some() {
             return Err(ApiError::bad(&name, format!("`{name}` is given twice")));
@@ -359,11 +378,17 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
     let job = find(&s, &id).await?;
     let mut stop = s.shutdown.subscribe();
     let stream = async_stream::stream! {
+        // The latest step replayed or sent, per event name: what the subscription also
+        // delivered is not sent twice.
+        let mut seen: HashMap<&'static str, Option<u64>> = HashMap::new();
         match job.status {
             JobStatus::Completed => { yield Ok(Event::default().event("completed").data(video_object(&job, &s.model).to_string())); return; }
             JobStatus::Failed => { yield Ok(Event::default().event("failed").data(video_object(&job, &s.model).to_string())); return; }
             JobStatus::Queued => yield Ok(queued_event(&job, &s.model)),
-            JobStatus::InProgress => for e in s.hub.live(Some(&id)) { yield Ok(e.to_sse()) },
+            JobStatus::InProgress => for e in s.hub.live(Some(&id)) {
+                seen.insert(e.name, step_of(&e));
+                yield Ok(e.to_sse())
+            },
         }
         let mut position = job.queue_position;
         loop {
@@ -374,6 +399,11 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
             };
             match received {
                 Ok(e) if e.id == id => {
+                    let step = step_of(&e);
+                    if step.is_some() && seen.get(e.name).is_some_and(|&last| last >= step) {
+                        continue;
+                    }
+                    seen.insert(e.name, step);
                     yield Ok(e.to_sse());
                     if e.is_last() { break; }
                 }
@@ -404,6 +434,10 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
         }
     };
     Ok(sse(stream))
+}
+
+fn step_of(e: &JobEvent) -> Option<u64> {
+    e.data.get("step").and_then(Value::as_u64)
 }
 
 fn queued_event(job: &Job, model: &ModelInfo) -> Event {
