@@ -667,6 +667,40 @@ fn sigkill_mid_job_then_restart_keeps_every_job() {
     assert_eq!(server.all_videos().len(), 6);
 }
 
+/// The official OpenAI Python SDK against the server (`videos.create_and_poll`, `download_content`):
+/// the Python in T2V_TEST_PYTHON (default `python3`), when it can import `openai`.
+#[test]
+fn openai_python_sdk() {
+    let _turn = serial();
+    let python = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_sdk = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        eprintln!("SKIPPED: {python} cannot import openai (pip install openai, or set T2V_TEST_PYTHON to a Python that can)");
+        return;
+    }
+    let data = TempDir::new().unwrap();
+    let server = Server::start(data.path(), &["--api-key", "sdk-key"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .args([&server.base, "sdk-key"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the SDK script", Duration::from_secs(300), || child.try_wait().unwrap());
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "the SDK script failed:\n{err}\nserver:\n{}", server.log());
+    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("OpenAI SDK: {seen}");
+    assert_eq!((seen["status"].as_str(), seen["size"].as_str(), seen["seconds"].as_str()), (Some("completed"), Some("32x32"), Some("1")));
+    assert!(std::fs::metadata(data.path().join("sdk.mp4")).unwrap().len() > 100);
+}
+
 // ---------- the page, in headless Chromium ----------
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -797,6 +831,21 @@ fn page_submits_a_job_and_plays_it() {
     assert!(card["settings"].as_str().unwrap().contains("seed11"), "{card}");
     assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
 
+    // A job from another client appears in the queue with its progress and live preview.
+    let other = server.create(&json!({"prompt": "a slow one", "num_inference_steps": 200, "num_frames": 8, "size": "32x32"}));
+    let other = other["id"].as_str().unwrap();
+    let shown = wait_for("the queue to show a preview", Duration::from_secs(60), || {
+        let item = tools.eval(&format!(
+            "(() => {{ const li = document.querySelector('#queue li[data-id=\"{other}\"]'); if (!li) return null; \
+             const img = li.querySelector('img.preview'); return img.hidden ? null : JSON.stringify({{meta: li.querySelector('.meta').textContent, \
+             value: li.querySelector('progress').value, preview: img.naturalWidth}}); }})()"
+        ));
+        item.as_str().map(|s| serde_json::from_str::<Value>(s).unwrap())
+    });
+    eprintln!("queue item: {shown}");
+    assert!(shown["meta"].as_str().unwrap().contains("left"), "an ETA: {shown}");
+    assert_eq!(shown["preview"], 4 * 32, "{shown}");
+
     let metrics = tools.call("Page.getLayoutMetrics", json!({}));
     let height = metrics["cssContentSize"]["height"].as_f64().unwrap_or(915.0).ceil();
     let shot = tools.call(
@@ -815,5 +864,9 @@ fn page_submits_a_job_and_plays_it() {
     assert!(w >= 400 && h >= 600, "screenshot {w}x{h}");
     println!("screenshot of the page: {}", path.display());
     eprintln!("screenshot of the page: {}", path.display());
+    // Cancel from the page: its button stops the job.
+    tools.eval(&format!("document.querySelector('#queue li[data-id=\"{other}\"] .cancel').click()"));
+    let cancelled = server.wait_status(other, "failed", Duration::from_secs(30));
+    assert_eq!(cancelled["error"]["code"], "cancelled");
     drop(browser);
 }
