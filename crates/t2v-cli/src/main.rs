@@ -30,6 +30,9 @@ enum Command {
     /// Time the full-size 1.7B model (random weights, nothing downloaded): text encoding, one
     /// guided UNet step, VAE decoding, the 25-step run, peak memory and GFLOP/s.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP: a web page, and an API in the shape of OpenAI's videos API,
+    /// with a job queue that survives restarts.
+    Serve(Box<t2v_serve::ServeArgs>),
 }
 
 #[derive(Args)]
@@ -53,6 +56,7 @@ fn main() {
         Command::Generate(args) => generate::run(*args),
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => t2v_serve::run(*args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

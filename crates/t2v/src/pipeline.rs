@@ -109,7 +109,7 @@ impl GenerationParams {
 }
 
 /// Reported after each denoising step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepProgress {
     /// 1-based index of the step just finished.
     pub step: usize,
@@ -117,6 +117,12 @@ pub struct StepProgress {
     pub timestep: usize,
     /// Since the first step started.
     pub elapsed: Duration,
+    /// The latents this step started from, (1, C, frames, h, w).
+    pub sample: Tensor,
+    /// The (guided) model output for `sample` at `timestep`; with the scheduler's
+    /// `alphas_cumprod` the two give the predicted clean latents, as diffusers'
+    /// `pred_original_sample` (what live previews show).
+    pub model_output: Tensor,
 }
 
 /// What the step callback tells the pipeline.
@@ -362,8 +368,15 @@ impl TextToVideo {
                 Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?)
             };
             let stepped = scheduler.step(&to_frames(&noise_pred)?, t, &to_frames(&latents)?, &mut noise)?;
-            latents = stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?;
-            let progress = StepProgress { step: i + 1, total_steps: timesteps.len(), timestep: t, elapsed: started.elapsed() };
+            let sample = std::mem::replace(&mut latents, stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?);
+            let progress = StepProgress {
+                step: i + 1,
+                total_steps: timesteps.len(),
+                timestep: t,
+                elapsed: started.elapsed(),
+                sample,
+                model_output: noise_pred,
+            };
             if on_step(&progress) == Control::Cancel {
                 return Err(Error::Cancelled);
             }

@@ -1,0 +1,872 @@
+//! `t2v serve` as its users meet it: the real binary on the tiny fixture model, on 127.0.0.1 and
+//! a free port, driven over HTTP (the API round trip and its errors, 50 jobs from 10 clients, a
+//! SIGKILL and a restart) and through its page in headless Chromium.
+//!
+//! The tests take turns (one server at a time): the figures they print are then the server's own.
+
+#[path = "../../t2v/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tiny_model() -> PathBuf {
+    common::model_dir("tiny-t2v")
+}
+
+/// Polls `f` every 50 ms until it gives a value; panics after `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------- HTTP ----------
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `param` of an OpenAI-shaped error, checking the shape on the way.
+    fn error_param(&self) -> Option<String> {
+        let v = self.json();
+        let e = &v["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {v}");
+        assert!(e["type"].as_str().is_some(), "error without a type: {v}");
+        e["param"].as_str().map(str::to_string)
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(120)).build()
+}
+
+fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<(&str, &[u8])>) -> Reply {
+    let mut req = agent().request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let result = match body {
+        Some((content_type, bytes)) => req.set("Content-Type", content_type).send_bytes(bytes),
+        None => req.call(),
+    };
+    let response = match result {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let headers = response.headers_names().into_iter().filter_map(|n| response.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_string()))).collect();
+    let mut body = Vec::new();
+    response.into_reader().take(256 << 20).read_to_end(&mut body).expect("read the body");
+    Reply { status, headers, body }
+}
+
+fn multipart(fields: &[(&str, &str)], file: Option<(&str, &str, &[u8])>) -> (String, Vec<u8>) {
+    let boundary = "t2v-test-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+    }
+    if let Some((name, file_name, bytes)) = file {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\nContent-Type: video/mp4\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+// ---------- the server ----------
+
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+    key: Option<String>,
+}
+
+impl Server {
+    fn start(data: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_t2v"))
+            .args(["serve", "--model"])
+            .arg(tiny_model())
+            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--data"])
+            .arg(data)
+            .args(extra)
+            .env_remove("T2V_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("t2v serve starts");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let key = extra.iter().position(|a| *a == "--api-key").map(|i| extra[i + 1].to_string());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let base = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no URL printed within 60 s; stderr:\n{}", log.lock().unwrap()));
+            if let Some(rest) = line.strip_prefix("t2v serve: listening on ") {
+                break rest.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
+            }
+        };
+        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+        let server = Server { child, base, log, key };
+        wait_for("/health to answer 200", Duration::from_secs(60), || {
+            (server.try_get("/health").is_some_and(|r| r.status == 200)).then_some(())
+        });
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth(&self) -> Vec<(&str, String)> {
+        self.key.iter().map(|k| ("Authorization", format!("Bearer {k}"))).collect()
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Reply {
+        let auth = self.auth();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        request(method, &self.url(path), &headers, body)
+    }
+
+    fn try_get(&self, path: &str) -> Option<Reply> {
+        let response = match agent().get(&self.url(path)).call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(_) => return None,
+        };
+        Some(Reply { status: response.status(), headers: HashMap::new(), body: response.into_string().ok()?.into_bytes() })
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None)
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.call("POST", path, Some(("application/json", body.to_string().as_bytes())))
+    }
+
+    /// Queues a job and returns its video object.
+    fn create(&self, body: &Value) -> Value {
+        let reply = self.post_json("/v1/videos", body);
+        assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+        reply.json()
+    }
+
+    fn video(&self, id: &str) -> Value {
+        let reply = self.get(&format!("/v1/videos/{id}"));
+        assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+        reply.json()
+    }
+
+    fn wait_status(&self, id: &str, status: &str, limit: Duration) -> Value {
+        wait_for(&format!("{id} to be {status}"), limit, || {
+            let v = self.video(id);
+            assert!(
+                v["status"] == status || !(v["status"] == "completed" || v["status"] == "failed"),
+                "{id} ended {} instead of {status}: {v}",
+                v["status"]
+            );
+            (v["status"] == status).then_some(v)
+        })
+    }
+
+    fn all_videos(&self) -> Vec<Value> {
+        let list = self.get("/v1/videos?limit=100&order=asc").json();
+        assert_eq!(list["has_more"], false);
+        list["data"].as_array().unwrap().clone()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Resident memory, from /proc.
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+        kib / 1024.0
+    }
+
+    fn sigkill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the exit code once it has stopped.
+    fn sigterm(mut self) -> i32 {
+        // SAFETY: signalling a child process this test started and still owns.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let status = wait_for("the server to exit after SIGTERM", Duration::from_secs(60), || self.child.try_wait().unwrap());
+        status.code().unwrap_or(-1)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The events of one job's stream until it ends: (name, data).
+fn read_events(server: &Server, id: &str) -> Vec<(String, Value)> {
+    let response = agent().get(&server.url(&format!("/v1/videos/{id}/events"))).call().expect("the event stream opens");
+    assert_eq!(response.content_type(), "text/event-stream");
+    let mut events = Vec::new();
+    let mut name = String::new();
+    for line in BufReader::new(response.into_reader()).lines().take(10_000) {
+        let line = line.expect("the stream reads");
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            events.push((name.clone(), serde_json::from_str(d).unwrap()));
+        }
+    }
+    events
+}
+
+fn small_job(prompt: &str) -> Value {
+    json!({"prompt": prompt, "num_inference_steps": 2, "num_frames": 4, "size": "32x32", "guidance_scale": 9})
+}
+
+fn png_rgb(bytes: &[u8]) -> (Vec<u8>, u32, u32) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (buf, info.width, info.height)
+}
+
+/// One MP4 box tree walk: the top-level box types.
+fn mp4_boxes(bytes: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 8 <= bytes.len() && out.len() < 32 {
+        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        out.push(String::from_utf8_lossy(&bytes[at + 4..at + 8]).into_owned());
+        if size < 8 {
+            break;
+        }
+        at += size;
+    }
+    out
+}
+
+#[test]
+fn api_round_trip_and_errors() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+    let server = Server::start(data.path(), &["--max-upload-mb", "1"]);
+
+    let info = server.get("/v1/t2v/info").json();
+    assert_eq!((info["model"]["native_width"].as_u64(), info["model"]["native_height"].as_u64()), (Some(32), Some(32)));
+    let spec = server.get("/openapi.json").json();
+    assert!(spec["paths"]["/v1/videos/{video_id}/events"]["get"].is_object());
+    let page = server.get("/");
+    assert!(page.status == 200 && String::from_utf8_lossy(&page.body).contains("<form id=\"form\""));
+    assert!(page.headers["content-security-policy"].contains("default-src 'self'"));
+
+    // The reference's run 1, through the API: the thumbnail is the reference's middle frame.
+    let refs = common::reference_json("tiny-t2v");
+    let run = &refs["runs"][1];
+    let created = server.create(&json!({
+        "prompt": run["prompt"], "negative_prompt": run["negative_prompt"], "seed": run["seed"],
+        "num_inference_steps": run["steps"], "guidance_scale": run["guidance_scale"], "scheduler": run["scheduler"],
+        "num_frames": run["num_frames"], "size": "32x32", "model": "tiny-t2v",
+    }));
+    assert_eq!(created["object"], "video");
+    assert!(created["status"] == "queued" || created["status"] == "in_progress", "{created}");
+    assert_eq!((created["size"].as_str(), created["seconds"].as_str()), (Some("32x32"), Some("1")));
+    assert_eq!(created["settings"]["seed"], run["seed"]);
+    let id = created["id"].as_str().unwrap().to_string();
+    let reply = server.get(&format!("/v1/videos/{id}"));
+    if reply.json()["status"] != "completed" {
+        assert!(reply.headers.get("openai-poll-after-ms").and_then(|v| v.parse::<u64>().ok()).is_some(), "no poll header");
+    }
+
+    let events = read_events(&server, &id);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    eprintln!("events of {id}: {names:?}");
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+    let steps: Vec<u64> = events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps.last(), Some(&3), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] + 1 == w[1]), "steps in order, none missed: {steps:?}");
+    let preview = events.iter().find(|(n, _)| n == "preview").map(|(_, d)| d.clone()).expect("a preview event");
+    let image = preview["image"].as_str().unwrap().strip_prefix("data:image/png;base64,").unwrap();
+    let (_, pw, ph) = png_rgb(&base64::engine::general_purpose::STANDARD.decode(image).unwrap());
+    assert_eq!((pw, ph), (4 * 32, 32), "four latent frames side by side");
+
+    let done = server.video(&id);
+    assert_eq!((done["status"].as_str(), done["progress"].as_u64(), done["attempts"].as_u64()), (Some("completed"), Some(100), Some(1)));
+    assert!(done["completed_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
+    assert!(done.get("error").is_some_and(Value::is_null));
+
+    let mp4 = server.get(&format!("/v1/videos/{id}/content"));
+    assert_eq!((mp4.status, mp4.headers["content-type"].as_str()), (200, "video/mp4"));
+    assert_eq!(&mp4.body[4..8], b"ftyp");
+    assert!(mp4_boxes(&mp4.body).contains(&"moov".to_string()));
+    let path = data.path().join("check.mp4");
+    std::fs::write(&path, &mp4.body).unwrap();
+    let stored = t2v::settings::RunSettings::read(&path).expect("the MP4 carries its settings");
+    assert_eq!((stored.seed, stored.steps, stored.num_frames, stored.negative_prompt.as_deref()), (1, 3, 8, Some("blurry, low quality")));
+    let partial = request("GET", &server.url(&format!("/v1/videos/{id}/content?variant=video")), &[("Range", "bytes=0-99")], None);
+    assert_eq!((partial.status, partial.body.len()), (206, 100));
+
+    let thumbnail = server.get(&format!("/v1/videos/{id}/content?variant=thumbnail"));
+    assert_eq!(thumbnail.headers["content-type"], "image/png");
+    let (rgb, w, h) = png_rgb(&thumbnail.body);
+    assert_eq!((w, h), (32, 32));
+    let frames = &common::reference("tiny-t2v")[run["frames_key"].as_str().unwrap()];
+    let expected = frames.get(4).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let worst = rgb.iter().zip(&expected).map(|(&a, &e)| (a as f32 - (e * 255.0).round()).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1.0, "thumbnail differs from the reference's frame 4 by {worst}/255");
+
+    // Multipart, every field a string, as the OpenAI SDK sends it: seconds × fps gives the frames.
+    let (ct, body) = multipart(&[("prompt", "a cat"), ("seconds", "0.5"), ("size", "32x32"), ("num_inference_steps", "2"), ("seed", "5")], None);
+    let reply = server.call("POST", "/v1/videos", Some((&ct, &body)));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let second = reply.json();
+    assert_eq!((second["settings"]["num_frames"].as_u64(), second["settings"]["seed"].as_u64()), (Some(4), Some(5)));
+    let second_id = second["id"].as_str().unwrap().to_string();
+    server.wait_status(&second_id, "completed", Duration::from_secs(120));
+
+    // Listing: newest first, in pages.
+    let page1 = server.get("/v1/videos?limit=1").json();
+    assert_eq!((page1["object"].as_str(), page1["has_more"].as_bool()), (Some("list"), Some(true)));
+    assert_eq!(page1["data"][0]["id"], second_id.as_str());
+    let page2 = server.get(&format!("/v1/videos?limit=1&after={second_id}")).json();
+    assert_eq!(page2["data"][0]["id"], id.as_str());
+    assert_eq!(page2["has_more"], false);
+
+    // Errors: 400 naming the field, 404, 413, 415, 422.
+    let bad = |body: Value| {
+        let r = server.post_json("/v1/videos", &body);
+        (r.status, r.error_param())
+    };
+    assert_eq!(bad(json!({"num_frames": 4})), (400, Some("prompt".into())));
+    assert_eq!(bad(json!({"prompt": "x", "num_frames": 0})), (400, Some("num_frames".into())));
+    assert_eq!(bad(json!({"prompt": "x", "num_inference_steps": "many"})), (400, Some("num_inference_steps".into())));
+    assert_eq!(bad(json!({"prompt": "x", "width": 5000})), (400, Some("width".into())));
+    assert_eq!(bad(json!({"prompt": "x", "size": "32 by 32"})), (400, Some("size".into())));
+    assert_eq!(bad(json!({"prompt": "x", "guidance_scale": -2})), (400, Some("guidance_scale".into())));
+    assert_eq!(bad(json!({"prompt": "x", "scheduler": "euler"})), (400, Some("scheduler".into())));
+    assert_eq!(bad(json!({"prompt": "x", "model": "sora-2"})), (400, Some("model".into())));
+    assert_eq!(bad(json!({"prompt": "x", "colour": "red"})), (400, Some("colour".into())));
+    assert_eq!(bad(json!({"prompt": "x", "strength": 0.5})), (422, Some("strength".into())));
+    assert_eq!(bad(json!(["prompt"])).0, 422);
+    let r = server.call("POST", "/v1/videos", Some(("application/json", b"{\"prompt\": ")));
+    assert_eq!((r.status, r.error_param()), (400, None));
+    let r = server.call("POST", "/v1/videos", Some(("text/plain", b"prompt=x")));
+    assert_eq!(r.status, 415);
+    let huge = json!({"prompt": "x".repeat(2 << 20)});
+    assert_eq!(server.post_json("/v1/videos", &huge).status, 413);
+    let (ct, body) = multipart(&[("prompt", "x")], Some(("input_reference", "in.mp4", &vec![0u8; 2 << 20])));
+    let r = server.call("POST", "/v1/videos", Some((&ct, &body)));
+    assert_eq!(r.status, 413, "an upload over --max-upload-mb");
+    let (ct, body) = multipart(&[("prompt", "x")], Some(("input_reference", "in.mp4", b"not really a video")));
+    let r = server.call("POST", "/v1/videos", Some((&ct, &body)));
+    assert_eq!((r.status, r.error_param()), (422, Some("input_reference".into())));
+    assert_eq!(server.get("/v1/videos?limit=0").error_param(), Some("limit".into()));
+    assert_eq!(server.get("/v1/videos?after=video_nope").error_param(), Some("after".into()));
+
+    // Ids never reach the file system unless they are ids.
+    let unknown = format!("video_{}", "0".repeat(32));
+    for path in [
+        format!("/v1/videos/{unknown}"),
+        format!("/v1/videos/{unknown}/content"),
+        "/v1/videos/..%2Fjobs.sqlite/content".to_string(),
+        "/v1/videos/..%2F..%2Fetc%2Fpasswd/content".to_string(),
+        format!("/v1/videos/{id}%2F..%2F..%2Fjobs.sqlite/content"),
+        "/v1/nothing".to_string(),
+    ] {
+        let r = server.get(&path);
+        assert_eq!(r.status, 404, "{path}");
+        r.error_param();
+    }
+    assert_eq!(server.get(&format!("/v1/videos/{id}/content?variant=spritesheet")).error_param(), Some("variant".into()));
+    // No CORS unless asked for.
+    let r = request("GET", &server.url("/v1/videos"), &[("Origin", "http://evil.example")], None);
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+
+    // Cancel: a queued job fails at once; the running one at the end of its step.
+    let long = json!({"prompt": "a long one", "num_inference_steps": 400, "num_frames": 4, "size": "32x32"});
+    let running = server.create(&long)["id"].as_str().unwrap().to_string();
+    let waiting = server.create(&small_job("behind it"))["id"].as_str().unwrap().to_string();
+    server.wait_status(&running, "in_progress", Duration::from_secs(60));
+    let r = server.call("POST", &format!("/v1/videos/{waiting}/cancel"), None).json();
+    assert_eq!((r["status"].as_str(), r["error"]["code"].as_str()), (Some("failed"), Some("cancelled")));
+    wait_for("a step of the long job", Duration::from_secs(60), || (server.video(&running)["progress"].as_u64() > Some(0)).then_some(()));
+    let asked = Instant::now();
+    let r = server.call("POST", &format!("/v1/videos/{running}/cancel"), None);
+    assert_eq!(r.status, 200);
+    let cancelled = server.wait_status(&running, "failed", Duration::from_secs(30));
+    let mean_step = server.get("/v1/t2v/info").json()["stats"]["mean_step_s"].as_f64().unwrap();
+    eprintln!("cancel took {:.2}s (a step: {mean_step:.3}s)", asked.elapsed().as_secs_f64());
+    assert_eq!(cancelled["error"]["code"], "cancelled");
+    assert!(cancelled["progress"].as_u64().unwrap() < 95, "stopped before the end: {cancelled}");
+    assert!(!data.path().join(format!("videos/{running}.mp4")).exists());
+
+    // Delete: the job and its files go.
+    let r = server.call("DELETE", &format!("/v1/videos/{second_id}"), None).json();
+    assert_eq!(r, json!({"id": second_id, "object": "video.deleted", "deleted": true}));
+    assert_eq!(server.get(&format!("/v1/videos/{second_id}")).status, 404);
+    assert!(!data.path().join(format!("videos/{second_id}.mp4")).exists());
+    assert!(data.path().join(format!("videos/{id}.mp4")).exists());
+    assert_eq!(server.call("DELETE", &format!("/v1/videos/{second_id}"), None).status, 404);
+}
+
+#[test]
+fn api_key_cors_and_address_safety() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+
+    // Another address without a key: refused before anything listens.
+    let out = Command::new(env!("CARGO_BIN_EXE_t2v"))
+        .args(["serve", "--model"])
+        .arg(tiny_model())
+        .args(["--host", "0.0.0.0", "--port", "0", "--data"])
+        .arg(data.path())
+        .env_remove("T2V_API_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--api-key"), "{stderr}");
+
+    let server = Server::start(data.path(), &["--api-key", "s3cret", "--cors", "http://app.example"]);
+    let plain = |path: &str, headers: &[(&str, &str)]| request("GET", &server.url(path), headers, None);
+    let r = plain("/v1/videos", &[]);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    assert_eq!(plain("/v1/videos", &[("Authorization", "Bearer wrong")]).status, 401);
+    assert_eq!(plain("/v1/videos", &[("Authorization", "Bearer s3cret")]).status, 200);
+    assert_eq!(plain("/v1/t2v/info", &[]).status, 401);
+    assert_eq!(request("POST", &server.url("/v1/videos"), &[], Some(("application/json", b"{\"prompt\":\"x\"}"))).status, 401);
+    // The page and the health check are open; the page asks for the key.
+    assert_eq!(plain("/", &[]).status, 200);
+    assert_eq!(plain("/health", &[]).status, 200);
+    // CORS for the origin asked for only.
+    let preflight = request(
+        "OPTIONS",
+        &server.url("/v1/videos"),
+        &[("Origin", "http://app.example"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "authorization,content-type")],
+        None,
+    );
+    assert_eq!(preflight.headers.get("access-control-allow-origin").map(String::as_str), Some("http://app.example"));
+    let other = plain("/v1/videos", &[("Origin", "http://evil.example"), ("Authorization", "Bearer s3cret")]);
+    assert!(!other.headers.contains_key("access-control-allow-origin"));
+    assert_eq!(server.sigterm(), 0, "SIGTERM stops cleanly");
+}
+
+#[test]
+fn fifty_jobs_from_ten_clients() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+    let server = Arc::new(Server::start(data.path(), &[]));
+
+    // Warm up (first-run allocations), then measure.
+    for i in 0..3 {
+        let id = server.create(&small_job(&format!("warm-up {i}")))["id"].as_str().unwrap().to_string();
+        server.wait_status(&id, "completed", Duration::from_secs(120));
+    }
+    let rss_before = server.rss_mib();
+
+    // One watcher on the page's stream counts the completions.
+    let completions = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let watcher = {
+        let (url, completions) = (server.url("/v1/t2v/events"), completions.clone());
+        let long = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(900)).build();
+        let response = long.get(&url).call().expect("the event stream opens");
+        std::thread::spawn(move || {
+            let mut name = String::new();
+            for line in BufReader::new(response.into_reader()).lines().take(100_000) {
+                let Ok(line) = line else { break };
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let (Some(d), "completed") = (line.strip_prefix("data: "), name.as_str()) {
+                    let v: Value = serde_json::from_str(d).unwrap();
+                    let mut c = completions.lock().unwrap();
+                    *c.entry(v["id"].as_str().unwrap().to_string()).or_default() += 1;
+                    if c.len() >= 50 {
+                        break;
+                    }
+                }
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let clients: Vec<_> = (0..10)
+        .map(|c| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|k| {
+                        let v = server.create(&small_job(&format!("client {c} job {k}")));
+                        (c, k, v["id"].as_str().unwrap().to_string())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let submitted: Vec<(usize, usize, String)> = clients.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert_eq!(submitted.len(), 50);
+    let submit_s = started.elapsed().as_secs_f64();
+    let mut peak = rss_before;
+    wait_for("50 jobs to end", Duration::from_secs(600), || {
+        peak = peak.max(server.rss_mib());
+        let counts = server.get("/v1/t2v/info").json()["jobs"].clone();
+        (counts["queued"] == 0 && counts["in_progress"] == 0).then_some(())
+    });
+    let total_s = started.elapsed().as_secs_f64();
+    let rss_after = server.rss_mib();
+    watcher.join().unwrap();
+
+    // Every job completed, exactly once.
+    let videos: Vec<Value> = server.all_videos().into_iter().filter(|v| v["prompt"].as_str().unwrap().starts_with("client ")).collect();
+    assert_eq!(videos.len(), 50);
+    for v in &videos {
+        assert_eq!((v["status"].as_str(), v["attempts"].as_u64()), (Some("completed"), Some(1)), "{v}");
+        let id = v["id"].as_str().unwrap();
+        assert!(data.path().join(format!("videos/{id}.mp4")).is_file());
+    }
+    let completions = completions.lock().unwrap();
+    for (_, _, id) in &submitted {
+        assert_eq!(completions.get(id), Some(&1), "{id} completed {:?} times in the event stream", completions.get(id));
+    }
+    let info = server.get("/v1/t2v/info").json();
+    assert_eq!(info["stats"]["jobs_run"], 53, "3 warm-up jobs and 50 more, none twice");
+
+    // In submission order: the list (ascending) is the order the server took them in; each ran
+    // after the one before it ended, and each client's jobs are in the order it sent them.
+    let timings = |v: &Value, k: &str| v["timings"][k].as_i64().unwrap();
+    for pair in videos.windows(2) {
+        assert!(timings(&pair[1], "started_at_ms") >= timings(&pair[0], "completed_at_ms"), "{} ran before {} ended", pair[1]["id"], pair[0]["id"]);
+    }
+    let position: HashMap<&str, usize> = videos.iter().enumerate().map(|(i, v)| (v["id"].as_str().unwrap(), i)).collect();
+    for c in 0..10 {
+        let mine: Vec<usize> = submitted.iter().filter(|s| s.0 == c).map(|s| position[s.2.as_str()]).collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "client {c}'s jobs ran out of order: {mine:?}");
+    }
+
+    let latency: Vec<f64> = videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "created_at_ms")) as f64 / 1e3).collect();
+    let run_s: Vec<f64> = videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "started_at_ms")) as f64 / 1e3).collect();
+    eprintln!(
+        "load: 50 jobs from 10 clients submitted in {submit_s:.2}s, all done in {total_s:.1}s ({:.2} jobs/s); \
+         run time per job {:.3}s mean; latency mean {:.1}s max {:.1}s; \
+         RSS before {rss_before:.1} MiB, peak {peak:.1} MiB, after {rss_after:.1} MiB; mean step {:.3}s, mean preview {:.3} ms",
+        50.0 / total_s,
+        run_s.iter().sum::<f64>() / 50.0,
+        latency.iter().sum::<f64>() / 50.0,
+        latency.iter().cloned().fold(0.0, f64::max),
+        info["stats"]["mean_step_s"].as_f64().unwrap(),
+        info["stats"]["mean_preview_s"].as_f64().unwrap() * 1e3,
+    );
+    assert!(rss_after - rss_before < 8.0, "memory grew from {rss_before:.1} to {rss_after:.1} MiB over 50 jobs");
+}
+
+#[test]
+fn sigkill_mid_job_then_restart_keeps_every_job() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+    let long = json!({"prompt": "long", "num_inference_steps": 60, "num_frames": 8, "size": "32x32"});
+
+    let server = Server::start(data.path(), &[]);
+    let done = server.create(&small_job("done before"))["id"].as_str().unwrap().to_string();
+    server.wait_status(&done, "completed", Duration::from_secs(120));
+    let killed = server.create(&long)["id"].as_str().unwrap().to_string();
+    let queued: Vec<String> = (0..3).map(|i| server.create(&small_job(&format!("queued {i}")))["id"].as_str().unwrap().to_string()).collect();
+    server.wait_status(&killed, "in_progress", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    server.sigkill();
+
+    // First restart: everything is there; the interrupted job runs again (its second attempt).
+    let server = Server::start(data.path(), &[]);
+    let all: Vec<String> = server.all_videos().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    let expected: Vec<String> = [done.clone(), killed.clone()].into_iter().chain(queued.iter().cloned()).collect();
+    assert_eq!(all, expected);
+    assert!(server.log().contains(&killed), "the restart names the job it queued again:\n{}", server.log());
+    assert_eq!(server.video(&done)["status"], "completed");
+    assert_eq!(server.get(&format!("/v1/videos/{done}/content")).status, 200);
+    let again = server.wait_status(&killed, "in_progress", Duration::from_secs(60));
+    assert_eq!(again["attempts"], 2);
+    std::thread::sleep(Duration::from_millis(500));
+    server.sigkill();
+
+    // Second restart: the job that died twice is failed with the reason; the queued ones run, in order.
+    let server = Server::start(data.path(), &[]);
+    let failed = server.video(&killed);
+    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("interrupted")), "{failed}");
+    assert!(failed["error"]["message"].as_str().unwrap().contains("2 attempts"), "{failed}");
+    let finished: Vec<Value> = queued.iter().map(|id| server.wait_status(id, "completed", Duration::from_secs(120))).collect();
+    for pair in finished.windows(2) {
+        assert!(pair[1]["timings"]["started_at_ms"].as_i64() >= pair[0]["timings"]["completed_at_ms"].as_i64());
+    }
+    assert!(finished.iter().all(|v| v["attempts"] == 1));
+
+    // SIGTERM mid-job: a clean stop puts the job back in the queue without counting the attempt.
+    let stopped = server.create(&long)["id"].as_str().unwrap().to_string();
+    server.wait_status(&stopped, "in_progress", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log.clone();
+    assert_eq!(server.sigterm(), 0, "{}", log.lock().unwrap());
+    let server = Server::start(data.path(), &[]);
+    let v = server.wait_status(&stopped, "completed", Duration::from_secs(300));
+    assert_eq!(v["attempts"], 1, "{v}");
+    assert_eq!(server.all_videos().len(), 6);
+}
+
+/// The official OpenAI Python SDK against the server (`videos.create_and_poll`, `download_content`):
+/// the Python in T2V_TEST_PYTHON (default `python3`), when it can import `openai`.
+#[test]
+fn openai_python_sdk() {
+    let _turn = serial();
+    let python = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_sdk = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        eprintln!("SKIPPED: {python} cannot import openai (pip install openai, or set T2V_TEST_PYTHON to a Python that can)");
+        return;
+    }
+    let data = TempDir::new().unwrap();
+    let server = Server::start(data.path(), &["--api-key", "sdk-key"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .args([&server.base, "sdk-key"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the SDK script", Duration::from_secs(300), || child.try_wait().unwrap());
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "the SDK script failed:\n{err}\nserver:\n{}", server.log());
+    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("OpenAI SDK: {seen}");
+    assert_eq!((seen["status"].as_str(), seen["size"].as_str(), seen["seconds"].as_str()), (Some("completed"), Some("32x32"), Some("1")));
+    assert!(std::fs::metadata(data.path().join("sdk.mp4")).unwrap().len() > 100);
+}
+
+// ---------- the page, in headless Chromium ----------
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+struct DevTools {
+    socket: tungstenite::WebSocket<TcpStream>,
+    next_id: u64,
+    exceptions: Vec<String>,
+}
+
+impl DevTools {
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.socket.send(tungstenite::Message::text(json!({"id": id, "method": method, "params": params}).to_string())).unwrap();
+        for _ in 0..100_000 {
+            let message = self.socket.read().unwrap_or_else(|e| panic!("DevTools {method}: {e}"));
+            let Ok(text) = message.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).unwrap();
+            if v["method"] == "Runtime.exceptionThrown" {
+                self.exceptions.push(v["params"]["exceptionDetails"].to_string());
+            }
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "DevTools {method}: {v}");
+                return v["result"].clone();
+            }
+        }
+        panic!("no answer to {method}");
+    }
+
+    fn eval(&mut self, expression: &str) -> Value {
+        self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}))["result"]["value"].clone()
+    }
+}
+
+#[test]
+fn page_submits_a_job_and_plays_it() {
+    let _turn = serial();
+    if !Path::new(CHROMIUM).exists() {
+        eprintln!("SKIPPED: {CHROMIUM} is missing (apt-get install -y chromium)");
+        return;
+    }
+    let data = TempDir::new().unwrap();
+    let server = Server::start(data.path(), &[]);
+    let profile = TempDir::new().unwrap();
+    let mut browser = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--mute-audio",
+            "--autoplay-policy=no-user-gesture-required",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chromium starts");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = browser.stderr.take().unwrap();
+    let browser = Kill(browser);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let browser_ws = rx.recv_timeout(Duration::from_secs(60)).expect("chromium prints its DevTools address");
+    let port: u16 = browser_ws.trim_start_matches("ws://127.0.0.1:").split('/').next().unwrap().parse().unwrap();
+    let targets: Value = wait_for("a page target", Duration::from_secs(30), || {
+        let r = request("GET", &format!("http://127.0.0.1:{port}/json/list"), &[], None);
+        let v = r.json();
+        v.as_array().unwrap().iter().any(|t| t["type"] == "page").then_some(v)
+    });
+    let page_ws = targets.as_array().unwrap().iter().find(|t| t["type"] == "page").unwrap()["webSocketDebuggerUrl"].as_str().unwrap().to_string();
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (socket, _) = tungstenite::client(page_ws.as_str(), stream).expect("DevTools connects");
+    let mut tools = DevTools { socket, next_id: 0, exceptions: Vec::new() };
+
+    // A phone's screen.
+    tools.call("Emulation.setDeviceMetricsOverride", json!({"width": 412, "height": 915, "deviceScaleFactor": 1, "mobile": true}));
+    tools.call("Runtime.enable", json!({}));
+    let url = server.url("/?prompt=a%20red%20ball%20bouncing&num_inference_steps=4&num_frames=8&seed=11&submit=1");
+    tools.call("Page.navigate", json!({"url": url}));
+
+    let started = Instant::now();
+    let (submitted, played) = wait_for("the gallery's video to play", Duration::from_secs(180), || {
+        let state = tools.eval(
+            "JSON.stringify({s: document.documentElement.dataset.submitted || null, p: document.documentElement.dataset.played || null, \
+             err: document.querySelector('#form-message.error')?.textContent || null})",
+        );
+        let state: Value = serde_json::from_str(state.as_str().unwrap_or("{}")).unwrap();
+        assert!(state["err"].is_null(), "the page shows an error: {state}");
+        let s = state["s"].as_str().map(str::to_string);
+        (s.is_some() && state["p"] == state["s"]).then(|| (s.clone().unwrap(), state["p"].as_str().unwrap().to_string()))
+    });
+    eprintln!("the page's job {submitted} played after {:.1}s", started.elapsed().as_secs_f64());
+    assert_eq!(submitted, played);
+    let video = server.video(&submitted);
+    assert_eq!((video["status"].as_str(), video["settings"]["steps"].as_u64(), video["settings"]["num_frames"].as_u64()), (Some("completed"), Some(4), Some(8)));
+    assert_eq!(video["settings"]["seed"], 11);
+    // The gallery card shows it playing, with its settings and a download link.
+    let card = tools.eval(&format!(
+        "(() => {{ const c = document.querySelector('article.card[data-id=\"{submitted}\"]'); const v = c.querySelector('video'); \
+         return JSON.stringify({{playing: c.dataset.playing, paused: v.paused, time: v.currentTime, w: v.videoWidth, \
+         download: c.querySelector('a.download').getAttribute('href'), settings: c.querySelector('dl').textContent}}); }})()"
+    ));
+    let card: Value = serde_json::from_str(card.as_str().unwrap()).unwrap();
+    assert_eq!((card["playing"].as_str(), card["w"].as_u64()), (Some("1"), Some(32)), "{card}");
+    assert!(card["download"].as_str().unwrap().contains(&submitted), "{card}");
+    assert!(card["settings"].as_str().unwrap().contains("seed11"), "{card}");
+    assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
+
+    // A job from another client appears in the queue with its progress and live preview.
+    let other = server.create(&json!({"prompt": "a slow one", "num_inference_steps": 200, "num_frames": 8, "size": "32x32"}));
+    let other = other["id"].as_str().unwrap();
+    let shown = wait_for("the queue to show a preview", Duration::from_secs(60), || {
+        let item = tools.eval(&format!(
+            "(() => {{ const li = document.querySelector('#queue li[data-id=\"{other}\"]'); if (!li) return null; \
+             const img = li.querySelector('img.preview'); return img.hidden ? null : JSON.stringify({{meta: li.querySelector('.meta').textContent, \
+             value: li.querySelector('progress').value, preview: img.naturalWidth}}); }})()"
+        ));
+        item.as_str().map(|s| serde_json::from_str::<Value>(s).unwrap())
+    });
+    eprintln!("queue item: {shown}");
+    assert!(shown["meta"].as_str().unwrap().contains("left"), "an ETA: {shown}");
+    assert_eq!(shown["preview"], 4 * 32, "{shown}");
+
+    let metrics = tools.call("Page.getLayoutMetrics", json!({}));
+    let height = metrics["cssContentSize"]["height"].as_f64().unwrap_or(915.0).ceil();
+    let shot = tools.call(
+        "Page.captureScreenshot",
+        json!({"format": "png", "captureBeyondViewport": true, "clip": {"x": 0, "y": 0, "width": 412, "height": height, "scale": 1}}),
+    );
+    let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
+    std::fs::write(&path, &png).unwrap();
+    let (_, w, h) = {
+        let decoder = png::Decoder::new(std::io::Cursor::new(&png));
+        let reader = decoder.read_info().unwrap();
+        let info = reader.info();
+        ((), info.width, info.height)
+    };
+    assert!(w >= 400 && h >= 600, "screenshot {w}x{h}");
+    println!("screenshot of the page: {}", path.display());
+    eprintln!("screenshot of the page: {}", path.display());
+    // Cancel from the page: its button stops the job.
+    tools.eval(&format!("document.querySelector('#queue li[data-id=\"{other}\"] .cancel').click()"));
+    let cancelled = server.wait_status(other, "failed", Duration::from_secs(30));
+    assert_eq!(cancelled["error"]["code"], "cancelled");
+    drop(browser);
+}

@@ -1,0 +1,493 @@
+//! The routes: the videos API in OpenAI's shape under `/v1`, t2v's own additions under `/v1/t2v`,
+//! the page at `/`, `/health` and `/openapi.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+use tower::ServiceExt;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::services::ServeFile;
+
+use crate::error::ApiError;
+use crate::events::JobEvent;
+use crate::request::{self, Fields};
+use crate::store::{Job, JobStatus, Order};
+use crate::worker::{remove_files, thumbnail_path, video_path};
+use crate::{ModelInfo, Shared};
+
+type AppState = State<Arc<Shared>>;
+
+const POLL_HEADER: &str = "openai-poll-after-ms";
+
+pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
+    let api = Router::new()
+        .route("/v1/videos", post(create_video).get(list_videos))
+        .route("/v1/videos/{id}", get(get_video).delete(delete_video))
+        .route("/v1/videos/{id}/content", get(video_content))
+        .route("/v1/videos/{id}/cancel", post(cancel_video))
+        .route("/v1/videos/{id}/events", get(video_events))
+        .route("/v1/t2v/events", get(all_events))
+        .route("/v1/t2v/info", get(info))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    let mut app = Router::new()
+        .route("/", get(|| async { page(include_str!("../static/index.html"), "text/html; charset=utf-8") }))
+        .route("/app.js", get(|| async { page(include_str!("../static/app.js"), "text/javascript; charset=utf-8") }))
+        .route("/app.css", get(|| async { page(include_str!("../static/app.css"), "text/css; charset=utf-8") }))
+        .route("/health", get(health))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::spec()) }))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see /openapi.json") })
+        // Bodies are read with their own limits (`read_body`).
+        .layer(DefaultBodyLimit::disable())
+        .with_state(shared);
+    if !cors.is_empty() {
+        let origins = if cors.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            let list = cors
+                .iter()
+                .map(|o| HeaderValue::from_str(o.trim_end_matches('/')).map_err(|_| anyhow::anyhow!("--cors {o} is not an origin")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            AllowOrigin::list(list)
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .expose_headers([HeaderName::from_static(POLL_HEADER)]),
+        );
+    }
+    Ok(app)
+}
+
+/// The page's files, with a policy that lets them load nothing from other hosts.
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn authenticate(State(s): AppState, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Job ids are `video_` and 32 hex digits: nothing else can reach the store or name a file.
+pub fn is_job_id(id: &str) -> bool {
+    id.strip_prefix("video_").is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+fn new_job_id() -> String {
+    format!("video_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn random_seed() -> u64 {
+    // 32 bits keep seeds short enough to retype, as the command line's.
+    (uuid::Uuid::new_v4().as_u128() % (1 << 32)) as u64
+}
+
+/// The video object: OpenAI's fields, then t2v's (`settings`, `queue_position`, `attempts`, ...).
+pub fn video_object(job: &Job, model: &ModelInfo) -> Value {
+    let s = &job.settings;
+    json!({
+        "id": job.id,
+        "object": "video",
+        "status": job.status.as_str(),
+        "progress": job.progress,
+        "created_at": job.created_at_ms / 1000,
+        "completed_at": job.completed_at_ms.map(|t| t / 1000),
+        "expires_at": null,
+        "model": model.name,
+        "prompt": s.prompt,
+        "size": format!("{}x{}", s.width, s.height),
+        "seconds": request::seconds_string(s.num_frames, s.fps),
+        "remixed_from_video_id": null,
+        "error": job.error,
+        "settings": s,
+        "queue_position": job.queue_position,
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "timings": {
+            "created_at_ms": job.created_at_ms,
+            "started_at_ms": job.started_at_ms,
+            "completed_at_ms": job.completed_at_ms,
+        },
+    })
+}
+
+/// How long clients should wait before polling again: about one denoising step.
+fn poll_after_ms(s: &Shared) -> u64 {
+    let step = s.stats.lock().expect("stats lock").mean_step_s();
+    step.map_or(1000, |t| ((t * 1000.0) as u64).clamp(200, 5000))
+}
+
+fn video_response(s: &Shared, job: &Job) -> Response {
+    let mut response = Json(video_object(job, &s.model)).into_response();
+    if !job.status.is_terminal() {
+        response.headers_mut().insert(POLL_HEADER, HeaderValue::from(poll_after_ms(s)));
+    }
+    response
+}
+
+async fn find(s: &Shared, id: &str) -> Result<Job, ApiError> {
+    if !is_job_id(id) {
+        return Err(ApiError::not_found(id));
+    }
+    s.store.get(id).await?.ok_or_else(|| ApiError::not_found(id))
+}
+
+async fn health(State(s): AppState) -> Response {
+    if s.ready.load(Ordering::SeqCst) {
+        Json(json!({"status": "ok", "model": s.model.name})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading", "model": s.model.name}))).into_response()
+    }
+}
+
+async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
+    let stats = *s.stats.lock().expect("stats lock");
+    Ok(Json(json!({
+        "model": s.model,
+        "ready": s.ready.load(Ordering::SeqCst),
+        "defaults": {
+            "num_inference_steps": request::DEFAULT_STEPS,
+            "guidance_scale": request::DEFAULT_GUIDANCE,
+            "num_frames": request::DEFAULT_FRAMES,
+            "fps": t2v::video::DEFAULT_FPS,
+            "scheduler": "dpm",
+            "eta": 0.0,
+            "width": s.model.native_width,
+            "height": s.model.native_height,
+        },
+        "schedulers": ["dpm", "ddim"],
+        "limits": s.limits,
+        "preview_every": s.preview_every,
+        "jobs": s.store.counts().await?,
+        "stats": {
+            "jobs_run": stats.jobs_run,
+            "steps": stats.steps,
+            "mean_step_s": stats.mean_step_s(),
+            "previews": stats.previews,
+            "mean_preview_s": stats.mean_preview_s(),
+            "preview_share_of_step": stats.mean_preview_s().zip(stats.mean_step_s()).map(|(p, st)| p / st),
+        },
+    })))
+}
+
+async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiError> {
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let is_multipart = content_type.starts_with("multipart/form-data");
+    if !is_multipart && !content_type.is_empty() && !content_type.starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("send the fields as application/json or multipart/form-data, not {content_type}"),
+        ));
+    }
+    let limit = if is_multipart { s.limits.max_upload_bytes } else { s.limits.max_json_bytes };
+    let (parts, body) = req.into_parts();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let bytes = read_body(body, declared, limit).await?;
+    let map: BTreeMap<String, Value> = if is_multipart {
+        read_multipart(Request::from_parts(parts, Body::from(bytes))).await?
+    } else {
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => map.into_iter().collect(),
+            Ok(_) => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}")),
+            Err(e) => return Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
+        }
+    };
+    let fields = Fields::new(map)?;
+    let settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
+    let job = s.store.insert(&new_job_id(), &settings).await?;
+    s.wake.notify_one();
+    let video = video_object(&job, &s.model);
+    s.hub.send(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})));
+    Ok(video_response(&s, &job))
+}
+
+/// Reads a body of at most `limit` bytes. A larger one is read on (up to [`DRAIN_BYTES`] more)
+/// and dropped before the 413: a client still sending then reads the answer instead of a reset
+/// connection.
+async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    if declared.is_some_and(|n| n > limit + DRAIN_BYTES) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut total) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(None, format!("reading the request body: {e}")))?;
+        total += chunk.len();
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > limit + DRAIN_BYTES {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(kept.into())
+}
+
+const DRAIN_BYTES: usize = 64 << 20;
+
+async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiError> {
+    let mut multipart = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
+    let mut map = BTreeMap::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(ApiError::bad_request(None, e.body_text())),
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        let value = if name == "input_reference" {
+            // Video-to-video takes the upload from here.
+            let file_name = field.file_name().unwrap_or("upload").to_string();
+            field.bytes().await.map_err(|e| ApiError::bad("input_reference", e.body_text()))?;
+            Value::String(file_name)
+        } else {
+            Value::String(field.text().await.map_err(|e| ApiError::bad(&name, e.body_text()))?)
+        };
+        if map.insert(name.clone(), value).is_some() {
+            return Err(ApiError::bad(&name, format!("`{name}` is given twice")));
+        }
+    }
+    Ok(map)
+}
+
+async fn list_videos(State(s): AppState, Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+    for key in q.keys() {
+        if !["limit", "after", "order"].contains(&key.as_str()) {
+            return Err(ApiError::bad(key, format!("unknown parameter `{key}`: use limit, after and order")));
+        }
+    }
+    let limit = match q.get("limit") {
+        None => 20,
+        Some(v) => v.parse::<usize>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::bad("limit", format!("`limit` must be from 1 to 100, got `{v}`")))?,
+    };
+    let order = match q.get("order").map(String::as_str) {
+        None | Some("desc") => Order::Desc,
+        Some("asc") => Order::Asc,
+        Some(other) => return Err(ApiError::bad("order", format!("`order` must be `asc` or `desc`, got `{other}`"))),
+    };
+    let after = q.get("after").map(String::as_str);
+    if let Some(a) = after {
+        if !is_job_id(a) || s.store.get(a).await?.is_none() {
+            return Err(ApiError::bad("after", format!("`after` must be the id of a video, got `{a}`")));
+        }
+    }
+    let (jobs, has_more) = s.store.list(limit, after, order).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": jobs.iter().map(|j| video_object(j, &s.model)).collect::<Vec<_>>(),
+        "first_id": jobs.first().map(|j| &j.id),
+        "last_id": jobs.last().map(|j| &j.id),
+        "has_more": has_more,
+    })))
+}
+
+async fn get_video(State(s): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = find(&s, &id).await?;
+    Ok(video_response(&s, &job))
+}
+
+async fn delete_video(State(s): AppState, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let job = find(&s, &id).await?;
+    if job.status == JobStatus::InProgress {
+        s.cancels.lock().expect("cancels lock").insert(id.clone());
+    }
+    s.store.delete(&id).await?;
+    remove_files(&s.videos_dir, &id);
+    s.hub.send(JobEvent::new(&id, "deleted", json!({"id": id})));
+    Ok(Json(json!({"id": id, "object": "video.deleted", "deleted": true})))
+}
+
+async fn cancel_video(State(s): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let before = find(&s, &id).await?;
+    let job = s.store.request_cancel(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    match (before.status, job.status) {
+        // The worker stops at the end of the step it is in.
+        (_, JobStatus::InProgress) => {
+            s.cancels.lock().expect("cancels lock").insert(id.clone());
+        }
+        (JobStatus::Queued, JobStatus::Failed) => s.hub.send(JobEvent::new(&id, "failed", video_object(&job, &s.model))),
+        _ => {}
+    }
+    Ok(video_response(&s, &job))
+}
+
+async fn video_content(State(s): AppState, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, req: Request) -> Result<Response, ApiError> {
+    let job = find(&s, &id).await?;
+    let variant = q.get("variant").map(String::as_str).unwrap_or("video");
+    let (path, ext) = match variant {
+        "video" => (video_path(&s.videos_dir, &id), "mp4"),
+        "thumbnail" => (thumbnail_path(&s.videos_dir, &id), "png"),
+        other => return Err(ApiError::bad("variant", format!("`variant` must be `video` or `thumbnail`, got `{other}`"))),
+    };
+    if job.status != JobStatus::Completed || !path.is_file() {
+        return Err(ApiError {
+            code: Some("not_ready"),
+            ..ApiError::new(StatusCode::NOT_FOUND, format!("video `{id}` has no content: it is {}", job.status.as_str()))
+        });
+    }
+    // ServeFile answers Range requests, which browsers' <video> sends.
+    let mut response = ServeFile::new(path).oneshot(req).await.map_err(ApiError::internal)?.map(Body::new);
+    let disposition = format!("inline; filename=\"{id}.{ext}\"");
+    response.headers_mut().insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(ApiError::internal)?);
+    Ok(response)
+}
+
+/// `queued` (with the position, again whenever it moves), `progress`, `preview`, then `completed`
+/// or `failed` and the end of the stream.
+async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+    // Subscribe before reading the state: nothing between the two is missed.
+    let mut rx = s.hub.subscribe();
+    let job = find(&s, &id).await?;
+    let mut stop = s.shutdown.subscribe();
+    let stream = async_stream::stream! {
+        // The latest step replayed or sent, per event name: what the subscription also
+        // delivered is not sent twice.
+        let mut seen: HashMap<&'static str, Option<u64>> = HashMap::new();
+        match job.status {
+            JobStatus::Completed => { yield Ok(Event::default().event("completed").data(video_object(&job, &s.model).to_string())); return; }
+            JobStatus::Failed => { yield Ok(Event::default().event("failed").data(video_object(&job, &s.model).to_string())); return; }
+            JobStatus::Queued => yield Ok(queued_event(&job, &s.model)),
+            JobStatus::InProgress => for e in s.hub.live(Some(&id)) {
+                seen.insert(e.name, step_of(&e));
+                yield Ok(e.to_sse())
+            },
+        }
+        let mut position = job.queue_position;
+        loop {
+            if *stop.borrow() { break; }
+            let received = tokio::select! {
+                _ = stop.changed() => break,
+                r = rx.recv() => r,
+            };
+            match received {
+                Ok(e) if e.id == id => {
+                    let step = step_of(&e);
+                    if step.is_some() && seen.get(e.name).is_some_and(|&last| last >= step) {
+                        continue;
+                    }
+                    seen.insert(e.name, step);
+                    yield Ok(e.to_sse());
+                    if e.is_last() { break; }
+                }
+                Ok(e) => {
+                    if position.is_some_and(|p| p > 0) && e.moves_queue() {
+                        if let Ok(Some(now)) = s.store.get(&id).await {
+                            if now.status == JobStatus::Queued && now.queue_position != position {
+                                position = now.queue_position;
+                                yield Ok(queued_event(&now, &s.model));
+                            }
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    // Too slow a reader: catch up from the store.
+                    match s.store.get(&id).await {
+                        Ok(Some(now)) if now.status.is_terminal() => {
+                            let name = if now.status == JobStatus::Completed { "completed" } else { "failed" };
+                            yield Ok(Event::default().event(name).data(video_object(&now, &s.model).to_string()));
+                            break;
+                        }
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    }
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+    };
+    Ok(sse(stream))
+}
+
+fn step_of(e: &JobEvent) -> Option<u64> {
+    e.data.get("step").and_then(Value::as_u64)
+}
+
+fn queued_event(job: &Job, model: &ModelInfo) -> Event {
+    Event::default().event("queued").data(json!({"id": job.id, "position": job.queue_position, "video": video_object(job, model)}).to_string())
+}
+
+/// Every job's events, for the page: the running job's latest progress and preview first.
+async fn all_events(State(s): AppState) -> Response {
+    let mut rx = s.hub.subscribe();
+    let mut stop = s.shutdown.subscribe();
+    let stream = async_stream::stream! {
+        for e in s.hub.live(None) { yield Ok(e.to_sse()) }
+        loop {
+            if *stop.borrow() { break; }
+            let received = tokio::select! {
+                _ = stop.changed() => break,
+                r = rx.recv() => r,
+            };
+            match received {
+                Ok(e) => yield Ok(e.to_sse()),
+                // The page reloads its list when told it missed events.
+                Err(RecvError::Lagged(n)) => yield Ok(Event::default().event("lagged").data(json!({"missed": n}).to_string())),
+                Err(RecvError::Closed) => break,
+            }
+        }
+    };
+    sse(stream)
+}
+
+fn sse(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_cannot_name_paths() {
+        assert!(is_job_id(&new_job_id()));
+        for bad in ["video_../../etc/passwd", "video_", "../video_0123456789abcdef0123456789abcdef", "video_0123456789ABCDEF0123456789ABCDEF",
+            "video_0123456789abcdef0123456789abcde/", "video_0123456789abcdef0123456789abcdef0"] {
+            assert!(!is_job_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -1,0 +1,204 @@
+//! The model's thread: loads the checkpoint once, then takes queued jobs one at a time (one job
+//! already fills the machine), reporting progress and previews after each step, and writes the MP4
+//! and its thumbnail.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use t2v::pipeline::{Control, LoadOptions, StepProgress, TextToVideo};
+use t2v::video::{self, EncodeOptions, Frames, Quality, VideoFormat};
+use tokio::runtime::Handle;
+
+use crate::api::video_object;
+use crate::events::JobEvent;
+use crate::preview::Previewer;
+use crate::store::{Job, JobError, Outcome};
+use crate::Shared;
+
+/// A preview may cost at most this share of the denoising time.
+const PREVIEW_BUDGET: f64 = 0.02;
+
+/// Where a job's files live; `id` has been checked to be a job id.
+pub fn video_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.mp4"))
+}
+
+pub fn thumbnail_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.png"))
+}
+
+pub fn remove_files(dir: &Path, id: &str) {
+    for path in [video_path(dir, id), thumbnail_path(dir, id)] {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Loads the model, reports the outcome through `loaded`, then runs jobs until the server stops.
+pub fn run(shared: Arc<Shared>, handle: Handle, folder: PathBuf, options: LoadOptions, loaded: tokio::sync::oneshot::Sender<Result<()>>) {
+    let started = Instant::now();
+    let pipe = match TextToVideo::load(&folder, &options).with_context(|| format!("loading the model {}", shared.model.spec)) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            let _ = loaded.send(Err(e));
+            return;
+        }
+    };
+    let config_path = pipe.folder().component_dir("scheduler").join("scheduler_config.json");
+    let previewer = match Previewer::new(pipe.scheduler_config(), &config_path) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("t2v serve: no live previews for this model: {e:#}");
+            None
+        }
+    };
+    shared.ready.store(true, Ordering::SeqCst);
+    eprintln!("t2v serve: loaded {} in {:.1}s", shared.model.spec, started.elapsed().as_secs_f64());
+    let _ = loaded.send(Ok(()));
+
+    let worker = format!("serve-{}", std::process::id());
+    while !shared.stopping.load(Ordering::SeqCst) {
+        match handle.block_on(shared.store.claim_next(&worker)) {
+            Ok(Some(job)) => run_job(&shared, &handle, &pipe, previewer.as_ref(), job),
+            Ok(None) => {
+                handle.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), shared.wake.notified()).await;
+                });
+            }
+            Err(e) => {
+                eprintln!("t2v serve: reading the queue: {e:#}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: Job) {
+    let id = job.id.clone();
+    if job.cancel_requested {
+        shared.cancels.lock().expect("cancels lock").insert(id.clone());
+    }
+    shared.hub.send(JobEvent::new(
+        &id,
+        "progress",
+        json!({"id": id, "step": 0, "total_steps": job.settings.steps, "progress": 0, "elapsed_s": 0.0, "eta_s": null}),
+    ));
+    eprintln!("t2v serve: {id} started (attempt {})", job.attempts);
+    let started = Instant::now();
+
+    let cancelled = || shared.cancels.lock().expect("cancels lock").contains(&id);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| generate(shared, handle, pipe, previewer, &job, &cancelled)));
+    let outcome = match result {
+        Ok(Ok(())) => Outcome::Completed,
+        Ok(Err(e)) if matches!(e.downcast_ref::<t2v::Error>(), Some(t2v::Error::Cancelled)) => {
+            if cancelled() {
+                Outcome::Failed(JobError { code: "cancelled".into(), message: "cancelled while it ran".into() })
+            } else {
+                // The server is stopping: the job waits for the next start.
+                Outcome::Released
+            }
+        }
+        Ok(Err(e)) => Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") }),
+        Err(panic) => {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Outcome::Failed(JobError { code: "internal_error".into(), message: format!("t2v failed: {}", what.unwrap_or_default()) })
+        }
+    };
+    let completed = matches!(outcome, Outcome::Completed);
+    if !completed {
+        remove_files(&shared.videos_dir, &id);
+    }
+    let label = match &outcome {
+        Outcome::Completed => "completed".to_string(),
+        Outcome::Failed(e) => format!("failed: {}", e.message),
+        Outcome::Released => "returned to the queue".to_string(),
+    };
+    let released = matches!(outcome, Outcome::Released);
+    match handle.block_on(shared.store.finish(&id, outcome)) {
+        Ok(true) => {}
+        // Deleted while it ran: nothing of it stays.
+        Ok(false) => remove_files(&shared.videos_dir, &id),
+        Err(e) => eprintln!("t2v serve: recording the end of {id}: {e:#}"),
+    }
+    shared.cancels.lock().expect("cancels lock").remove(&id);
+    shared.stats.lock().expect("stats lock").jobs_run += 1;
+    eprintln!("t2v serve: {id} {label} in {:.1}s", started.elapsed().as_secs_f64());
+    if !released {
+        if let Ok(Some(job)) = handle.block_on(shared.store.get(&id)) {
+            let name = if job.status == crate::store::JobStatus::Completed { "completed" } else { "failed" };
+            shared.hub.send(JobEvent::new(&id, name, video_object(&job, &shared.model)));
+        }
+    }
+}
+
+fn generate(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: &Job, cancelled: &dyn Fn() -> bool) -> Result<()> {
+    let id = &job.id;
+    let settings = &job.settings;
+    let params = settings.to_params()?;
+    let mut last_saved = (0u8, Instant::now());
+    let mut last_preview_step = 0usize;
+    let mut preview_cost = Duration::ZERO;
+    let mut previous = Duration::ZERO;
+    let mut on_step = |p: &StepProgress| -> Control {
+        let per_step = p.elapsed.as_secs_f64() / p.step as f64;
+        // Denoising is 95% of the bar; decoding and writing the rest.
+        let progress = (p.step * 95 / p.total_steps) as u8;
+        let eta = per_step * (p.total_steps - p.step) as f64;
+        shared.hub.send(JobEvent::new(
+            id,
+            "progress",
+            json!({"id": id, "step": p.step, "total_steps": p.total_steps, "progress": progress,
+                   "elapsed_s": p.elapsed.as_secs_f64(), "step_s": per_step, "eta_s": eta}),
+        ));
+        shared.stats.lock().expect("stats lock").record_step((p.elapsed - previous).as_secs_f64());
+        previous = p.elapsed;
+        if let Some(previewer) = previewer {
+            // Every `preview_every` steps at least, and never more often than the budget allows.
+            let budget_steps = (preview_cost.as_secs_f64() / (PREVIEW_BUDGET * per_step.max(1e-9))).ceil() as usize;
+            let every = shared.preview_every.max(budget_steps);
+            if shared.preview_every > 0 && (p.step - last_preview_step >= every || p.step == p.total_steps) {
+                last_preview_step = p.step;
+                match previewer.render(p) {
+                    Ok(preview) => {
+                        preview_cost = preview.cost;
+                        shared.stats.lock().expect("stats lock").record_preview(preview.cost.as_secs_f64());
+                        shared.hub.send(JobEvent::new(
+                            id,
+                            "preview",
+                            json!({"id": id, "step": p.step, "image": preview.data_url, "width": preview.width,
+                                   "height": preview.height, "cost_ms": preview.cost.as_secs_f64() * 1e3}),
+                        ));
+                    }
+                    Err(e) => eprintln!("t2v serve: preview of {id}: {e:#}"),
+                }
+            }
+        }
+        // The stored progress is for readers that poll: once a second is enough.
+        if progress != last_saved.0 && (last_saved.1.elapsed() >= Duration::from_secs(1) || p.step == p.total_steps) {
+            last_saved = (progress, Instant::now());
+            if let Err(e) = handle.block_on(shared.store.set_progress(id, progress)) {
+                eprintln!("t2v serve: saving the progress of {id}: {e:#}");
+            }
+        }
+        if cancelled() || shared.stopping.load(Ordering::SeqCst) {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    };
+    let (latents, _timings) = pipe.denoise(&params, &mut on_step)?;
+    let frames = pipe.decode_latents(&latents)?;
+    let data = frames.flatten_all()?.to_vec1::<f32>()?;
+    let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;
+    let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(settings.to_json()) };
+    let dir = &shared.videos_dir;
+    video::write_video(&clip, VideoFormat::Mp4, &video_path(dir, id), &encode)?;
+    let thumbnail = crate::preview::encode_png(&clip.frame_rgb8(clip.frames / 2), clip.width, clip.height)?;
+    let tmp = dir.join(format!(".{id}.png.partial"));
+    std::fs::write(&tmp, thumbnail).and_then(|_| std::fs::rename(&tmp, thumbnail_path(dir, id))).context("writing the thumbnail")?;
+    Ok(())
+}
