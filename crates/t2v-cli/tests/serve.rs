@@ -359,7 +359,7 @@ fn api_round_trip_and_errors() {
     assert!(mp4_boxes(&mp4.body).contains(&"moov".to_string()));
     let path = data.path().join("check.mp4");
     std::fs::write(&path, &mp4.body).unwrap();
-    let stored = t2v::settings::RunSettings::read(&path).expect("the MP4 carries its settings");
+    let stored = t2v_settings::RunSettings::read(&path).expect("the MP4 carries its settings");
     assert_eq!((stored.seed, stored.steps, stored.num_frames, stored.negative_prompt.as_deref()), (1, 3, 8, Some("blurry, low quality")));
     let partial = request("GET", &server.url(&format!("/v1/videos/{id}/content?variant=video")), &[("Range", "bytes=0-99")], None);
     assert_eq!((partial.status, partial.body.len()), (206, 100));

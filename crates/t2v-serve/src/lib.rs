@@ -24,8 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use serde::Serialize;
-use t2v::hub::{self, HubOptions, DEFAULT_MODEL};
-use t2v::loading::{ModelFolder, WeightsVariant};
+use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant, DEFAULT_MODEL};
 use t2v::pipeline::{self, LoadOptions};
 
 use crate::request::Limits;

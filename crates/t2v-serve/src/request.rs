@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use t2v::pipeline::{self, GenerationParams};
 use t2v::schedulers::SchedulerKind;
-use t2v::settings::RunSettings;
+use t2v_settings::RunSettings;
 
 use crate::error::ApiError;
 use crate::ModelInfo;
@@ -215,7 +215,7 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
     };
     // The library's own checks, last: what they refuse is a bad request too.
     pipeline::validate_params(&params, height, width, model.vae_scale).map_err(|e| ApiError::bad_request(None, e.to_string()))?;
-    let mut settings = RunSettings::new(&model.spec, &params, height, width, fps);
+    let mut settings = RunSettings::new(&model.spec, &params, height, width, fps, candle_core::DType::F32);
     settings.dtype = model.dtype.clone();
     Ok(settings)
 }

@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
-use t2v::settings::RunSettings;
+use t2v_settings::RunSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -442,7 +442,7 @@ mod tests {
 
     fn settings(prompt: &str) -> RunSettings {
         let params = t2v::pipeline::GenerationParams::new(prompt, 1);
-        RunSettings::new("m", &params, 32, 32, 8)
+        RunSettings::new("m", &params, 32, 32, 8, candle_core::DType::F32)
     }
 
     #[tokio::test]

@@ -138,7 +138,8 @@ fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Opti
 fn generate(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: &Job, cancelled: &dyn Fn() -> bool) -> Result<()> {
     let id = &job.id;
     let settings = &job.settings;
-    let params = settings.to_params()?;
+    let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);
+    settings.apply_to(&mut params)?;
     let mut last_saved = (0u8, Instant::now());
     let mut last_preview_step = 0usize;
     let mut preview_cost = Duration::ZERO;

@@ -1,0 +1,194 @@
+//! The settings of a run as they travel with the video: a JSON file beside every output and the
+//! MP4's comment tag, so that `t2v generate --from` repeats the run.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use t2v::pipeline::GenerationParams;
+use t2v::schedulers::SchedulerKind;
+
+/// Everything that decides the frames, plus how they were written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub t2v_version: String,
+    /// The model as given: a folder or a Hugging Face repo id.
+    pub model: String,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    /// `ddim` or `dpm`.
+    pub scheduler: String,
+    pub guidance_scale: f64,
+    #[serde(default)]
+    pub eta: f64,
+    pub num_frames: usize,
+    pub height: usize,
+    pub width: usize,
+    #[serde(default = "default_fps")]
+    pub fps: u32,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// The video re-rendered (video-to-video); absent for text-to-video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputSettings>,
+    /// The second pass of a two-pass run: the frames above, resized and re-rendered by another model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<UpscaleSettings>,
+}
+
+/// The input of a video-to-video run and how its frames were chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSettings {
+    /// Absolute path of the file or frame folder.
+    pub path: PathBuf,
+    /// See [`input_sha256`].
+    pub sha256: String,
+    /// How much of the input is replaced, 0 to 1.
+    pub strength: f64,
+    pub start_frame: usize,
+    pub every: usize,
+    /// `resize`, `crop` or `pad`.
+    pub fit: String,
+}
+
+/// The second pass of `--upscale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpscaleSettings {
+    /// A folder (absolute) or a Hugging Face repo id.
+    pub model: String,
+    pub height: usize,
+    pub width: usize,
+    pub strength: f64,
+    pub steps: usize,
+}
+
+/// The SHA-256 of a video input, as lowercase hex: of the file's bytes, or for a folder of
+/// frames, of its frame files (the non-hidden `.png`, `.jpg`, `.jpeg` files the reader takes)
+/// sorted by name, each contributing its name, a NUL byte, its length as 8 little-endian bytes
+/// and its bytes.
+pub fn input_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    if path.is_dir() {
+        let mut frames = Vec::new();
+        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = entry?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if !name.starts_with('.') && matches!(ext.as_str(), "png" | "jpg" | "jpeg") && p.is_file() {
+                frames.push((name, p));
+            }
+        }
+        frames.sort();
+        for (name, p) in frames {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            hasher.update(name.as_bytes());
+            hasher.update([0u8]);
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+        }
+    } else {
+        let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn default_fps() -> u32 {
+    t2v::video::DEFAULT_FPS
+}
+
+fn default_dtype() -> String {
+    dtype_name(DType::F32).into()
+}
+
+/// The names `--dtype` takes and the settings record.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+pub fn parse_dtype(name: &str) -> Result<DType, String> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype `{other}`: use f32, f16 or bf16")),
+    }
+}
+
+impl RunSettings {
+    /// The record of `params` (with the size resolved) run on `model`.
+    pub fn new(model: &str, params: &GenerationParams, height: usize, width: usize, fps: u32, dtype: DType) -> Self {
+        Self {
+            t2v_version: env!("CARGO_PKG_VERSION").to_string(),
+            model: model.to_string(),
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            seed: params.seed,
+            steps: params.num_inference_steps,
+            scheduler: params.scheduler.name().to_string(),
+            guidance_scale: params.guidance_scale,
+            eta: params.eta,
+            num_frames: params.num_frames,
+            height,
+            width,
+            fps,
+            dtype: dtype_name(dtype).to_string(),
+            input: None,
+            upscale: None,
+        }
+    }
+
+    /// Sets every generation setting of `params` to the recorded one.
+    pub fn apply_to(&self, params: &mut GenerationParams) -> Result<()> {
+        params.prompt = self.prompt.clone();
+        params.negative_prompt = self.negative_prompt.clone();
+        params.seed = self.seed;
+        params.num_inference_steps = self.steps;
+        params.guidance_scale = self.guidance_scale;
+        params.scheduler = self.scheduler.parse::<SchedulerKind>()?;
+        params.eta = self.eta;
+        params.num_frames = self.num_frames;
+        params.height = Some(self.height);
+        params.width = Some(self.width);
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> Result<DType> {
+        parse_dtype(&self.dtype).map_err(|e| anyhow!("the recorded settings name an {e}"))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("settings serialize")
+    }
+
+    /// Reads settings from a `.json` file that t2v wrote, or from the metadata of an MP4 it made.
+    pub fn read(path: &Path) -> Result<Self> {
+        let is_mp4 = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("mp4"));
+        let text = if is_mp4 {
+            t2v::video::read_mp4_metadata(path)?.ok_or_else(|| {
+                anyhow!("this MP4 carries no t2v settings (it was not made by t2v, or its metadata was stripped)")
+            })?
+        } else {
+            std::fs::read_to_string(path)?
+        };
+        serde_json::from_str(&text).context("these are not settings that t2v wrote")
+    }
+}
+
+/// Where the settings of an output are written: its name with `.json` added (`clip.mp4.json`,
+/// `clip.gif.json`; `frames.json` beside a PNG folder `frames/`), so that the formats of one
+/// name never share a settings file.
+pub fn settings_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".json");
+    output.with_file_name(name)
+}
