@@ -206,7 +206,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || {
             let mut opts = HubOptions::from_env();
             opts.offline |= offline;
-            hub::resolve_model(&given, &opts)
+            hub::resolve_model(&given, &opts).map_err(anyhow::Error::from)
         })
         .await?
         .with_context(|| format!("finding the model {spec}"))?

@@ -173,7 +173,7 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
     }
     let scale = model.vae_scale as u64;
     let side = |name: &str, v: usize| -> Result<usize, ApiError> {
-        if v == 0 || v as u64 % scale != 0 || v > limits.max_side {
+        if v == 0 || !(v as u64).is_multiple_of(scale) || v > limits.max_side {
             let param = if fields.has(name) { name } else { "size" };
             return Err(ApiError::bad(
                 param,
