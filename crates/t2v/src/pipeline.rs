@@ -106,7 +106,7 @@ impl GenerationParams {
 }
 
 /// Reported after each denoising step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepProgress {
     /// 1-based index of the step just finished.
     pub step: usize,
@@ -114,6 +114,8 @@ pub struct StepProgress {
     pub timestep: usize,
     /// Since the first step started.
     pub elapsed: Duration,
+    /// The latents after this step, (1, C, frames, h, w): what diffusers' step callbacks receive.
+    pub latents: Tensor,
 }
 
 /// What the step callback tells the pipeline.
@@ -259,7 +261,19 @@ impl TextToVideo {
         params: &GenerationParams,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Video> {
-        let (latents, mut timings) = self.denoise(params, on_step)?;
+        self.generate_with_scheduler(params, &self.scheduler_config, on_step)
+    }
+
+    /// [`TextToVideo::generate`] with the scheduler of `params.scheduler` built from
+    /// `scheduler_config` instead of the checkpoint's (diffusers' `pipe.scheduler =
+    /// Scheduler.from_config(config, **overrides)`).
+    pub fn generate_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Video> {
+        let (latents, mut timings) = self.denoise_with_scheduler(params, scheduler_config, on_step)?;
         let started = Instant::now();
         let frames = self.decode_latents(&latents)?;
         timings.decoding = started.elapsed();
@@ -271,6 +285,17 @@ impl TextToVideo {
     pub fn denoise(
         &self,
         params: &GenerationParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<(Tensor, Timings)> {
+        self.denoise_with_scheduler(params, &self.scheduler_config, on_step)
+    }
+
+    /// [`TextToVideo::denoise`] with the scheduler built from `scheduler_config` (see
+    /// [`TextToVideo::generate_with_scheduler`]).
+    pub fn denoise_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
         let (height, width) = self.validate(params)?;
@@ -291,7 +316,7 @@ impl TextToVideo {
         let mut scheduler =
             schedulers::build_scheduler(
                 params.scheduler,
-                &self.scheduler_config,
+                scheduler_config,
                 &self.folder.component_dir("scheduler").join("scheduler_config.json"),
                 params.num_inference_steps,
                 params.eta,
@@ -325,7 +350,13 @@ impl TextToVideo {
             };
             let stepped = scheduler.step(&to_frames(&noise_pred)?, t, &to_frames(&latents)?, &mut noise)?;
             latents = stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?;
-            let progress = StepProgress { step: i + 1, total_steps: timesteps.len(), timestep: t, elapsed: started.elapsed() };
+            let progress = StepProgress {
+                step: i + 1,
+                total_steps: timesteps.len(),
+                timestep: t,
+                elapsed: started.elapsed(),
+                latents: latents.clone(),
+            };
             if on_step(&progress) == Control::Cancel {
                 return Err(Error::Cancelled);
             }
