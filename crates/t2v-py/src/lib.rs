@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::{
-    PyConnectionError, PyFileExistsError, PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError,
+    PyConnectionError, PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 use t2v::hub::{self, HubOptions};
@@ -29,10 +29,11 @@ fn py_err(err: t2v::Error) -> PyErr {
             PyFileNotFoundError::new_err(msg)
         }
         E::OutputExists { .. } => PyFileExistsError::new_err(msg),
-        // OSError(errno, message) becomes the matching subclass (FileNotFoundError, PermissionError, ...).
-        E::Io { source, .. } => match source.raw_os_error() {
-            Some(code) => PyOSError::new_err((code, msg)),
-            None => PyOSError::new_err(msg),
+        E::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
+            _ => PyOSError::new_err(msg),
         },
         E::Download { .. } => PyConnectionError::new_err(msg),
         E::Device(_) | E::Candle(_) | E::Cancelled => PyRuntimeError::new_err(msg),

@@ -117,11 +117,18 @@ def seeds_for(generator: Union[GeneratorLike, Sequence[GeneratorLike], None], ba
             raise ValueError(
                 f"{len(generator)} generators were given for {batch} prompts: give one generator a prompt"
             )
-        return [seed_of(g) for g in generator]
+        # Plain loops: a comprehension's frame would shift the warnings' stacklevel.
+        seeds = []
+        for g in generator:
+            seeds.append(seed_of(g))
+        return seeds
     if generator is not None and batch > 1:
         raise ValueError(
             f"one generator for {batch} prompts: pass a list of {batch} generators (one a prompt), "
             "or None for random seeds"
         )
-    return [seed_of(generator) for _ in range(batch)]
+    seeds = []
+    for _ in range(batch):
+        seeds.append(seed_of(generator))
+    return seeds
 
