@@ -2,6 +2,9 @@
 //! pipeline with the GIL released and writes videos; the diffusers-shaped API (pipelines,
 //! schedulers, generators, `export_to_video`) is the pure-Python half in `python/t2v`.
 
+// The closures run without the GIL return the library's `Result` as it is.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -154,6 +157,20 @@ fn scheduler_timesteps(scheduler: &str, config_json: &str, num_inference_steps: 
     let built = schedulers::build_scheduler(kind, &config, Path::new(CONFIG_SOURCE), num_inference_steps, 0.0)
         .map_err(py_err)?;
     Ok(built.timesteps().to_vec())
+}
+
+/// The configuration a scheduler of class `scheduler` runs with when built from `config_json` (a
+/// config of any class): that class's keys, from the config or its defaults, as diffusers'
+/// `Scheduler.from_config(config).config`. Raises ValueError for a configuration it cannot use.
+#[pyfunction]
+fn effective_scheduler_config(scheduler: &str, config_json: &str) -> PyResult<String> {
+    let kind = parse_scheduler(scheduler)?;
+    let config = scheduler_config(config_json)?;
+    let source = Path::new(CONFIG_SOURCE);
+    let effective = schedulers::effective_config(kind, &config, source).map_err(py_err)?;
+    // Build it once, so that values that only fail together fail here.
+    schedulers::build_scheduler(kind, &effective, source, 1, 0.0).map_err(py_err)?;
+    Ok(effective.to_string())
 }
 
 /// Writes frames (F, H, W, 3) float32 in [0, 1] as `format` (mp4, gif, npy, png) to `path`,
@@ -369,6 +386,7 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_model, m)?)?;
     m.add_function(wrap_pyfunction!(open_device, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_timesteps, m)?)?;
+    m.add_function(wrap_pyfunction!(effective_scheduler_config, m)?)?;
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
     Ok(())

@@ -103,8 +103,12 @@ def test_schedulers_from_config():
     # Keyword overrides, and a scheduler in place of its config.
     sde = t2v.DPMSolverMultistepScheduler.from_config(dpm, algorithm_type="sde-dpmsolver++")
     assert sde.config.algorithm_type == "sde-dpmsolver++"
-    # Round trips keep every key (a DDIM config through DPM-Solver and back is DDIM again).
-    assert t2v.DDIMScheduler.from_config(dpm.config) == ddim
+    # As in diffusers, a scheduler's config holds its own keys: DPM-Solver's defaults fill those
+    # DDIM's config lacks, and DDIM's keys are dropped (DDIM built back takes its own defaults).
+    assert dpm.config.solver_order == 2 and dpm.config.lambda_min_clipped == float("-inf")
+    assert "clip_sample" not in dpm.config and ddim.config.clip_sample is False
+    assert t2v.DDIMScheduler.from_config(dpm.config).config.clip_sample is True
+    assert t2v.DDIMScheduler.from_config(ddim.config) == ddim
     assert pickle.loads(pickle.dumps(ddim.config)) == ddim.config
     assert "DDIMScheduler" in repr(ddim)
     from_folder = t2v.DDIMScheduler.from_pretrained(model_dir("tiny-t2v"), subfolder="scheduler")

@@ -554,6 +554,11 @@ class TextToVideoSDPipeline:
                     if callback_on_step_end is not None:
                         kwargs = {"latents": step_latents} if tensor_inputs else {}
                         returned = callback_on_step_end(self, step, timestep, kwargs)
+                        if returned is not None and not isinstance(returned, Mapping):
+                            raise TypeError(
+                                "callback_on_step_end must return callback_kwargs (a dict) or None, "
+                                f"not {type(returned).__name__}"
+                            )
                         given = (returned or {}).get("latents", step_latents)
                         if given is not step_latents and not np.array_equal(given, step_latents):
                             raise NotImplementedError(

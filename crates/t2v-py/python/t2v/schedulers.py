@@ -47,10 +47,12 @@ class SchedulerMixin:
     init_noise_sigma: float = 1.0
 
     def __init__(self, **config: Any) -> None:
-        full = {"_class_name": self._class_name}
-        full.update({k: v for k, v in config.items() if k != "_class_name"})
-        # Build the library's scheduler once, so that a configuration it cannot use fails here.
-        _t2v.scheduler_timesteps(self._class_name, _to_json(full), 1)
+        # The library reads the keys this class knows (its defaults fill the others) and checks
+        # them; its answer is the configuration, as diffusers' `register_to_config` keeps it.
+        effective = json.loads(_t2v.effective_scheduler_config(self._class_name, _to_json(config)))
+        full = {key: _float_of(value) for key, value in effective.items()}
+        if "_diffusers_version" in config:
+            full["_diffusers_version"] = config["_diffusers_version"]
         self._config = FrozenDict(full)
         self.num_inference_steps: Optional[int] = None
         self.timesteps: np.ndarray = np.arange(0, int(full.get("num_train_timesteps", 1000)))[::-1].copy()
@@ -63,8 +65,9 @@ class SchedulerMixin:
     @classmethod
     def from_config(cls: Type[S], config: Union[Mapping[str, Any], "SchedulerMixin", None] = None, **kwargs: Any) -> S:
         """A scheduler of this class from another scheduler's configuration: keys this class does
-        not know are ignored, missing ones take this class's defaults, and ``kwargs`` override
-        keys (``DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver")``).
+        not know are dropped, missing ones take this class's defaults, and ``kwargs`` override
+        keys (``DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver")``),
+        as in diffusers.
 
         Raises:
             ValueError: a value this scheduler cannot use.
@@ -72,7 +75,6 @@ class SchedulerMixin:
         if isinstance(config, SchedulerMixin):
             config = config.config
         merged: Dict[str, Any] = dict(config or {})
-        merged.pop("_use_default_values", None)
         merged.update(kwargs)
         return cls(**merged)
 
@@ -144,6 +146,13 @@ def as_scheduler(value: Any) -> SchedulerMixin:
         f"t2v runs with {' or '.join(SCHEDULERS)} (t2v.DDIMScheduler, t2v.DPMSolverMultistepScheduler), "
         f"not {type(value).__name__}"
     )
+
+
+def _float_of(value: Any) -> Any:
+    # The library writes non-finite floats as strings (JSON has no such numbers).
+    if value in ("-Infinity", "Infinity", "NaN"):
+        return float(value)
+    return value
 
 
 def _to_json(config: Mapping[str, Any]) -> str:
