@@ -138,6 +138,7 @@ mod tests {
             total_steps: 1,
             timestep: t,
             elapsed: Duration::ZERO,
+            latents: xt.clone(),
             sample: xt,
             model_output: eps,
         };
@@ -184,6 +185,7 @@ mod tests {
             elapsed: Duration::ZERO,
             sample: Tensor::randn(0f32, 1.0, shape, &dev)?,
             model_output: Tensor::randn(0f32, 1.0, shape, &dev)?,
+            latents: Tensor::zeros(shape, candle_core::DType::F32, &dev)?,
         };
         let mut best = Duration::MAX;
         for _ in 0..5 {

@@ -123,6 +123,8 @@ pub struct StepProgress {
     /// `alphas_cumprod` the two give the predicted clean latents, as diffusers'
     /// `pred_original_sample` (what live previews show).
     pub model_output: Tensor,
+    /// The latents after this step, (1, C, frames, h, w): what diffusers' step callbacks receive.
+    pub latents: Tensor,
 }
 
 /// What the step callback tells the pipeline.
@@ -275,7 +277,19 @@ impl TextToVideo {
         params: &GenerationParams,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Video> {
-        let (latents, mut timings) = self.denoise(params, on_step)?;
+        self.generate_with_scheduler(params, &self.scheduler_config, on_step)
+    }
+
+    /// [`TextToVideo::generate`] with the scheduler of `params.scheduler` built from
+    /// `scheduler_config` instead of the checkpoint's (diffusers' `pipe.scheduler =
+    /// Scheduler.from_config(config, **overrides)`).
+    pub fn generate_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Video> {
+        let (latents, mut timings) = self.denoise_with_scheduler(params, scheduler_config, on_step)?;
         let started = Instant::now();
         let frames = self.decode_latents(&latents)?;
         timings.decoding = started.elapsed();
@@ -289,13 +303,24 @@ impl TextToVideo {
         params: &GenerationParams,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
+        self.denoise_with_scheduler(params, &self.scheduler_config, on_step)
+    }
+
+    /// [`TextToVideo::denoise`] with the scheduler built from `scheduler_config` (see
+    /// [`TextToVideo::generate_with_scheduler`]).
+    pub fn denoise_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<(Tensor, Timings)> {
         let (height, width) = self.validate(params)?;
         let started = Instant::now();
         let context = self.guidance_context(params)?;
         let text_encoding = started.elapsed();
 
         let started = Instant::now();
-        let mut scheduler = self.scheduler(params)?;
+        let mut scheduler = self.scheduler(params, scheduler_config)?;
         let mut generator = TorchGenerator::new(params.seed);
         let latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
         let latents = (latents * scheduler.init_noise_sigma())?;
@@ -319,10 +344,10 @@ impl TextToVideo {
     }
 
     /// The scheduler `params` ask for, its timesteps set for their step count.
-    fn scheduler(&self, params: &GenerationParams) -> Result<Box<dyn schedulers::Scheduler>> {
+    fn scheduler(&self, params: &GenerationParams, config: &serde_json::Value) -> Result<Box<dyn schedulers::Scheduler>> {
         schedulers::build_scheduler(
             params.scheduler,
-            &self.scheduler_config,
+            config,
             &self.folder.component_dir("scheduler").join("scheduler_config.json"),
             params.num_inference_steps,
             params.eta,
@@ -376,6 +401,7 @@ impl TextToVideo {
                 elapsed: started.elapsed(),
                 sample,
                 model_output: noise_pred,
+                latents: latents.clone(),
             };
             if on_step(&progress) == Control::Cancel {
                 return Err(Error::Cancelled);

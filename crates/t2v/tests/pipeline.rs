@@ -78,6 +78,25 @@ fn cancel_stops_after_the_step() {
     assert_eq!(seen, 2);
 }
 
+/// The step report carries the latents: those of the last step are what the frames decode from.
+#[test]
+fn step_reports_carry_the_latents() {
+    let pipe = TextToVideo::load(model_dir("tiny-t2v"), &LoadOptions::default()).unwrap();
+    let mut params = GenerationParams::new("a cat", 3);
+    params.num_inference_steps = 3;
+    params.num_frames = 2;
+    let mut last = None;
+    let video = pipe
+        .generate(&params, &mut |p| {
+            assert_eq!(&p.latents.dims()[..3], &[1, 4, 2]);
+            last = Some(p.latents.clone());
+            Control::Continue
+        })
+        .unwrap();
+    let decoded = pipe.decode_latents(&last.unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&decoded, &video.frames), 0.0);
+}
+
 #[test]
 fn devices_are_chosen_by_name() {
     use t2v::pipeline::select_device;

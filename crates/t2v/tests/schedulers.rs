@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use t2v::error::{Error, Result};
 use t2v::schedulers::{
-    build_scheduler, ddim::ddim_timesteps, load_scheduler_config, no_noise, parse_scheduler_config,
+    build_scheduler, ddim::ddim_timesteps, effective_config, load_scheduler_config, no_noise, parse_scheduler_config,
     DdimConfig, DdimScheduler, DpmSolverConfig, DpmSolverMultistepScheduler, Scheduler,
     SchedulerKind, TimestepSpacing,
 };
@@ -252,6 +252,31 @@ fn python_non_finite_floats_parse() {
     assert_eq!(dpm.lambda_min_clipped, f64::NEG_INFINITY);
     let s = build_scheduler(SchedulerKind::DpmSolverMultistep, &json, path, 10, 0.0).unwrap();
     assert_eq!(s.timesteps(), &[999, 899, 799, 699, 599, 500, 400, 300, 200, 100]);
+}
+
+/// diffusers' `DPMSolverMultistepScheduler.from_config(ddim.config).config`: DPM-Solver's keys,
+/// from the file or DPM-Solver's defaults, and nothing of DDIM's; it reads back to the same config.
+#[test]
+fn effective_configs_hold_the_schedulers_own_keys() {
+    let path = common::full_config_dir().join("scheduler").join("scheduler_config.json");
+    let json = load_scheduler_config(&path).unwrap();
+    let dpm = effective_config(SchedulerKind::DpmSolverMultistep, &json, &path).unwrap();
+    assert_eq!(dpm["_class_name"], "DPMSolverMultistepScheduler");
+    assert_eq!(dpm["solver_order"], 2);
+    assert_eq!(dpm["timestep_spacing"], "linspace");
+    assert_eq!(dpm["beta_schedule"], "scaled_linear");
+    assert_eq!(dpm["algorithm_type"], "dpmsolver++");
+    assert_eq!(dpm["lambda_min_clipped"], "-Infinity");
+    assert!(dpm.get("clip_sample").is_none());
+    assert_eq!(
+        DpmSolverConfig::from_json(&dpm, &path).unwrap(),
+        DpmSolverConfig::from_json(&json, &path).unwrap()
+    );
+    let ddim = effective_config(SchedulerKind::Ddim, &dpm, &path).unwrap();
+    assert_eq!(ddim["_class_name"], "DDIMScheduler");
+    assert_eq!(ddim["clip_sample"], true, "DDIM's default: the DPM config has no clip_sample");
+    assert!(ddim.get("solver_order").is_none());
+    assert_eq!(DdimConfig::from_json(&ddim, &path).unwrap(), DdimConfig::from_json(&dpm, &path).unwrap());
 }
 
 #[test]

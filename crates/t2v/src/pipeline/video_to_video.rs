@@ -123,7 +123,7 @@ impl TextToVideo {
         let text_encoding = started.elapsed();
 
         let started = Instant::now();
-        let mut scheduler = self.scheduler(params)?;
+        let mut scheduler = self.scheduler(params, &self.scheduler_config)?;
         let timesteps = scheduler.timesteps()[begin..].to_vec();
         scheduler.set_begin_index(begin);
         let mut generator = TorchGenerator::new(params.seed);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::Tensor;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config,
@@ -13,13 +13,13 @@ use super::{
 use crate::error::{Error, Result};
 
 /// The keys of `DDIMScheduler`'s config, with its defaults for missing keys.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DdimConfig {
     pub num_train_timesteps: usize,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub beta_start: f64,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
     pub trained_betas: Option<Vec<f64>>,
@@ -28,11 +28,11 @@ pub struct DdimConfig {
     pub steps_offset: i64,
     pub prediction_type: PredictionType,
     pub thresholding: bool,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub dynamic_thresholding_ratio: f64,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub clip_sample_range: f64,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub sample_max_value: f64,
     pub timestep_spacing: TimestepSpacing,
     pub rescale_betas_zero_snr: bool,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config,
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AlgorithmType {
     #[serde(rename = "dpmsolver")]
     DpmSolver,
@@ -36,7 +36,7 @@ impl AlgorithmType {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum SolverType {
     /// `logrho`, `bh1` and `bh2` (other schedulers' solver types) map to `midpoint`, as in the reference.
     #[serde(rename = "midpoint", alias = "logrho", alias = "bh1", alias = "bh2")]
@@ -45,7 +45,7 @@ pub enum SolverType {
     Heun,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum FinalSigmasType {
     #[serde(rename = "zero")]
     Zero,
@@ -54,22 +54,22 @@ pub enum FinalSigmasType {
 }
 
 /// The keys of `DPMSolverMultistepScheduler`'s config, with its defaults for missing keys.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DpmSolverConfig {
     pub num_train_timesteps: usize,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub beta_start: f64,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
     pub trained_betas: Option<Vec<f64>>,
     pub solver_order: usize,
     pub prediction_type: PredictionType,
     pub thresholding: bool,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub dynamic_thresholding_ratio: f64,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub sample_max_value: f64,
     pub algorithm_type: AlgorithmType,
     pub solver_type: SolverType,
@@ -80,10 +80,10 @@ pub struct DpmSolverConfig {
     pub use_beta_sigmas: bool,
     pub use_lu_lambdas: bool,
     pub use_flow_sigmas: bool,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub flow_shift: f64,
     pub final_sigmas_type: FinalSigmasType,
-    #[serde(deserialize_with = "super::de_float")]
+    #[serde(deserialize_with = "super::de_float", serialize_with = "super::ser_float")]
     pub lambda_min_clipped: f64,
     pub variance_type: Option<String>,
     pub timestep_spacing: TimestepSpacing,

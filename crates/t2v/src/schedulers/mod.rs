@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
@@ -298,6 +298,35 @@ pub(crate) fn parse_config<T: DeserializeOwned>(
         .map_err(|e| config_err(e.to_string()))
 }
 
+/// Writes a float config value as [`de_float`] reads it: non-finite values as `"-Infinity"`,
+/// `"Infinity"` or `"NaN"` (JSON has no such numbers; Python's `float()` reads these strings).
+pub(crate) fn ser_float<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match *v {
+        v if v.is_nan() => s.serialize_str("NaN"),
+        v if v == f64::INFINITY => s.serialize_str("Infinity"),
+        v if v == f64::NEG_INFINITY => s.serialize_str("-Infinity"),
+        v => s.serialize_f64(v),
+    }
+}
+
+/// The configuration a scheduler of `kind` runs with when built from `config_json` (a config of
+/// any class): the keys that class knows, from the config or its defaults, under diffusers'
+/// names, with `_class_name` set to the class (what diffusers' `Scheduler.from_config(config)
+/// .config` holds). `path` is only used in error messages.
+pub fn effective_config(kind: SchedulerKind, config_json: &serde_json::Value, path: &Path) -> Result<serde_json::Value> {
+    let value = match kind {
+        SchedulerKind::Ddim => serde_json::to_value(DdimConfig::from_json(config_json, path)?),
+        SchedulerKind::DpmSolverMultistep => serde_json::to_value(DpmSolverConfig::from_json(config_json, path)?),
+    }
+    .map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut object = match value {
+        serde_json::Value::Object(object) => object,
+        _ => unreachable!("scheduler configs are structs"),
+    };
+    object.insert("_class_name".into(), kind.class_name().into());
+    Ok(serde_json::Value::Object(object))
+}
+
 /// A float config value that may be non-finite (written by Python as `-Infinity` etc).
 pub(crate) fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     #[derive(Deserialize)]
@@ -319,7 +348,7 @@ pub(crate) fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum BetaSchedule {
     #[serde(rename = "linear")]
     Linear,
@@ -329,7 +358,7 @@ pub enum BetaSchedule {
     SquaredcosCapV2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum PredictionType {
     #[serde(rename = "epsilon")]
     Epsilon,
@@ -341,7 +370,7 @@ pub enum PredictionType {
     FlowPrediction,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum TimestepSpacing {
     #[serde(rename = "leading")]
     Leading,

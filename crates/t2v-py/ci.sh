@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The Python package's CI: a virtual environment, the package installed with the README's one
+# command, the command line for the bit-equality tests, then pytest.
+# Usage: bash crates/t2v-py/ci.sh [pytest arguments]   (from anywhere; T2V_PY_VENV picks the venv)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv="${T2V_PY_VENV:-target/py-venv}"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check pytest numpy safetensors pillow
+
+start=$SECONDS
+# The README's install command (maturin comes in through the build's isolated environment).
+"$venv/bin/python" -m pip install -q --disable-pip-version-check ./crates/t2v-py
+echo "t2v-py: built and installed in $((SECONDS - start)) s"
+
+cargo build -q -p t2v-cli
+export T2V_BIN="$PWD/target/debug/t2v"
+# Run from the tests' folder so that `import t2v` finds the installed package, not the sources.
+cd crates/t2v-py/tests
+"../../../$venv/bin/python" -m pytest -q "$@"

@@ -1,0 +1,642 @@
+"""``TextToVideoSDPipeline`` with diffusers' API over the t2v library (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _t2v
+from .generator import seeds_for
+from .schedulers import DDIMScheduler, FrozenDict, SchedulerMixin, SCHEDULERS, as_scheduler
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_DEVICE = re.compile(r"^(cpu|cuda|metal|mps|auto)(:\d+)?$")
+
+
+class TextToVideoSDPipelineOutput:
+    """What a pipeline call returns (diffusers' ``TextToVideoSDPipelineOutput``).
+
+    Attributes:
+        frames: with ``output_type="np"``, float32 of shape (batch, frames, height, width, 3)
+            in [0, 1]; a list (per prompt) of lists of PIL images with ``"pil"``; a torch tensor
+            (batch, frames, 3, height, width) with ``"pt"``; the latents (batch, channels,
+            frames, height / 8, width / 8) with ``"latent"``.
+        seeds: the seed of each video (t2v's addition: with ``generator=None`` the seeds are
+            random, and this is how to repeat a video).
+    """
+
+    def __init__(self, frames: Any, seeds: List[int]) -> None:
+        self.frames = frames
+        self.seeds = seeds
+
+    def __getitem__(self, key: Union[int, str]) -> Any:
+        # diffusers' outputs index as tuples and as dicts.
+        if key in (0, "frames"):
+            return self.frames
+        raise KeyError(key)
+
+    def to_tuple(self) -> Tuple[Any]:
+        return (self.frames,)
+
+    def __repr__(self) -> str:
+        shape = getattr(self.frames, "shape", None)
+        return f"TextToVideoSDPipelineOutput(frames={'shape ' + str(tuple(shape)) if shape is not None else type(self.frames).__name__}, seeds={self.seeds})"
+
+
+class _Component:
+    """A model of the pipeline as scripts reach it (``pipe.unet.config``,
+    ``pipe.unet.enable_forward_chunking()``): its configuration, and diffusers' memory switches
+    accepted without effect (see :meth:`TextToVideoSDPipeline.enable_vae_slicing`)."""
+
+    def __init__(self, name: str, config: Mapping[str, Any]) -> None:
+        self.name = name
+        self.config = FrozenDict(config)
+
+    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
+        """No effect: t2v's feed-forward layers already work through the tokens in blocks."""
+
+    def disable_forward_chunking(self) -> None:
+        """No effect (see :meth:`enable_forward_chunking`)."""
+
+    def enable_slicing(self) -> None:
+        """No effect: t2v's VAE decodes one frame at a time."""
+
+    def disable_slicing(self) -> None:
+        """No effect (see :meth:`enable_slicing`)."""
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        """No effect: t2v decodes each frame whole (frames of these models are small)."""
+
+    def disable_tiling(self) -> None:
+        """No effect (see :meth:`enable_tiling`)."""
+
+    def __repr__(self) -> str:
+        return f"<t2v {self.name}: {self.config.get('_class_name', '?')}>"
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dtype_name(dtype: Any) -> str:
+    if dtype is None:
+        return "float32"
+    name = str(dtype).strip().lower()
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    names = {"float32": "float32", "float": "float32", "fp32": "float32", "f32": "float32",
+             "float16": "float16", "half": "float16", "fp16": "float16", "f16": "float16",
+             "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    if name not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16 (or torch's dtypes)")
+    return names[name]
+
+
+def _device_name(device: Any) -> str:
+    name = str(device).strip().lower()
+    if not _DEVICE.match(name):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, metal (mps), metal:N or auto")
+    return name.replace("mps", "metal")
+
+
+def _is_dtype(value: Any) -> bool:
+    try:
+        _dtype_name(value)
+        return True
+    except ValueError:
+        return False
+
+
+class TextToVideoSDPipeline:
+    """The ModelScope text-to-video pipeline (diffusers' ``TextToVideoSDPipeline``) on t2v.
+
+    Make one with :meth:`from_pretrained`, then call it with a prompt::
+
+        pipe = t2v.TextToVideoSDPipeline.from_pretrained("damo-vilab/text-to-video-ms-1.7b")
+        pipe.scheduler = t2v.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        frames = pipe("Spiderman is surfing", num_inference_steps=25).frames[0]
+        t2v.export_to_video(frames, "spiderman.mp4")
+
+    The weights are read when the pipeline first runs, onto the device and in the dtype chosen by
+    then (``from_pretrained(torch_dtype=...)``, :meth:`to`): nothing is loaded twice.
+    """
+
+    _pipeline_classes: Tuple[str, ...] = ("TextToVideoSDPipeline", "TextToVideoMSPipeline")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            f"make a {type(self).__name__} with {type(self).__name__}.from_pretrained(path_or_repo_id): "
+            "t2v builds the models from a checkpoint, not from torch modules"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: PathLike,
+        *,
+        torch_dtype: Any = None,
+        variant: Optional[str] = None,
+        scheduler: Optional[SchedulerMixin] = None,
+        revision: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        local_files_only: bool = False,
+        token: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "TextToVideoSDPipeline":
+        """A pipeline for a checkpoint in the diffusers layout.
+
+        Args:
+            pretrained_model_name_or_path: a local folder (``model_index.json``, ``scheduler/``,
+                ``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``) or a Hugging Face repo id
+                (``damo-vilab/text-to-video-ms-1.7b``), downloaded once into the Hugging Face cache
+                (``HF_HOME``, ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` to stay offline).
+            torch_dtype: the compute dtype: ``"float32"`` (default; the reference's numbers, and
+                the fastest on the CPU), ``"float16"`` (half the memory; frames within about 1e-2)
+                or ``"bfloat16"`` (GPUs only); ``t2v.float16`` or torch's dtypes work too.
+            variant: ``"fp16"`` reads the ``*.fp16.safetensors`` weights (half the download).
+            scheduler: a scheduler to run with instead of the checkpoint's.
+            revision: a branch, tag or commit of the repo.
+            cache_dir: the Hugging Face cache to use.
+            local_files_only: never use the network: the model must be in the cache.
+            token: a Hugging Face token (default: ``HF_TOKEN`` or the saved one).
+            **kwargs: diffusers' loading options that have no meaning for t2v
+                (``low_cpu_mem_usage``, ``use_safetensors``, ``device_map``, ...) are ignored with
+                a warning; a model component (``unet=``, ``vae=``, ...) raises TypeError.
+
+        Raises:
+            FileNotFoundError: no such folder, not a repo id, or a file of the checkpoint missing.
+            ValueError: a checkpoint t2v cannot run (its classes or configs), or a bad value.
+        """
+        components = sorted(k for k in ("unet", "vae", "text_encoder", "tokenizer") if k in kwargs)
+        if components:
+            raise TypeError(
+                f"t2v builds {', '.join(components)} from the checkpoint itself: it cannot take torch modules"
+            )
+        if kwargs:
+            warnings.warn(
+                f"from_pretrained ignores {', '.join(sorted(kwargs))}: t2v has no such loading option",
+                UserWarning,
+                stacklevel=2,
+            )
+        spec = os.fspath(pretrained_model_name_or_path)
+        if revision and not os.path.isdir(spec):
+            spec = f"{spec}@{revision}"
+        dtype = _dtype_name(torch_dtype)
+        root = os.fspath(
+            _t2v.resolve_model(
+                spec,
+                variant=variant,
+                offline=local_files_only,
+                cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+                token=token,
+            )
+        )
+        default_size = _t2v.check_model(root, variant=variant)
+        index = _read_json(os.path.join(root, "model_index.json"))
+        pipeline_class = index.get("_class_name", "")
+        if pipeline_class not in TextToVideoSDPipeline._pipeline_classes:
+            warnings.warn(
+                f"{spec} is a {pipeline_class or 'pipeline of no named class'}, loaded as a TextToVideoSDPipeline",
+                UserWarning,
+                stacklevel=2,
+            )
+        pipe = object.__new__(TextToVideoSDPipeline)
+        pipe._init(spec, root, index, dtype, variant, default_size)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        return pipe
+
+    def _init(self, spec: str, root: str, index: Dict[str, Any], dtype: str, variant: Optional[str], default_size: Tuple[int, int]) -> None:
+        self.name_or_path = spec
+        self._root = root
+        self._dtype = dtype
+        self._variant = variant
+        self._device = "cpu"
+        self._default_size = default_size
+        self._model: Optional[Any] = None
+        self._lock = threading.Lock()
+        self._interrupt = False
+        self._progress_bar_config: Dict[str, Any] = {}
+        self.config = FrozenDict(index)
+        scheduler_config = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"))
+        scheduler_class = SCHEDULERS.get(scheduler_config.get("_class_name", ""))
+        if scheduler_class is None:
+            warnings.warn(
+                f"the checkpoint's scheduler is a {scheduler_config.get('_class_name')}, which t2v does not "
+                "implement: it runs with DDIM built from its configuration",
+                UserWarning,
+                stacklevel=3,
+            )
+            scheduler_class = DDIMScheduler
+        self._scheduler: SchedulerMixin = scheduler_class.from_config(scheduler_config)
+        for name in ("unet", "vae", "text_encoder"):
+            setattr(self, name, _Component(name, _read_json(os.path.join(root, name, "config.json"))))
+
+    # -- what diffusers' pipelines expose ------------------------------------------------------
+
+    @property
+    def scheduler(self) -> SchedulerMixin:
+        """The scheduler the pipeline runs with; assign ``t2v.DDIMScheduler`` or
+        ``t2v.DPMSolverMultistepScheduler`` (or diffusers' schedulers of those classes)."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        self._scheduler = as_scheduler(value)
+
+    @property
+    def device(self) -> str:
+        """Where the pipeline runs: ``"cpu"``, ``"cuda:N"`` or ``"metal:N"``."""
+        return self._device
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
+        return self._dtype
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step callback to stop after that step: the
+        frames decoded from the latents so far come back, as in diffusers."""
+        return self._interrupt
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.get("block_out_channels", [0] * 4)) - 1)
+
+    def to(self, *args: Any, **kwargs: Any) -> "TextToVideoSDPipeline":
+        """Moves the pipeline to a device and/or dtype, as diffusers' ``pipe.to("cuda")``,
+        ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)``,
+        ``pipe.to(device=..., dtype=...)``.
+
+        Devices: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"metal"`` (``"mps"``), ``"metal:N"``,
+        ``"auto"`` (a GPU if there is one), or a ``torch.device``. A GPU that this build of t2v
+        cannot use (built without the ``cuda``/``metal`` feature, or none present) leaves the
+        pipeline on the CPU with a warning, so that scripts written for a GPU still run; a
+        float16 or bfloat16 pipeline then computes in float32, ten times faster on the CPU
+        (an explicit ``to("cpu")`` with float16 keeps float16).
+
+        Returns the pipeline itself.
+
+        Raises:
+            ValueError: an unknown device or dtype name.
+        """
+        device = kwargs.pop("torch_device", kwargs.pop("device", None))
+        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        for arg in args:
+            if _is_dtype(arg) and not _DEVICE.match(str(arg).strip().lower()):
+                dtype = arg
+            else:
+                device = arg
+        if dtype is not None:
+            self._set(dtype=_dtype_name(dtype))
+        if device is not None:
+            self._set(device=self._open_device(_device_name(device)))
+        return self
+
+    def _open_device(self, name: str) -> str:
+        try:
+            return _t2v.open_device(name)
+        except RuntimeError as err:
+            if name.startswith("cpu"):
+                raise
+            kind = name.split(":")[0]
+            reason = (
+                f"this build of t2v has no {kind} support (build it with "
+                f'MATURIN_PEP517_ARGS="--features {kind}" pip install ./crates/t2v-py)'
+                if "built without" in str(err)
+                else str(err)
+            )
+            message = f"running on the CPU: {reason}"
+            if self._dtype != "float32":
+                # Half precision was asked for the GPU's sake; on the CPU it only slows t2v down
+                # (about 10x) while float32 gives the reference's numbers. Weights stored in
+                # float16 stay float16 in memory either way.
+                message += f"; computing in float32 instead of {self._dtype}, which is for GPUs"
+                self._set(dtype="float32")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return "cpu"
+
+    def _set(self, device: Optional[str] = None, dtype: Optional[str] = None) -> None:
+        with self._lock:
+            changed = (device is not None and device != self._device) or (dtype is not None and dtype != self._dtype)
+            self._device = device or self._device
+            self._dtype = dtype or self._dtype
+            if changed:
+                # Read again on the next run, straight onto the new device or in the new dtype.
+                self._model = None
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                self._model = _t2v.Model(self._root, device=self._device, dtype=self._dtype, variant=self._variant)
+            return self._model
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options of the per-step progress bar (tqdm's; ``disable=True`` hides it). The bar is
+        shown when tqdm is installed."""
+        self._progress_bar_config = dict(kwargs)
+
+    # -- memory switches: accepted so that diffusers scripts run unchanged ---------------------
+
+    def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device: Any = "cuda") -> None:
+        """Runs on the GPU, as diffusers' offloading does, without moving models back and forth:
+        t2v keeps every model on the one device (its float16 weights take about 3.4 GB for the
+        1.7B model). Without a GPU that this build can use, stays on the CPU (with a warning,
+        as :meth:`to`)."""
+        name = _device_name(device)
+        if gpu_id is not None and ":" not in name:
+            name = f"{name}:{int(gpu_id)}"
+        self._set(device=self._open_device(name))
+
+    def enable_sequential_cpu_offload(self, gpu_id: Optional[int] = None, device: Any = "cuda") -> None:
+        """As :meth:`enable_model_cpu_offload`: t2v does not stream layers between devices."""
+        self.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def disable_model_cpu_offload(self) -> None:
+        """No effect: t2v never offloads (see :meth:`enable_model_cpu_offload`)."""
+
+    def disable_sequential_cpu_offload(self) -> None:
+        """No effect: t2v never offloads (see :meth:`enable_model_cpu_offload`)."""
+
+    def enable_vae_slicing(self) -> None:
+        """No effect: t2v's VAE already decodes one frame at a time, so its memory does not
+        grow with the number of frames."""
+
+    def disable_vae_slicing(self) -> None:
+        """No effect (see :meth:`enable_vae_slicing`)."""
+
+    def enable_vae_tiling(self) -> None:
+        """No effect: t2v decodes each frame whole; the frames of these models (256 to 576
+        pixels a side) fit in memory one at a time."""
+
+    def disable_vae_tiling(self) -> None:
+        """No effect (see :meth:`enable_vae_tiling`)."""
+
+    def enable_attention_slicing(self, slice_size: Any = "auto") -> None:
+        """No effect: t2v's CPU attention already works through blocks of query rows and never
+        holds a whole score matrix."""
+
+    def disable_attention_slicing(self) -> None:
+        """No effect (see :meth:`enable_attention_slicing`)."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """No effect: xformers is a torch library; t2v has its own attention kernels (see
+        :meth:`enable_attention_slicing`)."""
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """No effect (see :meth:`enable_xformers_memory_efficient_attention`)."""
+
+    def enable_freeu(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: raises NotImplementedError (FreeU changes the UNet's outputs)."""
+        raise NotImplementedError("t2v does not implement FreeU")
+
+    def disable_freeu(self) -> None:
+        """No effect: FreeU is never on."""
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: int = 16,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 9.0,
+        negative_prompt: Union[str, List[str], None] = None,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: None = None,
+        prompt_embeds: None = None,
+        negative_prompt_embeds: None = None,
+        output_type: Optional[str] = "np",
+        return_dict: bool = True,
+        callback: Optional[Callable[[int, int, Any], None]] = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[Callable[..., Any]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Any:
+        """Generates a video from a prompt (diffusers' ``TextToVideoSDPipeline.__call__``).
+
+        The model runs with the GIL released (other Python threads go on), and Ctrl-C
+        (KeyboardInterrupt) stops it after the current denoising step.
+
+        Args:
+            prompt: what the video shows (English), or a list of prompts (one video each).
+            height: frame height in pixels, a multiple of the VAE's scale (8); default: the
+                model's native size (256 for the 1.7B model).
+            width: frame width in pixels, likewise.
+            num_frames: the number of frames (16: two seconds at 8 frames a second).
+            num_inference_steps: denoising steps (diffusers' default 50; 25 suffice with
+                DPMSolverMultistepScheduler, the model card's recipe).
+            guidance_scale: classifier-free guidance: how strongly to follow the prompt (at most
+                1 turns guidance off and runs the UNet once a step).
+            negative_prompt: what the video should not show (default: the empty prompt), or one
+                per prompt.
+            eta: DDIM's eta (0: deterministic); ignored by DPMSolverMultistepScheduler.
+            generator: ``t2v.Generator("cpu").manual_seed(s)``, a ``torch.Generator`` (its
+                ``initial_seed()``), an integer seed, or a list of those, one per prompt; None
+                picks random seeds (``output.seeds`` tells which).
+            latents: not supported: must be None (t2v draws the initial latents from the seed).
+            prompt_embeds: not supported: must be None.
+            negative_prompt_embeds: not supported: must be None.
+            output_type: ``"np"`` (float32 (batch, frames, height, width, 3) in [0, 1]), ``"pil"``
+                (lists of PIL images; needs Pillow), ``"pt"`` (a torch tensor (batch, frames, 3,
+                height, width); needs torch) or ``"latent"`` (the final latents, numpy).
+            return_dict: False returns the tuple ``(frames,)`` instead of the output object.
+            callback: ``callback(step, timestep, latents)`` every ``callback_steps`` steps
+                (latents: numpy (1, 4, frames, height / 8, width / 8)).
+            callback_steps: how often ``callback`` runs.
+            cross_attention_kwargs: not supported: must be None or empty.
+            clip_skip: not supported: must be None.
+            callback_on_step_end: ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``
+                after every step, as in diffusers' newer pipelines; ``callback_kwargs`` holds the
+                latents (numpy) under ``"latents"``. Setting ``pipe._interrupt = True`` in it (or in
+                ``callback``) stops the run after that step, decoding the latents reached. It may
+                return ``callback_kwargs`` or None; returning other latents raises
+                NotImplementedError (t2v does not take latents back).
+            callback_on_step_end_tensor_inputs: which tensors ``callback_kwargs`` holds: only
+                ``"latents"`` is available.
+
+        Returns:
+            :class:`TextToVideoSDPipelineOutput` (``.frames``), or ``(frames,)`` when
+            ``return_dict`` is False.
+
+        Raises:
+            ValueError: a bad value (sizes, counts, scales, an unknown output type).
+            KeyboardInterrupt: Ctrl-C during the run.
+            NotImplementedError: an argument of diffusers that t2v does not support.
+        """
+        unsupported = [
+            name
+            for name, value in (
+                ("latents", latents),
+                ("prompt_embeds", prompt_embeds),
+                ("negative_prompt_embeds", negative_prompt_embeds),
+                ("clip_skip", clip_skip),
+            )
+            if value is not None
+        ]
+        if cross_attention_kwargs:
+            unsupported.append("cross_attention_kwargs")
+        if unsupported:
+            raise NotImplementedError(
+                f"t2v does not support {', '.join(unsupported)}: it encodes the prompt itself and draws "
+                "the initial latents from the generator's seed"
+            )
+        if prompt is None:
+            raise ValueError("give a prompt: what the video should show")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one a prompt")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"unknown output_type {output_type!r}: use 'np', 'pil', 'pt' or 'latent'")
+        if not isinstance(callback_steps, int) or callback_steps <= 0:
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
+        if any(name != "latents" for name in tensor_inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may name 'latents' only, got {tensor_inputs}: "
+                "t2v gives step callbacks the latents"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+                raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+        for name, value in (("num_frames", num_frames), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+        seeds = seeds_for(generator, len(prompts))
+        model = self._load()
+        model.validate(
+            num_inference_steps=int(num_inference_steps),
+            guidance_scale=float(guidance_scale),
+            eta=float(eta),
+            num_frames=int(num_frames),
+            height=None if height is None else int(height),
+            width=None if width is None else int(width),
+        )
+        for text in prompts:
+            for message in model.prompt_warnings(text):
+                warnings.warn(message, UserWarning, stacklevel=2)
+
+        self._interrupt = False
+        want_latents = callback is not None or (callback_on_step_end is not None and bool(tensor_inputs))
+        bar = self._progress_bar(int(num_inference_steps) * len(prompts))
+        videos = []
+        try:
+            for text, negative, seed in zip(prompts, negatives, seeds):
+
+                def on_step(step: int, timestep: int, step_latents: Optional[np.ndarray]) -> bool:
+                    if bar is not None:
+                        bar.update(1)
+                    if callback is not None and step % callback_steps == 0:
+                        callback(step, timestep, step_latents)
+                    if callback_on_step_end is not None:
+                        kwargs = {"latents": step_latents} if tensor_inputs else {}
+                        returned = callback_on_step_end(self, step, timestep, kwargs)
+                        if returned is not None and not isinstance(returned, Mapping):
+                            raise TypeError(
+                                "callback_on_step_end must return callback_kwargs (a dict) or None, "
+                                f"not {type(returned).__name__}"
+                            )
+                        given = (returned or {}).get("latents", step_latents)
+                        if given is not step_latents and not np.array_equal(given, step_latents):
+                            raise NotImplementedError(
+                                "callback_on_step_end returned other latents: t2v does not take latents back"
+                            )
+                    return self._interrupt
+
+                videos.append(
+                    model.generate(
+                        text,
+                        negative_prompt=negative,
+                        seed=seed,
+                        num_inference_steps=int(num_inference_steps),
+                        guidance_scale=float(guidance_scale),
+                        scheduler=self._scheduler._class_name,
+                        scheduler_config=self._scheduler._config_json(),
+                        eta=float(eta),
+                        num_frames=int(num_frames),
+                        height=None if height is None else int(height),
+                        width=None if width is None else int(width),
+                        on_step=on_step,
+                        step_latents=want_latents,
+                        latent=output_type == "latent",
+                    )
+                )
+                if self._interrupt:
+                    seeds = seeds[: len(videos)]
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if output_type == "latent":
+            frames: Any = np.concatenate(videos, axis=0)
+        else:
+            frames = np.stack(videos, axis=0)
+            if output_type == "pil":
+                frames = _to_pil(frames)
+            elif output_type == "pt":
+                import torch
+
+                frames = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)
+        if not return_dict:
+            return (frames,)
+        return TextToVideoSDPipelineOutput(frames=frames, seeds=seeds)
+
+    def _progress_bar(self, total: int) -> Any:
+        config = dict(self._progress_bar_config)
+        if config.get("disable"):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        config.setdefault("total", total)
+        return tqdm(**config)
+
+    def __repr__(self) -> str:
+        return (
+            f"TextToVideoSDPipeline({self.name_or_path!r}, device={self._device!r}, dtype={self._dtype!r}, "
+            f"scheduler={self._scheduler._class_name})"
+        )
+
+
+def _to_pil(frames: np.ndarray) -> List[List[Any]]:
+    try:
+        import PIL.Image
+    except ImportError:
+        raise ImportError('output_type="pil" needs Pillow: pip install pillow') from None
+    # diffusers' numpy_to_pil: round, then 8 bits.
+    pixels = (frames * 255).round().astype(np.uint8)
+    return [[PIL.Image.fromarray(frame) for frame in video] for video in pixels]
+
+
+TextToVideoMSPipeline = TextToVideoSDPipeline
+"""The model card's name for :class:`TextToVideoSDPipeline`."""
+
+
+class DiffusionPipeline(TextToVideoSDPipeline):
+    """diffusers' generic loader: ``DiffusionPipeline.from_pretrained(path)`` gives a
+    :class:`TextToVideoSDPipeline` (the only pipeline t2v runs)."""
