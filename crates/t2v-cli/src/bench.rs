@@ -51,7 +51,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let r = &report;
-        println!("{} frames of {}x{} on the {}, {} threads, {:.0}M parameters", r.frames, r.width, r.height, r.device, r.threads, r.params_m);
+        println!(
+            "{} frames of {}x{} on the {}, {} threads, {:.0}M parameters",
+            r.frames, r.width, r.height, r.device, r.threads, r.params_m
+        );
         println!("text_encode_s      {:.3}", r.text_encode_s);
         println!(
             "unet_step_s        {:.3}   (guided step, batch 2; {:.0} GFLOP at {:.1} GFLOP/s)",
@@ -64,8 +67,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.profile {
         eprintln!("time per kind of layer (whole run):");
         for p in t2v::profile::report() {
-            let rate = if p.flops > 0 && p.seconds > 0.0 { format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9) } else { String::new() };
-            eprintln!("  {:<20} {:>9.2}s {:>7} calls {:>9.1} GFLOP{rate}", p.kind, p.seconds, p.calls, p.flops as f64 / 1e9);
+            let rate = if p.flops > 0 && p.seconds > 0.0 {
+                format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "  {:<20} {:>9.2}s {:>7} calls {:>9.1} GFLOP{rate}",
+                p.kind,
+                p.seconds,
+                p.calls,
+                p.flops as f64 / 1e9
+            );
         }
     }
     Ok(())

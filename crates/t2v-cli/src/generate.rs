@@ -291,7 +291,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let from = match &args.from {
-        Some(path) => Some(RunSettings::read(path).with_context(|| format!("reading the settings in {}", path.display()))?),
+        Some(path) => {
+            Some(RunSettings::read(path).with_context(|| format!("reading the settings in {}", path.display()))?)
+        }
         None => None,
     };
     let from_input = from.as_ref().and_then(|s| s.input.clone());
@@ -383,11 +385,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some((_, _, s, n)) = &upscale {
         strength_begin_index(*n, *s).context("the second pass")?;
     }
-    let model_spec = model_arg.or_else(|| from.as_ref().map(|s| s.model.clone())).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model_spec =
+        model_arg.or_else(|| from.as_ref().map(|s| s.model.clone())).unwrap_or_else(|| DEFAULT_MODEL.to_string());
 
     if let Some(path) = &args.video {
         if !path.exists() {
-            bail!("the input video {} does not exist: give the path of an .mp4, .gif, .npy or a folder of frames", path.display());
+            bail!(
+                "the input video {} does not exist: give the path of an .mp4, .gif, .npy or a folder of frames",
+                path.display()
+            );
         }
     }
     // Repeating a video-to-video run needs the very same input.
@@ -415,7 +421,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompts: Vec<String> = if let Some(p) = &args.prompt {
         vec![p.clone()]
     } else if let Some(file) = &args.prompts {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading the prompts in {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading the prompts in {}", file.display()))?;
         let prompts: Vec<String> =
             text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
         if prompts.is_empty() {
@@ -487,7 +494,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 num_frames: args.num_frames.or(from.as_ref().filter(|_| from_input.is_some()).map(|s| s.num_frames)),
                 ..ReadOptions::default()
             };
-            let clip = read_video(path, &options).with_context(|| format!("reading the input video {}", path.display()))?;
+            let clip =
+                read_video(path, &options).with_context(|| format!("reading the input video {}", path.display()))?;
             for w in &clip.warnings {
                 say(&format!("note: {}", printable(w)));
             }
@@ -520,7 +528,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut summaries = Vec::with_capacity(jobs.len());
     let mut first_pass = Vec::new();
     let staging = match &upscale {
-        Some(_) => Some(tempfile::Builder::new().prefix("t2v-pass1-").tempdir().context("creating a temporary folder")?),
+        Some(_) => {
+            Some(tempfile::Builder::new().prefix("t2v-pass1-").tempdir().context("creating a temporary folder")?)
+        }
         None => None,
     };
     for (i, job) in jobs.iter().enumerate() {
@@ -611,12 +621,20 @@ impl RunContext<'_> {
 
     /// "pass 1/2 " when there are two passes.
     fn pass_label(&self, pass: usize) -> String {
-        if self.passes > 1 { format!("pass {pass}/{} ", self.passes) } else { String::new() }
+        if self.passes > 1 {
+            format!("pass {pass}/{} ", self.passes)
+        } else {
+            String::new()
+        }
     }
 
     /// "[2/4] " when there are several videos.
     fn counter(&self, i: usize) -> String {
-        if self.jobs > 1 { format!("[{}/{}] ", i + 1, self.jobs) } else { String::new() }
+        if self.jobs > 1 {
+            format!("[{}/{}] ", i + 1, self.jobs)
+        } else {
+            String::new()
+        }
     }
 
     /// Runs one pass of video `i`: text-to-video, or video-to-video from `input` (the frames and
@@ -708,7 +726,11 @@ impl RunContext<'_> {
         ));
         if self.interrupted.load(Ordering::SeqCst) {
             if i + 1 < self.jobs {
-                self.say(&format!("stopped: {} is complete and kept; {} videos not made", names.join(", "), self.jobs - i - 1));
+                self.say(&format!(
+                    "stopped: {} is complete and kept; {} videos not made",
+                    names.join(", "),
+                    self.jobs - i - 1
+                ));
                 return Err(t2v::Error::Cancelled.into());
             }
             self.say(&format!("{} is complete and kept", names.join(", ")));

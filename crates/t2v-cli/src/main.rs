@@ -15,7 +15,9 @@ use t2v::tokenizer::ClipTokenizer;
 /// Rust: one binary, no Python, the same frames as the reference for the same seed.
 #[derive(Parser)]
 #[command(name = "t2v", version, about, propagate_version = true)]
-#[command(after_help = "Examples:\n  t2v generate \"a corgi surfing a wave\"            # downloads the 1.7B model once\n  t2v generate \"a corgi\" -o corgi.mp4 --format mp4,gif --seed 7\n  t2v generate --from corgi.mp4                   # repeat a run\n  t2v generate \"a corgi\" --video in.mp4 --strength 0.6   # video-to-video\n  t2v generate \"a corgi\" -m cerspense/zeroscope_v2_576w \\\n      --upscale cerspense/zeroscope_v2_XL --upscale-size 1024x576   # two passes\n  t2v bench                                       # full-size speed and memory")]
+#[command(
+    after_help = "Examples:\n  t2v generate \"a corgi surfing a wave\"            # downloads the 1.7B model once\n  t2v generate \"a corgi\" -o corgi.mp4 --format mp4,gif --seed 7\n  t2v generate --from corgi.mp4                   # repeat a run\n  t2v generate \"a corgi\" --video in.mp4 --strength 0.6   # video-to-video\n  t2v generate \"a corgi\" -m cerspense/zeroscope_v2_576w \\\n      --upscale cerspense/zeroscope_v2_XL --upscale-size 1024x576   # two passes\n  t2v bench                                       # full-size speed and memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +68,8 @@ fn main() {
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let model = checkpoint::resolve_model(&args.model, &generate::hub_options(args.offline, false, WeightsVariant::Auto))?;
+    let model =
+        checkpoint::resolve_model(&args.model, &generate::hub_options(args.offline, false, WeightsVariant::Auto))?;
     let tokenizer = ClipTokenizer::from_folder(&model.join("tokenizer"))
         .with_context(|| format!("loading the tokenizer of {}", args.model))?;
     let encoded = tokenizer.encode_padded(&args.prompt)?;

@@ -48,10 +48,15 @@ impl<'a> Planner<'a> {
             let stem = default_stem(prompt, seed);
             for n in 0.. {
                 let base = if n == 0 { stem.clone() } else { format!("{stem}-{n}") };
-                let candidates: Vec<Target> =
-                    formats.iter().map(|&f| target(Path::new(DEFAULT_FOLDER).join(with_extension(&base, f)), f)).collect();
+                let candidates: Vec<Target> = formats
+                    .iter()
+                    .map(|&f| target(Path::new(DEFAULT_FOLDER).join(with_extension(&base, f)), f))
+                    .collect();
                 let free = candidates.iter().all(|t| {
-                    !t.path.exists() && !t.settings.exists() && !self.taken.contains(&t.path) && !self.taken.contains(&t.settings)
+                    !t.path.exists()
+                        && !t.settings.exists()
+                        && !self.taken.contains(&t.path)
+                        && !self.taken.contains(&t.settings)
                 });
                 if free {
                     targets = candidates;
@@ -98,7 +103,10 @@ impl<'a> Planner<'a> {
             check_output_path(&t.settings, self.overwrite)?;
             for p in [&t.path, &t.settings] {
                 if !self.taken.insert(p.clone()) {
-                    bail!("two outputs of this run would both be written to {}: give each video its own --output", p.display());
+                    bail!(
+                        "two outputs of this run would both be written to {}: give each video its own --output",
+                        p.display()
+                    );
                 }
             }
         }
@@ -175,14 +183,29 @@ fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
 /// Writes every target of one video: each file and its settings are written in full under
 /// temporary names, then published together; an existing path is replaced only with `overwrite`,
 /// checked at the moment of publishing.
-pub fn publish(targets: &[Target], clip: &Frames, encode: &EncodeOptions, settings_json: &str, overwrite: bool) -> Result<()> {
+pub fn publish(
+    targets: &[Target],
+    clip: &Frames,
+    encode: &EncodeOptions,
+    settings_json: &str,
+    overwrite: bool,
+) -> Result<()> {
     for t in targets {
-        let staged_video = video::stage_video(clip, t.format, &t.path, encode).with_context(|| format!("writing {}", t.path.display()))?;
-        let staged_settings = video::stage_text(&t.settings, settings_json).with_context(|| format!("writing {}", t.settings.display()))?;
-        staged_video.publish(overwrite).map_err(explain_exists).with_context(|| format!("writing {}", t.path.display()))?;
+        let staged_video = video::stage_video(clip, t.format, &t.path, encode)
+            .with_context(|| format!("writing {}", t.path.display()))?;
+        let staged_settings = video::stage_text(&t.settings, settings_json)
+            .with_context(|| format!("writing {}", t.settings.display()))?;
+        staged_video
+            .publish(overwrite)
+            .map_err(explain_exists)
+            .with_context(|| format!("writing {}", t.path.display()))?;
         if let Err(e) = staged_settings.publish(overwrite) {
             // The settings could not join the video: take the video back rather than leave it without them.
-            let _ = if t.format == VideoFormat::PngFrames { std::fs::remove_dir_all(&t.path) } else { std::fs::remove_file(&t.path) };
+            let _ = if t.format == VideoFormat::PngFrames {
+                std::fs::remove_dir_all(&t.path)
+            } else {
+                std::fs::remove_file(&t.path)
+            };
             return Err(explain_exists(e)).with_context(|| format!("writing {}", t.settings.display()));
         }
     }

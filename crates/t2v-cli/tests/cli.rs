@@ -79,7 +79,12 @@ fn check_cli_runs(model: &str) {
     for (i, run) in reference_json(model)["runs"].as_array().unwrap().iter().enumerate() {
         let out = dir.join(format!("run{i}.npy"));
         let mut args = run_args(run);
-        args.extend(["--model".into(), model_dir(model).display().to_string(), "--output".into(), out.display().to_string()]);
+        args.extend([
+            "--model".into(),
+            model_dir(model).display().to_string(),
+            "--output".into(),
+            out.display().to_string(),
+        ]);
         let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{model} run {i}: {}", stderr(&o));
         let frames = read_npy(&out);
@@ -105,8 +110,20 @@ fn generate_without_seed_prints_the_seed() {
     let out = dir.join("v.npy");
     let model = model_dir("tiny-t2v");
     let o = t2v(&[
-        "generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "1",
-        "--height", "8", "--width", "8", "-o", out.to_str().unwrap(),
+        "generate",
+        "a cat",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "1",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("seed: "), "{}", stderr(&o));
@@ -134,7 +151,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.is_dir() { files.extend(walk(&p)) } else { files.push(p) }
+        if p.is_dir() {
+            files.extend(walk(&p))
+        } else {
+            files.push(p)
+        }
     }
     files
 }
@@ -184,8 +205,24 @@ fn existing_output_is_not_overwritten() {
     let out = dir.join("v.npy");
     std::fs::write(&out, b"keep me").unwrap();
     let model = model_dir("tiny-t2v");
-    let args = ["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "1",
-        "--height", "8", "--width", "8", "--seed", "1", "-o", out.to_str().unwrap()];
+    let args = [
+        "generate",
+        "a cat",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "1",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
     let o = t2v(&args);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
@@ -243,7 +280,12 @@ fn have(tool: &str) -> bool {
 fn mp4_luma_psnr(frames: &Tensor, mp4: &Path) -> f64 {
     let (f, h, w, _) = frames.dims4().unwrap();
     let rgb = frames.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let out = Command::new("ffmpeg").args(["-v", "error", "-i"]).arg(mp4).args(["-f", "rawvideo", "-pix_fmt", "yuv420p", "-"]).output().unwrap();
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(mp4)
+        .args(["-f", "rawvideo", "-pix_fmt", "yuv420p", "-"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let frame_bytes = w * h * 3 / 2;
     assert_eq!(out.stdout.len(), f * frame_bytes, "decoded frame count");
@@ -265,16 +307,35 @@ fn mp4_carries_its_settings_and_repeats_the_run() {
     let model = model_dir("small-t2v");
     let mp4 = dir.join("corgi.mp4");
     let o = t2v(&[
-        "generate", "a corgi", "--model", model.to_str().unwrap(), "--seed", "5", "--steps", "2", "-f", "8",
-        "--scheduler", "ddim", "-n", "blurry", "-o", mp4.to_str().unwrap(), "-q",
+        "generate",
+        "a corgi",
+        "--model",
+        model.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--steps",
+        "2",
+        "-f",
+        "8",
+        "--scheduler",
+        "ddim",
+        "-n",
+        "blurry",
+        "-o",
+        mp4.to_str().unwrap(),
+        "-q",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).is_empty(), "-q prints nothing: {}", stderr(&o));
     // The settings beside the video and inside it.
-    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("corgi.mp4.json")).unwrap()).unwrap();
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("corgi.mp4.json")).unwrap()).unwrap();
     assert_eq!(settings["prompt"], "a corgi");
     assert_eq!(settings["negative_prompt"], "blurry");
-    assert_eq!((settings["seed"].as_u64(), settings["steps"].as_u64(), settings["num_frames"].as_u64()), (Some(5), Some(2), Some(8)));
+    assert_eq!(
+        (settings["seed"].as_u64(), settings["steps"].as_u64(), settings["num_frames"].as_u64()),
+        (Some(5), Some(2), Some(8))
+    );
     assert_eq!((settings["scheduler"].as_str(), settings["height"].as_u64()), (Some("ddim"), Some(64)));
     assert_eq!(settings["t2v_version"], env!("CARGO_PKG_VERSION"));
     let embedded = t2v::video::read_mp4_metadata(&mp4).unwrap().expect("settings in the MP4");
@@ -304,7 +365,10 @@ fn mp4_carries_its_settings_and_repeats_the_run() {
             .unwrap();
         let probe: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
         let s = &probe["streams"][0];
-        assert_eq!((s["codec_name"].as_str(), s["pix_fmt"].as_str(), s["codec_tag_string"].as_str()), (Some("h264"), Some("yuv420p"), Some("avc1")));
+        assert_eq!(
+            (s["codec_name"].as_str(), s["pix_fmt"].as_str(), s["codec_tag_string"].as_str()),
+            (Some("h264"), Some("yuv420p"), Some("avc1"))
+        );
         assert_eq!((s["nb_read_frames"].as_str(), s["r_frame_rate"].as_str()), (Some("8"), Some("8/1")));
         assert_eq!(probe["format"]["duration"].as_str(), Some("1.000000"));
         assert!(probe["format"]["tags"]["comment"].as_str().unwrap().contains("\"a corgi\""));
@@ -325,9 +389,26 @@ fn several_videos_and_prompt_files_load_the_model_once() {
     std::fs::write(&prompts, "a cat\n\n# skipped\na dog surfing\n").unwrap();
     let out = dir.join("v.gif");
     let o = t2v(&[
-        "generate", "--prompts", prompts.to_str().unwrap(), "--num-videos", "2", "--seed", "10", "--model",
-        model.to_str().unwrap(), "--steps", "1", "-f", "2", "--height", "16", "--width", "16", "-o",
-        out.to_str().unwrap(), "--json",
+        "generate",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--num-videos",
+        "2",
+        "--seed",
+        "10",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "-f",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o).matches("loaded ").count(), 1, "{}", stderr(&o));
@@ -335,12 +416,23 @@ fn several_videos_and_prompt_files_load_the_model_once() {
     let videos = summary["videos"].as_array().unwrap();
     let got: Vec<(String, u64, String)> = videos
         .iter()
-        .map(|v| (v["settings"]["prompt"].as_str().unwrap().into(), v["settings"]["seed"].as_u64().unwrap(), v["outputs"][0]["output"].as_str().unwrap().into()))
+        .map(|v| {
+            (
+                v["settings"]["prompt"].as_str().unwrap().into(),
+                v["settings"]["seed"].as_u64().unwrap(),
+                v["outputs"][0]["output"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     let name = |n: usize| dir.join(format!("v-{n}.gif")).display().to_string();
     assert_eq!(
         got,
-        [("a cat".into(), 10, name(1)), ("a cat".into(), 11, name(2)), ("a dog surfing".into(), 10, name(3)), ("a dog surfing".into(), 11, name(4))]
+        [
+            ("a cat".into(), 10, name(1)),
+            ("a cat".into(), 11, name(2)),
+            ("a dog surfing".into(), 10, name(3)),
+            ("a dog surfing".into(), 11, name(4))
+        ]
     );
     for v in videos {
         let path = PathBuf::from(v["outputs"][0]["output"].as_str().unwrap());
@@ -357,15 +449,32 @@ fn default_output_goes_to_outputs_with_a_unique_name() {
     for _ in 0..2 {
         let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
             .current_dir(&dir)
-            .args(["generate", "A Cat, surfing!", "--model", model.to_str().unwrap(), "--seed", "3", "--steps", "1", "-f", "2", "-q"])
+            .args([
+                "generate",
+                "A Cat, surfing!",
+                "--model",
+                model.to_str().unwrap(),
+                "--seed",
+                "3",
+                "--steps",
+                "1",
+                "-f",
+                "2",
+                "-q",
+            ])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir.join("outputs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("outputs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    assert_eq!(names, ["a-cat-surfing-3-1.mp4", "a-cat-surfing-3-1.mp4.json", "a-cat-surfing-3.mp4", "a-cat-surfing-3.mp4.json"]);
+    assert_eq!(
+        names,
+        ["a-cat-surfing-3-1.mp4", "a-cat-surfing-3-1.mp4.json", "a-cat-surfing-3.mp4", "a-cat-surfing-3.mp4.json"]
+    );
 }
 
 /// A Hugging Face cache holding the tiny model as `damo-vilab/text-to-video-ms-1.7b`, laid out as
@@ -401,9 +510,27 @@ fn model_by_repo_id_from_the_hub_cache_offline() {
     let (_tmp_dir, dir) = temp_dir();
     let out = dir.join("v.npy");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "a cat", "--seed", "3", "--steps", "1", "-f", "2", "-q", "--overwrite", "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "generate",
+            "a cat",
+            "--seed",
+            "3",
+            "--steps",
+            "1",
+            "-f",
+            "2",
+            "-q",
+            "--overwrite",
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_t2v")).env("HF_HUB_CACHE", &cache).env("HF_HUB_OFFLINE", "1").args(&args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_t2v"))
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .args(&args)
+            .output()
+            .unwrap()
     };
     // The default model, by name, from the cache.
     let o = run(&[]);
@@ -418,7 +545,11 @@ fn model_by_repo_id_from_the_hub_cache_offline() {
     // Another repo is not in the cache: offline, that is a clear error.
     let o = run(&["--model", "cerspense/zeroscope_v2_576w"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("not in the Hugging Face cache") && stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not in the Hugging Face cache") && stderr(&o).contains("HF_HUB_OFFLINE"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -426,8 +557,23 @@ fn several_formats_from_one_run_and_no_settings_collide() {
     let (_tmp, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
-            "--height", "16", "--width", "16", "--seed", "3", "-q"];
+        let mut args = vec![
+            "generate",
+            "a cat",
+            "--model",
+            model.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--num-frames",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--seed",
+            "3",
+            "-q",
+        ];
         args.extend_from_slice(extra);
         t2v(&args)
     };
@@ -449,10 +595,28 @@ fn several_formats_from_one_run_and_no_settings_collide() {
     let x = dir.join("x.mp4");
     let o = run(&["-o", x.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = t2v(&["generate", "a dog", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
-        "--height", "16", "--width", "16", "--seed", "4", "-q", "-o", dir.join("x.gif").to_str().unwrap()]);
+    let o = t2v(&[
+        "generate",
+        "a dog",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--seed",
+        "4",
+        "-q",
+        "-o",
+        dir.join("x.gif").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let x_settings: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("x.mp4.json")).unwrap()).unwrap();
+    let x_settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("x.mp4.json")).unwrap()).unwrap();
     assert_eq!(x_settings["prompt"], "a cat", "the MP4's settings still describe the MP4");
     assert_eq!(std::fs::read(dir.join("v.mp4.json")).unwrap(), first);
     // A format that contradicts the extension is refused before any work.
@@ -467,8 +631,21 @@ fn numbers_seeds_and_printed_text_are_handled() {
     let (_tmp, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.npy");
-    let base = ["generate", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2", "--height", "16",
-        "--width", "16", "-o", out.to_str().unwrap()];
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
+    ];
     // A negative count is named as an invalid value of its option, not as an unknown argument.
     let mut args = base.to_vec();
     args[6] = "-1";
@@ -519,12 +696,30 @@ fn stale_temporaries_of_dead_runs_are_removed() {
     std::fs::write(&live, b"being written").unwrap();
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.npy");
-    let o = t2v(&["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "2",
-        "--height", "16", "--width", "16", "--seed", "1", "-q", "-o", out.to_str().unwrap()]);
+    let o = t2v(&[
+        "generate",
+        "a cat",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--seed",
+        "1",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stale_file.exists() && !stale_dir.exists(), "stale temporaries removed");
     assert!(live.exists(), "a running process's temporary is left alone");
-    let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, [format!(".w.npy.partial-{}-Qq11Rr", std::process::id()), "v.npy".into(), "v.npy.json".into()]);
 }

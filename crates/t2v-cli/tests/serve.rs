@@ -52,7 +52,8 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// The `param` of an OpenAI-shaped error, checking the shape on the way.
@@ -83,7 +84,11 @@ fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<(&str
         Err(e) => panic!("{method} {url}: {e}"),
     };
     let status = response.status();
-    let headers = response.headers_names().into_iter().filter_map(|n| response.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_string()))).collect();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| response.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_string())))
+        .collect();
     let mut body = Vec::new();
     response.into_reader().take(256 << 20).read_to_end(&mut body).expect("read the body");
     Reply { status, headers, body }
@@ -93,7 +98,9 @@ fn multipart(fields: &[(&str, &str)], file: Option<(&str, &str, &[u8])>) -> (Str
     let boundary = "t2v-test-boundary-7MA4YWxkTrZu0gW";
     let mut body = Vec::new();
     for (name, value) in fields {
-        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
     }
     if let Some((name, file_name, bytes)) = file {
         body.extend_from_slice(
@@ -180,7 +187,11 @@ impl Server {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
             Err(_) => return None,
         };
-        Some(Reply { status: response.status(), headers: HashMap::new(), body: response.into_string().ok()?.into_bytes() })
+        Some(Reply {
+            status: response.status(),
+            headers: HashMap::new(),
+            body: response.into_string().ok()?.into_bytes(),
+        })
     }
 
     fn get(&self, path: &str) -> Reply {
@@ -229,7 +240,15 @@ impl Server {
     /// Resident memory, from /proc.
     fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
         kib / 1024.0
     }
 
@@ -242,7 +261,8 @@ impl Server {
     fn sigterm(mut self) -> i32 {
         // SAFETY: signalling a child process this test started and still owns.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let status = wait_for("the server to exit after SIGTERM", Duration::from_secs(60), || self.child.try_wait().unwrap());
+        let status =
+            wait_for("the server to exit after SIGTERM", Duration::from_secs(60), || self.child.try_wait().unwrap());
         status.code().unwrap_or(-1)
     }
 
@@ -333,14 +353,18 @@ fn api_round_trip_and_errors() {
     let id = created["id"].as_str().unwrap().to_string();
     let reply = server.get(&format!("/v1/videos/{id}"));
     if reply.json()["status"] != "completed" {
-        assert!(reply.headers.get("openai-poll-after-ms").and_then(|v| v.parse::<u64>().ok()).is_some(), "no poll header");
+        assert!(
+            reply.headers.get("openai-poll-after-ms").and_then(|v| v.parse::<u64>().ok()).is_some(),
+            "no poll header"
+        );
     }
 
     let events = read_events(&server, &id);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     eprintln!("events of {id}: {names:?}");
     assert_eq!(names.last(), Some(&"completed"), "{names:?}");
-    let steps: Vec<u64> = events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
     assert_eq!(steps.last(), Some(&3), "{steps:?}");
     assert!(steps.windows(2).all(|w| w[0] + 1 == w[1]), "steps in order, none missed: {steps:?}");
     let preview = events.iter().find(|(n, _)| n == "preview").map(|(_, d)| d.clone()).expect("a preview event");
@@ -349,7 +373,10 @@ fn api_round_trip_and_errors() {
     assert_eq!((pw, ph), (4 * 32, 32), "four latent frames side by side");
 
     let done = server.video(&id);
-    assert_eq!((done["status"].as_str(), done["progress"].as_u64(), done["attempts"].as_u64()), (Some("completed"), Some(100), Some(1)));
+    assert_eq!(
+        (done["status"].as_str(), done["progress"].as_u64(), done["attempts"].as_u64()),
+        (Some("completed"), Some(100), Some(1))
+    );
     assert!(done["completed_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
     assert!(done.get("error").is_some_and(Value::is_null));
 
@@ -360,8 +387,16 @@ fn api_round_trip_and_errors() {
     let path = data.path().join("check.mp4");
     std::fs::write(&path, &mp4.body).unwrap();
     let stored = t2v_settings::RunSettings::read(&path).expect("the MP4 carries its settings");
-    assert_eq!((stored.seed, stored.steps, stored.num_frames, stored.negative_prompt.as_deref()), (1, 3, 8, Some("blurry, low quality")));
-    let partial = request("GET", &server.url(&format!("/v1/videos/{id}/content?variant=video")), &[("Range", "bytes=0-99")], None);
+    assert_eq!(
+        (stored.seed, stored.steps, stored.num_frames, stored.negative_prompt.as_deref()),
+        (1, 3, 8, Some("blurry, low quality"))
+    );
+    let partial = request(
+        "GET",
+        &server.url(&format!("/v1/videos/{id}/content?variant=video")),
+        &[("Range", "bytes=0-99")],
+        None,
+    );
     assert_eq!((partial.status, partial.body.len()), (206, 100));
 
     let thumbnail = server.get(&format!("/v1/videos/{id}/content?variant=thumbnail"));
@@ -374,7 +409,10 @@ fn api_round_trip_and_errors() {
     assert!(worst <= 1.0, "thumbnail differs from the reference's frame 4 by {worst}/255");
 
     // Multipart, every field a string, as the OpenAI SDK sends it: seconds × fps gives the frames.
-    let (ct, body) = multipart(&[("prompt", "a cat"), ("seconds", "0.5"), ("size", "32x32"), ("num_inference_steps", "2"), ("seed", "5")], None);
+    let (ct, body) = multipart(
+        &[("prompt", "a cat"), ("seconds", "0.5"), ("size", "32x32"), ("num_inference_steps", "2"), ("seed", "5")],
+        None,
+    );
     let reply = server.call("POST", "/v1/videos", Some((&ct, &body)));
     assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
     let second = reply.json();
@@ -435,7 +473,10 @@ fn api_round_trip_and_errors() {
         assert_eq!(r.status, 404, "{path}");
         r.error_param();
     }
-    assert_eq!(server.get(&format!("/v1/videos/{id}/content?variant=spritesheet")).error_param(), Some("variant".into()));
+    assert_eq!(
+        server.get(&format!("/v1/videos/{id}/content?variant=spritesheet")).error_param(),
+        Some("variant".into())
+    );
     // No CORS unless asked for.
     let r = request("GET", &server.url("/v1/videos"), &[("Origin", "http://evil.example")], None);
     assert!(!r.headers.contains_key("access-control-allow-origin"));
@@ -447,7 +488,9 @@ fn api_round_trip_and_errors() {
     server.wait_status(&running, "in_progress", Duration::from_secs(60));
     let r = server.call("POST", &format!("/v1/videos/{waiting}/cancel"), None).json();
     assert_eq!((r["status"].as_str(), r["error"]["code"].as_str()), (Some("failed"), Some("cancelled")));
-    wait_for("a step of the long job", Duration::from_secs(60), || (server.video(&running)["progress"].as_u64() > Some(0)).then_some(()));
+    wait_for("a step of the long job", Duration::from_secs(60), || {
+        (server.video(&running)["progress"].as_u64() > Some(0)).then_some(())
+    });
     let asked = Instant::now();
     let r = server.call("POST", &format!("/v1/videos/{running}/cancel"), None);
     assert_eq!(r.status, 200);
@@ -492,7 +535,10 @@ fn api_key_cors_and_address_safety() {
     assert_eq!(plain("/v1/videos", &[("Authorization", "Bearer wrong")]).status, 401);
     assert_eq!(plain("/v1/videos", &[("Authorization", "Bearer s3cret")]).status, 200);
     assert_eq!(plain("/v1/t2v/info", &[]).status, 401);
-    assert_eq!(request("POST", &server.url("/v1/videos"), &[], Some(("application/json", b"{\"prompt\":\"x\"}"))).status, 401);
+    assert_eq!(
+        request("POST", &server.url("/v1/videos"), &[], Some(("application/json", b"{\"prompt\":\"x\"}"))).status,
+        401
+    );
     // The page and the health check are open; the page asks for the key.
     assert_eq!(plain("/", &[]).status, 200);
     assert_eq!(plain("/health", &[]).status, 200);
@@ -500,7 +546,11 @@ fn api_key_cors_and_address_safety() {
     let preflight = request(
         "OPTIONS",
         &server.url("/v1/videos"),
-        &[("Origin", "http://app.example"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "authorization,content-type")],
+        &[
+            ("Origin", "http://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization,content-type"),
+        ],
         None,
     );
     assert_eq!(preflight.headers.get("access-control-allow-origin").map(String::as_str), Some("http://app.example"));
@@ -526,7 +576,8 @@ fn fifty_jobs_from_ten_clients() {
     let completions = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
     let watcher = {
         let (url, completions) = (server.url("/v1/t2v/events"), completions.clone());
-        let long = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(900)).build();
+        let long =
+            ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(900)).build();
         let response = long.get(&url).call().expect("the event stream opens");
         std::thread::spawn(move || {
             let mut name = String::new();
@@ -578,7 +629,8 @@ fn fifty_jobs_from_ten_clients() {
     watcher.join().unwrap();
 
     // Every job completed, exactly once.
-    let videos: Vec<Value> = server.all_videos().into_iter().filter(|v| v["prompt"].as_str().unwrap().starts_with("client ")).collect();
+    let videos: Vec<Value> =
+        server.all_videos().into_iter().filter(|v| v["prompt"].as_str().unwrap().starts_with("client ")).collect();
     assert_eq!(videos.len(), 50);
     for v in &videos {
         assert_eq!((v["status"].as_str(), v["attempts"].as_u64()), (Some("completed"), Some(1)), "{v}");
@@ -596,16 +648,24 @@ fn fifty_jobs_from_ten_clients() {
     // after the one before it ended, and each client's jobs are in the order it sent them.
     let timings = |v: &Value, k: &str| v["timings"][k].as_i64().unwrap();
     for pair in videos.windows(2) {
-        assert!(timings(&pair[1], "started_at_ms") >= timings(&pair[0], "completed_at_ms"), "{} ran before {} ended", pair[1]["id"], pair[0]["id"]);
+        assert!(
+            timings(&pair[1], "started_at_ms") >= timings(&pair[0], "completed_at_ms"),
+            "{} ran before {} ended",
+            pair[1]["id"],
+            pair[0]["id"]
+        );
     }
-    let position: HashMap<&str, usize> = videos.iter().enumerate().map(|(i, v)| (v["id"].as_str().unwrap(), i)).collect();
+    let position: HashMap<&str, usize> =
+        videos.iter().enumerate().map(|(i, v)| (v["id"].as_str().unwrap(), i)).collect();
     for c in 0..10 {
         let mine: Vec<usize> = submitted.iter().filter(|s| s.0 == c).map(|s| position[s.2.as_str()]).collect();
         assert!(mine.windows(2).all(|w| w[0] < w[1]), "client {c}'s jobs ran out of order: {mine:?}");
     }
 
-    let latency: Vec<f64> = videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "created_at_ms")) as f64 / 1e3).collect();
-    let run_s: Vec<f64> = videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "started_at_ms")) as f64 / 1e3).collect();
+    let latency: Vec<f64> =
+        videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "created_at_ms")) as f64 / 1e3).collect();
+    let run_s: Vec<f64> =
+        videos.iter().map(|v| (timings(v, "completed_at_ms") - timings(v, "started_at_ms")) as f64 / 1e3).collect();
     eprintln!(
         "load: 50 jobs from 10 clients submitted in {submit_s:.2}s, all done in {total_s:.1}s ({:.2} jobs/s); \
          run time per job {:.3}s mean; latency mean {:.1}s max {:.1}s; \
@@ -630,7 +690,8 @@ fn sigkill_mid_job_then_restart_keeps_every_job() {
     let done = server.create(&small_job("done before"))["id"].as_str().unwrap().to_string();
     server.wait_status(&done, "completed", Duration::from_secs(120));
     let killed = server.create(&long)["id"].as_str().unwrap().to_string();
-    let queued: Vec<String> = (0..3).map(|i| server.create(&small_job(&format!("queued {i}")))["id"].as_str().unwrap().to_string()).collect();
+    let queued: Vec<String> =
+        (0..3).map(|i| server.create(&small_job(&format!("queued {i}")))["id"].as_str().unwrap().to_string()).collect();
     server.wait_status(&killed, "in_progress", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     server.sigkill();
@@ -651,9 +712,14 @@ fn sigkill_mid_job_then_restart_keeps_every_job() {
     // Second restart: the job that died twice is failed with the reason; the queued ones run, in order.
     let server = Server::start(data.path(), &[]);
     let failed = server.video(&killed);
-    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("interrupted")), "{failed}");
+    assert_eq!(
+        (failed["status"].as_str(), failed["error"]["code"].as_str()),
+        (Some("failed"), Some("interrupted")),
+        "{failed}"
+    );
     assert!(failed["error"]["message"].as_str().unwrap().contains("2 attempts"), "{failed}");
-    let finished: Vec<Value> = queued.iter().map(|id| server.wait_status(id, "completed", Duration::from_secs(120))).collect();
+    let finished: Vec<Value> =
+        queued.iter().map(|id| server.wait_status(id, "completed", Duration::from_secs(120))).collect();
     for pair in finished.windows(2) {
         assert!(pair[1]["timings"]["started_at_ms"].as_i64() >= pair[0]["timings"]["completed_at_ms"].as_i64());
     }
@@ -679,7 +745,9 @@ fn openai_python_sdk() {
     let python = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let has_sdk = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
     if !has_sdk {
-        eprintln!("SKIPPED: {python} cannot import openai (pip install openai, or set T2V_TEST_PYTHON to a Python that can)");
+        eprintln!(
+            "SKIPPED: {python} cannot import openai (pip install openai, or set T2V_TEST_PYTHON to a Python that can)"
+        );
         return;
     }
     let data = TempDir::new().unwrap();
@@ -701,7 +769,10 @@ fn openai_python_sdk() {
     assert!(status.success(), "the SDK script failed:\n{err}\nserver:\n{}", server.log());
     let seen: Value = serde_json::from_str(out.trim()).unwrap();
     eprintln!("OpenAI SDK: {seen}");
-    assert_eq!((seen["status"].as_str(), seen["size"].as_str(), seen["seconds"].as_str()), (Some("completed"), Some("32x32"), Some("1")));
+    assert_eq!(
+        (seen["status"].as_str(), seen["size"].as_str(), seen["seconds"].as_str()),
+        (Some("completed"), Some("32x32"), Some("1"))
+    );
     assert!(std::fs::metadata(data.path().join("sdk.mp4")).unwrap().len() > 100);
 }
 
@@ -719,7 +790,9 @@ impl DevTools {
     fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
-        self.socket.send(tungstenite::Message::text(json!({"id": id, "method": method, "params": params}).to_string())).unwrap();
+        self.socket
+            .send(tungstenite::Message::text(json!({"id": id, "method": method, "params": params}).to_string()))
+            .unwrap();
         for _ in 0..100_000 {
             let message = self.socket.read().unwrap_or_else(|e| panic!("DevTools {method}: {e}"));
             let Ok(text) = message.to_text() else { continue };
@@ -736,7 +809,8 @@ impl DevTools {
     }
 
     fn eval(&mut self, expression: &str) -> Value {
-        self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}))["result"]["value"].clone()
+        self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}))["result"]["value"]
+            .clone()
     }
 }
 
@@ -795,14 +869,20 @@ fn page_submits_a_job_and_plays_it() {
         let v = r.json();
         v.as_array().unwrap().iter().any(|t| t["type"] == "page").then_some(v)
     });
-    let page_ws = targets.as_array().unwrap().iter().find(|t| t["type"] == "page").unwrap()["webSocketDebuggerUrl"].as_str().unwrap().to_string();
+    let page_ws = targets.as_array().unwrap().iter().find(|t| t["type"] == "page").unwrap()["webSocketDebuggerUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let (socket, _) = tungstenite::client(page_ws.as_str(), stream).expect("DevTools connects");
     let mut tools = DevTools { socket, next_id: 0, exceptions: Vec::new() };
 
     // A phone's screen.
-    tools.call("Emulation.setDeviceMetricsOverride", json!({"width": 412, "height": 915, "deviceScaleFactor": 1, "mobile": true}));
+    tools.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 412, "height": 915, "deviceScaleFactor": 1, "mobile": true}),
+    );
     tools.call("Runtime.enable", json!({}));
     let url = server.url("/?prompt=a%20red%20ball%20bouncing&num_inference_steps=4&num_frames=8&seed=11&submit=1");
     tools.call("Page.navigate", json!({"url": url}));
@@ -816,12 +896,16 @@ fn page_submits_a_job_and_plays_it() {
         let state: Value = serde_json::from_str(state.as_str().unwrap_or("{}")).unwrap();
         assert!(state["err"].is_null(), "the page shows an error: {state}");
         let s = state["s"].as_str().map(str::to_string);
-        (s.is_some() && state["p"] == state["s"]).then(|| (s.clone().unwrap(), state["p"].as_str().unwrap().to_string()))
+        (s.is_some() && state["p"] == state["s"])
+            .then(|| (s.clone().unwrap(), state["p"].as_str().unwrap().to_string()))
     });
     eprintln!("the page's job {submitted} played after {:.1}s", started.elapsed().as_secs_f64());
     assert_eq!(submitted, played);
     let video = server.video(&submitted);
-    assert_eq!((video["status"].as_str(), video["settings"]["steps"].as_u64(), video["settings"]["num_frames"].as_u64()), (Some("completed"), Some(4), Some(8)));
+    assert_eq!(
+        (video["status"].as_str(), video["settings"]["steps"].as_u64(), video["settings"]["num_frames"].as_u64()),
+        (Some("completed"), Some(4), Some(8))
+    );
     assert_eq!(video["settings"]["seed"], 11);
     // The gallery card shows it playing, with its settings and a download link.
     let card = tools.eval(&format!(
@@ -836,7 +920,8 @@ fn page_submits_a_job_and_plays_it() {
     assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
 
     // A job from another client appears in the queue with its progress and live preview.
-    let other = server.create(&json!({"prompt": "a slow one", "num_inference_steps": 200, "num_frames": 8, "size": "32x32"}));
+    let other =
+        server.create(&json!({"prompt": "a slow one", "num_inference_steps": 200, "num_frames": 8, "size": "32x32"}));
     let other = other["id"].as_str().unwrap();
     let shown = wait_for("the queue to show a preview", Duration::from_secs(60), || {
         let item = tools.eval(&format!(

@@ -123,7 +123,10 @@ fn check_cli_runs(model: &str) {
         let settings = settings_of(&out);
         assert_eq!(settings["num_frames"], run["num_frames"]);
         assert_eq!(settings["input"]["strength"], run["strength"]);
-        assert_eq!(settings["input"]["path"].as_str().unwrap(), std::fs::canonicalize(&input).unwrap().to_str().unwrap());
+        assert_eq!(
+            settings["input"]["path"].as_str().unwrap(),
+            std::fs::canonicalize(&input).unwrap().to_str().unwrap()
+        );
     }
 }
 
@@ -205,7 +208,11 @@ fn from_repeats_a_v2v_run_only_on_the_same_input() {
     let third = dir.join("third.npy");
     let o = t2v(&["generate", "--from", from.to_str().unwrap(), "-o", third.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("has changed since the run") && stderr(&o).contains("restore the original"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has changed since the run") && stderr(&o).contains("restore the original"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!third.exists());
     // A missing input: refused too.
     std::fs::remove_dir_all(&input).unwrap();
@@ -217,8 +224,21 @@ fn from_repeats_a_v2v_run_only_on_the_same_input() {
     let mp4 = model_dir(model).join(run["input_mp4"].as_str().unwrap());
     let out = dir.join("mp4.npy");
     let o = t2v(&[
-        "generate", "a ball", "--model", model_dir(model).to_str().unwrap(), "--video", mp4.to_str().unwrap(),
-        "--steps", "2", "--strength", "0.5", "--seed", "1", "-q", "-o", out.to_str().unwrap(),
+        "generate",
+        "a ball",
+        "--model",
+        model_dir(model).to_str().unwrap(),
+        "--video",
+        mp4.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--strength",
+        "0.5",
+        "--seed",
+        "1",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = settings_of(&out);
@@ -262,9 +282,15 @@ fn bad_video_requests_fail_before_model_work() {
     let video = input.to_str().unwrap();
     let not_a_video = model.join("model_index.json");
     let cases: &[(&[&str], &str)] = &[
-        (&["--video", video, "--strength", "0.05", "--steps", "10"], "smallest strength that runs one is 0.1, or use at least 20 steps"),
+        (
+            &["--video", video, "--strength", "0.05", "--steps", "10"],
+            "smallest strength that runs one is 0.1, or use at least 20 steps",
+        ),
         (&["--video", video, "--strength", "1.5"], "the strength must be between 0 and 1"),
-        (&["--upscale", video, "--upscale-strength", "0.05", "--upscale-steps", "10"], "smallest strength that runs one is 0.1"),
+        (
+            &["--upscale", video, "--upscale-strength", "0.05", "--upscale-steps", "10"],
+            "smallest strength that runs one is 0.1",
+        ),
         (&["--video", "/nonexistent/clip.mp4"], "the input video /nonexistent/clip.mp4 does not exist"),
         (&["--video", not_a_video.to_str().unwrap()], "its format is unknown"),
         (&["--strength", "0.5"], "--strength applies to an input video: give it with --video IN"),
@@ -275,7 +301,10 @@ fn bad_video_requests_fail_before_model_work() {
         (&["--video", video, "--video-every", "0"], "the frame step must be at least 1"),
         (&["--video", video, "--num-frames", "7"], "7 frames were asked"),
         (&["--video", video, "--video-start", "6"], "choose a start frame below 6"),
-        (&["--video", video, "--upscale", video, "--strength", "0.5"], "is the same as `--model M --width W --height H --strength S`: give one form"),
+        (
+            &["--video", video, "--upscale", video, "--strength", "0.5"],
+            "is the same as `--model M --width W --height H --strength S`: give one form",
+        ),
     ];
     for (extra, expected) in cases {
         let o = base(extra);
@@ -297,16 +326,37 @@ fn upscale_runs_two_passes_with_one_model_at_a_time() {
     let (tiny, small) = (model_dir("tiny-t2v"), model_dir("small-t2v"));
     let common = ["--seed", "3", "--steps", "2", "-f", "2", "--scheduler", "ddim", "-n", "blurry"];
     let two_pass = dir.join("up.npy");
-    let mut args = vec!["generate", "a cat", "--model", tiny.to_str().unwrap(), "--height", "16", "--width", "16",
-        "--upscale", small.to_str().unwrap(), "--upscale-size", "48x32", "--upscale-strength", "0.5", "-o",
-        two_pass.to_str().unwrap(), "--json"];
+    let mut args = vec![
+        "generate",
+        "a cat",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--upscale",
+        small.to_str().unwrap(),
+        "--upscale-size",
+        "48x32",
+        "--upscale-strength",
+        "0.5",
+        "-o",
+        two_pass.to_str().unwrap(),
+        "--json",
+    ];
     args.extend(common);
     let o = t2v(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("pass 1/2 loaded") && err.contains("pass 2/2 loaded"), "{err}");
     assert!(err.find("pass 1/2 \"a cat\": 2 frames of 16×16").unwrap() < err.find("pass 2/2 loaded").unwrap(), "{err}");
-    assert!(err.contains("pass 2/2 \"a cat\": 2 frames of 48×32, ddim 2 steps, guidance 9, seed 3, strength 0.5 (1 of 2 steps run)"), "{err}");
+    assert!(
+        err.contains(
+            "pass 2/2 \"a cat\": 2 frames of 48×32, ddim 2 steps, guidance 9, seed 3, strength 0.5 (1 of 2 steps run)"
+        ),
+        "{err}"
+    );
     let frames = read_npy(&two_pass);
     assert_eq!(frames.dims(), &[2, 32, 48, 3]);
     let settings = settings_of(&two_pass);
@@ -314,28 +364,69 @@ fn upscale_runs_two_passes_with_one_model_at_a_time() {
     assert_eq!(settings["model"].as_str().unwrap(), tiny.canonicalize().unwrap().to_str().unwrap());
     let up = &settings["upscale"];
     assert_eq!(up["model"].as_str().unwrap(), small.canonicalize().unwrap().to_str().unwrap());
-    assert_eq!((up["width"].as_u64(), up["height"].as_u64(), up["strength"].as_f64(), up["steps"].as_u64()), (Some(48), Some(32), Some(0.5), Some(2)));
+    assert_eq!(
+        (up["width"].as_u64(), up["height"].as_u64(), up["strength"].as_f64(), up["steps"].as_u64()),
+        (Some(48), Some(32), Some(0.5), Some(2))
+    );
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["videos"][0]["settings"], settings);
     assert!(summary["videos"][0]["video_encoding_s"].as_f64().unwrap() > 0.0);
 
     // The same by hand: the first pass to PNG frames, then video-to-video with the second model.
     let pass1 = dir.join("pass1");
-    let mut args = vec!["generate", "a cat", "--model", tiny.to_str().unwrap(), "--height", "16", "--width", "16", "-q",
-        "-o", pass1.to_str().unwrap()];
+    let mut args = vec![
+        "generate",
+        "a cat",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "-q",
+        "-o",
+        pass1.to_str().unwrap(),
+    ];
     args.extend(common);
     assert!(t2v(&args).status.success());
     let by_hand = dir.join("by-hand.npy");
-    let mut args = vec!["generate", "a cat", "--video", pass1.to_str().unwrap(), "--model", small.to_str().unwrap(),
-        "--strength", "0.5", "--height", "32", "--width", "48", "-q", "-o", by_hand.to_str().unwrap()];
+    let mut args = vec![
+        "generate",
+        "a cat",
+        "--video",
+        pass1.to_str().unwrap(),
+        "--model",
+        small.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "-q",
+        "-o",
+        by_hand.to_str().unwrap(),
+    ];
     args.extend(common);
     let o = t2v(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(max_abs_diff(&read_npy(&by_hand), &frames), 0.0);
     // --upscale on an existing video is that same second pass.
     let on_video = dir.join("on-video.npy");
-    let mut args = vec!["generate", "a cat", "--video", pass1.to_str().unwrap(), "--upscale", small.to_str().unwrap(),
-        "--upscale-size", "48x32", "--upscale-strength", "0.5", "-o", on_video.to_str().unwrap()];
+    let mut args = vec![
+        "generate",
+        "a cat",
+        "--video",
+        pass1.to_str().unwrap(),
+        "--upscale",
+        small.to_str().unwrap(),
+        "--upscale-size",
+        "48x32",
+        "--upscale-strength",
+        "0.5",
+        "-o",
+        on_video.to_str().unwrap(),
+    ];
     args.extend(common);
     let o = t2v(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -343,7 +434,8 @@ fn upscale_runs_two_passes_with_one_model_at_a_time() {
     assert_eq!(max_abs_diff(&read_npy(&on_video), &frames), 0.0);
     // --from repeats both passes.
     let again = dir.join("again.npy");
-    let o = t2v(&["generate", "--from", dir.join("up.npy.json").to_str().unwrap(), "-q", "-o", again.to_str().unwrap()]);
+    let o =
+        t2v(&["generate", "--from", dir.join("up.npy.json").to_str().unwrap(), "-q", "-o", again.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&two_pass).unwrap());
 }

@@ -12,7 +12,8 @@ use candle_core::{DType, Tensor};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::{
-    PyConnectionError, PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
+    PyConnectionError, PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError,
+    PyValueError,
 };
 use pyo3::prelude::*;
 use t2v::hub::{self, HubOptions};
@@ -53,9 +54,7 @@ fn parse_dtype(name: &str) -> PyResult<DType> {
         "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),
         "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
         "bfloat16" | "bf16" => Ok(DType::BF16),
-        other => Err(PyValueError::new_err(format!(
-            "unknown dtype `{other}`: use float32, float16 or bfloat16"
-        ))),
+        other => Err(PyValueError::new_err(format!("unknown dtype `{other}`: use float32, float16 or bfloat16"))),
     }
 }
 
@@ -87,7 +86,11 @@ fn scheduler_config(json: &str) -> PyResult<serde_json::Value> {
 
 fn to_numpy<'py>(py: Python<'py>, tensor: &Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let dims = tensor.dims().to_vec();
-    let data = tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(candle_err)?;
+    let data = tensor
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(candle_err)?;
     let array = ArrayD::from_shape_vec(IxDyn(&dims), data).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok(array.into_pyarray(py))
 }
@@ -241,7 +244,8 @@ impl Model {
                 "bfloat16 needs a GPU (candle's CPU matrix products have no bfloat16): use float32 (fastest on the CPU) or float16",
             ));
         }
-        let options = LoadOptions { device: device.clone(), dtype, variant: parse_variant(variant)?, ..LoadOptions::default() };
+        let options =
+            LoadOptions { device: device.clone(), dtype, variant: parse_variant(variant)?, ..LoadOptions::default() };
         let pipe = py.detach(|| TextToVideo::load(&root, &options)).map_err(py_err)?;
         Ok(Self { pipe: Arc::new(pipe), device: device_name(&device), dtype })
     }

@@ -59,7 +59,10 @@ pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
         } else {
             let list = cors
                 .iter()
-                .map(|o| HeaderValue::from_str(o.trim_end_matches('/')).map_err(|_| anyhow::anyhow!("--cors {o} is not an origin")))
+                .map(|o| {
+                    HeaderValue::from_str(o.trim_end_matches('/'))
+                        .map_err(|_| anyhow::anyhow!("--cors {o} is not an origin"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             AllowOrigin::list(list)
         };
@@ -92,7 +95,11 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 
 async fn authenticate(State(s): AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
             return ApiError::unauthorized().into_response();
         }
@@ -106,7 +113,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Job ids are `video_` and 32 hex digits: nothing else can reach the store or name a file.
 pub fn is_job_id(id: &str) -> bool {
-    id.strip_prefix("video_").is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    id.strip_prefix("video_")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 fn new_job_id() -> String {
@@ -207,7 +215,8 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
 }
 
 async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiError> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let content_type =
+        req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_multipart = content_type.starts_with("multipart/form-data");
     if !is_multipart && !content_type.is_empty() && !content_type.starts_with("application/json") {
         return Err(ApiError::new(
@@ -217,14 +226,20 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     }
     let limit = if is_multipart { s.limits.max_upload_bytes } else { s.limits.max_json_bytes };
     let (parts, body) = req.into_parts();
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     let bytes = read_body(body, declared, limit).await?;
     let map: BTreeMap<String, Value> = if is_multipart {
         read_multipart(Request::from_parts(parts, Body::from(bytes))).await?
     } else {
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => map.into_iter().collect(),
-            Ok(_) => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}")),
+            Ok(_) => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}",
+                ))
+            }
             Err(e) => return Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
         }
     };
@@ -264,7 +279,8 @@ async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<
 const DRAIN_BYTES: usize = 64 << 20;
 
 async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiError> {
-    let mut multipart = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
+    let mut multipart =
+        Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
     let mut map = BTreeMap::new();
     loop {
         let field = match multipart.next_field().await {
@@ -296,7 +312,11 @@ async fn list_videos(State(s): AppState, Query(q): Query<HashMap<String, String>
     }
     let limit = match q.get("limit") {
         None => 20,
-        Some(v) => v.parse::<usize>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::bad("limit", format!("`limit` must be from 1 to 100, got `{v}`")))?,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::bad("limit", format!("`limit` must be from 1 to 100, got `{v}`")))?,
     };
     let order = match q.get("order").map(String::as_str) {
         None | Some("desc") => Order::Desc,
@@ -343,30 +363,44 @@ async fn cancel_video(State(s): AppState, Path(id): Path<String>) -> Result<Resp
         (_, JobStatus::InProgress) => {
             s.cancels.lock().expect("cancels lock").insert(id.clone());
         }
-        (JobStatus::Queued, JobStatus::Failed) => s.hub.send(JobEvent::new(&id, "failed", video_object(&job, &s.model))),
+        (JobStatus::Queued, JobStatus::Failed) => {
+            s.hub.send(JobEvent::new(&id, "failed", video_object(&job, &s.model)))
+        }
         _ => {}
     }
     Ok(video_response(&s, &job))
 }
 
-async fn video_content(State(s): AppState, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, req: Request) -> Result<Response, ApiError> {
+async fn video_content(
+    State(s): AppState,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let job = find(&s, &id).await?;
     let variant = q.get("variant").map(String::as_str).unwrap_or("video");
     let (path, ext) = match variant {
         "video" => (video_path(&s.videos_dir, &id), "mp4"),
         "thumbnail" => (thumbnail_path(&s.videos_dir, &id), "png"),
-        other => return Err(ApiError::bad("variant", format!("`variant` must be `video` or `thumbnail`, got `{other}`"))),
+        other => {
+            return Err(ApiError::bad("variant", format!("`variant` must be `video` or `thumbnail`, got `{other}`")))
+        }
     };
     if job.status != JobStatus::Completed || !path.is_file() {
         return Err(ApiError {
             code: Some("not_ready"),
-            ..ApiError::new(StatusCode::NOT_FOUND, format!("video `{id}` has no content: it is {}", job.status.as_str()))
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("video `{id}` has no content: it is {}", job.status.as_str()),
+            )
         });
     }
     // ServeFile answers Range requests, which browsers' <video> sends.
     let mut response = ServeFile::new(path).oneshot(req).await.map_err(ApiError::internal)?.map(Body::new);
     let disposition = format!("inline; filename=\"{id}.{ext}\"");
-    response.headers_mut().insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(ApiError::internal)?);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(ApiError::internal)?);
     Ok(response)
 }
 
@@ -441,7 +475,9 @@ fn step_of(e: &JobEvent) -> Option<u64> {
 }
 
 fn queued_event(job: &Job, model: &ModelInfo) -> Event {
-    Event::default().event("queued").data(json!({"id": job.id, "position": job.queue_position, "video": video_object(job, model)}).to_string())
+    Event::default()
+        .event("queued")
+        .data(json!({"id": job.id, "position": job.queue_position, "video": video_object(job, model)}).to_string())
 }
 
 /// Every job's events, for the page: the running job's latest progress and preview first.
@@ -478,8 +514,14 @@ mod tests {
     #[test]
     fn job_ids_cannot_name_paths() {
         assert!(is_job_id(&new_job_id()));
-        for bad in ["video_../../etc/passwd", "video_", "../video_0123456789abcdef0123456789abcdef", "video_0123456789ABCDEF0123456789ABCDEF",
-            "video_0123456789abcdef0123456789abcde/", "video_0123456789abcdef0123456789abcdef0"] {
+        for bad in [
+            "video_../../etc/passwd",
+            "video_",
+            "../video_0123456789abcdef0123456789abcdef",
+            "video_0123456789ABCDEF0123456789ABCDEF",
+            "video_0123456789abcdef0123456789abcde/",
+            "video_0123456789abcdef0123456789abcdef0",
+        ] {
             assert!(!is_job_id(bad), "{bad}");
         }
     }

@@ -23,29 +23,47 @@ impl ApiError {
     }
 
     pub fn bad_request(param: Option<&str>, message: impl Into<String>) -> Self {
-        Self { param: param.map(str::to_string), code: Some("invalid_value"), ..Self::new(StatusCode::BAD_REQUEST, message) }
+        Self {
+            param: param.map(str::to_string),
+            code: Some("invalid_value"),
+            ..Self::new(StatusCode::BAD_REQUEST, message)
+        }
     }
 
     /// 422: well-formed, but this server cannot do it.
     pub fn unprocessable(param: &str, message: impl Into<String>) -> Self {
-        Self { param: Some(param.into()), code: Some("unsupported"), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message) }
+        Self {
+            param: Some(param.into()),
+            code: Some("unsupported"),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+        }
     }
 
     pub fn not_found(id: &str) -> Self {
-        Self { param: Some("video_id".into()), code: Some("not_found"), ..Self::new(StatusCode::NOT_FOUND, format!("no video `{id}`")) }
+        Self {
+            param: Some("video_id".into()),
+            code: Some("not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, format!("no video `{id}`"))
+        }
     }
 
     pub fn too_large(limit: usize) -> Self {
         Self {
             code: Some("payload_too_large"),
-            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than the {limit} bytes this server accepts"))
+            ..Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than the {limit} bytes this server accepts"),
+            )
         }
     }
 
     pub fn unauthorized() -> Self {
         Self {
             code: Some("invalid_api_key"),
-            ..Self::new(StatusCode::UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer KEY` with the server's key")
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send `Authorization: Bearer KEY` with the server's key",
+            )
         }
     }
 

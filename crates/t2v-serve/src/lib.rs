@@ -32,7 +32,9 @@ use crate::store::{JobStore, SqliteStore};
 
 /// Serve a model over HTTP: an API in the shape of OpenAI's videos API and a web page.
 #[derive(clap::Args, Debug, Clone)]
-#[command(after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")")]
+#[command(
+    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")"
+)]
 pub struct ServeArgs {
     /// A local folder in the diffusers layout, or a Hugging Face repo id (owner/name[@revision]),
     /// downloaded once into the Hugging Face cache. [default: damo-vilab/text-to-video-ms-1.7b]
@@ -173,7 +175,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn dtype_of(name: &str) -> Result<DType> {
@@ -233,11 +236,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     // The data folder: the job store, and the videos beside it.
     let videos_dir = args.data.join("videos");
-    std::fs::create_dir_all(&videos_dir).with_context(|| format!("creating the data folder {}", args.data.display()))?;
+    std::fs::create_dir_all(&videos_dir)
+        .with_context(|| format!("creating the data folder {}", args.data.display()))?;
     let store = SqliteStore::open(&args.data.join("jobs.sqlite"))?;
     let recovery = store.recover(args.max_attempts).await?;
     if !recovery.requeued.is_empty() {
-        eprintln!("t2v serve: {} job(s) were running when the server stopped; queued again: {}", recovery.requeued.len(), recovery.requeued.join(", "));
+        eprintln!(
+            "t2v serve: {} job(s) were running when the server stopped; queued again: {}",
+            recovery.requeued.len(),
+            recovery.requeued.join(", ")
+        );
     }
     if !recovery.failed.is_empty() {
         eprintln!("t2v serve: failed after too many interrupted attempts: {}", recovery.failed.join(", "));
@@ -269,14 +277,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     });
 
     let host = args.host.trim_matches(['[', ']']);
-    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") { IpAddr::from([127, 0, 0, 1]) } else {
+    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
         host.parse().with_context(|| format!("--host {host} is not an IP address"))?
     };
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, args.port))
         .await
         .with_context(|| format!("listening on {host}:{}", args.port))?;
     let addr = listener.local_addr()?;
-    let url = if addr.is_ipv6() { format!("http://[{}]:{}/", addr.ip(), addr.port()) } else { format!("http://{addr}/") };
+    let url =
+        if addr.is_ipv6() { format!("http://[{}]:{}/", addr.ip(), addr.port()) } else { format!("http://{addr}/") };
     println!("t2v serve: listening on {url} (data: {}); loading {spec}", args.data.display());
 
     let app = api::router(shared.clone(), &args.cors)?;

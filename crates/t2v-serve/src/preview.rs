@@ -12,12 +12,8 @@ use t2v::schedulers::{DdimConfig, DdimScheduler, PredictionType};
 
 /// RGB from the 4 latent channels (rows: channels; columns: R, G, B), A1111's
 /// `sd_vae_approx.cheap_approximation` for SD 1.x/2.x latents.
-const LATENT_RGB: [[f32; 3]; 4] = [
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-];
+const LATENT_RGB: [[f32; 3]; 4] =
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
 
 /// At most this many frames, side by side, in one preview.
 pub const PREVIEW_FRAMES: usize = 4;

@@ -56,7 +56,10 @@ pub struct Fields(BTreeMap<String, Value>);
 impl Fields {
     pub fn new(map: BTreeMap<String, Value>) -> Result<Self, ApiError> {
         if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(ApiError::bad(unknown, format!("unknown field `{unknown}`; the fields are: {}", FIELDS.join(", "))));
+            return Err(ApiError::bad(
+                unknown,
+                format!("unknown field `{unknown}`; the fields are: {}", FIELDS.join(", ")),
+            ));
         }
         let map = map.into_iter().filter(|(_, v)| !matches!(v, Value::Null) && v.as_str() != Some("")).collect();
         Ok(Self(map))
@@ -143,13 +146,19 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
     }
     if let Some(m) = fields.string("model")? {
         if m != model.name && m != model.spec && m != "t2v" {
-            return Err(ApiError::bad("model", format!("this server runs the model `{}`, not `{m}` (or leave `model` out)", model.name)));
+            return Err(ApiError::bad(
+                "model",
+                format!("this server runs the model `{}`, not `{m}` (or leave `model` out)", model.name),
+            ));
         }
     }
     if fields.has("input_reference") || fields.has("strength") {
         if !model.video_to_video {
             let param = if fields.has("input_reference") { "input_reference" } else { "strength" };
-            return Err(ApiError::unprocessable(param, "video-to-video is not available in this version of t2v: leave out `input_reference` and `strength`"));
+            return Err(ApiError::unprocessable(
+                param,
+                "video-to-video is not available in this version of t2v: leave out `input_reference` and `strength`",
+            ));
         }
         if !fields.has("input_reference") {
             return Err(ApiError::bad("strength", "`strength` applies to video-to-video: give `input_reference` too"));
@@ -161,15 +170,23 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
     let guidance_scale = fields.real("guidance_scale", 0.0, 100.0)?.unwrap_or(DEFAULT_GUIDANCE);
     let scheduler = match fields.string("scheduler")? {
         None => SchedulerKind::DpmSolverMultistep,
-        Some(s) => SchedulerKind::parse(&s).map_err(|_| ApiError::bad("scheduler", format!("`scheduler` must be `dpm` or `ddim`, got `{s}`")))?,
+        Some(s) => SchedulerKind::parse(&s)
+            .map_err(|_| ApiError::bad("scheduler", format!("`scheduler` must be `dpm` or `ddim`, got `{s}`")))?,
     };
     let eta = fields.real("eta", 0.0, 1.0)?.unwrap_or(0.0);
     let fps = fields.whole("fps", 1, 60)?.map_or(t2v::video::DEFAULT_FPS, |v| v as u32);
 
     let (mut width, mut height) = (model.native_width, model.native_height);
     if let Some(size) = fields.string("size")? {
-        (width, height) = parse_size(&size)
-            .ok_or_else(|| ApiError::bad("size", format!("`size` must be WIDTHxHEIGHT in pixels, as \"{}x{}\", got \"{size}\"", model.native_width, model.native_height)))?;
+        (width, height) = parse_size(&size).ok_or_else(|| {
+            ApiError::bad(
+                "size",
+                format!(
+                    "`size` must be WIDTHxHEIGHT in pixels, as \"{}x{}\", got \"{size}\"",
+                    model.native_width, model.native_height
+                ),
+            )
+        })?;
     }
     let scale = model.vae_scale as u64;
     let side = |name: &str, v: usize| -> Result<usize, ApiError> {
@@ -177,7 +194,10 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
             let param = if fields.has(name) { name } else { "size" };
             return Err(ApiError::bad(
                 param,
-                format!("the {name} must be a multiple of {scale} (the model's VAE scale) from {scale} to {}, got {v}", limits.max_side),
+                format!(
+                    "the {name} must be a multiple of {scale} (the model's VAE scale) from {scale} to {}, got {v}",
+                    limits.max_side
+                ),
             ));
         }
         Ok(v)
@@ -193,7 +213,10 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
             if n == 0 || n > limits.max_frames {
                 return Err(ApiError::bad(
                     "seconds",
-                    format!("`seconds` × fps ({s} × {fps}) gives {n} frames; from 1 to {} are possible", limits.max_frames),
+                    format!(
+                        "`seconds` × fps ({s} × {fps}) gives {n} frames; from 1 to {} are possible",
+                        limits.max_frames
+                    ),
                 ));
             }
             n
@@ -214,7 +237,8 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
         width: Some(width),
     };
     // The library's own checks, last: what they refuse is a bad request too.
-    pipeline::validate_params(&params, height, width, model.vae_scale).map_err(|e| ApiError::bad_request(None, e.to_string()))?;
+    pipeline::validate_params(&params, height, width, model.vae_scale)
+        .map_err(|e| ApiError::bad_request(None, e.to_string()))?;
     let mut settings = RunSettings::new(&model.spec, &params, height, width, fps, candle_core::DType::F32);
     settings.dtype = model.dtype.clone();
     Ok(settings)
@@ -237,7 +261,14 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { max_frames: 64, max_side: 1024, max_steps: 200, max_prompt_chars: 100, max_json_bytes: 1 << 20, max_upload_bytes: 1 << 20 }
+        Limits {
+            max_frames: 64,
+            max_side: 1024,
+            max_steps: 200,
+            max_prompt_chars: 100,
+            max_json_bytes: 1 << 20,
+            max_upload_bytes: 1 << 20,
+        }
     }
 
     fn fields(v: Value) -> Result<Fields, ApiError> {
@@ -268,9 +299,15 @@ mod tests {
         assert_eq!(param(serde_json::json!({"prompt": "x", "size": "big"})), Some((400, "size".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "size": "100x64"})), Some((400, "size".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "width": 100})), Some((400, "width".into())));
-        assert_eq!(param(serde_json::json!({"prompt": "x", "num_inference_steps": 0})), Some((400, "num_inference_steps".into())));
+        assert_eq!(
+            param(serde_json::json!({"prompt": "x", "num_inference_steps": 0})),
+            Some((400, "num_inference_steps".into()))
+        );
         assert_eq!(param(serde_json::json!({"prompt": "x", "num_frames": "2.5"})), Some((400, "num_frames".into())));
-        assert_eq!(param(serde_json::json!({"prompt": "x", "guidance_scale": "-1"})), Some((400, "guidance_scale".into())));
+        assert_eq!(
+            param(serde_json::json!({"prompt": "x", "guidance_scale": "-1"})),
+            Some((400, "guidance_scale".into()))
+        );
         assert_eq!(param(serde_json::json!({"prompt": "x", "scheduler": "euler"})), Some((400, "scheduler".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "seconds": 100})), Some((400, "seconds".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "model": "sora-2"})), Some((400, "model".into())));

@@ -189,7 +189,10 @@ impl SqliteStore {
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
-    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().map_err(|_| anyhow!("the job store's connection was poisoned by a panic"))?;
@@ -219,7 +222,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 fn job_from_row(row: &Row) -> rusqlite::Result<Job> {
     let status: String = row.get(2)?;
     let settings: String = row.get(7)?;
-    let to_sql_err = |e: anyhow::Error| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into());
+    let to_sql_err =
+        |e: anyhow::Error| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into());
     let error_code: Option<String> = row.get(8)?;
     let error_message: Option<String> = row.get(9)?;
     Ok(Job {
@@ -315,7 +319,10 @@ impl JobStore for SqliteStore {
     async fn set_progress(&self, id: &str, progress: u8) -> Result<()> {
         let id = id.to_string();
         self.with(move |conn| {
-            conn.execute("UPDATE jobs SET progress = ?2 WHERE id = ?1 AND status = 'in_progress'", params![id, progress.min(100)])?;
+            conn.execute(
+                "UPDATE jobs SET progress = ?2 WHERE id = ?1 AND status = 'in_progress'",
+                params![id, progress.min(100)],
+            )?;
             Ok(())
         })
         .await

@@ -39,9 +39,17 @@ pub fn remove_files(dir: &Path, id: &str) {
 }
 
 /// Loads the model, reports the outcome through `loaded`, then runs jobs until the server stops.
-pub fn run(shared: Arc<Shared>, handle: Handle, folder: PathBuf, options: LoadOptions, loaded: tokio::sync::oneshot::Sender<Result<()>>) {
+pub fn run(
+    shared: Arc<Shared>,
+    handle: Handle,
+    folder: PathBuf,
+    options: LoadOptions,
+    loaded: tokio::sync::oneshot::Sender<Result<()>>,
+) {
     let started = Instant::now();
-    let pipe = match TextToVideo::load(&folder, &options).with_context(|| format!("loading the model {}", shared.model.spec)) {
+    let pipe = match TextToVideo::load(&folder, &options)
+        .with_context(|| format!("loading the model {}", shared.model.spec))
+    {
         Ok(pipe) => pipe,
         Err(e) => {
             let _ = loaded.send(Err(e));
@@ -91,7 +99,8 @@ fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Opti
     let started = Instant::now();
 
     let cancelled = || shared.cancels.lock().expect("cancels lock").contains(&id);
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| generate(shared, handle, pipe, previewer, &job, &cancelled)));
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| generate(shared, handle, pipe, previewer, &job, &cancelled)));
     let outcome = match result {
         Ok(Ok(())) => Outcome::Completed,
         Ok(Err(e)) if matches!(e.downcast_ref::<t2v::Error>(), Some(t2v::Error::Cancelled)) => {
@@ -104,8 +113,12 @@ fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Opti
         }
         Ok(Err(e)) => Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") }),
         Err(panic) => {
-            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Outcome::Failed(JobError { code: "internal_error".into(), message: format!("t2v failed: {}", what.unwrap_or_default()) })
+            let what =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Outcome::Failed(JobError {
+                code: "internal_error".into(),
+                message: format!("t2v failed: {}", what.unwrap_or_default()),
+            })
         }
     };
     let completed = matches!(outcome, Outcome::Completed);
@@ -135,7 +148,14 @@ fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Opti
     }
 }
 
-fn generate(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: &Job, cancelled: &dyn Fn() -> bool) -> Result<()> {
+fn generate(
+    shared: &Shared,
+    handle: &Handle,
+    pipe: &TextToVideo,
+    previewer: Option<&Previewer>,
+    job: &Job,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
     let id = &job.id;
     let settings = &job.settings;
     let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);
@@ -200,6 +220,8 @@ fn generate(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Opt
     video::write_video(&clip, VideoFormat::Mp4, &video_path(dir, id), &encode)?;
     let thumbnail = crate::preview::encode_png(&clip.frame_rgb8(clip.frames / 2), clip.width, clip.height)?;
     let tmp = dir.join(format!(".{id}.png.partial"));
-    std::fs::write(&tmp, thumbnail).and_then(|_| std::fs::rename(&tmp, thumbnail_path(dir, id))).context("writing the thumbnail")?;
+    std::fs::write(&tmp, thumbnail)
+        .and_then(|_| std::fs::rename(&tmp, thumbnail_path(dir, id)))
+        .context("writing the thumbnail")?;
     Ok(())
 }

@@ -116,7 +116,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let dtype = DType::F32;
     let matrix_dtype = if opts.float16_weights { DType::F16 } else { DType::F32 };
     let count = Arc::new(AtomicU64::new(0));
-    let vb = || VarBuilder::from_backend(Box::new(RandomWeights { matrix_dtype, count: count.clone() }), dtype, device.clone());
+    let vb = || {
+        VarBuilder::from_backend(Box::new(RandomWeights { matrix_dtype, count: count.clone() }), dtype, device.clone())
+    };
     let te_cfg: text_encoder::Config = parse(TEXT_ENCODER_CONFIG, "text_encoder/config.json")?;
     let unet_cfg: unet3d::Config = parse(UNET_CONFIG, "unet/config.json")?;
     let vae_cfg: vae::Config = parse(VAE_CONFIG, "vae/config.json")?;

@@ -23,13 +23,7 @@ pub enum Error {
         "tensor `{name}` in the weights of {component} ({path}) has shape {found:?}, but its config.json \
          expects {expected:?}: the weights and the config belong to different models"
     )]
-    ShapeMismatch {
-        component: String,
-        name: String,
-        path: PathBuf,
-        expected: Box<[usize]>,
-        found: Box<[usize]>,
-    },
+    ShapeMismatch { component: String, name: String, path: PathBuf, expected: Box<[usize]>, found: Box<[usize]> },
 
     #[error("weights file {path} is corrupt or truncated ({reason}): download it again")]
     CorruptWeights { path: PathBuf, reason: String },

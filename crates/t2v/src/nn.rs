@@ -46,7 +46,8 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dimension");
         // One matrix product over all leading dimensions, the bias added as it is written.
         let rows = x.elem_count() / in_dim;
-        let y = timed("linear", || kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
+        let y =
+            timed("linear", || kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
         count_flops("linear", 2 * rows * in_dim * y.dim(1)?);
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
@@ -180,13 +181,17 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU, fused: the pair that opens every ResNet and temporal
     /// convolution stage.
     pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        timed("group norm", || kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true))
+        timed("group norm", || {
+            kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+        })
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        timed("group norm", || kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false))
+        timed("group norm", || {
+            kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+        })
     }
 }
 
@@ -198,7 +203,14 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
 /// Attention with `heads` heads for q (batch, tokens, heads·d) and k, v (batch / repeat, keys,
 /// heads·d), row b / repeat of k and v serving query row b; (batch, tokens, heads·d) out
 /// ([`kernels::attention::multi_head_attention`]).
-pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> candle_core::Result<Tensor> {
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    repeat: usize,
+) -> candle_core::Result<Tensor> {
     let (batch, tokens, width) = q.dims3()?;
     let keys = k.dim(1)?;
     // (profile labels: cross-attention attends to another sequence than its queries')

@@ -58,9 +58,7 @@ impl Mt19937 {
         state[0] = (seed & 0xffff_ffff) as u32;
         for j in 1..N {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
         }
         Mt19937 { state, index: N }
     }
@@ -107,10 +105,7 @@ pub struct TorchGenerator {
 impl TorchGenerator {
     /// `torch.Generator("cpu").manual_seed(seed)`: a fresh engine and no cached normal.
     pub fn new(seed: u64) -> Self {
-        TorchGenerator {
-            engine: Mt19937::new(seed),
-            next_double_normal: None,
-        }
+        TorchGenerator { engine: Mt19937::new(seed), next_double_normal: None }
     }
 
     /// `CPUGeneratorImpl::random()`.
@@ -259,19 +254,11 @@ fn cephes_log(x: f32) -> f32 {
 }
 
 #[allow(clippy::excessive_precision)]
-const MINUS_DP: [f32; 3] = [
-    c(-0.78515625),
-    c(-2.4187564849853515625e-4),
-    c(-3.77489497744594108e-8),
-];
+const MINUS_DP: [f32; 3] = [c(-0.78515625), c(-2.4187564849853515625e-4), c(-3.77489497744594108e-8)];
 #[allow(clippy::excessive_precision)]
 const SINCOF: [f32; 3] = [c(-1.9515295891E-4), c(8.3321608736E-3), c(-1.6666654611E-1)];
 #[allow(clippy::excessive_precision)]
-const COSCOF: [f32; 3] = [
-    c(2.443315711809948E-005),
-    c(-1.388731625493765E-003),
-    c(4.166664568298827E-002),
-];
+const COSCOF: [f32; 3] = [c(2.443315711809948E-005), c(-1.388731625493765E-003), c(4.166664568298827E-002)];
 #[allow(clippy::excessive_precision)]
 const FOUR_OVER_PI: f32 = c(1.27323954473516); // 4 / pi
 
@@ -304,8 +291,5 @@ fn cephes_sincos(x: f32) -> (f32, f32) {
     s *= z;
     s = s.mul_add(r, r);
     let (sin, cos) = if use_first { (s, c) } else { (c, s) };
-    (
-        f32::from_bits(sin.to_bits() ^ sign_sin),
-        f32::from_bits(cos.to_bits() ^ sign_cos),
-    )
+    (f32::from_bits(sin.to_bits() ^ sign_sin), f32::from_bits(cos.to_bits() ^ sign_cos))
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
 use crate::checkpoint::{ModelFolder, WeightsVariant};
+use crate::error::{Error, Result};
 use crate::noise::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::text_encoder::{self, TextEncoder};
@@ -26,12 +26,16 @@ pub fn select_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     let (kind, ordinal) = match spec.split_once(':') {
         Some((kind, n)) => {
-            let n = n.parse::<usize>().map_err(|_| Error::Device(format!("`{spec}`: the device number must be a whole number, as in cuda:1")))?;
+            let n = n.parse::<usize>().map_err(|_| {
+                Error::Device(format!("`{spec}`: the device number must be a whole number, as in cuda:1"))
+            })?;
             (kind.to_string(), n)
         }
         None => (spec.clone(), 0),
     };
-    let rebuild = |feature: &str| format!("this t2v was built without {feature} support: rebuild it with `cargo build --release --features {feature}`");
+    let rebuild = |feature: &str| {
+        format!("this t2v was built without {feature} support: rebuild it with `cargo build --release --features {feature}`")
+    };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
@@ -46,9 +50,13 @@ pub fn select_device(spec: &str) -> Result<Device> {
             Ok(gpu.unwrap_or(Device::Cpu))
         }
         "cuda" if !candle_core::utils::cuda_is_available() => Err(Error::Device(rebuild("cuda"))),
-        "cuda" => Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal}: {e}"))),
+        "cuda" => {
+            Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal}: {e}")))
+        }
         "metal" if !candle_core::utils::metal_is_available() => Err(Error::Device(rebuild("metal"))),
-        "metal" => Device::new_metal(ordinal).map_err(|e| Error::Device(format!("cannot open Metal device {ordinal}: {e}"))),
+        "metal" => {
+            Device::new_metal(ordinal).map_err(|e| Error::Device(format!("cannot open Metal device {ordinal}: {e}")))
+        }
         _ => Err(Error::Device(format!("unknown device `{spec}`: use cpu, cuda, cuda:N, metal, metal:N or auto"))),
     }
 }
@@ -176,7 +184,8 @@ impl TextToVideo {
 
         folder.check_config_class("text_encoder", "config.json", &["CLIPTextModel"])?;
         let te_cfg: text_encoder::Config = folder.config("text_encoder", "config.json")?;
-        let weights = folder.weights_with("text_encoder", options.variant, dtype, device, options.keep_narrow_weights)?;
+        let weights =
+            folder.weights_with("text_encoder", options.variant, dtype, device, options.keep_narrow_weights)?;
         let text_encoder = weights.build(|vb| TextEncoder::new(vb, &te_cfg))?;
 
         folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
@@ -265,7 +274,13 @@ impl TextToVideo {
     }
 
     /// The initial latents the seed gives: (1, C, frames, h, w), torch-identical noise.
-    pub fn initial_latents(&self, generator: &mut TorchGenerator, frames: usize, height: usize, width: usize) -> Result<Tensor> {
+    pub fn initial_latents(
+        &self,
+        generator: &mut TorchGenerator,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<Tensor> {
         let scale = self.vae.config().scale_factor();
         let shape = [1, self.unet.config().in_channels, frames, height / scale, width / scale];
         Ok(generator.randn_tensor(&shape, &self.device)?.to_dtype(self.dtype)?)
@@ -325,8 +340,16 @@ impl TextToVideo {
         let latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
         let latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
-        let latents =
-            self.denoising_loop(params, &context, scheduler.as_mut(), &mut generator, latents, &timesteps, started, on_step)?;
+        let latents = self.denoising_loop(
+            params,
+            &context,
+            scheduler.as_mut(),
+            &mut generator,
+            latents,
+            &timesteps,
+            started,
+            on_step,
+        )?;
         let denoising = started.elapsed();
         Ok((latents, Timings { text_encoding, denoising, ..Timings::default() }))
     }
@@ -344,7 +367,11 @@ impl TextToVideo {
     }
 
     /// The scheduler `params` ask for, its timesteps set for their step count.
-    fn scheduler(&self, params: &GenerationParams, config: &serde_json::Value) -> Result<Box<dyn schedulers::Scheduler>> {
+    fn scheduler(
+        &self,
+        params: &GenerationParams,
+        config: &serde_json::Value,
+    ) -> Result<Box<dyn schedulers::Scheduler>> {
         schedulers::build_scheduler(
             params.scheduler,
             config,
@@ -386,14 +413,15 @@ impl TextToVideo {
             // The reference steps the scheduler on (batch·frames, C, h, w): DDIM's η-noise is
             // drawn in that shape.
             let (b, c, f, h, w) = latents.dims5()?;
-            let to_frames = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?)
-            };
-            let mut noise = |shape: &[usize]| -> Result<Tensor> {
-                Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?)
-            };
+            let to_frames =
+                |x: &Tensor| -> Result<Tensor> { Ok(x.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?) };
+            let mut noise =
+                |shape: &[usize]| -> Result<Tensor> { Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?) };
             let stepped = scheduler.step(&to_frames(&noise_pred)?, t, &to_frames(&latents)?, &mut noise)?;
-            let sample = std::mem::replace(&mut latents, stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?);
+            let sample = std::mem::replace(
+                &mut latents,
+                stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?,
+            );
             let progress = StepProgress {
                 step: i + 1,
                 total_steps: timesteps.len(),

@@ -33,14 +33,30 @@ pub struct Config {
     pub layer_norm_eps: f64,
 }
 
-fn default_vocab_size() -> usize { 49408 }
-fn default_hidden_size() -> usize { 512 }
-fn default_intermediate_size() -> usize { 2048 }
-fn default_num_hidden_layers() -> usize { 12 }
-fn default_num_attention_heads() -> usize { 8 }
-fn default_max_position_embeddings() -> usize { 77 }
-fn default_hidden_act() -> String { "quick_gelu".into() }
-fn default_layer_norm_eps() -> f64 { 1e-5 }
+fn default_vocab_size() -> usize {
+    49408
+}
+fn default_hidden_size() -> usize {
+    512
+}
+fn default_intermediate_size() -> usize {
+    2048
+}
+fn default_num_hidden_layers() -> usize {
+    12
+}
+fn default_num_attention_heads() -> usize {
+    8
+}
+fn default_max_position_embeddings() -> usize {
+    77
+}
+fn default_hidden_act() -> String {
+    "quick_gelu".into()
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
 
 /// The activations transformers' `ACT2FN` maps these names to.
 #[derive(Debug, Clone, Copy)]
@@ -86,9 +102,7 @@ impl SelfAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, seq_len, width) = xs.dims3()?;
         let head_dim = width / self.num_heads;
-        let heads = |t: Tensor| {
-            t.reshape((batch, seq_len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let heads = |t: Tensor| t.reshape((batch, seq_len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous();
         let scale = (head_dim as f64).powf(-0.5);
         let q = heads((self.q_proj.forward(xs)? * scale)?)?;
         let k = heads(self.k_proj.forward(xs)?)?;
@@ -162,7 +176,8 @@ impl TextEncoder {
     fn build(vb: VarBuilder, cfg: &Config, activation: Activation) -> candle_core::Result<Self> {
         // transformers ≥ 5 saves CLIPTextModel without the `text_model.` prefix that the
         // published checkpoints carry; both name the same tensors.
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let emb = vb.pp("embeddings");
         let enc = vb.pp("encoder.layers");
         Ok(Self {
@@ -209,8 +224,7 @@ impl TextEncoder {
 /// Additive mask that hides later tokens: 0 on and below the diagonal, the dtype's lowest value
 /// above it (transformers uses `finfo.min` the same way).
 fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq_len).flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
 }

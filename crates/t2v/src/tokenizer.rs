@@ -42,15 +42,8 @@ const DEFAULT_MAX_LENGTH: usize = 77;
 const ABSURD_MAX_LENGTH: f64 = 1.0e6;
 
 /// The named special-token keys transformers knows (`SPECIAL_TOKENS_ATTRIBUTES`).
-const SPECIAL_KEYS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// A tokenized prompt of exactly `max_length` ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,13 +71,7 @@ struct TokenSpec {
 impl TokenSpec {
     fn plain(content: &str) -> Self {
         // transformers turns a bare string into `AddedToken(s, special=True)`: normalized defaults to false.
-        TokenSpec {
-            content: content.to_owned(),
-            single_word: false,
-            lstrip: false,
-            rstrip: false,
-            normalized: false,
-        }
+        TokenSpec { content: content.to_owned(), single_word: false, lstrip: false, rstrip: false, normalized: false }
     }
 
     fn added_token(&self) -> AddedToken {
@@ -138,10 +125,7 @@ fn require_file(dir: &Path, name: &str) -> Result<PathBuf> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
+    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_owned(), reason: e.to_string() })
 }
 
 /// Parses a special-token entry: a string, an `AddedToken` object (`{"content": ..., ...}`), or null.
@@ -150,15 +134,11 @@ fn parse_token(path: &Path, key: &str, value: &Value) -> Result<Option<TokenSpec
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(TokenSpec::plain(s))),
         Value::Object(m) => {
-            let content =
-                m.get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Error::Config {
-                        path: path.to_owned(),
-                        reason: format!("`{key}` is an object without a string `content`"),
-                    })?;
-            let flag =
-                |name: &str, default: bool| m.get(name).and_then(Value::as_bool).unwrap_or(default);
+            let content = m.get("content").and_then(Value::as_str).ok_or_else(|| Error::Config {
+                path: path.to_owned(),
+                reason: format!("`{key}` is an object without a string `content`"),
+            })?;
+            let flag = |name: &str, default: bool| m.get(name).and_then(Value::as_bool).unwrap_or(default);
             Ok(Some(TokenSpec {
                 content: content.to_owned(),
                 single_word: flag("single_word", false),
@@ -236,20 +216,14 @@ impl SpecialTokens {
 fn parse_vocab(path: &Path) -> Result<Vocab> {
     let value = read_json(path)?;
     let Value::Object(map) = value else {
-        return Err(Error::Config {
-            path: path.to_owned(),
-            reason: "expected a JSON object {token: id}".into(),
-        });
+        return Err(Error::Config { path: path.to_owned(), reason: "expected a JSON object {token: id}".into() });
     };
     map.into_iter()
         .map(|(token, id)| {
-            let id = id
-                .as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| Error::Config {
-                    path: path.to_owned(),
-                    reason: format!("token {token:?} has id {id}, expected a non-negative integer"),
-                })?;
+            let id = id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| Error::Config {
+                path: path.to_owned(),
+                reason: format!("token {token:?} has id {id}, expected a non-negative integer"),
+            })?;
             Ok((token, id))
         })
         .collect()
@@ -267,10 +241,7 @@ fn parse_merges(path: &Path) -> Result<Vec<(String, String)>> {
         if parts.len() != 2 {
             return Err(Error::Config {
                 path: path.to_owned(),
-                reason: format!(
-                    "line {}: expected two space-separated symbols, found {line:?}",
-                    n + 1
-                ),
+                reason: format!("line {}: expected two space-separated symbols, found {line:?}", n + 1),
             });
         }
         merges.push((parts[0].to_owned(), parts[1].to_owned()));
@@ -311,10 +282,7 @@ impl ClipTokenizer {
         let config = match read_json(&config_path)? {
             Value::Object(m) => m,
             _ => {
-                return Err(Error::Config {
-                    path: config_path,
-                    reason: "expected a JSON object".into(),
-                });
+                return Err(Error::Config { path: config_path, reason: "expected a JSON object".into() });
             }
         };
         let max_length = parse_max_length(&config_path, &config)?;
@@ -335,12 +303,10 @@ impl ClipTokenizer {
             let mut sorted: Vec<(u64, &Value)> = entries
                 .iter()
                 .map(|(k, v)| {
-                    k.parse::<u64>()
-                        .map(|id| (id, v))
-                        .map_err(|_| Error::Config {
-                            path: config_path.clone(),
-                            reason: format!("`added_tokens_decoder` key {k:?} is not a token id"),
-                        })
+                    k.parse::<u64>().map(|id| (id, v)).map_err(|_| Error::Config {
+                        path: config_path.clone(),
+                        reason: format!("`added_tokens_decoder` key {k:?} is not a token id"),
+                    })
                 })
                 .collect::<Result<_>>()?;
             sorted.sort_by_key(|(id, _)| *id);
@@ -359,12 +325,7 @@ impl ClipTokenizer {
         } else if map_path.is_file() {
             match read_json(&map_path)? {
                 Value::Object(m) => specials.merge_from(&map_path, &m)?,
-                _ => {
-                    return Err(Error::Config {
-                        path: map_path,
-                        reason: "expected a JSON object".into(),
-                    })
-                }
+                _ => return Err(Error::Config { path: map_path, reason: "expected a JSON object".into() }),
             }
         }
 
@@ -406,15 +367,9 @@ impl ClipTokenizer {
                 .into(),
             Lowercase.into(),
         ]);
-        tokenizer
-            .with_normalizer(Some(normalizer))
-            .map_err(|e| tk_err("normalizer", e))?;
-        let split = Split::new(
-            SplitPattern::Regex(CLIP_PATTERN.into()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
-        .map_err(|e| tk_err("pre-tokenizer pattern", e))?;
+        tokenizer.with_normalizer(Some(normalizer)).map_err(|e| tk_err("normalizer", e))?;
+        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| tk_err("pre-tokenizer pattern", e))?;
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             ByteLevel::new(false, true, true).into(),
@@ -423,37 +378,26 @@ impl ClipTokenizer {
 
         // Added (special) tokens: the named ones in transformers' order, then extra special tokens,
         // then any other `added_tokens_decoder` entries. Re-adding the same content overrides its flags.
-        let mut added: Vec<AddedToken> =
-            decoder_tokens.iter().map(TokenSpec::added_token).collect();
+        let mut added: Vec<AddedToken> = decoder_tokens.iter().map(TokenSpec::added_token).collect();
         for key in SPECIAL_KEYS {
             if let Some(spec) = specials.get(key) {
                 added.push(spec.added_token());
             }
         }
         added.extend(specials.extra.iter().map(TokenSpec::added_token));
-        tokenizer
-            .add_special_tokens(added)
-            .map_err(|e| tk_err("adding special tokens", e))?;
+        tokenizer.add_special_tokens(added).map_err(|e| tk_err("adding special tokens", e))?;
 
         let id_of = |spec: &TokenSpec, key: &str| {
-            tokenizer
-                .token_to_id(&spec.content)
-                .ok_or_else(|| Error::Config {
-                    path: vocab_path.clone(),
-                    reason: format!("{key} {:?} is not in the vocabulary", spec.content),
-                })
+            tokenizer.token_to_id(&spec.content).ok_or_else(|| Error::Config {
+                path: vocab_path.clone(),
+                reason: format!("{key} {:?} is not in the vocabulary", spec.content),
+            })
         };
         let bos_id = id_of(&bos, "bos_token")?;
         let eos_id = id_of(&eos, "eos_token")?;
         let pad_id = id_of(&pad, "pad_token")?;
 
-        Ok(ClipTokenizer {
-            tokenizer,
-            max_length,
-            bos_id,
-            eos_id,
-            pad_id,
-        })
+        Ok(ClipTokenizer { tokenizer, max_length, bos_id, eos_id, pad_id })
     }
 
     /// The padded length of a prompt (`model_max_length`, 77 for CLIP).
@@ -475,10 +419,7 @@ impl ClipTokenizer {
 
     /// The BPE ids of `text`, without bos/eos.
     fn encode_body(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, false)
-            .map_err(|e| tk_err("encoding the prompt", e))?;
+        let encoding = self.tokenizer.encode_fast(text, false).map_err(|e| tk_err("encoding the prompt", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -506,21 +447,13 @@ impl ClipTokenizer {
         ids.resize(self.max_length, self.pad_id);
         let mut attention_mask = vec![1u32; real];
         attention_mask.resize(self.max_length, 0);
-        Ok(Encoded {
-            ids,
-            attention_mask,
-            truncated: untruncated_len > self.max_length,
-            untruncated_len,
-        })
+        Ok(Encoded { ids, attention_mask, truncated: untruncated_len > self.max_length, untruncated_len })
     }
 
     /// Text of `ids` as transformers' `CLIPTokenizer.decode` gives it (`</w>` becomes a space, ends trimmed).
     /// Useful to tell the user which part of a prompt was cut off.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let text = self
-            .tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| tk_err("decoding ids", e))?;
+        let text = self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| tk_err("decoding ids", e))?;
         Ok(text.replace(END_OF_WORD, " ").trim().to_owned())
     }
 }

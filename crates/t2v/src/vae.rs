@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 pub mod encoder;
 pub use encoder::{DiagonalGaussian, VaeEncoder};
 
-use crate::nn::{conv2d, group_norm, linear, scaled_dot_product_attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig};
+use crate::nn::{
+    conv2d, group_norm, linear, scaled_dot_product_attention, Conv2d, GroupNorm, Linear, ResnetBlock2D, ResnetConfig,
+};
 /// `vae/config.json`; missing keys take `AutoencoderKL.__init__`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -179,7 +181,14 @@ impl Vae {
             out_ch = ch;
             let block = dec.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::new(block.pp("resnets").pp(j), if j == 0 { prev } else { out_ch }, out_ch, resnet_cfg))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        block.pp("resnets").pp(j),
+                        if j == 0 { prev } else { out_ch },
+                        out_ch,
+                        resnet_cfg,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let upsample = if i + 1 < reversed.len() {
                 Some(conv2d(out_ch, out_ch, 3, 1, 1, block.pp("upsamplers.0.conv"))?)

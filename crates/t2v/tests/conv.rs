@@ -23,7 +23,19 @@ impl Rng {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn reference(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, cin: usize, cout: usize, h: usize, wd: usize, k: usize, stride: usize, pad: usize) -> (Vec<f64>, usize, usize) {
+fn reference(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    wd: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> (Vec<f64>, usize, usize) {
     let ho = (h + 2 * pad - k) / stride + 1;
     let wo = (wd + 2 * pad - k) / stride + 1;
     let mut out = vec![0f64; n * cout * ho * wo];
@@ -43,7 +55,8 @@ fn reference(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, cin: usize, cout
                                 if ix < 0 || ix as usize >= wd {
                                     continue;
                                 }
-                                acc += x[((ni * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                acc += x[((ni * cin + ci) * h + iy as usize) * wd + ix as usize] as f64
+                                    * w[((co * cin + ci) * k + ky) * k + kx] as f64;
                             }
                         }
                     }
@@ -68,7 +81,17 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 /// Checks conv2d for f32 and f16 weights, with and without bias; returns the worst relative error.
 #[allow(clippy::too_many_arguments)]
-fn check(seed: u64, n: usize, cin: usize, cout: usize, h: usize, wd: usize, k: usize, stride: usize, pad: usize) -> f64 {
+fn check(
+    seed: u64,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    wd: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> f64 {
     let dev = Device::Cpu;
     let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
     let x = rng.vec(n * cin * h * wd, 1.0);
@@ -183,7 +206,16 @@ fn non_contiguous_input() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn temporal_reference(x: &[f32], w: &[f32], b: Option<&[f32]>, bsz: usize, cin: usize, cout: usize, f: usize, hw: usize) -> Vec<f64> {
+fn temporal_reference(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    bsz: usize,
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+) -> Vec<f64> {
     let mut out = vec![0f64; bsz * cout * f * hw];
     for bi in 0..bsz {
         for co in 0..cout {
@@ -196,7 +228,8 @@ fn temporal_reference(x: &[f32], w: &[f32], b: Option<&[f32]>, bsz: usize, cin: 
                             continue;
                         }
                         for ci in 0..cin {
-                            acc += w[(co * cin + ci) * 3 + k] as f64 * x[((bi * cin + ci) * f + src as usize) * hw + p] as f64;
+                            acc += w[(co * cin + ci) * 3 + k] as f64
+                                * x[((bi * cin + ci) * f + src as usize) * hw + p] as f64;
                         }
                     }
                     out[((bi * cout + co) * f + fi) * hw + p] = acc;
@@ -210,7 +243,16 @@ fn temporal_reference(x: &[f32], w: &[f32], b: Option<&[f32]>, bsz: usize, cin: 
 #[test]
 fn temporal_conv() {
     let dev = Device::Cpu;
-    let cases = [(2, 24, 16, 5, 3, 4), (1, 7, 9, 1, 2, 2), (2, 40, 40, 16, 4, 4), (1, 130, 20, 3, 1, 5), (1, 5, 6, 2, 3, 3), (2, 640, 48, 16, 4, 4), (1, 64, 8, 7, 33, 65), (1, 1280, 24, 16, 2, 3)];
+    let cases = [
+        (2, 24, 16, 5, 3, 4),
+        (1, 7, 9, 1, 2, 2),
+        (2, 40, 40, 16, 4, 4),
+        (1, 130, 20, 3, 1, 5),
+        (1, 5, 6, 2, 3, 3),
+        (2, 640, 48, 16, 4, 4),
+        (1, 64, 8, 7, 33, 65),
+        (1, 1280, 24, 16, 2, 3),
+    ];
     for (seed, &(bsz, cin, cout, f, h, w)) in cases.iter().enumerate() {
         let mut rng = Rng(1000 + seed as u64);
         let x = rng.vec(bsz * cin * f * h * w, 1.0);

@@ -253,7 +253,17 @@ fn a_local_folder_is_returned_as_is() {
 fn neither_a_folder_nor_a_repo_id_is_a_clear_error() {
     let empty = TempDir::new().unwrap();
     let opts = offline(empty.path());
-    for spec in ["./no/such/folder", "/no/such/folder", "justaname", "a/b/c", "owner/na me", "owner--x/y", "o/n@", "", "-owner/name"] {
+    for spec in [
+        "./no/such/folder",
+        "/no/such/folder",
+        "justaname",
+        "a/b/c",
+        "owner/na me",
+        "owner--x/y",
+        "o/n@",
+        "",
+        "-owner/name",
+    ] {
         match resolve_model(spec, &opts) {
             Err(err @ Error::ModelSpec { .. }) => {
                 let msg = err.to_string();
@@ -317,7 +327,11 @@ fn file_selection() {
     let weights: Vec<&String> = full.iter().filter(|f| !f.ends_with(".json") && !f.ends_with(".txt")).collect();
     assert_eq!(
         weights,
-        ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+        [
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors"
+        ]
     );
     assert_eq!(full.len(), configs.len() + 3);
     let half = select_files(&damo, WeightsVariant::Fp16).unwrap();
@@ -351,7 +365,13 @@ fn file_selection() {
     ]));
     let files = select_files(&sharded, WeightsVariant::Auto).unwrap();
     let unet: Vec<&String> = files.iter().filter(|f| f.starts_with("unet/diffusion")).collect();
-    assert_eq!(unet, ["unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]);
+    assert_eq!(
+        unet,
+        [
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model-00002-of-00002.safetensors"
+        ]
+    );
     let files = select_files(&sharded, WeightsVariant::Fp16).unwrap();
     assert!(files.contains(&"unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors".to_string()));
 
@@ -359,7 +379,10 @@ fn file_selection() {
     let mut minimal = list(&configs);
     minimal.retain(|f| f != "tokenizer/special_tokens_map.json");
     minimal.extend(list(&["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"]));
-    assert_eq!(select_files(&minimal, WeightsVariant::Auto).unwrap_err(), "vae/*.safetensors or vae/*.bin (the weights)");
+    assert_eq!(
+        select_files(&minimal, WeightsVariant::Auto).unwrap_err(),
+        "vae/*.safetensors or vae/*.bin (the weights)"
+    );
     minimal.push("vae/diffusion_pytorch_model.safetensors".into());
     assert!(select_files(&minimal, WeightsVariant::Auto).is_ok());
     minimal.retain(|f| f != "tokenizer/merges.txt");
@@ -537,7 +560,9 @@ fn serve(request: &Request, repos: &[MockRepo], log: &Mutex<Vec<Logged>>) -> Res
         let body = serde_json::json!({"id": repo.id, "sha": repo.commit, "siblings": siblings}).to_string();
         return Response::new("200 OK", body).header("Content-Type", "application/json");
     }
-    let Some((repo, rest)) = repos.iter().find_map(|r| path.strip_prefix(&format!("/{}/resolve/", r.id)).map(|rest| (r, rest))) else {
+    let Some((repo, rest)) =
+        repos.iter().find_map(|r| path.strip_prefix(&format!("/{}/resolve/", r.id)).map(|rest| (r, rest)))
+    else {
         return not_found("RepoNotFound");
     };
     let (revision, file) = rest.split_once('/').unwrap();
@@ -560,7 +585,8 @@ fn serve(request: &Request, repos: &[MockRepo], log: &Mutex<Vec<Logged>>) -> Res
         Some(spec) => {
             let (a, b) = spec.split_once('-').unwrap();
             let start: usize = a.parse().unwrap();
-            let end: usize = if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().unwrap().min(bytes.len() - 1) };
+            let end: usize =
+                if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().unwrap().min(bytes.len() - 1) };
             with_etags(Response::new("206 Partial Content", &bytes[start..=end]))
                 .header("Content-Range", format!("bytes {start}-{end}/{}", bytes.len()))
         }

@@ -7,7 +7,17 @@ use t2v::kernels::group_norm::group_norm;
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap();
     let d = d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    let m = b.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let m = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     d / m
 }
 
@@ -180,7 +190,9 @@ fn multi_head_attention_in_place_matches_split_heads() {
     let dev = Device::Cpu;
     // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
     // frames, and the short temporal kind.
-    for (batch, tokens, keys, heads, d, repeat) in [(2, 150, 150, 3, 20, 1), (4, 70, 77, 2, 16, 2), (6, 16, 16, 5, 8, 1), (1, 9, 130, 1, 64, 1)] {
+    for (batch, tokens, keys, heads, d, repeat) in
+        [(2, 150, 150, 3, 20, 1), (4, 70, 77, 2, 16, 2), (6, 16, 16, 5, 8, 1), (1, 9, 130, 1, 64, 1)]
+    {
         let q = Tensor::randn(0f32, 1f32, (batch, tokens, heads * d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
@@ -188,11 +200,26 @@ fn multi_head_attention_in_place_matches_split_heads() {
         let got = t2v::nn::multi_head_attention(&q, &k, &v, heads, scale, repeat).unwrap();
         let split = |x: &Tensor| {
             let n = x.dim(1).unwrap();
-            x.reshape((batch, n, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((batch * heads, n, d)).unwrap()
+            x.reshape((batch, n, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((batch * heads, n, d))
+                .unwrap()
         };
         let (kr, vr) = (repeat_interleave(&k, repeat).unwrap(), repeat_interleave(&v, repeat).unwrap());
         let expected = attention_in_blocks(&split(&q), &split(&kr), &split(&vr), scale, usize::MAX).unwrap();
-        let expected = expected.reshape((batch, heads, tokens, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((batch, tokens, heads * d)).unwrap();
+        let expected = expected
+            .reshape((batch, heads, tokens, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((batch, tokens, heads * d))
+            .unwrap();
         let err = max_rel(&got, &expected);
         assert!(err < 1e-5, "{batch} {tokens} {keys} {heads} {d} {repeat}: {err:.2e}");
     }
@@ -206,7 +233,12 @@ fn vectorised_gelu_and_silu_match_float64() {
     let n = gate.len();
     let mut h = vec![1f32; 2 * n];
     h[n..].copy_from_slice(&gate);
-    let out = t2v::kernels::geglu::geglu(&Tensor::from_vec(h, (1, 2 * n), &dev).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let out = t2v::kernels::geglu::geglu(&Tensor::from_vec(h, (1, 2 * n), &dev).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for (&x, &y) in gate.iter().zip(&out) {
         let x = x as f64;
         let exact = 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));

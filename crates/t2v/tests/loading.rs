@@ -27,7 +27,11 @@ fn copy_dir(src: &Path, dest: &Path) {
     for e in std::fs::read_dir(src).unwrap() {
         let p = e.unwrap().path();
         let target = dest.join(p.file_name().unwrap());
-        if p.is_dir() { copy_dir(&p, &target) } else { std::fs::copy(&p, &target).unwrap(); }
+        if p.is_dir() {
+            copy_dir(&p, &target)
+        } else {
+            std::fs::copy(&p, &target).unwrap();
+        }
     }
 }
 
@@ -67,7 +71,9 @@ fn published_configuration_loads() {
 #[test]
 fn missing_configs_take_the_reference_defaults() {
     // An older config that names only some keys: the rest are UNet3DConditionModel's defaults.
-    let cfg: unet3d::Config = serde_json::from_str(r#"{"_class_name": "UNet3DConditionModel", "sample_size": 32, "future_key": [1, 2]}"#).unwrap();
+    let cfg: unet3d::Config =
+        serde_json::from_str(r#"{"_class_name": "UNet3DConditionModel", "sample_size": 32, "future_key": [1, 2]}"#)
+            .unwrap();
     cfg.validate().unwrap();
     assert_eq!(cfg.block_out_channels, [320, 640, 1280, 1280]);
     assert_eq!((cfg.layers_per_block, cfg.norm_num_groups, cfg.cross_attention_dim), (2, Some(32), 1024));
@@ -153,7 +159,8 @@ fn truncated_and_garbage_weights_are_corrupt() {
 fn unsupported_component_class_is_named_with_the_supported_ones() {
     let (_dir, root) = copy_model("tiny-t2v");
     let index = std::fs::read_to_string(root.join("model_index.json")).unwrap();
-    std::fs::write(root.join("model_index.json"), index.replace("UNet3DConditionModel", "UNet2DConditionModel")).unwrap();
+    std::fs::write(root.join("model_index.json"), index.replace("UNet3DConditionModel", "UNet2DConditionModel"))
+        .unwrap();
     let err = load_err(&root);
     assert!(matches!(err, Error::UnsupportedClass { .. }), "{err}");
     let msg = err.to_string();
@@ -206,7 +213,9 @@ fn bin_checkpoint_loads_whole() {
 #[test]
 fn narrow_weights_stay_float16_and_vectors_widen() {
     let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
-    let vb = |narrow| folder.weights_with("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu, narrow).unwrap().var_builder();
+    let vb = |narrow| {
+        folder.weights_with("unet", WeightsVariant::Auto, DType::F32, &Device::Cpu, narrow).unwrap().var_builder()
+    };
     let w = vb(true).get((32, 32), "down_blocks.0.attentions.0.proj_in.weight").unwrap();
     let b = vb(true).get(32, "down_blocks.0.attentions.0.proj_in.bias").unwrap();
     assert_eq!((w.dtype(), b.dtype()), (DType::F16, DType::F32));

@@ -13,20 +13,12 @@ fn load(model: &str) -> HashMap<String, Tensor> {
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// `rng.{seed}.{d0}x{d1}...` -> (seed, shape)
@@ -49,9 +41,7 @@ fn rng_keys_match_torch() {
             let (seed, shape) = parse_rng_key(key);
             let want = &refs[key];
             assert_eq!(want.dims(), &shape[..], "{model} {key}: shape");
-            let got = TorchGenerator::new(seed)
-                .randn_tensor(&shape, &Device::Cpu)
-                .unwrap();
+            let got = TorchGenerator::new(seed).randn_tensor(&shape, &Device::Cpu).unwrap();
             assert_eq!(got.dims(), want.dims());
             let err = max_abs_diff(&values(&got), &values(want));
             assert!(err <= TOL, "{model} {key}: max abs diff {err:e}");
@@ -73,10 +63,7 @@ fn initial_latents_match_torch() {
             let seed = json["runs"][i]["seed"].as_u64().expect("seed");
             let got = TorchGenerator::new(seed).randn(want.dims());
             let err = max_abs_diff(&got, &values(want));
-            eprintln!(
-                "{model} {key} seed {seed} shape {:?}: max abs diff {err:e}",
-                want.dims()
-            );
+            eprintln!("{model} {key} seed {seed} shape {:?}: max abs diff {err:e}", want.dims());
             assert!(err <= TOL, "{model} {key}: max abs diff {err:e}");
             n += 1;
         }
@@ -98,11 +85,7 @@ fn successive_calls_advance_state() {
         let a = g.randn(&[16]);
         let b = g.randn(&[16]);
         let both = TorchGenerator::new(seed).randn(&[32]);
-        assert_eq!(
-            [a.clone(), b].concat(),
-            both,
-            "seed {seed}: randn(16)+randn(16) != randn(32)"
-        );
+        assert_eq!([a.clone(), b].concat(), both, "seed {seed}: randn(16)+randn(16) != randn(32)");
         // first block of randn(33) is untouched by the tail recomputation
         let r33 = values(&refs[&format!("rng.{seed}.33")]);
         assert!(max_abs_diff(&a, &r33[..16]) <= TOL);
@@ -114,10 +97,7 @@ fn successive_calls_advance_state() {
         let mut g = TorchGenerator::new(seed);
         let singles: Vec<f32> = (0..5).flat_map(|_| g.randn(&[1])).collect();
         let r5 = values(&refs[&format!("rng.{seed}.5")]);
-        assert!(
-            max_abs_diff(&singles, &r5) <= TOL,
-            "seed {seed}: 5 x randn(1) != randn(5)"
-        );
+        assert!(max_abs_diff(&singles, &r5) <= TOL, "seed {seed}: 5 x randn(1) != randn(5)");
 
         // The cache survives a fill-path call (which consumes 16 words, leaves the cache alone).
         let mut g = TorchGenerator::new(seed);

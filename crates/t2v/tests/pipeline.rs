@@ -72,7 +72,11 @@ fn cancel_stops_after_the_step() {
     let mut seen = 0;
     let result = pipe.generate(&params, &mut |p| {
         seen = p.step;
-        if p.step == 2 { Control::Cancel } else { Control::Continue }
+        if p.step == 2 {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
     });
     assert!(matches!(result, Err(t2v::Error::Cancelled)), "{result:?}");
     assert_eq!(seen, 2);

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use t2v::error::Error;
 use t2v::checkpoint::pth::{check_pth_is_plain_state_dict, load_pth_tensors, var_builder_from_pth};
+use t2v::error::Error;
 use tempfile::TempDir;
 
 fn fixtures() -> PathBuf {
@@ -15,28 +15,13 @@ fn fixtures() -> PathBuf {
 }
 
 const PAIRS: &[(&str, &str)] = &[
-    (
-        "text_encoder/pytorch_model.bin",
-        "text_encoder/model.safetensors",
-    ),
-    (
-        "unet/diffusion_pytorch_model.bin",
-        "unet/diffusion_pytorch_model.safetensors",
-    ),
-    (
-        "vae/diffusion_pytorch_model.bin",
-        "vae/diffusion_pytorch_model.safetensors",
-    ),
+    ("text_encoder/pytorch_model.bin", "text_encoder/model.safetensors"),
+    ("unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors"),
+    ("vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors"),
 ];
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
 }
 
 fn assert_corrupt(result: t2v::error::Result<impl Sized>, needle: &str) {
@@ -57,8 +42,7 @@ fn fixture_bins_equal_their_safetensors() {
         let st = fixtures().join("tiny-t2v").join(st);
         check_pth_is_plain_state_dict(&bin).unwrap();
         let from_bin = load_pth_tensors(&bin, DType::F32, &Device::Cpu).unwrap();
-        let from_st: HashMap<String, Tensor> =
-            candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+        let from_st: HashMap<String, Tensor> = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
         let mut a: Vec<_> = from_bin.keys().collect();
         let mut b: Vec<_> = from_st.keys().collect();
         a.sort();
@@ -82,11 +66,7 @@ fn var_builder_reads_fixture_and_converts_dtype() {
     let w = &reference[name];
 
     let vb = var_builder_from_pth(&bin, DType::F32, &Device::Cpu).unwrap();
-    let got = vb
-        .pp("encoder")
-        .pp("conv_in")
-        .get(w.dims(), "weight")
-        .unwrap();
+    let got = vb.pp("encoder").pp("conv_in").get(w.dims(), "weight").unwrap();
     assert_eq!(bits(&got), bits(w));
     assert!(vb.get(w.dims(), "no.such.tensor").is_err());
 
@@ -95,23 +75,14 @@ fn var_builder_reads_fixture_and_converts_dtype() {
     assert_eq!(got.dtype(), DType::F16);
     assert_eq!(
         bits(&got.to_dtype(DType::F32).unwrap()),
-        bits(
-            &w.to_dtype(DType::F16)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-        )
+        bits(&w.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap())
     );
 }
 
 #[test]
 fn malicious_pickle_is_refused_and_runs_nothing() {
     let marker = Path::new("t2v-pickle-ran.txt");
-    assert!(
-        !marker.exists(),
-        "{} exists before the test: remove it",
-        marker.display()
-    );
+    assert!(!marker.exists(), "{} exists before the test: remove it", marker.display());
     let path = fixtures().join("malicious.bin");
     for result in [
         check_pth_is_plain_state_dict(&path).map(|_| ()),
@@ -120,70 +91,42 @@ fn malicious_pickle_is_refused_and_runs_nothing() {
     ] {
         match result {
             Err(e @ Error::UnsafePickle { .. }) => {
-                let Error::UnsafePickle { global, .. } = &e else {
-                    unreachable!()
-                };
+                let Error::UnsafePickle { global, .. } = &e else { unreachable!() };
                 assert_eq!(global, "posix.system");
                 assert!(e.to_string().contains("`posix.system`"), "{e}");
             }
             other => panic!("expected UnsafePickle, got {other:?}"),
         }
     }
-    assert!(
-        !marker.exists(),
-        "the pickle's payload ran: {} appeared",
-        marker.display()
-    );
+    assert!(!marker.exists(), "the pickle's payload ran: {} appeared", marker.display());
 }
 
 #[test]
 fn truncated_garbage_and_other_non_checkpoints_are_corrupt() {
     let dir = TempDir::new().unwrap();
-    let original =
-        std::fs::read(fixtures().join("tiny-t2v-bin/unet/diffusion_pytorch_model.bin")).unwrap();
+    let original = std::fs::read(fixtures().join("tiny-t2v-bin/unet/diffusion_pytorch_model.bin")).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "half.bin",
-            original[..original.len() / 2].to_vec(),
-            "truncated or damaged",
-        ),
-        (
-            "almost.bin",
-            original[..original.len() - 10].to_vec(),
-            "truncated or damaged",
-        ),
+        ("half.bin", original[..original.len() / 2].to_vec(), "truncated or damaged"),
+        ("almost.bin", original[..original.len() - 10].to_vec(), "truncated or damaged"),
         (
             "garbage.bin",
-            (0..100_000u32)
-                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-                .collect(),
+            (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(),
             "not a torch.save",
         ),
         ("empty.bin", vec![], "empty"),
-        (
-            "lfs.bin",
-            b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 123\n".to_vec(),
-            "Git LFS",
-        ),
+        ("lfs.bin", b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 123\n".to_vec(), "Git LFS"),
         (
             "legacy.bin",
             b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.".to_vec(),
             "legacy",
         ),
-        (
-            "page.bin",
-            b"<!DOCTYPE html><html>Not found</html>".to_vec(),
-            "HTML",
-        ),
+        ("page.bin", b"<!DOCTYPE html><html>Not found</html>".to_vec(), "HTML"),
     ];
     for (name, bytes, needle) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         assert_corrupt(check_pth_is_plain_state_dict(&path), needle);
-        assert_corrupt(
-            var_builder_from_pth(&path, DType::F32, &Device::Cpu),
-            needle,
-        );
+        assert_corrupt(var_builder_from_pth(&path, DType::F32, &Device::Cpu), needle);
     }
     match check_pth_is_plain_state_dict(&dir.path().join("does-not-exist.bin")) {
         Err(Error::Io { .. }) => {}
@@ -209,9 +152,7 @@ impl P {
         self.raw(format!("c{module}\n{name}\n").as_bytes())
     }
     fn str(&mut self, s: &str) -> &mut Self {
-        self.raw(b"X")
-            .raw(&(s.len() as u32).to_le_bytes())
-            .raw(s.as_bytes())
+        self.raw(b"X").raw(&(s.len() as u32).to_le_bytes()).raw(s.as_bytes())
     }
     fn int(&mut self, v: i32) -> &mut Self {
         self.raw(b"J").raw(&v.to_le_bytes())
@@ -234,17 +175,9 @@ impl P {
         stride: &[usize],
     ) -> &mut Self {
         self.global("torch._utils", "_rebuild_tensor_v2").raw(b"((");
-        self.str("storage")
-            .global("torch", ty)
-            .str(key)
-            .str("cpu")
-            .int(numel as i32)
-            .raw(b"tQ");
+        self.str("storage").global("torch", ty).str(key).str("cpu").int(numel as i32).raw(b"tQ");
         self.int(offset as i32).ints(size).ints(stride);
-        self.raw(b"\x89")
-            .global("collections", "OrderedDict")
-            .raw(b")Rt")
-            .raw(b"R")
+        self.raw(b"\x89").global("collections", "OrderedDict").raw(b")Rt").raw(b"R")
     }
     fn stop(&mut self) -> Vec<u8> {
         self.raw(b".");
@@ -259,8 +192,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn write_pth(dir: &TempDir, name: &str, pickle: &[u8], storages: &[(&str, Vec<u8>)]) -> PathBuf {
     let path = dir.path().join(name);
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opts).unwrap();
     z.write_all(pickle).unwrap();
     z.start_file("archive/byteorder", opts).unwrap();
@@ -282,16 +214,12 @@ fn views_shared_storage_wrappers_and_nested_state_dict() {
     let mut p = P::new();
     p.raw(b"}(").str("state_dict").raw(b"}(");
     // Transposed view of a (2,3) matrix, a strided slice, the whole storage, a scalar.
-    p.str("t")
-        .tensor("FloatStorage", "0", 6, 0, &[3, 2], &[1, 3]);
+    p.str("t").tensor("FloatStorage", "0", 6, 0, &[3, 2], &[1, 3]);
     p.str("s").tensor("FloatStorage", "0", 6, 2, &[2], &[2]);
-    p.str("m")
-        .tensor("FloatStorage", "0", 6, 0, &[2, 3], &[3, 1]);
+    p.str("m").tensor("FloatStorage", "0", 6, 0, &[2, 3], &[3, 1]);
     p.str("scalar").tensor("FloatStorage", "0", 6, 5, &[], &[]);
     // keep_vars=True: a Parameter.
-    p.str("p")
-        .global("torch._utils", "_rebuild_parameter")
-        .raw(b"(");
+    p.str("p").global("torch._utils", "_rebuild_parameter").raw(b"(");
     p.tensor("FloatStorage", "0", 6, 3, &[3], &[1])
         .raw(b"\x88")
         .global("collections", "OrderedDict")
@@ -309,15 +237,9 @@ fn views_shared_storage_wrappers_and_nested_state_dict() {
     let mut names: Vec<_> = t.keys().cloned().collect();
     names.sort();
     assert_eq!(names, ["ids", "m", "p", "s", "scalar", "t"]);
-    assert_eq!(
-        t["t"].to_vec2::<f32>().unwrap(),
-        [[0., 3.], [1., 4.], [2., 5.]]
-    );
+    assert_eq!(t["t"].to_vec2::<f32>().unwrap(), [[0., 3.], [1., 4.], [2., 5.]]);
     assert_eq!(t["s"].to_vec1::<f32>().unwrap(), [2., 4.]);
-    assert_eq!(
-        t["m"].to_vec2::<f32>().unwrap(),
-        [[0., 1., 2.], [3., 4., 5.]]
-    );
+    assert_eq!(t["m"].to_vec2::<f32>().unwrap(), [[0., 1., 2.], [3., 4., 5.]]);
     assert_eq!(t["scalar"].to_scalar::<f32>().unwrap(), 5.);
     assert_eq!(t["p"].to_vec1::<f32>().unwrap(), [3., 4., 5.]);
     // Integer tensors keep their dtype, floats take the requested one.
@@ -348,27 +270,14 @@ fn state_dict_as_python_pickles_it() {
     ]
     .concat();
     let s0 = f32_bytes(&[0., 1., 2., 3., 4., 5.]);
-    let s1: Vec<u8> = [0x3800u16, 0xc000, 0x7bff]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
+    let s1: Vec<u8> = [0x3800u16, 0xc000, 0x7bff].iter().flat_map(|x| x.to_le_bytes()).collect();
     let path = write_pth(&dir, "python-state-dict.bin", &pickle, &[("0", s0), ("1", s1)]);
     let t = load_pth_tensors(&path, DType::F32, &Device::Cpu).unwrap();
     let mut names: Vec<_> = t.keys().cloned().collect();
     names.sort();
-    assert_eq!(
-        names,
-        ["a.weight", "a.weight_t", "b.bias"],
-        "`_metadata` is not a tensor"
-    );
-    assert_eq!(
-        t["a.weight"].to_vec2::<f32>().unwrap(),
-        [[0., 1., 2.], [3., 4., 5.]]
-    );
-    assert_eq!(
-        t["a.weight_t"].to_vec2::<f32>().unwrap(),
-        [[0., 3.], [1., 4.], [2., 5.]]
-    );
+    assert_eq!(names, ["a.weight", "a.weight_t", "b.bias"], "`_metadata` is not a tensor");
+    assert_eq!(t["a.weight"].to_vec2::<f32>().unwrap(), [[0., 1., 2.], [3., 4., 5.]]);
+    assert_eq!(t["a.weight_t"].to_vec2::<f32>().unwrap(), [[0., 3.], [1., 4.], [2., 5.]]);
     assert_eq!(t["b.bias"].to_vec1::<f32>().unwrap(), [0.5, -2.0, 65504.0]);
     let t = load_pth_tensors(&path, DType::F16, &Device::Cpu).unwrap();
     assert_eq!(t["b.bias"].dtype(), DType::F16);
@@ -379,33 +288,21 @@ fn other_forbidden_globals_are_named() {
     let dir = TempDir::new().unwrap();
     // A proto-4 pickle: STACK_GLOBAL through memoized strings.
     let mut p = b"\x80\x04\x95\x30\x00\x00\x00\x00\x00\x00\x00".to_vec();
-    p.extend_from_slice(
-        b"\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94\x8c\x0a__import__\x94\x85\x94R\x94.",
-    );
+    p.extend_from_slice(b"\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94\x8c\x0a__import__\x94\x85\x94R\x94.");
     let path = write_pth(&dir, "stack-global.bin", &p, &[]);
     match check_pth_is_plain_state_dict(&path) {
         Err(Error::UnsafePickle { global, .. }) => assert_eq!(global, "builtins.eval"),
         other => panic!("expected UnsafePickle, got {other:?}"),
     }
     // A name in the torch module that is not a storage type.
-    let pickle = P::new()
-        .raw(b"}")
-        .str("w")
-        .tensor("load", "0", 1, 0, &[1], &[1])
-        .raw(b"s")
-        .stop();
+    let pickle = P::new().raw(b"}").str("w").tensor("load", "0", 1, 0, &[1], &[1]).raw(b"s").stop();
     let path = write_pth(&dir, "torch-load.bin", &pickle, &[("0", f32_bytes(&[1.]))]);
     match load_pth_tensors(&path, DType::F32, &Device::Cpu) {
         Err(Error::UnsafePickle { global, .. }) => assert_eq!(global, "torch.load"),
         other => panic!("expected UnsafePickle, got {other:?}"),
     }
     // Tensor storage candle cannot represent (int8) is not unsafe, but cannot be loaded.
-    let pickle = P::new()
-        .raw(b"}")
-        .str("w")
-        .tensor("CharStorage", "0", 1, 0, &[1], &[1])
-        .raw(b"s")
-        .stop();
+    let pickle = P::new().raw(b"}").str("w").tensor("CharStorage", "0", 1, 0, &[1], &[1]).raw(b"s").stop();
     let path = write_pth(&dir, "int8.bin", &pickle, &[("0", vec![1u8])]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "CharStorage");
 }
@@ -414,78 +311,41 @@ fn other_forbidden_globals_are_named() {
 fn inconsistent_archives_are_corrupt() {
     let dir = TempDir::new().unwrap();
     let tensor = |numel, offset, size: &[usize], stride: &[usize]| {
-        P::new()
-            .raw(b"}")
-            .str("w")
-            .tensor("FloatStorage", "0", numel, offset, size, stride)
-            .raw(b"s")
-            .stop()
+        P::new().raw(b"}").str("w").tensor("FloatStorage", "0", numel, offset, size, stride).raw(b"s").stop()
     };
     let four = f32_bytes(&[1., 2., 3., 4.]);
     // A view past the end of its storage.
-    let path = write_pth(
-        &dir,
-        "past-end.bin",
-        &tensor(4, 2, &[3], &[1]),
-        &[("0", four.clone())],
-    );
+    let path = write_pth(&dir, "past-end.bin", &tensor(4, 2, &[3], &[1]), &[("0", four.clone())]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "past the end");
     // A storage whose bytes do not match its declared size.
-    let path = write_pth(
-        &dir,
-        "short-storage.bin",
-        &tensor(4, 0, &[4], &[1]),
-        &[("0", four[..12].to_vec())],
-    );
+    let path = write_pth(&dir, "short-storage.bin", &tensor(4, 0, &[4], &[1]), &[("0", four[..12].to_vec())]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "declares 4 elements");
     // A missing storage.
     let path = write_pth(&dir, "no-storage.bin", &tensor(4, 0, &[4], &[1]), &[]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "missing");
     // A pickle cut short, inside a sound zip.
     let full = tensor(4, 0, &[4], &[1]);
-    let path = write_pth(
-        &dir,
-        "cut-pickle.bin",
-        &full[..full.len() / 2],
-        &[("0", four.clone())],
-    );
+    let path = write_pth(&dir, "cut-pickle.bin", &full[..full.len() / 2], &[("0", four.clone())]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "truncated pickle");
     // Not a state dict at all.
     let path = write_pth(&dir, "list.bin", &P::new().raw(b"]").stop(), &[]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "not a state dict");
     // A dict without tensors.
-    let path = write_pth(
-        &dir,
-        "no-tensors.bin",
-        &P::new().raw(b"}").str("model").raw(b"}s").stop(),
-        &[],
-    );
+    let path = write_pth(&dir, "no-tensors.bin", &P::new().raw(b"}").str("model").raw(b"}s").stop(), &[]);
     assert_corrupt(check_pth_is_plain_state_dict(&path), "no tensors");
     // A flipped byte in a storage: caught by the zip's CRC when the tensors are read.
     let marker = f32_bytes(&[1234.5, 1234.5, 1234.5, 1234.5]);
-    let path = write_pth(
-        &dir,
-        "flipped.bin",
-        &tensor(4, 0, &[4], &[1]),
-        &[("0", marker.clone())],
-    );
+    let path = write_pth(&dir, "flipped.bin", &tensor(4, 0, &[4], &[1]), &[("0", marker.clone())]);
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = bytes
-        .windows(16)
-        .position(|w| w == marker.as_slice())
-        .unwrap();
+    let at = bytes.windows(16).position(|w| w == marker.as_slice()).unwrap();
     bytes[at + 5] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
     check_pth_is_plain_state_dict(&path).unwrap(); // metadata is intact
-    assert_corrupt(
-        load_pth_tensors(&path, DType::F32, &Device::Cpu),
-        "checksum",
-    );
+    assert_corrupt(load_pth_tensors(&path, DType::F32, &Device::Cpu), "checksum");
     // No data.pkl.
     let path = dir.path().join("no-pickle.bin");
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-    z.start_file("archive/version", zip::write::SimpleFileOptions::default())
-        .unwrap();
+    z.start_file("archive/version", zip::write::SimpleFileOptions::default()).unwrap();
     z.write_all(b"3\n").unwrap();
     z.finish().unwrap();
     assert_corrupt(check_pth_is_plain_state_dict(&path), "no data.pkl");
@@ -504,10 +364,7 @@ fn damaged_pickles_never_panic() {
         std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
         entries.push((f.name().unwrap().to_string(), bytes));
     }
-    let pkl = entries
-        .iter()
-        .position(|(n, _)| n.ends_with("data.pkl"))
-        .unwrap();
+    let pkl = entries.iter().position(|(n, _)| n.ends_with("data.pkl")).unwrap();
     let clean = entries[pkl].1.clone();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rand = move |n: usize| {

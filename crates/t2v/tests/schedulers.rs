@@ -14,8 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use t2v::error::{Error, Result};
 use t2v::schedulers::{
     build_scheduler, ddim::ddim_timesteps, effective_config, load_scheduler_config, no_noise, parse_scheduler_config,
-    DdimConfig, DdimScheduler, DpmSolverConfig, DpmSolverMultistepScheduler, Scheduler,
-    SchedulerKind, TimestepSpacing,
+    DdimConfig, DdimScheduler, DpmSolverConfig, DpmSolverMultistepScheduler, Scheduler, SchedulerKind, TimestepSpacing,
 };
 
 const MODELS: [&str; 2] = ["tiny-t2v", "small-t2v"];
@@ -41,10 +40,8 @@ fn kind_key(kind: SchedulerKind) -> &'static str {
 /// The step counts the reference holds for a scheduler kind, ascending.
 fn step_counts(reference: &HashMap<String, Tensor>, kind: &str) -> Vec<usize> {
     let prefix = format!("sched.{kind}.");
-    let mut counts: Vec<usize> = reference
-        .keys()
-        .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".timesteps")?.parse().ok())
-        .collect();
+    let mut counts: Vec<usize> =
+        reference.keys().filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".timesteps")?.parse().ok()).collect();
     counts.sort();
     assert!(!counts.is_empty(), "no sched.{kind}.*.timesteps in the reference");
     counts
@@ -206,8 +203,8 @@ fn published_config_defaults_differ_per_scheduler() {
 
     let s = build_scheduler(SchedulerKind::DpmSolverMultistep, &json, &path, 25, 0.0).unwrap();
     let expected_dpm: Vec<usize> = vec![
-        999, 959, 919, 879, 839, 799, 759, 719, 679, 639, 599, 559, 519, 480, 440, 400, 360, 320,
-        280, 240, 200, 160, 120, 80, 40,
+        999, 959, 919, 879, 839, 799, 759, 719, 679, 639, 599, 559, 519, 480, 440, 400, 360, 320, 280, 240, 200, 160,
+        120, 80, 40,
     ];
     assert_eq!(s.timesteps(), &expected_dpm[..]);
     let s = build_scheduler(SchedulerKind::Ddim, &json, &path, 25, 0.0).unwrap();
@@ -268,10 +265,7 @@ fn effective_configs_hold_the_schedulers_own_keys() {
     assert_eq!(dpm["algorithm_type"], "dpmsolver++");
     assert_eq!(dpm["lambda_min_clipped"], "-Infinity");
     assert!(dpm.get("clip_sample").is_none());
-    assert_eq!(
-        DpmSolverConfig::from_json(&dpm, &path).unwrap(),
-        DpmSolverConfig::from_json(&json, &path).unwrap()
-    );
+    assert_eq!(DpmSolverConfig::from_json(&dpm, &path).unwrap(), DpmSolverConfig::from_json(&json, &path).unwrap());
     let ddim = effective_config(SchedulerKind::Ddim, &dpm, &path).unwrap();
     assert_eq!(ddim["_class_name"], "DDIMScheduler");
     assert_eq!(ddim["clip_sample"], true, "DDIM's default: the DPM config has no clip_sample");
@@ -345,45 +339,33 @@ fn ddim_linspace_and_trailing_spacings() {
     assert_eq!(
         timesteps_for(Ddim, "linspace", 25),
         [
-            999, 957, 916, 874, 832, 791, 749, 708, 666, 624, 583, 541, 500, 458, 416, 375, 333,
-            291, 250, 208, 166, 125, 83, 42, 0
+            999, 957, 916, 874, 832, 791, 749, 708, 666, 624, 583, 541, 500, 458, 416, 375, 333, 291, 250, 208, 166,
+            125, 83, 42, 0
         ]
     );
     assert_eq!(
         timesteps_for(Ddim, "linspace", 50),
         [
-            999, 979, 958, 938, 917, 897, 877, 856, 836, 816, 795, 775, 754, 734, 714, 693, 673,
-            652, 632, 612, 591, 571, 550, 530, 510, 489, 469, 449, 428, 408, 387, 367, 347, 326,
-            306, 285, 265, 245, 224, 204, 183, 163, 143, 122, 102, 82, 61, 41, 20, 0
+            999, 979, 958, 938, 917, 897, 877, 856, 836, 816, 795, 775, 754, 734, 714, 693, 673, 652, 632, 612, 591,
+            571, 550, 530, 510, 489, 469, 449, 428, 408, 387, 367, 347, 326, 306, 285, 265, 245, 224, 204, 183, 163,
+            143, 122, 102, 82, 61, 41, 20, 0
         ]
     );
     assert_eq!(timesteps_for(Ddim, "trailing", 1), [999]);
     assert_eq!(timesteps_for(Ddim, "trailing", 2), [999, 499]);
     assert_eq!(timesteps_for(Ddim, "trailing", 3), [999, 666, 332]);
     assert_eq!(timesteps_for(Ddim, "trailing", 7), [999, 856, 713, 570, 428, 285, 142]);
-    assert_eq!(
-        timesteps_for(Ddim, "trailing", 10),
-        [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    );
+    assert_eq!(timesteps_for(Ddim, "trailing", 10), [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
     let t50 = timesteps_for(Ddim, "trailing", 50);
     assert_eq!(t50, (0..50).rev().map(|i| i * 20 + 19).collect::<Vec<_>>());
     // np.arange's float length makes 61 trailing steps 62 timesteps, the last one -1: refused.
     let json = with_spacing("trailing");
     let cfg = DdimConfig::from_json(&json, Path::new("x.json")).unwrap();
     let raw = ddim_timesteps(&cfg, 61);
-    assert_eq!(
-        (raw.len(), &raw[..3], &raw[59..]),
-        (62, &[999i64, 983, 966][..], &[32i64, 15, -1][..])
-    );
-    assert!(matches!(
-        build_scheduler(Ddim, &json, Path::new("x.json"), 61, 0.0),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert_eq!((raw.len(), &raw[..3], &raw[59..]), (62, &[999i64, 983, 966][..], &[32i64, 15, -1][..]));
+    assert!(matches!(build_scheduler(Ddim, &json, Path::new("x.json"), 61, 0.0), Err(Error::InvalidArgument(_))));
     // more steps than training timesteps
-    assert!(matches!(
-        build_scheduler(Ddim, &json, Path::new("x.json"), 1001, 0.0),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(build_scheduler(Ddim, &json, Path::new("x.json"), 1001, 0.0), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
@@ -393,19 +375,13 @@ fn dpm_linspace_trailing_and_leading_spacings() {
     assert_eq!(timesteps_for(Dpm, "linspace", 2), [999, 500]);
     assert_eq!(timesteps_for(Dpm, "linspace", 3), [999, 666, 333]);
     assert_eq!(timesteps_for(Dpm, "linspace", 7), [999, 856, 714, 571, 428, 285, 143]);
-    assert_eq!(
-        timesteps_for(Dpm, "linspace", 10),
-        [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
-    );
+    assert_eq!(timesteps_for(Dpm, "linspace", 10), [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]);
     assert_eq!(timesteps_for(Dpm, "trailing", 3), [999, 666, 332]);
     assert_eq!(timesteps_for(Dpm, "trailing", 7), [999, 856, 713, 570, 428, 285, 142]);
     assert_eq!(timesteps_for(Dpm, "leading", 1), [501]);
     assert_eq!(timesteps_for(Dpm, "leading", 3), [751, 501, 251]);
     assert_eq!(timesteps_for(Dpm, "leading", 7), [876, 751, 626, 501, 376, 251, 126]);
-    assert_eq!(
-        timesteps_for(Dpm, "leading", 10),
-        [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
-    );
+    assert_eq!(timesteps_for(Dpm, "leading", 10), [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]);
 }
 
 #[test]
@@ -414,26 +390,16 @@ fn dpm_karras_timesteps() {
         "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": true
     });
     let path = Path::new("x.json");
-    let s = DpmSolverMultistepScheduler::new(
-        DpmSolverConfig::from_json(&json, path).unwrap(),
-        path,
-        10,
-    )
-    .unwrap();
+    let s = DpmSolverMultistepScheduler::new(DpmSolverConfig::from_json(&json, path).unwrap(), path, 10).unwrap();
     assert_eq!(s.timesteps(), &[999, 916, 815, 687, 523, 327, 146, 41, 7, 0]);
     assert!((s.sigmas()[0] - 14.614_647).abs() < 1e-4 && (s.sigmas()[1] - 9.102_937).abs() < 1e-4);
     assert_eq!(*s.sigmas().last().unwrap(), 0.0);
-    let s = DpmSolverMultistepScheduler::new(
-        DpmSolverConfig::from_json(&json, path).unwrap(),
-        path,
-        25,
-    )
-    .unwrap();
+    let s = DpmSolverMultistepScheduler::new(DpmSolverConfig::from_json(&json, path).unwrap(), path, 25).unwrap();
     assert_eq!(
         s.timesteps(),
         &[
-            999, 970, 938, 905, 868, 829, 786, 739, 687, 630, 568, 500, 427, 352, 278, 207, 146,
-            96, 59, 34, 18, 9, 4, 1, 0
+            999, 970, 938, 905, 868, 829, 786, 739, 687, 630, 568, 500, 427, 352, 278, 207, 146, 96, 59, 34, 18, 9, 4,
+            1, 0
         ]
     );
 }
@@ -446,15 +412,9 @@ fn ddim_eta_draws_noise_once_per_step_and_matches_the_formula() {
     let (json, path) = scheduler_config("tiny-t2v");
     let eta = 0.7;
     let n = 5;
-    let mut s =
-        DdimScheduler::new(DdimConfig::from_json(&json, &path).unwrap(), &path, n, eta).unwrap();
+    let mut s = DdimScheduler::new(DdimConfig::from_json(&json, &path).unwrap(), &path, n, eta).unwrap();
     let ac: Vec<f64> = s.alphas_cumprod().iter().map(|&a| a as f64).collect();
-    let x = Tensor::arange(0f32, 24.0, &Device::Cpu)
-        .unwrap()
-        .affine(0.1, -1.0)
-        .unwrap()
-        .reshape((1, 2, 3, 4))
-        .unwrap();
+    let x = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().affine(0.1, -1.0).unwrap().reshape((1, 2, 3, 4)).unwrap();
     let eps = x.sin().unwrap();
     let z = x.cos().unwrap();
     let mut calls = vec![];
@@ -467,9 +427,7 @@ fn ddim_eta_draws_noise_once_per_step_and_matches_the_formula() {
     assert_eq!(calls, vec![vec![1, 2, 3, 4]]);
 
     let (a, ap) = (ac[t], ac[t - 1000 / n]);
-    let x0 = ((&x - eps.affine((1.0 - a).sqrt(), 0.0).unwrap()).unwrap())
-        .affine(1.0 / a.sqrt(), 0.0)
-        .unwrap();
+    let x0 = ((&x - eps.affine((1.0 - a).sqrt(), 0.0).unwrap()).unwrap()).affine(1.0 / a.sqrt(), 0.0).unwrap();
     let var = (1.0 - ap) / (1.0 - a) * (1.0 - a / ap);
     let std = eta * var.sqrt();
     let expected = (x0.affine(ap.sqrt(), 0.0).unwrap()
@@ -482,21 +440,13 @@ fn ddim_eta_draws_noise_once_per_step_and_matches_the_formula() {
     let mut s = build_scheduler(SchedulerKind::Ddim, &json, &path, n, 0.0).unwrap();
     s.step(&eps, t, &x, &mut no_noise).unwrap();
     // negative eta is refused
-    assert!(matches!(
-        build_scheduler(SchedulerKind::Ddim, &json, &path, n, -1.0),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(build_scheduler(SchedulerKind::Ddim, &json, &path, n, -1.0), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
 fn dpm_ode_never_draws_noise_and_sde_does() {
     let (json, path) = scheduler_config("tiny-t2v");
-    let x = Tensor::arange(0f32, 18.0, &Device::Cpu)
-        .unwrap()
-        .affine(0.1, -1.0)
-        .unwrap()
-        .reshape((2, 9))
-        .unwrap();
+    let x = Tensor::arange(0f32, 18.0, &Device::Cpu).unwrap().affine(0.1, -1.0).unwrap().reshape((2, 9)).unwrap();
     let mut s = build_scheduler(SchedulerKind::DpmSolverMultistep, &json, &path, 4, 0.0).unwrap();
     for t in s.timesteps().to_vec() {
         s.step(&x.sin().unwrap(), t, &x, &mut no_noise).unwrap();
@@ -524,12 +474,8 @@ fn v_prediction_matches_epsilon_with_converted_output() {
     let (json, path) = scheduler_config("tiny-t2v");
     let mut vjson = json.clone();
     vjson["prediction_type"] = "v_prediction".into();
-    let x = Tensor::arange(0f32, 36.0, &Device::Cpu)
-        .unwrap()
-        .affine(0.07, -1.2)
-        .unwrap()
-        .reshape((1, 4, 3, 3))
-        .unwrap();
+    let x =
+        Tensor::arange(0f32, 36.0, &Device::Cpu).unwrap().affine(0.07, -1.2).unwrap().reshape((1, 4, 3, 3)).unwrap();
     for kind in [SchedulerKind::Ddim, SchedulerKind::DpmSolverMultistep] {
         let mut se = build_scheduler(kind, &json, &path, 5, 0.0).unwrap();
         let mut sv = build_scheduler(kind, &vjson, &path, 5, 0.0).unwrap();
@@ -538,13 +484,8 @@ fn v_prediction_matches_epsilon_with_converted_output() {
         for (k, t) in se.timesteps().to_vec().into_iter().enumerate() {
             let a = ddim.alphas_cumprod()[t] as f64;
             let eps = fake_eps(&xv, t, k);
-            let x0 = (&xv - eps.affine((1.0 - a).sqrt(), 0.0).unwrap())
-                .unwrap()
-                .affine(1.0 / a.sqrt(), 0.0)
-                .unwrap();
-            let v = (eps.affine(a.sqrt(), 0.0).unwrap()
-                - x0.affine((1.0 - a).sqrt(), 0.0).unwrap())
-            .unwrap();
+            let x0 = (&xv - eps.affine((1.0 - a).sqrt(), 0.0).unwrap()).unwrap().affine(1.0 / a.sqrt(), 0.0).unwrap();
+            let v = (eps.affine(a.sqrt(), 0.0).unwrap() - x0.affine((1.0 - a).sqrt(), 0.0).unwrap()).unwrap();
             xe = se.step(&fake_eps(&xe, t, k), t, &xe, &mut no_noise).unwrap();
             xv = sv.step(&v, t, &xv, &mut no_noise).unwrap();
         }

@@ -11,29 +11,53 @@ use t2v::checkpoint::{ModelFolder, WeightsVariant};
 use t2v::unet3d::{self, UNet3DConditionModel};
 
 #[test]
-fn text_encoder_tiny() { check_text_encoder("tiny-t2v", "tiny-t2v", false) }
+fn text_encoder_tiny() {
+    check_text_encoder("tiny-t2v", "tiny-t2v", false)
+}
 #[test]
-fn text_encoder_small() { check_text_encoder("small-t2v", "small-t2v", false) }
+fn text_encoder_small() {
+    check_text_encoder("small-t2v", "small-t2v", false)
+}
 #[test]
-fn text_encoder_small_narrow() { check_text_encoder("small-t2v", "small-t2v", true) }
+fn text_encoder_small_narrow() {
+    check_text_encoder("small-t2v", "small-t2v", true)
+}
 #[test]
-fn text_encoder_tiny_bin() { check_text_encoder("tiny-t2v-bin", "tiny-t2v", true) }
+fn text_encoder_tiny_bin() {
+    check_text_encoder("tiny-t2v-bin", "tiny-t2v", true)
+}
 #[test]
-fn unet_tiny() { check_unet("tiny-t2v", "tiny-t2v", false) }
+fn unet_tiny() {
+    check_unet("tiny-t2v", "tiny-t2v", false)
+}
 #[test]
-fn unet_small() { check_unet("small-t2v", "small-t2v", false) }
+fn unet_small() {
+    check_unet("small-t2v", "small-t2v", false)
+}
 #[test]
-fn unet_small_narrow() { check_unet("small-t2v", "small-t2v", true) }
+fn unet_small_narrow() {
+    check_unet("small-t2v", "small-t2v", true)
+}
 #[test]
-fn unet_tiny_bin() { check_unet("tiny-t2v-bin", "tiny-t2v", true) }
+fn unet_tiny_bin() {
+    check_unet("tiny-t2v-bin", "tiny-t2v", true)
+}
 #[test]
-fn vae_tiny() { check_vae("tiny-t2v", "tiny-t2v", false) }
+fn vae_tiny() {
+    check_vae("tiny-t2v", "tiny-t2v", false)
+}
 #[test]
-fn vae_small() { check_vae("small-t2v", "small-t2v", false) }
+fn vae_small() {
+    check_vae("small-t2v", "small-t2v", false)
+}
 #[test]
-fn vae_small_narrow() { check_vae("small-t2v", "small-t2v", true) }
+fn vae_small_narrow() {
+    check_vae("small-t2v", "small-t2v", true)
+}
 #[test]
-fn vae_tiny_bin() { check_vae("tiny-t2v-bin", "tiny-t2v", true) }
+fn vae_tiny_bin() {
+    check_vae("tiny-t2v-bin", "tiny-t2v", true)
+}
 
 #[test]
 fn guided_step_shares_the_latents_prefix_exactly() {

@@ -17,22 +17,13 @@ fn tokenizer_dir() -> PathBuf {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// A fresh copy of the fixture tokenizer folder, to edit (removed when dropped).
 fn temp_copy() -> TempDir {
     let dir = TempDir::new().unwrap();
-    for f in [
-        "vocab.json",
-        "merges.txt",
-        "special_tokens_map.json",
-        "tokenizer_config.json",
-    ] {
+    for f in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizer_dir().join(f), dir.path().join(f)).unwrap();
     }
     dir
@@ -40,10 +31,8 @@ fn temp_copy() -> TempDir {
 
 #[test]
 fn matches_reference_cases() {
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
     let tok = ClipTokenizer::from_folder(&tokenizer_dir()).unwrap();
     assert_eq!(tok.max_length(), 77);
     assert_eq!(tok.bos_id(), 49406);
@@ -62,35 +51,18 @@ fn matches_reference_cases() {
         let full = tok.encode_untruncated(prompt).unwrap();
         let padded = tok.encode_padded(prompt).unwrap();
         if full != want_full {
-            failures.push(format!(
-                "untruncated {prompt:?}:\n  got  {full:?}\n  want {want_full:?}"
-            ));
+            failures.push(format!("untruncated {prompt:?}:\n  got  {full:?}\n  want {want_full:?}"));
         }
         if padded.ids != want_padded {
-            failures.push(format!(
-                "padded {prompt:?}:\n  got  {:?}\n  want {want_padded:?}",
-                padded.ids
-            ));
+            failures.push(format!("padded {prompt:?}:\n  got  {:?}\n  want {want_padded:?}", padded.ids));
         }
         assert_eq!(padded.ids.len(), tok.max_length());
-        assert_eq!(
-            padded.truncated,
-            want_full.len() > tok.max_length(),
-            "{prompt:?}"
-        );
+        assert_eq!(padded.truncated, want_full.len() > tok.max_length(), "{prompt:?}");
         assert_eq!(padded.untruncated_len, want_full.len());
         let real = want_full.len().min(tok.max_length());
-        assert_eq!(
-            padded.attention_mask.iter().filter(|&&m| m == 1).count(),
-            real
-        );
+        assert_eq!(padded.attention_mask.iter().filter(|&&m| m == 1).count(), real);
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -115,10 +87,8 @@ fn decode_round_trip() {
     let tok = ClipTokenizer::from_folder(&tokenizer_dir()).unwrap();
     let ids = tok.encode_untruncated("A photo of a Café!").unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), "a photo of a café");
-    assert_eq!(
-        tok.decode(&ids[1..ids.len() - 1], false).unwrap(),
-        "a photo of a café !"
-    ); // as transformers: `café</w>` + `!`
+    assert_eq!(tok.decode(&ids[1..ids.len() - 1], false).unwrap(), "a photo of a café !");
+    // as transformers: `café</w>` + `!`
 }
 
 #[test]
@@ -126,8 +96,7 @@ fn pad_falls_back_to_tokenizer_config() {
     let temp = temp_copy();
     let dir = temp.path();
     let map_path = dir.join("special_tokens_map.json");
-    let mut map: Value =
-        serde_json::from_str(&std::fs::read_to_string(&map_path).unwrap()).unwrap();
+    let mut map: Value = serde_json::from_str(&std::fs::read_to_string(&map_path).unwrap()).unwrap();
     map.as_object_mut().unwrap().remove("pad_token");
     std::fs::write(&map_path, serde_json::to_string_pretty(&map).unwrap()).unwrap();
 
@@ -152,8 +121,7 @@ fn max_length_fallback() {
     let temp = temp_copy();
     let dir = temp.path();
     let cfg_path = dir.join("tokenizer_config.json");
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["model_max_length"] = serde_json::json!(1000000000000000019884624838656.0f64);
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(ClipTokenizer::from_folder(dir).unwrap().max_length(), 77);
@@ -173,10 +141,7 @@ fn missing_vocab_is_reported() {
     let dir = temp.path();
     std::fs::remove_file(dir.join("vocab.json")).unwrap();
     let err = ClipTokenizer::from_folder(dir).unwrap_err();
-    assert!(
-        matches!(&err, Error::FileMissing { path, .. } if path.ends_with("vocab.json")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::FileMissing { path, .. } if path.ends_with("vocab.json")), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("vocab.json"), "{msg}");
     assert!(msg.contains("download"), "{msg}");

@@ -133,14 +133,16 @@ fn check_runs(model: &str) {
     for (i, run) in v2v_json(model)["runs"].as_array().unwrap().iter().enumerate() {
         let params = params_of(run);
         let strength = run["strength"].as_f64().unwrap();
-        let input = read_video(model_dir(model).join(run["input_png"].as_str().unwrap()), &ReadOptions::default()).unwrap();
+        let input =
+            read_video(model_dir(model).join(run["input_png"].as_str().unwrap()), &ReadOptions::default()).unwrap();
         assert!(input.warnings.is_empty(), "{:?}", input.warnings);
         assert_eq!(max_abs_diff(&u8_tensor(&input), &refs[&format!("v2v.{i}.input")]), 0.0, "{model} run {i}: input");
         let video = input.to_model_input(&Device::Cpu, DType::F32).unwrap();
 
         // The starting latents, as the pipeline computes them.
         let begin = pipe.validate_video_to_video(&params, video.dims(), strength).unwrap();
-        let mut scheduler = build_scheduler(params.scheduler, &config, &config_path, params.num_inference_steps, params.eta).unwrap();
+        let mut scheduler =
+            build_scheduler(params.scheduler, &config, &config_path, params.num_inference_steps, params.eta).unwrap();
         scheduler.set_begin_index(begin);
         let start_t = scheduler.timesteps()[begin];
         assert_eq!(start_t as u64, run["start_timestep"].as_u64().unwrap(), "{model} run {i}: start timestep");
@@ -216,7 +218,11 @@ fn bad_requests_are_refused_before_any_work() {
     let mut seen = 0;
     let result = pipe.video_to_video(&params, &video, 0.5, &mut |p| {
         seen = p.step;
-        if p.step == 2 { Control::Cancel } else { Control::Continue }
+        if p.step == 2 {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
     });
     assert!(matches!(result, Err(t2v::Error::Cancelled)), "{result:?}");
     assert_eq!(seen, 2);
@@ -268,7 +274,8 @@ fn mp4_inputs_decode_like_ffmpeg() {
     let mut ffmpeg_seen = false;
     for model in ["tiny-t2v", "small-t2v"] {
         for (i, run) in v2v_json(model)["runs"].as_array().unwrap().iter().enumerate() {
-            let png = read_video(model_dir(model).join(run["input_png"].as_str().unwrap()), &ReadOptions::default()).unwrap();
+            let png =
+                read_video(model_dir(model).join(run["input_png"].as_str().unwrap()), &ReadOptions::default()).unwrap();
             let mp4_path = model_dir(model).join(run["input_mp4"].as_str().unwrap());
             let mp4 = read_video(&mp4_path, &ReadOptions::default()).unwrap();
             assert_eq!((mp4.frames, mp4.height, mp4.width), (png.frames, png.height, png.width), "{model} run {i}");
@@ -281,7 +288,10 @@ fn mp4_inputs_decode_like_ffmpeg() {
                 let own = luma_psnr(&ours[f * frame..(f + 1) * frame], &reference[f * frame..(f + 1) * frame]);
                 for g in (0..png.frames).filter(|&g| g != f) {
                     let other = luma_psnr(&ours[f * frame..(f + 1) * frame], &reference[g * frame..(g + 1) * frame]);
-                    assert!(own > other, "{model} run {i}: frame {f} looks more like PNG {g} ({other:.1} dB) than its own ({own:.1} dB)");
+                    assert!(
+                        own > other,
+                        "{model} run {i}: frame {f} looks more like PNG {g} ({other:.1} dB) than its own ({own:.1} dB)"
+                    );
                 }
             }
             match ffmpeg_decode(&mp4_path) {
@@ -289,7 +299,10 @@ fn mp4_inputs_decode_like_ffmpeg() {
                     ffmpeg_seen = true;
                     let ffmpeg_psnr = luma_psnr(&theirs, &reference);
                     println!("{model} input.{i}.mp4: luma PSNR {psnr:.2} dB (ffmpeg {ffmpeg_psnr:.2} dB)");
-                    assert!(psnr >= ffmpeg_psnr - PSNR_MARGIN_DB, "{model} run {i}: {psnr:.2} dB vs ffmpeg's {ffmpeg_psnr:.2} dB");
+                    assert!(
+                        psnr >= ffmpeg_psnr - PSNR_MARGIN_DB,
+                        "{model} run {i}: {psnr:.2} dB vs ffmpeg's {ffmpeg_psnr:.2} dB"
+                    );
                 }
                 _ => {
                     println!("{model} input.{i}.mp4: luma PSNR {psnr:.2} dB (floor {PSNR_FLOOR_DB} dB)");
@@ -330,7 +343,8 @@ fn rotate_cw(rgb: &[u8], w: usize, h: usize, turns: usize) -> (Vec<u8>, usize, u
         for y in 0..h {
             for x in 0..w {
                 let (nx, ny) = (h - 1 - y, x);
-                out[(ny * h + nx) * 3..(ny * h + nx) * 3 + 3].copy_from_slice(&img[(y * w + x) * 3..(y * w + x) * 3 + 3]);
+                out[(ny * h + nx) * 3..(ny * h + nx) * 3 + 3]
+                    .copy_from_slice(&img[(y * w + x) * 3..(y * w + x) * 3 + 3]);
             }
         }
         img = out;
@@ -404,7 +418,8 @@ fn with_variable_frame_rate(src: &[u8]) -> Vec<u8> {
 fn variable_frame_rates_are_read_with_a_note() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("vfr.mp4");
-    std::fs::write(&path, with_variable_frame_rate(&std::fs::read(v2v_dir("small-t2v").join("input.0.mp4")).unwrap())).unwrap();
+    std::fs::write(&path, with_variable_frame_rate(&std::fs::read(v2v_dir("small-t2v").join("input.0.mp4")).unwrap()))
+        .unwrap();
     let v = read_video(&path, &ReadOptions::default()).unwrap();
     assert_eq!(v.frames, 6);
     let note = v.warnings.join(" ");
@@ -443,7 +458,8 @@ fn odd_sizes_are_read_and_can_be_resized() {
     let v = read_video(&mp4, &ReadOptions::default()).unwrap();
     assert_eq!((v.width, v.height, v.frames), (34, 32, 3));
     let rgb = v.to_rgb8();
-    let own: Vec<u8> = (0..f * h).flat_map(|r| rgb[r / h * 32 * 34 * 3 + (r % h) * 34 * 3..][..w * 3].to_vec()).collect();
+    let own: Vec<u8> =
+        (0..f * h).flat_map(|r| rgb[r / h * 32 * 34 * 3 + (r % h) * 34 * 3..][..w * 3].to_vec()).collect();
     let psnr = luma_psnr(&own, &frames_rgb8(&frames));
     assert!(psnr > 35.0, "{psnr:.1} dB");
 }
@@ -477,7 +493,11 @@ fn frames_are_chosen_by_start_step_and_count() {
     assert!(pick(0, 0, None).is_err());
     assert!(pick(0, 1, Some(0)).is_err());
     // The same choice from the MP4 of that clip.
-    let mp4 = read_video(v2v_dir("small-t2v").join("input.0.mp4"), &ReadOptions { start_frame: 1, every: 2, ..ReadOptions::default() }).unwrap();
+    let mp4 = read_video(
+        v2v_dir("small-t2v").join("input.0.mp4"),
+        &ReadOptions { start_frame: 1, every: 2, ..ReadOptions::default() },
+    )
+    .unwrap();
     assert_eq!(mp4.frames, (all.frames - 1).div_ceil(2));
     let mp4_rgb = mp4.to_rgb8();
     for (k, src) in (1..all.frames).step_by(2).enumerate() {
@@ -525,7 +545,8 @@ fn other_sizes_are_resized_cropped_or_padded_with_a_note() {
     let folder = v2v_dir("tiny-t2v").join("input.0");
     let plain = read_video(&folder, &ReadOptions::default()).unwrap();
     assert_eq!((plain.width, plain.height), (32, 32));
-    let read = |size, fit| read_video(&folder, &ReadOptions { size: Some(size), fit, ..ReadOptions::default() }).unwrap();
+    let read =
+        |size, fit| read_video(&folder, &ReadOptions { size: Some(size), fit, ..ReadOptions::default() }).unwrap();
     let v = read((64, 48), Fit::Resize);
     assert_eq!((v.width, v.height, v.frames), (64, 48, plain.frames));
     assert_eq!(v.source_size, (32, 32));
@@ -548,7 +569,11 @@ fn other_sizes_are_resized_cropped_or_padded_with_a_note() {
     for y in 0..32 {
         assert_eq!(&out[y * 16 * 3..(y + 1) * 16 * 3], &src[(y * 32 + 8) * 3..(y * 32 + 24) * 3]);
     }
-    let v = read_video(&folder, &ReadOptions { size: Some((48, 48)), filter: ResizeFilter::Bicubic, ..ReadOptions::default() }).unwrap();
+    let v = read_video(
+        &folder,
+        &ReadOptions { size: Some((48, 48)), filter: ResizeFilter::Bicubic, ..ReadOptions::default() },
+    )
+    .unwrap();
     assert!(v.warnings.join(" ").contains("bicubic"));
     assert_eq!(Fit::parse("stretch").unwrap(), Fit::Resize);
     assert!(Fit::parse("zoom").unwrap_err().to_string().contains("crop"));

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use common::http::{Response, Server};
 use t2v::video::{
-    gif_delay_cs, mp4_top_level_boxes, read_mp4_metadata, write_video, write_video_auto,
-    EncodeOptions, Frames, Quality, VideoFormat,
+    gif_delay_cs, mp4_top_level_boxes, read_mp4_metadata, write_video, write_video_auto, EncodeOptions, Frames,
+    Quality, VideoFormat,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -46,24 +46,12 @@ fn smooth_clip(f: usize, h: usize, w: usize) -> Vec<f32> {
     let mut d = Vec::with_capacity(f * h * w * 3);
     for t in 0..f {
         let tt = t as f32 / f.max(1) as f32;
-        let (cx, cy, r) = (
-            w as f32 * (0.2 + 0.6 * tt),
-            h as f32 * 0.4,
-            w.min(h) as f32 * 0.15,
-        );
-        let (sx, sy, s) = (
-            w as f32 * (0.8 - 0.5 * tt),
-            h as f32 * 0.7,
-            w.min(h) as f32 * 0.12,
-        );
+        let (cx, cy, r) = (w as f32 * (0.2 + 0.6 * tt), h as f32 * 0.4, w.min(h) as f32 * 0.15);
+        let (sx, sy, s) = (w as f32 * (0.8 - 0.5 * tt), h as f32 * 0.7, w.min(h) as f32 * 0.12);
         for y in 0..h {
             for x in 0..w {
                 let (xf, yf) = (x as f32 / w as f32, y as f32 / h as f32);
-                let mut px = [
-                    xf,
-                    yf,
-                    0.5 + 0.5 * ((xf + yf) * 3.0 + tt * std::f32::consts::TAU).sin() * 0.8,
-                ];
+                let mut px = [xf, yf, 0.5 + 0.5 * ((xf + yf) * 3.0 + tt * std::f32::consts::TAU).sin() * 0.8];
                 let (dx, dy) = (x as f32 - cx, y as f32 - cy);
                 if dx * dx + dy * dy < r * r {
                     px = [0.9, 0.2, 0.1];
@@ -107,34 +95,16 @@ fn skip_without(tool: &str) -> bool {
 fn chromium_bin() -> Option<&'static str> {
     ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        })
+        .find(|b| Command::new(b).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
 }
 
 fn ffprobe(path: &Path) -> serde_json::Value {
     let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-show_format",
-            "-of",
-            "json",
-        ])
+        .args(["-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json"])
         .arg(path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "ffprobe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -147,26 +117,10 @@ fn decode_luma(path: &Path, w: usize, h: usize) -> Vec<Vec<f32>> {
         .args(["-f", "rawvideo", "-pix_fmt", "yuv420p", "-"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "ffmpeg decode failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ffmpeg decode failed: {}", String::from_utf8_lossy(&out.stderr));
     let fsize = w * h * 3 / 2;
-    assert_eq!(
-        out.stdout.len() % fsize,
-        0,
-        "decoded size is not a whole number of {w}x{h} frames"
-    );
-    out.stdout
-        .chunks(fsize)
-        .map(|f| {
-            f[..w * h]
-                .iter()
-                .map(|&y| (y as f32 - 16.0) * 255.0 / 219.0)
-                .collect()
-        })
-        .collect()
+    assert_eq!(out.stdout.len() % fsize, 0, "decoded size is not a whole number of {w}x{h} frames");
+    out.stdout.chunks(fsize).map(|f| f[..w * h].iter().map(|&y| (y as f32 - 16.0) * 255.0 / 219.0).collect()).collect()
 }
 
 /// Decodes the MP4 with ffmpeg to rgb24 (ffmpeg's own colour conversion, from the VUI tags).
@@ -177,11 +131,7 @@ fn decode_rgb(path: &Path) -> Vec<u8> {
         .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "ffmpeg decode failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ffmpeg decode failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -218,10 +168,7 @@ fn luma_psnr(input: &[Vec<f32>], decoded: &[Vec<f32>], h: usize, w: usize, dw: u
 }
 
 fn opts_with(meta: Option<&str>) -> EncodeOptions {
-    EncodeOptions {
-        metadata: meta.map(str::to_string),
-        ..Default::default()
-    }
+    EncodeOptions { metadata: meta.map(str::to_string), ..Default::default() }
 }
 
 fn file_size(p: &Path) -> u64 {
@@ -229,21 +176,10 @@ fn file_size(p: &Path) -> u64 {
 }
 
 /// Encodes, decodes and returns (luma PSNR, file size).
-fn mp4_roundtrip_psnr(
-    dir: &TmpDir,
-    name: &str,
-    data: &[f32],
-    f: usize,
-    h: usize,
-    w: usize,
-    q: Quality,
-) -> (f64, u64) {
+fn mp4_roundtrip_psnr(dir: &TmpDir, name: &str, data: &[f32], f: usize, h: usize, w: usize, q: Quality) -> (f64, u64) {
     let path = dir.path(name);
     let frames = Frames::new(data, f, h, w).unwrap();
-    let opts = EncodeOptions {
-        quality: q,
-        ..Default::default()
-    };
+    let opts = EncodeOptions { quality: q, ..Default::default() };
     write_video(&frames, VideoFormat::Mp4, &path, &opts).unwrap();
     let decoded = decode_luma(&path, w + (w & 1), h + (h & 1));
     let psnr = luma_psnr(&input_luma(data, f, h, w), &decoded, h, w, w + (w & 1));
@@ -256,33 +192,13 @@ fn mp4_roundtrip_psnr(
 
 #[test]
 fn format_from_path_and_name() {
-    assert_eq!(
-        VideoFormat::from_path(Path::new("a/b.mp4")).unwrap(),
-        VideoFormat::Mp4
-    );
-    assert_eq!(
-        VideoFormat::from_path(Path::new("b.MP4")).unwrap(),
-        VideoFormat::Mp4
-    );
-    assert_eq!(
-        VideoFormat::from_path(Path::new("b.gif")).unwrap(),
-        VideoFormat::Gif
-    );
-    assert_eq!(
-        VideoFormat::from_path(Path::new("b.npy")).unwrap(),
-        VideoFormat::Npy
-    );
-    assert_eq!(
-        VideoFormat::from_path(Path::new("frames")).unwrap(),
-        VideoFormat::PngFrames
-    );
-    assert_eq!(
-        VideoFormat::from_path(Path::new("out.d/")).unwrap(),
-        VideoFormat::PngFrames
-    );
-    let err = VideoFormat::from_path(Path::new("b.avi"))
-        .unwrap_err()
-        .to_string();
+    assert_eq!(VideoFormat::from_path(Path::new("a/b.mp4")).unwrap(), VideoFormat::Mp4);
+    assert_eq!(VideoFormat::from_path(Path::new("b.MP4")).unwrap(), VideoFormat::Mp4);
+    assert_eq!(VideoFormat::from_path(Path::new("b.gif")).unwrap(), VideoFormat::Gif);
+    assert_eq!(VideoFormat::from_path(Path::new("b.npy")).unwrap(), VideoFormat::Npy);
+    assert_eq!(VideoFormat::from_path(Path::new("frames")).unwrap(), VideoFormat::PngFrames);
+    assert_eq!(VideoFormat::from_path(Path::new("out.d/")).unwrap(), VideoFormat::PngFrames);
+    let err = VideoFormat::from_path(Path::new("b.avi")).unwrap_err().to_string();
     assert!(err.contains(".avi") && err.contains(".mp4"), "{err}");
     for f in VideoFormat::ALL {
         assert_eq!(f.name().parse::<VideoFormat>().unwrap(), f);
@@ -292,10 +208,7 @@ fn format_from_path_and_name() {
     assert_eq!("20".parse::<Quality>().unwrap(), Quality::Qp(20));
     assert_eq!("qp=12".parse::<Quality>().unwrap(), Quality::Qp(12));
     assert!("52".parse::<Quality>().is_err());
-    assert!(
-        "11".parse::<Quality>().is_err(),
-        "openh264 cannot go below QP 12"
-    );
+    assert!("11".parse::<Quality>().is_err(), "openh264 cannot go below QP 12");
     assert_eq!(Quality::default(), Quality::Qp(Quality::DEFAULT_QP));
     assert_eq!(EncodeOptions::default().fps, 8);
 }
@@ -306,26 +219,13 @@ fn invalid_frames_are_rejected() {
     let data = vec![0.5f32; 2 * 4 * 4 * 3];
     assert!(Frames::new(&data, 2, 4, 5).is_err());
     assert!(Frames::new(&data, 0, 4, 4).is_err());
-    let frames = Frames {
-        data: &data,
-        frames: 3,
-        height: 4,
-        width: 4,
-    };
+    let frames = Frames { data: &data, frames: 3, height: 4, width: 4 };
     for f in VideoFormat::ALL {
         let e = write_video(&frames, f, &dir.path("x"), &EncodeOptions::default()).unwrap_err();
         assert!(e.to_string().contains("need"), "{e}");
     }
     let frames = Frames::new(&data, 2, 4, 4).unwrap();
-    let e = write_video(
-        &frames,
-        VideoFormat::Mp4,
-        &dir.path("x.mp4"),
-        &EncodeOptions {
-            fps: 0,
-            ..Default::default()
-        },
-    );
+    let e = write_video(&frames, VideoFormat::Mp4, &dir.path("x.mp4"), &EncodeOptions { fps: 0, ..Default::default() });
     assert!(e.is_err());
     assert!(dir.entries().is_empty(), "{:?}", dir.entries());
 }
@@ -345,11 +245,7 @@ fn mp4_layout_and_metadata_without_tools() {
     write_video(&frames, VideoFormat::Mp4, &path, &opts_with(Some(META))).unwrap();
     let boxes = mp4_top_level_boxes(&path).unwrap();
     let names: Vec<&str> = boxes.iter().map(|b| b.0.as_str()).collect();
-    assert_eq!(
-        names,
-        ["ftyp", "moov", "mdat"],
-        "fast start: moov must come before mdat"
-    );
+    assert_eq!(names, ["ftyp", "moov", "mdat"], "fast start: moov must come before mdat");
     assert_eq!(read_mp4_metadata(&path).unwrap().as_deref(), Some(META));
     // The whole file is there and nothing else was left in the folder.
     assert_eq!(boxes.iter().map(|b| b.2).sum::<u64>(), file_size(&path));
@@ -400,43 +296,22 @@ fn mp4_ffprobe_smooth_clip() {
     assert!((dur - 2.0).abs() < 1e-3, "duration {dur}");
     let sdur: f64 = s["duration"].as_str().unwrap().parse().unwrap();
     assert!((sdur - 2.0).abs() < 1e-3, "stream duration {sdur}");
-    assert_eq!(
-        j["format"]["tags"]["comment"], META,
-        "ffprobe should show the metadata as `comment`"
-    );
+    assert_eq!(j["format"]["tags"]["comment"], META, "ffprobe should show the metadata as `comment`");
     assert_eq!(read_mp4_metadata(&path).unwrap().as_deref(), Some(META));
-    let names: Vec<String> = mp4_top_level_boxes(&path)
-        .unwrap()
-        .into_iter()
-        .map(|b| b.0)
-        .collect();
+    let names: Vec<String> = mp4_top_level_boxes(&path).unwrap().into_iter().map(|b| b.0).collect();
     assert_eq!(names, ["ftyp", "moov", "mdat"]);
 
     // A full decode must be clean (no warnings / errors from the decoder).
-    let out = Command::new("ffmpeg")
-        .args(["-v", "warning", "-i"])
-        .arg(&path)
-        .args(["-f", "null", "-"])
-        .output()
-        .unwrap();
+    let out =
+        Command::new("ffmpeg").args(["-v", "warning", "-i"]).arg(&path).args(["-f", "null", "-"]).output().unwrap();
     assert!(out.status.success());
-    assert!(
-        out.stderr.is_empty(),
-        "ffmpeg complained: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.stderr.is_empty(), "ffmpeg complained: {}", String::from_utf8_lossy(&out.stderr));
 
     let decoded = decode_luma(&path, w, h);
     assert_eq!(decoded.len(), f);
     let psnr = luma_psnr(&input_luma(&data, f, h, w), &decoded, h, w, w);
-    eprintln!(
-        "smooth 16x256x256 default quality: luma PSNR {psnr:.2} dB, {} bytes",
-        file_size(&path)
-    );
-    assert!(
-        psnr >= 40.0,
-        "luma PSNR {psnr:.2} dB < 40 dB on the smooth clip"
-    );
+    eprintln!("smooth 16x256x256 default quality: luma PSNR {psnr:.2} dB, {} bytes", file_size(&path));
+    assert!(psnr >= 40.0, "luma PSNR {psnr:.2} dB < 40 dB on the smooth clip");
 }
 
 #[test]
@@ -447,15 +322,7 @@ fn mp4_noise_psnr_at_default_quality() {
     let dir = TmpDir::new("mp4-noise");
     for (h, w) in [(32, 32), (256, 256)] {
         let data = noise_clip(16, h, w, 7);
-        let (psnr, size) = mp4_roundtrip_psnr(
-            &dir,
-            &format!("noise{w}.mp4"),
-            &data,
-            16,
-            h,
-            w,
-            Quality::default(),
-        );
+        let (psnr, size) = mp4_roundtrip_psnr(&dir, &format!("noise{w}.mp4"), &data, 16, h, w, Quality::default());
         eprintln!("noise 16x{h}x{w} default quality: luma PSNR {psnr:.2} dB, {size} bytes");
         // Multi-slice frames must decode cleanly.
         let out = Command::new("ffmpeg")
@@ -464,15 +331,8 @@ fn mp4_noise_psnr_at_default_quality() {
             .args(["-f", "null", "-"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            psnr >= 38.0,
-            "luma PSNR {psnr:.2} dB < 38 dB on {w}x{h} noise"
-        );
+        assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(psnr >= 38.0, "luma PSNR {psnr:.2} dB < 38 dB on {w}x{h} noise");
     }
 }
 
@@ -485,20 +345,9 @@ fn mp4_quality_is_monotonic() {
     let data = smooth_clip(8, 64, 64);
     let mut last = (f64::INFINITY, u64::MAX);
     for qp in [12u8, 20, 28, 40] {
-        let (psnr, size) = mp4_roundtrip_psnr(
-            &dir,
-            &format!("q{qp}.mp4"),
-            &data,
-            8,
-            64,
-            64,
-            Quality::Qp(qp),
-        );
+        let (psnr, size) = mp4_roundtrip_psnr(&dir, &format!("q{qp}.mp4"), &data, 8, 64, 64, Quality::Qp(qp));
         eprintln!("smooth 8x64x64 qp {qp}: luma PSNR {psnr:.2} dB, {size} bytes");
-        assert!(
-            psnr < last.0 && size < last.1,
-            "qp {qp}: quality/size should fall as QP rises"
-        );
+        assert!(psnr < last.0 && size < last.1, "qp {qp}: quality/size should fall as QP rises");
         last = (psnr, size);
     }
 }
@@ -520,13 +369,7 @@ fn mp4_odd_size_is_padded() {
     // openh264 needs at least 16x16: a clear error, and no file.
     let data = smooth_clip(2, 8, 16);
     let frames = Frames::new(&data, 2, 8, 16).unwrap();
-    let e = write_video(
-        &frames,
-        VideoFormat::Mp4,
-        &dir.path("tiny.mp4"),
-        &EncodeOptions::default(),
-    )
-    .unwrap_err();
+    let e = write_video(&frames, VideoFormat::Mp4, &dir.path("tiny.mp4"), &EncodeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("at least 16x16"), "{e}");
     assert_eq!(dir.entries(), ["odd.mp4"]);
 }
@@ -544,25 +387,13 @@ fn mp4_single_frame_and_other_fps() {
     let j = ffprobe(&path);
     assert_eq!(j["streams"][0]["nb_read_frames"], "1");
     let dur: f64 = j["format"]["duration"].as_str().unwrap().parse().unwrap();
-    assert!(
-        (dur - 0.125).abs() < 1e-3,
-        "one frame at 8 fps should last 0.125 s, not {dur}"
-    );
+    assert!((dur - 0.125).abs() < 1e-3, "one frame at 8 fps should last 0.125 s, not {dur}");
     assert_eq!(read_mp4_metadata(&path).unwrap().as_deref(), Some("{}"));
 
     let data = smooth_clip(10, 32, 32);
     let frames = Frames::new(&data, 10, 32, 32).unwrap();
     let path = dir.path("24fps.mp4");
-    write_video(
-        &frames,
-        VideoFormat::Mp4,
-        &path,
-        &EncodeOptions {
-            fps: 24,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    write_video(&frames, VideoFormat::Mp4, &path, &EncodeOptions { fps: 24, ..Default::default() }).unwrap();
     let j = ffprobe(&path);
     assert_eq!(j["streams"][0]["r_frame_rate"], "24/1");
     assert_eq!(j["streams"][0]["nb_read_frames"], "10");
@@ -578,14 +409,8 @@ fn mp4_colours_roundtrip_through_ffmpeg() {
         return;
     }
     let dir = TmpDir::new("mp4-colour");
-    let colours: [[f32; 3]; 6] = [
-        [0.8, 0.2, 0.4],
-        [0.1, 0.7, 0.3],
-        [0.2, 0.3, 0.9],
-        [1.0, 1.0, 1.0],
-        [0.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-    ];
+    let colours: [[f32; 3]; 6] =
+        [[0.8, 0.2, 0.4], [0.1, 0.7, 0.3], [0.2, 0.3, 0.9], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]];
     let (h, w) = (32, 32);
     let mut data = Vec::new();
     for c in colours {
@@ -603,10 +428,7 @@ fn mp4_colours_roundtrip_through_ffmpeg() {
         let got = &rgb[p..p + 3];
         for k in 0..3 {
             let want = c[k] * 255.0;
-            assert!(
-                (got[k] as f32 - want).abs() <= 3.0,
-                "colour {i}: got {got:?}, want {c:?}*255"
-            );
+            assert!((got[k] as f32 - want).abs() <= 3.0, "colour {i}: got {got:?}, want {c:?}*255");
         }
     }
 }
@@ -653,12 +475,14 @@ fn chromium_report(chrome: &str, dir: &TmpDir, mp4: &Path) -> String {
         let response = if target == "/" || target == "/index.html" {
             Response::new("200 OK", CHROMIUM_PAGE).header("Content-Type", "text/html")
         } else if target == "/clip.mp4" {
-            let range = request.header("range").and_then(|r| r.to_ascii_lowercase().strip_prefix("bytes=").map(|r| {
-                let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
-                let start: usize = a.parse().unwrap_or(0);
-                let end: usize = b.parse().unwrap_or(video.len() - 1).min(video.len() - 1);
-                (start, end)
-            }));
+            let range = request.header("range").and_then(|r| {
+                r.to_ascii_lowercase().strip_prefix("bytes=").map(|r| {
+                    let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
+                    let start: usize = a.parse().unwrap_or(0);
+                    let end: usize = b.parse().unwrap_or(video.len() - 1).min(video.len() - 1);
+                    (start, end)
+                })
+            });
             let response = match range {
                 Some((a, b)) if a <= b && a < video.len() => Response::new("206 Partial Content", &video[a..=b])
                     .header("Content-Range", format!("bytes {a}-{b}/{}", video.len())),
@@ -759,32 +583,17 @@ fn mp4_plays_in_headless_chromium() {
         }
     }
     let frames = Frames::new(&data, f, h, w).unwrap();
-    write_video(
-        &frames,
-        VideoFormat::Mp4,
-        &dir.path("clip.mp4"),
-        &opts_with(Some(META)),
-    )
-    .unwrap();
+    write_video(&frames, VideoFormat::Mp4, &dir.path("clip.mp4"), &opts_with(Some(META))).unwrap();
     let line = chromium_report(chrome, &dir, &dir.path("clip.mp4"));
     eprintln!("chromium reported (smooth 128x96, 16 frames @ 8 fps): {line}");
-    assert!(
-        line.starts_with("OK 128x96 2 "),
-        "chromium could not load the MP4: {line}"
-    );
-    assert!(
-        line.contains("seeked=1.99"),
-        "chromium could not seek to the last frame: {line}"
-    );
+    assert!(line.starts_with("OK 128x96 2 "), "chromium could not load the MP4: {line}");
+    assert!(line.contains("seeked=1.99"), "chromium could not seek to the last frame: {line}");
     // Colour check when the canvas is readable (file:// pages may taint it).
     if let Some(px) = line.split("px=").nth(1).and_then(|s| s.split(' ').next()) {
         let vals: Vec<f32> = px.split(',').filter_map(|v| v.parse().ok()).collect();
         if vals.len() == 3 {
             for k in 0..3 {
-                assert!(
-                    (vals[k] - patch[k] * 255.0).abs() <= 6.0,
-                    "chromium shows {vals:?} for {patch:?}"
-                );
+                assert!((vals[k] - patch[k] * 255.0).abs() <= 6.0, "chromium shows {vals:?} for {patch:?}");
             }
         } else {
             eprintln!("note: chromium canvas pixel not readable ({px}); colour check skipped");
@@ -794,23 +603,11 @@ fn mp4_plays_in_headless_chromium() {
     // Noise frames are big enough to be split into several slices per frame.
     let data = noise_clip(16, 256, 256, 11);
     let frames = Frames::new(&data, 16, 256, 256).unwrap();
-    write_video(
-        &frames,
-        VideoFormat::Mp4,
-        &dir.path("noise.mp4"),
-        &EncodeOptions::default(),
-    )
-    .unwrap();
+    write_video(&frames, VideoFormat::Mp4, &dir.path("noise.mp4"), &EncodeOptions::default()).unwrap();
     let line = chromium_report(chrome, &dir, &dir.path("noise.mp4"));
     eprintln!("chromium reported (noise 256x256, 16 frames @ 8 fps): {line}");
-    assert!(
-        line.starts_with("OK 256x256 2 "),
-        "chromium could not load the MP4: {line}"
-    );
-    assert!(
-        line.contains("seeked=1.99"),
-        "chromium could not seek to the last frame: {line}"
-    );
+    assert!(line.starts_with("OK 256x256 2 "), "chromium could not load the MP4: {line}");
+    assert!(line.contains("seeked=1.99"), "chromium could not seek to the last frame: {line}");
 
     // The harness does catch a file chromium cannot play.
     let mut junk = std::fs::read(dir.path("clip.mp4")).unwrap();
@@ -819,10 +616,7 @@ fn mp4_plays_in_headless_chromium() {
     std::fs::write(dir.path("junk.mp4"), &junk).unwrap();
     let line = chromium_report(chrome, &dir, &dir.path("junk.mp4"));
     eprintln!("chromium reported (corrupted copy): {line}");
-    assert!(
-        !line.contains("seeked="),
-        "a corrupted file should not play: {line}"
-    );
+    assert!(!line.contains("seeked="), "a corrupted file should not play: {line}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -836,22 +630,12 @@ fn gif_loops_with_right_frames_and_delays() {
     let data = smooth_clip(f, h, w);
     let frames = Frames::new(&data, f, h, w).unwrap();
     let path = dir.path("clip.gif");
-    assert_eq!(
-        write_video_auto(&frames, &path, &EncodeOptions::default()).unwrap(),
-        VideoFormat::Gif
-    );
+    assert_eq!(write_video_auto(&frames, &path, &EncodeOptions::default()).unwrap(), VideoFormat::Gif);
     let bytes = std::fs::read(&path).unwrap();
     assert!(bytes.starts_with(b"GIF89a"));
     // NETSCAPE2.0 application extension with loop count 0 (= forever).
-    let pos = bytes
-        .windows(11)
-        .position(|w| w == b"NETSCAPE2.0")
-        .expect("no NETSCAPE2.0 loop extension");
-    assert_eq!(
-        &bytes[pos + 11..pos + 16],
-        &[3, 1, 0, 0, 0],
-        "loop count must be 0 (infinite)"
-    );
+    let pos = bytes.windows(11).position(|w| w == b"NETSCAPE2.0").expect("no NETSCAPE2.0 loop extension");
+    assert_eq!(&bytes[pos + 11..pos + 16], &[3, 1, 0, 0, 0], "loop count must be 0 (infinite)");
 
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::RGBA);
@@ -875,11 +659,7 @@ fn gif_loops_with_right_frames_and_delays() {
     }
     assert_eq!(dec.repeat(), gif::Repeat::Infinite);
     assert_eq!(delays.len(), f);
-    assert_eq!(
-        delays,
-        [13, 12, 13, 12, 13],
-        "8 fps alternates 12/13 centiseconds"
-    );
+    assert_eq!(delays, [13, 12, 13, 12, 13], "8 fps alternates 12/13 centiseconds");
     let mean_err = sum_err / (f * h * w * 3) as f64;
     eprintln!("gif palette error: mean {mean_err:.2}, max {max_err:.0} (of 255)");
     assert!(mean_err < 8.0, "palette error too large: mean {mean_err}");
@@ -905,64 +685,35 @@ fn png_frames_folder() {
     data[2] = f32::NAN; // becomes 0
     let frames = Frames::new(&data, f, h, w).unwrap();
     let out = dir.path("frames");
-    assert_eq!(
-        write_video_auto(&frames, &out, &EncodeOptions::default()).unwrap(),
-        VideoFormat::PngFrames
-    );
+    assert_eq!(write_video_auto(&frames, &out, &EncodeOptions::default()).unwrap(), VideoFormat::PngFrames);
     let check = |out: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
-        );
+        assert_eq!(names, ["frame_0000.png", "frame_0001.png", "frame_0002.png"]);
         for (t, name) in names.iter().enumerate() {
-            let dec = png::Decoder::new(std::io::BufReader::new(
-                std::fs::File::open(out.join(name)).unwrap(),
-            ));
+            let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(out.join(name)).unwrap()));
             let mut r = dec.read_info().unwrap();
             let mut buf = vec![0; r.output_buffer_size().unwrap()];
             let info = r.next_frame(&mut buf).unwrap();
-            assert_eq!(
-                (info.width, info.height, info.color_type),
-                (6, 8, png::ColorType::Rgb)
-            );
+            assert_eq!((info.width, info.height, info.color_type), (6, 8, png::ColorType::Rgb));
             for i in 0..h * w * 3 {
                 let v = data[t * h * w * 3 + i];
-                let want = if v.is_nan() {
-                    0
-                } else {
-                    (v.clamp(0.0, 1.0) * 255.0).round() as u8
-                };
+                let want = if v.is_nan() { 0 } else { (v.clamp(0.0, 1.0) * 255.0).round() as u8 };
                 assert_eq!(buf[i], want, "frame {t} value {i}");
             }
         }
     };
     check(&out);
     // Writing again replaces our own folder...
-    write_video(
-        &frames,
-        VideoFormat::PngFrames,
-        &out,
-        &EncodeOptions::default(),
-    )
-    .unwrap();
+    write_video(&frames, VideoFormat::PngFrames, &out, &EncodeOptions::default()).unwrap();
     check(&out);
     assert_eq!(dir.entries(), ["frames"]);
     // ...but never a folder with other files in it.
     let other = dir.path("precious");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("notes.txt"), b"keep me").unwrap();
-    let e = write_video(
-        &frames,
-        VideoFormat::PngFrames,
-        &other,
-        &EncodeOptions::default(),
-    )
-    .unwrap_err();
+    let e = write_video(&frames, VideoFormat::PngFrames, &other, &EncodeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     assert_eq!(std::fs::read(other.join("notes.txt")).unwrap(), b"keep me");
     assert_eq!(dir.entries(), ["frames", "precious"]);
@@ -983,27 +734,19 @@ fn npy_header_and_data() {
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     assert_eq!((10 + hlen) % 64, 0, "header should be 64-byte aligned");
     let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
-    assert!(
-        header.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 5, 3), }"),
-        "{header}"
-    );
+    assert!(header.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 5, 3), }"), "{header}");
     assert!(header.ends_with('\n'));
     let body = &bytes[10 + hlen..];
     assert_eq!(body.len(), data.len() * 4);
     for (i, c) in body.chunks(4).enumerate() {
-        assert_eq!(
-            f32::from_le_bytes(c.try_into().unwrap()).to_bits(),
-            data[i].to_bits()
-        );
+        assert_eq!(f32::from_le_bytes(c.try_into().unwrap()).to_bits(), data[i].to_bits());
     }
 
     // numpy itself, when a python3 with numpy is around.
     let py = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = Command::new(&py).args(["-c", "import numpy"]).output();
     if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        eprintln!(
-            "SKIPPED (python3 with numpy not available; set T2V_TEST_PYTHON): numpy.load check"
-        );
+        eprintln!("SKIPPED (python3 with numpy not available; set T2V_TEST_PYTHON): numpy.load check");
         return;
     }
     let out = Command::new(&py)
@@ -1012,11 +755,7 @@ fn npy_header_and_data() {
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let last = data[data.len() - 1] as f64;
     assert_eq!(s.trim(), format!("float32 (2, 3, 5, 3) -1.5 2.25 {last:?}"));
 }
@@ -1047,11 +786,7 @@ fn failed_writes_leave_nothing_behind() {
 
     // The final rename fails (the target is a non-empty folder) after the whole temp file was
     // written: the temp file must be gone.
-    for (f, name) in [
-        (VideoFormat::Mp4, "b.mp4"),
-        (VideoFormat::Gif, "b.gif"),
-        (VideoFormat::Npy, "b.npy"),
-    ] {
+    for (f, name) in [(VideoFormat::Mp4, "b.mp4"), (VideoFormat::Gif, "b.gif"), (VideoFormat::Npy, "b.npy")] {
         let p = dir.path(name);
         std::fs::create_dir(&p).unwrap();
         std::fs::write(p.join("keep"), b"x").unwrap();
@@ -1076,9 +811,7 @@ fn failed_writes_leave_nothing_behind() {
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
         if std::fs::write(ro.join("probe"), b"").is_ok() {
             let _ = std::fs::remove_file(ro.join("probe"));
-            eprintln!(
-                "SKIPPED (running as root: read-only folders are writable): read-only folder check"
-            );
+            eprintln!("SKIPPED (running as root: read-only folders are writable): read-only folder check");
         } else {
             for (f, name) in [(VideoFormat::Mp4, "a.mp4"), (VideoFormat::PngFrames, "a")] {
                 assert!(write_video(&frames, f, &ro.join(name), &opts).is_err());

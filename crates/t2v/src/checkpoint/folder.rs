@@ -16,10 +16,7 @@ const SUPPORTED_CLASSES: &[(&str, &[&str])] = &[
     ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
     ("unet", &["UNet3DConditionModel"]),
     ("vae", &["AutoencoderKL"]),
-    (
-        "scheduler",
-        &["DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"],
-    ),
+    ("scheduler", &["DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"]),
 ];
 
 /// A checkpoint folder in the diffusers layout.
@@ -41,11 +38,7 @@ impl ModelFolder {
         let index: serde_json::Value = read_json(&index_path, "the folder is not a diffusers checkpoint: it needs model_index.json beside scheduler/, text_encoder/, tokenizer/, unet/ and vae/")?;
         for (component, supported) in SUPPORTED_CLASSES {
             // model_index.json names each component as ["library", "Class"].
-            let class = index
-                .get(component)
-                .and_then(|v| v.as_array())
-                .and_then(|a| a.get(1))
-                .and_then(|c| c.as_str());
+            let class = index.get(component).and_then(|v| v.as_array()).and_then(|a| a.get(1)).and_then(|c| c.as_str());
             match class {
                 Some(class) if supported.contains(&class) => {}
                 Some(class) => {
@@ -95,14 +88,16 @@ impl ModelFolder {
     /// know are ignored; keys that are missing take `T`'s defaults, which mirror the reference's.
     pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
         let path = self.component_dir(component).join(file);
-        let value: serde_json::Value = read_json(&path, "the checkpoint is incomplete: download the whole model folder")?;
+        let value: serde_json::Value =
+            read_json(&path, "the checkpoint is incomplete: download the whole model folder")?;
         serde_json::from_value(value).map_err(|e| Error::Config { path, reason: e.to_string() })
     }
 
     /// Checks that `component/config.json` describes the class t2v implements for it.
     pub fn check_config_class(&self, component: &str, config_file: &str, expected: &[&str]) -> Result<()> {
         let path = self.component_dir(component).join(config_file);
-        let value: serde_json::Value = read_json(&path, "the checkpoint is incomplete: download the whole model folder")?;
+        let value: serde_json::Value =
+            read_json(&path, "the checkpoint is incomplete: download the whole model folder")?;
         // diffusers configs carry `_class_name`, transformers configs `architectures`.
         let class = value
             .get("_class_name")

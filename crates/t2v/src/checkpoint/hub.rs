@@ -95,9 +95,7 @@ impl HubOptions {
     /// - progress: off when `HF_HUB_DISABLE_PROGRESS_BARS` is set.
     pub fn from_env() -> Self {
         let hf_home = env_path("HF_HOME").unwrap_or_else(|| {
-            env_path("XDG_CACHE_HOME")
-                .unwrap_or_else(|| home_dir().join(".cache"))
-                .join("huggingface")
+            env_path("XDG_CACHE_HOME").unwrap_or_else(|| home_dir().join(".cache")).join("huggingface")
         });
         let cache_dir = env_path("HF_HUB_CACHE")
             .or_else(|| env_path("HUGGINGFACE_HUB_CACHE"))
@@ -106,14 +104,12 @@ impl HubOptions {
         let token = if env_true("HF_HUB_DISABLE_IMPLICIT_TOKEN") {
             None
         } else {
-            env_nonempty("HF_TOKEN")
-                .or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN"))
-                .or_else(|| {
-                    let path = env_path("HF_TOKEN_PATH").unwrap_or_else(|| hf_home.join("token"));
-                    let text = std::fs::read_to_string(path).ok()?;
-                    let token = text.trim();
-                    (!token.is_empty()).then(|| token.to_string())
-                })
+            env_nonempty("HF_TOKEN").or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
+                let path = env_path("HF_TOKEN_PATH").unwrap_or_else(|| hf_home.join("token"));
+                let text = std::fs::read_to_string(path).ok()?;
+                let token = text.trim();
+                (!token.is_empty()).then(|| token.to_string())
+            })
         };
         let endpoint = env_nonempty("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         Self {
@@ -316,11 +312,7 @@ fn snapshot_files(snapshot: &Path) -> Vec<String> {
 
 /// The snapshot folder from the cache alone, when it holds every file needed.
 fn resolve_cached(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
-    let offline = |file: String| Error::Offline {
-        repo: repo.display(),
-        file,
-        cache: opts.cache_dir.clone(),
-    };
+    let offline = |file: String| Error::Offline { repo: repo.display(), file, cache: opts.cache_dir.clone() };
     let commit = cached_commit(repo, opts).ok_or_else(|| offline("model_index.json".to_string()))?;
     let snapshot = repo_dir(repo, opts).join("snapshots").join(&commit);
     select_files(&snapshot_files(&snapshot), opts.variant).map_err(offline)?;
@@ -348,10 +340,7 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
                     // Like huggingface_hub: without a connection, use a complete cached snapshot.
                     if let Ok(snapshot) = resolve_cached(repo, opts) {
                         if opts.progress {
-                            eprintln!(
-                                "warning: {reason}; using the cached snapshot {}",
-                                snapshot.display()
-                            );
+                            eprintln!("warning: {reason}; using the cached snapshot {}", snapshot.display());
                         }
                         return Ok(snapshot);
                     }
@@ -381,11 +370,7 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
     let snapshot = dir.join("snapshots").join(&commit);
     if repo.revision != commit {
         // What huggingface_hub records: the branch or tag now points at this commit.
-        let cache_repo = cache.repo(Repo::with_revision(
-            repo.repo_id.clone(),
-            RepoType::Model,
-            repo.revision.clone(),
-        ));
+        let cache_repo = cache.repo(Repo::with_revision(repo.repo_id.clone(), RepoType::Model, repo.revision.clone()));
         cache_repo.create_ref(&commit).map_err(|e| Error::io(ref_path(repo, opts), e))?;
     }
 
@@ -417,10 +402,8 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
     let missing: Vec<&String> = files.iter().filter(|f| !snapshot.join(f).is_file()).collect();
     if !missing.is_empty() {
         if opts.progress {
-            let bytes: u64 = missing
-                .iter()
-                .filter_map(|m| info.files.iter().find(|f| &&f.path == m).and_then(|f| f.size))
-                .sum();
+            let bytes: u64 =
+                missing.iter().filter_map(|m| info.files.iter().find(|f| &&f.path == m).and_then(|f| f.size)).sum();
             eprintln!(
                 "downloading {} file(s), {:.2} GB, of {} (commit {}) into {}",
                 missing.len(),
@@ -490,8 +473,7 @@ fn repo_info(api_repo: &hf_hub::api::sync::ApiRepo) -> std::result::Result<RepoF
         .query("blobs", "true")
         .call()
         .map_err(|e| InfoError::Api(ApiError::RequestError(Box::new(e))))?;
-    let value: serde_json::Value =
-        response.into_json().map_err(|e| InfoError::Parse(e.to_string()))?;
+    let value: serde_json::Value = response.into_json().map_err(|e| InfoError::Parse(e.to_string()))?;
     let commit = value
         .get("sha")
         .and_then(|s| s.as_str())
@@ -530,10 +512,7 @@ fn link_blob(blob: &Path, link: &Path) -> std::io::Result<()> {
     }
     // link = <repo>/snapshots/<commit>/<a>/<b>, blob = <repo>/blobs/<etag>: climb to <repo>.
     let repo_dir = blob.parent().and_then(Path::parent).expect("blobs/ is inside the repo folder");
-    let depth = link
-        .strip_prefix(repo_dir)
-        .map(|rel| rel.components().count() - 1)
-        .unwrap_or(0);
+    let depth = link.strip_prefix(repo_dir).map(|rel| rel.components().count() - 1).unwrap_or(0);
     let mut target = PathBuf::new();
     for _ in 0..depth {
         target.push("..");
@@ -554,11 +533,7 @@ fn link_blob(blob: &Path, link: &Path) -> std::io::Result<()> {
 const UNREACHABLE: &str = "cannot reach the Hub";
 
 fn download_error(repo: &RepoSpec, file: &str, err: &ApiError, opts: &HubOptions) -> Error {
-    Error::Download {
-        repo: repo.display(),
-        file: file.to_string(),
-        reason: api_error_reason(repo, err, opts),
-    }
+    Error::Download { repo: repo.display(), file: file.to_string(), reason: api_error_reason(repo, err, opts) }
 }
 
 fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> String {
@@ -568,11 +543,8 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
                 let hf_code = response.header("x-error-code").unwrap_or("").to_string();
                 let hf_message =
                     response.header("x-error-message").unwrap_or("").trim().trim_end_matches('.').to_string();
-                let what = if hf_message.is_empty() {
-                    format!("HTTP {code}")
-                } else {
-                    format!("HTTP {code}, {hf_message}")
-                };
+                let what =
+                    if hf_message.is_empty() { format!("HTTP {code}") } else { format!("HTTP {code}, {hf_message}") };
                 let hint = match (*code, hf_code.as_str()) {
                     (_, "GatedRepo") => format!(
                         "the repo is gated: accept its conditions at {}/{} while logged in, then \
@@ -580,10 +552,9 @@ fn api_error_reason(repo: &RepoSpec, err: &ApiError, opts: &HubOptions) -> Strin
                         opts.endpoint.trim_end_matches('/'),
                         repo.repo_id
                     ),
-                    (_, "RevisionNotFound") => format!(
-                        "the repo has no revision `{}`: check the part after @",
-                        repo.revision
-                    ),
+                    (_, "RevisionNotFound") => {
+                        format!("the repo has no revision `{}`: check the part after @", repo.revision)
+                    }
                     (_, "EntryNotFound") => "the file is not in the repo".to_string(),
                     (401 | 403, _) if opts.token.is_some() => {
                         "the token was refused, or it gives no access to this repo: check HF_TOKEN \

@@ -40,7 +40,9 @@ impl std::str::FromStr for WeightsVariant {
             "auto" => Ok(WeightsVariant::Auto),
             "fp16" => Ok(WeightsVariant::Fp16),
             "full" | "fp32" => Ok(WeightsVariant::Full),
-            other => Err(crate::Error::InvalidArgument(format!("unknown weights variant `{other}`: use auto, fp16 or full"))),
+            other => {
+                Err(crate::Error::InvalidArgument(format!("unknown weights variant `{other}`: use auto, fp16 or full")))
+            }
         }
     }
 }

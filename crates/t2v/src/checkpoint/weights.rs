@@ -23,7 +23,13 @@ impl ComponentWeights {
     /// With `keep_narrow`, weight matrices and kernels stored in a narrower float dtype than
     /// `dtype` (float16 checkpoints) stay in it; the layers of [`crate::nn`] widen them when
     /// used. Vectors (biases, norms) are always converted.
-    pub fn open(component: &str, files: &WeightsFiles, dtype: DType, device: &Device, keep_narrow: bool) -> Result<Self> {
+    pub fn open(
+        component: &str,
+        files: &WeightsFiles,
+        dtype: DType,
+        device: &Device,
+        keep_narrow: bool,
+    ) -> Result<Self> {
         let path = files.paths[0].clone();
         let source = match files.format {
             WeightsFormat::Safetensors => {
@@ -48,13 +54,8 @@ impl ComponentWeights {
             }
         };
         let failure = Arc::new(Mutex::new(None));
-        let backend = CheckedBackend {
-            source,
-            keep_narrow,
-            component: component.to_string(),
-            path,
-            failure: failure.clone(),
-        };
+        let backend =
+            CheckedBackend { source, keep_narrow, component: component.to_string(), path, failure: failure.clone() };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         Ok(Self { vb, failure })
     }
@@ -84,13 +85,10 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes)
-        .map_err(|_| corrupt(format!("the file is only {file_len} bytes long")))?;
+    file.read_exact(&mut len_bytes).map_err(|_| corrupt(format!("the file is only {file_len} bytes long")))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > 100_000_000 || 8 + header_len > file_len {
-        return Err(corrupt(format!(
-            "its header claims {header_len} bytes but the file holds {file_len}"
-        )));
+        return Err(corrupt(format!("its header claims {header_len} bytes but the file holds {file_len}")));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(|e| corrupt(e.to_string()))?;
@@ -170,7 +168,11 @@ impl SimpleBackend for CheckedBackend {
                 let stored = st.load(name, dev)?;
                 let narrower = stored.dtype().size_in_bytes() < dtype.size_in_bytes()
                     && matches!(stored.dtype(), DType::F16 | DType::BF16);
-                if narrower { stored } else { stored.to_dtype(dtype)? }
+                if narrower {
+                    stored
+                } else {
+                    stored.to_dtype(dtype)?
+                }
             }
             source => source.backend().get_unchecked(name, dtype, dev)?,
         };

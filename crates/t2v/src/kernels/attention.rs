@@ -115,11 +115,27 @@ impl MultiHeadAttention {
                 // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
                 // writes columns [h·d, h·d + d) of these rows of `out`.
                 unsafe {
-                    packed_matmul::matmul_rows(rows, q.as_ptr().add(at), hd, &keys, scores.as_mut_ptr(), s, Init::Overwrite);
+                    packed_matmul::matmul_rows(
+                        rows,
+                        q.as_ptr().add(at),
+                        hd,
+                        &keys,
+                        scores.as_mut_ptr(),
+                        s,
+                        Init::Overwrite,
+                    );
                     for row in scores.chunks_mut(s).take(rows) {
                         softmax_row(row, self.scale);
                     }
-                    packed_matmul::matmul_rows(rows, scores.as_ptr(), s, &values, optr.get().add(at), hd, Init::Overwrite);
+                    packed_matmul::matmul_rows(
+                        rows,
+                        scores.as_ptr(),
+                        s,
+                        &values,
+                        optr.get().add(at),
+                        hd,
+                        Init::Overwrite,
+                    );
                 }
                 r += rows;
             }
@@ -237,8 +253,20 @@ impl CustomOp3 for MultiHeadAttention {
         "multi-head-attention"
     }
 
-    fn cpu_fwd(&self, q: &CpuStorage, lq: &Layout, k: &CpuStorage, lk: &Layout, v: &CpuStorage, lv: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (super::f32_of(q, lq, "attention q")?, super::f32_of(k, lk, "attention k")?, super::f32_of(v, lv, "attention v")?);
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            super::f32_of(q, lq, "attention q")?,
+            super::f32_of(k, lk, "attention k")?,
+            super::f32_of(v, lv, "attention v")?,
+        );
         let (batch, tokens, width) = lq.shape().dims3()?;
         let keys = lk.shape().dims3()?.1;
         let dm = Dims { batch, tokens, keys, heads: self.heads, d: width / self.heads, repeat: self.repeat };
@@ -264,11 +292,29 @@ const SCORE_BUDGET: usize = 16 << 20;
 /// text embeddings); the output is (batch, tokens, heads·d). On the CPU with float32 tensors
 /// (and AVX2/FMA) one kernel reads the heads in place; elsewhere the heads are split into
 /// (batch·heads, tokens, d) and [`attention_in_blocks`] runs candle's ops.
-pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, repeat: usize) -> Result<Tensor> {
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    repeat: usize,
+) -> Result<Tensor> {
     let (batch, tokens, width) = q.dims3()?;
     let (kb, keys, kw) = k.dims3()?;
-    if repeat == 0 || kb * repeat != batch || kw != width || v.dims() != [kb, keys, width] || heads == 0 || width % heads != 0 {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} don't fit {heads} heads and repeat {repeat}", q.dims(), k.dims(), v.dims());
+    if repeat == 0
+        || kb * repeat != batch
+        || kw != width
+        || v.dims() != [kb, keys, width]
+        || heads == 0
+        || width % heads != 0
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} don't fit {heads} heads and repeat {repeat}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
     let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if on_cpu && has_avx2_fma() {

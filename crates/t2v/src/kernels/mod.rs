@@ -52,7 +52,11 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
 }
 
 /// The contiguous float32 data of a custom op's operand (`what` names it in errors).
-pub(crate) fn f32_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_of<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (candle_core::CpuStorage::F32(_), None) => candle_core::bail!("{what} is not contiguous"),
@@ -62,7 +66,11 @@ pub(crate) fn f32_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout
 
 /// The contiguous float32 or float16 data of a custom op's operand (a weight that may stay
 /// float16 in memory).
-pub(crate) fn src_of<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<Src<'a>> {
+pub(crate) fn src_of<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<Src<'a>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what} is not contiguous") };
     Ok(match s {
         candle_core::CpuStorage::F32(v) => Src::F32(&v[a..b]),
@@ -143,7 +151,9 @@ pub fn has_avx2_fma() -> bool {
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -163,7 +173,9 @@ pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only changes the allocator's thresholds; called before heavy work.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1 }
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

@@ -186,7 +186,15 @@ pub enum Init<'a> {
 /// AVX2 and FMA present; `a` holds k·6, `b` k·16 floats, c six rows of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn kernel_6x16(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool, bias16: *const f32) {
+pub(crate) unsafe fn kernel_6x16(
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    bias16: *const f32,
+) {
     let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21);
     let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51);
     if bias16.is_null() {
@@ -355,7 +363,15 @@ pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn matmul_rows(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+pub unsafe fn matmul_rows(
+    _m: usize,
+    _a: *const f32,
+    _lda: usize,
+    _b: &PackedB,
+    _c: *mut f32,
+    _ldc: usize,
+    _init: Init,
+) {
     unreachable!("the packed matrix product runs only where has_avx2_fma() is true (x86-64 with AVX2+FMA)")
 }
 

@@ -50,7 +50,12 @@ impl TextToVideo {
     /// sides that are multiples of the VAE's scale, matching `params.height`/`width` where those
     /// are set, and `strength` must run at least one step. Returns the index of the first
     /// timestep that runs.
-    pub fn validate_video_to_video(&self, params: &GenerationParams, video_shape: &[usize], strength: f64) -> Result<usize> {
+    pub fn validate_video_to_video(
+        &self,
+        params: &GenerationParams,
+        video_shape: &[usize],
+        strength: f64,
+    ) -> Result<usize> {
         let &[frames, channels, height, width] = video_shape else {
             return Err(Error::InvalidArgument(format!(
                 "the input video must be a (frames, 3, height, width) tensor, got shape {video_shape:?}"
@@ -69,7 +74,8 @@ impl TextToVideo {
                 )));
             }
         }
-        let resolved = GenerationParams { num_frames: frames, height: Some(height), width: Some(width), ..params.clone() };
+        let resolved =
+            GenerationParams { num_frames: frames, height: Some(height), width: Some(width), ..params.clone() };
         validate_params(&resolved, height, width, self.vae.config().scale_factor())?;
         strength_begin_index(params.num_inference_steps, strength)
     }
@@ -133,8 +139,16 @@ impl TextToVideo {
         // (frames, C, h, w) → (1, C, frames, h, w), the UNet's layout.
         let latents = start.noisy_latents.unsqueeze(0)?.permute((0, 2, 1, 3, 4))?.contiguous()?;
         let started = Instant::now();
-        let latents =
-            self.denoising_loop(params, &context, scheduler.as_mut(), &mut generator, latents, &timesteps, started, on_step)?;
+        let latents = self.denoising_loop(
+            params,
+            &context,
+            scheduler.as_mut(),
+            &mut generator,
+            latents,
+            &timesteps,
+            started,
+            on_step,
+        )?;
         let denoising = started.elapsed();
         Ok((latents, Timings { text_encoding, video_encoding, denoising, ..Timings::default() }))
     }

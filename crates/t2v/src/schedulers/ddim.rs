@@ -6,9 +6,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config,
-    threshold_sample, to_timesteps, BetaConfig, BetaSchedule, NoiseSource, PredictionType,
-    Scheduler, SchedulerKind, TimestepSpacing,
+    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config, threshold_sample,
+    to_timesteps, BetaConfig, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerKind, TimestepSpacing,
 };
 use crate::error::{Error, Result};
 
@@ -83,21 +82,16 @@ impl DdimConfig {
 pub fn ddim_timesteps(config: &DdimConfig, n: usize) -> Vec<i64> {
     let train = config.num_train_timesteps;
     match config.timestep_spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|v| v.round_ties_even() as i64)
-            .collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|v| v.round_ties_even() as i64).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = (train / n) as i64;
             (0..n as i64).rev().map(|i| i * ratio + config.steps_offset).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = train as f64 / n as f64;
-            np_arange_f64(train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|v| v.round_ties_even() as i64 - 1)
-                .collect()
+            np_arange_f64(train as f64, 0.0, -ratio).into_iter().map(|v| v.round_ties_even() as i64 - 1).collect()
         }
     }
 }
@@ -113,12 +107,7 @@ pub struct DdimScheduler {
 
 impl DdimScheduler {
     /// Builds the scheduler and sets its timesteps. `config_path` names the config in errors.
-    pub fn new(
-        config: DdimConfig,
-        config_path: &Path,
-        num_inference_steps: usize,
-        eta: f64,
-    ) -> Result<Self> {
+    pub fn new(config: DdimConfig, config_path: &Path, num_inference_steps: usize, eta: f64) -> Result<Self> {
         if config.prediction_type == PredictionType::FlowPrediction {
             return Err(config_error(
                 config_path,
@@ -182,9 +171,7 @@ impl Scheduler for DdimScheduler {
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         if n == 0 {
-            return Err(Error::InvalidArgument(
-                "the number of inference steps must be at least 1".into(),
-            ));
+            return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
         }
         if n > self.config.num_train_timesteps {
             return Err(Error::InvalidArgument(format!(
@@ -238,8 +225,7 @@ impl Scheduler for DdimScheduler {
         };
 
         if cfg.thresholding {
-            pred_x0 =
-                threshold_sample(&pred_x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)?;
+            pred_x0 = threshold_sample(&pred_x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)?;
         } else if cfg.clip_sample {
             let r = cfg.clip_sample_range;
             pred_x0 = pred_x0.clamp(-r, r)?;
@@ -251,8 +237,7 @@ impl Scheduler for DdimScheduler {
         let std_dev = self.eta as f32 * variance.sqrt();
         let direction_coef = (1.0f32 - alpha_prev - std_dev * std_dev).sqrt();
 
-        let mut prev =
-            linear_combination(&[(alpha_prev.sqrt(), &pred_x0), (direction_coef, &pred_eps)])?;
+        let mut prev = linear_combination(&[(alpha_prev.sqrt(), &pred_x0), (direction_coef, &pred_eps)])?;
         if self.eta > 0.0 {
             let z = noise(model_output.dims())?;
             if z.dims() != model_output.dims() {

@@ -7,9 +7,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config,
-    threshold_sample, to_timesteps, BetaConfig, BetaSchedule, NoiseSource, PredictionType,
-    Scheduler, SchedulerKind, TimestepSpacing,
+    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config, threshold_sample,
+    to_timesteps, BetaConfig, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerKind, TimestepSpacing,
 };
 use crate::error::{Error, Result};
 
@@ -154,10 +153,7 @@ impl DpmSolverConfig {
             )
         };
         let sigma_kinds =
-            [self.use_beta_sigmas, self.use_exponential_sigmas, self.use_karras_sigmas]
-                .iter()
-                .filter(|&&b| b)
-                .count();
+            [self.use_beta_sigmas, self.use_exponential_sigmas, self.use_karras_sigmas].iter().filter(|&&b| b).count();
         if sigma_kinds > 1 {
             return Err(config_error(
                 path,
@@ -165,14 +161,9 @@ impl DpmSolverConfig {
             ));
         }
         if !(1..=3).contains(&self.solver_order) {
-            return Err(config_error(
-                path,
-                format!("solver_order must be 1, 2 or 3, got {}", self.solver_order),
-            ));
+            return Err(config_error(path, format!("solver_order must be 1, 2 or 3, got {}", self.solver_order)));
         }
-        if !self.algorithm_type.is_data_prediction()
-            && self.final_sigmas_type == FinalSigmasType::Zero
-        {
+        if !self.algorithm_type.is_data_prediction() && self.final_sigmas_type == FinalSigmasType::Zero {
             return Err(config_error(
                 path,
                 "final_sigmas_type `zero` needs algorithm_type `dpmsolver++` or `sde-dpmsolver++`; \
@@ -217,11 +208,7 @@ pub struct DpmSolverMultistepScheduler {
 
 impl DpmSolverMultistepScheduler {
     /// Builds the scheduler and sets its timesteps. `config_path` names the config in errors.
-    pub fn new(
-        config: DpmSolverConfig,
-        config_path: &Path,
-        num_inference_steps: usize,
-    ) -> Result<Self> {
+    pub fn new(config: DpmSolverConfig, config_path: &Path, num_inference_steps: usize) -> Result<Self> {
         config.validate(config_path)?;
         let mut alphas_cumprod = alphas_cumprod(&config.betas(), config_path)?;
         if config.rescale_betas_zero_snr {
@@ -277,8 +264,7 @@ impl DpmSolverMultistepScheduler {
         let train = cfg.num_train_timesteps;
         // Clip lambda(t) from below (matters for the cosine schedule): `searchsorted` of the
         // ascending (flipped) lambdas.
-        let clipped_idx =
-            self.lambdas.iter().rev().take_while(|&&l| (l as f64) < cfg.lambda_min_clipped).count();
+        let clipped_idx = self.lambdas.iter().rev().take_while(|&&l| (l as f64) < cfg.lambda_min_clipped).count();
         let last_timestep = train as i64 - clipped_idx as i64;
         let mut timesteps: Vec<i64> = match cfg.timestep_spacing {
             TimestepSpacing::Linspace => {
@@ -306,8 +292,7 @@ impl DpmSolverMultistepScheduler {
         };
 
         // sqrt((1 - a) / a) per training timestep, float32 as in the reference.
-        let train_sigmas: Vec<f32> =
-            self.alphas_cumprod.iter().map(|&a| ((1.0f32 - a) / a).sqrt()).collect();
+        let train_sigmas: Vec<f32> = self.alphas_cumprod.iter().map(|&a| ((1.0f32 - a) / a).sqrt()).collect();
         let mut sigmas: Vec<f32> = if cfg.use_karras_sigmas {
             let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
             let sigma_min = train_sigmas[0] as f64;
@@ -317,21 +302,14 @@ impl DpmSolverMultistepScheduler {
                 .iter()
                 .map(|&s| {
                     let t = sigma_to_t(s, &log_sigmas);
-                    let t = if cfg.beta_schedule != BetaSchedule::SquaredcosCapV2 {
-                        t.round_ties_even()
-                    } else {
-                        t
-                    };
+                    let t = if cfg.beta_schedule != BetaSchedule::SquaredcosCapV2 { t.round_ties_even() } else { t };
                     t as i64
                 })
                 .collect();
             karras.iter().map(|&s| s as f32).collect()
         } else {
             // `np.interp` at integer points: the training sigma, clamped at both ends.
-            timesteps
-                .iter()
-                .map(|&t| train_sigmas[t.clamp(0, train_sigmas.len() as i64 - 1) as usize])
-                .collect()
+            timesteps.iter().map(|&t| train_sigmas[t.clamp(0, train_sigmas.len() as i64 - 1) as usize]).collect()
         };
         let sigma_last = match cfg.final_sigmas_type {
             FinalSigmasType::Zero => 0.0f32,
@@ -345,13 +323,8 @@ impl DpmSolverMultistepScheduler {
     }
 
     fn index_for_timestep(&self, timestep: usize) -> usize {
-        let matches: Vec<usize> = self
-            .timesteps
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == timestep)
-            .map(|(i, _)| i)
-            .collect();
+        let matches: Vec<usize> =
+            self.timesteps.iter().enumerate().filter(|(_, &t)| t == timestep).map(|(i, _)| i).collect();
         match matches.len() {
             0 => self.timesteps.len() - 1,
             // On a repeated timestep start at its second occurrence, so that no sigma is skipped.
@@ -362,24 +335,15 @@ impl DpmSolverMultistepScheduler {
 
     /// The model output turned into what the solver integrates: x0 for the `++` variants,
     /// epsilon otherwise.
-    fn convert_model_output(
-        &self,
-        model_output: &Tensor,
-        sample: &Tensor,
-        step_index: usize,
-    ) -> Result<Tensor> {
+    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let cfg = &self.config;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
         if cfg.algorithm_type.is_data_prediction() {
             let x0 = match cfg.prediction_type {
-                PredictionType::Epsilon => {
-                    linear_combination(&[(1.0, sample), (-sigma_t, model_output)])?
-                        .affine((1.0f32 / alpha_t) as f64, 0.0)?
-                }
+                PredictionType::Epsilon => linear_combination(&[(1.0, sample), (-sigma_t, model_output)])?
+                    .affine((1.0f32 / alpha_t) as f64, 0.0)?,
                 PredictionType::Sample => model_output.clone(),
-                PredictionType::VPrediction => {
-                    linear_combination(&[(alpha_t, sample), (-sigma_t, model_output)])?
-                }
+                PredictionType::VPrediction => linear_combination(&[(alpha_t, sample), (-sigma_t, model_output)])?,
                 PredictionType::FlowPrediction => unreachable!("rejected when built"),
             };
             if cfg.thresholding {
@@ -389,46 +353,34 @@ impl DpmSolverMultistepScheduler {
         } else {
             let eps = match cfg.prediction_type {
                 PredictionType::Epsilon => model_output.clone(),
-                PredictionType::Sample => {
-                    linear_combination(&[(1.0, sample), (-alpha_t, model_output)])?
-                        .affine((1.0f32 / sigma_t) as f64, 0.0)?
-                }
-                PredictionType::VPrediction => {
-                    linear_combination(&[(alpha_t, model_output), (sigma_t, sample)])?
-                }
+                PredictionType::Sample => linear_combination(&[(1.0, sample), (-alpha_t, model_output)])?
+                    .affine((1.0f32 / sigma_t) as f64, 0.0)?,
+                PredictionType::VPrediction => linear_combination(&[(alpha_t, model_output), (sigma_t, sample)])?,
                 PredictionType::FlowPrediction => unreachable!("rejected when built"),
             };
             if cfg.thresholding {
-                let x0 = linear_combination(&[(1.0, sample), (-sigma_t, &eps)])?
-                    .affine((1.0f32 / alpha_t) as f64, 0.0)?;
                 let x0 =
-                    threshold_sample(&x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)?;
-                return Ok(linear_combination(&[(1.0, sample), (-alpha_t, &x0)])?
-                    .affine((1.0f32 / sigma_t) as f64, 0.0)?);
+                    linear_combination(&[(1.0, sample), (-sigma_t, &eps)])?.affine((1.0f32 / alpha_t) as f64, 0.0)?;
+                let x0 = threshold_sample(&x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)?;
+                return Ok(
+                    linear_combination(&[(1.0, sample), (-alpha_t, &x0)])?.affine((1.0f32 / sigma_t) as f64, 0.0)?
+                );
             }
             Ok(eps)
         }
     }
 
-    fn first_order_update(
-        &self,
-        m0: &Tensor,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-        i: usize,
-    ) -> Result<Tensor> {
+    fn first_order_update(&self, m0: &Tensor, sample: &Tensor, noise: Option<&Tensor>, i: usize) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
         match self.config.algorithm_type {
-            AlgorithmType::DpmSolverPlusPlus => linear_combination(&[
-                (sigma_t / sigma_s, sample),
-                (-(alpha_t * ((-h).exp() - 1.0)), m0),
-            ]),
-            AlgorithmType::DpmSolver => linear_combination(&[
-                (alpha_t / alpha_s, sample),
-                (-(sigma_t * (h.exp() - 1.0)), m0),
-            ]),
+            AlgorithmType::DpmSolverPlusPlus => {
+                linear_combination(&[(sigma_t / sigma_s, sample), (-(alpha_t * ((-h).exp() - 1.0)), m0)])
+            }
+            AlgorithmType::DpmSolver => {
+                linear_combination(&[(alpha_t / alpha_s, sample), (-(sigma_t * (h.exp() - 1.0)), m0)])
+            }
             AlgorithmType::SdeDpmSolverPlusPlus => {
                 let noise = noise.expect("sde variants draw noise");
                 let e2 = (-2.0f32 * h).exp();
@@ -449,20 +401,11 @@ impl DpmSolverMultistepScheduler {
         }
     }
 
-    fn second_order_update(
-        &self,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-        i: usize,
-    ) -> Result<Tensor> {
+    fn second_order_update(&self, sample: &Tensor, noise: Option<&Tensor>, i: usize) -> Result<Tensor> {
         let n = self.model_outputs.len();
         let (m0, m1) = match (&self.model_outputs[n - 1], &self.model_outputs[n - 2]) {
             (Some(m0), Some(m1)) => (m0, m1),
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "DPM-Solver second-order step without history".into(),
-                ))
-            }
+            _ => return Err(Error::InvalidArgument("DPM-Solver second-order step without history".into())),
         };
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
@@ -479,8 +422,7 @@ impl DpmSolverMultistepScheduler {
         match self.config.algorithm_type {
             AlgorithmType::DpmSolverPlusPlus => {
                 let c = alpha_t * ((-h).exp() - 1.0);
-                let c1 =
-                    if midpoint { -(0.5f32 * c) } else { alpha_t * (((-h).exp() - 1.0) / h + 1.0) };
+                let c1 = if midpoint { -(0.5f32 * c) } else { alpha_t * (((-h).exp() - 1.0) / h + 1.0) };
                 linear_combination(&[(sigma_t / sigma_s0, sample), (-c, d0), (c1, &d1)])
             }
             AlgorithmType::DpmSolver => {
@@ -492,11 +434,7 @@ impl DpmSolverMultistepScheduler {
                 let noise = noise.expect("sde variants draw noise");
                 let e2 = (-2.0f32 * h).exp();
                 let c = alpha_t * (1.0 - e2);
-                let c1 = if midpoint {
-                    0.5f32 * c
-                } else {
-                    alpha_t * ((1.0 - e2) / (-2.0f32 * h) + 1.0)
-                };
+                let c1 = if midpoint { 0.5f32 * c } else { alpha_t * ((1.0 - e2) / (-2.0f32 * h) + 1.0) };
                 linear_combination(&[
                     (sigma_t / sigma_s0 * (-h).exp(), sample),
                     (c, d0),
@@ -507,8 +445,7 @@ impl DpmSolverMultistepScheduler {
             AlgorithmType::SdeDpmSolver => {
                 let noise = noise.expect("sde variants draw noise");
                 let c = sigma_t * (h.exp() - 1.0);
-                let c1 =
-                    if midpoint { c } else { 2.0f32 * (sigma_t * ((h.exp() - 1.0) / h - 1.0)) };
+                let c1 = if midpoint { c } else { 2.0f32 * (sigma_t * ((h.exp() - 1.0) / h - 1.0)) };
                 linear_combination(&[
                     (alpha_t / alpha_s0, sample),
                     (-(2.0f32 * c), d0),
@@ -519,24 +456,11 @@ impl DpmSolverMultistepScheduler {
         }
     }
 
-    fn third_order_update(
-        &self,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-        i: usize,
-    ) -> Result<Tensor> {
+    fn third_order_update(&self, sample: &Tensor, noise: Option<&Tensor>, i: usize) -> Result<Tensor> {
         let n = self.model_outputs.len();
-        let (m0, m1, m2) = match (
-            &self.model_outputs[n - 1],
-            &self.model_outputs[n - 2],
-            &self.model_outputs[n - 3],
-        ) {
+        let (m0, m1, m2) = match (&self.model_outputs[n - 1], &self.model_outputs[n - 2], &self.model_outputs[n - 3]) {
             (Some(a), Some(b), Some(c)) => (a, b, c),
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "DPM-Solver third-order step without history".into(),
-                ))
-            }
+            _ => return Err(Error::InvalidArgument("DPM-Solver third-order step without history".into())),
         };
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
@@ -612,10 +536,7 @@ fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0f64;
     let min_inv = sigma_min.powf(1.0 / rho);
     let max_inv = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
+    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
 }
 
 /// The (fractional) training timestep of a sigma, interpolating log-sigma linearly.
@@ -641,16 +562,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         if n == 0 {
-            return Err(Error::InvalidArgument(
-                "the number of inference steps must be at least 1".into(),
-            ));
+            return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
         }
         let (timesteps, sigmas) = self.compute_schedule(n)?;
         if timesteps.is_empty() {
-            return Err(config_error(
-                &self.config_path,
-                format!("the schedule for {n} steps is empty"),
-            ));
+            return Err(config_error(&self.config_path, format!("the schedule for {n} steps is empty")));
         }
         self.timesteps = to_timesteps(&timesteps, n)?;
         self.sigmas = sigmas;
@@ -700,8 +616,8 @@ impl Scheduler for DpmSolverMultistepScheduler {
         }
         let cfg = &self.config;
         let few_steps = cfg.lower_order_final && len < 15;
-        let lower_order_final = i == len - 1
-            && (cfg.euler_at_final || few_steps || cfg.final_sigmas_type == FinalSigmasType::Zero);
+        let lower_order_final =
+            i == len - 1 && (cfg.euler_at_final || few_steps || cfg.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = len >= 2 && i == len - 2 && few_steps;
 
         let out_dtype = model_output.dtype();

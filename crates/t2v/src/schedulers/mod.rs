@@ -230,10 +230,8 @@ pub fn load_scheduler_config(path: &Path) -> Result<serde_json::Value> {
 /// float fields accept.
 pub fn parse_scheduler_config(text: &str, path: &Path) -> Result<serde_json::Value> {
     let cleaned = quote_non_finite_tokens(text);
-    serde_json::from_str(&cleaned).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        reason: format!("invalid JSON: {e}"),
-    })
+    serde_json::from_str(&cleaned)
+        .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("invalid JSON: {e}") })
 }
 
 fn quote_non_finite_tokens(text: &str) -> String {
@@ -276,14 +274,9 @@ fn quote_non_finite_tokens(text: &str) -> String {
 /// in `_use_default_values` (present in the config of an in-memory diffusers scheduler, never
 /// in a saved file) and `null` values are dropped so that the scheduler's own defaults apply;
 /// unknown keys are ignored by the structs.
-pub(crate) fn parse_config<T: DeserializeOwned>(
-    value: &serde_json::Value,
-    path: &Path,
-) -> Result<T> {
+pub(crate) fn parse_config<T: DeserializeOwned>(value: &serde_json::Value, path: &Path) -> Result<T> {
     let config_err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
-    let object = value
-        .as_object()
-        .ok_or_else(|| config_err("a scheduler config must be a JSON object".to_string()))?;
+    let object = value.as_object().ok_or_else(|| config_err("a scheduler config must be a JSON object".to_string()))?;
     let used_defaults: Vec<&str> = object
         .get("_use_default_values")
         .and_then(|v| v.as_array())
@@ -294,8 +287,7 @@ pub(crate) fn parse_config<T: DeserializeOwned>(
         .filter(|(k, v)| !v.is_null() && !used_defaults.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    serde_json::from_value(serde_json::Value::Object(filtered))
-        .map_err(|e| config_err(e.to_string()))
+    serde_json::from_value(serde_json::Value::Object(filtered)).map_err(|e| config_err(e.to_string()))
 }
 
 /// Writes a float config value as [`de_float`] reads it: non-finite values as `"-Infinity"`,
@@ -313,7 +305,11 @@ pub(crate) fn ser_float<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::
 /// any class): the keys that class knows, from the config or its defaults, under diffusers'
 /// names, with `_class_name` set to the class (what diffusers' `Scheduler.from_config(config)
 /// .config` holds). `path` is only used in error messages.
-pub fn effective_config(kind: SchedulerKind, config_json: &serde_json::Value, path: &Path) -> Result<serde_json::Value> {
+pub fn effective_config(
+    kind: SchedulerKind,
+    config_json: &serde_json::Value,
+    path: &Path,
+) -> Result<serde_json::Value> {
     let value = match kind {
         SchedulerKind::Ddim => serde_json::to_value(DdimConfig::from_json(config_json, path)?),
         SchedulerKind::DpmSolverMultistep => serde_json::to_value(DpmSolverConfig::from_json(config_json, path)?),
@@ -341,9 +337,9 @@ pub(crate) fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f
             "-infinity" | "-inf" => Ok(f64::NEG_INFINITY),
             "infinity" | "inf" | "+inf" | "+infinity" => Ok(f64::INFINITY),
             "nan" => Ok(f64::NAN),
-            other => other
-                .parse::<f64>()
-                .map_err(|_| serde::de::Error::custom(format!("expected a number, found \"{s}\""))),
+            other => {
+                other.parse::<f64>().map_err(|_| serde::de::Error::custom(format!("expected a number, found \"{s}\"")))
+            }
         },
     }
 }
@@ -401,22 +397,17 @@ pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> 
         if trained.len() != n {
             return Err(config_error(
                 path,
-                format!(
-                    "trained_betas has {} values but num_train_timesteps is {n}",
-                    trained.len()
-                ),
+                format!("trained_betas has {} values but num_train_timesteps is {n}", trained.len()),
             ));
         }
         trained.iter().map(|&b| b as f32).collect()
     } else {
         match cfg.beta_schedule {
             BetaSchedule::Linear => torch_linspace_f32(cfg.beta_start, cfg.beta_end, n),
-            BetaSchedule::ScaledLinear => {
-                torch_linspace_f32(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
-            }
+            BetaSchedule::ScaledLinear => torch_linspace_f32(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
             BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(n, 0.999),
         }
     };
@@ -442,13 +433,7 @@ pub(crate) fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32>
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| {
-            if i < halfway {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
+        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
         .collect()
 }
 
@@ -557,8 +542,7 @@ pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize) -> Result
 /// reference's tensor expressions are (`a*x - b*y` equals `a*x + (-b)*y` exactly).
 pub(crate) fn linear_combination(terms: &[(f32, &Tensor)]) -> Result<Tensor> {
     let mut iter = terms.iter();
-    let (c0, x0) =
-        iter.next().ok_or_else(|| Error::InvalidArgument("empty linear combination".into()))?;
+    let (c0, x0) = iter.next().ok_or_else(|| Error::InvalidArgument("empty linear combination".into()))?;
     let mut acc = x0.affine(*c0 as f64, 0.0)?;
     for (c, x) in iter {
         acc = (acc + x.affine(*c as f64, 0.0)?)?;
@@ -627,8 +611,7 @@ mod tests {
     #[test]
     fn dynamic_thresholding_follows_torch_quantile() {
         let dev = candle_core::Device::Cpu;
-        let x = Tensor::new(&[[0.5f32, -3.0, 2.0, 1.0, -1.5], [0.1, 0.2, -0.3, 0.4, 0.5]], &dev)
-            .unwrap();
+        let x = Tensor::new(&[[0.5f32, -3.0, 2.0, 1.0, -1.5], [0.1, 0.2, -0.3, 0.4, 0.5]], &dev).unwrap();
         // ratio 0.5: rank 2 of |x| sorted -> s = 1.5 (row 0); row 1's s < 1 is raised to 1
         let y = threshold_sample(&x, 0.5, 10.0).unwrap().to_vec2::<f32>().unwrap();
         let expect0 = [0.5 / 1.5, -1.0, 1.0, 1.0 / 1.5, -1.0];
@@ -659,9 +642,7 @@ mod tests {
         assert_eq!(ac[1], 0.9982960224151611f64 as f32);
         assert_eq!(ac[500], 0.27633246779441833f64 as f32);
         assert_eq!(ac[999], 0.00466009508818388f64 as f32);
-        let zsnr =
-            alphas_cumprod(&BetaConfig { rescale_betas_zero_snr: true, ..cfg }, Path::new("x"))
-                .unwrap();
+        let zsnr = alphas_cumprod(&BetaConfig { rescale_betas_zero_snr: true, ..cfg }, Path::new("x")).unwrap();
         assert!(zsnr[999].abs() < 1e-6 && (zsnr[0] - ac[0]).abs() < 1e-6);
     }
 }

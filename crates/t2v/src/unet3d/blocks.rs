@@ -32,7 +32,13 @@ struct Layer {
     attention: Option<(Transformer2DModel, TransformerTemporalModel)>,
 }
 
-fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, cfg: &LevelConfig, output_scale_factor: f64) -> candle_core::Result<ResnetBlock2D> {
+fn resnet(
+    vb: VarBuilder,
+    in_ch: usize,
+    out_ch: usize,
+    cfg: &LevelConfig,
+    output_scale_factor: f64,
+) -> candle_core::Result<ResnetBlock2D> {
     let rcfg =
         ResnetConfig { groups: cfg.groups, eps: cfg.eps, temb_channels: Some(cfg.temb_channels), output_scale_factor };
     ResnetBlock2D::new(vb, in_ch, out_ch, rcfg)
@@ -114,7 +120,13 @@ impl DownBlock {
     }
 
     /// Returns the output and the skip connections it adds for the up path.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        frames: usize,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let first = self.forward_prefix(xs, temb, frames)?;
         self.forward_after_prefix(&first, temb, context, frames)
     }
@@ -158,7 +170,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(vb: VarBuilder, channels: usize, output_scale_factor: f64, cfg: &LevelConfig) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        output_scale_factor: f64,
+        cfg: &LevelConfig,
+    ) -> candle_core::Result<Self> {
         let (spatial, temporal) = attentions(&vb, 0, channels, cfg)?;
         Ok(Self {
             first_resnet: resnet(vb.pp("resnets.0"), channels, channels, cfg, output_scale_factor)?,

@@ -31,7 +31,10 @@ struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        Ok(Self { linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?, linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -119,7 +122,10 @@ impl Config {
             ));
         }
         if self.num_attention_heads.is_some() {
-            return bad("num_attention_heads must be null: UNet3DConditionModel takes the head size from attention_head_dim".into());
+            return bad(
+                "num_attention_heads must be null: UNet3DConditionModel takes the head size from attention_head_dim"
+                    .into(),
+            );
         }
         if self.act_fn != "silu" && self.act_fn != "swish" {
             return bad(format!("act_fn `{}` is not supported (only silu)", self.act_fn));
@@ -273,7 +279,12 @@ impl UNet3DConditionModel {
     /// latents repeated n times, but what comes before the first cross-attention (the input
     /// convolution, the input temporal transformer, the first ResNet and temporal convolution)
     /// depends only on the latents and the timestep, so it is computed once.
-    pub fn forward_shared_latents(&self, latents: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward_shared_latents(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         if latents.dim(0)? != 1 {
             return Err(Error::InvalidArgument("forward_shared_latents takes the latents of one video".into()));
         }

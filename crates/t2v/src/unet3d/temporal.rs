@@ -82,8 +82,13 @@ impl TransformerTemporalModel {
         norm_num_groups: usize,
     ) -> candle_core::Result<Self> {
         let inner = heads * dim_head;
-        let block =
-            BasicTransformerBlock::new(vb.pp("transformer_blocks.0"), inner, heads, dim_head, SecondAttention::SelfAgain)?;
+        let block = BasicTransformerBlock::new(
+            vb.pp("transformer_blocks.0"),
+            inner,
+            heads,
+            dim_head,
+            SecondAttention::SelfAgain,
+        )?;
         Ok(Self {
             norm: group_norm(norm_num_groups, in_channels, 1e-6, vb.pp("norm"))?,
             proj_in: linear(in_channels, inner, vb.pp("proj_in"))?,

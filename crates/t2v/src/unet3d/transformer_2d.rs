@@ -48,7 +48,8 @@ impl Transformer2DModel {
     pub fn forward(&self, xs: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let mut tokens = self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
+        let mut tokens =
+            self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, Some((context, frames)))?;
         }

@@ -98,7 +98,14 @@ impl VaeEncoder {
             out_ch = ch;
             let block = enc.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock2D::new(block.pp("resnets").pp(j), if j == 0 { prev } else { out_ch }, out_ch, resnet_cfg))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        block.pp("resnets").pp(j),
+                        if j == 0 { prev } else { out_ch },
+                        out_ch,
+                        resnet_cfg,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let downsample = if i + 1 < channels.len() {
                 Some(conv2d(out_ch, out_ch, 3, 2, 0, block.pp("downsamplers.0.conv"))?)
@@ -108,11 +115,8 @@ impl VaeEncoder {
             down_blocks.push(DownEncoderBlock { resnets, downsample });
         }
         let moments = 2 * cfg.latent_channels;
-        let quant_conv = if cfg.use_quant_conv {
-            Some(conv2d(moments, moments, 1, 1, 0, vb.pp("quant_conv"))?)
-        } else {
-            None
-        };
+        let quant_conv =
+            if cfg.use_quant_conv { Some(conv2d(moments, moments, 1, 1, 0, vb.pp("quant_conv"))?) } else { None };
         Ok(Self {
             conv_in: conv2d(cfg.in_channels, channels[0], 3, 1, 1, enc.pp("conv_in"))?,
             down_blocks,

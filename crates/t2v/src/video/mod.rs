@@ -44,12 +44,7 @@ pub enum VideoFormat {
 }
 
 impl VideoFormat {
-    pub const ALL: [VideoFormat; 4] = [
-        VideoFormat::Mp4,
-        VideoFormat::Gif,
-        VideoFormat::PngFrames,
-        VideoFormat::Npy,
-    ];
+    pub const ALL: [VideoFormat; 4] = [VideoFormat::Mp4, VideoFormat::Gif, VideoFormat::PngFrames, VideoFormat::Npy];
 
     /// Picks the format from the output path: `.mp4`, `.gif`, `.npy` (case-insensitive), or a
     /// path without an extension (or ending in a slash, or an existing folder with another
@@ -107,12 +102,7 @@ impl std::fmt::Display for VideoFormat {
 impl FromStr for VideoFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s
-            .trim()
-            .trim_start_matches('.')
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        match s.trim().trim_start_matches('.').to_ascii_lowercase().as_str() {
             "mp4" | "h264" => Ok(VideoFormat::Mp4),
             "gif" => Ok(VideoFormat::Gif),
             "png" | "pngs" | "png-frames" | "frames" => Ok(VideoFormat::PngFrames),
@@ -159,10 +149,7 @@ impl FromStr for Quality {
     /// Parses `N`, `qp=N` or `qpN` with N in 12..=51.
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        let num = t
-            .strip_prefix("qp")
-            .map(|r| r.trim_start_matches(['=', ':']))
-            .unwrap_or(&t);
+        let num = t.strip_prefix("qp").map(|r| r.trim_start_matches(['=', ':'])).unwrap_or(&t);
         match num.parse::<u8>() {
             Ok(q) if (Quality::MIN_QP..=Quality::MAX_QP).contains(&q) => Ok(Quality::Qp(q)),
             _ => Err(Error::InvalidArgument(format!(
@@ -191,11 +178,7 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        EncodeOptions {
-            fps: DEFAULT_FPS,
-            quality: Quality::default(),
-            metadata: None,
-        }
+        EncodeOptions { fps: DEFAULT_FPS, quality: Quality::default(), metadata: None }
     }
 }
 
@@ -211,12 +194,7 @@ pub struct Frames<'a> {
 impl<'a> Frames<'a> {
     /// Wraps `data`, checking that its length is `frames * height * width * 3`.
     pub fn new(data: &'a [f32], frames: usize, height: usize, width: usize) -> Result<Self> {
-        let f = Frames {
-            data,
-            frames,
-            height,
-            width,
-        };
+        let f = Frames { data, frames, height, width };
         f.validate()?;
         Ok(f)
     }
@@ -229,11 +207,8 @@ impl<'a> Frames<'a> {
                 self.frames, self.width, self.height
             )));
         }
-        let expected = self
-            .frames
-            .checked_mul(self.height)
-            .and_then(|v| v.checked_mul(self.width))
-            .and_then(|v| v.checked_mul(3));
+        let expected =
+            self.frames.checked_mul(self.height).and_then(|v| v.checked_mul(self.width)).and_then(|v| v.checked_mul(3));
         if expected != Some(self.data.len()) {
             return Err(Error::InvalidArgument(format!(
                 "frame data has {} values, but {} frames of {}x{} RGB pixels need {}",

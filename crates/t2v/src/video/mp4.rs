@@ -14,9 +14,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use openh264::encoder::{
-    BitRate, ColorPrimaries, Complexity, Encoder, EncoderConfig, FrameRate, FrameType,
-    IntraFramePeriod, MatrixCoefficients, QpRange, RateControlMode, TransferCharacteristics,
-    VuiConfig,
+    BitRate, ColorPrimaries, Complexity, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod,
+    MatrixCoefficients, QpRange, RateControlMode, TransferCharacteristics, VuiConfig,
 };
 use openh264::formats::YUVSlices;
 use openh264::OpenH264API;
@@ -34,10 +33,7 @@ const MAX_SLICE_BYTES: u32 = 32_000;
 const ENCODER_TAG: &str = concat!("t2v ", env!("CARGO_PKG_VERSION"), " (openh264)");
 
 fn encode_err(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::io(
-        path,
-        io::Error::other(format!("MP4 encoding failed: {msg}")),
-    )
+    Error::io(path, io::Error::other(format!("MP4 encoding failed: {msg}")))
 }
 
 /// Padded (even) size used for the H.264 stream: odd widths/heights are padded by one row/column
@@ -57,13 +53,7 @@ struct I420 {
 
 impl I420 {
     fn new(pw: usize, ph: usize) -> Self {
-        I420 {
-            pw,
-            ph,
-            y: vec![0; pw * ph],
-            u: vec![0; pw * ph / 4],
-            v: vec![0; pw * ph / 4],
-        }
+        I420 { pw, ph, y: vec![0; pw * ph], u: vec![0; pw * ph / 4], v: vec![0; pw * ph / 4] }
     }
 
     /// BT.601 limited-range conversion of one `w` x `h` frame (f32 RGB in [0,1], HWC), padding
@@ -74,25 +64,12 @@ impl I420 {
     }
 
     fn source(&self) -> YUVSlices<'_> {
-        YUVSlices::new(
-            (&self.y, &self.u, &self.v),
-            (self.pw, self.ph),
-            (self.pw, self.pw / 2, self.pw / 2),
-        )
+        YUVSlices::new((&self.y, &self.u, &self.v), (self.pw, self.ph), (self.pw, self.pw / 2, self.pw / 2))
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rgb_to_i420(
-    rgb: &[f32],
-    w: usize,
-    h: usize,
-    pw: usize,
-    ph: usize,
-    y: &mut [u8],
-    u: &mut [u8],
-    v: &mut [u8],
-) {
+fn rgb_to_i420(rgb: &[f32], w: usize, h: usize, pw: usize, ph: usize, y: &mut [u8], u: &mut [u8], v: &mut [u8]) {
     const KR: f32 = 0.299;
     const KB: f32 = 0.114;
     const KG: f32 = 1.0 - KR - KB;
@@ -164,9 +141,7 @@ pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> 
         .scene_change_detect(false)
         .max_frame_rate(FrameRate::from_hz(opts.fps as f32))
         .complexity(Complexity::High)
-        .intra_frame_period(IntraFramePeriod::from_num_frames(
-            opts.fps.saturating_mul(4).max(1),
-        ))
+        .intra_frame_period(IntraFramePeriod::from_num_frames(opts.fps.saturating_mul(4).max(1)))
         .num_threads(1)
         // Size-limited slices: openh264 sizes its output buffer for about 1 byte per luma pixel per
         // NAL unit (it needs 1.5x the payload free), which high-quality noise exceeds with a single
@@ -180,31 +155,18 @@ pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> 
                 .matrix_coefficients(MatrixCoefficients::Smpte170M)
                 .full_range(false),
         );
-    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
-        .map_err(|e| encode_err(path, e))?;
+    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| encode_err(path, e))?;
     // openh264 logs warnings to stderr while it initialises (before the wrapper applies the
     // configured trace level), e.g. about frame skipping being off. Silence it up front.
-    let mut level = if debug {
-        openh264_sys2::WELS_LOG_DETAIL
-    } else {
-        openh264_sys2::WELS_LOG_QUIET
-    } as u32;
+    let mut level = if debug { openh264_sys2::WELS_LOG_DETAIL } else { openh264_sys2::WELS_LOG_QUIET } as u32;
     // SAFETY: TRACE_LEVEL is explicitly allowed before initialisation; openh264 reads one u32
     // from the pointer, which is valid for the duration of the call.
     unsafe {
-        encoder.raw_api().set_option(
-            openh264_sys2::ENCODER_OPTION_TRACE_LEVEL,
-            (&raw mut level).cast(),
-        );
+        encoder.raw_api().set_option(openh264_sys2::ENCODER_OPTION_TRACE_LEVEL, (&raw mut level).cast());
     }
 
     let mut muxer = muxide::api::MuxerBuilder::new(Vec::<u8>::new())
-        .video(
-            muxide::api::VideoCodec::H264,
-            pw as u32,
-            ph as u32,
-            opts.fps as f64,
-        )
+        .video(muxide::api::VideoCodec::H264, pw as u32, ph as u32, opts.fps as f64)
         .with_fast_start(true)
         .build()
         .map_err(|e| encode_err(path, e))?;
@@ -213,30 +175,22 @@ pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> 
     let mut nal = Vec::new();
     for i in 0..frames.frames {
         pic.fill(frames.frame(i), w, h);
-        let bs = encoder
-            .encode(&pic.source())
-            .map_err(|e| encode_err(path, e))?;
+        let bs = encoder.encode(&pic.source()).map_err(|e| encode_err(path, e))?;
         let ftype = bs.frame_type();
         nal.clear();
         bs.write_vec(&mut nal);
         if nal.is_empty() || matches!(ftype, FrameType::Skip | FrameType::Invalid) {
-            return Err(encode_err(
-                path,
-                format!("the encoder produced no data for frame {i} ({ftype:?})"),
-            ));
+            return Err(encode_err(path, format!("the encoder produced no data for frame {i} ({ftype:?})")));
         }
         let keyframe = matches!(ftype, FrameType::IDR);
         let pts = i as f64 / opts.fps as f64;
-        muxer
-            .write_video(pts, &nal, keyframe)
-            .map_err(|e| encode_err(path, e))?;
+        muxer.write_video(pts, &nal, keyframe).map_err(|e| encode_err(path, e))?;
     }
     muxer.finish_in_place().map_err(|e| encode_err(path, e))?;
     let mp4 = muxer.into_writer();
 
     let frame_ticks = (MEDIA_TIMESCALE as f64 / opts.fps as f64).round().max(1.0) as u64;
-    postprocess(mp4, opts.metadata.as_deref(), frames.frames, frame_ticks)
-        .map_err(|e| encode_err(path, e))
+    postprocess(mp4, opts.metadata.as_deref(), frames.frames, frame_ticks).map_err(|e| encode_err(path, e))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,10 +220,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 /// The boxes directly inside `buf[range]`.
-fn child_boxes(
-    buf: &[u8],
-    range: std::ops::Range<usize>,
-) -> std::result::Result<Vec<BoxRef>, String> {
+fn child_boxes(buf: &[u8], range: std::ops::Range<usize>) -> std::result::Result<Vec<BoxRef>, String> {
     let mut out = Vec::new();
     let mut pos = range.start;
     while pos < range.end {
@@ -294,12 +245,7 @@ fn child_boxes(
                 String::from_utf8_lossy(&typ)
             ));
         }
-        out.push(BoxRef {
-            typ,
-            start: pos,
-            header,
-            end: pos + size as usize,
-        });
+        out.push(BoxRef { typ, start: pos, header, end: pos + size as usize });
         pos += size as usize;
     }
     Ok(out)
@@ -335,16 +281,10 @@ fn build_udta(comment: Option<&str>) -> Vec<u8> {
     make_box(b"udta", &make_box(b"meta", &meta))
 }
 
-const CONTAINERS: [&[u8; 4]; 8] = [
-    b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"mvex", b"dinf",
-];
+const CONTAINERS: [&[u8; 4]; 8] = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"mvex", b"dinf"];
 
 /// Calls `f` on every box in the tree under `range` (descending into the usual containers).
-fn walk(
-    buf: &[u8],
-    range: std::ops::Range<usize>,
-    f: &mut dyn FnMut(&BoxRef),
-) -> std::result::Result<(), String> {
+fn walk(buf: &[u8], range: std::ops::Range<usize>, f: &mut dyn FnMut(&BoxRef)) -> std::result::Result<(), String> {
     for b in child_boxes(buf, range)? {
         f(&b);
         if CONTAINERS.contains(&&b.typ) {
@@ -364,24 +304,15 @@ fn postprocess(
     frame_ticks: u64,
 ) -> std::result::Result<Vec<u8>, String> {
     let top = child_boxes(&mp4, 0..mp4.len())?;
-    let moov = *top
-        .iter()
-        .find(|b| &b.typ == b"moov")
-        .ok_or("muxide wrote no moov box")?;
-    let mdat = top
-        .iter()
-        .find(|b| &b.typ == b"mdat")
-        .ok_or("muxide wrote no mdat box")?;
+    let moov = *top.iter().find(|b| &b.typ == b"moov").ok_or("muxide wrote no moov box")?;
+    let mdat = top.iter().find(|b| &b.typ == b"mdat").ok_or("muxide wrote no mdat box")?;
     if moov.start > mdat.start {
         return Err("muxide wrote mdat before moov (not fast-start)".into());
     }
     if moov.header != 8 {
         return Err("unexpected 64-bit moov size".into());
     }
-    if child_boxes(&mp4, moov.payload())?
-        .iter()
-        .any(|b| &b.typ == b"udta")
-    {
+    if child_boxes(&mp4, moov.payload())?.iter().any(|b| &b.typ == b"udta") {
         return Err("muxide already wrote a udta box".into());
     }
 
@@ -411,8 +342,7 @@ fn postprocess(
                 let at = p + 8 + 4 * k;
                 let v = be32(&mp4, at) as u64;
                 if v >= moov.end as u64 {
-                    let nv =
-                        u32::try_from(v + delta as u64).map_err(|_| "chunk offset overflow")?;
+                    let nv = u32::try_from(v + delta as u64).map_err(|_| "chunk offset overflow")?;
                     mp4[at..at + 4].copy_from_slice(&nv.to_be_bytes());
                 }
             }
@@ -424,11 +354,7 @@ fn postprocess(
     Ok(mp4)
 }
 
-fn fix_single_frame_duration(
-    mp4: &mut [u8],
-    moov: BoxRef,
-    ticks: u64,
-) -> std::result::Result<(), String> {
+fn fix_single_frame_duration(mp4: &mut [u8], moov: BoxRef, ticks: u64) -> std::result::Result<(), String> {
     let movie = (ticks * MOVIE_TIMESCALE).div_ceil(MEDIA_TIMESCALE);
     let mut found = Vec::new();
     walk(mp4, moov.payload(), &mut |b| found.push(*b))?;
@@ -437,24 +363,12 @@ fn fix_single_frame_duration(
         let version = mp4[p];
         // (offset of the duration field, is it 64-bit, value)
         let field = match &b.typ {
-            b"mvhd" => Some(if version == 1 {
-                (p + 4 + 8 + 8 + 4, true)
-            } else {
-                (p + 4 + 4 + 4 + 4, false)
-            })
-            .map(|(o, l)| (o, l, movie)),
-            b"tkhd" => Some(if version == 1 {
-                (p + 4 + 8 + 8 + 4 + 4, true)
-            } else {
-                (p + 4 + 4 + 4 + 4 + 4, false)
-            })
-            .map(|(o, l)| (o, l, movie)),
-            b"mdhd" => Some(if version == 1 {
-                (p + 4 + 8 + 8 + 4, true)
-            } else {
-                (p + 4 + 4 + 4 + 4, false)
-            })
-            .map(|(o, l)| (o, l, ticks)),
+            b"mvhd" => Some(if version == 1 { (p + 4 + 8 + 8 + 4, true) } else { (p + 4 + 4 + 4 + 4, false) })
+                .map(|(o, l)| (o, l, movie)),
+            b"tkhd" => Some(if version == 1 { (p + 4 + 8 + 8 + 4 + 4, true) } else { (p + 4 + 4 + 4 + 4 + 4, false) })
+                .map(|(o, l)| (o, l, movie)),
+            b"mdhd" => Some(if version == 1 { (p + 4 + 8 + 8 + 4, true) } else { (p + 4 + 4 + 4 + 4, false) })
+                .map(|(o, l)| (o, l, ticks)),
             b"stts" => {
                 if be32(mp4, p + 4) != 1 || be32(mp4, p + 8) != 1 {
                     return Err("unexpected stts for a one-frame clip".into());
@@ -489,23 +403,16 @@ fn fix_single_frame_duration(
 /// [`EncodeOptions::metadata`]. `Ok(None)` for an MP4 without one; an error if the file cannot
 /// be read or is not an MP4. Reads only the box headers and the moov box, not the media data.
 pub fn read_mp4_metadata(path: &Path) -> Result<Option<String>> {
-    let invalid = |why: String| {
-        Error::InvalidArgument(format!(
-            "{} is not a readable MP4 file: {why}",
-            path.display()
-        ))
-    };
+    let invalid = |why: String| Error::InvalidArgument(format!("{} is not a readable MP4 file: {why}", path.display()));
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut pos = 0u64;
     let mut first = true;
     while pos < len {
         let mut hdr = [0u8; 16];
-        f.seek(SeekFrom::Start(pos))
-            .map_err(|e| Error::io(path, e))?;
+        f.seek(SeekFrom::Start(pos)).map_err(|e| Error::io(path, e))?;
         let avail = (len - pos).min(16) as usize;
-        f.read_exact(&mut hdr[..avail])
-            .map_err(|e| Error::io(path, e))?;
+        f.read_exact(&mut hdr[..avail]).map_err(|e| Error::io(path, e))?;
         if avail < 8 {
             return Err(invalid(format!("truncated box header at byte {pos}")));
         }
@@ -521,17 +428,14 @@ pub fn read_mp4_metadata(path: &Path) -> Result<Option<String>> {
             s => (s as u64, 8),
         };
         if size < header || size > len - pos {
-            return Err(invalid(format!(
-                "box at byte {pos} has an impossible size {size}"
-            )));
+            return Err(invalid(format!("box at byte {pos} has an impossible size {size}")));
         }
         if &typ == b"moov" {
             if size > 256 << 20 {
                 return Err(invalid("moov box larger than 256 MiB".into()));
             }
             let mut moov = vec![0u8; (size - header) as usize];
-            f.seek(SeekFrom::Start(pos + header))
-                .map_err(|e| Error::io(path, e))?;
+            f.seek(SeekFrom::Start(pos + header)).map_err(|e| Error::io(path, e))?;
             f.read_exact(&mut moov).map_err(|e| Error::io(path, e))?;
             return find_comment(&moov).map_err(invalid);
         }
@@ -542,28 +446,16 @@ pub fn read_mp4_metadata(path: &Path) -> Result<Option<String>> {
 
 /// Finds `udta/meta/ilst/©cmt/data` in a moov payload.
 fn find_comment(moov: &[u8]) -> std::result::Result<Option<String>, String> {
-    for udta in child_boxes(moov, 0..moov.len())?
-        .iter()
-        .filter(|b| &b.typ == b"udta")
-    {
-        for meta in child_boxes(moov, udta.payload())?
-            .iter()
-            .filter(|b| &b.typ == b"meta")
-        {
+    for udta in child_boxes(moov, 0..moov.len())?.iter().filter(|b| &b.typ == b"udta") {
+        for meta in child_boxes(moov, udta.payload())?.iter().filter(|b| &b.typ == b"meta") {
             let mut r = meta.payload();
             // ISO meta is a full box (4 bytes version/flags); old QuickTime meta is not.
             if r.len() >= 8 && &moov[r.start + 4..r.start + 8] != b"hdlr" {
                 r.start += 4;
             }
             for ilst in child_boxes(moov, r)?.iter().filter(|b| &b.typ == b"ilst") {
-                for item in child_boxes(moov, ilst.payload())?
-                    .iter()
-                    .filter(|b| &b.typ == b"\xa9cmt")
-                {
-                    if let Some(data) = child_boxes(moov, item.payload())?
-                        .iter()
-                        .find(|b| &b.typ == b"data")
-                    {
+                for item in child_boxes(moov, ilst.payload())?.iter().filter(|b| &b.typ == b"\xa9cmt") {
+                    if let Some(data) = child_boxes(moov, item.payload())?.iter().find(|b| &b.typ == b"data") {
                         let p = data.payload();
                         if p.len() < 8 {
                             return Err("truncated ©cmt data box".into());
@@ -584,16 +476,10 @@ fn find_comment(moov: &[u8]) -> std::result::Result<Option<String>, String> {
 /// (for checking the fast-start layout).
 pub fn mp4_top_level_boxes(path: &Path) -> Result<Vec<(String, u64, u64)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let boxes = child_boxes(&bytes, 0..bytes.len())
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    let boxes =
+        child_boxes(&bytes, 0..bytes.len()).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
     Ok(boxes
         .iter()
-        .map(|b| {
-            (
-                String::from_utf8_lossy(&b.typ).into_owned(),
-                b.start as u64,
-                (b.end - b.start) as u64,
-            )
-        })
+        .map(|b| (String::from_utf8_lossy(&b.typ).into_owned(), b.start as u64, (b.end - b.start) as u64))
         .collect())
 }

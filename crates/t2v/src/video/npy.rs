@@ -8,11 +8,7 @@ use super::Frames;
 /// array of `shape`. Its length is a multiple of 64, as numpy writes it.
 pub fn npy_header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_str = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
     // magic(6) + version(2) + header_len(2) + dict + '\n', padded with spaces to a multiple of 64.
     let unpadded = 10 + dict.len() + 1;

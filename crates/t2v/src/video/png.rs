@@ -10,9 +10,7 @@ use crate::error::{Error, Result};
 pub(super) fn write_png_frames(frames: &Frames, dir: &Path) -> Result<()> {
     let (w, h) = (u32::try_from(frames.width), u32::try_from(frames.height));
     let (Ok(w), Ok(h)) = (w, h) else {
-        return Err(Error::InvalidArgument(
-            "frame too large for PNG".to_string(),
-        ));
+        return Err(Error::InvalidArgument("frame too large for PNG".to_string()));
     };
     for i in 0..frames.frames {
         let path = dir.join(png_frame_name(i));
@@ -22,9 +20,7 @@ pub(super) fn write_png_frames(frames: &Frames, dir: &Path) -> Result<()> {
         enc.set_depth(png::BitDepth::Eight);
         let to_io = |e: png::EncodingError| Error::io(&path, std::io::Error::other(e.to_string()));
         let mut writer = enc.write_header().map_err(to_io)?;
-        writer
-            .write_image_data(&frames.frame_rgb8(i))
-            .map_err(to_io)?;
+        writer.write_image_data(&frames.frame_rgb8(i)).map_err(to_io)?;
         writer.finish().map_err(to_io)?;
     }
     Ok(())

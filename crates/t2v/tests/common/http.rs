@@ -80,11 +80,8 @@ impl Server {
 fn serve(mut stream: TcpStream, handler: &dyn Fn(&Request) -> Response) {
     let Some(request) = read_request(&stream) else { return };
     let response = handler(&request);
-    let mut head = format!(
-        "HTTP/1.1 {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        response.status,
-        response.body.len()
-    );
+    let mut head =
+        format!("HTTP/1.1 {}\r\nContent-Length: {}\r\nConnection: close\r\n", response.status, response.body.len());
     for (k, v) in &response.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -56,4 +56,3 @@ pub fn check_vae(model: &str, reference_of: &str, keep_narrow: bool) {
     println!("{model} vae: rel err {err:.2e}");
     assert!(err < MODULE_TOL, "{model} vae: rel err {err:.2e}");
 }
-

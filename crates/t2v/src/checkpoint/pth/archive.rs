@@ -44,10 +44,7 @@ impl Archive {
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .filter(|n| n.ends_with(".pkl"))
             .collect();
-        let data_pkls: Vec<&String> = pickles
-            .iter()
-            .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
-            .collect();
+        let data_pkls: Vec<&String> = pickles.iter().filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl")).collect();
         let data_pkl = match data_pkls.as_slice() {
             [one] => (*one).clone(),
             [] => {
@@ -56,9 +53,7 @@ impl Archive {
                     "the zip archive has no data.pkl: it is not a checkpoint written by torch.save",
                 ))
             }
-            several => {
-                return Err(corrupt(path, format!("the zip archive has several data.pkl ({several:?})")))
-            }
+            several => return Err(corrupt(path, format!("the zip archive has several data.pkl ({several:?})"))),
         };
         let prefix = data_pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
         Ok(Self { path: path.to_path_buf(), zip, prefix, data_pkl, pickles })
@@ -103,9 +98,10 @@ impl Archive {
     /// `numel` elements of `dtype`.
     pub(super) fn check_storage(&mut self, entry: &str, dtype: DType, numel: usize) -> Result<()> {
         let path = &self.path;
-        let index = self.zip.index_for_name(entry).ok_or_else(|| {
-            corrupt(path, format!("the storage {entry} of the pickle is missing from the archive"))
-        })?;
+        let index = self
+            .zip
+            .index_for_name(entry)
+            .ok_or_else(|| corrupt(path, format!("the storage {entry} of the pickle is missing from the archive")))?;
         let data = self.zip.by_index_data(index).map_err(|e| corrupt(path, format!("{entry}: {e}")))?;
         if data.compression() != zip::CompressionMethod::Stored {
             return Err(corrupt(
@@ -117,10 +113,7 @@ impl Archive {
         if expected != Some(data.size()) {
             return Err(corrupt(
                 path,
-                format!(
-                    "{entry} holds {} bytes, but the pickle declares {numel} elements of {dtype:?}",
-                    data.size()
-                ),
+                format!("{entry} holds {} bytes, but the pickle declares {numel} elements of {dtype:?}", data.size()),
             ));
         }
         Ok(())
@@ -147,11 +140,8 @@ impl Archive {
             return Err(corrupt(path, format!("{name} is implausibly large ({size} bytes)")));
         }
         // torch.save with `set_crc32_options(False)` writes a zero CRC: read such stored entries raw.
-        let reader = if crc == 0 && size > 0 && stored {
-            self.zip.by_index_raw(index)
-        } else {
-            self.zip.by_index(index)
-        };
+        let reader =
+            if crc == 0 && size > 0 && stored { self.zip.by_index_raw(index) } else { self.zip.by_index(index) };
         let reader = reader.map_err(|e| corrupt(path, format!("{name}: {e}")))?;
         let mut bytes = Vec::new();
         bytes
@@ -175,7 +165,8 @@ fn not_a_zip_reason(path: &Path, e: &zip::result::ZipError) -> String {
     let n = File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
     let head = &head[..n];
     if head.starts_with(b"version https://git-lfs") {
-        "it is a Git LFS pointer file, not the weights: fetch the LFS object (git lfs pull) or download the file itself".into()
+        "it is a Git LFS pointer file, not the weights: fetch the LFS object (git lfs pull) or download the file itself"
+            .into()
     } else if head.starts_with(LEGACY_MAGIC) {
         "it is in the legacy (PyTorch < 1.6) torch.save format, which t2v does not read: \
          re-save it with a current torch.save, or convert it to safetensors"

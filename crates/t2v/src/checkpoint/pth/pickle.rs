@@ -74,10 +74,7 @@ pub(super) enum Problem {
 impl Problem {
     pub(super) fn into_error(self, path: &Path, entry: &str) -> Error {
         match self {
-            Problem::Unsafe(global) => Error::UnsafePickle {
-                path: path.to_path_buf(),
-                global,
-            },
+            Problem::Unsafe(global) => Error::UnsafePickle { path: path.to_path_buf(), global },
             Problem::Corrupt(reason) => super::corrupt(path, format!("{entry}: {reason}")),
         }
     }
@@ -101,18 +98,10 @@ struct AVal {
 
 impl AVal {
     fn other() -> Self {
-        AVal {
-            kind: Kind::Other,
-            cost: NODE_COST,
-            depth: 1,
-        }
+        AVal { kind: Kind::Other, cost: NODE_COST, depth: 1 }
     }
     fn string(s: &str) -> Self {
-        AVal {
-            kind: Kind::Str(Rc::from(s)),
-            cost: NODE_COST + s.len() as u64,
-            depth: 1,
-        }
+        AVal { kind: Kind::Str(Rc::from(s)), cost: NODE_COST + s.len() as u64, depth: 1 }
     }
     fn container(items: &[AVal]) -> Self {
         let mut v = AVal::other();
@@ -130,9 +119,7 @@ impl AVal {
 
 /// Whether a global is allowed; `module.name` otherwise, made printable.
 fn check_global(module: &str, name: &str) -> std::result::Result<(), String> {
-    let allowed = ALLOWED_GLOBALS
-        .iter()
-        .any(|&(m, n)| m == module && n == name)
+    let allowed = ALLOWED_GLOBALS.iter().any(|&(m, n)| m == module && n == name)
         || (module == "torch" && STORAGE_TYPES.iter().any(|&(n, _)| n == name));
     if allowed {
         Ok(())
@@ -165,16 +152,9 @@ struct Walker<'a> {
 
 impl<'a> Walker<'a> {
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| {
-                format!(
-                    "truncated pickle: an argument of {n} bytes at byte {} runs past its end",
-                    self.pos
-                )
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+            format!("truncated pickle: an argument of {n} bytes at byte {} runs past its end", self.pos)
+        })?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
         Ok(bytes)
@@ -183,11 +163,7 @@ impl<'a> Walker<'a> {
         Ok(self.take(1)?[0])
     }
     fn le(&mut self, n: usize) -> std::result::Result<u64, String> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .rev()
-            .fold(0u64, |acc, &b| (acc << 8) | b as u64))
+        Ok(self.take(n)?.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64))
     }
     fn line(&mut self) -> std::result::Result<&'a [u8], String> {
         let rest = &self.data[self.pos..];
@@ -227,13 +203,9 @@ impl<'a> Walker<'a> {
     }
     fn pop(&mut self) -> std::result::Result<AVal, String> {
         match self.stack.pop() {
-            Some(AVal {
-                kind: Kind::Mark, ..
-            })
-            | None => Err(format!(
-                "malformed pickle: stack underflow at byte {}",
-                self.pos
-            )),
+            Some(AVal { kind: Kind::Mark, .. }) | None => {
+                Err(format!("malformed pickle: stack underflow at byte {}", self.pos))
+            }
             Some(v) => Ok(v),
         }
     }
@@ -250,10 +222,9 @@ impl<'a> Walker<'a> {
     fn top(&mut self) -> std::result::Result<&mut AVal, String> {
         let pos = self.pos;
         match self.stack.last_mut() {
-            Some(AVal {
-                kind: Kind::Mark, ..
-            })
-            | None => Err(format!("malformed pickle: stack underflow at byte {pos}")),
+            Some(AVal { kind: Kind::Mark, .. }) | None => {
+                Err(format!("malformed pickle: stack underflow at byte {pos}"))
+            }
             Some(v) => Ok(v),
         }
     }
@@ -275,21 +246,18 @@ impl<'a> Walker<'a> {
         Ok(())
     }
     fn memo_get(&mut self, key: u64) -> std::result::Result<(), String> {
-        let v = self.memo.get(&key).cloned().ok_or_else(|| {
-            format!("malformed pickle: memo entry {key} is read before it is written")
-        })?;
+        let v = self
+            .memo
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| format!("malformed pickle: memo entry {key} is read before it is written"))?;
         self.charge(v.cost)?; // and clones it again on every read
         self.stack.push(v);
         Ok(())
     }
     fn global(&mut self, module: &[u8], name: &[u8]) {
-        let (Ok(module), Ok(name)) = (std::str::from_utf8(module), std::str::from_utf8(name))
-        else {
-            let g = printable(&format!(
-                "{}.{}",
-                String::from_utf8_lossy(module),
-                String::from_utf8_lossy(name)
-            ));
+        let (Ok(module), Ok(name)) = (std::str::from_utf8(module), std::str::from_utf8(name)) else {
+            let g = printable(&format!("{}.{}", String::from_utf8_lossy(module), String::from_utf8_lossy(name)));
             self.unsafe_global.get_or_insert(g);
             return;
         };
@@ -306,9 +274,7 @@ impl<'a> Walker<'a> {
     /// One opcode; `Ok(true)` at STOP.
     fn step(&mut self) -> std::result::Result<bool, String> {
         let at = self.pos;
-        let op = self
-            .u8()
-            .map_err(|_| "truncated pickle: it ends without a STOP opcode".to_string())?;
+        let op = self.u8().map_err(|_| "truncated pickle: it ends without a STOP opcode".to_string())?;
         match op {
             // ---- implemented by candle ------------------------------------------------------------
             0x80 => {
@@ -346,11 +312,7 @@ impl<'a> Walker<'a> {
                 let k = self.le(4)?;
                 self.memo_get(k)?;
             }
-            b'(' => self.stack.push(AVal {
-                kind: Kind::Mark,
-                cost: 0,
-                depth: 0,
-            }),
+            b'(' => self.stack.push(AVal { kind: Kind::Mark, cost: 0, depth: 0 }),
             b')' | b']' | b'}' | b'N' | 0x88 | 0x89 => self.push(AVal::other())?,
             b'K' => {
                 self.take(1)?;
@@ -380,9 +342,8 @@ impl<'a> Walker<'a> {
             b'X' => {
                 // BINUNICODE
                 let bytes = self.len_prefixed(4)?;
-                let s = std::str::from_utf8(bytes).map_err(|_| {
-                    format!("malformed pickle: invalid UTF-8 in a string at byte {at}")
-                })?;
+                let s = std::str::from_utf8(bytes)
+                    .map_err(|_| format!("malformed pickle: invalid UTF-8 in a string at byte {at}"))?;
                 self.push(AVal::string(s))?;
             }
             b't' => {
@@ -554,9 +515,8 @@ impl<'a> Walker<'a> {
                         self.global(m.as_bytes(), n.as_bytes());
                     }
                     _ => {
-                        self.unsafe_global.get_or_insert_with(|| {
-                            "a STACK_GLOBAL whose name is not a plain string".into()
-                        });
+                        self.unsafe_global
+                            .get_or_insert_with(|| "a STACK_GLOBAL whose name is not a plain string".into());
                     }
                 }
                 self.push(AVal::other())?;
@@ -575,9 +535,7 @@ impl<'a> Walker<'a> {
                 self.unsupported("OBJ", at);
                 let items = self.pop_mark()?;
                 if items.is_empty() {
-                    return Err(format!(
-                        "malformed pickle: OBJ without a class at byte {at}"
-                    ));
+                    return Err(format!("malformed pickle: OBJ without a class at byte {at}"));
                 }
                 self.push(AVal::container(&items))?;
             }
@@ -592,15 +550,12 @@ impl<'a> Walker<'a> {
                 // EXT1, EXT2, EXT4: a global from copyreg's extension registry
                 let width = [1usize, 2, 4][(op - 0x82) as usize];
                 let code = self.le(width)?;
-                self.unsafe_global
-                    .get_or_insert_with(|| format!("copyreg extension code {code}"));
+                self.unsafe_global.get_or_insert_with(|| format!("copyreg extension code {code}"));
                 self.unsupported("EXT1/EXT2/EXT4", at);
                 self.push(AVal::other())?;
             }
             other => {
-                return Err(format!(
-                    "not a pickle: unknown opcode 0x{other:02x} at byte {at}"
-                ));
+                return Err(format!("not a pickle: unknown opcode 0x{other:02x} at byte {at}"));
             }
         }
         Ok(false)
@@ -657,22 +612,14 @@ mod tests {
 
     #[test]
     fn inst_and_ext_are_refused() {
-        assert_eq!(
-            globals_of(b"(S'ls'\nios\nsystem\n."),
-            Err(Problem::Unsafe("os.system".into()))
-        );
-        assert_eq!(
-            globals_of(b"\x80\x02\x82\x07."),
-            Err(Problem::Unsafe("copyreg extension code 7".into()))
-        );
+        assert_eq!(globals_of(b"(S'ls'\nios\nsystem\n."), Err(Problem::Unsafe("os.system".into())));
+        assert_eq!(globals_of(b"\x80\x02\x82\x07."), Err(Problem::Unsafe("copyreg extension code 7".into())));
     }
 
     #[test]
     fn allowed_globals_in_unsupported_opcodes_are_corrupt() {
         let p = b"\x80\x04\x8c\x0bcollections\x8c\x0bOrderedDict\x93)R.";
-        assert!(
-            matches!(globals_of(p), Err(Problem::Corrupt(r)) if r.contains("SHORT_BINUNICODE"))
-        );
+        assert!(matches!(globals_of(p), Err(Problem::Corrupt(r)) if r.contains("SHORT_BINUNICODE")));
     }
 
     #[test]
@@ -692,21 +639,10 @@ mod tests {
 
     #[test]
     fn truncated_and_garbage_are_corrupt() {
-        assert!(matches!(
-            globals_of(b"\x80\x02X\xff\x00\x00\x00ab"),
-            Err(Problem::Corrupt(_))
-        ));
-        assert!(
-            matches!(globals_of(b"\x80\x02}q\x00"), Err(Problem::Corrupt(r)) if r.contains("STOP"))
-        );
-        assert!(
-            matches!(globals_of(b"\xff\xfe"), Err(Problem::Corrupt(r)) if r.contains("unknown opcode"))
-        );
-        assert!(
-            matches!(globals_of(b"\x80\x02h\x05."), Err(Problem::Corrupt(r)) if r.contains("memo"))
-        );
-        assert!(
-            matches!(globals_of(b"\x80\x02R."), Err(Problem::Corrupt(r)) if r.contains("underflow"))
-        );
+        assert!(matches!(globals_of(b"\x80\x02X\xff\x00\x00\x00ab"), Err(Problem::Corrupt(_))));
+        assert!(matches!(globals_of(b"\x80\x02}q\x00"), Err(Problem::Corrupt(r)) if r.contains("STOP")));
+        assert!(matches!(globals_of(b"\xff\xfe"), Err(Problem::Corrupt(r)) if r.contains("unknown opcode")));
+        assert!(matches!(globals_of(b"\x80\x02h\x05."), Err(Problem::Corrupt(r)) if r.contains("memo")));
+        assert!(matches!(globals_of(b"\x80\x02R."), Err(Problem::Corrupt(r)) if r.contains("underflow")));
     }
 }

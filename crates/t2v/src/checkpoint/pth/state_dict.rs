@@ -56,10 +56,7 @@ type R<T> = std::result::Result<T, String>;
 
 fn describe(o: &Object) -> String {
     match o {
-        Object::Class {
-            module_name,
-            class_name,
-        } => format!("{module_name}.{class_name}"),
+        Object::Class { module_name, class_name } => format!("{module_name}.{class_name}"),
         Object::Int(_) | Object::Long(_) => "an integer".into(),
         Object::Float(_) => "a float".into(),
         Object::Unicode(_) => "a string".into(),
@@ -77,10 +74,7 @@ fn describe(o: &Object) -> String {
 
 fn as_class(o: &Object) -> Option<(&str, &str)> {
     match o {
-        Object::Class {
-            module_name,
-            class_name,
-        } => Some((module_name, class_name)),
+        Object::Class { module_name, class_name } => Some((module_name, class_name)),
         _ => None,
     }
 }
@@ -96,9 +90,7 @@ fn as_usize(o: &Object, what: &str) -> R<usize> {
 
 fn as_usizes(o: &Object, what: &str) -> R<Vec<usize>> {
     match o {
-        Object::Tuple(items) | Object::List(items) => {
-            items.iter().map(|i| as_usize(i, what)).collect()
-        }
+        Object::Tuple(items) | Object::List(items) => items.iter().map(|i| as_usize(i, what)).collect(),
         other => Err(format!("{what} is {}, not a tuple", describe(other))),
     }
 }
@@ -112,10 +104,7 @@ struct Storages<'p> {
 impl Storages<'_> {
     fn get(&mut self, pid: &Object) -> R<usize> {
         let Object::PersistentLoad(id) = pid else {
-            return Err(format!(
-                "its storage is {}, not a persistent id",
-                describe(pid)
-            ));
+            return Err(format!("its storage is {}, not a persistent id", describe(pid)));
         };
         let Object::Tuple(id) = id.as_ref() else {
             return Err(format!("its storage id is {}, not a tuple", describe(id)));
@@ -124,10 +113,7 @@ impl Storages<'_> {
             return Err(format!("its storage id has {} fields, not 5", id.len()));
         };
         if *tag != Object::Unicode("storage".into()) {
-            return Err(format!(
-                "its persistent id is {}, not a storage",
-                describe(tag)
-            ));
+            return Err(format!("its persistent id is {}, not a storage", describe(tag)));
         }
         let ty = match as_class(ty) {
             Some(("torch", name)) => name,
@@ -135,9 +121,7 @@ impl Storages<'_> {
         };
         let dtype = match STORAGE_TYPES.iter().find(|(n, _)| *n == ty) {
             Some((_, Some(dtype))) => *dtype,
-            Some((_, None)) => {
-                return Err(format!("its storage type torch.{ty} has no candle dtype"))
-            }
+            Some((_, None)) => return Err(format!("its storage type torch.{ty} has no candle dtype")),
             None => return Err(format!("unknown storage type torch.{ty}")),
         };
         let Object::Unicode(key) = key else {
@@ -151,11 +135,7 @@ impl Storages<'_> {
             }
             return Ok(i);
         }
-        self.list.push(StorageRef {
-            entry: format!("{}data/{key}", self.prefix),
-            dtype,
-            numel,
-        });
+        self.list.push(StorageRef { entry: format!("{}data/{key}", self.prefix), dtype, numel });
         self.by_key.insert(key.clone(), self.list.len() - 1);
         Ok(self.list.len() - 1)
     }
@@ -169,69 +149,38 @@ fn parse_tensor(value: &Object, name: &str, st: &mut Storages) -> R<Option<Tenso
     }
 }
 
-fn parse_call(
-    callable: &Object,
-    args: &Object,
-    name: &str,
-    st: &mut Storages,
-) -> R<Option<TensorSpec>> {
+fn parse_call(callable: &Object, args: &Object, name: &str, st: &mut Storages) -> R<Option<TensorSpec>> {
     let Some((module, func)) = as_class(callable) else {
         return Ok(None);
     };
     let Object::Tuple(a) = args else {
-        return Err(format!(
-            "the arguments of {module}.{func} are {}, not a tuple",
-            describe(args)
-        ));
+        return Err(format!("the arguments of {module}.{func} are {}, not a tuple", describe(args)));
     };
     let wrapped = |inner: Option<TensorSpec>| {
-        inner
-            .map(Some)
-            .ok_or_else(|| format!("{module}.{func} wraps something that is not a tensor"))
+        inner.map(Some).ok_or_else(|| format!("{module}.{func} wraps something that is not a tensor"))
     };
     match (module, func) {
         ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
-            let arity = if func == "_rebuild_tensor" {
-                4..=4
-            } else {
-                6..=7
-            };
+            let arity = if func == "_rebuild_tensor" { 4..=4 } else { 6..=7 };
             if !arity.contains(&a.len()) {
-                return Err(format!(
-                    "{module}.{func} takes {arity:?} arguments, not {}",
-                    a.len()
-                ));
+                return Err(format!("{module}.{func} takes {arity:?} arguments, not {}", a.len()));
             }
             let storage = st.get(&a[0])?;
             let offset = as_usize(&a[1], "the storage offset")?;
             let shape = as_usizes(&a[2], "the size")?;
             let stride = as_usizes(&a[3], "the stride")?;
             if shape.len() != stride.len() {
-                return Err(format!(
-                    "size {shape:?} and stride {stride:?} differ in rank"
-                ));
+                return Err(format!("size {shape:?} and stride {stride:?} differ in rank"));
             }
-            Ok(Some(TensorSpec {
-                name: name.to_string(),
-                storage,
-                offset,
-                shape,
-                stride,
-            }))
+            Ok(Some(TensorSpec { name: name.to_string(), storage, offset, shape, stride }))
         }
-        ("torch._utils", "_rebuild_parameter")
-        | ("torch._utils", "_rebuild_parameter_with_state") => {
-            let data = a
-                .first()
-                .ok_or_else(|| format!("{module}.{func} without arguments"))?;
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
+            let data = a.first().ok_or_else(|| format!("{module}.{func} without arguments"))?;
             wrapped(parse_tensor(data, name, st)?)
         }
         ("torch._tensor", "_rebuild_from_type_v2") => {
             let [func, ty, inner_args, _state] = a.as_slice() else {
-                return Err(format!(
-                    "{module}.{func} takes 4 arguments, not {}",
-                    a.len()
-                ));
+                return Err(format!("{module}.{func} takes 4 arguments, not {}", a.len()));
             };
             match as_class(ty) {
                 Some(("torch.nn.parameter", "Parameter"))
@@ -247,23 +196,14 @@ fn parse_call(
 
 fn read_state_dict(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<TensorSpec>)> {
     let Object::Dict(top) = root else {
-        return Err(format!(
-            "the pickle holds {}, not a state dict",
-            describe(root)
-        ));
+        return Err(format!("the pickle holds {}, not a state dict", describe(root)));
     };
-    let mut st = Storages {
-        prefix,
-        list: vec![],
-        by_key: HashMap::new(),
-    };
+    let mut st = Storages { prefix, list: vec![], by_key: HashMap::new() };
     let read = |entries: &[(Object, Object)], st: &mut Storages| -> R<Vec<TensorSpec>> {
         let mut tensors = vec![];
         for (key, value) in entries {
             let Object::Unicode(name) = key else { continue };
-            if let Some(t) =
-                parse_tensor(value, name, st).map_err(|e| format!("tensor `{name}`: {e}"))?
-            {
+            if let Some(t) = parse_tensor(value, name, st).map_err(|e| format!("tensor `{name}`: {e}"))? {
                 tensors.push(t);
             }
         }
@@ -289,9 +229,7 @@ fn read_state_dict(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<Tenso
                 other => describe(other),
             })
             .collect();
-        return Err(format!(
-            "no tensors at the top level of the pickle nor under \"state_dict\" (keys: {keys:?})"
-        ));
+        return Err(format!("no tensors at the top level of the pickle nor under \"state_dict\" (keys: {keys:?})"));
     }
     let mut seen = HashSet::new();
     for t in &tensors {
@@ -300,23 +238,14 @@ fn read_state_dict(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<Tenso
         }
         let s = &st.list[t.storage];
         // Every element the view addresses must lie inside the storage.
-        let numel: Option<u128> = t
-            .shape
-            .iter()
-            .try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
+        let numel: Option<u128> = t.shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
         let numel = numel.ok_or_else(|| format!("tensor `{}` has an impossible size", t.name))?;
         if numel == 0 {
             continue;
         }
-        let last = t
-            .shape
-            .iter()
-            .zip(&t.stride)
-            .try_fold(t.offset as u128, |acc, (&d, &s)| {
-                (d as u128 - 1)
-                    .checked_mul(s as u128)
-                    .and_then(|x| acc.checked_add(x))
-            });
+        let last = t.shape.iter().zip(&t.stride).try_fold(t.offset as u128, |acc, (&d, &s)| {
+            (d as u128 - 1).checked_mul(s as u128).and_then(|x| acc.checked_add(x))
+        });
         match last {
             Some(last) if last < s.numel as u128 => {}
             _ => {
@@ -379,4 +308,3 @@ pub(super) fn build_tensor(storage: &[u8], dtype: DType, t: &TensorSpec) -> cand
         }
     }
 }
-

@@ -61,7 +61,16 @@ fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
 
 /// 1×1 convolution: `out[n] = W · x[n] (+ bias)`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn pointwise(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], n: usize, cin: usize, cout: usize, hw: usize) {
+pub(super) fn pointwise(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    n: usize,
+    cin: usize,
+    cout: usize,
+    hw: usize,
+) {
     let wf: Vec<f32>;
     let wp: &[f32] = match w {
         Src::F32(s) => s,
@@ -77,13 +86,39 @@ pub(super) fn pointwise(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32]
     let per_image_flops = 2 * cout * cin * hw;
     if n >= nt && nt > 1 && per_image_flops < (64 << 20) {
         (0..n).into_par_iter().for_each(|i| unsafe {
-            sgemm(cout, hw, cin, optr.get().add(i * cout * hw), hw, acc, wp.as_ptr(), cin, 1, x.as_ptr().add(i * cin * hw), hw, gemm::Parallelism::None);
+            sgemm(
+                cout,
+                hw,
+                cin,
+                optr.get().add(i * cout * hw),
+                hw,
+                acc,
+                wp.as_ptr(),
+                cin,
+                1,
+                x.as_ptr().add(i * cin * hw),
+                hw,
+                gemm::Parallelism::None,
+            );
         });
     } else {
         let par = if nt > 1 { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
         for i in 0..n {
             unsafe {
-                sgemm(cout, hw, cin, optr.get().add(i * cout * hw), hw, acc, wp.as_ptr(), cin, 1, x.as_ptr().add(i * cin * hw), hw, par);
+                sgemm(
+                    cout,
+                    hw,
+                    cin,
+                    optr.get().add(i * cout * hw),
+                    hw,
+                    acc,
+                    wp.as_ptr(),
+                    cin,
+                    1,
+                    x.as_ptr().add(i * cin * hw),
+                    hw,
+                    par,
+                );
             }
         }
     }
@@ -92,7 +127,17 @@ pub(super) fn pointwise(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32]
 /// Temporal convolution over (B, C, F, HW): three accumulated GEMMs per video, each over a
 /// frame-shifted view of the input.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn temporal(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], b: usize, cin: usize, cout: usize, f: usize, hw: usize) {
+pub(super) fn temporal(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    b: usize,
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+) {
     let wf: Vec<f32>;
     let wp: &[f32] = match w {
         Src::F32(s) => s,
@@ -130,7 +175,17 @@ pub(super) fn temporal(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32],
 /// `U_ξ = Σ_k G[ξ][k] W_k`, `M_ξ = U_ξ · V_ξ` (six GEMMs, half the multiplications of the direct
 /// form), `y[4τ + i] = bias + Σ_ξ Aᵀ[i][ξ] M_ξ`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], b: usize, cin: usize, cout: usize, f: usize, hw: usize) {
+pub(super) fn temporal_wino(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    b: usize,
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+) {
     const BT: [[f32; 6]; 6] = [
         [1.0, -1.5, -2.0, 1.5, 1.0, 0.0],
         [0.0, -1.0, 0.5, 2.5, 1.0, 0.0],
@@ -139,7 +194,12 @@ pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [
         [0.0, 0.5, -1.0, -0.5, 1.0, 0.0],
         [0.0, 1.0, -1.5, -2.0, 1.5, 1.0],
     ];
-    const AT: [[f32; 6]; 4] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.5, -2.0, 0.0], [0.0, 1.0, 1.0, 0.25, 4.0, 0.0], [0.0, 1.0, -1.0, 0.125, -8.0, 1.0]];
+    const AT: [[f32; 6]; 4] = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 0.5, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 0.25, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 0.125, -8.0, 1.0],
+    ];
     let nt = f.div_ceil(4);
     let fhw = f * hw;
     let nthreads = threads();
@@ -176,9 +236,8 @@ pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [
     let cmax = cin.max(cout);
     let pl = if 6 * cmax * hw <= BUDGET { hw } else { (BUDGET / (6 * cmax)).max(256).min(hw) };
     let pieces = hw.div_ceil(pl);
-    let segs: Vec<(usize, usize, usize, usize)> = (0..b * nt)
-        .flat_map(|g| (0..pieces).map(move |q| (g / nt, g % nt, q * pl, pl.min(hw - q * pl))))
-        .collect();
+    let segs: Vec<(usize, usize, usize, usize)> =
+        (0..b * nt).flat_map(|g| (0..pieces).map(move |q| (g / nt, g % nt, q * pl, pl.min(hw - q * pl)))).collect();
     let ns_max = (BUDGET / (6 * cmax * pl)).max(1);
     let mut v = vec![0f32; 6 * cin * ns_max * pl];
     let mut m = vec![0f32; 6 * cout * ns_max * pl];
@@ -197,7 +256,9 @@ pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [
                     (fr >= 0 && (fr as usize) < f).then(|| &plane[fr as usize * hw + p0..][..len])
                 });
                 for (xi, bt) in BT.iter().enumerate() {
-                    let dst = unsafe { std::slice::from_raw_parts_mut(vptr.get().add((xi * cin + ci) * ncols + sl * pl), pl) };
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(vptr.get().add((xi * cin + ci) * ncols + sl * pl), pl)
+                    };
                     dst.fill(0.0);
                     for (k, row) in rows.iter().enumerate() {
                         if let (Some(row), c) = (row, bt[k]) {
@@ -214,7 +275,20 @@ pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [
         // six GEMMs
         for xi in 0..6 {
             unsafe {
-                sgemm(cout, ncols, cin, m.as_mut_ptr().add(xi * cout * ncols), ncols, false, u.as_ptr().add(xi * cout * cin), cin, 1, v.as_ptr().add(xi * cin * ncols), ncols, par);
+                sgemm(
+                    cout,
+                    ncols,
+                    cin,
+                    m.as_mut_ptr().add(xi * cout * ncols),
+                    ncols,
+                    false,
+                    u.as_ptr().add(xi * cout * cin),
+                    cin,
+                    1,
+                    v.as_ptr().add(xi * cin * ncols),
+                    ncols,
+                    par,
+                );
             }
         }
         // output transform, parallel over output channels
@@ -228,7 +302,9 @@ pub(super) fn temporal_wino(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [
                     if fr >= f {
                         break;
                     }
-                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.get().add(((bb * cout + co) * f + fr) * hw + p0), len) };
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(optr.get().add(((bb * cout + co) * f + fr) * hw + p0), len)
+                    };
                     dst.fill(bv);
                     for (xi, mrow) in ms.iter().enumerate() {
                         let c = at[xi];

@@ -52,7 +52,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
 }
 
 /// candle's own convolution (what [`conv2d`] falls back to).
-pub fn conv2d_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d_fallback(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let weight = if weight.dtype() != x.dtype() { weight.to_dtype(x.dtype())? } else { weight.clone() };
     let y = x.conv2d(&weight, padding, stride, 1, 1)?;
     match bias {
@@ -134,7 +140,13 @@ enum Kind {
     Pointwise,
 }
 
-fn fast_kind(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Option<Kind>> {
+fn fast_kind(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Option<Kind>> {
     if !super::on_cpu(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 || weight.rank() != 4 {
         return Ok(None);
     }
@@ -166,7 +178,14 @@ struct ConvOp {
 }
 
 impl ConvOp {
-    fn run(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<Vec<f32>>) -> Result<(CpuStorage, Shape)> {
+    fn run(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bias: Option<Vec<f32>>,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_of(xs, xl, "conv input")?;
         let w = src_of(ws, wl, "conv weight")?;
         let (n, cin, h, wd) = xl.shape().dims4()?;
@@ -218,7 +237,15 @@ impl CustomOp3 for ConvOp {
     fn name(&self) -> &'static str {
         "t2v-conv2d"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(s1, l1, s2, l2, Some(bias_vec(s3, l3)?))
     }
 }
@@ -229,7 +256,14 @@ struct TemporalOp {
 }
 
 impl TemporalOp {
-    fn run(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<Vec<f32>>) -> Result<(CpuStorage, Shape)> {
+    fn run(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bias: Option<Vec<f32>>,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_of(xs, xl, "conv input")?;
         let w = src_of(ws, wl, "conv weight")?;
         let (b, cin, f, h, wd) = xl.shape().dims5()?;
@@ -269,7 +303,15 @@ impl CustomOp3 for TemporalOp {
     fn name(&self) -> &'static str {
         "t2v-temporal-conv3"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(s1, l1, s2, l2, Some(bias_vec(s3, l3)?))
     }
 }
@@ -279,5 +321,12 @@ impl CustomOp3 for TemporalOp {
 fn g3to6(a: f32, b: f32, c: f32) -> [f32; 6] {
     let ac = a + c;
     // (plain mul/add: `f32::mul_add` is a libm call without an FMA target feature)
-    [a, (ac + b) * (1.0 / 3.0), (b - ac) * (1.0 / 3.0), (16.0 * a + (8.0 * b + 4.0 * c)) * (-1.0 / 15.0), (4.0 * c + (-2.0 * b + a)) * (1.0 / 15.0), c]
+    [
+        a,
+        (ac + b) * (1.0 / 3.0),
+        (b - ac) * (1.0 / 3.0),
+        (16.0 * a + (8.0 * b + 4.0 * c)) * (-1.0 / 15.0),
+        (4.0 * c + (-2.0 * b + a)) * (1.0 / 15.0),
+        c,
+    ]
 }

@@ -57,7 +57,17 @@ impl Geom {
 /// # Safety
 /// AVX2 and FMA must be available; slices must have the NCHW sizes given.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn conv3x3(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut [f32], n: usize, cin: usize, cout: usize, h: usize, wd: usize) {
+pub(super) unsafe fn conv3x3(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    n: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    wd: usize,
+) {
     assert_eq!(x.len(), n * cin * h * wd);
     assert_eq!(w.len(), cout * cin * 9);
     assert_eq!(out.len(), n * cout * h * wd);
@@ -76,10 +86,8 @@ pub(super) unsafe fn conv3x3(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut 
         n_tasks = n_tasks.div_ceil(nt) * nt;
     }
     let n_tasks = n_tasks.min(n_panels).max(1);
-    let tasks: Vec<(usize, usize)> = (0..n_tasks)
-        .map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks))
-        .filter(|(a, b)| b > a)
-        .collect();
+    let tasks: Vec<(usize, usize)> =
+        (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect();
 
     // The transformed-input buffer is kept between calls (page faults on a fresh one cost
     // several % on the UNet shapes); every entry used is written before it is read.
@@ -121,7 +129,19 @@ pub(super) unsafe fn conv3x3(x: &[f32], w: Src, bias: Option<&[f32]>, out: &mut 
                     mbuf.resize(need_m, 0.0);
                 }
                 transform_weights(w, &g, pa * MR, np, ubuf.as_mut_ptr(), uxs);
-                task_gemm(&g, ubuf.as_ptr(), uxs, np, vptr.get(), n_tsub, mbuf.as_mut_ptr(), pa * MR, t0, bias, optr.get());
+                task_gemm(
+                    &g,
+                    ubuf.as_ptr(),
+                    uxs,
+                    np,
+                    vptr.get(),
+                    n_tsub,
+                    mbuf.as_mut_ptr(),
+                    pa * MR,
+                    t0,
+                    bias,
+                    optr.get(),
+                );
             });
         });
         t0 += tcc;
@@ -143,14 +163,17 @@ unsafe fn g3to6(a: __m256, b: __m256, c: __m256) -> [__m256; 6] {
     let r1 = _mm256_mul_ps(_mm256_add_ps(ac, b), third);
     let r2 = _mm256_mul_ps(_mm256_sub_ps(b, ac), third);
     // -(16a + 8b + 4c)/15
-    let t3 = _mm256_fmadd_ps(_mm256_set1_ps(16.0), a, _mm256_fmadd_ps(_mm256_set1_ps(8.0), b, _mm256_mul_ps(_mm256_set1_ps(4.0), c)));
+    let t3 = _mm256_fmadd_ps(
+        _mm256_set1_ps(16.0),
+        a,
+        _mm256_fmadd_ps(_mm256_set1_ps(8.0), b, _mm256_mul_ps(_mm256_set1_ps(4.0), c)),
+    );
     let r3 = _mm256_mul_ps(t3, _mm256_set1_ps(-1.0 / 15.0));
     // (a - 2b + 4c)/15
     let t4 = _mm256_fmadd_ps(_mm256_set1_ps(4.0), c, _mm256_fmadd_ps(_mm256_set1_ps(-2.0), b, a));
     let r4 = _mm256_mul_ps(t4, fif);
     [a, r1, r2, r3, r4, c]
 }
-
 
 /// Transform the weights of output channels [co0, co0 + np·MR) into `u`, laid out in the
 /// order the GEMM loop reads them: `[ξ][channel block kb][panel][ci − kb][MR]` (channel blocks
@@ -269,7 +292,16 @@ unsafe fn bt6(v: [__m256; 6]) -> [__m256; 6] {
 /// [c_a, c_b) into `v` (group `gi` of the chunk).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn input_group(x: &[f32], g: &Geom, tg: usize, pos: (usize, usize, usize), c_a: usize, c_b: usize, v: *mut f32, gi: usize) {
+unsafe fn input_group(
+    x: &[f32],
+    g: &Geom,
+    tg: usize,
+    pos: (usize, usize, usize),
+    c_a: usize,
+    c_b: usize,
+    v: *mut f32,
+    gi: usize,
+) {
     let (h, w) = (g.h, g.w);
     let plane = h * w;
     let s = gi / 2;
@@ -359,7 +391,11 @@ unsafe fn input_group(x: &[f32], g: &Geom, tg: usize, pos: (usize, usize, usize)
                     let yok = ok && y >= 0 && (y as usize) < h;
                     for c in 0..6 {
                         let xx = x0 + c as isize;
-                        buf[r][c][l] = if yok && xx >= 0 && (xx as usize) < w { *pbase.add(y as usize * w + xx as usize) } else { 0.0 };
+                        buf[r][c][l] = if yok && xx >= 0 && (xx as usize) < w {
+                            *pbase.add(y as usize * w + xx as usize)
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -396,7 +432,19 @@ unsafe fn transform_store(d: &[[__m256; 6]; 6], dst: *mut f32, stride_xi: usize)
 /// `m` scratch layout: `[s in SG][co_local][ξ][NR]`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn task_gemm(g: &Geom, u: *const f32, uxs: usize, np: usize, v: *const f32, n_tsub: usize, m: *mut f32, co0: usize, t0: usize, bias: Option<&[f32]>, out: *mut f32) {
+unsafe fn task_gemm(
+    g: &Geom,
+    u: *const f32,
+    uxs: usize,
+    np: usize,
+    v: *const f32,
+    n_tsub: usize,
+    m: *mut f32,
+    co0: usize,
+    t0: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
     let cin = g.cin;
     let mc = np * MR;
     let mut s0 = 0;
@@ -447,7 +495,8 @@ unsafe fn at6(m: [__m256; 6]) -> [__m256; 4] {
     let o0 = _mm256_add_ps(_mm256_add_ps(m0, s12), _mm256_add_ps(m3, m4));
     let o1 = _mm256_fmadd_ps(_mm256_set1_ps(0.5), m3, _mm256_fnmadd_ps(_mm256_set1_ps(2.0), m4, d12));
     let o2 = _mm256_fmadd_ps(_mm256_set1_ps(0.25), m3, _mm256_fmadd_ps(_mm256_set1_ps(4.0), m4, s12));
-    let o3 = _mm256_fmadd_ps(_mm256_set1_ps(0.125), m3, _mm256_fnmadd_ps(_mm256_set1_ps(8.0), m4, _mm256_add_ps(d12, m5)));
+    let o3 =
+        _mm256_fmadd_ps(_mm256_set1_ps(0.125), m3, _mm256_fnmadd_ps(_mm256_set1_ps(8.0), m4, _mm256_add_ps(d12, m5)));
     [o0, o1, o2, o3]
 }
 

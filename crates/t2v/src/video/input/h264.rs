@@ -80,7 +80,9 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
     let Some(track) = mp4.tracks().values().find(|t| t.kind == Some(TrackKind::Video)) else {
         return Err(match other_codec(&index) {
             Some(codec) => codec_error(codec, c),
-            None => c.error("it has no video track (or one in a format that is not read): give an MP4 with H.264 video"),
+            None => {
+                c.error("it has no video track (or one in a format that is not read): give an MP4 with H.264 video")
+            }
         });
     };
     let trak = track.trak(&mp4);
@@ -110,7 +112,8 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
     let sps_nal = avcc.sequence_parameter_sets.first().ok_or_else(|| {
         c.error("its H.264 configuration (avcC) has no sequence parameter set: the file is corrupt; export it again")
     })?;
-    let sps = parse_sps(&sps_nal.bytes).map_err(|e| c.error(format!("its H.264 sequence parameter set is unreadable ({e}): the file is corrupt")))?;
+    let sps = parse_sps(&sps_nal.bytes)
+        .map_err(|e| c.error(format!("its H.264 sequence parameter set is unreadable ({e}): the file is corrupt")))?;
     check_supported(&sps, c)?;
     let colour = ColourMatrix::from_sps(&sps);
     let length_size = avcc.length_size_minus_one as usize + 1;
@@ -131,7 +134,8 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
 
     // Decode order differs from display order when the stream has B-frames: frames are
     // reordered by composition time as they come out of the decoder.
-    let mut display_rank: Vec<(i64, usize)> = samples.iter().enumerate().map(|(i, s)| (s.composition_timestamp, i)).collect();
+    let mut display_rank: Vec<(i64, usize)> =
+        samples.iter().enumerate().map(|(i, s)| (s.composition_timestamp, i)).collect();
     display_rank.sort();
     let mut pending: std::collections::BTreeMap<i64, Picture> = Default::default();
     let mut display_times = display_rank.iter().map(|&(t, _)| t);
@@ -168,7 +172,8 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
         if i == 0 {
             packet.extend_from_slice(&header);
         }
-        to_annex_b(&data, length_size, &mut packet).map_err(|e| c.error(format!("frame {} is corrupt ({e}): export the video again", i + 1)))?;
+        to_annex_b(&data, length_size, &mut packet)
+            .map_err(|e| c.error(format!("frame {} is corrupt ({e}): export the video again", i + 1)))?;
         in_flight.push_back(sample.composition_timestamp);
         let decoded = decoder.decode(&packet).map_err(|e| {
             c.error(format!("frame {} cannot be decoded ({e}): the file is corrupt; export it again", i + 1))
@@ -182,7 +187,10 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
         stop = drain(&mut pending, &mut next_display, &mut display_times, colour, rotation, c)?;
     }
     if !stop {
-        for yuv in decoder.flush_remaining().map_err(|e| c.error(format!("the last frames cannot be decoded ({e}): the file is corrupt")))? {
+        for yuv in decoder
+            .flush_remaining()
+            .map_err(|e| c.error(format!("the last frames cannot be decoded ({e}): the file is corrupt")))?
+        {
             let picture = Picture::from_yuv(&yuv);
             let time = take_output_time(&mut in_flight);
             pending.insert(time, picture);
@@ -235,7 +243,9 @@ fn other_codec(index: &[u8]) -> Option<&'static str> {
 /// inside `mdat` still gives the frames it holds (a fragmented MP4 is parsed whole).
 fn read_index(reader: &mut BufReader<File>, file_len: u64, c: &Collector) -> Result<(Mp4, Vec<u8>)> {
     let unreadable = |e: &dyn std::fmt::Display| {
-        c.error(format!("it is not a readable MP4 ({e}): the file is corrupt, truncated or not an MP4; export it again"))
+        c.error(format!(
+            "it is not a readable MP4 ({e}): the file is corrupt, truncated or not an MP4; export it again"
+        ))
     };
     let io = |e: std::io::Error| unreadable(&e);
     let mut index = Vec::new();
@@ -374,7 +384,8 @@ impl Picture {
     fn to_rgb(&self, m: ColourMatrix, rotation: Rotation) -> (Vec<u8>, usize, usize) {
         let (w, h) = (self.width, self.height);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        let (y_off, y_scale, c_scale) = if m.full_range { (0.0, 1.0 / 255.0, 1.0 / 255.0) } else { (16.0, 1.0 / 219.0, 1.0 / 224.0) };
+        let (y_off, y_scale, c_scale) =
+            if m.full_range { (0.0, 1.0 / 255.0, 1.0 / 255.0) } else { (16.0, 1.0 / 219.0, 1.0 / 224.0) };
         let kg = 1.0 - m.kr - m.kb;
         let mut rgb = vec![0u8; w * h * 3];
         let chroma = |plane: &[u8], x: usize, y: usize| -> f32 {

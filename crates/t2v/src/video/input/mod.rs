@@ -48,7 +48,14 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { size: None, fit: Fit::Resize, filter: ResizeFilter::Lanczos3, start_frame: 0, every: 1, num_frames: None }
+        Self {
+            size: None,
+            fit: Fit::Resize,
+            filter: ResizeFilter::Lanczos3,
+            start_frame: 0,
+            every: 1,
+            num_frames: None,
+        }
     }
 }
 
@@ -307,7 +314,9 @@ impl<'a> Collector<'a> {
                             " (stretched: the aspect ratio changes; choose cropping or padding to keep it)".to_string()
                         }
                         Fit::Resize => String::new(),
-                        Fit::Crop => " after scaling it to cover that size and cutting the overflow off both sides".into(),
+                        Fit::Crop => {
+                            " after scaling it to cover that size and cutting the overflow off both sides".into()
+                        }
                         Fit::Pad => " after scaling it to fit inside that size and filling the rest with black".into(),
                     };
                     self.warnings.push(format!(

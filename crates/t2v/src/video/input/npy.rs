@@ -49,10 +49,7 @@ pub(super) fn read_npy(path: &Path, c: &mut Collector) -> Result<()> {
         )));
     };
     if channels != 3 {
-        return Err(c.error(format!(
-            "the array has shape {:?}: its last dimension must be 3 (RGB)",
-            header.shape
-        )));
+        return Err(c.error(format!("the array has shape {:?}: its last dimension must be 3 (RGB)", header.shape)));
     }
     let frame_values = height.checked_mul(width).and_then(|v| v.checked_mul(3));
     let frame_bytes = frame_values.and_then(|v| v.checked_mul(header.dtype.size()));
@@ -79,7 +76,8 @@ pub(super) fn read_npy(path: &Path, c: &mut Collector) -> Result<()> {
             Dtype::U8 => c.push_u8(&buf, width, height, &what)?,
             float => {
                 let values = floats(&buf, float, header.big_endian, frame_values);
-                let (lo, hi) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let (lo, hi) =
+                    values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                 if values.iter().any(|v| v.is_nan()) || lo < -RANGE_SLACK || hi > 1.0 + RANGE_SLACK {
                     let nan = if values.iter().any(|v| v.is_nan()) { " and NaN" } else { "" };
                     return Err(c.error(format!(
@@ -104,7 +102,11 @@ fn floats(bytes: &[u8], dtype: Dtype, big_endian: bool, n: usize) -> Vec<f32> {
         })),
         Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| {
             let raw = [b[0], b[1], b[2], b[3]];
-            if big_endian { f32::from_be_bytes(raw) } else { f32::from_le_bytes(raw) }
+            if big_endian {
+                f32::from_be_bytes(raw)
+            } else {
+                f32::from_le_bytes(raw)
+            }
         })),
         Dtype::F64 => out.extend(bytes.chunks_exact(8).map(|b| {
             let raw: [u8; 8] = b.try_into().expect("8 bytes");
@@ -125,7 +127,11 @@ fn read_header(file: &mut File, c: &Collector) -> Result<Header> {
     let (len_bytes, prefix) = match magic[6] {
         1 => (2, 10u64),
         2 | 3 => (4, 12u64),
-        v => return Err(c.error(format!("it is a .npy file of format version {v}, which is unknown: save it with numpy.save"))),
+        v => {
+            return Err(
+                c.error(format!("it is a .npy file of format version {v}, which is unknown: save it with numpy.save"))
+            )
+        }
     };
     let mut len = [0u8; 4];
     file.read_exact(&mut len[..len_bytes]).map_err(|_| c.error("the file is truncated inside its header"))?;
@@ -142,7 +148,9 @@ fn read_header(file: &mut File, c: &Collector) -> Result<Header> {
         let end = if rest.starts_with('(') { rest.find(')')? + 1 } else { rest.find([',', '}'])? };
         Some(rest[..end].trim().to_string())
     };
-    let corrupt = |what: &str| c.error(format!("its header has no readable {what}: the file is corrupt; save the array with numpy.save"));
+    let corrupt = |what: &str| {
+        c.error(format!("its header has no readable {what}: the file is corrupt; save the array with numpy.save"))
+    };
     let descr = field("descr").ok_or_else(|| corrupt("descr"))?;
     let descr = descr.trim_matches(|ch| ch == '\'' || ch == '"');
     let (big_endian, code) = match descr.split_at(1.min(descr.len())) {
@@ -163,9 +171,7 @@ fn read_header(file: &mut File, c: &Collector) -> Result<Header> {
         }
     };
     if field("fortran_order").ok_or_else(|| corrupt("fortran_order"))? != "False" {
-        return Err(c.error(
-            "the array is stored in Fortran order: save numpy.ascontiguousarray(arr) instead",
-        ));
+        return Err(c.error("the array is stored in Fortran order: save numpy.ascontiguousarray(arr) instead"));
     }
     let shape_text = field("shape").ok_or_else(|| corrupt("shape"))?;
     let shape = shape_text

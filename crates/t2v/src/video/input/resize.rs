@@ -111,7 +111,14 @@ impl FrameResizer {
     }
 
     /// An 8-bit RGB frame `w`×`h` → `ow`×`oh` (a copy when the sizes match).
-    pub(crate) fn resize_u8(&mut self, rgb: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> std::result::Result<Vec<u8>, String> {
+    pub(crate) fn resize_u8(
+        &mut self,
+        rgb: &[u8],
+        w: usize,
+        h: usize,
+        ow: usize,
+        oh: usize,
+    ) -> std::result::Result<Vec<u8>, String> {
         if rgb.len() != w * h * 3 {
             return Err(format!("a frame holds {} bytes, not the {} of {w}x{h} RGB", rgb.len(), w * h * 3));
         }
@@ -122,7 +129,14 @@ impl FrameResizer {
     }
 
     /// A float RGB frame `w`×`h` → `ow`×`oh`.
-    pub(crate) fn resize_f32(&mut self, rgb: &[f32], w: usize, h: usize, ow: usize, oh: usize) -> std::result::Result<Vec<f32>, String> {
+    pub(crate) fn resize_f32(
+        &mut self,
+        rgb: &[f32],
+        w: usize,
+        h: usize,
+        ow: usize,
+        oh: usize,
+    ) -> std::result::Result<Vec<f32>, String> {
         if rgb.len() != w * h * 3 {
             return Err(format!("a frame holds {} values, not the {} of {w}x{h} RGB", rgb.len(), w * h * 3));
         }
@@ -134,7 +148,15 @@ impl FrameResizer {
         Ok(out.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
-    fn resize_bytes(&mut self, src: Vec<u8>, pixel: PixelType, w: usize, h: usize, ow: usize, oh: usize) -> std::result::Result<Vec<u8>, String> {
+    fn resize_bytes(
+        &mut self,
+        src: Vec<u8>,
+        pixel: PixelType,
+        w: usize,
+        h: usize,
+        ow: usize,
+        oh: usize,
+    ) -> std::result::Result<Vec<u8>, String> {
         let err = |e: &dyn std::fmt::Display| format!("cannot resize a {w}x{h} frame to {ow}x{oh}: {e}");
         let src = Image::from_vec_u8(w as u32, h as u32, src, pixel).map_err(|e| err(&e))?;
         let alg = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(self.filter.filter_type()));
