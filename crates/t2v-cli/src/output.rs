@@ -98,7 +98,7 @@ impl<'a> Planner<'a> {
         }
         for t in &targets {
             // Temporaries that killed runs left in this folder go before this run writes there.
-            video::remove_stale_partials(&parent_of(&t.path));
+            video::remove_stale_partials(parent_of(&t.path));
             check_output_path(&t.path, self.overwrite)?;
             check_output_path(&t.settings, self.overwrite)?;
             for p in [&t.path, &t.settings] {

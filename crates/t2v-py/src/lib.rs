@@ -16,8 +16,7 @@ use pyo3::exceptions::{
     PyValueError,
 };
 use pyo3::prelude::*;
-use t2v::hub::{self, HubOptions};
-use t2v::loading::{ModelFolder, WeightsVariant};
+use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::{self, SchedulerKind};
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
@@ -109,7 +108,7 @@ fn resolve_model(
 ) -> PyResult<PathBuf> {
     let mut opts = HubOptions::from_env();
     opts.offline |= offline;
-    opts.variant_fp16 = parse_variant(variant)? == WeightsVariant::Fp16;
+    opts.variant = parse_variant(variant)?;
     if let Some(dir) = cache_dir {
         opts.cache_dir = dir;
     }
