@@ -4,6 +4,7 @@
 
 #[path = "../../t2v/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,39 +13,7 @@ use std::process::{Command, Output};
 use candle_core::{Device, Tensor};
 use common::*;
 use sha2::{Digest, Sha256};
-
-fn t2v(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_t2v")).args(args).output().expect("t2v runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn temp_dir() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::Builder::new().prefix("t2v-v2v-").tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    (tmp, dir)
-}
-
-/// A little-endian float32 `.npy` file as a tensor.
-fn read_npy(path: &Path) -> Tensor {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "npy magic");
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'"), "{header}");
-    let shape: Vec<usize> = header[header.find("'shape': (").unwrap() + 10..]
-        .split(')')
-        .next()
-        .unwrap()
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let data: Vec<f32> =
-        bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+use support::*;
 
 fn settings_of(path: &Path) -> serde_json::Value {
     let mut name = path.file_name().unwrap().to_os_string();

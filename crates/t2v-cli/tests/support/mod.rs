@@ -1,0 +1,42 @@
+//! Helpers shared by the command line's tests: running the binary, temporary folders, `.npy` files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+pub fn t2v(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_t2v")).args(args).output().expect("t2v runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh folder, removed when the returned guard drops.
+pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new().prefix("t2v-cli-").tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    (tmp, dir)
+}
+
+/// Reads a little-endian float32 `.npy` file as numpy writes and reads it.
+pub fn read_npy(path: &Path) -> Tensor {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "npy magic");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    assert_eq!((10 + header_len) % 64, 0, "header aligned to 64 bytes");
+    let shape: Vec<usize> = header[header.find("'shape': (").unwrap() + 10..]
+        .split(')')
+        .next()
+        .unwrap()
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let data: Vec<f32> =
+        bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
