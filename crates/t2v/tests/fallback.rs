@@ -1,4 +1,4 @@
-//! The fixtures through candle's standard ops alone (`t2v::kernels::set_enabled(false)`): the
+//! The fixtures through candle's standard ops alone (`t2v::kernels::set_isa(Isa::Generic)`): the
 //! path that CUDA and Metal devices take, which must meet the same tolerances as the CPU
 //! kernels. A test binary of its own, as the switch is process-wide.
 
@@ -7,7 +7,7 @@ mod common;
 use common::stages::*;
 
 fn without_kernels(f: impl FnOnce()) {
-    t2v::kernels::set_enabled(false);
+    t2v::kernels::set_isa(t2v::kernels::Isa::Generic).unwrap();
     f();
 }
 

@@ -149,7 +149,7 @@ fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f6
 fn packed_matmul_matches_float64_on_ragged_shapes() {
     use t2v::kernels::packed_matmul::{self, Init, PackedB};
     use t2v::kernels::Src;
-    if !t2v::kernels::has_avx2_fma() {
+    if !t2v::kernels::avx2() {
         eprintln!("no AVX2/FMA: the packed matrix product is not used on this CPU");
         return;
     }

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::packed_matmul::{self, Init, PackedB};
-use super::{has_avx2_fma, SendPtr, Src};
+use super::{avx2, SendPtr, Src};
 
 /// Sequences at most this long (queries and keys) take the loop kernel.
 pub const SHORT: usize = 64;
@@ -75,7 +75,7 @@ impl MultiHeadAttention {
         let (t, hd) = (dm.tokens, dm.width());
         out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| {
             #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma() {
+            if avx2() {
                 // SAFETY: AVX2 and FMA checked.
                 return unsafe { short_video_avx2(self.scale, q, k, v, out, dm, b) };
             }
@@ -111,7 +111,7 @@ impl MultiHeadAttention {
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
                 let at = (b * t + r) * hd + h * d;
-                // SAFETY: `has_avx2_fma()` was checked before this op ran; q and out hold
+                // SAFETY: `avx2()` was checked before this op ran; q and out hold
                 // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
                 // writes columns [h·d, h·d + d) of these rows of `out`.
                 unsafe {
@@ -184,7 +184,7 @@ unsafe fn short_video_avx2(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mu
 #[inline]
 fn softmax_row(row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if avx2() {
         // SAFETY: AVX2 and FMA checked.
         unsafe { simd::softmax_row(row, scale) };
         return;
@@ -317,7 +317,7 @@ pub fn multi_head_attention(
         );
     }
     let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if on_cpu && has_avx2_fma() {
+    if on_cpu && avx2() {
         let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
         let c = super::copy::contiguous;
         return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);

@@ -16,7 +16,7 @@ fn gelu(x: f32) -> f32 {
 /// elements were done (the rest take the scalar loop).
 fn geglu_vectors(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
+    if super::avx2() {
         // SAFETY: AVX2 and FMA checked; the slices hold the same number of floats.
         return unsafe { geglu_simd(o, value, gate) };
     }

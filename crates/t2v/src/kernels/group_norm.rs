@@ -18,7 +18,7 @@ struct GroupNormOp {
 /// Σ x (or Σ (x − m)² when `squares`) over a short chunk, in eight lanes where AVX2 is present.
 fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
+    if super::avx2() {
         // SAFETY: AVX2 and FMA checked.
         return unsafe { simd::sum(xs, m, squares) };
     }
@@ -32,7 +32,7 @@ fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
 /// `o = x·scale + shift`, then SiLU when `silu`.
 fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
-    let done = if super::has_avx2_fma() {
+    let done = if super::avx2() {
         // SAFETY: AVX2 and FMA checked; equal lengths.
         unsafe { simd::normalize(o, xs, scale, shift, silu) }
     } else {

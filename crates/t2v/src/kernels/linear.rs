@@ -21,7 +21,7 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
     let init = bias.map_or(Init::Overwrite, Init::Bias);
-    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `has_avx2_fma()` was checked
+    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `avx2()` was checked
     // by `linear` before this op was applied.
     unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init) };
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -60,7 +60,7 @@ impl CustomOp3 for LinearOp {
 /// activations (and float32 or float16 weights) one fused GEMM; elsewhere candle's matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let cpu_f32 = super::on_cpu(x.device())
-        && super::has_avx2_fma()
+        && super::avx2()
         && x.dtype() == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::F16)
         && bias.is_none_or(|b| b.dtype() == DType::F32);

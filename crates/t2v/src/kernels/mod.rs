@@ -12,28 +12,21 @@ pub mod conv;
 pub mod copy;
 pub mod geglu;
 pub mod group_norm;
+pub mod isa;
 pub mod linear;
 pub mod packed_matmul;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vmath;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use half::f16;
 use rayon::prelude::*;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+pub use isa::{isa, set_isa, Isa, IsaError};
 
-/// Turns the CPU kernels of this module off (or back on): every operation then takes candle's
-/// standard ops, the path that CUDA and Metal devices take. The tests run the fixtures through
-/// both paths.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether tensors on `device` take this module's kernels: the CPU, with the kernels enabled.
+/// Whether tensors on `device` take this module's kernels: the CPU, on a path other than
+/// [`Isa::Generic`] (candle's standard ops, the path that CUDA and Metal devices take).
 pub(crate) fn on_cpu(device: &candle_core::Device) -> bool {
-    device.is_cpu() && ENABLED.load(Ordering::Relaxed)
+    device.is_cpu() && isa() != Isa::Generic
 }
 
 /// An output buffer of `n` floats that the kernel filling it writes in full before anything
@@ -144,21 +137,15 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Whether the CPU has AVX2, FMA and F16C (detected once): the vectorised kernels need them, and
-/// take a scalar loop or candle's ops without.
-pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the AVX2 kernels run (the AVX2 or the AVX-512 path: the CPU has AVX2, FMA and F16C);
+/// without, kernels take a scalar loop or candle's ops.
+pub fn avx2() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// Whether the AVX-512 kernels run (where one exists; the AVX2 ones elsewhere).
+pub fn avx512() -> bool {
+    isa() == Isa::Avx512
 }
 
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).

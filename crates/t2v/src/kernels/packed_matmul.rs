@@ -16,7 +16,7 @@
 //! Each output element sums its k products in blocks of ≤ `KC` (each block in order, blocks
 //! added in order): a different but equally accurate rounding order from candle's matmul.
 
-// Elsewhere than x86-64 only the packing exists (nothing calls it: `has_avx2_fma()` is false).
+// Elsewhere than x86-64 only the packing exists (nothing calls it: `avx2()` is false).
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 #[cfg(target_arch = "x86_64")]
@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{has_avx2_fma, SendPtr, Src};
+use super::{avx2, SendPtr, Src};
 
 /// Rows of a micro-tile (broadcast from A).
 pub const MR: usize = 6;
@@ -66,7 +66,7 @@ impl PackedB {
         let mut data = vec![0f32; panels * k * NR];
         let pack = |(p, dst): (usize, &mut [f32])| {
             let cols = NR.min(n - p * NR);
-            if has_avx2_fma() && cols == NR {
+            if avx2() && cols == NR {
                 // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
@@ -269,13 +269,24 @@ thread_local! {
     static A_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread.
+/// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread, with the
+/// AVX-512 micro-kernels when that path runs ([`super::avx512`]), the AVX2 ones otherwise.
 ///
 /// # Safety
-/// [`has_avx2_fma`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
+/// [`avx2`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    if super::avx512() {
+        matmul_rows_avx512(m, a, lda, b, c, ldc, init)
+    } else {
+        matmul_rows_avx2(m, a, lda, b, c, ldc, init)
+    }
+}
+
+/// [`matmul_rows`] with the 6×16 AVX2 micro-kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+unsafe fn matmul_rows_avx2(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
@@ -336,6 +347,142 @@ pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *
     });
 }
 
+/// Depth of a packed block on the AVX-512 path: two B micro-panels (2·KC·NR floats, 32 KiB) are
+/// read together and stay in a 48 KiB L1.
+#[cfg(target_arch = "x86_64")]
+const KC512: usize = 256;
+
+/// [`matmul_rows`] with AVX-512 micro-kernels of up to 12×32: two A micro-panels ([`MR`] rows
+/// each) against two B panels ([`NR`] columns each), 24 accumulators, so each 512-bit load of B
+/// feeds 12 FMAs (the 6×16 AVX2 tile feeds 6 per 256-bit load). Same packing and blocking as the
+/// AVX2 path; the ragged edges take the smaller tiles of the same kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let nkb = k.div_ceil(KC512).max(1);
+    let kc = k.div_ceil(nkb);
+    let mut tile = [0f32; 2 * MR * 2 * NR];
+    let mut bias32 = [0f32; 2 * NR];
+    A_PACK.with(|ap| {
+        let mut apack = ap.borrow_mut();
+        let need = MC.div_ceil(MR) * MR * kc;
+        if apack.len() < need {
+            apack.resize(need, 0.0);
+        }
+        let apack = apack.as_mut_ptr();
+        let mut i0 = 0;
+        while i0 < m {
+            let mc = MC.min(m - i0);
+            let nir = mc.div_ceil(MR);
+            let mut k0 = 0;
+            for kb in 0..nkb {
+                let kl = kc.min(k - k0);
+                pack_a(a, lda, i0, mc, k0, kl, apack);
+                let acc = kb > 0 || matches!(init, Init::Accumulate);
+                let mut jr = 0;
+                while jr < panels {
+                    let nb = 2.min(panels - jr);
+                    let bp =
+                        [b.data.as_ptr().add((jr * k + k0) * NR), b.data.as_ptr().add(((jr + nb - 1) * k + k0) * NR)];
+                    let cols = (nb * NR).min(n - jr * NR);
+                    let bias_ptr = match init {
+                        Init::Bias(bias) if kb == 0 => {
+                            bias32[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
+                            bias32.as_ptr()
+                        }
+                        _ => std::ptr::null(),
+                    };
+                    let mut ir = 0;
+                    while ir < nir {
+                        let ra = 2.min(nir - ir);
+                        let ap = [apack.add(ir * kl * MR) as *const f32, apack.add((ir + ra - 1) * kl * MR)];
+                        let rows = (ra * MR).min(mc - ir * MR);
+                        let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
+                        let full = rows == ra * MR && cols == nb * NR;
+                        let (dst, ld, add) = if full { (cp, ldc, acc) } else { (tile.as_mut_ptr(), 2 * NR, false) };
+                        match (ra, nb) {
+                            (2, 2) => tile_avx512::<2, 2>(kl, ap, bp, dst, ld, add, bias_ptr),
+                            (2, _) => tile_avx512::<2, 1>(kl, ap, bp, dst, ld, add, bias_ptr),
+                            (_, 2) => tile_avx512::<1, 2>(kl, ap, bp, dst, ld, add, bias_ptr),
+                            _ => tile_avx512::<1, 1>(kl, ap, bp, dst, ld, add, bias_ptr),
+                        }
+                        if !full {
+                            for r in 0..rows {
+                                for cc in 0..cols {
+                                    let d = cp.add(r * ldc + cc);
+                                    let v = tile[r * 2 * NR + cc];
+                                    *d = if acc { *d + v } else { v };
+                                }
+                            }
+                        }
+                        ir += ra;
+                    }
+                    jr += nb;
+                }
+                k0 += kl;
+            }
+            i0 += mc;
+        }
+    });
+}
+
+/// The AVX-512 micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns,
+/// `c[r][..] = start + Σ_kk a[kk][r] · b[kk][..]` with A in `RA` micro-panels `[kk][MR]` and B in
+/// `NB` panels `[kk][NR]`; `start` is c's own value (`acc`), `bias` (NB·16 per-column values) or
+/// zero. The per-element sums run in k order, as the AVX2 kernel's.
+///
+/// # Safety
+/// AVX-512F present; `a[..RA]` hold k·6 floats, `b[..NB]` k·16, c `RA`·6 rows of `NB`·16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile_avx512<const RA: usize, const NB: usize>(
+    k: usize,
+    a: [*const f32; 2],
+    b: [*const f32; 2],
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    bias: *const f32,
+) {
+    let mut start = [_mm512_setzero_ps(); 2];
+    if !bias.is_null() {
+        for (j, s) in start.iter_mut().enumerate().take(NB) {
+            *s = _mm512_loadu_ps(bias.add(j * NR));
+        }
+    }
+    let mut sums = [[start[0], start[1]]; 2 * MR];
+    for kk in 0..k {
+        let mut bv = [_mm512_setzero_ps(); 2];
+        for j in 0..NB {
+            bv[j] = _mm512_loadu_ps(b[j].add(kk * NR));
+        }
+        for p in 0..RA {
+            let ak = a[p].add(kk * MR);
+            for r in 0..MR {
+                let x = _mm512_set1_ps(*ak.add(r));
+                for j in 0..NB {
+                    sums[p * MR + r][j] = _mm512_fmadd_ps(x, bv[j], sums[p * MR + r][j]);
+                }
+            }
+        }
+    }
+    for (r, row) in sums.iter().enumerate().take(RA * MR) {
+        for (j, v) in row.iter().enumerate().take(NB) {
+            let p = c.add(r * ldc + j * NR);
+            if acc {
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+            } else {
+                _mm512_storeu_ps(p, *v);
+            }
+        }
+    }
+}
+
 /// [`matmul_rows`] on all of rayon's threads: rows split into equal blocks (a few per thread on
 /// large products; one per thread otherwise, so that no thread idles on a short tail).
 ///
@@ -358,7 +505,7 @@ pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f
     });
 }
 
-/// Never called off x86-64: [`has_avx2_fma`] is false there and callers take candle's matmul.
+/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
 ///
 /// # Safety
 /// Not callable.
@@ -372,14 +519,14 @@ pub unsafe fn matmul_rows(
     _ldc: usize,
     _init: Init,
 ) {
-    unreachable!("the packed matrix product runs only where has_avx2_fma() is true (x86-64 with AVX2+FMA)")
+    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }
 
-/// Never called off x86-64: [`has_avx2_fma`] is false there and callers take candle's matmul.
+/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
 ///
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
 pub unsafe fn matmul(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
-    unreachable!("the packed matrix product runs only where has_avx2_fma() is true (x86-64 with AVX2+FMA)")
+    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }

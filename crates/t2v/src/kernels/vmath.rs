@@ -1,7 +1,7 @@
 //! Vectorised elementwise functions (AVX2 + FMA, eight lanes) for the fused kernels: `exp`,
 //! SiLU and the exact (erf) GELU. Each is within a few units in the last place of float32 (the
 //! GELU's erfc within 1.2e-7 relative, Numerical Recipes' Chebyshev fit), as accurate as torch's
-//! own vectorised CPU versions; callers check [`super::has_avx2_fma`] first. Our own because the
+//! own vectorised CPU versions; callers check [`super::avx2`] first. Our own because the
 //! fused kernels apply them to eight lanes at a time inside their loops, where candle's are
 //! whole-tensor ops.
 

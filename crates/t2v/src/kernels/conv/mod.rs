@@ -163,7 +163,7 @@ fn fast_kind(
             return Ok(None);
         }
     }
-    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::has_avx2_fma() {
+    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::avx2() {
         return Ok(Some(Kind::Wino3x3));
     }
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
@@ -198,7 +198,7 @@ impl ConvOp {
         let mut out = super::output_buffer(n * cout * h * wd);
         match self.kind {
             Kind::Wino3x3 => {
-                if kh != 3 || kw != 3 || !super::has_avx2_fma() {
+                if kh != 3 || kw != 3 || !super::avx2() {
                     bail!("t2v conv: winograd kernel needs a 3x3 kernel and AVX2+FMA");
                 }
                 #[cfg(target_arch = "x86_64")]

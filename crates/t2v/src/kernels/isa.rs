@@ -1,0 +1,149 @@
+//! Which instruction set the CPU kernels run with: chosen once from what the CPU has, or forced
+//! with `T2V_ISA=auto|avx512|avx2|generic` (or [`set_isa`]) so that one machine can test and time
+//! every path. `generic` is candle's standard ops, the path that other devices and CPUs take.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The environment variable that forces a path.
+pub const ISA_ENV: &str = "T2V_ISA";
+
+/// An instruction-set path of the CPU kernels, from the most general to the fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// candle's standard ops (any CPU).
+    Generic,
+    /// x86-64 with AVX2, FMA and F16C: 256-bit kernels.
+    Avx2,
+    /// x86-64 with AVX-512 (F, VL, BW, DQ) besides AVX2: 512-bit kernels where they pay, the
+    /// AVX2 ones elsewhere.
+    Avx512,
+}
+
+/// A path that cannot be used: an unknown name, or one this CPU cannot run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IsaError {
+    #[error("unknown instruction set `{0}`: expected auto, avx512, avx2 or generic")]
+    Unknown(String),
+    #[error("this CPU cannot run the {0} kernels (it can run: {list})", list = Isa::available_list())]
+    Unsupported(Isa),
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Generic, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Generic => "generic",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the path (detected once).
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Generic => true,
+            Isa::Avx2 => detected().0,
+            Isa::Avx512 => detected().1,
+        }
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> Isa {
+        *Isa::ALL.iter().rev().find(|i| i.is_available()).unwrap_or(&Isa::Generic)
+    }
+
+    /// Every path this CPU can run, from the most general.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    fn available_list() -> String {
+        Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// `auto` (the best available), or a named path that this CPU can run.
+    pub fn parse_available(s: &str) -> Result<Isa, IsaError> {
+        let isa = if s.trim().eq_ignore_ascii_case("auto") { Isa::best() } else { s.parse()? };
+        if isa.is_available() {
+            Ok(isa)
+        } else {
+            Err(IsaError::Unsupported(isa))
+        }
+    }
+
+    /// The path `T2V_ISA` asks for: `None` when unset or empty.
+    pub fn from_env() -> Result<Option<Isa>, IsaError> {
+        match std::env::var(ISA_ENV) {
+            Ok(v) if !v.trim().is_empty() => Isa::parse_available(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Isa {
+    type Err = IsaError;
+
+    fn from_str(s: &str) -> Result<Isa, IsaError> {
+        let t = s.trim();
+        Isa::ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(t)).ok_or_else(|| IsaError::Unknown(t.to_string()))
+    }
+}
+
+/// (AVX2 path, AVX-512 path) available on this CPU.
+fn detected() -> (bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<(bool, bool)> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq");
+            (avx2, avx512)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (false, false)
+    }
+}
+
+const UNSET: u8 = u8::MAX;
+static CURRENT: AtomicU8 = AtomicU8::new(UNSET);
+
+/// The path the kernels take: the one set by [`set_isa`], else `T2V_ISA`'s, else the best this CPU
+/// can run. An unusable `T2V_ISA` is not an error here (callers that want to report it check
+/// [`Isa::from_env`] first); the best path is taken instead.
+pub fn isa() -> Isa {
+    match CURRENT.load(Ordering::Relaxed) {
+        UNSET => {
+            let isa = Isa::from_env().ok().flatten().unwrap_or_else(Isa::best);
+            // Another thread may have set it meanwhile; its value wins.
+            let _ = CURRENT.compare_exchange(UNSET, isa as u8, Ordering::Relaxed, Ordering::Relaxed);
+            Isa::ALL[CURRENT.load(Ordering::Relaxed) as usize]
+        }
+        v => Isa::ALL[v as usize],
+    }
+}
+
+/// Forces a path for the whole process (tests and benchmarks time each path this way).
+pub fn set_isa(isa: Isa) -> Result<(), IsaError> {
+    if !isa.is_available() {
+        return Err(IsaError::Unsupported(isa));
+    }
+    CURRENT.store(isa as u8, Ordering::Relaxed);
+    Ok(())
+}
