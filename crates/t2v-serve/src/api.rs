@@ -446,6 +446,10 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
             match received {
                 Ok(e) if e.id == id => {
                     let step = step_of(&e);
+                    if e.name == "progress" && step == Some(0) {
+                        // Another attempt starts (its worker died): its steps count from 0 again.
+                        seen.clear();
+                    }
                     if step.is_some() && seen.get(e.name).is_some_and(|&last| last >= step) {
                         continue;
                     }

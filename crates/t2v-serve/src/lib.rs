@@ -402,8 +402,7 @@ struct Parts {
 
 fn shared(p: Parts) -> Result<Arc<Shared>> {
     let videos_dir = p.data.join("videos");
-    std::fs::create_dir_all(&videos_dir)
-        .with_context(|| format!("creating the data folder {}", p.data.display()))?;
+    std::fs::create_dir_all(&videos_dir).with_context(|| format!("creating the data folder {}", p.data.display()))?;
     let results = storage::Folder { dir: videos_dir.clone() };
     // What workers that died left staged: nobody publishes it now.
     results.remove_stale(Duration::from_secs(3600));
@@ -430,21 +429,52 @@ fn shared(p: Parts) -> Result<Arc<Shared>> {
     }))
 }
 
-/// Starts the model's thread with `count` workers; the receiver says when the model is loaded.
-fn start_workers(
-    shared: &Arc<Shared>,
-    folder: PathBuf,
-    options: LoadOptions,
-    count: usize,
-) -> Result<(std::thread::JoinHandle<()>, tokio::sync::oneshot::Receiver<Result<()>>)> {
-    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+/// The model's thread with its workers.
+struct Workers {
+    thread: std::thread::JoinHandle<()>,
+    /// Says when the model is loaded (or why it could not be).
+    loaded: tokio::sync::oneshot::Receiver<Result<()>>,
+    /// Fires when the workers end: at shutdown, or when one failed (then the process stops too,
+    /// for its supervisor to start it again).
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts the model's thread with `count` workers.
+fn start_workers(shared: &Arc<Shared>, folder: PathBuf, options: LoadOptions, count: usize) -> Result<Workers> {
+    let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
     let (shared, handle) = (shared.clone(), tokio::runtime::Handle::current());
     let names = worker_names(count);
     let thread = std::thread::Builder::new()
         .name("t2v-model".into())
-        .spawn(move || worker::run(shared, handle, folder, options, loaded_tx, names))
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| worker::run(shared, handle, folder, options, loaded_tx, names));
+            if std::panic::catch_unwind(run).is_err() {
+                eprintln!("t2v: a worker failed; stopping");
+            }
+            let _ = ended_tx.send(());
+        })
         .context("starting the model thread")?;
-    Ok((thread, loaded_rx))
+    Ok(Workers { thread, loaded, ended })
+}
+
+/// Waits for the model to load, then for a stop signal; an error when the workers end first.
+async fn run_until_stopped(workers: &mut Workers, ready: impl FnOnce()) -> Result<()> {
+    let mut signal = std::pin::pin!(stop_signal());
+    tokio::select! {
+        loaded = &mut workers.loaded => match loaded {
+            Ok(Ok(())) => {
+                ready();
+                tokio::select! {
+                    _ = &mut signal => Ok(()),
+                    _ = &mut workers.ended => Err(anyhow::anyhow!("the workers stopped unexpectedly")),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("the model thread stopped while loading")),
+        },
+        _ = &mut signal => Ok(()),
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -460,8 +490,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let (folder, model) = find_model(args.model.as_deref(), &args.run).await?;
     let spec = model.spec.clone();
 
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating the data folder {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data folder {}", args.data.display()))?;
     let store = store::open(args.queue.queue.as_deref(), &args.data).await?;
     if args.workers == 0 && store.backend() == "sqlite" {
         bail!(
@@ -527,27 +556,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tokio::spawn(relay::run(shared.clone()));
     }
 
-    let mut signal = std::pin::pin!(stop_signal());
     let (worker, result) = if args.workers == 0 {
         shared.ready.store(true, Ordering::SeqCst);
         println!("t2v serve: ready at {url}");
-        (&mut signal).await;
+        stop_signal().await;
         (None, Ok(()))
     } else {
-        let (worker, loaded_rx) = start_workers(&shared, folder, options, args.workers)?;
-        let result = tokio::select! {
-            loaded = loaded_rx => match loaded {
-                Ok(Ok(())) => {
-                    println!("t2v serve: ready at {url}");
-                    (&mut signal).await;
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(anyhow::anyhow!("the model thread stopped while loading")),
-            },
-            _ = &mut signal => Ok(()),
-        };
-        (Some(worker), result)
+        let mut workers = start_workers(&shared, folder, options, args.workers)?;
+        let result = run_until_stopped(&mut workers, || println!("t2v serve: ready at {url}")).await;
+        (Some(workers.thread), result)
     };
 
     // Stop: running jobs halt at their next step and go back to the queue; streams end.
@@ -574,8 +591,7 @@ async fn stop_workers(shared: &Arc<Shared>, worker: Option<std::thread::JoinHand
 async fn worker_process(args: WorkerArgs) -> Result<()> {
     let options = load_options(&args.run)?;
     let (folder, model) = find_model(args.model.as_deref(), &args.run).await?;
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating the data folder {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data folder {}", args.data.display()))?;
     let Some(queue) = args.queue.queue.as_deref().filter(|q| !q.trim().is_empty()) else {
         bail!("a worker needs the queue it shares with the API: --queue postgres://USER:PASSWORD@HOST:PORT/DATABASE (or T2V_QUEUE)");
     };
@@ -628,22 +644,10 @@ async fn worker_process(args: WorkerArgs) -> Result<()> {
         policy.max_attempts,
         shared.model.spec
     );
-    let (worker, loaded_rx) = start_workers(&shared, folder, options, count)?;
-    let mut signal = std::pin::pin!(stop_signal());
-    let result = tokio::select! {
-        loaded = loaded_rx => match loaded {
-            Ok(Ok(())) => {
-                println!("t2v worker: ready");
-                (&mut signal).await;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!("the model thread stopped while loading")),
-        },
-        _ = &mut signal => Ok(()),
-    };
+    let mut workers = start_workers(&shared, folder, options, count)?;
+    let result = run_until_stopped(&mut workers, || println!("t2v worker: ready")).await;
     eprintln!("t2v worker: stopping");
-    stop_workers(&shared, Some(worker)).await;
+    stop_workers(&shared, Some(workers.thread)).await;
     result
 }
 

@@ -95,7 +95,11 @@ fn work(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Op
             Ok(failed) => {
                 for job in failed {
                     eprintln!("t2v: {} failed: {}", job.id, job.error.as_ref().map_or("", |e| e.message.as_str()));
-                    handle.block_on(shared.publish(JobEvent::new(&job.id, "failed", video_object(&job, &shared.model))));
+                    handle.block_on(shared.publish(JobEvent::new(
+                        &job.id,
+                        "failed",
+                        video_object(&job, &shared.model),
+                    )));
                 }
             }
             Err(e) => eprintln!("t2v: reading the queue: {e:#}"),
@@ -166,7 +170,7 @@ fn retry<T>(handle: &Handle, shared: &Shared, what: &str, mut op: impl FnMut() -
             Ok(v) => return Ok(v),
             Err(e) if started.elapsed() < shared.policy.lease.max(Duration::from_secs(10)) => {
                 eprintln!("t2v: {what}: {e:#}; trying again");
-                handle.block_on(tokio::time::sleep(Duration::from_millis(500)));
+                handle.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
             }
             Err(e) => return Err(e),
         }
@@ -232,9 +236,7 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
                 Some(Outcome::Released)
             }
         }
-        Ok(Err(e)) => {
-            Some(Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") }))
-        }
+        Ok(Err(e)) => Some(Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") })),
         Err(panic) => {
             let what =
                 panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));

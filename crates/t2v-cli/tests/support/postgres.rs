@@ -83,7 +83,17 @@ impl PgCluster {
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
-            &["-D", data.to_str().unwrap(), "-U", "t2v", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "t2v",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
         )?;
         cluster.start_server()?;
         Ok(cluster)

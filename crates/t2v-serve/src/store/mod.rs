@@ -260,7 +260,8 @@ pub fn interrupted_message(attempts: i64) -> String {
 pub const CANCELLED_INTERRUPTED: &str = "cancelled; its worker stopped before the job did";
 
 /// The columns every query reads, in this order, with the queue position computed in place.
-pub(crate) const SELECT: &str = "SELECT seq, id, status, progress, created_at_ms, started_at_ms, completed_at_ms, settings,
+pub(crate) const SELECT: &str =
+    "SELECT seq, id, status, progress, created_at_ms, started_at_ms, completed_at_ms, settings,
     error_code, error_message, attempts, cancel_requested, worker,
     CASE status
         WHEN 'queued' THEN (SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued' AND q.seq <= jobs.seq)
@@ -383,10 +384,16 @@ mod conformance {
         let mine = store.claim_next("host-9-w1", LONG).await?.unwrap();
         assert_eq!(mine.id, "video_4");
         assert_eq!(store.recover(2, Some("host-8-")).await?, Recovery::default());
-        assert_eq!(store.recover(2, Some("host-9-")).await?, Recovery { requeued: vec!["video_4".into()], failed: vec![] });
+        assert_eq!(
+            store.recover(2, Some("host-9-")).await?,
+            Recovery { requeued: vec!["video_4".into()], failed: vec![] }
+        );
         let again = store.claim_next("host-9-w0", LONG).await?.unwrap();
         assert_eq!((again.id.as_str(), again.attempts), ("video_4", 2));
-        assert_eq!(store.recover(2, Some("host-9-")).await?, Recovery { requeued: vec![], failed: vec!["video_4".into()] });
+        assert_eq!(
+            store.recover(2, Some("host-9-")).await?,
+            Recovery { requeued: vec![], failed: vec!["video_4".into()] }
+        );
         assert_eq!(store.get("video_4").await?.unwrap().error.unwrap().code, "interrupted");
 
         // A clean stop puts the job back without counting the attempt.
@@ -417,10 +424,10 @@ mod conformance {
             store.push_event(origin, "video_0", "progress", &serde_json::json!({"step": i})).await?;
         }
         let first = store.events_after(0, 2).await?;
-        assert_eq!(first.iter().map(|e| (e.origin.as_str(), e.data["step"].as_u64())).collect::<Vec<_>>(), [
-            ("a", Some(0)),
-            ("b", Some(1))
-        ]);
+        assert_eq!(
+            first.iter().map(|e| (e.origin.as_str(), e.data["step"].as_u64())).collect::<Vec<_>>(),
+            [("a", Some(0)), ("b", Some(1))]
+        );
         let rest = store.events_after(first[1].seq, 10).await?;
         assert_eq!((rest.len(), rest[0].name.as_str(), rest[0].job_id.as_str()), (1, "progress", "video_0"));
         assert_eq!(store.last_event().await?, rest[0].seq);

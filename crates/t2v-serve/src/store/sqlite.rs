@@ -412,8 +412,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn last_event(&self) -> Result<i64> {
-        self.with(|conn| Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM job_events", [], |r| r.get(0))?))
-            .await
+        self.with(|conn| Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM job_events", [], |r| r.get(0))?)).await
     }
 
     async fn prune_events(&self, before_ms: i64) -> Result<u64> {
@@ -437,4 +436,3 @@ fn settle_interrupted(conn: &Connection, id: &str, attempts: i64, cancelled: boo
     )?;
     Ok(())
 }
-
