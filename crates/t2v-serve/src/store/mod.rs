@@ -492,6 +492,19 @@ mod conformance {
         queue_leases_and_recovery(&store).await?;
         events_in_order(&again).await?;
         racing_claims(Arc::new(again)).await?;
+
+        // KEDA's scaler (deploy/kubernetes/keda.yaml) counts the jobs waiting or running.
+        let keda = include_str!("../../../../deploy/kubernetes/keda.yaml");
+        let query = keda.lines().find_map(|l| l.trim().strip_prefix("query: ")).expect("the scaler's query");
+        let query = query.trim_matches('"');
+        for i in 0..3 {
+            store.insert(&format!("depth_{i}"), &settings("d")).await?;
+        }
+        store.claim_next("host-1-w0", LONG).await?.unwrap();
+        let (client, connection) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let depth: i64 = client.query_one(query, &[]).await?.get(0);
+        assert_eq!(depth, 3, "{query}");
         Ok(())
     }
 }

@@ -287,16 +287,18 @@ impl JobStore for PostgresStore {
                     )
                     .await?
             }
-            Outcome::Failed(e) => client
-                .execute(
-                    &format!(
+            Outcome::Failed(e) => {
+                client
+                    .execute(
+                        &format!(
                         "UPDATE jobs SET status = 'failed', completed_at_ms = $4, error_code = $5, error_message = $6,
                                 lease_expires_at_ms = NULL
                              WHERE {HELD}"
                     ),
-                    &[&lease.id, &lease.worker, &attempt, &now_ms(), &e.code, &e.message],
-                )
-                .await?,
+                        &[&lease.id, &lease.worker, &attempt, &now_ms(), &e.code, &e.message],
+                    )
+                    .await?
+            }
             Outcome::Released => {
                 client
                     .execute(
