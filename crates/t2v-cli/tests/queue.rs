@@ -433,9 +433,15 @@ fn sqlite_three_in_process_workers_and_a_kill() {
     });
     let Api { proc: mut first, .. } = api;
     first.sigkill();
+    let killed = Instant::now();
 
     let api = Api::start(data.path(), &extra);
     assert!(api.proc.log().contains(&long), "the restart names the job it queued again:\n{}", api.proc.log());
+    api.wait_until(&long, "running again", Duration::from_secs(60), |v| v["attempts"] == 2);
+    eprintln!(
+        "sqlite, 3 in-process workers: the killed server's job ran again {:.1}s after the SIGKILL (restart included)",
+        killed.elapsed().as_secs_f64()
+    );
     api.wait_idle(Duration::from_secs(300), &[]);
     let logs = vec![first.log(), api.proc.log()];
     let videos = assert_each_completed_once(&api, data.path(), &logs, 30);

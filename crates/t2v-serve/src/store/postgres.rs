@@ -53,8 +53,8 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Advisory lock keys: migrations, and the order of stored events.
-const MIGRATION_LOCK: i64 = 0x7432_765f_6d69_67;
-const EVENT_LOCK: i64 = 0x7432_765f_6576_74;
+const MIGRATION_LOCK: i64 = 0x0074_3276_5f6d_6967;
+const EVENT_LOCK: i64 = 0x0074_3276_5f65_7674;
 
 /// The database's clock in milliseconds: leases of workers on different machines compare on it.
 const DB_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
