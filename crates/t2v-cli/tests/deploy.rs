@@ -77,7 +77,7 @@ fn manifests_say_what_t2v_needs() {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/health"));
         let volumes: Vec<&str> =
             c["volumeMounts"].as_vec().unwrap().iter().filter_map(|m| m["mountPath"].as_str()).collect();
-        assert_eq!(volumes, ["/data", "/models"]);
+        assert_eq!(volumes, ["/data", "/models", "/tmp"]);
         gpus.push(c["resources"]["limits"]["nvidia.com/gpu"].as_i64());
     }
     gpus.sort();
