@@ -35,6 +35,9 @@ enum Command {
     /// Serve the model over HTTP: a web page, and an API in the shape of OpenAI's videos API,
     /// with a job queue that survives restarts.
     Serve(Box<t2v_serve::ServeArgs>),
+    /// Run jobs from a queue shared with `t2v serve --workers 0` (PostgreSQL): the workers of a
+    /// deployment on several machines.
+    Worker(Box<t2v_serve::WorkerArgs>),
 }
 
 #[derive(Args)]
@@ -59,6 +62,7 @@ fn main() {
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => t2v_serve::run(*args),
+        Command::Worker(args) => t2v_serve::run_worker(*args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -77,6 +77,11 @@ pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
     Ok(app)
 }
 
+/// `/health` alone, for a worker process's probes.
+pub fn health_router(shared: Arc<Shared>) -> Router {
+    Router::new().route("/health", get(health)).with_state(shared)
+}
+
 /// The page's files, with a policy that lets them load nothing from other hosts.
 fn page(body: &'static str, content_type: &'static str) -> Response {
     (
@@ -202,6 +207,12 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
         "schedulers": ["dpm", "ddim"],
         "limits": s.limits,
         "preview_every": s.preview_every,
+        "queue": {
+            "backend": s.store.backend(),
+            "workers_in_process": s.workers,
+            "lease_s": s.policy.lease.as_secs_f64(),
+            "max_attempts": s.policy.max_attempts,
+        },
         "jobs": s.store.counts().await?,
         "stats": {
             "jobs_run": stats.jobs_run,
@@ -248,7 +259,8 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     let job = s.store.insert(&new_job_id(), &settings).await?;
     s.wake.notify_one();
     let video = video_object(&job, &s.model);
-    s.hub.send(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})));
+    s.publish(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})))
+        .await;
     Ok(video_response(&s, &job))
 }
 
@@ -351,7 +363,7 @@ async fn delete_video(State(s): AppState, Path(id): Path<String>) -> Result<Json
     }
     s.store.delete(&id).await?;
     remove_files(&s.videos_dir, &id);
-    s.hub.send(JobEvent::new(&id, "deleted", json!({"id": id})));
+    s.publish(JobEvent::new(&id, "deleted", json!({"id": id}))).await;
     Ok(Json(json!({"id": id, "object": "video.deleted", "deleted": true})))
 }
 
@@ -364,7 +376,7 @@ async fn cancel_video(State(s): AppState, Path(id): Path<String>) -> Result<Resp
             s.cancels.lock().expect("cancels lock").insert(id.clone());
         }
         (JobStatus::Queued, JobStatus::Failed) => {
-            s.hub.send(JobEvent::new(&id, "failed", video_object(&job, &s.model)))
+            s.publish(JobEvent::new(&id, "failed", video_object(&job, &s.model))).await
         }
         _ => {}
     }
@@ -434,6 +446,10 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
             match received {
                 Ok(e) if e.id == id => {
                     let step = step_of(&e);
+                    if e.name == "progress" && step == Some(0) {
+                        // Another attempt starts (its worker died): its steps count from 0 again.
+                        seen.clear();
+                    }
                     if step.is_some() && seen.get(e.name).is_some_and(|&last| last >= step) {
                         continue;
                     }

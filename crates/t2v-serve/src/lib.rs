@@ -1,16 +1,20 @@
 //! `t2v serve`: the model loaded once behind an HTTP API in the shape of OpenAI's videos API, a web
-//! page at `/`, and a queue of jobs in SQLite that survives restarts.
+//! page at `/`, and a queue of jobs that survives restarts: in SQLite with in-process workers on
+//! one machine, or in PostgreSQL shared with any number of `t2v worker` processes on others.
 //!
 //! The pieces: [`store`] (the queue and history, behind the [`store::JobStore`] interface),
-//! [`worker`] (the model's thread), [`api`] (the routes), [`events`] (live progress for the event
-//! streams), [`preview`] (cheap previews of the latents), [`request`] (checking a request's fields).
+//! [`worker`] (the workers' threads), [`storage`] (where results live), [`api`] (the routes),
+//! [`events`] (live progress for the event streams), [`relay`] (events of other processes' workers),
+//! [`preview`] (cheap previews of the latents), [`request`] (checking a request's fields).
 
 pub mod api;
 pub mod error;
 pub mod events;
 pub mod openapi;
 pub mod preview;
+pub mod relay;
 pub mod request;
+pub mod storage;
 pub mod store;
 pub mod worker;
 
@@ -27,13 +31,15 @@ use serde::Serialize;
 use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant, DEFAULT_MODEL};
 use t2v::pipeline::{self, LoadOptions};
 
+use crate::events::JobEvent;
 use crate::request::Limits;
-use crate::store::{JobStore, SqliteStore};
+use crate::storage::ResultStore;
+use crate::store::{JobStore, QueuePolicy};
 
 /// Serve a model over HTTP: an API in the shape of OpenAI's videos API and a web page.
 #[derive(clap::Args, Debug, Clone)]
 #[command(
-    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")"
+    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n  t2v serve --queue postgres://t2v:PW@db/t2v --workers 0   # the API alone; `t2v worker`s run the jobs\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")"
 )]
 pub struct ServeArgs {
     /// A local folder in the diffusers layout, or a Hugging Face repo id (owner/name[@revision]),
@@ -50,10 +56,19 @@ pub struct ServeArgs {
     #[arg(long, short = 'p', default_value_t = 8000)]
     pub port: u16,
 
-    /// The folder for the job store (jobs.sqlite) and the videos (videos/); created if missing.
-    /// Reuse it to keep the queue and the history across restarts.
+    /// The folder for the videos (videos/) and, without --queue, the job store (jobs.sqlite);
+    /// created if missing. Reuse it to keep the queue and the history across restarts. With
+    /// worker processes, every one of them must see the same folder (a shared volume).
     #[arg(long, default_value = "t2v-data")]
     pub data: PathBuf,
+
+    #[command(flatten)]
+    pub queue: QueueArgs,
+
+    /// How many workers run jobs in this process (sharing one loaded model). 0 runs the API
+    /// alone, for `t2v worker` processes on a PostgreSQL --queue.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 
     /// Require `Authorization: Bearer KEY` on the API (what OpenAI clients send). Read from the
     /// environment variable T2V_API_KEY when not given, which keeps it out of process listings.
@@ -73,11 +88,77 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub max_frames: usize,
 
-    /// How often a job that was running when the server died is started again before it is
-    /// failed (a job that kills the process must not kill it forever).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Run jobs from a shared queue: the workers of a deployment of several machines, beside a
+/// `t2v serve --workers 0` that takes the requests.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Example:\n  t2v worker --queue postgres://t2v:PW@db:5432/t2v --data /mnt/t2v --model damo-vilab/text-to-video-ms-1.7b"
+)]
+pub struct WorkerArgs {
+    /// The model, as `t2v serve --model` (the same as the API's). [default: damo-vilab/text-to-video-ms-1.7b]
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+
+    /// The folder the results go to (videos/): the same folder the API reads, on a shared volume.
+    #[arg(long, default_value = "t2v-data")]
+    pub data: PathBuf,
+
+    #[command(flatten)]
+    pub queue: QueueArgs,
+
+    /// How many workers run in this process, sharing one loaded model.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub workers: u64,
+
+    /// Answer `GET /health` on this address (e.g. 0.0.0.0:8001), for an orchestrator's probes:
+    /// 200 once the model is loaded, 503 before.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub health: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The queue's options, for the API and the workers.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QueueArgs {
+    /// The job queue: postgres://USER:PASSWORD@HOST:PORT/DATABASE, shared by the API and worker
+    /// processes on any machine, or sqlite:PATH (one process). Read from T2V_QUEUE when not given.
+    /// [default: sqlite: jobs.sqlite in --data]
+    #[arg(long, env = "T2V_QUEUE", hide_env_values = true, value_name = "URL")]
+    pub queue: Option<String>,
+
+    /// How long a worker's claim on a job lasts without its heartbeat (renewed six times a
+    /// period): a job whose worker died runs on another worker after this.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_lease)]
+    pub lease_seconds: f64,
+
+    /// How often a job whose worker died (or whose server was killed) is started before it is
+    /// failed (a job that kills its worker must not kill workers forever).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+}
 
+fn parse_lease(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.5..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("a number of seconds from 0.5 to 86400, not `{s}`")),
+    }
+}
+
+impl QueueArgs {
+    pub fn policy(&self) -> QueuePolicy {
+        QueuePolicy { lease: Duration::from_secs_f64(self.lease_seconds), max_attempts: self.max_attempts }
+    }
+}
+
+/// How jobs run, for the API's in-process workers and `t2v worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
     /// A live preview every N denoising steps at most (less often when it would cost more than
     /// 2% of the steps); 0 turns previews off.
     #[arg(long, default_value_t = 2)]
@@ -141,37 +222,67 @@ impl Stats {
     }
 }
 
-/// What the API and the worker share.
+/// What the API and the workers of one process share.
 pub struct Shared {
     pub store: Arc<dyn JobStore>,
     pub hub: events::Hub,
     pub model: ModelInfo,
     pub videos_dir: PathBuf,
+    /// Where workers publish results (the folder `videos_dir`).
+    pub results: Box<dyn ResultStore>,
     pub api_key: Option<String>,
     pub limits: Limits,
     pub preview_every: usize,
-    /// The model is loaded.
+    pub policy: QueuePolicy,
+    /// This process, in stored events: the relay passes on only other processes' events.
+    pub origin: String,
+    /// Other processes share the store: events go through it too.
+    pub relay_events: bool,
+    /// Workers in this process.
+    pub workers: usize,
+    /// The model is loaded (or, without workers, its configuration read).
     pub ready: AtomicBool,
-    /// Wakes the worker when a job is queued.
+    /// Wakes the workers when a job is queued.
     pub wake: tokio::sync::Notify,
     /// Running jobs asked to stop.
     pub cancels: Mutex<HashSet<String>>,
-    /// The server is shutting down: the running job stops at its next step and waits in the queue.
+    /// The process is shutting down: running jobs stop at their next step and wait in the queue.
     pub stopping: AtomicBool,
     /// Ends the event streams at shutdown.
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub stats: Mutex<Stats>,
 }
 
+impl Shared {
+    /// Sends `event` to this process's event streams and, when other processes share the store,
+    /// through the store to theirs.
+    pub async fn publish(&self, event: Arc<JobEvent>) {
+        self.hub.send(event.clone());
+        if self.relay_events {
+            if let Err(e) = self.store.push_event(&self.origin, &event.id, event.name, &event.data).await {
+                eprintln!("t2v: storing the {} event of {}: {e:#}", event.name, event.id);
+            }
+        }
+    }
+}
+
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(args: ServeArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(serve(args))
+}
+
+/// Runs workers until SIGTERM or Ctrl-C.
+pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    runtime()?.block_on(worker_process(args))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("t2v-serve")
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+        .context("starting the async runtime")
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -188,24 +299,37 @@ fn dtype_of(name: &str) -> Result<DType> {
     })
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
-    if !is_loopback(&args.host) && args.api_key.as_deref().is_none_or(str::is_empty) {
-        bail!(
-            "listening on {} lets other machines use this server: give it a key with --api-key KEY (or the T2V_API_KEY variable), \
-             which clients send as `Authorization: Bearer KEY`",
-            args.host
-        );
+/// This machine's name, for worker names.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String =
+        name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(63).collect();
+    if name.is_empty() {
+        "host".into()
+    } else {
+        name
     }
-    let dtype = dtype_of(&args.dtype)?;
-    let device = pipeline::select_device(&args.device)?;
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("--dtype bf16 needs a GPU: use --dtype f32 (fastest on the CPU) or f16");
-    }
+}
 
-    // The model's folder and configs first: a wrong --model fails before anything else.
-    let spec = args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
+/// The names of this process's workers: `HOST-PID-wI`. In a container the process id is the same
+/// after a restart, so a restarted worker settles its dead predecessor's jobs at once
+/// ([`JobStore::recover`] with [`worker_prefix`]) instead of after their lease.
+fn worker_names(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{}w{i}", worker_prefix())).collect()
+}
+
+fn worker_prefix() -> String {
+    format!("{}-{}-", hostname(), std::process::id())
+}
+
+/// The model's folder (downloaded when needed) and what the API says of it.
+async fn find_model(spec: Option<&str>, run: &RunArgs) -> Result<(PathBuf, ModelInfo)> {
+    let spec = spec.map(str::to_string).unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let folder = {
-        let (given, offline) = (spec.clone(), args.offline);
+        let (given, offline) = (spec.clone(), run.offline);
         tokio::task::spawn_blocking(move || {
             let mut opts = HubOptions::from_env();
             opts.offline |= offline;
@@ -230,25 +354,153 @@ async fn serve(args: ServeArgs) -> Result<()> {
         native_width: native,
         native_height: native,
         vae_scale,
-        dtype: args.dtype.to_ascii_lowercase(),
+        dtype: run.dtype.to_ascii_lowercase(),
         video_to_video: false,
     };
+    Ok((folder, model))
+}
 
-    // The data folder: the job store, and the videos beside it.
-    let videos_dir = args.data.join("videos");
-    std::fs::create_dir_all(&videos_dir)
-        .with_context(|| format!("creating the data folder {}", args.data.display()))?;
-    let store = SqliteStore::open(&args.data.join("jobs.sqlite"))?;
-    let recovery = store.recover(args.max_attempts).await?;
+/// The device and precision, checked before anything loads.
+fn load_options(run: &RunArgs) -> Result<LoadOptions> {
+    let dtype = dtype_of(&run.dtype)?;
+    let device = pipeline::select_device(&run.device)?;
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("--dtype bf16 needs a GPU: use --dtype f32 (fastest on the CPU) or f16");
+    }
+    Ok(LoadOptions { device, dtype, variant: WeightsVariant::Auto, ..LoadOptions::default() })
+}
+
+/// Settles the jobs a dead earlier run of this process left running: on SQLite every one (no
+/// other process uses the file), on a shared queue those of workers with this process's names.
+async fn recover(store: &dyn JobStore, policy: QueuePolicy, who: &str) -> Result<()> {
+    let prefix = worker_prefix();
+    let workers = (store.backend() != "sqlite").then_some(prefix.as_str());
+    let recovery = store.recover(policy.max_attempts, workers).await?;
     if !recovery.requeued.is_empty() {
         eprintln!(
-            "t2v serve: {} job(s) were running when the server stopped; queued again: {}",
+            "t2v {who}: {} job(s) were running when this {who} stopped; queued again: {}",
             recovery.requeued.len(),
             recovery.requeued.join(", ")
         );
     }
     if !recovery.failed.is_empty() {
-        eprintln!("t2v serve: failed after too many interrupted attempts: {}", recovery.failed.join(", "));
+        eprintln!("t2v {who}: failed after too many interrupted attempts: {}", recovery.failed.join(", "));
+    }
+    Ok(())
+}
+
+struct Parts {
+    store: Arc<dyn JobStore>,
+    model: ModelInfo,
+    data: PathBuf,
+    api_key: Option<String>,
+    limits: Limits,
+    preview_every: usize,
+    policy: QueuePolicy,
+    workers: usize,
+}
+
+fn shared(p: Parts) -> Result<Arc<Shared>> {
+    let videos_dir = p.data.join("videos");
+    std::fs::create_dir_all(&videos_dir).with_context(|| format!("creating the data folder {}", p.data.display()))?;
+    let results = storage::Folder { dir: videos_dir.clone() };
+    // What workers that died left staged: nobody publishes it now.
+    results.remove_stale(Duration::from_secs(3600));
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    Ok(Arc::new(Shared {
+        relay_events: p.store.backend() != "sqlite",
+        store: p.store,
+        hub: events::Hub::new(),
+        model: p.model,
+        videos_dir,
+        results: Box::new(results),
+        api_key: p.api_key,
+        limits: p.limits,
+        preview_every: p.preview_every,
+        policy: p.policy,
+        origin: format!("{}{}", worker_prefix(), uuid::Uuid::new_v4().simple()),
+        workers: p.workers,
+        ready: AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
+        cancels: Mutex::new(HashSet::new()),
+        stopping: AtomicBool::new(false),
+        shutdown,
+        stats: Mutex::new(Stats::default()),
+    }))
+}
+
+/// The model's thread with its workers.
+struct Workers {
+    thread: std::thread::JoinHandle<()>,
+    /// Says when the model is loaded (or why it could not be).
+    loaded: tokio::sync::oneshot::Receiver<Result<()>>,
+    /// Fires when the workers end: at shutdown, or when one failed (then the process stops too,
+    /// for its supervisor to start it again).
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts the model's thread with `count` workers.
+fn start_workers(shared: &Arc<Shared>, folder: PathBuf, options: LoadOptions, count: usize) -> Result<Workers> {
+    let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    let (shared, handle) = (shared.clone(), tokio::runtime::Handle::current());
+    let names = worker_names(count);
+    let thread = std::thread::Builder::new()
+        .name("t2v-model".into())
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| worker::run(shared, handle, folder, options, loaded_tx, names));
+            if std::panic::catch_unwind(run).is_err() {
+                eprintln!("t2v: a worker failed; stopping");
+            }
+            let _ = ended_tx.send(());
+        })
+        .context("starting the model thread")?;
+    Ok(Workers { thread, loaded, ended })
+}
+
+/// Waits for the model to load, then for a stop signal; an error when the workers end first.
+async fn run_until_stopped(workers: &mut Workers, ready: impl FnOnce()) -> Result<()> {
+    let mut signal = std::pin::pin!(stop_signal());
+    tokio::select! {
+        loaded = &mut workers.loaded => match loaded {
+            Ok(Ok(())) => {
+                ready();
+                tokio::select! {
+                    _ = &mut signal => Ok(()),
+                    _ = &mut workers.ended => Err(anyhow::anyhow!("the workers stopped unexpectedly")),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("the model thread stopped while loading")),
+        },
+        _ = &mut signal => Ok(()),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    if !is_loopback(&args.host) && args.api_key.as_deref().is_none_or(str::is_empty) {
+        bail!(
+            "listening on {} lets other machines use this server: give it a key with --api-key KEY (or the T2V_API_KEY variable), \
+             which clients send as `Authorization: Bearer KEY`",
+            args.host
+        );
+    }
+    let options = load_options(&args.run)?;
+    // The model's folder and configs first: a wrong --model fails before anything else.
+    let (folder, model) = find_model(args.model.as_deref(), &args.run).await?;
+    let spec = model.spec.clone();
+
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data folder {}", args.data.display()))?;
+    let store = store::open(args.queue.queue.as_deref(), &args.data).await?;
+    if args.workers == 0 && store.backend() == "sqlite" {
+        bail!(
+            "--workers 0 leaves the jobs to worker processes, which need a queue they share: \
+             give --queue postgres://USER:PASSWORD@HOST:PORT/DATABASE (SQLite serves one process)"
+        );
+    }
+    let policy = args.queue.policy();
+    if args.workers > 0 {
+        recover(store.as_ref(), policy, "serve").await?;
     }
 
     let limits = Limits {
@@ -259,22 +511,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_json_bytes: 1 << 20,
         max_upload_bytes: args.max_upload_mb.max(1) << 20,
     };
-    let (shutdown, _) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared {
-        store: Arc::new(store),
-        hub: events::Hub::new(),
+    let shared = shared(Parts {
+        store,
         model,
-        videos_dir,
+        data: args.data.clone(),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         limits,
-        preview_every: args.preview_every,
-        ready: AtomicBool::new(false),
-        wake: tokio::sync::Notify::new(),
-        cancels: Mutex::new(HashSet::new()),
-        stopping: AtomicBool::new(false),
-        shutdown,
-        stats: Mutex::new(Stats::default()),
-    });
+        preview_every: args.run.preview_every,
+        policy,
+        workers: args.workers,
+    })?;
 
     let host = args.host.trim_matches(['[', ']']);
     let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
@@ -288,7 +534,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let url =
         if addr.is_ipv6() { format!("http://[{}]:{}/", addr.ip(), addr.port()) } else { format!("http://{addr}/") };
-    println!("t2v serve: listening on {url} (data: {}); loading {spec}", args.data.display());
+    println!(
+        "t2v serve: listening on {url} (data: {}, queue: {}, workers: {}); loading {spec}",
+        args.data.display(),
+        shared.store.backend(),
+        args.workers
+    );
 
     let app = api::router(shared.clone(), &args.cors)?;
     let server = {
@@ -301,42 +552,102 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await
         })
     };
-
-    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
-    let options = LoadOptions { device, dtype, variant: WeightsVariant::Auto, ..LoadOptions::default() };
-    let worker = {
-        let (shared, handle) = (shared.clone(), tokio::runtime::Handle::current());
-        std::thread::Builder::new()
-            .name("t2v-model".into())
-            .spawn(move || worker::run(shared, handle, folder, options, loaded_tx))
-            .context("starting the model thread")?
-    };
-
-    let mut signal = std::pin::pin!(stop_signal());
-    let result = tokio::select! {
-        loaded = loaded_rx => match loaded {
-            Ok(Ok(())) => {
-                println!("t2v serve: ready at {url}");
-                (&mut signal).await;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!("the model thread stopped while loading")),
-        },
-        _ = &mut signal => Ok(()),
-    };
-
-    // Stop: the running job halts at its next step and goes back to the queue; streams end.
-    eprintln!("t2v serve: stopping");
-    shared.stopping.store(true, Ordering::SeqCst);
-    shared.wake.notify_one();
-    let _ = shared.shutdown.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    let joined = tokio::task::spawn_blocking(move || worker.join());
-    // Decoding a long video cannot stop halfway; after a minute the job is left to the next start.
-    if tokio::time::timeout(Duration::from_secs(60), joined).await.is_err() {
-        eprintln!("t2v serve: the running job did not stop in time; it runs again at the next start");
+    if shared.relay_events {
+        tokio::spawn(relay::run(shared.clone()));
     }
+
+    let (worker, result) = if args.workers == 0 {
+        shared.ready.store(true, Ordering::SeqCst);
+        println!("t2v serve: ready at {url}");
+        stop_signal().await;
+        (None, Ok(()))
+    } else {
+        let mut workers = start_workers(&shared, folder, options, args.workers)?;
+        let result = run_until_stopped(&mut workers, || println!("t2v serve: ready at {url}")).await;
+        (Some(workers.thread), result)
+    };
+
+    // Stop: running jobs halt at their next step and go back to the queue; streams end.
+    eprintln!("t2v serve: stopping");
+    stop_workers(&shared, worker).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    result
+}
+
+/// Stops the workers: each running job halts at its next step and goes back to the queue.
+async fn stop_workers(shared: &Arc<Shared>, worker: Option<std::thread::JoinHandle<()>>) {
+    shared.stopping.store(true, Ordering::SeqCst);
+    shared.wake.notify_waiters();
+    let _ = shared.shutdown.send(true);
+    if let Some(worker) = worker {
+        let joined = tokio::task::spawn_blocking(move || worker.join());
+        // Decoding a long video cannot stop halfway; after a minute the job is left to its lease.
+        if tokio::time::timeout(Duration::from_secs(60), joined).await.is_err() {
+            eprintln!("t2v: a running job did not stop in time; it runs again once its lease expires");
+        }
+    }
+}
+
+async fn worker_process(args: WorkerArgs) -> Result<()> {
+    let options = load_options(&args.run)?;
+    let (folder, model) = find_model(args.model.as_deref(), &args.run).await?;
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data folder {}", args.data.display()))?;
+    let Some(queue) = args.queue.queue.as_deref().filter(|q| !q.trim().is_empty()) else {
+        bail!("a worker needs the queue it shares with the API: --queue postgres://USER:PASSWORD@HOST:PORT/DATABASE (or T2V_QUEUE)");
+    };
+    let store = store::open(Some(queue), &args.data).await?;
+    if store.backend() == "sqlite" {
+        bail!(
+            "SQLite serves one process: run the workers inside it (`t2v serve --workers N`), \
+             or share a PostgreSQL queue (--queue postgres://…) with worker processes"
+        );
+    }
+    let policy = args.queue.policy();
+    recover(store.as_ref(), policy, "worker").await?;
+    let count = args.workers as usize;
+    let shared = shared(Parts {
+        store,
+        model,
+        data: args.data.clone(),
+        api_key: None,
+        limits: Limits {
+            max_frames: 0,
+            max_side: 0,
+            max_steps: 0,
+            max_prompt_chars: 0,
+            max_json_bytes: 0,
+            max_upload_bytes: 0,
+        },
+        preview_every: args.run.preview_every,
+        policy,
+        workers: count,
+    })?;
+    if let Some(addr) = args.health {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for --health"))?;
+        let app = api::health_router(shared.clone());
+        let mut stop = shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    println!(
+        "t2v worker: {} worker(s) {} on the {} queue (lease {:.1}s, at most {} attempts); loading {}",
+        count,
+        worker_names(count).join(", "),
+        shared.store.backend(),
+        policy.lease.as_secs_f64(),
+        policy.max_attempts,
+        shared.model.spec
+    );
+    let mut workers = start_workers(&shared, folder, options, count)?;
+    let result = run_until_stopped(&mut workers, || println!("t2v worker: ready")).await;
+    eprintln!("t2v worker: stopping");
+    stop_workers(&shared, Some(workers.thread)).await;
     result
 }
 

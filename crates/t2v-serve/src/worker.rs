@@ -1,10 +1,11 @@
-//! The model's thread: loads the checkpoint once, then takes queued jobs one at a time (one job
-//! already fills the machine), reporting progress and previews after each step, and writes the MP4
-//! and its thumbnail.
+//! The workers: the checkpoint loaded once, then one thread per worker taking jobs from the queue
+//! under a lease renewed by a heartbeat, reporting progress and previews after each step (to this
+//! process's event streams, and through the store to the API processes), and writing the MP4 and
+//! its thumbnail, published only while the lease is still held.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +18,15 @@ use tokio::runtime::Handle;
 use crate::api::video_object;
 use crate::events::JobEvent;
 use crate::preview::Previewer;
-use crate::store::{Job, JobError, Outcome};
+use crate::storage::StagedResult;
+use crate::store::{Job, JobError, Lease, Outcome, Renewal};
 use crate::Shared;
 
 /// A preview may cost at most this share of the denoising time.
 const PREVIEW_BUDGET: f64 = 0.02;
+
+/// Progress goes to other processes (through the store) at most this often.
+const RELAY_EVERY: Duration = Duration::from_millis(250);
 
 /// Where a job's files live; `id` has been checked to be a job id.
 pub fn video_path(dir: &Path, id: &str) -> PathBuf {
@@ -38,13 +43,15 @@ pub fn remove_files(dir: &Path, id: &str) {
     }
 }
 
-/// Loads the model, reports the outcome through `loaded`, then runs jobs until the server stops.
+/// Loads the model, reports the outcome through `loaded`, then runs one worker a name in `names`
+/// (threads sharing the loaded model) until the process stops.
 pub fn run(
     shared: Arc<Shared>,
     handle: Handle,
     folder: PathBuf,
     options: LoadOptions,
     loaded: tokio::sync::oneshot::Sender<Result<()>>,
+    names: Vec<String>,
 ) {
     let started = Instant::now();
     let pipe = match TextToVideo::load(&folder, &options)
@@ -60,90 +67,226 @@ pub fn run(
     let previewer = match Previewer::new(pipe.scheduler_config(), &config_path) {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!("t2v serve: no live previews for this model: {e:#}");
+            eprintln!("t2v: no live previews for this model: {e:#}");
             None
         }
     };
     shared.ready.store(true, Ordering::SeqCst);
-    eprintln!("t2v serve: loaded {} in {:.1}s", shared.model.spec, started.elapsed().as_secs_f64());
+    eprintln!("t2v: loaded {} in {:.1}s", shared.model.spec, started.elapsed().as_secs_f64());
     let _ = loaded.send(Ok(()));
 
-    let worker = format!("serve-{}", std::process::id());
+    std::thread::scope(|scope| {
+        for name in &names {
+            let (shared, handle, pipe, previewer) = (&shared, &handle, &pipe, previewer.as_ref());
+            std::thread::Builder::new()
+                .name(format!("t2v-{name}"))
+                .spawn_scoped(scope, move || work(shared, handle, pipe, previewer, name))
+                .expect("starting a worker thread");
+        }
+    });
+}
+
+/// One worker: claims the oldest runnable job, runs it under its lease, and again.
+fn work(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, name: &str) {
+    eprintln!("t2v: worker {name} waiting for jobs");
     while !shared.stopping.load(Ordering::SeqCst) {
-        match handle.block_on(shared.store.claim_next(&worker)) {
-            Ok(Some(job)) => run_job(&shared, &handle, &pipe, previewer.as_ref(), job),
+        // Jobs whose worker died on their last attempt: failed, and said so.
+        match handle.block_on(shared.store.reap(shared.policy.max_attempts)) {
+            Ok(failed) => {
+                for job in failed {
+                    eprintln!("t2v: {} failed: {}", job.id, job.error.as_ref().map_or("", |e| e.message.as_str()));
+                    handle.block_on(shared.publish(JobEvent::new(
+                        &job.id,
+                        "failed",
+                        video_object(&job, &shared.model),
+                    )));
+                }
+            }
+            Err(e) => eprintln!("t2v: reading the queue: {e:#}"),
+        }
+        match handle.block_on(shared.store.claim_next(name, shared.policy)) {
+            Ok(Some(job)) => run_job(shared, handle, pipe, previewer, job),
             Ok(None) => {
                 handle.block_on(async {
                     let _ = tokio::time::timeout(Duration::from_millis(500), shared.wake.notified()).await;
                 });
             }
             Err(e) => {
-                eprintln!("t2v serve: reading the queue: {e:#}");
+                eprintln!("t2v: reading the queue: {e:#}");
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
 }
 
-fn run_job(shared: &Shared, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: Job) {
+/// What the heartbeat learned about a running job's lease.
+#[derive(Default)]
+struct LeaseWatch {
+    cancel: AtomicBool,
+    /// Lost, or not renewed for a whole lease period (another worker may have it by now).
+    lost: AtomicBool,
+}
+
+/// Renews `lease` every heartbeat until `done`; records cancels and a lost lease in `watch`.
+async fn heartbeat(
+    shared: Arc<Shared>,
+    lease: Lease,
+    watch: Arc<LeaseWatch>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut done => return,
+            _ = tokio::time::sleep(shared.policy.heartbeat()) => {}
+        }
+        match shared.store.renew(&lease, shared.policy.lease).await {
+            Ok(Renewal::Held { cancel_requested }) => {
+                renewed = Instant::now();
+                if cancel_requested {
+                    watch.cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(Renewal::Lost) => {
+                watch.lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                eprintln!("t2v: renewing the lease of {}: {e:#}", lease.id);
+                if renewed.elapsed() >= shared.policy.lease {
+                    watch.lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Retries a store operation for up to a lease period: a database restarting is back by then.
+fn retry<T>(handle: &Handle, shared: &Shared, what: &str, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < shared.policy.lease.max(Duration::from_secs(10)) => {
+                eprintln!("t2v: {what}: {e:#}; trying again");
+                handle.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: Job) {
     let id = job.id.clone();
+    let lease = match Lease::of(&job) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("t2v: {e:#}");
+            return;
+        }
+    };
     if job.cancel_requested {
         shared.cancels.lock().expect("cancels lock").insert(id.clone());
     }
-    shared.hub.send(JobEvent::new(
+    let watch = Arc::new(LeaseWatch::default());
+    let (done, done_rx) = tokio::sync::oneshot::channel();
+    let beat = handle.spawn(heartbeat(shared.clone(), lease.clone(), watch.clone(), done_rx));
+    handle.block_on(shared.publish(JobEvent::new(
         &id,
         "progress",
-        json!({"id": id, "step": 0, "total_steps": job.settings.steps, "progress": 0, "elapsed_s": 0.0, "eta_s": null}),
-    ));
-    eprintln!("t2v serve: {id} started (attempt {})", job.attempts);
+        json!({"id": id, "step": 0, "total_steps": job.settings.steps, "progress": 0, "elapsed_s": 0.0, "eta_s": null,
+               "worker": lease.worker, "attempt": lease.attempt}),
+    )));
+    eprintln!("t2v: {id} started by {} (attempt {})", lease.worker, lease.attempt);
     let started = Instant::now();
 
-    let cancelled = || shared.cancels.lock().expect("cancels lock").contains(&id);
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| generate(shared, handle, pipe, previewer, &job, &cancelled)));
+    let cancelled = || {
+        shared.cancels.lock().expect("cancels lock").contains(&id)
+            || watch.cancel.load(Ordering::SeqCst)
+            || watch.lost.load(Ordering::SeqCst)
+    };
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        generate(shared, handle, pipe, previewer, &job, &lease, &cancelled)
+    }));
+    let lost = || watch.lost.load(Ordering::SeqCst);
     let outcome = match result {
-        Ok(Ok(())) => Outcome::Completed,
-        Ok(Err(e)) if matches!(e.downcast_ref::<t2v::Error>(), Some(t2v::Error::Cancelled)) => {
-            if cancelled() {
-                Outcome::Failed(JobError { code: "cancelled".into(), message: "cancelled while it ran".into() })
-            } else {
-                // The server is stopping: the job waits for the next start.
-                Outcome::Released
+        Ok(Ok(staged)) => {
+            // Published only while the lease is held: a worker given up on never overwrites the
+            // result of the one that took its job over.
+            match retry(handle, shared, &format!("confirming the lease of {id}"), || {
+                handle.block_on(shared.store.renew(&lease, shared.policy.lease))
+            }) {
+                Ok(Renewal::Held { .. }) => match shared.results.publish(staged, &id) {
+                    Ok(()) => Some(Outcome::Completed),
+                    Err(e) => Some(Outcome::Failed(JobError {
+                        code: "generation_failed".into(),
+                        message: format!("writing the video: {e:#}"),
+                    })),
+                },
+                Ok(Renewal::Lost) | Err(_) => None,
             }
         }
-        Ok(Err(e)) => Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") }),
+        Ok(Err(_)) if lost() => None,
+        Ok(Err(e)) if matches!(e.downcast_ref::<t2v::Error>(), Some(t2v::Error::Cancelled)) => {
+            if cancelled() {
+                Some(Outcome::Failed(JobError { code: "cancelled".into(), message: "cancelled while it ran".into() }))
+            } else {
+                // The process is stopping: the job waits for the next worker.
+                Some(Outcome::Released)
+            }
+        }
+        Ok(Err(e)) => Some(Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") })),
         Err(panic) => {
             let what =
                 panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Outcome::Failed(JobError {
+            Some(Outcome::Failed(JobError {
                 code: "internal_error".into(),
                 message: format!("t2v failed: {}", what.unwrap_or_default()),
-            })
+            }))
         }
     };
+    let _ = done.send(());
+    let _ = handle.block_on(beat);
+    shared.cancels.lock().expect("cancels lock").remove(&id);
+    shared.stats.lock().expect("stats lock").jobs_run += 1;
+    let Some(outcome) = outcome else {
+        eprintln!(
+            "t2v: {id} lost its lease after {:.1}s: another worker takes it over; nothing of this attempt is kept",
+            started.elapsed().as_secs_f64()
+        );
+        return;
+    };
     let completed = matches!(outcome, Outcome::Completed);
-    if !completed {
-        remove_files(&shared.videos_dir, &id);
-    }
     let label = match &outcome {
         Outcome::Completed => "completed".to_string(),
         Outcome::Failed(e) => format!("failed: {}", e.message),
         Outcome::Released => "returned to the queue".to_string(),
     };
     let released = matches!(outcome, Outcome::Released);
-    match handle.block_on(shared.store.finish(&id, outcome)) {
-        Ok(true) => {}
-        // Deleted while it ran: nothing of it stays.
-        Ok(false) => remove_files(&shared.videos_dir, &id),
-        Err(e) => eprintln!("t2v serve: recording the end of {id}: {e:#}"),
+    match retry(handle, shared, &format!("recording the end of {id}"), || {
+        handle.block_on(shared.store.finish(&lease, outcome.clone()))
+    }) {
+        Ok(true) => {
+            if !completed && !released {
+                remove_files(&shared.videos_dir, &id);
+            }
+        }
+        // Deleted while it ran: nothing of it stays. (Taken over: the files are the other worker's.)
+        Ok(false) => {
+            if handle.block_on(shared.store.get(&id)).is_ok_and(|j| j.is_none()) {
+                remove_files(&shared.videos_dir, &id);
+            }
+        }
+        Err(e) => eprintln!("t2v: recording the end of {id}: {e:#}"),
     }
-    shared.cancels.lock().expect("cancels lock").remove(&id);
-    shared.stats.lock().expect("stats lock").jobs_run += 1;
-    eprintln!("t2v serve: {id} {label} in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!("t2v: {id} {label} in {:.1}s by {}", started.elapsed().as_secs_f64(), lease.worker);
     if !released {
         if let Ok(Some(job)) = handle.block_on(shared.store.get(&id)) {
-            let name = if job.status == crate::store::JobStatus::Completed { "completed" } else { "failed" };
-            shared.hub.send(JobEvent::new(&id, name, video_object(&job, &shared.model)));
+            if job.status.is_terminal() {
+                let name = if job.status == crate::store::JobStatus::Completed { "completed" } else { "failed" };
+                handle.block_on(shared.publish(JobEvent::new(&id, name, video_object(&job, &shared.model))));
+            }
         }
     }
 }
@@ -154,8 +297,9 @@ fn generate(
     pipe: &TextToVideo,
     previewer: Option<&Previewer>,
     job: &Job,
+    lease: &Lease,
     cancelled: &dyn Fn() -> bool,
-) -> Result<()> {
+) -> Result<StagedResult> {
     let id = &job.id;
     let settings = &job.settings;
     let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);
@@ -164,17 +308,25 @@ fn generate(
     let mut last_preview_step = 0usize;
     let mut preview_cost = Duration::ZERO;
     let mut previous = Duration::ZERO;
+    // Other processes see progress through the store: every step on a GPU would be many writes.
+    let mut last_relayed: Option<Instant> = None;
     let mut on_step = |p: &StepProgress| -> Control {
         let per_step = p.elapsed.as_secs_f64() / p.step as f64;
         // Denoising is 95% of the bar; decoding and writing the rest.
         let progress = (p.step * 95 / p.total_steps) as u8;
         let eta = per_step * (p.total_steps - p.step) as f64;
-        shared.hub.send(JobEvent::new(
+        let event = JobEvent::new(
             id,
             "progress",
             json!({"id": id, "step": p.step, "total_steps": p.total_steps, "progress": progress,
                    "elapsed_s": p.elapsed.as_secs_f64(), "step_s": per_step, "eta_s": eta}),
-        ));
+        );
+        if last_relayed.is_none_or(|t| t.elapsed() >= RELAY_EVERY) || p.step == p.total_steps {
+            last_relayed = Some(Instant::now());
+            handle.block_on(shared.publish(event));
+        } else {
+            shared.hub.send(event);
+        }
         shared.stats.lock().expect("stats lock").record_step((p.elapsed - previous).as_secs_f64());
         previous = p.elapsed;
         if let Some(previewer) = previewer {
@@ -187,12 +339,12 @@ fn generate(
                     Ok(preview) => {
                         preview_cost = preview.cost;
                         shared.stats.lock().expect("stats lock").record_preview(preview.cost.as_secs_f64());
-                        shared.hub.send(JobEvent::new(
+                        handle.block_on(shared.publish(JobEvent::new(
                             id,
                             "preview",
                             json!({"id": id, "step": p.step, "image": preview.data_url, "width": preview.width,
                                    "height": preview.height, "cost_ms": preview.cost.as_secs_f64() * 1e3}),
-                        ));
+                        )));
                     }
                     Err(e) => eprintln!("t2v serve: preview of {id}: {e:#}"),
                 }
@@ -201,7 +353,7 @@ fn generate(
         // The stored progress is for readers that poll: once a second is enough.
         if progress != last_saved.0 && (last_saved.1.elapsed() >= Duration::from_secs(1) || p.step == p.total_steps) {
             last_saved = (progress, Instant::now());
-            if let Err(e) = handle.block_on(shared.store.set_progress(id, progress)) {
+            if let Err(e) = handle.block_on(shared.store.set_progress(lease, progress)) {
                 eprintln!("t2v serve: saving the progress of {id}: {e:#}");
             }
         }
@@ -216,12 +368,10 @@ fn generate(
     let data = frames.flatten_all()?.to_vec1::<f32>()?;
     let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;
     let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(settings.to_json()) };
-    let dir = &shared.videos_dir;
-    video::write_video(&clip, VideoFormat::Mp4, &video_path(dir, id), &encode)?;
+    // Staged beside the results under names of this attempt; published once the lease is confirmed.
+    let staged = StagedResult::new(&shared.videos_dir, lease);
+    video::write_video(&clip, VideoFormat::Mp4, &staged.video, &encode)?;
     let thumbnail = crate::preview::encode_png(&clip.frame_rgb8(clip.frames / 2), clip.width, clip.height)?;
-    let tmp = dir.join(format!(".{id}.png.partial"));
-    std::fs::write(&tmp, thumbnail)
-        .and_then(|_| std::fs::rename(&tmp, thumbnail_path(dir, id)))
-        .context("writing the thumbnail")?;
-    Ok(())
+    std::fs::write(&staged.thumbnail, thumbnail).context("writing the thumbnail")?;
+    Ok(staged)
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the command line's tests: running the binary, temporary folders, `.npy` files.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
