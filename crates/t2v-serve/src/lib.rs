@@ -231,7 +231,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         native_height: native,
         vae_scale,
         dtype: args.dtype.to_ascii_lowercase(),
-        video_to_video: false,
+        video_to_video: true,
     };
 
     // The data folder: the job store, and the videos beside it.
