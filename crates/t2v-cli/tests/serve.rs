@@ -1,6 +1,6 @@
 //! `t2v serve` as its users meet it: the real binary on the tiny fixture model, on 127.0.0.1 and
-//! a free port, driven over HTTP (the API round trip and its errors, 50 jobs from 10 clients, a
-//! SIGKILL and a restart) and through its page in headless Chromium.
+//! a free port, driven over HTTP (the API round trip and its errors, video-to-video over multipart,
+//! 50 jobs from 10 clients, a SIGKILL and a restart) and through its page in headless Chromium.
 //!
 //! The tests take turns (one server at a time): the figures they print are then the server's own.
 
@@ -442,7 +442,7 @@ fn api_round_trip_and_errors() {
     assert_eq!(bad(json!({"prompt": "x", "scheduler": "euler"})), (400, Some("scheduler".into())));
     assert_eq!(bad(json!({"prompt": "x", "model": "sora-2"})), (400, Some("model".into())));
     assert_eq!(bad(json!({"prompt": "x", "colour": "red"})), (400, Some("colour".into())));
-    assert_eq!(bad(json!({"prompt": "x", "strength": 0.5})), (422, Some("strength".into())));
+    assert_eq!(bad(json!({"prompt": "x", "strength": 0.5})), (400, Some("strength".into())));
     assert_eq!(bad(json!(["prompt"])).0, 422);
     let r = server.call("POST", "/v1/videos", Some(("application/json", b"{\"prompt\": ")));
     assert_eq!((r.status, r.error_param()), (400, None));
@@ -455,7 +455,7 @@ fn api_round_trip_and_errors() {
     assert_eq!(r.status, 413, "an upload over --max-upload-mb");
     let (ct, body) = multipart(&[("prompt", "x")], Some(("input_reference", "in.mp4", b"not really a video")));
     let r = server.call("POST", "/v1/videos", Some((&ct, &body)));
-    assert_eq!((r.status, r.error_param()), (422, Some("input_reference".into())));
+    assert_eq!((r.status, r.error_param()), (400, Some("input_reference".into())));
     assert_eq!(server.get("/v1/videos?limit=0").error_param(), Some("limit".into()));
     assert_eq!(server.get("/v1/videos?after=video_nope").error_param(), Some("after".into()));
 
@@ -919,6 +919,41 @@ fn page_submits_a_job_and_plays_it() {
     assert!(card["settings"].as_str().unwrap().contains("seed11"), "{card}");
     assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
 
+    // Video-to-video from the page: the form's input video and strength slider, sent as multipart.
+    let v2v = tools.eval(
+        "JSON.stringify({disabled: document.querySelector('#v2v').disabled, strength: form.strength.type + ' ' + form.strength.value, \
+         fit: form.video_fit.value, file: form.input_reference.type})",
+    );
+    let v2v: Value = serde_json::from_str(v2v.as_str().unwrap()).unwrap();
+    assert_eq!(v2v, json!({"disabled": false, "strength": "range 0.6", "fit": "resize", "file": "file"}));
+    // The file as a user's choice would give it (a File in the input), made from the clip's bytes.
+    let clip =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(tiny_model().join("v2v/input.0.mp4")).unwrap());
+    let frames_field = tools.eval(&format!(
+        "(() => {{ const bytes = Uint8Array.from(atob('{clip}'), (c) => c.charCodeAt(0)); \
+         const files = new DataTransfer(); files.items.add(new File([bytes], 'clip.mp4', {{type: 'video/mp4'}})); \
+         form.input_reference.files = files.files; form.input_reference.dispatchEvent(new Event('change')); \
+         form.strength.value = '0.5'; form.prompt.value = 'a yellow ball'; form.num_inference_steps.value = '4'; \
+         submitForm(); return form.num_frames.value; }})()"
+    ));
+    assert_eq!(frames_field, json!(""), "with an input video, the frame count is left to the video");
+    let page_v2v = wait_for("the page to queue the video-to-video job", Duration::from_secs(60), || {
+        let state = tools.eval(
+            "JSON.stringify({s: document.documentElement.dataset.submitted || null, \
+             err: document.querySelector('#form-message.error')?.textContent || null})",
+        );
+        let state: Value = serde_json::from_str(state.as_str().unwrap_or("{}")).unwrap();
+        assert!(state["err"].is_null(), "the page shows an error: {state}");
+        state["s"].as_str().filter(|id| *id != submitted).map(str::to_string)
+    });
+    let job = server.wait_status(&page_v2v, "completed", Duration::from_secs(120));
+    assert_eq!(
+        (job["settings"]["input"]["strength"].as_f64(), job["settings"]["num_frames"].as_u64()),
+        (Some(0.5), Some(6)),
+        "{job}"
+    );
+    assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
+
     // A job from another client appears in the queue with its progress and live preview.
     let other =
         server.create(&json!({"prompt": "a slow one", "num_inference_steps": 200, "num_frames": 8, "size": "32x32"}));
@@ -958,4 +993,165 @@ fn page_submits_a_job_and_plays_it() {
     let cancelled = server.wait_status(other, "failed", Duration::from_secs(30));
     assert_eq!(cancelled["error"]["code"], "cancelled");
     drop(browser);
+}
+
+/// The payload of the top-level `mdat` box: the coded frames.
+fn mp4_mdat(bytes: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if &bytes[at + 4..at + 8] == b"mdat" {
+            return &bytes[at + 8..at + size];
+        }
+        assert!(size >= 8, "a malformed MP4");
+        at += size;
+    }
+    panic!("no mdat box")
+}
+
+#[test]
+fn video_to_video_over_multipart() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+    let videos = data.path().join("videos");
+    let server = Server::start(data.path(), &[]);
+    assert_eq!(server.get("/v1/t2v/info").json()["model"]["video_to_video"], true);
+    let page = String::from_utf8(server.get("/").body).unwrap();
+    assert!(page.contains("name=\"input_reference\" type=\"file\"") && page.contains("name=\"strength\""));
+
+    // The fixtures' v2v run 1 (DPM-Solver++, a negative prompt, strength 0.75), on its MP4.
+    let refs: Value = serde_json::from_slice(
+        &std::fs::read(tiny_model().join("v2v/v2v_reference.json")).expect("the v2v references"),
+    )
+    .unwrap();
+    let run = &refs["runs"][1];
+    let input = tiny_model().join(run["input_mp4"].as_str().unwrap());
+    let clip = std::fs::read(&input).unwrap();
+    let text = |k: &str| match &run[k] {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let fields = [
+        ("prompt", text("prompt")),
+        ("negative_prompt", text("negative_prompt")),
+        ("seed", text("seed")),
+        ("num_inference_steps", text("steps")),
+        ("guidance_scale", text("guidance_scale")),
+        ("scheduler", text("scheduler")),
+        ("strength", text("strength")),
+        ("size", "32x32".to_string()),
+    ];
+    let as_refs = |extra: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        for (k, v) in extra {
+            all.retain(|(name, _)| name != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        all
+    };
+    let post = |extra: &[(&str, &str)], file: Option<(&str, &[u8])>| {
+        let all = as_refs(extra);
+        let borrowed: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (ct, body) = multipart(&borrowed, file.map(|(name, bytes)| ("input_reference", name, bytes)));
+        server.call("POST", "/v1/videos", Some((&ct, &body)))
+    };
+
+    // Named `upload.bin`: the content, not the name, says it is an MP4.
+    let reply = post(&[], Some(("upload.bin", &clip)));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let created = reply.json();
+    let id = created["id"].as_str().unwrap().to_string();
+    let stored = videos.join(format!("{id}.input.mp4"));
+    assert_eq!(std::fs::read(&stored).unwrap(), clip, "the upload is kept as sent");
+    let recorded = &created["settings"]["input"];
+    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&clip).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(recorded["sha256"], sha.as_str());
+    assert_eq!((recorded["strength"].as_f64(), recorded["fit"].as_str()), (Some(0.75), Some("resize")));
+    assert_eq!(created["settings"]["num_frames"], run["num_frames"], "every frame of the clip is read");
+    let done = server.wait_status(&id, "completed", Duration::from_secs(180));
+    assert_eq!(done["settings"]["input"], *recorded);
+
+    // The command line, same settings and the same file: the same coded frames.
+    let out = data.path().join("cli.mp4");
+    let cli = Command::new(env!("CARGO_BIN_EXE_t2v"))
+        .args(["generate", run["prompt"].as_str().unwrap(), "--model"])
+        .arg(tiny_model())
+        .arg("--video")
+        .arg(&input)
+        .args(["-n", run["negative_prompt"].as_str().unwrap(), "--seed", &text("seed"), "--steps", &text("steps")])
+        .args(["-g", &text("guidance_scale"), "--scheduler", &text("scheduler"), "--strength", &text("strength")])
+        .args(["--device", "cpu", "-q", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    let served = server.get(&format!("/v1/videos/{id}/content")).body;
+    let cli_mp4 = std::fs::read(&out).unwrap();
+    assert!(mp4_mdat(&served).len() > 500);
+    assert!(mp4_mdat(&served) == mp4_mdat(&cli_mp4), "the served frames differ from the command line's");
+    let cli_settings = t2v_settings::RunSettings::read(&out).unwrap();
+    let served_path = data.path().join("served.mp4");
+    std::fs::write(&served_path, &served).unwrap();
+    let served_settings = t2v_settings::RunSettings::read(&served_path).unwrap();
+    let (a, b) = (served_settings.input.unwrap(), cli_settings.input.unwrap());
+    assert_eq!(
+        (a.sha256, a.strength, a.start_frame, a.every, a.fit),
+        (b.sha256, b.strength, b.start_frame, b.every, b.fit)
+    );
+    assert_eq!((served_settings.num_frames, served_settings.seed), (cli_settings.num_frames, cli_settings.seed));
+
+    // Bad requests: 400 naming the field, and no file left behind.
+    let bad = |extra: &[(&str, &str)], file: Option<(&str, &[u8])>| {
+        let r = post(extra, file);
+        (r.status, r.error_param())
+    };
+    let input_400 = (400, Some("input_reference".to_string()));
+    assert_eq!(bad(&[], Some(("clip.mp4", b"not really a video"))), input_400);
+    assert_eq!(bad(&[], Some(("clip.mp4", &clip[..clip.len() / 3]))), input_400, "a truncated MP4");
+    assert_eq!(bad(&[], Some(("clip.gif", b"GIF89a\x01\x00"))), input_400, "a broken GIF");
+    assert_eq!(bad(&[], Some(("clip.mp4", b""))), input_400);
+    assert_eq!(bad(&[("num_frames", "50")], Some(("clip.mp4", &clip))), input_400, "more frames than the clip has");
+    let strength_400 = (400, Some("strength".to_string()));
+    for s in ["0", "1.5", "-0.2", "strong", "0.05"] {
+        assert_eq!(bad(&[("strength", s)], Some(("clip.mp4", &clip))), strength_400, "strength {s}");
+    }
+    assert_eq!(bad(&[("video_fit", "squash")], Some(("clip.mp4", &clip))), (400, Some("video_fit".into())));
+    assert_eq!(bad(&[("video_every", "0")], Some(("clip.mp4", &clip))), (400, Some("video_every".into())));
+    assert_eq!(bad(&[], None), strength_400, "strength without an input video");
+    let r = server.post_json("/v1/videos", &json!({"prompt": "x", "input_reference": "clip.mp4"}));
+    assert_eq!((r.status, r.error_param()), (400, Some("input_reference".into())));
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("multipart/form-data"));
+    let leftovers: Vec<String> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".input") && !n.starts_with(&id))
+        .collect();
+    assert!(leftovers.is_empty(), "failed submissions left {leftovers:?}");
+
+    // Frames chosen and fitted as asked: every 2nd frame from 1, cropped.
+    let reply = post(
+        &[("video_start", "1"), ("video_every", "2"), ("video_fit", "crop"), ("num_inference_steps", "4")],
+        Some(("clip.mp4", &clip)),
+    );
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let second = reply.json();
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let input = &second["settings"]["input"];
+    assert_eq!(
+        (input["start_frame"].as_u64(), input["every"].as_u64(), input["fit"].as_str()),
+        (Some(1), Some(2), Some("crop"))
+    );
+    assert_eq!(second["settings"]["num_frames"].as_u64(), Some((run["num_frames"].as_u64().unwrap() - 1).div_ceil(2)));
+    server.wait_status(&second_id, "completed", Duration::from_secs(180));
+
+    // The upload stays across a restart, until the job is deleted.
+    assert_eq!(server.sigterm(), 0);
+    let server = Server::start(data.path(), &[]);
+    assert_eq!(server.video(&id)["status"], "completed");
+    assert!(stored.is_file());
+    let r = server.call("DELETE", &format!("/v1/videos/{id}"), None);
+    assert_eq!(r.status, 200);
+    assert!(!stored.exists(), "deleting the job removes its input video");
+    assert!(!videos.join(format!("{id}.mp4")).exists());
+    assert!(videos.join(format!("{second_id}.input.mp4")).is_file());
 }

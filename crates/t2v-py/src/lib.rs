@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray4, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray4, PyArrayDyn, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::{
     PyConnectionError, PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError,
     PyValueError,
@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::{self, SchedulerKind};
+use t2v::video::input::ReadOptions;
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
 
 /// The library's error as the Python exception a caller expects: FileNotFoundError for a model
@@ -214,6 +215,27 @@ fn read_mp4_metadata(path: PathBuf) -> PyResult<Option<String>> {
     t2v::video::read_mp4_metadata(&path).map_err(py_err)
 }
 
+/// Reads the frames of a video file (MP4 with H.264, GIF, `.npy`) or a folder of PNG/JPEG frames
+/// as 8-bit RGB (frames, height, width, 3), at most `max_frames` of them (64 when None), every
+/// `every`-th from `start_frame`. Returns the frames and the reader's notes (frames left out, a
+/// rotation, a variable frame rate).
+#[pyfunction]
+#[pyo3(signature = (path, *, start_frame=0, every=1, max_frames=None))]
+fn read_video<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    start_frame: usize,
+    every: usize,
+    max_frames: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray4<u8>>, Vec<String>)> {
+    let options = ReadOptions { start_frame, every, num_frames: max_frames, ..ReadOptions::default() };
+    let clip = py.detach(|| t2v::video::input::read_video(&path, &options)).map_err(py_err)?;
+    let shape = (clip.frames, clip.height, clip.width, 3);
+    let array = numpy::ndarray::Array4::from_shape_vec(shape, clip.to_rgb8())
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok((array.into_pyarray(py), clip.warnings))
+}
+
 /// A loaded checkpoint on one device.
 #[pyclass(frozen, module = "t2v._t2v")]
 struct Model {
@@ -290,14 +312,41 @@ impl Model {
         self.pipe.validate(&params).map_err(py_err)
     }
 
+    /// Checks a video-to-video request against the model: `shape` is the input's (frames, height,
+    /// width, channels); the sides must be multiples of the VAE's scale and `strength` must run at
+    /// least one of `num_inference_steps` steps. Returns how many steps run.
+    #[pyo3(signature = (shape, *, strength, num_inference_steps, guidance_scale, eta))]
+    fn validate_video(
+        &self,
+        shape: (usize, usize, usize, usize),
+        strength: f64,
+        num_inference_steps: usize,
+        guidance_scale: f64,
+        eta: f64,
+    ) -> PyResult<usize> {
+        let (frames, height, width, channels) = shape;
+        let mut params = GenerationParams::new("", 0);
+        params.num_inference_steps = num_inference_steps;
+        params.guidance_scale = guidance_scale;
+        params.eta = eta;
+        let begin =
+            self.pipe.validate_video_to_video(&params, &[frames, channels, height, width], strength).map_err(py_err)?;
+        Ok(num_inference_steps - begin)
+    }
+
     /// Runs the pipeline with the GIL released. `on_step(step, timestep, latents)` runs after
     /// each step (step from 0; latents (1, C, F, h, w) when `step_latents`, else None) and returns
     /// True to stop there, as diffusers' `pipe._interrupt`: the frames decoded so far come back.
     /// Signals (Ctrl-C) are checked after each step. Returns the frames (F, H, W, 3) in [0, 1],
     /// or with `latent=True` the final latents (1, C, F, h, w).
+    ///
+    /// With `video` (frames, H, W, 3) float32 already in [-1, 1], the run is video-to-video: the
+    /// last int(steps × `strength`) steps re-render it, and `num_frames`, `height` and `width` come
+    /// from the video.
     #[pyo3(signature = (
         prompt, *, negative_prompt, seed, num_inference_steps, guidance_scale, scheduler,
-        scheduler_config, eta, num_frames, height, width, on_step=None, step_latents=false, latent=false
+        scheduler_config, eta, num_frames, height, width, on_step=None, step_latents=false, latent=false,
+        video=None, strength=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
@@ -317,7 +366,27 @@ impl Model {
         on_step: Option<Py<PyAny>>,
         step_latents: bool,
         latent: bool,
+        video: Option<PyReadonlyArray4<'py, f32>>,
+        strength: Option<f64>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        // The input frames as `InputVideo::to_model_input` lays them out: (frames, 3, H, W).
+        let input = match video {
+            None => None,
+            Some(array) => {
+                let shape = array.shape().to_vec();
+                let data: Vec<f32> = match array.as_slice() {
+                    Ok(slice) => slice.to_vec(),
+                    Err(_) => array.as_array().iter().copied().collect(),
+                };
+                let tensor =
+                    Tensor::from_vec(data, (shape[0], shape[1], shape[2], shape[3]), &candle_core::Device::Cpu)
+                        .and_then(|t| t.permute((0, 3, 1, 2)))
+                        .and_then(|t| t.contiguous())
+                        .map_err(candle_err)?;
+                let strength = strength.ok_or_else(|| PyValueError::new_err("video-to-video needs a strength"))?;
+                Some((tensor, strength))
+            }
+        };
         let params = GenerationParams {
             prompt,
             negative_prompt,
@@ -358,10 +427,15 @@ impl Model {
                         }
                     }
                 };
-                if latent {
-                    pipe.denoise_with_scheduler(&params, &config, &mut report).map(|(latents, _)| latents)
-                } else {
-                    pipe.generate_with_scheduler(&params, &config, &mut report).map(|video| video.frames)
+                let latents = match &input {
+                    Some((video, strength)) => {
+                        pipe.denoise_video_with_scheduler(&params, &config, video, *strength, &mut report)
+                    }
+                    None => pipe.denoise_with_scheduler(&params, &config, &mut report),
+                };
+                match latents {
+                    Ok((latents, _)) if !latent => pipe.decode_latents(&latents),
+                    other => other.map(|(latents, _)| latents),
                 }
             };
             match (run, &stop) {
@@ -392,5 +466,6 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(effective_scheduler_config, m)?)?;
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(read_video, m)?)?;
     Ok(())
 }

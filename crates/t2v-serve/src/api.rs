@@ -25,8 +25,9 @@ use crate::error::ApiError;
 use crate::events::JobEvent;
 use crate::request::{self, Fields};
 use crate::store::{Job, JobStatus, Order};
-use crate::worker::{remove_files, thumbnail_path, video_path};
+use crate::worker::{input_path, remove_files, thumbnail_path, video_path};
 use crate::{ModelInfo, Shared};
+use t2v::video::input::read_video;
 
 type AppState = State<Arc<Shared>>;
 
@@ -240,11 +241,18 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     let bytes = read_body(body, declared, limit).await?;
-    let map: BTreeMap<String, Value> = if is_multipart {
+    let (map, upload): (BTreeMap<String, Value>, Option<Upload>) = if is_multipart {
         read_multipart(Request::from_parts(parts, Body::from(bytes))).await?
     } else {
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => map.into_iter().collect(),
+            Ok(Value::Object(map)) if map.contains_key("input_reference") => {
+                return Err(ApiError::bad(
+                    "input_reference",
+                    "`input_reference` is a video file, which JSON cannot carry: send the request as \
+                     multipart/form-data with the file in the `input_reference` field (as the OpenAI SDK does)",
+                ))
+            }
+            Ok(Value::Object(map)) => (map.into_iter().collect(), None),
             Ok(_) => {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -255,8 +263,23 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
         }
     };
     let fields = Fields::new(map)?;
-    let settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
-    let job = s.store.insert(&new_job_id(), &settings).await?;
+    let mut settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
+    let id = new_job_id();
+    if let Some(video) = request::video_request(&fields, &settings)? {
+        let upload = upload.ok_or_else(|| ApiError::bad("input_reference", "`input_reference` holds no file"))?;
+        let (dir, max_frames) = (s.videos_dir.clone(), s.limits.max_frames);
+        let (job_id, input) = (id.clone(), settings.clone());
+        settings = tokio::task::spawn_blocking(move || store_input(&dir, &job_id, upload, video, input, max_frames))
+            .await
+            .map_err(ApiError::internal)??;
+    }
+    let job = match s.store.insert(&id, &settings).await {
+        Ok(job) => job,
+        Err(e) => {
+            remove_files(&s.videos_dir, &id);
+            return Err(e.into());
+        }
+    };
     s.wake.notify_one();
     let video = video_object(&job, &s.model);
     s.publish(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})))
@@ -290,10 +313,101 @@ async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<
 
 const DRAIN_BYTES: usize = 64 << 20;
 
-async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiError> {
+/// An uploaded input video, as received.
+struct Upload {
+    /// The name the client gave the file (only its extension is used, when the content does not
+    /// tell the format).
+    file_name: String,
+    bytes: axum::body::Bytes,
+}
+
+/// The format of an uploaded video, by its content (MP4/MOV's `ftyp` box, GIF's and NumPy's
+/// signatures), else by the extension of its name; as one of [`crate::worker::INPUT_EXTENSIONS`].
+fn upload_format(upload: &Upload) -> Option<&'static str> {
+    let b = &upload.bytes[..];
+    if b.len() >= 8 && &b[4..8] == b"ftyp" {
+        return Some("mp4");
+    }
+    if b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a") {
+        return Some("gif");
+    }
+    if b.starts_with(b"\x93NUMPY") {
+        return Some("npy");
+    }
+    let ext = std::path::Path::new(&upload.file_name).extension()?.to_string_lossy().to_ascii_lowercase();
+    match ext.as_str() {
+        "mp4" | "m4v" | "mov" => Some("mp4"),
+        "gif" => Some("gif"),
+        "npy" => Some("npy"),
+        _ => None,
+    }
+}
+
+/// Stores the input video of job `id` in `dir` and reads it as the worker will (so that a bad
+/// file fails now, with a 400): returns `settings` with the input recorded and the frame count
+/// read. Nothing stays behind when it fails.
+fn store_input(
+    dir: &std::path::Path,
+    id: &str,
+    upload: Upload,
+    video: request::VideoRequest,
+    mut settings: t2v_settings::RunSettings,
+    max_frames: usize,
+) -> Result<t2v_settings::RunSettings, ApiError> {
+    let bad = |m: String| ApiError::bad("input_reference", m);
+    if upload.bytes.is_empty() {
+        return Err(bad("`input_reference` is empty: attach the video file".into()));
+    }
+    let ext = upload_format(&upload).ok_or_else(|| {
+        bad("`input_reference` is not a video this server reads: give an MP4 (H.264), a GIF or a .npy array \
+             (frames, height, width, 3)"
+            .into())
+    })?;
+    let path = input_path(dir, id, ext);
+    let partial = dir.join(format!(".{id}.input.partial"));
+    std::fs::write(&partial, &upload.bytes).and_then(|_| std::fs::rename(&partial, &path)).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        ApiError::internal(format!("storing the input video: {e}"))
+    })?;
+    let checked = (|| {
+        let clip = read_video(&path, &video.read).map_err(|e| match e {
+            // The reason alone: the path is the server's.
+            t2v::Error::VideoInput { reason, .. } => bad(format!("`input_reference` cannot be read: {reason}")),
+            other => bad(format!("`input_reference` cannot be read: {other}")),
+        })?;
+        if clip.frames > max_frames {
+            return Err(ApiError::bad(
+                "num_frames",
+                format!(
+                    "the input video gives {} frames, more than the {max_frames} a job may have: ask for fewer with \
+                     `num_frames`, or choose frames with `video_start` and `video_every`",
+                    clip.frames
+                ),
+            ));
+        }
+        let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        settings.num_frames = clip.frames;
+        settings.input = Some(t2v_settings::InputSettings {
+            sha256: t2v_settings::input_sha256(&path).map_err(ApiError::internal)?,
+            path: absolute,
+            strength: video.strength,
+            start_frame: video.read.start_frame,
+            every: video.read.every,
+            fit: video.read.fit.name().to_string(),
+        });
+        Ok(settings)
+    })();
+    if checked.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    checked
+}
+
+async fn read_multipart(req: Request) -> Result<(BTreeMap<String, Value>, Option<Upload>), ApiError> {
     let mut multipart =
         Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
     let mut map = BTreeMap::new();
+    let mut upload = None;
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
@@ -302,9 +416,10 @@ async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiErro
         };
         let name = field.name().unwrap_or_default().to_string();
         let value = if name == "input_reference" {
-            // Video-to-video takes the upload from here.
+            // The file itself goes aside; the field records that there is one.
             let file_name = field.file_name().unwrap_or("upload").to_string();
-            field.bytes().await.map_err(|e| ApiError::bad("input_reference", e.body_text()))?;
+            let bytes = field.bytes().await.map_err(|e| ApiError::bad("input_reference", e.body_text()))?;
+            upload = Some(Upload { file_name: file_name.clone(), bytes });
             Value::String(file_name)
         } else {
             Value::String(field.text().await.map_err(|e| ApiError::bad(&name, e.body_text()))?)
@@ -313,7 +428,7 @@ async fn read_multipart(req: Request) -> Result<BTreeMap<String, Value>, ApiErro
             return Err(ApiError::bad(&name, format!("`{name}` is given twice")));
         }
     }
-    Ok(map)
+    Ok((map, upload))
 }
 
 async fn list_videos(State(s): AppState, Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {

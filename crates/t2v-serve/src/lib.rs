@@ -355,7 +355,7 @@ async fn find_model(spec: Option<&str>, run: &RunArgs) -> Result<(PathBuf, Model
         native_height: native,
         vae_scale,
         dtype: run.dtype.to_ascii_lowercase(),
-        video_to_video: false,
+        video_to_video: true,
     };
     Ok((folder, model))
 }

@@ -12,7 +12,7 @@ fn error_responses(codes: &[&str]) -> Value {
             "404" => "No such video, or it has no content yet",
             "413" => "The body is larger than the server accepts",
             "415" => "Neither JSON nor multipart/form-data",
-            "422" => "Well-formed, but this server cannot do it (e.g. video-to-video)",
+            "422" => "Well-formed, but this server cannot do it",
             _ => "Error",
         };
         out.insert(
@@ -50,14 +50,17 @@ pub fn spec() -> Value {
             "seed": {"type": "integer", "minimum": 0, "description": "Default: random (the video object's settings show it)"},
             "num_inference_steps": {"type": "integer", "minimum": 1, "default": 25},
             "guidance_scale": {"type": "number", "minimum": 0, "default": 9},
-            "num_frames": {"type": "integer", "minimum": 1, "default": 16},
+            "num_frames": {"type": "integer", "minimum": 1, "default": 16, "description": "With input_reference: how many frames to read (exactly); default: all the frames chosen, up to 64"},
             "height": {"type": "integer"},
             "width": {"type": "integer"},
             "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 8},
             "scheduler": {"type": "string", "enum": ["dpm", "ddim"], "default": "dpm"},
             "eta": {"type": "number", "minimum": 0, "maximum": 1, "default": 0, "description": "DDIM's eta"},
-            "input_reference": {"type": "string", "format": "binary", "description": "Video-to-video input (multipart only; not yet available: 422)"},
-            "strength": {"type": "number", "description": "Video-to-video strength (with input_reference)"}
+            "input_reference": {"type": "string", "format": "binary", "description": "Video-to-video: the video to re-render following the prompt, an MP4 (H.264), a GIF or a .npy array (frames, height, width, 3), up to the server's upload limit. multipart/form-data only (a JSON request with it is refused, 400). Read when the request arrives (an unreadable file is a 400 naming this field); its frames are resized to the size asked (default: the model's native size). Kept with the job until the job is deleted; the video object's settings.input records its SHA-256 and how it was read"},
+            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.6, "description": "With input_reference: how much of the video is replaced; the last int(num_inference_steps × strength) steps run, at least one"},
+            "video_start": {"type": "integer", "minimum": 0, "default": 0, "description": "With input_reference: the first frame read (0-based)"},
+            "video_every": {"type": "integer", "minimum": 1, "default": 1, "description": "With input_reference: read every n-th frame (3 turns 24 fps into 8)"},
+            "video_fit": {"type": "string", "enum": ["resize", "crop", "pad"], "default": "resize", "description": "With input_reference: how frames of another aspect ratio reach the size: stretched, cropped, or padded with black"}
         }
     });
     json!({
@@ -91,7 +94,7 @@ pub fn spec() -> Value {
         "paths": {
             "/v1/videos": {
                 "post": {
-                    "summary": "Queue a video",
+                    "summary": "Queue a video: text-to-video, or video-to-video with an input video (multipart)",
                     "requestBody": {"required": true, "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/CreateVideo"}},
                         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideo"}}}},

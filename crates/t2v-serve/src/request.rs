@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use t2v::pipeline::{self, GenerationParams};
-use t2v::schedulers::SchedulerKind;
+use t2v::schedulers::{strength_begin_index, SchedulerKind};
+use t2v::video::input::{Fit, ReadOptions};
 use t2v_settings::RunSettings;
 
 use crate::error::ApiError;
@@ -43,7 +44,16 @@ pub const FIELDS: &[&str] = &[
     "eta",
     "input_reference",
     "strength",
+    "video_start",
+    "video_every",
+    "video_fit",
 ];
+
+/// The fields that apply to video-to-video only.
+const VIDEO_FIELDS: &[&str] = &["strength", "video_start", "video_every", "video_fit"];
+
+/// diffusers' `VideoToVideoSDPipeline.__call__` default, as the command line's.
+pub const DEFAULT_STRENGTH: f64 = 0.6;
 
 pub const DEFAULT_STEPS: usize = 25;
 pub const DEFAULT_GUIDANCE: f64 = 9.0;
@@ -122,6 +132,54 @@ impl Fields {
     }
 }
 
+/// How a video-to-video request reads its input video.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoRequest {
+    pub strength: f64,
+    /// Frames chosen, and their size: the run's width and height.
+    pub read: ReadOptions,
+}
+
+/// The video-to-video options of a request whose run is `settings` (from [`parse`]); `None`
+/// without `input_reference`. The frames read are resized to the run's size; the number asked
+/// (`num_frames` or `seconds`) is read exactly, else all the frames chosen up to the library's
+/// default limit.
+pub fn video_request(fields: &Fields, settings: &RunSettings) -> Result<Option<VideoRequest>, ApiError> {
+    if !fields.has("input_reference") {
+        return Ok(None);
+    }
+    let strength = match fields.number("strength", "a number above 0, up to 1")? {
+        None => DEFAULT_STRENGTH,
+        Some(s) if s > 0.0 && s <= 1.0 => s,
+        Some(s) => {
+            return Err(ApiError::bad(
+                "strength",
+                format!("`strength` must be above 0 and at most 1 (how much of the input video is replaced), got {s}"),
+            ))
+        }
+    };
+    // A strength that runs no step is refused now, with the smallest that runs one.
+    strength_begin_index(settings.steps, strength).map_err(|e| ApiError::bad("strength", e.to_string()))?;
+    let fit = match fields.string("video_fit")? {
+        None => Fit::default(),
+        Some(f) => Fit::parse(&f).map_err(|_| {
+            ApiError::bad("video_fit", format!("`video_fit` must be `resize`, `crop` or `pad`, got `{f}`"))
+        })?,
+    };
+    let start_frame = fields.whole("video_start", 0, u32::MAX as u64)?.map_or(0, |v| v as usize);
+    let every = fields.whole("video_every", 1, 1000)?.map_or(1, |v| v as usize);
+    let asked = fields.has("num_frames") || fields.has("seconds");
+    let read = ReadOptions {
+        size: Some((settings.width, settings.height)),
+        fit,
+        start_frame,
+        every,
+        num_frames: asked.then_some(settings.num_frames),
+        ..ReadOptions::default()
+    };
+    Ok(Some(VideoRequest { strength, read }))
+}
+
 /// "WxH" → (width, height).
 fn parse_size(s: &str) -> Option<(usize, usize)> {
     let (w, h) = s.trim().split_once(['x', 'X', '×'])?;
@@ -152,16 +210,20 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
             ));
         }
     }
-    if fields.has("input_reference") || fields.has("strength") {
+    let video_field = VIDEO_FIELDS.iter().find(|f| fields.has(f));
+    if fields.has("input_reference") || video_field.is_some() {
         if !model.video_to_video {
-            let param = if fields.has("input_reference") { "input_reference" } else { "strength" };
+            let param = if fields.has("input_reference") { "input_reference" } else { video_field.unwrap() };
             return Err(ApiError::unprocessable(
                 param,
-                "video-to-video is not available in this version of t2v: leave out `input_reference` and `strength`",
+                "video-to-video is not available on this server: leave out `input_reference` and `strength`",
             ));
         }
-        if !fields.has("input_reference") {
-            return Err(ApiError::bad("strength", "`strength` applies to video-to-video: give `input_reference` too"));
+        if let (false, Some(name)) = (fields.has("input_reference"), video_field) {
+            return Err(ApiError::bad(
+                name,
+                format!("`{name}` applies to video-to-video: give the input video in `input_reference` too"),
+            ));
         }
     }
     let negative_prompt = fields.string("negative_prompt")?;
@@ -315,5 +377,41 @@ mod tests {
         assert_eq!(param(serde_json::json!({"prompt": 3})), Some((400, "prompt".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "strength": 0.5})), Some((422, "strength".into())));
         assert!(parse_json(serde_json::json!({"prompt": "x", "model": "tiny"})).is_ok());
+    }
+
+    #[test]
+    fn video_to_video_options() {
+        let model = ModelInfo { video_to_video: true, ..model() };
+        let request = |v: Value| -> Result<Option<VideoRequest>, ApiError> {
+            let f = fields(v)?;
+            let settings = parse(&f, &model, &limits(), 42)?;
+            video_request(&f, &settings)
+        };
+        assert_eq!(request(serde_json::json!({"prompt": "x"})).unwrap(), None);
+        let v =
+            request(serde_json::json!({"prompt": "x", "input_reference": "a.mp4", "size": "64x32"})).unwrap().unwrap();
+        assert_eq!(
+            (v.strength, v.read.size, v.read.num_frames, v.read.fit),
+            (DEFAULT_STRENGTH, Some((64, 32)), None, Fit::Resize)
+        );
+        let v = request(serde_json::json!({"prompt": "x", "input_reference": "a.mp4", "strength": "1", "seconds": "1",
+            "video_start": "3", "video_every": "2", "video_fit": "pad"}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (v.strength, v.read.num_frames, v.read.start_frame, v.read.every, v.read.fit),
+            (1.0, Some(8), 3, 2, Fit::Pad)
+        );
+        let param = |v: Value| request(v).err().map(|e| (e.status.as_u16(), e.param.unwrap_or_default()));
+        for s in ["0", "1.01", "x"] {
+            let v = serde_json::json!({"prompt": "x", "input_reference": "a.mp4", "strength": s});
+            assert_eq!(param(v), Some((400, "strength".into())), "{s}");
+        }
+        // int(25 × 0.03) = 0 steps would run.
+        let v = serde_json::json!({"prompt": "x", "input_reference": "a.mp4", "strength": 0.03});
+        assert_eq!(param(v), Some((400, "strength".into())));
+        assert_eq!(param(serde_json::json!({"prompt": "x", "video_every": 2})), Some((400, "video_every".into())));
+        let v = serde_json::json!({"prompt": "x", "input_reference": "a.mp4", "video_fit": "zoom"});
+        assert_eq!(param(v), Some((400, "video_fit".into())));
     }
 }

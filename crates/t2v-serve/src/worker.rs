@@ -1,7 +1,8 @@
 //! The workers: the checkpoint loaded once, then one thread per worker taking jobs from the queue
 //! under a lease renewed by a heartbeat, reporting progress and previews after each step (to this
 //! process's event streams, and through the store to the API processes), and writing the MP4 and
-//! its thumbnail, published only while the lease is still held.
+//! its thumbnail, published only while the lease is still held. A job with an input video
+//! (video-to-video) reads it from the data folder, where it stays until the job is deleted.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 use t2v::pipeline::{Control, LoadOptions, StepProgress, TextToVideo};
+use t2v::schedulers::strength_begin_index;
+use t2v::video::input::{read_video, Fit, ReadOptions};
 use t2v::video::{self, EncodeOptions, Frames, Quality, VideoFormat};
+use t2v_settings::input_sha256;
 use tokio::runtime::Handle;
 
 use crate::api::video_object;
@@ -37,9 +41,32 @@ pub fn thumbnail_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.png"))
 }
 
-pub fn remove_files(dir: &Path, id: &str) {
+/// The extensions an uploaded input video is stored with: the formats the library's readers
+/// take from one file.
+pub const INPUT_EXTENSIONS: &[&str] = &["mp4", "gif", "npy"];
+
+/// Where the input video of a video-to-video job is stored, in the format `ext`.
+pub fn input_path(dir: &Path, id: &str, ext: &str) -> PathBuf {
+    dir.join(format!("{id}.input.{ext}"))
+}
+
+/// The stored input video of job `id`, if it has one.
+pub fn find_input(dir: &Path, id: &str) -> Option<PathBuf> {
+    INPUT_EXTENSIONS.iter().map(|ext| input_path(dir, id, ext)).find(|p| p.is_file())
+}
+
+/// Removes what a run of job `id` wrote (its input stays with the job).
+pub fn remove_outputs(dir: &Path, id: &str) {
     for path in [video_path(dir, id), thumbnail_path(dir, id)] {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Removes every file of job `id`: its outputs and its input video.
+pub fn remove_files(dir: &Path, id: &str) {
+    remove_outputs(dir, id);
+    for ext in INPUT_EXTENSIONS {
+        let _ = std::fs::remove_file(input_path(dir, id, ext));
     }
 }
 
@@ -192,10 +219,16 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
     let watch = Arc::new(LeaseWatch::default());
     let (done, done_rx) = tokio::sync::oneshot::channel();
     let beat = handle.spawn(heartbeat(shared.clone(), lease.clone(), watch.clone(), done_rx));
+    // Video-to-video runs the last int(steps × strength) steps.
+    let total_steps = match &job.settings.input {
+        Some(input) => strength_begin_index(job.settings.steps, input.strength)
+            .map_or(job.settings.steps, |begin| job.settings.steps - begin),
+        None => job.settings.steps,
+    };
     handle.block_on(shared.publish(JobEvent::new(
         &id,
         "progress",
-        json!({"id": id, "step": 0, "total_steps": job.settings.steps, "progress": 0, "elapsed_s": 0.0, "eta_s": null,
+        json!({"id": id, "step": 0, "total_steps": total_steps, "progress": 0, "elapsed_s": 0.0, "eta_s": null,
                "worker": lease.worker, "attempt": lease.attempt}),
     )));
     eprintln!("t2v: {id} started by {} (attempt {})", lease.worker, lease.attempt);
@@ -269,7 +302,7 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
     }) {
         Ok(true) => {
             if !completed && !released {
-                remove_files(&shared.videos_dir, &id);
+                remove_outputs(&shared.videos_dir, &id);
             }
         }
         // Deleted while it ran: nothing of it stays. (Taken over: the files are the other worker's.)
@@ -363,7 +396,27 @@ fn generate(
             Control::Continue
         }
     };
-    let (latents, _timings) = pipe.denoise(&params, &mut on_step)?;
+    let (latents, _timings) = match &settings.input {
+        None => pipe.denoise(&params, &mut on_step)?,
+        Some(input) => {
+            let path = find_input(&shared.videos_dir, id)
+                .with_context(|| format!("the input video of {id} is missing from {}", shared.videos_dir.display()))?;
+            if input_sha256(&path)? != input.sha256 {
+                anyhow::bail!("the input video of {id} has changed since it was uploaded");
+            }
+            let read = ReadOptions {
+                size: Some((settings.width, settings.height)),
+                fit: Fit::parse(&input.fit)?,
+                start_frame: input.start_frame,
+                every: input.every,
+                num_frames: Some(settings.num_frames),
+                ..ReadOptions::default()
+            };
+            let clip = read_video(&path, &read)?;
+            let video = clip.to_model_input(&candle_core::Device::Cpu, candle_core::DType::F32)?;
+            pipe.denoise_video(&params, &video, input.strength, &mut on_step)?
+        }
+    };
     let frames = pipe.decode_latents(&latents)?;
     let data = frames.flatten_all()?.to_vec1::<f32>()?;
     let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;

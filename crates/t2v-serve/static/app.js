@@ -46,6 +46,8 @@ function setStatus(text, kind) {
 
 // ---------- form ----------
 const FIELDS = ["prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", "scheduler", "eta", "width", "height"];
+// Sent with an input video only (multipart, with the file).
+const V2V_FIELDS = ["strength", "video_fit", "video_start", "video_every"];
 
 function snap(v) {
   const s = info?.model?.vae_scale || 8;
@@ -135,8 +137,11 @@ async function submitForm() {
     if (file && !$("#v2v").disabled) {
       const data = new FormData();
       for (const [k, v] of Object.entries(body)) data.append(k, v);
+      for (const name of V2V_FIELDS) {
+        const v = form[name].value.trim();
+        if (v !== "") data.append(name, v);
+      }
       data.append("input_reference", file);
-      if (form.strength.value) data.append("strength", form.strength.value);
       video = await api("/v1/videos", { method: "POST", body: data });
     } else {
       video = await api("/v1/videos", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
@@ -393,6 +398,13 @@ async function start() {
   });
   form.width.addEventListener("input", syncPresetFromSize);
   form.height.addEventListener("input", syncPresetFromSize);
+  form.strength.addEventListener("input", () => { $("#strength-value").value = form.strength.value; });
+  // With an input video the frame count is what to read from it: empty reads them all.
+  form.input_reference.addEventListener("change", () => {
+    const chosen = form.input_reference.files?.length > 0;
+    form.num_frames.value = chosen ? "" : info.defaults.num_frames;
+    form.num_frames.placeholder = chosen ? "all" : "";
+  });
   form.addEventListener("submit", (e) => { e.preventDefault(); submitForm(); });
 
   try {

@@ -12,6 +12,14 @@ Scripts written for diffusers run by changing the imports::
                   generator=t2v.Generator("cpu").manual_seed(0)).frames[0]
     print(export_to_video(frames))
 
+Video-to-video (zeroscope's upscaling recipe) is ``VideoToVideoSDPipeline``::
+
+    from t2v import VideoToVideoSDPipeline
+    from t2v.utils import load_video
+
+    v2v = VideoToVideoSDPipeline.from_pipe(pipe)  # the same weights, already loaded
+    frames = v2v("Spiderman is surfing", video=load_video("spiderman.mp4"), strength=0.6).frames[0]
+
 No torch is needed; when torch is installed, its dtypes and ``torch.Generator`` are accepted.
 """
 
@@ -22,9 +30,10 @@ from .pipelines import (
     TextToVideoMSPipeline,
     TextToVideoSDPipeline,
     TextToVideoSDPipelineOutput,
+    VideoToVideoSDPipeline,
 )
 from .schedulers import DDIMScheduler, DPMSolverMultistepScheduler, FrozenDict, SchedulerMixin
-from .utils import export_to_gif, export_to_video
+from .utils import export_to_gif, export_to_video, load_video
 
 # Names of the compute dtypes, for `torch_dtype=t2v.float16` where a script said `torch.float16`.
 float32 = "float32"
@@ -41,10 +50,12 @@ __all__ = [
     "TextToVideoMSPipeline",
     "TextToVideoSDPipeline",
     "TextToVideoSDPipelineOutput",
+    "VideoToVideoSDPipeline",
     "__version__",
     "bfloat16",
     "export_to_gif",
     "export_to_video",
     "float16",
     "float32",
+    "load_video",
 ]

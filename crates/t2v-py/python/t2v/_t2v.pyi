@@ -36,6 +36,9 @@ def write_video(
     metadata: Optional[str] = None,
 ) -> None: ...
 def read_mp4_metadata(path: _Path) -> Optional[str]: ...
+def read_video(
+    path: _Path, *, start_frame: int = 0, every: int = 1, max_frames: Optional[int] = None
+) -> Tuple[npt.NDArray[np.uint8], List[str]]: ...
 
 class Model:
     def __init__(
@@ -57,6 +60,15 @@ class Model:
         height: Optional[int],
         width: Optional[int],
     ) -> Tuple[int, int]: ...
+    def validate_video(
+        self,
+        shape: Tuple[int, int, int, int],
+        *,
+        strength: float,
+        num_inference_steps: int,
+        guidance_scale: float,
+        eta: float,
+    ) -> int: ...
     def generate(
         self,
         prompt: str,
@@ -74,4 +86,6 @@ class Model:
         on_step: Optional[Callable[[int, int, Optional[npt.NDArray[np.float32]]], Any]] = None,
         step_latents: bool = False,
         latent: bool = False,
+        video: Optional[npt.NDArray[np.float32]] = None,
+        strength: Optional[float] = None,
     ) -> npt.NDArray[np.float32]: ...

@@ -1,4 +1,5 @@
-"""``TextToVideoSDPipeline`` with diffusers' API over the t2v library (no torch)."""
+"""``TextToVideoSDPipeline`` and ``VideoToVideoSDPipeline`` with diffusers' API over the t2v library
+(no torch)."""
 
 from __future__ import annotations
 
@@ -114,21 +115,17 @@ def _is_dtype(value: Any) -> bool:
         return False
 
 
-class TextToVideoSDPipeline:
-    """The ModelScope text-to-video pipeline (diffusers' ``TextToVideoSDPipeline``) on t2v.
+# The pipeline classes of checkpoints that hold these models: one checkpoint serves both pipelines.
+_PIPELINE_CLASSES: Tuple[str, ...] = ("TextToVideoSDPipeline", "TextToVideoMSPipeline", "VideoToVideoSDPipeline")
 
-    Make one with :meth:`from_pretrained`, then call it with a prompt::
 
-        pipe = t2v.TextToVideoSDPipeline.from_pretrained("damo-vilab/text-to-video-ms-1.7b")
-        pipe.scheduler = t2v.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        frames = pipe("Spiderman is surfing", num_inference_steps=25).frames[0]
-        t2v.export_to_video(frames, "spiderman.mp4")
+class _ModelScopePipeline:
+    """What :class:`TextToVideoSDPipeline` and :class:`VideoToVideoSDPipeline` share: loading,
+    devices and dtypes, the scheduler, diffusers' switches, and the run itself.
 
     The weights are read when the pipeline first runs, onto the device and in the dtype chosen by
     then (``from_pretrained(torch_dtype=...)``, :meth:`to`): nothing is loaded twice.
     """
-
-    _pipeline_classes: Tuple[str, ...] = ("TextToVideoSDPipeline", "TextToVideoMSPipeline")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
@@ -201,16 +198,44 @@ class TextToVideoSDPipeline:
         default_size = _t2v.check_model(root, variant=variant)
         index = _read_json(os.path.join(root, "model_index.json"))
         pipeline_class = index.get("_class_name", "")
-        if pipeline_class not in TextToVideoSDPipeline._pipeline_classes:
+        target = cls._loads_as(pipeline_class)
+        if pipeline_class not in _PIPELINE_CLASSES:
             warnings.warn(
-                f"{spec} is a {pipeline_class or 'pipeline of no named class'}, loaded as a TextToVideoSDPipeline",
+                f"{spec} is a {pipeline_class or 'pipeline of no named class'}, loaded as a {target.__name__}",
                 UserWarning,
                 stacklevel=2,
             )
-        pipe = object.__new__(TextToVideoSDPipeline)
+        pipe = object.__new__(target)
         pipe._init(spec, root, index, dtype, variant, default_size)
         if scheduler is not None:
             pipe.scheduler = scheduler
+        return pipe
+
+    @classmethod
+    def _loads_as(cls, pipeline_class: str) -> type:
+        """The class a checkpoint of ``pipeline_class`` loads as through this class."""
+        return cls
+
+    @classmethod
+    def from_pipe(cls, pipeline: "_ModelScopePipeline", **kwargs: Any) -> Any:
+        """A pipeline of this class on the same checkpoint, sharing ``pipeline``'s loaded weights,
+        device, dtype and scheduler (diffusers' ``from_pipe``): ``VideoToVideoSDPipeline.from_pipe(pipe)``
+        re-renders videos with the model already in memory. ``scheduler=`` gives it another scheduler.
+
+        Raises:
+            TypeError: ``pipeline`` is not a t2v pipeline, or an option other than ``scheduler``.
+        """
+        if not isinstance(pipeline, _ModelScopePipeline):
+            raise TypeError(f"from_pipe takes a t2v pipeline, not {type(pipeline).__name__}")
+        scheduler = kwargs.pop("scheduler", None)
+        if kwargs:
+            raise TypeError(f"from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
+        pipe = object.__new__(cls._loads_as(""))
+        pipe._init(pipeline.name_or_path, pipeline._root, dict(pipeline.config), pipeline._dtype, pipeline._variant, pipeline._default_size)
+        pipe._device = pipeline._device
+        pipe._model = pipeline._load()
+        pipe._progress_bar_config = dict(pipeline._progress_bar_config)
+        pipe._scheduler = as_scheduler(scheduler) if scheduler is not None else pipeline._scheduler
         return pipe
 
     def _init(self, spec: str, root: str, index: Dict[str, Any], dtype: str, variant: Optional[str], default_size: Tuple[int, int]) -> None:
@@ -406,6 +431,169 @@ class TextToVideoSDPipeline:
 
     # -- the run -------------------------------------------------------------------------------
 
+    def _check_run(
+        self,
+        prompt: Union[str, List[str], None],
+        negative_prompt: Union[str, List[str], None],
+        output_type: Optional[str],
+        callback_steps: int,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        num_inference_steps: int,
+        unsupported: Mapping[str, Any],
+        cross_attention_kwargs: Optional[Dict[str, Any]],
+    ) -> Tuple[List[str], List[Optional[str]], List[str]]:
+        """The checks both pipelines make before any work; returns the prompts, their negative
+        prompts and the tensors the step callback asks for."""
+        refused = [name for name, value in unsupported.items() if value is not None]
+        if cross_attention_kwargs:
+            refused.append("cross_attention_kwargs")
+        if refused:
+            raise NotImplementedError(
+                f"t2v does not support {', '.join(refused)}: it encodes the prompt itself and draws "
+                "the initial latents from the generator's seed"
+            )
+        if prompt is None:
+            raise ValueError("give a prompt: what the video should show")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives: List[Optional[str]] = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one a prompt")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"unknown output_type {output_type!r}: use 'np', 'pil', 'pt' or 'latent'")
+        if not isinstance(callback_steps, int) or callback_steps <= 0:
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
+        if any(name != "latents" for name in tensor_inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may name 'latents' only, got {tensor_inputs}: "
+                "t2v gives step callbacks the latents"
+            )
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 0:
+            raise ValueError(f"num_inference_steps must be a whole number, got {num_inference_steps!r}")
+        return prompts, negatives, tensor_inputs
+
+    def _run(
+        self,
+        model: Any,
+        prompts: List[str],
+        negatives: List[Optional[str]],
+        seeds: List[int],
+        *,
+        steps_run: int,
+        output_type: Optional[str],
+        return_dict: bool,
+        callback: Optional[Callable[[int, int, Any], None]],
+        callback_steps: int,
+        callback_on_step_end: Optional[Callable[..., Any]],
+        tensor_inputs: List[str],
+        videos: Optional[List[np.ndarray]] = None,
+        **settings: Any,
+    ) -> Any:
+        """Runs the model once per prompt (on ``videos[i]`` for video-to-video) with the GIL
+        released, reporting each step to the callbacks and the progress bar."""
+        for text in prompts:
+            for message in model.prompt_warnings(text):
+                warnings.warn(message, UserWarning, stacklevel=3)
+
+        self._interrupt = False
+        want_latents = callback is not None or (callback_on_step_end is not None and bool(tensor_inputs))
+        bar = self._progress_bar(steps_run * len(prompts))
+        results = []
+        try:
+            for k, (text, negative, seed) in enumerate(zip(prompts, negatives, seeds)):
+
+                def on_step(step: int, timestep: int, step_latents: Optional[np.ndarray]) -> bool:
+                    if bar is not None:
+                        bar.update(1)
+                    if callback is not None and step % callback_steps == 0:
+                        callback(step, timestep, step_latents)
+                    if callback_on_step_end is not None:
+                        kwargs = {"latents": step_latents} if tensor_inputs else {}
+                        returned = callback_on_step_end(self, step, timestep, kwargs)
+                        if returned is not None and not isinstance(returned, Mapping):
+                            raise TypeError(
+                                "callback_on_step_end must return callback_kwargs (a dict) or None, "
+                                f"not {type(returned).__name__}"
+                            )
+                        given = (returned or {}).get("latents", step_latents)
+                        if given is not step_latents and not np.array_equal(given, step_latents):
+                            raise NotImplementedError(
+                                "callback_on_step_end returned other latents: t2v does not take latents back"
+                            )
+                    return self._interrupt
+
+                results.append(
+                    model.generate(
+                        text,
+                        negative_prompt=negative,
+                        seed=seed,
+                        scheduler=self._scheduler._class_name,
+                        scheduler_config=self._scheduler._config_json(),
+                        on_step=on_step,
+                        step_latents=want_latents,
+                        latent=output_type == "latent",
+                        video=None if videos is None else videos[k],
+                        **settings,
+                    )
+                )
+                if self._interrupt:
+                    seeds = seeds[: len(results)]
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if output_type == "latent":
+            frames: Any = np.concatenate(results, axis=0)
+        else:
+            frames = np.stack(results, axis=0)
+            if output_type == "pil":
+                frames = _to_pil(frames)
+            elif output_type == "pt":
+                import torch
+
+                frames = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)
+        if not return_dict:
+            return (frames,)
+        return TextToVideoSDPipelineOutput(frames=frames, seeds=seeds)
+
+    def _progress_bar(self, total: int) -> Any:
+        config = dict(self._progress_bar_config)
+        if config.get("disable"):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        config.setdefault("total", total)
+        return tqdm(**config)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name_or_path!r}, device={self._device!r}, dtype={self._dtype!r}, "
+            f"scheduler={self._scheduler._class_name})"
+        )
+
+
+class TextToVideoSDPipeline(_ModelScopePipeline):
+    """The ModelScope text-to-video pipeline (diffusers' ``TextToVideoSDPipeline``) on t2v.
+
+    Make one with :meth:`from_pretrained`, then call it with a prompt::
+
+        pipe = t2v.TextToVideoSDPipeline.from_pretrained("damo-vilab/text-to-video-ms-1.7b")
+        pipe.scheduler = t2v.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        frames = pipe("Spiderman is surfing", num_inference_steps=25).frames[0]
+        t2v.export_to_video(frames, "spiderman.mp4")
+
+    The weights are read when the pipeline first runs, onto the device and in the dtype chosen by
+    then (``from_pretrained(torch_dtype=...)``, :meth:`to`): nothing is loaded twice.
+    """
+
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
@@ -480,54 +668,26 @@ class TextToVideoSDPipeline:
             KeyboardInterrupt: Ctrl-C during the run.
             NotImplementedError: an argument of diffusers that t2v does not support.
         """
-        unsupported = [
-            name
-            for name, value in (
-                ("latents", latents),
-                ("prompt_embeds", prompt_embeds),
-                ("negative_prompt_embeds", negative_prompt_embeds),
-                ("clip_skip", clip_skip),
-            )
-            if value is not None
-        ]
-        if cross_attention_kwargs:
-            unsupported.append("cross_attention_kwargs")
-        if unsupported:
-            raise NotImplementedError(
-                f"t2v does not support {', '.join(unsupported)}: it encodes the prompt itself and draws "
-                "the initial latents from the generator's seed"
-            )
-        if prompt is None:
-            raise ValueError("give a prompt: what the video should show")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one a prompt")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"unknown output_type {output_type!r}: use 'np', 'pil', 'pt' or 'latent'")
-        if not isinstance(callback_steps, int) or callback_steps <= 0:
-            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
-        if any(name != "latents" for name in tensor_inputs):
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may name 'latents' only, got {tensor_inputs}: "
-                "t2v gives step callbacks the latents"
-            )
+        prompts, negatives, tensor_inputs = self._check_run(
+            prompt,
+            negative_prompt,
+            output_type,
+            callback_steps,
+            callback_on_step_end_tensor_inputs,
+            num_inference_steps,
+            {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+             "clip_skip": clip_skip},
+            cross_attention_kwargs,
+        )
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
                 raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
-        for name, value in (("num_frames", num_frames), ("num_inference_steps", num_inference_steps)):
-            if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 0:
+            raise ValueError(f"num_frames must be a whole number, got {num_frames!r}")
 
         seeds = seeds_for(generator, len(prompts))
         model = self._load()
-        model.validate(
+        settings = dict(
             num_inference_steps=int(num_inference_steps),
             guidance_scale=float(guidance_scale),
             eta=float(eta),
@@ -535,92 +695,246 @@ class TextToVideoSDPipeline:
             height=None if height is None else int(height),
             width=None if width is None else int(width),
         )
-        for text in prompts:
-            for message in model.prompt_warnings(text):
-                warnings.warn(message, UserWarning, stacklevel=2)
-
-        self._interrupt = False
-        want_latents = callback is not None or (callback_on_step_end is not None and bool(tensor_inputs))
-        bar = self._progress_bar(int(num_inference_steps) * len(prompts))
-        videos = []
-        try:
-            for text, negative, seed in zip(prompts, negatives, seeds):
-
-                def on_step(step: int, timestep: int, step_latents: Optional[np.ndarray]) -> bool:
-                    if bar is not None:
-                        bar.update(1)
-                    if callback is not None and step % callback_steps == 0:
-                        callback(step, timestep, step_latents)
-                    if callback_on_step_end is not None:
-                        kwargs = {"latents": step_latents} if tensor_inputs else {}
-                        returned = callback_on_step_end(self, step, timestep, kwargs)
-                        if returned is not None and not isinstance(returned, Mapping):
-                            raise TypeError(
-                                "callback_on_step_end must return callback_kwargs (a dict) or None, "
-                                f"not {type(returned).__name__}"
-                            )
-                        given = (returned or {}).get("latents", step_latents)
-                        if given is not step_latents and not np.array_equal(given, step_latents):
-                            raise NotImplementedError(
-                                "callback_on_step_end returned other latents: t2v does not take latents back"
-                            )
-                    return self._interrupt
-
-                videos.append(
-                    model.generate(
-                        text,
-                        negative_prompt=negative,
-                        seed=seed,
-                        num_inference_steps=int(num_inference_steps),
-                        guidance_scale=float(guidance_scale),
-                        scheduler=self._scheduler._class_name,
-                        scheduler_config=self._scheduler._config_json(),
-                        eta=float(eta),
-                        num_frames=int(num_frames),
-                        height=None if height is None else int(height),
-                        width=None if width is None else int(width),
-                        on_step=on_step,
-                        step_latents=want_latents,
-                        latent=output_type == "latent",
-                    )
-                )
-                if self._interrupt:
-                    seeds = seeds[: len(videos)]
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-
-        if output_type == "latent":
-            frames: Any = np.concatenate(videos, axis=0)
-        else:
-            frames = np.stack(videos, axis=0)
-            if output_type == "pil":
-                frames = _to_pil(frames)
-            elif output_type == "pt":
-                import torch
-
-                frames = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)
-        if not return_dict:
-            return (frames,)
-        return TextToVideoSDPipelineOutput(frames=frames, seeds=seeds)
-
-    def _progress_bar(self, total: int) -> Any:
-        config = dict(self._progress_bar_config)
-        if config.get("disable"):
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        config.setdefault("total", total)
-        return tqdm(**config)
-
-    def __repr__(self) -> str:
-        return (
-            f"TextToVideoSDPipeline({self.name_or_path!r}, device={self._device!r}, dtype={self._dtype!r}, "
-            f"scheduler={self._scheduler._class_name})"
+        model.validate(**settings)
+        return self._run(
+            model,
+            prompts,
+            negatives,
+            seeds,
+            steps_run=int(num_inference_steps),
+            output_type=output_type,
+            return_dict=return_dict,
+            callback=callback,
+            callback_steps=callback_steps,
+            callback_on_step_end=callback_on_step_end,
+            tensor_inputs=tensor_inputs,
+            **settings,
         )
+
+
+class VideoToVideoSDPipeline(_ModelScopePipeline):
+    """The ModelScope video-to-video pipeline (diffusers' ``VideoToVideoSDPipeline``) on t2v: a
+    video re-rendered following a prompt, as zeroscope's upscaling recipe does::
+
+        pipe = t2v.VideoToVideoSDPipeline.from_pretrained("cerspense/zeroscope_v2_XL")
+        pipe.scheduler = t2v.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        video = [frame.resize((1024, 576)) for frame in t2v.utils.load_video("low_res.mp4")]
+        frames = pipe("Spiderman is surfing", video=video, strength=0.6).frames[0]
+        t2v.export_to_video(frames, "spiderman_1024.mp4")
+
+    The same checkpoint runs text-to-video and video-to-video:
+    ``VideoToVideoSDPipeline.from_pipe(text_to_video_pipe)`` shares the loaded weights.
+    """
+
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        video: Any = None,
+        strength: float = 0.6,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 15.0,
+        negative_prompt: Union[str, List[str], None] = None,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: None = None,
+        prompt_embeds: None = None,
+        negative_prompt_embeds: None = None,
+        output_type: Optional[str] = "np",
+        return_dict: bool = True,
+        callback: Optional[Callable[[int, int, Any], None]] = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[Callable[..., Any]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Any:
+        """Re-renders a video following a prompt (diffusers' ``VideoToVideoSDPipeline.__call__``,
+        with its defaults).
+
+        The input frames are encoded by the VAE and noised to the timestep where ``strength``
+        starts the schedule; the last ``int(num_inference_steps * strength)`` steps then run. The
+        output has the input's frame count and size. The model runs with the GIL released, and
+        Ctrl-C (KeyboardInterrupt) stops it after the current step.
+
+        Args:
+            prompt: what the video should show (English), or a list of prompts (one video each).
+            video: the frames to re-render, as diffusers takes them: a list of PIL images (RGB), a
+                list of numpy (height, width, 3) frames, a numpy (frames, height, width, 3) array,
+                or a batch (videos, frames, height, width, 3) with one video per prompt (a torch
+                tensor (frames, 3, height, width) works too). Float values are in [0, 1] (floats
+                with negative values are taken as already in [-1, 1], as diffusers does, with a
+                FutureWarning); uint8 values are divided by 255, as PIL images are. Sides must be
+                multiples of the VAE's scale (8): like diffusers, t2v does not resize.
+            strength: how much of the video is replaced, 0 to 1 (1 ignores it); at least one step
+                must run (``int(num_inference_steps * strength) >= 1``).
+            num_inference_steps: the steps of the full schedule, of which the last
+                ``int(num_inference_steps * strength)`` run.
+            guidance_scale: classifier-free guidance (diffusers' default for this pipeline: 15).
+            negative_prompt: what the video should not show, or one per prompt.
+            eta: DDIM's eta (0: deterministic); ignored by DPMSolverMultistepScheduler.
+            generator: a seed source as for :class:`TextToVideoSDPipeline` (``t2v.Generator``,
+                ``torch.Generator``, an integer, or one per prompt); None picks random seeds.
+            latents, prompt_embeds, negative_prompt_embeds, clip_skip: not supported: must be None.
+            output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``, as for
+                :class:`TextToVideoSDPipeline`.
+            return_dict: False returns the tuple ``(frames,)``.
+            callback: ``callback(step, timestep, latents)`` every ``callback_steps`` steps that run.
+            callback_steps: how often ``callback`` runs.
+            cross_attention_kwargs: not supported: must be None or empty.
+            callback_on_step_end: ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``
+                after every step that runs; ``pipe._interrupt = True`` stops after that step.
+            callback_on_step_end_tensor_inputs: only ``"latents"``.
+
+        Returns:
+            :class:`TextToVideoSDPipelineOutput`: ``.frames`` float32 (batch, frames, height,
+            width, 3) in [0, 1] with ``"np"``; or ``(frames,)`` when ``return_dict`` is False.
+
+        Raises:
+            ValueError: a bad value: a strength outside [0, 1] or one that runs no step, an empty
+                video, frames of the wrong shape or of different sizes, an unknown output type.
+            KeyboardInterrupt: Ctrl-C during the run.
+            NotImplementedError: an argument of diffusers that t2v does not support.
+        """
+        prompts, negatives, tensor_inputs = self._check_run(
+            prompt,
+            negative_prompt,
+            output_type,
+            callback_steps,
+            callback_on_step_end_tensor_inputs,
+            num_inference_steps,
+            {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+             "clip_skip": clip_skip},
+            cross_attention_kwargs,
+        )
+        # diffusers' check_inputs.
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 <= strength <= 1:
+            raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
+        videos = _video_inputs(video)
+        if len(videos) == 1:
+            videos = videos * len(prompts)
+        elif len(videos) != len(prompts):
+            raise ValueError(f"{len(videos)} videos for {len(prompts)} prompts: give one video, or one per prompt")
+
+        seeds = seeds_for(generator, len(prompts))
+        model = self._load()
+        settings = dict(num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), eta=float(eta))
+        steps_run = 0
+        for clip in videos:
+            steps_run = model.validate_video(clip.shape, strength=float(strength), **settings)
+        frames, height, width = videos[0].shape[:3]
+        return self._run(
+            model,
+            prompts,
+            negatives,
+            seeds,
+            steps_run=steps_run,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback=callback,
+            callback_steps=callback_steps,
+            callback_on_step_end=callback_on_step_end,
+            tensor_inputs=tensor_inputs,
+            videos=videos,
+            strength=float(strength),
+            num_frames=frames,
+            height=height,
+            width=width,
+            **settings,
+        )
+
+
+def _is_pil(value: Any) -> bool:
+    return hasattr(value, "convert") and hasattr(value, "mode") and hasattr(value, "size")
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _frame_array(frame: Any) -> np.ndarray:
+    """One frame as diffusers' image processor reads it: a PIL image becomes float32 / 255."""
+    if _is_pil(frame):
+        if frame.mode != "RGB":
+            raise ValueError(f"video frames must be RGB images, got a {frame.mode} image: convert them with .convert('RGB')")
+        return np.asarray(frame, dtype=np.uint8)
+    if isinstance(frame, np.ndarray):
+        return frame
+    raise ValueError(
+        f"video frames must be PIL images or numpy arrays, got {type(frame).__name__}"
+    )
+
+
+def _normalized(clip: np.ndarray) -> np.ndarray:
+    """(frames, height, width, 3) in [-1, 1], float32, as diffusers' ``VideoProcessor.preprocess_video``
+    makes it: ``2x - 1`` of values in [0, 1], computed in the array's own float type."""
+    if clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(
+            f"a video must be (frames, height, width, 3) RGB frames, got the shape {clip.shape}"
+        )
+    if clip.shape[0] == 0:
+        raise ValueError("the video has no frames: give at least one")
+    if clip.dtype == np.uint8:
+        # As PIL images are read (pil_to_numpy): v / 255 in float32, then 2x - 1.
+        # (diffusers leaves uint8 numpy arrays unscaled; t2v reads them as 8-bit pixels.)
+        scaled = clip.astype(np.float32) / np.float32(255.0)
+        return np.ascontiguousarray(np.float32(2.0) * scaled - np.float32(1.0))
+    if not np.issubdtype(clip.dtype, np.floating):
+        raise ValueError(f"video values must be floats in [0, 1] or uint8, got {clip.dtype}")
+    if clip.min() < 0:
+        warnings.warn(
+            "Passing `video` with values in [-1, 1] is deprecated (as in diffusers): the expected range is "
+            f"[0, 1]; these values, in [{clip.min()}, {clip.max()}], are used as they are",
+            FutureWarning,
+            stacklevel=4,
+        )
+        return np.ascontiguousarray(clip, dtype=np.float32)
+    return np.ascontiguousarray(clip.dtype.type(2.0) * clip - clip.dtype.type(1.0), dtype=np.float32)
+
+
+def _video_inputs(video: Any) -> List[np.ndarray]:
+    """The videos of a call, each (frames, height, width, 3) float32 in [-1, 1]; the forms
+    diffusers' ``VideoProcessor.preprocess_video`` takes."""
+    if video is None:
+        raise ValueError("give the video to re-render: video=[frames] (PIL images or numpy arrays)")
+    if _is_torch(video) or (isinstance(video, (list, tuple)) and video and _is_torch(video[0])):
+        # torch's layouts: (frames, 3, H, W) and (videos, frames, 3, H, W), channels before the sides.
+        tensors = list(video) if isinstance(video, (list, tuple)) else [video]
+        arrays = [np.asarray(t.detach().cpu().float().numpy()) for t in tensors]
+        if len(arrays) == 1 and arrays[0].ndim == 5:
+            arrays = list(arrays[0])
+        for a in arrays:
+            if a.ndim != 4:
+                raise ValueError(f"a video tensor must be (frames, 3, height, width), got the shape {a.shape}")
+            if a.shape[1] == 4:
+                raise NotImplementedError("t2v does not take latents as the video: give the frames")
+        return [_normalized(np.moveaxis(a, 1, -1)) for a in arrays]
+    if isinstance(video, np.ndarray):
+        if video.ndim == 5:
+            return [_normalized(v) for v in video]
+        if video.ndim == 3:
+            return [_normalized(video[None])]
+        return [_normalized(video)]
+    if _is_pil(video):
+        return [_normalized(_frame_array(video)[None])]
+    if isinstance(video, (list, tuple)):
+        if len(video) == 0:
+            raise ValueError("the video has no frames: give at least one")
+        if isinstance(video[0], (list, tuple)):
+            return [_video_inputs(list(v))[0] for v in video]
+        if isinstance(video[0], np.ndarray) and video[0].ndim == 4:
+            return [_normalized(v) for v in video]
+        frames = [_frame_array(f) for f in video]
+        shapes = {f.shape for f in frames}
+        if len(shapes) > 1:
+            raise ValueError(f"all frames of a video must have one size, got the shapes {sorted(shapes)}")
+        if len({f.dtype for f in frames}) > 1:
+            raise ValueError("all frames of a video must have one type (uint8, or floats in [0, 1])")
+        if frames[0].ndim != 3:
+            raise ValueError(f"a frame must be (height, width, 3) RGB, got the shape {frames[0].shape}")
+        return [_normalized(np.stack(frames))]
+    raise ValueError(
+        f"video must be a list of PIL images or numpy frames, or a numpy array, not {type(video).__name__}"
+    )
 
 
 def _to_pil(frames: np.ndarray) -> List[List[Any]]:
@@ -638,5 +952,10 @@ TextToVideoMSPipeline = TextToVideoSDPipeline
 
 
 class DiffusionPipeline(TextToVideoSDPipeline):
-    """diffusers' generic loader: ``DiffusionPipeline.from_pretrained(path)`` gives a
-    :class:`TextToVideoSDPipeline` (the only pipeline t2v runs)."""
+    """diffusers' generic loader: ``DiffusionPipeline.from_pretrained(path)`` gives the pipeline
+    the checkpoint names: a :class:`VideoToVideoSDPipeline` for a ``VideoToVideoSDPipeline``
+    checkpoint, else a :class:`TextToVideoSDPipeline`."""
+
+    @classmethod
+    def _loads_as(cls, pipeline_class: str) -> type:
+        return VideoToVideoSDPipeline if pipeline_class == "VideoToVideoSDPipeline" else TextToVideoSDPipeline

@@ -1,12 +1,13 @@
 """Writing frames to video files, as diffusers' ``diffusers.utils.export_to_video`` /
-``export_to_gif``, with t2v's encoders: the MP4 is the command line's H.264."""
+``export_to_gif``, with t2v's encoders: the MP4 is the command line's H.264; and reading them, as
+``diffusers.utils.load_video``, with t2v's decoders."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 
@@ -140,3 +141,37 @@ def _qp(value: Any) -> int:
     if isinstance(value, bool) or int(value) != value or not _t2v.MIN_QP <= value <= _t2v.MAX_QP:
         raise ValueError(f"qp must be a whole number from {_t2v.MIN_QP} (best) to {_t2v.MAX_QP}, got {value!r}")
     return int(value)
+
+
+def load_video(
+    video: PathLike,
+    convert_method: Optional[Callable[[List[Any]], List[Any]]] = None,
+) -> List[Any]:
+    """Reads a video's frames as PIL images (diffusers' ``load_video``), with the readers of the
+    t2v command line: an MP4 (H.264), a GIF, a ``.npy`` array (F, H, W, 3), or a folder of PNG or
+    JPEG frames. At most the first 64 frames are read (with a warning when there are more), as the
+    command line does. Needs Pillow.
+
+    Args:
+        video: the path of the file or folder (URLs are not fetched: download the file first).
+        convert_method: applied to the list of images before it is returned (diffusers' option).
+
+    Returns:
+        The frames as RGB ``PIL.Image.Image``, in order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a file that is not a video t2v reads, or a corrupt one.
+    """
+    path = os.fspath(video)
+    if path.startswith(("http://", "https://")):
+        raise ValueError(f"t2v does not download videos: fetch {path} first and pass the file's path")
+    try:
+        import PIL.Image
+    except ImportError:
+        raise ImportError("load_video needs Pillow: pip install pillow") from None
+    frames, notes = _t2v.read_video(path)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    images = [PIL.Image.fromarray(frame) for frame in frames]
+    return convert_method(images) if convert_method is not None else images

@@ -123,13 +123,26 @@ impl TextToVideo {
         strength: f64,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
+        self.denoise_video_with_scheduler(params, &self.scheduler_config, video, strength, on_step)
+    }
+
+    /// [`TextToVideo::denoise_video`] with the scheduler built from `scheduler_config` (see
+    /// [`TextToVideo::generate_with_scheduler`]).
+    pub fn denoise_video_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
+        video: &Tensor,
+        strength: f64,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<(Tensor, Timings)> {
         let begin = self.validate_video_to_video(params, video.dims(), strength)?;
         let started = Instant::now();
         let context = self.guidance_context(params)?;
         let text_encoding = started.elapsed();
 
         let started = Instant::now();
-        let mut scheduler = self.scheduler(params, &self.scheduler_config)?;
+        let mut scheduler = self.scheduler(params, scheduler_config)?;
         let timesteps = scheduler.timesteps()[begin..].to_vec();
         scheduler.set_begin_index(begin);
         let mut generator = TorchGenerator::new(params.seed);
