@@ -52,8 +52,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         let r = &report;
         println!(
-            "{} frames of {}x{} on the {}, {} threads, {:.0}M parameters",
-            r.frames, r.width, r.height, r.device, r.threads, r.params_m
+            "{} frames of {}x{} on the {} ({} kernels), {} threads, {:.0}M parameters",
+            r.frames, r.width, r.height, r.device, r.isa, r.threads, r.params_m
         );
         println!("text_encode_s      {:.3}", r.text_encode_s);
         println!(

@@ -44,6 +44,8 @@ impl Default for BenchOptions {
 pub struct BenchReport {
     /// `cpu`, or the GPU's kind (`cuda`, `metal`).
     pub device: String,
+    /// The CPU kernels' instruction-set path (`avx512`, `avx2`, `generic`; `generic` off the CPU).
+    pub isa: String,
     pub frames: usize,
     pub height: usize,
     pub width: usize,
@@ -176,6 +178,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             Device::Cuda(_) => "cuda".into(),
             Device::Metal(_) => "metal".into(),
         },
+        isa: if device.is_cpu() { crate::kernels::isa() } else { crate::kernels::Isa::Generic }.to_string(),
         frames: opts.frames,
         height: opts.height,
         width: opts.width,

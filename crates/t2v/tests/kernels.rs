@@ -149,11 +149,16 @@ fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f6
 fn packed_matmul_matches_float64_on_ragged_shapes() {
     use t2v::kernels::packed_matmul::{self, Init, PackedB};
     use t2v::kernels::Src;
+    use t2v::kernels::{set_isa, Isa};
     if !t2v::kernels::avx2() {
-        eprintln!("no AVX2/FMA: the packed matrix product is not used on this CPU");
+        eprintln!("SKIPPED: no AVX2/FMA: the packed matrix product is not used on this CPU");
         return;
     }
     let dev = Device::Cpu;
+    // Every vectorised path this CPU runs (the switch is process-wide: the other tests of this
+    // binary are right on any path).
+    let paths: Vec<Isa> = Isa::available().into_iter().filter(|&i| i != Isa::Generic).collect();
+    let asked = t2v::kernels::isa();
     // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block, and a
     // product big enough to be split across threads.
     for (m, n, k) in [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96)] {
@@ -173,12 +178,39 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
         ];
         for (what, src, w_used, init, init64) in cases {
             let packed = PackedB::from_transposed(src, n, k, true);
-            let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
-            unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
             let expected = reference_gemm(&a, w_used, m, n, k, &init64);
             let scale = expected.iter().fold(1.0f64, |s, v| s.max(v.abs()));
-            let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
-            assert!(err < 1e-6, "{what} {m}x{n}x{k}: {err:.2e}");
+            for &path in &paths {
+                set_isa(path).unwrap();
+                let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
+                unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
+                let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
+                assert!(err < 1e-6, "{path}: {what} {m}x{n}x{k}: {err:.2e}");
+            }
+        }
+    }
+    set_isa(asked).unwrap();
+}
+
+#[test]
+fn instruction_set_names() {
+    use t2v::kernels::{Isa, IsaError};
+    assert_eq!("AVX2".parse::<Isa>(), Ok(Isa::Avx2));
+    assert_eq!(" avx512 ".parse::<Isa>(), Ok(Isa::Avx512));
+    assert_eq!("generic".parse::<Isa>(), Ok(Isa::Generic));
+    for isa in Isa::ALL {
+        assert_eq!(isa.to_string().parse::<Isa>(), Ok(isa));
+    }
+    let err = "sse2".parse::<Isa>().unwrap_err();
+    assert_eq!(err, IsaError::Unknown("sse2".into()));
+    assert!(err.to_string().contains("auto, avx512, avx2 or generic"), "{err}");
+    assert_eq!(Isa::parse_available("auto"), Ok(Isa::best()));
+    assert!(Isa::Generic.is_available());
+    for isa in Isa::ALL {
+        if !isa.is_available() {
+            let e = Isa::parse_available(isa.name()).unwrap_err();
+            assert!(e.to_string().contains("cannot run"), "{e}");
+            assert!(t2v::kernels::set_isa(isa).is_err());
         }
     }
 }

@@ -74,3 +74,16 @@ fn guided_step_shares_the_latents_prefix_exactly() {
     let err = rel_err(&shared, &batched);
     assert!(err < 1e-6, "{err:.2e}");
 }
+
+/// The suite runs once per instruction-set path (`T2V_ISA=avx2 cargo test ...` in CI on an
+/// AVX-512 machine): the path asked for must be the one taken, or the run would test another.
+#[test]
+fn the_path_asked_for_is_the_path_taken() {
+    use t2v::kernels::{isa, Isa};
+    match Isa::from_env() {
+        Ok(Some(asked)) => assert_eq!(isa(), asked, "T2V_ISA asked for {asked}"),
+        Ok(None) => assert_eq!(isa(), Isa::best()),
+        Err(e) => panic!("T2V_ISA: {e}"),
+    }
+    eprintln!("kernels on the {} path", isa());
+}

@@ -104,7 +104,7 @@ impl MultiHeadAttention {
             }
             let kv = (b / dm.repeat) * s * hd + h * d;
             let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
-            let values = PackedB::from_rows(&v[kv..], s, d, hd);
+            let values = PackedB::from_rows(&v[kv..], s, d, hd, false);
             // each block's scores are written by the first GEMM before the softmax reads them
             let mut scores = super::output_buffer(rows_per_block.min(r1 - r0) * s);
             let mut r = r0;

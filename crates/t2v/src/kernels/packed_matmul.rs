@@ -89,16 +89,24 @@ impl PackedB {
         PackedB { data, k, n }
     }
 
-    /// B as a row-major k×n matrix whose rows are `row_stride` floats apart (attention's values).
-    pub fn from_rows(b: &[f32], k: usize, n: usize, row_stride: usize) -> PackedB {
+    /// B as a row-major k×n matrix whose rows are `row_stride` floats apart (attention's values,
+    /// the activations of convolutions that are matrix products). Panels are packed in parallel
+    /// when `parallel`.
+    pub fn from_rows(b: &[f32], k: usize, n: usize, row_stride: usize, parallel: bool) -> PackedB {
+        assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
-        for (p, dst) in data.chunks_mut(k * NR).enumerate() {
+        let pack = |(p, dst): (usize, &mut [f32])| {
             let cols = NR.min(n - p * NR);
             for kk in 0..k {
                 let src = &b[kk * row_stride + p * NR..kk * row_stride + p * NR + cols];
                 dst[kk * NR..kk * NR + cols].copy_from_slice(src);
             }
+        };
+        if parallel && panels > 1 && n * k >= 1 << 16 {
+            data.par_chunks_mut(k * NR).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(k * NR).enumerate().for_each(pack);
         }
         PackedB { data, k, n }
     }
@@ -406,10 +414,10 @@ unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c
                         let full = rows == ra * MR && cols == nb * NR;
                         let (dst, ld, add) = if full { (cp, ldc, acc) } else { (tile.as_mut_ptr(), 2 * NR, false) };
                         match (ra, nb) {
-                            (2, 2) => tile_avx512::<2, 2>(kl, ap, bp, dst, ld, add, bias_ptr),
-                            (2, _) => tile_avx512::<2, 1>(kl, ap, bp, dst, ld, add, bias_ptr),
-                            (_, 2) => tile_avx512::<1, 2>(kl, ap, bp, dst, ld, add, bias_ptr),
-                            _ => tile_avx512::<1, 1>(kl, ap, bp, dst, ld, add, bias_ptr),
+                            (2, 2) => tile_avx512::<2, 2>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
+                            (2, _) => tile_avx512::<2, 1>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
+                            (_, 2) => tile_avx512::<1, 2>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
+                            _ => tile_avx512::<1, 1>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
                         }
                         if !full {
                             for r in 0..rows {
@@ -434,18 +442,21 @@ unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c
 /// The AVX-512 micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns,
 /// `c[r][..] = start + Σ_kk a[kk][r] · b[kk][..]` with A in `RA` micro-panels `[kk][MR]` and B in
 /// `NB` panels `[kk][NR]`; `start` is c's own value (`acc`), `bias` (NB·16 per-column values) or
-/// zero. The per-element sums run in k order, as the AVX2 kernel's.
+/// zero. Rows of c are `ldc` apart, its column panels `cjs` (16 in a plain row-major c). The
+/// per-element sums run in k order, as the AVX2 kernel's.
 ///
 /// # Safety
-/// AVX-512F present; `a[..RA]` hold k·6 floats, `b[..NB]` k·16, c `RA`·6 rows of `NB`·16.
+/// AVX-512F present; `a[..RA]` hold k·6 floats, `b[..NB]` k·16, c `RA`·6 rows of `NB` panels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tile_avx512<const RA: usize, const NB: usize>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_avx512<const RA: usize, const NB: usize>(
     k: usize,
     a: [*const f32; 2],
     b: [*const f32; 2],
     c: *mut f32,
     ldc: usize,
+    cjs: usize,
     acc: bool,
     bias: *const f32,
 ) {
@@ -473,7 +484,7 @@ unsafe fn tile_avx512<const RA: usize, const NB: usize>(
     }
     for (r, row) in sums.iter().enumerate().take(RA * MR) {
         for (j, v) in row.iter().enumerate().take(NB) {
-            let p = c.add(r * ldc + j * NR);
+            let p = c.add(r * ldc + j * cjs);
             if acc {
                 _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
             } else {

@@ -1,5 +1,7 @@
 //! The convolutions that are matrix products, run by the `gemm` crate (candle's own matmul
-//! backend, which takes strided operands: the frame-shifted views below need no copy):
+//! backend, which takes strided operands: the frame-shifted views below need no copy), or on the
+//! AVX-512 path by our packed product ([`packed_matmul`]: the `gemm` crate's AVX-512 kernels need
+//! a feature that would also take them on the AVX2 path):
 //!
 //! * 1×1 convolutions: one product per image.
 //! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
@@ -9,6 +11,7 @@
 use rayon::prelude::*;
 
 use super::g3to6;
+use crate::kernels::packed_matmul::{self, Init, PackedB};
 use crate::kernels::{threads, SendPtr, Src};
 
 /// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
@@ -28,6 +31,9 @@ unsafe fn sgemm(
     rhs_rs: usize,
     par: gemm::Parallelism,
 ) {
+    if crate::kernels::avx512() {
+        return sgemm_packed(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, par);
+    }
     gemm::gemm(
         m,
         n,
@@ -49,6 +55,44 @@ unsafe fn sgemm(
         false,
         par,
     )
+}
+
+/// [`sgemm`] through the packed product: B (the activations) packed, A (the weights) made
+/// row-major where it is strided (the temporal taps), the products added to `dst` or written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallel = !matches!(par, gemm::Parallelism::None);
+    let a_rows: Vec<f32>;
+    let (a, lda) = if lhs_cs == 1 {
+        (lhs, lhs_rs)
+    } else {
+        a_rows = (0..m * k).map(|i| *lhs.add((i / k) * lhs_rs + (i % k) * lhs_cs)).collect();
+        (a_rows.as_ptr(), k)
+    };
+    let b = std::slice::from_raw_parts(rhs, if k == 0 { 0 } else { (k - 1) * rhs_rs + n });
+    let packed = PackedB::from_rows(b, k, n, rhs_rs, parallel);
+    let init = if accumulate { Init::Accumulate } else { Init::Overwrite };
+    if parallel {
+        packed_matmul::matmul(m, a, lda, &packed, dst, dst_rs, init)
+    } else {
+        packed_matmul::matmul_rows(m, a, lda, &packed, dst, dst_rs, init)
+    }
 }
 
 fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {

@@ -428,6 +428,49 @@ unsafe fn transform_store(d: &[[__m256; 6]; 6], dst: *mut f32, stride_xi: usize)
 
 // ----- GEMM over the 36 planes + output transform -----------------------------------------
 
+/// The products of one ξ plane and channel block in AVX-512 tiles of up to 12×32: pairs of
+/// output-channel panels (`up`: np panels of kl·MR) against pairs of tile groups (V's panels for
+/// groups s0.. of this plane), into the `m` scratch as [`task_gemm`] lays it out.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_plane_avx512(
+    up: *const f32,
+    kl: usize,
+    np: usize,
+    v: *const f32,
+    s0: usize,
+    sg: usize,
+    xi: usize,
+    cin: usize,
+    kb: usize,
+    m: *mut f32,
+    mc: usize,
+    acc: bool,
+) {
+    let vp = |s: usize| v.add((((s0 + s) * 36 + xi) * cin + kb) * NR) as *const f32;
+    let (ldc, cjs) = (36 * NR, mc * 36 * NR);
+    let mut p = 0;
+    while p < np {
+        let ra = 2.min(np - p);
+        let a = [up.add(p * kl * MR), up.add((p + ra - 1) * kl * MR)];
+        let mut s = 0;
+        while s < sg {
+            let nb = 2.min(sg - s);
+            let b = [vp(s), vp(s + nb - 1)];
+            let c = m.add(((s * mc + p * MR) * 36 + xi) * NR);
+            let none = std::ptr::null();
+            match (ra, nb) {
+                (2, 2) => packed_matmul::tile_avx512::<2, 2>(kl, a, b, c, ldc, cjs, acc, none),
+                (2, _) => packed_matmul::tile_avx512::<2, 1>(kl, a, b, c, ldc, cjs, acc, none),
+                (_, 2) => packed_matmul::tile_avx512::<1, 2>(kl, a, b, c, ldc, cjs, acc, none),
+                _ => packed_matmul::tile_avx512::<1, 1>(kl, a, b, c, ldc, cjs, acc, none),
+            }
+            s += nb;
+        }
+        p += ra;
+    }
+}
+
 /// One task: output channels [co0, co0 + np·MR) × all tiles of the chunk.
 /// `m` scratch layout: `[s in SG][co_local][ξ][NR]`.
 #[target_feature(enable = "avx2,fma")]
@@ -454,12 +497,16 @@ unsafe fn task_gemm(
             let mut kb = 0;
             while kb < cin {
                 let kl = KC.min(cin - kb);
-                for p in 0..np {
-                    let up = u.add(xi * uxs + kb * np * MR + p * kl * MR);
-                    for s in 0..sg {
-                        let vp = v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
-                        let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-                        packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
+                if super::super::avx512() {
+                    gemm_plane_avx512(u.add(xi * uxs + kb * np * MR), kl, np, v, s0, sg, xi, cin, kb, m, mc, kb > 0);
+                } else {
+                    for p in 0..np {
+                        let up = u.add(xi * uxs + kb * np * MR + p * kl * MR);
+                        for s in 0..sg {
+                            let vp = v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
+                            let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
+                            packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
+                        }
                     }
                 }
                 kb += kl;
