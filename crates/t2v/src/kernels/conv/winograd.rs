@@ -447,7 +447,7 @@ unsafe fn gemm_plane_avx512(
     mc: usize,
     acc: bool,
 ) {
-    let vp = |s: usize| v.add((((s0 + s) * 36 + xi) * cin + kb) * NR) as *const f32;
+    let vp = |s: usize| v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
     let (ldc, cjs) = (36 * NR, mc * 36 * NR);
     let mut p = 0;
     while p < np {
