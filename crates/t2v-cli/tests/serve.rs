@@ -6,6 +6,7 @@
 
 #[path = "../../t2v/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
+use support::{agent, wait_for};
 use tempfile::TempDir;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -28,18 +30,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn tiny_model() -> PathBuf {
     common::model_dir("tiny-t2v")
-}
-
-/// Polls `f` every 50 ms until it gives a value; panics after `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------- HTTP ----------
@@ -64,10 +54,6 @@ impl Reply {
         assert!(e["type"].as_str().is_some(), "error without a type: {v}");
         e["param"].as_str().map(str::to_string)
     }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(120)).build()
 }
 
 fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<(&str, &[u8])>) -> Reply {

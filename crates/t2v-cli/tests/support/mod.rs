@@ -1,10 +1,12 @@
-//! Helpers shared by the command line's tests: running the binary, temporary folders, `.npy` files.
+//! Helpers shared by the command line's tests: running the binary, temporary folders, `.npy` files,
+//! polling and an HTTP client for the servers.
 #![allow(dead_code)]
 
 pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -41,4 +43,21 @@ pub fn read_npy(path: &Path) -> Tensor {
     let data: Vec<f32> =
         bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Polls `f` every 50 ms until it gives a value; panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP client for the servers the tests start (bounded connect and request times).
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(120)).build()
 }

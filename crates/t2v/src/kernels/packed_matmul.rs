@@ -277,105 +277,60 @@ thread_local! {
     static A_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread, with the
-/// AVX-512 micro-kernels when that path runs ([`super::avx512`]), the AVX2 ones otherwise.
+/// Depth of a packed block on the AVX-512 path: two B micro-panels (2·KC·NR floats, 32 KiB) are
+/// read together and stay in a 48 KiB L1.
+#[cfg(target_arch = "x86_64")]
+const KC512: usize = 256;
+
+/// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread.
+///
+/// On the AVX-512 path ([`super::avx512`]) the tiles are up to 12×32: two A micro-panels ([`MR`]
+/// rows each) against two B panels ([`NR`] columns each), 24 accumulators, so each 512-bit load of
+/// B feeds 12 FMAs (the 6×16 AVX2 tile feeds 6 per 256-bit load); the ragged edges take the
+/// smaller tiles of the same kernel. Otherwise the 6×16 AVX2 micro-kernel.
 ///
 /// # Safety
 /// [`avx2`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     if super::avx512() {
-        matmul_rows_avx512(m, a, lda, b, c, ldc, init)
+        blocked(m, a, lda, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
+            tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
+        })
     } else {
-        matmul_rows_avx2(m, a, lda, b, c, ldc, init)
+        blocked(m, a, lda, b, c, ldc, init, KC, 1, |kl, ap, _, bp, _, dst, ld, acc, bias| {
+            kernel_6x16(kl, ap[0], bp[0], dst, ld, acc, bias)
+        })
     }
 }
 
-/// [`matmul_rows`] with the 6×16 AVX2 micro-kernel.
+/// The Goto/BLIS blocking around a micro-kernel whose tiles are up to `step` A micro-panels ×
+/// `step` B panels: `tile(kl, a panels, how many, b panels, how many, c, ldc, accumulate, bias)`
+/// computes one tile of (a panels·[`MR`]) rows × (b panels·[`NR`]) columns; ragged edges go
+/// through a scratch tile and are copied out.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn matmul_rows_avx2(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    kc_max: usize,
+    step: usize,
+    tile: impl Fn(usize, [*const f32; 2], usize, [*const f32; 2], usize, *mut f32, usize, bool, *const f32),
+) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
     }
     let panels = n.div_ceil(NR);
-    let nkb = k.div_ceil(KC).max(1);
+    let nkb = k.div_ceil(kc_max).max(1);
     let kc = k.div_ceil(nkb);
-    let mut tile = [0f32; MR * NR];
-    let mut bias16 = [0f32; NR];
-    A_PACK.with(|ap| {
-        let mut apack = ap.borrow_mut();
-        let need = MC.div_ceil(MR) * MR * kc;
-        if apack.len() < need {
-            apack.resize(need, 0.0);
-        }
-        let apack = apack.as_mut_ptr();
-        let mut i0 = 0;
-        while i0 < m {
-            let mc = MC.min(m - i0);
-            let nir = mc.div_ceil(MR);
-            let mut k0 = 0;
-            for kb in 0..nkb {
-                let kl = kc.min(k - k0);
-                pack_a(a, lda, i0, mc, k0, kl, apack);
-                let acc = kb > 0 || matches!(init, Init::Accumulate);
-                for jr in 0..panels {
-                    let bp = b.data.as_ptr().add((jr * k + k0) * NR);
-                    let cols = NR.min(n - jr * NR);
-                    let bias_ptr = match init {
-                        Init::Bias(bias) if kb == 0 => {
-                            bias16[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
-                            bias16.as_ptr()
-                        }
-                        _ => std::ptr::null(),
-                    };
-                    for ir in 0..nir {
-                        let apanel = apack.add(ir * kl * MR);
-                        let rows = MR.min(mc - ir * MR);
-                        let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
-                        if rows == MR && cols == NR {
-                            kernel_6x16(kl, apanel, bp, cp, ldc, acc, bias_ptr);
-                        } else {
-                            kernel_6x16(kl, apanel, bp, tile.as_mut_ptr(), NR, false, bias_ptr);
-                            for r in 0..rows {
-                                for cc in 0..cols {
-                                    let d = cp.add(r * ldc + cc);
-                                    let v = tile[r * NR + cc];
-                                    *d = if acc { *d + v } else { v };
-                                }
-                            }
-                        }
-                    }
-                }
-                k0 += kl;
-            }
-            i0 += mc;
-        }
-    });
-}
-
-/// Depth of a packed block on the AVX-512 path: two B micro-panels (2·KC·NR floats, 32 KiB) are
-/// read together and stay in a 48 KiB L1.
-#[cfg(target_arch = "x86_64")]
-const KC512: usize = 256;
-
-/// [`matmul_rows`] with AVX-512 micro-kernels of up to 12×32: two A micro-panels ([`MR`] rows
-/// each) against two B panels ([`NR`] columns each), 24 accumulators, so each 512-bit load of B
-/// feeds 12 FMAs (the 6×16 AVX2 tile feeds 6 per 256-bit load). Same packing and blocking as the
-/// AVX2 path; the ragged edges take the smaller tiles of the same kernel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let panels = n.div_ceil(NR);
-    let nkb = k.div_ceil(KC512).max(1);
-    let kc = k.div_ceil(nkb);
-    let mut tile = [0f32; 2 * MR * 2 * NR];
-    let mut bias32 = [0f32; 2 * NR];
+    let mut scratch = [0f32; 2 * MR * 2 * NR];
+    let mut bias_tile = [0f32; 2 * NR];
     A_PACK.with(|ap| {
         let mut apack = ap.borrow_mut();
         let need = MC.div_ceil(MR) * MR * kc;
@@ -394,36 +349,32 @@ unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c
                 let acc = kb > 0 || matches!(init, Init::Accumulate);
                 let mut jr = 0;
                 while jr < panels {
-                    let nb = 2.min(panels - jr);
+                    let nb = step.min(panels - jr);
                     let bp =
                         [b.data.as_ptr().add((jr * k + k0) * NR), b.data.as_ptr().add(((jr + nb - 1) * k + k0) * NR)];
                     let cols = (nb * NR).min(n - jr * NR);
                     let bias_ptr = match init {
                         Init::Bias(bias) if kb == 0 => {
-                            bias32[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
-                            bias32.as_ptr()
+                            bias_tile[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
+                            bias_tile.as_ptr()
                         }
                         _ => std::ptr::null(),
                     };
                     let mut ir = 0;
                     while ir < nir {
-                        let ra = 2.min(nir - ir);
+                        let ra = step.min(nir - ir);
                         let ap = [apack.add(ir * kl * MR) as *const f32, apack.add((ir + ra - 1) * kl * MR)];
                         let rows = (ra * MR).min(mc - ir * MR);
                         let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
-                        let full = rows == ra * MR && cols == nb * NR;
-                        let (dst, ld, add) = if full { (cp, ldc, acc) } else { (tile.as_mut_ptr(), 2 * NR, false) };
-                        match (ra, nb) {
-                            (2, 2) => tile_avx512::<2, 2>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
-                            (2, _) => tile_avx512::<2, 1>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
-                            (_, 2) => tile_avx512::<1, 2>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
-                            _ => tile_avx512::<1, 1>(kl, ap, bp, dst, ld, NR, add, bias_ptr),
-                        }
-                        if !full {
+                        if rows == ra * MR && cols == nb * NR {
+                            tile(kl, ap, ra, bp, nb, cp, ldc, acc, bias_ptr);
+                        } else {
+                            let ld = nb * NR;
+                            tile(kl, ap, ra, bp, nb, scratch.as_mut_ptr(), ld, false, bias_ptr);
                             for r in 0..rows {
                                 for cc in 0..cols {
                                     let d = cp.add(r * ldc + cc);
-                                    let v = tile[r * 2 * NR + cc];
+                                    let v = scratch[r * ld + cc];
                                     *d = if acc { *d + v } else { v };
                                 }
                             }
@@ -439,6 +390,32 @@ unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c
     });
 }
 
+/// [`tile_avx512`] for `ra` A micro-panels and `nb` B panels (1 or 2 each) known at run time.
+///
+/// # Safety
+/// As [`tile_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_avx512_of(
+    ra: usize,
+    nb: usize,
+    k: usize,
+    a: [*const f32; 2],
+    b: [*const f32; 2],
+    c: *mut f32,
+    ldc: usize,
+    cjs: usize,
+    acc: bool,
+    bias: *const f32,
+) {
+    match (ra, nb) {
+        (2, 2) => tile_avx512::<2, 2>(k, a, b, c, ldc, cjs, acc, bias),
+        (2, _) => tile_avx512::<2, 1>(k, a, b, c, ldc, cjs, acc, bias),
+        (_, 2) => tile_avx512::<1, 2>(k, a, b, c, ldc, cjs, acc, bias),
+        _ => tile_avx512::<1, 1>(k, a, b, c, ldc, cjs, acc, bias),
+    }
+}
+
 /// The AVX-512 micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns,
 /// `c[r][..] = start + Σ_kk a[kk][r] · b[kk][..]` with A in `RA` micro-panels `[kk][MR]` and B in
 /// `NB` panels `[kk][NR]`; `start` is c's own value (`acc`), `bias` (NB·16 per-column values) or
@@ -450,7 +427,7 @@ unsafe fn matmul_rows_avx512(m: usize, a: *const f32, lda: usize, b: &PackedB, c
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_avx512<const RA: usize, const NB: usize>(
+unsafe fn tile_avx512<const RA: usize, const NB: usize>(
     k: usize,
     a: [*const f32; 2],
     b: [*const f32; 2],

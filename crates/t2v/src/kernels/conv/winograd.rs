@@ -431,7 +431,6 @@ unsafe fn transform_store(d: &[[__m256; 6]; 6], dst: *mut f32, stride_xi: usize)
 /// The products of one ξ plane and channel block in AVX-512 tiles of up to 12×32: pairs of
 /// output-channel panels (`up`: np panels of kl·MR) against pairs of tile groups (V's panels for
 /// groups s0.. of this plane), into the `m` scratch as [`task_gemm`] lays it out.
-#[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_plane_avx512(
     up: *const f32,
@@ -458,13 +457,7 @@ unsafe fn gemm_plane_avx512(
             let nb = 2.min(sg - s);
             let b = [vp(s), vp(s + nb - 1)];
             let c = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-            let none = std::ptr::null();
-            match (ra, nb) {
-                (2, 2) => packed_matmul::tile_avx512::<2, 2>(kl, a, b, c, ldc, cjs, acc, none),
-                (2, _) => packed_matmul::tile_avx512::<2, 1>(kl, a, b, c, ldc, cjs, acc, none),
-                (_, 2) => packed_matmul::tile_avx512::<1, 2>(kl, a, b, c, ldc, cjs, acc, none),
-                _ => packed_matmul::tile_avx512::<1, 1>(kl, a, b, c, ldc, cjs, acc, none),
-            }
+            packed_matmul::tile_avx512_of(ra, nb, kl, a, b, c, ldc, cjs, acc, std::ptr::null());
             s += nb;
         }
         p += ra;
