@@ -22,7 +22,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeFile;
 
 use crate::error::ApiError;
-use crate::events::JobEvent;
+use crate::events::{JobEvent, Stamped};
 use crate::request::{self, Fields};
 use crate::store::{Job, JobStatus, Order};
 use crate::worker::{input_path, remove_files, thumbnail_path, video_path};
@@ -539,16 +539,16 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
     let job = find(&s, &id).await?;
     let mut stop = s.shutdown.subscribe();
     let stream = async_stream::stream! {
-        // The latest step replayed or sent, per event name: what the subscription also
-        // delivered is not sent twice.
-        let mut seen: HashMap<&'static str, Option<u64>> = HashMap::new();
+        // The stamp of the newest event replayed: what the subscription delivered up to it is
+        // already told (the replay is the state after it).
+        let mut replayed = 0;
         match job.status {
             JobStatus::Completed => { yield Ok(Event::default().event("completed").data(video_object(&job, &s.model).to_string())); return; }
             JobStatus::Failed => { yield Ok(Event::default().event("failed").data(video_object(&job, &s.model).to_string())); return; }
             JobStatus::Queued => yield Ok(queued_event(&job, &s.model)),
             JobStatus::InProgress => for e in s.hub.live(Some(&id)) {
-                seen.insert(e.name, step_of(&e));
-                yield Ok(e.to_sse())
+                replayed = replayed.max(e.seq);
+                yield Ok(e.event.to_sse())
             },
         }
         let mut position = job.queue_position;
@@ -559,20 +559,14 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
                 r = rx.recv() => r,
             };
             match received {
-                Ok(e) if e.id == id => {
-                    let step = step_of(&e);
-                    if e.name == "progress" && step == Some(0) {
-                        // Another attempt starts (its worker died): its steps count from 0 again.
-                        seen.clear();
-                    }
-                    if step.is_some() && seen.get(e.name).is_some_and(|&last| last >= step) {
+                Ok(Stamped { seq, event: e }) if e.id == id => {
+                    if seq <= replayed {
                         continue;
                     }
-                    seen.insert(e.name, step);
                     yield Ok(e.to_sse());
                     if e.is_last() { break; }
                 }
-                Ok(e) => {
+                Ok(Stamped { event: e, .. }) => {
                     if position.is_some_and(|p| p > 0) && e.moves_queue() {
                         if let Ok(Some(now)) = s.store.get(&id).await {
                             if now.status == JobStatus::Queued && now.queue_position != position {
@@ -601,10 +595,6 @@ async fn video_events(State(s): AppState, Path(id): Path<String>) -> Result<Resp
     Ok(sse(stream))
 }
 
-fn step_of(e: &JobEvent) -> Option<u64> {
-    e.data.get("step").and_then(Value::as_u64)
-}
-
 fn queued_event(job: &Job, model: &ModelInfo) -> Event {
     Event::default()
         .event("queued")
@@ -616,7 +606,13 @@ async fn all_events(State(s): AppState) -> Response {
     let mut rx = s.hub.subscribe();
     let mut stop = s.shutdown.subscribe();
     let stream = async_stream::stream! {
-        for e in s.hub.live(None) { yield Ok(e.to_sse()) }
+        // Events the subscription delivered from before the replayed state are not sent again.
+        let mut replayed: HashMap<String, u64> = HashMap::new();
+        for e in s.hub.live(None) {
+            let newest = replayed.entry(e.event.id.clone()).or_default();
+            *newest = (*newest).max(e.seq);
+            yield Ok(e.event.to_sse())
+        }
         loop {
             if *stop.borrow() { break; }
             let received = tokio::select! {
@@ -624,7 +620,8 @@ async fn all_events(State(s): AppState) -> Response {
                 r = rx.recv() => r,
             };
             match received {
-                Ok(e) => yield Ok(e.to_sse()),
+                Ok(e) if replayed.get(&e.event.id).is_some_and(|&newest| e.seq <= newest) => {}
+                Ok(e) => yield Ok(e.event.to_sse()),
                 // The page reloads its list when told it missed events.
                 Err(RecvError::Lagged(n)) => yield Ok(Event::default().event("lagged").data(json!({"missed": n}).to_string())),
                 Err(RecvError::Closed) => break,
