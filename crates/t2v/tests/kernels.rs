@@ -147,7 +147,7 @@ fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f6
 
 #[test]
 fn packed_matmul_matches_float64_on_ragged_shapes() {
-    use t2v::kernels::packed_matmul::{self, Init, PackedB};
+    use t2v::kernels::packed_matmul::{self, Init, PackedA, PackedB};
     use t2v::kernels::Src;
     use t2v::kernels::{set_isa, Isa};
     if !t2v::kernels::avx2() {
@@ -161,7 +161,7 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
     let asked = t2v::kernels::isa();
     // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block, and a
     // product big enough to be split across threads.
-    for (m, n, k) in [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96)] {
+    for (m, n, k) in [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96), (400, 50, 700)] {
         let a = Tensor::randn(0f32, 1f32, (m, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let w = Tensor::randn(0f32, 1f32, (n, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bias = Tensor::randn(0f32, 1f32, n, &dev).unwrap().to_vec1::<f32>().unwrap();
@@ -178,14 +178,23 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
         ];
         for (what, src, w_used, init, init64) in cases {
             let packed = PackedB::from_transposed(src, n, k, true);
+            // A packed beforehand too (on all threads, and on the calling one)
+            let packed_a = PackedA::from_rows(&a, m, k, k);
             let expected = reference_gemm(&a, w_used, m, n, k, &init64);
             let scale = expected.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             for &path in &paths {
                 set_isa(path).unwrap();
-                let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
-                unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) };
-                let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
-                assert!(err < 1e-6, "{path}: {what} {m}x{n}x{k}: {err:.2e}");
+                for how in ["rows", "packed A", "packed A, one thread"] {
+                    let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
+                    match how {
+                        "rows" => unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) },
+                        _ => unsafe {
+                            packed_matmul::matmul_packed(&packed_a, &packed, c.as_mut_ptr(), n, init, how == "packed A")
+                        },
+                    }
+                    let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
+                    assert!(err < 1e-6, "{path}: {what} ({how}) {m}x{n}x{k}: {err:.2e}");
+                }
             }
         }
     }

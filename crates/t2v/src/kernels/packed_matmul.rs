@@ -112,6 +112,61 @@ impl PackedB {
     }
 }
 
+/// A packed whole into micro-panels of [`MR`] rows (`data[(panel·k + kk)·MR + r] =
+/// A[panel·MR + r][kk]`, rows past `m` zero), for an A used against many B: the temporal
+/// convolution's transformed weights, which would otherwise be packed again for every block of
+/// columns.
+pub struct PackedA {
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedA {
+    /// A as a row-major m×k matrix whose rows are `row_stride` floats apart.
+    pub fn from_rows(a: &[f32], m: usize, k: usize, row_stride: usize) -> PackedA {
+        assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
+        let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
+        for (p, dst) in data.chunks_mut((k * MR).max(1)).enumerate() {
+            for r in 0..MR.min(m - p * MR) {
+                let row = &a[(p * MR + r) * row_stride..][..k];
+                for (kk, &v) in row.iter().enumerate() {
+                    dst[kk * MR + r] = v;
+                }
+            }
+        }
+        PackedA { data, m, k }
+    }
+
+    /// An m×k A of zeros, to be written in place through [`PackedA::index`] and
+    /// [`PackedA::data_mut`] (by whoever computes A row by row in parallel).
+    pub fn zeroed(m: usize, k: usize) -> PackedA {
+        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], m, k }
+    }
+
+    /// Where A[row][kk] is in [`PackedA::data_mut`].
+    pub fn index(&self, row: usize, kk: usize) -> usize {
+        ((row / MR) * self.k + kk) * MR + row % MR
+    }
+
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+}
+
+/// Where the blocked product reads A: rows to pack block by block, or panels packed beforehand.
+#[derive(Clone, Copy)]
+enum Lhs {
+    /// Row-major rows `lda` floats apart.
+    Rows(*const f32, usize),
+    /// [`PackedA`]'s panels (of depth `k`), starting at a panel boundary.
+    Panels(*const f32, usize),
+}
+
 /// Packs 16 rows [r0, r0 + 16) of `w` (rows of k values, `stride` apart) as one panel
 /// `[k][16]`, 8×8 blocks at a time through register transposes.
 #[cfg(target_arch = "x86_64")]
@@ -293,12 +348,17 @@ const KC512: usize = 256;
 /// [`avx2`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    rows_of(m, Lhs::Rows(a, lda), b, c, ldc, init)
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     if super::avx512() {
-        blocked(m, a, lda, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
+        blocked(m, a, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
             tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
         })
     } else {
-        blocked(m, a, lda, b, c, ldc, init, KC, 1, |kl, ap, _, bp, _, dst, ld, acc, bias| {
+        blocked(m, a, b, c, ldc, init, KC, 1, |kl, ap, _, bp, _, dst, ld, acc, bias| {
             kernel_6x16(kl, ap[0], bp[0], dst, ld, acc, bias)
         })
     }
@@ -312,8 +372,7 @@ pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     m: usize,
-    a: *const f32,
-    lda: usize,
+    a: Lhs,
     b: &PackedB,
     c: *mut f32,
     ldc: usize,
@@ -345,7 +404,14 @@ unsafe fn blocked(
             let mut k0 = 0;
             for kb in 0..nkb {
                 let kl = kc.min(k - k0);
-                pack_a(a, lda, i0, mc, k0, kl, apack);
+                // the block's first micro-panel, and the distance between its micro-panels
+                let (apack, ap_stride) = match a {
+                    Lhs::Rows(a, lda) => {
+                        pack_a(a, lda, i0, mc, k0, kl, apack);
+                        (apack as *const f32, kl * MR)
+                    }
+                    Lhs::Panels(p, depth) => (p.add(i0 * depth + k0 * MR), depth * MR),
+                };
                 let acc = kb > 0 || matches!(init, Init::Accumulate);
                 let mut jr = 0;
                 while jr < panels {
@@ -363,7 +429,7 @@ unsafe fn blocked(
                     let mut ir = 0;
                     while ir < nir {
                         let ra = step.min(nir - ir);
-                        let ap = [apack.add(ir * kl * MR) as *const f32, apack.add((ir + ra - 1) * kl * MR)];
+                        let ap = [apack.add(ir * ap_stride), apack.add((ir + ra - 1) * ap_stride)];
                         let rows = (ra * MR).min(mc - ir * MR);
                         let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
                         if rows == ra * MR && cols == nb * NR {
@@ -478,18 +544,48 @@ unsafe fn tile_avx512<const RA: usize, const NB: usize>(
 /// As [`matmul_rows`].
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init)
+}
+
+/// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
+/// threads when `parallel`, else on the calling thread.
+///
+/// # Safety
+/// [`avx2`] is true; `c` covers a.m() rows of `ldc` (≥ n) floats.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool) {
+    assert_eq!(a.k, b.k, "packed operands' depths");
+    let lhs = Lhs::Panels(a.data.as_ptr(), a.k);
+    if parallel {
+        parallel_rows(a.m, lhs, b, c, ldc, init)
+    } else {
+        rows_of(a.m, lhs, b, c, ldc, init)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
-        return matmul_rows(m, a, lda, b, c, ldc, init);
+        return rows_of(m, a, b, c, ldc, init);
     }
     let tasks = threads * (m / (threads * 2048)).max(1);
+    // blocks of whole micro-panels, so that packed A splits at panel boundaries
     let block = m.div_ceil(tasks).div_ceil(MR) * MR;
-    let (ap, cp) = (SendPtr(a as *mut f32), SendPtr(c));
+    let cp = SendPtr(c);
+    let (a_ptr, a_ld) = match a {
+        Lhs::Rows(p, lda) => (SendPtr(p as *mut f32), lda),
+        Lhs::Panels(p, depth) => (SendPtr(p as *mut f32), depth),
+    };
+    let packed = matches!(a, Lhs::Panels(..));
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
         let r0 = t * block;
         let rows = block.min(m - r0);
-        matmul_rows(rows, ap.get().add(r0 * lda), lda, b, cp.get().add(r0 * ldc), ldc, init);
+        // rows r0.. start r0 rows into A either way: r0·lda floats, or r0/MR panels of MR·depth
+        let start = a_ptr.get().add(r0 * a_ld) as *const f32;
+        let lhs = if packed { Lhs::Panels(start, a_ld) } else { Lhs::Rows(start, a_ld) };
+        rows_of(rows, lhs, b, cp.get().add(r0 * ldc), ldc, init);
     });
 }
 
@@ -507,6 +603,15 @@ pub unsafe fn matmul_rows(
     _ldc: usize,
     _init: Init,
 ) {
+    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
+}
+
+/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn matmul_packed(_a: &PackedA, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init, _parallel: bool) {
     unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }
 

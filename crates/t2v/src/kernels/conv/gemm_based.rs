@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::g3to6;
-use crate::kernels::packed_matmul::{self, Init, PackedB};
+use crate::kernels::packed_matmul::{self, Init, PackedA, PackedB};
 use crate::kernels::{threads, SendPtr, Src};
 
 /// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
@@ -31,7 +31,7 @@ unsafe fn sgemm(
     rhs_rs: usize,
     par: gemm::Parallelism,
 ) {
-    if crate::kernels::avx512() {
+    if use_packed() {
         return sgemm_packed(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, par);
     }
     gemm::gemm(
@@ -95,6 +95,11 @@ unsafe fn sgemm_packed(
     }
 }
 
+/// Our packed product where its tiles beat the `gemm` crate's (the AVX-512 path).
+fn use_packed() -> bool {
+    crate::kernels::avx512()
+}
+
 fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
     if let Some(b) = bias {
         for (chunk, &bv) in out.chunks_mut(plane.max(1)).zip(b.iter().cycle()) {
@@ -124,46 +129,35 @@ pub(super) fn pointwise(
         }
     };
     fill_bias(out, bias, hw);
-    let acc = bias.is_some();
+    let init = if bias.is_some() { Init::Accumulate } else { Init::Overwrite };
     let nt = threads();
     let optr = SendPtr(out.as_mut_ptr());
     let per_image_flops = 2 * cout * cin * hw;
-    if n >= nt && nt > 1 && per_image_flops < (64 << 20) {
-        (0..n).into_par_iter().for_each(|i| unsafe {
-            sgemm(
-                cout,
-                hw,
-                cin,
-                optr.get().add(i * cout * hw),
-                hw,
-                acc,
-                wp.as_ptr(),
-                cin,
-                1,
-                x.as_ptr().add(i * cin * hw),
-                hw,
-                gemm::Parallelism::None,
-            );
-        });
-    } else {
-        let par = if nt > 1 { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
-        for i in 0..n {
-            unsafe {
-                sgemm(
-                    cout,
-                    hw,
-                    cin,
-                    optr.get().add(i * cout * hw),
-                    hw,
-                    acc,
-                    wp.as_ptr(),
-                    cin,
-                    1,
-                    x.as_ptr().add(i * cin * hw),
-                    hw,
-                    par,
-                );
+    // one image per task while there are images enough for every thread, else each image on all
+    let per_image = n >= nt && nt > 1 && per_image_flops < (64 << 20);
+    // the weights packed once for every image where our product runs
+    let packed = use_packed().then(|| PackedA::from_rows(wp, cout, cin, cin));
+    let image = |i: usize, parallel: bool| {
+        let (xi, oi) = (&x[i * cin * hw..][..cin * hw], unsafe { optr.get().add(i * cout * hw) });
+        match &packed {
+            Some(wa) => {
+                let xb = PackedB::from_rows(xi, cin, hw, hw, parallel);
+                // SAFETY: the packed path's instructions are present; image i's output holds cout×hw.
+                unsafe { packed_matmul::matmul_packed(wa, &xb, oi, hw, init, parallel) };
             }
+            None => {
+                let par = if parallel { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
+                let acc = bias.is_some();
+                // SAFETY: w holds cout×cin, the image cin×hw and its output cout×hw floats.
+                unsafe { sgemm(cout, hw, cin, oi, hw, acc, wp.as_ptr(), cin, 1, xi.as_ptr(), hw, par) };
+            }
+        }
+    };
+    if per_image {
+        (0..n).into_par_iter().for_each(|i| image(i, false));
+    } else {
+        for i in 0..n {
+            image(i, nt > 1);
         }
     }
 }
@@ -248,10 +242,18 @@ pub(super) fn temporal_wino(
     let fhw = f * hw;
     let nthreads = threads();
     let par = if nthreads > 1 { gemm::Parallelism::Rayon(nthreads) } else { gemm::Parallelism::None };
-    // U[ξ][co][ci]
-    let mut u = vec![0f32; 6 * cout * cin];
+    // U[ξ][co][ci], packed once for every block of columns where our product runs
+    let packed = use_packed();
+    let mut u = vec![0f32; if packed { 0 } else { 6 * cout * cin }];
+    let mut u_packed: Vec<PackedA> = if packed { (0..6).map(|_| PackedA::zeroed(cout, cin)).collect() } else { Vec::new() };
     {
-        let uptr = SendPtr(u.as_mut_ptr());
+        let u_at: Vec<SendPtr<f32>> = if packed {
+            u_packed.iter_mut().map(|p| SendPtr(p.data_mut().as_mut_ptr())).collect()
+        } else {
+            (0..6).map(|xi| SendPtr(u[xi * cout * cin..].as_mut_ptr())).collect()
+        };
+        let u_packed = &u_packed;
+        let index = |co: usize, ci: usize| if packed { u_packed[0].index(co, ci) } else { co * cin + ci };
         (0..cout).into_par_iter().for_each_init(Vec::new, |row, co| {
             // this output channel's 3·cin taps as float32 (one vectorised widening)
             let taps = 3 * cin;
@@ -267,8 +269,10 @@ pub(super) fn temporal_wino(
             for ci in 0..cin {
                 let g = &row[3 * ci..3 * ci + 3];
                 let t = g3to6(g[0], g[1], g[2]);
+                let at = index(co, ci);
                 for (xi, &tv) in t.iter().enumerate() {
-                    unsafe { *uptr.get().add((xi * cout + co) * cin + ci) = tv };
+                    // SAFETY: each (co, ci) is written once, inside its ξ's buffer.
+                    unsafe { *u_at[xi].get().add(at) = tv };
                 }
             }
         });
@@ -318,21 +322,15 @@ pub(super) fn temporal_wino(
         });
         // six GEMMs
         for xi in 0..6 {
-            unsafe {
-                sgemm(
-                    cout,
-                    ncols,
-                    cin,
-                    m.as_mut_ptr().add(xi * cout * ncols),
-                    ncols,
-                    false,
-                    u.as_ptr().add(xi * cout * cin),
-                    cin,
-                    1,
-                    v.as_ptr().add(xi * cin * ncols),
-                    ncols,
-                    par,
-                );
+            let vx = &v[xi * cin * ncols..][..cin * ncols];
+            let mx = m[xi * cout * ncols..].as_mut_ptr();
+            if packed {
+                let vb = PackedB::from_rows(vx, cin, ncols, ncols, nthreads > 1);
+                // SAFETY: the packed path's instructions are present; m holds cout rows of ncols.
+                unsafe { packed_matmul::matmul_packed(&u_packed[xi], &vb, mx, ncols, Init::Overwrite, nthreads > 1) };
+            } else {
+                // SAFETY: u holds cout×cin, v cin×ncols and m cout×ncols floats for this ξ.
+                unsafe { sgemm(cout, ncols, cin, mx, ncols, false, u[xi * cout * cin..].as_ptr(), cin, 1, vx.as_ptr(), ncols, par) };
             }
         }
         // output transform, parallel over output channels
