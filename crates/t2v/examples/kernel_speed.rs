@@ -25,7 +25,8 @@ fn best_of(paths: &[Isa], mut run: impl FnMut()) -> Vec<f64> {
 }
 
 fn report(label: &str, flop: f64, paths: &[Isa], best: &[f64]) {
-    let line: Vec<String> = paths.iter().zip(best).map(|(i, s)| format!("{i} {:6.1} GFLOP/s", flop / s / 1e9)).collect();
+    let line: Vec<String> =
+        paths.iter().zip(best).map(|(i, s)| format!("{i} {:6.1} GFLOP/s", flop / s / 1e9)).collect();
     println!("{label:32}  {}", line.join("   "));
 }
 

@@ -245,7 +245,8 @@ pub(super) fn temporal_wino(
     // U[ξ][co][ci], packed once for every block of columns where our product runs
     let packed = use_packed();
     let mut u = vec![0f32; if packed { 0 } else { 6 * cout * cin }];
-    let mut u_packed: Vec<PackedA> = if packed { (0..6).map(|_| PackedA::zeroed(cout, cin)).collect() } else { Vec::new() };
+    let mut u_packed: Vec<PackedA> =
+        if packed { (0..6).map(|_| PackedA::zeroed(cout, cin)).collect() } else { Vec::new() };
     {
         let u_at: Vec<SendPtr<f32>> = if packed {
             u_packed.iter_mut().map(|p| SendPtr(p.data_mut().as_mut_ptr())).collect()
@@ -330,7 +331,22 @@ pub(super) fn temporal_wino(
                 unsafe { packed_matmul::matmul_packed(&u_packed[xi], &vb, mx, ncols, Init::Overwrite, nthreads > 1) };
             } else {
                 // SAFETY: u holds cout×cin, v cin×ncols and m cout×ncols floats for this ξ.
-                unsafe { sgemm(cout, ncols, cin, mx, ncols, false, u[xi * cout * cin..].as_ptr(), cin, 1, vx.as_ptr(), ncols, par) };
+                unsafe {
+                    sgemm(
+                        cout,
+                        ncols,
+                        cin,
+                        mx,
+                        ncols,
+                        false,
+                        u[xi * cout * cin..].as_ptr(),
+                        cin,
+                        1,
+                        vx.as_ptr(),
+                        ncols,
+                        par,
+                    )
+                };
             }
         }
         // output transform, parallel over output channels
