@@ -110,6 +110,9 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Config { path: what.into(), reason: e.to_string() })
 }
 
+/// The most guided steps the benchmark times.
+pub const MAX_STEPS: usize = 1000;
+
 /// Builds the full-size model and times each stage; `progress` hears what is being done.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     let device = opts.device.clone();
@@ -130,6 +133,25 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             "the benchmark needs at least one frame and step, and a size that is a multiple of {scale}"
         )));
     }
+    if opts.steps > MAX_STEPS {
+        return Err(Error::InvalidArgument(format!(
+            "the benchmark times at most {MAX_STEPS} steps, not {}",
+            opts.steps
+        )));
+    }
+    // The sizes of a guided run of this shape, checked before the model is built.
+    let mut asked = crate::pipeline::GenerationParams::new("", 0);
+    (asked.num_frames, asked.height, asked.width) = (opts.frames, Some(opts.height), Some(opts.width));
+    let shape = crate::sizing::run_shape(&unet_cfg, &vae_cfg, &asked)?;
+    let check_memory = |weights: u64, loaded: bool| -> Result<()> {
+        if !device.is_cpu() {
+            return Ok(());
+        }
+        let estimate = crate::sizing::estimate(&unet_cfg, &vae_cfg, &shape, dtype, weights)?;
+        crate::sizing::check_fits(&estimate, &shape, crate::sizing::available_memory(), loaded)
+    };
+    // About 1.8 billion parameters: float16 matrices take 2 bytes each.
+    check_memory(1_800_000_000 * matrix_dtype.size_in_bytes() as u64, false)?;
 
     progress("building the 1.7B model with random weights");
     let started = Instant::now();

@@ -41,6 +41,38 @@ pub enum Error {
     #[error("cannot parse {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    /// A config that parses but holds a value the model cannot be built or run with.
+    #[error("{path}: `{key}` {reason}")]
+    InvalidConfig { path: PathBuf, key: String, reason: String },
+
+    #[error("{path} is {found}, not a regular file: {what} must be a file")]
+    NotAFile { path: PathBuf, found: &'static str, what: &'static str },
+
+    #[error("{path} is {size} bytes, more than the {limit} bytes {what} can be: it is not {what}, or it is damaged")]
+    FileTooLarge { path: PathBuf, size: u64, limit: u64, what: &'static str },
+
+    /// A run whose sizes cannot even be represented (they overflow 64 bits).
+    #[error("{0}")]
+    TooLarge(String),
+
+    #[error(
+        "this run needs about {} of memory ({}), but only {} is available: {hint}",
+        gib(*needed), breakdown, gib(*available)
+    )]
+    InsufficientMemory { needed: u64, available: u64, breakdown: String, hint: String },
+
+    #[error(
+        "the latents stopped being finite (NaN or infinity) at denoising step {step} of {total}: the weights, \
+         the scheduler config or the guidance scale give values out of range; nothing was written"
+    )]
+    NonFiniteLatents { step: usize, total: usize },
+
+    #[error(
+        "the decoded frames are not finite (NaN or infinity): the VAE's weights or its scaling_factor give values \
+         out of range; nothing was written"
+    )]
+    NonFiniteFrames,
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
@@ -85,6 +117,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Bytes as GiB with one decimal (MiB under 1 GiB), for messages.
+pub fn gib(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    }
+}
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

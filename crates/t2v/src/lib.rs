@@ -8,12 +8,14 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
+pub mod files;
 pub mod kernels;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod profile;
 pub mod schedulers;
+pub mod sizing;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet3d;

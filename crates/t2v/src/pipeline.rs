@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{ModelFolder, WeightsVariant};
+use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, WeightsVariant};
 use crate::error::{Error, Result};
 use crate::noise::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
+use crate::sizing;
 use crate::text_encoder::{self, TextEncoder};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet3d::{self, UNet3DConditionModel};
@@ -239,10 +240,22 @@ impl TextToVideo {
         &self.scheduler_config
     }
 
-    /// Checks `params` against this model before any work; returns (height, width) with the
+    /// Checks `params` against this model before any work: sizes, scales, and (on the CPU) that
+    /// the run's activations fit in the memory available now. Returns (height, width) with the
     /// defaults resolved.
     pub fn validate(&self, params: &GenerationParams) -> Result<(usize, usize)> {
-        resolve_size(self.unet.config(), self.vae.config(), params)
+        let shape = sizing::run_shape(self.unet.config(), self.vae.config(), params)?;
+        self.check_activations(&shape)?;
+        Ok((shape.height, shape.width))
+    }
+
+    /// Refuses, on the CPU, a run of `shape` whose activations do not fit in the memory left.
+    pub(crate) fn check_activations(&self, shape: &sizing::RunShape) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
+        let estimate = sizing::estimate(self.unet.config(), self.vae.config(), shape, self.dtype, 0)?;
+        sizing::check_fits(&estimate, shape, sizing::available_memory(), true)
     }
 
     /// Warnings about a prompt that the model will not read as written: cut at the tokenizer's
@@ -422,6 +435,10 @@ impl TextToVideo {
                 &mut latents,
                 stepped.reshape((b, f, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?,
             );
+            // One reduction a step: NaN and infinities propagate into the sum.
+            if !all_finite(&latents)? {
+                return Err(Error::NonFiniteLatents { step: i + 1, total: timesteps.len() });
+            }
             let progress = StepProgress {
                 step: i + 1,
                 total_steps: timesteps.len(),
@@ -448,30 +465,94 @@ impl TextToVideo {
         }
         let per_frame = latents.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
         let images = self.vae.decode(&per_frame)?;
+        if !all_finite(&images)? {
+            return Err(Error::NonFiniteFrames);
+        }
         let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(images.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?.contiguous()?)
     }
 }
 
+/// Whether every value of `x` is finite: its sum in float32 is (a float16 sum could overflow).
+fn all_finite(x: &Tensor) -> Result<bool> {
+    Ok(x.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
 /// Checks `params` against a checkpoint's configs alone (no weights are read), so that bad
-/// input fails before any model work. Returns (height, width) with the defaults resolved.
+/// input fails before any model work: every config validated, the sizes representable, the
+/// scheduler buildable for the steps asked. Returns (height, width) with the defaults resolved.
 pub fn check_params(root: impl AsRef<Path>, params: &GenerationParams) -> Result<(usize, usize)> {
-    let folder = ModelFolder::open(root)?;
+    let (shape, _, _) = check_configs(&ModelFolder::open(root)?, params)?;
+    Ok((shape.height, shape.width))
+}
+
+fn check_configs(
+    folder: &ModelFolder,
+    params: &GenerationParams,
+) -> Result<(sizing::RunShape, unet3d::Config, vae::Config)> {
+    let _: text_encoder::Config = folder.config("text_encoder", "config.json")?;
     let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
     let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
-    unet_cfg.validate()?;
-    vae_cfg.validate()?;
-    resolve_size(&unet_cfg, &vae_cfg, params)
+    let shape = sizing::run_shape(&unet_cfg, &vae_cfg, params)?;
+    let path = folder.component_dir("scheduler").join("scheduler_config.json");
+    let scheduler_config = schedulers::load_scheduler_config(&path)?;
+    schedulers::build_scheduler(params.scheduler, &scheduler_config, &path, params.num_inference_steps, params.eta)?;
+    Ok((shape, unet_cfg, vae_cfg))
+}
+
+/// A run checked before any work by [`plan_run`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunPlan {
+    pub shape: sizing::RunShape,
+    pub memory: sizing::MemoryEstimate,
+}
+
+/// [`check_params`], then the memory the run needs (weights as `options` load them, plus the
+/// activations: see [`sizing`]); on the CPU a run that cannot fit in the memory available is
+/// refused, saying how much it needs and what to lower.
+pub fn plan_run(root: impl AsRef<Path>, params: &GenerationParams, options: &LoadOptions) -> Result<RunPlan> {
+    let folder = ModelFolder::open(root)?;
+    let (shape, unet_cfg, vae_cfg) = check_configs(&folder, params)?;
+    let weights = weights_bytes(&folder, options)?;
+    let memory = sizing::estimate(&unet_cfg, &vae_cfg, &shape, options.dtype, weights)?;
+    if options.device.is_cpu() {
+        sizing::check_fits(&memory, &shape, sizing::available_memory(), false)?;
+    }
+    Ok(RunPlan { shape, memory })
+}
+
+/// The bytes the weights of a checkpoint take once loaded with `options`.
+pub fn weights_bytes(folder: &ModelFolder, options: &LoadOptions) -> Result<u64> {
+    let mut total = 0u64;
+    for component in ["text_encoder", "unet", "vae"] {
+        let files = folder.weights_files(component, options.variant)?;
+        for path in &files.paths {
+            let bytes = match files.format {
+                WeightsFormat::Safetensors => {
+                    inspect_safetensors(path)?.resident_bytes(options.dtype, options.keep_narrow_weights)
+                }
+                WeightsFormat::PytorchBin => {
+                    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+                    len.saturating_mul((options.dtype.size_in_bytes() as u64 / 2).max(1))
+                }
+            };
+            total = total.saturating_add(bytes);
+        }
+    }
+    Ok(total)
 }
 
 /// The frame size: as asked, or the UNet's `sample_size` times the VAE scale (the reference's
-/// default); then every check of [`validate_params`].
+/// default); then every check of [`validate_params`] and [`sizing::run_shape`].
 pub fn resolve_size(unet: &unet3d::Config, vae: &vae::Config, params: &GenerationParams) -> Result<(usize, usize)> {
-    let side = unet.sample_size.unwrap_or(32) * vae.scale_factor();
-    let (height, width) = (params.height.unwrap_or(side), params.width.unwrap_or(side));
-    validate_params(params, height, width, vae.scale_factor())?;
-    Ok((height, width))
+    let shape = sizing::run_shape(unet, vae, params)?;
+    Ok((shape.height, shape.width))
 }
+
+/// The largest classifier-free guidance scale accepted: published recipes use 7.5 to 15; far
+/// above, the guided prediction leaves the range the model was trained on and turns to noise
+/// or overflows.
+pub const MAX_GUIDANCE_SCALE: f64 = 100.0;
 
 /// The checks that need no model: sizes, counts and scales.
 pub fn validate_params(params: &GenerationParams, height: usize, width: usize, vae_scale: usize) -> Result<()> {
@@ -482,11 +563,16 @@ pub fn validate_params(params: &GenerationParams, height: usize, width: usize, v
     if params.num_inference_steps == 0 {
         return bad("the number of denoising steps must be at least 1".into());
     }
-    if !params.guidance_scale.is_finite() || params.guidance_scale < 0.0 {
-        return bad(format!("the guidance scale must be 0 or more, got {}", params.guidance_scale));
+    if !params.guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE_SCALE).contains(&params.guidance_scale) {
+        return bad(format!(
+            "the guidance scale must be between 0 and {MAX_GUIDANCE_SCALE} (the model card uses 9), got {:?}",
+            params.guidance_scale
+        ));
     }
-    if !params.eta.is_finite() || params.eta < 0.0 {
-        return bad(format!("eta must be 0 or more, got {}", params.eta));
+    // DDIM's η scales the fresh noise of each step; above 1 its variance exceeds what the step
+    // leaves room for and the samples become NaN.
+    if !params.eta.is_finite() || !(0.0..=1.0).contains(&params.eta) {
+        return bad(format!("eta must be between 0 (deterministic) and 1, got {:?}", params.eta));
     }
     for (name, v) in [("height", height), ("width", width)] {
         if v == 0 || v % vae_scale != 0 {

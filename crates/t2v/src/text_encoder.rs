@@ -33,6 +33,43 @@ pub struct Config {
     pub layer_norm_eps: f64,
 }
 
+impl Config {
+    /// Rejects values no text encoder can be built or run with, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        use crate::unet3d::MAX_DIM;
+        let bad = |key: &str, reason: String| {
+            Err(Error::InvalidConfig { path: "text_encoder/config.json".into(), key: key.into(), reason })
+        };
+        Activation::from_name(&self.hidden_act)?;
+        for (key, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if !(1..=MAX_DIM).contains(&v) {
+                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
+            }
+        }
+        if !(1..=1 << 24).contains(&self.vocab_size) {
+            return bad("vocab_size", format!("is {}: it must be 1 to {}", self.vocab_size, 1 << 24));
+        }
+        if self.num_hidden_layers > 1024 {
+            return bad("num_hidden_layers", format!("is {}: it must be at most 1024", self.num_hidden_layers));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return bad(
+                "hidden_size",
+                format!("{} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads),
+            );
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad("layer_norm_eps", format!("is {}: it must be a positive number", self.layer_norm_eps));
+        }
+        Ok(())
+    }
+}
+
 fn default_vocab_size() -> usize {
     49408
 }
@@ -163,13 +200,8 @@ pub struct TextEncoder {
 
 impl TextEncoder {
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
         let activation = Activation::from_name(&cfg.hidden_act)?;
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-            return Err(Error::InvalidArgument(format!(
-                "text_encoder/config.json: hidden_size {} is not a multiple of num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
         Ok(Self::build(vb, cfg, activation)?)
     }
 

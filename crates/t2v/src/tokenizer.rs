@@ -31,6 +31,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
+use crate::files::FileKind;
 
 /// CLIP's pre-tokenization pattern, verbatim from transformers 5 `tokenization_clip.py`.
 const CLIP_PATTERN: &str =
@@ -109,22 +110,24 @@ fn tk_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 fn require_file(dir: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::FileMissing {
+    // Only a file that is not there is "missing"; one that is there but unreadable, or not a
+    // file, gets its own error.
+    match crate::files::open_regular(&path, FileKind::Tokenizer) {
+        Ok(_) => Ok(path),
+        Err(e) if crate::files::is_missing(&e) => Err(Error::FileMissing {
             path,
             hint: format!(
                 "the tokenizer folder needs vocab.json, merges.txt and tokenizer_config.json \
                  (special_tokens_map.json is optional); the download of {name} is missing or incomplete: \
                  download the model's tokenizer/ folder again"
             ),
-        })
+        }),
+        Err(e) => Err(e),
     }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path, FileKind::Tokenizer)?;
     serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_owned(), reason: e.to_string() })
 }
 
@@ -230,7 +233,7 @@ fn parse_vocab(path: &Path) -> Result<Vocab> {
 }
 
 fn parse_merges(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path, FileKind::Tokenizer)?;
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         // Same rules as `tokenizers`' merges reader: skip the `#version` header and blank lines.
@@ -322,7 +325,7 @@ impl ClipTokenizer {
                     }
                 }
             }
-        } else if map_path.is_file() {
+        } else if map_path.exists() {
             match read_json(&map_path)? {
                 Value::Object(m) => specials.merge_from(&map_path, &m)?,
                 _ => return Err(Error::Config { path: map_path, reason: "expected a JSON object".into() }),

@@ -60,19 +60,60 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Rejects what t2v does not implement and values no model can be built or run with,
+    /// naming the key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::InvalidArgument(format!("vae/config.json: {msg}")));
-        if self.block_out_channels.is_empty() || self.up_block_types.len() != self.block_out_channels.len() {
-            return bad("block_out_channels and up_block_types must be non-empty and of the same length".into());
+        use crate::unet3d::{MAX_DIM, MAX_LEVELS};
+        let bad = |key: &str, reason: String| {
+            Err(Error::InvalidConfig { path: "vae/config.json".into(), key: key.into(), reason })
+        };
+        let levels = self.block_out_channels.len();
+        if !(1..=MAX_LEVELS).contains(&levels) {
+            return bad("block_out_channels", format!("has {levels} levels: it must have 1 to {MAX_LEVELS}"));
+        }
+        if self.up_block_types.len() != levels {
+            return bad(
+                "up_block_types",
+                format!("has {} entries for the {levels} levels of block_out_channels", self.up_block_types.len()),
+            );
         }
         if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return bad(format!("up block type `{t}` is not supported (UpDecoderBlock2D)"));
+            return bad("up_block_types", format!("`{t}` is not supported (UpDecoderBlock2D)"));
         }
         if self.act_fn != "silu" && self.act_fn != "swish" {
-            return bad(format!("act_fn `{}` is not supported (only silu)", self.act_fn));
+            return bad("act_fn", format!("`{}` is not supported (only silu)", self.act_fn));
         }
         if !self.mid_block_add_attention {
-            return bad("mid_block_add_attention false is not supported".into());
+            return bad("mid_block_add_attention", "false is not supported".into());
+        }
+        for (key, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("norm_num_groups", self.norm_num_groups),
+        ] {
+            if !(1..=MAX_DIM).contains(&v) {
+                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
+            }
+        }
+        for (i, &ch) in self.block_out_channels.iter().enumerate() {
+            if !(1..=MAX_DIM).contains(&ch) || ch % self.norm_num_groups != 0 {
+                return bad(
+                    "block_out_channels",
+                    format!(
+                        "level {i} has {ch} channels: it must be 1 to {MAX_DIM} and a multiple of norm_num_groups {}",
+                        self.norm_num_groups
+                    ),
+                );
+            }
+        }
+        // Latents are divided by it: 0 gives infinities, a negative one inverted frames.
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return bad("scaling_factor", format!("is {}: it must be a positive number", self.scaling_factor));
+        }
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return bad("shift_factor", "must be a finite number".into());
         }
         Ok(())
     }

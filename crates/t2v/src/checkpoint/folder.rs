@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use super::select::{select_weights, WeightsFiles, WeightsVariant};
 use super::weights::ComponentWeights;
 use crate::error::{Error, Result};
+use crate::files::FileKind;
 
 /// The classes t2v knows, per component, as `model_index.json` names them.
 const SUPPORTED_CLASSES: &[(&str, &[&str])] = &[
@@ -18,6 +19,29 @@ const SUPPORTED_CLASSES: &[(&str, &[&str])] = &[
     ("vae", &["AutoencoderKL"]),
     ("scheduler", &["DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"]),
 ];
+
+/// A component's parsed config, which checks its own values.
+pub trait ComponentConfig: DeserializeOwned {
+    fn validate(&self) -> Result<()>;
+}
+
+impl ComponentConfig for crate::unet3d::Config {
+    fn validate(&self) -> Result<()> {
+        crate::unet3d::Config::validate(self)
+    }
+}
+
+impl ComponentConfig for crate::vae::Config {
+    fn validate(&self) -> Result<()> {
+        crate::vae::Config::validate(self)
+    }
+}
+
+impl ComponentConfig for crate::text_encoder::Config {
+    fn validate(&self) -> Result<()> {
+        crate::text_encoder::Config::validate(self)
+    }
+}
 
 /// A checkpoint folder in the diffusers layout.
 #[derive(Debug, Clone)]
@@ -84,13 +108,20 @@ impl ModelFolder {
         self.root.join(component)
     }
 
-    /// Parses `component/file` (for example `unet/config.json`) into `T`. Keys that `T` does not
-    /// know are ignored; keys that are missing take `T`'s defaults, which mirror the reference's.
-    pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
+    /// Parses `component/file` (for example `unet/config.json`) into `T` and validates it. Keys
+    /// that `T` does not know are ignored; keys that are missing take `T`'s defaults, which mirror
+    /// the reference's. A value no model can use is an [`Error::InvalidConfig`] naming the file.
+    pub fn config<T: ComponentConfig>(&self, component: &str, file: &str) -> Result<T> {
         let path = self.component_dir(component).join(file);
         let value: serde_json::Value =
             read_json(&path, "the checkpoint is incomplete: download the whole model folder")?;
-        serde_json::from_value(value).map_err(|e| Error::Config { path, reason: e.to_string() })
+        let config: T =
+            serde_json::from_value(value).map_err(|e| Error::Config { path: path.clone(), reason: e.to_string() })?;
+        config.validate().map_err(|e| match e {
+            Error::InvalidConfig { key, reason, .. } => Error::InvalidConfig { path, key, reason },
+            e => e,
+        })?;
+        Ok(config)
     }
 
     /// Checks that `component/config.json` describes the class t2v implements for it.
@@ -166,11 +197,11 @@ impl ModelFolder {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path, hint: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+    let text = crate::files::read_text(path, FileKind::Config).map_err(|e| {
+        if crate::files::is_missing(&e) {
             Error::FileMissing { path: path.to_path_buf(), hint: hint.to_string() }
         } else {
-            Error::io(path, e)
+            e
         }
     })?;
     serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })

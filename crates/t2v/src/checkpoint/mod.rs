@@ -10,7 +10,7 @@ pub mod pth;
 mod select;
 mod weights;
 
-pub use folder::ModelFolder;
+pub use folder::{ComponentConfig, ModelFolder};
 pub use hub::{resolve_model, HubOptions, RepoSpec, DEFAULT_MODEL};
 pub use select::{select_weights, WeightsFiles, WeightsFormat, WeightsVariant};
-pub use weights::ComponentWeights;
+pub use weights::{inspect_safetensors, summarize_safetensors_header, ComponentWeights, SafetensorsSummary};

@@ -34,7 +34,7 @@ impl ComponentWeights {
         let source = match files.format {
             WeightsFormat::Safetensors => {
                 for p in &files.paths {
-                    check_safetensors_header(p)?;
+                    inspect_safetensors(p)?;
                 }
                 // SAFETY: the files are mapped read-only; like every mmap reader we rely on them not
                 // being truncated while the model is loaded.
@@ -50,7 +50,17 @@ impl ComponentWeights {
                     )));
                 }
                 // Checked and read whole: a pickle is parsed, not mapped.
-                Source::Tensors(super::pth::load_pth_tensors(&path, dtype, device)?)
+                let tensors = super::pth::load_pth_tensors(&path, dtype, device)?;
+                if let Some((name, t)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
+                    return Err(Error::CorruptWeights {
+                        path: path.clone(),
+                        reason: format!(
+                            "tensor `{name}` holds {:?} values: model weights are floating point",
+                            t.dtype()
+                        ),
+                    });
+                }
+                Source::Tensors(tensors)
             }
         };
         let failure = Arc::new(Mutex::new(None));
@@ -77,41 +87,108 @@ impl ComponentWeights {
     }
 }
 
-/// Checks the safetensors header before mapping, so that a truncated or garbled file gets a clear
-/// message instead of a bounds error.
-fn check_safetensors_header(path: &Path) -> Result<()> {
+/// What a safetensors file holds, from its header alone (the data is not read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SafetensorsSummary {
+    pub tensors: usize,
+    /// Elements of tensors of rank 2 or more (matrices and kernels), stored as float16/bfloat16.
+    pub narrow_matrix_elements: u64,
+    /// Every other element.
+    pub other_elements: u64,
+}
+
+impl SafetensorsSummary {
+    /// Bytes these tensors take once loaded for compute in `dtype` (see [`ComponentWeights::open`]:
+    /// with `keep_narrow`, narrow matrices stay in 2 bytes).
+    pub fn resident_bytes(&self, dtype: DType, keep_narrow: bool) -> u64 {
+        let wide = dtype.size_in_bytes() as u64;
+        let narrow = if keep_narrow { wide.min(2) } else { wide };
+        self.narrow_matrix_elements.saturating_mul(narrow).saturating_add(self.other_elements.saturating_mul(wide))
+    }
+}
+
+/// The largest safetensors header accepted (the 1.7B UNet's is about 200 kB).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors file's header before it is mapped, so that a truncated or garbled file, or
+/// one holding tensors that are not floating point, gets a clear message instead of a bounds
+/// error or meaningless frames; returns what it holds.
+pub fn inspect_safetensors(path: &Path) -> Result<SafetensorsSummary> {
     use std::io::Read;
     let corrupt = |reason: String| Error::CorruptWeights { path: path.to_path_buf(), reason };
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::files::open_regular(path, crate::files::FileKind::Weights)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes).map_err(|_| corrupt(format!("the file is only {file_len} bytes long")))?;
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > 100_000_000 || 8 + header_len > file_len {
+    if header_len > MAX_SAFETENSORS_HEADER || header_len > file_len.saturating_sub(8) {
         return Err(corrupt(format!("its header claims {header_len} bytes but the file holds {file_len}")));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(|e| corrupt(e.to_string()))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| corrupt(format!("unreadable header: {e}")))?;
-    let data_len = file_len - 8 - header_len;
+    summarize_safetensors_header(&header, file_len.saturating_sub(8 + header_len)).map_err(corrupt)
+}
+
+/// The checks of [`inspect_safetensors`] on a header's JSON and the length of the data after it.
+pub fn summarize_safetensors_header(header: &[u8], data_len: u64) -> std::result::Result<SafetensorsSummary, String> {
+    let header: serde_json::Value = serde_json::from_slice(header).map_err(|e| format!("unreadable header: {e}"))?;
+    let map = header.as_object().ok_or("the header is not a JSON object")?;
+    let mut summary = SafetensorsSummary::default();
     let mut end = 0u64;
-    if let Some(map) = header.as_object() {
-        for (name, info) in map {
-            if name == "__metadata__" {
-                continue;
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or(format!("tensor `{name}` has no dtype"))?;
+        let narrow = match dtype {
+            "F16" | "BF16" => true,
+            "F32" | "F64" => false,
+            other => {
+                return Err(format!(
+                    "tensor `{name}` holds {other} values: model weights are floating point (F16, BF16, F32, F64)"
+                ))
             }
-            if let Some(e) = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|v| v.as_u64()) {
-                end = end.max(e);
-            }
+        };
+        let shape: Vec<u64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect())
+            .ok_or(format!("tensor `{name}` has no valid shape"))?;
+        let elements = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or(format!("tensor `{name}` has an impossible shape {shape:?}"))?;
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|a| a.iter().map(|v| v.as_u64()).collect())
+            .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+            .ok_or(format!("tensor `{name}` has no valid data_offsets"))?;
+        let size = if narrow {
+            2
+        } else if dtype == "F32" {
+            4
+        } else {
+            8
+        };
+        if elements.checked_mul(size) != Some(offsets[1] - offsets[0]) {
+            return Err(format!(
+                "tensor `{name}` of shape {shape:?} does not fill its {} bytes",
+                offsets[1] - offsets[0]
+            ));
+        }
+        end = end.max(offsets[1]);
+        summary.tensors += 1;
+        if narrow && shape.len() >= 2 {
+            summary.narrow_matrix_elements = summary.narrow_matrix_elements.saturating_add(elements);
+        } else {
+            summary.other_elements = summary.other_elements.saturating_add(elements);
         }
     }
     if end > data_len {
-        return Err(corrupt(format!(
-            "it is truncated: its tensors need {end} bytes of data but only {data_len} are there"
-        )));
+        return Err(format!("it is truncated: its tensors need {end} bytes of data but only {data_len} are there"));
     }
-    Ok(())
+    Ok(summary)
 }
 
 enum Source {

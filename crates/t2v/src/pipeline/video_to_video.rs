@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::{validate_params, Control, GenerationParams, StepProgress, TextToVideo, Timings, Video};
+use super::{Control, GenerationParams, StepProgress, TextToVideo, Timings, Video};
 use crate::error::{Error, Result};
 use crate::noise::TorchGenerator;
 use crate::schedulers::{strength_begin_index, Scheduler};
@@ -76,7 +76,8 @@ impl TextToVideo {
         }
         let resolved =
             GenerationParams { num_frames: frames, height: Some(height), width: Some(width), ..params.clone() };
-        validate_params(&resolved, height, width, self.vae.config().scale_factor())?;
+        let shape = crate::sizing::run_shape(self.unet.config(), self.vae.config(), &resolved)?;
+        self.check_activations(&shape)?;
         strength_begin_index(params.num_inference_steps, strength)
     }
 

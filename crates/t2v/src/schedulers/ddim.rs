@@ -82,12 +82,14 @@ impl DdimConfig {
 pub fn ddim_timesteps(config: &DdimConfig, n: usize) -> Vec<i64> {
     let train = config.num_train_timesteps;
     match config.timestep_spacing {
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|v| v.round_ties_even() as i64).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, train.saturating_sub(1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|v| v.round_ties_even() as i64)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = (train / n) as i64;
-            (0..n as i64).rev().map(|i| i * ratio + config.steps_offset).collect()
+            (0..n as i64).rev().map(|i| (i * ratio).saturating_add(config.steps_offset)).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = train as f64 / n as f64;
@@ -179,7 +181,7 @@ impl Scheduler for DdimScheduler {
                 self.config.num_train_timesteps
             )));
         }
-        self.timesteps = to_timesteps(&ddim_timesteps(&self.config, n), n)?;
+        self.timesteps = to_timesteps(&ddim_timesteps(&self.config, n), n, self.config.num_train_timesteps)?;
         self.num_inference_steps = n;
         Ok(())
     }

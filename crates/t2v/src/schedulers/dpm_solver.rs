@@ -280,7 +280,7 @@ impl DpmSolverMultistepScheduler {
                 let ratio = last_timestep.div_euclid(n as i64 + 1);
                 let mut v: Vec<i64> = (0..=n as i64).rev().map(|i| i * ratio).collect();
                 v.pop();
-                v.iter().map(|t| t + cfg.steps_offset).collect()
+                v.iter().map(|t| t.saturating_add(cfg.steps_offset)).collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = train as f64 / n as f64;
@@ -564,11 +564,17 @@ impl Scheduler for DpmSolverMultistepScheduler {
         if n == 0 {
             return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
         }
+        if n > self.config.num_train_timesteps {
+            return Err(Error::InvalidArgument(format!(
+                "{n} inference steps is more than the {} timesteps the model was trained with",
+                self.config.num_train_timesteps
+            )));
+        }
         let (timesteps, sigmas) = self.compute_schedule(n)?;
         if timesteps.is_empty() {
             return Err(config_error(&self.config_path, format!("the schedule for {n} steps is empty")));
         }
-        self.timesteps = to_timesteps(&timesteps, n)?;
+        self.timesteps = to_timesteps(&timesteps, n, self.config.num_train_timesteps)?;
         self.sigmas = sigmas;
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;

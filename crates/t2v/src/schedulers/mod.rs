@@ -220,7 +220,7 @@ pub fn build_scheduler(
 
 /// Reads and parses a `scheduler_config.json` (see [`parse_scheduler_config`]).
 pub fn load_scheduler_config(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path, crate::files::FileKind::Config)?;
     parse_scheduler_config(&text, path)
 }
 
@@ -393,6 +393,17 @@ pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> 
     if n == 0 {
         return Err(config_error(path, "num_train_timesteps must be at least 1"));
     }
+    if n > MAX_TRAIN_TIMESTEPS {
+        return Err(config_error(
+            path,
+            format!(
+                "num_train_timesteps is {n}: at most {MAX_TRAIN_TIMESTEPS} is supported (diffusers' models use 1000)"
+            ),
+        ));
+    }
+    // Betas are variances of the noise added each step: in [0, 1), else alphas (1 - beta) reach
+    // zero or go negative and every sample becomes NaN.
+    let beta_ok = |b: f64| b.is_finite() && (0.0..1.0).contains(&b);
     let mut betas: Vec<f32> = if let Some(trained) = &cfg.trained_betas {
         if trained.len() != n {
             return Err(config_error(
@@ -400,8 +411,18 @@ pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> 
                 format!("trained_betas has {} values but num_train_timesteps is {n}", trained.len()),
             ));
         }
+        if let Some((i, b)) = trained.iter().enumerate().find(|(_, &b)| !beta_ok(b)) {
+            return Err(config_error(path, format!("trained_betas[{i}] is {b}: betas must be in [0, 1)")));
+        }
         trained.iter().map(|&b| b as f32).collect()
     } else {
+        if cfg.beta_schedule != BetaSchedule::SquaredcosCapV2 {
+            for (key, b) in [("beta_start", cfg.beta_start), ("beta_end", cfg.beta_end)] {
+                if !beta_ok(b) {
+                    return Err(config_error(path, format!("{key} is {b}: betas must be in [0, 1)")));
+                }
+            }
+        }
         match cfg.beta_schedule {
             BetaSchedule::Linear => torch_linspace_f32(cfg.beta_start, cfg.beta_end, n),
             BetaSchedule::ScaledLinear => torch_linspace_f32(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n)
@@ -415,8 +436,21 @@ pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> 
         betas = rescale_zero_terminal_snr(&betas);
     }
     let alphas: Vec<f32> = betas.iter().map(|&b| 1.0f32 - b).collect();
-    Ok(cumprod_f32(&alphas))
+    let cumprod = cumprod_f32(&alphas);
+    // Zero-terminal-SNR rescaling ends at 0 by design; otherwise a product that underflows to 0
+    // makes sigmas infinite.
+    let checked = if cfg.rescale_betas_zero_snr { &cumprod[..n - 1] } else { &cumprod[..] };
+    if let Some(t) = checked.iter().position(|&a| !(a.is_finite() && a > 0.0)) {
+        return Err(config_error(
+            path,
+            format!("the noise schedule leaves no signal at timestep {t} (alphas_cumprod reaches 0): lower beta_end or num_train_timesteps"),
+        ));
+    }
+    Ok(cumprod)
 }
+
+/// The most training timesteps a scheduler config may name.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
 
 pub(crate) fn config_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::Config { path: PathBuf::from(path), reason: reason.into() }
@@ -524,16 +558,23 @@ pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
 /// Converts schedule values (already integral) to timesteps, refusing negative ones (the
 /// reference's `trailing` spacing yields -1 for some step counts, e.g. 61 of 1000, through a
 /// float rounding quirk of `np.arange`; it then silently indexes the last training timestep).
-pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize) -> Result<Vec<usize>> {
+pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize, train: usize) -> Result<Vec<usize>> {
     values
         .iter()
         .map(|&t| {
-            usize::try_from(t).map_err(|_| {
+            let t = usize::try_from(t).map_err(|_| {
                 Error::InvalidArgument(format!(
                     "the timestep schedule for {num_inference_steps} steps contains the negative \
                      timestep {t}: choose another number of steps or another timestep_spacing"
                 ))
-            })
+            })?;
+            if t >= train {
+                return Err(Error::InvalidArgument(format!(
+                    "the timestep schedule for {num_inference_steps} steps contains the timestep {t}, past the \
+                     {train} the model was trained with: choose fewer steps, or lower the scheduler's steps_offset"
+                )));
+            }
+            Ok(t)
         })
         .collect()
 }

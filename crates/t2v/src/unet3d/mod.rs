@@ -59,6 +59,11 @@ impl PerLevel {
     }
 }
 
+/// The most resolution levels a UNet or VAE config may have (published models have 4).
+pub const MAX_LEVELS: usize = 8;
+/// The largest channel count, layer count or sample size a config may name.
+pub const MAX_DIM: usize = 1 << 16;
+
 /// `unet/config.json`. Missing keys take `UNet3DConditionModel.__init__`'s defaults (those of
 /// the published 1.7B model); keys not listed are ignored.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,48 +115,87 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Rejects what the reference rejects or what t2v does not implement, with the reason.
+    /// Rejects what the reference rejects, what t2v does not implement, and values no model can
+    /// be built or run with, naming the key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::InvalidArgument(format!("unet/config.json: {msg}")));
+        let bad = |key: &str, reason: String| {
+            Err(Error::InvalidConfig { path: "unet/config.json".into(), key: key.into(), reason })
+        };
         let levels = self.block_out_channels.len();
-        if levels == 0 || self.down_block_types.len() != levels || self.up_block_types.len() != levels {
-            return bad(format!(
-                "block_out_channels ({levels}), down_block_types ({}) and up_block_types ({}) must have the same length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            ));
+        if !(1..=MAX_LEVELS).contains(&levels) {
+            return bad("block_out_channels", format!("has {levels} levels: it must have 1 to {MAX_LEVELS}"));
+        }
+        if self.down_block_types.len() != levels || self.up_block_types.len() != levels {
+            return bad(
+                "down_block_types",
+                format!(
+                    "block_out_channels ({levels}), down_block_types ({}) and up_block_types ({}) must have the same length",
+                    self.down_block_types.len(),
+                    self.up_block_types.len()
+                ),
+            );
         }
         if self.num_attention_heads.is_some() {
             return bad(
-                "num_attention_heads must be null: UNet3DConditionModel takes the head size from attention_head_dim"
-                    .into(),
+                "num_attention_heads",
+                "must be null: UNet3DConditionModel takes the head size from attention_head_dim".into(),
             );
         }
         if self.act_fn != "silu" && self.act_fn != "swish" {
-            return bad(format!("act_fn `{}` is not supported (only silu)", self.act_fn));
+            return bad("act_fn", format!("`{}` is not supported (only silu)", self.act_fn));
+        }
+        for (key, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("cross_attention_dim", self.cross_attention_dim),
+        ] {
+            if !(1..=MAX_DIM).contains(&v) {
+                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
+            }
+        }
+        if let Some(s) = self.sample_size {
+            if !(1..=MAX_DIM).contains(&s) {
+                return bad("sample_size", format!("is {s}: it must be 1 to {MAX_DIM} latent pixels"));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad("norm_eps", format!("is {}: it must be a positive number", self.norm_eps));
+        }
+        if !self.mid_block_scale_factor.is_finite() {
+            return bad("mid_block_scale_factor", "must be a finite number".into());
         }
         let Some(groups) = self.norm_num_groups else {
-            return bad("norm_num_groups null is not supported".into());
+            return bad("norm_num_groups", "null is not supported".into());
         };
+        if groups == 0 {
+            return bad("norm_num_groups", "is 0: GroupNorm needs at least 1 group".into());
+        }
         let head_dims = self.attention_head_dim.expand(levels);
         if head_dims.len() != levels {
-            return bad(format!("attention_head_dim has {} entries for {levels} levels", head_dims.len()));
+            return bad("attention_head_dim", format!("has {} entries for {levels} levels", head_dims.len()));
         }
         for (i, (&ch, &hd)) in self.block_out_channels.iter().zip(&head_dims).enumerate() {
+            if !(1..=MAX_DIM).contains(&ch) {
+                return bad("block_out_channels", format!("level {i} has {ch} channels: it must be 1 to {MAX_DIM}"));
+            }
             if hd == 0 || ch % hd != 0 || ch % groups != 0 {
-                return bad(format!(
-                    "level {i}: {ch} channels are not a multiple of attention_head_dim {hd} and norm_num_groups {groups}"
-                ));
+                return bad(
+                    "block_out_channels",
+                    format!(
+                        "level {i}: {ch} channels are not a multiple of attention_head_dim {hd} and norm_num_groups {groups}"
+                    ),
+                );
             }
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock3D" && t != "DownBlock3D" {
-                return bad(format!("down block type `{t}` is not supported (CrossAttnDownBlock3D, DownBlock3D)"));
+                return bad("down_block_types", format!("`{t}` is not supported (CrossAttnDownBlock3D, DownBlock3D)"));
             }
         }
         for t in &self.up_block_types {
             if t != "CrossAttnUpBlock3D" && t != "UpBlock3D" {
-                return bad(format!("up block type `{t}` is not supported (CrossAttnUpBlock3D, UpBlock3D)"));
+                return bad("up_block_types", format!("`{t}` is not supported (CrossAttnUpBlock3D, UpBlock3D)"));
             }
         }
         Ok(())

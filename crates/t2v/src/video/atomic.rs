@@ -149,7 +149,7 @@ fn is_frame_folder(dir: &Path) -> io::Result<bool> {
 
 /// Whether `path` is a PNG frame folder that may be replaced (false: nothing is there); an
 /// error when something else is there.
-pub(crate) fn check_replaceable_dir(path: &Path) -> Result<bool> {
+pub fn check_replaceable_dir(path: &Path) -> Result<bool> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(path, e)),

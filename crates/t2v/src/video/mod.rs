@@ -22,9 +22,9 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-pub use atomic::{remove_stale_partials, Staged, PARTIAL_TAG};
+pub use atomic::{check_replaceable_dir, remove_stale_partials, Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
-pub use mp4::{mp4_dimensions, mp4_top_level_boxes, read_mp4_metadata};
+pub use mp4::{mp4_dimensions, mp4_metadata_from, mp4_top_level_boxes, read_mp4_metadata, Mp4Problem};
 pub use npy::npy_header;
 
 /// Frames per second used when none is given.
@@ -239,6 +239,24 @@ impl<'a> Frames<'a> {
 pub(crate) fn to_u8(v: f32) -> u8 {
     // `as u8` saturates and maps NaN to 0.
     (v.clamp(0.0, 1.0) * 255.0).round() as u8
+}
+
+/// Checks, before any frame exists, that `format` can hold `frames` frames of `width`×`height`
+/// pixels at `fps`: what the encoders would otherwise refuse only after the whole generation.
+pub fn check_encodable(format: VideoFormat, frames: usize, height: usize, width: usize, fps: u32) -> Result<()> {
+    if frames == 0 || height == 0 || width == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "cannot write a video of {frames} frames of {width}x{height} pixels: every dimension must be at least 1"
+        )));
+    }
+    if fps == 0 {
+        return Err(Error::InvalidArgument("fps must be at least 1".to_string()));
+    }
+    match format {
+        VideoFormat::Mp4 => mp4::check(width, height, fps),
+        VideoFormat::Gif => gif::check(&Frames { data: &[], frames, height, width }),
+        VideoFormat::Npy | VideoFormat::PngFrames => Ok(()),
+    }
 }
 
 /// Writes `frames` in `format` under a temporary name beside `path`; [`Staged::publish`] then

@@ -9,7 +9,6 @@
 //! colour-managed players shift the gamut). Chroma is the 2×2 box average (yuv420p; that is
 //! centre-sited, H.264's default is left-sited: a quarter-chroma-pixel shift nobody will see).
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -103,9 +102,12 @@ fn rgb_to_i420(rgb: &[f32], w: usize, h: usize, pw: usize, ph: usize, y: &mut [u
     }
 }
 
-/// Encodes the clip to a complete MP4 file in memory. `path` is only used in error messages.
-pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> Result<Vec<u8>> {
-    let (w, h) = (frames.width, frames.height);
+/// The highest frame rate written: a frame must last at least one tick of the media timescale, and
+/// openh264 takes rates up to this.
+pub const MAX_FPS: u32 = 240;
+
+/// Whether the encoder and the container can take `w`×`h` frames at `fps`.
+pub(super) fn check(w: usize, h: usize, fps: u32) -> Result<()> {
     let (pw, ph) = mp4_dimensions(w, h);
     if w < 16 || h < 16 {
         return Err(Error::InvalidArgument(format!(
@@ -117,6 +119,17 @@ pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> 
             "{w}x{h} is too large for the H.264 encoder (at most 3840x2160 or 2160x3840): write PNG frames or .npy instead"
         )));
     }
+    if !(1..=MAX_FPS).contains(&fps) {
+        return Err(Error::InvalidArgument(format!("an MP4 takes 1 to {MAX_FPS} frames per second, not {fps}")));
+    }
+    Ok(())
+}
+
+/// Encodes the clip to a complete MP4 file in memory. `path` is only used in error messages.
+pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> Result<Vec<u8>> {
+    let (w, h) = (frames.width, frames.height);
+    let (pw, ph) = mp4_dimensions(w, h);
+    check(w, h, opts.fps)?;
     let qp = opts.quality.qp();
     if !(Quality::MIN_QP..=Quality::MAX_QP).contains(&qp) {
         return Err(Error::InvalidArgument(format!(
@@ -403,16 +416,34 @@ fn fix_single_frame_duration(mp4: &mut [u8], moov: BoxRef, ticks: u64) -> std::r
 /// [`EncodeOptions::metadata`]. `Ok(None)` for an MP4 without one; an error if the file cannot
 /// be read or is not an MP4. Reads only the box headers and the moov box, not the media data.
 pub fn read_mp4_metadata(path: &Path) -> Result<Option<String>> {
-    let invalid = |why: String| Error::InvalidArgument(format!("{} is not a readable MP4 file: {why}", path.display()));
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    mp4_metadata_from(&mut f, len).map_err(|e| match e {
+        Mp4Problem::Io(e) => Error::io(path, e),
+        Mp4Problem::Invalid(why) => {
+            Error::InvalidArgument(format!("{} is not a readable MP4 file: {why}", path.display()))
+        }
+    })
+}
+
+/// Why [`mp4_metadata_from`] found no answer.
+#[derive(Debug)]
+pub enum Mp4Problem {
+    Io(std::io::Error),
+    /// Not an MP4, or a damaged one.
+    Invalid(String),
+}
+
+/// [`read_mp4_metadata`] over any reader of `len` bytes.
+pub fn mp4_metadata_from<R: Read + Seek>(f: &mut R, len: u64) -> std::result::Result<Option<String>, Mp4Problem> {
+    let invalid = Mp4Problem::Invalid;
     let mut pos = 0u64;
     let mut first = true;
     while pos < len {
         let mut hdr = [0u8; 16];
-        f.seek(SeekFrom::Start(pos)).map_err(|e| Error::io(path, e))?;
+        f.seek(SeekFrom::Start(pos)).map_err(Mp4Problem::Io)?;
         let avail = (len - pos).min(16) as usize;
-        f.read_exact(&mut hdr[..avail]).map_err(|e| Error::io(path, e))?;
+        f.read_exact(&mut hdr[..avail]).map_err(Mp4Problem::Io)?;
         if avail < 8 {
             return Err(invalid(format!("truncated box header at byte {pos}")));
         }
@@ -435,8 +466,8 @@ pub fn read_mp4_metadata(path: &Path) -> Result<Option<String>> {
                 return Err(invalid("moov box larger than 256 MiB".into()));
             }
             let mut moov = vec![0u8; (size - header) as usize];
-            f.seek(SeekFrom::Start(pos + header)).map_err(|e| Error::io(path, e))?;
-            f.read_exact(&mut moov).map_err(|e| Error::io(path, e))?;
+            f.seek(SeekFrom::Start(pos + header)).map_err(Mp4Problem::Io)?;
+            f.read_exact(&mut moov).map_err(Mp4Problem::Io)?;
             return find_comment(&moov).map_err(invalid);
         }
         pos += size;

@@ -29,7 +29,7 @@ pub(super) struct Archive {
 impl Archive {
     /// Opens `path` as a zip archive and finds its one `data.pkl`.
     pub(super) fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::files::open_regular(path, crate::files::FileKind::Weights)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Err(corrupt(path, "the file is empty"));

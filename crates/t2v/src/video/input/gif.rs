@@ -6,11 +6,11 @@ use std::io::BufReader;
 use std::path::Path;
 
 use super::{Collector, Want};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Reads the frames; returns the frame rate the delays give (`None` when no delay is set).
 pub(super) fn read_gif(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let mut options = gif::DecodeOptions::new();
     options.set_color_output(gif::ColorOutput::RGBA);
     let unreadable = |e: gif::DecodingError| {

@@ -73,7 +73,7 @@ impl Rotation {
 }
 
 pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
     let (mp4, index) = read_index(&mut reader, file_len, c)?;

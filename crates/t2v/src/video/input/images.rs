@@ -59,7 +59,7 @@ pub(super) fn read_folder(dir: &Path, c: &mut Collector) -> Result<()> {
 /// A PNG as 8-bit RGB: palettes expanded, 16-bit samples cut to 8, grey spread to the three
 /// channels, alpha dropped (as PIL's `convert("RGB")`).
 fn read_png(path: &Path, name: &str, c: &Collector) -> Result<(Vec<u8>, usize, usize)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let mut decoder = png::Decoder::new(BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let unreadable = |e: png::DecodingError| {
@@ -94,7 +94,7 @@ fn read_png(path: &Path, name: &str, c: &Collector) -> Result<(Vec<u8>, usize, u
 fn read_jpeg(path: &Path, name: &str, c: &Collector) -> Result<(Vec<u8>, usize, usize)> {
     use zune_jpeg::zune_core::colorspace::ColorSpace;
     use zune_jpeg::zune_core::options::DecoderOptions;
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let data = crate::files::read_bounded(path, crate::files::FileKind::Video)?;
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(super::MAX_SIDE)

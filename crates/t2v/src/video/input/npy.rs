@@ -39,7 +39,7 @@ struct Header {
 }
 
 pub(super) fn read_npy(path: &Path, c: &mut Collector) -> Result<()> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let header = read_header(&mut file, c)?;
     let [frames, height, width, channels] = header.shape[..] else {
