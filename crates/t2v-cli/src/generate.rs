@@ -421,8 +421,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompts: Vec<String> = if let Some(p) = &args.prompt {
         vec![p.clone()]
     } else if let Some(file) = &args.prompts {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading the prompts in {}", file.display()))?;
+        let text = t2v::files::read_text(file, t2v::files::FileKind::Prompts).context("reading the prompts")?;
         let prompts: Vec<String> =
             text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
         if prompts.is_empty() {
@@ -437,13 +436,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.num_videos == 0 {
         bail!("--num-videos must be at least 1");
     }
+    let total = prompts.len().checked_mul(args.num_videos).filter(|&n| n <= MAX_VIDEOS).with_context(|| {
+        format!(
+            "{} prompts × --num-videos {} is more than the {MAX_VIDEOS} videos one run makes: split the run",
+            prompts.len(),
+            args.num_videos
+        )
+    })?;
     let device = pipeline::select_device(&args.device)?;
     if dtype == DType::BF16 && device.is_cpu() {
         bail!("--dtype bf16 needs a GPU (candle's CPU matrix products have no bfloat16): use --dtype f32 (fastest on the CPU) or f16");
     }
 
     // Every output is decided and checked before any model work.
-    let total = prompts.len() * args.num_videos;
     let mut planner = Planner::new(&args.output, &args.format, args.overwrite)?;
     let mut jobs = Vec::with_capacity(total);
     for (p, prompt) in prompts.iter().enumerate() {
@@ -459,7 +464,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let hub = hub_options(args.offline, quiet, args.variant);
     let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
-    let (height, width) = pipeline::check_params(&model_folder, &template)
+    let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
+    let (height, width) = plan(&model_folder, &template, &options)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
     let upscale = match upscale {
         Some((spec, size, strength, steps)) => {
@@ -470,7 +476,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 width: size.map(|(w, _)| w),
                 ..template.clone()
             };
-            let (h, w) = pipeline::check_params(&folder, &asked)
+            let (h, w) = plan(&folder, &asked, &options)
                 .with_context(|| format!("checking the second pass's settings against {spec}"))?;
             Some(UpscalePass { spec, folder, height: h, width: w, strength, steps })
         }
@@ -519,8 +525,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         job.params.height = Some(height);
         job.params.width = Some(width);
     }
+    // What the encoders cannot take is known now, before the first step.
+    let (out_height, out_width) = upscale.as_ref().map_or((height, width), |u| (u.height, u.width));
+    for job in &jobs {
+        for t in &job.targets {
+            t2v::video::check_encodable(t.format, job.params.num_frames, out_height, out_width, fps)
+                .with_context(|| format!("{} cannot be written", t.path.display()))?;
+        }
+    }
     let interrupted = on_interrupt();
-    let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
     let passes = if upscale.is_some() { 2 } else { 1 };
     let ctx = RunContext { quiet, interrupted: &interrupted, jobs: jobs.len(), passes };
 
@@ -591,6 +604,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+/// The most videos one run makes (each is planned, its outputs checked, before any work).
+const MAX_VIDEOS: usize = 10_000;
+
+/// Checks a pass's settings against its model and the memory it needs, before any work;
+/// returns its (height, width).
+fn plan(folder: &Path, params: &GenerationParams, options: &LoadOptions) -> Result<(usize, usize)> {
+    let plan = pipeline::plan_run(folder, params, options)?;
+    Ok((plan.shape.height, plan.shape.width))
 }
 
 /// The folder of `spec`, and `spec` as recorded: a local folder by its absolute path, so that

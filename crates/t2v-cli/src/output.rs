@@ -99,8 +99,8 @@ impl<'a> Planner<'a> {
         for t in &targets {
             // Temporaries that killed runs left in this folder go before this run writes there.
             video::remove_stale_partials(parent_of(&t.path));
-            check_output_path(&t.path, self.overwrite)?;
-            check_output_path(&t.settings, self.overwrite)?;
+            check_output_path(&t.path, Some(t.format), self.overwrite)?;
+            check_output_path(&t.settings, None, self.overwrite)?;
             for p in [&t.path, &t.settings] {
                 if !self.taken.insert(p.clone()) {
                     bail!(
@@ -169,7 +169,10 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
-fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
+/// What publishing `path` (a video of `format`, or a settings file for `None`) would refuse after
+/// the whole generation, refused now: a missing or unwritable folder, an existing path without
+/// `overwrite`, a folder where a file goes (or the reverse), a folder holding other files.
+fn check_output_path(path: &Path, format: Option<VideoFormat>, overwrite: bool) -> Result<()> {
     let parent = parent_of(path);
     if !parent.is_dir() {
         bail!("the output folder {} does not exist: create it, or choose another --output", parent.display());
@@ -177,6 +180,20 @@ fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
         bail!("{} exists: pass --overwrite to replace it, or choose another --output", path.display());
     }
+    match format {
+        Some(VideoFormat::PngFrames) => {
+            video::check_replaceable_dir(path)?;
+        }
+        _ if path.is_dir() => {
+            bail!("{} is a folder: give a file name for this output, or choose another --output", path.display())
+        }
+        _ => {}
+    }
+    // The output is written beside its final name, then renamed: the folder must take new files.
+    tempfile::Builder::new()
+        .prefix(".t2v-write-check-")
+        .tempfile_in(parent)
+        .with_context(|| format!("the output folder {} cannot be written to", parent.display()))?;
     Ok(())
 }
 

@@ -85,15 +85,15 @@ pub fn input_sha256(path: &Path) -> Result<String> {
         }
         frames.sort();
         for (name, p) in frames {
-            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            let bytes = t2v::files::read_bounded(&p, t2v::files::FileKind::Video)?;
             hasher.update(name.as_bytes());
             hasher.update([0u8]);
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(&bytes);
         }
     } else {
-        let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-        std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+        let mut file = t2v::files::open_regular(path, t2v::files::FileKind::Video)?;
+        std::io::copy(&mut file, &mut hasher).map_err(|e| t2v::Error::io(path, e))?;
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -178,7 +178,7 @@ impl RunSettings {
                 anyhow!("this MP4 carries no t2v settings (it was not made by t2v, or its metadata was stripped)")
             })?
         } else {
-            std::fs::read_to_string(path)?
+            t2v::files::read_text(path, t2v::files::FileKind::Settings)?
         };
         serde_json::from_str(&text).context("these are not settings that t2v wrote")
     }
