@@ -575,6 +575,14 @@ impl Scheduler for DpmSolverMultistepScheduler {
             return Err(config_error(&self.config_path, format!("the schedule for {n} steps is empty")));
         }
         self.timesteps = to_timesteps(&timesteps, n, self.config.num_train_timesteps)?;
+        // The loop starts at a repeated first timestep's second occurrence (diffusers'
+        // `index_for_timestep`), so it would run out of sigmas before the last step.
+        if self.timesteps.iter().filter(|&&t| t == self.timesteps[0]).count() > 1 {
+            return Err(Error::InvalidArgument(format!(
+                "the DPM-Solver schedule for {n} steps repeats its first timestep {}: choose fewer steps",
+                self.timesteps[0]
+            )));
+        }
         self.sigmas = sigmas;
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;

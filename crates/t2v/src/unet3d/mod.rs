@@ -159,6 +159,11 @@ impl Config {
                 return bad("sample_size", format!("is {s}: it must be 1 to {MAX_DIM} latent pixels"));
             }
         }
+        // Downsample2D pads asymmetrically for 0 and grows the maps for more than 1: every
+        // published model uses 1, the only value t2v implements.
+        if self.downsample_padding != 1 {
+            return bad("downsample_padding", format!("is {}: only 1 is supported", self.downsample_padding));
+        }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return bad("norm_eps", format!("is {}: it must be a positive number", self.norm_eps));
         }
