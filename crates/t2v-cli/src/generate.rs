@@ -817,3 +817,93 @@ fn random_seed() -> u64 {
 pub fn printable(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The numeric options through clap and every check that runs before the model loads
+    //! (issue 11): any value is refused with an error or accepted, never a panic or an abort.
+
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn tiny() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-t2v")
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..40).prop_map(|v| v.to_string()),
+            prop::sample::select(vec![
+                "18446744073709551615",
+                "18446744073709551608",
+                "1099511627776",
+                "99999999999",
+                "4294967295",
+                "100000",
+                "-1",
+                "1e300",
+                "NaN",
+                "inf",
+                "-0",
+                "0.5",
+                "8",
+                "16",
+                "32",
+                "x",
+                "",
+            ])
+            .prop_map(String::from),
+        ]
+    }
+
+    const OPTIONS: &[&str] = &[
+        "--num-frames",
+        "--height",
+        "--width",
+        "--steps",
+        "--seed",
+        "--guidance-scale",
+        "--eta",
+        "--fps",
+        "--num-videos",
+        "--quality",
+        "--strength",
+        "--video-start",
+        "--video-every",
+        "--upscale-steps",
+        "--upscale-strength",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn numeric_options(options in prop::collection::btree_map(prop::sample::select(OPTIONS), value(), 0..6)) {
+            let mut argv = vec!["t2v".to_string(), "a cat".to_string()];
+            for (k, v) in &options {
+                argv.push(format!("{k}={v}"));
+            }
+            let Ok(cli) = Cli::try_parse_from(&argv) else { return Ok(()) };
+            let args = cli.args;
+            let mut params = GenerationParams::new("a cat", 0);
+            args.apply_to(&mut params);
+            let _ = strength_begin_index(params.num_inference_steps, args.strength.unwrap_or(DEFAULT_STRENGTH));
+            let options = LoadOptions::default();
+            if let Ok(plan) = pipeline::plan_run(tiny(), &params, &options) {
+                let fps = args.fps.unwrap_or(t2v::video::DEFAULT_FPS);
+                let (h, w) = (plan.shape.height, plan.shape.width);
+                for format in [VideoFormat::Mp4, VideoFormat::Gif, VideoFormat::Npy, VideoFormat::PngFrames] {
+                    let _ = t2v::video::check_encodable(format, params.num_frames, h, w, fps);
+                }
+            }
+        }
+    }
+}
