@@ -97,7 +97,8 @@ fn more_steps_than_training_timesteps_are_refused_before_work() {
 
 #[test]
 fn scales_outside_what_the_model_can_use_are_refused() {
-    let cases: &[(fn(&mut GenerationParams), &str)] = &[
+    type Set = fn(&mut GenerationParams);
+    let cases: &[(Set, &str)] = &[
         (|p| p.guidance_scale = 1e300, "guidance scale must be between 0 and 100"),
         (|p| p.guidance_scale = f64::NAN, "guidance scale must be between 0 and 100"),
         (|p| p.guidance_scale = -1.0, "guidance scale must be between 0 and 100"),
