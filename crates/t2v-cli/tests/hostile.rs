@@ -346,10 +346,10 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.mp4");
     let args = |out: &Path| -> Vec<String> {
-        ["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "2", "--num-frames", "8"]
+        ["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "4"]
             .iter()
             .map(|s| s.to_string())
-            .chain(["--height", "64", "--width", "64", "--seed", "3", "-q", "--overwrite", "-o"].map(String::from))
+            .chain(["--height", "32", "--width", "32", "--seed", "3", "-q", "--overwrite", "-o"].map(String::from))
             .chain([out.to_str().unwrap().to_string()])
             .collect()
     };
@@ -363,7 +363,7 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
     let new_settings = std::fs::read(dir.join("reference.mp4.json")).unwrap();
     let old = b"the old video".to_vec();
     let old_settings = b"the old settings".to_vec();
-    let points = 14;
+    let points = 24;
     let mut outcomes = [0usize; 2];
     for i in 0..points {
         for signal in [libc::SIGTERM, libc::SIGKILL] {
@@ -371,13 +371,14 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
             std::fs::write(dir.join("v.mp4.json"), &old_settings).unwrap();
             let mut child =
                 Command::new(env!("CARGO_BIN_EXE_t2v")).args(args(&out)).stderr(Stdio::null()).spawn().unwrap();
-            // From the start to past the end of a run: the later points land in the writing.
-            std::thread::sleep(lifetime.mul_f64(0.3 + 0.8 * i as f64 / points as f64));
+            // From the middle of a run (loading and denoising come first) to past its end, in steps
+            // of a few milliseconds: some land while the output is written and published.
+            std::thread::sleep(lifetime.mul_f64(0.5 + 0.7 * i as f64 / points as f64));
             // SAFETY: kill(2) on the child's pid, which has not been reaped yet.
             unsafe { libc::kill(child.id() as libc::pid_t, signal) };
             if signal == libc::SIGTERM {
                 // A second signal quits at once, as a second Ctrl-C.
-                std::thread::sleep(Duration::from_millis(5 * i as u64));
+                std::thread::sleep(Duration::from_millis(i as u64 % 4));
                 unsafe { libc::kill(child.id() as libc::pid_t, signal) };
             }
             child.wait().unwrap();
@@ -388,7 +389,9 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
             assert!(settings == old_settings || settings == new_settings, "point {i}: settings neither old nor new");
         }
     }
+    eprintln!("killed runs that left the old file, the new one: {outcomes:?} (a run takes {lifetime:?})");
     assert!(outcomes[0] > 0, "no kill landed before the publishing: {outcomes:?}");
+    assert!(outcomes[1] > 0, "no run published before its kill: {outcomes:?}");
     // The next run removes what the killed runs left, and leaves a complete file.
     let o = Command::new(env!("CARGO_BIN_EXE_t2v")).args(args(&out)).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
