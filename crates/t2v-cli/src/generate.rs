@@ -465,7 +465,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let hub = hub_options(args.offline, quiet, args.variant);
     let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
     let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
-    let (height, width) = plan(&model_folder, &template, &options)
+    let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
     let upscale = match upscale {
         Some((spec, size, strength, steps)) => {
@@ -476,7 +476,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 width: size.map(|(w, _)| w),
                 ..template.clone()
             };
-            let (h, w) = plan(&folder, &asked, &options)
+            let (h, w) = pipeline::check_params(&folder, &asked)
                 .with_context(|| format!("checking the second pass's settings against {spec}"))?;
             Some(UpscalePass { spec, folder, height: h, width: w, strength, steps })
         }
@@ -524,6 +524,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     for job in &mut jobs {
         job.params.height = Some(height);
         job.params.width = Some(width);
+    }
+    // The memory each pass needs, with the frame count of the input video when there is one.
+    if let Some(job) = jobs.first() {
+        pipeline::plan_run(&model_folder, &job.params, &options)
+            .with_context(|| format!("checking the settings against {model_spec}"))?;
+        if let Some(up) = &upscale {
+            let asked = GenerationParams { height: Some(up.height), width: Some(up.width), ..job.params.clone() };
+            pipeline::plan_run(&up.folder, &asked, &options)
+                .with_context(|| format!("checking the second pass's settings against {}", up.spec))?;
+        }
     }
     // What the encoders cannot take is known now, before the first step.
     let (out_height, out_width) = upscale.as_ref().map_or((height, width), |u| (u.height, u.width));
@@ -608,13 +618,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// The most videos one run makes (each is planned, its outputs checked, before any work).
 const MAX_VIDEOS: usize = 10_000;
-
-/// Checks a pass's settings against its model and the memory it needs, before any work;
-/// returns its (height, width).
-fn plan(folder: &Path, params: &GenerationParams, options: &LoadOptions) -> Result<(usize, usize)> {
-    let plan = pipeline::plan_run(folder, params, options)?;
-    Ok((plan.shape.height, plan.shape.width))
-}
 
 /// The folder of `spec`, and `spec` as recorded: a local folder by its absolute path, so that
 /// --from finds it from anywhere.
