@@ -33,7 +33,7 @@ fn py_err(err: t2v::Error) -> PyErr {
             PyFileNotFoundError::new_err(msg)
         }
         E::OutputExists { .. } => PyFileExistsError::new_err(msg),
-        E::Io { source, .. } => match source.kind() {
+        E::Io { error, .. } => match error.kind() {
             std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
             std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
             std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),

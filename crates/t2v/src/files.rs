@@ -93,7 +93,7 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<String> {
 
 /// Whether `path` is missing (as opposed to there but unreadable, or not a file).
 pub fn is_missing(err: &Error) -> bool {
-    matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    matches!(err, Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
 }
 
 #[cfg(unix)]
