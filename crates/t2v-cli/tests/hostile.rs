@@ -282,6 +282,16 @@ fn special_files_and_hostile_settings_are_refused_at_once() {
 }
 
 #[test]
+fn io_errors_are_told_once() {
+    let model = model_dir("tiny-t2v");
+    let o = t2v_within(&["generate", "--prompts", "/nonexistent/p.txt", "--model", model.to_str().unwrap()], LIMIT);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("reading the prompts: /nonexistent/p.txt: No such file or directory"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+#[test]
 fn outputs_that_cannot_be_written_are_refused_before_the_first_step() {
     let (_tmp, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
@@ -304,6 +314,9 @@ fn outputs_that_cannot_be_written_are_refused_before_the_first_step() {
     assert!(frames.join("notes.txt").exists());
     let o = run(&folder_mp4, &["--overwrite"]);
     assert_refused(&o, "a folder as the output file", "d.npy is a folder: give a file name", &dir, &before);
+    // A format that contradicts the extension.
+    let o = run(&dir.join("x.mp4"), &["--format", "gif"]);
+    assert_refused(&o, "--format gif -o x.mp4", "x.mp4 names a .mp4 file, but --format asks for gif", &dir, &before);
     // A read-only folder (where permissions apply: not for root).
     let ro = dir.join("ro");
     std::fs::create_dir(&ro).unwrap();
