@@ -281,6 +281,32 @@ fn special_files_and_hostile_settings_are_refused_at_once() {
     }
 }
 
+/// small-t2v at 64 frames of 1024×1024 needs several GiB: under a 4 GiB address-space limit the
+/// run is refused before the model loads instead of aborting mid-step.
+#[test]
+fn a_run_larger_than_the_memory_limit_is_refused_before_loading() {
+    use std::os::unix::process::CommandExt;
+    let (_tmp, dir) = temp_dir();
+    let model = model_dir("small-t2v");
+    let out = dir.join("v.npy");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2v"));
+    cmd.args(["generate", "a cat", "--model", model.to_str().unwrap(), "--num-frames", "64", "--height", "1024"])
+        .args(["--width", "1024", "--steps", "2", "-o", out.to_str().unwrap()]);
+    // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 4 << 30, rlim_max: 4 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_refused(&o, "64 frames of 1024² in 4 GiB", "this run needs about", &dir, &[]);
+    assert!(stderr(&o).contains("lower the number of frames (about"), "{}", stderr(&o));
+}
+
 #[test]
 fn io_errors_are_told_once() {
     let model = model_dir("tiny-t2v");

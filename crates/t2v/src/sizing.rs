@@ -159,8 +159,9 @@ pub fn estimate(
     Ok(MemoryEstimate { weights, activations, one_frame, per_frame: per_frame.max(1) })
 }
 
-/// The memory this process can still use: the smaller of the kernel's `MemAvailable` and what
-/// its cgroup's `memory.max` leaves (cgroup v2, else v1). `None` where neither can be read.
+/// The memory this process can still use: the smallest of the kernel's `MemAvailable`, what its
+/// cgroup's `memory.max` leaves (cgroup v2, else v1) and what `ulimit -v` leaves. `None` where
+/// none can be read.
 pub fn available_memory() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let meminfo = read("/proc/meminfo").and_then(|text| {
@@ -185,10 +186,29 @@ pub fn available_memory() -> Option<u64> {
             let max = number("/sys/fs/cgroup/memory/memory.limit_in_bytes").filter(|&m| m < 1 << 60)?;
             Some(max.saturating_sub(number("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0)))
         });
-    match (meminfo, cgroup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    [meminfo, cgroup, address_space_left()].into_iter().flatten().min()
+}
+
+/// What `ulimit -v` (RLIMIT_AS) leaves of this process's address space.
+#[cfg(unix)]
+fn address_space_left() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
     }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let used = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |pages| pages.saturating_mul(page));
+    Some((limit.rlim_cur as u64).saturating_sub(used))
+}
+
+#[cfg(not(unix))]
+fn address_space_left() -> Option<u64> {
+    None
 }
 
 /// Refuses a run that needs more than `available` (when known), saying how much it needs and
