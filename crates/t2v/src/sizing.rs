@@ -203,7 +203,9 @@ fn address_space_left() -> Option<u64> {
         .ok()
         .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
         .map_or(0, |pages| pages.saturating_mul(page));
-    Some((limit.rlim_cur as u64).saturating_sub(used))
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every platform
+    let limit = limit.rlim_cur as u64;
+    Some(limit.saturating_sub(used))
 }
 
 #[cfg(not(unix))]
