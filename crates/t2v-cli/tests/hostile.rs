@@ -353,6 +353,10 @@ fn outputs_that_cannot_be_written_are_refused_before_the_first_step() {
         assert_refused(&o, "read-only folder", "cannot be written to", &ro, &[]);
     }
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A folder no one can create files in, root included.
+    let before = names(&dir);
+    let o = run(Path::new("/proc/v.npy"), &[]);
+    assert_refused(&o, "/proc", "the output folder /proc cannot be written to", &dir, &before);
 }
 
 #[test]
