@@ -72,7 +72,6 @@ fn configs_no_model_can_use_are_refused_naming_file_and_key() {
         ("scheduler/scheduler_config.json", "num_train_timesteps", json!(1e13), "expected usize"),
         ("scheduler/scheduler_config.json", "beta_end", json!(2), "beta_end is 2"),
         ("scheduler/scheduler_config.json", "beta_start", json!(-0.5), "beta_start is -0.5"),
-        ("scheduler/scheduler_config.json", "steps_offset", json!(5000), "past the 1000"),
     ];
     for (rel, key, value, expected) in cases {
         let (_tmp, root) = tiny_copy();
@@ -93,6 +92,21 @@ fn more_steps_than_training_timesteps_are_refused_before_work() {
         let err = check_params(model_dir("tiny-t2v"), &p).unwrap_err();
         assert!(err.to_string().contains("1001 inference steps is more than the 1000 timesteps"), "{err}");
     }
+    // DDIM reads alphas_cumprod at each timestep: a steps_offset past the training range is refused.
+    let (_tmp, root) = tiny_copy();
+    set_key(&root, "scheduler/scheduler_config.json", "steps_offset", serde_json::json!(5000));
+    let mut p = small_params();
+    p.scheduler = SchedulerKind::Ddim;
+    let err = check_params(&root, &p).unwrap_err();
+    assert!(err.to_string().contains("past the 1000 the model was trained with"), "{err}");
+    // DPM-Solver with the checkpoint's leading spacing: 1000 steps repeat timestep 1 (the loop
+    // would run out of sigmas at its last step); 999 run.
+    let mut p = small_params();
+    p.num_inference_steps = 1000;
+    let err = check_params(model_dir("tiny-t2v"), &p).unwrap_err();
+    assert!(err.to_string().contains("repeats its first timestep 1"), "{err}");
+    p.num_inference_steps = 999;
+    check_params(model_dir("tiny-t2v"), &p).unwrap();
 }
 
 #[test]

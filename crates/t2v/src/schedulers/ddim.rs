@@ -181,7 +181,7 @@ impl Scheduler for DdimScheduler {
                 self.config.num_train_timesteps
             )));
         }
-        self.timesteps = to_timesteps(&ddim_timesteps(&self.config, n), n, self.config.num_train_timesteps)?;
+        self.timesteps = to_timesteps(&ddim_timesteps(&self.config, n), n, Some(self.config.num_train_timesteps))?;
         self.num_inference_steps = n;
         Ok(())
     }

@@ -574,7 +574,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         if timesteps.is_empty() {
             return Err(config_error(&self.config_path, format!("the schedule for {n} steps is empty")));
         }
-        self.timesteps = to_timesteps(&timesteps, n, self.config.num_train_timesteps)?;
+        self.timesteps = to_timesteps(&timesteps, n, None)?;
         // The loop starts at a repeated first timestep's second occurrence (diffusers'
         // `index_for_timestep`), so it would run out of sigmas before the last step.
         if self.timesteps.iter().filter(|&&t| t == self.timesteps[0]).count() > 1 {

@@ -558,7 +558,9 @@ pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
 /// Converts schedule values (already integral) to timesteps, refusing negative ones (the
 /// reference's `trailing` spacing yields -1 for some step counts, e.g. 61 of 1000, through a
 /// float rounding quirk of `np.arange`; it then silently indexes the last training timestep).
-pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize, train: usize) -> Result<Vec<usize>> {
+/// Timesteps as indices; with `train`, each must be below it (DDIM indexes `alphas_cumprod` by
+/// timestep; DPM-Solver interpolates its sigmas, clamping, as diffusers' `np.interp`).
+pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize, train: Option<usize>) -> Result<Vec<usize>> {
     values
         .iter()
         .map(|&t| {
@@ -568,7 +570,7 @@ pub(crate) fn to_timesteps(values: &[i64], num_inference_steps: usize, train: us
                      timestep {t}: choose another number of steps or another timestep_spacing"
                 ))
             })?;
-            if t >= train {
+            if let Some(train) = train.filter(|&train| t >= train) {
                 return Err(Error::InvalidArgument(format!(
                     "the timestep schedule for {num_inference_steps} steps contains the timestep {t}, past the \
                      {train} the model was trained with: choose fewer steps, or lower the scheduler's steps_offset"
