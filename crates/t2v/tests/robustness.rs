@@ -100,12 +100,16 @@ fn more_steps_than_training_timesteps_are_refused_before_work() {
     let err = check_params(&root, &p).unwrap_err();
     assert!(err.to_string().contains("past the 1000 the model was trained with"), "{err}");
     // DPM-Solver with the checkpoint's leading spacing: 1000 steps repeat timestep 1 (the loop
-    // would run out of sigmas at its last step); 999 run.
+    // would run out of sigmas at its last step); 999 start at 1000, clamped to the noise level of
+    // 999 (a step of length 0: NaN at step 2); 500 run.
     let mut p = small_params();
     p.num_inference_steps = 1000;
     let err = check_params(model_dir("tiny-t2v"), &p).unwrap_err();
     assert!(err.to_string().contains("repeats its first timestep 1"), "{err}");
     p.num_inference_steps = 999;
+    let err = check_params(model_dir("tiny-t2v"), &p).unwrap_err();
+    assert!(err.to_string().contains("gives steps 1 and 2 the same noise level"), "{err}");
+    p.num_inference_steps = 500;
     check_params(model_dir("tiny-t2v"), &p).unwrap();
 }
 

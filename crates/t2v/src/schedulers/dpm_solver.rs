@@ -583,6 +583,14 @@ impl Scheduler for DpmSolverMultistepScheduler {
                 self.timesteps[0]
             )));
         }
+        // Two equal noise levels make a step of length 0, which the multistep updates divide by.
+        if let Some(i) = sigmas.windows(2).position(|w| w[0] == w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "the DPM-Solver schedule for {n} steps gives steps {} and {} the same noise level: choose fewer steps",
+                i + 1,
+                i + 2
+            )));
+        }
         self.sigmas = sigmas;
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;
