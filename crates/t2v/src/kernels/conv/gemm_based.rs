@@ -100,6 +100,17 @@ fn use_packed() -> bool {
     crate::kernels::avx512()
 }
 
+/// The weights as float32: borrowed, or widened into `buf`.
+fn weights_f32<'a>(w: Src<'a>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match w {
+        Src::F32(s) => s,
+        Src::F16(_) => {
+            *buf = w.to_f32_vec();
+            buf
+        }
+    }
+}
+
 fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
     if let Some(b) = bias {
         for (chunk, &bv) in out.chunks_mut(plane.max(1)).zip(b.iter().cycle()) {
@@ -120,14 +131,8 @@ pub(super) fn pointwise(
     cout: usize,
     hw: usize,
 ) {
-    let wf: Vec<f32>;
-    let wp: &[f32] = match w {
-        Src::F32(s) => s,
-        Src::F16(_) => {
-            wf = w.to_f32_vec();
-            &wf
-        }
-    };
+    let mut wf = Vec::new();
+    let wp = weights_f32(w, &mut wf);
     fill_bias(out, bias, hw);
     let init = if bias.is_some() { Init::Accumulate } else { Init::Overwrite };
     let nt = threads();
@@ -176,14 +181,8 @@ pub(super) fn temporal(
     f: usize,
     hw: usize,
 ) {
-    let wf: Vec<f32>;
-    let wp: &[f32] = match w {
-        Src::F32(s) => s,
-        Src::F16(_) => {
-            wf = w.to_f32_vec();
-            &wf
-        }
-    };
+    let mut wf = Vec::new();
+    let wp = weights_f32(w, &mut wf);
     let fhw = f * hw;
     fill_bias(out, bias, fhw);
     let nt = threads();
