@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::model_dir;
+use common::{copy_dir, model_dir};
 use support::*;
 
 /// Runs t2v with `args`, killing it (and failing) if it runs past `limit`: no case may hang.
@@ -127,21 +127,6 @@ fn broken_model(edit: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf) {
     copy_dir(&model_dir("tiny-t2v"), &dir);
     edit(&dir);
     (tmp, dir)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            if p.file_name().unwrap() != "v2v" {
-                copy_dir(&p, &dest);
-            }
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
 }
 
 fn set_key(file: &Path, key: &str, value: serde_json::Value) {

@@ -109,14 +109,6 @@ fn v2v_reproduces_small_runs_from_png_folders() {
     check_cli_runs("small-t2v");
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-    }
-}
-
 /// The documented hash of a frame folder: its frame files sorted by name, each as its name, a
 /// NUL, its length (8 bytes, little-endian) and its bytes.
 fn folder_sha256(dir: &Path) -> String {

@@ -36,21 +36,19 @@ pub struct Config {
 impl Config {
     /// Rejects values no text encoder can be built or run with, naming the key.
     pub fn validate(&self) -> Result<()> {
-        use crate::unet3d::MAX_DIM;
         let bad = |key: &str, reason: String| {
             Err(Error::InvalidConfig { path: "text_encoder/config.json".into(), key: key.into(), reason })
         };
         Activation::from_name(&self.hidden_act)?;
-        for (key, v) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if !(1..=MAX_DIM).contains(&v) {
-                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
-            }
-        }
+        crate::unet3d::check_dims(
+            "text_encoder/config.json",
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+        )?;
         if !(1..=1 << 24).contains(&self.vocab_size) {
             return bad("vocab_size", format!("is {}: it must be 1 to {}", self.vocab_size, 1 << 24));
         }

@@ -86,17 +86,16 @@ impl Config {
         if !self.mid_block_add_attention {
             return bad("mid_block_add_attention", "false is not supported".into());
         }
-        for (key, v) in [
-            ("in_channels", self.in_channels),
-            ("out_channels", self.out_channels),
-            ("latent_channels", self.latent_channels),
-            ("layers_per_block", self.layers_per_block),
-            ("norm_num_groups", self.norm_num_groups),
-        ] {
-            if !(1..=MAX_DIM).contains(&v) {
-                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
-            }
-        }
+        crate::unet3d::check_dims(
+            "vae/config.json",
+            &[
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+                ("latent_channels", self.latent_channels),
+                ("layers_per_block", self.layers_per_block),
+                ("norm_num_groups", self.norm_num_groups),
+            ],
+        )?;
         for (i, &ch) in self.block_out_channels.iter().enumerate() {
             if !(1..=MAX_DIM).contains(&ch) || ch % self.norm_num_groups != 0 {
                 return bad(

@@ -22,19 +22,6 @@ fn copy_model(name: &str) -> (TempDir, PathBuf) {
     (dir, dest)
 }
 
-fn copy_dir(src: &Path, dest: &Path) {
-    std::fs::create_dir_all(dest).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let target = dest.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &target)
-        } else {
-            std::fs::copy(&p, &target).unwrap();
-        }
-    }
-}
-
 fn load_err(root: &Path) -> Error {
     match TextToVideo::load(root, &LoadOptions::default()) {
         Ok(_) => panic!("{} loaded", root.display()),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{full_config_dir, model_dir};
+use common::{copy_dir, full_config_dir, model_dir};
 use t2v::pipeline::{check_params, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::SchedulerKind;
 use t2v::sizing::{self, RunShape};
@@ -20,21 +20,6 @@ fn tiny_copy() -> (tempfile::TempDir, PathBuf) {
     copy_dir(&model_dir("tiny-t2v"), tmp.path());
     let root = tmp.path().to_path_buf();
     (tmp, root)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            if p.file_name().unwrap() != "v2v" {
-                copy_dir(&p, &dest);
-            }
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
 }
 
 /// Sets `key` of the JSON file `rel` under `root` to `value`.

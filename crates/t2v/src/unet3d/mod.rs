@@ -64,6 +64,17 @@ pub const MAX_LEVELS: usize = 8;
 /// The largest channel count, layer count or sample size a config may name.
 pub const MAX_DIM: usize = 1 << 16;
 
+/// Checks that each `(key, value)` of the config file `path` is a dimension from 1 to [`MAX_DIM`].
+pub(crate) fn check_dims(path: &str, dims: &[(&str, usize)]) -> Result<()> {
+    for &(key, v) in dims {
+        if !(1..=MAX_DIM).contains(&v) {
+            let reason = format!("is {v}: it must be 1 to {MAX_DIM}");
+            return Err(Error::InvalidConfig { path: path.into(), key: key.into(), reason });
+        }
+    }
+    Ok(())
+}
+
 /// `unet/config.json`. Missing keys take `UNet3DConditionModel.__init__`'s defaults (those of
 /// the published 1.7B model); keys not listed are ignored.
 #[derive(Debug, Clone, Deserialize)]
@@ -144,16 +155,15 @@ impl Config {
         if self.act_fn != "silu" && self.act_fn != "swish" {
             return bad("act_fn", format!("`{}` is not supported (only silu)", self.act_fn));
         }
-        for (key, v) in [
-            ("in_channels", self.in_channels),
-            ("out_channels", self.out_channels),
-            ("layers_per_block", self.layers_per_block),
-            ("cross_attention_dim", self.cross_attention_dim),
-        ] {
-            if !(1..=MAX_DIM).contains(&v) {
-                return bad(key, format!("is {v}: it must be 1 to {MAX_DIM}"));
-            }
-        }
+        crate::unet3d::check_dims(
+            "unet/config.json",
+            &[
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+                ("layers_per_block", self.layers_per_block),
+                ("cross_attention_dim", self.cross_attention_dim),
+            ],
+        )?;
         if let Some(s) = self.sample_size {
             if !(1..=MAX_DIM).contains(&s) {
                 return bad("sample_size", format!("is {s}: it must be 1 to {MAX_DIM} latent pixels"));

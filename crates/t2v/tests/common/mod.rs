@@ -6,7 +6,7 @@ pub mod http;
 pub mod stages;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -60,3 +60,17 @@ pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f64 {
 
 /// The README's module tolerance: 1e-4 relative.
 pub const MODULE_TOL: f64 = 1e-4;
+
+/// Copies the folder `from` into `to`, sub-folders included.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
