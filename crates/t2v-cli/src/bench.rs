@@ -25,7 +25,7 @@ pub struct BenchArgs {
     /// Print the time spent per kind of layer after the run.
     #[arg(long)]
     profile: bool,
-    /// Print one JSON object (text_encode_s, unet_step_s, vae_decode_s, peak_rss_gib, ...) on stdout.
+    /// Print one JSON object (text_encode_s, unet_step_s, vae_decode_s, vae_encode_s, peak_rss_gib, ...) on stdout.
     #[arg(long)]
     json: bool,
     /// Where to run: cpu, cuda, cuda:N, metal, metal:N or auto (as `generate --device`).
@@ -61,6 +61,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.unet_step_s, r.unet_step_gflop, r.unet_gflops_per_s
         );
         println!("vae_decode_s       {:.3}", r.vae_decode_s);
+        println!(
+            "vae_encode_s       {:.3}   (the same frames back to latents, as video-to-video starts)",
+            r.vae_encode_s
+        );
         println!("run_25_steps_s     {:.1}", r.run_25_steps_s);
         println!("peak_rss_gib       {:.2}", r.peak_rss_gib);
     }

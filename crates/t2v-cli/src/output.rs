@@ -200,6 +200,11 @@ fn check_output_path(path: &Path, format: Option<VideoFormat>, overwrite: bool) 
 /// Writes every target of one video: each file and its settings are written in full under
 /// temporary names, then published together; an existing path is replaced only with `overwrite`,
 /// checked at the moment of publishing.
+///
+/// The two renames cannot be one, so the order keeps every moment consistent: with `overwrite`
+/// the old settings file is first moved aside, then the video renamed, then the settings. A
+/// process killed in between leaves a video without its settings file (an MP4 carries them
+/// inside too), never a new video beside an old video's settings.
 pub fn publish(
     targets: &[Target],
     clip: &Frames,
@@ -212,10 +217,18 @@ pub fn publish(
             .with_context(|| format!("writing {}", t.path.display()))?;
         let staged_settings = video::stage_text(&t.settings, settings_json)
             .with_context(|| format!("writing {}", t.settings.display()))?;
-        staged_video
-            .publish(overwrite)
-            .map_err(explain_exists)
-            .with_context(|| format!("writing {}", t.path.display()))?;
+        let old_settings = if overwrite {
+            video::SetAside::file(&t.settings).with_context(|| format!("replacing {}", t.settings.display()))?
+        } else {
+            None
+        };
+        if let Err(e) = staged_video.publish(overwrite) {
+            if let Some(old) = old_settings {
+                old.restore();
+            }
+            return Err(explain_exists(e)).with_context(|| format!("writing {}", t.path.display()));
+        }
+        fault_point("T2V_TEST_DIE_BETWEEN_RENAMES");
         if let Err(e) = staged_settings.publish(overwrite) {
             // The settings could not join the video: take the video back rather than leave it without them.
             let _ = if t.format == VideoFormat::PngFrames {
@@ -225,8 +238,19 @@ pub fn publish(
             };
             return Err(explain_exists(e)).with_context(|| format!("writing {}", t.settings.display()));
         }
+        if let Some(old) = old_settings {
+            old.discard();
+        }
     }
     Ok(())
+}
+
+/// Test builds only: dies at once (no destructors, as under SIGKILL) when the variable `name` is
+/// set, so that a test can stop the process between the two renames of [`publish`].
+fn fault_point(name: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
+        std::process::abort();
+    }
 }
 
 fn explain_exists(e: t2v::Error) -> anyhow::Error {

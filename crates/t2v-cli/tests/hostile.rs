@@ -413,8 +413,14 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
             let now = std::fs::read(&out).unwrap();
             assert!(now == old || now == new, "point {i}, signal {signal}: {} bytes, neither old nor new", now.len());
             outcomes[(now == new) as usize] += 1;
-            let settings = std::fs::read(dir.join("v.mp4.json")).unwrap();
-            assert!(settings == old_settings || settings == new_settings, "point {i}: settings neither old nor new");
+            // The settings beside the video are its own, or (killed between the renames) none.
+            match std::fs::read(dir.join("v.mp4.json")) {
+                Ok(settings) => {
+                    let own = if now == new { &new_settings } else { &old_settings };
+                    assert!(&settings == own, "point {i}, signal {signal}: the settings are not the video's own");
+                }
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "point {i}"),
+            }
         }
     }
     eprintln!("killed runs that left the old file, the new one: {outcomes:?} (a run takes {lifetime:?})");
@@ -426,4 +432,54 @@ fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
     assert_eq!(std::fs::read(&out).unwrap(), new);
     let left: Vec<String> = names(&dir).into_iter().filter(|n| n.starts_with('.')).collect();
     assert!(left.is_empty(), "stale temporaries after the next run: {left:?}");
+}
+
+/// A run that dies between publishing the video and its settings (a test build's fault point,
+/// an abort: no destructors run, as under SIGKILL) leaves the new video without a settings file,
+/// never beside the replaced video's settings; the next run clears the old settings' remains.
+#[test]
+fn a_run_dying_between_the_renames_never_pairs_the_new_video_with_old_settings() {
+    let (_tmp, dir) = temp_dir();
+    let model = model_dir("tiny-t2v");
+    let out = dir.join("v.mp4");
+    let settings = dir.join("v.mp4.json");
+    let args = [
+        "generate",
+        "a cat",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--num-frames",
+        "4",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "3",
+        "-q",
+        "--overwrite",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    std::fs::write(&out, b"the old video").unwrap();
+    std::fs::write(&settings, b"the old settings").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
+        .args(args)
+        .env("T2V_TEST_DIE_BETWEEN_RENAMES", "1")
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the fault point did not stop the run");
+    let video = std::fs::read(&out).unwrap();
+    assert!(video.len() > 100 && &video[4..8] == b"ftyp", "the new video is in place");
+    assert!(!settings.exists(), "the old settings stayed beside the new video");
+    assert!(names(&dir).iter().any(|n| n.starts_with(".v.mp4.json.old-")), "{:?}", names(&dir));
+
+    let o = Command::new(env!("CARGO_BIN_EXE_t2v")).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    assert_eq!(json["seed"], 3, "{json}");
+    assert_eq!(names(&dir), ["v.mp4", "v.mp4.json"], "remains of the dead run");
 }

@@ -59,6 +59,8 @@ pub struct BenchReport {
     pub unet_step_gflop: f64,
     pub unet_gflops_per_s: f64,
     pub vae_decode_s: f64,
+    /// The VAE encoder's posterior of as many frames (video-to-video's first stage).
+    pub vae_encode_s: f64,
     /// Text encoding + 25 guided steps + decoding: the model card's recipe.
     pub run_25_steps_s: f64,
     pub peak_rss_gib: f64,
@@ -192,7 +194,17 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let frames = vae.decode(&z)?;
     finish()?;
     let vae_decode_s = started.elapsed().as_secs_f64();
-    drop(frames);
+    drop(vae);
+
+    // Video-to-video encodes its input frames first: the decoded frames, held to the [-1, 1] the
+    // pipeline passes.
+    progress("VAE encode");
+    let encoder = vae::VaeEncoder::new(vb(), &vae_cfg)?;
+    let started = Instant::now();
+    let posterior = encoder.encode(&frames.clamp(-1f32, 1f32)?)?;
+    finish()?;
+    let vae_encode_s = started.elapsed().as_secs_f64();
+    drop((posterior, frames, encoder));
 
     Ok(BenchReport {
         device: match &device {
@@ -213,6 +225,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         unet_step_gflop: step_flops as f64 / 1e9,
         unet_gflops_per_s: step_flops as f64 / 1e9 / unet_step_s,
         vae_decode_s,
+        vae_encode_s,
         run_25_steps_s: text_encode_s + 25.0 * unet_step_s + vae_decode_s,
         peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
     })

@@ -433,9 +433,12 @@ fn mp4_colours_roundtrip_through_ffmpeg() {
     }
 }
 
-/// The page for [`chromium_report`]: loads the video, reads a pixel through a canvas, seeks to
-/// the end, and sends what happened to `/report`. The `<img src="/hold">` keeps the page's load
-/// event (and so chromium's `--dump-dom` exit) pending until the report has arrived.
+/// The page for [`chromium_report`]: loads the video, seeks to the end, reads a pixel of the
+/// shown frame through a canvas, and sends what happened to `/report`. A software-decoding
+/// Chromium may hand the canvas a blank frame for a moment after `seeked` (seen on CI's Xeon),
+/// so the pixel is read again, at most 40 times 50 ms apart, until the frame is there. The
+/// `<img src="/hold">` keeps the page's load event (and so chromium's `--dump-dom` exit) pending
+/// until the report has arrived.
 const CHROMIUM_PAGE: &str = r#"<!doctype html><html><body><pre id="out">PENDING</pre>
 <video id="v" src="/clip.mp4" muted playsinline preload="auto"></video>
 <script>
@@ -445,24 +448,36 @@ const say = (s, final) => {
   out.textContent = s;
   if (final && !done) { done = true; fetch('/report?' + encodeURIComponent(s)); }
 };
-v.addEventListener('error', () => say('ERROR ' + (v.error ? v.error.code + ' ' + v.error.message : '?'), true));
-v.addEventListener('loadeddata', () => {
-  let px = 'nopixel';
+const pixel = () => {
   try {
     const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
     const g = c.getContext('2d'); g.drawImage(v, 0, 0);
-    px = Array.from(g.getImageData(8, 8, 1, 1).data.slice(0, 3)).join(',');
-  } catch (e) { px = 'canvas:' + e.name; }
-  const first = 'OK ' + v.videoWidth + 'x' + v.videoHeight + ' ' + v.duration + ' px=' + px;
+    const d = g.getImageData(8, 8, 1, 1).data;
+    return { blank: d[3] === 0 || (d[0] + d[1] + d[2]) === 0, text: Array.from(d.slice(0, 3)).join(',') };
+  } catch (e) { return { blank: false, text: 'canvas:' + e.name }; }
+};
+v.addEventListener('error', () => say('ERROR ' + (v.error ? v.error.code + ' ' + v.error.message : '?'), true));
+v.addEventListener('loadeddata', () => {
+  const first = 'OK ' + v.videoWidth + 'x' + v.videoHeight + ' ' + v.duration;
   say(first + ' seeking', false);
-  v.addEventListener('seeked', () => say(first + ' seeked=' + v.currentTime.toFixed(3), true), { once: true });
+  v.addEventListener('seeked', () => {
+    const seeked = ' seeked=' + v.currentTime.toFixed(3);
+    let tries = 0;
+    const sample = () => {
+      const p = pixel();
+      tries += 1;
+      if (p.blank && tries < 40) { setTimeout(sample, 50); return; }
+      say(first + ' px=' + p.text + ' tries=' + tries + seeked, true);
+    };
+    sample();
+  }, { once: true });
   v.currentTime = v.duration - 0.01;
 });
 setTimeout(() => say(out.textContent + ' TIMEOUT', true), 20000);
 </script><img src="/hold" alt=""></body></html>"#;
 
 /// Serves `mp4` and [`CHROMIUM_PAGE`] on a loopback port, opens the page in headless Chromium,
-/// and returns what the page reported: `OK WxH DURATION px=R,G,B seeked=T` or `ERROR ...`.
+/// and returns what the page reported: `OK WxH DURATION px=R,G,B tries=N seeked=T` or `ERROR ...`.
 fn chromium_report(chrome: &str, dir: &TmpDir, mp4: &Path) -> String {
     use std::sync::{mpsc, Condvar, Mutex};
     use std::time::{Duration, Instant};

@@ -81,6 +81,66 @@ impl Staged {
     }
 }
 
+/// A file moved out of the way under a hidden name beside it (`.NAME.old-PID-RANDOM`), to be
+/// put back or deleted. Publishing a video and its settings file takes two renames; moving the old
+/// settings aside first means a process killed between them leaves a video without its settings,
+/// never a new video beside the old one's settings.
+#[derive(Debug)]
+pub struct SetAside {
+    path: PathBuf,
+    aside: PathBuf,
+}
+
+impl SetAside {
+    /// Moves the regular file at `path` aside; `None` when nothing is there. Anything other than
+    /// a regular file is refused (and left where it is).
+    pub fn file(path: &Path) -> Result<Option<SetAside>> {
+        match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+            Ok(m) if !m.is_file() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a regular file: it was left as it is; choose another output",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+        }
+        // A unique hidden name: created empty by tempfile, then the old file renamed onto it.
+        let (_, aside) = tempfile::Builder::new()
+            .prefix(&hidden_prefix(path, "old")?)
+            .tempfile_in(parent_of(path))
+            .map_err(|e| Error::io(path, e))?
+            .keep()
+            .map_err(|e| Error::io(path, e.error))?;
+        if let Err(e) = fs::rename(path, &aside) {
+            let _ = fs::remove_file(&aside);
+            if e.kind() == io::ErrorKind::NotFound {
+                return Ok(None);
+            }
+            return Err(Error::io(path, e));
+        }
+        Ok(Some(SetAside { path: path.to_path_buf(), aside }))
+    }
+
+    /// Puts the file back where it was, unless something has taken its place meanwhile (then
+    /// the old file is deleted: the newcomer wins).
+    pub fn restore(self) {
+        if fs::hard_link(&self.aside, &self.path).is_err() {
+            // Filesystems without hard links: a rename, when the path is still free.
+            if !self.path.exists() {
+                let _ = fs::rename(&self.aside, &self.path);
+            }
+        }
+        let _ = fs::remove_file(&self.aside);
+    }
+
+    /// Deletes the old file for good.
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.aside);
+    }
+}
+
 fn exists_or_io(path: &Path, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::AlreadyExists {
         Error::OutputExists { path: path.to_path_buf() }
@@ -223,7 +283,7 @@ fn process_exists(_pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::temporary_owner;
+    use super::{temporary_owner, SetAside};
 
     #[test]
     fn temporaries_name_their_process() {
@@ -233,5 +293,44 @@ mod tests {
         assert_eq!(temporary_owner("clip.mp4.partial-1234-a8Xk2p"), None);
         assert_eq!(temporary_owner(".clip.mp4"), None);
         assert_eq!(temporary_owner(".clip.partial-12-"), None);
+    }
+
+    #[test]
+    fn set_aside_files_come_back_or_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.mp4.json");
+        assert!(SetAside::file(&path).unwrap().is_none(), "nothing to move");
+        let listing = || {
+            let mut n: Vec<String> =
+                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            n.sort();
+            n
+        };
+
+        std::fs::write(&path, "old").unwrap();
+        let aside = SetAside::file(&path).unwrap().unwrap();
+        assert!(!path.exists());
+        let names = listing();
+        assert_eq!(names.len(), 1);
+        assert_eq!(temporary_owner(&names[0]), Some(std::process::id()), "{names:?}");
+        aside.restore();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
+        assert_eq!(listing(), ["v.mp4.json"]);
+
+        // A file that took the place meanwhile stays; the old one goes.
+        let aside = SetAside::file(&path).unwrap().unwrap();
+        std::fs::write(&path, "newcomer").unwrap();
+        aside.restore();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newcomer");
+        assert_eq!(listing(), ["v.mp4.json"]);
+
+        let aside = SetAside::file(&path).unwrap().unwrap();
+        aside.discard();
+        assert!(listing().is_empty());
+
+        // Only regular files are moved.
+        std::fs::create_dir(&path).unwrap();
+        assert!(SetAside::file(&path).is_err());
+        assert!(path.is_dir());
     }
 }

@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-pub use atomic::{check_replaceable_dir, remove_stale_partials, Staged, PARTIAL_TAG};
+pub use atomic::{check_replaceable_dir, remove_stale_partials, SetAside, Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
 pub use mp4::{mp4_dimensions, mp4_metadata_from, mp4_top_level_boxes, read_mp4_metadata, Mp4Problem};
 pub use npy::npy_header;
