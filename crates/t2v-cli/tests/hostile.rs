@@ -368,19 +368,22 @@ fn non_finite_latents_fail_naming_the_step_and_write_nothing() {
 
 /// Runs killed by SIGTERM or SIGKILL at delays spread over a run's whole lifetime leave either
 /// the old file or the complete new one, and the next run removes their temporaries.
+/// A short run of the tiny model that replaces `out` (and its settings) with `--overwrite`.
+fn overwriting_run(model: &Path, out: &Path) -> Vec<String> {
+    ["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "4"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--height", "32", "--width", "32", "--seed", "3", "-q", "--overwrite", "-o"].map(String::from))
+        .chain([out.to_str().unwrap().to_string()])
+        .collect()
+}
+
 #[test]
 fn runs_killed_while_writing_leave_the_old_or_the_new_file() {
     let (_tmp, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.mp4");
-    let args = |out: &Path| -> Vec<String> {
-        ["generate", "a cat", "--model", model.to_str().unwrap(), "--steps", "1", "--num-frames", "4"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--height", "32", "--width", "32", "--seed", "3", "-q", "--overwrite", "-o"].map(String::from))
-            .chain([out.to_str().unwrap().to_string()])
-            .collect()
-    };
+    let args = |out: &Path| overwriting_run(&model, out);
     // The complete new file, and how long a run takes.
     let reference = dir.join("reference.mp4");
     let started = Instant::now();
@@ -443,30 +446,11 @@ fn a_run_dying_between_the_renames_never_pairs_the_new_video_with_old_settings()
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.mp4");
     let settings = dir.join("v.mp4.json");
-    let args = [
-        "generate",
-        "a cat",
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--num-frames",
-        "4",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--seed",
-        "3",
-        "-q",
-        "--overwrite",
-        "-o",
-        out.to_str().unwrap(),
-    ];
+    let args = overwriting_run(&model, &out);
     std::fs::write(&out, b"the old video").unwrap();
     std::fs::write(&settings, b"the old settings").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_t2v"))
-        .args(args)
+        .args(&args)
         .env("T2V_TEST_DIE_BETWEEN_RENAMES", "1")
         .stderr(Stdio::null())
         .output()
@@ -477,7 +461,7 @@ fn a_run_dying_between_the_renames_never_pairs_the_new_video_with_old_settings()
     assert!(!settings.exists(), "the old settings stayed beside the new video");
     assert!(names(&dir).iter().any(|n| n.starts_with(".v.mp4.json.old-")), "{:?}", names(&dir));
 
-    let o = Command::new(env!("CARGO_BIN_EXE_t2v")).args(args).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_t2v")).args(&args).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
     assert_eq!(json["seed"], 3, "{json}");
