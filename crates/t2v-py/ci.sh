@@ -5,17 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-venv="${T2V_PY_VENV:-target/py-venv}"
+venv="$(realpath -m "${T2V_PY_VENV:-target/py-venv}")"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check pytest numpy safetensors pillow
 
 start=$SECONDS
-# The README's install command (maturin comes in through the build's isolated environment).
+# The README's install command (maturin comes in through the build's isolated environment). It
+# builds with the workspace's dev profile (pyproject.toml) in cargo's target folder, so what
+# `cargo test` compiled is reused.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check ./crates/t2v-py
 echo "t2v-py: built and installed in $((SECONDS - start)) s"
 
 cargo build -q -p t2v-cli
-export T2V_BIN="$PWD/target/debug/t2v"
+# Where cargo put it: CARGO_TARGET_DIR when set (CI's shared cache folder), else target/.
+export T2V_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/t2v"
 # Run from the tests' folder so that `import t2v` finds the installed package, not the sources.
 cd crates/t2v-py/tests
-"../../../$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q "$@"

@@ -235,11 +235,7 @@ fn non_english_prompt_warns_and_still_runs() {
 }
 
 fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("-version").output().is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {tool} is not installed (CI installs ffmpeg)");
-    }
-    ok
+    t2v_testkit::ffmpeg_tool(tool).is_some()
 }
 
 /// BT.601 luma (0..255) of RGB frames in [0, 1], and of an MP4 decoded by ffmpeg (Y plane,

@@ -107,7 +107,9 @@ fn manifests_say_what_t2v_needs() {
 fn manifests_match_the_kubernetes_schemas() {
     let tool = std::env::var("T2V_TEST_KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
     let Ok(out) = Command::new(&tool).arg("--strict").args(manifests()).output() else {
-        eprintln!("SKIPPED: {tool} is missing (pip install kubernetes-validate, or set T2V_TEST_KUBERNETES_VALIDATE)");
+        t2v_testkit::skip(format!(
+            "{tool} is missing (pip install kubernetes-validate, or set T2V_TEST_KUBERNETES_VALIDATE)"
+        ));
         return;
     };
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

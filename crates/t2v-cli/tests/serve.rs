@@ -728,14 +728,7 @@ fn sigkill_mid_job_then_restart_keeps_every_job() {
 #[test]
 fn openai_python_sdk() {
     let _turn = serial();
-    let python = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_sdk = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
-    if !has_sdk {
-        eprintln!(
-            "SKIPPED: {python} cannot import openai (pip install openai, or set T2V_TEST_PYTHON to a Python that can)"
-        );
-        return;
-    }
+    let Some(python) = t2v_testkit::python_with("openai", "pip install openai") else { return };
     let data = TempDir::new().unwrap();
     let server = Server::start(data.path(), &["--api-key", "sdk-key"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
@@ -763,8 +756,6 @@ fn openai_python_sdk() {
 }
 
 // ---------- the page, in headless Chromium ----------
-
-const CHROMIUM: &str = "/usr/bin/chromium";
 
 struct DevTools {
     socket: tungstenite::WebSocket<TcpStream>,
@@ -803,14 +794,11 @@ impl DevTools {
 #[test]
 fn page_submits_a_job_and_plays_it() {
     let _turn = serial();
-    if !Path::new(CHROMIUM).exists() {
-        eprintln!("SKIPPED: {CHROMIUM} is missing (apt-get install -y chromium)");
-        return;
-    }
+    let Some(chromium) = t2v_testkit::chromium() else { return };
     let data = TempDir::new().unwrap();
     let server = Server::start(data.path(), &[]);
     let profile = TempDir::new().unwrap();
-    let mut browser = Command::new(CHROMIUM)
+    let mut browser = Command::new(&chromium)
         .args([
             "--headless",
             "--no-sandbox",

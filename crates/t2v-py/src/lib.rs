@@ -162,18 +162,23 @@ fn scheduler_timesteps(scheduler: &str, config_json: &str, num_inference_steps: 
     Ok(built.timesteps().to_vec())
 }
 
-/// The configuration a scheduler of class `scheduler` runs with when built from `config_json` (a
-/// config of any class): that class's keys, from the config or its defaults, as diffusers'
-/// `Scheduler.from_config(config).config`. Raises ValueError for a configuration it cannot use.
+/// diffusers' `Scheduler.from_config(config, **overrides).config` for the class `scheduler`
+/// (`config_json` of any class, `overrides_json` an object), by the library's one rule
+/// ([`schedulers::from_config`]: `_use_default_values` respected, other classes' keys kept).
+/// Raises ValueError for a configuration it cannot use.
 #[pyfunction]
-fn effective_scheduler_config(scheduler: &str, config_json: &str) -> PyResult<String> {
+fn scheduler_from_config(scheduler: &str, config_json: &str, overrides_json: &str) -> PyResult<String> {
     let kind = parse_scheduler(scheduler)?;
     let config = scheduler_config(config_json)?;
+    let overrides = match scheduler_config(overrides_json)? {
+        serde_json::Value::Object(o) => o,
+        _ => return Err(PyValueError::new_err("the scheduler overrides must be keyword arguments")),
+    };
     let source = Path::new(CONFIG_SOURCE);
-    let effective = schedulers::effective_config(kind, &config, source).map_err(py_err)?;
+    let built = schedulers::from_config(kind, &config, &overrides, source).map_err(py_err)?;
     // Build it once, so that values that only fail together fail here.
-    schedulers::build_scheduler(kind, &effective, source, 1, 0.0).map_err(py_err)?;
-    Ok(effective.to_string())
+    schedulers::build_scheduler(kind, &built.config, source, 1, 0.0).map_err(py_err)?;
+    Ok(built.config.to_string())
 }
 
 /// Writes frames (F, H, W, 3) float32 in [0, 1] as `format` (mp4, gif, npy, png) to `path`,
@@ -463,7 +468,7 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_model, m)?)?;
     m.add_function(wrap_pyfunction!(open_device, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_timesteps, m)?)?;
-    m.add_function(wrap_pyfunction!(effective_scheduler_config, m)?)?;
+    m.add_function(wrap_pyfunction!(scheduler_from_config, m)?)?;
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(read_video, m)?)?;

@@ -151,7 +151,7 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
     use t2v::kernels::Src;
     use t2v::kernels::{set_isa, Isa};
     if !t2v::kernels::avx2() {
-        eprintln!("SKIPPED: no AVX2/FMA: the packed matrix product is not used on this CPU");
+        t2v_testkit::skip("no AVX2/FMA: the packed matrix product is not used on this CPU");
         return;
     }
     let dev = Device::Cpu;

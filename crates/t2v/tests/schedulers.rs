@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use t2v::error::{Error, Result};
 use t2v::schedulers::{
-    build_scheduler, ddim::ddim_timesteps, effective_config, load_scheduler_config, no_noise, parse_scheduler_config,
-    DdimConfig, DdimScheduler, DpmSolverConfig, DpmSolverMultistepScheduler, Scheduler, SchedulerKind, TimestepSpacing,
+    build_scheduler, ddim::ddim_timesteps, effective_config, from_config, load_scheduler_config, no_noise,
+    parse_scheduler_config, DdimConfig, DdimScheduler, DpmSolverConfig, DpmSolverMultistepScheduler, Scheduler,
+    SchedulerKind, TimestepSpacing,
 };
 
 const MODELS: [&str; 2] = ["tiny-t2v", "small-t2v"];
@@ -271,6 +272,114 @@ fn effective_configs_hold_the_schedulers_own_keys() {
     assert_eq!(ddim["clip_sample"], true, "DDIM's default: the DPM config has no clip_sample");
     assert!(ddim.get("solver_order").is_none());
     assert_eq!(DdimConfig::from_json(&ddim, &path).unwrap(), DdimConfig::from_json(&dpm, &path).unwrap());
+}
+
+/// The published 1.7B's `scheduler_config.json` (written by diffusers 0.15: no `timestep_spacing`,
+/// `trained_betas: null`, PNDM's `skip_prk_steps`), as the model card's script meets it.
+fn published_config() -> (serde_json::Value, PathBuf) {
+    let path = common::full_config_dir().join("scheduler").join("scheduler_config.json");
+    let json = load_scheduler_config(&path).unwrap();
+    assert!(json.get("timestep_spacing").is_none(), "the published form leaves timestep_spacing out");
+    (json, path)
+}
+
+fn schedule_of(kind: SchedulerKind, config: &serde_json::Value, path: &Path, n: usize) -> Vec<usize> {
+    build_scheduler(kind, config, path, n, 0.0).unwrap().timesteps().to_vec()
+}
+
+fn no_overrides() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::Map::new()
+}
+
+/// The model card's `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` on the
+/// published config. diffusers: the DDIM loaded from the file lists `timestep_spacing` in
+/// `_use_default_values`, so the DPM-Solver takes its own default `linspace`:
+/// `np.linspace(0, 999, 5).round()[::-1][:-1]` = 999, 749, 500, 250, not DDIM's `leading`
+/// (`arange(4) · 250 + steps_offset` reversed = 751, 501, 251, 1).
+#[test]
+fn from_config_drops_the_keys_a_config_defaulted() {
+    let (file, path) = published_config();
+    let ddim = from_config(SchedulerKind::Ddim, &file, &no_overrides(), &path).unwrap();
+    assert!(ddim.ignored_overrides.is_empty());
+    let ddim = ddim.config;
+    assert_eq!(ddim["_class_name"], "DDIMScheduler");
+    assert_eq!(ddim["timestep_spacing"], "leading");
+    assert_eq!(ddim["clip_sample"], false);
+    assert_eq!(ddim["_diffusers_version"], "0.15.0.dev0", "keys of no class are kept");
+    assert_eq!(ddim["skip_prk_steps"], true, "another class's keys are kept");
+    let defaulted: Vec<&str> =
+        ddim["_use_default_values"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(defaulted.contains(&"timestep_spacing") && defaulted.contains(&"rescale_betas_zero_snr"), "{defaulted:?}");
+    assert!(!defaulted.contains(&"clip_sample") && !defaulted.contains(&"trained_betas"), "{defaulted:?}");
+    assert_eq!(schedule_of(SchedulerKind::Ddim, &ddim, &path, 4), [751, 501, 251, 1]);
+    assert_eq!(schedule_of(SchedulerKind::Ddim, &file, &path, 4), [751, 501, 251, 1]);
+
+    let dpm = from_config(SchedulerKind::DpmSolverMultistep, &ddim, &no_overrides(), &path).unwrap().config;
+    assert_eq!(dpm["_class_name"], "DPMSolverMultistepScheduler");
+    assert_eq!(dpm["timestep_spacing"], "linspace");
+    assert_eq!(dpm["beta_schedule"], "scaled_linear");
+    assert_eq!(dpm["steps_offset"], 1);
+    assert_eq!(schedule_of(SchedulerKind::DpmSolverMultistep, &dpm, &path, 4), [999, 749, 500, 250]);
+    // What the command line's `--scheduler dpm` builds from the file directly: the same schedule.
+    assert_eq!(schedule_of(SchedulerKind::DpmSolverMultistep, &file, &path, 4), [999, 749, 500, 250]);
+    // DDIM's keys ride along (diffusers' hidden config), so the way back restores them.
+    assert_eq!(dpm["clip_sample"], false);
+    assert_eq!(dpm["set_alpha_to_one"], false);
+
+    // DPM-Solver → DDIM: `linspace` was DPM's default, so DDIM's own `leading` returns, and
+    // `clip_sample: false` comes back from the carried keys (DDIM's default would be true).
+    let back = from_config(SchedulerKind::Ddim, &dpm, &no_overrides(), &path).unwrap().config;
+    assert_eq!(back["timestep_spacing"], "leading");
+    assert_eq!(back["clip_sample"], false);
+    assert_eq!(back["set_alpha_to_one"], false);
+    assert_eq!(DdimConfig::from_json(&back, &path).unwrap(), DdimConfig::from_json(&ddim, &path).unwrap());
+    assert_eq!(schedule_of(SchedulerKind::Ddim, &back, &path, 4), [751, 501, 251, 1]);
+    // And again to DPM-Solver: the same config.
+    let again = from_config(SchedulerKind::DpmSolverMultistep, &back, &no_overrides(), &path).unwrap().config;
+    assert_eq!(DpmSolverConfig::from_json(&again, &path).unwrap(), DpmSolverConfig::from_json(&dpm, &path).unwrap());
+}
+
+/// `from_config(config, **overrides)`: overrides win over the config and count as given;
+/// keys the class does not know are reported (diffusers ignores them).
+#[test]
+fn from_config_overrides() {
+    let (file, path) = published_config();
+    let ddim = from_config(SchedulerKind::Ddim, &file, &no_overrides(), &path).unwrap().config;
+    let mut overrides = serde_json::Map::new();
+    overrides.insert("timestep_spacing".into(), "trailing".into());
+    overrides.insert("solver_order".into(), 3.into());
+    overrides.insert("no_such_key".into(), 3.into());
+    let dpm = from_config(SchedulerKind::DpmSolverMultistep, &ddim, &overrides, &path).unwrap();
+    assert_eq!(dpm.ignored_overrides, ["no_such_key"]);
+    let config = dpm.config;
+    assert!(config.get("no_such_key").is_none());
+    assert_eq!(config["solver_order"], 3);
+    assert_eq!(config["timestep_spacing"], "trailing");
+    let defaulted: Vec<&str> =
+        config["_use_default_values"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(!defaulted.contains(&"timestep_spacing") && defaulted.contains(&"algorithm_type"), "{defaulted:?}");
+    // diffusers' trailing spacing: `np.arange(1000, 0, -1000 / 4).round() - 1`.
+    assert_eq!(schedule_of(SchedulerKind::DpmSolverMultistep, &config, &path, 4), [999, 749, 499, 249]);
+    // An override on a DDIM built from the file directly.
+    let mut overrides = serde_json::Map::new();
+    overrides.insert("steps_offset".into(), 0.into());
+    let ddim0 = from_config(SchedulerKind::Ddim, &file, &overrides, &path).unwrap().config;
+    assert_eq!(schedule_of(SchedulerKind::Ddim, &ddim0, &path, 4), [750, 500, 250, 0]);
+    // A bad override is the config's error, as a bad file value would be.
+    let mut overrides = serde_json::Map::new();
+    overrides.insert("timestep_spacing".into(), "sideways".into());
+    assert!(matches!(from_config(SchedulerKind::Ddim, &file, &overrides, &path), Err(Error::Config { .. })));
+}
+
+/// A fully written config (the fixtures') gives no `_use_default_values` and reads back unchanged.
+#[test]
+fn from_config_of_a_full_config_is_that_config() {
+    for model in MODELS {
+        let (file, path) = scheduler_config(model);
+        let ddim = from_config(SchedulerKind::Ddim, &file, &no_overrides(), &path).unwrap().config;
+        assert!(ddim.get("_use_default_values").is_none(), "{model}: {ddim}");
+        assert_eq!(ddim, file, "{model}");
+    }
 }
 
 #[test]

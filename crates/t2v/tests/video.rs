@@ -79,23 +79,8 @@ fn noise_clip(f: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-version").output().is_ok()
-}
-
 fn skip_without(tool: &str) -> bool {
-    if have(tool) {
-        false
-    } else {
-        eprintln!("SKIPPED ({tool} not installed)");
-        true
-    }
-}
-
-fn chromium_bin() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
+    t2v_testkit::ffmpeg_tool(tool).is_none()
 }
 
 fn ffprobe(path: &Path) -> serde_json::Value {
@@ -478,7 +463,7 @@ setTimeout(() => say(out.textContent + ' TIMEOUT', true), 20000);
 
 /// Serves `mp4` and [`CHROMIUM_PAGE`] on a loopback port, opens the page in headless Chromium,
 /// and returns what the page reported: `OK WxH DURATION px=R,G,B tries=N seeked=T` or `ERROR ...`.
-fn chromium_report(chrome: &str, dir: &TmpDir, mp4: &Path) -> String {
+fn chromium_report(chrome: &Path, dir: &TmpDir, mp4: &Path) -> String {
     use std::sync::{mpsc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
@@ -580,10 +565,7 @@ fn percent_decode(s: &str) -> String {
 
 #[test]
 fn mp4_plays_in_headless_chromium() {
-    let Some(chrome) = chromium_bin() else {
-        eprintln!("SKIPPED (chromium not installed)");
-        return;
-    };
+    let Some(chrome) = t2v_testkit::chromium() else { return };
     let dir = TmpDir::new("mp4-chromium");
     let (f, h, w) = (16, 96, 128);
     let mut data = smooth_clip(f, h, w);
@@ -599,7 +581,7 @@ fn mp4_plays_in_headless_chromium() {
     }
     let frames = Frames::new(&data, f, h, w).unwrap();
     write_video(&frames, VideoFormat::Mp4, &dir.path("clip.mp4"), &opts_with(Some(META))).unwrap();
-    let line = chromium_report(chrome, &dir, &dir.path("clip.mp4"));
+    let line = chromium_report(&chrome, &dir, &dir.path("clip.mp4"));
     eprintln!("chromium reported (smooth 128x96, 16 frames @ 8 fps): {line}");
     assert!(line.starts_with("OK 128x96 2 "), "chromium could not load the MP4: {line}");
     assert!(line.contains("seeked=1.99"), "chromium could not seek to the last frame: {line}");
@@ -619,7 +601,7 @@ fn mp4_plays_in_headless_chromium() {
     let data = noise_clip(16, 256, 256, 11);
     let frames = Frames::new(&data, 16, 256, 256).unwrap();
     write_video(&frames, VideoFormat::Mp4, &dir.path("noise.mp4"), &EncodeOptions::default()).unwrap();
-    let line = chromium_report(chrome, &dir, &dir.path("noise.mp4"));
+    let line = chromium_report(&chrome, &dir, &dir.path("noise.mp4"));
     eprintln!("chromium reported (noise 256x256, 16 frames @ 8 fps): {line}");
     assert!(line.starts_with("OK 256x256 2 "), "chromium could not load the MP4: {line}");
     assert!(line.contains("seeked=1.99"), "chromium could not seek to the last frame: {line}");
@@ -629,7 +611,7 @@ fn mp4_plays_in_headless_chromium() {
     let n = junk.len();
     junk[n / 3..].fill(0x55);
     std::fs::write(dir.path("junk.mp4"), &junk).unwrap();
-    let line = chromium_report(chrome, &dir, &dir.path("junk.mp4"));
+    let line = chromium_report(&chrome, &dir, &dir.path("junk.mp4"));
     eprintln!("chromium reported (corrupted copy): {line}");
     assert!(!line.contains("seeked="), "a corrupted file should not play: {line}");
 }
@@ -681,12 +663,10 @@ fn gif_loops_with_right_frames_and_delays() {
     assert_eq!(gif_delay_cs(0, 10), 10);
     assert_eq!((0..3).map(|i| gif_delay_cs(i, 3)).sum::<u16>(), 100);
 
-    if have("ffprobe") {
+    if t2v_testkit::ffmpeg_tool("ffprobe").is_some() {
         let j = ffprobe(&path);
         assert_eq!(j["streams"][0]["codec_name"], "gif");
         assert_eq!(j["streams"][0]["nb_read_frames"], "5");
-    } else {
-        eprintln!("SKIPPED (ffprobe not installed): ffprobe check of the GIF");
     }
 }
 
@@ -758,12 +738,7 @@ fn npy_header_and_data() {
     }
 
     // numpy itself, when a python3 with numpy is around.
-    let py = std::env::var("T2V_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&py).args(["-c", "import numpy"]).output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        eprintln!("SKIPPED (python3 with numpy not available; set T2V_TEST_PYTHON): numpy.load check");
-        return;
-    }
+    let Some(py) = t2v_testkit::python_with("numpy", "pip install numpy") else { return };
     let out = Command::new(&py)
         .args(["-c", "import numpy as np, sys; a = np.load(sys.argv[1]); print(a.dtype, a.shape, repr(float(a[0,0,0,0])), repr(float(a[0,0,0,1])), repr(float(a[1,2,4,2])))"])
         .arg(&path)
@@ -817,22 +792,28 @@ fn failed_writes_leave_nothing_behind() {
     write_video(&frames, VideoFormat::Npy, &p, &opts).unwrap();
     assert!(std::fs::read(&p).unwrap().starts_with(b"\x93NUMPY"));
 
-    // A read-only folder (not enforced for root, which is then reported as skipped).
+    // A read-only folder. Root writes into a 0o555 folder, so there a folder no one can write to
+    // stands in: /proc refuses new files to root too.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let ro = dir.path("ro");
         std::fs::create_dir(&ro).unwrap();
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
-        if std::fs::write(ro.join("probe"), b"").is_ok() {
-            let _ = std::fs::remove_file(ro.join("probe"));
-            eprintln!("SKIPPED (running as root: read-only folders are writable): read-only folder check");
-        } else {
-            for (f, name) in [(VideoFormat::Mp4, "a.mp4"), (VideoFormat::PngFrames, "a")] {
-                assert!(write_video(&frames, f, &ro.join(name), &opts).is_err());
-            }
-            assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
+        let root = std::fs::write(ro.join("probe"), b"").is_ok();
+        let _ = std::fs::remove_file(ro.join("probe"));
+        let target = if root { PathBuf::from("/proc") } else { ro.clone() };
+        for (f, name) in [(VideoFormat::Mp4, "t2v-test-a.mp4"), (VideoFormat::PngFrames, "t2v-test-a")] {
+            assert!(write_video(&frames, f, &target.join(name), &opts).is_err(), "{}", target.display());
         }
+        // Nothing left behind: no file of that name, staged or final.
+        let left: Vec<String> = std::fs::read_dir(&target)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("t2v-test-a"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     assert_eq!(dir.entries(), ["b.gif", "b.mp4", "b.npy", "c.npy", "ro"]);

@@ -4,8 +4,8 @@
 //! `/usr/lib/postgresql/*/bin` (Debian's `postgresql` package). As root the cluster runs as the
 //! `postgres` user: PostgreSQL refuses to run as root.
 //!
-//! Without binaries a test says `SKIPPED` and why; with `T2V_TEST_POSTGRES=required` (what CI
-//! sets once it has installed them) it fails instead.
+//! Without binaries a test says `SKIPPED` and why; with `T2V_TEST_POSTGRES=required` or in CI
+//! (`CI=true`, t2v-testkit's rule) it fails instead.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -29,7 +29,7 @@ pub fn cluster_or_skip() -> Option<PgCluster> {
             panic!("T2V_TEST_POSTGRES=required but no PostgreSQL cluster could start: {reason}")
         }
         Err(reason) => {
-            eprintln!("SKIPPED: {reason}");
+            t2v_testkit::skip(reason);
             None
         }
     }

@@ -47,12 +47,16 @@ class SchedulerMixin:
     init_noise_sigma: float = 1.0
 
     def __init__(self, **config: Any) -> None:
-        # The library reads the keys this class knows (its defaults fill the others) and checks
-        # them; its answer is the configuration, as diffusers' `register_to_config` keeps it.
-        effective = json.loads(_t2v.effective_scheduler_config(self._class_name, _to_json(config)))
-        full = {key: _float_of(value) for key, value in effective.items()}
+        # Every keyword is a setting; the class's defaults fill (and `_use_default_values` lists)
+        # the others, as diffusers' `register_to_config` keeps them.
+        self._adopt(_t2v.scheduler_from_config(self._class_name, "{}", _to_json(config)))
         if "_diffusers_version" in config:
-            full["_diffusers_version"] = config["_diffusers_version"]
+            self._config = FrozenDict({**self._config, "_diffusers_version": config["_diffusers_version"]})
+
+    def _adopt(self, config_json: str) -> None:
+        # The library builds the configuration (diffusers' from_config rule, one for every door)
+        # and checks it; this object only keeps its answer.
+        full = {key: _float_of(value) for key, value in json.loads(config_json).items()}
         self._config = FrozenDict(full)
         self.num_inference_steps: Optional[int] = None
         self.timesteps: np.ndarray = np.arange(0, int(full.get("num_train_timesteps", 1000)))[::-1].copy()
@@ -74,9 +78,9 @@ class SchedulerMixin:
         """
         if isinstance(config, SchedulerMixin):
             config = config.config
-        merged: Dict[str, Any] = dict(config or {})
-        merged.update(kwargs)
-        return cls(**merged)
+        scheduler = cls.__new__(cls)
+        scheduler._adopt(_t2v.scheduler_from_config(cls._class_name, _to_json(dict(config or {})), _to_json(kwargs)))
+        return scheduler
 
     @classmethod
     def from_pretrained(

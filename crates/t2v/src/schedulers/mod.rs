@@ -323,6 +323,77 @@ pub fn effective_config(
     Ok(serde_json::Value::Object(object))
 }
 
+/// A scheduler's configuration as diffusers keeps it: what [`from_config`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// diffusers' `Scheduler.from_config(config, **overrides).config`: the class's keys (given or
+    /// defaulted), the keys of other classes carried over from the source config (kept so that
+    /// converting back restores them, as diffusers' "hidden" config does), `_class_name`, and
+    /// `_use_default_values` (the class's keys that took the class's default).
+    pub config: serde_json::Value,
+    /// Override keys the class does not know (diffusers ignores them; a caller may refuse them).
+    pub ignored_overrides: Vec<String>,
+}
+
+/// diffusers' `SchedulerClass.from_config(config, **overrides)` for the scheduler `kind`: the one
+/// rule for building any scheduler from another's config, which the command line, the service and
+/// the Python package all go through.
+///
+/// As diffusers' `ConfigMixin.extract_init_dict` and `register_to_config`:
+/// - keys that `config` lists in `_use_default_values` were defaults of the class that wrote it,
+///   not settings: they are dropped, so that this class's own defaults apply (a DDIM config read
+///   from a file without `timestep_spacing` says `"leading"` but lists it there; a DPM-Solver
+///   built from it takes DPM's `"linspace"`);
+/// - each key of this class comes from `overrides`, else from `config`, else from its default,
+///   and is listed in `_use_default_values` when defaulted;
+/// - the other keys of `config` (another class's, `_diffusers_version`) are kept as they are.
+///
+/// A saved `scheduler_config.json` never holds `_use_default_values`: every key it has is a
+/// setting. `path` is only used in error messages.
+pub fn from_config(
+    kind: SchedulerKind,
+    config: &serde_json::Value,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<SchedulerConfig> {
+    let object = config.as_object().ok_or_else(|| config_error(path, "a scheduler config must be a JSON object"))?;
+    let used_defaults: Vec<&str> = object
+        .get("_use_default_values")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let given: serde_json::Map<String, serde_json::Value> = object
+        .iter()
+        .filter(|(k, _)| k.as_str() != "_use_default_values" && !used_defaults.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // The class's keys: those of its configuration with every default.
+    let class_keys: Vec<String> = match effective_config(kind, &serde_json::json!({}), path)? {
+        serde_json::Value::Object(o) => o.keys().filter(|k| !k.starts_with('_')).cloned().collect(),
+        _ => unreachable!("scheduler configs are objects"),
+    };
+    let mut init = serde_json::Map::new();
+    for key in &class_keys {
+        if let Some(v) = overrides.get(key).or_else(|| given.get(key)) {
+            init.insert(key.clone(), v.clone());
+        }
+    }
+    let ignored_overrides: Vec<String> = overrides.keys().filter(|k| !class_keys.contains(k)).cloned().collect();
+    let effective = effective_config(kind, &serde_json::Value::Object(init.clone()), path)?;
+    let mut out: serde_json::Map<String, serde_json::Value> =
+        given.into_iter().filter(|(k, _)| !init.contains_key(k)).collect();
+    if let serde_json::Value::Object(effective) = effective {
+        out.extend(effective);
+    }
+    let mut defaulted: Vec<&String> = class_keys.iter().filter(|k| !init.contains_key(*k)).collect();
+    defaulted.sort();
+    out.insert("_class_name".into(), kind.class_name().into());
+    if !defaulted.is_empty() {
+        out.insert("_use_default_values".into(), defaulted.into_iter().cloned().collect::<Vec<_>>().into());
+    }
+    Ok(SchedulerConfig { config: serde_json::Value::Object(out), ignored_overrides })
+}
+
 /// A float config value that may be non-finite (written by Python as `-Infinity` etc).
 pub(crate) fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     #[derive(Deserialize)]
