@@ -29,6 +29,14 @@ pub const DEFAULT_MAX_FRAMES: usize = 64;
 /// enormous allocation.
 pub const MAX_SIDE: usize = 16384;
 
+/// The most pixels one frame of a file may declare by default (8192×8192): a header asking for
+/// more is refused before anything is allocated (a GIF's screen is drawn as RGBA, 4 bytes a
+/// pixel). A server lowers it with [`ReadOptions::max_source_pixels`].
+pub const DEFAULT_MAX_SOURCE_PIXELS: usize = 8192 * 8192;
+
+/// The most frames a file may declare (an MP4's sample tables) or offer by default.
+pub const DEFAULT_MAX_SOURCE_FRAMES: usize = 100_000;
+
 /// Which frames to read and at what size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadOptions {
@@ -44,6 +52,12 @@ pub struct ReadOptions {
     /// Exactly this many frames; a clip that has fewer is refused. `None`: all the frames the
     /// clip has, up to [`DEFAULT_MAX_FRAMES`].
     pub num_frames: Option<usize>,
+    /// The budget of a file's declared frame size, in pixels a frame (width × height): a larger
+    /// one is refused from its header, before any decoding or allocation.
+    pub max_source_pixels: usize,
+    /// The budget of a file's frames, declared (an MP4's sample tables, a `.npy` shape) or
+    /// offered while reading (a GIF): more are refused.
+    pub max_source_frames: usize,
 }
 
 impl Default for ReadOptions {
@@ -55,6 +69,8 @@ impl Default for ReadOptions {
             start_frame: 0,
             every: 1,
             num_frames: None,
+            max_source_pixels: DEFAULT_MAX_SOURCE_PIXELS,
+            max_source_frames: DEFAULT_MAX_SOURCE_FRAMES,
         }
     }
 }
@@ -234,6 +250,8 @@ pub(crate) struct Collector<'a> {
     out_size: (usize, usize),
     /// Another chosen frame existed past the default limit.
     truncated: bool,
+    /// The file offered more frames than [`ReadOptions::max_source_frames`].
+    over_frame_budget: bool,
     warnings: Vec<String>,
     resizer: resize::FrameResizer,
 }
@@ -250,6 +268,7 @@ impl<'a> Collector<'a> {
             source_size: None,
             out_size: (0, 0),
             truncated: false,
+            over_frame_budget: false,
             warnings: Vec::new(),
             resizer: resize::FrameResizer::new(options.fit, options.filter),
         }
@@ -274,6 +293,10 @@ impl<'a> Collector<'a> {
         if self.options.num_frames.is_some() && self.frames >= self.limit {
             return Want::Stop;
         }
+        if self.next >= self.options.max_source_frames {
+            self.over_frame_budget = true;
+            return Want::Stop;
+        }
         if !self.chosen(self.next) {
             self.next += 1;
             return Want::Skip;
@@ -292,17 +315,49 @@ impl<'a> Collector<'a> {
         self.options.num_frames.is_some_and(|n| self.frames >= n)
     }
 
+    /// The pixel budget of one source frame.
+    pub(crate) fn max_source_pixels(&self) -> usize {
+        self.options.max_source_pixels
+    }
+
     /// How many frames the clip has offered so far.
     pub(crate) fn offered(&self) -> usize {
         self.next
     }
 
-    fn accept_size(&mut self, width: usize, height: usize, what: &str) -> Result<()> {
+    /// Checks a frame size a file declares against the pixel budget, before anything of that
+    /// size is allocated. `what` names it in the error ("its screen", "frame 3").
+    pub(crate) fn check_declared_size(&self, width: usize, height: usize, what: &str) -> Result<()> {
         if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
             return Err(self.error(format!(
                 "{what} is {width}x{height} pixels; frames must be between 1 and {MAX_SIDE} pixels a side"
             )));
         }
+        let budget = self.options.max_source_pixels;
+        if width.saturating_mul(height) > budget {
+            return Err(self.error(format!(
+                "{what} is {width}x{height} pixels, more than the {budget} pixels a frame this reader accepts \
+                 (about {side}x{side}): scale the video down first",
+                side = (budget as f64).sqrt() as usize
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a number of frames a file declares against the frame budget.
+    pub(crate) fn check_declared_frames(&self, frames: u64) -> Result<()> {
+        let budget = self.options.max_source_frames;
+        if frames > budget as u64 {
+            return Err(self.error(format!(
+                "it declares {frames} frames, more than the {budget} a video this reader accepts may have: \
+                 cut it shorter first"
+            )));
+        }
+        Ok(())
+    }
+
+    fn accept_size(&mut self, width: usize, height: usize, what: &str) -> Result<()> {
+        self.check_declared_size(width, height, what)?;
         match self.source_size {
             None => {
                 self.source_size = Some((width, height));
@@ -364,6 +419,12 @@ impl<'a> Collector<'a> {
     fn finish(mut self, fps: Option<f64>) -> Result<InputVideo> {
         let total = self.next;
         let o = self.options;
+        if self.over_frame_budget {
+            return Err(self.error(format!(
+                "it has more than the {} frames a video this reader accepts may have: cut it shorter first",
+                o.max_source_frames
+            )));
+        }
         let choice = describe_choice(o);
         if self.frames == 0 {
             return Err(if total == 0 {
