@@ -370,7 +370,7 @@ mod conformance {
         assert_eq!(ids(&reaped), ["video_1"]);
         let error = reaped[0].error.clone().unwrap();
         assert_eq!((reaped[0].status, error.code.as_str()), (JobStatus::Failed, "interrupted"));
-        assert!(error.message.contains("2 attempts"), "{}", error.message);
+        assert!(error.message.contains("interrupted (attempt 2 of 2)"), "{}", error.message);
         assert!(store.reap(2).await?.is_empty());
 
         // A cancel reaches the running job's worker through its heartbeat.

@@ -34,7 +34,8 @@ pub(super) fn read_gif(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
         let frame = match decoder.read_next_frame() {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(gif::DecodingError::MemoryLimit) => {
+            // The decoder refuses a rectangle past the limit before allocating it.
+            Err(gif::DecodingError::MemoryLimit | gif::DecodingError::OutOfMemory) => {
                 return Err(c.error(format!(
                     "frame {index} declares a rectangle of more than the {} pixels a frame this reader accepts: \
                      scale the video down first",
