@@ -335,7 +335,7 @@ fn gif_declaring(w: u16, h: u16, frames: usize, frame_size: (u16, u16)) -> Vec<u
 fn npy_declaring(frames: usize, h: usize, w: usize) -> Vec<u8> {
     let dict = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({frames}, {h}, {w}, 3), }}");
     let mut header = dict.into_bytes();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(b' ');
     }
     header.push(b'\n');
@@ -527,7 +527,9 @@ fn other_sites_cannot_drive_it() {
     let job = json!({"prompt": "x", "num_frames": 2, "num_inference_steps": 1, "size": "32x32"}).to_string();
     let (form_ct, form) = multipart(&[("prompt", "x"), ("num_inference_steps", "1000")], None);
 
-    let refused: Vec<(&str, Vec<(&str, &str)>, Option<&[u8]>, u16)> = vec![
+    // (what, headers, body, the status expected)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a [u8]>, u16);
+    let refused: Vec<Case> = vec![
         // A plain HTML form on another site (multipart) and `fetch` with a text/plain body.
         ("form post", vec![("Content-Type", &form_ct), ("Origin", "http://evil.example")], Some(form.as_slice()), 403),
         (

@@ -517,7 +517,7 @@ mod budget_tests {
     fn npy_shapes_are_checked_against_the_budget() {
         let dict = "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 100, 100, 3), }";
         let mut header = dict.as_bytes().to_vec();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(b' ');
         }
         header.push(b'\n');
