@@ -703,7 +703,8 @@ fn sigkill_mid_job_then_restart_keeps_every_job() {
         (Some("failed"), Some("interrupted")),
         "{failed}"
     );
-    assert!(failed["error"]["message"].as_str().unwrap().contains("2 attempts"), "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(message.contains("interrupted (attempt 2 of 2)") && !message.contains("too large"), "{failed}");
     let finished: Vec<Value> =
         queued.iter().map(|id| server.wait_status(id, "completed", Duration::from_secs(120))).collect();
     for pair in finished.windows(2) {
@@ -858,8 +859,17 @@ fn page_submits_a_job_and_plays_it() {
         json!({"width": 412, "height": 915, "deviceScaleFactor": 1, "mobile": true}),
     );
     tools.call("Runtime.enable", json!({}));
+    // The link fills the form; the job is queued only by a click (a link alone never submits:
+    // `submit=1` is ignored).
     let url = server.url("/?prompt=a%20red%20ball%20bouncing&num_inference_steps=4&num_frames=8&seed=11&submit=1");
     tools.call("Page.navigate", json!({"url": url}));
+    wait_for("the form to be filled from the link", Duration::from_secs(30), || {
+        let filled = tools.eval("document.querySelector('#form').prompt.value === 'a red ball bouncing'");
+        (filled == true).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(server.all_videos().len(), 0, "the link alone queued a job");
+    tools.eval("document.querySelector('#submit').click()");
 
     let started = Instant::now();
     let (submitted, played) = wait_for("the gallery's video to play", Duration::from_secs(180), || {

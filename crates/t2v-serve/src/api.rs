@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -33,7 +33,7 @@ type AppState = State<Arc<Shared>>;
 
 const POLL_HEADER: &str = "openai-poll-after-ms";
 
-pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
+pub fn router(shared: Arc<Shared>, cors: &[String], policy: crate::guard::Policy) -> anyhow::Result<Router> {
     let api = Router::new()
         .route("/v1/videos", post(create_video).get(list_videos))
         .route("/v1/videos/{id}", get(get_video).delete(delete_video))
@@ -75,7 +75,9 @@ pub fn router(shared: Arc<Shared>, cors: &[String]) -> anyhow::Result<Router> {
                 .expose_headers([HeaderName::from_static(POLL_HEADER)]),
         );
     }
-    Ok(app)
+    // Outermost: the Host and origin checks come before anything (CORS preflights included),
+    // and every 4xx leaves in the JSON shape.
+    Ok(app.layer(middleware::from_fn_with_state(Arc::new(policy), crate::guard::guard)))
 }
 
 /// `/health` alone, for a worker process's probes.
@@ -101,20 +103,28 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 
 async fn authenticate(State(s): AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+        if !given.is_some_and(|g| keys_match(g, key)) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme's case does not matter
+/// (RFC 9110, 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares the SHA-256 digests of the two keys in constant time: neither the position of the
+/// first difference nor the key's length shows in the time taken.
+fn keys_match(given: &str, key: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// Job ids are `video_` and 32 hex digits: nothing else can reach the store or name a file.
@@ -132,9 +142,22 @@ fn random_seed() -> u64 {
     (uuid::Uuid::new_v4().as_u128() % (1 << 32)) as u64
 }
 
+/// A job's settings as answers show them: no path of the server's (the model by the name the
+/// API gives it, the input video by its file name in the data folder).
+pub fn public_settings(settings: &t2v_settings::RunSettings, model: &ModelInfo) -> t2v_settings::RunSettings {
+    let mut s = settings.clone();
+    if s.model == model.spec {
+        s.model = model.name.clone();
+    }
+    if let Some(input) = &mut s.input {
+        input.path = input.path.file_name().map(std::path::PathBuf::from).unwrap_or_default();
+    }
+    s
+}
+
 /// The video object: OpenAI's fields, then t2v's (`settings`, `queue_position`, `attempts`, ...).
 pub fn video_object(job: &Job, model: &ModelInfo) -> Value {
-    let s = &job.settings;
+    let s = &public_settings(&job.settings, model);
     json!({
         "id": job.id,
         "object": "video",
@@ -230,20 +253,37 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     let content_type =
         req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_multipart = content_type.starts_with("multipart/form-data");
-    if !is_multipart && !content_type.is_empty() && !content_type.starts_with("application/json") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("send the fields as application/json or multipart/form-data, not {content_type}"),
-        ));
+    // Only these two: a page of another site can send neither without the browser asking this
+    // server first (text/plain and form-urlencoded bodies, or none, it can).
+    if !is_multipart && !content_type.starts_with("application/json") {
+        let given = if content_type.is_empty() { "no Content-Type".to_string() } else { content_type.clone() };
+        return Err(ApiError {
+            code: Some("unsupported_media_type"),
+            ..ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("send the fields as application/json or multipart/form-data, not {given}"),
+            )
+        });
     }
+    queue_room(&s).await?;
     let limit = if is_multipart { s.limits.max_upload_bytes } else { s.limits.max_json_bytes };
     let (parts, body) = req.into_parts();
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    let bytes = read_body(body, declared, limit).await?;
+    if declared.is_some_and(|n| n > limit + DRAIN_BYTES) {
+        return Err(ApiError::too_large(limit));
+    }
+    let id = new_job_id();
     let (map, upload): (BTreeMap<String, Value>, Option<Upload>) = if is_multipart {
-        read_multipart(Request::from_parts(parts, Body::from(bytes))).await?
+        let over = Arc::new(AtomicBool::new(false));
+        let body = limited(body, limit, over.clone());
+        match read_multipart(Request::from_parts(parts, body), &s.videos_dir, &id).await {
+            Ok(read) => read,
+            Err(_) if over.load(Ordering::SeqCst) => return Err(ApiError::too_large(limit)),
+            Err(e) => return Err(e),
+        }
     } else {
+        let bytes = read_body(body, limit).await?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) if map.contains_key("input_reference") => {
                 return Err(ApiError::bad(
@@ -254,22 +294,31 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
             }
             Ok(Value::Object(map)) => (map.into_iter().collect(), None),
             Ok(_) => {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}",
-                ))
+                return Err(ApiError {
+                    code: Some("unprocessable"),
+                    ..ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "the body must be a JSON object of fields, as {\"prompt\": \"a corgi\"}",
+                    )
+                })
             }
             Err(e) => return Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
         }
     };
     let fields = Fields::new(map)?;
     let mut settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
-    let id = new_job_id();
     if let Some(video) = request::video_request(&fields, &settings)? {
         let upload = upload.ok_or_else(|| ApiError::bad("input_reference", "`input_reference` holds no file"))?;
-        let (dir, max_frames) = (s.videos_dir.clone(), s.limits.max_frames);
+        // The pre-check of the cost with the frames asked (or the most a clip gives by default).
+        let mut asked = settings.clone();
+        asked.num_frames = video.read.num_frames.unwrap_or(settings.num_frames);
+        asked.input = Some(placeholder_input());
+        request::check_cost(&asked, Some(video.strength), &s.limits)?;
+        // A few decodes at a time: each may hold a frame budget's worth of memory.
+        let _permit = s.decodes.acquire().await.map_err(ApiError::internal)?;
+        let (dir, limits) = (s.videos_dir.clone(), s.limits.clone());
         let (job_id, input) = (id.clone(), settings.clone());
-        settings = tokio::task::spawn_blocking(move || store_input(&dir, &job_id, upload, video, input, max_frames))
+        settings = tokio::task::spawn_blocking(move || store_input(&dir, &job_id, upload, video, input, &limits))
             .await
             .map_err(ApiError::internal)??;
     }
@@ -287,13 +336,41 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
     Ok(video_response(&s, &job))
 }
 
-/// Reads a body of at most `limit` bytes. A larger one is read on (up to [`DRAIN_BYTES`] more)
-/// and dropped before the 413: a client still sending then reads the answer instead of a reset
-/// connection.
-async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    if declared.is_some_and(|n| n > limit + DRAIN_BYTES) {
-        return Err(ApiError::too_large(limit));
+/// An input record standing for the one an upload gets (for the cost check before reading it).
+fn placeholder_input() -> t2v_settings::InputSettings {
+    t2v_settings::InputSettings {
+        path: Default::default(),
+        sha256: String::new(),
+        strength: 1.0,
+        start_frame: 0,
+        every: 1,
+        fit: String::new(),
     }
+}
+
+/// 429 with `Retry-After` when the queue holds its most jobs.
+async fn queue_room(s: &Shared) -> Result<(), ApiError> {
+    let queued = s.store.counts().await?.queued;
+    if queued >= s.limits.max_queued {
+        return Err(ApiError {
+            code: Some("queue_full"),
+            retry_after: Some(poll_after_ms(s).div_ceil(1000).clamp(1, 60) * 5),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the queue holds {queued} jobs, the most this server takes (--max-queued {}): try again later",
+                    s.limits.max_queued
+                ),
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Reads a JSON body of at most `limit` bytes. A larger one is read on (up to [`DRAIN_BYTES`]
+/// more) and dropped before the 413: a client still sending then reads the answer instead of a
+/// reset connection.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     let mut stream = body.into_data_stream();
     let (mut kept, mut total) = (Vec::new(), 0usize);
     while let Some(chunk) = stream.next().await {
@@ -311,20 +388,80 @@ async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<
     Ok(kept.into())
 }
 
+/// `body` cut at `limit` bytes: past it, up to [`DRAIN_BYTES`] more are read and dropped (so
+/// that the client reads the 413), `over` is set, and the stream ends in an error.
+fn limited(body: Body, limit: usize, over: Arc<AtomicBool>) -> Body {
+    let stream = async_stream::stream! {
+        let mut data = body.into_data_stream();
+        let mut total = 0usize;
+        while let Some(chunk) = data.next().await {
+            match chunk {
+                Err(e) => { yield Err(e); return; }
+                Ok(chunk) => {
+                    total += chunk.len();
+                    if total > limit {
+                        over.store(true, Ordering::SeqCst);
+                        while total <= limit + DRAIN_BYTES {
+                            match data.next().await {
+                                Some(Ok(c)) => total += c.len(),
+                                _ => break,
+                            }
+                        }
+                        yield Err(axum::Error::new(std::io::Error::other("the body is over its limit")));
+                        return;
+                    }
+                    yield Ok(chunk);
+                }
+            }
+        }
+    };
+    Body::from_stream(stream)
+}
+
 const DRAIN_BYTES: usize = 64 << 20;
 
-/// An uploaded input video, as received.
+/// An uploaded input video, as received: streamed to a hidden file of the data folder, never
+/// held whole in memory.
 struct Upload {
     /// The name the client gave the file (only its extension is used, when the content does not
     /// tell the format).
     file_name: String,
-    bytes: axum::body::Bytes,
+    /// The file it was written to; removed when the upload is dropped unused.
+    partial: PartialFile,
+    /// Its first bytes (for its format).
+    head: Vec<u8>,
+    len: u64,
+}
+
+/// A file removed when dropped, unless kept.
+struct PartialFile(Option<std::path::PathBuf>);
+
+impl PartialFile {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_deref().expect("not yet kept")
+    }
+
+    /// Moves the file to `to`; it is then no longer removed.
+    fn keep_as(mut self, to: &std::path::Path) -> std::io::Result<()> {
+        let from = self.0.take().expect("not yet kept");
+        std::fs::rename(&from, to).inspect_err(|_| {
+            let _ = std::fs::remove_file(&from);
+        })
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// The format of an uploaded video, by its content (MP4/MOV's `ftyp` box, GIF's and NumPy's
 /// signatures), else by the extension of its name; as one of [`crate::worker::INPUT_EXTENSIONS`].
 fn upload_format(upload: &Upload) -> Option<&'static str> {
-    let b = &upload.bytes[..];
+    let b = &upload.head[..];
     if b.len() >= 8 && &b[4..8] == b"ftyp" {
         return Some("mp4");
     }
@@ -344,18 +481,18 @@ fn upload_format(upload: &Upload) -> Option<&'static str> {
 }
 
 /// Stores the input video of job `id` in `dir` and reads it as the worker will (so that a bad
-/// file fails now, with a 400): returns `settings` with the input recorded and the frame count
-/// read. Nothing stays behind when it fails.
+/// file fails now, with a 400), within the upload budget of `limits`: returns `settings` with
+/// the input recorded and the frame count read. Nothing stays behind when it fails.
 fn store_input(
     dir: &std::path::Path,
     id: &str,
     upload: Upload,
     video: request::VideoRequest,
     mut settings: t2v_settings::RunSettings,
-    max_frames: usize,
+    limits: &request::Limits,
 ) -> Result<t2v_settings::RunSettings, ApiError> {
     let bad = |m: String| ApiError::bad("input_reference", m);
-    if upload.bytes.is_empty() {
+    if upload.len == 0 {
         return Err(bad("`input_reference` is empty: attach the video file".into()));
     }
     let ext = upload_format(&upload).ok_or_else(|| {
@@ -364,24 +501,21 @@ fn store_input(
             .into())
     })?;
     let path = input_path(dir, id, ext);
-    let partial = dir.join(format!(".{id}.input.partial"));
-    std::fs::write(&partial, &upload.bytes).and_then(|_| std::fs::rename(&partial, &path)).map_err(|e| {
-        let _ = std::fs::remove_file(&partial);
-        ApiError::internal(format!("storing the input video: {e}"))
-    })?;
+    upload.partial.keep_as(&path).map_err(|e| ApiError::internal(format!("storing the input video: {e}")))?;
     let checked = (|| {
-        let clip = read_video(&path, &video.read).map_err(|e| match e {
+        let read = request::budgeted(&video.read, limits);
+        let clip = read_video(&path, &read).map_err(|e| match e {
             // The reason alone: the path is the server's.
             t2v::Error::VideoInput { reason, .. } => bad(format!("`input_reference` cannot be read: {reason}")),
             other => bad(format!("`input_reference` cannot be read: {other}")),
         })?;
-        if clip.frames > max_frames {
+        if clip.frames > limits.max_frames {
             return Err(ApiError::bad(
                 "num_frames",
                 format!(
-                    "the input video gives {} frames, more than the {max_frames} a job may have: ask for fewer with \
+                    "the input video gives {} frames, more than the {} a job may have: ask for fewer with \
                      `num_frames`, or choose frames with `video_start` and `video_every`",
-                    clip.frames
+                    clip.frames, limits.max_frames
                 ),
             ));
         }
@@ -395,6 +529,7 @@ fn store_input(
             every: video.read.every,
             fit: video.read.fit.name().to_string(),
         });
+        request::check_cost(&settings, Some(video.strength), limits)?;
         Ok(settings)
     })();
     if checked.is_err() {
@@ -403,26 +538,55 @@ fn store_input(
     checked
 }
 
-async fn read_multipart(req: Request) -> Result<(BTreeMap<String, Value>, Option<Upload>), ApiError> {
+async fn read_multipart(
+    req: Request,
+    dir: &std::path::Path,
+    id: &str,
+) -> Result<(BTreeMap<String, Value>, Option<Upload>), ApiError> {
     let mut multipart =
         Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(None, e.body_text()))?;
     let mut map = BTreeMap::new();
     let mut upload = None;
     loop {
-        let field = match multipart.next_field().await {
+        let mut field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => return Err(ApiError::bad_request(None, e.body_text())),
         };
         let name = field.name().unwrap_or_default().to_string();
         let value = if name == "input_reference" {
-            // The file itself goes aside; the field records that there is one.
+            if upload.is_some() {
+                return Err(ApiError::bad(&name, format!("`{name}` is given twice")));
+            }
+            // The file itself goes to disk as it arrives; the field records that there is one.
             let file_name = field.file_name().unwrap_or("upload").to_string();
-            let bytes = field.bytes().await.map_err(|e| ApiError::bad("input_reference", e.body_text()))?;
-            upload = Some(Upload { file_name: file_name.clone(), bytes });
+            let path = dir.join(format!(".upload.{id}.partial"));
+            let partial = PartialFile(Some(path));
+            // Plain writes: a chunk goes to the page cache in microseconds, and the runtime has
+            // no file-system feature.
+            let mut file = std::fs::File::create(partial.path())
+                .map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
+            let (mut head, mut len) = (Vec::new(), 0u64);
+            loop {
+                let chunk = match field.chunk().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => return Err(ApiError::bad("input_reference", e.body_text())),
+                };
+                if head.len() < 16 {
+                    head.extend_from_slice(&chunk[..chunk.len().min(16 - head.len())]);
+                }
+                len += chunk.len() as u64;
+                std::io::Write::write_all(&mut file, &chunk)
+                    .map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
+            }
+            drop(file);
+            upload = Some(Upload { file_name: file_name.clone(), partial, head, len });
             Value::String(file_name)
         } else {
-            Value::String(field.text().await.map_err(|e| ApiError::bad(&name, e.body_text()))?)
+            // Fields other than the file are short: bounded as a JSON body's.
+            let text = field.text().await.map_err(|e| ApiError::bad(&name, e.body_text()))?;
+            Value::String(text)
         };
         if map.insert(name.clone(), value).is_some() {
             return Err(ApiError::bad(&name, format!("`{name}` is given twice")));
@@ -656,8 +820,15 @@ mod tests {
 
     #[test]
     fn keys_compare_whole() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(keys_match("secret", "secret"));
+        assert!(!keys_match("secreT", "secret"));
+        assert!(!keys_match("secret2", "secret"));
+        assert!(!keys_match("", "secret"));
+        for header in ["Bearer k", "bearer k", "BEARER k", "BeArEr   k "] {
+            assert_eq!(bearer_token(header), Some("k"), "{header}");
+        }
+        for header in ["Basic k", "Bearerk", "k"] {
+            assert_eq!(bearer_token(header), None, "{header}");
+        }
     }
 }

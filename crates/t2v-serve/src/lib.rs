@@ -8,8 +8,10 @@
 //! [`preview`] (cheap previews of the latents), [`request`] (checking a request's fields).
 
 pub mod api;
+pub mod conn;
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod openapi;
 pub mod preview;
 pub mod relay;
@@ -88,6 +90,25 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub max_frames: usize,
 
+    /// The most one job may cost, in frames × height × width × denoising steps (video-to-video:
+    /// the steps it runs). [default: the model's native size at 64 frames and 100 steps]
+    #[arg(long, value_name = "COST")]
+    pub max_job_cost: Option<u64>,
+
+    /// The most jobs waiting in the queue: more are refused with 429 and `Retry-After`.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued: u64,
+
+    /// The most connections open at once (lowered to fit the file-descriptor limit); more are
+    /// closed as they arrive.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Seconds a client has to send a request's headers, and that an idle kept-alive connection
+    /// stays open.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub header_timeout: f64,
+
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -143,6 +164,13 @@ pub struct QueueArgs {
     pub max_attempts: u32,
 }
 
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("a number of seconds from 0.1 to 3600, not `{s}`")),
+    }
+}
+
 fn parse_lease(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.5..=86_400.0).contains(&v) => Ok(v),
@@ -180,7 +208,9 @@ pub struct RunArgs {
 /// The served model, as the API describes it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
-    /// As given: a folder or a repo id (what the settings record).
+    /// As given: a folder or a repo id (what the settings record). Never shown: a folder is a
+    /// path of the server's.
+    #[serde(skip)]
     pub spec: String,
     /// What the API calls it: the repo id, or the folder's name.
     pub name: String,
@@ -251,6 +281,40 @@ pub struct Shared {
     /// Ends the event streams at shutdown.
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub stats: Mutex<Stats>,
+    /// Uploads checked (decoded) at once: each may hold a frame budget's worth of memory.
+    pub decodes: tokio::sync::Semaphore,
+}
+
+/// Uploaded videos decoded at once.
+pub const CONCURRENT_DECODES: usize = 2;
+
+impl Shared {
+    /// `message` with the server's own paths (the data folder, the model's folder) taken out:
+    /// answers never show where the server keeps its files.
+    pub fn redact(&self, message: &str) -> String {
+        let mut out = message.to_string();
+        let mut paths = vec![self.videos_dir.clone()];
+        if let Ok(p) = std::fs::canonicalize(&self.videos_dir) {
+            paths.push(p);
+        }
+        let spec = std::path::Path::new(&self.model.spec);
+        if spec.is_absolute() || spec.exists() {
+            paths.push(spec.to_path_buf());
+            if let Ok(p) = std::fs::canonicalize(spec) {
+                paths.push(p);
+            }
+        }
+        // Longest first: a folder inside another is replaced whole.
+        paths.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in paths {
+            let text = p.display().to_string();
+            if text.len() > 1 {
+                let name = if p.starts_with(&self.videos_dir) || text.ends_with("videos") { "videos" } else { "model" };
+                out = out.replace(&text, &format!("<{name}>"));
+            }
+        }
+        out
+    }
 }
 
 impl Shared {
@@ -404,8 +468,11 @@ fn shared(p: Parts) -> Result<Arc<Shared>> {
     let videos_dir = p.data.join("videos");
     std::fs::create_dir_all(&videos_dir).with_context(|| format!("creating the data folder {}", p.data.display()))?;
     let results = storage::Folder { dir: videos_dir.clone() };
-    // What workers that died left staged: nobody publishes it now.
-    results.remove_stale(Duration::from_secs(3600));
+    // What workers that died left staged or half written: nobody publishes it now. With SQLite
+    // this process is the only one using the folder, so all of it; a shared folder may hold other
+    // processes' work in progress, so only what is old.
+    let age = if p.store.backend() == "sqlite" { Duration::ZERO } else { Duration::from_secs(3600) };
+    results.remove_stale(age);
     let (shutdown, _) = tokio::sync::watch::channel(false);
     Ok(Arc::new(Shared {
         relay_events: p.store.backend() != "sqlite",
@@ -426,6 +493,7 @@ fn shared(p: Parts) -> Result<Arc<Shared>> {
         stopping: AtomicBool::new(false),
         shutdown,
         stats: Mutex::new(Stats::default()),
+        decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
     }))
 }
 
@@ -503,6 +571,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         recover(store.as_ref(), policy, "serve").await?;
     }
 
+    let native_cost = (model.native_width * model.native_height) as u64 * 64 * 100;
     let limits = Limits {
         max_frames: args.max_frames.max(1),
         max_side: 2048,
@@ -510,6 +579,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_prompt_chars: 10_000,
         max_json_bytes: 1 << 20,
         max_upload_bytes: args.max_upload_mb.max(1) << 20,
+        max_job_cost: args.max_job_cost.unwrap_or(native_cost).max(1),
+        max_queued: args.max_queued,
+        max_source_pixels: request::MAX_SOURCE_PIXELS,
+        max_source_frames: request::MAX_SOURCE_FRAMES,
     };
     let shared = shared(Parts {
         store,
@@ -541,17 +614,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         args.workers
     );
 
-    let app = api::router(shared.clone(), &args.cors)?;
-    let server = {
-        let mut stop = shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
+    if args.workers > 0 && shared.store.backend() == "sqlite" {
+        // Inputs whose job is gone (a server killed between storing an upload and queueing it).
+        remove_orphan_inputs(&shared).await;
+    }
+    let policy = guard::Policy { loopback: ip.is_loopback(), cors: args.cors.clone() };
+    let app = api::router(shared.clone(), &args.cors, policy)?;
+    let conn_limits = conn::ConnLimits {
+        header_timeout: Duration::from_secs_f64(args.header_timeout),
+        max_connections: conn::connection_cap(args.max_connections as usize),
     };
+    let server = tokio::spawn(conn::serve(listener, app, conn_limits, shared.shutdown.subscribe()));
     if shared.relay_events {
         tokio::spawn(relay::run(shared.clone()));
     }
@@ -572,6 +645,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
     stop_workers(&shared, worker).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     result
+}
+
+/// Removes the input videos (and results) of jobs the store does not know: what a server killed
+/// between storing an upload and queueing its job left.
+async fn remove_orphan_inputs(shared: &Shared) {
+    let Ok(entries) = std::fs::read_dir(&shared.videos_dir) else { return };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.split('.').next().filter(|id| api::is_job_id(id)) else { continue };
+        if matches!(shared.store.get(id).await, Ok(None)) {
+            let _ = std::fs::remove_file(entry.path());
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        eprintln!("t2v serve: removed {removed} file(s) of jobs that do not exist");
+    }
 }
 
 /// Stops the workers: each running job halts at its next step and goes back to the queue.
@@ -617,6 +708,10 @@ async fn worker_process(args: WorkerArgs) -> Result<()> {
             max_prompt_chars: 0,
             max_json_bytes: 0,
             max_upload_bytes: 0,
+            max_job_cost: 0,
+            max_queued: 0,
+            max_source_pixels: request::MAX_SOURCE_PIXELS,
+            max_source_frames: request::MAX_SOURCE_FRAMES,
         },
         preview_every: args.run.preview_every,
         policy,
@@ -626,14 +721,9 @@ async fn worker_process(args: WorkerArgs) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for --health"))?;
         let app = api::health_router(shared.clone());
-        let mut stop = shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let limits =
+            conn::ConnLimits { header_timeout: Duration::from_secs(10), max_connections: conn::connection_cap(64) };
+        tokio::spawn(conn::serve(listener, app, limits, shared.shutdown.subscribe()));
     }
     println!(
         "t2v worker: {} worker(s) {} on the {} queue (lease {:.1}s, at most {} attempts); loading {}",

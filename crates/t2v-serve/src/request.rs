@@ -24,6 +24,61 @@ pub struct Limits {
     pub max_json_bytes: usize,
     /// Bytes of a multipart body (with the uploaded video).
     pub max_upload_bytes: usize,
+    /// The most a job may cost: frames × height × width × denoising steps run.
+    pub max_job_cost: u64,
+    /// The most jobs waiting in the queue.
+    pub max_queued: u64,
+    /// Pixels a frame of an uploaded video may declare.
+    pub max_source_pixels: usize,
+    /// Frames an uploaded video may declare.
+    pub max_source_frames: usize,
+}
+
+/// The pixel budget of an uploaded video's frames (4096×4096: a 4K video fits; a GIF's screen
+/// is then at most 64 MiB as RGBA).
+pub const MAX_SOURCE_PIXELS: usize = 4096 * 4096;
+
+/// The frame budget of an uploaded video.
+pub const MAX_SOURCE_FRAMES: usize = 4096;
+
+/// `read` with the upload budget of `limits`: the declared frame size and frame count a file may
+/// have before anything of it is decoded.
+pub fn budgeted(read: &ReadOptions, limits: &Limits) -> ReadOptions {
+    ReadOptions {
+        max_source_pixels: limits.max_source_pixels,
+        max_source_frames: limits.max_source_frames,
+        ..read.clone()
+    }
+}
+
+/// What a run of `frames` frames of `height` × `width` for `steps` denoising steps costs.
+pub fn job_cost(frames: usize, height: usize, width: usize, steps: usize) -> u128 {
+    frames as u128 * height as u128 * width as u128 * steps as u128
+}
+
+/// Refuses a run that costs more than `limits.max_job_cost`, saying the limit and what to lower.
+pub fn check_cost(settings: &RunSettings, strength: Option<f64>, limits: &Limits) -> Result<(), ApiError> {
+    // Video-to-video runs the last `strength` of the steps (diffusers' `get_timesteps`).
+    let steps = match strength {
+        Some(s) => ((settings.steps as f64 * s) as usize).clamp(1, settings.steps.max(1)),
+        None => settings.steps,
+    };
+    let cost = job_cost(settings.num_frames, settings.height, settings.width, steps);
+    if cost > limits.max_job_cost as u128 {
+        let param = if settings.input.is_some() { "num_frames" } else { "num_inference_steps" };
+        return Err(ApiError {
+            code: Some("job_too_large"),
+            ..ApiError::bad(
+                param,
+                format!(
+                    "this job costs {} frames × {}x{} pixels × {steps} steps = {cost}, more than the {} one job may \
+                     cost on this server (--max-job-cost): ask for fewer frames, steps or pixels",
+                    settings.num_frames, settings.width, settings.height, limits.max_job_cost
+                ),
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Every field `POST /v1/videos` knows.
@@ -113,7 +168,8 @@ impl Fields {
             Some(v) => v,
             None => match self.number(name, &what)? {
                 None => return Ok(None),
-                Some(f) if f.fract() == 0.0 && f >= 0.0 && f <= u64::MAX as f64 => f as u64,
+                // `u64::MAX as f64` is 2^64 itself, one past the largest: strictly below it.
+                Some(f) if f.fract() == 0.0 && f >= 0.0 && f < u64::MAX as f64 => f as u64,
                 Some(_) => return Err(ApiError::bad(name, format!("`{name}` must be {what}, got {}", self.0[name]))),
             },
         };
@@ -303,6 +359,9 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
         .map_err(|e| ApiError::bad_request(None, e.to_string()))?;
     let mut settings = RunSettings::new(&model.spec, &params, height, width, fps, candle_core::DType::F32);
     settings.dtype = model.dtype.clone();
+    if !fields.has("input_reference") {
+        check_cost(&settings, None, limits)?;
+    }
     Ok(settings)
 }
 
@@ -330,6 +389,10 @@ mod tests {
             max_prompt_chars: 100,
             max_json_bytes: 1 << 20,
             max_upload_bytes: 1 << 20,
+            max_job_cost: 1 << 40,
+            max_queued: 100,
+            max_source_pixels: MAX_SOURCE_PIXELS,
+            max_source_frames: MAX_SOURCE_FRAMES,
         }
     }
 
@@ -377,6 +440,24 @@ mod tests {
         assert_eq!(param(serde_json::json!({"prompt": 3})), Some((400, "prompt".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "strength": 0.5})), Some((422, "strength".into())));
         assert!(parse_json(serde_json::json!({"prompt": "x", "model": "tiny"})).is_ok());
+        // 2^64 is one past the largest seed, as a number or a string.
+        let over: Value = serde_json::from_str(r#"{"prompt": "x", "seed": 18446744073709551616}"#).unwrap();
+        assert_eq!(param(over), Some((400, "seed".into())));
+        assert_eq!(
+            param(serde_json::json!({"prompt": "x", "seed": "18446744073709551616"})),
+            Some((400, "seed".into()))
+        );
+        assert_eq!(param(serde_json::json!({"prompt": "x", "seed": -1})), Some((400, "seed".into())));
+    }
+
+    #[test]
+    fn the_cost_cap_says_its_limit() {
+        let limits = Limits { max_job_cost: 256 * 256 * 16 * 25, ..limits() };
+        let f = |v: Value| parse(&fields(v).unwrap(), &model(), &limits, 42);
+        assert!(f(serde_json::json!({"prompt": "x"})).is_ok());
+        let e = f(serde_json::json!({"prompt": "x", "num_inference_steps": 26})).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, Some("job_too_large")));
+        assert!(e.message.contains(&limits.max_job_cost.to_string()), "{}", e.message);
     }
 
     #[test]

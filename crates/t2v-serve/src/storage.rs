@@ -58,20 +58,27 @@ pub struct Folder {
 }
 
 impl Folder {
-    /// Removes what workers that died left staged more than `age` ago.
+    /// Removes what workers (or uploads) that died left staged or half written more than `age`
+    /// ago.
     pub fn remove_stale(&self, age: Duration) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
-            let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with(STAGED_PREFIX))
+            let stale = entry.file_name().to_str().is_some_and(is_work_in_progress)
                 && entry
                     .metadata()
                     .and_then(|m| m.modified())
-                    .is_ok_and(|t| SystemTime::now().duration_since(t).is_ok_and(|d| d > age));
+                    .is_ok_and(|t| SystemTime::now().duration_since(t).map_or(age.is_zero(), |d| d >= age));
             if stale {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
     }
+}
+
+/// Whether a file of the videos folder is one being written: a staged result, the encoder's
+/// partial file beside it (`..staged.….mp4.partial-PID-…`), an upload or input being stored.
+pub fn is_work_in_progress(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(STAGED_PREFIX) || name.contains(".partial") || name.contains(".upload."))
 }
 
 impl ResultStore for Folder {

@@ -269,7 +269,11 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
                 Some(Outcome::Released)
             }
         }
-        Ok(Err(e)) => Some(Outcome::Failed(JobError { code: "generation_failed".into(), message: format!("{e:#}") })),
+        // The reason without the server's paths: it is shown to clients.
+        Ok(Err(e)) => Some(Outcome::Failed(JobError {
+            code: "generation_failed".into(),
+            message: shared.redact(&format!("{e:#}")),
+        })),
         Err(panic) => {
             let what =
                 panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
@@ -412,7 +416,7 @@ fn generate(
                 num_frames: Some(settings.num_frames),
                 ..ReadOptions::default()
             };
-            let clip = read_video(&path, &read)?;
+            let clip = read_video(&path, &crate::request::budgeted(&read, &shared.limits))?;
             let video = clip.to_model_input(&candle_core::Device::Cpu, candle_core::DType::F32)?;
             pipe.denoise_video(&params, &video, input.strength, &mut on_step)?
         }
@@ -420,7 +424,9 @@ fn generate(
     let frames = pipe.decode_latents(&latents)?;
     let data = frames.flatten_all()?.to_vec1::<f32>()?;
     let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;
-    let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(settings.to_json()) };
+    // The settings as the API shows them: the file is served to clients.
+    let public = crate::api::public_settings(settings, &shared.model);
+    let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(public.to_json()) };
     // Staged beside the results under names of this attempt; published once the lease is confirmed.
     let staged = StagedResult::new(&shared.videos_dir, lease);
     video::write_video(&clip, VideoFormat::Mp4, &staged.video, &encode)?;

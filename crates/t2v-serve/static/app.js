@@ -425,12 +425,12 @@ async function start() {
   followEvents();
   await loadList();
 
-  // `?prompt=...&num_frames=4&submit=1` fills the form (any field) and, with submit=1, sends it.
+  // `?prompt=...&num_frames=4` fills the form (any field); only the visitor's click sends it: a
+  // link from another site must not queue a job with the visitor's key.
   const query = new URLSearchParams(location.search);
   for (const name of FIELDS) if (query.has(name)) form[name].value = query.get(name);
   syncPresetFromSize();
   syncEta();
-  if (query.get("submit") === "1") submitForm();
 }
 
 start();

@@ -248,11 +248,12 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// The failure of a job whose worker died on its last allowed attempt.
-pub fn interrupted_message(attempts: i64) -> String {
+/// The failure of a job whose worker died (the process was killed, or crashed) on its last
+/// allowed attempt: what is known, not a guess at why.
+pub fn interrupted_message(attempts: i64, max_attempts: u32) -> String {
     format!(
-        "the worker running this job stopped ({attempts} attempt{}, the most allowed): it may be too large for the machine",
-        if attempts == 1 { "" } else { "s" }
+        "interrupted (attempt {attempts} of {max_attempts}): the worker running this job stopped before it finished \
+         (its process was killed or crashed), and the job may not start again"
     )
 }
 
@@ -369,7 +370,7 @@ mod conformance {
         assert_eq!(ids(&reaped), ["video_1"]);
         let error = reaped[0].error.clone().unwrap();
         assert_eq!((reaped[0].status, error.code.as_str()), (JobStatus::Failed, "interrupted"));
-        assert!(error.message.contains("2 attempts"), "{}", error.message);
+        assert!(error.message.contains("interrupted (attempt 2 of 2)"), "{}", error.message);
         assert!(store.reap(2).await?.is_empty());
 
         // A cancel reaches the running job's worker through its heartbeat.

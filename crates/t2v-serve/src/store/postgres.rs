@@ -361,7 +361,7 @@ impl JobStore for PostgresStore {
                 .await?
                 .execute(
                     "UPDATE jobs SET error_message = $2 WHERE id = $1 AND error_message IS NULL",
-                    &[&id, &interrupted_message(attempts as i64)],
+                    &[&id, &interrupted_message(attempts as i64, max_attempts)],
                 )
                 .await?;
             failed.extend(self.get(&id).await?);
@@ -395,7 +395,7 @@ impl JobStore for PostgresStore {
                 let (code, message) = if cancelled {
                     ("cancelled", CANCELLED_INTERRUPTED.to_string())
                 } else {
-                    ("interrupted", interrupted_message(attempts as i64))
+                    ("interrupted", interrupted_message(attempts as i64, max_attempts))
                 };
                 tx.execute(
                     "UPDATE jobs SET status = 'failed', completed_at_ms = $2, error_code = $3, error_message = $4,

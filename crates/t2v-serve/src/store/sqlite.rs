@@ -320,7 +320,7 @@ impl JobStore for SqliteStore {
             };
             let mut failed = Vec::new();
             for (id, attempts, cancelled) in expired {
-                settle_interrupted(&tx, &id, attempts, cancelled)?;
+                settle_interrupted(&tx, &id, attempts, max_attempts, cancelled)?;
                 failed.extend(get_job(&tx, &id)?);
             }
             tx.commit()?;
@@ -353,7 +353,7 @@ impl JobStore for SqliteStore {
                     )?;
                     report.requeued.push(id);
                 } else {
-                    settle_interrupted(&tx, &id, attempts, cancelled)?;
+                    settle_interrupted(&tx, &id, attempts, max_attempts, cancelled)?;
                     report.failed.push(id);
                 }
             }
@@ -422,11 +422,11 @@ impl JobStore for SqliteStore {
 }
 
 /// Fails an interrupted job that may not run again.
-fn settle_interrupted(conn: &Connection, id: &str, attempts: i64, cancelled: bool) -> Result<()> {
+fn settle_interrupted(conn: &Connection, id: &str, attempts: i64, max_attempts: u32, cancelled: bool) -> Result<()> {
     let (code, message) = if cancelled {
         ("cancelled", CANCELLED_INTERRUPTED.to_string())
     } else {
-        ("interrupted", interrupted_message(attempts))
+        ("interrupted", interrupted_message(attempts, max_attempts))
     };
     conn.execute(
         "UPDATE jobs SET status = 'failed', completed_at_ms = ?2, error_code = ?3, error_message = ?4,

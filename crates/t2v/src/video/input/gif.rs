@@ -13,6 +13,10 @@ pub(super) fn read_gif(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
     let file = crate::files::open_regular(path, crate::files::FileKind::Video)?;
     let mut options = gif::DecodeOptions::new();
     options.set_color_output(gif::ColorOutput::RGBA);
+    // A frame's own rectangle (up to 65535x65535 whatever the screen) is held whole as RGBA by
+    // the decoder: no more than the pixel budget's worth of it.
+    let frame_bytes = c.max_source_pixels().saturating_mul(4).max(1) as u64;
+    options.set_memory_limit(gif::MemoryLimit::Bytes(std::num::NonZeroU64::new(frame_bytes).expect("at least 1")));
     let unreadable = |e: gif::DecodingError| {
         c.error(format!("it is not a readable GIF ({e}): the file is corrupt or truncated; export it again"))
     };
@@ -21,6 +25,8 @@ pub(super) fn read_gif(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
     if w == 0 || h == 0 {
         return Err(c.error(format!("its screen is {w}x{h} pixels: the file is corrupt")));
     }
+    // The screen is the canvas every frame is drawn on: checked before it is allocated.
+    c.check_declared_size(w, h, "its screen")?;
     let mut canvas = vec![0u8; w * h * 4];
     let mut delays: Vec<u16> = Vec::new();
     let mut index = 0usize;
@@ -28,6 +34,14 @@ pub(super) fn read_gif(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
         let frame = match decoder.read_next_frame() {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
+            // The decoder refuses a rectangle past the limit before allocating it.
+            Err(gif::DecodingError::MemoryLimit | gif::DecodingError::OutOfMemory) => {
+                return Err(c.error(format!(
+                    "frame {index} declares a rectangle of more than the {} pixels a frame this reader accepts: \
+                     scale the video down first",
+                    c.max_source_pixels()
+                )))
+            }
             Err(e) => {
                 return Err(c.error(format!(
                     "frame {index} cannot be read ({e}): the file is corrupt or truncated; export it again"

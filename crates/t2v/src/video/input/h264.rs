@@ -115,6 +115,11 @@ pub(super) fn read_mp4(path: &Path, c: &mut Collector) -> Result<Option<f64>> {
     let sps = parse_sps(&sps_nal.bytes)
         .map_err(|e| c.error(format!("its H.264 sequence parameter set is unreadable ({e}): the file is corrupt")))?;
     check_supported(&sps, c)?;
+    // The decoder allocates pictures of the size the SPS declares: checked against the budget.
+    let (sps_w, sps_h) = sps
+        .pixel_dimensions()
+        .map_err(|e| c.error(format!("its H.264 frame size is unreadable ({e:?}): the file is corrupt")))?;
+    c.check_declared_size(sps_w as usize, sps_h as usize, "its H.264 frame size")?;
     let colour = ColourMatrix::from_sps(&sps);
     let length_size = avcc.length_size_minus_one as usize + 1;
     if ![1, 2, 4].contains(&length_size) {
@@ -292,6 +297,12 @@ fn read_index(reader: &mut BufReader<File>, file_len: u64, c: &Collector) -> Res
              truncated or not an MP4; export it again",
         ));
     }
+    // The sample tables are expanded into one entry a frame by the parser: the frames they
+    // declare are counted first (a 20-byte `stsz` can declare four billion).
+    c.check_declared_frames(declared_samples(&index))?;
+    if fragmented {
+        c.check_declared_frames(fragment_samples(reader, file_len, c)?)?;
+    }
     let parsed = if fragmented {
         reader.seek(SeekFrom::Start(0)).map_err(io)?;
         Mp4::read(reader, file_len)
@@ -305,6 +316,74 @@ fn read_index(reader: &mut BufReader<File>, file_len: u64, c: &Collector) -> Res
             None => unreadable(&e),
         }),
     }
+}
+
+/// The boxes that hold the boxes with sample counts.
+const CONTAINERS: &[&[u8; 4]] = &[b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"];
+
+/// The frames the `stsz` and `trun` boxes in `bytes` (a run of boxes) declare, summed.
+fn declared_samples(bytes: &[u8]) -> u64 {
+    let mut total = 0u64;
+    let mut pos = 0usize;
+    while pos + 8 <= bytes.len() {
+        let size = u32::from_be_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let kind: &[u8; 4] = bytes[pos + 4..pos + 8].try_into().expect("4 bytes");
+        let (size, header) = match size {
+            0 => (bytes.len() - pos, 8),
+            1 if pos + 16 <= bytes.len() => {
+                let big = u64::from_be_bytes(bytes[pos + 8..pos + 16].try_into().expect("8 bytes"));
+                (usize::try_from(big).unwrap_or(usize::MAX), 16)
+            }
+            n => (n, 8),
+        };
+        if size < header {
+            break;
+        }
+        let end = pos.saturating_add(size).min(bytes.len());
+        let body = &bytes[pos + header..end];
+        let count_at =
+            |at: usize| body.get(at..at + 4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4")) as u64);
+        match kind {
+            // version and flags, sample size, sample count
+            b"stsz" => total = total.saturating_add(count_at(8)),
+            // version and flags, sample count
+            b"trun" => total = total.saturating_add(count_at(4)),
+            k if CONTAINERS.contains(&k) => total = total.saturating_add(declared_samples(body)),
+            _ => {}
+        }
+        pos = end;
+    }
+    total
+}
+
+/// The frames the fragments (`moof` boxes) of the file declare.
+fn fragment_samples(reader: &mut BufReader<File>, file_len: u64, c: &Collector) -> Result<u64> {
+    let io = |e: std::io::Error| c.error(format!("it is not a readable MP4 ({e}): export it again"));
+    let (mut pos, mut total) = (0u64, 0u64);
+    while pos + 8 <= file_len {
+        reader.seek(SeekFrom::Start(pos)).map_err(io)?;
+        let mut head = [0u8; 16];
+        reader.read_exact(&mut head[..8]).map_err(io)?;
+        let (size, header) = match u32::from_be_bytes([head[0], head[1], head[2], head[3]]) {
+            0 => (file_len - pos, 8),
+            1 => {
+                reader.read_exact(&mut head[8..16]).map_err(io)?;
+                (u64::from_be_bytes(head[8..16].try_into().expect("8 bytes")), 16)
+            }
+            n => (n as u64, 8),
+        };
+        if size < header {
+            break;
+        }
+        if &head[4..8] == b"moof" {
+            let len = size.min(file_len - pos) as usize;
+            let mut bytes = vec![0u8; len];
+            reader.seek(SeekFrom::Start(pos)).and_then(|_| reader.read_exact(&mut bytes)).map_err(io)?;
+            total = total.saturating_add(declared_samples(&bytes));
+        }
+        pos = pos.saturating_add(size);
+    }
+    Ok(total)
 }
 
 /// The composition time of the picture the decoder just gave: the decoder outputs pictures in
@@ -508,5 +587,39 @@ fn frame_rate_warning(timescale: u64, samples: &[re_mp4::Sample], c: &mut Collec
             ms(lo),
             ms(hi)
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut b = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(kind);
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn sample_tables_are_counted_without_expanding_them() {
+        // stsz: version and flags, a sample size (all the same), four billion samples.
+        let mut stsz = vec![0, 0, 0, 0];
+        stsz.extend_from_slice(&100u32.to_be_bytes());
+        stsz.extend_from_slice(&u32::MAX.to_be_bytes());
+        let stbl = boxed(b"stbl", &boxed(b"stsz", &stsz));
+        let trak = boxed(b"trak", &boxed(b"mdia", &boxed(b"minf", &stbl)));
+        let mut moov_body = trak.clone();
+        moov_body.extend_from_slice(&trak);
+        let mut file = boxed(b"ftyp", b"isom\0\0\0\0");
+        file.extend_from_slice(&boxed(b"moov", &moov_body));
+        assert_eq!(declared_samples(&file), 2 * u32::MAX as u64);
+        // trun: version and flags, sample count.
+        let mut trun = vec![0, 0, 0, 0];
+        trun.extend_from_slice(&7u32.to_be_bytes());
+        assert_eq!(declared_samples(&boxed(b"moof", &boxed(b"traf", &boxed(b"trun", &trun)))), 7);
+        // Truncated or malformed boxes count what they hold and stop.
+        assert_eq!(declared_samples(&file[..file.len() - 3]), u32::MAX as u64);
+        assert_eq!(declared_samples(&[0, 0, 0, 3, b'm', b'o', b'o', b'v']), 0);
     }
 }

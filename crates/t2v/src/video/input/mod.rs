@@ -29,6 +29,14 @@ pub const DEFAULT_MAX_FRAMES: usize = 64;
 /// enormous allocation.
 pub const MAX_SIDE: usize = 16384;
 
+/// The most pixels one frame of a file may declare by default (8192×8192): a header asking for
+/// more is refused before anything is allocated (a GIF's screen is drawn as RGBA, 4 bytes a
+/// pixel). A server lowers it with [`ReadOptions::max_source_pixels`].
+pub const DEFAULT_MAX_SOURCE_PIXELS: usize = 8192 * 8192;
+
+/// The most frames a file may declare (an MP4's sample tables) or offer by default.
+pub const DEFAULT_MAX_SOURCE_FRAMES: usize = 100_000;
+
 /// Which frames to read and at what size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadOptions {
@@ -44,6 +52,12 @@ pub struct ReadOptions {
     /// Exactly this many frames; a clip that has fewer is refused. `None`: all the frames the
     /// clip has, up to [`DEFAULT_MAX_FRAMES`].
     pub num_frames: Option<usize>,
+    /// The budget of a file's declared frame size, in pixels a frame (width × height): a larger
+    /// one is refused from its header, before any decoding or allocation.
+    pub max_source_pixels: usize,
+    /// The budget of a file's frames, declared (an MP4's sample tables, a `.npy` shape) or
+    /// offered while reading (a GIF): more are refused.
+    pub max_source_frames: usize,
 }
 
 impl Default for ReadOptions {
@@ -55,6 +69,8 @@ impl Default for ReadOptions {
             start_frame: 0,
             every: 1,
             num_frames: None,
+            max_source_pixels: DEFAULT_MAX_SOURCE_PIXELS,
+            max_source_frames: DEFAULT_MAX_SOURCE_FRAMES,
         }
     }
 }
@@ -234,6 +250,8 @@ pub(crate) struct Collector<'a> {
     out_size: (usize, usize),
     /// Another chosen frame existed past the default limit.
     truncated: bool,
+    /// The file offered more frames than [`ReadOptions::max_source_frames`].
+    over_frame_budget: bool,
     warnings: Vec<String>,
     resizer: resize::FrameResizer,
 }
@@ -250,6 +268,7 @@ impl<'a> Collector<'a> {
             source_size: None,
             out_size: (0, 0),
             truncated: false,
+            over_frame_budget: false,
             warnings: Vec::new(),
             resizer: resize::FrameResizer::new(options.fit, options.filter),
         }
@@ -274,6 +293,10 @@ impl<'a> Collector<'a> {
         if self.options.num_frames.is_some() && self.frames >= self.limit {
             return Want::Stop;
         }
+        if self.next >= self.options.max_source_frames {
+            self.over_frame_budget = true;
+            return Want::Stop;
+        }
         if !self.chosen(self.next) {
             self.next += 1;
             return Want::Skip;
@@ -292,17 +315,49 @@ impl<'a> Collector<'a> {
         self.options.num_frames.is_some_and(|n| self.frames >= n)
     }
 
+    /// The pixel budget of one source frame.
+    pub(crate) fn max_source_pixels(&self) -> usize {
+        self.options.max_source_pixels
+    }
+
     /// How many frames the clip has offered so far.
     pub(crate) fn offered(&self) -> usize {
         self.next
     }
 
-    fn accept_size(&mut self, width: usize, height: usize, what: &str) -> Result<()> {
+    /// Checks a frame size a file declares against the pixel budget, before anything of that
+    /// size is allocated. `what` names it in the error ("its screen", "frame 3").
+    pub(crate) fn check_declared_size(&self, width: usize, height: usize, what: &str) -> Result<()> {
         if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
             return Err(self.error(format!(
                 "{what} is {width}x{height} pixels; frames must be between 1 and {MAX_SIDE} pixels a side"
             )));
         }
+        let budget = self.options.max_source_pixels;
+        if width.saturating_mul(height) > budget {
+            return Err(self.error(format!(
+                "{what} is {width}x{height} pixels, more than the {budget} pixels a frame this reader accepts \
+                 (about {side}x{side}): scale the video down first",
+                side = (budget as f64).sqrt() as usize
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a number of frames a file declares against the frame budget.
+    pub(crate) fn check_declared_frames(&self, frames: u64) -> Result<()> {
+        let budget = self.options.max_source_frames;
+        if frames > budget as u64 {
+            return Err(self.error(format!(
+                "it declares {frames} frames, more than the {budget} a video this reader accepts may have: \
+                 cut it shorter first"
+            )));
+        }
+        Ok(())
+    }
+
+    fn accept_size(&mut self, width: usize, height: usize, what: &str) -> Result<()> {
+        self.check_declared_size(width, height, what)?;
         match self.source_size {
             None => {
                 self.source_size = Some((width, height));
@@ -364,6 +419,12 @@ impl<'a> Collector<'a> {
     fn finish(mut self, fps: Option<f64>) -> Result<InputVideo> {
         let total = self.next;
         let o = self.options;
+        if self.over_frame_budget {
+            return Err(self.error(format!(
+                "it has more than the {} frames a video this reader accepts may have: cut it shorter first",
+                o.max_source_frames
+            )));
+        }
         let choice = describe_choice(o);
         if self.frames == 0 {
             return Err(if total == 0 {
@@ -407,5 +468,69 @@ fn describe_choice(o: &ReadOptions) -> String {
     match o.every {
         1 => format!("from frame {}", o.start_frame),
         n => format!("every {n}th frame from frame {}", o.start_frame),
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    /// A GIF whose screen is `w`×`h`, with `frames` frames of one pixel.
+    fn gif(w: u16, h: u16, frames: usize) -> Vec<u8> {
+        let mut g = b"GIF89a".to_vec();
+        g.extend_from_slice(&w.to_le_bytes());
+        g.extend_from_slice(&h.to_le_bytes());
+        g.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 255, 255, 255]);
+        for _ in 0..frames {
+            g.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0]);
+            // LZW, minimum code size 2: clear, colour 0, end.
+            g.extend_from_slice(&[2, 2, 0x44, 0x01, 0]);
+        }
+        g.push(0x3B);
+        g
+    }
+
+    fn read(bytes: &[u8], name: &str, options: &ReadOptions) -> Result<InputVideo> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        read_video(&path, options)
+    }
+
+    #[test]
+    fn declared_sizes_are_checked_before_anything_is_allocated() {
+        // 65535x65535 RGBA would be 16 GiB: refused from the header.
+        let e = read(&gif(65535, 65535, 1), "a.gif", &ReadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("65535x65535 pixels"), "{e}");
+        let small = ReadOptions { max_source_pixels: 64 * 64, ..ReadOptions::default() };
+        let e = read(&gif(65, 64, 1), "a.gif", &small).unwrap_err().to_string();
+        assert!(e.contains("65x64 pixels, more than the 4096 pixels"), "{e}");
+        assert_eq!(read(&gif(64, 64, 2), "a.gif", &small).unwrap().frames, 2);
+        // The frames a file offers.
+        let few = ReadOptions { max_source_frames: 10, num_frames: Some(3), every: 5, ..ReadOptions::default() };
+        let e = read(&gif(4, 4, 20), "a.gif", &few).unwrap_err().to_string();
+        assert!(e.contains("more than the 10 frames"), "{e}");
+        assert_eq!(read(&gif(4, 4, 20), "a.gif", &ReadOptions { every: 4, ..few.clone() }).unwrap().frames, 3);
+    }
+
+    #[test]
+    fn npy_shapes_are_checked_against_the_budget() {
+        let dict = "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 100, 100, 3), }";
+        let mut header = dict.as_bytes().to_vec();
+        while !(10 + header.len() + 1).is_multiple_of(64) {
+            header.push(b' ');
+        }
+        header.push(b'\n');
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        npy.extend_from_slice(&header);
+        npy.extend(std::iter::repeat_n(0u8, 2 * 100 * 100 * 3));
+        let budget = ReadOptions { max_source_pixels: 99 * 100, ..ReadOptions::default() };
+        let e = read(&npy, "a.npy", &budget).unwrap_err().to_string();
+        assert!(e.contains("100x100 pixels, more than the 9900"), "{e}");
+        let frames = ReadOptions { max_source_frames: 1, ..ReadOptions::default() };
+        let e = read(&npy, "a.npy", &frames).unwrap_err().to_string();
+        assert!(e.contains("declares 2 frames, more than the 1"), "{e}");
+        assert_eq!(read(&npy, "a.npy", &ReadOptions::default()).unwrap().frames, 2);
     }
 }

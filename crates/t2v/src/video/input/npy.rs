@@ -51,6 +51,8 @@ pub(super) fn read_npy(path: &Path, c: &mut Collector) -> Result<()> {
     if channels != 3 {
         return Err(c.error(format!("the array has shape {:?}: its last dimension must be 3 (RGB)", header.shape)));
     }
+    c.check_declared_size(width, height, "each frame")?;
+    c.check_declared_frames(frames as u64)?;
     let frame_values = height.checked_mul(width).and_then(|v| v.checked_mul(3));
     let frame_bytes = frame_values.and_then(|v| v.checked_mul(header.dtype.size()));
     let total = frame_bytes.and_then(|b| b.checked_mul(frames)).map(|b| b as u64 + header.data_offset);
