@@ -275,8 +275,11 @@ impl GenerateArgs {
         {
             return None;
         }
-        let mut windows =
-            ContextWindows::new(ContextWindows::DEFAULT_LENGTH, ContextWindows::DEFAULT_STRIDE, ContextWeighting::default());
+        let mut windows = ContextWindows::new(
+            ContextWindows::DEFAULT_LENGTH,
+            ContextWindows::DEFAULT_STRIDE,
+            ContextWeighting::default(),
+        );
         if let Some(stride) = self.context_stride {
             windows.stride = stride;
         }
@@ -417,9 +420,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     if template.long.context.is_none() {
-        for (given, name) in
-            [(args.context_stride.is_some(), "--context-stride"), (args.context_weighting.is_some(), "--context-weighting")]
-        {
+        for (given, name) in [
+            (args.context_stride.is_some(), "--context-stride"),
+            (args.context_weighting.is_some(), "--context-weighting"),
+        ] {
             if given {
                 bail!("{name} applies to FreeNoise's windows: give it with --context-length W (W ≥ 1 frames)");
             }

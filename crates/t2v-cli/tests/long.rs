@@ -66,7 +66,12 @@ fn check_cli_runs(model: &str) {
     for (i, run) in json["runs"].as_array().unwrap().iter().enumerate() {
         let out = dir.join(format!("long{i}.npy"));
         let mut args = run_args(run);
-        args.extend(["--model".into(), model_dir(model).display().to_string(), "--output".into(), out.display().to_string()]);
+        args.extend([
+            "--model".into(),
+            model_dir(model).display().to_string(),
+            "--output".into(),
+            out.display().to_string(),
+        ]);
         let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{model} long run {i}: {}", stderr(&o));
         assert!(stderr(&o).contains("FreeNoise:"), "progress names the windows: {}", stderr(&o));

@@ -243,7 +243,10 @@ fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<Lon
             )));
         }
         if text.chars().count() > limits.max_prompt_chars {
-            return Err(bad(format!("the prompt at frame {frame} is longer than {} characters", limits.max_prompt_chars)));
+            return Err(bad(format!(
+                "the prompt at frame {frame} is longer than {} characters",
+                limits.max_prompt_chars
+            )));
         }
         prompts.insert(frame, text.clone());
     }
@@ -456,7 +459,10 @@ mod tests {
         let s = parse_json(serde_json::json!({"prompt": "a red ball", "num_frames": 32, "context_length": 16,
             "context_weighting": "flat", "prompts": {"20": "a blue cube"}}))
         .unwrap();
-        assert_eq!((s.context_length, s.context_stride, s.context_weighting.as_deref()), (Some(16), Some(4), Some("flat")));
+        assert_eq!(
+            (s.context_length, s.context_stride, s.context_weighting.as_deref()),
+            (Some(16), Some(4), Some("flat"))
+        );
         assert_eq!(s.prompts.get(&20).map(String::as_str), Some("a blue cube"));
         // Multipart: strings, the keyframes as a JSON string.
         let s = parse_json(serde_json::json!({"prompt": "x", "num_frames": "24", "context_length": "8",
@@ -469,7 +475,10 @@ mod tests {
         let param = |v: Value| parse_json(v).err().map(|e| (e.status.as_u16(), e.param.unwrap_or_default()));
         let bad = [
             (serde_json::json!({"prompt": "x", "num_frames": 8, "context_length": 16}), "context_length"),
-            (serde_json::json!({"prompt": "x", "num_frames": 8, "context_length": 4, "context_stride": 5}), "context_length"),
+            (
+                serde_json::json!({"prompt": "x", "num_frames": 8, "context_length": 4, "context_stride": 5}),
+                "context_length",
+            ),
             (serde_json::json!({"prompt": "x", "context_stride": 2}), "context_stride"),
             (serde_json::json!({"prompt": "x", "context_length": 8, "context_weighting": "ramp"}), "context_weighting"),
             (serde_json::json!({"prompt": "x", "num_frames": 8, "prompts": {"8": "y"}}), "prompts"),

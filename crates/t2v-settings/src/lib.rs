@@ -187,7 +187,11 @@ impl RunSettings {
                     Some(w) => w.parse::<ContextWeighting>()?,
                     None => ContextWeighting::default(),
                 };
-                Some(ContextWindows::new(length, self.context_stride.unwrap_or(ContextWindows::DEFAULT_STRIDE), weighting))
+                Some(ContextWindows::new(
+                    length,
+                    self.context_stride.unwrap_or(ContextWindows::DEFAULT_STRIDE),
+                    weighting,
+                ))
             }
             None => None,
         };

@@ -127,7 +127,10 @@ impl ContextWindows {
             ));
         }
         if self.stride == 0 {
-            return bad(format!("the context stride must be at least 1 frame (at most the context length, {})", self.length));
+            return bad(format!(
+                "the context stride must be at least 1 frame (at most the context length, {})",
+                self.length
+            ));
         }
         // Frames between windows would be in none (diffusers leaves them zero).
         if self.stride > self.length {
@@ -186,7 +189,8 @@ impl WindowPlan {
         let weights = windows.weighting.weights(length).ok_or_else(|| {
             Error::InvalidArgument(format!("no {} weights for a context length of {length}", windows.weighting))
         })?;
-        let mut list: Vec<Window> = (0..=frames - length).step_by(stride).map(|start| Window { start, skip: 0 }).collect();
+        let mut list: Vec<Window> =
+            (0..=frames - length).step_by(stride).map(|start| Window { start, skip: 0 }).collect();
         let mut sums = vec![0f32; frames];
         for w in &list {
             for (j, &wt) in weights.iter().enumerate() {
@@ -307,7 +311,10 @@ pub fn interpolate_keyframes(keyframes: &BTreeMap<usize, Tensor>, frames: usize)
     }
     let &(last_frame, last) = keys.last().expect("non-empty");
     if last_frame >= frames {
-        return Err(Error::InvalidArgument(format!("a keyframe at {last_frame} is past the last frame ({})", frames - 1)));
+        return Err(Error::InvalidArgument(format!(
+            "a keyframe at {last_frame} is past the last frame ({})",
+            frames - 1
+        )));
     }
     if last_frame != frames - 1 {
         keys.push((frames - 1, last));

@@ -421,8 +421,7 @@ impl TextToVideo {
         };
         let prompt_embeds = interpolate(&params.prompt, &params.long.prompts)?;
         if params.guidance_scale > 1.0 {
-            let negative =
-                interpolate(params.negative_prompt.as_deref().unwrap_or(""), &params.long.negative_prompts)?;
+            let negative = interpolate(params.negative_prompt.as_deref().unwrap_or(""), &params.long.negative_prompts)?;
             Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
         } else {
             Ok(prompt_embeds)

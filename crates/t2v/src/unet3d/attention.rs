@@ -9,9 +9,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
-use crate::nn::{
-    add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear,
-};
+use crate::nn::{add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).

@@ -8,9 +8,9 @@ use candle_nn::VarBuilder;
 
 use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 
-use super::Conditioning;
 use super::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use super::transformer_2d::Transformer2DModel;
+use super::Conditioning;
 
 /// What every level shares: the time-embedding width, the norms and the attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +192,13 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, cond: &Conditioning, frames: usize) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        cond: &Conditioning,
+        frames: usize,
+    ) -> candle_core::Result<Tensor> {
         let mut xs = self.first_temp_conv.forward(&self.first_resnet.forward(xs, Some(temb))?, frames)?;
         for (spatial, temporal, resnet, temp_conv) in &self.layers {
             xs = temporal.forward(&spatial.forward(&xs, cond.text, cond.text_repeat)?, frames, cond.windows)?;
