@@ -50,24 +50,24 @@ impl ContextWeighting {
         let w: Vec<f64> = match self {
             ContextWeighting::Flat => vec![1.0; length],
             ContextWeighting::Pyramid => {
-                if length % 2 == 0 {
+                if length.is_multiple_of(2) {
                     let half: Vec<f64> = (1..=length / 2).map(|v| v as f64).collect();
                     half.iter().chain(half.iter().rev()).copied().collect()
                 } else {
-                    let mid = (length + 1) / 2;
+                    let mid = length.div_ceil(2);
                     let half: Vec<f64> = (1..mid).map(|v| v as f64).collect();
                     half.iter().copied().chain([mid as f64]).chain(half.iter().rev().copied()).collect()
                 }
             }
             ContextWeighting::DelayedReverseSawtooth => {
-                if length % 2 == 0 {
+                if length.is_multiple_of(2) {
                     let mid = length / 2;
                     let mut w = vec![0.01; mid.saturating_sub(1)];
                     w.push(mid as f64);
                     w.extend((1..=mid).rev().map(|v| v as f64));
                     w
                 } else {
-                    let mid = (length + 1) / 2;
+                    let mid = length.div_ceil(2);
                     let mut w = vec![0.01; mid];
                     w.extend((1..=mid).rev().map(|v| v as f64));
                     w
