@@ -534,6 +534,7 @@ class _ModelScopePipeline:
         callback_on_step_end: Optional[Callable[..., Any]],
         tensor_inputs: List[str],
         videos: Optional[List[np.ndarray]] = None,
+        long: Optional[Dict[str, Any]] = None,
         **settings: Any,
     ) -> Any:
         """Runs the model once per prompt (on ``videos[i]`` for video-to-video) with the GIL
@@ -581,6 +582,7 @@ class _ModelScopePipeline:
                         latent=output_type == "latent",
                         video=None if videos is None else videos[k],
                         **settings,
+                        **(long or {}),
                     )
                 )
                 if self._interrupt:
@@ -739,11 +741,9 @@ class TextToVideoSDPipeline(_ModelScopePipeline):
             num_frames=int(num_frames),
             height=None if height is None else int(height),
             width=None if width is None else int(width),
-            prompts=keyframes,
-            negative_prompts=negative_keyframes,
-            **self._long_settings(),
         )
-        model.validate(**settings)
+        long = dict(prompts=keyframes, negative_prompts=negative_keyframes, **self._long_settings())
+        model.validate(**settings, **long)
         return self._run(
             model,
             prompts,
@@ -756,6 +756,7 @@ class TextToVideoSDPipeline(_ModelScopePipeline):
             callback_steps=callback_steps,
             callback_on_step_end=callback_on_step_end,
             tensor_inputs=tensor_inputs,
+            long=long,
             **settings,
         )
 
