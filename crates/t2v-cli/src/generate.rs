@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
+use t2v::long_video::{ContextWeighting, ContextWindows};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Video};
 use t2v::schedulers::{strength_begin_index, SchedulerKind};
 use t2v::video::input::{read_video, Fit, ReadOptions};
@@ -71,6 +72,31 @@ pub struct GenerateArgs {
     /// [default: 16; with --video, all the frames chosen, up to 64]
     #[arg(long, short = 'f', allow_negative_numbers = true)]
     num_frames: Option<usize>,
+
+    /// Long videos (FreeNoise): the temporal attention sees windows of this many frames, fused
+    /// with weights, and the noise repeats shuffled from the first window; 0 keeps it off.
+    /// [default: off; 16 when --num-frames is above 24]
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    context_length: Option<usize>,
+
+    /// Frames between FreeNoise windows, 1 to the context length. [default: 4]
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    context_stride: Option<usize>,
+
+    /// How overlapping windows are weighted per frame: pyramid, flat or
+    /// delayed_reverse_sawtooth. [default: pyramid]
+    #[arg(long, value_name = "SCHEME")]
+    context_weighting: Option<ContextWeighting>,
+
+    /// Prompt travel: the prompt from keyframe FRAME (0-based) on, as `--prompt-at 32:"a red
+    /// car"`; frames between keyframes blend their neighbours' prompts. Repeatable; the
+    /// positional prompt is frame 0's.
+    #[arg(long, value_name = "FRAME:TEXT", value_parser = parse_keyframe)]
+    prompt_at: Vec<(usize, String)>,
+
+    /// A negative prompt from keyframe FRAME on, as --prompt-at; --negative-prompt is frame 0's.
+    #[arg(long, value_name = "FRAME:TEXT", value_parser = parse_keyframe)]
+    negative_prompt_at: Vec<(usize, String)>,
 
     /// Frame height in pixels, a multiple of the VAE's scale (8). [default: the model's native
     /// size, 256 for the 1.7B model]
@@ -211,7 +237,73 @@ impl GenerateArgs {
         if self.width.is_some() {
             params.width = self.width;
         }
+        // FreeNoise: --context-length turns it on (0: off); stride and weighting adjust it.
+        if let Some(length) = self.context_length {
+            params.long.context = (length > 0).then(|| {
+                let recorded = params.long.context;
+                ContextWindows::new(
+                    length,
+                    recorded.map_or(ContextWindows::DEFAULT_STRIDE, |c| c.stride),
+                    recorded.map_or(ContextWeighting::default(), |c| c.weighting),
+                )
+            });
+        }
+        if let Some(c) = &mut params.long.context {
+            if let Some(stride) = self.context_stride {
+                c.stride = stride;
+            }
+            if let Some(weighting) = self.context_weighting {
+                c.weighting = weighting;
+            }
+        }
+        for (frame, text) in &self.prompt_at {
+            params.long.prompts.insert(*frame, text.clone());
+        }
+        for (frame, text) in &self.negative_prompt_at {
+            params.long.negative_prompts.insert(*frame, text.clone());
+        }
     }
+
+    /// When a long video asks for nothing about FreeNoise: on, with diffusers' 16 / 4, above
+    /// the training length of these models (16 frames for the 1.7B, 24 for zeroscope).
+    fn auto_context(&self, params: &mut GenerationParams, repeating: bool) -> Option<String> {
+        let asked_frames = self.num_frames.is_some() || !repeating;
+        if self.context_length.is_some()
+            || params.long.context.is_some()
+            || !asked_frames
+            || params.num_frames <= AUTO_CONTEXT_ABOVE
+        {
+            return None;
+        }
+        let mut windows = ContextWindows::new(
+            ContextWindows::DEFAULT_LENGTH,
+            ContextWindows::DEFAULT_STRIDE,
+            ContextWeighting::default(),
+        );
+        if let Some(stride) = self.context_stride {
+            windows.stride = stride;
+        }
+        if let Some(weighting) = self.context_weighting {
+            windows.weighting = weighting;
+        }
+        params.long.context = Some(windows);
+        Some(format!(
+            "{} frames is past what the model was trained on: FreeNoise is on, windows of {} frames every {} ({}); \
+             --context-length 0 turns it off",
+            params.num_frames, windows.length, windows.stride, windows.weighting
+        ))
+    }
+}
+
+/// Above this many frames FreeNoise turns on by itself (zeroscope's training length).
+pub const AUTO_CONTEXT_ABOVE: usize = 24;
+
+/// `FRAME:TEXT`, as `32:a red car`.
+fn parse_keyframe(s: &str) -> Result<(usize, String), String> {
+    let bad = || format!("invalid keyframe `{s}`: give FRAME:TEXT, as 32:\"a red car\" (frames are 0-based)");
+    let (frame, text) = s.split_once(':').ok_or_else(bad)?;
+    let frame = frame.trim().parse::<usize>().map_err(|_| bad())?;
+    Ok((frame, text.to_string()))
 }
 
 pub fn hub_options(offline: bool, quiet: bool, variant: WeightsVariant) -> HubOptions {
@@ -321,6 +413,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     // Video-to-video and the second pass.
     let video_path = args.video.clone().or_else(|| from_input.as_ref().map(|i| i.path.clone()));
+    // Long videos: FreeNoise on by itself past the models' training length (text-to-video).
+    if video_path.is_none() {
+        if let Some(note) = args.auto_context(&mut template, from.is_some()) {
+            say(&format!("note: {note}"));
+        }
+    }
+    if template.long.context.is_none() {
+        for (given, name) in [
+            (args.context_stride.is_some(), "--context-stride"),
+            (args.context_weighting.is_some(), "--context-weighting"),
+        ] {
+            if given {
+                bail!("{name} applies to FreeNoise's windows: give it with --context-length W (W ≥ 1 frames)");
+            }
+        }
+    }
     if video_path.is_none() {
         for (given, name) in [
             (args.strength.is_some(), "--strength"),
@@ -465,7 +573,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let hub = hub_options(args.offline, quiet, args.variant);
     let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
     let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
-    let (height, width) = pipeline::check_params(&model_folder, &template)
+    // With an input video the frame count is the clip's, checked once it is read.
+    let checked = match &video_path {
+        Some(_) => GenerationParams { long: Default::default(), ..template.clone() },
+        None => template.clone(),
+    };
+    let (height, width) = pipeline::check_params(&model_folder, &checked)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
     let upscale = match upscale {
         Some((spec, size, strength, steps)) => {
@@ -516,6 +629,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             };
             for job in &mut jobs {
                 job.params.num_frames = clip.frames;
+                // A window as long as the clip is plain video-to-video.
+                if job.params.long.context.is_some_and(|c| c.length >= clip.frames) {
+                    job.params.long.context = None;
+                }
             }
             Some(InputClip { settings, tensor: clip.to_model_input(&candle_core::Device::Cpu, DType::F32)? })
         }
@@ -684,11 +801,12 @@ impl RunContext<'_> {
             None => (params.num_frames, n, String::new()),
         };
         self.say(&format!(
-            "{label}{counter}\"{}\": {frames} frames of {width}×{height}, {} {n} steps, guidance {}, seed {}{from}",
+            "{label}{counter}\"{}\": {frames} frames of {width}×{height}, {} {n} steps, guidance {}, seed {}{from}{}",
             printable(&params.prompt),
             params.scheduler,
             params.guidance_scale,
-            params.seed
+            params.seed,
+            long_summary(params, frames)
         ));
         let bar = (!self.quiet).then(|| steps_bar(&label, steps as u64));
         let mut decoding = None;
@@ -775,6 +893,31 @@ impl RunContext<'_> {
             writing_s: write_started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// ", FreeNoise: 5 windows of 16 frames every 4 (pyramid), 3 keyframe prompts" for a long video.
+fn long_summary(params: &GenerationParams, frames: usize) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = params.long.context {
+        match c.plan(frames) {
+            Ok(plan) => parts.push(format!(
+                "FreeNoise: {} windows of {} frames every {} ({})",
+                plan.windows.len(),
+                c.length,
+                c.stride,
+                c.weighting
+            )),
+            Err(_) => parts.push(format!("FreeNoise: windows of {} frames every {}", c.length, c.stride)),
+        }
+    }
+    let keys = params.long.prompts.len() + 1;
+    if !params.long.prompts.is_empty() {
+        parts.push(format!("{keys} keyframe prompts"));
+    }
+    if !params.long.negative_prompts.is_empty() {
+        parts.push(format!("{} keyframe negative prompts", params.long.negative_prompts.len() + 1));
+    }
+    parts.iter().map(|p| format!(", {p}")).collect()
 }
 
 /// Loads the model of pass `pass`, with a spinner.

@@ -5,6 +5,7 @@
 // The closures run without the GIL return the library's `Result` as it is.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant};
+use t2v::long_video::{ContextWeighting, ContextWindows, LongVideo};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::{self, SchedulerKind};
 use t2v::video::input::ReadOptions;
@@ -71,6 +73,23 @@ fn parse_variant(variant: Option<&str>) -> PyResult<WeightsVariant> {
         None => Ok(WeightsVariant::Auto),
         Some(v) => v.parse().map_err(py_err),
     }
+}
+
+/// Long-video settings from the pipeline's keyword arguments (`enable_free_noise` and keyframe
+/// prompts): `context_length` None or 0 is off.
+fn long_video(
+    context_length: Option<usize>,
+    context_stride: usize,
+    context_weighting: &str,
+    prompts: Option<BTreeMap<usize, String>>,
+    negative_prompts: Option<BTreeMap<usize, String>>,
+) -> PyResult<LongVideo> {
+    let weighting = context_weighting.parse::<ContextWeighting>().map_err(py_err)?;
+    Ok(LongVideo {
+        context: context_length.filter(|&l| l > 0).map(|l| ContextWindows::new(l, context_stride, weighting)),
+        prompts: prompts.unwrap_or_default(),
+        negative_prompts: negative_prompts.unwrap_or_default(),
+    })
 }
 
 fn parse_scheduler(class_name: &str) -> PyResult<SchedulerKind> {
@@ -297,7 +316,11 @@ impl Model {
     }
 
     /// Checks the settings against the model; returns (height, width) with the defaults resolved.
-    #[pyo3(signature = (*, num_inference_steps, guidance_scale, eta, num_frames, height, width))]
+    #[pyo3(signature = (
+        *, num_inference_steps, guidance_scale, eta, num_frames, height, width, context_length=None,
+        context_stride=4, context_weighting="pyramid", prompts=None, negative_prompts=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn validate(
         &self,
         num_inference_steps: usize,
@@ -306,6 +329,11 @@ impl Model {
         num_frames: usize,
         height: Option<usize>,
         width: Option<usize>,
+        context_length: Option<usize>,
+        context_stride: usize,
+        context_weighting: &str,
+        prompts: Option<BTreeMap<usize, String>>,
+        negative_prompts: Option<BTreeMap<usize, String>>,
     ) -> PyResult<(usize, usize)> {
         let mut params = GenerationParams::new("", 0);
         params.num_inference_steps = num_inference_steps;
@@ -314,6 +342,7 @@ impl Model {
         params.num_frames = num_frames;
         params.height = height;
         params.width = width;
+        params.long = long_video(context_length, context_stride, context_weighting, prompts, negative_prompts)?;
         self.pipe.validate(&params).map_err(py_err)
     }
 
@@ -351,7 +380,8 @@ impl Model {
     #[pyo3(signature = (
         prompt, *, negative_prompt, seed, num_inference_steps, guidance_scale, scheduler,
         scheduler_config, eta, num_frames, height, width, on_step=None, step_latents=false, latent=false,
-        video=None, strength=None
+        video=None, strength=None, context_length=None, context_stride=4, context_weighting="pyramid",
+        prompts=None, negative_prompts=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
@@ -373,6 +403,11 @@ impl Model {
         latent: bool,
         video: Option<PyReadonlyArray4<'py, f32>>,
         strength: Option<f64>,
+        context_length: Option<usize>,
+        context_stride: usize,
+        context_weighting: &str,
+        prompts: Option<BTreeMap<usize, String>>,
+        negative_prompts: Option<BTreeMap<usize, String>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         // The input frames as `InputVideo::to_model_input` lays them out: (frames, 3, H, W).
         let input = match video {
@@ -403,6 +438,7 @@ impl Model {
             num_frames,
             height,
             width,
+            long: long_video(context_length, context_stride, context_weighting, prompts, negative_prompts)?,
         };
         let config = self::scheduler_config(scheduler_config)?;
         let pipe = self.pipe.clone();

@@ -86,8 +86,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_upload_mb: usize,
 
-    /// The most frames one job may ask for.
-    #[arg(long, default_value_t = 256)]
+    /// The most frames one job may ask for (long videos run with FreeNoise's windows).
+    #[arg(long, default_value_t = 512)]
     pub max_frames: usize,
 
     /// The most one job may cost, in frames × height × width × denoising steps (video-to-video:

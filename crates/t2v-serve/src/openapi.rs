@@ -60,7 +60,11 @@ pub fn spec() -> Value {
             "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.6, "description": "With input_reference: how much of the video is replaced; the last int(num_inference_steps × strength) steps run, at least one"},
             "video_start": {"type": "integer", "minimum": 0, "default": 0, "description": "With input_reference: the first frame read (0-based)"},
             "video_every": {"type": "integer", "minimum": 1, "default": 1, "description": "With input_reference: read every n-th frame (3 turns 24 fps into 8)"},
-            "video_fit": {"type": "string", "enum": ["resize", "crop", "pad"], "default": "resize", "description": "With input_reference: how frames of another aspect ratio reach the size: stretched, cropped, or padded with black"}
+            "video_fit": {"type": "string", "enum": ["resize", "crop", "pad"], "default": "resize", "description": "With input_reference: how frames of another aspect ratio reach the size: stretched, cropped, or padded with black"},
+            "context_length": {"type": "integer", "minimum": 0, "description": "Long videos (FreeNoise): the temporal attention sees windows of this many frames, fused with weights, and the noise repeats shuffled from the first window; 0 or absent: off. At most num_frames"},
+            "context_stride": {"type": "integer", "minimum": 1, "default": 4, "description": "With context_length: frames between windows, at most context_length"},
+            "context_weighting": {"type": "string", "enum": ["pyramid", "flat", "delayed_reverse_sawtooth"], "default": "pyramid", "description": "With context_length: how overlapping windows are weighted per frame"},
+            "prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Prompt travel: keyframe (0-based, from 1; frame 0's is prompt) → prompt, as {\"16\": \"a red car\"}; frames between keyframes blend their neighbours' text embeddings. In multipart, a JSON string of the object"}
         }
     });
     json!({

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
+use t2v::long_video::{ContextWeighting, ContextWindows, LongVideo};
 use t2v::pipeline::{self, GenerationParams};
 use t2v::schedulers::{strength_begin_index, SchedulerKind};
 use t2v::video::input::{Fit, ReadOptions};
@@ -102,6 +103,10 @@ pub const FIELDS: &[&str] = &[
     "video_start",
     "video_every",
     "video_fit",
+    "context_length",
+    "context_stride",
+    "context_weighting",
+    "prompts",
 ];
 
 /// The fields that apply to video-to-video only.
@@ -236,6 +241,74 @@ pub fn video_request(fields: &Fields, settings: &RunSettings) -> Result<Option<V
     Ok(Some(VideoRequest { strength, read }))
 }
 
+/// The long-video fields: FreeNoise's `context_length` (0 or absent: off), `context_stride`
+/// (default 4) and `context_weighting`, and `prompts`, an object of keyframe → text (a JSON
+/// string of one in multipart) for the keyframes after frame 0, whose prompt is `prompt`.
+fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<LongVideo, ApiError> {
+    let length = fields.whole("context_length", 0, limits.max_frames as u64)?.unwrap_or(0) as usize;
+    let stride = fields.whole("context_stride", 1, limits.max_frames as u64)?;
+    let weighting = match fields.string("context_weighting")? {
+        None => None,
+        Some(w) => Some(w.parse::<ContextWeighting>().map_err(|e| ApiError::bad("context_weighting", e.to_string()))?),
+    };
+    if length == 0 {
+        if let Some(name) = ["context_stride", "context_weighting"].into_iter().find(|f| fields.has(f)) {
+            return Err(ApiError::bad(name, format!("`{name}` applies to FreeNoise: give `context_length` too")));
+        }
+    }
+    let context = (length > 0).then(|| {
+        ContextWindows::new(
+            length,
+            stride.map_or(ContextWindows::DEFAULT_STRIDE, |s| s as usize),
+            weighting.unwrap_or_default(),
+        )
+    });
+    if let Some(c) = &context {
+        c.validate(num_frames).map_err(|e| ApiError::bad("context_length", e.to_string()))?;
+    }
+    let shape = || {
+        ApiError::bad(
+            "prompts",
+            "`prompts` must be an object of keyframe → prompt, as {\"16\": \"a red car\"} (frames 0-based)",
+        )
+    };
+    let object = match fields.0.get("prompts") {
+        None => serde_json::Map::new(),
+        Some(Value::Object(map)) => map.clone(),
+        // Multipart sends the object as a JSON string.
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(shape()),
+        },
+        Some(_) => return Err(shape()),
+    };
+    let mut prompts = BTreeMap::new();
+    for (key, text) in &object {
+        let bad = |m: String| ApiError::bad("prompts", m);
+        let frame = key.trim().parse::<usize>().map_err(|_| shape())?;
+        let Value::String(text) = text else {
+            return Err(bad(format!("`prompts` at frame {frame} must be a string")));
+        };
+        if frame == 0 {
+            return Err(bad("frame 0's prompt is `prompt`: give keyframes from frame 1 on".into()));
+        }
+        if frame >= num_frames {
+            return Err(bad(format!(
+                "the keyframe {frame} is past the last frame ({}): keyframes are 0-based",
+                num_frames - 1
+            )));
+        }
+        if text.chars().count() > limits.max_prompt_chars {
+            return Err(bad(format!(
+                "the prompt at frame {frame} is longer than {} characters",
+                limits.max_prompt_chars
+            )));
+        }
+        prompts.insert(frame, text.clone());
+    }
+    Ok(LongVideo { context, prompts, negative_prompts: BTreeMap::new() })
+}
+
 /// "WxH" → (width, height).
 fn parse_size(s: &str) -> Option<(usize, usize)> {
     let (w, h) = s.trim().split_once(['x', 'X', '×'])?;
@@ -341,6 +414,7 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
         }
         (None, None) => DEFAULT_FRAMES,
     };
+    let long = long_video(fields, num_frames, limits)?;
 
     let params = GenerationParams {
         prompt,
@@ -353,6 +427,7 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
         num_frames,
         height: Some(height),
         width: Some(width),
+        long,
     };
     // The library's own checks, last: what they refuse is a bad request too.
     pipeline::validate_params(&params, height, width, model.vae_scale)
@@ -458,6 +533,44 @@ mod tests {
         let e = f(serde_json::json!({"prompt": "x", "num_inference_steps": 26})).unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (400, Some("job_too_large")));
         assert!(e.message.contains(&limits.max_job_cost.to_string()), "{}", e.message);
+    }
+
+    #[test]
+    fn long_video_fields() {
+        let s = parse_json(serde_json::json!({"prompt": "a red ball", "num_frames": 32, "context_length": 16,
+            "context_weighting": "flat", "prompts": {"20": "a blue cube"}}))
+        .unwrap();
+        assert_eq!(
+            (s.context_length, s.context_stride, s.context_weighting.as_deref()),
+            (Some(16), Some(4), Some("flat"))
+        );
+        assert_eq!(s.prompts.get(&20).map(String::as_str), Some("a blue cube"));
+        // Multipart: strings, the keyframes as a JSON string.
+        let s = parse_json(serde_json::json!({"prompt": "x", "num_frames": "24", "context_length": "8",
+            "context_stride": "2", "prompts": "{\"8\": \"y\"}"}))
+        .unwrap();
+        assert_eq!((s.context_length, s.context_stride), (Some(8), Some(2)));
+        assert_eq!(s.prompts.len(), 1);
+        let off = parse_json(serde_json::json!({"prompt": "x", "context_length": 0})).unwrap();
+        assert_eq!(off.context_length, None);
+        let param = |v: Value| parse_json(v).err().map(|e| (e.status.as_u16(), e.param.unwrap_or_default()));
+        let bad = [
+            (serde_json::json!({"prompt": "x", "num_frames": 8, "context_length": 16}), "context_length"),
+            (
+                serde_json::json!({"prompt": "x", "num_frames": 8, "context_length": 4, "context_stride": 5}),
+                "context_length",
+            ),
+            (serde_json::json!({"prompt": "x", "context_stride": 2}), "context_stride"),
+            (serde_json::json!({"prompt": "x", "context_length": 8, "context_weighting": "ramp"}), "context_weighting"),
+            (serde_json::json!({"prompt": "x", "num_frames": 8, "prompts": {"8": "y"}}), "prompts"),
+            (serde_json::json!({"prompt": "x", "prompts": {"0": "y"}}), "prompts"),
+            (serde_json::json!({"prompt": "x", "prompts": {"a": "y"}}), "prompts"),
+            (serde_json::json!({"prompt": "x", "prompts": ["y"]}), "prompts"),
+            (serde_json::json!({"prompt": "x", "prompts": {"3": 4}}), "prompts"),
+        ];
+        for (v, field) in bad {
+            assert_eq!(param(v.clone()), Some((400, field.into())), "{v}");
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The settings of a run as they travel with the video: a JSON file beside every output and the
 //! MP4's comment tag, so that `t2v generate --from` repeats the run.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
+use t2v::long_video::{ContextWeighting, ContextWindows};
 use t2v::pipeline::GenerationParams;
 use t2v::schedulers::SchedulerKind;
 
@@ -38,6 +40,21 @@ pub struct RunSettings {
     /// The second pass of a two-pass run: the frames above, resized and re-rendered by another model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upscale: Option<UpscaleSettings>,
+    /// FreeNoise: the temporal attention's window length in frames; absent when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    /// FreeNoise: frames between windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_stride: Option<usize>,
+    /// FreeNoise: `pyramid`, `flat` or `delayed_reverse_sawtooth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_weighting: Option<String>,
+    /// Prompt travel: the prompts of keyframes after frame 0 (frame 0's is `prompt`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompts: BTreeMap<usize, String>,
+    /// The negative prompts of keyframes after frame 0 (frame 0's is `negative_prompt`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub negative_prompts: BTreeMap<usize, String>,
 }
 
 /// The input of a video-to-video run and how its frames were chosen.
@@ -144,6 +161,11 @@ impl RunSettings {
             dtype: dtype_name(dtype).to_string(),
             input: None,
             upscale: None,
+            context_length: params.long.context.map(|c| c.length),
+            context_stride: params.long.context.map(|c| c.stride),
+            context_weighting: params.long.context.map(|c| c.weighting.as_str().to_string()),
+            prompts: params.long.prompts.clone(),
+            negative_prompts: params.long.negative_prompts.clone(),
         }
     }
 
@@ -159,6 +181,22 @@ impl RunSettings {
         params.num_frames = self.num_frames;
         params.height = Some(self.height);
         params.width = Some(self.width);
+        params.long.context = match self.context_length {
+            Some(length) => {
+                let weighting = match &self.context_weighting {
+                    Some(w) => w.parse::<ContextWeighting>()?,
+                    None => ContextWeighting::default(),
+                };
+                Some(ContextWindows::new(
+                    length,
+                    self.context_stride.unwrap_or(ContextWindows::DEFAULT_STRIDE),
+                    weighting,
+                ))
+            }
+            None => None,
+        };
+        params.long.prompts = self.prompts.clone();
+        params.long.negative_prompts = self.negative_prompts.clone();
         Ok(())
     }
 

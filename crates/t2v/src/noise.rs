@@ -158,6 +158,20 @@ impl TorchGenerator {
         }
     }
 
+    /// `torch.randperm(n, generator=self)` on CPU (`randperm_cpu` in
+    /// `aten/src/ATen/native/TensorFactories.cpp`): the identity, then for each `i < n - 1` a
+    /// swap of `i` with `i + random() % (n - i)`, one 32-bit draw each (the path of every `n`
+    /// below 2^32 / 20). It neither reads nor writes the cached normal sample, so `randn`
+    /// calls before and after it see the generator exactly as torch's would.
+    pub fn randperm(&mut self, n: usize) -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..n).collect();
+        for i in 0..n.saturating_sub(1) {
+            let z = (self.random() as u64 % (n - i) as u64) as usize;
+            perm.swap(i, i + z);
+        }
+        perm
+    }
+
     /// Same as [`randn`](Self::randn), returned as an f32 tensor of `shape` on `device`.
     pub fn randn_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let data = self.randn(shape);

@@ -10,12 +10,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, WeightsVariant};
 use crate::error::{Error, Result};
+use crate::long_video::{self, LongVideo};
 use crate::noise::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::sizing;
 use crate::text_encoder::{self, TextEncoder};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet3d::{self, UNet3DConditionModel};
+use crate::unet3d::{self, LongVideoForward, UNet3DConditionModel};
 use crate::vae::{self, Vae, VaeEncoder};
 
 mod video_to_video;
@@ -97,6 +98,8 @@ pub struct GenerationParams {
     /// Pixels; `None` takes the UNet's `sample_size` times the VAE scale.
     pub height: Option<usize>,
     pub width: Option<usize>,
+    /// Long videos: FreeNoise's windows and keyframe prompts (off by default).
+    pub long: LongVideo,
 }
 
 impl GenerationParams {
@@ -113,6 +116,7 @@ impl GenerationParams {
             num_frames: 16,
             height: None,
             width: None,
+            long: LongVideo::default(),
         }
     }
 }
@@ -299,6 +303,23 @@ impl TextToVideo {
         Ok(generator.randn_tensor(&shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// The initial latents of `params`: [`TextToVideo::initial_latents`], then with FreeNoise
+    /// (`params.long.context`) the shuffled noise of [`long_video::shuffle_context`], drawn
+    /// from the same generator.
+    pub fn initial_latents_for(
+        &self,
+        generator: &mut TorchGenerator,
+        params: &GenerationParams,
+        height: usize,
+        width: usize,
+    ) -> Result<Tensor> {
+        let latents = self.initial_latents(generator, params.num_frames, height, width)?;
+        match &params.long.context {
+            Some(windows) => long_video::shuffle_context(&latents, generator, windows),
+            None => Ok(latents),
+        }
+    }
+
     /// Generates one video. `on_step` runs after every denoising step and may cancel.
     pub fn generate(
         &self,
@@ -350,7 +371,7 @@ impl TextToVideo {
         let started = Instant::now();
         let mut scheduler = self.scheduler(params, scheduler_config)?;
         let mut generator = TorchGenerator::new(params.seed);
-        let latents = self.initial_latents(&mut generator, params.num_frames, height, width)?;
+        let latents = self.initial_latents_for(&mut generator, params, height, width)?;
         let latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         let latents = self.denoising_loop(
@@ -369,10 +390,38 @@ impl TextToVideo {
 
     /// The text encoder's output for the UNet: under classifier-free guidance one batch of
     /// [negative, prompt], else the prompt alone.
-    fn guidance_context(&self, params: &GenerationParams) -> Result<Tensor> {
+    /// With keyframe prompts ([`LongVideo::travels`]) one embedding per frame: see
+    /// [`TextToVideo::travelling_context`].
+    pub(crate) fn guidance_context(&self, params: &GenerationParams) -> Result<Tensor> {
+        if params.long.travels() {
+            return self.travelling_context(params);
+        }
         let prompt_embeds = self.encode_prompt(&params.prompt)?;
         if params.guidance_scale > 1.0 {
             let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
+            Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
+        } else {
+            Ok(prompt_embeds)
+        }
+    }
+
+    /// Prompt travel (diffusers' `_encode_prompt_free_noise`): the prompt (frame 0) and the
+    /// keyframe prompts encoded and interpolated per frame; under classifier-free guidance the
+    /// negative prompts the same way, first: (2·frames or frames, tokens, D), frame f of each half
+    /// at row f, which frame f's cross-attention reads.
+    pub fn travelling_context(&self, params: &GenerationParams) -> Result<Tensor> {
+        let frames = params.num_frames;
+        let interpolate = |first: &str, keys: &std::collections::BTreeMap<usize, String>| -> Result<Tensor> {
+            let mut embeds = std::collections::BTreeMap::new();
+            embeds.insert(0, self.encode_prompt(first)?);
+            for (&frame, text) in keys {
+                embeds.insert(frame, self.encode_prompt(text)?);
+            }
+            long_video::interpolate_keyframes(&embeds, frames)
+        };
+        let prompt_embeds = interpolate(&params.prompt, &params.long.prompts)?;
+        if params.guidance_scale > 1.0 {
+            let negative = interpolate(params.negative_prompt.as_deref().unwrap_or(""), &params.long.negative_prompts)?;
             Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
         } else {
             Ok(prompt_embeds)
@@ -411,11 +460,16 @@ impl TextToVideo {
         let guided = params.guidance_scale > 1.0;
         let device = self.device.clone();
         let dtype = self.dtype;
+        let plan = match &params.long.context {
+            Some(windows) => Some(windows.plan(latents.dim(2)?)?),
+            None => None,
+        };
+        let long = LongVideoForward { text_per_frame: params.long.travels(), windows: plan.as_ref() };
         for (i, &t) in timesteps.iter().enumerate() {
             // Under guidance both halves of the batch see the same latents: the UNet computes
             // what precedes the prompt once for both.
             let model_input = scheduler.scale_model_input(latents.clone(), t)?;
-            let noise_pred = self.unet.forward_shared_latents(&model_input, t as f64, context)?;
+            let noise_pred = self.unet.forward_long(&model_input, t as f64, context, &long)?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let text = noise_pred.narrow(0, 1, 1)?;
@@ -563,6 +617,7 @@ pub fn validate_params(params: &GenerationParams, height: usize, width: usize, v
     if params.num_inference_steps == 0 {
         return bad("the number of denoising steps must be at least 1".into());
     }
+    params.long.validate(params.num_frames)?;
     if !params.guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE_SCALE).contains(&params.guidance_scale) {
         return bad(format!(
             "the guidance scale must be between 0 and {MAX_GUIDANCE_SCALE} (the model card uses 9), got {:?}",

@@ -1,7 +1,7 @@
 """Type stubs of the native module `t2v._t2v` (the Rust half of the package)."""
 
 import os
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +59,11 @@ class Model:
         num_frames: int,
         height: Optional[int],
         width: Optional[int],
+        context_length: Optional[int] = None,
+        context_stride: int = 4,
+        context_weighting: str = "pyramid",
+        prompts: Optional[Dict[int, str]] = None,
+        negative_prompts: Optional[Dict[int, str]] = None,
     ) -> Tuple[int, int]: ...
     def validate_video(
         self,
@@ -88,4 +93,9 @@ class Model:
         latent: bool = False,
         video: Optional[npt.NDArray[np.float32]] = None,
         strength: Optional[float] = None,
+        context_length: Optional[int] = None,
+        context_stride: int = 4,
+        context_weighting: str = "pyramid",
+        prompts: Optional[Dict[int, str]] = None,
+        negative_prompts: Optional[Dict[int, str]] = None,
     ) -> npt.NDArray[np.float32]: ...

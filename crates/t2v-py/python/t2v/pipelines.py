@@ -249,6 +249,7 @@ class _ModelScopePipeline:
         self._lock = threading.Lock()
         self._interrupt = False
         self._progress_bar_config: Dict[str, Any] = {}
+        self._free_noise: Optional[Dict[str, Any]] = None
         self.config = FrozenDict(index)
         scheduler_config = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"))
         scheduler_class = SCHEDULERS.get(scheduler_config.get("_class_name", ""))
@@ -429,6 +430,47 @@ class _ModelScopePipeline:
     def disable_freeu(self) -> None:
         """No effect: FreeU is never on."""
 
+    # -- long videos (FreeNoise, as diffusers' AnimateDiffFreeNoiseMixin) ------------------------
+
+    def enable_free_noise(
+        self,
+        context_length: Optional[int] = 16,
+        context_stride: int = 4,
+        weighting_scheme: str = "pyramid",
+        noise_type: str = "shuffle_context",
+        prompt_interpolation_callback: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        """Long videos with FreeNoise, as diffusers' ``enable_free_noise``: every temporal
+        attention sees windows of ``context_length`` frames, ``context_stride`` apart, fused
+        with ``weighting_scheme`` weights (``"pyramid"``, ``"flat"`` or
+        ``"delayed_reverse_sawtooth"``), and the initial noise of the first window is reused,
+        shuffled (``noise_type="shuffle_context"``, the only type t2v implements)."""
+        allowed = ("flat", "pyramid", "delayed_reverse_sawtooth")
+        if weighting_scheme not in allowed:
+            raise ValueError(f"The parameter `weighting_scheme` must be one of {list(allowed)}, but got {weighting_scheme=}")
+        if noise_type not in ("shuffle_context", "repeat_context", "random"):
+            raise ValueError(f"The parameter `noise_type` must be one of ['shuffle_context', 'repeat_context', 'random'], but got {noise_type=}")
+        if noise_type != "shuffle_context":
+            raise NotImplementedError(f"t2v implements FreeNoise's noise_type='shuffle_context' only, not {noise_type!r}")
+        if prompt_interpolation_callback is not None:
+            raise NotImplementedError("t2v interpolates keyframe prompts linearly: prompt_interpolation_callback must be None")
+        length = 16 if context_length is None else context_length
+        for name, value in (("context_length", length), ("context_stride", context_stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of frames, at least 1, got {value!r}")
+        self._free_noise = dict(context_length=length, context_stride=context_stride, context_weighting=weighting_scheme)
+
+    def disable_free_noise(self) -> None:
+        """Turns FreeNoise off: temporal attention over the whole video again."""
+        self._free_noise = None
+
+    @property
+    def free_noise_enabled(self) -> bool:
+        return self._free_noise is not None
+
+    def _long_settings(self) -> Dict[str, Any]:
+        return dict(self._free_noise) if self._free_noise is not None else {}
+
     # -- the run -------------------------------------------------------------------------------
 
     def _check_run(
@@ -492,6 +534,7 @@ class _ModelScopePipeline:
         callback_on_step_end: Optional[Callable[..., Any]],
         tensor_inputs: List[str],
         videos: Optional[List[np.ndarray]] = None,
+        long: Optional[Dict[str, Any]] = None,
         **settings: Any,
     ) -> Any:
         """Runs the model once per prompt (on ``videos[i]`` for video-to-video) with the GIL
@@ -539,6 +582,7 @@ class _ModelScopePipeline:
                         latent=output_type == "latent",
                         video=None if videos is None else videos[k],
                         **settings,
+                        **(long or {}),
                     )
                 )
                 if self._interrupt:
@@ -668,6 +712,9 @@ class TextToVideoSDPipeline(_ModelScopePipeline):
             KeyboardInterrupt: Ctrl-C during the run.
             NotImplementedError: an argument of diffusers that t2v does not support.
         """
+        # Prompt travel: {frame: prompt} dicts, as diffusers' FreeNoise pipelines take them.
+        prompt, keyframes = _keyframes(prompt, "prompt")
+        negative_prompt, negative_keyframes = _keyframes(negative_prompt, "negative_prompt")
         prompts, negatives, tensor_inputs = self._check_run(
             prompt,
             negative_prompt,
@@ -695,7 +742,8 @@ class TextToVideoSDPipeline(_ModelScopePipeline):
             height=None if height is None else int(height),
             width=None if width is None else int(width),
         )
-        model.validate(**settings)
+        long = dict(prompts=keyframes, negative_prompts=negative_keyframes, **self._long_settings())
+        model.validate(**settings, **long)
         return self._run(
             model,
             prompts,
@@ -708,6 +756,7 @@ class TextToVideoSDPipeline(_ModelScopePipeline):
             callback_steps=callback_steps,
             callback_on_step_end=callback_on_step_end,
             tensor_inputs=tensor_inputs,
+            long=long,
             **settings,
         )
 
@@ -841,6 +890,23 @@ class VideoToVideoSDPipeline(_ModelScopePipeline):
             width=width,
             **settings,
         )
+
+
+def _keyframes(prompt: Any, name: str) -> Tuple[Any, Optional[Dict[int, str]]]:
+    """A ``{frame: text}`` dict of keyframes split into frame 0's text and the later keyframes;
+    anything else is returned as it is. A negative prompt dict without frame 0 starts from the
+    empty prompt."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    if not prompt or not all(isinstance(k, int) and not isinstance(k, bool) for k in prompt):
+        raise ValueError(f"Expected integer keys in `{name}` dict for prompt travel, got {list(prompt)}")
+    if not all(isinstance(v, str) for v in prompt.values()):
+        raise ValueError(f"Expected str values in `{name}` dict for prompt travel.")
+    if min(prompt) < 0:
+        raise ValueError(f"The frames of the `{name}` dict are 0-based: got {min(prompt)}")
+    if 0 not in prompt and name == "prompt":
+        raise ValueError("The minimum frame index in `prompt` dict must be 0 as a starting prompt is necessary.")
+    return prompt.get(0, ""), {k: v for k, v in prompt.items() if k != 0}
 
 
 def _is_pil(value: Any) -> bool:

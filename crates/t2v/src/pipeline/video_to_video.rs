@@ -74,8 +74,9 @@ impl TextToVideo {
                 )));
             }
         }
-        let resolved =
+        let mut resolved =
             GenerationParams { num_frames: frames, height: Some(height), width: Some(width), ..params.clone() };
+        resolved.long.context = resolved.long.context.filter(|c| c.length < frames);
         let shape = crate::sizing::run_shape(self.unet.config(), self.vae.config(), &resolved)?;
         self.check_activations(&shape)?;
         strength_begin_index(params.num_inference_steps, strength)
@@ -138,6 +139,11 @@ impl TextToVideo {
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
         let begin = self.validate_video_to_video(params, video.dims(), strength)?;
+        // The clip sets the frame count; a window as long as the clip is plain video-to-video.
+        let frames = video.dim(0)?;
+        let mut resolved = GenerationParams { num_frames: frames, ..params.clone() };
+        resolved.long.context = resolved.long.context.filter(|c| c.length < frames);
+        let params = &resolved;
         let started = Instant::now();
         let context = self.guidance_context(params)?;
         let text_encoding = started.elapsed();

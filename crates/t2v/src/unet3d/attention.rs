@@ -8,7 +8,8 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{add, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
+use crate::long_video::WindowPlan;
+use crate::nn::{add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).
@@ -135,8 +136,53 @@ impl BasicTransformerBlock {
 
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
+        let xs = self.attend(xs, context)?;
+        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
+    }
+
+    /// The two attentions with their residuals: everything before the feed-forward.
+    fn attend(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
         let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
-        let xs = add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)?;
+        add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)
+    }
+
+    /// diffusers' `FreeNoiseTransformerBlock.forward` for a self-attention-only block: `xs`
+    /// (sequences, frames, C); the attentions run per window of `plan`, each window's output is
+    /// weighted per frame and accumulated (in window order, as the reference adds), the sums are
+    /// divided by the per-frame weight sums, then norm3 and the feed-forward run on every frame.
+    /// Only one window's intermediates and the per-frame sums are held besides the input.
+    pub fn forward_windowed(&self, xs: &Tensor, plan: &WindowPlan) -> candle_core::Result<Tensor> {
+        let (n, frames, c) = xs.dims3()?;
+        if frames != plan.frames {
+            candle_core::bail!("the window plan is for {} frames, the sequences have {frames}", plan.frames)
+        }
+        let mut sums: Vec<Option<Tensor>> = vec![None; frames];
+        for window in &plan.windows {
+            let chunk = contiguous(&xs.narrow(1, window.start, plan.length)?)?;
+            let out = self.attend(&chunk, None)?;
+            // Frame-major, so that each frame is one contiguous (sequences, C) block.
+            let out = contiguous(&out.transpose(0, 1)?)?;
+            for j in window.skip..plan.length {
+                let weighted = (out.get(j)? * plan.weights[j] as f64)?;
+                let slot = &mut sums[window.start + j];
+                *slot = Some(match slot.take() {
+                    Some(acc) => add(&acc, &weighted)?,
+                    None => weighted,
+                });
+            }
+        }
+        let sums = sums
+            .into_iter()
+            .enumerate()
+            .map(|(f, s)| s.ok_or_else(|| candle_core::Error::Msg(format!("frame {f} is in no window"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let stacked = Tensor::stack(&sums, 1)?;
+        drop(sums);
+        // A true division, as the reference's `accumulated / num_times_accumulated`.
+        let divisor = Tensor::from_slice(&plan.weight_sums, (1, frames, 1), xs.device())?.to_dtype(xs.dtype())?;
+        let xs = stacked.broadcast_div(&divisor)?;
+        drop(stacked);
+        debug_assert_eq!(xs.dims(), &[n, frames, c]);
         add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }

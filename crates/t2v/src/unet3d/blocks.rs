@@ -10,6 +10,7 @@ use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 
 use super::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use super::transformer_2d::Transformer2DModel;
+use super::Conditioning;
 
 /// What every level shares: the time-embedding width, the norms and the attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -65,8 +66,8 @@ fn attentions(
 }
 
 impl Layer {
-    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
-        self.attend(&self.convolve(xs, temb, frames)?, context, frames)
+    fn forward(&self, xs: &Tensor, temb: &Tensor, cond: &Conditioning, frames: usize) -> candle_core::Result<Tensor> {
+        self.attend(&self.convolve(xs, temb, frames)?, cond, frames)
     }
 
     /// The part before the prompt is seen: ResNet and temporal convolution.
@@ -74,9 +75,11 @@ impl Layer {
         self.temp_conv.forward(&self.resnet.forward(xs, Some(temb))?, frames)
     }
 
-    fn attend(&self, xs: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+    fn attend(&self, xs: &Tensor, cond: &Conditioning, frames: usize) -> candle_core::Result<Tensor> {
         match &self.attention {
-            Some((spatial, temporal)) => temporal.forward(&spatial.forward(xs, context, frames)?, frames),
+            Some((spatial, temporal)) => {
+                temporal.forward(&spatial.forward(xs, cond.text, cond.text_repeat)?, frames, cond.windows)
+            }
             None => Ok(xs.clone()),
         }
     }
@@ -124,11 +127,11 @@ impl DownBlock {
         &self,
         xs: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning,
         frames: usize,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let first = self.forward_prefix(xs, temb, frames)?;
-        self.forward_after_prefix(&first, temb, context, frames)
+        self.forward_after_prefix(&first, temb, cond, frames)
     }
 
     /// The first layer's ResNet and temporal convolution: all that comes before the block first
@@ -142,14 +145,14 @@ impl DownBlock {
         &self,
         prefix: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning,
         frames: usize,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.layers.len() + 1);
-        let mut xs = self.layers[0].attend(prefix, context, frames)?;
+        let mut xs = self.layers[0].attend(prefix, cond, frames)?;
         skips.push(xs.clone());
         for layer in &self.layers[1..] {
-            xs = layer.forward(&xs, temb, context, frames)?;
+            xs = layer.forward(&xs, temb, cond, frames)?;
             skips.push(xs.clone());
         }
         if let Some(down) = &self.downsample {
@@ -189,10 +192,16 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        cond: &Conditioning,
+        frames: usize,
+    ) -> candle_core::Result<Tensor> {
         let mut xs = self.first_temp_conv.forward(&self.first_resnet.forward(xs, Some(temb))?, frames)?;
         for (spatial, temporal, resnet, temp_conv) in &self.layers {
-            xs = temporal.forward(&spatial.forward(&xs, context, frames)?, frames)?;
+            xs = temporal.forward(&spatial.forward(&xs, cond.text, cond.text_repeat)?, frames, cond.windows)?;
             xs = temp_conv.forward(&resnet.forward(&xs, Some(temb))?, frames)?;
         }
         Ok(xs)
@@ -249,14 +258,14 @@ impl UpBlock {
         xs: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning,
         frames: usize,
         upsample_size: Option<(usize, usize)>,
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for (layer, skip) in self.layers.iter().zip(skips.iter().rev()) {
             xs = Tensor::cat(&[&xs, skip], 1)?;
-            xs = layer.forward(&xs, temb, context, frames)?;
+            xs = layer.forward(&xs, temb, cond, frames)?;
         }
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;

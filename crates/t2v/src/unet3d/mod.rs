@@ -20,6 +20,7 @@ use blocks::{DownBlock, LevelConfig, MidBlock, UpBlock};
 use temporal::{frames_to_video, video_to_frames, TransformerTemporalModel};
 
 use crate::error::{Error, Result};
+use crate::long_video::WindowPlan;
 use crate::nn::{conv2d, group_norm, linear, silu, Conv2d, GroupNorm, Linear};
 
 /// diffusers' `TimestepEmbedding`: linear, SiLU, linear.
@@ -222,6 +223,28 @@ impl Config {
     }
 }
 
+/// What the attention layers read besides the hidden states.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conditioning<'a> {
+    /// The text embeddings, each shared by `text_repeat` consecutive rows of the (batch·frames)
+    /// layout: the frames of a video, or 1 with an embedding per frame (prompt travel).
+    pub text: &'a Tensor,
+    pub text_repeat: usize,
+    /// FreeNoise: the temporal transformers attend per window.
+    pub windows: Option<&'a WindowPlan>,
+}
+
+/// How a long video runs through the UNet (see [`crate::long_video`]); the default is a plain run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LongVideoForward<'a> {
+    /// The text embeddings are one per frame, (batch·frames, tokens, D), frame f of video b at
+    /// row b·frames + f, instead of one per video.
+    pub text_per_frame: bool,
+    /// Every temporal transformer block (`transformer_in`'s and each `temp_attentions`') runs
+    /// per window and fuses the windows as diffusers' `FreeNoiseTransformerBlock`.
+    pub windows: Option<&'a WindowPlan>,
+}
+
 /// The 3D UNet: `forward(latents, timestep, text embeddings)` → predicted noise.
 #[derive(Debug)]
 pub struct UNet3DConditionModel {
@@ -329,7 +352,7 @@ impl UNet3DConditionModel {
                 encoder_hidden_states.dim(0)?
             )));
         }
-        Ok(self.forward_inner(latents, timestep, encoder_hidden_states)?)
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, &LongVideoForward::default())?)
     }
 
     /// The prediction for the same latents under each of several text embeddings (classifier-free
@@ -344,16 +367,52 @@ impl UNet3DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_long(latents, timestep, encoder_hidden_states, &LongVideoForward::default())
+    }
+
+    /// [`UNet3DConditionModel::forward_shared_latents`] for a long video: per-frame text
+    /// embeddings and/or windowed temporal attention.
+    pub fn forward_long(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        long: &LongVideoForward,
+    ) -> Result<Tensor> {
         if latents.dim(0)? != 1 {
             return Err(Error::InvalidArgument("forward_shared_latents takes the latents of one video".into()));
         }
-        Ok(self.forward_inner(latents, timestep, encoder_hidden_states)?)
+        let frames = latents.dim(2)?;
+        if long.text_per_frame && encoder_hidden_states.dim(0)? % frames != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "per-frame text embeddings: {} rows for {frames} frames",
+                encoder_hidden_states.dim(0)?
+            )));
+        }
+        if let Some(plan) = long.windows {
+            if plan.frames != frames {
+                return Err(Error::InvalidArgument(format!(
+                    "the context windows are planned for {} frames, the latents have {frames}",
+                    plan.frames
+                )));
+            }
+        }
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, long)?)
     }
 
     /// `latents` has the batch of `context`, or a batch of 1 shared by every text embedding.
-    fn forward_inner(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_inner(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        long: &LongVideoForward,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, frames, h, w) = latents.dims5()?;
-        let batch = context.dim(0)?;
+        let (batch, text_repeat) =
+            if long.text_per_frame { (context.dim(0)? / frames, 1) } else { (context.dim(0)?, frames) };
+        let cond = Conditioning { text: context, text_repeat, windows: long.windows };
+        let context = &cond;
         let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
             if x.dim(0)? == batch * frames {
                 Ok(x.clone())
@@ -374,7 +433,7 @@ impl UNet3DConditionModel {
         let emb = repeat_interleave(&emb, frames)?;
 
         let xs = self.conv_in.forward(&video_to_frames(latents)?)?;
-        let xs = self.transformer_in.forward(&xs, frames)?;
+        let xs = self.transformer_in.forward(&xs, frames, long.windows)?;
         let prefix = self.down_blocks[0].forward_prefix(&xs, &emb, frames)?;
         let (emb, prefix) = (repeat(&emb)?, repeat(&prefix)?);
 

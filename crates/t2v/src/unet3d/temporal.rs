@@ -5,6 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::long_video::WindowPlan;
 use crate::nn::{add, contiguous, group_norm, linear, temporal_conv, GroupNorm, Linear, TemporalConv};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
@@ -97,8 +98,8 @@ impl TransformerTemporalModel {
         })
     }
 
-    /// `xs`: (batch·frames, C, H, W).
-    pub fn forward(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+    /// `xs`: (batch·frames, C, H, W). With `windows` (FreeNoise) each block attends per window.
+    pub fn forward(&self, xs: &Tensor, frames: usize, windows: Option<&WindowPlan>) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let b = n / frames;
         let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
@@ -106,7 +107,10 @@ impl TransformerTemporalModel {
         let seq = contiguous(&normed.permute((0, 3, 4, 2, 1))?)?.reshape((b * h * w, frames, c))?;
         let mut seq = self.proj_in.forward(&seq)?;
         for block in &self.blocks {
-            seq = block.forward(&seq, None)?;
+            seq = match windows {
+                Some(plan) => block.forward_windowed(&seq, plan)?,
+                None => block.forward(&seq, None)?,
+            };
         }
         let seq = self.proj_out.forward(&seq)?;
         let out = contiguous(&seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?.reshape((n, c, h, w))?;

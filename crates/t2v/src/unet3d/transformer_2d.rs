@@ -44,14 +44,15 @@ impl Transformer2DModel {
         })
     }
 
-    /// `xs`: (batch·frames, C, H, W); `context`: (batch, tokens, D) shared by `frames` rows.
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+    /// `xs`: (batch·frames, C, H, W); `context`: text embeddings, each shared by `repeat`
+    /// consecutive rows of `xs` (the frames of a video, or 1 with an embedding per frame).
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let mut tokens =
             self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
         for block in &self.blocks {
-            tokens = block.forward(&tokens, Some((context, frames)))?;
+            tokens = block.forward(&tokens, Some((context, repeat)))?;
         }
         let out = contiguous(&self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
         add(&out, xs)
