@@ -1,5 +1,5 @@
-//! Output-format tests. Checks that need ffprobe/ffmpeg/chromium print "SKIPPED (...)" to stderr
-//! and return when the tool is missing (CI installs Debian's `ffmpeg chromium`).
+//! Output-format tests. Checks that need ffprobe/ffmpeg/chromium say SKIPPED without them (and fail
+//! in CI, which installs Debian's `ffmpeg chromium`: t2v-testkit's rule).
 
 mod common;
 
