@@ -346,10 +346,7 @@ struct Summary {
     videos: Vec<VideoSummary>,
 }
 
-/// diffusers' `VideoToVideoSDPipeline.__call__` default.
-pub const DEFAULT_STRENGTH: f64 = 0.6;
-/// Within zeroscope_v2_XL's card range (0.66 to 0.85).
-pub const DEFAULT_UPSCALE_STRENGTH: f64 = 0.7;
+pub use t2v::params::{DEFAULT_STRENGTH, DEFAULT_UPSCALE_STRENGTH};
 
 /// `WIDTHxHEIGHT`, as `1024x576`.
 fn parse_size(s: &str) -> Result<(usize, usize), String> {

@@ -25,7 +25,8 @@ use crate::error::ApiError;
 use crate::events::{JobEvent, Stamped};
 use crate::request::{self, Fields};
 use crate::store::{Job, JobStatus, Order};
-use crate::worker::{input_path, remove_files, thumbnail_path, video_path};
+use crate::storage::{input_path, remove_files, thumbnail_path, video_path};
+use crate::views::video_object;
 use crate::{ModelInfo, Shared};
 use t2v::video::input::read_video;
 
@@ -142,48 +143,6 @@ fn random_seed() -> u64 {
     (uuid::Uuid::new_v4().as_u128() % (1 << 32)) as u64
 }
 
-/// A job's settings as answers show them: no path of the server's (the model by the name the
-/// API gives it, the input video by its file name in the data folder).
-pub fn public_settings(settings: &t2v_settings::RunSettings, model: &ModelInfo) -> t2v_settings::RunSettings {
-    let mut s = settings.clone();
-    if s.model == model.spec {
-        s.model = model.name.clone();
-    }
-    if let Some(input) = &mut s.input {
-        input.path = input.path.file_name().map(std::path::PathBuf::from).unwrap_or_default();
-    }
-    s
-}
-
-/// The video object: OpenAI's fields, then t2v's (`settings`, `queue_position`, `attempts`, ...).
-pub fn video_object(job: &Job, model: &ModelInfo) -> Value {
-    let s = &public_settings(&job.settings, model);
-    json!({
-        "id": job.id,
-        "object": "video",
-        "status": job.status.as_str(),
-        "progress": job.progress,
-        "created_at": job.created_at_ms / 1000,
-        "completed_at": job.completed_at_ms.map(|t| t / 1000),
-        "expires_at": null,
-        "model": model.name,
-        "prompt": s.prompt,
-        "size": format!("{}x{}", s.width, s.height),
-        "seconds": request::seconds_string(s.num_frames, s.fps),
-        "remixed_from_video_id": null,
-        "error": job.error,
-        "settings": s,
-        "queue_position": job.queue_position,
-        "attempts": job.attempts,
-        "worker": job.worker,
-        "timings": {
-            "created_at_ms": job.created_at_ms,
-            "started_at_ms": job.started_at_ms,
-            "completed_at_ms": job.completed_at_ms,
-        },
-    })
-}
-
 /// How long clients should wait before polling again: about one denoising step.
 fn poll_after_ms(s: &Shared) -> u64 {
     let step = s.stats.lock().expect("stats lock").mean_step_s();
@@ -223,6 +182,7 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
             "guidance_scale": request::DEFAULT_GUIDANCE,
             "num_frames": request::DEFAULT_FRAMES,
             "fps": t2v::video::DEFAULT_FPS,
+            "strength": request::DEFAULT_STRENGTH,
             "scheduler": "dpm",
             "eta": 0.0,
             "width": s.model.native_width,
@@ -459,7 +419,7 @@ impl Drop for PartialFile {
 }
 
 /// The format of an uploaded video, by its content (MP4/MOV's `ftyp` box, GIF's and NumPy's
-/// signatures), else by the extension of its name; as one of [`crate::worker::INPUT_EXTENSIONS`].
+/// signatures), else by the extension of its name; as one of [`crate::storage::INPUT_EXTENSIONS`].
 fn upload_format(upload: &Upload) -> Option<&'static str> {
     let b = &upload.head[..];
     if b.len() >= 8 && &b[4..8] == b"ftyp" {

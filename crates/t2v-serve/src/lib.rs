@@ -18,6 +18,7 @@ pub mod relay;
 pub mod request;
 pub mod storage;
 pub mod store;
+pub mod views;
 pub mod worker;
 
 use std::collections::HashSet;

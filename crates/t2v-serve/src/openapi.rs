@@ -2,6 +2,7 @@
 //! would need annotations on every handler for a dozen routes. A test checks that every route is in it.
 
 use serde_json::{json, Value};
+use t2v::params::{DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_FRAMES, DEFAULT_STEPS, DEFAULT_STRENGTH};
 
 fn error_responses(codes: &[&str]) -> Value {
     let mut out = serde_json::Map::new();
@@ -48,21 +49,21 @@ pub fn spec() -> Value {
             "seconds": {"type": "string", "description": "Length; times fps gives the frames when num_frames is absent"},
             "negative_prompt": {"type": "string"},
             "seed": {"type": "integer", "minimum": 0, "description": "Default: random (the video object's settings show it)"},
-            "num_inference_steps": {"type": "integer", "minimum": 1, "default": 25},
-            "guidance_scale": {"type": "number", "minimum": 0, "default": 9},
-            "num_frames": {"type": "integer", "minimum": 1, "default": 16, "description": "With input_reference: how many frames to read (exactly); default: all the frames chosen, up to 64"},
+            "num_inference_steps": {"type": "integer", "minimum": 1, "default": DEFAULT_STEPS},
+            "guidance_scale": {"type": "number", "minimum": 0, "default": DEFAULT_GUIDANCE_SCALE},
+            "num_frames": {"type": "integer", "minimum": 1, "default": DEFAULT_NUM_FRAMES, "description": "With input_reference: how many frames to read (exactly); default: all the frames chosen, up to 64"},
             "height": {"type": "integer"},
             "width": {"type": "integer"},
-            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 8},
+            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": t2v::video::DEFAULT_FPS},
             "scheduler": {"type": "string", "enum": ["dpm", "ddim"], "default": "dpm"},
             "eta": {"type": "number", "minimum": 0, "maximum": 1, "default": 0, "description": "DDIM's eta"},
             "input_reference": {"type": "string", "format": "binary", "description": "Video-to-video: the video to re-render following the prompt, an MP4 (H.264), a GIF or a .npy array (frames, height, width, 3), up to the server's upload limit. multipart/form-data only (a JSON request with it is refused, 400). Read when the request arrives (an unreadable file is a 400 naming this field); its frames are resized to the size asked (default: the model's native size). Kept with the job until the job is deleted; the video object's settings.input records its SHA-256 and how it was read"},
-            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.6, "description": "With input_reference: how much of the video is replaced; the last int(num_inference_steps × strength) steps run, at least one"},
+            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": DEFAULT_STRENGTH, "description": "With input_reference: how much of the video is replaced; the last int(num_inference_steps × strength) steps run, at least one"},
             "video_start": {"type": "integer", "minimum": 0, "default": 0, "description": "With input_reference: the first frame read (0-based)"},
             "video_every": {"type": "integer", "minimum": 1, "default": 1, "description": "With input_reference: read every n-th frame (3 turns 24 fps into 8)"},
             "video_fit": {"type": "string", "enum": ["resize", "crop", "pad"], "default": "resize", "description": "With input_reference: how frames of another aspect ratio reach the size: stretched, cropped, or padded with black"},
             "context_length": {"type": "integer", "minimum": 0, "description": "Long videos (FreeNoise): the temporal attention sees windows of this many frames, fused with weights, and the noise repeats shuffled from the first window; 0 or absent: off. At most num_frames"},
-            "context_stride": {"type": "integer", "minimum": 1, "default": 4, "description": "With context_length: frames between windows, at most context_length"},
+            "context_stride": {"type": "integer", "minimum": 1, "default": t2v::long_video::ContextWindows::DEFAULT_STRIDE, "description": "With context_length: frames between windows, at most context_length"},
             "context_weighting": {"type": "string", "enum": ["pyramid", "flat", "delayed_reverse_sawtooth"], "default": "pyramid", "description": "With context_length: how overlapping windows are weighted per frame"},
             "prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Prompt travel: keyframe (0-based, from 1; frame 0's is prompt) → prompt, as {\"16\": \"a red car\"}; frames between keyframes blend their neighbours' text embeddings. In multipart, a JSON string of the object"}
         }

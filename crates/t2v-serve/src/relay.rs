@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::video_object;
+use crate::views::video_object;
 use crate::events::JobEvent;
 use crate::store::now_ms;
 use crate::Shared;

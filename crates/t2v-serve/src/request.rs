@@ -112,12 +112,10 @@ pub const FIELDS: &[&str] = &[
 /// The fields that apply to video-to-video only.
 const VIDEO_FIELDS: &[&str] = &["strength", "video_start", "video_every", "video_fit"];
 
-/// diffusers' `VideoToVideoSDPipeline.__call__` default, as the command line's.
-pub const DEFAULT_STRENGTH: f64 = 0.6;
-
-pub const DEFAULT_STEPS: usize = 25;
-pub const DEFAULT_GUIDANCE: f64 = 9.0;
-pub const DEFAULT_FRAMES: usize = 16;
+/// The library's defaults (the model card's recipe), the same for every door.
+pub use t2v::params::{
+    DEFAULT_GUIDANCE_SCALE as DEFAULT_GUIDANCE, DEFAULT_NUM_FRAMES as DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_STRENGTH,
+};
 
 /// The fields of a request: JSON values as sent, multipart fields as strings. Empty strings count
 /// as absent (what an empty form field sends).

@@ -13,7 +13,44 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::store::Lease;
-use crate::worker::{remove_files, thumbnail_path, video_path};
+
+/// Where a job's files live; `id` has been checked to be a job id.
+pub fn video_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.mp4"))
+}
+
+pub fn thumbnail_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.png"))
+}
+
+/// The extensions an uploaded input video is stored with: the formats the library's readers
+/// take from one file.
+pub const INPUT_EXTENSIONS: &[&str] = &["mp4", "gif", "npy"];
+
+/// Where the input video of a video-to-video job is stored, in the format `ext`.
+pub fn input_path(dir: &Path, id: &str, ext: &str) -> PathBuf {
+    dir.join(format!("{id}.input.{ext}"))
+}
+
+/// The stored input video of job `id`, if it has one.
+pub fn find_input(dir: &Path, id: &str) -> Option<PathBuf> {
+    INPUT_EXTENSIONS.iter().map(|ext| input_path(dir, id, ext)).find(|p| p.is_file())
+}
+
+/// Removes what a run of job `id` wrote (its input stays with the job).
+pub fn remove_outputs(dir: &Path, id: &str) {
+    for path in [video_path(dir, id), thumbnail_path(dir, id)] {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Removes every file of job `id`: its outputs and its input video.
+pub fn remove_files(dir: &Path, id: &str) {
+    remove_outputs(dir, id);
+    for ext in INPUT_EXTENSIONS {
+        let _ = std::fs::remove_file(input_path(dir, id, ext));
+    }
+}
 
 /// A result written under the names of one attempt, not yet the job's. Removed when dropped
 /// unpublished.

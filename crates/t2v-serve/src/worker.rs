@@ -19,10 +19,10 @@ use t2v::video::{self, EncodeOptions, Frames, Quality, VideoFormat};
 use t2v_settings::input_sha256;
 use tokio::runtime::Handle;
 
-use crate::api::video_object;
 use crate::events::JobEvent;
 use crate::preview::Previewer;
-use crate::storage::StagedResult;
+use crate::storage::{find_input, remove_files, remove_outputs, StagedResult};
+use crate::views::video_object;
 use crate::store::{Job, JobError, Lease, Outcome, Renewal};
 use crate::Shared;
 
@@ -31,44 +31,6 @@ const PREVIEW_BUDGET: f64 = 0.02;
 
 /// Progress goes to other processes (through the store) at most this often.
 const RELAY_EVERY: Duration = Duration::from_millis(250);
-
-/// Where a job's files live; `id` has been checked to be a job id.
-pub fn video_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("{id}.mp4"))
-}
-
-pub fn thumbnail_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("{id}.png"))
-}
-
-/// The extensions an uploaded input video is stored with: the formats the library's readers
-/// take from one file.
-pub const INPUT_EXTENSIONS: &[&str] = &["mp4", "gif", "npy"];
-
-/// Where the input video of a video-to-video job is stored, in the format `ext`.
-pub fn input_path(dir: &Path, id: &str, ext: &str) -> PathBuf {
-    dir.join(format!("{id}.input.{ext}"))
-}
-
-/// The stored input video of job `id`, if it has one.
-pub fn find_input(dir: &Path, id: &str) -> Option<PathBuf> {
-    INPUT_EXTENSIONS.iter().map(|ext| input_path(dir, id, ext)).find(|p| p.is_file())
-}
-
-/// Removes what a run of job `id` wrote (its input stays with the job).
-pub fn remove_outputs(dir: &Path, id: &str) {
-    for path in [video_path(dir, id), thumbnail_path(dir, id)] {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Removes every file of job `id`: its outputs and its input video.
-pub fn remove_files(dir: &Path, id: &str) {
-    remove_outputs(dir, id);
-    for ext in INPUT_EXTENSIONS {
-        let _ = std::fs::remove_file(input_path(dir, id, ext));
-    }
-}
 
 /// Loads the model, reports the outcome through `loaded`, then runs one worker a name in `names`
 /// (threads sharing the loaded model) until the process stops.
@@ -425,7 +387,7 @@ fn generate(
     let data = frames.flatten_all()?.to_vec1::<f32>()?;
     let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;
     // The settings as the API shows them: the file is served to clients.
-    let public = crate::api::public_settings(settings, &shared.model);
+    let public = crate::views::public_settings(settings, &shared.model);
     let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(public.to_json()) };
     // Staged beside the results under names of this attempt; published once the lease is confirmed.
     let staged = StagedResult::new(&shared.videos_dir, lease);

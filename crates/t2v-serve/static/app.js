@@ -90,6 +90,10 @@ function applyDefaults() {
   form.fps.value = d.fps;
   form.scheduler.value = d.scheduler;
   form.eta.value = d.eta;
+  if (form.strength && d.strength !== undefined) {
+    form.strength.value = d.strength;
+    $("#strength-value").value = form.strength.value;
+  }
   form.width.value = d.width;
   form.height.value = d.height;
   form.width.step = form.height.step = info.model.vae_scale;

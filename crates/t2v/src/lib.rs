@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod long_video;
 pub mod nn;
 pub mod noise;
+pub mod params;
 pub mod pipeline;
 pub mod profile;
 pub mod schedulers;

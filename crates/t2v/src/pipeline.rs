@@ -12,6 +12,7 @@ use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, Weights
 use crate::error::{Error, Result};
 use crate::long_video::{self, LongVideo};
 use crate::noise::TorchGenerator;
+pub use crate::params::{validate_params, GenerationParams, MAX_GUIDANCE_SCALE};
 use crate::schedulers::{self, SchedulerKind};
 use crate::sizing;
 use crate::text_encoder::{self, TextEncoder};
@@ -78,46 +79,6 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self { device: Device::Cpu, dtype: DType::F32, variant: WeightsVariant::Auto, keep_narrow_weights: true }
-    }
-}
-
-/// What to generate. [`GenerationParams::new`] gives the model card's recipe.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationParams {
-    pub prompt: String,
-    /// What to steer away from; the empty prompt when absent, as the reference.
-    pub negative_prompt: Option<String>,
-    pub seed: u64,
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance scale; at most 1 runs the UNet once a step, without guidance.
-    pub guidance_scale: f64,
-    pub scheduler: SchedulerKind,
-    /// DDIM's η (0: deterministic); ignored by DPM-Solver++.
-    pub eta: f64,
-    pub num_frames: usize,
-    /// Pixels; `None` takes the UNet's `sample_size` times the VAE scale.
-    pub height: Option<usize>,
-    pub width: Option<usize>,
-    /// Long videos: FreeNoise's windows and keyframe prompts (off by default).
-    pub long: LongVideo,
-}
-
-impl GenerationParams {
-    /// The model card's recipe: DPM-Solver++, 25 steps, guidance 9, 16 frames.
-    pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
-        Self {
-            prompt: prompt.into(),
-            negative_prompt: None,
-            seed,
-            num_inference_steps: 25,
-            guidance_scale: 9.0,
-            scheduler: SchedulerKind::DpmSolverMultistep,
-            eta: 0.0,
-            num_frames: 16,
-            height: None,
-            width: None,
-            long: LongVideo::default(),
-        }
     }
 }
 
@@ -601,43 +562,6 @@ pub fn weights_bytes(folder: &ModelFolder, options: &LoadOptions) -> Result<u64>
 pub fn resolve_size(unet: &unet3d::Config, vae: &vae::Config, params: &GenerationParams) -> Result<(usize, usize)> {
     let shape = sizing::run_shape(unet, vae, params)?;
     Ok((shape.height, shape.width))
-}
-
-/// The largest classifier-free guidance scale accepted: published recipes use 7.5 to 15; far
-/// above, the guided prediction leaves the range the model was trained on and turns to noise
-/// or overflows.
-pub const MAX_GUIDANCE_SCALE: f64 = 100.0;
-
-/// The checks that need no model: sizes, counts and scales.
-pub fn validate_params(params: &GenerationParams, height: usize, width: usize, vae_scale: usize) -> Result<()> {
-    let bad = |m: String| Err(Error::InvalidArgument(m));
-    if params.num_frames == 0 {
-        return bad("the number of frames must be at least 1".into());
-    }
-    if params.num_inference_steps == 0 {
-        return bad("the number of denoising steps must be at least 1".into());
-    }
-    params.long.validate(params.num_frames)?;
-    if !params.guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE_SCALE).contains(&params.guidance_scale) {
-        return bad(format!(
-            "the guidance scale must be between 0 and {MAX_GUIDANCE_SCALE} (the model card uses 9), got {:?}",
-            params.guidance_scale
-        ));
-    }
-    // DDIM's η scales the fresh noise of each step; above 1 its variance exceeds what the step
-    // leaves room for and the samples become NaN.
-    if !params.eta.is_finite() || !(0.0..=1.0).contains(&params.eta) {
-        return bad(format!("eta must be between 0 (deterministic) and 1, got {:?}", params.eta));
-    }
-    for (name, v) in [("height", height), ("width", width)] {
-        if v == 0 || v % vae_scale != 0 {
-            return bad(format!(
-                "the {name} must be a positive multiple of {vae_scale} (the VAE's scale), got {v}; try {}",
-                (v / vae_scale).max(1) * vae_scale
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The model card: "only English is supported". A prompt whose letters are mostly outside the

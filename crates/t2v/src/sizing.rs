@@ -22,7 +22,7 @@
 use candle_core::DType;
 
 use crate::error::{gib, Error, Result};
-use crate::pipeline::{validate_params, GenerationParams};
+use crate::params::{validate_params, GenerationParams};
 use crate::{unet3d, vae};
 
 /// Memory every run needs beside its weights and activations.
