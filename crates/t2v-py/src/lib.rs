@@ -52,12 +52,10 @@ fn candle_err(err: candle_core::Error) -> PyErr {
 }
 
 fn parse_dtype(name: &str) -> PyResult<DType> {
-    match name.trim().to_ascii_lowercase().trim_start_matches("torch.") {
-        "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),
-        "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        "bfloat16" | "bf16" => Ok(DType::BF16),
-        other => Err(PyValueError::new_err(format!("unknown dtype `{other}`: use float32, float16 or bfloat16"))),
-    }
+    // The library's parser (one for every door); Python's names in the message.
+    t2v::params::parse_dtype(name).map_err(|_| {
+        PyValueError::new_err(format!("unknown dtype `{}`: use float32, float16 or bfloat16", name.trim()))
+    })
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -168,6 +166,19 @@ fn device_name(device: &candle_core::Device) -> String {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
+}
+
+/// The library's defaults (the model card's recipe), for the Python signatures' tests.
+#[pyfunction]
+fn library_defaults() -> std::collections::BTreeMap<&'static str, f64> {
+    use t2v::params::*;
+    std::collections::BTreeMap::from([
+        ("num_inference_steps", DEFAULT_STEPS as f64),
+        ("guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        ("num_frames", DEFAULT_NUM_FRAMES as f64),
+        ("strength", DEFAULT_STRENGTH),
+        ("fps", t2v::video::DEFAULT_FPS as f64),
+    ])
 }
 
 /// The timesteps a scheduler of class `scheduler` built from `config_json` visits for
@@ -505,6 +516,7 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_device, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_timesteps, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_from_config, m)?)?;
+    m.add_function(wrap_pyfunction!(library_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(read_video, m)?)?;

@@ -256,3 +256,21 @@ def test_config_is_json_of_the_checkpoint():
     pipe = pipeline("small-t2v")
     on_disk = json.loads((model_dir("small-t2v") / "scheduler" / "scheduler_config.json").read_text())
     assert dict(pipe.scheduler.config) == on_disk
+
+
+def test_signature_defaults_are_the_librarys():
+    """The pipelines' defaults come from one source: the library's recipe, except where diffusers'
+    own signature differs on purpose (scripts written for diffusers must behave as there): its 50
+    steps, and video-to-video's guidance 15."""
+    import inspect
+
+    library = t2v._t2v.library_defaults()
+    text = inspect.signature(t2v.TextToVideoSDPipeline.__call__).parameters
+    assert text["num_frames"].default == library["num_frames"]
+    assert text["guidance_scale"].default == library["guidance_scale"]
+    assert text["num_inference_steps"].default == 50 != library["num_inference_steps"]
+    video = inspect.signature(t2v.VideoToVideoSDPipeline.__call__).parameters
+    assert video["strength"].default == library["strength"]
+    assert video["guidance_scale"].default == 15.0
+    export = inspect.signature(t2v.export_to_video).parameters
+    assert export["fps"].default == library["fps"]

@@ -356,12 +356,7 @@ fn is_loopback(host: &str) -> bool {
 }
 
 fn dtype_of(name: &str) -> Result<DType> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown --dtype `{other}`: use f32, f16 or bf16"),
-    })
+    t2v::params::parse_dtype(name).map_err(|e| anyhow::anyhow!("--dtype: {e}"))
 }
 
 /// This machine's name, for worker names.

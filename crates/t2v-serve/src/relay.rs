@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::views::video_object;
 use crate::events::JobEvent;
 use crate::store::now_ms;
+use crate::views::video_object;
 use crate::Shared;
 
 /// How often the store is read for new events.

@@ -49,4 +49,3 @@ pub fn video_object(job: &Job, model: &ModelInfo) -> Value {
         },
     })
 }
-

@@ -22,8 +22,8 @@ use tokio::runtime::Handle;
 use crate::events::JobEvent;
 use crate::preview::Previewer;
 use crate::storage::{find_input, remove_files, remove_outputs, StagedResult};
-use crate::views::video_object;
 use crate::store::{Job, JobError, Lease, Outcome, Renewal};
+use crate::views::video_object;
 use crate::Shared;
 
 /// A preview may cost at most this share of the denoising time.

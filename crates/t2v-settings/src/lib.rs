@@ -123,22 +123,12 @@ fn default_dtype() -> String {
     dtype_name(DType::F32).into()
 }
 
-/// The names `--dtype` takes and the settings record.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
+/// The names `--dtype` takes and the settings record (the library's).
+pub use t2v::params::dtype_name;
 
+/// The library's dtype parser, with its message as a string (what clap's value parsers return).
 pub fn parse_dtype(name: &str) -> Result<DType, String> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" | "fp16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(format!("unknown dtype `{other}`: use f32, f16 or bf16")),
-    }
+    t2v::params::parse_dtype(name).map_err(|e| e.to_string())
 }
 
 impl RunSettings {

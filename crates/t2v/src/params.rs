@@ -96,3 +96,46 @@ pub fn validate_params(params: &GenerationParams, height: usize, width: usize, v
     Ok(())
 }
 
+/// The compute dtype for a name, the one parser every door uses: `f32`/`float32`/`fp32`/`float`,
+/// `f16`/`float16`/`fp16`/`half`, `bf16`/`bfloat16`, any case, with or without torch's `torch.`
+/// prefix (`torch_dtype=torch.float16` spelled as a string).
+pub fn parse_dtype(name: &str) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    let lower = name.trim().to_ascii_lowercase();
+    match lower.strip_prefix("torch.").unwrap_or(&lower) {
+        "f32" | "float32" | "fp32" | "float" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::InvalidArgument(format!("unknown dtype `{other}`: use f32, f16 or bf16"))),
+    }
+}
+
+/// The short name of a compute dtype, as `--dtype` takes it and the settings record it.
+pub fn dtype_name(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::F16 => "f16",
+        candle_core::DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn every_spelling_of_a_dtype_parses_and_names_round_trip() {
+        for (names, dtype) in [
+            (&["f32", "float32", "FP32", "float", "torch.float32"][..], DType::F32),
+            (&["f16", "float16", "fp16", "half", "torch.float16", " F16 "][..], DType::F16),
+            (&["bf16", "bfloat16", "torch.bfloat16"][..], DType::BF16),
+        ] {
+            for name in names {
+                assert_eq!(parse_dtype(name).unwrap(), dtype, "{name}");
+            }
+            assert_eq!(parse_dtype(dtype_name(dtype)).unwrap(), dtype);
+        }
+        assert!(parse_dtype("f64").unwrap_err().to_string().contains("use f32, f16 or bf16"));
+    }
+}
