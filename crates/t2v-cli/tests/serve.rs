@@ -110,43 +110,15 @@ struct Server {
 
 impl Server {
     fn start(data: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_t2v"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_t2v"));
+        command
             .args(["serve", "--model"])
             .arg(tiny_model())
             .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--data"])
             .arg(data)
-            .args(extra)
-            .env_remove("T2V_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("t2v serve starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+            .args(extra);
+        let support::LaunchedServer { child, log, base } = support::launch_serve(command);
         let key = extra.iter().position(|a| *a == "--api-key").map(|i| extra[i + 1].to_string());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let base = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no URL printed within 60 s; stderr:\n{}", log.lock().unwrap()));
-            if let Some(rest) = line.strip_prefix("t2v serve: listening on ") {
-                break rest.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
-            }
-        };
-        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
         let server = Server { child, base, log, key };
         wait_for("/health to answer 200", Duration::from_secs(60), || {
             (server.try_get("/health").is_some_and(|r| r.status == 200)).then_some(())
@@ -800,21 +772,13 @@ fn page_submits_a_job_and_plays_it() {
     let server = Server::start(data.path(), &[]);
     let profile = TempDir::new().unwrap();
     let mut browser = Command::new(&chromium)
+        .args(t2v_testkit::chromium_flags(profile.path()))
         .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
             "--mute-audio",
             "--autoplay-policy=no-user-gesture-required",
             "--remote-debugging-address=127.0.0.1",
             "--remote-debugging-port=0",
         ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("about:blank")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -66,10 +66,7 @@ impl Server {
             .arg(common::model_dir("tiny-t2v"))
             .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--data"])
             .arg(data)
-            .args(extra)
-            .env_remove("T2V_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(extra);
         // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
         unsafe {
             command.pre_exec(move || {
@@ -87,31 +84,9 @@ impl Server {
                 Ok(())
             });
         }
-        let mut child = command.spawn().expect("t2v serve starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let port = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no URL printed within 60 s; stderr:\n{}", log.lock().unwrap()));
-            if let Some(rest) = line.strip_prefix("t2v serve: listening on http://127.0.0.1:") {
-                break rest.split('/').next().unwrap().parse::<u16>().unwrap();
-            }
-        };
+        let launched = support::launch_serve(command);
+        let port = launched.port();
+        let support::LaunchedServer { child, log, .. } = launched;
         let server = Server { child, port, log };
         wait_for("/health to answer 200", Duration::from_secs(60), || {
             server.try_call("GET", "/health", &[], None).is_some_and(|r| r.status == 200).then_some(())

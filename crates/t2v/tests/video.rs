@@ -511,20 +511,8 @@ fn chromium_report(chrome: &Path, dir: &TmpDir, mp4: &Path) -> String {
     let profile = dir.path(&format!("profile-{port}"));
     std::fs::create_dir_all(&profile).unwrap();
     let mut child = Command::new(chrome)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-proxy-server",
-            "--mute-audio",
-            "--autoplay-policy=no-user-gesture-required",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(t2v_testkit::chromium_flags(&profile))
+        .args(["--no-proxy-server", "--mute-audio", "--autoplay-policy=no-user-gesture-required"])
         .arg("--dump-dom")
         .arg(format!("http://127.0.0.1:{port}/index.html"))
         .stdout(std::process::Stdio::null())

@@ -61,3 +61,61 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 pub fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(120)).build()
 }
+
+/// A `t2v serve` started by a test, once it listens: its output (stdout and stderr) collected in
+/// `log`, and the base URL it printed (`http://127.0.0.1:PORT`).
+pub struct LaunchedServer {
+    pub child: std::process::Child,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub base: String,
+}
+
+impl LaunchedServer {
+    pub fn port(&self) -> u16 {
+        self.base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the URL has a port")
+    }
+}
+
+/// Starts `command` (a `t2v serve … --host 127.0.0.1 --port 0`, its arguments and process settings
+/// given by the caller) and waits, at most 60 s, for the line that says where it listens. The one
+/// launcher of the service's test suites (serve.rs, serve_hostile.rs).
+pub fn launch_serve(mut command: Command) -> LaunchedServer {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::{mpsc, Arc, Mutex};
+
+    let mut child = command
+        .env_remove("T2V_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("t2v serve starts");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&format!("{line}\n"));
+            let _ = tx.send(line);
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let base = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no URL printed within 60 s; output:\n{}", log.lock().unwrap()));
+        if let Some(rest) = line.strip_prefix("t2v serve: listening on ") {
+            break rest.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
+        }
+    };
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    LaunchedServer { child, log, base }
+}
