@@ -45,16 +45,7 @@ fn check_cli_runs(model: &str) {
     let refs = reference(model);
     for (i, run) in reference_json(model)["runs"].as_array().unwrap().iter().enumerate() {
         let out = dir.join(format!("run{i}.npy"));
-        let mut args = run_args(run);
-        args.extend([
-            "--model".into(),
-            model_dir(model).display().to_string(),
-            "--output".into(),
-            out.display().to_string(),
-        ]);
-        let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "{model} run {i}: {}", stderr(&o));
-        let frames = read_npy(&out);
+        let (frames, _) = fixture_run(&model_dir(model), run_args(run), &out, &format!("{model} run {i}"));
         let err = max_abs_diff(&frames, &refs[run["frames_key"].as_str().unwrap()]);
         println!("cli {model} run {i}: frames max abs err {err:.2e}");
         assert!(err <= 1e-3, "{model} run {i}: {err:.2e}");

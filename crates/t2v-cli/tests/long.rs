@@ -65,17 +65,8 @@ fn check_cli_runs(model: &str) {
     let (json, refs) = long_reference(model);
     for (i, run) in json["runs"].as_array().unwrap().iter().enumerate() {
         let out = dir.join(format!("long{i}.npy"));
-        let mut args = run_args(run);
-        args.extend([
-            "--model".into(),
-            model_dir(model).display().to_string(),
-            "--output".into(),
-            out.display().to_string(),
-        ]);
-        let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "{model} long run {i}: {}", stderr(&o));
+        let (frames, o) = fixture_run(&model_dir(model), run_args(run), &out, &format!("{model} long run {i}"));
         assert!(stderr(&o).contains("FreeNoise:"), "progress names the windows: {}", stderr(&o));
-        let frames = read_npy(&out);
         let err = max_abs_diff(&frames, &refs[run["frames_key"].as_str().unwrap()]);
         println!("cli {model} long run {i}: frames max abs err {err:.2e}");
         assert!(err <= 1e-3, "{model} long run {i}: {err:.2e}");

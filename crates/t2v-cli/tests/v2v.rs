@@ -78,9 +78,7 @@ fn check_cli_runs(model: &str) {
     for (i, run) in v2v_runs(model).iter().enumerate() {
         let out = dir.join(format!("run{i}.npy"));
         let input = model_dir(model).join(run["input_png"].as_str().unwrap());
-        let args = run_args(model, run, &input, &out);
-        let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "{model} run {i}: {}", stderr(&o));
+        let o = run_ok(&run_args(model, run, &input, &out), &format!("{model} run {i}"));
         // The bar counts the steps that run: int(steps × strength) of them.
         let steps = run["steps"].as_u64().unwrap();
         let runs = (steps as f64 * run["strength"].as_f64().unwrap()) as u64;

@@ -119,3 +119,19 @@ pub fn launch_serve(mut command: Command) -> LaunchedServer {
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
     LaunchedServer { child, log, base }
 }
+
+/// Runs `t2v` with `args`, panicking with its stderr (and `what`) when it fails.
+pub fn run_ok(args: &[String], what: &str) -> Output {
+    let o = t2v(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{what}: {}", stderr(&o));
+    o
+}
+
+/// A fixture run through the binary: `args` (the run's settings) on the model in `model`, written
+/// to `out` (`.npy`); the frames and the run's output. The runner of every suite that checks the
+/// command line's frames against the reference (cli.rs, long.rs, lora.rs).
+pub fn fixture_run(model: &Path, mut args: Vec<String>, out: &Path, what: &str) -> (Tensor, Output) {
+    args.extend(["--model".into(), model.display().to_string(), "--output".into(), out.display().to_string()]);
+    let o = run_ok(&args, what);
+    (read_npy(out), o)
+}
