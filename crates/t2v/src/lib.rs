@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod files;
 pub mod kernels;
+pub mod lora;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;

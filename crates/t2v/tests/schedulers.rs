@@ -34,6 +34,7 @@ fn kind_key(kind: SchedulerKind) -> &'static str {
     match kind {
         SchedulerKind::Ddim => "ddim",
         SchedulerKind::DpmSolverMultistep => "dpm",
+        other => other.name(),
     }
 }
 
