@@ -499,6 +499,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = LoadOptions { loras: loras.clone(), ..upscale_options.clone() };
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
+    t2v::lora::check_loras(&model_folder, &loras, args.variant)
+        .with_context(|| format!("checking the LoRAs against {model_spec}"))?;
     let overrides: Vec<(String, String)> = scheduler_overrides.clone().into_iter().collect();
     let scheduler_config = scheduler_config_with(&model_folder, &template, &overrides)
         .with_context(|| format!("checking --scheduler-config against {model_spec}"))?;
