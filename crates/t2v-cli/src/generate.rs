@@ -331,8 +331,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             None => Vec::new(),
         }
     };
-    let lora_settings =
-        loras.iter().map(LoraSettings::of).collect::<Result<Vec<_>>>().context("reading the LoRAs")?;
+    let lora_settings = loras.iter().map(LoraSettings::of).collect::<Result<Vec<_>>>().context("reading the LoRAs")?;
     // Scheduler settings: those of --from, then the flags.
     let mut scheduler_overrides = from.as_ref().map(|s| s.scheduler_config.clone()).unwrap_or_default();
     for text in &args.scheduler_config {
@@ -495,7 +494,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let hub = hub_options(args.offline, quiet, args.variant);
     let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
     // The LoRAs go into the model of the first pass only (the second is another model).
-    let upscale_options = LoadOptions { device: device.clone(), dtype, variant: args.variant, ..LoadOptions::default() };
+    let upscale_options =
+        LoadOptions { device: device.clone(), dtype, variant: args.variant, ..LoadOptions::default() };
     let options = LoadOptions { loras: loras.clone(), ..upscale_options.clone() };
     let (height, width) = pipeline::check_params(&model_folder, &template)
         .with_context(|| format!("checking the settings against {model_spec}"))?;

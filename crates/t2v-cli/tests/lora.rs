@@ -90,7 +90,14 @@ fn lora_runs_through_the_command_line_and_repeat_from_their_settings() {
     // --from repeats it exactly.
     let again = dir.join("again.npy");
     let from = dir.join("run2.npy.json").display().to_string();
-    generate(&["generate".into(), "--from".into(), from.clone(), "-q".into(), "-o".into(), again.display().to_string()]);
+    generate(&[
+        "generate".into(),
+        "--from".into(),
+        from.clone(),
+        "-q".into(),
+        "-o".into(),
+        again.display().to_string(),
+    ]);
     assert_eq!(max_abs_diff(&read_npy(&again), &read_npy(&dir.join("run2.npy"))), 0.0);
 
     // A changed LoRA file is refused before any work.

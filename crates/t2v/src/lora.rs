@@ -136,9 +136,11 @@ impl AdapterConfig {
         let find = |keys: Vec<&String>| -> Option<String> {
             keys.into_iter().find(|k| module == k.as_str() || module.ends_with(&format!(".{k}"))).cloned()
         };
-        let r = find(self.rank_pattern.keys().collect()).and_then(|k| self.rank_pattern.get(&k).copied()).unwrap_or(self.r);
-        let alpha =
-            find(self.alpha_pattern.keys().collect()).and_then(|k| self.alpha_pattern.get(&k).copied()).unwrap_or(self.lora_alpha);
+        let r =
+            find(self.rank_pattern.keys().collect()).and_then(|k| self.rank_pattern.get(&k).copied()).unwrap_or(self.r);
+        let alpha = find(self.alpha_pattern.keys().collect())
+            .and_then(|k| self.alpha_pattern.get(&k).copied())
+            .unwrap_or(self.lora_alpha);
         (alpha, r)
     }
 }
@@ -194,7 +196,9 @@ impl LoraFile {
             .map_err(|e| Error::CorruptWeights { path: weights_path.clone(), reason: e.to_string() })?;
         let modules = parse_modules(tensors, adapter.as_ref(), &weights_path)?;
         if modules.is_empty() {
-            return Err(bad("it holds no LoRA weights (no lora_A/lora_B, lora.down/lora.up or lora_down/lora_up keys)".into()));
+            return Err(bad(
+                "it holds no LoRA weights (no lora_A/lora_B, lora.down/lora.up or lora_down/lora_up keys)".into(),
+            ));
         }
         Ok(Self { path: path.to_path_buf(), weights_path, modules })
     }
@@ -303,7 +307,8 @@ fn parse_modules(
                 return Err(bad(format!("key `{key}` has no matching down (lora_A) matrix")));
             }
         };
-        let (up_key, up) = module.up.ok_or_else(|| bad(format!("key `{down_key}` has no matching up (lora_B) matrix")))?;
+        let (up_key, up) =
+            module.up.ok_or_else(|| bad(format!("key `{down_key}` has no matching up (lora_B) matrix")))?;
         if down.rank() < 2 || up.rank() < 2 || up.rank() != down.rank() {
             return Err(bad(format!(
                 "keys `{down_key}` {:?} and `{up_key}` {:?}: a LoRA pair is two matrices (or kernels) of the same rank",
@@ -369,7 +374,10 @@ pub fn resolve(
         for module in &file.modules {
             let component = module.target.component();
             let Some(tensors) = shapes.get(&module.target) else {
-                return Err(bad(format!("key `{}` names a module of the {component}, which this model lacks", module.key)));
+                return Err(bad(format!(
+                    "key `{}` names a module of the {component}, which this model lacks",
+                    module.key
+                )));
             };
             let dotted = match &module.name {
                 ModuleName::Dotted(s) => Some(s.clone()),

@@ -300,8 +300,10 @@ fn several_loras_add_their_updates() {
 }
 
 fn load_err(model: &str, path: &Path) -> Error {
-    match TextToVideo::load(model_dir(model), &LoadOptions { loras: vec![LoraSpec::new(path, 1.0)], ..LoadOptions::default() })
-    {
+    match TextToVideo::load(
+        model_dir(model),
+        &LoadOptions { loras: vec![LoraSpec::new(path, 1.0)], ..LoadOptions::default() },
+    ) {
         Ok(_) => panic!("{} was accepted", path.display()),
         Err(e) => e,
     }
@@ -341,7 +343,10 @@ fn a_lora_for_another_model_is_refused_naming_the_key() {
     // A kohya name the model does not have.
     let mut tensors = HashMap::new();
     tensors.insert("lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight".to_string(), a.clone());
-    tensors.insert("lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight".to_string(), a.t().unwrap().contiguous().unwrap());
+    tensors.insert(
+        "lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight".to_string(),
+        a.t().unwrap().contiguous().unwrap(),
+    );
     let kohya = dir.path().join("kohya.safetensors");
     save(tensors, &kohya);
     let msg = load_err("tiny-t2v", &kohya).to_string();

@@ -85,7 +85,9 @@ impl ComponentWeights {
     /// Every tensor's shape, by name, from the headers (no data is read for safetensors).
     pub fn tensor_shapes(&self) -> crate::lora::TensorShapes {
         match self.source.as_ref() {
-            Source::Safetensors(st) => st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect(),
+            Source::Safetensors(st) => {
+                st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+            }
             Source::Tensors(map) => map.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect(),
         }
     }

@@ -196,7 +196,12 @@ pub struct EulerScheduler {
 
 impl EulerScheduler {
     /// `kind` is [`SchedulerKind::EulerDiscrete`] or [`SchedulerKind::EulerAncestralDiscrete`].
-    pub fn new(kind: SchedulerKind, config: EulerConfig, config_path: &Path, num_inference_steps: usize) -> Result<Self> {
+    pub fn new(
+        kind: SchedulerKind,
+        config: EulerConfig,
+        config_path: &Path,
+        num_inference_steps: usize,
+    ) -> Result<Self> {
         if !matches!(kind, SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete) {
             return Err(Error::InvalidArgument(format!("{} is not an Euler scheduler", kind.class_name())));
         }

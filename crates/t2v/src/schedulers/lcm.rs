@@ -202,7 +202,10 @@ impl Scheduler for LcmScheduler {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor> {
         let alpha = *self.alphas_cumprod.get(timestep).ok_or_else(|| {
-            Error::InvalidArgument(format!("timestep {timestep} is outside the {} training timesteps", self.alphas_cumprod.len()))
+            Error::InvalidArgument(format!(
+                "timestep {timestep} is outside the {} training timesteps",
+                self.alphas_cumprod.len()
+            ))
         })?;
         linear_combination(&[(alpha.sqrt(), original), ((1.0f32 - alpha).sqrt(), noise)])
     }
@@ -227,7 +230,10 @@ impl Scheduler for LcmScheduler {
         }
         let prev_timestep = if i + 1 < n { self.timesteps[i + 1] } else { timestep };
         let alpha_t = *self.alphas_cumprod.get(timestep).ok_or_else(|| {
-            Error::InvalidArgument(format!("timestep {timestep} is outside the {} training timesteps", self.alphas_cumprod.len()))
+            Error::InvalidArgument(format!(
+                "timestep {timestep} is outside the {} training timesteps",
+                self.alphas_cumprod.len()
+            ))
         })?;
         let alpha_prev = self.alphas_cumprod.get(prev_timestep).copied().unwrap_or(self.final_alpha_cumprod);
         let beta_t = 1.0f32 - alpha_t;

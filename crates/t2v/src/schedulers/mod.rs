@@ -93,7 +93,12 @@ impl SchedulerKind {
             "lcm" | "lcmscheduler" => Ok(SchedulerKind::Lcm),
             "unipc" | "unipcmultistep" | "unipcmultistepscheduler" => Ok(SchedulerKind::UniPcMultistep),
             "euler" | "eulerdiscrete" | "eulerdiscretescheduler" => Ok(SchedulerKind::EulerDiscrete),
-            "euler_a" | "euler-a" | "eulera" | "euler_ancestral" | "euler-ancestral" | "eulerancestraldiscrete"
+            "euler_a"
+            | "euler-a"
+            | "eulera"
+            | "euler_ancestral"
+            | "euler-ancestral"
+            | "eulerancestraldiscrete"
             | "eulerancestraldiscretescheduler" => Ok(SchedulerKind::EulerAncestralDiscrete),
             _ => Err(Error::InvalidArgument(format!(
                 "unknown scheduler `{name}`: choose `dpm` (DPM-Solver++ multistep), `ddim`, `lcm`, `unipc`, \
@@ -415,8 +420,10 @@ pub fn apply_overrides(
     for (key, value) in overrides {
         let key = key.trim();
         if key.starts_with('_') || known.get(key).is_none() {
-            let mut names: Vec<&str> =
-                known.as_object().map(|o| o.keys().map(String::as_str).filter(|k| !k.starts_with('_')).collect()).unwrap_or_default();
+            let mut names: Vec<&str> = known
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).filter(|k| !k.starts_with('_')).collect())
+                .unwrap_or_default();
             names.sort_unstable();
             return Err(Error::InvalidArgument(format!(
                 "{} has no setting `{key}`; its settings are: {}",

@@ -120,7 +120,10 @@ impl UniPcConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let unsupported = |what: &str| {
-            config_error(path, format!("UniPCMultistepScheduler with {what} is not supported by t2v; remove the option"))
+            config_error(
+                path,
+                format!("UniPCMultistepScheduler with {what} is not supported by t2v; remove the option"),
+            )
         };
         if !(1..=3).contains(&self.solver_order) {
             return Err(config_error(path, format!("solver_order must be 1, 2 or 3, got {}", self.solver_order)));
