@@ -160,10 +160,11 @@ fn solve_f32(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
+        let pivot_row = a[col].clone();
         for row in col + 1..n {
-            let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let f = a[row][col] / pivot_row[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
             b[row] -= f * b[col];
         }
@@ -171,8 +172,8 @@ fn solve_f32(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
     let mut x = vec![0f32; n];
     for row in (0..n).rev() {
         let mut acc = b[row];
-        for k in row + 1..n {
-            acc -= a[row][k] * x[k];
+        for (coef, value) in a[row][row + 1..].iter().zip(&x[row + 1..]) {
+            acc -= coef * value;
         }
         x[row] = acc / a[row][row];
     }
