@@ -19,7 +19,7 @@ use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
 
 use crate::output::{self, Planner, Target};
 use crate::progress::{spinner, steps_bar};
-use crate::settings::{input_sha256, parse_dtype, InputSettings, RunSettings, UpscaleSettings};
+use crate::settings::{input_sha256, parse_dtype, InputSettings, LoraSettings, RunSettings, UpscaleSettings};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -59,10 +59,23 @@ pub struct GenerateArgs {
     #[arg(long, short = 'g', allow_negative_numbers = true)]
     guidance_scale: Option<f64>,
 
-    /// Sampler: `dpm` (DPM-Solver++ multistep, the model card's recipe) or `ddim` (the
-    /// checkpoint's own). [default: dpm]
+    /// Sampler: `dpm` (DPM-Solver++ multistep, the model card's recipe), `ddim` (the
+    /// checkpoint's own), `lcm` (latent consistency: distilled LoRAs, 4 steps, guidance 1),
+    /// `unipc`, `euler` or `euler_a` (Euler ancestral). Each is built from the checkpoint's
+    /// scheduler config as diffusers' `from_config` does. [default: dpm]
     #[arg(long)]
     scheduler: Option<SchedulerKind>,
+
+    /// A scheduler setting over the checkpoint's, KEY=VALUE (repeatable), as diffusers'
+    /// `from_config(config, KEY=VALUE)`: `--scheduler lcm --scheduler-config timestep_scaling=4`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    scheduler_config: Vec<String>,
+
+    /// Merge a LoRA into the model at load, PATH[:WEIGHT] (weight 1 by default; repeatable, the
+    /// updates add): a diffusers/PEFT .safetensors (lora_A/lora_B or lora.down/lora.up keys), a
+    /// kohya one (lora_unet_…, with .alpha), or a PEFT adapter folder (adapter_config.json).
+    #[arg(long, value_name = "PATH[:WEIGHT]")]
+    lora: Vec<String>,
 
     /// DDIM's eta: 0 is deterministic, 1 adds as much fresh noise as DDPM. [default: 0]
     #[arg(long, allow_negative_numbers = true)]
@@ -398,6 +411,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         template.seed = random_seed();
         say(&format!("seed: {} (pass --seed {} to repeat)", template.seed, template.seed));
     }
+    // LoRAs: as given, else those of --from (refused when a file changed since).
+    let loras: Vec<t2v::lora::LoraSpec> = if !args.lora.is_empty() {
+        args.lora.iter().map(|l| t2v::lora::LoraSpec::parse(l)).collect::<t2v::Result<_>>()?
+    } else {
+        match &from {
+            Some(s) => s.loras.iter().map(|l| l.check()).collect::<Result<_>>()?,
+            None => Vec::new(),
+        }
+    };
+    let lora_settings = loras.iter().map(LoraSettings::of).collect::<Result<Vec<_>>>().context("reading the LoRAs")?;
+    // Scheduler settings: those of --from, then the flags.
+    let mut scheduler_overrides = from.as_ref().map(|s| s.scheduler_config.clone()).unwrap_or_default();
+    for text in &args.scheduler_config {
+        let (key, value) = t2v::schedulers::parse_override(text)?;
+        scheduler_overrides.insert(key, value);
+    }
     let fps = args.fps.or(from.as_ref().map(|s| s.fps)).unwrap_or(t2v::video::DEFAULT_FPS);
     if fps == 0 {
         bail!("--fps must be at least 1");
@@ -569,7 +598,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let hub = hub_options(args.offline, quiet, args.variant);
     let (model_spec, model_folder) = resolve(&model_spec, &hub)?;
-    let options = LoadOptions { device, dtype, variant: args.variant, ..LoadOptions::default() };
+    // The LoRAs go into the model of the first pass only (the second is another model).
+    let upscale_options =
+        LoadOptions { device: device.clone(), dtype, variant: args.variant, ..LoadOptions::default() };
+    let options = LoadOptions { loras: loras.clone(), ..upscale_options.clone() };
     // With an input video the frame count is the clip's, checked once it is read.
     let checked = match &video_path {
         Some(_) => GenerationParams { long: Default::default(), ..template.clone() },
@@ -577,6 +609,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let (height, width) = pipeline::check_params(&model_folder, &checked)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
+    t2v::lora::check_loras(&model_folder, &loras, args.variant)
+        .with_context(|| format!("checking the LoRAs against {model_spec}"))?;
+    let overrides: Vec<(String, String)> = scheduler_overrides.clone().into_iter().collect();
+    let scheduler_config = scheduler_config_with(&model_folder, &template, &overrides)
+        .with_context(|| format!("checking --scheduler-config against {model_spec}"))?;
     let upscale = match upscale {
         Some((spec, size, strength, steps)) => {
             let (spec, folder) = resolve(&spec, &hub)?;
@@ -588,6 +625,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             };
             let (h, w) = pipeline::check_params(&folder, &asked)
                 .with_context(|| format!("checking the second pass's settings against {spec}"))?;
+            scheduler_config_with(&folder, &asked, &overrides)
+                .with_context(|| format!("checking --scheduler-config against {spec}"))?;
             Some(UpscalePass { spec, folder, height: h, width: w, strength, steps })
         }
         None => None,
@@ -661,7 +700,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let passes = if upscale.is_some() { 2 } else { 1 };
     let ctx = RunContext { quiet, interrupted: &interrupted, jobs: jobs.len(), passes };
 
-    let (pipe, load_s) = load(&model_spec, &model_folder, &options, &ctx, 1)?;
+    let (mut pipe, load_s) = load(&model_spec, &model_folder, &options, &ctx, 1)?;
+    pipe.set_scheduler_config(scheduler_config);
     let mut summaries = Vec::with_capacity(jobs.len());
     let mut first_pass = Vec::new();
     let staging = match &upscale {
@@ -679,6 +719,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let video = ctx.denoise(&pipe, params, video_input, i, 1, (height, width))?;
         let mut run_settings = RunSettings::new(&model_spec, params, height, width, fps, dtype);
         run_settings.input = input.as_ref().map(|c| c.settings.clone());
+        run_settings.loras = lora_settings.clone();
+        run_settings.scheduler_config = scheduler_overrides.clone();
         match (&upscale, &staging) {
             (Some(up), Some(dir)) => {
                 // The first pass's frames as the reference's workflow hands them on: 8-bit images.
@@ -704,7 +746,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut load_s = load_s;
     if let Some(up) = &upscale {
         // Only one model in memory at a time: the first is dropped before the second loads.
-        let (pipe, s) = load(&up.spec, &up.folder, &options, &ctx, 2)?;
+        let (mut pipe, s) = load(&up.spec, &up.folder, &upscale_options, &ctx, 2)?;
+        let asked = GenerationParams { num_inference_steps: up.steps, ..template.clone() };
+        pipe.set_scheduler_config(scheduler_config_with(&up.folder, &asked, &overrides)?);
         load_s += s;
         for (i, (job, (folder, run_settings, first_timings))) in jobs.iter().zip(first_pass).enumerate() {
             let read = ReadOptions { size: Some((up.width, up.height)), ..ReadOptions::default() };
@@ -728,6 +772,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+/// The scheduler config of `folder` with `overrides` applied (diffusers' `from_config(config,
+/// **overrides)`), checked by building the scheduler `params` ask for.
+fn scheduler_config_with(
+    folder: &Path,
+    params: &GenerationParams,
+    overrides: &[(String, String)],
+) -> Result<serde_json::Value> {
+    let path = folder.join("scheduler").join("scheduler_config.json");
+    let base = t2v::schedulers::load_scheduler_config(&path)?;
+    let config = t2v::schedulers::apply_overrides(params.scheduler, &base, overrides, &path)?;
+    t2v::schedulers::build_scheduler(params.scheduler, &config, &path, params.num_inference_steps, params.eta)?;
+    Ok(config)
 }
 
 /// The most videos one run makes (each is planned, its outputs checked, before any work).

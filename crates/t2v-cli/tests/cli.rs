@@ -134,7 +134,7 @@ fn bad_input_fails_before_model_work() {
         (&["--num-frames", "0"], "frames must be at least 1"),
         (&["--steps", "0"], "steps must be at least 1"),
         (&["--guidance-scale", "-1"], "guidance scale must be between 0 and 100"),
-        (&["--scheduler", "euler"], "invalid value 'euler'"),
+        (&["--scheduler", "heun"], "invalid value 'heun'"),
         (&["--device", "tpu"], "unknown device `tpu`: use cpu, cuda, cuda:N, metal, metal:N or auto"),
         (&["--device", "cuda:x"], "the device number must be a whole number"),
         #[cfg(not(feature = "cuda"))]

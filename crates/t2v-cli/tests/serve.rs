@@ -397,7 +397,7 @@ fn api_round_trip_and_errors() {
     assert_eq!(bad(json!({"prompt": "x", "width": 5000})), (400, Some("width".into())));
     assert_eq!(bad(json!({"prompt": "x", "size": "32 by 32"})), (400, Some("size".into())));
     assert_eq!(bad(json!({"prompt": "x", "guidance_scale": -2})), (400, Some("guidance_scale".into())));
-    assert_eq!(bad(json!({"prompt": "x", "scheduler": "euler"})), (400, Some("scheduler".into())));
+    assert_eq!(bad(json!({"prompt": "x", "scheduler": "heun"})), (400, Some("scheduler".into())));
     assert_eq!(bad(json!({"prompt": "x", "model": "sora-2"})), (400, Some("model".into())));
     assert_eq!(bad(json!({"prompt": "x", "colour": "red"})), (400, Some("colour".into())));
     assert_eq!(bad(json!({"prompt": "x", "strength": 0.5})), (400, Some("strength".into())));

@@ -19,6 +19,7 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 use t2v::checkpoint::{self as hub, HubOptions, ModelFolder, WeightsVariant};
 use t2v::long_video::{ContextWeighting, ContextWindows, LongVideo};
+use t2v::lora::LoraSpec;
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, TextToVideo};
 use t2v::schedulers::{self, SchedulerKind};
 use t2v::video::input::ReadOptions;
@@ -184,12 +185,13 @@ fn library_defaults() -> std::collections::BTreeMap<&'static str, f64> {
 /// The timesteps a scheduler of class `scheduler` built from `config_json` visits for
 /// `num_inference_steps` steps, in order; raises ValueError for a configuration it cannot use.
 #[pyfunction]
-fn scheduler_timesteps(scheduler: &str, config_json: &str, num_inference_steps: usize) -> PyResult<Vec<usize>> {
+fn scheduler_timesteps(scheduler: &str, config_json: &str, num_inference_steps: usize) -> PyResult<Vec<f64>> {
     let kind = parse_scheduler(scheduler)?;
     let config = scheduler_config(config_json)?;
     let built = schedulers::build_scheduler(kind, &config, Path::new(CONFIG_SOURCE), num_inference_steps, 0.0)
         .map_err(py_err)?;
-    Ok(built.timesteps().to_vec())
+    // As the UNet receives them: the Euler schedulers' may be fractional.
+    Ok(built.timesteps().iter().map(|&t| built.model_timestep(t)).collect())
 }
 
 /// diffusers' `Scheduler.from_config(config, **overrides).config` for the class `scheduler`
@@ -291,8 +293,15 @@ enum Stop {
 impl Model {
     /// Loads every component of the checkpoint folder `root` onto `device` in `dtype`.
     #[new]
-    #[pyo3(signature = (root, *, device="cpu", dtype="float32", variant=None))]
-    fn new(py: Python<'_>, root: PathBuf, device: &str, dtype: &str, variant: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (root, *, device="cpu", dtype="float32", variant=None, loras=None))]
+    fn new(
+        py: Python<'_>,
+        root: PathBuf,
+        device: &str,
+        dtype: &str,
+        variant: Option<&str>,
+        loras: Option<Vec<(PathBuf, f64)>>,
+    ) -> PyResult<Self> {
         let device = pipeline::select_device(device).map_err(py_err)?;
         let dtype = parse_dtype(dtype)?;
         if dtype == DType::BF16 && device.is_cpu() {
@@ -300,8 +309,14 @@ impl Model {
                 "bfloat16 needs a GPU (candle's CPU matrix products have no bfloat16): use float32 (fastest on the CPU) or float16",
             ));
         }
-        let options =
-            LoadOptions { device: device.clone(), dtype, variant: parse_variant(variant)?, ..LoadOptions::default() };
+        let loras = loras.unwrap_or_default().into_iter().map(|(path, weight)| LoraSpec::new(path, weight)).collect();
+        let options = LoadOptions {
+            device: device.clone(),
+            dtype,
+            variant: parse_variant(variant)?,
+            loras,
+            ..LoadOptions::default()
+        };
         let pipe = py.detach(|| TextToVideo::load(&root, &options)).map_err(py_err)?;
         Ok(Self { pipe: Arc::new(pipe), device: device_name(&device), dtype })
     }
@@ -503,6 +518,17 @@ impl Model {
     }
 }
 
+/// Reads a LoRA (a safetensors file or an adapter folder) and checks it against the checkpoint
+/// at `root` before any work; returns how many weight tensors it changes (None when the
+/// checkpoint's weights are `.bin` files: checked when the model loads).
+#[pyfunction]
+#[pyo3(signature = (root, path, *, variant=None))]
+fn check_lora(py: Python<'_>, root: PathBuf, path: PathBuf, variant: Option<&str>) -> PyResult<Option<usize>> {
+    let variant = parse_variant(variant)?;
+    let counts = py.detach(|| t2v::lora::check_loras(&root, &[LoraSpec::new(path, 1.0)], variant)).map_err(py_err)?;
+    Ok(counts.and_then(|c| c.first().copied()))
+}
+
 #[pymodule]
 fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -520,5 +546,6 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(read_video, m)?)?;
+    m.add_function(wrap_pyfunction!(check_lora, m)?)?;
     Ok(())
 }

@@ -88,7 +88,7 @@ def test_bad_scheduler_configs_are_value_errors(tiny):
         t2v.DDIMScheduler.from_config(tiny.scheduler.config, timestep_spacing="bogus")
     with pytest.raises(ValueError, match="unknown variant `sde`"):
         t2v.DPMSolverMultistepScheduler.from_config(tiny.scheduler.config, algorithm_type="sde")
-    with pytest.raises(TypeError, match="t2v runs with DDIMScheduler or DPMSolverMultistepScheduler"):
+    with pytest.raises(TypeError, match="t2v runs with DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler"):
         tiny.scheduler = "ddim"
     with pytest.raises(TypeError, match="cannot be changed"):
         tiny.scheduler.config["beta_end"] = 0.1

@@ -359,8 +359,12 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
     let guidance_scale = fields.real("guidance_scale", 0.0, 100.0)?.unwrap_or(DEFAULT_GUIDANCE);
     let scheduler = match fields.string("scheduler")? {
         None => SchedulerKind::DpmSolverMultistep,
-        Some(s) => SchedulerKind::parse(&s)
-            .map_err(|_| ApiError::bad("scheduler", format!("`scheduler` must be `dpm` or `ddim`, got `{s}`")))?,
+        Some(s) => SchedulerKind::parse(&s).map_err(|_| {
+            ApiError::bad(
+                "scheduler",
+                format!("`scheduler` must be `dpm`, `ddim`, `lcm`, `unipc`, `euler` or `euler_a`, got `{s}`"),
+            )
+        })?,
     };
     let eta = fields.real("eta", 0.0, 1.0)?.unwrap_or(0.0);
     let fps = fields.whole("fps", 1, 60)?.map_or(t2v::video::DEFAULT_FPS, |v| v as u32);
@@ -506,7 +510,7 @@ mod tests {
             param(serde_json::json!({"prompt": "x", "guidance_scale": "-1"})),
             Some((400, "guidance_scale".into()))
         );
-        assert_eq!(param(serde_json::json!({"prompt": "x", "scheduler": "euler"})), Some((400, "scheduler".into())));
+        assert_eq!(param(serde_json::json!({"prompt": "x", "scheduler": "heun"})), Some((400, "scheduler".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "seconds": 100})), Some((400, "seconds".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "model": "sora-2"})), Some((400, "model".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "colour": "red"})), Some((400, "colour".into())));

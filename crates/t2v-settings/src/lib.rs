@@ -55,6 +55,84 @@ pub struct RunSettings {
     /// The negative prompts of keyframes after frame 0 (frame 0's is `negative_prompt`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub negative_prompts: BTreeMap<usize, String>,
+    /// The LoRAs merged into the model, in order (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSettings>,
+    /// The scheduler settings given over the checkpoint's (`--scheduler-config KEY=VALUE`, as
+    /// diffusers' `from_config(config, **overrides)`), the values as given.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub scheduler_config: std::collections::BTreeMap<String, String>,
+}
+
+/// A LoRA of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    /// Absolute path of the LoRA file or folder.
+    pub path: PathBuf,
+    pub weight: f64,
+    /// See [`lora_sha256`].
+    pub sha256: String,
+}
+
+impl LoraSettings {
+    /// The record of `spec`: its absolute path and SHA-256.
+    pub fn of(spec: &t2v::lora::LoraSpec) -> Result<Self> {
+        let path = std::fs::canonicalize(&spec.path)
+            .with_context(|| format!("the LoRA {} is not readable", spec.path.display()))?;
+        Ok(Self { sha256: lora_sha256(&path)?, path, weight: spec.weight })
+    }
+
+    /// The LoRA to load, refused when its file changed since the run (the video would differ).
+    pub fn check(&self) -> Result<t2v::lora::LoraSpec> {
+        if !self.path.exists() {
+            anyhow::bail!(
+                "the LoRA of these settings, {}, is missing: put it back to repeat the run",
+                self.path.display()
+            );
+        }
+        let now = lora_sha256(&self.path)?;
+        if now != self.sha256 {
+            anyhow::bail!(
+                "the LoRA {} has changed since the run (SHA-256 {} recorded, {now} now): restore the original to \
+                 repeat the run",
+                self.path.display(),
+                self.sha256
+            );
+        }
+        Ok(t2v::lora::LoraSpec::new(&self.path, self.weight))
+    }
+}
+
+/// The SHA-256 of a LoRA, as lowercase hex: of the file's bytes, or for a folder (a PEFT
+/// adapter), of its `.safetensors` and `.json` files sorted by name, each contributing its
+/// name, a NUL byte, its length as 8 little-endian bytes and its bytes.
+pub fn lora_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    if path.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = entry?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if !name.starts_with('.') && matches!(ext.as_str(), "safetensors" | "json") && p.is_file() {
+                files.push((name, p));
+            }
+        }
+        files.sort();
+        for (name, p) in files {
+            let mut file = t2v::files::open_regular(&p, t2v::files::FileKind::Weights)?;
+            let len = file.metadata().map_err(|e| t2v::Error::io(&p, e))?.len();
+            hasher.update(name.as_bytes());
+            hasher.update([0u8]);
+            hasher.update(len.to_le_bytes());
+            std::io::copy(&mut file, &mut hasher).map_err(|e| t2v::Error::io(&p, e))?;
+        }
+    } else {
+        let mut file = t2v::files::open_regular(path, t2v::files::FileKind::Weights)?;
+        std::io::copy(&mut file, &mut hasher).map_err(|e| t2v::Error::io(path, e))?;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The input of a video-to-video run and how its frames were chosen.
@@ -156,6 +234,8 @@ impl RunSettings {
             context_weighting: params.long.context.map(|c| c.weighting.as_str().to_string()),
             prompts: params.long.prompts.clone(),
             negative_prompts: params.long.negative_prompts.clone(),
+            loras: Vec::new(),
+            scheduler_config: Default::default(),
         }
     }
 

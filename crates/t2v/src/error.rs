@@ -79,6 +79,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A LoRA that cannot be applied to this model, refused before any work.
+    #[error("LoRA {path}: {reason}")]
+    Lora { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Device(String),
 

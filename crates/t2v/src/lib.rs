@@ -11,6 +11,7 @@ pub mod error;
 pub mod files;
 pub mod kernels;
 pub mod long_video;
+pub mod lora;
 pub mod nn;
 pub mod noise;
 pub mod params;

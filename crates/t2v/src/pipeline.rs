@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, WeightsVariant};
 use crate::error::{Error, Result};
 use crate::long_video::{self, LongVideo};
+use crate::lora::{self, LoraFile, LoraSpec, LoraTarget};
 use crate::noise::TorchGenerator;
 pub use crate::params::{validate_params, GenerationParams, MAX_GUIDANCE_SCALE};
 use crate::schedulers::{self, SchedulerKind};
@@ -74,11 +75,20 @@ pub struct LoadOptions {
     /// Keep float16-stored weight matrices in float16 and widen each layer's as it runs: the
     /// same results in about half the memory.
     pub keep_narrow_weights: bool,
+    /// LoRAs merged into the UNet and text encoder weights at load (see [`crate::lora`]), in
+    /// this order.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, variant: WeightsVariant::Auto, keep_narrow_weights: true }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: WeightsVariant::Auto,
+            keep_narrow_weights: true,
+            loras: Vec::new(),
+        }
     }
 }
 
@@ -150,14 +160,35 @@ impl TextToVideo {
 
         folder.check_config_class("text_encoder", "config.json", &["CLIPTextModel"])?;
         let te_cfg: text_encoder::Config = folder.config("text_encoder", "config.json")?;
-        let weights =
+        let te_weights =
             folder.weights_with("text_encoder", options.variant, dtype, device, options.keep_narrow_weights)?;
-        let text_encoder = weights.build(|vb| TextEncoder::new(vb, &te_cfg))?;
 
         folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
         let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
-        let weights = folder.weights_with("unet", options.variant, dtype, device, options.keep_narrow_weights)?;
-        let unet = weights.build(|vb| UNet3DConditionModel::new(vb, &unet_cfg))?;
+        let unet_weights = folder.weights_with("unet", options.variant, dtype, device, options.keep_narrow_weights)?;
+
+        // LoRAs: every key checked against the weights' headers before any layer is built.
+        if !options.loras.is_empty() {
+            let files = options
+                .loras
+                .iter()
+                .map(|spec| Ok((LoraFile::open(&spec.path)?, spec.weight)))
+                .collect::<Result<Vec<_>>>()?;
+            let shapes = std::collections::HashMap::from([
+                (LoraTarget::Unet, unet_weights.tensor_shapes()),
+                (LoraTarget::TextEncoder, te_weights.tensor_shapes()),
+            ]);
+            let mut deltas = lora::resolve(&files, &shapes)?;
+            if let Some(d) = deltas.remove(&LoraTarget::Unet) {
+                unet_weights.set_lora(d)?;
+            }
+            if let Some(d) = deltas.remove(&LoraTarget::TextEncoder) {
+                te_weights.set_lora(d)?;
+            }
+        }
+
+        let text_encoder = te_weights.build(|vb| TextEncoder::new(vb, &te_cfg))?;
+        let unet = unet_weights.build(|vb| UNet3DConditionModel::new(vb, &unet_cfg))?;
 
         folder.check_config_class("vae", "config.json", &["AutoencoderKL"])?;
         let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
@@ -203,6 +234,13 @@ impl TextToVideo {
 
     pub fn scheduler_config(&self) -> &serde_json::Value {
         &self.scheduler_config
+    }
+
+    /// Replaces the scheduler config that [`TextToVideo::generate`] and video-to-video build
+    /// their scheduler from (e.g. the checkpoint's with `from_config` overrides applied: see
+    /// [`schedulers::apply_overrides`]).
+    pub fn set_scheduler_config(&mut self, config: serde_json::Value) {
+        self.scheduler_config = config;
     }
 
     /// Checks `params` against this model before any work: sizes, scales, and (on the CPU) that
@@ -430,7 +468,8 @@ impl TextToVideo {
             // Under guidance both halves of the batch see the same latents: the UNet computes
             // what precedes the prompt once for both.
             let model_input = scheduler.scale_model_input(latents.clone(), t)?;
-            let noise_pred = self.unet.forward_long(&model_input, t as f64, context, &long)?;
+            let model_t = scheduler.model_timestep(t);
+            let noise_pred = self.unet.forward_long(&model_input, model_t, context, &long)?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let text = noise_pred.narrow(0, 1, 1)?;

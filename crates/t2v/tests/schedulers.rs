@@ -35,6 +35,7 @@ fn kind_key(kind: SchedulerKind) -> &'static str {
     match kind {
         SchedulerKind::Ddim => "ddim",
         SchedulerKind::DpmSolverMultistep => "dpm",
+        other => other.name(),
     }
 }
 
@@ -420,7 +421,75 @@ fn scheduler_kind_names() {
     assert_eq!("ddim".parse::<SchedulerKind>().unwrap(), SchedulerKind::Ddim);
     assert_eq!("DPM++".parse::<SchedulerKind>().unwrap(), SchedulerKind::DpmSolverMultistep);
     assert_eq!(SchedulerKind::from_class_name("DDIMScheduler"), Some(SchedulerKind::Ddim));
-    assert!(matches!("euler".parse::<SchedulerKind>(), Err(Error::InvalidArgument(_))));
+    assert!(matches!("heun".parse::<SchedulerKind>(), Err(Error::InvalidArgument(_))));
+    for kind in SchedulerKind::ALL {
+        assert_eq!(kind.name().parse::<SchedulerKind>().unwrap(), kind);
+        assert_eq!(SchedulerKind::from_class_name(kind.class_name()), Some(kind));
+    }
+    assert_eq!("euler-a".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestralDiscrete);
+}
+
+/// `from_config(config, KEY=VALUE)`: values read as JSON, the key dropped from
+/// `_use_default_values`, unknown keys refused naming the class's keys.
+#[test]
+fn scheduler_overrides() {
+    let (json, path) = scheduler_config("tiny-t2v");
+    let mut with_defaults = json.clone();
+    with_defaults["_use_default_values"] = serde_json::json!(["timestep_scaling", "beta_end"]);
+    let o = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let lcm =
+        t2v::schedulers::apply_overrides(SchedulerKind::Lcm, &with_defaults, &[o("timestep_scaling", "4")], &path)
+            .unwrap();
+    assert_eq!(lcm["timestep_scaling"], 4);
+    assert_eq!(lcm["_use_default_values"], serde_json::json!(["beta_end"]));
+    let effective = t2v::schedulers::effective_config(SchedulerKind::Lcm, &lcm, &path).unwrap();
+    assert_eq!(effective["timestep_scaling"], 4.0);
+    let unipc = t2v::schedulers::apply_overrides(
+        SchedulerKind::UniPcMultistep,
+        &json,
+        &[o("timestep_spacing", "trailing"), o("solver_order", "3")],
+        &path,
+    )
+    .unwrap();
+    assert_eq!(unipc["timestep_spacing"], "trailing");
+    let err = t2v::schedulers::apply_overrides(SchedulerKind::Lcm, &json, &[o("timestep_scalin", "4")], &path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("LCMScheduler has no setting `timestep_scalin`") && err.contains("timestep_scaling"), "{err}");
+    // Euler ancestral has no Euler-only keys.
+    assert!(t2v::schedulers::apply_overrides(
+        SchedulerKind::EulerAncestralDiscrete,
+        &json,
+        &[o("use_karras_sigmas", "true")],
+        &path
+    )
+    .is_err());
+    assert!(t2v::schedulers::parse_override("timestep_scaling").is_err());
+}
+
+/// Euler from the checkpoint's config with `linspace` spacing: float timesteps handed to the
+/// UNet (499.5), and the initial sigma the largest, sqrt((1 − ᾱ_999)/ᾱ_999) = 14.6146 for this
+/// schedule (Stable Diffusion's well-known value).
+#[test]
+fn euler_linspace_timesteps_are_fractional() {
+    let (json, path) = scheduler_config("tiny-t2v");
+    let config = t2v::schedulers::apply_overrides(
+        SchedulerKind::EulerDiscrete,
+        &json,
+        &[("timestep_spacing".into(), "linspace".into())],
+        &path,
+    )
+    .unwrap();
+    let s = build_scheduler(SchedulerKind::EulerDiscrete, &config, &path, 3, 0.0).unwrap();
+    let ts: Vec<f64> = s.timesteps().iter().map(|&t| s.model_timestep(t)).collect();
+    assert_eq!(ts, vec![999.0, 499.5, 0.0]);
+    assert!((s.init_noise_sigma() - 14.6146).abs() < 1e-3, "{}", s.init_noise_sigma());
+    // `leading` (the checkpoint's): sqrt(σ_max² + 1).
+    let s = build_scheduler(SchedulerKind::EulerAncestralDiscrete, &json, &path, 5, 0.0).unwrap();
+    assert_eq!(s.timesteps(), &[801, 601, 401, 201, 1]);
+    let sigma_max = ((1.0 - 0.0046600951f64) / 0.0046600951).sqrt();
+    let sigma_801_bound = s.init_noise_sigma();
+    assert!(sigma_801_bound > 1.0 && sigma_801_bound < (sigma_max * sigma_max + 1.0).sqrt());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,7 +32,16 @@ from .pipelines import (
     TextToVideoSDPipelineOutput,
     VideoToVideoSDPipeline,
 )
-from .schedulers import DDIMScheduler, DPMSolverMultistepScheduler, FrozenDict, SchedulerMixin
+from .schedulers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FrozenDict,
+    LCMScheduler,
+    SchedulerMixin,
+    UniPCMultistepScheduler,
+)
 from .utils import export_to_gif, export_to_video, load_video
 
 # Names of the compute dtypes, for `torch_dtype=t2v.float16` where a script said `torch.float16`.
@@ -44,12 +53,16 @@ __all__ = [
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "DiffusionPipeline",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
     "FrozenDict",
     "Generator",
+    "LCMScheduler",
     "SchedulerMixin",
     "TextToVideoMSPipeline",
     "TextToVideoSDPipeline",
     "TextToVideoSDPipelineOutput",
+    "UniPCMultistepScheduler",
     "VideoToVideoSDPipeline",
     "__version__",
     "bfloat16",

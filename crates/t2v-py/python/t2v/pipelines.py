@@ -233,6 +233,10 @@ class _ModelScopePipeline:
         pipe = object.__new__(cls._loads_as(""))
         pipe._init(pipeline.name_or_path, pipeline._root, dict(pipeline.config), pipeline._dtype, pipeline._variant, pipeline._default_size)
         pipe._device = pipeline._device
+        pipe._adapters = dict(pipeline._adapters)
+        pipe._active_adapters = dict(pipeline._active_adapters)
+        pipe._lora_enabled = pipeline._lora_enabled
+        pipe._lora_scale = pipeline._lora_scale
         pipe._model = pipeline._load()
         pipe._progress_bar_config = dict(pipeline._progress_bar_config)
         pipe._scheduler = as_scheduler(scheduler) if scheduler is not None else pipeline._scheduler
@@ -250,6 +254,12 @@ class _ModelScopePipeline:
         self._interrupt = False
         self._progress_bar_config: Dict[str, Any] = {}
         self._free_noise: Optional[Dict[str, Any]] = None
+        # LoRA adapters by name (their files), the active ones with their weights: merged into the
+        # weights when the model loads, so a change reloads it on the next run.
+        self._adapters: Dict[str, str] = {}
+        self._active_adapters: Dict[str, float] = {}
+        self._lora_enabled = True
+        self._lora_scale = 1.0
         self.config = FrozenDict(index)
         scheduler_config = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"))
         scheduler_class = SCHEDULERS.get(scheduler_config.get("_class_name", ""))
@@ -365,8 +375,127 @@ class _ModelScopePipeline:
     def _load(self) -> Any:
         with self._lock:
             if self._model is None:
-                self._model = _t2v.Model(self._root, device=self._device, dtype=self._dtype, variant=self._variant)
+                self._model = _t2v.Model(
+                    self._root, device=self._device, dtype=self._dtype, variant=self._variant, loras=self._lora_list()
+                )
             return self._model
+
+    # -- LoRA, as diffusers' LoraLoaderMixin spells it --------------------------------------------
+
+    def _lora_list(self) -> List[Tuple[str, float]]:
+        if not self._lora_enabled:
+            return []
+        return [(self._adapters[name], weight * self._lora_scale) for name, weight in self._active_adapters.items()]
+
+    def _lora_changed(self) -> None:
+        with self._lock:
+            # Merged into the weights when the model is read again, on the next run.
+            self._model = None
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: PathLike,
+        adapter_name: Optional[str] = None,
+        weight_name: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """Loads a LoRA (diffusers/PEFT ``.safetensors`` with ``lora_A``/``lora_B`` or
+        ``lora.down``/``lora.up`` keys, kohya's ``lora_unet_…``, or a PEFT adapter folder) as the
+        adapter ``adapter_name`` and makes it the active one (weight 1), as diffusers does. t2v
+        merges active LoRAs into the weights, ``W + weight · alpha/r · B·A``, once when the model
+        next loads: runs cost nothing extra.
+
+        Raises:
+            FileNotFoundError: no such file or folder.
+            ValueError: the LoRA does not fit this model (the first key that does not is named),
+                or the adapter name is taken.
+        """
+        if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+            raise TypeError("t2v loads LoRAs from files: save the state dict with safetensors and pass its path")
+        path = os.fspath(pretrained_model_name_or_path_or_dict)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        if weight_name:
+            path = os.path.join(path, weight_name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no LoRA at {path}: give a .safetensors file or a folder holding one")
+        name = adapter_name if adapter_name is not None else f"default_{len(self._adapters)}"
+        if name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is already in use: choose another adapter_name")
+        _t2v.check_lora(self._root, path, variant=self._variant)
+        self._adapters[name] = os.path.abspath(path)
+        self._active_adapters = {name: 1.0}
+        self._lora_changed()
+
+    def set_adapters(
+        self, adapter_names: Union[str, Sequence[str]], adapter_weights: Union[float, Sequence[float], None] = None
+    ) -> None:
+        """Makes ``adapter_names`` the active LoRAs with ``adapter_weights`` (1 each by default;
+        one number for all); their updates add.
+
+        Raises:
+            ValueError: an adapter that was not loaded, or a count of weights that does not match.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, (int, float)):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: {', '.join(self._adapters) or 'none'}")
+        self._active_adapters = dict(zip(names, weights))
+        self._lora_changed()
+
+    def get_active_adapters(self) -> List[str]:
+        """The names of the active LoRAs."""
+        return list(self._active_adapters) if self._lora_enabled else []
+
+    def get_list_adapters(self) -> Dict[str, List[str]]:
+        """The loaded LoRAs by component, as diffusers (t2v's apply to the UNet and text encoder)."""
+        return {"unet": list(self._adapters)} if self._adapters else {}
+
+    def disable_lora(self) -> None:
+        """Runs without the LoRAs (they stay loaded)."""
+        self._lora_enabled = False
+        self._lora_changed()
+
+    def enable_lora(self) -> None:
+        """Runs with the active LoRAs again."""
+        self._lora_enabled = True
+        self._lora_changed()
+
+    def delete_adapters(self, adapter_names: Union[str, Sequence[str]]) -> None:
+        """Forgets the named LoRAs."""
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._adapters.pop(name, None)
+            self._active_adapters.pop(name, None)
+        self._lora_changed()
+
+    def unload_lora_weights(self) -> None:
+        """Forgets every LoRA: the checkpoint's own weights again."""
+        self._adapters.clear()
+        self._active_adapters.clear()
+        self._lora_scale = 1.0
+        self._lora_changed()
+
+    def fuse_lora(self, components: Sequence[str] = ("unet", "text_encoder"), lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> None:
+        """Fuses the active LoRAs (or ``adapter_names``) into the weights at ``lora_scale``. t2v
+        always merges LoRAs into the weights, so this sets the scale they are merged with."""
+        if adapter_names is not None:
+            self.set_adapters(list(adapter_names), [self._active_adapters.get(n, 1.0) for n in adapter_names])
+        self._lora_scale = float(lora_scale)
+        self._lora_changed()
+
+    def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder"), **kwargs: Any) -> None:
+        """Undoes ``fuse_lora``'s scale: the active LoRAs at their own weights."""
+        self._lora_scale = 1.0
+        self._lora_changed()
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options of the per-step progress bar (tqdm's; ``disable=True`` hides it). The bar is

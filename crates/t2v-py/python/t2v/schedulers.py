@@ -44,6 +44,8 @@ class SchedulerMixin:
 
     _class_name: ClassVar[str]
     order: ClassVar[int] = 1
+    # diffusers' Euler schedulers keep float32 timesteps (fractional for `linspace` spacing).
+    _timestep_dtype: ClassVar[Any] = np.int64
     init_noise_sigma: float = 1.0
 
     def __init__(self, **config: Any) -> None:
@@ -103,7 +105,7 @@ class SchedulerMixin:
         ``device`` is accepted for diffusers' spelling."""
         steps = _t2v.scheduler_timesteps(self._class_name, _to_json(self._config), int(num_inference_steps))
         self.num_inference_steps = int(num_inference_steps)
-        self.timesteps = np.asarray(steps, dtype=np.int64)
+        self.timesteps = np.asarray(steps, dtype=self._timestep_dtype)
 
     def _config_json(self) -> str:
         return _to_json(self._config)
@@ -131,9 +133,46 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     _class_name = "DPMSolverMultistepScheduler"
 
 
+class LCMScheduler(SchedulerMixin):
+    """Latent consistency sampling (``diffusers.LCMScheduler``): for distilled checkpoints and
+    LoRAs (MCM, LCM-LoRA), about 4 steps at ``guidance_scale=1`` (one UNet call a step);
+    ``LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=4)`` for MCM."""
+
+    _class_name = "LCMScheduler"
+
+
+class UniPCMultistepScheduler(SchedulerMixin):
+    """UniPC (``diffusers.UniPCMultistepScheduler``): a multistep predictor-corrector, good
+    videos in 10 to 20 steps."""
+
+    _class_name = "UniPCMultistepScheduler"
+
+
+class EulerDiscreteScheduler(SchedulerMixin):
+    """Euler (``diffusers.EulerDiscreteScheduler``), deterministic."""
+
+    _class_name = "EulerDiscreteScheduler"
+    _timestep_dtype = np.float32
+
+
+class EulerAncestralDiscreteScheduler(SchedulerMixin):
+    """Euler ancestral (``diffusers.EulerAncestralDiscreteScheduler``): fresh noise from the
+    run's generator at every step."""
+
+    _class_name = "EulerAncestralDiscreteScheduler"
+    _timestep_dtype = np.float32
+
+
 SCHEDULERS: Dict[str, Type[SchedulerMixin]] = {
-    DDIMScheduler._class_name: DDIMScheduler,
-    DPMSolverMultistepScheduler._class_name: DPMSolverMultistepScheduler,
+    cls._class_name: cls
+    for cls in (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+        UniPCMultistepScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+    )
 }
 
 
@@ -147,7 +186,7 @@ def as_scheduler(value: Any) -> SchedulerMixin:
     if cls is not None and isinstance(config, Mapping):
         return cls.from_config(config)
     raise TypeError(
-        f"t2v runs with {' or '.join(SCHEDULERS)} (t2v.DDIMScheduler, t2v.DPMSolverMultistepScheduler), "
+        f"t2v runs with {', '.join(SCHEDULERS)} (t2v.DDIMScheduler, t2v.LCMScheduler, ...), "
         f"not {type(value).__name__}"
     )
 

@@ -3,7 +3,7 @@
 //! [`super::pth`]. Every missing tensor or wrong shape comes back as a typed error that names it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 pub struct ComponentWeights {
     vb: VarBuilder<'static>,
     failure: Arc<Mutex<Option<Error>>>,
+    source: Arc<Source>,
+    /// LoRA updates merged into the named tensors as the layers fetch them (set once, before
+    /// the model is built).
+    lora: Arc<OnceLock<crate::lora::ComponentDeltas>>,
 }
 
 impl ComponentWeights {
@@ -64,10 +68,38 @@ impl ComponentWeights {
             }
         };
         let failure = Arc::new(Mutex::new(None));
-        let backend =
-            CheckedBackend { source, keep_narrow, component: component.to_string(), path, failure: failure.clone() };
+        let source = Arc::new(source);
+        let lora = Arc::new(OnceLock::new());
+        let backend = CheckedBackend {
+            source: source.clone(),
+            keep_narrow,
+            component: component.to_string(),
+            path,
+            failure: failure.clone(),
+            lora: lora.clone(),
+        };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        Ok(Self { vb, failure })
+        Ok(Self { vb, failure, source, lora })
+    }
+
+    /// Every tensor's shape, by name, from the headers (no data is read for safetensors).
+    pub fn tensor_shapes(&self) -> crate::lora::TensorShapes {
+        match self.source.as_ref() {
+            Source::Safetensors(st) => {
+                st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+            }
+            Source::Tensors(map) => map.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect(),
+        }
+    }
+
+    /// Merges LoRA updates into the named tensors as the model fetches them (see
+    /// [`crate::lora`]): in float32, then converted to the compute dtype (a float16-stored
+    /// matrix with an update is kept in the compute dtype, not narrowed again). Call before
+    /// building the model; a second call is refused.
+    pub fn set_lora(&self, deltas: crate::lora::ComponentDeltas) -> Result<()> {
+        self.lora
+            .set(deltas)
+            .map_err(|_| Error::InvalidArgument("LoRA updates were already set for these weights".into()))
     }
 
     pub fn var_builder(&self) -> VarBuilder<'static> {
@@ -210,11 +242,12 @@ impl Source {
 /// Wraps a weights reader: checks each tensor's presence and shape and keeps a typed error for
 /// the model builder to report.
 struct CheckedBackend {
-    source: Source,
+    source: Arc<Source>,
     keep_narrow: bool,
     component: String,
     path: PathBuf,
     failure: Arc<Mutex<Option<Error>>>,
+    lora: Arc<OnceLock<crate::lora::ComponentDeltas>>,
 }
 
 impl CheckedBackend {
@@ -240,8 +273,13 @@ impl SimpleBackend for CheckedBackend {
         if !self.source.backend().contains_tensor(name) {
             return Err(self.missing(name));
         }
-        let tensor = match &self.source {
-            Source::Safetensors(st) if self.keep_narrow && s.rank() >= 2 => {
+        let deltas = self.lora.get().and_then(|d| d.get(name));
+        let tensor = match (deltas, self.source.as_ref()) {
+            (Some(deltas), _) => {
+                let stored = self.source.backend().get_unchecked(name, DType::F32, dev)?;
+                crate::lora::merge(&stored, deltas, dtype)?
+            }
+            (None, Source::Safetensors(st)) if self.keep_narrow && s.rank() >= 2 => {
                 let stored = st.load(name, dev)?;
                 let narrower = stored.dtype().size_in_bytes() < dtype.size_in_bytes()
                     && matches!(stored.dtype(), DType::F16 | DType::BF16);
@@ -251,7 +289,7 @@ impl SimpleBackend for CheckedBackend {
                     stored.to_dtype(dtype)?
                 }
             }
-            source => source.backend().get_unchecked(name, dtype, dev)?,
+            (None, source) => source.backend().get_unchecked(name, dtype, dev)?,
         };
         if tensor.shape() != &s {
             return Err(self.fail(Error::ShapeMismatch {
@@ -268,6 +306,10 @@ impl SimpleBackend for CheckedBackend {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         if !self.source.backend().contains_tensor(name) {
             return Err(self.missing(name));
+        }
+        if let Some(deltas) = self.lora.get().and_then(|d| d.get(name)) {
+            let stored = self.source.backend().get_unchecked(name, DType::F32, dev)?;
+            return crate::lora::merge(&stored, deltas, dtype);
         }
         self.source.backend().get_unchecked(name, dtype, dev)
     }

@@ -522,12 +522,12 @@ impl DpmSolverMultistepScheduler {
 }
 
 /// `(alpha_t, sigma_t)` of a sigma (variance-preserving), in float32.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0f32 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 

@@ -1,5 +1,7 @@
-//! Noise schedulers of the denoising loop: DDIM and multistep DPM-Solver(++), matching
-//! diffusers 0.42.1 `DDIMScheduler` and `DPMSolverMultistepScheduler`.
+//! Noise schedulers of the denoising loop: DDIM, multistep DPM-Solver(++), LCM, UniPC, Euler and
+//! Euler ancestral, matching diffusers 0.42.1 `DDIMScheduler`, `DPMSolverMultistepScheduler`,
+//! `LCMScheduler`, `UniPCMultistepScheduler`, `EulerDiscreteScheduler` and
+//! `EulerAncestralDiscreteScheduler`.
 //!
 //! Both read the checkpoint's `scheduler/scheduler_config.json`. Like diffusers'
 //! `from_config`, a scheduler takes the keys of the file that it knows and its *own* defaults for
@@ -20,9 +22,15 @@ use crate::error::{Error, Result};
 
 pub mod ddim;
 pub mod dpm_solver;
+pub mod euler;
+pub mod lcm;
+pub mod unipc;
 
 pub use ddim::{DdimConfig, DdimScheduler};
 pub use dpm_solver::{DpmSolverConfig, DpmSolverMultistepScheduler};
+pub use euler::{EulerConfig, EulerScheduler};
+pub use lcm::{LcmConfig, LcmScheduler};
+pub use unipc::{UniPcConfig, UniPcMultistepScheduler};
 
 /// Which scheduler drives the denoising loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +39,14 @@ pub enum SchedulerKind {
     Ddim,
     /// `DPMSolverMultistepScheduler` (DPM-Solver++ 2M by default).
     DpmSolverMultistep,
+    /// `LCMScheduler`: latent consistency sampling (distilled checkpoints, few steps, no guidance).
+    Lcm,
+    /// `UniPCMultistepScheduler` (UniPC, bh2 predictor-corrector by default).
+    UniPcMultistep,
+    /// `EulerDiscreteScheduler`.
+    EulerDiscrete,
+    /// `EulerAncestralDiscreteScheduler` (fresh noise every step, from the run's generator).
+    EulerAncestralDiscrete,
 }
 
 impl SchedulerKind {
@@ -39,6 +55,10 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::UniPcMultistep => "UniPCMultistepScheduler",
+            SchedulerKind::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
         }
     }
 
@@ -47,12 +67,17 @@ impl SchedulerKind {
         match name {
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmSolverMultistep),
+            "LCMScheduler" => Some(SchedulerKind::Lcm),
+            "UniPCMultistepScheduler" => Some(SchedulerKind::UniPcMultistep),
+            "EulerDiscreteScheduler" => Some(SchedulerKind::EulerDiscrete),
+            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestralDiscrete),
             _ => None,
         }
     }
 
     /// Parses a user-facing name: `ddim`, or `dpm` / `dpm++` / `dpmsolver` / `dpm-solver` /
-    /// `dpmsolver++` / `dpmsolvermultistep`, or a diffusers class name (case-insensitive).
+    /// `dpmsolver++` / `dpmsolvermultistep`, `lcm`, `unipc`, `euler`, `euler_a` (also `euler-a`,
+    /// `euler_ancestral`), or a diffusers class name (case-insensitive).
     pub fn parse(name: &str) -> Result<Self> {
         let lower = name.trim().to_ascii_lowercase();
         match lower.as_str() {
@@ -65,8 +90,19 @@ impl SchedulerKind {
             | "dpm-solver++"
             | "dpmsolvermultistep"
             | "dpmsolvermultistepscheduler" => Ok(SchedulerKind::DpmSolverMultistep),
+            "lcm" | "lcmscheduler" => Ok(SchedulerKind::Lcm),
+            "unipc" | "unipcmultistep" | "unipcmultistepscheduler" => Ok(SchedulerKind::UniPcMultistep),
+            "euler" | "eulerdiscrete" | "eulerdiscretescheduler" => Ok(SchedulerKind::EulerDiscrete),
+            "euler_a"
+            | "euler-a"
+            | "eulera"
+            | "euler_ancestral"
+            | "euler-ancestral"
+            | "eulerancestraldiscrete"
+            | "eulerancestraldiscretescheduler" => Ok(SchedulerKind::EulerAncestralDiscrete),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown scheduler `{name}`: choose `ddim` or `dpm` (DPM-Solver++ multistep)"
+                "unknown scheduler `{name}`: choose `dpm` (DPM-Solver++ multistep), `ddim`, `lcm`, `unipc`, \
+                 `euler` or `euler_a` (Euler ancestral)"
             ))),
         }
     }
@@ -80,13 +116,28 @@ impl std::str::FromStr for SchedulerKind {
 }
 
 impl SchedulerKind {
-    /// The short name that [`SchedulerKind::parse`] reads back: `ddim` or `dpm`.
+    /// The short name that [`SchedulerKind::parse`] reads back: `ddim`, `dpm`, `lcm`, `unipc`,
+    /// `euler` or `euler_a`.
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::DpmSolverMultistep => "dpm",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::UniPcMultistep => "unipc",
+            SchedulerKind::EulerDiscrete => "euler",
+            SchedulerKind::EulerAncestralDiscrete => "euler_a",
         }
     }
+
+    /// Every kind, in the order the command line lists them.
+    pub const ALL: [SchedulerKind; 6] = [
+        SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Ddim,
+        SchedulerKind::Lcm,
+        SchedulerKind::UniPcMultistep,
+        SchedulerKind::EulerDiscrete,
+        SchedulerKind::EulerAncestralDiscrete,
+    ];
 }
 
 impl std::fmt::Display for SchedulerKind {
@@ -121,9 +172,16 @@ pub trait Scheduler: Send {
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }
-    /// Scales the UNet input for this timestep (identity for both DDIM and DPM-Solver).
+    /// Scales the UNet input for this timestep (identity for DDIM, DPM-Solver, LCM and UniPC;
+    /// `1/sqrt(σ² + 1)` for the Euler schedulers).
     fn scale_model_input(&self, sample: Tensor, _timestep: usize) -> Result<Tensor> {
         Ok(sample)
+    }
+    /// The timestep the UNet is given at the step of `timestep` (one of [`Scheduler::timesteps`]):
+    /// the same number, except for the Euler schedulers whose `linspace` timesteps are fractional
+    /// (diffusers hands the UNet the float32 value; `timesteps()` holds them rounded).
+    fn model_timestep(&self, timestep: usize) -> f64 {
+        timestep as f64
     }
     /// One denoising step: the sample at the previous (lower-noise) timestep.
     /// `noise` is called only when the step is stochastic, with `model_output`'s shape.
@@ -214,6 +272,18 @@ pub fn build_scheduler(
         SchedulerKind::DpmSolverMultistep => {
             let config = DpmSolverConfig::from_json(config_json, config_path)?;
             Box::new(DpmSolverMultistepScheduler::new(config, config_path, num_inference_steps)?)
+        }
+        SchedulerKind::Lcm => {
+            let config = LcmConfig::from_json(config_json, config_path)?;
+            Box::new(LcmScheduler::new(config, config_path, num_inference_steps)?)
+        }
+        SchedulerKind::UniPcMultistep => {
+            let config = UniPcConfig::from_json(config_json, config_path)?;
+            Box::new(UniPcMultistepScheduler::new(config, config_path, num_inference_steps)?)
+        }
+        SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => {
+            let config = EulerConfig::from_json(kind, config_json, config_path)?;
+            Box::new(EulerScheduler::new(kind, config, config_path, num_inference_steps)?)
         }
     })
 }
@@ -313,6 +383,11 @@ pub fn effective_config(
     let value = match kind {
         SchedulerKind::Ddim => serde_json::to_value(DdimConfig::from_json(config_json, path)?),
         SchedulerKind::DpmSolverMultistep => serde_json::to_value(DpmSolverConfig::from_json(config_json, path)?),
+        SchedulerKind::Lcm => serde_json::to_value(LcmConfig::from_json(config_json, path)?),
+        SchedulerKind::UniPcMultistep => serde_json::to_value(UniPcConfig::from_json(config_json, path)?),
+        SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => {
+            EulerConfig::from_json(kind, config_json, path)?.to_json(kind)
+        }
     }
     .map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut object = match value {
@@ -392,6 +467,72 @@ pub fn from_config(
         out.insert("_use_default_values".into(), defaulted.into_iter().cloned().collect::<Vec<_>>().into());
     }
     Ok(SchedulerConfig { config: serde_json::Value::Object(out), ignored_overrides })
+}
+
+/// diffusers' `Scheduler.from_config(config, **overrides)`: `config_json` with each `KEY=VALUE`
+/// of `overrides` set (the value read as JSON when it parses, `4` a number, `true` a boolean,
+/// `null` the class default; else as a string, `trailing`). A key that the scheduler of `kind`
+/// does not have is refused, naming the keys it has (diffusers would ignore it with a warning,
+/// which hides a typo). The config is built by [`from_config`], diffusers' rule.
+pub fn apply_overrides(
+    kind: SchedulerKind,
+    config_json: &serde_json::Value,
+    overrides: &[(String, String)],
+    path: &Path,
+) -> Result<serde_json::Value> {
+    let mut values = serde_json::Map::new();
+    for (key, value) in overrides {
+        let parsed = serde_json::from_str::<serde_json::Value>(value.trim())
+            .unwrap_or_else(|_| serde_json::Value::String(value.trim().to_string()));
+        values.insert(key.trim().to_string(), parsed);
+    }
+    let built = from_config(kind, config_json, &values, path)?;
+    if let Some(key) = built.ignored_overrides.first() {
+        let mut names: Vec<String> = match effective_config(kind, &serde_json::json!({}), path)? {
+            serde_json::Value::Object(o) => o.keys().filter(|k| !k.starts_with('_')).cloned().collect(),
+            _ => Vec::new(),
+        };
+        names.sort_unstable();
+        return Err(Error::InvalidArgument(format!(
+            "{} has no setting `{key}`; its settings are: {}",
+            kind.class_name(),
+            names.join(", ")
+        )));
+    }
+    Ok(built.config)
+}
+
+/// Parses `KEY=VALUE` (a `--scheduler-config` argument).
+pub fn parse_override(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(Error::InvalidArgument(format!(
+            "a scheduler setting is written KEY=VALUE (as timestep_scaling=4), got `{text}`"
+        ))),
+    }
+}
+
+/// `np.interp(x, arange(len(fp)), fp)`: linear interpolation between the float32 values `fp` at
+/// integer points, in float64, clamped to the ends.
+pub(crate) fn interp_at(x: f64, fp: &[f32]) -> f64 {
+    let last = fp.len() - 1;
+    if x <= 0.0 {
+        return fp[0] as f64;
+    }
+    if x >= last as f64 {
+        return fp[last] as f64;
+    }
+    let j = x.floor() as usize;
+    if x == j as f64 {
+        return fp[j] as f64;
+    }
+    let slope = (fp[j + 1] as f64 - fp[j] as f64) / 1.0;
+    slope * (x - j as f64) + fp[j] as f64
+}
+
+/// Float32 `sqrt((1 − ᾱ) / ᾱ)` per training timestep: the sigmas of the Euler-type schedulers.
+pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
+    alphas_cumprod.iter().map(|&a| ((1.0f32 - a) / a).sqrt()).collect()
 }
 
 /// A float config value that may be non-finite (written by Python as `-Infinity` etc).
