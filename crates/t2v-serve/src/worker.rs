@@ -5,7 +5,7 @@
 //! (video-to-video) reads it from the data folder, where it stays until the job is deleted.
 
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

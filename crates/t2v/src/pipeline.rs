@@ -10,11 +10,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, WeightsVariant};
 use crate::error::{Error, Result};
-use crate::long_video::{self, LongVideo};
+use crate::long_video;
 use crate::lora::{self, LoraFile, LoraSpec, LoraTarget};
 use crate::noise::TorchGenerator;
 pub use crate::params::{validate_params, GenerationParams, MAX_GUIDANCE_SCALE};
-use crate::schedulers::{self, SchedulerKind};
+use crate::schedulers;
 use crate::sizing;
 use crate::text_encoder::{self, TextEncoder};
 use crate::tokenizer::ClipTokenizer;
