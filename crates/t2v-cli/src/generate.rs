@@ -609,7 +609,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let (height, width) = pipeline::check_params(&model_folder, &checked)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
-    t2v::lora::check_loras(&model_folder, &loras, args.variant)
+    t2v::pipeline::check_loras(&model_folder, &loras, args.variant)
         .with_context(|| format!("checking the LoRAs against {model_spec}"))?;
     let overrides: Vec<(String, String)> = scheduler_overrides.clone().into_iter().collect();
     let scheduler_config = scheduler_config_with(&model_folder, &template, &overrides)

@@ -525,7 +525,8 @@ impl Model {
 #[pyo3(signature = (root, path, *, variant=None))]
 fn check_lora(py: Python<'_>, root: PathBuf, path: PathBuf, variant: Option<&str>) -> PyResult<Option<usize>> {
     let variant = parse_variant(variant)?;
-    let counts = py.detach(|| t2v::lora::check_loras(&root, &[LoraSpec::new(path, 1.0)], variant)).map_err(py_err)?;
+    let counts =
+        py.detach(|| t2v::pipeline::check_loras(&root, &[LoraSpec::new(path, 1.0)], variant)).map_err(py_err)?;
     Ok(counts.and_then(|c| c.first().copied()))
 }
 

@@ -11,7 +11,6 @@ pub mod error;
 pub mod files;
 pub mod kernels;
 pub mod long_video;
-pub mod lora;
 pub mod nn;
 pub mod noise;
 pub mod params;
@@ -24,5 +23,8 @@ pub mod tokenizer;
 pub mod unet3d;
 pub mod vae;
 pub mod video;
+
+/// LoRAs (read and merged at load) live with the weights they change; `t2v::lora` names them too.
+pub use checkpoint::lora;
 
 pub use error::{Error, Result};

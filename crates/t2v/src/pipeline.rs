@@ -625,3 +625,31 @@ fn is_latin(c: char) -> bool {
     c.is_ascii_alphabetic()
         || matches!(c as u32, 0x00C0..=0x024F | 0x1E00..=0x1EFF | 0x2C60..=0x2C7F | 0xA720..=0xA7FF | 0xFF21..=0xFF3A | 0xFF41..=0xFF5A)
 }
+
+/// Reads `loras` and checks every module against the checkpoint at `root` (the safetensors
+/// headers only: nothing is loaded). Returns how many tensors each LoRA changes, or `None` when
+/// the checkpoint's weights are PyTorch `.bin` files (read whole, so checked at load instead).
+pub fn check_loras(root: impl AsRef<Path>, loras: &[LoraSpec], variant: WeightsVariant) -> Result<Option<Vec<usize>>> {
+    if loras.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let folder = ModelFolder::open(root)?;
+    let mut shapes = std::collections::HashMap::new();
+    for target in [LoraTarget::Unet, LoraTarget::TextEncoder] {
+        let files = folder.weights_files(target.component(), variant)?;
+        if files.format != WeightsFormat::Safetensors {
+            return Ok(None);
+        }
+        let weights = folder.weights_with(target.component(), variant, DType::F32, &Device::Cpu, true)?;
+        shapes.insert(target, weights.tensor_shapes());
+    }
+    let counts = loras
+        .iter()
+        .map(|spec| {
+            let file = LoraFile::open(&spec.path)?;
+            let deltas = lora::resolve(&[(file, spec.weight)], &shapes)?;
+            Ok(deltas.values().map(|d| d.len()).sum())
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok(Some(counts))
+}

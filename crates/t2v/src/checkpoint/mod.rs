@@ -6,6 +6,7 @@
 
 mod folder;
 pub mod hub;
+pub mod lora;
 pub mod pth;
 mod select;
 mod weights;

@@ -20,7 +20,7 @@ pub struct ComponentWeights {
     source: Arc<Source>,
     /// LoRA updates merged into the named tensors as the layers fetch them (set once, before
     /// the model is built).
-    lora: Arc<OnceLock<crate::lora::ComponentDeltas>>,
+    lora: Arc<OnceLock<super::lora::ComponentDeltas>>,
 }
 
 impl ComponentWeights {
@@ -83,7 +83,7 @@ impl ComponentWeights {
     }
 
     /// Every tensor's shape, by name, from the headers (no data is read for safetensors).
-    pub fn tensor_shapes(&self) -> crate::lora::TensorShapes {
+    pub fn tensor_shapes(&self) -> super::lora::TensorShapes {
         match self.source.as_ref() {
             Source::Safetensors(st) => {
                 st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
@@ -96,7 +96,7 @@ impl ComponentWeights {
     /// [`crate::lora`]): in float32, then converted to the compute dtype (a float16-stored
     /// matrix with an update is kept in the compute dtype, not narrowed again). Call before
     /// building the model; a second call is refused.
-    pub fn set_lora(&self, deltas: crate::lora::ComponentDeltas) -> Result<()> {
+    pub fn set_lora(&self, deltas: super::lora::ComponentDeltas) -> Result<()> {
         self.lora
             .set(deltas)
             .map_err(|_| Error::InvalidArgument("LoRA updates were already set for these weights".into()))
@@ -247,7 +247,7 @@ struct CheckedBackend {
     component: String,
     path: PathBuf,
     failure: Arc<Mutex<Option<Error>>>,
-    lora: Arc<OnceLock<crate::lora::ComponentDeltas>>,
+    lora: Arc<OnceLock<super::lora::ComponentDeltas>>,
 }
 
 impl CheckedBackend {
@@ -277,7 +277,7 @@ impl SimpleBackend for CheckedBackend {
         let tensor = match (deltas, self.source.as_ref()) {
             (Some(deltas), _) => {
                 let stored = self.source.backend().get_unchecked(name, DType::F32, dev)?;
-                crate::lora::merge(&stored, deltas, dtype)?
+                super::lora::merge(&stored, deltas, dtype)?
             }
             (None, Source::Safetensors(st)) if self.keep_narrow && s.rank() >= 2 => {
                 let stored = st.load(name, dev)?;
@@ -309,7 +309,7 @@ impl SimpleBackend for CheckedBackend {
         }
         if let Some(deltas) = self.lora.get().and_then(|d| d.get(name)) {
             let stored = self.source.backend().get_unchecked(name, DType::F32, dev)?;
-            return crate::lora::merge(&stored, deltas, dtype);
+            return super::lora::merge(&stored, deltas, dtype);
         }
         self.source.backend().get_unchecked(name, dtype, dev)
     }

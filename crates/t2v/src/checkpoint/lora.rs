@@ -191,7 +191,7 @@ impl LoraFile {
         } else {
             (path.to_path_buf(), None)
         };
-        crate::checkpoint::inspect_safetensors(&weights_path)?;
+        super::inspect_safetensors(&weights_path)?;
         let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
             .map_err(|e| Error::CorruptWeights { path: weights_path.clone(), reason: e.to_string() })?;
         let modules = parse_modules(tensors, adapter.as_ref(), &weights_path)?;
@@ -435,36 +435,4 @@ pub fn merge(w: &Tensor, deltas: &[Delta], dtype: DType) -> candle_core::Result<
         merged = (merged + delta)?;
     }
     merged.reshape(shape)?.to_dtype(dtype)
-}
-
-/// Reads `loras` and checks every module against the checkpoint at `root` (the safetensors
-/// headers only: nothing is loaded). Returns how many tensors each LoRA changes, or `None` when
-/// the checkpoint's weights are PyTorch `.bin` files (read whole, so checked at load instead).
-pub fn check_loras(
-    root: impl AsRef<Path>,
-    loras: &[LoraSpec],
-    variant: crate::checkpoint::WeightsVariant,
-) -> Result<Option<Vec<usize>>> {
-    if loras.is_empty() {
-        return Ok(Some(Vec::new()));
-    }
-    let folder = crate::checkpoint::ModelFolder::open(root)?;
-    let mut shapes = HashMap::new();
-    for target in [LoraTarget::Unet, LoraTarget::TextEncoder] {
-        let files = folder.weights_files(target.component(), variant)?;
-        if files.format != crate::checkpoint::WeightsFormat::Safetensors {
-            return Ok(None);
-        }
-        let weights = folder.weights_with(target.component(), variant, DType::F32, &Device::Cpu, true)?;
-        shapes.insert(target, weights.tensor_shapes());
-    }
-    let counts = loras
-        .iter()
-        .map(|spec| {
-            let file = LoraFile::open(&spec.path)?;
-            let deltas = resolve(&[(file, spec.weight)], &shapes)?;
-            Ok(deltas.values().map(|d| d.len()).sum())
-        })
-        .collect::<Result<Vec<usize>>>()?;
-    Ok(Some(counts))
 }
