@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    alphas_cumprod, config_error, linear_combination, parse_config, threshold_sample, BetaConfig, BetaSchedule,
-    NoiseSource, PredictionType, Scheduler, SchedulerKind, TimestepSpacing,
+    alphas_cumprod, config_error, linear_combination, parse_config, step_index, threshold_sample, BetaConfig,
+    BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerKind, TimestepSpacing,
 };
 use crate::error::{Error, Result};
 
@@ -217,11 +217,7 @@ impl Scheduler for LcmScheduler {
         sample: &Tensor,
         noise: &mut NoiseSource<'_>,
     ) -> Result<Tensor> {
-        let i = match (self.step_index, self.begin_index) {
-            (Some(i), _) => i,
-            (None, Some(begin)) => begin,
-            (None, None) => self.index_for_timestep(timestep),
-        };
+        let i = step_index(self.step_index, self.begin_index, || self.index_for_timestep(timestep));
         let n = self.timesteps.len();
         if i >= n {
             return Err(Error::InvalidArgument(format!(

@@ -146,6 +146,12 @@ impl std::fmt::Display for SchedulerKind {
     }
 }
 
+/// The index of the step the loop is at, as diffusers' `_init_step_index`: the running index
+/// once stepping began, else the begin index set for video-to-video, else the timestep's place.
+pub(crate) fn step_index(step: Option<usize>, begin: Option<usize>, for_timestep: impl FnOnce() -> usize) -> usize {
+    step.or(begin).unwrap_or_else(for_timestep)
+}
+
 /// A noise source: given a shape, returns standard normal noise of that shape (f32).
 /// The pipeline passes a closure drawing from its seeded generator.
 pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;

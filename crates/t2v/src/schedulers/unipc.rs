@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dpm_solver::{alpha_sigma, lambda, FinalSigmasType};
 use super::{
-    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config, threshold_sample,
-    train_sigmas, BetaConfig, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerKind, TimestepSpacing,
+    alphas_cumprod, config_error, linear_combination, np_arange_f64, np_linspace, parse_config, step_index,
+    threshold_sample, train_sigmas, BetaConfig, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerKind,
+    TimestepSpacing,
 };
 use crate::error::{Error, Result};
 
@@ -495,11 +496,7 @@ impl Scheduler for UniPcMultistepScheduler {
         sample: &Tensor,
         _noise: &mut NoiseSource<'_>,
     ) -> Result<Tensor> {
-        let i = match (self.step_index, self.begin_index) {
-            (Some(i), _) => i,
-            (None, Some(begin)) => begin,
-            (None, None) => self.index_for_timestep(timestep),
-        };
+        let i = step_index(self.step_index, self.begin_index, || self.index_for_timestep(timestep));
         let len = self.timesteps.len();
         if i >= len {
             return Err(Error::InvalidArgument(format!(
