@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
 use t2v::long_video::{ContextWeighting, ContextWindows};
+use t2v::pipeline::upscale::{self, scheduler_config_for};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Video};
 use t2v::schedulers::{strength_begin_index, SchedulerKind};
 use t2v::video::input::{read_video, Fit, ReadOptions};
@@ -378,6 +379,17 @@ struct UpscalePass {
     steps: usize,
 }
 
+impl UpscalePass {
+    fn params(&self) -> upscale::UpscaleParams {
+        upscale::UpscaleParams {
+            height: self.height,
+            width: self.width,
+            strength: self.strength,
+            num_inference_steps: self.steps,
+        }
+    }
+}
+
 /// The input video of a video-to-video run, read and checked.
 struct InputClip {
     settings: InputSettings,
@@ -612,7 +624,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     t2v::pipeline::check_loras(&model_folder, &loras, args.variant)
         .with_context(|| format!("checking the LoRAs against {model_spec}"))?;
     let overrides: Vec<(String, String)> = scheduler_overrides.clone().into_iter().collect();
-    let scheduler_config = scheduler_config_with(&model_folder, &template, &overrides)
+    let scheduler_config = scheduler_config_for(&model_folder, &template, &overrides)
         .with_context(|| format!("checking --scheduler-config against {model_spec}"))?;
     let upscale = match upscale {
         Some((spec, size, strength, steps)) => {
@@ -625,7 +637,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             };
             let (h, w) = pipeline::check_params(&folder, &asked)
                 .with_context(|| format!("checking the second pass's settings against {spec}"))?;
-            scheduler_config_with(&folder, &asked, &overrides)
+            scheduler_config_for(&folder, &asked, &overrides)
                 .with_context(|| format!("checking --scheduler-config against {spec}"))?;
             Some(UpscalePass { spec, folder, height: h, width: w, strength, steps })
         }
@@ -704,12 +716,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     pipe.set_scheduler_config(scheduler_config);
     let mut summaries = Vec::with_capacity(jobs.len());
     let mut first_pass = Vec::new();
-    let staging = match &upscale {
-        Some(_) => {
-            Some(tempfile::Builder::new().prefix("t2v-pass1-").tempdir().context("creating a temporary folder")?)
-        }
-        None => None,
-    };
     for (i, job) in jobs.iter().enumerate() {
         let params = &job.params;
         for w in pipe.prompt_warnings(&params.prompt)? {
@@ -721,14 +727,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         run_settings.input = input.as_ref().map(|c| c.settings.clone());
         run_settings.loras = lora_settings.clone();
         run_settings.scheduler_config = scheduler_overrides.clone();
-        match (&upscale, &staging) {
-            (Some(up), Some(dir)) => {
-                // The first pass's frames as the reference's workflow hands them on: 8-bit images.
-                let folder = dir.path().join(format!("video-{i}"));
-                let data = video.frames.flatten_all()?.to_vec1::<f32>()?;
-                let clip = Frames::new(&data, params.num_frames, height, width)?;
-                t2v::video::write_video(&clip, VideoFormat::PngFrames, &folder, &EncodeOptions::default())
-                    .context("keeping the first pass's frames")?;
+        match &upscale {
+            Some(up) => {
+                // The first pass's frames as the reference's workflow hands them on: 8-bit images,
+                // resized to the second pass's size.
+                let clip = upscale::first_pass_frames(&video.frames, up.height, up.width)?;
                 run_settings.upscale = Some(UpscaleSettings {
                     model: up.spec.clone(),
                     height: up.height,
@@ -736,7 +739,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     strength: up.strength,
                     steps: up.steps,
                 });
-                first_pass.push((folder, run_settings, video.timings));
+                first_pass.push((clip, run_settings, video.timings));
             }
             _ => summaries.push(ctx.publish(job, &video, run_settings, fps, args.quality, args.overwrite, i)?),
         }
@@ -748,18 +751,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         // Only one model in memory at a time: the first is dropped before the second loads.
         let (mut pipe, s) = load(&up.spec, &up.folder, &upscale_options, &ctx, 2)?;
         let asked = GenerationParams { num_inference_steps: up.steps, ..template.clone() };
-        pipe.set_scheduler_config(scheduler_config_with(&up.folder, &asked, &overrides)?);
+        pipe.set_scheduler_config(scheduler_config_for(&up.folder, &asked, &overrides)?);
         load_s += s;
-        for (i, (job, (folder, run_settings, first_timings))) in jobs.iter().zip(first_pass).enumerate() {
-            let read = ReadOptions { size: Some((up.width, up.height)), ..ReadOptions::default() };
-            let clip = read_video(&folder, &read).context("reading the first pass's frames")?;
+        for (i, (job, (clip, run_settings, first_timings))) in jobs.iter().zip(first_pass).enumerate() {
             let tensor = clip.to_model_input(&candle_core::Device::Cpu, DType::F32)?;
-            let params = GenerationParams {
-                num_inference_steps: up.steps,
-                height: Some(up.height),
-                width: Some(up.width),
-                ..job.params.clone()
-            };
+            let params = up.params().second_pass(&job.params);
             let mut video = ctx.denoise(&pipe, &params, Some((&tensor, up.strength)), i, 2, (up.height, up.width))?;
             video.timings.text_encoding += first_timings.text_encoding;
             video.timings.denoising += first_timings.denoising;
@@ -772,20 +768,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
-}
-
-/// The scheduler config of `folder` with `overrides` applied (diffusers' `from_config(config,
-/// **overrides)`), checked by building the scheduler `params` ask for.
-fn scheduler_config_with(
-    folder: &Path,
-    params: &GenerationParams,
-    overrides: &[(String, String)],
-) -> Result<serde_json::Value> {
-    let path = folder.join("scheduler").join("scheduler_config.json");
-    let base = t2v::schedulers::load_scheduler_config(&path)?;
-    let config = t2v::schedulers::apply_overrides(params.scheduler, &base, overrides, &path)?;
-    t2v::schedulers::build_scheduler(params.scheduler, &config, &path, params.num_inference_steps, params.eta)?;
-    Ok(config)
 }
 
 /// The most videos one run makes (each is planned, its outputs checked, before any work).

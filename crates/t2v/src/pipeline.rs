@@ -21,6 +21,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::unet3d::{self, LongVideoForward, UNet3DConditionModel};
 use crate::vae::{self, Vae, VaeEncoder};
 
+pub mod upscale;
 mod video_to_video;
 pub use video_to_video::VideoLatents;
 

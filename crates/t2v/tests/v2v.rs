@@ -781,3 +781,74 @@ fn bad_inputs_give_errors_that_say_what_to_do() {
     let e = err_of(&d.join("hevc.mp4"));
     assert!(e.contains("HEVC (H.265)") && e.contains("convert it to H.264"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// zeroscope's two passes as one call
+
+#[test]
+fn upscale_in_one_call_is_the_two_passes_by_hand() {
+    use t2v::pipeline::upscale::{self, PassModel, UpscaleEvent, UpscaleParams};
+    let (tiny, small) = (model_dir("tiny-t2v"), model_dir("small-t2v"));
+    let mut params = GenerationParams::new("a cat", 3);
+    params.num_inference_steps = 2;
+    params.num_frames = 2;
+    params.scheduler = SchedulerKind::Ddim;
+    params.negative_prompt = Some("blurry".into());
+    params.height = Some(16);
+    params.width = Some(16);
+    let up = UpscaleParams { height: 32, width: 48, strength: 0.5, num_inference_steps: 2 };
+
+    // By hand: the first pass written as PNG frames, read back at the second size, video-to-video.
+    let first = TextToVideo::load(&tiny, &LoadOptions::default()).unwrap();
+    let pass1 = first.generate(&params, &mut |_| Control::Continue).unwrap();
+    drop(first);
+    let data = pass1.frames.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let pngs = tmp.path().join("pass1");
+    write_video(&Frames::new(&data, 2, 16, 16).unwrap(), VideoFormat::PngFrames, &pngs, &EncodeOptions::default())
+        .unwrap();
+    let read = read_video(&pngs, &ReadOptions { size: Some((48, 32)), ..ReadOptions::default() }).unwrap();
+    // Handing the frames on in memory gives the same 8-bit pixels as the PNG round trip.
+    let in_memory = upscale::first_pass_frames(&pass1.frames, 32, 48).unwrap();
+    assert_eq!((in_memory.frames, in_memory.height, in_memory.width), (2, 32, 48));
+    assert_eq!(in_memory.to_rgb8(), read.to_rgb8());
+    let second = TextToVideo::load(&small, &LoadOptions::default()).unwrap();
+    let input = read.to_model_input(&Device::Cpu, DType::F32).unwrap();
+    let by_hand = second.video_to_video(&up.second_pass(&params), &input, 0.5, &mut |_| Control::Continue).unwrap();
+    drop(second);
+
+    let none: [(String, String); 0] = [];
+    let model = |folder| PassModel { folder, options: LoadOptions::default(), scheduler_overrides: &none };
+    let mut events = Vec::new();
+    let video = upscale::generate_upscaled(&model(&tiny), &model(&small), &params, None, &up, &mut |e| {
+        events.push(match e {
+            UpscaleEvent::Loading(pass) => format!("load {}", pass.number()),
+            UpscaleEvent::Step(pass, p) => format!("step {}.{}", pass.number(), p.step),
+        });
+        Control::Continue
+    })
+    .unwrap();
+    assert_eq!(events, ["load 1", "step 1.1", "step 1.2", "load 2", "step 2.1"]);
+    assert_eq!(video.frames.dims(), &[2, 32, 48, 3]);
+    let diff = video.frames.sub(&by_hand.frames).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "one call and the passes by hand differ by {diff}");
+    assert!(video.timings.video_encoding > std::time::Duration::ZERO);
+
+    // A cancel while the first model loads stops before any step; a bad second size before any load.
+    let mut steps = 0;
+    let cancelled = upscale::generate_upscaled(&model(&tiny), &model(&small), &params, None, &up, &mut |e| {
+        if let UpscaleEvent::Step(..) = e {
+            steps += 1;
+        }
+        Control::Cancel
+    });
+    assert!(matches!(cancelled, Err(t2v::Error::Cancelled)), "{cancelled:?}");
+    assert_eq!(steps, 0);
+    let odd = UpscaleParams { height: 33, ..up.clone() };
+    let mut loads = 0;
+    let refused = upscale::generate_upscaled(&model(&tiny), &model(&small), &params, None, &odd, &mut |_| {
+        loads += 1;
+        Control::Continue
+    });
+    assert!(refused.is_err() && loads == 0, "{refused:?}");
+}

@@ -110,7 +110,21 @@ impl TextToVideo {
         strength: f64,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Video> {
-        let (latents, mut timings) = self.denoise_video(params, video, strength, on_step)?;
+        self.video_to_video_with_scheduler(params, &self.scheduler_config, video, strength, on_step)
+    }
+
+    /// [`TextToVideo::video_to_video`] with the scheduler built from `scheduler_config` (see
+    /// [`TextToVideo::generate_with_scheduler`]).
+    pub fn video_to_video_with_scheduler(
+        &self,
+        params: &GenerationParams,
+        scheduler_config: &serde_json::Value,
+        video: &Tensor,
+        strength: f64,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Video> {
+        let (latents, mut timings) =
+            self.denoise_video_with_scheduler(params, scheduler_config, video, strength, on_step)?;
         let started = Instant::now();
         let frames = self.decode_latents(&latents)?;
         timings.decoding = started.elapsed();

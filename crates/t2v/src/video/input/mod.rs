@@ -181,6 +181,29 @@ pub fn read_video(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Input
     collector.finish(fps)
 }
 
+/// Frames already in memory handed on as 8-bit images ([`Frames::frame_rgb8`]: clamped, rounded)
+/// and resized to `size` (width, height) as [`read_video`] resizes a file's: the same frames as
+/// writing them as PNG and reading those back at that size, without the files. zeroscope's second
+/// pass takes the first's frames this way ([`crate::pipeline::upscale`]).
+pub fn frames_to_input(
+    frames: &crate::video::Frames,
+    size: (usize, usize),
+    fit: Fit,
+    filter: ResizeFilter,
+) -> Result<InputVideo> {
+    let options = ReadOptions { size: Some(size), fit, filter, num_frames: Some(frames.frames), ..ReadOptions::default() };
+    check_options(&options)?;
+    let path = Path::new("(frames in memory)");
+    let mut collector = Collector::new(path, &options);
+    for i in 0..frames.frames {
+        if collector.offer() != Want::Take {
+            break;
+        }
+        collector.push_u8(&frames.frame_rgb8(i), frames.width, frames.height, &format!("frame {i}"))?;
+    }
+    collector.finish(None)
+}
+
 thread_local! {
     static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
