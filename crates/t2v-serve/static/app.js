@@ -351,6 +351,10 @@ function remove(id) {
     near.unobserve(card);
     inView.unobserve(card);
     card.remove();
+    // The files fetched with an API key, let go.
+    const videoEl = card.querySelector("video");
+    for (const url of [videoEl?.src, videoEl?.poster]) if (url?.startsWith("blob:")) URL.revokeObjectURL(url);
+    if (autoplaying === card) autoplaying = null;
   }
   galleryItems.delete(id);
   if (listing.cursor === id) {
@@ -637,7 +641,7 @@ function onEvent(name, data) {
       upsert(data, true);
       break;
     case "deleted": remove(data.id); break;
-    case "lagged": refreshTop(); break;
+    case "lagged": refreshTop().catch(() => {}); break;
   }
 }
 
@@ -725,7 +729,7 @@ async function start() {
     $("#v2v-note").hidden = false;
   }
   followEvents();
-  await loadMore();
+  await loadMore().catch((err) => message(`reading the list: ${err.message}`, true));
 
   // `?prompt=...&num_frames=4` fills the form (any field); only the visitor's click sends it: a
   // link from another site must not queue a job with the visitor's key.
