@@ -475,6 +475,22 @@ fn long_prompt() -> String {
     text
 }
 
+/// "1h 2m", "3m 5s", "42s" (the page's durations) in seconds.
+fn seconds(text: &str) -> f64 {
+    text.split_whitespace()
+        .map(|part| {
+            let (number, unit) = part.split_at(part.len() - 1);
+            let n: f64 = number.parse().unwrap_or_else(|_| panic!("a duration reads `{text}`"));
+            n * match unit {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                _ => panic!("a duration reads `{text}`"),
+            }
+        })
+        .sum()
+}
+
 /// What the page shows, measured in the browser: the page's width against the viewport's,
 /// elements past either edge, text wider than its box, the select boxes against their
 /// container and their widest option, the gallery's videos and the folded sections.
@@ -618,6 +634,21 @@ fn check_layout(
     eprintln!("{what}: the queued job: {item}");
     assert!(item["meta"].as_str().unwrap().contains("position"), "{item}");
     assert!(item["eta"].as_str().unwrap().contains("done in about"), "{item}");
+    // Every queued job's ETA: later in the queue, later to start; none done before it starts.
+    let etas = tools.eval_json(
+        "JSON.stringify([...document.querySelectorAll('#queue li')].map((li) => li.querySelector('.eta').textContent).filter((t) => t))",
+    );
+    let mut last_start = 0.0;
+    for text in etas.as_array().unwrap() {
+        let text = text.as_str().unwrap();
+        let (start, end) = text
+            .strip_prefix("starts in about ")
+            .and_then(|t| t.split_once(" · done in about "))
+            .unwrap_or_else(|| panic!("{what}: an ETA reads `{text}`"));
+        let (start, end) = (seconds(start), seconds(end));
+        assert!(start > 0.0 && start >= last_start && end >= start, "{what}: ETAs out of order: {etas}");
+        last_start = start;
+    }
     assert_eq!(item["text"].as_str(), Some(prompt.as_str()));
     assert!(item["left"].as_f64().unwrap() >= 0.0 && item["right"].as_f64().unwrap() <= width as f64, "{item}");
     // Wrapped: at 390 px the prompt takes several lines (the third its last), not one line off screen.
