@@ -188,7 +188,9 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
             "width": s.model.native_width,
             "height": s.model.native_height,
         },
-        "schedulers": ["dpm", "ddim"],
+        // Every sampler a request may name, and FreeNoise's window weightings (for the page's form).
+        "schedulers": t2v::schedulers::SchedulerKind::ALL.map(|k| k.name()),
+        "context_weightings": t2v::long_video::ContextWeighting::ALL.map(|w| w.as_str()),
         "limits": s.limits,
         "preview_every": s.preview_every,
         "queue": {
