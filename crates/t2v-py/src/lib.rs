@@ -273,6 +273,32 @@ fn read_video<'py>(
     Ok((array.into_pyarray(py), clip.warnings))
 }
 
+/// Frames (frames, height, width, 3) in [0, 1] handed on to a video-to-video pass at another
+/// size, as zeroscope's recipe and `t2v generate --upscale` do: 8-bit (clamped, rounded), resized
+/// with the Lanczos filter to `width`×`height`. Returns (frames, height, width, 3) uint8.
+#[pyfunction]
+fn first_pass_frames<'py>(
+    py: Python<'py>,
+    frames: PyReadonlyArray4<'py, f32>,
+    height: usize,
+    width: usize,
+) -> PyResult<Bound<'py, PyArray4<u8>>> {
+    let shape = frames.shape().to_vec();
+    let data: Vec<f32> = match frames.as_slice() {
+        Ok(slice) => slice.to_vec(),
+        Err(_) => frames.as_array().iter().copied().collect(),
+    };
+    let clip = py
+        .detach(|| -> t2v::Result<_> {
+            let tensor = Tensor::from_vec(data, (shape[0], shape[1], shape[2], shape[3]), &candle_core::Device::Cpu)?;
+            pipeline::upscale::first_pass_frames(&tensor, height, width)
+        })
+        .map_err(py_err)?;
+    let array = numpy::ndarray::Array4::from_shape_vec((clip.frames, clip.height, clip.width, 3), clip.to_rgb8())
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok(array.into_pyarray(py))
+}
+
 /// A loaded checkpoint on one device.
 #[pyclass(frozen, module = "t2v._t2v")]
 struct Model {
@@ -547,6 +573,7 @@ fn _t2v(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_video, m)?)?;
     m.add_function(wrap_pyfunction!(read_mp4_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(read_video, m)?)?;
+    m.add_function(wrap_pyfunction!(first_pass_frames, m)?)?;
     m.add_function(wrap_pyfunction!(check_lora, m)?)?;
     Ok(())
 }

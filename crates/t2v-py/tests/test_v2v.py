@@ -214,3 +214,39 @@ def test_errors():
         warnings.simplefilter("error")
         # Nothing ran: the pipeline still works, silently.
         assert pipe("a cat", video=clip, strength=0.5, num_inference_steps=2).frames.shape == (1, 2, 32, 32, 3)
+
+
+def test_upscale_on_a_first_pass_is_the_command_lines_two_passes(t2v_bin, tmp_path):
+    """zeroscope's recipe from Python (generate, drop the model, video-to-video at another size with
+    height/width) gives the frames of `t2v generate --upscale`, bit for bit."""
+    tiny, small = model_dir("tiny-t2v"), model_dir("small-t2v")
+    common = ["--seed", "3", "--steps", "2", "-f", "2", "--scheduler", "ddim", "-n", "blurry", "-q"]
+    run_cli(t2v_bin, "generate", "a cat", "--model", str(tiny), "--height", "16", "--width", "16",
+            "--upscale", str(small), "--upscale-size", "48x32", "--upscale-strength", "0.5",
+            "-o", "up.npy", *common, cwd=tmp_path)
+    expected = np.load(tmp_path / "up.npy")
+
+    low = t2v.TextToVideoSDPipeline.from_pretrained(tiny)
+    low.scheduler = t2v.DDIMScheduler.from_config(low.scheduler.config)
+    low.set_progress_bar_config(disable=True)
+    first = low("a cat", height=16, width=16, num_frames=2, num_inference_steps=2, guidance_scale=9.0,
+                negative_prompt="blurry", generator=3).frames[0]
+    del low
+    xl = t2v.VideoToVideoSDPipeline.from_pretrained(small)
+    xl.scheduler = t2v.DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    frames = xl("a cat", video=first, strength=0.5, num_inference_steps=2, guidance_scale=9.0,
+                negative_prompt="blurry", generator=3, height=32, width=48).frames[0]
+    assert frames.shape == expected.shape == (2, 32, 48, 3)
+    assert np.array_equal(frames, expected), f"max abs diff {np.abs(frames - expected).max():.3e}"
+
+    # The hand-off itself: 8-bit, resized; one side alone keeps the other; bad sizes are refused.
+    handed = t2v._t2v.first_pass_frames(np.ascontiguousarray(first), 32, 48)
+    assert handed.dtype == np.uint8 and handed.shape == (2, 32, 48, 3)
+    same = t2v._t2v.first_pass_frames(np.ascontiguousarray(first), 16, 16)
+    assert np.array_equal(same, np.clip(np.round(first * 255), 0, 255).astype(np.uint8))
+    taller = xl("a cat", video=first, strength=0.5, num_inference_steps=2, generator=3, height=24).frames[0]
+    assert taller.shape == (2, 24, 16, 3)
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="height must be a positive whole number"):
+            xl("a cat", video=first, strength=0.5, num_inference_steps=2, height=bad)

@@ -925,6 +925,9 @@ class VideoToVideoSDPipeline(_ModelScopePipeline):
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        *,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
     ) -> Any:
         """Re-renders a video following a prompt (diffusers' ``VideoToVideoSDPipeline.__call__``,
         with its defaults).
@@ -942,7 +945,8 @@ class VideoToVideoSDPipeline(_ModelScopePipeline):
                 tensor (frames, 3, height, width) works too). Float values are in [0, 1] (floats
                 with negative values are taken as already in [-1, 1], as diffusers does, with a
                 FutureWarning); uint8 values are divided by 255, as PIL images are. Sides must be
-                multiples of the VAE's scale (8): like diffusers, t2v does not resize.
+                multiples of the VAE's scale (8): like diffusers, t2v does not resize unless
+                ``height``/``width`` ask it to.
             strength: how much of the video is replaced, 0 to 1 (1 ignores it); at least one step
                 must run (``int(num_inference_steps * strength) >= 1``).
             num_inference_steps: the steps of the full schedule, of which the last
@@ -962,6 +966,18 @@ class VideoToVideoSDPipeline(_ModelScopePipeline):
             callback_on_step_end: ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``
                 after every step that runs; ``pipe._interrupt = True`` stops after that step.
             callback_on_step_end_tensor_inputs: only ``"latents"``.
+            height, width: (t2v's, keyword only) the frame size to re-render at: frames of another
+                size are handed on as zeroscope's recipe does (8-bit, resized with the Lanczos
+                filter), exactly as ``t2v generate --upscale`` does between its passes, so the
+                upscale is one call on a first pass's frames::
+
+                    low = t2v.TextToVideoSDPipeline.from_pretrained("cerspense/zeroscope_v2_576w")
+                    frames = low(prompt, num_frames=24, height=320, width=576, generator=0).frames[0]
+                    del low  # one model in memory at a time
+                    xl = t2v.VideoToVideoSDPipeline.from_pretrained("cerspense/zeroscope_v2_XL")
+                    video = xl(prompt, video=frames, strength=0.6, height=576, width=1024, generator=0)
+
+                One of them alone keeps the other side of the video.
 
         Returns:
             :class:`TextToVideoSDPipelineOutput`: ``.frames`` float32 (batch, frames, height,
@@ -987,7 +1003,13 @@ class VideoToVideoSDPipeline(_ModelScopePipeline):
         # diffusers' check_inputs.
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 <= strength <= 1:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
-        videos = _video_inputs(video)
+        size = None
+        if height is not None or width is not None:
+            for name, side in (("height", height), ("width", width)):
+                if side is not None and (isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side <= 0):
+                    raise ValueError(f"{name} must be a positive whole number of pixels, got {side!r}")
+            size = (height, width)
+        videos = _video_inputs(video, size)
         if len(videos) == 1:
             videos = videos * len(prompts)
         elif len(videos) != len(prompts):
@@ -1059,15 +1081,38 @@ def _frame_array(frame: Any) -> np.ndarray:
     )
 
 
-def _normalized(clip: np.ndarray) -> np.ndarray:
+def _resized(clip: np.ndarray, size: Optional[Tuple[Optional[int], Optional[int]]]) -> np.ndarray:
+    """``clip`` at ``size`` (height, width; None keeps a side) as t2v's library hands frames on
+    between zeroscope's passes: 8-bit, resized with the Lanczos filter (uint8 out); unchanged when
+    the size is already that."""
+    if size is None:
+        return clip
+    height = size[0] if size[0] is not None else clip.shape[1]
+    width = size[1] if size[1] is not None else clip.shape[2]
+    if (height, width) == tuple(clip.shape[1:3]):
+        return clip
+    if clip.dtype == np.uint8:
+        unit = clip.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(clip.dtype, np.floating):
+        unit = clip.astype(np.float32)
+        if unit.size and unit.min() < 0:
+            unit = (unit + np.float32(1.0)) / np.float32(2.0)
+    else:
+        raise ValueError(f"video values must be floats in [0, 1] or uint8, got {clip.dtype}")
+    return _t2v.first_pass_frames(np.ascontiguousarray(unit), int(height), int(width))
+
+
+def _normalized(clip: np.ndarray, size: Optional[Tuple[Optional[int], Optional[int]]] = None) -> np.ndarray:
     """(frames, height, width, 3) in [-1, 1], float32, as diffusers' ``VideoProcessor.preprocess_video``
-    makes it: ``2x - 1`` of values in [0, 1], computed in the array's own float type."""
+    makes it: ``2x - 1`` of values in [0, 1], computed in the array's own float type. With
+    ``size`` the frames are first brought to it (see :func:`_resized`)."""
     if clip.ndim != 4 or clip.shape[-1] != 3:
         raise ValueError(
             f"a video must be (frames, height, width, 3) RGB frames, got the shape {clip.shape}"
         )
     if clip.shape[0] == 0:
         raise ValueError("the video has no frames: give at least one")
+    clip = _resized(clip, size)
     if clip.dtype == np.uint8:
         # As PIL images are read (pil_to_numpy): v / 255 in float32, then 2x - 1.
         # (diffusers leaves uint8 numpy arrays unscaled; t2v reads them as 8-bit pixels.)
@@ -1086,9 +1131,9 @@ def _normalized(clip: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(clip.dtype.type(2.0) * clip - clip.dtype.type(1.0), dtype=np.float32)
 
 
-def _video_inputs(video: Any) -> List[np.ndarray]:
+def _video_inputs(video: Any, size: Optional[Tuple[Optional[int], Optional[int]]] = None) -> List[np.ndarray]:
     """The videos of a call, each (frames, height, width, 3) float32 in [-1, 1]; the forms
-    diffusers' ``VideoProcessor.preprocess_video`` takes."""
+    diffusers' ``VideoProcessor.preprocess_video`` takes; at ``size`` when given."""
     if video is None:
         raise ValueError("give the video to re-render: video=[frames] (PIL images or numpy arrays)")
     if _is_torch(video) or (isinstance(video, (list, tuple)) and video and _is_torch(video[0])):
@@ -1102,22 +1147,22 @@ def _video_inputs(video: Any) -> List[np.ndarray]:
                 raise ValueError(f"a video tensor must be (frames, 3, height, width), got the shape {a.shape}")
             if a.shape[1] == 4:
                 raise NotImplementedError("t2v does not take latents as the video: give the frames")
-        return [_normalized(np.moveaxis(a, 1, -1)) for a in arrays]
+        return [_normalized(np.moveaxis(a, 1, -1), size) for a in arrays]
     if isinstance(video, np.ndarray):
         if video.ndim == 5:
-            return [_normalized(v) for v in video]
+            return [_normalized(v, size) for v in video]
         if video.ndim == 3:
-            return [_normalized(video[None])]
-        return [_normalized(video)]
+            return [_normalized(video[None], size)]
+        return [_normalized(video, size)]
     if _is_pil(video):
-        return [_normalized(_frame_array(video)[None])]
+        return [_normalized(_frame_array(video)[None], size)]
     if isinstance(video, (list, tuple)):
         if len(video) == 0:
             raise ValueError("the video has no frames: give at least one")
         if isinstance(video[0], (list, tuple)):
-            return [_video_inputs(list(v))[0] for v in video]
+            return [_video_inputs(list(v), size)[0] for v in video]
         if isinstance(video[0], np.ndarray) and video[0].ndim == 4:
-            return [_normalized(v) for v in video]
+            return [_normalized(v, size) for v in video]
         frames = [_frame_array(f) for f in video]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
@@ -1126,7 +1171,7 @@ def _video_inputs(video: Any) -> List[np.ndarray]:
             raise ValueError("all frames of a video must have one type (uint8, or floats in [0, 1])")
         if frames[0].ndim != 3:
             raise ValueError(f"a frame must be (height, width, 3) RGB, got the shape {frames[0].shape}")
-        return [_normalized(np.stack(frames))]
+        return [_normalized(np.stack(frames), size)]
     raise ValueError(
         f"video must be a list of PIL images or numpy frames, or a numpy array, not {type(video).__name__}"
     )
