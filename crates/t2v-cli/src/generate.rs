@@ -1,5 +1,8 @@
 //! `t2v generate`: settings are the library's defaults, then those of `--from`, then the flags;
 //! every output is decided and checked before the model loads; the model loads once.
+//!
+//! One file: the flags, their merge with `--from` and the run that follows are one command; the work
+//! itself is the library's (`t2v::pipeline`, `pipeline::upscale`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,6 +1,9 @@
 //! The command line as a user runs it: `t2v generate` reproduces the reference runs through
 //! `.npy` files, bad input fails before any model work with a message that says what to do,
 //! and `t2v tokenize` prints the reference ids.
+//!
+//! One file: each file under tests/ is a binary of its own to link; the command line's fixture runs
+//! share one.
 
 #[path = "../../t2v/tests/common/mod.rs"]
 mod common;

@@ -1,5 +1,6 @@
 // The t2v page: a form that queues jobs, the queue with live progress, previews and ETAs, and the
 // gallery, read a page at a time. Plain JavaScript, no build step; talks only to this server's API.
+// One file: the page has no build step, and one script keeps it one request.
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);

@@ -2,6 +2,9 @@
 //!
 //! Load a checkpoint once with [`TextToVideo::load`], then call [`TextToVideo::generate`] as often
 //! as needed; a per-step callback reports progress and can cancel.
+//!
+//! One file (with `video_to_video.rs` and `upscale.rs` beside it): loading, the checks and the
+//! denoising loop share `TextToVideo`'s private parts.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,6 +4,9 @@
 //! snapshots/<commit>/ with relative symlinks to the blobs), from the fixture model `tiny-t2v`.
 //! Downloads are tested against a small HTTP server on 127.0.0.1 that answers like the Hub
 //! (`/api/models/...` and `/.../resolve/...`), so nothing leaves the machine.
+//!
+//! One file: each file under tests/ is a binary of its own to link; every hub case shares the cache
+//! builder.
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! Scheduler tests against the diffusers reference fixtures (`sched.{ddim,dpm}.{n}.*`) and
 //! against schedules derived by hand from the diffusers/numpy formulas.
+//!
+//! One file: each file under tests/ is a binary of its own to link; one for every scheduler keeps CI's
+//! build short.
 
 #![allow(clippy::result_large_err)] // the closures return the crate's `Result`
 

@@ -1,6 +1,9 @@
 //! Video-to-video against the reference `VideoToVideoSDPipeline` (`fixtures/*/v2v/`): the VAE
 //! encoder, the strength → timesteps rule, the starting latents and the frames of each run; and
 //! the reading of input videos (MP4/H.264, GIF, PNG/JPEG folders, .npy), including bad ones.
+//!
+//! One file: each file under tests/ is a binary of its own to link; video-to-video's model and input
+//! tests share one.
 
 mod common;
 

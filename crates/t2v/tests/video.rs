@@ -1,5 +1,7 @@
 //! Output-format tests. Checks that need ffprobe/ffmpeg/chromium say SKIPPED without them (and fail
 //! in CI, which installs Debian's `ffmpeg chromium`: t2v-testkit's rule).
+//!
+//! One file: each file under tests/ is a binary of its own to link; every output format shares one.
 
 mod common;
 

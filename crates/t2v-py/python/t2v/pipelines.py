@@ -1,5 +1,8 @@
 """``TextToVideoSDPipeline`` and ``VideoToVideoSDPipeline`` with diffusers' API over the t2v library
-(no torch)."""
+(no torch).
+
+One file, as diffusers' own pipeline module: both pipelines share their base class and the input
+handling below it."""
 
 from __future__ import annotations
 

@@ -18,6 +18,9 @@
 //!
 //! Downloads go through the blocking client of the `hf-hub` crate: one progress bar per file on
 //! stderr, and a partial download (`blobs/<etag>.part`) is resumed with an HTTP Range request.
+//!
+//! One file: resolving, the cache's layout and downloading into it are one protocol (the Hugging Face
+//! cache format), and each part needs the others' paths.
 
 use std::path::{Path, PathBuf};
 

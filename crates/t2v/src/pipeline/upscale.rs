@@ -135,7 +135,9 @@ pub fn generate_upscaled(
         let pipe = TextToVideo::load(first.folder, &first.options)?;
         let mut on_step = |p: &StepProgress| on_event(UpscaleEvent::Step(Pass::First, p));
         match input {
-            Some((video, strength)) => pipe.video_to_video_with_scheduler(params, &first_config, video, strength, &mut on_step)?,
+            Some((video, strength)) => {
+                pipe.video_to_video_with_scheduler(params, &first_config, video, strength, &mut on_step)?
+            }
             None => pipe.generate_with_scheduler(params, &first_config, &mut on_step)?,
         }
         // The first model is dropped here, before the second loads.

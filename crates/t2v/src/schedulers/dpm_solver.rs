@@ -1,5 +1,8 @@
 //! Multistep DPM-Solver / DPM-Solver++ (Lu et al. 2022), as diffusers'
 //! `DPMSolverMultistepScheduler`.
+//!
+//! One file: diffusers' `DPMSolverMultistepScheduler` is one class; its orders, variants and timestep
+//! rules stay together to be read against it.
 
 use std::path::{Path, PathBuf};
 

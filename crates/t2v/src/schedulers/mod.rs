@@ -11,6 +11,9 @@
 //! Scalar coefficients are computed in `f32`, in the order the reference computes them (its
 //! schedules are float32 torch tensors); the tensor arithmetic uses candle ops only, so a step
 //! runs on any device.
+//!
+//! One file: what every scheduler shares (reading configs with diffusers' defaulted-key rule, timestep
+//! spacing, the trait, `from_config`); each scheduler has a file of its own.
 
 use std::path::{Path, PathBuf};
 

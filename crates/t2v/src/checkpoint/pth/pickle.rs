@@ -7,6 +7,9 @@
 //! machine would misread or that could make it misbehave: opcodes it does not implement (or
 //! implements wrongly, like `DICT`), truncated or malformed opcodes, memo references to nothing,
 //! pickles that nest too deep (recursive drops) or expand through the memo into gigabytes.
+//!
+//! One file: one walker over one opcode table; a split would part the opcodes from the stack they act
+//! on.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -4,6 +4,9 @@
 //! (U = G g Gᵀ), the 36 planes multiplied by the packed matrix product's 6×16 micro-kernel with
 //! channel sums in blocks of [`KC`], and the products transformed back (Aᵀ M A) into the output.
 //! Interpolation points {0, 1, −1, ½, −2, ∞}.
+//!
+//! One file: the input, weight and output transforms and the multiply share one tile layout, which a
+//! split would scatter.
 
 #![allow(clippy::needless_range_loop)]
 

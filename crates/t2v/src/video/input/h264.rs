@@ -1,6 +1,8 @@
 //! MP4 (or MOV) files with H.264 video: demuxed with `re_mp4`, the SPS read with `h264-reader`
 //! (colour matrix, range, bit depth, interlacing), decoded with OpenH264 (bundled, built from
 //! source), turned to RGB here and rotated by the track's display matrix.
+//!
+//! One file: demuxing, the SPS, decoding and colour conversion of one format share the track's state.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};

@@ -191,7 +191,8 @@ pub fn frames_to_input(
     fit: Fit,
     filter: ResizeFilter,
 ) -> Result<InputVideo> {
-    let options = ReadOptions { size: Some(size), fit, filter, num_frames: Some(frames.frames), ..ReadOptions::default() };
+    let options =
+        ReadOptions { size: Some(size), fit, filter, num_frames: Some(frames.frames), ..ReadOptions::default() };
     check_options(&options)?;
     let path = Path::new("(frames in memory)");
     let mut collector = Collector::new(path, &options);
