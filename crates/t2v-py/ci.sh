@@ -15,6 +15,8 @@ start=$SECONDS
 # `cargo test` compiled is reused.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check ./crates/t2v-py
 echo "t2v-py: built and installed in $((SECONDS - start)) s"
+# .ci/run builds the package first and tests it last (T2V_PY_BUILD_ONLY=1 stops here).
+[ "${T2V_PY_BUILD_ONLY:-}" = 1 ] && exit 0
 
 cargo build -q -p t2v-cli
 # Where cargo put it: CARGO_TARGET_DIR when set (CI's shared cache folder), else target/.
