@@ -45,6 +45,21 @@ pub fn read_npy(path: &Path) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
+/// The payload of an MP4's top-level `mdat` box: its coded frames (the same frames give the same
+/// bytes: t2v's encoder is deterministic).
+pub fn mp4_mdat(bytes: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if &bytes[at + 4..at + 8] == b"mdat" {
+            return &bytes[at + 8..at + size];
+        }
+        assert!(size >= 8, "a malformed MP4");
+        at += size;
+    }
+    panic!("no mdat box")
+}
+
 /// Polls `f` every 50 ms until it gives a value; panics after `limit`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
