@@ -329,6 +329,77 @@ fn mp4_declaring_four_billion_frames() -> Vec<u8> {
     mp4
 }
 
+/// An H.264 sequence parameter set (baseline profile, 4:2:0, frames only) declaring `width_mbs` ×
+/// `height_mbs` macroblocks (16 pixels each), with its emulation-prevention bytes.
+fn sps_declaring(width_mbs: u32, height_mbs: u32) -> Vec<u8> {
+    let mut bits: Vec<bool> = Vec::new();
+    let mut put = |value: u32, n: u32, bits: &mut Vec<bool>| (0..n).rev().for_each(|i| bits.push(value >> i & 1 == 1));
+    let ue = |v: u32, bits: &mut Vec<bool>, put: &mut dyn FnMut(u32, u32, &mut Vec<bool>)| {
+        let n = 32 - (v + 1).leading_zeros();
+        put(0, n - 1, bits);
+        put(v + 1, n, bits);
+    };
+    put(66, 8, &mut bits); // profile_idc: baseline
+    put(0, 8, &mut bits); // constraint flags
+    put(62, 8, &mut bits); // level_idc 6.2: the largest frames a level allows (139,264 macroblocks)
+    ue(0, &mut bits, &mut put); // seq_parameter_set_id
+    ue(0, &mut bits, &mut put); // log2_max_frame_num_minus4
+    ue(2, &mut bits, &mut put); // pic_order_cnt_type
+    ue(1, &mut bits, &mut put); // max_num_ref_frames
+    put(0, 1, &mut bits); // gaps_in_frame_num_value_allowed_flag
+    ue(width_mbs - 1, &mut bits, &mut put);
+    ue(height_mbs - 1, &mut bits, &mut put);
+    put(0b110, 3, &mut bits); // frame_mbs_only, direct_8x8_inference, no cropping
+    put(0, 1, &mut bits); // no VUI
+    put(1, 1, &mut bits); // rbsp_stop_one_bit
+    while !bits.len().is_multiple_of(8) {
+        bits.push(false);
+    }
+    let rbsp: Vec<u8> = bits.chunks(8).map(|b| b.iter().fold(0u8, |a, &x| a << 1 | x as u8)).collect();
+    let mut nal = vec![0x67];
+    for byte in rbsp {
+        if nal.len() >= 2 && nal[nal.len() - 2..] == [0, 0] && byte <= 3 {
+            nal.push(3);
+        }
+        nal.push(byte);
+    }
+    nal
+}
+
+/// The fixture MP4 with the SPS in its `avcC` replaced by [`sps_declaring`]'s: the boxes around
+/// it resized and the chunk offsets moved, so that everything but the declared frame size is
+/// the fixture's.
+fn mp4_with_sps_declaring(width_mbs: u32, height_mbs: u32) -> Vec<u8> {
+    let mut mp4 = std::fs::read(common::model_dir("tiny-t2v").join("v2v/input.0.mp4")).unwrap();
+    let avcc = mp4.windows(4).position(|w| w == b"avcC").expect("an avcC box") - 4;
+    // avcC: size, type, version, profile, compatibility, level, length size, SPS count, SPS length.
+    assert_eq!(mp4[avcc + 13] & 0x1f, 1, "one SPS");
+    let old_len = u16::from_be_bytes([mp4[avcc + 14], mp4[avcc + 15]]) as usize;
+    let sps = sps_declaring(width_mbs, height_mbs);
+    let delta = sps.len() as i64 - old_len as i64;
+    mp4.splice(avcc + 16..avcc + 16 + old_len, sps.iter().copied());
+    mp4[avcc + 14..avcc + 16].copy_from_slice(&(sps.len() as u16).to_be_bytes());
+    let grow = |mp4: &mut Vec<u8>, at: usize| {
+        let size = u32::from_be_bytes(mp4[at..at + 4].try_into().unwrap()) as i64 + delta;
+        mp4[at..at + 4].copy_from_slice(&(size as u32).to_be_bytes());
+    };
+    grow(&mut mp4, avcc);
+    for parent in [b"avc1", b"stsd", b"stbl", b"minf", b"mdia", b"trak", b"moov"] {
+        // The nearest box of that type before avcC is the one that holds it.
+        let at = mp4[..avcc].windows(4).rposition(|w| w == parent).expect("the boxes around avcC") - 4;
+        grow(&mut mp4, at);
+    }
+    // moov comes before mdat here: every chunk offset moves by the change.
+    let stco = mp4.windows(4).position(|w| w == b"stco").expect("an stco box") + 4;
+    let count = u32::from_be_bytes(mp4[stco + 4..stco + 8].try_into().unwrap()) as usize;
+    for i in 0..count {
+        let at = stco + 8 + 4 * i;
+        let offset = u32::from_be_bytes(mp4[at..at + 4].try_into().unwrap()) as i64 + delta;
+        mp4[at..at + 4].copy_from_slice(&(offset as u32).to_be_bytes());
+    }
+    mp4
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -368,6 +439,11 @@ fn uploads_are_decoded_within_a_budget() {
         ("a 65535x65535 GIF frame on a 1x1 screen", gif_declaring(1, 1, 1, (65535, 65535)), "declares a rectangle"),
         ("a .npy of 8192x8192 frames", npy_declaring(2, 8192, 8192), "8192x8192 pixels, more than the"),
         ("an MP4 declaring 4 billion frames", mp4_declaring_four_billion_frames(), "declares 4294967295 frames"),
+        (
+            "an MP4 whose SPS declares 8192x4352 frames",
+            mp4_with_sps_declaring(512, 272),
+            "its H.264 frame size is 8192x4352 pixels, more than the",
+        ),
     ];
     for (what, file, expected) in &cases {
         let name = if file.starts_with(b"GIF") {
