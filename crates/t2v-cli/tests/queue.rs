@@ -10,9 +10,9 @@ mod common;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,25 +43,9 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_t2v"))
-            .args(args)
-            .env_remove("T2V_API_KEY")
-            .env_remove("T2V_QUEUE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("t2v starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
-        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
-        for stream in [out, err] {
-            let sink = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push_str(&(line + "\n"));
-                }
-            });
-        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_t2v"));
+        command.args(args).env_remove("T2V_API_KEY").env_remove("T2V_QUEUE");
+        let (child, log) = support::spawn_logged(command);
         Proc { child, log }
     }
 
@@ -111,10 +95,7 @@ impl Api {
         args.extend(["--device", "cpu", "--data", data.to_str().unwrap()]);
         args.extend(extra);
         let proc = Proc::spawn(&args);
-        let base = proc.wait_line("the API's URL", Duration::from_secs(60), |l| {
-            let rest = l.strip_prefix("t2v serve: listening on ")?;
-            Some(rest.split_whitespace().next()?.trim_end_matches('/').to_string())
-        });
+        let base = wait_for("the API's URL", Duration::from_secs(60), || support::listening_url(&proc.log()));
         let api = Api { proc, base };
         wait_for("/health to answer 200", Duration::from_secs(60), || {
             agent().get(&format!("{}/health", api.base)).call().ok().filter(|r| r.status() == 200)

@@ -91,45 +91,49 @@ impl LaunchedServer {
     }
 }
 
-/// Starts `command` (a `t2v serve … --host 127.0.0.1 --port 0`, its arguments and process settings
-/// given by the caller) and waits, at most 60 s, for the line that says where it listens. The one
-/// launcher of the service's test suites (serve.rs, serve_hostile.rs).
-pub fn launch_serve(mut command: Command) -> LaunchedServer {
-    use std::io::{BufRead, BufReader};
+/// Starts `command` with its output (stdout and stderr, line by line) collected in the returned
+/// log. The one process launcher of the test suites (`launch_serve`, queue.rs's workers).
+pub fn spawn_logged(mut command: Command) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
-    use std::sync::{mpsc, Arc, Mutex};
+    use std::sync::{Arc, Mutex};
 
-    let mut child = command
-        .env_remove("T2V_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("t2v serve starts");
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("t2v starts");
     let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&format!("{line}\n"));
-            let _ = tx.send(line);
-        }
-    });
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
+    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+    for stream in [out, err] {
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+    }
+    (child, log)
+}
+
+/// The URL a `t2v serve` log says it listens on, once it has said so.
+pub fn listening_url(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        let rest = l.strip_prefix("t2v serve: listening on ")?;
+        Some(rest.split_whitespace().next()?.trim_end_matches('/').to_string())
+    })
+}
+
+/// Starts `command` (a `t2v serve … --host 127.0.0.1 --port 0`, its arguments and process settings
+/// given by the caller) and waits, at most 60 s, for the line that says where it listens. The
+/// launcher of the service's test suites (serve.rs, serve_hostile.rs, page.rs, doors.rs).
+pub fn launch_serve(mut command: Command) -> LaunchedServer {
+    command.env_remove("T2V_API_KEY");
+    let (child, log) = spawn_logged(command);
     let deadline = Instant::now() + Duration::from_secs(60);
     let base = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no URL printed within 60 s; output:\n{}", log.lock().unwrap()));
-        if let Some(rest) = line.strip_prefix("t2v serve: listening on ") {
-            break rest.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
+        if let Some(url) = listening_url(&log.lock().unwrap()) {
+            break url;
         }
+        assert!(Instant::now() < deadline, "no URL printed within 60 s; output:\n{}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
     LaunchedServer { child, log, base }
