@@ -546,6 +546,62 @@ mod conformance {
         Ok(())
     }
 
+    /// Prediction ids and idempotency keys name one job each; webhook calls wait their turn.
+    async fn predictions_keys_and_deliveries(store: &dyn JobStore) -> Result<()> {
+        let s = settings("p");
+        let meta = JobMeta { api: Some("prediction".into()), webhook: Some("http://h/x".into()), ..JobMeta::default() };
+        let new = |id: &'static str, pid: Option<&'static str>, key: Option<(&'static str, &'static str)>| NewJob {
+            id,
+            settings: &s,
+            meta: &meta,
+            prediction_id: pid,
+            idempotency: key,
+        };
+        let Inserted::New(first) = store.insert_new(new("video_p1", Some("pred-1"), None)).await? else { panic!("new") };
+        assert_eq!((first.prediction_id.as_deref(), first.meta.webhook.as_deref()), (Some("pred-1"), Some("http://h/x")));
+        let Inserted::Existing(again) = store.insert_new(new("video_p2", Some("pred-1"), None)).await? else {
+            panic!("the same prediction id gives its job")
+        };
+        assert_eq!(again.id, "video_p1");
+        assert!(store.get("video_p2").await?.is_none(), "and makes none");
+        assert_eq!(store.get_prediction("pred-1").await?.map(|j| j.id), Some("video_p1".into()));
+        assert!(store.get_prediction("pred-2").await?.is_none());
+
+        assert!(matches!(store.insert_new(new("video_k1", None, Some(("key", "h1")))).await?, Inserted::New(_)));
+        let Inserted::Existing(same) = store.insert_new(new("video_k2", None, Some(("key", "h1")))).await? else {
+            panic!("same key, same request")
+        };
+        assert_eq!(same.id, "video_k1");
+        assert!(matches!(store.insert_new(new("video_k3", None, Some(("key", "h2")))).await?, Inserted::KeyReused));
+        // A key whose job is gone is free again.
+        store.delete("video_k1").await?;
+        assert!(matches!(store.insert_new(new("video_k4", None, Some(("key", "h2")))).await?, Inserted::New(_)));
+
+        store.enqueue_delivery("msg_1", "video_p1", "start", "http://h/x", "{}").await?;
+        store.enqueue_delivery("msg_1", "video_p1", "start", "http://h/x", "{}").await?;
+        store.enqueue_delivery("msg_2", "video_p1", "completed", "http://h/x", "{\"a\":1}").await?;
+        let hold = Duration::from_secs(60);
+        let due = store.claim_deliveries(10, hold).await?;
+        assert_eq!(due.iter().map(|d| (d.msg_id.as_str(), d.attempts)).collect::<Vec<_>>(), [("msg_1", 0), ("msg_2", 0)]);
+        assert!(store.claim_deliveries(10, hold).await?.is_empty(), "held calls are not claimed twice");
+        store.finish_delivery(due[0].seq, &DeliveryOutcome::Delivered).await?;
+        let later = now_ms() + 60_000;
+        store.finish_delivery(due[1].seq, &DeliveryOutcome::Retry { at_ms: later, error: "503".into() }).await?;
+        assert!(store.claim_deliveries(10, hold).await?.is_empty(), "a retry waits its time");
+        assert_eq!(store.next_delivery_ms().await?, Some(later));
+        assert_eq!(store.delivery_counts().await?, DeliveryCounts { pending: 1, delivered: 1, failed: 0 });
+        store.finish_delivery(due[1].seq, &DeliveryOutcome::Retry { at_ms: 0, error: "503".into() }).await?;
+        let again = store.claim_deliveries(10, hold).await?;
+        assert_eq!((again.len(), again[0].attempts, again[0].body.as_str()), (1, 2, "{\"a\":1}"));
+        store.finish_delivery(again[0].seq, &DeliveryOutcome::GaveUp { error: "gone".into() }).await?;
+        assert_eq!(store.delivery_counts().await?, DeliveryCounts { pending: 0, delivered: 1, failed: 1 });
+        assert_eq!(store.prune_deliveries(now_ms() + 1).await?, 2);
+        for id in ["video_p1", "video_k4"] {
+            store.delete(id).await?;
+        }
+        Ok(())
+    }
+
     async fn events_in_order(store: &dyn JobStore) -> Result<()> {
         assert_eq!(store.last_event().await?, 0);
         for (i, origin) in ["a", "b", "a"].into_iter().enumerate() {
@@ -599,6 +655,7 @@ mod conformance {
         let store = SqliteStore::open(&dir.path().join("jobs.sqlite"))?;
         queue_leases_and_recovery(&store).await?;
         events_in_order(&store).await?;
+        predictions_keys_and_deliveries(&SqliteStore::open(&dir.path().join("keys.sqlite"))?).await?;
         racing_claims(Arc::new(SqliteStore::open(&dir.path().join("race.sqlite"))?)).await?;
         // The file keeps everything across a reopen; recovery without a name settles every job
         // left in progress (no other process uses the file).
@@ -619,6 +676,7 @@ mod conformance {
         let again = PostgresStore::connect(&cluster.url).await?;
         queue_leases_and_recovery(&store).await?;
         events_in_order(&again).await?;
+        predictions_keys_and_deliveries(&again).await?;
         racing_claims(Arc::new(again)).await?;
 
         // KEDA's scaler (deploy/kubernetes/keda.yaml) counts the jobs waiting or running.
