@@ -46,6 +46,8 @@ fn tiny_model() -> PathBuf {
 struct Call {
     headers: HashMap<String, String>,
     body: Value,
+    /// The body as sent (what signatures cover).
+    raw: String,
     verified: bool,
     /// What the receiver answered.
     status: u16,
@@ -165,6 +167,7 @@ fn serve_one(
     calls.lock().unwrap().push(Call {
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: String::from_utf8_lossy(&body).into_owned(),
         verified,
         status,
     });
@@ -340,6 +343,7 @@ fn cog_client_with_a_webhook_receiver() {
     );
     let signed_again = all.iter().filter(|c| c.id() == failed[0].id()).count();
     assert_eq!(signed_again, 2);
+    verify_with_standardwebhooks(&all);
 
     // 2. respond-async with only the `completed` event.
     let body = json!({"input": small_input("a blue cube"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
@@ -398,6 +402,39 @@ fn cog_client_with_a_webhook_receiver() {
     let (_, info) = server.json("GET", "/v1/t2v/info", &[], None);
     assert_eq!(info["webhooks"]["pending"], 0, "{info}\n{}", server.log());
     eprintln!("webhook calls: {} ({} failed once, retried)", receiver.calls().len(), failed.len());
+}
+
+/// The calls checked again by the specification's own Python library (`standardwebhooks`), when
+/// the test Python has it (CI's tool venv does): each verifies, and none with its body changed.
+fn verify_with_standardwebhooks(calls: &[Call]) {
+    let Some(python) = t2v_testkit::python_with("standardwebhooks", "pip install standardwebhooks") else { return };
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+calls = json.load(sys.stdin)
+wh = Webhook(sys.argv[1])
+for c in calls:
+    wh.verify(c["body"], c["headers"])
+    try:
+        wh.verify(c["body"] + " ", c["headers"])
+        sys.exit("a changed body verified")
+    except WebhookVerificationError:
+        pass
+print(len(calls))
+"#;
+    let list: Vec<Value> = calls.iter().map(|c| json!({"headers": c.headers, "body": c.raw})).collect();
+    let mut child = Command::new(python)
+        .args(["-c", script, SECRET])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(Value::Array(list).to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "standardwebhooks refused a call: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), calls.len().to_string());
+    eprintln!("standardwebhooks verified {} calls", calls.len());
 }
 
 /// A webhook call the receiver could not take before the server was killed is made after the
