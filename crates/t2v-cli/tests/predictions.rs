@@ -126,7 +126,11 @@ impl Receiver {
             if done(&calls) {
                 return calls;
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "no such webhook calls for {id}; received: {:#?}", self.calls());
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no such webhook calls for {id}; received: {:#?}",
+                self.calls()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -209,7 +213,13 @@ impl Server {
     }
 
     /// (status, headers, body).
-    fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&Value>) -> (u16, HashMap<String, String>, Vec<u8>) {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> (u16, HashMap<String, String>, Vec<u8>) {
         let mut req = agent().request(method, &self.url(path));
         for (k, v) in headers {
             req = req.set(k, v);
@@ -337,16 +347,14 @@ fn cog_client_with_a_webhook_receiver() {
     // The failed first call came again, under the same webhook-id.
     let failed: Vec<&Call> = all.iter().filter(|c| c.status == 500).collect();
     assert_eq!(failed.len(), 1);
-    assert!(
-        all.iter().any(|c| c.status == 200 && c.id() == failed[0].id()),
-        "the failed call was retried with its id"
-    );
+    assert!(all.iter().any(|c| c.status == 200 && c.id() == failed[0].id()), "the failed call was retried with its id");
     let signed_again = all.iter().filter(|c| c.id() == failed[0].id()).count();
     assert_eq!(signed_again, 2);
     verify_with_standardwebhooks(&all);
 
     // 2. respond-async with only the `completed` event.
-    let body = json!({"input": small_input("a blue cube"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
+    let body =
+        json!({"input": small_input("a blue cube"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
     let (status, p) = server.json("POST", "/predictions", &[("Prefer", "respond-async")], Some(&body));
     assert_eq!((status, p["status"].as_str()), (202, Some("starting")), "{p}");
     let pid2 = p["id"].as_str().unwrap().to_string();
@@ -374,7 +382,12 @@ fn cog_client_with_a_webhook_receiver() {
         "webhook": receiver.url, "webhook_events_filter": ["completed"]});
     let (status, _) = server.json("PUT", "/predictions/runs-long", &[("Prefer", "respond-async")], Some(&long));
     assert_eq!(status, 202);
-    let (_, _) = server.json("PUT", "/predictions/waits", &[("Prefer", "respond-async")], Some(&json!({"input": small_input("queued")})));
+    let (_, _) = server.json(
+        "PUT",
+        "/predictions/waits",
+        &[("Prefer", "respond-async")],
+        Some(&json!({"input": small_input("queued")})),
+    );
     server.wait_prediction("runs-long", "processing");
     let (status, c) = server.json("POST", "/predictions/waits/cancel", &[], None);
     assert_eq!((status, c["status"].as_str()), (200, Some("canceled")), "{c}");
@@ -391,12 +404,19 @@ fn cog_client_with_a_webhook_receiver() {
 
     // 5. Targets a server must not call: refused when the request arrives.
     for bad in ["http://0.0.0.0:9/x", "http://[::]:9/x", "http://224.0.0.1/x", "ftp://127.0.0.1/x", "not a url"] {
-        let (status, e) = server.json("POST", "/predictions", &[], Some(&json!({"input": small_input("x"), "webhook": bad})));
+        let (status, e) =
+            server.json("POST", "/predictions", &[], Some(&json!({"input": small_input("x"), "webhook": bad})));
         assert_eq!((status, e["error"]["param"].as_str()), (400, Some("webhook")), "{bad}: {e}");
     }
-    let (status, e) = server.json("POST", "/predictions", &[], Some(&json!({"input": small_input("x"), "webhook_events_filter": ["done"]})));
+    let (status, e) = server.json(
+        "POST",
+        "/predictions",
+        &[],
+        Some(&json!({"input": small_input("x"), "webhook_events_filter": ["done"]})),
+    );
     assert_eq!((status, e["error"]["param"].as_str()), (400, Some("webhook_events_filter")), "{e}");
-    let (status, e) = server.json("POST", "/predictions", &[], Some(&json!({"input": {"prompt": "x", "num_frames": 0}})));
+    let (status, e) =
+        server.json("POST", "/predictions", &[], Some(&json!({"input": {"prompt": "x", "num_frames": 0}})));
     assert_eq!((status, e["error"]["param"].as_str()), (400, Some("num_frames")), "{e}");
 
     let (_, info) = server.json("GET", "/v1/t2v/info", &[], None);
@@ -446,7 +466,8 @@ fn webhook_calls_survive_a_restart() {
     let receiver = Receiver::start(0);
     receiver.down.store(true, Ordering::SeqCst);
     let server = Server::start(data.path(), &["--webhook-max-attempts", "30"]);
-    let body = json!({"input": small_input("survives"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
+    let body =
+        json!({"input": small_input("survives"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
     let (status, p) = server.json("PUT", "/predictions/survivor", &[("Prefer", "respond-async")], Some(&body));
     assert_eq!(status, 202, "{p}");
     server.wait_prediction("survivor", "succeeded");
@@ -472,7 +493,8 @@ fn webhook_calls_survive_a_restart_on_postgres() {
     receiver.down.store(true, Ordering::SeqCst);
     let queue = ["--queue", cluster.url.as_str()];
     let server = Server::start(data.path(), &[&queue[..], &["--webhook-max-attempts", "30"]].concat());
-    let body = json!({"input": small_input("on postgres"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
+    let body =
+        json!({"input": small_input("on postgres"), "webhook": receiver.url, "webhook_events_filter": ["completed"]});
     let (status, p) = server.json("PUT", "/predictions/pg-survivor", &[("Prefer", "respond-async")], Some(&body));
     assert_eq!(status, 202, "{p}");
     // PUT again through the shared store: the same prediction.
@@ -542,7 +564,8 @@ fn curl_sync_idempotency_and_video_webhooks() {
     let body = json!({"prompt": "x", "seconds": 1, "fps": 2, "num_inference_steps": 2, "size": "32x32"});
     let (status, _, mp4) = run_curl(&curl, &["-H", auth, "-H", json_type, "-d", &body.to_string(), &url]);
     assert!(status == 200 && is_mp4(&mp4));
-    let (status, _, e) = run_curl(&curl, &["-H", auth, "-H", json_type, "-d", r#"{"prompt": "x", "model": "wan2.2"}"#, &url]);
+    let (status, _, e) =
+        run_curl(&curl, &["-H", auth, "-H", json_type, "-d", r#"{"prompt": "x", "model": "wan2.2"}"#, &url]);
     let e: Value = serde_json::from_slice(&e).unwrap();
     assert_eq!((status, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
     let (status, _, _) = run_curl(&curl, &["-H", json_type, "-d", r#"{"prompt": "x"}"#, &url]);
@@ -550,7 +573,15 @@ fn curl_sync_idempotency_and_video_webhooks() {
     // What the worker would refuse is refused at once.
     let (status, _, e) = run_curl(
         &curl,
-        &["-H", auth, "-H", json_type, "-d", r#"{"prompt": "x", "num_inference_steps": 1000, "num_frames": 1}"#, &server.url("/v1/videos")],
+        &[
+            "-H",
+            auth,
+            "-H",
+            json_type,
+            "-d",
+            r#"{"prompt": "x", "num_inference_steps": 1000, "num_frames": 1}"#,
+            &server.url("/v1/videos"),
+        ],
     );
     let e: Value = serde_json::from_slice(&e).unwrap();
     assert_eq!((status, e["error"]["param"].as_str()), (400, Some("num_inference_steps")), "{e}");
@@ -558,7 +589,8 @@ fn curl_sync_idempotency_and_video_webhooks() {
 
     // Idempotency-Key: the same request twice is one video; another request with the key a 422.
     let videos = server.url("/v1/videos");
-    let body = json!({"prompt": "once", "num_inference_steps": 2, "num_frames": 4, "size": "32x32", "webhook": receiver.url});
+    let body =
+        json!({"prompt": "once", "num_inference_steps": 2, "num_frames": 4, "size": "32x32", "webhook": receiver.url});
     let key = "Idempotency-Key: 7f1c2a";
     let (s1, h1, b1) = run_curl(&curl, &["-H", auth, "-H", json_type, "-H", key, "-d", &body.to_string(), &videos]);
     let (s2, h2, b2) = run_curl(&curl, &["-H", auth, "-H", json_type, "-H", key, "-d", &body.to_string(), &videos]);

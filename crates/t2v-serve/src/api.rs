@@ -297,7 +297,9 @@ async fn create_job(s: &Arc<Shared>, req: Request) -> Result<(Job, bool, Vec<Str
         None | Some(Value::Null) => None,
         Some(Value::String(url)) if url.is_empty() => None,
         Some(Value::String(url)) => Some(
-            crate::webhook::check_url(&url, s.webhooks.allow_private).map_err(|m| ApiError::bad("webhook", m))?.to_string(),
+            crate::webhook::check_url(&url, s.webhooks.allow_private)
+                .map_err(|m| ApiError::bad("webhook", m))?
+                .to_string(),
         ),
         Some(_) => return Err(ApiError::bad("webhook", "`webhook` must be a URL string")),
     };
@@ -341,7 +343,10 @@ async fn create_job(s: &Arc<Shared>, req: Request) -> Result<(Job, bool, Vec<Str
     }
     let meta = JobMeta { api: None, input: None, webhook, webhook_events: None, base_url: base };
     let idempotency = idempotency_key.as_deref().zip(request_hash.as_deref());
-    let inserted = s.store.insert_new(NewJob { id: &id, settings: &settings, meta: &meta, prediction_id: None, idempotency }).await;
+    let inserted = s
+        .store
+        .insert_new(NewJob { id: &id, settings: &settings, meta: &meta, prediction_id: None, idempotency })
+        .await;
     let job = match inserted {
         Ok(Inserted::New(job)) => job,
         Ok(Inserted::Existing(job)) => {
@@ -366,6 +371,7 @@ async fn create_job(s: &Arc<Shared>, req: Request) -> Result<(Job, bool, Vec<Str
         }
     };
     s.wake.notify_one();
+    s.webhooks.remember(&job);
     let video = video_object(&job, &s.model);
     s.publish(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})))
         .await;
@@ -398,7 +404,8 @@ async fn create_video_sync(State(s): AppState, req: Request) -> Result<Response,
     if job.status != JobStatus::Completed {
         let e = job.error.clone().unwrap_or(crate::store::JobError { code: "failed".into(), message: "failed".into() });
         let status = if e.code == "cancelled" { StatusCode::CONFLICT } else { StatusCode::INTERNAL_SERVER_ERROR };
-        let mut response = ApiError { code: Some("generation_failed"), ..ApiError::new(status, e.message) }.into_response();
+        let mut response =
+            ApiError { code: Some("generation_failed"), ..ApiError::new(status, e.message) }.into_response();
         response.headers_mut().insert("t2v-video-id", HeaderValue::from_str(&job.id).map_err(ApiError::internal)?);
         return Ok(response);
     }
@@ -470,7 +477,10 @@ pub(crate) async fn read_json_object(s: &Shared, req: Request) -> Result<serde_j
     let bytes = read_body(req.into_body(), s.limits.max_json_bytes).await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad_request(None, "the body must be a JSON object, as {\"input\": {\"prompt\": \"a corgi\"}}")),
+        Ok(_) => Err(ApiError::bad_request(
+            None,
+            "the body must be a JSON object, as {\"input\": {\"prompt\": \"a corgi\"}}",
+        )),
         Err(e) => Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
     }
 }

@@ -732,7 +732,10 @@ fn find_loras(dir: &std::path::Path, model: &std::path::Path) -> Result<std::col
         } else {
             continue;
         };
-        if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        if name.is_empty()
+            || name.len() > 128
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
             eprintln!("t2v serve: --lora-dir: `{name}` is left out: name LoRAs with letters, digits, `-`, `_` and `.`");
             continue;
         }
@@ -744,7 +747,12 @@ fn find_loras(dir: &std::path::Path, model: &std::path::Path) -> Result<std::col
             Err(e) => eprintln!("t2v serve: --lora-dir: `{name}` is left out: {e}"),
         }
     }
-    println!("t2v serve: {} LoRA(s) in {}: {}", found.len(), dir.display(), found.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!(
+        "t2v serve: {} LoRA(s) in {}: {}",
+        found.len(),
+        dir.display(),
+        found.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
     Ok(found)
 }
 

@@ -137,7 +137,10 @@ pub fn spec() -> Value {
         props.insert("webhook".into(), json!({"type": "string", "format": "uri", "description": "Posted OpenAI's video.completed or video.failed event, signed as Standard Webhooks says (webhook-id, webhook-timestamp, webhook-signature)"}));
         props.insert("lora".into(), input["properties"]["lora"].clone());
         props.insert("extra_params".into(), json!({"type": "object", "description": "More of these fields (vLLM-Omni's spelling); a field at the top level wins"}));
-        props.insert("video_params".into(), json!({"type": "object", "description": "width, height, fps, num_frames (vLLM-Omni's block)"}));
+        props.insert(
+            "video_params".into(),
+            json!({"type": "object", "description": "width, height, fps, num_frames (vLLM-Omni's block)"}),
+        );
     }
     let mut spec = json!({
         "openapi": "3.1.0",

@@ -62,12 +62,7 @@ pub fn rfc3339(ms: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 /// The job's progress as lines of text: queued, started, the step it is at (from `progress`, a
@@ -84,7 +79,13 @@ pub fn logs(shared: &Shared, job: &Job, progress: Option<&Value>) -> String {
     }
     if job.status == JobStatus::InProgress {
         let live = progress.cloned().or_else(|| {
-            shared.hub.live(Some(&job.id)).into_iter().rev().find(|e| e.event.name == "progress").map(|e| e.event.data.clone())
+            shared
+                .hub
+                .live(Some(&job.id))
+                .into_iter()
+                .rev()
+                .find(|e| e.event.name == "progress")
+                .map(|e| e.event.data.clone())
         });
         match live {
             Some(p) if p["total_steps"].as_u64().is_some() => lines.push(format!(
@@ -192,37 +193,48 @@ async fn submit(s: Arc<Shared>, path_id: Option<String>, req: Request) -> Result
     let input = match body.get("input") {
         Some(Value::Object(map)) => map.clone(),
         None | Some(Value::Null) => {
-            return Err(ApiError::bad("input", "`input` is required: the fields of the video, as {\"prompt\": \"a corgi\"}"))
+            return Err(ApiError::bad(
+                "input",
+                "`input` is required: the fields of the video, as {\"prompt\": \"a corgi\"}",
+            ))
         }
-        Some(_) => return Err(ApiError::bad("input", "`input` must be an object of fields, as {\"prompt\": \"a corgi\"}")),
+        Some(_) => {
+            return Err(ApiError::bad("input", "`input` must be an object of fields, as {\"prompt\": \"a corgi\"}"))
+        }
     };
     let webhook = match body.get("webhook") {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) if url.is_empty() => None,
-        Some(Value::String(url)) => Some(check_url(url, s.webhooks.allow_private).map_err(|m| ApiError::bad("webhook", m))?.to_string()),
+        Some(Value::String(url)) => {
+            Some(check_url(url, s.webhooks.allow_private).map_err(|m| ApiError::bad("webhook", m))?.to_string())
+        }
         Some(_) => return Err(ApiError::bad("webhook", "`webhook` must be a URL string")),
     };
-    let events = match body.get("webhook_events_filter") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(list)) => {
-            let mut events = Vec::new();
-            for e in list {
-                match e.as_str() {
-                    Some(name) if PREDICTION_EVENTS.contains(&name) => events.push(name.to_string()),
-                    _ => {
-                        return Err(ApiError::bad(
+    let events =
+        match body.get("webhook_events_filter") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(list)) => {
+                let mut events = Vec::new();
+                for e in list {
+                    match e.as_str() {
+                        Some(name) if PREDICTION_EVENTS.contains(&name) => events.push(name.to_string()),
+                        _ => return Err(ApiError::bad(
                             "webhook_events_filter",
-                            format!("`webhook_events_filter` holds {e}: the events are start, output, logs and completed"),
-                        ))
+                            format!(
+                                "`webhook_events_filter` holds {e}: the events are start, output, logs and completed"
+                            ),
+                        )),
                     }
                 }
+                Some(events)
             }
-            Some(events)
-        }
-        Some(_) => {
-            return Err(ApiError::bad("webhook_events_filter", "`webhook_events_filter` must be a list, as [\"completed\"]"))
-        }
-    };
+            Some(_) => {
+                return Err(ApiError::bad(
+                    "webhook_events_filter",
+                    "`webhook_events_filter` must be a list, as [\"completed\"]",
+                ))
+            }
+        };
     crate::api::queue_room(&s).await?;
     let map: BTreeMap<String, Value> = input.clone().into_iter().collect();
     let (fields, _ignored) = Fields::from_request(map)?;
@@ -244,14 +256,25 @@ async fn submit(s: Arc<Shared>, path_id: Option<String>, req: Request) -> Result
     let id = new_job_id();
     let inserted = s
         .store
-        .insert_new(NewJob { id: &id, settings: &settings, meta: &meta, prediction_id: Some(&prediction_id), idempotency: None })
+        .insert_new(NewJob {
+            id: &id,
+            settings: &settings,
+            meta: &meta,
+            prediction_id: Some(&prediction_id),
+            idempotency: None,
+        })
         .await?;
     match inserted {
         Inserted::New(job) => {
             s.wake.notify_one();
+            s.webhooks.remember(&job);
             let video = crate::views::video_object(&job, &s.model);
-            s.publish(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})))
-                .await;
+            s.publish(JobEvent::new(
+                &job.id,
+                "queued",
+                json!({"id": job.id, "position": job.queue_position, "video": video}),
+            ))
+            .await;
             answer(&s, job, wait).await
         }
         // Another request with this id won the race.

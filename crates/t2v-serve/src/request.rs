@@ -403,7 +403,8 @@ pub fn with_loras(
         };
         let path = available.get(&name).ok_or_else(|| bad(format!("no LoRA `{name}`: {}", names())))?;
         let spec = t2v::lora::LoraSpec::new(path, scale);
-        let lora = t2v_settings::LoraSettings::of(&spec).map_err(|e| ApiError::internal(format!("reading the LoRA {name}: {e:#}")))?;
+        let lora = t2v_settings::LoraSettings::of(&spec)
+            .map_err(|e| ApiError::internal(format!("reading the LoRA {name}: {e:#}")))?;
         settings.loras.push(lora);
     }
     Ok(settings)
@@ -412,10 +413,7 @@ pub fn with_loras(
 /// Refuses a run the worker's scheduler would refuse (too many steps for DPM-Solver's schedule
 /// on this checkpoint, say): the scheduler of the run built from the model's own config, as the
 /// worker builds it.
-pub fn check_schedule(
-    settings: &RunSettings,
-    config: Option<&(Value, std::path::PathBuf)>,
-) -> Result<(), ApiError> {
+pub fn check_schedule(settings: &RunSettings, config: Option<&(Value, std::path::PathBuf)>) -> Result<(), ApiError> {
     let Some((json, path)) = config else { return Ok(()) };
     let kind = settings.scheduler.parse::<SchedulerKind>().map_err(|e| ApiError::bad("scheduler", e.to_string()))?;
     t2v::schedulers::build_scheduler(kind, json, path, settings.steps, settings.eta).map(|_| ()).map_err(|e| {
@@ -637,7 +635,8 @@ mod tests {
         // As other servers read a request: unknown fields ignored, nested ones merged.
         let map = serde_json::from_value(serde_json::json!({"prompt": "x", "colour": "red", "seconds": 2,
             "extra_params": {"num_inference_steps": 3, "seed": 9, "guidance_scale": 1.0, "shift": 5},
-            "video_params": {"fps": 4, "width": 64}, "guidance_scale": 7.0})).unwrap();
+            "video_params": {"fps": 4, "width": 64}, "guidance_scale": 7.0}))
+        .unwrap();
         let (f, mut ignored) = Fields::from_request(map).unwrap();
         ignored.sort();
         assert_eq!(ignored, ["colour", "shift"]);

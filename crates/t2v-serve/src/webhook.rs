@@ -164,8 +164,12 @@ pub fn check_url(text: &str, allow_private: bool) -> Result<url::Url, String> {
     };
     match url.host() {
         None => return Err("the webhook URL has no host".into()),
-        Some(url::Host::Ipv4(v4)) if !address_allowed(IpAddr::V4(v4), allow_private) => return Err(refused(&v4.to_string())),
-        Some(url::Host::Ipv6(v6)) if !address_allowed(IpAddr::V6(v6), allow_private) => return Err(refused(&v6.to_string())),
+        Some(url::Host::Ipv4(v4)) if !address_allowed(IpAddr::V4(v4), allow_private) => {
+            return Err(refused(&v4.to_string()))
+        }
+        Some(url::Host::Ipv6(v6)) if !address_allowed(IpAddr::V6(v6), allow_private) => {
+            return Err(refused(&v6.to_string()))
+        }
         Some(url::Host::Domain(d)) => {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
             if (d == "localhost" || d.ends_with(".localhost")) && !allow_private {
@@ -227,6 +231,18 @@ impl Webhooks {
             wake: tokio::sync::Notify::new(),
             jobs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes whether `job` has a webhook (known when it is queued or claimed): events of jobs
+    /// without one then cost no read of the store.
+    pub fn remember(&self, job: &Job) {
+        let mut jobs = self.jobs.lock().expect("webhooks lock");
+        // Jobs that end in another process are never told of here: forget all now and then (an
+        // entry only saves a read).
+        if jobs.len() > 10_000 {
+            jobs.clear();
+        }
+        jobs.entry(job.id.clone()).or_insert(Known { has_webhook: job.meta.webhook.is_some(), last_logs: None });
     }
 
     /// When the call that failed its `attempt`-th time (1-based) is tried again.
@@ -391,7 +407,10 @@ pub async fn deliver(shared: Arc<Shared>) {
                 match &outcome {
                     DeliveryOutcome::Delivered => {}
                     DeliveryOutcome::Retry { error, .. } => {
-                        eprintln!("t2v serve: the {} webhook of {} (attempt {attempt}): {error}; trying again", d.event, d.job_id)
+                        eprintln!(
+                            "t2v serve: the {} webhook of {} (attempt {attempt}): {error}; trying again",
+                            d.event, d.job_id
+                        )
                     }
                     DeliveryOutcome::GaveUp { error } => {
                         eprintln!("t2v serve: the {} webhook of {} failed for good: {error}", d.event, d.job_id)
@@ -479,7 +498,19 @@ mod tests {
 
     #[test]
     fn private_addresses_need_permission() {
-        for bad in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"] {
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(!address_allowed(ip, false), "{bad}");
             assert!(address_allowed(ip, true), "{bad} with permission");

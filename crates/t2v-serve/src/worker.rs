@@ -192,6 +192,7 @@ fn run_job(
     if job.cancel_requested {
         shared.cancels.lock().expect("cancels lock").insert(id.clone());
     }
+    shared.webhooks.remember(&job);
     let watch = Arc::new(LeaseWatch::default());
     let (done, done_rx) = tokio::sync::oneshot::channel();
     let beat = handle.spawn(heartbeat(shared.clone(), lease.clone(), watch.clone(), done_rx));
@@ -326,7 +327,8 @@ fn generate(
     } else {
         let loras = settings.loras.iter().map(|l| l.check()).collect::<Result<Vec<_>>>()?;
         let options = LoadOptions { loras, ..options.clone() };
-        with_loras = TextToVideo::load(pipe.folder().root(), &options).context("loading the model with the job's LoRAs")?;
+        with_loras =
+            TextToVideo::load(pipe.folder().root(), &options).context("loading the model with the job's LoRAs")?;
         &with_loras
     };
     let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);

@@ -176,9 +176,14 @@ pub struct Delivery {
 pub enum DeliveryOutcome {
     Delivered,
     /// Failed: try again at this time.
-    Retry { at_ms: i64, error: String },
+    Retry {
+        at_ms: i64,
+        error: String,
+    },
     /// Failed for good (out of attempts, or a target that may not be called).
-    GaveUp { error: String },
+    GaveUp {
+        error: String,
+    },
 }
 
 /// Deliveries by state, for `/v1/t2v/info`.
@@ -557,8 +562,13 @@ mod conformance {
             prediction_id: pid,
             idempotency: key,
         };
-        let Inserted::New(first) = store.insert_new(new("video_p1", Some("pred-1"), None)).await? else { panic!("new") };
-        assert_eq!((first.prediction_id.as_deref(), first.meta.webhook.as_deref()), (Some("pred-1"), Some("http://h/x")));
+        let Inserted::New(first) = store.insert_new(new("video_p1", Some("pred-1"), None)).await? else {
+            panic!("new")
+        };
+        assert_eq!(
+            (first.prediction_id.as_deref(), first.meta.webhook.as_deref()),
+            (Some("pred-1"), Some("http://h/x"))
+        );
         let Inserted::Existing(again) = store.insert_new(new("video_p2", Some("pred-1"), None)).await? else {
             panic!("the same prediction id gives its job")
         };
@@ -582,7 +592,10 @@ mod conformance {
         store.enqueue_delivery("msg_2", "video_p1", "completed", "http://h/x", "{\"a\":1}").await?;
         let hold = Duration::from_secs(60);
         let due = store.claim_deliveries(10, hold).await?;
-        assert_eq!(due.iter().map(|d| (d.msg_id.as_str(), d.attempts)).collect::<Vec<_>>(), [("msg_1", 0), ("msg_2", 0)]);
+        assert_eq!(
+            due.iter().map(|d| (d.msg_id.as_str(), d.attempts)).collect::<Vec<_>>(),
+            [("msg_1", 0), ("msg_2", 0)]
+        );
         assert!(store.claim_deliveries(10, hold).await?.is_empty(), "held calls are not claimed twice");
         store.finish_delivery(due[0].seq, &DeliveryOutcome::Delivered).await?;
         let later = now_ms() + 60_000;

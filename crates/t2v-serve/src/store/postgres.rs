@@ -226,7 +226,11 @@ impl JobStore for PostgresStore {
                 let job = tx.query_opt(&format!("{SELECT} WHERE id = $1"), &[&job_id]).await?;
                 match job {
                     Some(job) if at > now - IDEMPOTENCY_WINDOW_MS => {
-                        return Ok(if stored == hash { Inserted::Existing(job_from_row(&job)?) } else { Inserted::KeyReused });
+                        return Ok(if stored == hash {
+                            Inserted::Existing(job_from_row(&job)?)
+                        } else {
+                            Inserted::KeyReused
+                        });
                     }
                     _ => {
                         tx.execute("DELETE FROM idempotency_keys WHERE key = $1", &[&key]).await?;
@@ -311,15 +315,13 @@ impl JobStore for PostgresStore {
                     )
                     .await?
             }
-            DeliveryOutcome::Retry { at_ms, error } => {
-                client
-                    .execute(
-                        "UPDATE webhook_deliveries SET attempts = attempts + 1, held_until_ms = 0, next_attempt_at_ms = $2,
+            DeliveryOutcome::Retry { at_ms, error } => client
+                .execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, held_until_ms = 0, next_attempt_at_ms = $2,
                             last_error = $3 WHERE seq = $1",
-                        &[&seq, at_ms, error],
-                    )
-                    .await?
-            }
+                    &[&seq, at_ms, error],
+                )
+                .await?,
             DeliveryOutcome::GaveUp { error } => {
                 client
                     .execute(

@@ -325,10 +325,9 @@ impl JobStore for SqliteStore {
 
     async fn prune_deliveries(&self, before_ms: i64) -> Result<u64> {
         self.with(move |conn| {
-            Ok(conn.execute(
-                "DELETE FROM webhook_deliveries WHERE state != 'pending' AND ended_at_ms < ?1",
-                [before_ms],
-            )? as u64)
+            Ok(conn
+                .execute("DELETE FROM webhook_deliveries WHERE state != 'pending' AND ended_at_ms < ?1", [before_ms])?
+                as u64)
         })
         .await
     }
