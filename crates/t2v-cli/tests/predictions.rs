@@ -611,3 +611,92 @@ fn curl_sync_idempotency_and_video_webhooks() {
     let (_, list) = server.json("GET", "/v1/loras", &[("Authorization", "Bearer k")], None);
     assert_eq!(list, json!({"object": "list", "data": []}));
 }
+
+/// The MP4's coded frames (the top-level `mdat` box's payload).
+fn mp4_mdat(bytes: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if &bytes[at + 4..at + 8] == b"mdat" {
+            return &bytes[at + 8..at + size];
+        }
+        assert!(size >= 8, "a malformed MP4");
+        at += size;
+    }
+    panic!("no mdat box")
+}
+
+/// A LoRA of `--lora-dir` picked by name (vLLM-Omni's `lora`) gives the frames the command line
+/// gives with `--lora FILE:WEIGHT` (the LoRA fixture's first run), and others than without it.
+#[test]
+fn loras_by_name() {
+    let _turn = serial();
+    let data = TempDir::new().unwrap();
+    let loras = TempDir::new().unwrap();
+    let fixture = tiny_model().join("lora/pytorch_lora_weights.safetensors");
+    std::fs::copy(&fixture, loras.path().join("yellow.safetensors")).unwrap();
+    std::fs::write(loras.path().join("broken.safetensors"), b"not a safetensors file").unwrap();
+    let dir = loras.path().to_str().unwrap();
+    let server = Server::start(data.path(), &["--lora-dir", dir]);
+    let (_, list) = server.json("GET", "/v1/loras", &[], None);
+    assert_eq!(list, json!({"object": "list", "data": [{"id": "yellow", "object": "lora"}]}), "{}", server.log());
+
+    let run = json!({"prompt": "a yellow ball rolling across a meadow", "seed": 3, "num_inference_steps": 4,
+        "guidance_scale": 9.0, "scheduler": "dpm", "num_frames": 6, "size": "32x32"});
+    let sync = |extra: Value| {
+        let mut body = run.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, headers, bytes) = server.send("POST", "/v1/videos/sync", &[], Some(&body));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        (headers["t2v-video-id"].clone(), bytes)
+    };
+    let (id, with) = sync(json!({"lora": {"name": "yellow", "scale": 1.0}}));
+    let (_, without) = sync(json!({}));
+    let out = data.path().join("cli.mp4");
+    let o = support::t2v(&[
+        "generate",
+        "a yellow ball rolling across a meadow",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--guidance-scale",
+        "9",
+        "--scheduler",
+        "dpm",
+        "--num-frames",
+        "6",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "-q",
+        "--lora",
+        &format!("{}:1.0", fixture.display()),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", support::stderr(&o));
+    let cli = std::fs::read(&out).unwrap();
+    assert!(mp4_mdat(&with).len() > 200);
+    assert!(mp4_mdat(&with) == mp4_mdat(&cli), "the served LoRA run differs from the command line's");
+    assert!(mp4_mdat(&with) != mp4_mdat(&without), "the LoRA changed nothing");
+
+    // The video object names the LoRA by its file, never by the server's path.
+    let (_, v) = server.json("GET", &format!("/v1/videos/{id}"), &[], None);
+    assert_eq!(v["settings"]["loras"][0]["path"], "yellow.safetensors", "{v}");
+    assert!(!v.to_string().contains(dir), "{v}");
+    for bad in [
+        json!("green"),
+        json!({"name": "yellow", "path": "/etc/passwd"}),
+        json!({"name": "broken"}),
+        json!({"name": "yellow", "scale": "much"}),
+    ] {
+        let mut body = run.clone();
+        body["lora"] = bad.clone();
+        let (status, e) = server.json("POST", "/v1/videos", &[], Some(&body));
+        assert_eq!((status, e["error"]["param"].as_str()), (400, Some("lora")), "{bad}: {e}");
+    }
+}

@@ -210,31 +210,32 @@ async fn submit(s: Arc<Shared>, path_id: Option<String>, req: Request) -> Result
         }
         Some(_) => return Err(ApiError::bad("webhook", "`webhook` must be a URL string")),
     };
-    let events =
-        match body.get("webhook_events_filter") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(list)) => {
-                let mut events = Vec::new();
-                for e in list {
-                    match e.as_str() {
-                        Some(name) if PREDICTION_EVENTS.contains(&name) => events.push(name.to_string()),
-                        _ => return Err(ApiError::bad(
+    let events = match body.get("webhook_events_filter") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => {
+            let mut events = Vec::new();
+            for e in list {
+                match e.as_str() {
+                    Some(name) if PREDICTION_EVENTS.contains(&name) => events.push(name.to_string()),
+                    _ => {
+                        return Err(ApiError::bad(
                             "webhook_events_filter",
                             format!(
                                 "`webhook_events_filter` holds {e}: the events are start, output, logs and completed"
                             ),
-                        )),
+                        ))
                     }
                 }
-                Some(events)
             }
-            Some(_) => {
-                return Err(ApiError::bad(
-                    "webhook_events_filter",
-                    "`webhook_events_filter` must be a list, as [\"completed\"]",
-                ))
-            }
-        };
+            Some(events)
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "webhook_events_filter",
+                "`webhook_events_filter` must be a list, as [\"completed\"]",
+            ))
+        }
+    };
     crate::api::queue_room(&s).await?;
     let map: BTreeMap<String, Value> = input.clone().into_iter().collect();
     let (fields, _ignored) = Fields::from_request(map)?;
