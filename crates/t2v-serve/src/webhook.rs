@@ -530,6 +530,19 @@ mod tests {
         assert!(check_url("https://example.org/hook", false).is_ok());
     }
 
+    /// Names are checked on the addresses they resolve to as the call connects (a name that
+    /// passed the check on arrival and resolves to loopback later is refused then).
+    #[test]
+    fn resolved_addresses_are_checked() {
+        use ureq::Resolver;
+        let strict = CheckedResolver { allow_private: false };
+        let e = strict.resolve("localhost:80").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("loopback"), "{e}");
+        let lenient = CheckedResolver { allow_private: true };
+        assert!(lenient.resolve("localhost:80").unwrap().iter().all(|a| a.ip().is_loopback()));
+    }
+
     #[test]
     fn backoff_doubles_up_to_an_hour() {
         let hooks = Webhooks::new(None, false, Duration::from_secs(5), 8);
