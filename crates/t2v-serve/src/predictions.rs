@@ -31,10 +31,16 @@ pub fn is_prediction_id(id: &str) -> bool {
 
 /// A new prediction id as Cog advises: a UUIDv4 in base32, lower case, unpadded (26 characters).
 fn new_prediction_id() -> String {
+    base32_id(uuid::Uuid::new_v4().as_u128())
+}
+
+/// The 16 bytes of `value` (big-endian) in RFC 4648 base32, lower case, without padding: 25
+/// characters of 5 bits, then the last 3 bits and 2 zero bits.
+fn base32_id(value: u128) -> String {
     const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let value = uuid::Uuid::new_v4().as_u128();
-    // 26 groups of 5 bits from the top of 130 (the 128 bits and two zero bits), as base32 of the bytes.
-    (0..26).map(|i| ALPHABET[((value << 2) >> (125 - 5 * i) & 31) as usize] as char).collect()
+    let mut out: String = (0..25).map(|i| ALPHABET[((value >> (123 - 5 * i)) & 31) as usize] as char).collect();
+    out.push(ALPHABET[((value & 7) << 2) as usize] as char);
+    out
 }
 
 /// Cog's status of a job.
@@ -336,6 +342,8 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_614_265_330_000), "2021-02-25T15:02:10.000Z");
         assert_eq!(rfc3339(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+        // Python's b32encode(uuid.UUID(int=…).bytes), lowered, unpadded.
+        assert_eq!(base32_id(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef), "aerukz4jvpg66ajdivtytk6n54");
         let id = new_prediction_id();
         assert_eq!(id.len(), 26, "{id}");
         assert!(is_prediction_id(&id) && id.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
