@@ -455,13 +455,19 @@ pub(crate) async fn wait_until_ended(s: &Shared, id: &str) -> Result<Job, ApiErr
     }
 }
 
-/// The server's URL as the client reached it, from `Host` (for the links of answers and webhooks).
+/// The server's URL as the client reached it, from `Host` and `X-Forwarded-Proto` (for the links
+/// of answers and webhooks).
 pub(crate) fn request_base_url(headers: &axum::http::HeaderMap) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?.trim();
     let plain = !host.is_empty()
         && host.len() <= 255
         && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
-    plain.then(|| format!("http://{host}"))
+    // Behind a TLS proxy the client reached https (the proxy says so); the links follow.
+    let scheme = match headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(str::trim) {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        _ => "http",
+    };
+    plain.then(|| format!("{scheme}://{host}"))
 }
 
 /// A JSON object body (prediction requests): its content type, size limit and shape checked.

@@ -44,7 +44,7 @@ use crate::store::{JobStore, QueuePolicy};
 /// Serve a model over HTTP: an API in the shape of OpenAI's videos API and a web page.
 #[derive(clap::Args, Debug, Clone)]
 #[command(
-    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n  t2v serve --queue postgres://t2v:PW@db/t2v --workers 0   # the API alone; `t2v worker`s run the jobs\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")"
+    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n  t2v serve --queue postgres://t2v:PW@db/t2v --workers 0   # the API alone; `t2v worker`s run the jobs\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")\n\nAlso: POST /v1/videos/sync (the MP4 when done), Cog's prediction API (POST /predictions, PUT /predictions/ID), webhooks signed as Standard Webhooks (--webhook-secret), Idempotency-Key; see /openapi.json."
 )]
 pub struct ServeArgs {
     /// A local folder in the diffusers layout, or a Hugging Face repo id (owner/name[@revision]),

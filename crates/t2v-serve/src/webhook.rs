@@ -496,6 +496,27 @@ mod tests {
         assert!(Signer::parse(&Signer::generate()).is_ok());
     }
 
+    /// Without a secret given, one is made once and kept (owner-only): a restart signs alike.
+    #[test]
+    fn a_secret_is_made_once_and_kept() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (first, new) = secret(None, dir.path()).unwrap();
+        let text = new.expect("a new secret is shown once");
+        assert!(text.starts_with("whsec_"));
+        let (again, shown) = secret(None, dir.path()).unwrap();
+        assert_eq!(shown, None);
+        assert_eq!(first.sign("m", 1, "b"), again.sign("m", 1, "b"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("webhook-secret")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{mode:o}");
+        }
+        let (given, shown) = secret(Some(&text), tempfile::TempDir::new().unwrap().path()).unwrap();
+        assert_eq!((given.sign("m", 1, "b"), shown), (first.sign("m", 1, "b"), None));
+        assert!(secret(Some("whsec_short"), dir.path()).is_err());
+    }
+
     #[test]
     fn private_addresses_need_permission() {
         for bad in [
