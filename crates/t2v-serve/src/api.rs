@@ -12,7 +12,7 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::events::{JobEvent, Stamped};
 use crate::request::{self, Fields};
 use crate::storage::{input_path, remove_files, thumbnail_path, video_path};
-use crate::store::{Job, JobStatus, Order};
+use crate::store::{Inserted, Job, JobMeta, JobStatus, NewJob, Order};
 use crate::views::video_object;
 use crate::{ModelInfo, Shared};
 use t2v::video::input::read_video;
@@ -37,6 +37,11 @@ const POLL_HEADER: &str = "openai-poll-after-ms";
 pub fn router(shared: Arc<Shared>, cors: &[String], policy: crate::guard::Policy) -> anyhow::Result<Router> {
     let api = Router::new()
         .route("/v1/videos", post(create_video).get(list_videos))
+        .route("/v1/videos/sync", post(create_video_sync))
+        .route("/v1/loras", get(list_loras))
+        .route("/predictions", post(crate::predictions::create))
+        .route("/predictions/{prediction_id}", put(crate::predictions::put).get(crate::predictions::get))
+        .route("/predictions/{prediction_id}/cancel", post(crate::predictions::cancel))
         .route("/v1/videos/{id}", get(get_video).delete(delete_video))
         .route("/v1/videos/{id}/content", get(video_content))
         .route("/v1/videos/{id}/cancel", post(cancel_video))
@@ -71,8 +76,13 @@ pub fn router(shared: Arc<Shared>, cors: &[String], policy: crate::guard::Policy
         app = app.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([Method::GET, Method::POST, Method::DELETE])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    HeaderName::from_static("idempotency-key"),
+                    HeaderName::from_static("prefer"),
+                ])
                 .expose_headers([HeaderName::from_static(POLL_HEADER)]),
         );
     }
@@ -134,11 +144,11 @@ pub fn is_job_id(id: &str) -> bool {
         .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
-fn new_job_id() -> String {
+pub(crate) fn new_job_id() -> String {
     format!("video_{}", uuid::Uuid::new_v4().simple())
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     // 32 bits keep seeds short enough to retype, as the command line's.
     (uuid::Uuid::new_v4().as_u128() % (1 << 32)) as u64
 }
@@ -200,6 +210,8 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
             "max_attempts": s.policy.max_attempts,
         },
         "jobs": s.store.counts().await?,
+        "webhooks": s.store.delivery_counts().await?,
+        "loras": s.loras.keys().collect::<Vec<_>>(),
         "stats": {
             "jobs_run": stats.jobs_run,
             "steps": stats.steps,
@@ -211,7 +223,9 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
     })))
 }
 
-async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiError> {
+/// A job made by `POST /v1/videos` (or `/sync`): the job, whether an `Idempotency-Key` gave it
+/// from before, and the fields ignored.
+async fn create_job(s: &Arc<Shared>, req: Request) -> Result<(Job, bool, Vec<String>), ApiError> {
     let content_type =
         req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_multipart = content_type.starts_with("multipart/form-data");
@@ -227,9 +241,22 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
             )
         });
     }
-    queue_room(&s).await?;
+    queue_room(s).await?;
     let limit = if is_multipart { s.limits.max_upload_bytes } else { s.limits.max_json_bytes };
     let (parts, body) = req.into_parts();
+    let idempotency_key = match parts.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str().map(str::trim) {
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    Some("Idempotency-Key"),
+                    "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    let base = request_base_url(&parts.headers);
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit + DRAIN_BYTES) {
@@ -267,8 +294,40 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
             Err(e) => return Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
         }
     };
-    let fields = Fields::new(map)?;
+    let mut map = map;
+    let webhook = match map.remove("webhook") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(url)) if url.is_empty() => None,
+        Some(Value::String(url)) => Some(
+            crate::webhook::check_url(&url, s.webhooks.allow_private)
+                .map_err(|m| ApiError::bad("webhook", m))?
+                .to_string(),
+        ),
+        Some(_) => return Err(ApiError::bad("webhook", "`webhook` must be a URL string")),
+    };
+    // The request as the key remembers it: its fields (sorted), webhook and uploaded bytes.
+    let request_hash = match &idempotency_key {
+        None => None,
+        Some(_) => {
+            use sha2::{Digest, Sha256};
+            let mut hash = Sha256::new();
+            hash.update(serde_json::to_vec(&map).map_err(ApiError::internal)?);
+            hash.update(webhook.as_deref().unwrap_or("").as_bytes());
+            if let Some(u) = &upload {
+                let path = u.partial.path().to_path_buf();
+                let digest = tokio::task::spawn_blocking(move || t2v_settings::input_sha256(&path))
+                    .await
+                    .map_err(ApiError::internal)?
+                    .map_err(ApiError::internal)?;
+                hash.update(digest.as_bytes());
+            }
+            Some(format!("{:x}", hash.finalize()))
+        }
+    };
+    let (fields, ignored) = Fields::from_request(map)?;
     let mut settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
+    settings = request::with_loras(&fields, settings, &s.loras)?;
+    request::check_schedule(&settings, s.scheduler_config.as_ref())?;
     if let Some(video) = request::video_request(&fields, &settings)? {
         let upload = upload.ok_or_else(|| ApiError::bad("input_reference", "`input_reference` holds no file"))?;
         // The pre-check of the cost with the frames asked (or the most a clip gives by default).
@@ -284,18 +343,162 @@ async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiE
             .await
             .map_err(ApiError::internal)??;
     }
-    let job = match s.store.insert(&id, &settings).await {
-        Ok(job) => job,
+    let meta = JobMeta { api: None, input: None, webhook, webhook_events: None, base_url: base };
+    let idempotency = idempotency_key.as_deref().zip(request_hash.as_deref());
+    let inserted = s
+        .store
+        .insert_new(NewJob { id: &id, settings: &settings, meta: &meta, prediction_id: None, idempotency })
+        .await;
+    let job = match inserted {
+        Ok(Inserted::New(job)) => job,
+        Ok(Inserted::Existing(job)) => {
+            remove_files(&s.videos_dir, &id);
+            return Ok((job, true, ignored));
+        }
+        Ok(Inserted::KeyReused) => {
+            remove_files(&s.videos_dir, &id);
+            return Err(ApiError {
+                code: Some("idempotency_key_reused"),
+                param: Some("Idempotency-Key".into()),
+                ..ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "this Idempotency-Key came with another request in the last 24 hours: send the same request \
+                     to get its video, or use a new key for a new one",
+                )
+            });
+        }
         Err(e) => {
             remove_files(&s.videos_dir, &id);
             return Err(e.into());
         }
     };
     s.wake.notify_one();
+    s.webhooks.remember(&job);
     let video = video_object(&job, &s.model);
     s.publish(JobEvent::new(&job.id, "queued", json!({"id": job.id, "position": job.queue_position, "video": video})))
         .await;
-    Ok(video_response(&s, &job))
+    Ok((job, false, ignored))
+}
+
+/// Marks an answer with what the request did not use and whether a key replayed it.
+fn annotate(mut response: Response, replayed: bool, ignored: &[String]) -> Response {
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if !ignored.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&ignored.join(", ")) {
+            response.headers_mut().insert("t2v-ignored-fields", v);
+        }
+    }
+    response
+}
+
+async fn create_video(State(s): AppState, req: Request) -> Result<Response, ApiError> {
+    let (job, replayed, ignored) = create_job(&s, req).await?;
+    Ok(annotate(video_response(&s, &job), replayed, &ignored))
+}
+
+/// `POST /v1/videos/sync` (vLLM-Omni's and SGLang's): the same request, answered with the MP4
+/// once the job ends (the error, in the usual shape, when it fails).
+async fn create_video_sync(State(s): AppState, req: Request) -> Result<Response, ApiError> {
+    let (job, replayed, ignored) = create_job(&s, req).await?;
+    let job = wait_until_ended(&s, &job.id).await?;
+    if job.status != JobStatus::Completed {
+        let e = job.error.clone().unwrap_or(crate::store::JobError { code: "failed".into(), message: "failed".into() });
+        let status = if e.code == "cancelled" { StatusCode::CONFLICT } else { StatusCode::INTERNAL_SERVER_ERROR };
+        let mut response =
+            ApiError { code: Some("generation_failed"), ..ApiError::new(status, e.message) }.into_response();
+        response.headers_mut().insert("t2v-video-id", HeaderValue::from_str(&job.id).map_err(ApiError::internal)?);
+        return Ok(response);
+    }
+    let bytes = tokio::fs::read(video_path(&s.videos_dir, &job.id))
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the video: {e}")))?;
+    let mut response = ([(header::CONTENT_TYPE, "video/mp4")], bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert("t2v-video-id", HeaderValue::from_str(&job.id).map_err(ApiError::internal)?);
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("inline; filename=\"{}.mp4\"", job.id)).map_err(ApiError::internal)?,
+    );
+    Ok(annotate(response, replayed, &ignored))
+}
+
+/// Waits for a job to end (completed or failed): woken by its events, and reading the store at
+/// least every second (a worker in another process may end it). Ends with the process.
+pub(crate) async fn wait_until_ended(s: &Shared, id: &str) -> Result<Job, ApiError> {
+    let mut rx = s.hub.subscribe();
+    let mut stop = s.shutdown.subscribe();
+    loop {
+        let job = s.store.get(id).await?.ok_or_else(|| ApiError::not_found(id))?;
+        if job.status.is_terminal() {
+            return Ok(job);
+        }
+        if *stop.borrow() {
+            return Err(ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the server is stopping; `{id}` stays queued"))
+            });
+        }
+        let deadline = tokio::time::sleep(std::time::Duration::from_secs(1));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = stop.changed() => break,
+                r = rx.recv() => match r {
+                    Ok(e) if e.event.id == id && e.event.is_last() => break,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => break,
+                    Err(RecvError::Closed) => break,
+                },
+            }
+        }
+    }
+}
+
+/// The server's URL as the client reached it, from `Host` and `X-Forwarded-Proto` (for the links
+/// of answers and webhooks).
+pub(crate) fn request_base_url(headers: &axum::http::HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?.trim();
+    let plain = !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
+    // Behind a TLS proxy the client reached https (the proxy says so); the links follow.
+    let scheme = match headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(str::trim) {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        _ => "http",
+    };
+    plain.then(|| format!("{scheme}://{host}"))
+}
+
+/// A JSON object body (prediction requests): its content type, size limit and shape checked.
+pub(crate) async fn read_json_object(s: &Shared, req: Request) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let content_type =
+        req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if !content_type.starts_with("application/json") {
+        return Err(ApiError {
+            code: Some("unsupported_media_type"),
+            ..ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the request as application/json")
+        });
+    }
+    let bytes = read_body(req.into_body(), s.limits.max_json_bytes).await?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request(
+            None,
+            "the body must be a JSON object, as {\"input\": {\"prompt\": \"a corgi\"}}",
+        )),
+        Err(e) => Err(ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))),
+    }
+}
+
+/// `GET /v1/loras`: the LoRAs a request may pick by name (`lora`), from `--lora-dir`.
+async fn list_loras(State(s): AppState) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": s.loras.keys().map(|name| json!({"id": name, "object": "lora"})).collect::<Vec<_>>(),
+    }))
 }
 
 /// An input record standing for the one an upload gets (for the cost check before reading it).
@@ -311,7 +514,7 @@ fn placeholder_input() -> t2v_settings::InputSettings {
 }
 
 /// 429 with `Retry-After` when the queue holds its most jobs.
-async fn queue_room(s: &Shared) -> Result<(), ApiError> {
+pub(crate) async fn queue_room(s: &Shared) -> Result<(), ApiError> {
     let queued = s.store.counts().await?.queued;
     if queued >= s.limits.max_queued {
         return Err(ApiError {

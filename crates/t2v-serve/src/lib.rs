@@ -13,12 +13,14 @@ pub mod error;
 pub mod events;
 pub mod guard;
 pub mod openapi;
+pub mod predictions;
 pub mod preview;
 pub mod relay;
 pub mod request;
 pub mod storage;
 pub mod store;
 pub mod views;
+pub mod webhook;
 pub mod worker;
 
 use std::collections::HashSet;
@@ -42,7 +44,7 @@ use crate::store::{JobStore, QueuePolicy};
 /// Serve a model over HTTP: an API in the shape of OpenAI's videos API and a web page.
 #[derive(clap::Args, Debug, Clone)]
 #[command(
-    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n  t2v serve --queue postgres://t2v:PW@db/t2v --workers 0   # the API alone; `t2v worker`s run the jobs\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")"
+    after_help = "Examples:\n  t2v serve                                   # http://127.0.0.1:8000/\n  t2v serve --host 0.0.0.0 --api-key \"$KEY\"   # reachable from other machines\n  t2v serve --queue postgres://t2v:PW@db/t2v --workers 0   # the API alone; `t2v worker`s run the jobs\n\nOpenAI clients work by changing the base URL, e.g. in Python:\n  OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\").videos.create_and_poll(prompt=\"a corgi\")\n\nAlso: POST /v1/videos/sync (the MP4 when done), Cog's prediction API (POST /predictions, PUT /predictions/ID), webhooks signed as Standard Webhooks (--webhook-secret), Idempotency-Key; see /openapi.json."
 )]
 pub struct ServeArgs {
     /// A local folder in the diffusers layout, or a Hugging Face repo id (owner/name[@revision]),
@@ -109,6 +111,31 @@ pub struct ServeArgs {
     /// stays open.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_timeout)]
     pub header_timeout: f64,
+
+    /// The key webhooks are signed with (Standard Webhooks: `whsec_` and base64 of 24 to 64
+    /// random bytes). Read from T2V_WEBHOOK_SECRET when not given; without either, one is made at
+    /// the first start, kept in the data folder's `webhook-secret` and printed once.
+    #[arg(long, env = "T2V_WEBHOOK_SECRET", hide_env_values = true, value_name = "whsec_…")]
+    pub webhook_secret: Option<String>,
+
+    /// Let webhooks call private, loopback and link-local addresses (a server listening on
+    /// loopback may always: it is one machine's).
+    #[arg(long)]
+    pub webhook_allow_private: bool,
+
+    /// How often a webhook call is tried before it is given up.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
+    pub webhook_max_attempts: u32,
+
+    /// The wait before a failed webhook call's first retry, in seconds; each next one doubles (up
+    /// to an hour).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub webhook_retry_seconds: f64,
+
+    /// A folder of LoRAs (.safetensors files, or PEFT adapter folders) that requests may pick by
+    /// name (`lora`), the name being the file's without `.safetensors`; `GET /v1/loras` lists them.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
 
     #[command(flatten)]
     pub run: RunArgs,
@@ -284,6 +311,15 @@ pub struct Shared {
     pub stats: Mutex<Stats>,
     /// Uploads checked (decoded) at once: each may hold a frame budget's worth of memory.
     pub decodes: tokio::sync::Semaphore,
+    /// Webhook settings, and the calls' bookkeeping.
+    pub webhooks: webhook::Webhooks,
+    /// The LoRAs requests may pick, by name (`--lora-dir`).
+    pub loras: std::collections::BTreeMap<String, PathBuf>,
+    /// The model's scheduler config and its path: requests the worker's scheduler would refuse
+    /// are refused when they arrive.
+    pub scheduler_config: Option<(serde_json::Value, PathBuf)>,
+    /// The URL this server listens on (links of jobs whose client's `Host` is unknown).
+    pub listen_url: std::sync::OnceLock<String>,
 }
 
 /// Uploaded videos decoded at once.
@@ -328,6 +364,8 @@ impl Shared {
                 eprintln!("t2v: storing the {} event of {}: {e:#}", event.name, event.id);
             }
         }
+        // Where the event happens (this process), its webhook calls are kept: once each.
+        webhook::on_event(self, &event).await;
     }
 }
 
@@ -458,6 +496,9 @@ struct Parts {
     preview_every: usize,
     policy: QueuePolicy,
     workers: usize,
+    webhooks: webhook::Webhooks,
+    loras: std::collections::BTreeMap<String, PathBuf>,
+    scheduler_config: Option<(serde_json::Value, PathBuf)>,
 }
 
 fn shared(p: Parts) -> Result<Arc<Shared>> {
@@ -490,6 +531,10 @@ fn shared(p: Parts) -> Result<Arc<Shared>> {
         shutdown,
         stats: Mutex::new(Stats::default()),
         decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
+        webhooks: p.webhooks,
+        loras: p.loras,
+        scheduler_config: p.scheduler_config,
+        listen_url: std::sync::OnceLock::new(),
     }))
 }
 
@@ -580,6 +625,37 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_source_pixels: request::MAX_SOURCE_PIXELS,
         max_source_frames: request::MAX_SOURCE_FRAMES,
     };
+    let host = args.host.trim_matches(['[', ']']);
+    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        host.parse().with_context(|| format!("--host {host} is not an IP address"))?
+    };
+    let (signer, new_secret) = webhook::secret(args.webhook_secret.as_deref(), &args.data)?;
+    if let Some(secret) = new_secret {
+        println!(
+            "t2v serve: webhooks are signed with this new secret (kept in {}; give receivers it): {secret}",
+            args.data.join("webhook-secret").display()
+        );
+    }
+    let webhooks = webhook::Webhooks::new(
+        Some(signer),
+        args.webhook_allow_private || ip.is_loopback(),
+        Duration::from_secs_f64(args.webhook_retry_seconds),
+        args.webhook_max_attempts,
+    );
+    let loras = match &args.lora_dir {
+        Some(dir) => find_loras(dir, &folder)?,
+        None => Default::default(),
+    };
+    let scheduler_path = folder.join("scheduler").join("scheduler_config.json");
+    let scheduler_config = match t2v::schedulers::load_scheduler_config(&scheduler_path) {
+        Ok(json) => Some((json, scheduler_path)),
+        Err(e) => {
+            eprintln!("t2v serve: requests' step counts are checked by the workers only: {e}");
+            None
+        }
+    };
     let shared = shared(Parts {
         store,
         model,
@@ -589,20 +665,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         preview_every: args.run.preview_every,
         policy,
         workers: args.workers,
+        webhooks,
+        loras,
+        scheduler_config,
     })?;
-
-    let host = args.host.trim_matches(['[', ']']);
-    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
-        IpAddr::from([127, 0, 0, 1])
-    } else {
-        host.parse().with_context(|| format!("--host {host} is not an IP address"))?
-    };
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, args.port))
         .await
         .with_context(|| format!("listening on {host}:{}", args.port))?;
     let addr = listener.local_addr()?;
     let url =
         if addr.is_ipv6() { format!("http://[{}]:{}/", addr.ip(), addr.port()) } else { format!("http://{addr}/") };
+    let _ = shared.listen_url.set(url.trim_end_matches('/').to_string());
     println!(
         "t2v serve: listening on {url} (data: {}, queue: {}, workers: {}); loading {spec}",
         args.data.display(),
@@ -624,6 +697,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if shared.relay_events {
         tokio::spawn(relay::run(shared.clone()));
     }
+    tokio::spawn(webhook::deliver(shared.clone()));
 
     let (worker, result) = if args.workers == 0 {
         shared.ready.store(true, Ordering::SeqCst);
@@ -641,6 +715,45 @@ async fn serve(args: ServeArgs) -> Result<()> {
     stop_workers(&shared, worker).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     result
+}
+
+/// The LoRAs of `--lora-dir`: each `.safetensors` file (named without the extension) and each
+/// PEFT adapter folder, checked against the model (one that does not fit is left out, said why).
+fn find_loras(dir: &std::path::Path, model: &std::path::Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut found = std::collections::BTreeMap::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading --lora-dir {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = if path.is_dir() && path.join("adapter_config.json").is_file() {
+            name
+        } else if let Some(stem) = name.strip_suffix(".safetensors") {
+            stem.to_string()
+        } else {
+            continue;
+        };
+        if name.is_empty()
+            || name.len() > 128
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            eprintln!("t2v serve: --lora-dir: `{name}` is left out: name LoRAs with letters, digits, `-`, `_` and `.`");
+            continue;
+        }
+        let spec = t2v::lora::LoraSpec::new(&path, 1.0);
+        match pipeline::check_loras(model, &[spec], WeightsVariant::Auto) {
+            Ok(_) => {
+                found.insert(name, path);
+            }
+            Err(e) => eprintln!("t2v serve: --lora-dir: `{name}` is left out: {e}"),
+        }
+    }
+    println!(
+        "t2v serve: {} LoRA(s) in {}: {}",
+        found.len(),
+        dir.display(),
+        found.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    Ok(found)
 }
 
 /// Removes the input videos (and results) of jobs the store does not know: what a server killed
@@ -712,6 +825,10 @@ async fn worker_process(args: WorkerArgs) -> Result<()> {
         preview_every: args.run.preview_every,
         policy,
         workers: count,
+        // Worker processes keep their jobs' webhook calls; the API process delivers them.
+        webhooks: webhook::Webhooks::new(None, false, Duration::from_secs(5), 8),
+        loras: Default::default(),
+        scheduler_config: None,
     })?;
     if let Some(addr) = args.health {
         let listener =

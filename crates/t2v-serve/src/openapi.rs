@@ -68,7 +68,81 @@ pub fn spec() -> Value {
             "prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Prompt travel: keyframe (0-based, from 1; frame 0's is prompt) → prompt, as {\"16\": \"a red car\"}; frames between keyframes blend their neighbours' text embeddings. In multipart, a JSON string of the object"}
         }
     });
-    json!({
+    // Cog's `Input`: the fields, each with its title and order (`x-order`), as Cog publishes them.
+    let mut input = create_fields.clone();
+    input["title"] = json!("Input");
+    if let Some(props) = input["properties"].as_object_mut() {
+        props.remove("input_reference");
+        for (i, (name, schema)) in props.iter_mut().enumerate() {
+            let title: String = name
+                .split('_')
+                .map(|w| {
+                    let mut c = w.chars();
+                    c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            schema["title"] = json!(title);
+            schema["x-order"] = json!(i);
+        }
+        props.insert("lora".into(), json!({"title": "Lora", "description": "A LoRA of the server's --lora-dir by name, or {\"name\", \"scale\"} (also lora_name/adapter, lora_scale), or a list of them: GET /v1/loras lists them"}));
+    }
+    let prediction_paths = json!({
+        "/predictions": {
+            "post": {
+                "summary": "Create a prediction (Cog's API): waits for the end and answers the prediction; with `Prefer: respond-async`, 202 at once",
+                "parameters": [{"name": "prefer", "in": "header", "required": false, "schema": {"type": "string"}, "description": "respond-async: answer at once (202)"}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
+                "responses": with_errors(json!({
+                    "200": {"description": "The finished prediction", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}},
+                    "202": {"description": "Accepted (respond-async): the prediction now", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}
+                }), &["400", "401", "413", "415"])
+            }
+        },
+        "/predictions/{prediction_id}": {
+            "parameters": [{"name": "prediction_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}}],
+            "put": {
+                "summary": "Create a prediction idempotently: an id seen before answers its prediction and runs nothing new",
+                "parameters": [{"name": "prefer", "in": "header", "required": false, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
+                "responses": with_errors(json!({
+                    "200": {"description": "The finished prediction", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}},
+                    "202": {"description": "Accepted (respond-async)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}
+                }), &["400", "401", "413", "415"])
+            },
+            "get": {"summary": "A prediction", "responses": with_errors(json!({"200": {"description": "The prediction", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}}), &["401", "404"])}
+        },
+        "/predictions/{prediction_id}/cancel": {
+            "parameters": [{"name": "prediction_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+            "post": {"summary": "Cancel a prediction (queued: at once; running: at the end of its step)", "responses": with_errors(json!({"200": {"description": "The prediction", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}}), &["401", "404"])}
+        },
+        "/v1/videos/sync": {
+            "post": {
+                "summary": "Create a video and answer the MP4 once it is done (vLLM-Omni's and SGLang's /v1/videos/sync); the fields of POST /v1/videos",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/CreateVideo"}},
+                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideo"}}}},
+                "responses": with_errors(json!({"200": {"description": "The MP4; header t2v-video-id names its video", "content": {"video/mp4": {}}}}), &["400", "401", "413", "415", "422"])
+            }
+        },
+        "/v1/loras": {
+            "get": {"summary": "The LoRAs a request may pick by name (`lora`), from --lora-dir",
+                "responses": with_errors(json!({"200": {"description": "A list", "content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "lora"}}}}}}}}}}), &["401"])}
+        }
+    });
+    let mut create_fields = create_fields;
+    if let Some(props) = create_fields["properties"].as_object_mut() {
+        props.insert("webhook".into(), json!({"type": "string", "format": "uri", "description": "Posted OpenAI's video.completed or video.failed event, signed as Standard Webhooks says (webhook-id, webhook-timestamp, webhook-signature)"}));
+        props.insert("lora".into(), input["properties"]["lora"].clone());
+        props.insert("extra_params".into(), json!({"type": "object", "description": "More of these fields (vLLM-Omni's spelling); a field at the top level wins"}));
+        props.insert(
+            "video_params".into(),
+            json!({"type": "object", "description": "width, height, fps, num_frames (vLLM-Omni's block)"}),
+        );
+    }
+    let mut spec = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "t2v serve",
@@ -92,14 +166,42 @@ pub fn spec() -> Value {
                     "attempts": {"type": "integer"}, "worker": {"type": ["string", "null"]},
                     "timings": {"type": "object", "properties": {"created_at_ms": {"type": "integer"}, "started_at_ms": {"type": ["integer", "null"]}, "completed_at_ms": {"type": ["integer", "null"]}}}
                 }},
-                "CreateVideo": create_fields
+                "CreateVideo": create_fields,
+                "Input": input,
+                "Output": {"title": "Output", "type": "string", "format": "uri", "description": "The URL of the MP4 on this server (GET it with the API key)"},
+                "Status": {"title": "Status", "description": "An enumeration.", "enum": ["starting", "processing", "succeeded", "canceled", "failed"], "type": "string"},
+                "WebhookEvent": {"title": "WebhookEvent", "description": "An enumeration.", "enum": ["start", "output", "logs", "completed"], "type": "string"},
+                "PredictionRequest": {"title": "PredictionRequest", "type": "object", "properties": {
+                    "input": {"$ref": "#/components/schemas/Input"},
+                    "id": {"title": "Id", "type": "string"},
+                    "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
+                    "output_file_prefix": {"title": "Output File Prefix", "type": "string", "description": "Ignored: the output stays on this server"},
+                    "webhook": {"title": "Webhook", "maxLength": 2048, "minLength": 1, "format": "uri", "type": "string"},
+                    "webhook_events_filter": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookEvent"}, "default": ["start", "output", "logs", "completed"]}
+                }},
+                "PredictionResponse": {"title": "PredictionResponse", "type": "object", "properties": {
+                    "input": {"$ref": "#/components/schemas/Input"},
+                    "output": {"$ref": "#/components/schemas/Output"},
+                    "id": {"title": "Id", "type": "string"},
+                    "version": {"title": "Version", "type": "string"},
+                    "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
+                    "started_at": {"title": "Started At", "type": "string", "format": "date-time"},
+                    "completed_at": {"title": "Completed At", "type": "string", "format": "date-time"},
+                    "logs": {"title": "Logs", "type": "string", "default": ""},
+                    "error": {"title": "Error", "type": "string"},
+                    "status": {"$ref": "#/components/schemas/Status"},
+                    "metrics": {"title": "Metrics", "type": "object"},
+                    "urls": {"title": "Urls", "type": "object", "description": "get, cancel and stream (the video's event stream)"},
+                    "video_id": {"title": "Video Id", "type": "string", "description": "The same job under /v1/videos"}
+                }}
             }
         },
         "security": [{"bearer": []}],
         "paths": {
             "/v1/videos": {
                 "post": {
-                    "summary": "Queue a video: text-to-video, or video-to-video with an input video (multipart)",
+                    "summary": "Queue a video: text-to-video, or video-to-video with an input video (multipart). Fields this server does not know are ignored (listed in the t2v-ignored-fields header). Idempotency-Key: the same key and request within 24 h give the same video (header idempotent-replayed), another request with the key a 422",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}}],
                     "requestBody": {"required": true, "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/CreateVideo"}},
                         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideo"}}}},
@@ -150,7 +252,11 @@ pub fn spec() -> Value {
             "/openapi.json": {"get": {"summary": "This description", "security": [], "responses": {"200": {"description": "OpenAPI 3.1"}}}},
             "/": {"get": {"summary": "The web page", "security": [], "responses": {"200": {"description": "HTML"}}}}
         }
-    })
+    });
+    if let (Some(paths), Value::Object(more)) = (spec["paths"].as_object_mut(), prediction_paths) {
+        paths.extend(more);
+    }
+    spec
 }
 
 #[cfg(test)]

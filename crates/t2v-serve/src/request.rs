@@ -107,7 +107,12 @@ pub const FIELDS: &[&str] = &[
     "context_stride",
     "context_weighting",
     "prompts",
+    "lora",
 ];
+
+/// Fields other servers of this API send that fill in t2v's (vLLM-Omni's and SGLang's): their
+/// values are merged as t2v's fields, a field given at the top level winning.
+const NESTED: &[&str] = &["extra_params", "video_params"];
 
 /// The fields that apply to video-to-video only.
 const VIDEO_FIELDS: &[&str] = &["strength", "video_start", "video_every", "video_fit"];
@@ -131,6 +136,37 @@ impl Fields {
         }
         let map = map.into_iter().filter(|(_, v)| !matches!(v, Value::Null) && v.as_str() != Some("")).collect();
         Ok(Self(map))
+    }
+
+    /// The fields of a request as other servers of this API read them (vLLM-Omni, SGLang):
+    /// `extra_params` and `video_params` (objects, or JSON strings of one in multipart) merged
+    /// in, and fields this server does not know ignored, as those servers do: returned by name.
+    pub fn from_request(mut map: BTreeMap<String, Value>) -> Result<(Self, Vec<String>), ApiError> {
+        for nested in NESTED {
+            let Some(value) = map.remove(*nested) else { continue };
+            let object = match value {
+                Value::Null => continue,
+                Value::Object(o) => o,
+                Value::String(t) if t.trim().is_empty() => continue,
+                Value::String(t) => match serde_json::from_str::<Value>(&t) {
+                    Ok(Value::Object(o)) => o,
+                    _ => return Err(ApiError::bad(nested, format!("`{nested}` must be an object of fields"))),
+                },
+                _ => return Err(ApiError::bad(nested, format!("`{nested}` must be an object of fields"))),
+            };
+            for (k, v) in object {
+                map.entry(k).or_insert(v);
+            }
+        }
+        let mut ignored = Vec::new();
+        map.retain(|k, _| {
+            let known = FIELDS.contains(&k.as_str());
+            if !known {
+                ignored.push(k.clone());
+            }
+            known
+        });
+        Ok((Self::new(map)?, ignored))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -305,6 +341,88 @@ fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<Lon
         prompts.insert(frame, text.clone());
     }
     Ok(LongVideo { context, prompts, negative_prompts: BTreeMap::new() })
+}
+
+/// The LoRAs a request picks (`lora`, as vLLM-Omni spells it: a name, an object
+/// `{"name", "scale"}` with its other spellings `lora_name`/`adapter` and `lora_scale`, or a list
+/// of them) from the server's `--lora-dir`, recorded in `settings` (path, SHA-256, weight).
+pub fn with_loras(
+    fields: &Fields,
+    mut settings: RunSettings,
+    available: &BTreeMap<String, std::path::PathBuf>,
+) -> Result<RunSettings, ApiError> {
+    let Some(value) = fields.0.get("lora") else { return Ok(settings) };
+    let bad = |m: String| ApiError::bad("lora", m);
+    let names = || {
+        if available.is_empty() {
+            "this server has none (start it with --lora-dir DIR)".to_string()
+        } else {
+            format!("this server has: {}", available.keys().cloned().collect::<Vec<_>>().join(", "))
+        }
+    };
+    let parsed = match value {
+        // Multipart: a name, or the JSON of an object or a list.
+        Value::String(t) if t.trim_start().starts_with(['{', '[']) => {
+            serde_json::from_str::<Value>(t).map_err(|e| bad(format!("`lora` is not valid JSON: {e}")))?
+        }
+        other => other.clone(),
+    };
+    let items = match parsed {
+        Value::Array(list) => list,
+        one => vec![one],
+    };
+    if items.len() > 8 {
+        return Err(bad("at most 8 LoRAs a job".into()));
+    }
+    for item in items {
+        let (name, scale) = match &item {
+            Value::String(name) => (name.clone(), 1.0),
+            Value::Object(o) => {
+                let pick = |keys: &[&str]| keys.iter().find_map(|k| o.get(*k).filter(|v| !v.is_null()));
+                if pick(&["path", "lora_path", "local_path"]).is_some() {
+                    return Err(bad(format!(
+                        "this server loads LoRAs by name, not by path: give `name` ({})",
+                        names()
+                    )));
+                }
+                let name = match pick(&["name", "lora_name", "adapter"]) {
+                    Some(Value::String(n)) => n.clone(),
+                    _ => return Err(bad(format!("`lora` needs a `name` ({})", names()))),
+                };
+                let scale = match pick(&["scale", "lora_scale"]) {
+                    None => 1.0,
+                    Some(v) => v
+                        .as_f64()
+                        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                        .filter(|s| s.is_finite() && s.abs() <= 10.0)
+                        .ok_or_else(|| bad(format!("the LoRA scale must be a number from -10 to 10, got {v}")))?,
+                };
+                (name, scale)
+            }
+            other => return Err(bad(format!("`lora` must be a name or an object with `name`, got {other}"))),
+        };
+        let path = available.get(&name).ok_or_else(|| bad(format!("no LoRA `{name}`: {}", names())))?;
+        let spec = t2v::lora::LoraSpec::new(path, scale);
+        let lora = t2v_settings::LoraSettings::of(&spec)
+            .map_err(|e| ApiError::internal(format!("reading the LoRA {name}: {e:#}")))?;
+        settings.loras.push(lora);
+    }
+    Ok(settings)
+}
+
+/// Refuses a run the worker's scheduler would refuse (too many steps for DPM-Solver's schedule
+/// on this checkpoint, say): the scheduler of the run built from the model's own config, as the
+/// worker builds it.
+pub fn check_schedule(settings: &RunSettings, config: Option<&(Value, std::path::PathBuf)>) -> Result<(), ApiError> {
+    let Some((json, path)) = config else { return Ok(()) };
+    let kind = settings.scheduler.parse::<SchedulerKind>().map_err(|e| ApiError::bad("scheduler", e.to_string()))?;
+    t2v::schedulers::build_scheduler(kind, json, path, settings.steps, settings.eta).map(|_| ()).map_err(|e| {
+        let message = e.to_string().replace(&path.display().to_string(), "scheduler_config.json");
+        ApiError::bad(
+            "num_inference_steps",
+            format!("the {} scheduler cannot run {} steps on this model: {message}", kind.name(), settings.steps),
+        )
+    })
 }
 
 /// "WxH" → (width, height).
@@ -514,6 +632,18 @@ mod tests {
         assert_eq!(param(serde_json::json!({"prompt": "x", "seconds": 100})), Some((400, "seconds".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "model": "sora-2"})), Some((400, "model".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "colour": "red"})), Some((400, "colour".into())));
+        // As other servers read a request: unknown fields ignored, nested ones merged.
+        let map = serde_json::from_value(serde_json::json!({"prompt": "x", "colour": "red", "seconds": 2,
+            "extra_params": {"num_inference_steps": 3, "seed": 9, "guidance_scale": 1.0, "shift": 5},
+            "video_params": {"fps": 4, "width": 64}, "guidance_scale": 7.0}))
+        .unwrap();
+        let (f, mut ignored) = Fields::from_request(map).unwrap();
+        ignored.sort();
+        assert_eq!(ignored, ["colour", "shift"]);
+        let s = parse(&f, &model(), &limits(), 42).unwrap();
+        assert_eq!((s.steps, s.seed, s.guidance_scale, s.fps, s.num_frames, s.width), (3, 9, 7.0, 4, 8, 64));
+        let map = serde_json::from_value(serde_json::json!({"prompt": "x", "extra_params": "[1]"})).unwrap();
+        assert_eq!(Fields::from_request(map).err().and_then(|e| e.param), Some("extra_params".into()));
         assert_eq!(param(serde_json::json!({"prompt": 3})), Some((400, "prompt".into())));
         assert_eq!(param(serde_json::json!({"prompt": "x", "strength": 0.5})), Some((422, "strength".into())));
         assert!(parse_json(serde_json::json!({"prompt": "x", "model": "tiny"})).is_ok());

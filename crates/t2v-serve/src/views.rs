@@ -18,6 +18,10 @@ pub fn public_settings(settings: &t2v_settings::RunSettings, model: &ModelInfo) 
     if let Some(input) = &mut s.input {
         input.path = input.path.file_name().map(std::path::PathBuf::from).unwrap_or_default();
     }
+    // LoRAs by their name in --lora-dir.
+    for lora in &mut s.loras {
+        lora.path = lora.path.file_name().map(std::path::PathBuf::from).unwrap_or_default();
+    }
     s
 }
 

@@ -66,17 +66,24 @@ pub fn run(
 
     std::thread::scope(|scope| {
         for name in &names {
-            let (shared, handle, pipe, previewer) = (&shared, &handle, &pipe, previewer.as_ref());
+            let (shared, handle, pipe, previewer, options) = (&shared, &handle, &pipe, previewer.as_ref(), &options);
             std::thread::Builder::new()
                 .name(format!("t2v-{name}"))
-                .spawn_scoped(scope, move || work(shared, handle, pipe, previewer, name))
+                .spawn_scoped(scope, move || work(shared, handle, pipe, previewer, options, name))
                 .expect("starting a worker thread");
         }
     });
 }
 
 /// One worker: claims the oldest runnable job, runs it under its lease, and again.
-fn work(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, name: &str) {
+fn work(
+    shared: &Arc<Shared>,
+    handle: &Handle,
+    pipe: &TextToVideo,
+    previewer: Option<&Previewer>,
+    options: &LoadOptions,
+    name: &str,
+) {
     eprintln!("t2v: worker {name} waiting for jobs");
     while !shared.stopping.load(Ordering::SeqCst) {
         // Jobs whose worker died on their last attempt: failed, and said so.
@@ -94,7 +101,7 @@ fn work(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Op
             Err(e) => eprintln!("t2v: reading the queue: {e:#}"),
         }
         match handle.block_on(shared.store.claim_next(name, shared.policy)) {
-            Ok(Some(job)) => run_job(shared, handle, pipe, previewer, job),
+            Ok(Some(job)) => run_job(shared, handle, pipe, previewer, options, job),
             Ok(None) => {
                 handle.block_on(async {
                     let _ = tokio::time::timeout(Duration::from_millis(500), shared.wake.notified()).await;
@@ -166,7 +173,14 @@ fn retry<T>(handle: &Handle, shared: &Shared, what: &str, mut op: impl FnMut() -
     }
 }
 
-fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer: Option<&Previewer>, job: Job) {
+fn run_job(
+    shared: &Arc<Shared>,
+    handle: &Handle,
+    pipe: &TextToVideo,
+    previewer: Option<&Previewer>,
+    options: &LoadOptions,
+    job: Job,
+) {
     let id = job.id.clone();
     let lease = match Lease::of(&job) {
         Ok(l) => l,
@@ -178,6 +192,7 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
     if job.cancel_requested {
         shared.cancels.lock().expect("cancels lock").insert(id.clone());
     }
+    shared.webhooks.remember(&job);
     let watch = Arc::new(LeaseWatch::default());
     let (done, done_rx) = tokio::sync::oneshot::channel();
     let beat = handle.spawn(heartbeat(shared.clone(), lease.clone(), watch.clone(), done_rx));
@@ -202,7 +217,7 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
             || watch.lost.load(Ordering::SeqCst)
     };
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        generate(shared, handle, pipe, previewer, &job, &lease, &cancelled)
+        generate(shared, handle, pipe, previewer, options, &job, &lease, &cancelled)
     }));
     let lost = || watch.lost.load(Ordering::SeqCst);
     let outcome = match result {
@@ -290,17 +305,32 @@ fn run_job(shared: &Arc<Shared>, handle: &Handle, pipe: &TextToVideo, previewer:
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn generate(
     shared: &Shared,
     handle: &Handle,
     pipe: &TextToVideo,
     previewer: Option<&Previewer>,
+    options: &LoadOptions,
     job: &Job,
     lease: &Lease,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<StagedResult> {
     let id = &job.id;
     let settings = &job.settings;
+    // A job with LoRAs (picked from --lora-dir) runs on the model with them merged, loaded for it
+    // (LoRAs change the weights at load; the shared model stays as it is). Each file is checked
+    // against the SHA-256 recorded when the job was queued.
+    let with_loras;
+    let pipe = if settings.loras.is_empty() {
+        pipe
+    } else {
+        let loras = settings.loras.iter().map(|l| l.check()).collect::<Result<Vec<_>>>()?;
+        let options = LoadOptions { loras, ..options.clone() };
+        with_loras =
+            TextToVideo::load(pipe.folder().root(), &options).context("loading the model with the job's LoRAs")?;
+        &with_loras
+    };
     let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);
     settings.apply_to(&mut params)?;
     let mut last_saved = (0u8, Instant::now());

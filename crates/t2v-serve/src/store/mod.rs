@@ -92,6 +92,106 @@ pub struct Job {
     pub worker: Option<String>,
     /// For a queued job, 1 for the next to run; 0 for the running one; `None` once finished.
     pub queue_position: Option<u64>,
+    /// The id a client gave the job through the prediction API (Cog's), if it came that way.
+    pub prediction_id: Option<String>,
+    /// How the job came and whom it tells of its events.
+    pub meta: JobMeta,
+}
+
+/// What a job carries beside its settings: the API it came through, its webhook, and what that
+/// API shows of it (the prediction's `input` as sent, the base URL the client reached).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobMeta {
+    /// `prediction` (Cog's API) or `video` (absent: `video`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// The prediction's `input`, as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// Where the job's events are posted (Standard Webhooks signed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// Cog's `webhook_events_filter`: the events sent (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_events: Option<Vec<String>>,
+    /// The server's URL as the client reached it (`http://HOST`), for the output's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+impl JobMeta {
+    pub fn is_prediction(&self) -> bool {
+        self.api.as_deref() == Some("prediction")
+    }
+
+    pub(crate) fn stored(&self) -> Option<String> {
+        (self != &JobMeta::default()).then(|| serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// A job to add: [`JobStore::insert_new`].
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub id: &'a str,
+    pub settings: &'a RunSettings,
+    pub meta: &'a JobMeta,
+    /// A prediction id: when a job has it already, that job is the answer and nothing is added.
+    pub prediction_id: Option<&'a str>,
+    /// An `Idempotency-Key` and the SHA-256 of the request it came with: within
+    /// [`IDEMPOTENCY_WINDOW_MS`] the same key and request give the job it made, the same key with
+    /// another request [`Inserted::KeyReused`].
+    pub idempotency: Option<(&'a str, &'a str)>,
+}
+
+/// How long an `Idempotency-Key` names its job: 24 hours.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// What [`JobStore::insert_new`] did.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    New(Job),
+    /// The prediction id or idempotency key named a job already: that job, unchanged.
+    Existing(Job),
+    /// The idempotency key came with another request within its window.
+    KeyReused,
+}
+
+/// A webhook call to make: kept in the store until it is delivered or given up, so that retries
+/// survive a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub seq: i64,
+    /// The `webhook-id`: the same on every attempt (receivers drop duplicates by it).
+    pub msg_id: String,
+    pub job_id: String,
+    pub event: String,
+    pub url: String,
+    pub body: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// How an attempt at a [`Delivery`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    Delivered,
+    /// Failed: try again at this time.
+    Retry {
+        at_ms: i64,
+        error: String,
+    },
+    /// Failed for good (out of attempts, or a target that may not be called).
+    GaveUp {
+        error: String,
+    },
+}
+
+/// Deliveries by state, for `/v1/t2v/info`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DeliveryCounts {
+    pub pending: u64,
+    pub delivered: u64,
+    pub failed: u64,
 }
 
 /// A worker's hold on the job it claimed: every write of the worker names it.
@@ -187,7 +287,30 @@ pub trait JobStore: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// Adds a queued job; `id` is new and `settings` has every value filled in.
-    async fn insert(&self, id: &str, settings: &RunSettings) -> Result<Job>;
+    async fn insert(&self, id: &str, settings: &RunSettings) -> Result<Job> {
+        let meta = JobMeta::default();
+        match self.insert_new(NewJob { id, settings, meta: &meta, prediction_id: None, idempotency: None }).await? {
+            Inserted::New(job) | Inserted::Existing(job) => Ok(job),
+            Inserted::KeyReused => Err(anyhow!("job {id}: an idempotency key without a key")),
+        }
+    }
+    /// Adds a queued job, unless its prediction id or idempotency key names one already (one
+    /// transaction: two requests racing with the same id make one job).
+    async fn insert_new(&self, new: NewJob<'_>) -> Result<Inserted>;
+    /// The job a client made through the prediction API under `prediction_id`.
+    async fn get_prediction(&self, prediction_id: &str) -> Result<Option<Job>>;
+    /// Keeps a webhook call to make (at once); a `msg_id` kept already is not added again.
+    async fn enqueue_delivery(&self, msg_id: &str, job_id: &str, event: &str, url: &str, body: &str) -> Result<()>;
+    /// Up to `limit` deliveries due now that no one holds, held for `hold` (a process that dies
+    /// mid-call leaves them to another attempt after it).
+    async fn claim_deliveries(&self, limit: usize, hold: Duration) -> Result<Vec<Delivery>>;
+    /// Records how an attempt at delivery `seq` ended (counting the attempt).
+    async fn finish_delivery(&self, seq: i64, outcome: &DeliveryOutcome) -> Result<()>;
+    /// The earliest time a pending delivery is due (ms), if any.
+    async fn next_delivery_ms(&self) -> Result<Option<i64>>;
+    async fn delivery_counts(&self) -> Result<DeliveryCounts>;
+    /// Forgets deliveries that ended before `before_ms`.
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64>;
     async fn get(&self, id: &str) -> Result<Option<Job>>;
     /// A page of jobs in `order`, starting after the job `after` (exclusive); and whether more follow.
     async fn list(&self, limit: usize, after: Option<&str>, order: Order) -> Result<(Vec<Job>, bool)>;
@@ -267,7 +390,8 @@ pub(crate) const SELECT: &str =
     CASE status
         WHEN 'queued' THEN (SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued' AND q.seq <= jobs.seq)
         WHEN 'in_progress' THEN 0
-        ELSE NULL END AS queue_position
+        ELSE NULL END AS queue_position,
+    prediction_id, meta
     FROM jobs";
 
 /// A job from the columns of [`SELECT`], read by each backend.
@@ -287,8 +411,16 @@ pub(crate) fn job_from_columns(
     cancel_requested: bool,
     worker: Option<String>,
     queue_position: Option<i64>,
+    prediction_id: Option<String>,
+    meta: Option<&str>,
 ) -> Result<Job> {
+    let meta = match meta {
+        Some(m) => serde_json::from_str(m).map_err(|e| anyhow!("the metadata of job {id}: {e}"))?,
+        None => JobMeta::default(),
+    };
     Ok(Job {
+        prediction_id,
+        meta,
         seq,
         status: JobStatus::parse(status)?,
         progress: progress.clamp(0, 100) as u8,
@@ -419,6 +551,70 @@ mod conformance {
         Ok(())
     }
 
+    /// Prediction ids and idempotency keys name one job each; webhook calls wait their turn.
+    async fn predictions_keys_and_deliveries(store: &dyn JobStore) -> Result<()> {
+        let s = settings("p");
+        let meta = JobMeta { api: Some("prediction".into()), webhook: Some("http://h/x".into()), ..JobMeta::default() };
+        let new = |id: &'static str, pid: Option<&'static str>, key: Option<(&'static str, &'static str)>| NewJob {
+            id,
+            settings: &s,
+            meta: &meta,
+            prediction_id: pid,
+            idempotency: key,
+        };
+        let Inserted::New(first) = store.insert_new(new("video_p1", Some("pred-1"), None)).await? else {
+            panic!("new")
+        };
+        assert_eq!(
+            (first.prediction_id.as_deref(), first.meta.webhook.as_deref()),
+            (Some("pred-1"), Some("http://h/x"))
+        );
+        let Inserted::Existing(again) = store.insert_new(new("video_p2", Some("pred-1"), None)).await? else {
+            panic!("the same prediction id gives its job")
+        };
+        assert_eq!(again.id, "video_p1");
+        assert!(store.get("video_p2").await?.is_none(), "and makes none");
+        assert_eq!(store.get_prediction("pred-1").await?.map(|j| j.id), Some("video_p1".into()));
+        assert!(store.get_prediction("pred-2").await?.is_none());
+
+        assert!(matches!(store.insert_new(new("video_k1", None, Some(("key", "h1")))).await?, Inserted::New(_)));
+        let Inserted::Existing(same) = store.insert_new(new("video_k2", None, Some(("key", "h1")))).await? else {
+            panic!("same key, same request")
+        };
+        assert_eq!(same.id, "video_k1");
+        assert!(matches!(store.insert_new(new("video_k3", None, Some(("key", "h2")))).await?, Inserted::KeyReused));
+        // A key whose job is gone is free again.
+        store.delete("video_k1").await?;
+        assert!(matches!(store.insert_new(new("video_k4", None, Some(("key", "h2")))).await?, Inserted::New(_)));
+
+        store.enqueue_delivery("msg_1", "video_p1", "start", "http://h/x", "{}").await?;
+        store.enqueue_delivery("msg_1", "video_p1", "start", "http://h/x", "{}").await?;
+        store.enqueue_delivery("msg_2", "video_p1", "completed", "http://h/x", "{\"a\":1}").await?;
+        let hold = Duration::from_secs(60);
+        let due = store.claim_deliveries(10, hold).await?;
+        assert_eq!(
+            due.iter().map(|d| (d.msg_id.as_str(), d.attempts)).collect::<Vec<_>>(),
+            [("msg_1", 0), ("msg_2", 0)]
+        );
+        assert!(store.claim_deliveries(10, hold).await?.is_empty(), "held calls are not claimed twice");
+        store.finish_delivery(due[0].seq, &DeliveryOutcome::Delivered).await?;
+        let later = now_ms() + 60_000;
+        store.finish_delivery(due[1].seq, &DeliveryOutcome::Retry { at_ms: later, error: "503".into() }).await?;
+        assert!(store.claim_deliveries(10, hold).await?.is_empty(), "a retry waits its time");
+        assert_eq!(store.next_delivery_ms().await?, Some(later));
+        assert_eq!(store.delivery_counts().await?, DeliveryCounts { pending: 1, delivered: 1, failed: 0 });
+        store.finish_delivery(due[1].seq, &DeliveryOutcome::Retry { at_ms: 0, error: "503".into() }).await?;
+        let again = store.claim_deliveries(10, hold).await?;
+        assert_eq!((again.len(), again[0].attempts, again[0].body.as_str()), (1, 2, "{\"a\":1}"));
+        store.finish_delivery(again[0].seq, &DeliveryOutcome::GaveUp { error: "gone".into() }).await?;
+        assert_eq!(store.delivery_counts().await?, DeliveryCounts { pending: 0, delivered: 1, failed: 1 });
+        assert_eq!(store.prune_deliveries(now_ms() + 1).await?, 2);
+        for id in ["video_p1", "video_k4"] {
+            store.delete(id).await?;
+        }
+        Ok(())
+    }
+
     async fn events_in_order(store: &dyn JobStore) -> Result<()> {
         assert_eq!(store.last_event().await?, 0);
         for (i, origin) in ["a", "b", "a"].into_iter().enumerate() {
@@ -472,6 +668,7 @@ mod conformance {
         let store = SqliteStore::open(&dir.path().join("jobs.sqlite"))?;
         queue_leases_and_recovery(&store).await?;
         events_in_order(&store).await?;
+        predictions_keys_and_deliveries(&SqliteStore::open(&dir.path().join("keys.sqlite"))?).await?;
         racing_claims(Arc::new(SqliteStore::open(&dir.path().join("race.sqlite"))?)).await?;
         // The file keeps everything across a reopen; recovery without a name settles every job
         // left in progress (no other process uses the file).
@@ -492,6 +689,7 @@ mod conformance {
         let again = PostgresStore::connect(&cluster.url).await?;
         queue_leases_and_recovery(&store).await?;
         events_in_order(&again).await?;
+        predictions_keys_and_deliveries(&again).await?;
         racing_claims(Arc::new(again)).await?;
 
         // KEDA's scaler (deploy/kubernetes/keda.yaml) counts the jobs waiting or running.

@@ -10,12 +10,12 @@ use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::Value;
-use t2v_settings::RunSettings;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    interrupted_message, job_from_columns, now_ms, Counts, Job, JobStatus, JobStore, Lease, Order, Outcome,
-    QueuePolicy, Recovery, Renewal, StoredEvent, CANCELLED_INTERRUPTED, SELECT,
+    interrupted_message, job_from_columns, now_ms, Counts, Delivery, DeliveryCounts, DeliveryOutcome, Inserted, Job,
+    JobStatus, JobStore, Lease, NewJob, Order, Outcome, QueuePolicy, Recovery, Renewal, StoredEvent,
+    CANCELLED_INTERRUPTED, IDEMPOTENCY_WINDOW_MS, SELECT,
 };
 
 /// The schema, one entry per version, the same as SQLite's (`sqlite.rs`) in PostgreSQL's types.
@@ -50,11 +50,41 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX job_events_by_time ON job_events (created_at_ms);
 ",
+    "
+    ALTER TABLE jobs ADD COLUMN prediction_id TEXT;
+    ALTER TABLE jobs ADD COLUMN meta TEXT;
+    CREATE UNIQUE INDEX jobs_by_prediction ON jobs (prediction_id);
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        request_sha256 TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        seq BIGSERIAL PRIMARY KEY,
+        msg_id TEXT NOT NULL UNIQUE,
+        job_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at_ms BIGINT NOT NULL,
+        held_until_ms BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at_ms BIGINT NOT NULL,
+        ended_at_ms BIGINT
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at_ms);
+",
 ];
 
 /// Advisory lock keys: migrations, and the order of stored events.
 const MIGRATION_LOCK: i64 = 0x0074_3276_5f6d_6967;
 const EVENT_LOCK: i64 = 0x0074_3276_5f65_7674;
+/// Inserting jobs with a prediction id or an idempotency key: one at a time, so that two requests
+/// with the same one make one job.
+const INSERT_LOCK: i64 = 0x0074_3276_5f69_6e73;
 
 /// The database's clock in milliseconds: leases of workers on different machines compare on it.
 const DB_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -159,6 +189,8 @@ fn job_from_row(row: &Row) -> Result<Job> {
         row.try_get(11)?,
         row.try_get(12)?,
         row.try_get(13)?,
+        row.try_get(14)?,
+        row.try_get::<_, Option<&str>>(15)?,
     )
 }
 
@@ -171,16 +203,171 @@ impl JobStore for PostgresStore {
         "postgres"
     }
 
-    async fn insert(&self, id: &str, settings: &RunSettings) -> Result<Job> {
-        let settings = serde_json::to_string(settings)?;
+    async fn insert_new(&self, new: NewJob<'_>) -> Result<Inserted> {
+        let settings = serde_json::to_string(new.settings)?;
+        let meta = new.meta.stored();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if new.prediction_id.is_some() || new.idempotency.is_some() {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INSERT_LOCK]).await?;
+        }
+        if let Some(pid) = new.prediction_id {
+            if let Some(row) = tx.query_opt(&format!("{SELECT} WHERE prediction_id = $1"), &[&pid]).await? {
+                return Ok(Inserted::Existing(job_from_row(&row)?));
+            }
+        }
+        let now = now_ms();
+        if let Some((key, hash)) = new.idempotency {
+            let found = tx
+                .query_opt("SELECT request_sha256, job_id, created_at_ms FROM idempotency_keys WHERE key = $1", &[&key])
+                .await?;
+            if let Some(row) = found {
+                let (stored, job_id, at): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+                let job = tx.query_opt(&format!("{SELECT} WHERE id = $1"), &[&job_id]).await?;
+                match job {
+                    Some(job) if at > now - IDEMPOTENCY_WINDOW_MS => {
+                        return Ok(if stored == hash {
+                            Inserted::Existing(job_from_row(&job)?)
+                        } else {
+                            Inserted::KeyReused
+                        });
+                    }
+                    _ => {
+                        tx.execute("DELETE FROM idempotency_keys WHERE key = $1", &[&key]).await?;
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO idempotency_keys (key, request_sha256, job_id, created_at_ms) VALUES ($1, $2, $3, $4)",
+                &[&key, &hash, &new.id, &now],
+            )
+            .await?;
+        }
+        tx.execute(
+            "INSERT INTO jobs (id, status, created_at_ms, settings, prediction_id, meta) VALUES ($1, 'queued', $2, $3, $4, $5)",
+            &[&new.id, &now, &settings, &new.prediction_id, &meta],
+        )
+        .await?;
+        let row = tx.query_one(&format!("{SELECT} WHERE id = $1"), &[&new.id]).await?;
+        let job = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(Inserted::New(job))
+    }
+
+    async fn get_prediction(&self, prediction_id: &str) -> Result<Option<Job>> {
+        self.get_by("prediction_id", &prediction_id).await
+    }
+
+    async fn enqueue_delivery(&self, msg_id: &str, job_id: &str, event: &str, url: &str, body: &str) -> Result<()> {
         self.client()
             .await?
             .execute(
-                "INSERT INTO jobs (id, status, created_at_ms, settings) VALUES ($1, 'queued', $2, $3)",
-                &[&id, &now_ms(), &settings],
+                "INSERT INTO webhook_deliveries (msg_id, job_id, event, url, body, next_attempt_at_ms, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (msg_id) DO NOTHING",
+                &[&msg_id, &job_id, &event, &url, &body, &now_ms()],
             )
             .await?;
-        self.get(id).await?.ok_or_else(|| anyhow!("job {id} vanished after its insertion"))
+        Ok(())
+    }
+
+    async fn claim_deliveries(&self, limit: usize, hold: Duration) -> Result<Vec<Delivery>> {
+        let now = now_ms();
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "UPDATE webhook_deliveries SET held_until_ms = $2
+                 WHERE seq IN (
+                    SELECT seq FROM webhook_deliveries
+                    WHERE state = 'pending' AND next_attempt_at_ms <= $1 AND held_until_ms <= $1
+                    ORDER BY next_attempt_at_ms, seq LIMIT $3
+                    FOR UPDATE SKIP LOCKED)
+                 RETURNING seq, msg_id, job_id, event, url, body, attempts",
+                &[&now, &(now + hold.as_millis() as i64), &(limit as i64)],
+            )
+            .await?;
+        let mut out: Vec<Delivery> = rows
+            .iter()
+            .map(|r| Delivery {
+                seq: r.get(0),
+                msg_id: r.get(1),
+                job_id: r.get(2),
+                event: r.get(3),
+                url: r.get(4),
+                body: r.get(5),
+                attempts: r.get::<_, i32>(6).max(0) as u32,
+            })
+            .collect();
+        out.sort_by_key(|d| d.seq);
+        Ok(out)
+    }
+
+    async fn finish_delivery(&self, seq: i64, outcome: &DeliveryOutcome) -> Result<()> {
+        let client = self.client().await?;
+        let now = now_ms();
+        match outcome {
+            DeliveryOutcome::Delivered => {
+                client
+                    .execute(
+                        "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1, held_until_ms = 0,
+                            ended_at_ms = $2, last_error = NULL WHERE seq = $1",
+                        &[&seq, &now],
+                    )
+                    .await?
+            }
+            DeliveryOutcome::Retry { at_ms, error } => client
+                .execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, held_until_ms = 0, next_attempt_at_ms = $2,
+                            last_error = $3 WHERE seq = $1",
+                    &[&seq, at_ms, error],
+                )
+                .await?,
+            DeliveryOutcome::GaveUp { error } => {
+                client
+                    .execute(
+                        "UPDATE webhook_deliveries SET state = 'failed', attempts = attempts + 1, held_until_ms = 0,
+                            ended_at_ms = $2, last_error = $3 WHERE seq = $1",
+                        &[&seq, &now, error],
+                    )
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    async fn next_delivery_ms(&self) -> Result<Option<i64>> {
+        Ok(self
+            .client()
+            .await?
+            .query_one(
+                "SELECT MIN(GREATEST(next_attempt_at_ms, held_until_ms)) FROM webhook_deliveries WHERE state = 'pending'",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    async fn delivery_counts(&self) -> Result<DeliveryCounts> {
+        let rows =
+            self.client().await?.query("SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state", &[]).await?;
+        let mut counts = DeliveryCounts::default();
+        for row in rows {
+            let n = row.get::<_, i64>(1) as u64;
+            match row.get::<_, &str>(0) {
+                "pending" => counts.pending = n,
+                "delivered" => counts.delivered = n,
+                _ => counts.failed += n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64> {
+        Ok(self
+            .client()
+            .await?
+            .execute("DELETE FROM webhook_deliveries WHERE state != 'pending' AND ended_at_ms < $1", &[&before_ms])
+            .await?)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {

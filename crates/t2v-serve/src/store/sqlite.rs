@@ -10,11 +10,11 @@ use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
-use t2v_settings::RunSettings;
 
 use super::{
-    interrupted_message, job_from_columns, now_ms, Counts, Job, JobStatus, JobStore, Lease, Order, Outcome,
-    QueuePolicy, Recovery, Renewal, StoredEvent, CANCELLED_INTERRUPTED, SELECT,
+    interrupted_message, job_from_columns, now_ms, Counts, Delivery, DeliveryCounts, DeliveryOutcome, Inserted, Job,
+    JobStatus, JobStore, Lease, NewJob, Order, Outcome, QueuePolicy, Recovery, Renewal, StoredEvent,
+    CANCELLED_INTERRUPTED, IDEMPOTENCY_WINDOW_MS, SELECT,
 };
 
 /// The schema, one entry per version (`PRAGMA user_version`); applied in order at open. The
@@ -49,6 +49,33 @@ const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL
     );
     CREATE INDEX job_events_by_time ON job_events (created_at_ms);
+",
+    "
+    ALTER TABLE jobs ADD COLUMN prediction_id TEXT;
+    ALTER TABLE jobs ADD COLUMN meta TEXT;
+    CREATE UNIQUE INDEX jobs_by_prediction ON jobs (prediction_id);
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        request_sha256 TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        msg_id TEXT NOT NULL UNIQUE,
+        job_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at_ms INTEGER NOT NULL,
+        held_until_ms INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at_ms INTEGER NOT NULL,
+        ended_at_ms INTEGER
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at_ms);
 ",
 ];
 
@@ -118,6 +145,8 @@ fn job_from_row(row: &Row) -> rusqlite::Result<Job> {
         row.get::<_, i64>(11)? != 0,
         row.get(12)?,
         row.get(13)?,
+        row.get(14)?,
+        row.get::<_, Option<String>>(15)?.as_deref(),
     )
     .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
@@ -135,14 +164,170 @@ impl JobStore for SqliteStore {
         "sqlite"
     }
 
-    async fn insert(&self, id: &str, settings: &RunSettings) -> Result<Job> {
-        let (id, settings) = (id.to_string(), serde_json::to_string(settings)?);
+    async fn insert_new(&self, new: NewJob<'_>) -> Result<Inserted> {
+        let (id, settings) = (new.id.to_string(), serde_json::to_string(new.settings)?);
+        let (meta, prediction_id) = (new.meta.stored(), new.prediction_id.map(str::to_string));
+        let key = new.idempotency.map(|(k, h)| (k.to_string(), h.to_string()));
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(pid) = &prediction_id {
+                if let Some(job) = tx.query_row(&format!("{SELECT} WHERE prediction_id = ?1"), [pid], job_from_row).optional()? {
+                    return Ok(Inserted::Existing(job));
+                }
+            }
+            let now = now_ms();
+            if let Some((key, hash)) = &key {
+                let found: Option<(String, String, i64)> = tx
+                    .query_row(
+                        "SELECT request_sha256, job_id, created_at_ms FROM idempotency_keys WHERE key = ?1",
+                        [key],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                if let Some((stored, job_id, at)) = found {
+                    let job = get_job(&tx, &job_id)?;
+                    match job {
+                        // Within its window, and its job still there: the key is taken.
+                        Some(job) if at > now - IDEMPOTENCY_WINDOW_MS => {
+                            return Ok(if &stored == hash { Inserted::Existing(job) } else { Inserted::KeyReused });
+                        }
+                        _ => {
+                            tx.execute("DELETE FROM idempotency_keys WHERE key = ?1", [key])?;
+                        }
+                    }
+                }
+                tx.execute(
+                    "INSERT INTO idempotency_keys (key, request_sha256, job_id, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![key, hash, id, now],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO jobs (id, status, created_at_ms, settings, prediction_id, meta) VALUES (?1, 'queued', ?2, ?3, ?4, ?5)",
+                params![id, now, settings, prediction_id, meta],
+            )?;
+            let job = get_job(&tx, &id)?.ok_or_else(|| anyhow!("job {id} vanished after its insertion"))?;
+            tx.commit()?;
+            Ok(Inserted::New(job))
+        })
+        .await
+    }
+
+    async fn get_prediction(&self, prediction_id: &str) -> Result<Option<Job>> {
+        let pid = prediction_id.to_string();
+        self.with(move |conn| {
+            Ok(conn.query_row(&format!("{SELECT} WHERE prediction_id = ?1"), [pid], job_from_row).optional()?)
+        })
+        .await
+    }
+
+    async fn enqueue_delivery(&self, msg_id: &str, job_id: &str, event: &str, url: &str, body: &str) -> Result<()> {
+        let row = [msg_id, job_id, event, url, body].map(str::to_string);
         self.with(move |conn| {
             conn.execute(
-                "INSERT INTO jobs (id, status, created_at_ms, settings) VALUES (?1, 'queued', ?2, ?3)",
-                params![id, now_ms(), settings],
+                "INSERT OR IGNORE INTO webhook_deliveries (msg_id, job_id, event, url, body, next_attempt_at_ms, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![row[0], row[1], row[2], row[3], row[4], now_ms()],
             )?;
-            get_job(conn, &id)?.ok_or_else(|| anyhow!("job {id} vanished after its insertion"))
+            Ok(())
+        })
+        .await
+    }
+
+    async fn claim_deliveries(&self, limit: usize, hold: Duration) -> Result<Vec<Delivery>> {
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = now_ms();
+            let due: Vec<Delivery> = {
+                let mut stmt = tx.prepare(
+                    "SELECT seq, msg_id, job_id, event, url, body, attempts FROM webhook_deliveries
+                     WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND held_until_ms <= ?1
+                     ORDER BY next_attempt_at_ms, seq LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![now, limit as i64], |r| {
+                    Ok(Delivery {
+                        seq: r.get(0)?,
+                        msg_id: r.get(1)?,
+                        job_id: r.get(2)?,
+                        event: r.get(3)?,
+                        url: r.get(4)?,
+                        body: r.get(5)?,
+                        attempts: r.get::<_, i64>(6)?.max(0) as u32,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for d in &due {
+                tx.execute(
+                    "UPDATE webhook_deliveries SET held_until_ms = ?2 WHERE seq = ?1",
+                    params![d.seq, now + hold.as_millis() as i64],
+                )?;
+            }
+            tx.commit()?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn finish_delivery(&self, seq: i64, outcome: &DeliveryOutcome) -> Result<()> {
+        let outcome = outcome.clone();
+        self.with(move |conn| {
+            let now = now_ms();
+            match outcome {
+                DeliveryOutcome::Delivered => conn.execute(
+                    "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1, held_until_ms = 0,
+                        ended_at_ms = ?2, last_error = NULL WHERE seq = ?1",
+                    params![seq, now],
+                )?,
+                DeliveryOutcome::Retry { at_ms, error } => conn.execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, held_until_ms = 0, next_attempt_at_ms = ?2,
+                        last_error = ?3 WHERE seq = ?1",
+                    params![seq, at_ms, error],
+                )?,
+                DeliveryOutcome::GaveUp { error } => conn.execute(
+                    "UPDATE webhook_deliveries SET state = 'failed', attempts = attempts + 1, held_until_ms = 0,
+                        ended_at_ms = ?2, last_error = ?3 WHERE seq = ?1",
+                    params![seq, now, error],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn next_delivery_ms(&self) -> Result<Option<i64>> {
+        self.with(|conn| {
+            Ok(conn.query_row(
+                "SELECT MIN(MAX(next_attempt_at_ms, held_until_ms)) FROM webhook_deliveries WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    async fn delivery_counts(&self) -> Result<DeliveryCounts> {
+        self.with(|conn| {
+            let mut counts = DeliveryCounts::default();
+            let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            for row in rows {
+                let (state, n) = row?;
+                match state.as_str() {
+                    "pending" => counts.pending = n,
+                    "delivered" => counts.delivered = n,
+                    _ => counts.failed += n,
+                }
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64> {
+        self.with(move |conn| {
+            Ok(conn
+                .execute("DELETE FROM webhook_deliveries WHERE state != 'pending' AND ended_at_ms < ?1", [before_ms])?
+                as u64)
         })
         .await
     }
