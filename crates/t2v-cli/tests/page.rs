@@ -466,6 +466,57 @@ fn page_submits_a_job_and_plays_it() {
     assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
 }
 
+/// The LoRAs of `--lora-dir` in the form, chosen by name: the job records the one picked, and a
+/// server without LoRAs shows no LoRA field.
+#[test]
+fn page_offers_the_servers_loras() {
+    let _turn = serial();
+    let Some(mut browser) = Browser::open() else { return };
+    let data = TempDir::new().unwrap();
+    let loras = TempDir::new().unwrap();
+    std::fs::copy(tiny_model().join("lora/pytorch_lora_weights.safetensors"), loras.path().join("yellow.safetensors"))
+        .unwrap();
+    let server = Server::start(data.path(), &["--lora-dir", loras.path().to_str().unwrap()]);
+    let tools = &mut browser.tools;
+    tools.viewport(1280, 800, false);
+    tools.call("Page.navigate", json!({"url": server.url("/")}));
+    let offered = wait_for("the LoRA field", Duration::from_secs(30), || {
+        let v = tools.eval_json(
+            "JSON.stringify({hidden: document.querySelector('#lora-field')?.hidden ?? null,              options: [...(document.querySelector('#form')?.lora?.options || [])].map((o) => o.value)})",
+        );
+        (v["hidden"] == false).then_some(v)
+    });
+    assert_eq!(offered["options"], json!(["", "yellow"]), "{offered}");
+    tools.eval(
+        "form.prompt.value = 'a yellow ball'; form.num_inference_steps.value = '2'; form.num_frames.value = '4'; \
+         form.lora.value = 'yellow'; form.lora_scale.value = '0.5'; submitForm();",
+    );
+    let id = wait_for("the page to queue the LoRA job", Duration::from_secs(60), || {
+        let state = tools.eval_json(
+            "JSON.stringify({s: document.documentElement.dataset.submitted || null, \
+             err: document.querySelector('#form-message.error')?.textContent || null})",
+        );
+        assert!(state["err"].is_null(), "the page shows an error: {state}");
+        state["s"].as_str().map(str::to_string)
+    });
+    let job = server.wait_status(&id, "completed", Duration::from_secs(120));
+    let lora = &job["settings"]["loras"][0];
+    assert_eq!((lora["path"].as_str(), lora["weight"].as_f64()), (Some("yellow.safetensors"), Some(0.5)), "{job}");
+    assert!(tools.exceptions.is_empty(), "page exceptions: {:?}", tools.exceptions);
+
+    // Without --lora-dir the field stays hidden.
+    let plain = TempDir::new().unwrap();
+    let other = Server::start(plain.path(), &[]);
+    tools.call("Page.navigate", json!({"url": other.url("/")}));
+    let hidden = wait_for("the page to load", Duration::from_secs(30), || {
+        let v = tools.eval(
+            "document.querySelector('#model')?.textContent ? document.querySelector('#lora-field').hidden : null",
+        );
+        v.as_bool()
+    });
+    assert!(hidden, "a LoRA field on a server without LoRAs");
+}
+
 /// 200 characters with words longer than a phone is wide (58, then 101 letters).
 fn long_prompt() -> String {
     let word = "Llanfairpwllgwyngyllgogerychwyrndrobwllllantysiliogogogoch";

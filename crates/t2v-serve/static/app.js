@@ -103,6 +103,12 @@ function applyDefaults() {
     for (const option of [...form.scheduler.options]) if (!info.schedulers.includes(option.value)) option.remove();
   }
   form.scheduler.value = d.scheduler;
+  // The LoRAs the operator put in --lora-dir, chosen by name (the server never takes a path).
+  const loras = Array.isArray(info.loras) ? info.loras : [];
+  for (const name of loras) {
+    if (![...form.lora.options].some((o) => o.value === name)) form.lora.add(new Option(name, name));
+  }
+  $("#lora-field").hidden = $("#lora-scale-field").hidden = loras.length === 0;
   form.eta.value = d.eta;
   if (form.strength && d.strength !== undefined) {
     form.strength.value = d.strength;
@@ -185,6 +191,10 @@ async function submitForm() {
   try {
     const prompts = keyframePrompts(form.prompts.value);
     if (Object.keys(prompts).length) body.prompts = prompts;
+    if (form.lora.value) {
+      const scale = Number(form.lora_scale.value || 1);
+      body.lora = { name: form.lora.value, scale };
+    }
     let video;
     const file = form.input_reference.files?.[0];
     if (file && !$("#v2v").disabled) {
