@@ -212,6 +212,8 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
         "jobs": s.store.counts().await?,
         "webhooks": s.store.delivery_counts().await?,
         "loras": s.loras.keys().collect::<Vec<_>>(),
+        "upscale": s.upscale.as_ref().map(|(_, m)| json!({"model": m.name, "native_width": m.native_width,
+            "native_height": m.native_height})),
         "stats": {
             "jobs_run": stats.jobs_run,
             "steps": stats.steps,
@@ -327,6 +329,7 @@ async fn create_job(s: &Arc<Shared>, req: Request) -> Result<(Job, bool, Vec<Str
     let (fields, ignored) = Fields::from_request(map)?;
     let mut settings = request::parse(&fields, &s.model, &s.limits, random_seed())?;
     settings = request::with_loras(&fields, settings, &s.loras)?;
+    settings = request::with_upscale(&fields, settings, s.upscale.as_ref(), &s.limits)?;
     request::check_schedule(&settings, s.scheduler_config.as_ref())?;
     if let Some(video) = request::video_request(&fields, &settings)? {
         let upload = upload.ok_or_else(|| ApiError::bad("input_reference", "`input_reference` holds no file"))?;

@@ -231,6 +231,12 @@ pub struct RunArgs {
     /// Never use the network: the model must be in the Hugging Face cache.
     #[arg(long)]
     pub offline: bool,
+
+    /// A second model for zeroscope's two passes (such as cerspense/zeroscope_v2_XL): a request's
+    /// `upscale` re-renders its video with it, by video-to-video at its size (default: its native
+    /// size). Loaded for each such job once the first pass is done.
+    #[arg(long, value_name = "MODEL")]
+    pub upscale_model: Option<String>,
 }
 
 /// The served model, as the API describes it.
@@ -318,6 +324,8 @@ pub struct Shared {
     /// The model's scheduler config and its path: requests the worker's scheduler would refuse
     /// are refused when they arrive.
     pub scheduler_config: Option<(serde_json::Value, PathBuf)>,
+    /// The second model of `upscale` requests (`--upscale-model`): its folder and description.
+    pub upscale: Option<(PathBuf, ModelInfo)>,
     /// The URL this server listens on (links of jobs whose client's `Host` is unknown).
     pub listen_url: std::sync::OnceLock<String>,
 }
@@ -458,6 +466,14 @@ async fn find_model(spec: Option<&str>, run: &RunArgs) -> Result<(PathBuf, Model
     Ok((folder, model))
 }
 
+/// The second model of `--upscale-model`, found (downloaded when needed) at start.
+async fn upscale_model(run: &RunArgs) -> Result<Option<(PathBuf, ModelInfo)>> {
+    match &run.upscale_model {
+        None => Ok(None),
+        Some(spec) => Ok(Some(find_model(Some(spec), run).await.context("--upscale-model")?)),
+    }
+}
+
 /// The device and precision, checked before anything loads.
 fn load_options(run: &RunArgs) -> Result<LoadOptions> {
     let dtype = dtype_of(&run.dtype)?;
@@ -499,6 +515,7 @@ struct Parts {
     webhooks: webhook::Webhooks,
     loras: std::collections::BTreeMap<String, PathBuf>,
     scheduler_config: Option<(serde_json::Value, PathBuf)>,
+    upscale: Option<(PathBuf, ModelInfo)>,
 }
 
 fn shared(p: Parts) -> Result<Arc<Shared>> {
@@ -534,6 +551,7 @@ fn shared(p: Parts) -> Result<Arc<Shared>> {
         webhooks: p.webhooks,
         loras: p.loras,
         scheduler_config: p.scheduler_config,
+        upscale: p.upscale,
         listen_url: std::sync::OnceLock::new(),
     }))
 }
@@ -668,6 +686,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         webhooks,
         loras,
         scheduler_config,
+        upscale: upscale_model(&args.run).await?,
     })?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, args.port))
         .await
@@ -829,6 +848,7 @@ async fn worker_process(args: WorkerArgs) -> Result<()> {
         webhooks: webhook::Webhooks::new(None, false, Duration::from_secs(5), 8),
         loras: Default::default(),
         scheduler_config: None,
+        upscale: upscale_model(&args.run).await?,
     })?;
     if let Some(addr) = args.health {
         let listener =

@@ -253,6 +253,7 @@ async fn submit(s: Arc<Shared>, path_id: Option<String>, req: Request) -> Result
     }
     let settings = request::parse(&fields, &s.model, &s.limits, crate::api::random_seed())?;
     let settings = request::with_loras(&fields, settings, &s.loras)?;
+    let settings = request::with_upscale(&fields, settings, s.upscale.as_ref(), &s.limits)?;
     request::check_schedule(&settings, s.scheduler_config.as_ref())?;
     let meta = JobMeta {
         api: Some("prediction".into()),

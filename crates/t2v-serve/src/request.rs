@@ -108,6 +108,7 @@ pub const FIELDS: &[&str] = &[
     "context_weighting",
     "prompts",
     "lora",
+    "upscale",
 ];
 
 /// Fields other servers of this API send that fill in t2v's (vLLM-Omni's and SGLang's): their
@@ -407,6 +408,87 @@ pub fn with_loras(
             .map_err(|e| ApiError::internal(format!("reading the LoRA {name}: {e:#}")))?;
         settings.loras.push(lora);
     }
+    Ok(settings)
+}
+
+/// The second pass of zeroscope's recipe, when the request asks for it: `upscale` as `true`, or
+/// an object with `size` ("WxH") or `width`/`height` (default: the upscale model's native size),
+/// `strength` (default [`t2v::params::DEFAULT_UPSCALE_STRENGTH`]) and `num_inference_steps`
+/// (default the first pass's). Checked against the `--upscale-model` here, as the worker runs it
+/// (its sizes, the strength against the steps, the cost cap).
+pub fn with_upscale(
+    fields: &Fields,
+    mut settings: RunSettings,
+    upscale: Option<&(std::path::PathBuf, ModelInfo)>,
+    limits: &Limits,
+) -> Result<RunSettings, ApiError> {
+    let bad = |m: String| ApiError::bad("upscale", m);
+    let parsed = match fields.0.get("upscale") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(settings),
+        Some(Value::Bool(true)) => Value::Object(Default::default()),
+        Some(Value::String(t)) => match t.trim() {
+            "" | "false" => return Ok(settings),
+            "true" => Value::Object(Default::default()),
+            json if json.starts_with('{') => {
+                serde_json::from_str(json).map_err(|e| bad(format!("`upscale` is not valid JSON: {e}")))?
+            }
+            other => return Err(bad(format!("`upscale` must be true or an object, got `{other}`"))),
+        },
+        Some(other) => other.clone(),
+    };
+    let Value::Object(options) = parsed else {
+        return Err(bad(format!("`upscale` must be true or an object, got {parsed}")));
+    };
+    let Some((folder, model)) = upscale else {
+        return Err(bad("this server has no upscale model: its operator starts it with --upscale-model MODEL".into()));
+    };
+    if let Some(unknown) =
+        options.keys().find(|k| !["size", "width", "height", "strength", "num_inference_steps"].contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "unknown `upscale` field `{unknown}`: give size (WxH), width, height, strength, num_inference_steps"
+        )));
+    }
+    let inner = Fields(options.into_iter().collect());
+    let (mut width, mut height) = (model.native_width, model.native_height);
+    if let Some(size) = inner.string("size").map_err(|e| bad(e.message))? {
+        (width, height) = parse_size(&size).ok_or_else(|| bad(format!("`upscale.size` must be WxH, got `{size}`")))?;
+    }
+    let side =
+        |name: &str| inner.whole(name, 1, limits.max_side as u64).map_err(|e| bad(format!("upscale.{}", e.message)));
+    width = side("width")?.map_or(width, |v| v as usize);
+    height = side("height")?.map_or(height, |v| v as usize);
+    let strength = inner
+        .real("strength", 0.0, 1.0)
+        .map_err(|e| bad(format!("upscale.{}", e.message)))?
+        .unwrap_or(t2v::params::DEFAULT_UPSCALE_STRENGTH);
+    let steps = inner
+        .whole("num_inference_steps", 1, limits.max_steps as u64)
+        .map_err(|e| bad(format!("upscale.{}", e.message)))?
+        .map_or(settings.steps, |v| v as usize);
+    strength_begin_index(steps, strength).map_err(|e| bad(format!("upscale.strength: {e}")))?;
+    // The second pass as the worker runs it, checked against the upscale model's configs.
+    let mut second = t2v::pipeline::GenerationParams::new(settings.prompt.clone(), settings.seed);
+    settings.apply_to(&mut second).map_err(|e| bad(e.to_string()))?;
+    second.num_inference_steps = steps;
+    (second.height, second.width) = (Some(height), Some(width));
+    t2v::pipeline::check_params(folder, &second).map_err(|e| {
+        bad(format!(
+            "the upscale model cannot run it: {}",
+            e.to_string().replace(&folder.display().to_string(), &model.name)
+        ))
+    })?;
+    let run = steps - strength_begin_index(steps, strength).unwrap_or(0);
+    let cost = job_cost(settings.num_frames, height, width, run);
+    if cost > limits.max_job_cost as u128 {
+        return Err(bad(format!(
+            "the second pass ({} frames of {width}x{height}, {run} steps) costs {cost}, over this server's limit of {} \
+             (frames × height × width × steps): ask for a smaller size, fewer steps or frames",
+            settings.num_frames, limits.max_job_cost
+        )));
+    }
+    settings.upscale =
+        Some(t2v_settings::UpscaleSettings { model: model.name.clone(), height, width, strength, steps });
     Ok(settings)
 }
 

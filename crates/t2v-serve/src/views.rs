@@ -38,7 +38,8 @@ pub fn video_object(job: &Job, model: &ModelInfo) -> Value {
         "expires_at": null,
         "model": model.name,
         "prompt": s.prompt,
-        "size": format!("{}x{}", s.width, s.height),
+        // The video's size: the second pass's when there is one.
+        "size": s.upscale.as_ref().map_or(format!("{}x{}", s.width, s.height), |u| format!("{}x{}", u.width, u.height)),
         "seconds": request::seconds_string(s.num_frames, s.fps),
         "remixed_from_video_id": null,
         "error": job.error,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use t2v::pipeline::upscale::{self, UpscaleParams};
 use t2v::pipeline::{Control, LoadOptions, StepProgress, TextToVideo};
 use t2v::schedulers::strength_begin_index;
 use t2v::video::input::{read_video, Fit, ReadOptions};
@@ -333,6 +334,10 @@ fn generate(
     };
     let mut params = t2v::pipeline::GenerationParams::new(String::new(), 0);
     settings.apply_to(&mut params)?;
+    // With a second pass (zeroscope's upscale) the bar is shared: the first pass's steps fill its
+    // first half, the second's the rest.
+    let passes = if settings.upscale.is_some() { 2 } else { 1 };
+    let pass = std::cell::Cell::new(0usize);
     let mut last_saved = (0u8, Instant::now());
     let mut last_preview_step = 0usize;
     let mut preview_cost = Duration::ZERO;
@@ -342,7 +347,7 @@ fn generate(
     let mut on_step = |p: &StepProgress| -> Control {
         let per_step = p.elapsed.as_secs_f64() / p.step as f64;
         // Denoising is 95% of the bar; decoding and writing the rest.
-        let progress = (p.step * 95 / p.total_steps) as u8;
+        let progress = ((pass.get() * p.total_steps + p.step) * 95 / (passes * p.total_steps)) as u8;
         let eta = per_step * (p.total_steps - p.step) as f64;
         let event = JobEvent::new(
             id,
@@ -356,9 +361,14 @@ fn generate(
         } else {
             shared.hub.send(event);
         }
-        shared.stats.lock().expect("stats lock").record_step((p.elapsed - previous).as_secs_f64());
+        shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .record_step(p.elapsed.checked_sub(previous).unwrap_or(p.elapsed).as_secs_f64());
         previous = p.elapsed;
-        if let Some(previewer) = previewer {
+        // Previews show the first pass (the second's latents are of another model and size).
+        if let Some(previewer) = previewer.filter(|_| pass.get() == 0) {
             // Every `preview_every` steps at least, and never more often than the budget allows.
             let budget_steps = (preview_cost.as_secs_f64() / (PREVIEW_BUDGET * per_step.max(1e-9))).ceil() as usize;
             let every = shared.preview_every.max(budget_steps);
@@ -413,9 +423,28 @@ fn generate(
             pipe.denoise_video(&params, &video, input.strength, &mut on_step)?
         }
     };
-    let frames = pipe.decode_latents(&latents)?;
+    let mut frames = pipe.decode_latents(&latents)?;
+    let (mut height, mut width) = (settings.height, settings.width);
+    if let Some(up) = &settings.upscale {
+        // zeroscope's second pass, as the library runs it: the frames handed on 8-bit and resized,
+        // then video-to-video with the upscale model (loaded for the job) at its size.
+        let (folder, _) =
+            shared.upscale.as_ref().context("the job asks for an upscale but this worker has no --upscale-model")?;
+        let second =
+            UpscaleParams { height: up.height, width: up.width, strength: up.strength, num_inference_steps: up.steps };
+        let second_params = second.second_pass(&params);
+        let config = upscale::scheduler_config_for(folder, &second_params, &[])?;
+        let input = upscale::first_pass_frames(&frames, up.height, up.width)?
+            .to_model_input(&candle_core::Device::Cpu, candle_core::DType::F32)?;
+        let up_pipe = TextToVideo::load(folder, options).context("loading the upscale model")?;
+        pass.set(1);
+        let video =
+            up_pipe.video_to_video_with_scheduler(&second_params, &config, &input, up.strength, &mut on_step)?;
+        frames = video.frames;
+        (height, width) = (up.height, up.width);
+    }
     let data = frames.flatten_all()?.to_vec1::<f32>()?;
-    let clip = Frames::new(&data, settings.num_frames, settings.height, settings.width)?;
+    let clip = Frames::new(&data, settings.num_frames, height, width)?;
     // The settings as the API shows them: the file is served to clients.
     let public = crate::views::public_settings(settings, &shared.model);
     let encode = EncodeOptions { fps: settings.fps, quality: Quality::default(), metadata: Some(public.to_json()) };
