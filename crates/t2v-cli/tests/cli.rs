@@ -95,16 +95,7 @@ fn generate_without_seed_prints_the_seed() {
 /// alone, before any weights are needed.
 fn configs_only_model() -> (tempfile::TempDir, PathBuf) {
     let (tmp, dir) = temp_dir();
-    for entry in walk(&model_dir("small-t2v")) {
-        let rel = entry.strip_prefix(model_dir("small-t2v")).unwrap();
-        let name = rel.to_string_lossy();
-        if name.ends_with(".safetensors") {
-            continue;
-        }
-        let dest = dir.join(rel);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, dest).unwrap();
-    }
+    copy_model_folder(&model_dir("small-t2v"), &dir, false);
     (tmp, dir)
 }
 

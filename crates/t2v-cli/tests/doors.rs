@@ -20,24 +20,11 @@ const PUBLISHED_SCHEDULER: &str =
 /// tiny-t2v with the published checkpoint's scheduler config in place of its full one.
 fn published_style_model(into: &Path) -> std::path::PathBuf {
     let root = into.join("published-tiny");
-    copy_dir(&common::model_dir("tiny-t2v"), &root);
+    support::copy_model_folder(&common::model_dir("tiny-t2v"), &root, true);
     let published = std::fs::read_to_string(PUBLISHED_SCHEDULER).unwrap();
     assert!(!published.contains("timestep_spacing"), "the published config leaves timestep_spacing out");
     std::fs::write(root.join("scheduler").join("scheduler_config.json"), published).unwrap();
     root
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 fn json_of(response: ureq::Response) -> Value {

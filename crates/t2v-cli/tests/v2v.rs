@@ -209,21 +209,7 @@ fn from_repeats_a_v2v_run_only_on_the_same_input() {
 /// before any weights are read.
 fn configs_only_model() -> (tempfile::TempDir, PathBuf) {
     let (tmp, dir) = temp_dir();
-    let src = model_dir("tiny-t2v");
-    for part in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
-        let from = src.join(part);
-        if from.is_dir() {
-            std::fs::create_dir_all(dir.join(part)).unwrap();
-            for e in std::fs::read_dir(&from).unwrap() {
-                let p = e.unwrap().path();
-                if !p.to_string_lossy().ends_with(".safetensors") {
-                    std::fs::copy(&p, dir.join(part).join(p.file_name().unwrap())).unwrap();
-                }
-            }
-        } else {
-            std::fs::copy(&from, dir.join(part)).unwrap();
-        }
-    }
+    copy_model_folder(&model_dir("tiny-t2v"), &dir, false);
     (tmp, dir)
 }
 

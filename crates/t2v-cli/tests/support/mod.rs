@@ -45,6 +45,21 @@ pub fn read_npy(path: &Path) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
+/// Copies the model folder `from` into `to` (made if missing); without `weights`, its
+/// `.safetensors` files are left out (a model whose settings can be checked but not run).
+pub fn copy_model_folder(from: &Path, to: &Path, weights: bool) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_model_folder(&entry.path(), &target, weights);
+        } else if weights || !entry.file_name().to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// The payload of an MP4's top-level `mdat` box: its coded frames (the same frames give the same
 /// bytes: t2v's encoder is deterministic).
 pub fn mp4_mdat(bytes: &[u8]) -> &[u8] {
