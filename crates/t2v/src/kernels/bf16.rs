@@ -70,7 +70,7 @@ impl PackedB {
         let mut pairs = vec![0u32; panels * kp * NR];
         let pack = |(p, dst): (usize, &mut [u32])| {
             #[cfg(target_arch = "x86_64")]
-            if let (Src::Bf16(s), true, true) = (w, k % 2 == 0 && NR * k < 1 << 30, p * NR + NR <= n) {
+            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, p * NR + NR <= n) {
                 if super::avx512bf16() {
                     // SAFETY: features checked; rows p·NR.. p·NR + 16 of k values exist, and `dst`
                     // holds kp·NR pairs.
@@ -199,7 +199,7 @@ unsafe fn pack_rows_panel(b: *const f32, k: usize, stride: usize, dst: &mut [u32
     for kq in 0..k.div_ceil(2) {
         let lo = _mm512_loadu_ps(b.add(2 * kq * stride));
         let hi = if 2 * kq + 1 < k { _mm512_loadu_ps(b.add((2 * kq + 1) * stride)) } else { _mm512_setzero_ps() };
-        let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
         _mm512_storeu_si512(d.add(kq), _mm512_permutexvar_epi16(idx, words));
     }
 }
@@ -390,14 +390,14 @@ unsafe fn tile<const RA: usize, const NB: usize>(
     }
     let mut sums = [[start[0], start[1]]; 2 * MR];
     for kq in 0..kp {
-        let mut bv: [__m512bh; 2] = [std::mem::transmute(_mm512_setzero_si512()); 2];
+        let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); 2];
         for j in 0..NB {
-            bv[j] = std::mem::transmute(_mm512_loadu_si512(b[j].add(kq * NR) as *const __m512i));
+            bv[j] = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b[j].add(kq * NR) as *const __m512i));
         }
         for p in 0..RA {
             let ak = a[p].add(kq * MR);
             for r in 0..MR {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ak.add(r) as i32));
+                let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*ak.add(r) as i32));
                 for j in 0..NB {
                     sums[p * MR + r][j] = _mm512_dpbf16_ps(sums[p * MR + r][j], x, bv[j]);
                 }
