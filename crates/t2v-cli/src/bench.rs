@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::DType;
 use clap::Args;
 
 #[derive(Args)]
@@ -20,8 +21,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Keep weight matrices in float32 instead of float16 (as the published fp16 weights).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dtype")]
     float32_weights: bool,
+    /// f32: float32 compute, weight matrices stored as float16 (or --float32-weights); bf16:
+    /// weight matrices stored as bfloat16 and multiplied in bfloat16 where the CPU has
+    /// AVX512_BF16 (float32 sums and activations), as `generate --dtype bf16`.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Print the time spent per kind of layer after the run.
     #[arg(long)]
     profile: bool,
@@ -34,12 +40,21 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    let matrix_dtype = match t2v::params::parse_dtype(&args.dtype)? {
+        DType::BF16 => DType::BF16,
+        DType::F32 if args.float32_weights => DType::F32,
+        DType::F32 => DType::F16,
+        other => anyhow::bail!(
+            "the benchmark runs --dtype f32 or bf16, not {}: float16 weights are its f32 default",
+            t2v::params::dtype_name(other)
+        ),
+    };
     let opts = t2v::bench::BenchOptions {
         frames: args.frames,
         height: args.height,
         width: args.width,
         steps: args.steps,
-        float16_weights: !args.float32_weights,
+        matrix_dtype,
         device: t2v::pipeline::select_device(&args.device)?,
     };
     t2v::profile::set_enabled(args.profile);
@@ -55,6 +70,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "{} frames of {}x{} on the {} ({} kernels), {} threads, {:.0}M parameters",
             r.frames, r.width, r.height, r.device, r.isa, r.threads, r.params_m
         );
+        println!("weights {}, matrix products in {}", r.weights, r.products);
         println!("text_encode_s      {:.3}", r.text_encode_s);
         println!(
             "unet_step_s        {:.3}   (guided step, batch 2; {:.0} GFLOP at {:.1} GFLOP/s)",

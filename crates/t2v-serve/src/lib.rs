@@ -224,7 +224,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Compute precision: f32, f16, or bf16 (GPUs only).
+    /// Compute precision: f32, f16, or bf16 (on the CPU: bfloat16 weights, float32 activations).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 
@@ -478,9 +478,6 @@ async fn upscale_model(run: &RunArgs) -> Result<Option<(PathBuf, ModelInfo)>> {
 fn load_options(run: &RunArgs) -> Result<LoadOptions> {
     let dtype = dtype_of(&run.dtype)?;
     let device = pipeline::select_device(&run.device)?;
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("--dtype bf16 needs a GPU: use --dtype f32 (fastest on the CPU) or f16");
-    }
     Ok(LoadOptions { device, dtype, variant: WeightsVariant::Auto, ..LoadOptions::default() })
 }
 

@@ -28,14 +28,16 @@ pub struct BenchOptions {
     pub width: usize,
     /// Guided UNet steps to time (their mean is reported).
     pub steps: usize,
-    /// Store weight matrices as float16 (as the published fp16 weights) and widen per layer.
-    pub float16_weights: bool,
+    /// The dtype weight matrices and kernels are stored in (activations are float32): float16
+    /// (as the published fp16 weights, widened per layer), bfloat16 (`--dtype bf16`: multiplied
+    /// in bfloat16 on CPUs with AVX512_BF16, see [`crate::kernels::bf16`]) or float32.
+    pub matrix_dtype: DType,
     pub device: Device,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { frames: 16, height: 256, width: 256, steps: 2, float16_weights: true, device: Device::Cpu }
+        Self { frames: 16, height: 256, width: 256, steps: 2, matrix_dtype: DType::F16, device: Device::Cpu }
     }
 }
 
@@ -44,8 +46,14 @@ impl Default for BenchOptions {
 pub struct BenchReport {
     /// `cpu`, or the GPU's kind (`cuda`, `metal`).
     pub device: String,
-    /// The CPU kernels' instruction-set path (`avx512`, `avx2`, `generic`; `generic` off the CPU).
+    /// The CPU kernels' instruction-set path (`avx512bf16`, `avx512`, `avx2`, `generic`; `generic`
+    /// off the CPU).
     pub isa: String,
+    /// The weight matrices' dtype (`f16`, `bf16`, `f32`).
+    pub weights: String,
+    /// What the matrix products multiply: `bf16` (bfloat16 operands, float32 sums: bfloat16
+    /// weights on the `avx512bf16` path) or `f32`.
+    pub products: String,
     pub frames: usize,
     pub height: usize,
     pub width: usize,
@@ -121,7 +129,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     // A GPU runs its kernels asynchronously: each timed stage ends when the device is idle.
     let finish = || -> Result<()> { Ok(device.synchronize()?) };
     let dtype = DType::F32;
-    let matrix_dtype = if opts.float16_weights { DType::F16 } else { DType::F32 };
+    let matrix_dtype = opts.matrix_dtype;
+    if !matrix_dtype.is_float() || matrix_dtype == DType::F64 {
+        return Err(Error::InvalidArgument(format!(
+            "the benchmark stores weight matrices as f16, bf16 or f32, not {matrix_dtype:?}"
+        )));
+    }
     let count = Arc::new(AtomicU64::new(0));
     let vb = || {
         VarBuilder::from_backend(Box::new(RandomWeights { matrix_dtype, count: count.clone() }), dtype, device.clone())
@@ -152,7 +165,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         let estimate = crate::sizing::estimate(&unet_cfg, &vae_cfg, &shape, dtype, weights)?;
         crate::sizing::check_fits(&estimate, &shape, crate::sizing::available_memory(), loaded)
     };
-    // About 1.8 billion parameters: float16 matrices take 2 bytes each.
+    // About 1.8 billion parameters: float16 and bfloat16 matrices take 2 bytes each.
     check_memory(1_800_000_000 * matrix_dtype.size_in_bytes() as u64, false)?;
 
     progress("building the 1.7B model with random weights");
@@ -213,6 +226,13 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             Device::Metal(_) => "metal".into(),
         },
         isa: if device.is_cpu() { crate::kernels::isa() } else { crate::kernels::Isa::Generic }.to_string(),
+        weights: crate::params::dtype_name(matrix_dtype).to_string(),
+        products: if device.is_cpu() && matrix_dtype == DType::BF16 && crate::kernels::avx512bf16() {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .to_string(),
         frames: opts.frames,
         height: opts.height,
         width: opts.width,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{inspect_safetensors, ModelFolder, WeightsFormat, WeightsVariant};
+use crate::checkpoint::{inspect_safetensors, ComponentWeights, ModelFolder, WeightsFormat, WeightsVariant};
 use crate::error::{Error, Result};
 use crate::long_video;
 use crate::lora::{self, LoraFile, LoraSpec, LoraTarget};
@@ -96,6 +96,30 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The dtype the activations are computed in, and the one weight matrices and kernels are
+    /// stored in where that differs: `bf16` on the CPU computes in float32 with bfloat16
+    /// matrices, whose products run in bfloat16 where the CPU has AVX512_BF16 (see
+    /// [`crate::kernels::bf16`]); every other choice computes in `dtype`.
+    pub fn compute_dtypes(&self) -> (DType, Option<DType>) {
+        if self.device.is_cpu() && self.dtype == DType::BF16 {
+            (DType::F32, Some(DType::BF16))
+        } else {
+            (self.dtype, None)
+        }
+    }
+
+    /// A component's weights opened as these options load them.
+    pub(crate) fn open_weights(&self, folder: &ModelFolder, component: &str) -> Result<ComponentWeights> {
+        let (dtype, matrices) = self.compute_dtypes();
+        let weights = folder.weights_with(component, self.variant, dtype, &self.device, self.keep_narrow_weights)?;
+        if let Some(m) = matrices {
+            weights.store_matrices_as(m)?;
+        }
+        Ok(weights)
+    }
+}
+
 /// Reported after each denoising step.
 #[derive(Debug, Clone)]
 pub struct StepProgress {
@@ -159,17 +183,16 @@ impl TextToVideo {
     /// Loads every component of the checkpoint folder at `root`.
     pub fn load(root: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let folder = ModelFolder::open(root)?;
-        let (device, dtype) = (&options.device, options.dtype);
+        let (device, dtype) = (&options.device, options.compute_dtypes().0);
         let tokenizer = ClipTokenizer::from_folder(&folder.component_dir("tokenizer"))?;
 
         folder.check_config_class("text_encoder", "config.json", &["CLIPTextModel"])?;
         let te_cfg: text_encoder::Config = folder.config("text_encoder", "config.json")?;
-        let te_weights =
-            folder.weights_with("text_encoder", options.variant, dtype, device, options.keep_narrow_weights)?;
+        let te_weights = options.open_weights(&folder, "text_encoder")?;
 
         folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
         let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
-        let unet_weights = folder.weights_with("unet", options.variant, dtype, device, options.keep_narrow_weights)?;
+        let unet_weights = options.open_weights(&folder, "unet")?;
 
         // LoRAs: every key checked against the weights' headers before any layer is built.
         if !options.loras.is_empty() {
@@ -196,7 +219,7 @@ impl TextToVideo {
 
         folder.check_config_class("vae", "config.json", &["AutoencoderKL"])?;
         let vae_cfg: vae::Config = folder.config("vae", "config.json")?;
-        let weights = folder.weights_with("vae", options.variant, dtype, device, options.keep_narrow_weights)?;
+        let weights = options.open_weights(&folder, "vae")?;
         let vae = weights.build(|vb| Vae::new(vb, &vae_cfg))?;
 
         // diffusers writes non-finite floats (`-Infinity`) that strict JSON rejects.
@@ -572,7 +595,7 @@ pub fn plan_run(root: impl AsRef<Path>, params: &GenerationParams, options: &Loa
     let folder = ModelFolder::open(root)?;
     let (shape, unet_cfg, vae_cfg) = check_configs(&folder, params)?;
     let weights = weights_bytes(&folder, options)?;
-    let memory = sizing::estimate(&unet_cfg, &vae_cfg, &shape, options.dtype, weights)?;
+    let memory = sizing::estimate(&unet_cfg, &vae_cfg, &shape, options.compute_dtypes().0, weights)?;
     if options.device.is_cpu() {
         sizing::check_fits(&memory, &shape, sizing::available_memory(), false)?;
     }

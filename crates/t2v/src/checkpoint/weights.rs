@@ -21,6 +21,9 @@ pub struct ComponentWeights {
     /// LoRA updates merged into the named tensors as the layers fetch them (set once, before
     /// the model is built).
     lora: Arc<OnceLock<super::lora::ComponentDeltas>>,
+    /// The dtype weight matrices and kernels are stored in when set (bfloat16 on the CPU with
+    /// `--dtype bf16`: see [`crate::kernels::bf16`]).
+    matrices: Arc<OnceLock<DType>>,
 }
 
 impl ComponentWeights {
@@ -70,6 +73,7 @@ impl ComponentWeights {
         let failure = Arc::new(Mutex::new(None));
         let source = Arc::new(source);
         let lora = Arc::new(OnceLock::new());
+        let matrices = Arc::new(OnceLock::new());
         let backend = CheckedBackend {
             source: source.clone(),
             keep_narrow,
@@ -77,9 +81,23 @@ impl ComponentWeights {
             path,
             failure: failure.clone(),
             lora: lora.clone(),
+            matrices: matrices.clone(),
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        Ok(Self { vb, failure, source, lora })
+        Ok(Self { vb, failure, source, lora, matrices })
+    }
+
+    /// Stores every weight matrix and kernel (rank ≥ 2) in `dtype` whatever it is stored in
+    /// (LoRA updates merged first), vectors still in the compute dtype: bfloat16 matrices for
+    /// float32 compute on the CPU (`--dtype bf16`). Call before building the model; a second
+    /// call is refused.
+    pub fn store_matrices_as(&self, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            return Err(Error::InvalidArgument(format!("weight matrices cannot be stored as {dtype:?}")));
+        }
+        self.matrices
+            .set(dtype)
+            .map_err(|_| Error::InvalidArgument("the weight matrices' dtype was already set".into()))
     }
 
     /// Every tensor's shape, by name, from the headers (no data is read for safetensors).
@@ -248,6 +266,7 @@ struct CheckedBackend {
     path: PathBuf,
     failure: Arc<Mutex<Option<Error>>>,
     lora: Arc<OnceLock<super::lora::ComponentDeltas>>,
+    matrices: Arc<OnceLock<DType>>,
 }
 
 impl CheckedBackend {
@@ -290,6 +309,10 @@ impl SimpleBackend for CheckedBackend {
                 }
             }
             (None, source) => source.backend().get_unchecked(name, dtype, dev)?,
+        };
+        let tensor = match self.matrices.get() {
+            Some(&m) if s.rank() >= 2 && tensor.dtype() != m => tensor.to_dtype(m)?,
+            _ => tensor,
         };
         if tensor.shape() != &s {
             return Err(self.fail(Error::ShapeMismatch {

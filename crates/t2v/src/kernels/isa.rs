@@ -1,6 +1,8 @@
 //! Which instruction set the CPU kernels run with: chosen once from what the CPU has, or forced
-//! with `T2V_ISA=auto|avx512|avx2|generic` (or [`set_isa`]) so that one machine can test and time
-//! every path. `generic` is candle's standard ops, the path that other devices and CPUs take.
+//! with `T2V_ISA=auto|avx512bf16|avx512|avx2|generic` (or [`set_isa`]) so that one machine can test
+//! and time every path. `generic` is candle's standard ops, the path that other devices and CPUs
+//! take. `avx512bf16` differs from `avx512` only for bfloat16 weights (`--dtype bf16`): their
+//! matrix products run on `vdpbf16ps`; float32 work is the same on both.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,25 +21,29 @@ pub enum Isa {
     /// x86-64 with AVX-512 (F, VL, BW, DQ) besides AVX2: 512-bit kernels where they pay, the
     /// AVX2 ones elsewhere.
     Avx512,
+    /// The AVX-512 path plus AVX512_BF16 (Zen 4 and later, Intel since Cooper Lake): bfloat16
+    /// weights multiply with `vdpbf16ps` (float32 accumulation) instead of being widened.
+    Avx512Bf16,
 }
 
 /// A path that cannot be used: an unknown name, or one this CPU cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IsaError {
-    #[error("unknown instruction set `{0}`: expected auto, avx512, avx2 or generic")]
+    #[error("unknown instruction set `{0}`: expected auto, avx512bf16, avx512, avx2 or generic")]
     Unknown(String),
     #[error("this CPU cannot run the {0} kernels (it can run: {list})", list = Isa::available_list())]
     Unsupported(Isa),
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Generic, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Generic => "generic",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -47,6 +53,7 @@ impl Isa {
             Isa::Generic => true,
             Isa::Avx2 => detected().0,
             Isa::Avx512 => detected().1,
+            Isa::Avx512Bf16 => detected().2,
         }
     }
 
@@ -98,12 +105,12 @@ impl FromStr for Isa {
     }
 }
 
-/// (AVX2 path, AVX-512 path) available on this CPU.
-fn detected() -> (bool, bool) {
+/// (AVX2 path, AVX-512 path, AVX-512 + BF16 path) available on this CPU.
+fn detected() -> (bool, bool, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<(bool, bool)> = OnceLock::new();
+        static HAS: OnceLock<(bool, bool, bool)> = OnceLock::new();
         *HAS.get_or_init(|| {
             let avx2 =
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
@@ -112,12 +119,13 @@ fn detected() -> (bool, bool) {
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512dq");
-            (avx2, avx512)
+            let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
+            (avx2, avx512, bf16)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        (false, false)
+        (false, false, false)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `y = x·Wᵀ + b` as one packed GEMM ([`super::packed_matmul`]) whose output tiles start as the bias
 //! (candle's matmul would need a second pass over the output for the bias), float16 weights
-//! widened as they are packed, once per call.
+//! widened as they are packed, once per call; bfloat16 weights multiply in bfloat16 where the CPU
+//! has AVX512_BF16 ([`super::bf16`]: the input rounded as it is packed), else are widened too.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -16,8 +17,13 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     if k != k2 {
         candle_core::bail!("linear: input width {k} ≠ weight width {k2}");
     }
-    // The weight is packed (and float16 widened) once per call, on every thread.
-    let packed = PackedB::from_transposed(w, n, k, true);
+    // The weight is packed (float16 widened; bfloat16 kept where the CPU multiplies in it) once
+    // per call, on every thread.
+    let packed = if w.multiplies_in_bf16() {
+        PackedB::from_transposed_bf16(w, n, k, true)
+    } else {
+        PackedB::from_transposed(w, n, k, true)
+    };
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
     let init = bias.map_or(Init::Overwrite, Init::Bias);
@@ -57,12 +63,13 @@ impl CustomOp3 for LinearOp {
 }
 
 /// `x` (rows, in) · `weight` (out, in)ᵀ + `bias` (out) → (rows, out). On the CPU with float32
-/// activations (and float32 or float16 weights) one fused GEMM; elsewhere candle's matmul.
+/// activations (and float32, float16 or bfloat16 weights) one fused GEMM; elsewhere candle's
+/// matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let cpu_f32 = super::on_cpu(x.device())
         && super::avx2()
         && x.dtype() == DType::F32
-        && matches!(weight.dtype(), DType::F32 | DType::F16)
+        && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && bias.is_none_or(|b| b.dtype() == DType::F32);
     if cpu_f32 {
         let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);

@@ -8,6 +8,7 @@
 
 pub mod add;
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 pub mod copy;
 pub mod geglu;
@@ -57,8 +58,8 @@ pub(crate) fn f32_of<'a>(
     }
 }
 
-/// The contiguous float32 or float16 data of a custom op's operand (a weight that may stay
-/// float16 in memory).
+/// The contiguous float32, float16 or bfloat16 data of a custom op's operand (a weight that may
+/// stay narrow in memory).
 pub(crate) fn src_of<'a>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
@@ -68,15 +69,17 @@ pub(crate) fn src_of<'a>(
     Ok(match s {
         candle_core::CpuStorage::F32(v) => Src::F32(&v[a..b]),
         candle_core::CpuStorage::F16(v) => Src::F16(&v[a..b]),
-        _ => candle_core::bail!("{what} must be f32 or f16"),
+        candle_core::CpuStorage::BF16(v) => Src::Bf16(&v[a..b]),
+        _ => candle_core::bail!("{what} must be f32, f16 or bf16"),
     })
 }
 
-/// A contiguous float32 or float16 slice (weights may stay float16 in memory).
+/// A contiguous float32, float16 or bfloat16 slice (weights may stay narrow in memory).
 #[derive(Clone, Copy)]
 pub enum Src<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    Bf16(&'a [half::bf16]),
 }
 
 impl Src<'_> {
@@ -84,6 +87,7 @@ impl Src<'_> {
         match self {
             Src::F32(s) => s.len(),
             Src::F16(s) => s.len(),
+            Src::Bf16(s) => s.len(),
         }
     }
 
@@ -91,21 +95,33 @@ impl Src<'_> {
         self.len() == 0
     }
 
+    /// Whether these are bfloat16 values that the products take as they are ([`bf16`]): only on
+    /// the AVX-512 + BF16 path; elsewhere bfloat16 weights are widened like float16 ones.
+    pub fn multiplies_in_bf16(&self) -> bool {
+        matches!(self, Src::Bf16(_)) && avx512bf16()
+    }
+
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
         match self {
             Src::F32(s) => s[i],
             Src::F16(s) => s[i].to_f32(),
+            Src::Bf16(s) => s[i].to_f32(),
         }
     }
 
     /// The values as float32 (float16 widened with the CPU's conversion instructions, in
-    /// parallel for large weights).
+    /// parallel for large weights; bfloat16 exactly, by a shift).
     pub fn to_f32_vec(self) -> Vec<f32> {
         use half::slice::HalfFloatSliceExt;
         match self {
             Src::F32(s) => s.to_vec(),
             Src::F16(s) => {
+                let mut out = vec![0f32; s.len()];
+                out.par_chunks_mut(1 << 16).zip(s.par_chunks(1 << 16)).for_each(|(d, h)| h.convert_to_f32_slice(d));
+                out
+            }
+            Src::Bf16(s) => {
                 let mut out = vec![0f32; s.len()];
                 out.par_chunks_mut(1 << 16).zip(s.par_chunks(1 << 16)).for_each(|(d, h)| h.convert_to_f32_slice(d));
                 out
@@ -143,9 +159,16 @@ pub fn avx2() -> bool {
     isa() >= Isa::Avx2
 }
 
-/// Whether the AVX-512 kernels run (where one exists; the AVX2 ones elsewhere).
+/// Whether the AVX-512 kernels run (where one exists; the AVX2 ones elsewhere): the AVX-512 path
+/// or the AVX-512 + BF16 one.
 pub fn avx512() -> bool {
-    isa() == Isa::Avx512
+    isa() >= Isa::Avx512
+}
+
+/// Whether bfloat16 weights multiply in bfloat16 (`vdpbf16ps`, float32 sums); elsewhere they are
+/// widened to float32 as they are packed, like float16 weights.
+pub fn avx512bf16() -> bool {
+    isa() == Isa::Avx512Bf16
 }
 
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).

@@ -33,14 +33,17 @@ pub const NR: usize = 16;
 /// Depth of a packed block: the B micro-panel (KC×NR floats, 24 KiB) fits L1.
 const KC: usize = 384;
 /// Rows of a packed A block (MC×KC floats, 288 KiB, fit L2).
-const MC: usize = 192;
+pub(super) const MC: usize = 192;
 
 /// B packed into panels of [`NR`] columns: `data[(panel·k + kk)·NR + c] = B[kk][panel·NR + c]`,
 /// columns past `n` zero.
 pub struct PackedB {
-    data: Vec<f32>,
-    k: usize,
-    n: usize,
+    pub(super) data: Vec<f32>,
+    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
+    pub(super) pairs: Vec<u32>,
+    pub(super) bf16: bool,
+    pub(super) k: usize,
+    pub(super) n: usize,
 }
 
 impl PackedB {
@@ -50,6 +53,11 @@ impl PackedB {
 
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    /// Whether B is in the bfloat16 form (products on `vdpbf16ps`).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
     }
 
     /// B = Wᵀ for a row-major `w` of n rows × k (a linear layer's weight). Panels are packed in
@@ -86,7 +94,7 @@ impl PackedB {
         } else {
             data.chunks_mut(k * NR).enumerate().for_each(pack);
         }
-        PackedB { data, k, n }
+        PackedB { data, pairs: Vec::new(), bf16: false, k, n }
     }
 
     /// B as a row-major k×n matrix whose rows are `row_stride` floats apart (attention's values,
@@ -108,7 +116,7 @@ impl PackedB {
         } else {
             data.chunks_mut(k * NR).enumerate().for_each(pack);
         }
-        PackedB { data, k, n }
+        PackedB { data, pairs: Vec::new(), bf16: false, k, n }
     }
 }
 
@@ -117,9 +125,12 @@ impl PackedB {
 /// convolution's transformed weights, which would otherwise be packed again for every block of
 /// columns.
 pub struct PackedA {
-    data: Vec<f32>,
-    m: usize,
-    k: usize,
+    pub(super) data: Vec<f32>,
+    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
+    pub(super) pairs: Vec<u32>,
+    pub(super) bf16: bool,
+    pub(super) m: usize,
+    pub(super) k: usize,
 }
 
 impl PackedA {
@@ -135,13 +146,13 @@ impl PackedA {
                 }
             }
         }
-        PackedA { data, m, k }
+        PackedA { data, pairs: Vec::new(), bf16: false, m, k }
     }
 
     /// An m×k A of zeros, to be written in place through [`PackedA::index`] and
     /// [`PackedA::data_mut`] (by whoever computes A row by row in parallel).
     pub fn zeroed(m: usize, k: usize) -> PackedA {
-        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], m, k }
+        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Vec::new(), bf16: false, m, k }
     }
 
     /// Where A[row][kk] is in [`PackedA::data_mut`].
@@ -156,15 +167,47 @@ impl PackedA {
     pub fn m(&self) -> usize {
         self.m
     }
+
+    /// Whether A is in the bfloat16 form (products on `vdpbf16ps`).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
 }
 
 /// Where the blocked product reads A: rows to pack block by block, or panels packed beforehand.
 #[derive(Clone, Copy)]
-enum Lhs {
+pub(super) enum Lhs {
     /// Row-major rows `lda` floats apart.
     Rows(*const f32, usize),
     /// [`PackedA`]'s panels (of depth `k`), starting at a panel boundary.
     Panels(*const f32, usize),
+    /// [`PackedA`]'s bfloat16 panels (of depth `k`, in pairs: ⌈k/2⌉ u32 per row), starting at a
+    /// panel boundary.
+    PanelsBf16(*const u32, usize),
+}
+
+impl Lhs {
+    /// The same operand from row `r` on (a multiple of [`MR`] for panels).
+    unsafe fn skip_rows(self, r: usize) -> Lhs {
+        match self {
+            Lhs::Rows(p, lda) => Lhs::Rows(p.add(r * lda), lda),
+            Lhs::Panels(p, depth) => Lhs::Panels(p.add(r * depth), depth),
+            Lhs::PanelsBf16(p, depth) => Lhs::PanelsBf16(p.add(r * depth.div_ceil(2)), depth),
+        }
+    }
+}
+
+/// [`Lhs`] shared by the tasks of a parallel loop, which only read through it.
+#[derive(Clone, Copy)]
+struct SharedLhs(Lhs);
+// SAFETY: the pointers are only read, from buffers that outlive the parallel loop.
+unsafe impl Send for SharedLhs {}
+unsafe impl Sync for SharedLhs {}
+
+impl SharedLhs {
+    fn get(self) -> Lhs {
+        self.0
+    }
 }
 
 /// Packs 16 rows [r0, r0 + 16) of `w` (rows of k values, `stride` apart) as one panel
@@ -178,6 +221,7 @@ unsafe fn pack_transposed_panel(w: Src, r0: usize, k: usize, stride: usize, dst:
         match w {
             Src::F32(s) => _mm256_loadu_ps(s.as_ptr().add(at)),
             Src::F16(s) => _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(at) as *const __m128i)),
+            Src::Bf16(s) => widen_bf16x8(s.as_ptr().add(at) as *const __m128i),
         }
     };
     let mut kk = 0;
@@ -199,6 +243,13 @@ unsafe fn pack_transposed_panel(w: Src, r0: usize, k: usize, stride: usize, dst:
             *d.add(kk * NR + c) = w.get((r0 + c) * stride + kk);
         }
     }
+}
+
+/// Eight bfloat16 values widened to float32 (exact: the 16 bits become the high half).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn widen_bf16x8(p: *const __m128i) -> __m256 {
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p))))
 }
 
 /// In-register transpose of an 8×8 block (`r[i]` is row i on entry, column i on exit).
@@ -353,6 +404,9 @@ pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *
 
 #[cfg(target_arch = "x86_64")]
 unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    if b.bf16 {
+        return super::bf16::blocked(m, a, b, c, ldc, init);
+    }
     if super::avx512() {
         blocked(m, a, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
             tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
@@ -411,6 +465,7 @@ unsafe fn blocked(
                         (apack as *const f32, kl * MR)
                     }
                     Lhs::Panels(p, depth) => (p.add(i0 * depth + k0 * MR), depth * MR),
+                    Lhs::PanelsBf16(..) => unreachable!("bfloat16 panels go with a bfloat16 B (rows_of)"),
                 };
                 let acc = kb > 0 || matches!(init, Init::Accumulate);
                 let mut jr = 0;
@@ -555,7 +610,8 @@ pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool) {
     assert_eq!(a.k, b.k, "packed operands' depths");
-    let lhs = Lhs::Panels(a.data.as_ptr(), a.k);
+    assert_eq!(a.bf16, b.bf16, "packed operands' forms (float32 or bfloat16)");
+    let lhs = if a.bf16 { Lhs::PanelsBf16(a.pairs.as_ptr(), a.k) } else { Lhs::Panels(a.data.as_ptr(), a.k) };
     if parallel {
         parallel_rows(a.m, lhs, b, c, ldc, init)
     } else {
@@ -574,18 +630,11 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
     // blocks of whole micro-panels, so that packed A splits at panel boundaries
     let block = m.div_ceil(tasks).div_ceil(MR) * MR;
     let cp = SendPtr(c);
-    let (a_ptr, a_ld) = match a {
-        Lhs::Rows(p, lda) => (SendPtr(p as *mut f32), lda),
-        Lhs::Panels(p, depth) => (SendPtr(p as *mut f32), depth),
-    };
-    let packed = matches!(a, Lhs::Panels(..));
+    let a = SharedLhs(a);
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
         let r0 = t * block;
         let rows = block.min(m - r0);
-        // rows r0.. start r0 rows into A either way: r0·lda floats, or r0/MR panels of MR·depth
-        let start = a_ptr.get().add(r0 * a_ld) as *const f32;
-        let lhs = if packed { Lhs::Panels(start, a_ld) } else { Lhs::Rows(start, a_ld) };
-        rows_of(rows, lhs, b, cp.get().add(r0 * ldc), ldc, init);
+        rows_of(rows, a.get().skip_rows(r0), b, cp.get().add(r0 * ldc), ldc, init);
     });
 }
 

@@ -35,13 +35,7 @@ impl TextToVideo {
             return Ok(encoder);
         }
         let cfg: vae::Config = self.folder.config("vae", "config.json")?;
-        let weights = self.folder.weights_with(
-            "vae",
-            self.options.variant,
-            self.dtype,
-            &self.device,
-            self.options.keep_narrow_weights,
-        )?;
+        let weights = self.options.open_weights(&self.folder, "vae")?;
         let encoder = weights.build(|vb| VaeEncoder::new(vb, &cfg))?;
         Ok(self.vae_encoder.get_or_init(|| encoder))
     }

@@ -4,6 +4,10 @@
 //! a feature that would also take them on the AVX2 path):
 //!
 //! * 1×1 convolutions: one product per image.
+//!
+//! bfloat16 weights on the AVX-512 + BF16 path multiply in bfloat16 ([`crate::kernels::bf16`]) in
+//! the 1×1 and the Winograd temporal convolution; the direct temporal form (small inputs only)
+//! widens them.
 //! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
 //!   the input, or 1-D Winograd F(4, 3) along frames (six products with half the
 //!   multiplications).
@@ -104,7 +108,7 @@ fn use_packed() -> bool {
 fn weights_f32<'a>(w: Src<'a>, buf: &'a mut Vec<f32>) -> &'a [f32] {
     match w {
         Src::F32(s) => s,
-        Src::F16(_) => {
+        Src::F16(_) | Src::Bf16(_) => {
             *buf = w.to_f32_vec();
             buf
         }
@@ -131,8 +135,9 @@ pub(super) fn pointwise(
     cout: usize,
     hw: usize,
 ) {
+    let bf16 = w.multiplies_in_bf16();
     let mut wf = Vec::new();
-    let wp = weights_f32(w, &mut wf);
+    let wp: &[f32] = if bf16 { &[] } else { weights_f32(w, &mut wf) };
     fill_bias(out, bias, hw);
     let init = if bias.is_some() { Init::Accumulate } else { Init::Overwrite };
     let nt = threads();
@@ -140,13 +145,22 @@ pub(super) fn pointwise(
     let per_image_flops = 2 * cout * cin * hw;
     // one image per task while there are images enough for every thread, else each image on all
     let per_image = n >= nt && nt > 1 && per_image_flops < (64 << 20);
-    // the weights packed once for every image where our product runs
-    let packed = use_packed().then(|| PackedA::from_rows(wp, cout, cin, cin));
+    // the weights packed once for every image where our product runs (bfloat16 weights in the
+    // bfloat16 form, the images then rounded as they are packed)
+    let packed = if bf16 {
+        Some(PackedA::from_rows_bf16(w, cout, cin, cin))
+    } else {
+        use_packed().then(|| PackedA::from_rows(wp, cout, cin, cin))
+    };
     let image = |i: usize, parallel: bool| {
         let (xi, oi) = (&x[i * cin * hw..][..cin * hw], unsafe { optr.get().add(i * cout * hw) });
         match &packed {
             Some(wa) => {
-                let xb = PackedB::from_rows(xi, cin, hw, hw, parallel);
+                let xb = if bf16 {
+                    PackedB::from_rows_bf16(xi, cin, hw, hw, parallel)
+                } else {
+                    PackedB::from_rows(xi, cin, hw, hw, parallel)
+                };
                 // SAFETY: the packed path's instructions are present; image i's output holds cout×hw.
                 unsafe { packed_matmul::matmul_packed(wa, &xb, oi, hw, init, parallel) };
             }
@@ -241,7 +255,9 @@ pub(super) fn temporal_wino(
     let fhw = f * hw;
     let nthreads = threads();
     let par = if nthreads > 1 { gemm::Parallelism::Rayon(nthreads) } else { gemm::Parallelism::None };
-    // U[ξ][co][ci], packed once for every block of columns where our product runs
+    // U[ξ][co][ci], packed once for every block of columns where our product runs (in the
+    // bfloat16 form for bfloat16 weights: U rounded once computed, V as it is packed)
+    let bf16 = w.multiplies_in_bf16();
     let packed = use_packed();
     let mut u = vec![0f32; if packed { 0 } else { 6 * cout * cin }];
     let mut u_packed: Vec<PackedA> =
@@ -265,6 +281,12 @@ pub(super) fn temporal_wino(
                     s[co * taps..(co + 1) * taps].convert_to_f32_slice(row);
                     row
                 }
+                Src::Bf16(s) => {
+                    use half::slice::HalfFloatSliceExt;
+                    row.resize(taps, 0.0);
+                    s[co * taps..(co + 1) * taps].convert_to_f32_slice(row);
+                    row
+                }
             };
             for ci in 0..cin {
                 let g = &row[3 * ci..3 * ci + 3];
@@ -276,6 +298,9 @@ pub(super) fn temporal_wino(
                 }
             }
         });
+    }
+    if bf16 {
+        u_packed = u_packed.iter().map(PackedA::to_bf16).collect();
     }
     // Columns: (batch, frame tile, pixel). A chunk is `ns` segments of `pl` pixels of one
     // (batch, frame tile) each, sized so that its transformed input and GEMM output (6·C·cols
@@ -325,7 +350,11 @@ pub(super) fn temporal_wino(
             let vx = &v[xi * cin * ncols..][..cin * ncols];
             let mx = m[xi * cout * ncols..].as_mut_ptr();
             if packed {
-                let vb = PackedB::from_rows(vx, cin, ncols, ncols, nthreads > 1);
+                let vb = if bf16 {
+                    PackedB::from_rows_bf16(vx, cin, ncols, ncols, nthreads > 1)
+                } else {
+                    PackedB::from_rows(vx, cin, ncols, ncols, nthreads > 1)
+                };
                 // SAFETY: the packed path's instructions are present; m holds cout rows of ncols.
                 unsafe { packed_matmul::matmul_packed(&u_packed[xi], &vb, mx, ncols, Init::Overwrite, nthreads > 1) };
             } else {

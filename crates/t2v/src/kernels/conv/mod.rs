@@ -99,8 +99,8 @@ pub fn temporal_conv3_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, a
     let weight = weight.reshape((cout, cin, 3))?;
     if super::on_cpu(x.device())
         && x.dtype() == DType::F32
-        && matches!(weight.dtype(), DType::F32 | DType::F16)
-        && bias.is_none_or(|b| matches!(b.dtype(), DType::F32 | DType::F16) && b.dims() == [cout])
+        && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && bias.is_none_or(|b| matches!(b.dtype(), DType::F32 | DType::F16 | DType::BF16) && b.dims() == [cout])
     {
         let x = super::copy::contiguous(x)?;
         let weight = weight.contiguous()?;
@@ -150,7 +150,7 @@ fn fast_kind(
     if !super::on_cpu(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 || weight.rank() != 4 {
         return Ok(None);
     }
-    if !matches!(weight.dtype(), DType::F32 | DType::F16) {
+    if !matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         return Ok(None);
     }
     let (_, cin, h, w) = x.dims4()?;
@@ -159,7 +159,7 @@ fn fast_kind(
         return Ok(None);
     }
     if let Some(b) = bias {
-        if !matches!(b.dtype(), DType::F32 | DType::F16) || b.dims() != [cout] {
+        if !matches!(b.dtype(), DType::F32 | DType::F16 | DType::BF16) || b.dims() != [cout] {
             return Ok(None);
         }
     }

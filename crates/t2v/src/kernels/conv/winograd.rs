@@ -3,7 +3,11 @@
 //! parallel over channels), then per block of output channels the weights are transformed
 //! (U = G g Gᵀ), the 36 planes multiplied by the packed matrix product's 6×16 micro-kernel with
 //! channel sums in blocks of [`KC`], and the products transformed back (Aᵀ M A) into the output.
-//! Interpolation points {0, 1, −1, ½, −2, ∞}.
+//! Interpolation points {0, 1, −1, ½, −2, ∞}. Weights may be float16 or bfloat16 (widened exactly
+//! as they are transformed); the products stay float32 even for bfloat16 weights on the
+//! AVX-512 + BF16 path: rounding the transformed planes to bfloat16 was measured at ~1e-2 of the
+//! output's magnitude (F(4×4)'s output transform multiplies rounding errors by up to 64) and
+//! took the tiny fixture's frames to 3.5e-2 from float32's, past the 2e-2 that `--dtype bf16` keeps.
 //!
 //! One file: the input, weight and output transforms and the multiply share one tile layout, which a
 //! split would scatter.
@@ -214,6 +218,12 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, u: *mut f32
                                 rq[r] = _mm256_cvtph_ps(_mm_loadu_si128(p.add(q)));
                             }
                         }
+                        Src::Bf16(s) => {
+                            let p = s.as_ptr().add(base) as *const __m128i;
+                            for (q, rq) in rows.iter_mut().enumerate() {
+                                rq[r] = packed_matmul::widen_bf16x8(p.add(q));
+                            }
+                        }
                     }
                 }
                 // after the transposes rows[q][m] holds flat index 8q + m = cl·9 + k, lane = r
@@ -242,10 +252,7 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, u: *mut f32
                     if r < nco {
                         let base = ((cop + r) * cin + ci) * 9;
                         for (k, gv) in gg.iter_mut().enumerate() {
-                            *gv = match w {
-                                Src::F32(s) => s[base + k],
-                                Src::F16(s) => s[base + k].to_f32(),
-                            };
+                            *gv = w.get(base + k);
                         }
                     }
                     let c0 = super::g3to6(gg[0], gg[3], gg[6]);

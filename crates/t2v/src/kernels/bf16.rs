@@ -1,0 +1,426 @@
+//! The bfloat16 form of the packed matrix product ([`super::packed_matmul`]) for CPUs with
+//! AVX512_BF16 ([`super::Isa::Avx512Bf16`]): both operands rounded to bfloat16 (round to nearest
+//! even, as `vcvtne2ps2bf16` rounds), products summed in float32 by `vdpbf16ps`, float32 output.
+//!
+//! What `--dtype bf16` means on the CPU: the weight matrices and kernels are *stored* in
+//! bfloat16 (half the memory of float32), while the activations between layers stay float32;
+//! only the operands of the matrix products of the linear layers and of the 1×1 and temporal
+//! convolutions are rounded to bfloat16, as they are packed. The 3×3 convolutions keep their
+//! float32 Winograd products (weights widened as they are transformed): rounding the
+//! transformed planes costs too much accuracy (see `conv/winograd.rs`), and a direct bfloat16
+//! convolution would do four times Winograd's multiplications at twice the rate. Attention's
+//! products (queries·keys, probabilities·values) stay float32 too: their operands are
+//! activations, and they are a small part of a step at these sizes. Why: the time is in the products, where `vdpbf16ps` does twice the multiply-adds of a
+//! float32 FMA per instruction and the packed operands take half the cache; the rest (norms,
+//! softmax, residual adds, the schedulers) is memory-bound and gains nothing from narrower
+//! arithmetic, but would lose accuracy with it (bfloat16 has 8 significant bits). Keeping those
+//! in float32 keeps the deviation from the float32 frames small and each kernel testable
+//! against a float64 product of the same rounded operands. Without AVX512_BF16 the same
+//! bfloat16 weights are widened (exactly) as they are packed and multiply in float32, so every
+//! CPU runs `--dtype bf16`; float32 weights never take this path.
+//!
+//! Layout: `vdpbf16ps` multiplies pairs along k. B is packed as `pairs[(panel·kp + kq)·NR + c]`
+//! = (B[2kq][col] in the low 16 bits, B[2kq+1][col] in the high 16), kp = ⌈k/2⌉, a missing last
+//! row zero; A as `pairs[(panel·kp + kq)·MR + r]` = (A[row][2kq], A[row][2kq+1]), one u32 that the
+//! micro-kernel broadcasts. Tiles are the AVX-512 path's 12×32 (two A micro-panels × two B
+//! panels, 24 accumulators).
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::packed_matmul::{Init, Lhs, PackedA, PackedB, MC, MR, NR};
+use super::Src;
+
+/// Depth of a packed block, in pairs: a B micro-panel pair (2·KCP·NR u32, 32 KiB) stays in a
+/// 32–48 KiB L1, as the float32 AVX-512 path's 2·256·16 floats (twice the depth in elements,
+/// since the operands are half the size).
+const KCP: usize = 256;
+
+/// `x` rounded to bfloat16, round to nearest even (NaN stays NaN), as `vcvtne2ps2bf16`.
+#[inline(always)]
+pub fn round_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+#[inline(always)]
+fn pair(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+/// Element `i` of `w` as bfloat16 bits (rounded from float32 or float16, as is from bfloat16).
+#[inline(always)]
+fn bits_of(w: Src, i: usize) -> u16 {
+    match w {
+        Src::Bf16(s) => s[i].to_bits(),
+        other => round_bits(other.get(i)),
+    }
+}
+
+impl PackedB {
+    /// B = Wᵀ in the bfloat16 form for a row-major `w` of n rows × k (a linear layer's weight,
+    /// bfloat16 as stored, or rounded to it).
+    pub fn from_transposed_bf16(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
+        assert!(w.len() >= n * k, "packed operand size");
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut pairs = vec![0u32; panels * kp * NR];
+        let pack = |(p, dst): (usize, &mut [u32])| {
+            #[cfg(target_arch = "x86_64")]
+            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, p * NR + NR <= n) {
+                if super::avx512bf16() {
+                    // SAFETY: features checked; rows p·NR.. p·NR + 16 of k values exist, and `dst`
+                    // holds kp·NR pairs.
+                    unsafe { gather_panel(s.as_ptr().add(p * NR * k) as *const i32, kp, dst) };
+                    return;
+                }
+            }
+            for c in 0..NR.min(n - p * NR) {
+                let row = (p * NR + c) * k;
+                for kq in 0..kp {
+                    let hi = if 2 * kq + 1 < k { bits_of(w, row + 2 * kq + 1) } else { 0 };
+                    dst[kq * NR + c] = pair(bits_of(w, row + 2 * kq), hi);
+                }
+            }
+        };
+        if parallel && panels > 1 && n * k >= 1 << 16 {
+            pairs.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
+        } else {
+            pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
+        }
+        PackedB { data: Vec::new(), pairs, bf16: true, k, n }
+    }
+
+    /// B in the bfloat16 form from a row-major k×n float32 matrix whose rows are `row_stride`
+    /// floats apart (the activations of the convolutions that are matrix products), rounded.
+    pub fn from_rows_bf16(b: &[f32], k: usize, n: usize, row_stride: usize, parallel: bool) -> PackedB {
+        assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut pairs = vec![0u32; panels * kp * NR];
+        let pack = |(p, dst): (usize, &mut [u32])| {
+            let cols = NR.min(n - p * NR);
+            #[cfg(target_arch = "x86_64")]
+            if cols == NR && super::avx512bf16() {
+                // SAFETY: features checked; rows 0..k of this panel's 16 columns exist, and
+                // `dst` holds kp·NR pairs.
+                unsafe { pack_rows_panel(b.as_ptr().add(p * NR), k, row_stride, dst) };
+                return;
+            }
+            for kq in 0..kp {
+                for c in 0..cols {
+                    let at = p * NR + c;
+                    let lo = round_bits(b[2 * kq * row_stride + at]);
+                    let hi = if 2 * kq + 1 < k { round_bits(b[(2 * kq + 1) * row_stride + at]) } else { 0 };
+                    dst[kq * NR + c] = pair(lo, hi);
+                }
+            }
+        };
+        if parallel && panels > 1 && n * k >= 1 << 16 {
+            pairs.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
+        } else {
+            pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
+        }
+        PackedB { data: Vec::new(), pairs, bf16: true, k, n }
+    }
+}
+
+impl PackedA {
+    /// A in the bfloat16 form from a row-major m×k `a` whose rows are `row_stride` apart (a 1×1
+    /// convolution's weight, bfloat16 as stored, or rounded to it).
+    pub fn from_rows_bf16(a: Src, m: usize, k: usize, row_stride: usize) -> PackedA {
+        assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
+        let kp = k.div_ceil(2);
+        let mut pairs = vec![0u32; m.div_ceil(MR) * MR * kp];
+        for (p, dst) in pairs.chunks_mut((kp * MR).max(1)).enumerate() {
+            for r in 0..MR.min(m - p * MR) {
+                let row = (p * MR + r) * row_stride;
+                for kq in 0..kp {
+                    let hi = if 2 * kq + 1 < k { bits_of(a, row + 2 * kq + 1) } else { 0 };
+                    dst[kq * MR + r] = pair(bits_of(a, row + 2 * kq), hi);
+                }
+            }
+        }
+        PackedA { data: Vec::new(), pairs, bf16: true, m, k }
+    }
+
+    /// This float32 A in the bfloat16 form, rounded (the temporal convolution's transformed
+    /// weights, computed in float32).
+    pub fn to_bf16(&self) -> PackedA {
+        let (m, k) = (self.m, self.k);
+        if self.bf16 {
+            return PackedA { data: Vec::new(), pairs: self.pairs.clone(), bf16: true, m, k };
+        }
+        let kp = k.div_ceil(2);
+        let mut pairs = vec![0u32; m.div_ceil(MR) * MR * kp];
+        for (p, dst) in pairs.chunks_mut((kp * MR).max(1)).enumerate() {
+            let src = &self.data[p * k * MR..][..k * MR];
+            for kq in 0..kp {
+                for r in 0..MR {
+                    let lo = round_bits(src[2 * kq * MR + r]);
+                    let hi = if 2 * kq + 1 < k { round_bits(src[(2 * kq + 1) * MR + r]) } else { 0 };
+                    dst[kq * MR + r] = pair(lo, hi);
+                }
+            }
+        }
+        PackedA { data: Vec::new(), pairs, bf16: true, m, k }
+    }
+}
+
+/// One panel of a bfloat16 Wᵀ from 16 rows of W (even k: each row is kp pairs, as stored): per
+/// pair of depths one gather of the 16 rows' pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_panel(rows: *const i32, kp: usize, dst: &mut [u32]) {
+    let at = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(kp as i32),
+    );
+    let d = dst.as_mut_ptr() as *mut __m512i;
+    for kq in 0..kp {
+        _mm512_storeu_si512(d.add(kq), _mm512_i32gather_epi32::<4>(at, rows.add(kq)));
+    }
+}
+
+/// 16 columns × k rows of a row-major float32 B (rows `stride` apart, from `b`) as one panel of
+/// pairs: per pair of rows one rounding of 32 values and one interleave of their halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_rows_panel(b: *const f32, k: usize, stride: usize, dst: &mut [u32]) {
+    // word j of the result takes word idx[j] of [row 2kq's 16 | row 2kq+1's 16]
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    let d = dst.as_mut_ptr() as *mut __m512i;
+    for kq in 0..k.div_ceil(2) {
+        let lo = _mm512_loadu_ps(b.add(2 * kq * stride));
+        let hi = if 2 * kq + 1 < k { _mm512_loadu_ps(b.add((2 * kq + 1) * stride)) } else { _mm512_setzero_ps() };
+        let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(d.add(kq), _mm512_permutexvar_epi16(idx, words));
+    }
+}
+
+/// Packs rows [i0, i0 + mc) × depth [k0, k0 + kl) (k0 even) of a float32 A (row stride `lda`)
+/// as bfloat16 micro-panels `[ir][kq][MR]` of ⌈kl/2⌉ pairs (rows past mc zero).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a(a: *const f32, lda: usize, i0: usize, mc: usize, k0: usize, kl: usize, dst: *mut u32) {
+    let klp = kl.div_ceil(2);
+    let mut buf = [0u32; 16];
+    for ir in 0..mc.div_ceil(MR) {
+        let d = dst.add(ir * klp * MR);
+        for r in 0..MR {
+            let row = ir * MR + r;
+            if row >= mc {
+                for kq in 0..klp {
+                    *d.add(kq * MR + r) = 0;
+                }
+                continue;
+            }
+            let src = a.add((i0 + row) * lda + k0);
+            let mut kq = 0;
+            // 32 values (16 pairs) at a time: consecutive values of a row are a pair's halves
+            while 2 * kq + 32 <= kl {
+                let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(2 * kq + 16)), _mm512_loadu_ps(src.add(2 * kq)));
+                _mm512_storeu_si512(buf.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+                for (j, &p) in buf.iter().enumerate() {
+                    *d.add((kq + j) * MR + r) = p;
+                }
+                kq += 16;
+            }
+            while kq < klp {
+                let hi = if 2 * kq + 1 < kl { round_bits(*src.add(2 * kq + 1)) } else { 0 };
+                *d.add(kq * MR + r) = pair(round_bits(*src.add(2 * kq)), hi);
+                kq += 1;
+            }
+        }
+    }
+}
+
+thread_local! {
+    static A_PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The Goto/BLIS blocking of [`super::packed_matmul`] for a bfloat16 B: `C (m×n, row stride ldc)
+/// = init + A · B` on the calling thread, A float32 rows (rounded as they are packed) or
+/// bfloat16 panels.
+///
+/// # Safety
+/// [`super::avx512bf16`] is true; `a` covers m rows (of ≥ k floats, or ⌈k/2⌉ pairs) and `c` m
+/// rows of `ldc` (≥ n) floats.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let panels = n.div_ceil(NR);
+    let nkb = kp.div_ceil(KCP).max(1);
+    let kcp = kp.div_ceil(nkb);
+    let mut scratch = [0f32; 2 * MR * 2 * NR];
+    let mut bias_tile = [0f32; 2 * NR];
+    A_PACK.with(|ap| {
+        let mut apack = ap.borrow_mut();
+        let need = MC.div_ceil(MR) * MR * kcp;
+        if apack.len() < need {
+            apack.resize(need, 0);
+        }
+        let apack = apack.as_mut_ptr();
+        let mut i0 = 0;
+        while i0 < m {
+            let mc = MC.min(m - i0);
+            let nir = mc.div_ceil(MR);
+            let mut kq0 = 0;
+            for kb in 0..nkb {
+                let klp = kcp.min(kp - kq0);
+                let (apack, ap_stride) = match a {
+                    Lhs::Rows(a, lda) => {
+                        pack_a(a, lda, i0, mc, 2 * kq0, (2 * klp).min(k - 2 * kq0), apack);
+                        (apack as *const u32, klp * MR)
+                    }
+                    Lhs::PanelsBf16(p, depth) => {
+                        let dp = depth.div_ceil(2);
+                        (p.add(i0 * dp + kq0 * MR), dp * MR)
+                    }
+                    Lhs::Panels(..) => unreachable!("a bfloat16 B goes with float32 rows or bfloat16 panels"),
+                };
+                let acc = kb > 0 || matches!(init, Init::Accumulate);
+                let mut jr = 0;
+                while jr < panels {
+                    let nb = 2.min(panels - jr);
+                    let bp = [
+                        b.pairs.as_ptr().add((jr * kp + kq0) * NR),
+                        b.pairs.as_ptr().add(((jr + nb - 1) * kp + kq0) * NR),
+                    ];
+                    let cols = (nb * NR).min(n - jr * NR);
+                    let bias_ptr = match init {
+                        Init::Bias(bias) if kb == 0 => {
+                            bias_tile[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
+                            bias_tile.as_ptr()
+                        }
+                        _ => std::ptr::null(),
+                    };
+                    let mut ir = 0;
+                    while ir < nir {
+                        let ra = 2.min(nir - ir);
+                        let ap = [apack.add(ir * ap_stride), apack.add((ir + ra - 1) * ap_stride)];
+                        let rows = (ra * MR).min(mc - ir * MR);
+                        let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
+                        if rows == ra * MR && cols == nb * NR {
+                            tile_of(ra, nb, klp, ap, bp, cp, ldc, NR, acc, bias_ptr);
+                        } else {
+                            let ld = nb * NR;
+                            tile_of(ra, nb, klp, ap, bp, scratch.as_mut_ptr(), ld, NR, false, bias_ptr);
+                            for r in 0..rows {
+                                for cc in 0..cols {
+                                    let d = cp.add(r * ldc + cc);
+                                    let v = scratch[r * ld + cc];
+                                    *d = if acc { *d + v } else { v };
+                                }
+                            }
+                        }
+                        ir += ra;
+                    }
+                    jr += nb;
+                }
+                kq0 += klp;
+            }
+            i0 += mc;
+        }
+    });
+}
+
+/// [`tile`] for `ra` A micro-panels and `nb` B panels (1 or 2 each) known at run time.
+///
+/// # Safety
+/// As [`tile`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_of(
+    ra: usize,
+    nb: usize,
+    kp: usize,
+    a: [*const u32; 2],
+    b: [*const u32; 2],
+    c: *mut f32,
+    ldc: usize,
+    cjs: usize,
+    acc: bool,
+    bias: *const f32,
+) {
+    match (ra, nb) {
+        (2, 2) => tile::<2, 2>(kp, a, b, c, ldc, cjs, acc, bias),
+        (2, _) => tile::<2, 1>(kp, a, b, c, ldc, cjs, acc, bias),
+        (_, 2) => tile::<1, 2>(kp, a, b, c, ldc, cjs, acc, bias),
+        _ => tile::<1, 1>(kp, a, b, c, ldc, cjs, acc, bias),
+    }
+}
+
+/// The micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns, `c[r][..] = start + Σ_kq
+/// a[kq][r] · b[kq][..]` where each term is a pair's two products (`vdpbf16ps`), with A in `RA`
+/// micro-panels `[kq][MR]` of pairs and B in `NB` panels `[kq][NR]` of pairs; `start` is c's own
+/// value (`acc`), `bias` (NB·16 per-column values) or zero. Rows of c are `ldc` apart, its
+/// column panels `cjs`.
+///
+/// # Safety
+/// AVX512_BF16 present; `a[..RA]` hold kp·6 pairs, `b[..NB]` kp·16, c `RA`·6 rows of `NB` panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const RA: usize, const NB: usize>(
+    kp: usize,
+    a: [*const u32; 2],
+    b: [*const u32; 2],
+    c: *mut f32,
+    ldc: usize,
+    cjs: usize,
+    acc: bool,
+    bias: *const f32,
+) {
+    let mut start = [_mm512_setzero_ps(); 2];
+    if !bias.is_null() {
+        for (j, s) in start.iter_mut().enumerate().take(NB) {
+            *s = _mm512_loadu_ps(bias.add(j * NR));
+        }
+    }
+    let mut sums = [[start[0], start[1]]; 2 * MR];
+    for kq in 0..kp {
+        let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); 2];
+        for j in 0..NB {
+            bv[j] = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b[j].add(kq * NR) as *const __m512i));
+        }
+        for p in 0..RA {
+            let ak = a[p].add(kq * MR);
+            for r in 0..MR {
+                let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*ak.add(r) as i32));
+                for j in 0..NB {
+                    sums[p * MR + r][j] = _mm512_dpbf16_ps(sums[p * MR + r][j], x, bv[j]);
+                }
+            }
+        }
+    }
+    for (r, row) in sums.iter().enumerate().take(RA * MR) {
+        for (j, v) in row.iter().enumerate().take(NB) {
+            let p = c.add(r * ldc + j * cjs);
+            if acc {
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+            } else {
+                _mm512_storeu_ps(p, *v);
+            }
+        }
+    }
+}
+
+/// Never called off x86-64 (no bfloat16 B is packed there).
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn blocked(_m: usize, _a: Lhs, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+    unreachable!("bfloat16 products run only on the avx512bf16 path")
+}

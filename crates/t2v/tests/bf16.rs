@@ -1,0 +1,177 @@
+//! The bfloat16 matrix products of `--dtype bf16` on the CPU (`t2v::kernels::bf16`): on the
+//! `avx512bf16` path against a float64 product of the same bfloat16-rounded operands (tight: only
+//! the float32 sums differ) and against the unrounded float32 operands (loose: the rounding's
+//! own error); on the other paths bfloat16 weights are widened and the activations are not
+//! rounded. Every test here sets the kernels' path, so they take turns.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use t2v::kernels::conv::{conv2d, conv2d_fallback, temporal_conv3_fallback, temporal_conv3_with, TemporalAlgo};
+use t2v::kernels::linear::linear;
+use t2v::kernels::{isa, set_isa, Isa};
+
+static PATH: Mutex<()> = Mutex::new(());
+
+/// Runs `f` on the kernels' path `want` (restoring the path after), or says why not.
+fn on_path(want: Isa, f: impl FnOnce()) {
+    let _turn = PATH.lock().unwrap_or_else(|e| e.into_inner());
+    if !want.is_available() {
+        println!("skipped: this CPU has no {want} path (available: {:?})", Isa::available());
+        return;
+    }
+    let before = isa();
+    set_isa(want).unwrap();
+    f();
+    set_isa(before).unwrap();
+}
+
+fn f64_of(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F64).unwrap()
+}
+
+/// `t` rounded to bfloat16 (round to nearest even), in float64.
+fn rounded(t: &Tensor) -> Tensor {
+    f64_of(&t.to_dtype(DType::BF16).unwrap())
+}
+
+/// Largest |got − want| / scale over the elements, where `scale` is the same computation on the
+/// operands' magnitudes (Σ|a|·|b| per element: what a rounding error is relative to).
+fn err_in_scale(got: &Tensor, want: &Tensor, scale: &Tensor) -> f64 {
+    let d = (f64_of(got) - want).unwrap().abs().unwrap();
+    let r = d.div(&(scale + 1e-30).unwrap()).unwrap();
+    r.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn randn(shape: &[usize], std: f32) -> Tensor {
+    Tensor::randn(0f32, std, shape.to_vec(), &Device::Cpu).unwrap()
+}
+
+/// x·Wᵀ + b in float64, and the magnitudes' product.
+fn linear_f64(x: &Tensor, w: &Tensor, b: &Tensor) -> (Tensor, Tensor) {
+    let y = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
+    let s = x.abs().unwrap().matmul(&w.abs().unwrap().t().unwrap()).unwrap().broadcast_add(&b.abs().unwrap()).unwrap();
+    (y, s)
+}
+
+// (rows, k, n): ragged tiles, odd depths (a last pair with one value), depths past a packed block
+// (512 values), rows past a packed block of A (192) and past one task's share.
+const LINEAR_SHAPES: [(usize, usize, usize); 5] =
+    [(37, 24, 13), (7, 25, 45), (400, 1100, 70), (12, 2, 32), (2100, 97, 33)];
+
+#[test]
+fn bf16_linear_matches_float64_of_the_rounded_operands() {
+    on_path(Isa::Avx512Bf16, || {
+        for (m, k, n) in LINEAR_SHAPES {
+            let x = randn(&[m, k], 1.0);
+            let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[n], 1.0);
+            let got = linear(&x, &w, Some(&b)).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &f64_of(&b));
+            let tight = err_in_scale(&got, &want, &scale);
+            let (want32, scale32) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
+            let loose = err_in_scale(&got, &want32, &scale32);
+            println!("linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+            assert!(tight < 1e-5, "{m}×{k}×{n}: {tight:.2e} from float64 of the rounded operands");
+            assert!(loose < 4e-3, "{m}×{k}×{n}: {loose:.2e} from float64 of the float32 operands");
+            if k > 2 {
+                assert!(loose > 1e-5, "{m}×{k}×{n}: the input was not rounded ({loose:.2e})");
+            }
+            // without a bias
+            let got = linear(&x, &w, None).unwrap();
+            let zero = Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap();
+            let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &zero);
+            assert!(err_in_scale(&got, &want, &scale) < 1e-5, "{m}×{k}×{n} without a bias");
+        }
+    });
+}
+
+#[test]
+fn bf16_weights_are_widened_off_the_bf16_path() {
+    for path in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
+        on_path(path, || {
+            for (m, k, n) in LINEAR_SHAPES {
+                let x = randn(&[m, k], 1.0);
+                let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[n], 1.0);
+                let got = linear(&x, &w, Some(&b)).unwrap();
+                let (want, scale) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
+                let err = err_in_scale(&got, &want, &scale);
+                assert!(err < 1e-5, "{path}: {m}×{k}×{n}: {err:.2e} from float64 of the widened weights");
+            }
+            // a 1×1 convolution too
+            let x = randn(&[2, 37, 5, 7], 1.0);
+            let w = randn(&[21, 37, 1, 1], 0.2).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[21], 1.0);
+            let got = conv2d(&x, &w, Some(&b), 1, 0).unwrap();
+            let want = conv2d_fallback(&f64_of(&x), &f64_of(&w), Some(&f64_of(&b)), 1, 0).unwrap();
+            let scale = conv2d_fallback(&f64_of(&x).abs().unwrap(), &f64_of(&w).abs().unwrap(), None, 1, 0).unwrap();
+            let err = err_in_scale(&got, &want, &(scale + 1.0).unwrap());
+            assert!(err < 1e-5, "{path}: 1×1 convolution {err:.2e}");
+        });
+    }
+}
+
+#[test]
+fn bf16_pointwise_convolution_matches_float64_of_the_rounded_operands() {
+    on_path(Isa::Avx512Bf16, || {
+        // (images, cin, cout, h, w): odd channels, ragged tiles; many images (one per task) and
+        // one large image (split across threads)
+        for (n, cin, cout, h, w) in [(2, 37, 21, 5, 7), (5, 64, 40, 16, 16), (1, 320, 33, 64, 70)] {
+            let x = randn(&[n, cin, h, w], 1.0);
+            let wt = randn(&[cout, cin, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[cout], 1.0);
+            let got = conv2d(&x, &wt, Some(&b), 1, 0).unwrap();
+            let conv = |x: &Tensor, w: &Tensor, b: &Tensor| conv2d_fallback(x, w, Some(b), 1, 0).unwrap();
+            let abs = |t: &Tensor| t.abs().unwrap();
+            let (wf, bf) = (f64_of(&wt), f64_of(&b));
+            let tight =
+                err_in_scale(&got, &conv(&rounded(&x), &wf, &bf), &conv(&abs(&rounded(&x)), &abs(&wf), &abs(&bf)));
+            let loose =
+                err_in_scale(&got, &conv(&f64_of(&x), &wf, &bf), &conv(&abs(&f64_of(&x)), &abs(&wf), &abs(&bf)));
+            println!(
+                "1×1 conv {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's"
+            );
+            assert!(tight < 1e-5, "{tight:.2e}");
+            assert!(loose < 4e-3 && loose > 1e-5, "{loose:.2e}");
+        }
+    });
+}
+
+/// The 3×3 convolutions keep float32 products for bfloat16 weights (Winograd F(4×4) amplifies
+/// the rounding of its transformed planes too much); the temporal one, Winograd F(4, 3) along
+/// frames, rounds its transformed operands (not the input itself): held to the unrounded float64
+/// result, within a few bfloat16 roundings of the magnitudes' sum.
+#[test]
+fn bf16_winograd_convolutions_stay_near_float64() {
+    on_path(Isa::Avx512Bf16, || {
+        let abs = |t: &Tensor| t.abs().unwrap();
+        // 3×3: channel blocks of 128 with an odd last one, ragged tiles
+        for (n, cin, cout, h, w) in [(2, 19, 23, 9, 11), (1, 131, 14, 6, 6)] {
+            let x = randn(&[n, cin, h, w], 1.0);
+            let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[cout], 1.0);
+            let got = conv2d(&x, &wt, Some(&b), 1, 1).unwrap();
+            let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&b));
+            let want = conv2d_fallback(&xf, &wf, Some(&bf), 1, 1).unwrap();
+            let scale = conv2d_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf)), 1, 1).unwrap();
+            let err = err_in_scale(&got, &want, &scale);
+            println!("3×3 conv {n}×{cin}→{cout} {h}×{w}: {err:.1e} from float64 of the widened weights");
+            assert!(err < 1e-5, "3×3 {cin}→{cout}: {err:.2e}");
+        }
+        // temporal (3, 1, 1) in Winograd F(4, 3) along frames
+        for (b, cin, cout, f, h, w) in [(1, 19, 23, 8, 4, 4), (2, 64, 40, 6, 16, 16)] {
+            let x = randn(&[b, cin, f, h, w], 1.0);
+            let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+            let bias = randn(&[cout], 1.0);
+            let got = temporal_conv3_with(&x, &wt, Some(&bias), TemporalAlgo::Winograd).unwrap();
+            let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&bias));
+            let want = temporal_conv3_fallback(&xf, &wf, Some(&bf)).unwrap();
+            let scale = temporal_conv3_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf))).unwrap();
+            let err = err_in_scale(&got, &want, &scale);
+            println!("temporal conv {b}×{cin}→{cout}, {f} frames of {h}×{w}: bf16 {err:.1e}");
+            assert!(err < 1e-2 && err > 1e-5, "temporal {cin}→{cout}: {err:.2e}");
+        }
+    });
+}
