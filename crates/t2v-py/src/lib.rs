@@ -330,11 +330,6 @@ impl Model {
     ) -> PyResult<Self> {
         let device = pipeline::select_device(device).map_err(py_err)?;
         let dtype = parse_dtype(dtype)?;
-        if dtype == DType::BF16 && device.is_cpu() {
-            return Err(PyValueError::new_err(
-                "bfloat16 needs a GPU (candle's CPU matrix products have no bfloat16): use float32 (fastest on the CPU) or float16",
-            ));
-        }
         let loras = loras.unwrap_or_default().into_iter().map(|(path, weight)| LoraSpec::new(path, weight)).collect();
         let options = LoadOptions {
             device: device.clone(),
