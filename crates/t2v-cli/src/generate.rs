@@ -433,7 +433,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     // LoRAs: as given, else those of --from (refused when a file changed since).
     let loras: Vec<t2v::lora::LoraSpec> = if !args.lora.is_empty() {
-        args.lora.iter().map(|l| t2v::lora::LoraSpec::parse(l)).collect::<t2v::Result<_>>()?
+        // A path, or a Hub repo `owner/name[/subfolder][@revision]` fetched into the cache.
+        let lora_hub = hub_options(args.offline, quiet, args.variant);
+        args.lora
+            .iter()
+            .map(|l| {
+                let mut spec = t2v::lora::LoraSpec::parse(l)?;
+                spec.path = t2v::checkpoint::hub::resolve_lora(&spec.path.to_string_lossy(), &lora_hub)?;
+                Ok(spec)
+            })
+            .collect::<t2v::Result<_>>()?
     } else {
         match &from {
             Some(s) => s.loras.iter().map(|l| l.check()).collect::<Result<_>>()?,

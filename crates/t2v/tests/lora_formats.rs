@@ -476,3 +476,45 @@ fn t2v_turbo_timesteps_are_taken_every_50_over_n() {
     assert_eq!("t2v-turbo".parse::<t2v::schedulers::SchedulerKind>().unwrap(), kind);
     assert_eq!(kind.class_name(), "T2VTurboScheduler");
 }
+
+// ---- `--lora REPO/SUBFOLDER`: a LoRA from the Hub cache ----
+
+/// MCM's layout (`yhzhai/mcm`, subfolder `modelscopet2v-webvid`) in a fake, offline cache: the
+/// subfolder of the snapshot is the LoRA; a subfolder without one is refused naming what is missing.
+#[test]
+fn a_lora_repo_subfolder_resolves_through_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--someone--video-loras");
+    let sub = repo.join("snapshots").join(commit).join("webvid");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::copy(
+        model_dir("tiny-t2v").join("lora/pytorch_lora_weights.safetensors"),
+        sub.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    let mut opts = t2v::checkpoint::HubOptions::new(&cache);
+    opts.offline = true;
+    let resolved = t2v::checkpoint::hub::resolve_lora("someone/video-loras/webvid", &opts).unwrap();
+    assert_eq!(resolved, sub);
+    let counts =
+        t2v::pipeline::check_loras(model_dir("tiny-t2v"), &[LoraSpec::new(&resolved, 1.0)], WeightsVariant::Auto)
+            .unwrap()
+            .unwrap();
+    assert!(counts[0] > 0);
+    // With a revision, and at the top level of a repo that has none there.
+    assert_eq!(
+        t2v::checkpoint::hub::resolve_lora(&format!("someone/video-loras/webvid@{commit}"), &opts).unwrap(),
+        sub
+    );
+    let msg = t2v::checkpoint::hub::resolve_lora("someone/video-loras", &opts).err().unwrap().to_string();
+    assert!(msg.contains("*.safetensors"), "{msg}");
+    let msg = t2v::checkpoint::hub::resolve_lora("someone/video-loras/other", &opts).err().unwrap().to_string();
+    assert!(msg.contains("other/*.safetensors"), "{msg}");
+    // Not a path and not a repo.
+    let msg = t2v::checkpoint::hub::resolve_lora("no-such-lora.safetensors", &opts).err().unwrap().to_string();
+    assert!(msg.contains("no such file"), "{msg}");
+}
