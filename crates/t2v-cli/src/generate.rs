@@ -82,8 +82,10 @@ pub struct GenerateArgs {
 
     /// Merge a LoRA into the model at load, PATH[:WEIGHT] (weight 1 by default; repeatable, the
     /// updates add): a diffusers/PEFT .safetensors (lora_A/lora_B or lora.down/lora.up keys), a
-    /// kohya one (lora_unet_…, with .alpha), or a PEFT adapter folder (adapter_config.json).
-    #[arg(long, value_name = "PATH[:WEIGHT]")]
+    /// kohya one (lora_unet_…, with .alpha), a PEFT adapter folder (adapter_config.json), a
+    /// Text-To-Video-Finetuning / T2V-Turbo list (.pt), or a Stable LoRA (the webui's). Instead of
+    /// a path, a Hub repo: owner/name[/subfolder][@revision] (yhzhai/mcm/modelscopet2v-webvid).
+    #[arg(long, value_name = "PATH|REPO[/SUBFOLDER][:WEIGHT]")]
     lora: Vec<String>,
 
     /// DDIM's eta: 0 is deterministic, 1 adds as much fresh noise as DDPM. [default: 0]

@@ -87,3 +87,60 @@ fn list_and_stable_loras_for_another_model_are_refused_before_model_work() {
         assert!(!out.exists());
     }
 }
+
+/// `--lora owner/name/subfolder:WEIGHT` from an offline Hub cache gives the frames of the same
+/// file named by its path; the settings record the file in the snapshot.
+#[test]
+fn a_lora_from_the_hub_cache_by_repo_and_subfolder() {
+    let (_tmp, dir) = temp_dir();
+    let cache = dir.join("hub");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.join("models--someone--video-loras");
+    let sub = repo.join("snapshots").join(commit).join("webvid");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let file = model_dir("tiny-t2v").join("lora/pytorch_lora_weights.safetensors");
+    std::fs::copy(&file, sub.join("pytorch_lora_weights.safetensors")).unwrap();
+    let run = |lora: &str, out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_t2v"))
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .args([
+                "generate",
+                "a cat",
+                "--model",
+                model_dir("tiny-t2v").to_str().unwrap(),
+                "--lora",
+                lora,
+                "--seed",
+                "5",
+                "--steps",
+                "2",
+                "--num-frames",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "-q",
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (dir.join("hub.npy"), dir.join("path.npy"));
+    let o = run("someone/video-loras/webvid:0.6", &a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&format!("{}:0.6", file.display()), &b);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(max_abs_diff(&read_npy(&a), &read_npy(&b)), 0.0);
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("hub.npy.json")).unwrap()).unwrap();
+    assert!(settings["loras"][0]["path"].as_str().unwrap().contains("snapshots"), "{settings}");
+
+    let o = run("someone/video-loras/elsewhere", &dir.join("refused.npy"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("elsewhere/*.safetensors"), "{}", stderr(&o));
+}
