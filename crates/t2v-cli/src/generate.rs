@@ -18,6 +18,9 @@ use t2v::long_video::{ContextWeighting, ContextWindows};
 use t2v::pipeline::upscale::{self, scheduler_config_for};
 use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Video};
 use t2v::schedulers::{strength_begin_index, SchedulerKind};
+
+/// The width of T2V-Turbo-MS's guidance embedding (`time_cond_proj_dim` of its UNet).
+const T2V_TURBO_COND_DIM: usize = 256;
 use t2v::video::input::{read_video, Fit, ReadOptions};
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
 
@@ -65,8 +68,10 @@ pub struct GenerateArgs {
 
     /// Sampler: `dpm` (DPM-Solver++ multistep, the model card's recipe), `ddim` (the
     /// checkpoint's own), `lcm` (latent consistency: distilled LoRAs, 4 steps, guidance 1),
-    /// `unipc`, `euler` or `euler_a` (Euler ancestral). Each is built from the checkpoint's
-    /// scheduler config as diffusers' `from_config` does. [default: dpm]
+    /// `unipc`, `euler`, `euler_a` (Euler ancestral) or `t2v-turbo` (T2V-Turbo-MS's consistency
+    /// sampler: with `--lora unet_lora.pt`, 4 steps; the UNet gets T2V-Turbo's 256-wide guidance
+    /// embedding of `--guidance-scale`, no unconditional pass). Each is built from the
+    /// checkpoint's scheduler config as diffusers' `from_config` does. [default: dpm]
     #[arg(long)]
     scheduler: Option<SchedulerKind>,
 
@@ -77,8 +82,10 @@ pub struct GenerateArgs {
 
     /// Merge a LoRA into the model at load, PATH[:WEIGHT] (weight 1 by default; repeatable, the
     /// updates add): a diffusers/PEFT .safetensors (lora_A/lora_B or lora.down/lora.up keys), a
-    /// kohya one (lora_unet_…, with .alpha), or a PEFT adapter folder (adapter_config.json).
-    #[arg(long, value_name = "PATH[:WEIGHT]")]
+    /// kohya one (lora_unet_…, with .alpha), a PEFT adapter folder (adapter_config.json), a
+    /// Text-To-Video-Finetuning / T2V-Turbo list (.pt), or a Stable LoRA (the webui's). Instead of
+    /// a path, a Hub repo: owner/name[/subfolder][@revision] (yhzhai/mcm/modelscopet2v-webvid).
+    #[arg(long, value_name = "PATH|REPO[/SUBFOLDER][:WEIGHT]")]
     lora: Vec<String>,
 
     /// DDIM's eta: 0 is deterministic, 1 adds as much fresh noise as DDPM. [default: 0]
@@ -430,7 +437,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     // LoRAs: as given, else those of --from (refused when a file changed since).
     let loras: Vec<t2v::lora::LoraSpec> = if !args.lora.is_empty() {
-        args.lora.iter().map(|l| t2v::lora::LoraSpec::parse(l)).collect::<t2v::Result<_>>()?
+        // A path, or a Hub repo `owner/name[/subfolder][@revision]` fetched into the cache.
+        let lora_hub = hub_options(args.offline, quiet, args.variant);
+        args.lora
+            .iter()
+            .map(|l| {
+                let mut spec = t2v::lora::LoraSpec::parse(l)?;
+                spec.path = t2v::checkpoint::hub::resolve_lora(&spec.path.to_string_lossy(), &lora_hub)?;
+                Ok(spec)
+            })
+            .collect::<t2v::Result<_>>()?
     } else {
         match &from {
             Some(s) => s.loras.iter().map(|l| l.check()).collect::<Result<_>>()?,
@@ -615,7 +631,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // The LoRAs go into the model of the first pass only (the second is another model).
     let upscale_options =
         LoadOptions { device: device.clone(), dtype, variant: args.variant, ..LoadOptions::default() };
-    let options = LoadOptions { loras: loras.clone(), ..upscale_options.clone() };
+    // T2V-Turbo-MS's UNet has a 256-wide guidance embedding (its `cond_proj` starts from zeros:
+    // no published file holds its base weight).
+    let time_cond_proj_dim = (template.scheduler == SchedulerKind::T2vTurbo).then_some(T2V_TURBO_COND_DIM);
+    let options = LoadOptions { loras: loras.clone(), time_cond_proj_dim, ..upscale_options.clone() };
     // With an input video the frame count is the clip's, checked once it is read.
     let checked = match &video_path {
         Some(_) => GenerationParams { long: Default::default(), ..template.clone() },
@@ -623,7 +642,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let (height, width) = pipeline::check_params(&model_folder, &checked)
         .with_context(|| format!("checking the settings against {model_spec}"))?;
-    t2v::pipeline::check_loras(&model_folder, &loras, args.variant)
+    t2v::pipeline::check_loras_with(&model_folder, &loras, args.variant, time_cond_proj_dim)
         .with_context(|| format!("checking the LoRAs against {model_spec}"))?;
     let overrides: Vec<(String, String)> = scheduler_overrides.clone().into_iter().collect();
     let scheduler_config = scheduler_config_for(&model_folder, &template, &overrides)

@@ -82,6 +82,10 @@ pub struct LoadOptions {
     /// LoRAs merged into the UNet and text encoder weights at load (see [`crate::lora`]), in
     /// this order.
     pub loras: Vec<LoraSpec>,
+    /// Overrides the UNet config's `time_cond_proj_dim`: the width of the guidance embedding
+    /// a distilled UNet takes (T2V-Turbo-MS: 256). Its `time_embedding.cond_proj` weight, which
+    /// no published file holds, starts from zeros; its LoRA pair (in T2V-Turbo's list) is added.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -92,6 +96,7 @@ impl Default for LoadOptions {
             variant: WeightsVariant::Auto,
             keep_narrow_weights: true,
             loras: Vec::new(),
+            time_cond_proj_dim: None,
         }
     }
 }
@@ -117,6 +122,40 @@ impl LoadOptions {
             weights.store_matrices_as(m)?;
         }
         Ok(weights)
+    }
+}
+
+/// Whether a run makes an unconditional pass (classifier-free guidance): a guidance scale above
+/// 1, as diffusers, except under T2V-Turbo's sampler, whose UNet takes the scale as an
+/// embedding.
+pub(crate) fn classifier_free(params: &GenerationParams) -> bool {
+    params.guidance_scale > 1.0 && params.scheduler.guides_with_negative()
+}
+
+/// The UNet config with the load's `time_cond_proj_dim` override, validated.
+fn unet_config(folder: &ModelFolder, time_cond_proj_dim: Option<usize>) -> Result<unet3d::Config> {
+    let mut cfg: unet3d::Config = folder.config("unet", "config.json")?;
+    if time_cond_proj_dim.is_some() {
+        cfg.time_cond_proj_dim = time_cond_proj_dim;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The UNet's `cond_proj` weight is in no published file (T2V-Turbo saves only its LoRA): zeros.
+fn zero_cond_proj(weights: &crate::checkpoint::ComponentWeights, cfg: &unet3d::Config) {
+    if let Some(d) = cfg.time_cond_proj_dim {
+        weights.zero_if_absent("time_embedding.cond_proj.weight", &[cfg.block_out_channels[0], d]);
+    }
+}
+
+/// The UNet's modules in the order key-less LoRA lists follow, and their ModelScope names.
+pub fn lora_module_names(cfg: &unet3d::Config) -> lora::ModuleNames {
+    let order = unet3d::lora_module_order(cfg);
+    let aliases = order.iter().map(|m| (unet3d::modelscope_name(cfg, m), m.clone())).collect();
+    lora::ModuleNames {
+        order: std::collections::HashMap::from([(LoraTarget::Unet, order)]),
+        aliases: std::collections::HashMap::from([(LoraTarget::Unet, aliases)]),
     }
 }
 
@@ -191,8 +230,9 @@ impl TextToVideo {
         let te_weights = options.open_weights(&folder, "text_encoder")?;
 
         folder.check_config_class("unet", "config.json", &["UNet3DConditionModel"])?;
-        let unet_cfg: unet3d::Config = folder.config("unet", "config.json")?;
+        let unet_cfg = unet_config(&folder, options.time_cond_proj_dim)?;
         let unet_weights = options.open_weights(&folder, "unet")?;
+        zero_cond_proj(&unet_weights, &unet_cfg);
 
         // LoRAs: every key checked against the weights' headers before any layer is built.
         if !options.loras.is_empty() {
@@ -205,7 +245,7 @@ impl TextToVideo {
                 (LoraTarget::Unet, unet_weights.tensor_shapes()),
                 (LoraTarget::TextEncoder, te_weights.tensor_shapes()),
             ]);
-            let mut deltas = lora::resolve(&files, &shapes)?;
+            let mut deltas = lora::resolve_with_names(&files, &shapes, &lora_module_names(&unet_cfg))?;
             if let Some(d) = deltas.remove(&LoraTarget::Unet) {
                 unet_weights.set_lora(d)?;
             }
@@ -423,7 +463,7 @@ impl TextToVideo {
             return self.travelling_context(params);
         }
         let prompt_embeds = self.encode_prompt(&params.prompt)?;
-        if params.guidance_scale > 1.0 {
+        if classifier_free(params) {
             let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
             Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
         } else {
@@ -446,7 +486,7 @@ impl TextToVideo {
             long_video::interpolate_keyframes(&embeds, frames)
         };
         let prompt_embeds = interpolate(&params.prompt, &params.long.prompts)?;
-        if params.guidance_scale > 1.0 {
+        if classifier_free(params) {
             let negative = interpolate(params.negative_prompt.as_deref().unwrap_or(""), &params.long.negative_prompts)?;
             Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
         } else {
@@ -483,7 +523,22 @@ impl TextToVideo {
         started: Instant,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Tensor> {
-        let guided = params.guidance_scale > 1.0;
+        let guided = classifier_free(params);
+        // T2V-Turbo: no unconditional pass; the guidance scale goes in as an embedding, and its
+        // scheduler's noise is drawn as its pipeline draws it, in the (1, C, frames, h, w) layout.
+        let turbo = params.scheduler == schedulers::SchedulerKind::T2vTurbo;
+        let guidance_embedding = if turbo {
+            let Some(dim) = self.unet.config().time_cond_proj_dim else {
+                return Err(Error::InvalidArgument(
+                    "T2V-Turbo sampling needs a UNet with a guidance embedding: load the model with \
+                     time_cond_proj_dim 256 (T2V-Turbo-MS; the command line does so for --scheduler t2v-turbo)"
+                        .into(),
+                ));
+            };
+            Some(unet3d::guidance_scale_embedding(params.guidance_scale, dim, &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
         let device = self.device.clone();
         let dtype = self.dtype;
         let plan = match &params.long.context {
@@ -496,7 +551,13 @@ impl TextToVideo {
             // what precedes the prompt once for both.
             let model_input = scheduler.scale_model_input(latents.clone(), t)?;
             let model_t = scheduler.model_timestep(t);
-            let noise_pred = self.unet.forward_long(&model_input, model_t, context, &long)?;
+            let noise_pred = self.unet.forward_guidance_embedded(
+                &model_input,
+                model_t,
+                context,
+                &long,
+                guidance_embedding.as_ref(),
+            )?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let text = noise_pred.narrow(0, 1, 1)?;
@@ -509,8 +570,13 @@ impl TextToVideo {
             let (b, c, f, h, w) = latents.dims5()?;
             let to_frames =
                 |x: &Tensor| -> Result<Tensor> { Ok(x.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?) };
-            let mut noise =
-                |shape: &[usize]| -> Result<Tensor> { Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?) };
+            let mut noise = |shape: &[usize]| -> Result<Tensor> {
+                if turbo && shape == [b * f, c, h, w] {
+                    let z = generator.randn_tensor(&[b, c, f, h, w], &device)?.to_dtype(dtype)?;
+                    return to_frames(&z);
+                }
+                Ok(generator.randn_tensor(shape, &device)?.to_dtype(dtype)?)
+            };
             let stepped = scheduler.step(&to_frames(&noise_pred)?, t, &to_frames(&latents)?, &mut noise)?;
             let sample = std::mem::replace(
                 &mut latents,
@@ -657,10 +723,21 @@ fn is_latin(c: char) -> bool {
 /// headers only: nothing is loaded). Returns how many tensors each LoRA changes, or `None` when
 /// the checkpoint's weights are PyTorch `.bin` files (read whole, so checked at load instead).
 pub fn check_loras(root: impl AsRef<Path>, loras: &[LoraSpec], variant: WeightsVariant) -> Result<Option<Vec<usize>>> {
+    check_loras_with(root, loras, variant, None)
+}
+
+/// [`check_loras`] for a UNet loaded with [`LoadOptions::time_cond_proj_dim`].
+pub fn check_loras_with(
+    root: impl AsRef<Path>,
+    loras: &[LoraSpec],
+    variant: WeightsVariant,
+    time_cond_proj_dim: Option<usize>,
+) -> Result<Option<Vec<usize>>> {
     if loras.is_empty() {
         return Ok(Some(Vec::new()));
     }
     let folder = ModelFolder::open(root)?;
+    let unet_cfg = unet_config(&folder, time_cond_proj_dim)?;
     let mut shapes = std::collections::HashMap::new();
     for target in [LoraTarget::Unet, LoraTarget::TextEncoder] {
         let files = folder.weights_files(target.component(), variant)?;
@@ -668,13 +745,17 @@ pub fn check_loras(root: impl AsRef<Path>, loras: &[LoraSpec], variant: WeightsV
             return Ok(None);
         }
         let weights = folder.weights_with(target.component(), variant, DType::F32, &Device::Cpu, true)?;
+        if target == LoraTarget::Unet {
+            zero_cond_proj(&weights, &unet_cfg);
+        }
         shapes.insert(target, weights.tensor_shapes());
     }
+    let names = lora_module_names(&unet_cfg);
     let counts = loras
         .iter()
         .map(|spec| {
             let file = LoraFile::open(&spec.path)?;
-            let deltas = lora::resolve(&[(file, spec.weight)], &shapes)?;
+            let deltas = lora::resolve_with_names(&[(file, spec.weight)], &shapes, &names)?;
             Ok(deltas.values().map(|d| d.len()).sum())
         })
         .collect::<Result<Vec<usize>>>()?;

@@ -76,7 +76,7 @@ pub fn run_shape(unet: &unet3d::Config, vae: &vae::Config, params: &GenerationPa
         latent_channels: unet.in_channels,
         latent_height: height / scale,
         latent_width: width / scale,
-        batch: if params.guidance_scale > 1.0 { 2 } else { 1 },
+        batch: if crate::pipeline::classifier_free(params) { 2 } else { 1 },
     };
     // Every tensor of the run is at most one of these, times a channel count of the configs;
     // each must have a size in bytes that fits an isize.

@@ -224,10 +224,99 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let repo = RepoSpec::parse(spec).ok_or_else(|| Error::ModelSpec { spec: spec.to_string() })?;
+    let choose = Selection::Checkpoint;
     if opts.offline {
-        resolve_cached(&repo, opts)
+        resolve_cached(&repo, opts, &choose)
     } else {
-        resolve_online(&repo, opts)
+        resolve_online(&repo, opts, &choose)
+    }
+}
+
+/// Resolves `--lora`'s path: an existing file or folder as is, else a Hub repo
+/// `owner/name[/subfolder][@revision]` (MCM's `yhzhai/mcm/modelscopet2v-webvid`): the LoRA files of
+/// the subfolder (one level, or the repo's top level) are fetched as a model's are (none when
+/// `opts.offline`) and the subfolder of the snapshot is returned. A LoRA file there is any
+/// `.safetensors`, `adapter_config.json` or `.pt`.
+pub fn resolve_lora(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let not_found = || Error::Lora {
+        path: path.to_path_buf(),
+        reason: "no such file or folder, nor a Hub repo `owner/name[/subfolder][@revision]`".into(),
+    };
+    let (id, revision) = match spec.split_once('@') {
+        Some((id, rev)) => (id, Some(rev)),
+        None => (spec, None),
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    if parts.len() < 2 || parts.len() > 3 || parts[2..].iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+        return Err(not_found());
+    }
+    let repo_text = match revision {
+        Some(rev) => format!("{}/{}@{rev}", parts[0], parts[1]),
+        None => format!("{}/{}", parts[0], parts[1]),
+    };
+    let repo = RepoSpec::parse(&repo_text).ok_or_else(not_found)?;
+    let subfolder = parts.get(2).map(|s| s.to_string()).unwrap_or_default();
+    let choose = Selection::Lora { subfolder: subfolder.clone() };
+    let snapshot =
+        if opts.offline { resolve_cached(&repo, opts, &choose)? } else { resolve_online(&repo, opts, &choose)? };
+    Ok(if subfolder.is_empty() { snapshot } else { snapshot.join(subfolder) })
+}
+
+/// Which files of a repo a resolution needs.
+enum Selection {
+    /// A text-to-video checkpoint ([`select_files`]).
+    Checkpoint,
+    /// The LoRA files directly in `subfolder` (`""`: the top level).
+    Lora { subfolder: String },
+}
+
+impl Selection {
+    fn files(&self, available: &[String], variant: WeightsVariant) -> std::result::Result<Vec<String>, String> {
+        match self {
+            Selection::Checkpoint => select_files(available, variant),
+            Selection::Lora { subfolder } => {
+                let files: Vec<String> = available
+                    .iter()
+                    .filter(|f| {
+                        let name = if subfolder.is_empty() {
+                            Some(f.as_str()).filter(|n| !n.contains('/'))
+                        } else {
+                            f.strip_prefix(subfolder.as_str())
+                                .and_then(|r| r.strip_prefix('/'))
+                                .filter(|n| !n.contains('/'))
+                        };
+                        name.is_some_and(|n| {
+                            n.ends_with(".safetensors") || n == "adapter_config.json" || n.ends_with(".pt")
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                if files.is_empty() {
+                    let at = if subfolder.is_empty() { String::new() } else { format!("{subfolder}/") };
+                    Err(format!("{at}*.safetensors, {at}adapter_config.json or {at}*.pt (a LoRA)"))
+                } else {
+                    Ok(files)
+                }
+            }
+        }
+    }
+
+    /// What the repo must hold, for the message when it lacks a file.
+    fn expected(&self) -> &'static str {
+        match self {
+            Selection::Checkpoint => {
+                "the repo has no such file: t2v needs a text-to-video checkpoint in the diffusers \
+                 layout (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/)"
+            }
+            Selection::Lora { .. } => {
+                "the repo has no such file: a LoRA repo (or its subfolder) holds a .safetensors LoRA, a PEFT \
+                 adapter (adapter_config.json + adapter_model.safetensors) or a .pt list"
+            }
+        }
     }
 }
 
@@ -314,15 +403,18 @@ fn snapshot_files(snapshot: &Path) -> Vec<String> {
 }
 
 /// The snapshot folder from the cache alone, when it holds every file needed.
-fn resolve_cached(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
+fn resolve_cached(repo: &RepoSpec, opts: &HubOptions, choose: &Selection) -> Result<PathBuf> {
     let offline = |file: String| Error::Offline { repo: repo.display(), file, cache: opts.cache_dir.clone() };
-    let commit = cached_commit(repo, opts).ok_or_else(|| offline("model_index.json".to_string()))?;
+    let Some(commit) = cached_commit(repo, opts) else {
+        // Nothing cached: name the first file the selection would want.
+        return Err(offline(choose.files(&[], opts.variant).err().unwrap_or_else(|| "model_index.json".into())));
+    };
     let snapshot = repo_dir(repo, opts).join("snapshots").join(&commit);
-    select_files(&snapshot_files(&snapshot), opts.variant).map_err(offline)?;
+    choose.files(&snapshot_files(&snapshot), opts.variant).map_err(offline)?;
     Ok(snapshot)
 }
 
-fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
+fn resolve_online(repo: &RepoSpec, opts: &HubOptions, choose: &Selection) -> Result<PathBuf> {
     let cache = Cache::new(opts.cache_dir.clone());
     let api = ApiBuilder::from_cache(cache.clone())
         .with_endpoint(opts.endpoint.trim_end_matches('/').to_string())
@@ -341,7 +433,7 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
             if let Error::Download { reason, .. } = &err {
                 if reason.starts_with(UNREACHABLE) {
                     // Like huggingface_hub: without a connection, use a complete cached snapshot.
-                    if let Ok(snapshot) = resolve_cached(repo, opts) {
+                    if let Ok(snapshot) = resolve_cached(repo, opts, choose) {
                         if opts.progress {
                             eprintln!("warning: {reason}; using the cached snapshot {}", snapshot.display());
                         }
@@ -361,12 +453,10 @@ fn resolve_online(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
     };
     let commit = info.commit.clone();
     let available: Vec<String> = info.files.iter().map(|f| f.path.clone()).collect();
-    let files = select_files(&available, opts.variant).map_err(|file| Error::Download {
+    let files = choose.files(&available, opts.variant).map_err(|file| Error::Download {
         repo: repo.display(),
         file,
-        reason: "the repo has no such file: t2v needs a text-to-video checkpoint in the diffusers \
-                 layout (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/)"
-            .to_string(),
+        reason: choose.expected().to_string(),
     })?;
 
     let dir = repo_dir(repo, opts);

@@ -13,6 +13,24 @@
 //!   (`lora_te_` for the text encoder); the underscores are resolved against the model's own
 //!   module names.
 //!
+//! - the key-less lists of Text-To-Video-Finetuning (`{step}_unet.pt`) and T2V-Turbo
+//!   (`unet_lora.pt`): a `torch.save`d list `[up0, down0, up1, down1, …]`, one pair per
+//!   `nn.Linear` / `nn.Conv2d` / `nn.Conv3d` of the UNet in `named_modules()` order (see
+//!   [`crate::unet3d::lora_module_order`]). Their `collapse_lora` merges `W + up·down` (the
+//!   injected layers' `scale` is 1 and no alpha is stored), so the scale is 1 whatever the
+//!   rank; the pairs are matched to the model's modules by position, the count and every shape
+//!   checked.
+//!
+//! - "Stable LoRA" (the webui extension's format, written by Text-To-Video-Finetuning's
+//!   `stable_lora`): safetensors with the metadata key `stable_lora_text_to_video`, keys
+//!   `<module>.lora_A` / `.lora_B` (no `.weight`) under ModelScope's original module names
+//!   (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`, mapped back by
+//!   [`crate::unet3d::modelscope_name`]; `resblocks.N.…` for the text encoder), scale 1 (its
+//!   layers' `lora_alpha` is r). Linear pairs may carry a trailing 1 (`proj_in`/`proj_out`, which
+//!   its converter unsqueezes); a Conv2d's pair is (r·k, in·k) and (out·k, r·k) whose product is
+//!   reshaped to the kernel, a Conv3d's (kernel (k, 1, 1)) is viewed (out, in, k, k, 1) and
+//!   averaged over its fourth axis, as the webui's `lora_conv_forward` does.
+//!
 //! Every key is checked against the model's tensors (by name and shape, from the headers, no
 //! data read) before any layer is built; the first that does not fit is named in the error.
 
@@ -22,6 +40,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+
+mod list;
+mod stable;
+use list::{is_torch_zip, list_modules};
+use stable::{is_stable_lora, stable_modules};
 
 /// A LoRA to apply and its weight (the `:WEIGHT` of `--lora PATH:WEIGHT`; 1 by default).
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +104,11 @@ enum ModuleName {
     Dotted(String),
     /// kohya's: the dotted path with `_` for `.`, resolved against the model.
     Kohya(String),
+    /// The n-th pair of a key-less list, resolved against the model's module order.
+    Ordered(usize),
+    /// A Stable LoRA key's module: ModelScope's name (or, for modules its converter leaves
+    /// alone, the diffusers one).
+    Stable(String),
 }
 
 #[derive(Debug, Default)]
@@ -164,11 +192,20 @@ impl LoraFile {
             } else {
                 None
             };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            let listed: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| Error::io(path, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
+                .filter(|p| p.is_file())
                 .collect();
+            let with_ext = |ext: &str| -> Vec<PathBuf> {
+                listed.iter().filter(|p| p.extension().is_some_and(|e| e == ext)).cloned().collect()
+            };
+            let mut files = with_ext("safetensors");
+            if files.is_empty() && adapter.is_none() {
+                // A Text-To-Video-Finetuning / T2V-Turbo folder: its UNet list (`unet_lora.pt`,
+                // `{step}_unet.pt`), as their loaders pick it.
+                files = with_ext("pt").into_iter().filter(|p| p.to_string_lossy().contains("unet")).collect();
+            }
             files.sort();
             let preferred = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"];
             let chosen = files
@@ -179,22 +216,27 @@ impl LoraFile {
             match chosen {
                 Some(p) => (p, adapter),
                 None if files.is_empty() => {
-                    return Err(bad("the folder holds no .safetensors LoRA file".into()));
+                    return Err(bad("the folder holds no .safetensors LoRA file (nor a *unet*.pt list)".into()));
                 }
                 None => {
-                    return Err(bad(format!(
-                        "the folder holds {} .safetensors files: name the LoRA file itself",
-                        files.len()
-                    )))
+                    return Err(bad(format!("the folder holds {} LoRA files: name the LoRA file itself", files.len())))
                 }
             }
         } else {
             (path.to_path_buf(), None)
         };
+        if is_torch_zip(&weights_path)? {
+            let modules = list_modules(&weights_path)?;
+            return Ok(Self { path: path.to_path_buf(), weights_path, modules });
+        }
         super::inspect_safetensors(&weights_path)?;
         let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
             .map_err(|e| Error::CorruptWeights { path: weights_path.clone(), reason: e.to_string() })?;
-        let modules = parse_modules(tensors, adapter.as_ref(), &weights_path)?;
+        let modules = if is_stable_lora(&weights_path)? {
+            stable_modules(tensors, &weights_path)?
+        } else {
+            parse_modules(tensors, adapter.as_ref(), &weights_path)?
+        };
         if modules.is_empty() {
             return Err(bad(
                 "it holds no LoRA weights (no lora_A/lora_B, lora.down/lora.up or lora_down/lora_up keys)".into(),
@@ -327,6 +369,8 @@ fn parse_modules(
         }
         let module_path = match &name {
             ModuleName::Dotted(s) | ModuleName::Kohya(s) => s.clone(),
+            ModuleName::Ordered(i) => i.to_string(),
+            ModuleName::Stable(s) => s.clone(),
         };
         let (alpha, rank) = match (&module.alpha, adapter) {
             (Some((_, a)), _) => (*a as f64, r),
@@ -348,13 +392,17 @@ fn parse_modules(
 /// The shape of each tensor of one component, by name (from the weights' headers).
 pub type TensorShapes = HashMap<String, Vec<usize>>;
 
-/// One update to merge into a tensor: `scale · up·down`.
+/// One update to merge into a tensor: `scale · up·down`, the product (rows of `up`, columns of
+/// `down`) read in row-major order as the tensor's shape.
 #[derive(Debug, Clone)]
 pub struct Delta {
     pub down: Tensor,
     pub up: Tensor,
     /// `weight · alpha / r`.
     pub scale: f64,
+    /// Stable LoRA's Conv3d pairs: the product, (out·k, in·k), is viewed (out, in, k, k) and
+    /// averaged over its last axis into the (out, in, k, 1, 1) kernel. `None`: reshaped.
+    pub temporal_mean: Option<usize>,
 }
 
 /// The deltas of one component, by the tensor name they add to (`<module>.weight`).
@@ -362,16 +410,78 @@ pub type ComponentDeltas = HashMap<String, Vec<Delta>>;
 
 /// Matches every module of `loras` (with their weights) to a tensor of the model: `shapes` holds
 /// each component's tensors. Refuses the first module whose name is not the model's or whose
-/// shapes do not fit.
+/// shapes do not fit. Key-less lists need the module order: see [`resolve_with_names`].
 pub fn resolve(
     loras: &[(LoraFile, f64)],
     shapes: &HashMap<LoraTarget, TensorShapes>,
 ) -> Result<HashMap<LoraTarget, ComponentDeltas>> {
+    resolve_with_names(loras, shapes, &ModuleNames::default())
+}
+
+/// What the model tells the formats that do not use its own module names.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleNames {
+    /// Each component's `nn.Linear`/`Conv2d`/`Conv3d` modules in `named_modules()` order (the
+    /// UNet's: [`crate::unet3d::lora_module_order`]), for the key-less lists: their n-th pair is
+    /// the n-th module's, the count must be the model's and every shape must fit.
+    pub order: HashMap<LoraTarget, Vec<String>>,
+    /// Another name of a module → the model's: ModelScope's original names (Stable LoRA), from
+    /// [`crate::unet3d::modelscope_name`].
+    pub aliases: HashMap<LoraTarget, HashMap<String, String>>,
+}
+
+/// [`resolve`], for every format: `names` places the key-less lists and the Stable LoRA keys.
+pub fn resolve_with_names(
+    loras: &[(LoraFile, f64)],
+    shapes: &HashMap<LoraTarget, TensorShapes>,
+    names: &ModuleNames,
+) -> Result<HashMap<LoraTarget, ComponentDeltas>> {
+    let order = &names.order;
     let mut out: HashMap<LoraTarget, ComponentDeltas> = HashMap::new();
     let mut kohya: HashMap<LoraTarget, HashMap<String, String>> = HashMap::new();
     for (file, weight) in loras {
         let bad = |reason: String| Error::Lora { path: file.path.clone(), reason };
+        let ordered = file.modules.iter().filter(|m| matches!(m.name, ModuleName::Ordered(_))).count();
         for module in &file.modules {
+            if let ModuleName::Ordered(i) = module.name {
+                let listed = order.get(&module.target).map(Vec::as_slice).unwrap_or_default();
+                if listed.is_empty() {
+                    return Err(bad("a key-less LoRA list needs the model's module order to be applied".into()));
+                }
+                let Some(m) = listed.get(i) else {
+                    return Err(bad(format!(
+                        "{}: the list holds {ordered} pairs, but this model's UNet has {} Linear/Conv2d/Conv3d \
+                         modules: the LoRA was made for another model",
+                        module.key,
+                        listed.len()
+                    )));
+                };
+                let name = format!("{m}.weight");
+                let tensors = shapes.get(&module.target);
+                let Some(w_shape) = tensors.and_then(|t| t.get(&name)).cloned() else {
+                    return Err(bad(format!("{}: this model has no tensor `{name}`", module.key)));
+                };
+                let (down, up) = (module.down.dims(), module.up.dims());
+                if w_shape.len() != down.len() || up[0] != w_shape[0] || down[1..] != w_shape[1..] {
+                    return Err(bad(format!(
+                        "{}: its matrices {up:?} (up) and {down:?} (down) do not fit module {i} of this model, \
+                         `{m}` of shape {w_shape:?}: the LoRA was made for another model",
+                        module.key
+                    )));
+                }
+                out.entry(module.target).or_default().entry(name).or_default().push(Delta {
+                    down: module.down.clone(),
+                    up: module.up.clone(),
+                    scale: weight * module.scale,
+                    temporal_mean: None,
+                });
+                continue;
+            }
+            if let ModuleName::Stable(ms) = &module.name {
+                let (name, delta) = stable::resolve(module, ms, *weight, shapes, names).map_err(bad)?;
+                out.entry(module.target).or_default().entry(name).or_default().push(delta);
+                continue;
+            }
             let component = module.target.component();
             let Some(tensors) = shapes.get(&module.target) else {
                 return Err(bad(format!(
@@ -381,6 +491,7 @@ pub fn resolve(
             };
             let dotted = match &module.name {
                 ModuleName::Dotted(s) => Some(s.clone()),
+                ModuleName::Ordered(_) | ModuleName::Stable(_) => None,
                 ModuleName::Kohya(s) => {
                     let map = kohya.entry(module.target).or_insert_with(|| {
                         tensors
@@ -414,7 +525,17 @@ pub fn resolve(
                 down: module.down.clone(),
                 up: module.up.clone(),
                 scale: weight * module.scale,
+                temporal_mean: None,
             });
+        }
+        if ordered > 0 {
+            let expected = order.get(&LoraTarget::Unet).map_or(0, Vec::len);
+            if ordered != expected {
+                return Err(bad(format!(
+                    "the list holds {ordered} pairs, but this model's UNet has {expected} Linear/Conv2d/Conv3d \
+                     modules: the LoRA was made for another model"
+                )));
+            }
         }
     }
     Ok(out)
@@ -429,10 +550,15 @@ pub fn merge(w: &Tensor, deltas: &[Delta], dtype: DType) -> candle_core::Result<
     let mut merged = w.to_dtype(DType::F32)?.reshape((out, rest))?;
     for d in deltas {
         let r = d.down.dim(0)?;
-        let up = d.up.to_device(device)?.reshape((out, r))?;
-        let down = d.down.to_device(device)?.reshape((r, rest))?;
-        let delta = up.matmul(&down)?.affine(d.scale, 0.0)?;
-        merged = (merged + delta)?;
+        let rows = d.up.dim(0)?;
+        let up = d.up.to_device(device)?.reshape((rows, r))?;
+        let down = d.down.to_device(device)?.reshape((r, d.down.elem_count() / r))?;
+        let product = up.matmul(&down)?;
+        let delta = match d.temporal_mean {
+            Some(k) => product.reshape((out, rest / k, k, k))?.mean(3)?.reshape((out, rest))?,
+            None => product.reshape((out, rest))?,
+        };
+        merged = (merged + delta.affine(d.scale, 0.0)?)?;
     }
     merged.reshape(shape)?.to_dtype(dtype)
 }

@@ -24,6 +24,8 @@ pub struct ComponentWeights {
     /// The dtype weight matrices and kernels are stored in when set (bfloat16 on the CPU with
     /// `--dtype bf16`: see [`crate::kernels::bf16`]).
     matrices: Arc<OnceLock<DType>>,
+    /// Tensors no file holds, read as zeros (with their LoRA updates merged).
+    zeros: Arc<Mutex<std::collections::HashMap<String, Vec<usize>>>>,
 }
 
 impl ComponentWeights {
@@ -74,7 +76,9 @@ impl ComponentWeights {
         let source = Arc::new(source);
         let lora = Arc::new(OnceLock::new());
         let matrices = Arc::new(OnceLock::new());
+        let zeros = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let backend = CheckedBackend {
+            zeros: zeros.clone(),
             source: source.clone(),
             keep_narrow,
             component: component.to_string(),
@@ -84,7 +88,7 @@ impl ComponentWeights {
             matrices: matrices.clone(),
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        Ok(Self { vb, failure, source, lora, matrices })
+        Ok(Self { vb, failure, source, lora, matrices, zeros })
     }
 
     /// Stores every weight matrix and kernel (rank ≥ 2) in `dtype` whatever it is stored in
@@ -100,13 +104,31 @@ impl ComponentWeights {
             .map_err(|_| Error::InvalidArgument("the weight matrices' dtype was already set".into()))
     }
 
-    /// Every tensor's shape, by name, from the headers (no data is read for safetensors).
+    /// Every tensor's shape, by name, from the headers (no data is read for safetensors), and
+    /// those [`ComponentWeights::zero_if_absent`] adds.
     pub fn tensor_shapes(&self) -> super::lora::TensorShapes {
-        match self.source.as_ref() {
+        let mut shapes: super::lora::TensorShapes = match self.source.as_ref() {
             Source::Safetensors(st) => {
                 st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
             }
             Source::Tensors(map) => map.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect(),
+        };
+        if let Ok(zeros) = self.zeros.lock() {
+            for (name, shape) in zeros.iter() {
+                shapes.entry(name.clone()).or_insert_with(|| shape.clone());
+            }
+        }
+        shapes
+    }
+
+    /// A tensor the model needs but no published file holds (T2V-Turbo's `cond_proj`, whose
+    /// base weight is not saved: only its LoRA is) is read as zeros of `shape` plus its LoRA
+    /// updates. Has no effect when the weights hold `name`. Call before building the model.
+    pub fn zero_if_absent(&self, name: &str, shape: &[usize]) {
+        if !self.source.backend().contains_tensor(name) {
+            if let Ok(mut zeros) = self.zeros.lock() {
+                zeros.insert(name.to_string(), shape.to_vec());
+            }
         }
     }
 
@@ -267,9 +289,23 @@ struct CheckedBackend {
     failure: Arc<Mutex<Option<Error>>>,
     lora: Arc<OnceLock<super::lora::ComponentDeltas>>,
     matrices: Arc<OnceLock<DType>>,
+    zeros: Arc<Mutex<std::collections::HashMap<String, Vec<usize>>>>,
 }
 
 impl CheckedBackend {
+    /// A tensor no file holds, read as zeros (plus its LoRA updates).
+    fn zero_default(&self, name: &str, dtype: DType, dev: &Device) -> Option<candle_core::Result<Tensor>> {
+        let shape = self.zeros.lock().ok()?.get(name).cloned()?;
+        let make = || -> candle_core::Result<Tensor> {
+            let zeros = Tensor::zeros(shape.as_slice(), DType::F32, dev)?;
+            match self.lora.get().and_then(|d| d.get(name)) {
+                Some(deltas) => super::lora::merge(&zeros, deltas, dtype),
+                None => zeros.to_dtype(dtype),
+            }
+        };
+        Some(make())
+    }
+
     fn fail(&self, err: Error) -> candle_core::Error {
         let msg = err.to_string();
         if let Ok(mut slot) = self.failure.lock() {
@@ -290,7 +326,10 @@ impl CheckedBackend {
 impl SimpleBackend for CheckedBackend {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         if !self.source.backend().contains_tensor(name) {
-            return Err(self.missing(name));
+            return match self.zero_default(name, dtype, dev) {
+                Some(t) => t,
+                None => Err(self.missing(name)),
+            };
         }
         let deltas = self.lora.get().and_then(|d| d.get(name));
         let tensor = match (deltas, self.source.as_ref()) {
@@ -328,7 +367,10 @@ impl SimpleBackend for CheckedBackend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         if !self.source.backend().contains_tensor(name) {
-            return Err(self.missing(name));
+            return match self.zero_default(name, dtype, dev) {
+                Some(t) => t,
+                None => Err(self.missing(name)),
+            };
         }
         if let Some(deltas) = self.lora.get().and_then(|d| d.get(name)) {
             let stored = self.source.backend().get_unchecked(name, DType::F32, dev)?;
@@ -338,6 +380,6 @@ impl SimpleBackend for CheckedBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.source.backend().contains_tensor(name)
+        self.source.backend().contains_tensor(name) || self.zeros.lock().is_ok_and(|z| z.contains_key(name))
     }
 }

@@ -115,7 +115,22 @@ pub fn lcm_timesteps(config: &LcmConfig, n: usize, path: &Path) -> Result<Vec<us
     Ok((0..n).map(|i| origin[(i as f64 * step).floor() as usize]).collect())
 }
 
+/// T2V-Turbo's timesteps for `n` steps (its `T2VTurboScheduler.set_timesteps(n, 50)`): the same
+/// distillation schedule `[k·i − 1 for i in 1..=original_steps]`, taken from the end every
+/// `original_steps // n` (`origin[::-skip][:n]`): 4 steps of 50 give 999, 759, 519, 279 where
+/// LCM gives 999, 759, 499, 259.
+pub fn t2v_turbo_timesteps(config: &LcmConfig, n: usize, path: &Path) -> Result<Vec<usize>> {
+    // The same checks as LCM's (n ≤ original_steps keeps the skip at least 1).
+    lcm_timesteps(config, n, path)?;
+    let k = config.num_train_timesteps / config.original_inference_steps;
+    let origin: Vec<usize> = (1..=config.original_inference_steps).rev().map(|i| i * k - 1).collect();
+    let skip = config.original_inference_steps / n;
+    Ok(origin.iter().step_by(skip).take(n).copied().collect())
+}
+
 pub struct LcmScheduler {
+    /// T2V-Turbo's schedule ([`t2v_turbo_timesteps`]) instead of LCM's.
+    t2v_turbo: bool,
     config: LcmConfig,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
@@ -128,6 +143,18 @@ pub struct LcmScheduler {
 impl LcmScheduler {
     /// Builds the scheduler and sets its timesteps. `config_path` names the config in errors.
     pub fn new(config: LcmConfig, config_path: &Path, num_inference_steps: usize) -> Result<Self> {
+        Self::build(config, config_path, num_inference_steps, false)
+    }
+
+    /// T2V-Turbo's consistency sampler (`T2VTurboScheduler`): LCM's step (σ_data 0.5,
+    /// `c_skip = 0.25/((10t)² + 0.25)`, `c_out = 10t/√((10t)² + 0.25)` with the default
+    /// `timestep_scaling` 10, fresh noise between steps, the last step's denoised latents as the
+    /// result, which its pipeline decodes) over [`t2v_turbo_timesteps`].
+    pub fn new_t2v_turbo(config: LcmConfig, config_path: &Path, num_inference_steps: usize) -> Result<Self> {
+        Self::build(config, config_path, num_inference_steps, true)
+    }
+
+    fn build(config: LcmConfig, config_path: &Path, num_inference_steps: usize, t2v_turbo: bool) -> Result<Self> {
         if config.prediction_type == PredictionType::FlowPrediction {
             return Err(config_error(
                 config_path,
@@ -140,6 +167,7 @@ impl LcmScheduler {
         let alphas_cumprod = alphas_cumprod(&config.betas(), config_path)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let mut scheduler = LcmScheduler {
+            t2v_turbo,
             config,
             alphas_cumprod,
             final_alpha_cumprod,
@@ -182,7 +210,11 @@ impl LcmScheduler {
 
 impl Scheduler for LcmScheduler {
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Lcm
+        if self.t2v_turbo {
+            SchedulerKind::T2vTurbo
+        } else {
+            SchedulerKind::Lcm
+        }
     }
 
     fn timesteps(&self) -> &[usize] {
@@ -190,7 +222,11 @@ impl Scheduler for LcmScheduler {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        self.timesteps = lcm_timesteps(&self.config, n, &self.config_path)?;
+        self.timesteps = if self.t2v_turbo {
+            t2v_turbo_timesteps(&self.config, n, &self.config_path)?
+        } else {
+            lcm_timesteps(&self.config, n, &self.config_path)?
+        };
         self.step_index = None;
         self.begin_index = None;
         Ok(())

@@ -50,6 +50,10 @@ pub enum SchedulerKind {
     EulerDiscrete,
     /// `EulerAncestralDiscreteScheduler` (fresh noise every step, from the run's generator).
     EulerAncestralDiscrete,
+    /// T2V-Turbo's `T2VTurboScheduler` (its own consistency sampler, not a diffusers class):
+    /// LCM's step with timesteps taken every `50 / n` of the distillation schedule, a UNet with
+    /// a guidance embedding (`time_cond_proj_dim`) and no unconditional pass.
+    T2vTurbo,
 }
 
 impl SchedulerKind {
@@ -62,6 +66,7 @@ impl SchedulerKind {
             SchedulerKind::UniPcMultistep => "UniPCMultistepScheduler",
             SchedulerKind::EulerDiscrete => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::T2vTurbo => "T2VTurboScheduler",
         }
     }
 
@@ -74,6 +79,7 @@ impl SchedulerKind {
             "UniPCMultistepScheduler" => Some(SchedulerKind::UniPcMultistep),
             "EulerDiscreteScheduler" => Some(SchedulerKind::EulerDiscrete),
             "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestralDiscrete),
+            "T2VTurboScheduler" => Some(SchedulerKind::T2vTurbo),
             _ => None,
         }
     }
@@ -103,9 +109,10 @@ impl SchedulerKind {
             | "euler-ancestral"
             | "eulerancestraldiscrete"
             | "eulerancestraldiscretescheduler" => Ok(SchedulerKind::EulerAncestralDiscrete),
+            "t2v-turbo" | "t2v_turbo" | "t2vturbo" | "t2vturboscheduler" => Ok(SchedulerKind::T2vTurbo),
             _ => Err(Error::InvalidArgument(format!(
                 "unknown scheduler `{name}`: choose `dpm` (DPM-Solver++ multistep), `ddim`, `lcm`, `unipc`, \
-                 `euler` or `euler_a` (Euler ancestral)"
+                 `euler`, `euler_a` (Euler ancestral) or `t2v-turbo`"
             ))),
         }
     }
@@ -129,18 +136,26 @@ impl SchedulerKind {
             SchedulerKind::UniPcMultistep => "unipc",
             SchedulerKind::EulerDiscrete => "euler",
             SchedulerKind::EulerAncestralDiscrete => "euler_a",
+            SchedulerKind::T2vTurbo => "t2v-turbo",
         }
     }
 
     /// Every kind, in the order the command line lists them.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         SchedulerKind::DpmSolverMultistep,
         SchedulerKind::Ddim,
         SchedulerKind::Lcm,
         SchedulerKind::UniPcMultistep,
         SchedulerKind::EulerDiscrete,
         SchedulerKind::EulerAncestralDiscrete,
+        SchedulerKind::T2vTurbo,
     ];
+
+    /// Whether runs of this scheduler use classifier-free guidance when the guidance scale is
+    /// above 1: all but T2V-Turbo's, whose UNet takes the scale as an embedding instead.
+    pub fn guides_with_negative(self) -> bool {
+        self != SchedulerKind::T2vTurbo
+    }
 }
 
 impl std::fmt::Display for SchedulerKind {
@@ -286,6 +301,10 @@ pub fn build_scheduler(
             let config = LcmConfig::from_json(config_json, config_path)?;
             Box::new(LcmScheduler::new(config, config_path, num_inference_steps)?)
         }
+        SchedulerKind::T2vTurbo => {
+            let config = LcmConfig::from_json(config_json, config_path)?;
+            Box::new(LcmScheduler::new_t2v_turbo(config, config_path, num_inference_steps)?)
+        }
         SchedulerKind::UniPcMultistep => {
             let config = UniPcConfig::from_json(config_json, config_path)?;
             Box::new(UniPcMultistepScheduler::new(config, config_path, num_inference_steps)?)
@@ -392,7 +411,7 @@ pub fn effective_config(
     let value = match kind {
         SchedulerKind::Ddim => serde_json::to_value(DdimConfig::from_json(config_json, path)?),
         SchedulerKind::DpmSolverMultistep => serde_json::to_value(DpmSolverConfig::from_json(config_json, path)?),
-        SchedulerKind::Lcm => serde_json::to_value(LcmConfig::from_json(config_json, path)?),
+        SchedulerKind::Lcm | SchedulerKind::T2vTurbo => serde_json::to_value(LcmConfig::from_json(config_json, path)?),
         SchedulerKind::UniPcMultistep => serde_json::to_value(UniPcConfig::from_json(config_json, path)?),
         SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => {
             EulerConfig::from_json(kind, config_json, path)?.to_json(kind)

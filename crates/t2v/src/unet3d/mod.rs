@@ -7,6 +7,7 @@
 
 mod attention;
 mod blocks;
+mod module_order;
 mod temporal;
 mod transformer_2d;
 
@@ -17,30 +18,59 @@ use serde::Deserialize;
 
 pub use crate::nn::repeat_interleave;
 use blocks::{DownBlock, LevelConfig, MidBlock, UpBlock};
+pub use module_order::{lora_module_order, modelscope_name};
 use temporal::{frames_to_video, video_to_frames, TransformerTemporalModel};
 
 use crate::error::{Error, Result};
 use crate::long_video::WindowPlan;
 use crate::nn::{conv2d, group_norm, linear, silu, Conv2d, GroupNorm, Linear};
 
-/// diffusers' `TimestepEmbedding`: linear, SiLU, linear.
+/// diffusers' `TimestepEmbedding`: linear, SiLU, linear; with `cond_proj_dim`, a bias-free
+/// `cond_proj` (cond_proj_dim → in_dim) of a condition added to the sinusoidal features first
+/// (T2V-Turbo's guidance embedding).
 #[derive(Debug)]
 struct TimestepEmbedding {
     linear_1: Linear,
+    cond_proj: Option<candle_nn::Linear>,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
-    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, cond_proj_dim: Option<usize>) -> candle_core::Result<Self> {
+        let cond_proj = match cond_proj_dim {
+            Some(d) => Some(candle_nn::Linear::new(vb.pp("cond_proj").get((in_dim, d), "weight")?, None)),
+            None => None,
+        };
         Ok(Self {
             linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            cond_proj,
             linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    /// As diffusers: without a condition (or without `cond_proj`), the condition is not used.
+    fn forward(&self, x: &Tensor, condition: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => (x + proj.forward(&c.to_dtype(x.dtype())?)?.broadcast_as(x.shape())?)?,
+            _ => x.clone(),
+        };
+        self.linear_2.forward(&silu(&self.linear_1.forward(&x)?)?)
     }
+}
+
+/// T2V-Turbo's guidance embedding (its pipeline's `get_w_embedding`, after VDM): `w · 1000` in
+/// `dim` sinusoidal features, `[sin(w·1000·f_i), cos(w·1000·f_i)]` with
+/// `f_i = exp(−i · ln(10000) / (dim/2 − 1))`, zero-padded to an odd `dim`; float32 as the
+/// reference computes it. Returns (1, dim).
+pub fn guidance_scale_embedding(w: f64, dim: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let w = (w as f32) * 1000.0f32;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp() * w).collect();
+    let mut values: Vec<f32> = freqs.iter().map(|x| x.sin()).collect();
+    values.extend(freqs.iter().map(|x| x.cos()));
+    values.resize(dim, 0.0);
+    Tensor::from_vec(values, (1, dim), device)
 }
 
 /// An integer, or one integer per level.
@@ -165,6 +195,11 @@ impl Config {
                 ("cross_attention_dim", self.cross_attention_dim),
             ],
         )?;
+        if let Some(d) = self.time_cond_proj_dim {
+            if !(1..=MAX_DIM).contains(&d) {
+                return bad("time_cond_proj_dim", format!("is {d}: it must be 1 to {MAX_DIM}"));
+            }
+        }
         if let Some(s) = self.sample_size {
             if !(1..=MAX_DIM).contains(&s) {
                 return bad("sample_size", format!("is {s}: it must be 1 to {MAX_DIM} latent pixels"));
@@ -282,7 +317,8 @@ impl UNet3DConditionModel {
         let conv_in = conv2d(cfg.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?;
         // Timesteps(ch0, flip_sin_to_cos=True, downscale_freq_shift=0).
         let time_proj = Timesteps::new(ch0, true, 0.0);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim, cfg.time_cond_proj_dim)?;
         // transformer_in: 8 heads of attention_head_dim channels, as the reference hard-wires.
         let transformer_in = TransformerTemporalModel::new(vb.pp("transformer_in"), ch0, 8, head_dims[0], groups)?;
 
@@ -352,7 +388,7 @@ impl UNet3DConditionModel {
                 encoder_hidden_states.dim(0)?
             )));
         }
-        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, &LongVideoForward::default())?)
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, &LongVideoForward::default(), None)?)
     }
 
     /// The prediction for the same latents under each of several text embeddings (classifier-free
@@ -379,6 +415,21 @@ impl UNet3DConditionModel {
         encoder_hidden_states: &Tensor,
         long: &LongVideoForward,
     ) -> Result<Tensor> {
+        self.forward_guidance_embedded(latents, timestep, encoder_hidden_states, long, None)
+    }
+
+    /// [`UNet3DConditionModel::forward_long`] with diffusers' `timestep_cond`: a (1, D) condition
+    /// that `time_embedding.cond_proj` adds to the timestep features (T2V-Turbo's guidance
+    /// embedding, [`guidance_scale_embedding`]); `None`, or a UNet without `cond_proj`, ignores it
+    /// as diffusers does.
+    pub fn forward_guidance_embedded(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        long: &LongVideoForward,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if latents.dim(0)? != 1 {
             return Err(Error::InvalidArgument("forward_shared_latents takes the latents of one video".into()));
         }
@@ -397,7 +448,7 @@ impl UNet3DConditionModel {
                 )));
             }
         }
-        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, long)?)
+        Ok(self.forward_inner(latents, timestep, encoder_hidden_states, long, timestep_cond)?)
     }
 
     /// `latents` has the batch of `context`, or a batch of 1 shared by every text embedding.
@@ -407,6 +458,7 @@ impl UNet3DConditionModel {
         timestep: f64,
         context: &Tensor,
         long: &LongVideoForward,
+        timestep_cond: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (_, _, frames, h, w) = latents.dims5()?;
         let (batch, text_repeat) =
@@ -429,7 +481,7 @@ impl UNet3DConditionModel {
 
         let timesteps = Tensor::full(timestep as f32, latents.dim(0)?, device)?;
         let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
-        let emb = self.time_embedding.forward(&t_emb)?;
+        let emb = self.time_embedding.forward(&t_emb, timestep_cond)?;
         let emb = repeat_interleave(&emb, frames)?;
 
         let xs = self.conv_in.forward(&video_to_frames(latents)?)?;

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use archive::Archive;
-use state_dict::{StateDict, TensorSpec};
+use state_dict::{Root, StateDict, TensorSpec};
 
 pub use pickle::{ALLOWED_GLOBALS, STORAGE_TYPES};
 
@@ -45,6 +45,19 @@ pub fn load_pth_tensors(path: &Path, dtype: DType, device: &Device) -> Result<Ha
     Checked::open(path)?.load(dtype, device)
 }
 
+/// Validate, then load a `torch.save` file whose pickle is a list of tensors (`[t0, t1, …]`, as
+/// the key-less LoRA files of Text-To-Video-Finetuning and T2V-Turbo are), in list order, as
+/// float32. The same checks as [`load_pth_tensors`]; anything in the list that is not a tensor
+/// is refused.
+pub fn load_pth_tensor_list(path: &Path) -> Result<Vec<Tensor>> {
+    let checked = Checked::open_as(path, Root::List)?;
+    let count = checked.state_dict.tensors.len();
+    let mut by_name = checked.load(DType::F32, &Device::Cpu)?;
+    (0..count)
+        .map(|i| by_name.remove(&i.to_string()).ok_or_else(|| corrupt(path, format!("item {i} was not read"))))
+        .collect()
+}
+
 /// Validate then open a .bin as a VarBuilder. Validation happens before any tensor is built.
 ///
 /// All tensors are read eagerly (so a damaged storage is reported here as
@@ -67,6 +80,10 @@ struct Checked {
 
 impl Checked {
     fn open(path: &Path) -> Result<Self> {
+        Self::open_as(path, Root::StateDict)
+    }
+
+    fn open_as(path: &Path, root: Root) -> Result<Self> {
         let mut archive = Archive::open(path)?;
         let data_pkl = archive.data_pkl().to_string();
 
@@ -82,7 +99,7 @@ impl Checked {
         let data_pkl_bytes = data_pkl_bytes.unwrap_or_default();
         archive.check_byteorder()?;
 
-        let state_dict = state_dict::read(&data_pkl_bytes, archive.prefix())
+        let state_dict = state_dict::read(&data_pkl_bytes, archive.prefix(), root)
             .map_err(|reason| corrupt(path, format!("{data_pkl}: {reason}")))?;
         // Every storage must be in the archive, uncompressed, with exactly the bytes its id gives.
         for s in &state_dict.storages {

@@ -39,16 +39,51 @@ pub(super) struct StateDict {
     pub(super) tensors: Vec<TensorSpec>,
 }
 
+/// What the pickle's root must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Root {
+    /// A state dict (`{name: tensor}`, or one under `"state_dict"`).
+    StateDict,
+    /// A list (or tuple) of tensors and nothing else, as `torch.save([t0, t1, …])` writes: the
+    /// key-less LoRA files of Text-To-Video-Finetuning and T2V-Turbo. Tensors are named by
+    /// their index (`"0"`, `"1"`, …).
+    List,
+}
+
 /// Runs a validated pickle through candle's machine and reads the state dict out of its objects.
 /// `prefix` is the archive folder of `data.pkl`, where the storages lie under `data/`.
-pub(super) fn read(pickle: &[u8], prefix: &str) -> R<StateDict> {
+pub(super) fn read(pickle: &[u8], prefix: &str, root_kind: Root) -> R<StateDict> {
     // The validator guarantees candle's machine only meets opcodes it implements correctly.
     let mut stack = Stack::empty();
     let mut reader: &[u8] = pickle;
     stack.read_loop(&mut reader).map_err(|e| format!("cannot interpret the pickle: {e}"))?;
     let root = stack.finalize().map_err(|e| format!("the pickle leaves nothing: {e}"))?;
-    let (storages, tensors) = read_state_dict(&root, prefix)?;
+    let (storages, tensors) = match root_kind {
+        Root::StateDict => read_state_dict(&root, prefix)?,
+        Root::List => read_tensor_list(&root, prefix)?,
+    };
     Ok(StateDict { storages, tensors })
+}
+
+/// A list of tensors: every item must be one.
+fn read_tensor_list(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<TensorSpec>)> {
+    let (Object::List(items) | Object::Tuple(items)) = root else {
+        return Err(format!("the pickle holds {}, not a list of tensors", describe(root)));
+    };
+    if items.is_empty() {
+        return Err("the pickle holds an empty list".into());
+    }
+    let mut st = Storages { prefix, list: vec![], by_key: HashMap::new() };
+    let mut tensors = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let name = i.to_string();
+        match parse_tensor(item, &name, &mut st).map_err(|e| format!("item {i}: {e}"))? {
+            Some(t) => tensors.push(t),
+            None => return Err(format!("item {i} of the list is {}, not a tensor", describe(item))),
+        }
+    }
+    check_views(&tensors, &st.list)?;
+    Ok((st.list, tensors))
 }
 
 /// A reason, without the file and entry that the caller adds.
@@ -231,12 +266,18 @@ fn read_state_dict(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<Tenso
             .collect();
         return Err(format!("no tensors at the top level of the pickle nor under \"state_dict\" (keys: {keys:?})"));
     }
+    check_views(&tensors, &st.list)?;
+    Ok((st.list, tensors))
+}
+
+/// No name twice, every view inside its storage, every tensor addressable on this machine.
+fn check_views(tensors: &[TensorSpec], storages: &[StorageRef]) -> R<()> {
     let mut seen = HashSet::new();
-    for t in &tensors {
+    for t in tensors {
         if !seen.insert(t.name.as_str()) {
             return Err(format!("tensor `{}` appears twice", t.name));
         }
-        let s = &st.list[t.storage];
+        let s = &storages[t.storage];
         // Every element the view addresses must lie inside the storage.
         let numel: Option<u128> = t.shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
         let numel = numel.ok_or_else(|| format!("tensor `{}` has an impossible size", t.name))?;
@@ -260,7 +301,7 @@ fn read_state_dict(root: &Object, prefix: &str) -> R<(Vec<StorageRef>, Vec<Tenso
             return Err(format!("tensor `{}` is too large for this machine", t.name));
         }
     }
-    Ok((st.list, tensors))
+    Ok(())
 }
 
 /// Build one tensor, on the CPU, from the raw little-endian bytes of its storage (bounds checked
