@@ -199,7 +199,8 @@ async fn info(State(s): AppState) -> Result<Json<Value>, ApiError> {
             "height": s.model.native_height,
         },
         // Every sampler a request may name, and FreeNoise's window weightings (for the page's form).
-        "schedulers": t2v::schedulers::SchedulerKind::ALL.map(|k| k.name()),
+        // The samplers this server runs (T2V-Turbo's needs a UNet loaded for it: the command line's).
+        "schedulers": t2v::schedulers::SchedulerKind::ALL.iter().filter(|k| k.guides_with_negative()).map(|k| k.name()).collect::<Vec<_>>(),
         "context_weightings": t2v::long_video::ContextWeighting::ALL.map(|w| w.as_str()),
         "limits": s.limits,
         "preview_every": s.preview_every,

@@ -566,6 +566,15 @@ pub fn parse(fields: &Fields, model: &ModelInfo, limits: &Limits, random_seed: u
             )
         })?,
     };
+    if !scheduler.guides_with_negative() {
+        // T2V-Turbo's sampler needs its UNet loaded with the guidance embedding (`cond_proj`);
+        // the service loads the model as published.
+        return Err(ApiError::bad(
+            "scheduler",
+            "the t2v-turbo sampler needs T2V-Turbo's UNet (its guidance embedding): run it with `t2v generate \
+             --scheduler t2v-turbo --lora unet_lora.pt`; this server runs dpm, ddim, lcm, unipc, euler and euler_a",
+        ));
+    }
     let eta = fields.real("eta", 0.0, 1.0)?.unwrap_or(0.0);
     let fps = fields.whole("fps", 1, 60)?.map_or(t2v::video::DEFAULT_FPS, |v| v as u32);
 
