@@ -81,7 +81,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "vae_encode_s       {:.3}   (the same frames back to latents, as video-to-video starts)",
             r.vae_encode_s
         );
+        println!("unet_unguided_s    {:.3}   (one step without guidance, batch 1)", r.unet_unguided_step_s);
         println!("run_25_steps_s     {:.1}", r.run_25_steps_s);
+        println!(
+            "run_4_unguided_s   {:.1}   (4 steps without guidance: LCM/MCM, T2V-Turbo; {:.3} of the 25-step run)",
+            r.run_4_steps_unguided_s,
+            r.run_4_steps_unguided_s / r.run_25_steps_s
+        );
         println!("peak_rss_gib       {:.2}", r.peak_rss_gib);
     }
     if args.profile {

@@ -71,6 +71,10 @@ pub struct BenchReport {
     pub vae_encode_s: f64,
     /// Text encoding + 25 guided steps + decoding: the model card's recipe.
     pub run_25_steps_s: f64,
+    /// One UNet step without guidance (batch 1): the few-step samplers' step.
+    pub unet_unguided_step_s: f64,
+    /// Text encoding + 4 unguided steps + decoding: LCM/MCM or T2V-Turbo's 4-step recipe.
+    pub run_4_steps_unguided_s: f64,
     pub peak_rss_gib: f64,
 }
 
@@ -200,6 +204,15 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         step_flops = crate::profile::flops() - before;
     }
     let unet_step_s = unet_steps_s.iter().sum::<f64>() / unet_steps_s.len() as f64;
+    // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM with
+    // guidance 1, T2V-Turbo) run.
+    progress("unguided UNet step");
+    let prompt_only = context.narrow(0, 1, 1)?;
+    let started = Instant::now();
+    let out = unet.forward(&latents, 981.0, &prompt_only)?;
+    finish()?;
+    drop(out);
+    let unet_unguided_step_s = started.elapsed().as_secs_f64();
 
     progress("VAE decode");
     let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
@@ -247,6 +260,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         vae_decode_s,
         vae_encode_s,
         run_25_steps_s: text_encode_s + 25.0 * unet_step_s + vae_decode_s,
+        unet_unguided_step_s,
+        run_4_steps_unguided_s: text_encode_s + 4.0 * unet_unguided_step_s + vae_decode_s,
         peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
     })
 }
