@@ -711,6 +711,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         job.params.height = Some(height);
         job.params.width = Some(width);
     }
+    // What the encoders cannot take is known now, before the first step (and before the memory
+    // plan: a hard limit of the format, whatever the machine).
+    let (out_height, out_width) = upscale.as_ref().map_or((height, width), |u| (u.height, u.width));
+    for job in &jobs {
+        for t in &job.targets {
+            t2v::video::check_encodable(t.format, job.params.num_frames, out_height, out_width, fps)
+                .with_context(|| format!("{} cannot be written", t.path.display()))?;
+        }
+    }
     // The memory each pass needs, with the frame count of the input video when there is one.
     if let Some(job) = jobs.first() {
         pipeline::plan_run(&model_folder, &job.params, &options)
@@ -719,14 +728,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let asked = GenerationParams { height: Some(up.height), width: Some(up.width), ..job.params.clone() };
             pipeline::plan_run(&up.folder, &asked, &options)
                 .with_context(|| format!("checking the second pass's settings against {}", up.spec))?;
-        }
-    }
-    // What the encoders cannot take is known now, before the first step.
-    let (out_height, out_width) = upscale.as_ref().map_or((height, width), |u| (u.height, u.width));
-    for job in &jobs {
-        for t in &job.targets {
-            t2v::video::check_encodable(t.format, job.params.num_frames, out_height, out_width, fps)
-                .with_context(|| format!("{} cannot be written", t.path.display()))?;
         }
     }
     let interrupted = on_interrupt();

@@ -486,6 +486,7 @@ fn page_offers_the_servers_loras() {
         );
         (v["hidden"] == false).then_some(v)
     });
+    assert_eq!(tools.eval("document.querySelector('#form').lora.checkVisibility()"), true);
     assert_eq!(offered["options"], json!(["", "yellow"]), "{offered}");
     tools.eval(
         "form.prompt.value = 'a yellow ball'; form.num_inference_steps.value = '2'; form.num_frames.value = '4'; \
@@ -510,7 +511,7 @@ fn page_offers_the_servers_loras() {
     tools.call("Page.navigate", json!({"url": other.url("/")}));
     let hidden = wait_for("the page to load", Duration::from_secs(30), || {
         let v = tools.eval(
-            "document.querySelector('#model')?.textContent ? document.querySelector('#lora-field').hidden : null",
+            "document.querySelector('#model')?.textContent ? !document.querySelector('#form').lora.checkVisibility() : null",
         );
         v.as_bool()
     });

@@ -43,8 +43,17 @@ fn err_in_scale(got: &Tensor, want: &Tensor, scale: &Tensor) -> f64 {
     r.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
+/// Normal values drawn from a fixed seed (each call the next draws), so that every run checks the
+/// same numbers: the bounds below hold for them, not only for what a run happens to draw.
 fn randn(shape: &[usize], std: f32) -> Tensor {
-    Tensor::randn(0f32, std, shape.to_vec(), &Device::Cpu).unwrap()
+    // One generator a thread: each test runs on its own thread, so its draws do not depend on
+    // what the other tests draw meanwhile.
+    thread_local! {
+        static GENERATOR: std::cell::RefCell<t2v::noise::TorchGenerator> =
+            std::cell::RefCell::new(t2v::noise::TorchGenerator::new(2024));
+    }
+    let t = GENERATOR.with(|g| g.borrow_mut().randn_tensor(shape, &Device::Cpu)).unwrap();
+    (t * std as f64).unwrap()
 }
 
 /// x·Wᵀ + b in float64, and the magnitudes' product.
