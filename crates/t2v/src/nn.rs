@@ -253,9 +253,7 @@ pub(crate) fn map_chunks(
     chunks: &[(usize, usize)],
     mut f: impl FnMut(usize, usize) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let Some((&(start, len), rest)) = chunks.split_first() else {
-        candle_core::bail!("map_chunks: no rows")
-    };
+    let Some((&(start, len), rest)) = chunks.split_first() else { candle_core::bail!("map_chunks: no rows") };
     let first = f(start, len)?;
     if rest.is_empty() {
         return Ok(first);

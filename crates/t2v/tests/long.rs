@@ -181,7 +181,8 @@ fn chunked_unet_equals_one_piece() {
     use t2v::unet3d::{self, LongVideoForward, UNet3DConditionModel};
     let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
     let cfg: unet3d::Config = folder.config("unet", "config.json").unwrap();
-    let weights = folder.weights_with("unet", WeightsVariant::Auto, candle_core::DType::F32, &Device::Cpu, true).unwrap();
+    let weights =
+        folder.weights_with("unet", WeightsVariant::Auto, candle_core::DType::F32, &Device::Cpu, true).unwrap();
     let mut unet = weights.build(|vb| UNet3DConditionModel::new(vb, &cfg)).unwrap();
     let refs = common::reference("small-t2v");
     let context = &refs["unet.context"];
@@ -254,7 +255,12 @@ fn streamed_decode_and_mp4_equal_whole_video() {
     let path = tmp.path().join("whole.mp4");
     video::write_video(&Frames::new(&data, frames, height, width).unwrap(), VideoFormat::Mp4, &path, &opts).unwrap();
     let written = std::fs::read(&path).unwrap();
-    assert!(streamed == written, "the streamed MP4 ({} bytes) differs from write_video's ({} bytes)", streamed.len(), written.len());
+    assert!(
+        streamed == written,
+        "the streamed MP4 ({} bytes) differs from write_video's ({} bytes)",
+        streamed.len(),
+        written.len()
+    );
 
     // A frame of the wrong size is refused, saying what it needs.
     let mut encoder = Mp4Encoder::new(width, height, &opts, &path).unwrap();
@@ -275,7 +281,14 @@ fn full_size_step_memory() {
     use t2v::unet3d::{self, LongVideoForward, UNet3DConditionModel};
     struct Random;
     impl SimpleBackend for Random {
-        fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             let dims = s.dims();
             if dims.len() >= 2 {
                 let bound = 1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt();

@@ -226,7 +226,8 @@ impl MidBlock {
         frames: usize,
     ) -> candle_core::Result<Tensor> {
         let chunk = cond.chunk_bytes;
-        let mut xs = self.first_temp_conv.forward(&self.first_resnet.forward_chunked(&[xs], Some(temb), chunk)?, frames)?;
+        let mut xs =
+            self.first_temp_conv.forward(&self.first_resnet.forward_chunked(&[xs], Some(temb), chunk)?, frames)?;
         for (spatial, temporal, resnet, temp_conv) in &self.layers {
             let attended = spatial.forward(&xs, cond.text, cond.text_repeat, chunk)?;
             xs = temporal.forward(&attended, frames, cond.windows, chunk)?;

@@ -48,7 +48,13 @@ impl Transformer2DModel {
     /// consecutive rows of `xs` (the frames of a video, or 1 with an embedding per frame).
     /// Every frame attends within itself, so the frames run in chunks of about `chunk_bytes` of
     /// activations: the same result, with one chunk's intermediates held at a time.
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, repeat: usize, chunk_bytes: usize) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        repeat: usize,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
         let n = xs.dim(0)?;
         let row_bytes = xs.elem_count() / n.max(1) * xs.dtype().size_in_bytes();
         let chunks = text_aligned_chunks(n, chunk_rows(chunk_bytes, row_bytes), repeat);
