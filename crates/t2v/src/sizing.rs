@@ -11,11 +11,9 @@
 //! * UNet activations, with B the batch (2 under classifier-free guidance), F frames, s the
 //!   dtype's size and T_i = B·F·C_i·P_i·s the bytes of one tensor of level i (C_i channels,
 //!   P_i latent pixels, a quarter of the level above's): (layers_per_block + 1)·Σ T_i for the
-//!   skip connections the up blocks consume, plus 8·max T_i for what passes between the layers
-//!   of the widest level (an up block's input and output, a temporal convolution's stages), plus
-//!   16 chunks of [`crate::nn::CHUNK_BYTES`]: the layers that work per frame or per pixel (ResNets,
-//!   spatial and temporal transformers) run on chunks of that size, so their intermediates do not
-//!   grow with the frames; attention never holds more than a block of scores;
+//!   skip connections the up blocks consume, plus 16·max T_i for the working set of the widest
+//!   layer (the feed-forward's 8·C GEGLU projection, its input, the residual and the norm);
+//!   attention never holds more than a block of scores;
 //! * VAE decoding, one frame at a time: 8·C_0·H·W·s for the full-resolution up block, plus
 //!   4·F·3·H·W·4 for the frames (decoded, concatenated, made contiguous, copied for writing);
 //! * the latents: 8 copies of (C, F, h, w) (the scheduler's history, the noise, the guided halves);
@@ -127,10 +125,8 @@ pub fn activation_bytes(unet: &unet3d::Config, vae: &vae::Config, shape: &RunSha
         pixels /= 4;
     }
     let layers = unet.layers_per_block as u64 + 1;
-    let chunks = 16 * crate::nn::CHUNK_BYTES as u64;
     let unet_bytes = product(&[layers, skips], "the UNet's skip connections")?
-        .checked_add(product(&[8, widest], "the UNet's working set")?)
-        .and_then(|v| v.checked_add(chunks))
+        .checked_add(product(&[16, widest], "the UNet's working set")?)
         .ok_or_else(|| too_large("the UNet's activations"))?;
     let (h, w) = (shape.height as u64, shape.width as u64);
     let c0 = vae.block_out_channels.first().copied().unwrap_or(1) as u64;

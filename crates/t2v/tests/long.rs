@@ -310,7 +310,10 @@ fn full_size_step_memory() {
         println!("set T2V_STEP_FRAMES");
         return;
     };
-    t2v::kernels::tune_allocator();
+    // As the binary runs (`T2V_STEP_ALLOCATOR=default`: glibc's own thresholds).
+    if std::env::var("T2V_STEP_ALLOCATOR").as_deref() != Ok("default") {
+        t2v::kernels::tune_allocator();
+    }
     let cfg: unet3d::Config = serde_json::from_str(t2v::bench::UNET_CONFIG).unwrap();
     let vb = candle_nn::VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu);
     let mut unet = UNet3DConditionModel::new(vb, &cfg).unwrap();
