@@ -61,6 +61,8 @@ pub struct BenchReport {
     pub params_m: f64,
     pub build_s: f64,
     pub text_encode_s: f64,
+    /// FreeNoise's context length in the timed steps (past 24 frames), else none.
+    pub context_length: Option<usize>,
     /// Mean of the timed guided steps (batch 2: negative and positive prompt).
     pub unet_step_s: f64,
     pub unet_steps_s: Vec<f64>,
@@ -124,7 +126,11 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Config { path: what.into(), reason: e.to_string() })
 }
 
-/// The most guided steps the benchmark times.
+/// Past this many frames the benchmark's steps run FreeNoise's windowed temporal attention, as
+/// `t2v generate` does by default.
+pub const AUTO_FREE_NOISE_FRAMES: usize = 24;
+
+/// The most guided steps the benchmark times./// The most guided steps the benchmark times.
 pub const MAX_STEPS: usize = 1000;
 
 /// Builds the full-size model and times each stage; `progress` hears what is being done.
@@ -191,13 +197,22 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let (h, w) = (opts.height / scale, opts.width / scale);
     // A guided step: one video's latents under [negative, prompt], as the pipeline runs it.
     let latents = Tensor::randn(0f32, 1f32, (1, unet_cfg.in_channels, opts.frames, h, w), &device)?;
+    // Past 24 frames `t2v generate` turns FreeNoise on (windows of 16 frames, stride 4): the
+    // temporal attention runs per window, as a long video's steps do.
+    let windows = crate::long_video::ContextWindows::new(
+        crate::long_video::ContextWindows::DEFAULT_LENGTH,
+        crate::long_video::ContextWindows::DEFAULT_STRIDE,
+        crate::long_video::ContextWeighting::Pyramid,
+    );
+    let plan = if opts.frames > AUTO_FREE_NOISE_FRAMES { Some(windows.plan(opts.frames)?) } else { None };
+    let long = unet3d::LongVideoForward { text_per_frame: false, windows: plan.as_ref() };
     let mut unet_steps_s = Vec::with_capacity(opts.steps);
     let mut step_flops = 0;
     for i in 0..opts.steps {
         progress(&format!("guided UNet step {}/{}", i + 1, opts.steps));
         let before = crate::profile::flops();
         let started = Instant::now();
-        let out = unet.forward_shared_latents(&latents, (981 - 20 * i) as f64, &context)?;
+        let out = unet.forward_long(&latents, (981 - 20 * i) as f64, &context, &long)?;
         finish()?;
         drop(out);
         unet_steps_s.push(started.elapsed().as_secs_f64());
@@ -253,6 +268,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         params_m: params as f64 / 1e6,
         build_s,
         text_encode_s,
+        context_length: plan.as_ref().map(|p| p.length),
         unet_step_s,
         unet_steps_s,
         unet_step_gflop: step_flops as f64 / 1e9,

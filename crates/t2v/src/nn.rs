@@ -40,6 +40,13 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
     Ok(Linear { weight, bias: None })
 }
 
+impl Linear {
+    /// The output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -225,6 +232,66 @@ pub fn multi_head_attention(
     timed(kind, || kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat))
 }
 
+/// Bytes of one activation that a frame-chunked section of a network computes at a time by
+/// default: the per-frame layers of a long video run on chunks of frames, so that their
+/// intermediates (a GroupNorm, a convolution, the attention's q, k and v...) stay this size
+/// instead of scaling with the frames (see [`map_chunks`]).
+pub const CHUNK_BYTES: usize = 32 << 20;
+
+/// How many rows of `row_bytes` bytes one chunk of `chunk_bytes` holds: at least one.
+pub(crate) fn chunk_rows(chunk_bytes: usize, row_bytes: usize) -> usize {
+    (chunk_bytes / row_bytes.max(1)).max(1)
+}
+
+/// `f` applied to consecutive chunks of `n` rows of dimension `dim`, the results written side by
+/// side along `dim` into one tensor, as if `f` had run on all `n` rows at once. `chunks` gives
+/// each chunk as (start, length); with a single chunk `f`'s result is returned as it is. For
+/// layers whose rows are independent (per frame, per pixel), the result is the same as one
+/// call's, with only one chunk's intermediates held at a time.
+pub(crate) fn map_chunks(
+    dim: usize,
+    chunks: &[(usize, usize)],
+    mut f: impl FnMut(usize, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let Some((&(start, len), rest)) = chunks.split_first() else { candle_core::bail!("map_chunks: no rows") };
+    let first = f(start, len)?;
+    if rest.is_empty() {
+        return Ok(first);
+    }
+    let n: usize = chunks.iter().map(|c| c.1).sum();
+    let mut dims = first.dims().to_vec();
+    dims[dim] = n;
+    let out = uninitialized(&dims, first.dtype(), first.device())?;
+    let first = contiguous(&first)?;
+    timed("layout copies", || out.slice_set(&first, dim, 0))?;
+    drop(first);
+    let mut at = len;
+    for &(start, len) in rest {
+        let chunk = contiguous(&f(start, len)?)?;
+        timed("layout copies", || out.slice_set(&chunk, dim, at))?;
+        at += len;
+    }
+    Ok(out)
+}
+
+/// Consecutive (start, length) chunks of at most `chunk` of `n` rows.
+pub(crate) fn even_chunks(n: usize, chunk: usize) -> Vec<(usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..n).step_by(chunk).map(|s| (s, chunk.min(n - s))).collect()
+}
+
+/// A tensor whose every element the caller writes before reading it: on the CPU in float32 an
+/// unfilled buffer (no pass to zero it), elsewhere zeros.
+fn uninitialized(dims: &[usize], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    if device.is_cpu() && dtype == DType::F32 {
+        let n = dims.iter().product();
+        // every element is written by the chunks' slice_set before the tensor is returned
+        Tensor::from_vec(kernels::output_buffer(n), dims, device)
+    } else {
+        Tensor::zeros(dims, dtype, device)
+    }
+}
+
 /// torch's `repeat_interleave(repeat, dim=0)` for a (batch, ...) tensor.
 pub fn repeat_interleave(xs: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
     if repeat == 1 {
@@ -297,6 +364,36 @@ impl ResnetBlock2D {
                 None
             },
             output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// [`ResnetBlock2D::forward`] on the concatenation of `parts` along the channels (the up
+    /// blocks' input and skip connection), computed on chunks of at most `chunk_bytes` of input
+    /// per chunk of images: the concatenation, the norms and the convolutions are only ever held
+    /// for one chunk. The same result as concatenating and calling `forward` (every op is per
+    /// image).
+    pub fn forward_chunked(
+        &self,
+        parts: &[&Tensor],
+        temb: Option<&Tensor>,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
+        let Some(first) = parts.first() else { candle_core::bail!("a ResNet block needs an input") };
+        let n = first.dim(0)?;
+        let row_bytes: usize = parts.iter().map(|p| p.elem_count() / n.max(1) * p.dtype().size_in_bytes()).sum();
+        let chunks = even_chunks(n, chunk_rows(chunk_bytes, row_bytes));
+        map_chunks(0, &chunks, |start, len| {
+            let x = if parts.len() == 1 {
+                first.narrow(0, start, len)?
+            } else {
+                let pieces = parts.iter().map(|p| p.narrow(0, start, len)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&pieces, 1)?
+            };
+            let temb = match temb {
+                Some(t) if t.dim(0)? == n => Some(t.narrow(0, start, len)?),
+                other => other.cloned(),
+            };
+            self.forward(&x, temb.as_ref())
         })
     }
 

@@ -620,6 +620,36 @@ impl TextToVideo {
     }
 }
 
+impl TextToVideo {
+    /// [`TextToVideo::decode_latents`] frame by frame as the VAE decodes them: `each(i, frame)`
+    /// gets frame i as (H, W, 3) float32 in [0, 1], the same values as row i of
+    /// `decode_latents`, so that a consumer (an MP4 encoder) can take each frame as it comes and
+    /// the whole video is never held. A frame that is not finite stops the decoding with
+    /// [`Error::NonFiniteFrames`] (the frames before it have been handed on); an error from
+    /// `each` stops it too.
+    pub fn decode_latents_each(
+        &self,
+        latents: &Tensor,
+        each: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let latents = (latents / self.vae.config().scaling_factor)?;
+        let (b, c, f, h, w) = latents.dims5()?;
+        if b != 1 {
+            return Err(Error::InvalidArgument(format!("decode_latents takes one video, got a batch of {b}")));
+        }
+        let per_frame = latents.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
+        for i in 0..f {
+            let image = self.vae.decode(&per_frame.narrow(0, i, 1)?)?;
+            if !all_finite(&image)? {
+                return Err(Error::NonFiniteFrames);
+            }
+            let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            each(i, image.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?.contiguous()?.squeeze(0)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether every value of `x` is finite: its sum in float32 is (a float16 sum could overflow).
 fn all_finite(x: &Tensor) -> Result<bool> {
     Ok(x.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())

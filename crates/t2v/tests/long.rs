@@ -171,3 +171,172 @@ fn bad_long_settings_are_refused_before_any_work() {
     let err = pipe.generate(&params, &mut |_| Control::Continue).unwrap_err().to_string();
     assert!(err.contains("past the last frame (9)"), "{err}");
 }
+
+/// The UNet's frame-chunked layers (ResNets, spatial attention, sampling convolutions per chunk
+/// of frames; temporal transformers per chunk of pixel rows) give the same noise prediction for
+/// every chunk size as in one piece: guided, with FreeNoise windows, and with per-frame prompts.
+#[test]
+fn chunked_unet_equals_one_piece() {
+    use t2v::checkpoint::{ModelFolder, WeightsVariant};
+    use t2v::unet3d::{self, LongVideoForward, UNet3DConditionModel};
+    let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
+    let cfg: unet3d::Config = folder.config("unet", "config.json").unwrap();
+    let weights =
+        folder.weights_with("unet", WeightsVariant::Auto, candle_core::DType::F32, &Device::Cpu, true).unwrap();
+    let mut unet = weights.build(|vb| UNet3DConditionModel::new(vb, &cfg)).unwrap();
+    let refs = common::reference("small-t2v");
+    let context = &refs["unet.context"];
+    // 11 frames of 8×8 latents: more frames than one window, an odd count.
+    let frames = 11;
+    let n = 4 * frames * 64;
+    let latents = (Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap() * 0.37).unwrap().sin().unwrap();
+    let latents = latents.reshape((1, 4, frames, 8, 8)).unwrap();
+    // One embedding per frame of each half: the prompt's, scaled a little per frame.
+    let per_frame: Vec<Tensor> = (0..2)
+        .flat_map(|b| (0..frames).map(move |f| (b, f)))
+        .map(|(b, f)| (context.narrow(0, b, 1).unwrap() * (1.0 + 0.02 * f as f64)).unwrap())
+        .collect();
+    let per_frame = Tensor::cat(&per_frame, 0).unwrap();
+    let plan = ContextWindows::new(4, 2, ContextWeighting::Pyramid).plan(frames).unwrap();
+    let cases = [
+        ("guided", LongVideoForward::default(), context.clone()),
+        ("windows", LongVideoForward { text_per_frame: false, windows: Some(&plan) }, context.clone()),
+        ("travel", LongVideoForward { text_per_frame: true, windows: Some(&plan) }, per_frame),
+    ];
+    let exact = t2v::kernels::isa() != t2v::kernels::Isa::Generic;
+    for (name, long, text) in &cases {
+        unet.set_chunk_bytes(usize::MAX);
+        let whole = unet.forward_long(&latents, 500.0, text, long).unwrap();
+        // one row at a time, and chunks that split the frames of a video unevenly
+        for bytes in [1, 3 * 64 * 32 * 4, 5 * 64 * 64 * 4] {
+            unet.set_chunk_bytes(bytes);
+            let chunked = unet.forward_long(&latents, 500.0, text, long).unwrap();
+            let diff = max_abs_diff(&chunked, &whole);
+            // The CPU kernels compute every row alone: the same bits. candle's ops (other
+            // devices' path) may block their sums by the rows they get.
+            if exact {
+                assert_eq!(diff, 0.0, "{name}, chunks of {bytes} bytes: differs by {diff:.2e}");
+            } else {
+                assert!(rel_err(&chunked, &whole) < 1e-6, "{name}, chunks of {bytes} bytes: differs by {diff:.2e}");
+            }
+        }
+    }
+}
+
+/// Streamed output: the VAE decodes frame by frame into an MP4 encoder that takes each frame as
+/// it comes. The frames equal `decode_latents`' rows bit for bit, and the MP4 is byte for byte
+/// the one `write_video` makes of the whole clip.
+#[test]
+fn streamed_decode_and_mp4_equal_whole_video() {
+    use t2v::video::{self, EncodeOptions, Frames, Mp4Encoder, VideoFormat};
+    let pipe = TextToVideo::load(model_dir("small-t2v"), &LoadOptions::default()).unwrap();
+    let refs = common::reference("small-t2v");
+    // 4 frames of latents, stretched so that the frames vary
+    let latents = (refs["unet.sample"].narrow(0, 0, 1).unwrap() * 3.0).unwrap();
+    let whole = pipe.decode_latents(&latents).unwrap();
+    let (frames, height, width, _) = whole.dims4().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = EncodeOptions { metadata: Some("{\"seed\": 1}".into()), ..EncodeOptions::default() };
+    let mut encoder = Mp4Encoder::new(width, height, &opts, &tmp.path().join("streamed.mp4")).unwrap();
+    let mut seen = 0;
+    pipe.decode_latents_each(&latents, &mut |i, frame| {
+        assert_eq!(i, seen);
+        let diff = max_abs_diff(&frame, &whole.i(i).unwrap());
+        assert_eq!(diff, 0.0, "frame {i} differs from decode_latents' by {diff:.2e}");
+        encoder.push(&frame.flatten_all()?.to_vec1::<f32>()?)?;
+        seen += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((seen, encoder.frames()), (frames, frames));
+    let streamed = encoder.finish().unwrap();
+
+    let data = whole.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let path = tmp.path().join("whole.mp4");
+    video::write_video(&Frames::new(&data, frames, height, width).unwrap(), VideoFormat::Mp4, &path, &opts).unwrap();
+    let written = std::fs::read(&path).unwrap();
+    assert!(
+        streamed == written,
+        "the streamed MP4 ({} bytes) differs from write_video's ({} bytes)",
+        streamed.len(),
+        written.len()
+    );
+
+    // A frame of the wrong size is refused, saying what it needs.
+    let mut encoder = Mp4Encoder::new(width, height, &opts, &path).unwrap();
+    let err = encoder.push(&[0.5; 12]).unwrap_err().to_string();
+    assert!(err.contains("RGB frame needs"), "{err}");
+    assert!(encoder.finish().is_err(), "an MP4 of no frames");
+}
+
+/// Peak memory and time of one guided step of the full-size UNet (random weights, float16
+/// matrices as `t2v bench`) at 256×256: `T2V_STEP_FRAMES=128 cargo test -p t2v --test long
+/// full_size_step_memory -- --ignored --nocapture` (one run per process: the peak is the
+/// process's). `T2V_STEP_CHUNK_BYTES` sets the chunk size (`max`: one piece, as before chunking).
+#[test]
+#[ignore = "minutes per frame count; run by hand with T2V_STEP_FRAMES"]
+fn full_size_step_memory() {
+    use candle_core::{DType, Shape};
+    use candle_nn::var_builder::SimpleBackend;
+    use t2v::unet3d::{self, LongVideoForward, UNet3DConditionModel};
+    struct Random;
+    impl SimpleBackend for Random {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            let dims = s.dims();
+            if dims.len() >= 2 {
+                let bound = 1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt();
+                Tensor::rand(-bound as f32, bound as f32, s, dev)?.to_dtype(DType::F16)
+            } else if name.ends_with("weight") {
+                Tensor::ones(s, dtype, dev)
+            } else {
+                Tensor::zeros(s, dtype, dev)
+            }
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("no shape for {name}")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+    let Some(frames) = std::env::var("T2V_STEP_FRAMES").ok().and_then(|v| v.parse::<usize>().ok()) else {
+        println!("set T2V_STEP_FRAMES");
+        return;
+    };
+    // As the binary runs (`T2V_STEP_ALLOCATOR=default`: glibc's own thresholds).
+    if std::env::var("T2V_STEP_ALLOCATOR").as_deref() != Ok("default") {
+        t2v::kernels::tune_allocator();
+    }
+    let cfg: unet3d::Config = serde_json::from_str(t2v::bench::UNET_CONFIG).unwrap();
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu);
+    let mut unet = UNet3DConditionModel::new(vb, &cfg).unwrap();
+    match std::env::var("T2V_STEP_CHUNK_BYTES").ok().as_deref() {
+        Some("max") => unet.set_chunk_bytes(usize::MAX),
+        Some(v) => unet.set_chunk_bytes(v.parse().unwrap()),
+        None => {}
+    }
+    let built = t2v::bench::peak_rss_bytes().unwrap_or(0);
+    let latents = Tensor::randn(0f32, 1f32, (1, 4, frames, 32, 32), &Device::Cpu).unwrap();
+    let context = Tensor::randn(0f32, 1f32, (2, 77, 1024), &Device::Cpu).unwrap();
+    let windows = (frames > 24).then(|| ContextWindows::new(16, 4, ContextWeighting::Pyramid).plan(frames).unwrap());
+    let long = LongVideoForward { text_per_frame: false, windows: windows.as_ref() };
+    let started = std::time::Instant::now();
+    let out = unet.forward_long(&latents, 981.0, &context, &long).unwrap();
+    let step_s = started.elapsed().as_secs_f64();
+    assert_eq!(out.dims(), &[2, 4, frames, 32, 32]);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "{{\"frames\": {frames}, \"chunk_bytes\": {}, \"free_noise\": {}, \"step_s\": {step_s:.1}, \"built_gib\": {:.3}, \"peak_rss_gib\": {:.3}}}",
+        unet.chunk_bytes(),
+        windows.is_some(),
+        gib(built),
+        gib(t2v::bench::peak_rss_bytes().unwrap_or(0))
+    );
+}

@@ -6,7 +6,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
+use crate::nn::{chunk_rows, conv2d, even_chunks, map_chunks, Conv2d, ResnetBlock2D, ResnetConfig};
 
 use super::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use super::transformer_2d::Transformer2DModel;
@@ -65,21 +65,41 @@ fn attentions(
     ))
 }
 
+/// `f`, an operation on each image alone, on chunks of images of at most `chunk_bytes` of input.
+fn per_frame(
+    xs: &Tensor,
+    chunk_bytes: usize,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let n = xs.dim(0)?;
+    let row_bytes = xs.elem_count() / n.max(1) * xs.dtype().size_in_bytes();
+    map_chunks(0, &even_chunks(n, chunk_rows(chunk_bytes, row_bytes)), |start, len| f(&xs.narrow(0, start, len)?))
+}
+
 impl Layer {
     fn forward(&self, xs: &Tensor, temb: &Tensor, cond: &Conditioning, frames: usize) -> candle_core::Result<Tensor> {
-        self.attend(&self.convolve(xs, temb, frames)?, cond, frames)
+        self.attend(&self.convolve(&[xs], temb, frames, cond.chunk_bytes)?, cond, frames)
     }
 
     /// The part before the prompt is seen: ResNet and temporal convolution.
-    fn convolve(&self, xs: &Tensor, temb: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
-        self.temp_conv.forward(&self.resnet.forward(xs, Some(temb))?, frames)
+    fn convolve(
+        &self,
+        parts: &[&Tensor],
+        temb: &Tensor,
+        frames: usize,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
+        self.temp_conv.forward(&self.resnet.forward_chunked(parts, Some(temb), chunk_bytes)?, frames)
     }
 
     fn attend(&self, xs: &Tensor, cond: &Conditioning, frames: usize) -> candle_core::Result<Tensor> {
         match &self.attention {
-            Some((spatial, temporal)) => {
-                temporal.forward(&spatial.forward(xs, cond.text, cond.text_repeat)?, frames, cond.windows)
-            }
+            Some((spatial, temporal)) => temporal.forward(
+                &spatial.forward(xs, cond.text, cond.text_repeat, cond.chunk_bytes)?,
+                frames,
+                cond.windows,
+                cond.chunk_bytes,
+            ),
             None => Ok(xs.clone()),
         }
     }
@@ -130,14 +150,20 @@ impl DownBlock {
         cond: &Conditioning,
         frames: usize,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
-        let first = self.forward_prefix(xs, temb, frames)?;
+        let first = self.forward_prefix(xs, temb, frames, cond.chunk_bytes)?;
         self.forward_after_prefix(&first, temb, cond, frames)
     }
 
     /// The first layer's ResNet and temporal convolution: all that comes before the block first
     /// sees the prompt.
-    pub fn forward_prefix(&self, xs: &Tensor, temb: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
-        self.layers[0].convolve(xs, temb, frames)
+    pub fn forward_prefix(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        frames: usize,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
+        self.layers[0].convolve(&[xs], temb, frames, chunk_bytes)
     }
 
     /// The rest of [`DownBlock::forward`], from the output of [`DownBlock::forward_prefix`].
@@ -156,7 +182,7 @@ impl DownBlock {
             skips.push(xs.clone());
         }
         if let Some(down) = &self.downsample {
-            xs = down.forward(&xs)?;
+            xs = per_frame(&xs, cond.chunk_bytes, |x| down.forward(x))?;
             skips.push(xs.clone());
         }
         Ok((xs, skips))
@@ -199,10 +225,13 @@ impl MidBlock {
         cond: &Conditioning,
         frames: usize,
     ) -> candle_core::Result<Tensor> {
-        let mut xs = self.first_temp_conv.forward(&self.first_resnet.forward(xs, Some(temb))?, frames)?;
+        let chunk = cond.chunk_bytes;
+        let mut xs =
+            self.first_temp_conv.forward(&self.first_resnet.forward_chunked(&[xs], Some(temb), chunk)?, frames)?;
         for (spatial, temporal, resnet, temp_conv) in &self.layers {
-            xs = temporal.forward(&spatial.forward(&xs, cond.text, cond.text_repeat)?, frames, cond.windows)?;
-            xs = temp_conv.forward(&resnet.forward(&xs, Some(temb))?, frames)?;
+            let attended = spatial.forward(&xs, cond.text, cond.text_repeat, chunk)?;
+            xs = temporal.forward(&attended, frames, cond.windows, chunk)?;
+            xs = temp_conv.forward(&resnet.forward_chunked(&[&xs], Some(temb), chunk)?, frames)?;
         }
         Ok(xs)
     }
@@ -264,14 +293,17 @@ impl UpBlock {
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for (layer, skip) in self.layers.iter().zip(skips.iter().rev()) {
-            xs = Tensor::cat(&[&xs, skip], 1)?;
-            xs = layer.forward(&xs, temb, cond, frames)?;
+            // torch.cat([hidden_states, res_hidden_states], dim=1), made chunk by chunk; the
+            // input is let go as soon as the ResNet has read it.
+            xs = layer.resnet.forward_chunked(&[&xs, skip], Some(temb), cond.chunk_bytes)?;
+            xs = layer.temp_conv.forward(&xs, frames)?;
+            xs = layer.attend(&xs, cond, frames)?;
         }
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (th, tw) = upsample_size.unwrap_or((2 * h, 2 * w));
-            // Upsample2D: nearest-neighbour interpolation, then a 3×3 convolution.
-            xs = conv.forward(&xs.upsample_nearest2d(th, tw)?)?;
+            // Upsample2D: nearest-neighbour interpolation, then a 3×3 convolution, per frame.
+            xs = per_frame(&xs, cond.chunk_bytes / 4, |x| conv.forward(&x.upsample_nearest2d(th, tw)?))?;
         }
         Ok(xs)
     }

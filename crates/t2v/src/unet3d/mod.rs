@@ -267,6 +267,8 @@ pub(crate) struct Conditioning<'a> {
     pub text_repeat: usize,
     /// FreeNoise: the temporal transformers attend per window.
     pub windows: Option<&'a WindowPlan>,
+    /// The activation bytes per chunk of the frame-chunked layers.
+    pub chunk_bytes: usize,
 }
 
 /// How a long video runs through the UNet (see [`crate::long_video`]); the default is a plain run.
@@ -293,6 +295,7 @@ pub struct UNet3DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: Config,
+    chunk_bytes: usize,
 }
 
 impl UNet3DConditionModel {
@@ -370,11 +373,25 @@ impl UNet3DConditionModel {
             conv_norm_out: group_norm(groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(ch0, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: cfg.clone(),
+            chunk_bytes: crate::nn::CHUNK_BYTES,
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How many bytes of activations the layers that work on each frame alone (ResNets,
+    /// spatial attention, up- and down-sampling) and on each pixel's frames alone (the temporal
+    /// transformers after their GroupNorm) compute at a time (default [`crate::nn::CHUNK_BYTES`]).
+    /// What a step holds then grows with the frames only by the activations passed between
+    /// layers and the skip connections; the results are the same for every size.
+    pub fn set_chunk_bytes(&mut self, bytes: usize) {
+        self.chunk_bytes = bytes.max(1);
+    }
+
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
     }
 
     /// `latents`: (batch, C, frames, h, w); `timestep`: the scheduler's integer timestep;
@@ -463,7 +480,8 @@ impl UNet3DConditionModel {
         let (_, _, frames, h, w) = latents.dims5()?;
         let (batch, text_repeat) =
             if long.text_per_frame { (context.dim(0)? / frames, 1) } else { (context.dim(0)?, frames) };
-        let cond = Conditioning { text: context, text_repeat, windows: long.windows };
+        let chunk_bytes = self.chunk_bytes;
+        let cond = Conditioning { text: context, text_repeat, windows: long.windows, chunk_bytes };
         let context = &cond;
         let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
             if x.dim(0)? == batch * frames {
@@ -484,13 +502,18 @@ impl UNet3DConditionModel {
         let emb = self.time_embedding.forward(&t_emb, timestep_cond)?;
         let emb = repeat_interleave(&emb, frames)?;
 
-        let xs = self.conv_in.forward(&video_to_frames(latents)?)?;
-        let xs = self.transformer_in.forward(&xs, frames, long.windows)?;
-        let prefix = self.down_blocks[0].forward_prefix(&xs, &emb, frames)?;
-        let (emb, prefix) = (repeat(&emb)?, repeat(&prefix)?);
+        // (in a block: what only the batch of 1 needed is let go before the rest runs)
+        let (first_skip, prefix) = {
+            let xs = self.conv_in.forward(&video_to_frames(latents)?)?;
+            let xs = self.transformer_in.forward(&xs, frames, long.windows, chunk_bytes)?;
+            let prefix = self.down_blocks[0].forward_prefix(&xs, &emb, frames, chunk_bytes)?;
+            (repeat(&xs)?, repeat(&prefix)?)
+        };
+        let emb = repeat(&emb)?;
 
-        let mut skips = vec![repeat(&xs)?];
+        let mut skips = vec![first_skip];
         let (mut xs, res) = self.down_blocks[0].forward_after_prefix(&prefix, &emb, context, frames)?;
+        drop(prefix);
         skips.extend(res);
         for block in &self.down_blocks[1..] {
             let (out, res) = block.forward(&xs, &emb, context, frames)?;
@@ -511,8 +534,13 @@ impl UNet3DConditionModel {
             };
             xs = block.forward(&xs, &level_skips, &emb, context, frames, upsample_size)?;
         }
-        let xs = self.conv_norm_out.forward_silu(&xs)?;
-        let xs = self.conv_out.forward(&xs)?;
+        // GroupNorm (per image here), SiLU and the output convolution, a chunk of frames at a time.
+        let n = xs.dim(0)?;
+        let row_bytes = xs.elem_count() / n.max(1) * xs.dtype().size_in_bytes();
+        let chunks = crate::nn::even_chunks(n, crate::nn::chunk_rows(chunk_bytes, row_bytes));
+        let xs = crate::nn::map_chunks(0, &chunks, |start, len| {
+            self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs.narrow(0, start, len)?)?)
+        })?;
         frames_to_video(&xs, frames)?.contiguous()
     }
 }

@@ -6,7 +6,10 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
-use crate::nn::{add, contiguous, group_norm, linear, temporal_conv, GroupNorm, Linear, TemporalConv};
+use crate::nn::{
+    add, chunk_rows, contiguous, even_chunks, group_norm, linear, map_chunks, temporal_conv, GroupNorm, Linear,
+    TemporalConv,
+};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -99,21 +102,41 @@ impl TransformerTemporalModel {
     }
 
     /// `xs`: (batch·frames, C, H, W). With `windows` (FreeNoise) each block attends per window.
-    pub fn forward(&self, xs: &Tensor, frames: usize, windows: Option<&WindowPlan>) -> candle_core::Result<Tensor> {
+    /// After the GroupNorm (whose statistics span every frame and pixel) each pixel's sequence of
+    /// frames is computed alone, so the pixels run in chunks of rows of about `chunk_bytes` of
+    /// activations: the same result, with one chunk's intermediates held at a time.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        frames: usize,
+        windows: Option<&WindowPlan>,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let b = n / frames;
         let normed = self.norm.forward(&frames_to_video(xs, frames)?)?;
-        // (b, C, F, H, W) → (b·H·W, F, C): one sequence of frames per pixel.
-        let seq = contiguous(&normed.permute((0, 3, 4, 2, 1))?)?.reshape((b * h * w, frames, c))?;
-        let mut seq = self.proj_in.forward(&seq)?;
-        for block in &self.blocks {
-            seq = match windows {
-                Some(plan) => block.forward_windowed(&seq, plan)?,
-                None => block.forward(&seq, None)?,
-            };
-        }
-        let seq = self.proj_out.forward(&seq)?;
-        let out = contiguous(&seq.reshape((b, h, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?.reshape((n, c, h, w))?;
-        add(&out, xs)
+        // One row of pixels of every frame: its widest intermediate is the feed-forward's chunk,
+        // the others are (b·W·F, inner) like the projections.
+        let inner = self.proj_in.out_dim().max(c);
+        let row_bytes = b * w * frames * inner * xs.dtype().size_in_bytes();
+        let chunks = even_chunks(h, chunk_rows(chunk_bytes, row_bytes));
+        let xs_video = xs.reshape((b, frames, c, h, w))?;
+        let out = map_chunks(3, &chunks, |row, rows| {
+            // (b, C, F, rows, W) → (b·rows·W, F, C): one sequence of frames per pixel.
+            let part = normed.narrow(3, row, rows)?;
+            let seq = contiguous(&part.permute((0, 3, 4, 2, 1))?)?.reshape((b * rows * w, frames, c))?;
+            let mut seq = self.proj_in.forward(&seq)?;
+            for block in &self.blocks {
+                seq = match windows {
+                    Some(plan) => block.forward_windowed(&seq, plan)?,
+                    None => block.forward(&seq, None)?,
+                };
+            }
+            let seq = self.proj_out.forward(&seq)?;
+            // back to (b, F, C, rows, W), plus the residual
+            let out = contiguous(&seq.reshape((b, rows, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?;
+            add(&out, &contiguous(&xs_video.narrow(3, row, rows)?)?)
+        })?;
+        out.reshape((n, c, h, w))
     }
 }

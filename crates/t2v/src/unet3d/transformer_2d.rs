@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{add, contiguous, group_norm, linear, GroupNorm, Linear};
+use crate::nn::{add, chunk_rows, contiguous, group_norm, linear, map_chunks, GroupNorm, Linear};
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
 
@@ -46,15 +46,60 @@ impl Transformer2DModel {
 
     /// `xs`: (batch·frames, C, H, W); `context`: text embeddings, each shared by `repeat`
     /// consecutive rows of `xs` (the frames of a video, or 1 with an embedding per frame).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
+    /// Every frame attends within itself, so the frames run in chunks of about `chunk_bytes` of
+    /// activations: the same result, with one chunk's intermediates held at a time.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        repeat: usize,
+        chunk_bytes: usize,
+    ) -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)?;
+        let row_bytes = xs.elem_count() / n.max(1) * xs.dtype().size_in_bytes();
+        let chunks = text_aligned_chunks(n, chunk_rows(chunk_bytes, row_bytes), repeat);
+        map_chunks(0, &chunks, |start, len| {
+            // The rows of the chunk read embeddings start / repeat onwards (a chunk is whole
+            // groups of `repeat` rows, or lies within one).
+            let first = start / repeat;
+            let last = (start + len - 1) / repeat;
+            let text = context.narrow(0, first, last + 1 - first)?;
+            // (a piece of one group: its rows all read the one embedding)
+            let repeat = if first == last { len } else { repeat };
+            self.forward_rows(&xs.narrow(0, start, len)?, &text, repeat)
+        })
+    }
+
+    fn forward_rows(&self, xs: &Tensor, context: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let mut tokens =
             self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
+        drop(normed);
         for block in &self.blocks {
             tokens = block.forward(&tokens, Some((context, repeat)))?;
         }
         let out = contiguous(&self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
-        add(&out, xs)
+        add(&out, &contiguous(xs)?)
     }
+}
+
+/// Chunks of at most `chunk` of `n` rows that never split a group of `repeat` rows sharing an
+/// embedding unless they lie within it: whole groups when a chunk holds at least one, else pieces
+/// of one group.
+fn text_aligned_chunks(n: usize, chunk: usize, repeat: usize) -> Vec<(usize, usize)> {
+    let repeat = repeat.max(1);
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = if chunk >= repeat {
+            (chunk / repeat * repeat).min(n - start)
+        } else {
+            let group_end = (start / repeat + 1) * repeat;
+            chunk.min(group_end.min(n) - start)
+        };
+        chunks.push((start, len));
+        start += len;
+    }
+    chunks
 }

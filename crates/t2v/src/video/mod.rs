@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 
 pub use atomic::{check_replaceable_dir, remove_stale_partials, SetAside, Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
-pub use mp4::{mp4_dimensions, mp4_metadata_from, mp4_top_level_boxes, read_mp4_metadata, Mp4Problem};
+pub use mp4::{mp4_dimensions, mp4_metadata_from, mp4_top_level_boxes, read_mp4_metadata, Mp4Encoder, Mp4Problem};
 pub use npy::npy_header;
 
 /// Frames per second used when none is given.
@@ -297,6 +297,13 @@ pub fn write_video_auto(frames: &Frames, path: &Path, opts: &EncodeOptions) -> R
     let format = VideoFormat::from_path(path)?;
     write_video(frames, format, path, opts)?;
     Ok(format)
+}
+
+/// The MP4 that `encoder` holds, finished, under a temporary name beside `path`: the streamed
+/// counterpart of [`stage_video`] with [`VideoFormat::Mp4`] (the same bytes for the same frames).
+pub fn stage_mp4(encoder: Mp4Encoder, path: &Path) -> Result<Staged> {
+    let bytes = encoder.finish()?;
+    atomic::stage_file(path, |w| w.write_all(&bytes))
 }
 
 /// `text` under a temporary name beside `path`, to publish with [`Staged::publish`].

@@ -127,83 +127,145 @@ pub(super) fn check(w: usize, h: usize, fps: u32) -> Result<()> {
 
 /// Encodes the clip to a complete MP4 file in memory. `path` is only used in error messages.
 pub(super) fn encode_mp4(frames: &Frames, opts: &EncodeOptions, path: &Path) -> Result<Vec<u8>> {
-    let (w, h) = (frames.width, frames.height);
-    let (pw, ph) = mp4_dimensions(w, h);
-    check(w, h, opts.fps)?;
-    let qp = opts.quality.qp();
-    if !(Quality::MIN_QP..=Quality::MAX_QP).contains(&qp) {
-        return Err(Error::InvalidArgument(format!(
-            "H.264 QP must be {}..={}, not {qp}",
-            Quality::MIN_QP,
-            Quality::MAX_QP
-        )));
-    }
-
-    // T2V_H264_DEBUG=1 turns on openh264's detailed log on stderr (diagnosing encoder errors).
-    let debug = std::env::var_os("T2V_H264_DEBUG").is_some();
-    let config = EncoderConfig::new()
-        // Constant QP: quality-mode rate control with the QP range pinned to one value.
-        .rate_control_mode(RateControlMode::Quality)
-        .qp(QpRange::new(qp, qp))
-        // Only a rate-control target: with the QP pinned and frame skipping off it limits
-        // nothing. (openh264 rejects targets above the level's maximum.)
-        .bitrate(BitRate::from_bps(10_000_000))
-        .skip_frames(false)
-        .adaptive_quantization(false)
-        .background_detection(false)
-        .scene_change_detect(false)
-        .max_frame_rate(FrameRate::from_hz(opts.fps as f32))
-        .complexity(Complexity::High)
-        .intra_frame_period(IntraFramePeriod::from_num_frames(opts.fps.saturating_mul(4).max(1)))
-        .num_threads(1)
-        // Size-limited slices: openh264 sizes its output buffer for about 1 byte per luma pixel per
-        // NAL unit (it needs 1.5x the payload free), which high-quality noise exceeds with a single
-        // slice ("Native:3" memory error); with <= 32 kB slices the frame may use ~2x that.
-        .max_slice_len(MAX_SLICE_BYTES)
-        .debug(debug)
-        .vui(
-            VuiConfig::bt601()
-                .color_primaries(ColorPrimaries::Unspecified)
-                .transfer_characteristics(TransferCharacteristics::Unspecified)
-                .matrix_coefficients(MatrixCoefficients::Smpte170M)
-                .full_range(false),
-        );
-    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| encode_err(path, e))?;
-    // openh264 logs warnings to stderr while it initialises (before the wrapper applies the
-    // configured trace level), e.g. about frame skipping being off. Silence it up front.
-    let mut level = if debug { openh264_sys2::WELS_LOG_DETAIL } else { openh264_sys2::WELS_LOG_QUIET } as u32;
-    // SAFETY: TRACE_LEVEL is explicitly allowed before initialisation; openh264 reads one u32
-    // from the pointer, which is valid for the duration of the call.
-    unsafe {
-        encoder.raw_api().set_option(openh264_sys2::ENCODER_OPTION_TRACE_LEVEL, (&raw mut level).cast());
-    }
-
-    let mut muxer = muxide::api::MuxerBuilder::new(Vec::<u8>::new())
-        .video(muxide::api::VideoCodec::H264, pw as u32, ph as u32, opts.fps as f64)
-        .with_fast_start(true)
-        .build()
-        .map_err(|e| encode_err(path, e))?;
-
-    let mut pic = I420::new(pw, ph);
-    let mut nal = Vec::new();
+    let mut encoder = Mp4Encoder::new(frames.width, frames.height, opts, path)?;
     for i in 0..frames.frames {
-        pic.fill(frames.frame(i), w, h);
-        let bs = encoder.encode(&pic.source()).map_err(|e| encode_err(path, e))?;
+        encoder.push(frames.frame(i))?;
+    }
+    encoder.finish()
+}
+
+/// An MP4 encoded frame by frame as the frames come: each is converted, encoded and muxed when
+/// pushed, so that only the compressed stream is kept, never the clip. [`Mp4Encoder::finish`]
+/// gives the same bytes as encoding the whole clip at once.
+pub struct Mp4Encoder {
+    encoder: Encoder,
+    muxer: muxide::api::Muxer<Vec<u8>>,
+    pic: I420,
+    nal: Vec<u8>,
+    width: usize,
+    height: usize,
+    fps: u32,
+    metadata: Option<String>,
+    frames: usize,
+    path: std::path::PathBuf,
+}
+
+impl Mp4Encoder {
+    /// An encoder for `width`×`height` frames with `opts`; `path` is only used in error messages.
+    pub fn new(width: usize, height: usize, opts: &EncodeOptions, path: &Path) -> Result<Self> {
+        let (w, h) = (width, height);
+        let (pw, ph) = mp4_dimensions(w, h);
+        check(w, h, opts.fps)?;
+        let qp = opts.quality.qp();
+        if !(Quality::MIN_QP..=Quality::MAX_QP).contains(&qp) {
+            return Err(Error::InvalidArgument(format!(
+                "H.264 QP must be {}..={}, not {qp}",
+                Quality::MIN_QP,
+                Quality::MAX_QP
+            )));
+        }
+
+        // T2V_H264_DEBUG=1 turns on openh264's detailed log on stderr (diagnosing encoder errors).
+        let debug = std::env::var_os("T2V_H264_DEBUG").is_some();
+        let config = EncoderConfig::new()
+            // Constant QP: quality-mode rate control with the QP range pinned to one value.
+            .rate_control_mode(RateControlMode::Quality)
+            .qp(QpRange::new(qp, qp))
+            // Only a rate-control target: with the QP pinned and frame skipping off it limits
+            // nothing. (openh264 rejects targets above the level's maximum.)
+            .bitrate(BitRate::from_bps(10_000_000))
+            .skip_frames(false)
+            .adaptive_quantization(false)
+            .background_detection(false)
+            .scene_change_detect(false)
+            .max_frame_rate(FrameRate::from_hz(opts.fps as f32))
+            .complexity(Complexity::High)
+            .intra_frame_period(IntraFramePeriod::from_num_frames(opts.fps.saturating_mul(4).max(1)))
+            .num_threads(1)
+            // Size-limited slices: openh264 sizes its output buffer for about 1 byte per luma pixel per
+            // NAL unit (it needs 1.5x the payload free), which high-quality noise exceeds with a single
+            // slice ("Native:3" memory error); with <= 32 kB slices the frame may use ~2x that.
+            .max_slice_len(MAX_SLICE_BYTES)
+            .debug(debug)
+            .vui(
+                VuiConfig::bt601()
+                    .color_primaries(ColorPrimaries::Unspecified)
+                    .transfer_characteristics(TransferCharacteristics::Unspecified)
+                    .matrix_coefficients(MatrixCoefficients::Smpte170M)
+                    .full_range(false),
+            );
+        let mut encoder =
+            Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| encode_err(path, e))?;
+        // openh264 logs warnings to stderr while it initialises (before the wrapper applies the
+        // configured trace level), e.g. about frame skipping being off. Silence it up front.
+        let mut level = if debug { openh264_sys2::WELS_LOG_DETAIL } else { openh264_sys2::WELS_LOG_QUIET } as u32;
+        // SAFETY: TRACE_LEVEL is explicitly allowed before initialisation; openh264 reads one u32
+        // from the pointer, which is valid for the duration of the call.
+        unsafe {
+            encoder.raw_api().set_option(openh264_sys2::ENCODER_OPTION_TRACE_LEVEL, (&raw mut level).cast());
+        }
+
+        let muxer = muxide::api::MuxerBuilder::new(Vec::<u8>::new())
+            .video(muxide::api::VideoCodec::H264, pw as u32, ph as u32, opts.fps as f64)
+            .with_fast_start(true)
+            .build()
+            .map_err(|e| encode_err(path, e))?;
+        Ok(Self {
+            encoder,
+            muxer,
+            pic: I420::new(pw, ph),
+            nal: Vec::new(),
+            width: w,
+            height: h,
+            fps: opts.fps,
+            metadata: opts.metadata.clone(),
+            frames: 0,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Frames pushed so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Encodes the next frame: `rgb` is `height·width·3` floats, (H, W, 3) row-major in [0, 1].
+    pub fn push(&mut self, rgb: &[f32]) -> Result<()> {
+        let (w, h, i) = (self.width, self.height, self.frames);
+        if rgb.len() != w * h * 3 {
+            return Err(Error::InvalidArgument(format!(
+                "frame {i} has {} values, but a {w}x{h} RGB frame needs {}",
+                rgb.len(),
+                w * h * 3
+            )));
+        }
+        let path = &self.path;
+        self.pic.fill(rgb, w, h);
+        let bs = self.encoder.encode(&self.pic.source()).map_err(|e| encode_err(path, e))?;
         let ftype = bs.frame_type();
-        nal.clear();
-        bs.write_vec(&mut nal);
-        if nal.is_empty() || matches!(ftype, FrameType::Skip | FrameType::Invalid) {
+        self.nal.clear();
+        bs.write_vec(&mut self.nal);
+        if self.nal.is_empty() || matches!(ftype, FrameType::Skip | FrameType::Invalid) {
             return Err(encode_err(path, format!("the encoder produced no data for frame {i} ({ftype:?})")));
         }
         let keyframe = matches!(ftype, FrameType::IDR);
-        let pts = i as f64 / opts.fps as f64;
-        muxer.write_video(pts, &nal, keyframe).map_err(|e| encode_err(path, e))?;
+        let pts = i as f64 / self.fps as f64;
+        self.muxer.write_video(pts, &self.nal, keyframe).map_err(|e| encode_err(path, e))?;
+        self.frames += 1;
+        Ok(())
     }
-    muxer.finish_in_place().map_err(|e| encode_err(path, e))?;
-    let mp4 = muxer.into_writer();
 
-    let frame_ticks = (MEDIA_TIMESCALE as f64 / opts.fps as f64).round().max(1.0) as u64;
-    postprocess(mp4, opts.metadata.as_deref(), frames.frames, frame_ticks).map_err(|e| encode_err(path, e))
+    /// The complete MP4 file of the frames pushed (at least one).
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        let path = &self.path;
+        if self.frames == 0 {
+            return Err(Error::InvalidArgument(format!("{}: an MP4 needs at least one frame", path.display())));
+        }
+        self.muxer.finish_in_place().map_err(|e| encode_err(path, e))?;
+        let mp4 = self.muxer.into_writer();
+        let frame_ticks = (MEDIA_TIMESCALE as f64 / self.fps as f64).round().max(1.0) as u64;
+        postprocess(mp4, self.metadata.as_deref(), self.frames, frame_ticks).map_err(|e| encode_err(path, e))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
