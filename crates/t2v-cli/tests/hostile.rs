@@ -58,13 +58,18 @@ fn numeric_options_out_of_range_are_refused_before_work() {
     let (_tmp, dir) = temp_dir();
     let model = model_dir("tiny-t2v");
     let out = dir.join("v.mp4");
+    // The memory plan, where no encoder's limit comes first (an .npy has none).
+    let npy = dir.join("v.npy");
+    let npy = npy.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--num-frames", "18446744073709551615"], "too large to compute"),
         (&["--height", "1099511627776", "--width", "1099511627776"], "too large to compute"),
         (&["--height", "18446744073709551608", "--width", "8"], "too large to compute"),
         (&["--num-frames", "99999999999"], "this run needs about"),
         (&["--num-frames", "99999999999"], "lower the number of frames"),
-        (&["--height", "100000", "--width", "100000"], "lower the frame size"),
+        (&["--height", "100000", "--width", "100000", "-o", npy], "lower the frame size"),
+        // An MP4's frame size is a hard limit of the format: said before the memory plan.
+        (&["--height", "100000", "--width", "100000"], "too large for the H.264 encoder"),
         (&["--steps", "4294967295"], "4294967295 inference steps is more than the 1000 timesteps"),
         (&["--scheduler", "dpm", "--steps", "1001"], "1001 inference steps is more than the 1000 timesteps"),
         (&["--scheduler", "ddim", "--steps", "1001"], "1001 inference steps is more than the 1000 timesteps"),
@@ -83,8 +88,8 @@ fn numeric_options_out_of_range_are_refused_before_work() {
     for (extra, expected) in cases {
         let mut args = vec!["generate", "a cat", "--model", model.to_str().unwrap(), "--seed", "1"];
         args.extend(["--steps", "2", "--num-frames", "2", "--height", "32", "--width", "32"]);
-        args.extend_from_slice(extra);
         args.extend(["-o", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
         // Later options win; clap refuses repeats, so drop the defaults that `extra` overrides.
         let args = dedup_options(&args);
         let o = t2v_within(&args, LIMIT);
