@@ -70,6 +70,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "{} frames of {}x{} on the {} ({} kernels), {} threads, {:.0}M parameters",
             r.frames, r.width, r.height, r.device, r.isa, r.threads, r.params_m
         );
+        println!("kernels tuned for {}", r.tuning);
         println!("weights {}, matrix products in {}", r.weights, r.products);
         println!("text_encode_s      {:.3}", r.text_encode_s);
         println!(

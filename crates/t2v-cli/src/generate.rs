@@ -16,7 +16,7 @@ use serde::Serialize;
 use t2v::checkpoint::{self, HubOptions, WeightsVariant, DEFAULT_MODEL};
 use t2v::long_video::{ContextWeighting, ContextWindows};
 use t2v::pipeline::upscale::{self, scheduler_config_for};
-use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Video};
+use t2v::pipeline::{self, Control, GenerationParams, LoadOptions, StepProgress, TextToVideo, Timings, Video};
 use t2v::schedulers::{strength_begin_index, SchedulerKind};
 
 /// The width of T2V-Turbo-MS's guidance embedding (`time_cond_proj_dim` of its UNet).
@@ -25,7 +25,7 @@ use t2v::video::input::{read_video, Fit, ReadOptions};
 use t2v::video::{EncodeOptions, Frames, Quality, VideoFormat};
 
 use crate::output::{self, Planner, Target};
-use crate::progress::{spinner, steps_bar};
+use crate::progress::{frames_bar, spinner, steps_bar};
 use crate::settings::{input_sha256, parse_dtype, InputSettings, LoraSettings, RunSettings, UpscaleSettings};
 
 #[derive(Args)]
@@ -744,11 +744,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             say(&format!("warning: {}", printable(&w)));
         }
         let video_input = input.as_ref().map(|c| (&c.tensor, c.settings.strength));
-        let video = ctx.denoise(&pipe, params, video_input, i, 1, (height, width))?;
         let mut run_settings = RunSettings::new(&model_spec, params, height, width, fps, dtype);
         run_settings.input = input.as_ref().map(|c| c.settings.clone());
         run_settings.loras = lora_settings.clone();
         run_settings.scheduler_config = scheduler_overrides.clone();
+        // A text-to-video run written only as MP4 is decoded and encoded frame by frame as the
+        // frames come: a long video's frames are never all held (issue 22). The bytes are the
+        // same as encoding the decoded clip (`Mp4Encoder`).
+        if upscale.is_none() && video_input.is_none() && job.targets.iter().all(|t| t.format == VideoFormat::Mp4) {
+            let (latents, timings) = ctx.denoise_latents(&pipe, params, i, (height, width))?;
+            let stream = Stream { latents: &latents, timings, fps, quality: args.quality };
+            summaries.push(ctx.publish_streamed(&pipe, job, stream, run_settings, args.overwrite, i)?);
+            continue;
+        }
+        let video = ctx.denoise(&pipe, params, video_input, i, 1, (height, width))?;
         match &upscale {
             Some(up) => {
                 // The first pass's frames as the reference's workflow hands them on: 8-bit images,
@@ -806,6 +815,20 @@ fn resolve(spec: &str, hub: &HubOptions) -> Result<(String, PathBuf)> {
     Ok((spec, folder))
 }
 
+/// What a pass gives: the decoded video, or the final latents when the frames are streamed.
+enum Pass {
+    Frames(Video),
+    Latents(Tensor, Timings),
+}
+
+/// The final latents of a one-pass run and how to encode them, for [`RunContext::publish_streamed`].
+struct Stream<'a> {
+    latents: &'a Tensor,
+    timings: Timings,
+    fps: u32,
+    quality: u8,
+}
+
 /// What every pass of a run shares: how it reports and stops.
 struct RunContext<'a> {
     quiet: bool,
@@ -848,8 +871,40 @@ impl RunContext<'_> {
         input: Option<(&Tensor, f64)>,
         i: usize,
         pass: usize,
-        (height, width): (usize, usize),
+        size: (usize, usize),
     ) -> Result<Video> {
+        match self.run_pass(pipe, params, input, i, pass, size, true)? {
+            Pass::Frames(video) => Ok(video),
+            Pass::Latents(..) => unreachable!("a decoding pass gives frames"),
+        }
+    }
+
+    /// [`RunContext::denoise`] of a one-pass text-to-video run, stopping before the VAE: the
+    /// final latents, to decode with [`RunContext::publish_streamed`].
+    fn denoise_latents(
+        &self,
+        pipe: &TextToVideo,
+        params: &GenerationParams,
+        i: usize,
+        size: (usize, usize),
+    ) -> Result<(Tensor, Timings)> {
+        match self.run_pass(pipe, params, None, i, 1, size, false)? {
+            Pass::Latents(latents, timings) => Ok((latents, timings)),
+            Pass::Frames(_) => unreachable!("a pass that does not decode gives latents"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_pass(
+        &self,
+        pipe: &TextToVideo,
+        params: &GenerationParams,
+        input: Option<(&Tensor, f64)>,
+        i: usize,
+        pass: usize,
+        (height, width): (usize, usize),
+        decode: bool,
+    ) -> Result<Pass> {
         let (label, counter) = (self.pass_label(pass), self.counter(i));
         let n = params.num_inference_steps;
         let (frames, steps, from) = match input {
@@ -876,7 +931,9 @@ impl RunContext<'_> {
                 bar.set_message(format!("t={:<4} {per_step:.2}s/step", p.timestep));
                 if p.step == p.total_steps {
                     bar.finish_and_clear();
-                    decoding = Some(spinner(&format!("{label}decoding frames")));
+                    if decode {
+                        decoding = Some(spinner(&format!("{label}decoding frames")));
+                    }
                 }
             }
             if self.interrupted.load(Ordering::SeqCst) {
@@ -887,6 +944,10 @@ impl RunContext<'_> {
         };
         let video = match input {
             Some((video, strength)) => pipe.video_to_video(params, video, strength, &mut on_step)?,
+            None if !decode => {
+                let (latents, timings) = pipe.denoise(params, &mut on_step)?;
+                return Ok(Pass::Latents(latents, timings));
+            }
             None => pipe.generate(params, &mut on_step)?,
         };
         if let Some(s) = decoding {
@@ -896,7 +957,57 @@ impl RunContext<'_> {
             self.say("stopped after the first pass: nothing was written");
             return Err(t2v::Error::Cancelled.into());
         }
-        Ok(video)
+        Ok(Pass::Frames(video))
+    }
+
+    /// Decodes `stream.latents` frame by frame into one MP4 encoder per target (every target is
+    /// an MP4), then publishes them with their settings as [`RunContext::publish`] does.
+    fn publish_streamed(
+        &self,
+        pipe: &TextToVideo,
+        job: &Job,
+        stream: Stream,
+        run_settings: RunSettings,
+        overwrite: bool,
+        i: usize,
+    ) -> Result<VideoSummary> {
+        let Stream { latents, mut timings, fps, quality } = stream;
+        let write_started = Instant::now();
+        let settings_json = run_settings.to_json();
+        let (_, _, frames, _, _) = latents.dims5()?;
+        let (height, width) = (run_settings.height, run_settings.width);
+        let encode = EncodeOptions { fps, quality: Quality::Qp(quality), metadata: Some(settings_json.clone()) };
+        let mut encoders = Vec::with_capacity(job.targets.len());
+        for t in &job.targets {
+            encoders.push(
+                t2v::video::Mp4Encoder::new(width, height, &encode, &t.path)
+                    .with_context(|| format!("writing {}", t.path.display()))?,
+            );
+        }
+        let bar = (!self.quiet).then(|| frames_bar("decoding and encoding", frames as u64));
+        let started = Instant::now();
+        pipe.decode_latents_each(latents, &mut |k, frame| {
+            let rgb = frame.flatten_all()?.to_vec1::<f32>()?;
+            for encoder in &mut encoders {
+                encoder.push(&rgb)?;
+            }
+            if let Some(bar) = &bar {
+                bar.set_position(k as u64 + 1);
+            }
+            Ok(())
+        })?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        timings.decoding = started.elapsed();
+        let mut staged = Vec::with_capacity(encoders.len());
+        for (t, encoder) in job.targets.iter().zip(encoders) {
+            staged.push(
+                t2v::video::stage_mp4(encoder, &t.path).with_context(|| format!("writing {}", t.path.display()))?,
+            );
+        }
+        output::publish_staged(&job.targets, staged, &settings_json, overwrite)?;
+        self.written(job, &timings, run_settings, write_started, i)
     }
 
     /// Writes video `i` to its targets with its settings.
@@ -918,14 +1029,26 @@ impl RunContext<'_> {
         let clip = Frames::new(&data, frames, height, width)?;
         let encode = EncodeOptions { fps, quality: Quality::Qp(quality), metadata: Some(settings_json.clone()) };
         output::publish(&job.targets, &clip, &encode, &settings_json, overwrite)?;
+        self.written(job, &video.timings, run_settings, write_started, i)
+    }
+
+    /// After video `i` is published: says so, stops when interrupted, and sums it up.
+    fn written(
+        &self,
+        job: &Job,
+        timings: &Timings,
+        run_settings: RunSettings,
+        write_started: Instant,
+        i: usize,
+    ) -> Result<VideoSummary> {
         let counter = self.counter(i);
         let names: Vec<String> = job.targets.iter().map(|t| t.path.display().to_string()).collect();
         self.say(&format!(
             "{counter}wrote {} (settings: {}) — denoised in {:.1}s, decoded in {:.1}s",
             names.join(", "),
             job.targets.iter().map(|t| t.settings.display().to_string()).collect::<Vec<_>>().join(", "),
-            video.timings.denoising.as_secs_f64(),
-            video.timings.decoding.as_secs_f64()
+            timings.denoising.as_secs_f64(),
+            timings.decoding.as_secs_f64()
         ));
         if self.interrupted.load(Ordering::SeqCst) {
             if i + 1 < self.jobs {
@@ -945,10 +1068,10 @@ impl RunContext<'_> {
                 .map(|t| Written { output: t.path.clone(), settings_file: t.settings.clone(), format: t.format.name() })
                 .collect(),
             settings: run_settings,
-            text_encoding_s: video.timings.text_encoding.as_secs_f64(),
-            video_encoding_s: video.timings.video_encoding.as_secs_f64(),
-            denoising_s: video.timings.denoising.as_secs_f64(),
-            decoding_s: video.timings.decoding.as_secs_f64(),
+            text_encoding_s: timings.text_encoding.as_secs_f64(),
+            video_encoding_s: timings.video_encoding.as_secs_f64(),
+            denoising_s: timings.denoising.as_secs_f64(),
+            decoding_s: timings.decoding.as_secs_f64(),
             writing_s: write_started.elapsed().as_secs_f64(),
         })
     }

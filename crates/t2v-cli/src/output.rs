@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use t2v::video::{self, EncodeOptions, Frames, VideoFormat};
+use t2v::video::{self, EncodeOptions, Frames, Staged, VideoFormat};
 
 use crate::settings::settings_path;
 
@@ -212,9 +212,20 @@ pub fn publish(
     settings_json: &str,
     overwrite: bool,
 ) -> Result<()> {
+    let mut staged = Vec::with_capacity(targets.len());
     for t in targets {
-        let staged_video = video::stage_video(clip, t.format, &t.path, encode)
-            .with_context(|| format!("writing {}", t.path.display()))?;
+        staged.push(
+            video::stage_video(clip, t.format, &t.path, encode)
+                .with_context(|| format!("writing {}", t.path.display()))?,
+        );
+    }
+    publish_staged(targets, staged, settings_json, overwrite)
+}
+
+/// [`publish`] of videos already written under temporary names (`staged[i]` is `targets[i]`'s,
+/// as [`video::stage_mp4`] leaves a streamed MP4).
+pub fn publish_staged(targets: &[Target], staged: Vec<Staged>, settings_json: &str, overwrite: bool) -> Result<()> {
+    for (t, staged_video) in targets.iter().zip(staged) {
         let staged_settings = video::stage_text(&t.settings, settings_json)
             .with_context(|| format!("writing {}", t.settings.display()))?;
         let old_settings = if overwrite {

@@ -26,3 +26,16 @@ pub fn steps_bar(label: &str, total: u64) -> ProgressBar {
     );
     bar
 }
+
+/// A bar over the frames of a video as they are decoded and written ("decoding and encoding").
+pub fn frames_bar(what: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} frames [{{elapsed_precise}} < {{eta_precise}} left]"
+        ))
+        .expect("valid template")
+        .progress_chars("█▉▊▋▌▍▎▏ "),
+    );
+    bar
+}

@@ -156,3 +156,52 @@ fn freenoise_turns_on_above_24_frames() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("off.npy.json")).unwrap()).unwrap();
     assert!(settings.get("context_length").is_none());
 }
+
+/// Video-to-video on a clip longer than the window: FreeNoise's windows run over the clip's
+/// frames (the noise drawn as video-to-video draws it); a window as long as the clip is plain
+/// video-to-video, bit for bit; `--from` repeats the windowed run.
+#[test]
+fn video_to_video_runs_in_windows() {
+    let (_tmp_dir, dir) = temp_dir();
+    let model = model_dir("tiny-t2v");
+    let m = model.to_str().unwrap().to_string();
+    let clip = dir.join("clip.npy");
+    let size = ["--height", "8", "--width", "8", "--seed", "3", "-q"];
+    let mut args = vec!["generate", "a cat", "--model", &m, "--steps", "1", "--num-frames", "12", "-o"];
+    args.push(clip.to_str().unwrap());
+    args.extend(size);
+    let o = t2v(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v2v = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["generate", "a dog", "--model", &m, "--video", clip.to_str().unwrap(), "--steps", "4"];
+        args.extend(["--strength", "0.5", "-o", out.to_str().unwrap()]);
+        args.extend(size);
+        args.extend_from_slice(extra);
+        let o = t2v(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        read_npy(out)
+    };
+    let plain = v2v(&dir.join("plain.npy"), &[]);
+    let whole = v2v(&dir.join("whole.npy"), &["--context-length", "12"]);
+    assert_eq!(max_abs_diff(&plain, &whole), 0.0, "a window as long as the clip is plain video-to-video");
+    let windowed_path = dir.join("windowed.npy");
+    let windowed = v2v(&windowed_path, &["--context-length", "8", "--context-stride", "2"]);
+    assert_eq!(windowed.dims(), plain.dims());
+    let moved = max_abs_diff(&plain, &windowed);
+    assert!(moved > 1e-5, "windows of 8 over 12 frames change the frames (max abs diff {moved:.2e})");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("windowed.npy.json")).unwrap()).unwrap();
+    assert_eq!((settings["context_length"].as_u64(), settings["context_stride"].as_u64()), (Some(8), Some(2)));
+    // --from repeats it, windows included.
+    let again = dir.join("again.npy");
+    let o = t2v(&[
+        "generate",
+        "--from",
+        windowed_path.with_extension("npy.json").to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(max_abs_diff(&read_npy(&again), &windowed), 0.0);
+}

@@ -406,8 +406,37 @@ fn page_submits_a_job_and_plays_it() {
          form.scheduler.value = 'euler_a'; form.scheduler.dispatchEvent(new Event('change')); \
          form.context_length.value = '8'; form.context_length.dispatchEvent(new Event('input')); \
          form.context_stride.value = '2'; form.context_weighting.value = 'flat'; form.prompts.value = '6: a blue cube'; \
-         submitForm();",
+         form.negative_prompts.value = '20: too far'; form.negative_prompts.dispatchEvent(new Event('input'));",
     );
+    // The timeline draws each keyframe where it falls on the frames, a keyframe past the last
+    // frame in red; fixed, the negative keyframe moves to its frame.
+    let marks = |tools: &mut DevTools| {
+        tools.eval_json(
+            "JSON.stringify([...document.querySelectorAll('#timeline .mark')].map(m => \
+             [m.className, m.dataset.frame ?? null, parseFloat(m.style.left)]))",
+        )
+    };
+    let drawn = marks(tools);
+    assert!(
+        drawn.as_array().unwrap().iter().any(|m| m[0] == "mark negative past" && m[1] == "20"),
+        "a keyframe past frame 11 is marked: {drawn}"
+    );
+    tools.eval("form.negative_prompts.value = '4: blurry'; form.negative_prompts.dispatchEvent(new Event('input'));");
+    let drawn = marks(tools);
+    // (frame, left in % of the axis) of one kind of marker, the left rounded to 1e-3.
+    let frames_of = |kind: &str| -> Vec<(String, i64)> {
+        drawn
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m[0] == kind)
+            .map(|m| (m[1].as_str().unwrap_or("").to_string(), (m[2].as_f64().unwrap() * 1000.0).round() as i64))
+            .collect()
+    };
+    let at = |frame: f64| (frame / 11.0 * 100_000.0).round() as i64;
+    assert_eq!(frames_of("mark prompt"), [("0".to_string(), 0), ("6".to_string(), at(6.0))], "{drawn}");
+    assert_eq!(frames_of("mark negative"), [("4".to_string(), at(4.0))], "{drawn}");
+    tools.eval("submitForm();");
     let page_long = wait_for("the page to queue the long-video job", Duration::from_secs(60), || {
         let state = tools.eval_json(
             "JSON.stringify({s: document.documentElement.dataset.submitted || null, \
@@ -426,9 +455,10 @@ fn page_submits_a_job_and_plays_it() {
             s["context_stride"].as_u64(),
             s["context_weighting"].as_str(),
             s["prompts"]["6"].as_str(),
+            s["negative_prompts"]["4"].as_str(),
             s.get("input").is_none()
         ),
-        (Some("euler_a"), Some(12), Some(8), Some(2), Some("flat"), Some("a blue cube"), true),
+        (Some("euler_a"), Some(12), Some(8), Some(2), Some("flat"), Some("a blue cube"), Some("blurry"), true),
         "{job}"
     );
     // A keyframe line that is not FRAME: prompt is refused on the page, naming the field.

@@ -65,7 +65,8 @@ pub fn spec() -> Value {
             "context_length": {"type": "integer", "minimum": 0, "description": "Long videos (FreeNoise): the temporal attention sees windows of this many frames, fused with weights, and the noise repeats shuffled from the first window; 0 or absent: off. At most num_frames"},
             "context_stride": {"type": "integer", "minimum": 1, "default": t2v::long_video::ContextWindows::DEFAULT_STRIDE, "description": "With context_length: frames between windows, at most context_length"},
             "context_weighting": {"type": "string", "enum": ["pyramid", "flat", "delayed_reverse_sawtooth"], "default": "pyramid", "description": "With context_length: how overlapping windows are weighted per frame"},
-            "prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Prompt travel: keyframe (0-based, from 1; frame 0's is prompt) → prompt, as {\"16\": \"a red car\"}; frames between keyframes blend their neighbours' text embeddings. In multipart, a JSON string of the object"}
+            "prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Prompt travel: keyframe (0-based, from 1; frame 0's is prompt) → prompt, as {\"16\": \"a red car\"}; frames between keyframes blend their neighbours' text embeddings. In multipart, a JSON string of the object"},
+            "negative_prompts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Negative prompt travel: keyframe (0-based, from 1; frame 0's is negative_prompt) → negative prompt, blended between keyframes as prompts are. In multipart, a JSON string of the object"}
         }
     });
     // Cog's `Input`: the fields, each with its title and order (`x-order`), as Cog publishes them.

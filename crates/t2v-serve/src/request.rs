@@ -107,6 +107,7 @@ pub const FIELDS: &[&str] = &[
     "context_stride",
     "context_weighting",
     "prompts",
+    "negative_prompts",
     "lora",
     "upscale",
 ];
@@ -301,13 +302,27 @@ fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<Lon
     if let Some(c) = &context {
         c.validate(num_frames).map_err(|e| ApiError::bad("context_length", e.to_string()))?;
     }
+    let prompts = keyframes(fields, "prompts", "prompt", num_frames, limits)?;
+    let negative_prompts = keyframes(fields, "negative_prompts", "negative_prompt", num_frames, limits)?;
+    Ok(LongVideo { context, prompts, negative_prompts })
+}
+
+/// A keyframe field (`prompts`, `negative_prompts`): an object of frame → text (a JSON string of
+/// one in multipart) for the keyframes after frame 0, whose text is the `frame0` field's.
+fn keyframes(
+    fields: &Fields,
+    name: &str,
+    frame0: &str,
+    num_frames: usize,
+    limits: &Limits,
+) -> Result<BTreeMap<usize, String>, ApiError> {
     let shape = || {
         ApiError::bad(
-            "prompts",
-            "`prompts` must be an object of keyframe → prompt, as {\"16\": \"a red car\"} (frames 0-based)",
+            name,
+            format!("`{name}` must be an object of keyframe → prompt, as {{\"16\": \"a red car\"}} (frames 0-based)"),
         )
     };
-    let object = match fields.0.get("prompts") {
+    let object = match fields.0.get(name) {
         None => serde_json::Map::new(),
         Some(Value::Object(map)) => map.clone(),
         // Multipart sends the object as a JSON string.
@@ -319,13 +334,13 @@ fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<Lon
     };
     let mut prompts = BTreeMap::new();
     for (key, text) in &object {
-        let bad = |m: String| ApiError::bad("prompts", m);
+        let bad = |m: String| ApiError::bad(name, m);
         let frame = key.trim().parse::<usize>().map_err(|_| shape())?;
         let Value::String(text) = text else {
-            return Err(bad(format!("`prompts` at frame {frame} must be a string")));
+            return Err(bad(format!("`{name}` at frame {frame} must be a string")));
         };
         if frame == 0 {
-            return Err(bad("frame 0's prompt is `prompt`: give keyframes from frame 1 on".into()));
+            return Err(bad(format!("frame 0's text is `{frame0}`: give keyframes from frame 1 on")));
         }
         if frame >= num_frames {
             return Err(bad(format!(
@@ -335,13 +350,13 @@ fn long_video(fields: &Fields, num_frames: usize, limits: &Limits) -> Result<Lon
         }
         if text.chars().count() > limits.max_prompt_chars {
             return Err(bad(format!(
-                "the prompt at frame {frame} is longer than {} characters",
+                "the text at frame {frame} of `{name}` is longer than {} characters",
                 limits.max_prompt_chars
             )));
         }
         prompts.insert(frame, text.clone());
     }
-    Ok(LongVideo { context, prompts, negative_prompts: BTreeMap::new() })
+    Ok(prompts)
 }
 
 /// The LoRAs a request picks (`lora`, as vLLM-Omni spells it: a name, an object
@@ -768,6 +783,10 @@ mod tests {
             (Some(16), Some(4), Some("flat"))
         );
         assert_eq!(s.prompts.get(&20).map(String::as_str), Some("a blue cube"));
+        let s = parse_json(serde_json::json!({"prompt": "a red ball", "num_frames": 32, "context_length": 16,
+            "negative_prompts": {"12": "blurry"}}))
+        .unwrap();
+        assert_eq!(s.negative_prompts.get(&12).map(String::as_str), Some("blurry"));
         // Multipart: strings, the keyframes as a JSON string.
         let s = parse_json(serde_json::json!({"prompt": "x", "num_frames": "24", "context_length": "8",
             "context_stride": "2", "prompts": "{\"8\": \"y\"}"}))
@@ -786,6 +805,8 @@ mod tests {
             (serde_json::json!({"prompt": "x", "context_stride": 2}), "context_stride"),
             (serde_json::json!({"prompt": "x", "context_length": 8, "context_weighting": "ramp"}), "context_weighting"),
             (serde_json::json!({"prompt": "x", "num_frames": 8, "prompts": {"8": "y"}}), "prompts"),
+            (serde_json::json!({"prompt": "x", "num_frames": 8, "negative_prompts": {"0": "y"}}), "negative_prompts"),
+            (serde_json::json!({"prompt": "x", "num_frames": 8, "negative_prompts": ["y"]}), "negative_prompts"),
             (serde_json::json!({"prompt": "x", "prompts": {"0": "y"}}), "prompts"),
             (serde_json::json!({"prompt": "x", "prompts": {"a": "y"}}), "prompts"),
             (serde_json::json!({"prompt": "x", "prompts": ["y"]}), "prompts"),

@@ -123,6 +123,7 @@ function applyDefaults() {
   syncPresetFromSize();
   syncEta();
   syncLong();
+  drawTimeline();
 }
 
 // DDIM alone has an eta (diffusers' `DDIMScheduler.step(eta=...)`).
@@ -134,21 +135,60 @@ function syncLong() {
   form.context_stride.disabled = form.context_weighting.disabled = !on;
 }
 
-// "16: a blue cube" lines → {"16": "a blue cube"}; throws on a line that is not FRAME: prompt.
-function keyframePrompts(text) {
+// "16: a blue cube" lines → {"16": "a blue cube"}; throws on a line that is not FRAME: prompt,
+// naming the field (`prompts` or `negative_prompts`).
+function keyframePrompts(text, param = "prompts") {
   const prompts = {};
+  const what = param === "prompts" ? "keyframe prompts" : "keyframe negative prompts";
   for (const [i, raw] of text.split("\n").entries()) {
     const line = raw.trim();
     if (!line) continue;
     const m = /^(\d+)\s*[:=]\s*(.+)$/.exec(line);
     if (!m) {
-      const err = new Error(`keyframe prompts, line ${i + 1}: write FRAME: prompt, as "24: a blue cube"`);
-      err.param = "prompts";
+      const err = new Error(`${what}, line ${i + 1}: write FRAME: prompt, as "24: a blue cube"`);
+      err.param = param;
       throw err;
     }
     prompts[String(Number(m[1]))] = m[2].trim();
   }
   return prompts;
+}
+
+// The keyframe timeline under the keyframe fields: frame 0 (the prompt and negative prompt
+// fields) at the left, the last frame at the right, a marker at each keyframe; markers past the
+// last frame are red (the server refuses them). Lines that do not parse are left out (submitting
+// names them).
+function drawTimeline() {
+  const box = $("#timeline");
+  if (!box) return;
+  const frames = Math.max(1, Number(form.num_frames.value) || Number(form.num_frames.placeholder) || 16);
+  const rows = [["prompt", form.prompt.value.trim() ? { 0: form.prompt.value.trim() } : {}]];
+  rows.push(["negative", form.negative_prompt.value.trim() ? { 0: form.negative_prompt.value.trim() } : {}]);
+  for (const [kind, name] of [["prompt", "prompts"], ["negative", "negative_prompts"]]) {
+    try {
+      Object.assign(rows.find(r => r[0] === kind)[1], keyframePrompts(form[name].value, name));
+    } catch (_) { /* shown on submit */ }
+  }
+  box.replaceChildren();
+  const place = (frame) => `${(Math.min(frame, frames - 1) / Math.max(1, frames - 1)) * 100}%`;
+  for (const [kind, prompts] of rows) {
+    for (const [frame, text] of Object.entries(prompts)) {
+      const f = Number(frame);
+      const mark = document.createElement("span");
+      mark.className = `mark ${kind}` + (f >= frames ? " past" : "");
+      mark.dataset.frame = frame;
+      mark.style.left = place(f);
+      mark.textContent = `${f}`;
+      mark.title = f >= frames ? `frame ${f} is past the last frame (${frames - 1}): ${text}` : `frame ${f}: ${text}`;
+      box.append(mark);
+    }
+  }
+  const end = document.createElement("span");
+  end.className = "mark end prompt";
+  end.style.left = "100%";
+  end.textContent = `${frames - 1}`;
+  end.title = `the last frame (${frames - 1})`;
+  if (!rows[0][1][String(frames - 1)]) box.append(end);
 }
 
 function fillForm(settings) {
@@ -162,7 +202,10 @@ function fillForm(settings) {
   for (const [k, v] of Object.entries(map)) if (v !== undefined && v !== null) form[k].value = v;
   const keyframes = Object.entries(settings.prompts || {});
   form.prompts.value = keyframes.map(([frame, text]) => `${frame}: ${text}`).join("\n");
-  if (settings.context_length || keyframes.length) $("#long-section").open = true;
+  const negatives = Object.entries(settings.negative_prompts || {});
+  form.negative_prompts.value = negatives.map(([frame, text]) => `${frame}: ${text}`).join("\n");
+  if (settings.context_length || keyframes.length || negatives.length) $("#long-section").open = true;
+  drawTimeline();
   syncPresetFromSize();
   syncEta();
   syncLong();
@@ -191,6 +234,8 @@ async function submitForm() {
   try {
     const prompts = keyframePrompts(form.prompts.value);
     if (Object.keys(prompts).length) body.prompts = prompts;
+    const negatives = keyframePrompts(form.negative_prompts.value, "negative_prompts");
+    if (Object.keys(negatives).length) body.negative_prompts = negatives;
     if (form.lora.value) {
       const scale = Number(form.lora_scale.value || 1);
       body.lora = { name: form.lora.value, scale };
@@ -430,6 +475,7 @@ function settingsRows(s) {
   ];
   if (s.context_length) rows.push(["windows", `${s.context_length} frames, stride ${s.context_stride ?? 4}, ${s.context_weighting ?? "pyramid"}`]);
   for (const [frame, text] of Object.entries(s.prompts || {})) rows.push([`frame ${frame}`, text]);
+  for (const [frame, text] of Object.entries(s.negative_prompts || {})) rows.push([`frame ${frame}, negative`, text]);
   if (s.input) rows.push(["input", `${s.input.path} at strength ${s.input.strength}`]);
   rows.push(["model", s.model]);
   return rows;
@@ -703,6 +749,10 @@ async function start() {
   $("#dice").addEventListener("click", () => { form.seed.value = Math.floor(Math.random() * 2 ** 32); });
   form.scheduler.addEventListener("change", syncEta);
   form.context_length.addEventListener("input", syncLong);
+  for (const name of ["prompt", "negative_prompt", "prompts", "negative_prompts", "num_frames"]) {
+    form[name].addEventListener("input", drawTimeline);
+  }
+  drawTimeline();
   $("#size-preset").addEventListener("change", (e) => {
     if (e.target.value === "custom") return;
     const [w, h] = e.target.value.split("x");
@@ -717,6 +767,7 @@ async function start() {
     const chosen = form.input_reference.files?.length > 0;
     form.num_frames.value = chosen ? "" : info?.defaults?.num_frames ?? "";
     form.num_frames.placeholder = chosen ? "all" : "";
+    drawTimeline();
   });
   form.addEventListener("submit", (e) => { e.preventDefault(); submitForm(); });
   $("#load-more").addEventListener("click", () => loadMore().catch((err) => message(err.message, true)));
@@ -749,6 +800,7 @@ async function start() {
   syncPresetFromSize();
   syncEta();
   syncLong();
+  drawTimeline();
 }
 
 start();

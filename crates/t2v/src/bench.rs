@@ -49,6 +49,9 @@ pub struct BenchReport {
     /// The CPU kernels' instruction-set path (`avx512bf16`, `avx512`, `avx2`, `generic`; `generic`
     /// off the CPU).
     pub isa: String,
+    /// The vector width each kind of kernel runs at, chosen for the CPU found
+    /// ([`crate::kernels::tuning`]), e.g. "zen5: 512-bit linear, …; 256-bit temporal conv".
+    pub tuning: String,
     /// The weight matrices' dtype (`f16`, `bf16`, `f32`).
     pub weights: String,
     /// What the matrix products multiply: `bf16` (bfloat16 operands, float32 sums: bfloat16
@@ -254,6 +257,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             Device::Metal(_) => "metal".into(),
         },
         isa: if device.is_cpu() { crate::kernels::isa() } else { crate::kernels::Isa::Generic }.to_string(),
+        tuning: if device.is_cpu() { crate::kernels::tuning::describe() } else { "generic: candle's ops".to_string() },
         weights: crate::params::dtype_name(matrix_dtype).to_string(),
         products: if device.is_cpu() && matrix_dtype == DType::BF16 && crate::kernels::avx512bf16() {
             "bf16"

@@ -149,7 +149,7 @@ fn reference_gemm(a: &[f32], w: &[f32], m: usize, n: usize, k: usize, init: &[f6
 fn packed_matmul_matches_float64_on_ragged_shapes() {
     use t2v::kernels::packed_matmul::{self, Init, PackedA, PackedB};
     use t2v::kernels::Src;
-    use t2v::kernels::{set_isa, Isa};
+    use t2v::kernels::{self, set_isa, Isa};
     if !t2v::kernels::avx2() {
         t2v_testkit::skip("no AVX2/FMA: the packed matrix product is not used on this CPU");
         return;
@@ -187,9 +187,21 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
                 for how in ["rows", "packed A", "packed A, one thread"] {
                     let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
                     match how {
-                        "rows" => unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init) },
+                        // the path's own width (set_isa forces it whole)
+                        "rows" => unsafe {
+                            packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, kernels::avx512())
+                        },
                         _ => unsafe {
-                            packed_matmul::matmul_packed(&packed_a, &packed, c.as_mut_ptr(), n, init, how == "packed A")
+                            let parallel = how == "packed A";
+                            packed_matmul::matmul_packed(
+                                &packed_a,
+                                &packed,
+                                c.as_mut_ptr(),
+                                n,
+                                init,
+                                parallel,
+                                kernels::avx512(),
+                            )
                         },
                     }
                     let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;

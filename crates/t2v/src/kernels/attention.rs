@@ -95,6 +95,7 @@ impl MultiHeadAttention {
         let chunk_rows = t.div_ceil(chunks);
         let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
         let optr = SendPtr(out.as_mut_ptr());
+        let wide = super::wide(super::KernelKind::Attention);
         (0..pairs * chunks).into_par_iter().for_each(|task| {
             let (pair, chunk) = (task / chunks, task % chunks);
             let (b, h) = (pair / dm.heads, pair % dm.heads);
@@ -123,6 +124,7 @@ impl MultiHeadAttention {
                         scores.as_mut_ptr(),
                         s,
                         Init::Overwrite,
+                        wide,
                     );
                     for row in scores.chunks_mut(s).take(rows) {
                         softmax_row(row, self.scale);
@@ -135,6 +137,7 @@ impl MultiHeadAttention {
                         optr.get().add(at),
                         hd,
                         Init::Overwrite,
+                        wide,
                     );
                 }
                 r += rows;

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// The environment variable that forces a path.
 pub const ISA_ENV: &str = "T2V_ISA";
@@ -131,6 +131,15 @@ fn detected() -> (bool, bool, bool) {
 
 const UNSET: u8 = u8::MAX;
 static CURRENT: AtomicU8 = AtomicU8::new(UNSET);
+/// Whether the path was named (by `T2V_ISA` or [`set_isa`]) rather than chosen as the best.
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the path the kernels take was named by `T2V_ISA` (other than `auto`) or [`set_isa`]:
+/// then every kernel runs at that path's width (see [`super::tuning`]).
+pub fn isa_forced() -> bool {
+    isa();
+    FORCED.load(Ordering::Relaxed)
+}
 
 /// The path the kernels take: the one set by [`set_isa`], else `T2V_ISA`'s, else the best this CPU
 /// can run. An unusable `T2V_ISA` is not an error here (callers that want to report it check
@@ -138,7 +147,13 @@ static CURRENT: AtomicU8 = AtomicU8::new(UNSET);
 pub fn isa() -> Isa {
     match CURRENT.load(Ordering::Relaxed) {
         UNSET => {
-            let isa = Isa::from_env().ok().flatten().unwrap_or_else(Isa::best);
+            let named =
+                std::env::var(ISA_ENV).is_ok_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("auto"));
+            let from_env = Isa::from_env().ok().flatten();
+            if named && from_env.is_some() {
+                FORCED.store(true, Ordering::Relaxed);
+            }
+            let isa = from_env.unwrap_or_else(Isa::best);
             // Another thread may have set it meanwhile; its value wins.
             let _ = CURRENT.compare_exchange(UNSET, isa as u8, Ordering::Relaxed, Ordering::Relaxed);
             Isa::ALL[CURRENT.load(Ordering::Relaxed) as usize]
@@ -153,5 +168,6 @@ pub fn set_isa(isa: Isa) -> Result<(), IsaError> {
         return Err(IsaError::Unsupported(isa));
     }
     CURRENT.store(isa as u8, Ordering::Relaxed);
+    FORCED.store(true, Ordering::Relaxed);
     Ok(())
 }

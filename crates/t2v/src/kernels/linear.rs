@@ -29,7 +29,8 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     let init = bias.map_or(Init::Overwrite, Init::Bias);
     // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `avx2()` was checked
     // by `linear` before this op was applied.
-    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init) };
+    let wide = super::wide(super::KernelKind::Linear);
+    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init, wide) };
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 

@@ -16,13 +16,15 @@ pub mod group_norm;
 pub mod isa;
 pub mod linear;
 pub mod packed_matmul;
+pub mod tuning;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vmath;
 
 use half::f16;
 use rayon::prelude::*;
 
-pub use isa::{isa, set_isa, Isa, IsaError};
+pub use isa::{isa, isa_forced, set_isa, Isa, IsaError};
+pub use tuning::{wide, KernelKind, Tuning};
 
 /// Whether tensors on `device` take this module's kernels: the CPU, on a path other than
 /// [`Isa::Generic`] (candle's standard ops, the path that CUDA and Metal devices take).

@@ -390,7 +390,8 @@ const KC512: usize = 256;
 
 /// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · B` on the calling thread.
 ///
-/// On the AVX-512 path ([`super::avx512`]) the tiles are up to 12×32: two A micro-panels ([`MR`]
+/// With `wide` on the AVX-512 path ([`super::avx512`]; `wide` is [`super::wide`] of the caller's
+/// kind of kernel, chosen per CPU) the tiles are up to 12×32: two A micro-panels ([`MR`]
 /// rows each) against two B panels ([`NR`] columns each), 24 accumulators, so each 512-bit load of
 /// B feeds 12 FMAs (the 6×16 AVX2 tile feeds 6 per 256-bit load); the ragged edges take the
 /// smaller tiles of the same kernel. Otherwise the 6×16 AVX2 micro-kernel.
@@ -398,16 +399,26 @@ const KC512: usize = 256;
 /// # Safety
 /// [`avx2`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn matmul_rows(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    rows_of(m, Lhs::Rows(a, lda), b, c, ldc, init)
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_rows(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    wide: bool,
+) {
+    rows_of(m, Lhs::Rows(a, lda), b, c, ldc, init, wide)
 }
 
 #[cfg(target_arch = "x86_64")]
-unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
     if b.bf16 {
         return super::bf16::blocked(m, a, b, c, ldc, init);
     }
-    if super::avx512() {
+    if wide && super::avx512() {
         blocked(m, a, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
             tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
         })
@@ -598,8 +609,18 @@ unsafe fn tile_avx512<const RA: usize, const NB: usize>(
 /// # Safety
 /// As [`matmul_rows`].
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init)
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    wide: bool,
+) {
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide)
 }
 
 /// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
@@ -608,23 +629,23 @@ pub unsafe fn matmul(m: usize, a: *const f32, lda: usize, b: &PackedB, c: *mut f
 /// # Safety
 /// [`avx2`] is true; `c` covers a.m() rows of `ldc` (≥ n) floats.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool) {
+pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool, wide: bool) {
     assert_eq!(a.k, b.k, "packed operands' depths");
     assert_eq!(a.bf16, b.bf16, "packed operands' forms (float32 or bfloat16)");
     let lhs = if a.bf16 { Lhs::PanelsBf16(a.pairs.as_ptr(), a.k) } else { Lhs::Panels(a.data.as_ptr(), a.k) };
     if parallel {
-        parallel_rows(a.m, lhs, b, c, ldc, init)
+        parallel_rows(a.m, lhs, b, c, ldc, init, wide)
     } else {
-        rows_of(a.m, lhs, b, c, ldc, init)
+        rows_of(a.m, lhs, b, c, ldc, init, wide)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
-        return rows_of(m, a, b, c, ldc, init);
+        return rows_of(m, a, b, c, ldc, init, wide);
     }
     let tasks = threads * (m / (threads * 2048)).max(1);
     // blocks of whole micro-panels, so that packed A splits at panel boundaries
@@ -634,7 +655,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
         let r0 = t * block;
         let rows = block.min(m - r0);
-        rows_of(rows, a.get().skip_rows(r0), b, cp.get().add(r0 * ldc), ldc, init);
+        rows_of(rows, a.get().skip_rows(r0), b, cp.get().add(r0 * ldc), ldc, init, wide);
     });
 }
 
@@ -643,6 +664,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_rows(
     _m: usize,
     _a: *const f32,
@@ -651,6 +673,7 @@ pub unsafe fn matmul_rows(
     _c: *mut f32,
     _ldc: usize,
     _init: Init,
+    _wide: bool,
 ) {
     unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }
@@ -660,7 +683,15 @@ pub unsafe fn matmul_rows(
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn matmul_packed(_a: &PackedA, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init, _parallel: bool) {
+pub unsafe fn matmul_packed(
+    _a: &PackedA,
+    _b: &PackedB,
+    _c: *mut f32,
+    _ldc: usize,
+    _init: Init,
+    _parallel: bool,
+    _wide: bool,
+) {
     unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }
 
@@ -669,6 +700,16 @@ pub unsafe fn matmul_packed(_a: &PackedA, _b: &PackedB, _c: *mut f32, _ldc: usiz
 /// # Safety
 /// Not callable.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn matmul(_m: usize, _a: *const f32, _lda: usize, _b: &PackedB, _c: *mut f32, _ldc: usize, _init: Init) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    _m: usize,
+    _a: *const f32,
+    _lda: usize,
+    _b: &PackedB,
+    _c: *mut f32,
+    _ldc: usize,
+    _init: Init,
+    _wide: bool,
+) {
     unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
 }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::g3to6;
 use crate::kernels::packed_matmul::{self, Init, PackedA, PackedB};
-use crate::kernels::{threads, SendPtr, Src};
+use crate::kernels::{threads, KernelKind, SendPtr, Src};
 
 /// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
 /// row stride rhs_rs)`; all columns of dst and rhs contiguous.
@@ -34,8 +34,9 @@ unsafe fn sgemm(
     rhs: *const f32,
     rhs_rs: usize,
     par: gemm::Parallelism,
+    kind: KernelKind,
 ) {
-    if use_packed() {
+    if use_packed(kind) {
         return sgemm_packed(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, par);
     }
     gemm::gemm(
@@ -93,15 +94,17 @@ unsafe fn sgemm_packed(
     let packed = PackedB::from_rows(b, k, n, rhs_rs, parallel);
     let init = if accumulate { Init::Accumulate } else { Init::Overwrite };
     if parallel {
-        packed_matmul::matmul(m, a, lda, &packed, dst, dst_rs, init)
+        packed_matmul::matmul(m, a, lda, &packed, dst, dst_rs, init, true)
     } else {
-        packed_matmul::matmul_rows(m, a, lda, &packed, dst, dst_rs, init)
+        packed_matmul::matmul_rows(m, a, lda, &packed, dst, dst_rs, init, true)
     }
 }
 
-/// Our packed product where its tiles beat the `gemm` crate's (the AVX-512 path).
-fn use_packed() -> bool {
-    crate::kernels::avx512()
+/// Our packed product (its 512-bit tiles) where they beat the `gemm` crate's: on the AVX-512
+/// path, for the kinds of convolution that the CPU runs faster at 512 bits
+/// ([`crate::kernels::tuning`]).
+fn use_packed(kind: KernelKind) -> bool {
+    crate::kernels::wide(kind)
 }
 
 /// The weights as float32: borrowed, or widened into `buf`.
@@ -150,7 +153,7 @@ pub(super) fn pointwise(
     let packed = if bf16 {
         Some(PackedA::from_rows_bf16(w, cout, cin, cin))
     } else {
-        use_packed().then(|| PackedA::from_rows(wp, cout, cin, cin))
+        use_packed(KernelKind::Conv1x1).then(|| PackedA::from_rows(wp, cout, cin, cin))
     };
     let image = |i: usize, parallel: bool| {
         let (xi, oi) = (&x[i * cin * hw..][..cin * hw], unsafe { optr.get().add(i * cout * hw) });
@@ -162,13 +165,15 @@ pub(super) fn pointwise(
                     PackedB::from_rows(xi, cin, hw, hw, parallel)
                 };
                 // SAFETY: the packed path's instructions are present; image i's output holds cout×hw.
-                unsafe { packed_matmul::matmul_packed(wa, &xb, oi, hw, init, parallel) };
+                unsafe { packed_matmul::matmul_packed(wa, &xb, oi, hw, init, parallel, true) };
             }
             None => {
                 let par = if parallel { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
                 let acc = bias.is_some();
                 // SAFETY: w holds cout×cin, the image cin×hw and its output cout×hw floats.
-                unsafe { sgemm(cout, hw, cin, oi, hw, acc, wp.as_ptr(), cin, 1, xi.as_ptr(), hw, par) };
+                unsafe {
+                    sgemm(cout, hw, cin, oi, hw, acc, wp.as_ptr(), cin, 1, xi.as_ptr(), hw, par, KernelKind::Conv1x1)
+                };
             }
         }
     };
@@ -206,13 +211,14 @@ pub(super) fn temporal(
         let xi = x.as_ptr().add(bi * cin * fhw);
         let wk = |k: usize| wp.as_ptr().add(k);
         // centre tap: all frames
-        sgemm(cout, fhw, cin, o, fhw, bias.is_some(), wk(1), 3 * cin, 3, xi, fhw, par);
+        let kind = KernelKind::TemporalConv;
+        sgemm(cout, fhw, cin, o, fhw, bias.is_some(), wk(1), 3 * cin, 3, xi, fhw, par, kind);
         if f > 1 {
             let n = (f - 1) * hw;
             // k = 0: y[f] += W0 · x[f − 1] for f ≥ 1
-            sgemm(cout, n, cin, o.add(hw), fhw, true, wk(0), 3 * cin, 3, xi, fhw, par);
+            sgemm(cout, n, cin, o.add(hw), fhw, true, wk(0), 3 * cin, 3, xi, fhw, par, kind);
             // k = 2: y[f] += W2 · x[f + 1] for f ≤ F − 2
-            sgemm(cout, n, cin, o, fhw, true, wk(2), 3 * cin, 3, xi.add(hw), fhw, par);
+            sgemm(cout, n, cin, o, fhw, true, wk(2), 3 * cin, 3, xi.add(hw), fhw, par, kind);
         }
     };
     let par = if nt > 1 { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
@@ -258,7 +264,8 @@ pub(super) fn temporal_wino(
     // U[ξ][co][ci], packed once for every block of columns where our product runs (in the
     // bfloat16 form for bfloat16 weights: U rounded once computed, V as it is packed)
     let bf16 = w.multiplies_in_bf16();
-    let packed = use_packed();
+    // (bfloat16 products need our packed product, whatever the width of the float32 ones)
+    let packed = bf16 || use_packed(KernelKind::TemporalConv);
     let mut u = vec![0f32; if packed { 0 } else { 6 * cout * cin }];
     let mut u_packed: Vec<PackedA> =
         if packed { (0..6).map(|_| PackedA::zeroed(cout, cin)).collect() } else { Vec::new() };
@@ -356,7 +363,9 @@ pub(super) fn temporal_wino(
                     PackedB::from_rows(vx, cin, ncols, ncols, nthreads > 1)
                 };
                 // SAFETY: the packed path's instructions are present; m holds cout rows of ncols.
-                unsafe { packed_matmul::matmul_packed(&u_packed[xi], &vb, mx, ncols, Init::Overwrite, nthreads > 1) };
+                unsafe {
+                    packed_matmul::matmul_packed(&u_packed[xi], &vb, mx, ncols, Init::Overwrite, nthreads > 1, true)
+                };
             } else {
                 // SAFETY: u holds cout×cin, v cin×ncols and m cout×ncols floats for this ξ.
                 unsafe {
@@ -373,6 +382,7 @@ pub(super) fn temporal_wino(
                         vx.as_ptr(),
                         ncols,
                         par,
+                        KernelKind::TemporalConv,
                     )
                 };
             }

@@ -493,6 +493,8 @@ unsafe fn task_gemm(
 ) {
     let cin = g.cin;
     let mc = np * MR;
+    // 512-bit tiles where this CPU runs them faster (kernels::tuning)
+    let wide = super::super::wide(super::super::KernelKind::Conv3x3);
     let mut s0 = 0;
     while s0 < n_tsub {
         let sg = SG.min(n_tsub - s0);
@@ -500,7 +502,7 @@ unsafe fn task_gemm(
             let mut kb = 0;
             while kb < cin {
                 let kl = KC.min(cin - kb);
-                if super::super::avx512() {
+                if wide {
                     gemm_plane_avx512(u.add(xi * uxs + kb * np * MR), kl, np, v, s0, sg, xi, cin, kb, m, mc, kb > 0);
                 } else {
                     for p in 0..np {
