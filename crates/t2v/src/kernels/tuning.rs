@@ -139,8 +139,8 @@ pub fn describe() -> String {
 fn cpu_id() -> (String, u32, u32) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU.
-        let (l0, l1) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
+        // CPUID leaves 0 and 1 exist on every x86-64 CPU (safe to call since Rust 1.87).
+        let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
         let mut vendor = Vec::with_capacity(12);
         for r in [l0.ebx, l0.edx, l0.ecx] {
             vendor.extend_from_slice(&r.to_le_bytes());
