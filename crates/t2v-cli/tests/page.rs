@@ -423,19 +423,26 @@ fn page_submits_a_job_and_plays_it() {
     );
     tools.eval("form.negative_prompts.value = '4: blurry'; form.negative_prompts.dispatchEvent(new Event('input'));");
     let drawn = marks(tools);
-    // (frame, left in % of the axis) of one kind of marker, the left rounded to 1e-3.
-    let frames_of = |kind: &str| -> Vec<(String, i64)> {
+    // (frame, left in % of the axis) of one kind of marker (the browser keeps 6 digits of it).
+    let frames_of = |kind: &str| -> Vec<(String, f64)> {
         drawn
             .as_array()
             .unwrap()
             .iter()
             .filter(|m| m[0] == kind)
-            .map(|m| (m[1].as_str().unwrap_or("").to_string(), (m[2].as_f64().unwrap() * 1000.0).round() as i64))
+            .map(|m| (m[1].as_str().unwrap_or("").to_string(), m[2].as_f64().unwrap()))
             .collect()
     };
-    let at = |frame: f64| (frame / 11.0 * 100_000.0).round() as i64;
-    assert_eq!(frames_of("mark prompt"), [("0".to_string(), 0), ("6".to_string(), at(6.0))], "{drawn}");
-    assert_eq!(frames_of("mark negative"), [("4".to_string(), at(4.0))], "{drawn}");
+    let placed = |kind: &str, expected: &[(&str, f64)]| {
+        let got = frames_of(kind);
+        assert_eq!(got.len(), expected.len(), "{kind}: {drawn}");
+        for ((frame, left), (want_frame, want)) in got.iter().zip(expected) {
+            assert_eq!(frame, want_frame, "{kind}: {drawn}");
+            assert!((left - want / 11.0 * 100.0).abs() < 1e-3, "{kind} at frame {frame}: {drawn}");
+        }
+    };
+    placed("mark prompt", &[("0", 0.0), ("6", 6.0)]);
+    placed("mark negative", &[("4", 4.0)]);
     tools.eval("submitForm();");
     let page_long = wait_for("the page to queue the long-video job", Duration::from_secs(60), || {
         let state = tools.eval_json(
