@@ -17,19 +17,13 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use support::{agent, wait_for};
+use support::{agent, serial, wait_for};
 use tempfile::TempDir;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn tiny_model() -> PathBuf {
     common::model_dir("tiny-t2v")

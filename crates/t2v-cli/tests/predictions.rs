@@ -17,20 +17,14 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
-use support::{agent, wait_for};
+use support::{agent, mp4_mdat, serial, wait_for};
 use tempfile::TempDir;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The receivers' key (24 bytes), given to the server as `--webhook-secret`.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -610,20 +604,6 @@ fn curl_sync_idempotency_and_video_webhooks() {
     assert_eq!(calls[0].body["video"]["status"], "completed");
     let (_, list) = server.json("GET", "/v1/loras", &[("Authorization", "Bearer k")], None);
     assert_eq!(list, json!({"object": "list", "data": []}));
-}
-
-/// The MP4's coded frames (the top-level `mdat` box's payload).
-fn mp4_mdat(bytes: &[u8]) -> &[u8] {
-    let mut at = 0;
-    while at + 8 <= bytes.len() {
-        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if &bytes[at + 4..at + 8] == b"mdat" {
-            return &bytes[at + 8..at + size];
-        }
-        assert!(size >= 8, "a malformed MP4");
-        at += size;
-    }
-    panic!("no mdat box")
 }
 
 /// A LoRA of `--lora-dir` picked by name (vLLM-Omni's `lora`) gives the frames the command line

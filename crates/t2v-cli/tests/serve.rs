@@ -12,19 +12,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use support::{agent, wait_for};
+use support::{agent, mp4_mdat, serial, wait_for};
 use tempfile::TempDir;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn tiny_model() -> PathBuf {
     common::model_dir("tiny-t2v")
@@ -725,20 +719,6 @@ fn openai_python_sdk() {
         (Some("completed"), Some("32x32"), Some("1"))
     );
     assert!(std::fs::metadata(data.path().join("sdk.mp4")).unwrap().len() > 100);
-}
-
-/// The payload of the top-level `mdat` box: the coded frames.
-fn mp4_mdat(bytes: &[u8]) -> &[u8] {
-    let mut at = 0;
-    while at + 8 <= bytes.len() {
-        let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if &bytes[at + 4..at + 8] == b"mdat" {
-            return &bytes[at + 8..at + size];
-        }
-        assert!(size >= 8, "a malformed MP4");
-        at += size;
-    }
-    panic!("no mdat box")
 }
 
 #[test]

@@ -6,9 +6,17 @@ pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+
+/// The turn of a test that runs a server (one at a time in a test binary, so that the figures
+/// and timings each prints are its server's own). A test that failed holding it passes it on.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn t2v(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_t2v")).args(args).output().expect("t2v runs")
