@@ -815,12 +815,6 @@ fn resolve(spec: &str, hub: &HubOptions) -> Result<(String, PathBuf)> {
     Ok((spec, folder))
 }
 
-/// What a pass gives: the decoded video, or the final latents when the frames are streamed.
-enum Pass {
-    Frames(Video),
-    Latents(Tensor, Timings),
-}
-
 /// The final latents of a one-pass run and how to encode them, for [`RunContext::publish_streamed`].
 struct Stream<'a> {
     latents: &'a Tensor,
@@ -873,10 +867,10 @@ impl RunContext<'_> {
         pass: usize,
         size: (usize, usize),
     ) -> Result<Video> {
-        match self.run_pass(pipe, params, input, i, pass, size, true)? {
-            Pass::Frames(video) => Ok(video),
-            Pass::Latents(..) => unreachable!("a decoding pass gives frames"),
-        }
+        self.run_pass(params, input, i, pass, size, true, |on_step| match input {
+            Some((video, strength)) => pipe.video_to_video(params, video, strength, on_step),
+            None => pipe.generate(params, on_step),
+        })
     }
 
     /// [`RunContext::denoise`] of a one-pass text-to-video run, stopping before the VAE: the
@@ -888,23 +882,23 @@ impl RunContext<'_> {
         i: usize,
         size: (usize, usize),
     ) -> Result<(Tensor, Timings)> {
-        match self.run_pass(pipe, params, None, i, 1, size, false)? {
-            Pass::Latents(latents, timings) => Ok((latents, timings)),
-            Pass::Frames(_) => unreachable!("a pass that does not decode gives latents"),
-        }
+        self.run_pass(params, None, i, 1, size, false, |on_step| pipe.denoise(params, on_step))
     }
 
+    /// What every pass shares around the library call `run`: the line saying what runs, the
+    /// steps bar (then a spinner while the frames are decoded, when `decode`), and stopping on
+    /// an interrupt.
     #[allow(clippy::too_many_arguments)]
-    fn run_pass(
+    fn run_pass<T>(
         &self,
-        pipe: &TextToVideo,
         params: &GenerationParams,
         input: Option<(&Tensor, f64)>,
         i: usize,
         pass: usize,
         (height, width): (usize, usize),
         decode: bool,
-    ) -> Result<Pass> {
+        run: impl FnOnce(&mut dyn FnMut(&StepProgress) -> Control) -> t2v::Result<T>,
+    ) -> Result<T> {
         let (label, counter) = (self.pass_label(pass), self.counter(i));
         let n = params.num_inference_steps;
         let (frames, steps, from) = match input {
@@ -942,14 +936,7 @@ impl RunContext<'_> {
                 Control::Continue
             }
         };
-        let video = match input {
-            Some((video, strength)) => pipe.video_to_video(params, video, strength, &mut on_step)?,
-            None if !decode => {
-                let (latents, timings) = pipe.denoise(params, &mut on_step)?;
-                return Ok(Pass::Latents(latents, timings));
-            }
-            None => pipe.generate(params, &mut on_step)?,
-        };
+        let out = run(&mut on_step)?;
         if let Some(s) = decoding {
             s.finish_and_clear();
         }
@@ -957,7 +944,7 @@ impl RunContext<'_> {
             self.say("stopped after the first pass: nothing was written");
             return Err(t2v::Error::Cancelled.into());
         }
-        Ok(Pass::Frames(video))
+        Ok(out)
     }
 
     /// Decodes `stream.latents` frame by frame into one MP4 encoder per target (every target is

@@ -16,26 +16,22 @@ pub fn spinner(msg: &str) -> ProgressBar {
 
 /// `label` comes first ("pass 1/2 " in a two-pass run).
 pub fn steps_bar(label: &str, total: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{label}denoising {{bar:30.cyan/blue}} {{pos}}/{{len}} steps {{msg}} [{{elapsed_precise}} < {{eta_precise}} left]"
-        ))
-        .expect("valid template")
-        .progress_chars("█▉▊▋▌▍▎▏ "),
-    );
-    bar
+    bar(total, &format!("{label}denoising {{bar:30.cyan/blue}} {{pos}}/{{len}} steps {{msg}}"))
 }
 
 /// A bar over the frames of a video as they are decoded and written ("decoding and encoding").
 pub fn frames_bar(what: &str, total: u64) -> ProgressBar {
+    bar(total, &format!("{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} frames"))
+}
+
+/// A bar of `total` in the style of every bar of the command line: `template`, then the time
+/// elapsed and left.
+fn bar(total: u64, template: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} frames [{{elapsed_precise}} < {{eta_precise}} left]"
-        ))
-        .expect("valid template")
-        .progress_chars("█▉▊▋▌▍▎▏ "),
+        ProgressStyle::with_template(&format!("{template} [{{elapsed_precise}} < {{eta_precise}} left]"))
+            .expect("valid template")
+            .progress_chars("█▉▊▋▌▍▎▏ "),
     );
     bar
 }
