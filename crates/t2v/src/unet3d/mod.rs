@@ -13,7 +13,6 @@ mod transformer_2d;
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use serde::Deserialize;
 
 pub use crate::nn::repeat_interleave;
@@ -55,6 +54,33 @@ impl TimestepEmbedding {
             _ => x.clone(),
         };
         self.linear_2.forward(&silu(&self.linear_1.forward(&x)?)?)
+    }
+}
+
+/// The UNet's `time_proj`: diffusers' `Timesteps(ch0, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`, i.e. `get_timestep_embedding`: `[cos(t·f_i), sin(t·f_i)]` with
+/// `f_i = exp(−i · ln(10000) / half)`, zero-padded to an odd channel count. Ours rather than
+/// candle-transformers' equal one: it was the only thing this crate took from that crate of
+/// hundreds of models, which cost minutes of every cold build and CUDA check.
+#[derive(Debug)]
+struct Timesteps {
+    num_channels: usize,
+}
+
+impl Timesteps {
+    fn forward(&self, timesteps: &Tensor) -> candle_core::Result<Tensor> {
+        let half = self.num_channels / 2;
+        let exponent = (Tensor::arange(0u32, half as u32, timesteps.device())?.to_dtype(candle_core::DType::F32)?
+            * -10000f64.ln())?;
+        let freqs = (exponent / half as f64)?.exp()?.to_dtype(timesteps.dtype())?;
+        // timesteps[:, None].float() * freqs[None, :]
+        let args = timesteps.unsqueeze(candle_core::D::Minus1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
+        let features = Tensor::cat(&[&args.cos()?, &args.sin()?], candle_core::D::Minus1)?;
+        if self.num_channels % 2 == 1 {
+            features.pad_with_zeros(candle_core::D::Minus1, 0, 1)
+        } else {
+            Ok(features)
+        }
     }
 }
 
@@ -319,7 +345,7 @@ impl UNet3DConditionModel {
         };
         let conv_in = conv2d(cfg.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?;
         // Timesteps(ch0, flip_sin_to_cos=True, downscale_freq_shift=0).
-        let time_proj = Timesteps::new(ch0, true, 0.0);
+        let time_proj = Timesteps { num_channels: ch0 };
         let time_embedding =
             TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim, cfg.time_cond_proj_dim)?;
         // transformer_in: 8 heads of attention_head_dim channels, as the reference hard-wires.
