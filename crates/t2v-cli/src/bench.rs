@@ -28,7 +28,7 @@ pub struct BenchArgs {
     /// AVX512_BF16 (float32 sums and activations), as `generate --dtype bf16`.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Print the time spent per kind of layer after the run.
+    /// Print the time spent per kind of layer in each timed stage (guided and unguided steps, VAE).
     #[arg(long)]
     profile: bool,
     /// Print one JSON object (text_encode_s, unet_step_s, vae_decode_s, vae_encode_s, peak_rss_gib, ...) on stdout.
@@ -91,9 +91,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         println!("peak_rss_gib       {:.2}", r.peak_rss_gib);
     }
-    if args.profile {
-        eprintln!("time per kind of layer (whole run):");
-        for p in t2v::profile::report() {
+    for stage in &report.profile {
+        eprintln!("time per kind of layer, {}:", stage.stage);
+        for p in &stage.layers {
             let rate = if p.flops > 0 && p.seconds > 0.0 {
                 format!("{:>8.1} GFLOP/s", p.flops as f64 / p.seconds / 1e9)
             } else {

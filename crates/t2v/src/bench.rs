@@ -81,6 +81,17 @@ pub struct BenchReport {
     /// Text encoding + 4 unguided steps + decoding: LCM/MCM or T2V-Turbo's 4-step recipe.
     pub run_4_steps_unguided_s: f64,
     pub peak_rss_gib: f64,
+    /// With profiling on ([`crate::profile::set_enabled`]): the time per kind of layer of each
+    /// timed stage, in the order they ran.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<StageProfile>,
+}
+
+/// The time per kind of layer of one timed stage of the benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageProfile {
+    pub stage: String,
+    pub layers: Vec<crate::profile::LayerProfile>,
 }
 
 /// Random weights of the requested shapes: matrices uniform in ±1/√fan_in (PyTorch's default
@@ -148,6 +159,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             "the benchmark stores weight matrices as f16, bf16 or f32, not {matrix_dtype:?}"
         )));
     }
+    let mut profile = Vec::new();
+    let mut end_stage = |stage: &str| {
+        if crate::profile::enabled() {
+            profile.push(StageProfile { stage: stage.to_string(), layers: crate::profile::take() });
+        }
+    };
     let count = Arc::new(AtomicU64::new(0));
     let vb = || {
         VarBuilder::from_backend(Box::new(RandomWeights { matrix_dtype, count: count.clone() }), dtype, device.clone())
@@ -188,6 +205,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let vae = Vae::new(vb(), &vae_cfg)?;
     let build_s = started.elapsed().as_secs_f64();
     let params = count.load(Ordering::Relaxed);
+    crate::profile::take();
 
     progress("text encoding");
     let ids: Vec<u32> = (0..2 * 77).map(|i| (i * 7919 % 49407) as u32).collect();
@@ -196,6 +214,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let context = text_encoder.forward(&ids)?;
     finish()?;
     let text_encode_s = started.elapsed().as_secs_f64();
+    end_stage("text encoding");
 
     let (h, w) = (opts.height / scale, opts.width / scale);
     // A guided step: one video's latents under [negative, prompt], as the pipeline runs it.
@@ -222,6 +241,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         step_flops = crate::profile::flops() - before;
     }
     let unet_step_s = unet_steps_s.iter().sum::<f64>() / unet_steps_s.len() as f64;
+    end_stage(&format!("guided UNet steps ({})", opts.steps));
     // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM with
     // guidance 1, T2V-Turbo) run.
     progress("unguided UNet step");
@@ -231,6 +251,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     finish()?;
     drop(out);
     let unet_unguided_step_s = started.elapsed().as_secs_f64();
+    end_stage("unguided UNet step");
 
     progress("VAE decode");
     let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
@@ -238,6 +259,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let frames = vae.decode(&z)?;
     finish()?;
     let vae_decode_s = started.elapsed().as_secs_f64();
+    end_stage("VAE decode");
     drop(vae);
 
     // Video-to-video encodes its input frames first: the decoded frames, held to the [-1, 1] the
@@ -248,6 +270,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let posterior = encoder.encode(&frames.clamp(-1f32, 1f32)?)?;
     finish()?;
     let vae_encode_s = started.elapsed().as_secs_f64();
+    end_stage("VAE encode");
     drop((posterior, frames, encoder));
 
     Ok(BenchReport {
@@ -283,5 +306,6 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         unet_unguided_step_s,
         run_4_steps_unguided_s: text_encode_s + 4.0 * unet_unguided_step_s + vae_decode_s,
         peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        profile,
     })
 }

@@ -16,7 +16,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static LAYERS: Mutex<Vec<LayerProfile>> = Mutex::new(Vec::new());
 
 /// Where the time of one kind of layer went.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerProfile {
     pub kind: &'static str,
     pub seconds: f64,
@@ -43,6 +43,13 @@ pub fn flops() -> u64 {
 /// Each kind of layer timed since profiling was turned on, slowest first.
 pub fn report() -> Vec<LayerProfile> {
     let mut p = LAYERS.lock().map(|p| p.clone()).unwrap_or_default();
+    p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    p
+}
+
+/// [`report`], then starts the sums again: the profile of what ran since the last call.
+pub fn take() -> Vec<LayerProfile> {
+    let mut p = LAYERS.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
     p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     p
 }

@@ -50,7 +50,18 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let (source, repeat) = context.unwrap_or((xs, 1));
         let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
-        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat)?;
+        self.attend_projected(&q, &k, &v, repeat)
+    }
+
+    /// The q, k and v of self-attention over `xs`, each (batch, tokens, inner): what
+    /// [`Self::forward`] computes first, for callers that attend over parts of the tokens.
+    pub fn project_self(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        Ok((self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?))
+    }
+
+    /// The rest of [`Self::forward`] from its projections: the heads' attention, then `to_out`.
+    pub fn attend_projected(&self, q: &Tensor, k: &Tensor, v: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
+        let out = multi_head_attention(q, k, v, self.heads, self.scale, repeat)?;
         self.to_out.forward(&out)
     }
 }
@@ -150,16 +161,26 @@ impl BasicTransformerBlock {
     /// (sequences, frames, C); the attentions run per window of `plan`, each window's output is
     /// weighted per frame and accumulated (in window order, as the reference adds), the sums are
     /// divided by the per-frame weight sums, then norm3 and the feed-forward run on every frame.
-    /// Only one window's intermediates and the per-frame sums are held besides the input.
+    /// Only one window's intermediates, attn1's projections and the per-frame sums are held
+    /// besides the input.
     pub fn forward_windowed(&self, xs: &Tensor, plan: &WindowPlan) -> candle_core::Result<Tensor> {
         let (n, frames, c) = xs.dims3()?;
         if frames != plan.frames {
             candle_core::bail!("the window plan is for {} frames, the sequences have {frames}", plan.frames)
         }
+        // attn1's LayerNorm and its q, k and v act on each frame's token alone, so they are the
+        // same in every window that holds the frame: computed once for all frames and narrowed
+        // per window (the reference recomputes them per window: the same numbers, 3/8 of the
+        // windowed projections saved). What follows attn1 depends on its window.
+        let (q, k, v) = self.attn1.project_self(&self.norm1.forward(xs)?)?;
         let mut sums: Vec<Option<Tensor>> = vec![None; frames];
         for window in &plan.windows {
-            let chunk = contiguous(&xs.narrow(1, window.start, plan.length)?)?;
-            let out = self.attend(&chunk, None)?;
+            let part = |t: &Tensor| contiguous(&t.narrow(1, window.start, plan.length)?);
+            let chunk = part(xs)?;
+            let attended = self.attn1.attend_projected(&part(&q)?, &part(&k)?, &part(&v)?, 1)?;
+            let hidden = add(&attended, &chunk)?;
+            drop((attended, chunk));
+            let out = add(&self.attn2.forward(&self.norm2.forward(&hidden)?, None)?, &hidden)?;
             // Frame-major, so that each frame is one contiguous (sequences, C) block.
             let out = contiguous(&out.transpose(0, 1)?)?;
             for j in window.skip..plan.length {
@@ -171,6 +192,7 @@ impl BasicTransformerBlock {
                 });
             }
         }
+        drop((q, k, v));
         let sums = sums
             .into_iter()
             .enumerate()
