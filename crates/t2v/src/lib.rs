@@ -28,3 +28,40 @@ pub mod video;
 pub use checkpoint::lora;
 
 pub use error::{Error, Result};
+
+/// Internals that the crate's own integration tests (`tests/internals.rs`) check directly; not
+/// part of the API. Checked there rather than in unit tests so that `cargo test` does not compile
+/// the whole crate a second time in test mode (about three CPU-minutes of every cold CI run).
+#[doc(hidden)]
+pub mod __internals {
+    pub mod pickle {
+        pub use crate::checkpoint::pth::pickle::{validate_pickle, Problem};
+    }
+    pub mod schedulers {
+        pub use crate::schedulers::{
+            alphas_cumprod, np_arange_f64, np_linspace, parse_scheduler_config, threshold_sample, BetaConfig,
+            BetaSchedule,
+        };
+    }
+    pub mod long_video {
+        pub use crate::long_video::*;
+    }
+    pub mod video_input {
+        pub use crate::video::input::*;
+    }
+    pub mod images {
+        pub use crate::video::input::images::natural_cmp;
+    }
+    pub mod h264 {
+        pub use crate::video::input::h264::declared_samples;
+    }
+    pub mod atomic {
+        pub use crate::video::atomic::{temporary_owner, SetAside};
+    }
+    pub mod tuning {
+        pub use crate::kernels::tuning::*;
+    }
+    pub mod params {
+        pub use crate::params::*;
+    }
+}

@@ -118,24 +118,3 @@ pub fn dtype_name(dtype: candle_core::DType) -> &'static str {
         _ => "f32",
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::DType;
-
-    #[test]
-    fn every_spelling_of_a_dtype_parses_and_names_round_trip() {
-        for (names, dtype) in [
-            (&["f32", "float32", "FP32", "float", "torch.float32"][..], DType::F32),
-            (&["f16", "float16", "fp16", "half", "torch.float16", " F16 "][..], DType::F16),
-            (&["bf16", "bfloat16", "torch.bfloat16"][..], DType::BF16),
-        ] {
-            for name in names {
-                assert_eq!(parse_dtype(name).unwrap(), dtype, "{name}");
-            }
-            assert_eq!(parse_dtype(dtype_name(dtype)).unwrap(), dtype);
-        }
-        assert!(parse_dtype("f64").unwrap_err().to_string().contains("use f32, f16 or bf16"));
-    }
-}

@@ -628,7 +628,7 @@ pub struct BetaConfig {
 }
 
 /// `alphas_cumprod` (float32) as the reference computes it.
-pub(crate) fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> {
+pub fn alphas_cumprod(cfg: &BetaConfig, path: &Path) -> Result<Vec<f32>> {
     let n = cfg.num_train_timesteps;
     if n == 0 {
         return Err(config_error(path, "num_train_timesteps must be at least 1"));
@@ -755,7 +755,7 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// `np.linspace(start, stop, num)` (float64, endpoint included).
-pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     if num == 0 {
         return vec![];
     }
@@ -776,7 +776,7 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 /// `np.arange(start, stop, step)` for float64 arguments: the length is
 /// `ceil((stop - start) / step)` and element i is `start + i * ((start + step) - start)`.
-pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
+pub fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
     if len.is_nan() || len <= 0.0 {
         return vec![];
@@ -837,7 +837,7 @@ pub(crate) fn linear_combination(terms: &[(f32, &Tensor)]) -> Result<Tensor> {
 /// interpolation, as `torch.quantile`), clamped to `[1, max_value]`; x is clamped to `[-s, s]`
 /// and divided by `s`. Uses a sort along the flattened item, which candle's CUDA/Metal kernels
 /// only support for moderately sized rows.
-pub(crate) fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+pub fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let dims = x.dims().to_vec();
     if dims.len() < 2 {
@@ -867,65 +867,4 @@ pub(crate) fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result
     let s = s.maximum(1.0)?.minimum(max_value)?;
     let out = flat.broadcast_maximum(&s.neg()?)?.broadcast_minimum(&s)?.broadcast_div(&s)?;
     Ok(out.reshape(dims)?.to_dtype(dtype)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_finite_tokens_are_quoted_outside_strings_only() {
-        let text = r#"{"a": -Infinity, "b": "NaN -Infinity", "c": [Infinity, NaN], "d\"NaN": 1}"#;
-        let v = parse_scheduler_config(text, Path::new("x.json")).unwrap();
-        assert_eq!(v["a"], "-Infinity");
-        assert_eq!(v["b"], "NaN -Infinity");
-        assert_eq!(v["c"][0], "Infinity");
-        assert_eq!(v["c"][1], "NaN");
-        assert_eq!(v["d\"NaN"], 1);
-    }
-
-    #[test]
-    fn arange_and_linspace_edges() {
-        assert_eq!(np_arange_f64(1000.0, 0.0, -250.0), vec![1000.0, 750.0, 500.0, 250.0]);
-        assert_eq!(np_linspace(0.0, 999.0, 3), vec![0.0, 499.5, 999.0]);
-        assert_eq!(np_linspace(0.0, 999.0, 1), vec![0.0]);
-    }
-
-    #[test]
-    fn dynamic_thresholding_follows_torch_quantile() {
-        let dev = candle_core::Device::Cpu;
-        let x = Tensor::new(&[[0.5f32, -3.0, 2.0, 1.0, -1.5], [0.1, 0.2, -0.3, 0.4, 0.5]], &dev).unwrap();
-        // ratio 0.5: rank 2 of |x| sorted -> s = 1.5 (row 0); row 1's s < 1 is raised to 1
-        let y = threshold_sample(&x, 0.5, 10.0).unwrap().to_vec2::<f32>().unwrap();
-        let expect0 = [0.5 / 1.5, -1.0, 1.0, 1.0 / 1.5, -1.0];
-        for (a, b) in y[0].iter().zip(expect0) {
-            assert!((a - b).abs() < 1e-6, "{y:?}");
-        }
-        assert_eq!(y[1], vec![0.1, 0.2, -0.3, 0.4, 0.5]);
-        // ratio 0.6: rank 2.4 -> s = 1.5 + 0.4 * (2 - 1.5) = 1.7; max_value caps it at 1.6
-        let y = threshold_sample(&x, 0.6, 10.0).unwrap().to_vec2::<f32>().unwrap();
-        assert!((y[0][2] - 1.0).abs() < 1e-6 && (y[0][3] - 1.0 / 1.7).abs() < 1e-6, "{y:?}");
-        let y = threshold_sample(&x, 0.6, 1.6).unwrap().to_vec2::<f32>().unwrap();
-        assert!((y[0][3] - 1.0 / 1.6).abs() < 1e-6, "{y:?}");
-    }
-
-    #[test]
-    fn float32_schedule_matches_torch_values() {
-        // values printed by numpy emulating torch float32 (linspace, then cumprod in f64)
-        let cfg = BetaConfig {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::ScaledLinear,
-            trained_betas: None,
-            rescale_betas_zero_snr: false,
-        };
-        let ac = alphas_cumprod(&cfg, Path::new("x")).unwrap();
-        assert_eq!(ac[0], 0.9991499781608582f64 as f32);
-        assert_eq!(ac[1], 0.9982960224151611f64 as f32);
-        assert_eq!(ac[500], 0.27633246779441833f64 as f32);
-        assert_eq!(ac[999], 0.00466009508818388f64 as f32);
-        let zsnr = alphas_cumprod(&BetaConfig { rescale_betas_zero_snr: true, ..cfg }, Path::new("x")).unwrap();
-        assert!(zsnr[999].abs() < 1e-6 && (zsnr[0] - ac[0]).abs() < 1e-6);
-    }
 }

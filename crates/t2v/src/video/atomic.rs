@@ -255,7 +255,7 @@ pub fn remove_stale_partials(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The process id in a temporary's name `.NAME.<tag>-PID-RANDOM`, for the tags this module writes.
-fn temporary_owner(name: &str) -> Option<u32> {
+pub fn temporary_owner(name: &str) -> Option<u32> {
     if !name.starts_with('.') {
         return None;
     }
@@ -279,58 +279,4 @@ fn process_exists(pid: u32) -> bool {
 fn process_exists(_pid: u32) -> bool {
     // Without a cheap liveness check, leave every temporary alone.
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{temporary_owner, SetAside};
-
-    #[test]
-    fn temporaries_name_their_process() {
-        assert_eq!(temporary_owner(".clip.mp4.partial-1234-a8Xk2p"), Some(1234));
-        assert_eq!(temporary_owner(".frames.old-77-zz"), Some(77));
-        assert_eq!(temporary_owner(".a.partial-x.mp4.partial-9-q"), Some(9));
-        assert_eq!(temporary_owner("clip.mp4.partial-1234-a8Xk2p"), None);
-        assert_eq!(temporary_owner(".clip.mp4"), None);
-        assert_eq!(temporary_owner(".clip.partial-12-"), None);
-    }
-
-    #[test]
-    fn set_aside_files_come_back_or_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.mp4.json");
-        assert!(SetAside::file(&path).unwrap().is_none(), "nothing to move");
-        let listing = || {
-            let mut n: Vec<String> =
-                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-            n.sort();
-            n
-        };
-
-        std::fs::write(&path, "old").unwrap();
-        let aside = SetAside::file(&path).unwrap().unwrap();
-        assert!(!path.exists());
-        let names = listing();
-        assert_eq!(names.len(), 1);
-        assert_eq!(temporary_owner(&names[0]), Some(std::process::id()), "{names:?}");
-        aside.restore();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
-        assert_eq!(listing(), ["v.mp4.json"]);
-
-        // A file that took the place meanwhile stays; the old one goes.
-        let aside = SetAside::file(&path).unwrap().unwrap();
-        std::fs::write(&path, "newcomer").unwrap();
-        aside.restore();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newcomer");
-        assert_eq!(listing(), ["v.mp4.json"]);
-
-        let aside = SetAside::file(&path).unwrap().unwrap();
-        aside.discard();
-        assert!(listing().is_empty());
-
-        // Only regular files are moved.
-        std::fs::create_dir(&path).unwrap();
-        assert!(SetAside::file(&path).is_err());
-        assert!(path.is_dir());
-    }
 }

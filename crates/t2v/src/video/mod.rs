@@ -9,7 +9,7 @@
 //! (`.NAME.partial-PID-N`) that is renamed onto the final path only once complete, and removed
 //! on any error, so a failed or interrupted write never leaves a partial file behind.
 
-mod atomic;
+pub(crate) mod atomic;
 mod gif;
 pub mod input;
 mod mp4;

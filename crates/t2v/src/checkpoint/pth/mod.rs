@@ -10,7 +10,7 @@
 //! what its pickle declares.
 
 mod archive;
-mod pickle;
+pub(crate) mod pickle;
 mod state_dict;
 
 use std::collections::{BTreeMap, HashMap};

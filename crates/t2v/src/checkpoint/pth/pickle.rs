@@ -69,7 +69,7 @@ const NODE_COST: u64 = 64;
 
 /// Why a pickle is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Problem {
+pub enum Problem {
     Unsafe(String),
     Corrupt(String),
 }
@@ -567,7 +567,7 @@ impl<'a> Walker<'a> {
 
 /// Walk a whole pickle. A forbidden global anywhere before the walk has to stop wins over every
 /// other problem.
-pub(super) fn validate_pickle(data: &[u8]) -> std::result::Result<(), Problem> {
+pub fn validate_pickle(data: &[u8]) -> std::result::Result<(), Problem> {
     // torch.save's own pickles spend about 50 (approximate) bytes per pickle byte: a wide margin
     // for them, a hard stop for memo doubling (which reaches any bound within a few dozen opcodes).
     let budget = (64u64 << 20).saturating_add((data.len() as u64).saturating_mul(1024));
@@ -596,56 +596,4 @@ pub(super) fn validate_pickle(data: &[u8]) -> std::result::Result<(), Problem> {
         return Err(Problem::Corrupt(u));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn globals_of(pickle: &[u8]) -> std::result::Result<(), Problem> {
-        validate_pickle(pickle)
-    }
-
-    #[test]
-    fn stack_global_through_memo_is_named() {
-        // proto 4: SHORT_BINUNICODE 'os', MEMOIZE, SHORT_BINUNICODE 'system', MEMOIZE, BINGET 0, BINGET 1, STACK_GLOBAL
-        let p = b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94h\x00h\x01\x93\x8c\x02ls\x85R.";
-        assert_eq!(globals_of(p), Err(Problem::Unsafe("os.system".into())));
-    }
-
-    #[test]
-    fn inst_and_ext_are_refused() {
-        assert_eq!(globals_of(b"(S'ls'\nios\nsystem\n."), Err(Problem::Unsafe("os.system".into())));
-        assert_eq!(globals_of(b"\x80\x02\x82\x07."), Err(Problem::Unsafe("copyreg extension code 7".into())));
-    }
-
-    #[test]
-    fn allowed_globals_in_unsupported_opcodes_are_corrupt() {
-        let p = b"\x80\x04\x8c\x0bcollections\x8c\x0bOrderedDict\x93)R.";
-        assert!(matches!(globals_of(p), Err(Problem::Corrupt(r)) if r.contains("SHORT_BINUNICODE")));
-    }
-
-    #[test]
-    fn memory_bomb_and_deep_nesting_are_corrupt() {
-        // K 0, BINPUT 0, then repeatedly: BINGET 0 BINGET 0 TUPLE2 BINPUT 0 (doubles each time)
-        let mut p = b"\x80\x02K\x00q\x00".to_vec();
-        for _ in 0..64 {
-            p.extend_from_slice(b"h\x00h\x00\x86q\x00");
-        }
-        p.push(b'.');
-        assert!(matches!(globals_of(&p), Err(Problem::Corrupt(r)) if r.contains("expand")));
-        let mut p = b"\x80\x02K\x00".to_vec();
-        p.extend(std::iter::repeat_n(0x85u8, 100_000));
-        p.push(b'.');
-        assert!(matches!(globals_of(&p), Err(Problem::Corrupt(r)) if r.contains("nest")));
-    }
-
-    #[test]
-    fn truncated_and_garbage_are_corrupt() {
-        assert!(matches!(globals_of(b"\x80\x02X\xff\x00\x00\x00ab"), Err(Problem::Corrupt(_))));
-        assert!(matches!(globals_of(b"\x80\x02}q\x00"), Err(Problem::Corrupt(r)) if r.contains("STOP")));
-        assert!(matches!(globals_of(b"\xff\xfe"), Err(Problem::Corrupt(r)) if r.contains("unknown opcode")));
-        assert!(matches!(globals_of(b"\x80\x02h\x05."), Err(Problem::Corrupt(r)) if r.contains("memo")));
-        assert!(matches!(globals_of(b"\x80\x02R."), Err(Problem::Corrupt(r)) if r.contains("underflow")));
-    }
 }

@@ -113,7 +113,7 @@ fn read_jpeg(path: &Path, name: &str, c: &Collector) -> Result<(Vec<u8>, usize, 
 
 /// Compares names with runs of digits taken as numbers, so `frame_2` sorts before `frame_10`;
 /// equal numbers with different zero padding fall back to the plain order.
-fn natural_cmp(a: &str, b: &str) -> Ordering {
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut x, mut y) = (a.as_bytes(), b.as_bytes());
     loop {
         match (x.first(), y.first()) {
@@ -140,17 +140,5 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
                 y = &y[1..];
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::natural_cmp;
-
-    #[test]
-    fn names_sort_by_their_numbers() {
-        let mut names = vec!["f10.png", "f2.png", "f1.png", "f002.png", "a.png"];
-        names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(names, vec!["a.png", "f1.png", "f002.png", "f2.png", "f10.png"]);
     }
 }

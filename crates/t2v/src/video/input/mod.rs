@@ -7,8 +7,8 @@
 //! `VideoProcessor.preprocess_video` makes of PIL frames: uint8 → /255 → 2x − 1.
 
 mod gif;
-mod h264;
-mod images;
+pub(crate) mod h264;
+pub(crate) mod images;
 mod npy;
 mod resize;
 
@@ -492,69 +492,5 @@ fn describe_choice(o: &ReadOptions) -> String {
     match o.every {
         1 => format!("from frame {}", o.start_frame),
         n => format!("every {n}th frame from frame {}", o.start_frame),
-    }
-}
-
-#[cfg(test)]
-mod budget_tests {
-    use super::*;
-
-    /// A GIF whose screen is `w`×`h`, with `frames` frames of one pixel.
-    fn gif(w: u16, h: u16, frames: usize) -> Vec<u8> {
-        let mut g = b"GIF89a".to_vec();
-        g.extend_from_slice(&w.to_le_bytes());
-        g.extend_from_slice(&h.to_le_bytes());
-        g.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 255, 255, 255]);
-        for _ in 0..frames {
-            g.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0]);
-            // LZW, minimum code size 2: clear, colour 0, end.
-            g.extend_from_slice(&[2, 2, 0x44, 0x01, 0]);
-        }
-        g.push(0x3B);
-        g
-    }
-
-    fn read(bytes: &[u8], name: &str, options: &ReadOptions) -> Result<InputVideo> {
-        let dir = tempfile::TempDir::new().unwrap();
-        let path = dir.path().join(name);
-        std::fs::write(&path, bytes).unwrap();
-        read_video(&path, options)
-    }
-
-    #[test]
-    fn declared_sizes_are_checked_before_anything_is_allocated() {
-        // 65535x65535 RGBA would be 16 GiB: refused from the header.
-        let e = read(&gif(65535, 65535, 1), "a.gif", &ReadOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("65535x65535 pixels"), "{e}");
-        let small = ReadOptions { max_source_pixels: 64 * 64, ..ReadOptions::default() };
-        let e = read(&gif(65, 64, 1), "a.gif", &small).unwrap_err().to_string();
-        assert!(e.contains("65x64 pixels, more than the 4096 pixels"), "{e}");
-        assert_eq!(read(&gif(64, 64, 2), "a.gif", &small).unwrap().frames, 2);
-        // The frames a file offers.
-        let few = ReadOptions { max_source_frames: 10, num_frames: Some(3), every: 5, ..ReadOptions::default() };
-        let e = read(&gif(4, 4, 20), "a.gif", &few).unwrap_err().to_string();
-        assert!(e.contains("more than the 10 frames"), "{e}");
-        assert_eq!(read(&gif(4, 4, 20), "a.gif", &ReadOptions { every: 4, ..few.clone() }).unwrap().frames, 3);
-    }
-
-    #[test]
-    fn npy_shapes_are_checked_against_the_budget() {
-        let dict = "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 100, 100, 3), }";
-        let mut header = dict.as_bytes().to_vec();
-        while !(10 + header.len() + 1).is_multiple_of(64) {
-            header.push(b' ');
-        }
-        header.push(b'\n');
-        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-        npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        npy.extend_from_slice(&header);
-        npy.extend(std::iter::repeat_n(0u8, 2 * 100 * 100 * 3));
-        let budget = ReadOptions { max_source_pixels: 99 * 100, ..ReadOptions::default() };
-        let e = read(&npy, "a.npy", &budget).unwrap_err().to_string();
-        assert!(e.contains("100x100 pixels, more than the 9900"), "{e}");
-        let frames = ReadOptions { max_source_frames: 1, ..ReadOptions::default() };
-        let e = read(&npy, "a.npy", &frames).unwrap_err().to_string();
-        assert!(e.contains("declares 2 frames, more than the 1"), "{e}");
-        assert_eq!(read(&npy, "a.npy", &ReadOptions::default()).unwrap().frames, 2);
     }
 }
