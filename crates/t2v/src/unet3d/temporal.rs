@@ -118,7 +118,9 @@ impl TransformerTemporalModel {
         // One row of pixels of every frame: its widest intermediate is the feed-forward's chunk,
         // the others are (b·W·F, inner) like the projections.
         let inner = self.proj_in.out_dim().max(c);
-        let row_bytes = b * w * frames * inner * xs.dtype().size_in_bytes();
+        // FreeNoise's windows also hold attn1's q, k and v of every frame beside the input.
+        let held = if windows.is_some() { 4 } else { 1 };
+        let row_bytes = held * b * w * frames * inner * xs.dtype().size_in_bytes();
         let chunks = even_chunks(h, chunk_rows(chunk_bytes, row_bytes));
         let xs_video = xs.reshape((b, frames, c, h, w))?;
         let out = map_chunks(3, &chunks, |row, rows| {
