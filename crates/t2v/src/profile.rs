@@ -40,14 +40,8 @@ pub fn flops() -> u64 {
     FLOPS.load(Ordering::Relaxed)
 }
 
-/// Each kind of layer timed since profiling was turned on, slowest first.
-pub fn report() -> Vec<LayerProfile> {
-    let mut p = LAYERS.lock().map(|p| p.clone()).unwrap_or_default();
-    p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    p
-}
-
-/// [`report`], then starts the sums again: the profile of what ran since the last call.
+/// Each kind of layer timed since profiling was turned on or since the last call, slowest
+/// first; the sums then start again.
 pub fn take() -> Vec<LayerProfile> {
     let mut p = LAYERS.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
     p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
