@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 venv="$(realpath -m "${T2V_PY_VENV:-target/py-venv}")"
-python3 -m venv "$venv"
+bash .ci/venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check pytest numpy safetensors pillow
 
 start=$SECONDS
