@@ -82,7 +82,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "vae_encode_s       {:.3}   (the same frames back to latents, as video-to-video starts)",
             r.vae_encode_s
         );
-        println!("unet_unguided_s    {:.3}   (one step without guidance, batch 1)", r.unet_unguided_step_s);
+        println!(
+            "unet_unguided_s    {:.3}   (a step without guidance, batch 1; mean of {})",
+            r.unet_unguided_step_s,
+            r.unet_steps_s.len()
+        );
         println!("run_25_steps_s     {:.1}", r.run_25_steps_s);
         println!(
             "run_4_unguided_s   {:.1}   (4 steps without guidance: LCM/MCM, T2V-Turbo; {:.3} of the 25-step run)",

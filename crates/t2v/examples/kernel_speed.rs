@@ -1,12 +1,14 @@
 //! GFLOP/s of the packed matrix product and of the convolutions on each instruction-set path this
 //! CPU can run, on the UNet's shapes (the best of several repetitions, so that a busy machine still
 //! gives a fair comparison between paths; convolutions count the direct form's multiplications):
-//! `cargo run --release --example kernel_speed`.
+//! `cargo run --release --example kernel_speed [all|vae] [all|avx2|avx512|...] [LABEL-PART]`:
+//! `vae` leaves out the UNet's matrix products and convolutions, a path name runs that path
+//! only, and a third argument only the shapes whose label contains it.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use t2v::kernels::conv::{conv2d, temporal_conv3};
+use t2v::kernels::conv::{conv2d, temporal_conv3, temporal_conv3_with, TemporalAlgo};
 use t2v::kernels::packed_matmul::{self, Init, PackedB};
 use t2v::kernels::{set_isa, Isa, Src};
 
@@ -30,10 +32,11 @@ fn report(label: &str, flop: f64, paths: &[Isa], best: &[f64]) {
     println!("{label:32}  {}", line.join("   "));
 }
 
-fn convolutions(paths: &[Isa]) -> candle_core::Result<()> {
+fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (channels, latent side): 4 frames at 256×256 under guidance (batch 2) at the UNet's levels
-    for (c, side) in [(320usize, 32usize), (640, 16), (1280, 8), (1280, 4)] {
+    let unet_levels: &[(usize, usize)] = if vae_only { &[] } else { &[(320, 32), (640, 16), (1280, 8), (1280, 4)] };
+    for &(c, side) in unet_levels {
         let (b, f) = (2, 4);
         let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
         let wt = Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?;
@@ -58,18 +61,86 @@ fn convolutions(paths: &[Isa]) -> candle_core::Result<()> {
         });
         report(&format!("3×3 {c}ch {}×{side}²", b * f), 9.0 * flop, paths, &best);
     }
+    // The temporal convolutions of 16 frames, with guidance (batch 2) and without (batch 1).
+    for (c, side) in [(320usize, 32usize), (640, 16), (1280, 8), (1280, 4)] {
+        for b in [2usize, 1] {
+            let f = 16;
+            let label = format!("temporal {c}ch {b}×{f}×{side}² f16");
+            if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
+                continue;
+            }
+            let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
+            let wt = Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?.to_dtype(candle_core::DType::F16)?;
+            let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
+            let flop = 2.0 * (b * f * side * side * c * c * 3) as f64;
+            for algo in [TemporalAlgo::Direct, TemporalAlgo::Winograd] {
+                let best = best_of(paths, || {
+                    temporal_conv3_with(&x, &wt, Some(&bias), algo).expect("temporal convolution");
+                });
+                report(&format!("{label} {algo:?}"), flop, paths, &best);
+            }
+        }
+    }
+    // The VAE decoder's 1×1 shortcut convolutions, one frame a call.
+    for (cin, cout, side) in [(512usize, 256usize, 128usize), (256, 128, 256)] {
+        let label = format!("VAE 1×1 {cin}→{cout}ch {side}²");
+        if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &dev)?;
+        let w1 = Tensor::randn(0f32, 0.05, (cout, cin, 1, 1), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let bias = Tensor::randn(0f32, 0.1, cout, &dev)?;
+        let flop = 2.0 * (side * side * cin * cout) as f64;
+        let best = best_of(paths, || {
+            conv2d(&x, &w1, Some(&bias), 1, 0).expect("1×1 convolution");
+        });
+        report(&label, flop, paths, &best);
+    }
+    // The VAE decoder's 3×3 convolutions for 256×256 frames, one frame a call as it decodes.
+    for (cin, cout, side) in [
+        (512usize, 512usize, 32usize),
+        (512, 512, 64),
+        (512, 512, 128),
+        (512, 256, 128),
+        (256, 256, 128),
+        (256, 256, 256),
+        (256, 128, 256),
+        (128, 128, 256),
+    ] {
+        let label = format!("VAE 3×3 {cin}→{cout}ch {side}²");
+        if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &dev)?;
+        // float16, as the published weights are kept in memory
+        let w3 = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let bias = Tensor::randn(0f32, 0.1, cout, &dev)?;
+        let flop = 2.0 * 9.0 * (side * side * cin * cout) as f64;
+        let best = best_of(paths, || {
+            conv2d(&x, &w3, Some(&bias), 1, 1).expect("3×3 convolution");
+        });
+        report(&label, flop, paths, &best);
+    }
     Ok(())
 }
 
 fn main() {
+    // as the command line does: freed activation buffers reused, not returned to the kernel
+    t2v::kernels::tune_allocator();
+    // `kernel_speed vae`: only the VAE decoder's convolutions.
+    let vae_only = std::env::args().nth(1).as_deref() == Some("vae");
     // (rows, in, out): 4 frames at 256×256 under guidance, the UNet's three widths
     let shapes = [(8192, 320, 320), (8192, 320, 2560), (2048, 640, 640), (2048, 2560, 640), (512, 1280, 5120)];
-    let paths: Vec<Isa> = Isa::available().into_iter().filter(|&i| i != Isa::Generic).collect();
+    // `kernel_speed vae avx512`: one path only.
+    let only =
+        std::env::args().nth(2).filter(|s| s != "all").map(|s| Isa::parse_available(&s).expect("a path this CPU runs"));
+    let paths: Vec<Isa> =
+        Isa::available().into_iter().filter(|&i| i != Isa::Generic && only.is_none_or(|o| o == i)).collect();
     if paths.is_empty() {
         println!("no vectorised path on this CPU");
         return;
     }
-    for (m, k, n) in shapes {
+    for (m, k, n) in shapes.into_iter().filter(|_| !vae_only) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let bias = vec![0.1f32; n];
@@ -92,7 +163,7 @@ fn main() {
             paths.iter().zip(&best).map(|(i, s)| format!("{i} {:6.1} GFLOP/s", flop / s / 1e9)).collect();
         println!("{m:5}×{k:4}·{k:4}×{n:4}  {}", line.join("   "));
     }
-    if let Err(e) = convolutions(&paths) {
+    if let Err(e) = convolutions(&paths, vae_only) {
         eprintln!("convolutions: {e}");
     }
 }

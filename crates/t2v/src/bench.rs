@@ -76,7 +76,8 @@ pub struct BenchReport {
     pub vae_encode_s: f64,
     /// Text encoding + 25 guided steps + decoding: the model card's recipe.
     pub run_25_steps_s: f64,
-    /// One UNet step without guidance (batch 1): the few-step samplers' step.
+    /// A UNet step without guidance (batch 1; the mean of as many as the guided steps): the
+    /// few-step samplers' step.
     pub unet_unguided_step_s: f64,
     /// Text encoding + 4 unguided steps + decoding: LCM/MCM or T2V-Turbo's 4-step recipe.
     pub run_4_steps_unguided_s: f64,
@@ -244,14 +245,20 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     end_stage(&format!("guided UNet steps ({})", opts.steps));
     // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM with
     // guidance 1, T2V-Turbo) run.
-    progress("unguided UNet step");
+    // Timed as many times as the guided step (the mean), so that the two compare alike on a
+    // machine whose speed drifts.
     let prompt_only = context.narrow(0, 1, 1)?;
-    let started = Instant::now();
-    let out = unet.forward(&latents, 981.0, &prompt_only)?;
-    finish()?;
-    drop(out);
-    let unet_unguided_step_s = started.elapsed().as_secs_f64();
-    end_stage("unguided UNet step");
+    let mut unguided_s = Vec::with_capacity(opts.steps);
+    for i in 0..opts.steps {
+        progress(&format!("unguided UNet step {}/{}", i + 1, opts.steps));
+        let started = Instant::now();
+        let out = unet.forward_long(&latents, (981 - 20 * i) as f64, &prompt_only, &long)?;
+        finish()?;
+        drop(out);
+        unguided_s.push(started.elapsed().as_secs_f64());
+    }
+    let unet_unguided_step_s = unguided_s.iter().sum::<f64>() / unguided_s.len() as f64;
+    end_stage(&format!("unguided UNet steps ({})", opts.steps));
 
     progress("VAE decode");
     let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;

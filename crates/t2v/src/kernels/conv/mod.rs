@@ -16,8 +16,9 @@
 //!   candle's matmul).
 //! * The temporal `Conv3d(k=(3,1,1), pad=(1,0,0))` of the UNet's temporal layers
 //!   ([`temporal_conv3`], `gemm_based.rs`): 1-D Winograd F(4, 3) along frames (six GEMMs with half the
-//!   multiplications; error ~1e-6) when B·F·H·W ≥ 2048, else three accumulated GEMMs over
-//!   frame-shifted views of the input (no padded or im2col copy).
+//!   multiplications; error ~1e-6) for F ≥ 3 (with ≥ 512 columns B·F·H·W on the 256-bit
+//!   path), else three accumulated GEMMs over frame-shifted views of the input (no padded or
+//!   im2col copy).
 //!
 //! Memory: the 3×3 kernel keeps a transformed-input buffer (≤ 32 MB) between calls, and each
 //! rayon thread a weight/product scratch (≤ 36·48·Cin floats, 8.8 MB at Cin = 1280).
@@ -80,12 +81,26 @@ pub fn temporal_conv3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 /// Which algorithm [`temporal_conv3_with`] uses on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TemporalAlgo {
-    /// Winograd when there are enough columns (B·F·H·W ≥ 2048) and F ≥ 3, else direct.
+    /// Winograd when F ≥ 3 and, on the 256-bit path, there are enough columns (B·F·H·W ≥ 512),
+    /// else direct.
     Auto,
     /// Three accumulated GEMMs over frame-shifted views.
     Direct,
     /// 1-D Winograd F(4, 3) along frames: six GEMMs with half the multiplications of Direct.
     Winograd,
+}
+
+/// The fewest columns (B·F·H·W) for which [`TemporalAlgo::Auto`] takes Winograd. Measured with
+/// `kernel_speed vae <path> temporal` (16 frames, the UNet's four levels, with and without
+/// guidance; Emerald Rapids): on the 512-bit path Winograd was faster at every shape, down to
+/// 256 columns (1280 channels at 4², 1.5×); on the 256-bit path (the `gemm` crate) from 512
+/// columns on, and 0.9× of the direct form at 256.
+fn winograd_min_columns() -> usize {
+    if super::wide(super::KernelKind::TemporalConv) {
+        1
+    } else {
+        512
+    }
 }
 
 /// [`temporal_conv3`] with a chosen CPU algorithm (for tests and benchmarks).
@@ -274,7 +289,7 @@ impl TemporalOp {
         // every frame of every channel starts from the bias or is overwritten by a first GEMM
         let mut out = super::output_buffer(b * cout * f * h * wd);
         let wino = match self.algo {
-            TemporalAlgo::Auto => f >= 3 && b * f * h * wd >= 2048,
+            TemporalAlgo::Auto => f >= 3 && b * f * h * wd >= winograd_min_columns(),
             TemporalAlgo::Direct => false,
             TemporalAlgo::Winograd => true,
         };

@@ -32,9 +32,22 @@ const KC: usize = 128;
 const V_BUDGET: usize = 8 << 20;
 /// Largest output-channel block of one task (in panels).
 const MAX_TASK_PANELS: usize = 8;
-/// Groups of NR tiles sharing one pass over the weights in the GEMM loop (1 measured best:
-/// the NR×KC block of transformed input then stays in L1 across all panels).
-const SG: usize = 1;
+/// Groups of NR tiles sharing one pass over the weights in the GEMM loop, per path. 256-bit
+/// tiles: 1 (measured best: the NR×KC block of transformed input then stays in L1 across all
+/// panels). 512-bit tiles: 2, so that the micro-kernel runs its full 12×32 tile (24
+/// accumulators, two vectors of B per broadcast) instead of 12×16: 1.15–1.6× on the UNet's and
+/// the VAE decoder's shapes (`kernel_speed`, Emerald Rapids); 4 measured no better than 2.
+const SG_NARROW: usize = 1;
+const SG_WIDE: usize = 2;
+
+/// Tile groups per pass over the weights ([`SG_NARROW`], [`SG_WIDE`]).
+fn groups_per_pass(wide: bool) -> usize {
+    if wide {
+        SG_WIDE
+    } else {
+        SG_NARROW
+    }
+}
 
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -82,6 +95,9 @@ pub(super) unsafe fn conv3x3(
     let tx_n = wd.div_ceil(4);
     let g = Geom { cin, cout, h, w: wd, ty_n, tx_n, t_total: n * ty_n * tx_n };
     let nt = threads();
+    // 512-bit tiles where this CPU runs them faster (kernels::tuning)
+    let wide = super::super::wide(super::super::KernelKind::Conv3x3);
+    let sg_max = groups_per_pass(wide);
     let t16 = g.t_total.div_ceil(NR) * NR;
     let tc_max = ((V_BUDGET / (36 * cin)) / NR * NR).max(NR);
     let n_chunks = t16.div_ceil(tc_max);
@@ -131,7 +147,7 @@ pub(super) unsafe fn conv3x3(
                 if ubuf.len() < need_u {
                     ubuf.resize(need_u, 0.0);
                 }
-                let need_m = SG * NR * np * MR * 36;
+                let need_m = sg_max * NR * np * MR * 36;
                 if mbuf.len() < need_m {
                     mbuf.resize(need_m, 0.0);
                 }
@@ -148,6 +164,7 @@ pub(super) unsafe fn conv3x3(
                     t0,
                     bias,
                     optr.get(),
+                    wide,
                 );
             });
         });
@@ -475,7 +492,7 @@ unsafe fn gemm_plane_avx512(
 }
 
 /// One task: output channels [co0, co0 + np·MR) × all tiles of the chunk.
-/// `m` scratch layout: `[s in SG][co_local][ξ][NR]`.
+/// `m` scratch layout: `[s in sg_max][co_local][ξ][NR]`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn task_gemm(
@@ -490,14 +507,14 @@ unsafe fn task_gemm(
     t0: usize,
     bias: Option<&[f32]>,
     out: *mut f32,
+    wide: bool,
 ) {
     let cin = g.cin;
     let mc = np * MR;
-    // 512-bit tiles where this CPU runs them faster (kernels::tuning)
-    let wide = super::super::wide(super::super::KernelKind::Conv3x3);
+    let sg_max = groups_per_pass(wide);
     let mut s0 = 0;
     while s0 < n_tsub {
-        let sg = SG.min(n_tsub - s0);
+        let sg = sg_max.min(n_tsub - s0);
         for xi in 0..36 {
             let mut kb = 0;
             while kb < cin {
