@@ -2,7 +2,7 @@
 //! CPU can run, on the UNet's shapes (the best of several repetitions, so that a busy machine still
 //! gives a fair comparison between paths; convolutions count the direct form's multiplications):
 //! `cargo run --release --example kernel_speed [all|vae] [all|avx2|avx512|...] [LABEL-PART]`:
-//! `vae` leaves out the UNet's matrix products and convolutions, a path name runs that path
+//! `vae` runs only the VAE decoder's and the 16-frame temporal convolutions, a path name that path
 //! only, and a third argument only the shapes whose label contains it.
 
 use std::time::Instant;
