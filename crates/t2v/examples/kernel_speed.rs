@@ -32,6 +32,12 @@ fn report(label: &str, flop: f64, paths: &[Isa], best: &[f64]) {
     println!("{label:32}  {}", line.join("   "));
 }
 
+/// Whether the shape labelled `label` is to be timed (the third argument, when given, is part of
+/// the labels to time).
+fn wanted(label: &str) -> bool {
+    std::env::args().nth(3).is_none_or(|only| label.contains(&only))
+}
+
 fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (channels, latent side): 4 frames at 256×256 under guidance (batch 2) at the UNet's levels
@@ -66,7 +72,7 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         for b in [2usize, 1] {
             let f = 16;
             let label = format!("temporal {c}ch {b}×{f}×{side}² f16");
-            if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
+            if !wanted(&label) {
                 continue;
             }
             let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
@@ -81,43 +87,32 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             }
         }
     }
-    // The VAE decoder's 1×1 shortcut convolutions, one frame a call.
-    for (cin, cout, side) in [(512usize, 256usize, 128usize), (256, 128, 256)] {
-        let label = format!("VAE 1×1 {cin}→{cout}ch {side}²");
-        if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
-            continue;
-        }
-        let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &dev)?;
-        let w1 = Tensor::randn(0f32, 0.05, (cout, cin, 1, 1), &dev)?.to_dtype(candle_core::DType::F16)?;
-        let bias = Tensor::randn(0f32, 0.1, cout, &dev)?;
-        let flop = 2.0 * (side * side * cin * cout) as f64;
-        let best = best_of(paths, || {
-            conv2d(&x, &w1, Some(&bias), 1, 0).expect("1×1 convolution");
-        });
-        report(&label, flop, paths, &best);
-    }
-    // The VAE decoder's 3×3 convolutions for 256×256 frames, one frame a call as it decodes.
-    for (cin, cout, side) in [
-        (512usize, 512usize, 32usize),
-        (512, 512, 64),
-        (512, 512, 128),
-        (512, 256, 128),
-        (256, 256, 128),
-        (256, 256, 256),
-        (256, 128, 256),
-        (128, 128, 256),
-    ] {
-        let label = format!("VAE 3×3 {cin}→{cout}ch {side}²");
-        if std::env::args().nth(3).is_some_and(|only| !label.contains(&only)) {
+    // The VAE decoder's convolutions for 256×256 frames, one frame a call as it decodes: its
+    // 1×1 shortcuts and its 3×3 convolutions.
+    let vae_shapes = [
+        (1usize, 512usize, 256usize, 128usize),
+        (1, 256, 128, 256),
+        (3, 512, 512, 32),
+        (3, 512, 512, 64),
+        (3, 512, 512, 128),
+        (3, 512, 256, 128),
+        (3, 256, 256, 128),
+        (3, 256, 256, 256),
+        (3, 256, 128, 256),
+        (3, 128, 128, 256),
+    ];
+    for (k, cin, cout, side) in vae_shapes {
+        let label = format!("VAE {k}×{k} {cin}→{cout}ch {side}²");
+        if !wanted(&label) {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &dev)?;
         // float16, as the published weights are kept in memory
-        let w3 = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev)?.to_dtype(candle_core::DType::F16)?;
         let bias = Tensor::randn(0f32, 0.1, cout, &dev)?;
-        let flop = 2.0 * 9.0 * (side * side * cin * cout) as f64;
+        let flop = 2.0 * (k * k * side * side * cin * cout) as f64;
         let best = best_of(paths, || {
-            conv2d(&x, &w3, Some(&bias), 1, 1).expect("3×3 convolution");
+            conv2d(&x, &w, Some(&bias), 1, k / 2).expect("convolution");
         });
         report(&label, flop, paths, &best);
     }

@@ -1,8 +1,9 @@
 //! Winograd F(4×4, 3×3) for 3×3 convolutions of stride 1 and padding 1 (x86-64 with AVX2, FMA
 //! and F16C): per chunk of 4×4 output tiles, the input tiles are transformed (V = Bᵀ d B, in
 //! parallel over channels), then per block of output channels the weights are transformed
-//! (U = G g Gᵀ), the 36 planes multiplied by the packed matrix product's 6×16 micro-kernel with
-//! channel sums in blocks of [`KC`], and the products transformed back (Aᵀ M A) into the output.
+//! (U = G g Gᵀ), the 36 planes multiplied by the packed matrix product's micro-kernels (6×16 at
+//! 256 bits; 12×32 at 512, two groups of 16 tiles a pass) with channel sums in blocks of [`KC`],
+//! and the products transformed back (Aᵀ M A) into the output.
 //! Interpolation points {0, 1, −1, ½, −2, ∞}. Weights may be float16 or bfloat16 (widened exactly
 //! as they are transformed); the products stay float32 even for bfloat16 weights on the
 //! AVX-512 + BF16 path: rounding the transformed planes to bfloat16 was measured at ~1e-2 of the
