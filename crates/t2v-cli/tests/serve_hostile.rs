@@ -301,16 +301,7 @@ fn gif_declaring(w: u16, h: u16, frames: usize, frame_size: (u16, u16)) -> Vec<u
 
 /// A `.npy` header announcing (frames, h, w, 3) uint8, without the data.
 fn npy_declaring(frames: usize, h: usize, w: usize) -> Vec<u8> {
-    let dict = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({frames}, {h}, {w}, 3), }}");
-    let mut header = dict.into_bytes();
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(b' ');
-    }
-    header.push(b'\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(&header);
-    out
+    t2v::video::npy_header_of("|u1", &[frames, h, w, 3])
 }
 
 /// The fixture MP4 with its `stsz` box declaring four billion frames of one size.

@@ -229,35 +229,30 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     );
     let plan = if opts.frames > AUTO_FREE_NOISE_FRAMES { Some(windows.plan(opts.frames)?) } else { None };
     let long = unet3d::LongVideoForward { text_per_frame: false, windows: plan.as_ref() };
-    let mut unet_steps_s = Vec::with_capacity(opts.steps);
-    let mut step_flops = 0;
-    for i in 0..opts.steps {
-        progress(&format!("guided UNet step {}/{}", i + 1, opts.steps));
-        let before = crate::profile::flops();
-        let started = Instant::now();
-        let out = unet.forward_long(&latents, (981 - 20 * i) as f64, &context, &long)?;
-        finish()?;
-        drop(out);
-        unet_steps_s.push(started.elapsed().as_secs_f64());
-        step_flops = crate::profile::flops() - before;
-    }
-    let unet_step_s = unet_steps_s.iter().sum::<f64>() / unet_steps_s.len() as f64;
+    // `opts.steps` steps under `context`: each step's seconds and the last one's operations.
+    let mut time_steps = |what: &str, context: &Tensor| -> Result<(Vec<f64>, u64)> {
+        let (mut seconds, mut flops) = (Vec::with_capacity(opts.steps), 0);
+        for i in 0..opts.steps {
+            progress(&format!("{what} UNet step {}/{}", i + 1, opts.steps));
+            let before = crate::profile::flops();
+            let started = Instant::now();
+            let out = unet.forward_long(&latents, (981 - 20 * i) as f64, context, &long)?;
+            finish()?;
+            drop(out);
+            seconds.push(started.elapsed().as_secs_f64());
+            flops = crate::profile::flops() - before;
+        }
+        Ok((seconds, flops))
+    };
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (unet_steps_s, step_flops) = time_steps("guided", &context)?;
+    let unet_step_s = mean(&unet_steps_s);
     end_stage(&format!("guided UNet steps ({})", opts.steps));
     // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM with
-    // guidance 1, T2V-Turbo) run.
-    // Timed as many times as the guided step (the mean), so that the two compare alike on a
-    // machine whose speed drifts.
-    let prompt_only = context.narrow(0, 1, 1)?;
-    let mut unguided_s = Vec::with_capacity(opts.steps);
-    for i in 0..opts.steps {
-        progress(&format!("unguided UNet step {}/{}", i + 1, opts.steps));
-        let started = Instant::now();
-        let out = unet.forward_long(&latents, (981 - 20 * i) as f64, &prompt_only, &long)?;
-        finish()?;
-        drop(out);
-        unguided_s.push(started.elapsed().as_secs_f64());
-    }
-    let unet_unguided_step_s = unguided_s.iter().sum::<f64>() / unguided_s.len() as f64;
+    // guidance 1, T2V-Turbo) run. Timed as many times as the guided step (the mean), so that the
+    // two compare alike on a machine whose speed drifts.
+    let (unguided_s, _) = time_steps("unguided", &context.narrow(0, 1, 1)?)?;
+    let unet_unguided_step_s = mean(&unguided_s);
     end_stage(&format!("unguided UNet steps ({})", opts.steps));
 
     progress("VAE decode");

@@ -213,15 +213,7 @@ mod video_input {
 
     #[test]
     fn npy_shapes_are_checked_against_the_budget() {
-        let dict = "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 100, 100, 3), }";
-        let mut header = dict.as_bytes().to_vec();
-        while !(10 + header.len() + 1).is_multiple_of(64) {
-            header.push(b' ');
-        }
-        header.push(b'\n');
-        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-        npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        npy.extend_from_slice(&header);
+        let mut npy = t2v::video::npy_header_of("|u1", &[2, 100, 100, 3]);
         npy.extend(std::iter::repeat_n(0u8, 2 * 100 * 100 * 3));
         let budget = ReadOptions { max_source_pixels: 99 * 100, ..ReadOptions::default() };
         let e = read(&npy, "a.npy", &budget).unwrap_err().to_string();

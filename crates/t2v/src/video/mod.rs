@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 pub use atomic::{check_replaceable_dir, remove_stale_partials, SetAside, Staged, PARTIAL_TAG};
 pub use gif::gif_delay_cs;
 pub use mp4::{mp4_dimensions, mp4_metadata_from, mp4_top_level_boxes, read_mp4_metadata, Mp4Encoder, Mp4Problem};
-pub use npy::npy_header;
+pub use npy::{npy_header, npy_header_of};
 
 /// Frames per second used when none is given.
 pub const DEFAULT_FPS: u32 = 8;

@@ -7,9 +7,14 @@ use super::Frames;
 /// The complete `.npy` header (magic, version, length, dict, padding) for a float32 C-order
 /// array of `shape`. Its length is a multiple of 64, as numpy writes it.
 pub fn npy_header(shape: &[usize]) -> Vec<u8> {
+    npy_header_of("<f4", shape)
+}
+
+/// [`npy_header`] for elements of numpy type `descr` (`<f4`, `|u1`, …).
+pub fn npy_header_of(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_str}, }}");
     // magic(6) + version(2) + header_len(2) + dict + '\n', padded with spaces to a multiple of 64.
     let unpadded = 10 + dict.len() + 1;
     let total = unpadded.div_ceil(64) * 64;
