@@ -3,7 +3,8 @@
 //! gives a fair comparison between paths; convolutions count the direct form's multiplications):
 //! `cargo run --release --example kernel_speed [all|vae] [all|avx2|avx512|...] [LABEL-PART]`:
 //! `vae` runs only the VAE decoder's and the 16-frame temporal convolutions, a path name that path
-//! only, and a third argument only the shapes whose label contains it.
+//! only, and a third argument only the shapes whose label contains it. Last, the temporal
+//! attention's shapes.
 
 use std::time::Instant;
 
@@ -161,4 +162,29 @@ fn main() {
     if let Err(e) = convolutions(&paths, vae_only) {
         eprintln!("convolutions: {e}");
     }
+    if let Err(e) = temporal_attention(&paths) {
+        eprintln!("temporal attention: {e}");
+    }
+}
+
+/// The temporal transformers' attention over 16 frames under guidance (64 heads of width/64
+/// channels, one sequence per pixel), at the UNet's four levels for 256×256 frames.
+fn temporal_attention(paths: &[Isa]) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for (width, side) in [(320usize, 32usize), (640, 16), (1280, 8), (1280, 4)] {
+        let label = format!("temporal attention {width}ch {side}²");
+        if !wanted(&label) {
+            continue;
+        }
+        let batch = 2 * side * side;
+        let q = Tensor::randn(0f32, 1.0, (batch, 16, width), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (batch, 16, width), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (batch, 16, width), &dev)?;
+        let scale = 1.0 / ((width / 64) as f64).sqrt();
+        let best = best_of(paths, || {
+            t2v::nn::multi_head_attention(&q, &k, &v, 64, scale, 1).expect("attention");
+        });
+        report(&label, 4.0 * (batch * 16 * 16 * width) as f64, paths, &best);
+    }
+    Ok(())
 }

@@ -232,6 +232,23 @@ pub fn multi_head_attention(
     timed(kind, || kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat))
 }
 
+/// [`multi_head_attention`] of self-attention within tokens [start, start + length) of every
+/// row ([`kernels::attention::multi_head_attention_window`]): FreeNoise's windows of frames.
+pub fn multi_head_attention_window(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    start: usize,
+    length: usize,
+) -> candle_core::Result<Tensor> {
+    let (batch, _, width) = q.dims3()?;
+    let kind = if length <= kernels::attention::SHORT { "attention (short)" } else { "attention (long)" };
+    count_flops(kind, 4 * batch * length * length * width);
+    timed(kind, || kernels::attention::multi_head_attention_window(q, k, v, heads, scale, start, length))
+}
+
 /// Bytes of one activation that a frame-chunked section of a network computes at a time by
 /// default: the per-frame layers of a long video run on chunks of frames, so that their
 /// intermediates (a GroupNorm, a convolution, the attention's q, k and v...) stay this size
@@ -312,6 +329,18 @@ pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `a + b` for tensors of one shape: the residual connections.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     timed("residual add", || kernels::add::add(a, b))
+}
+
+/// FreeNoise's weighted sum of one window's output into the per-frame sums, in place
+/// ([`kernels::add::accumulate_window`]).
+pub fn accumulate_window(
+    sums: &Tensor,
+    part: &Tensor,
+    start: usize,
+    skip: usize,
+    weights: &[f32],
+) -> candle_core::Result<()> {
+    timed("residual add", || kernels::add::accumulate_window(sums, part, start, skip, weights))
 }
 
 /// GEGLU, `h[..., :n] * gelu(h[..., n:])` with the exact (erf) GELU, as diffusers' `GEGLU`.

@@ -135,6 +135,9 @@ fn conv3x3_odd_sizes() {
         (1, 7, 11, 4, 4),
         (1, 9, 6, 37, 70),
         (2, 8, 19, 6, 40),
+        // rows of 16 tiles and more (the 512-bit transforms), ending past the image's edge
+        (1, 5, 7, 9, 62),
+        (2, 3, 4, 13, 130),
     ];
     for (i, &(n, cin, cout, h, w)) in cases.iter().enumerate() {
         check(i as u64 + 1, n, cin, cout, h, w, 3, 1, 1);
@@ -182,6 +185,8 @@ fn conv1x1_and_fallbacks() {
     check(7, 2, 40, 24, 9, 7, 1, 1, 0);
     check(8, 1, 3, 5, 1, 1, 1, 1, 0);
     check(9, 5, 17, 33, 4, 4, 1, 1, 0);
+    // images split into several blocks of columns, the last one partial
+    check(13, 2, 300, 20, 40, 40, 1, 1, 0);
     // not covered by the fast kernels: candle's conv2d
     check(10, 2, 6, 5, 9, 8, 3, 2, 1);
     check(11, 1, 4, 6, 7, 7, 3, 1, 0);

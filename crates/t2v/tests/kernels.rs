@@ -242,10 +242,20 @@ fn multi_head_attention_in_place_matches_split_heads() {
     use t2v::nn::repeat_interleave;
     let dev = Device::Cpu;
     // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
-    // frames, and the short temporal kind.
-    for (batch, tokens, keys, heads, d, repeat) in
-        [(2, 150, 150, 3, 20, 1), (4, 70, 77, 2, 16, 2), (6, 16, 16, 5, 8, 1), (1, 9, 130, 1, 64, 1)]
-    {
+    // frames, and the short temporal kind: the UNet's narrow heads (64 of 5), token counts that
+    // leave a partial group of eight queries, widths that are no multiple of 8, short
+    // cross-attention with more keys than queries, and the longest short sequence.
+    for (batch, tokens, keys, heads, d, repeat) in [
+        (2, 150, 150, 3, 20, 1),
+        (4, 70, 77, 2, 16, 2),
+        (6, 16, 16, 5, 8, 1),
+        (1, 9, 130, 1, 64, 1),
+        (3, 16, 16, 64, 5, 1),
+        (2, 13, 13, 3, 7, 1),
+        (4, 5, 5, 2, 10, 2),
+        (2, 8, 20, 2, 8, 1),
+        (2, 64, 64, 2, 12, 1),
+    ] {
         let q = Tensor::randn(0f32, 1f32, (batch, tokens, heads * d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
@@ -276,6 +286,59 @@ fn multi_head_attention_in_place_matches_split_heads() {
         let err = max_rel(&got, &expected);
         assert!(err < 1e-5, "{batch} {tokens} {keys} {heads} {d} {repeat}: {err:.2e}");
     }
+}
+
+#[test]
+fn attention_over_windows_equals_attention_over_copies() {
+    // FreeNoise's windows: attending within [start, start + length) of the whole sequences in
+    // place must give what narrowing q, k and v first gives, bit for bit (the same kernel on
+    // the same numbers), short and long windows alike.
+    let dev = Device::Cpu;
+    for (batch, frames, heads, d, start, length) in [(6, 40, 64, 5, 8, 16), (3, 25, 3, 7, 9, 16), (2, 90, 2, 8, 10, 70)]
+    {
+        let shape = (batch, frames, heads * d);
+        let q = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
+        let k = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
+        let v = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = t2v::nn::multi_head_attention_window(&q, &k, &v, heads, scale, start, length).unwrap();
+        let part = |t: &Tensor| t.narrow(1, start, length).unwrap().contiguous().unwrap();
+        let expected = t2v::nn::multi_head_attention(&part(&q), &part(&k), &part(&v), heads, scale, 1).unwrap();
+        assert_eq!(max_rel(&got, &expected), 0.0, "{batch} {frames} {heads} {d} {start} {length}");
+    }
+    let q = Tensor::zeros((2, 10, 8), DType::F32, &dev).unwrap();
+    let err = t2v::nn::multi_head_attention_window(&q, &q, &q, 2, 1.0, 4, 7).unwrap_err();
+    assert!(err.to_string().contains("window [4, 11)"), "{err}");
+}
+
+#[test]
+fn window_accumulation_in_place_matches_the_reference_order() {
+    // acc[:, start + j] += part[:, j] · w[j] for j ≥ skip, the product rounded before the sum
+    // (diffusers' `accumulated_values[:, a:b] += chunk * weights`): the CPU kernel against the
+    // same sums in float32 scalar code, over two windows that overlap.
+    let dev = Device::Cpu;
+    let (n, frames, c, length) = (5, 12, 7, 6);
+    let weights: Vec<f32> = (0..length).map(|j| 0.25 + j as f32 * 0.3).collect();
+    let sums = Tensor::zeros((n, frames, c), DType::F32, &dev).unwrap();
+    let parts: Vec<Tensor> = (0..2).map(|_| Tensor::randn(0f32, 1f32, (n, length, c), &dev).unwrap()).collect();
+    let windows = [(0, 0), (5, 2)];
+    let mut expected = vec![0f32; n * frames * c];
+    for (part, &(start, skip)) in parts.iter().zip(&windows) {
+        t2v::kernels::add::accumulate_window(&sums, part, start, skip, &weights).unwrap();
+        let p = part.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for s in 0..n {
+            for j in skip..length {
+                for ch in 0..c {
+                    expected[(s * frames + start + j) * c + ch] += p[(s * length + j) * c + ch] * weights[j];
+                }
+            }
+        }
+    }
+    assert_eq!(sums.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+    // frames 11 (past every window) stay zero; a part that doesn't fit is refused
+    let bad = Tensor::zeros((n, length, c + 1), DType::F32, &dev).unwrap();
+    assert!(t2v::kernels::add::accumulate_window(&sums, &bad, 0, 0, &weights).is_err());
+    assert!(t2v::kernels::add::accumulate_window(&sums, &parts[0], 7, 0, &weights).is_err());
 }
 
 #[test]

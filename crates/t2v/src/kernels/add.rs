@@ -40,3 +40,69 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     a + b
 }
+
+/// `acc[:, start + j] += part[:, j] · weights[j]` for j in [skip, L): FreeNoise's weighted sum of
+/// one window's output into the per-frame sums, as diffusers' `accumulated_values[:, a:b] +=
+/// chunk * weights` (the product rounded, then added: no fused multiply-add).
+struct AccumulateWindow<'a> {
+    start: usize,
+    skip: usize,
+    weights: &'a [f32],
+}
+
+impl candle_core::InplaceOp2 for AccumulateWindow<'_> {
+    fn name(&self) -> &'static str {
+        "accumulate-window"
+    }
+
+    fn cpu_fwd(&self, acc: &mut CpuStorage, la: &Layout, part: &CpuStorage, lp: &Layout) -> Result<()> {
+        let (Some((a0, a1)), Some((p0, p1))) = (la.contiguous_offsets(), lp.contiguous_offsets()) else {
+            candle_core::bail!("accumulate-window needs contiguous tensors");
+        };
+        let (n, frames, c) = la.shape().dims3()?;
+        let length = self.weights.len();
+        let CpuStorage::F32(acc) = acc else { candle_core::bail!("accumulate-window needs float32 sums") };
+        let acc = &mut acc[a0..a1];
+        let part = &part.as_slice::<f32>()?[p0..p1];
+        let (start, skip, weights) = (self.start, self.skip, self.weights);
+        acc.par_chunks_mut(frames * c).zip(part.par_chunks(length * c)).with_min_len(n.div_ceil(64).max(1)).for_each(
+            |(acc, part)| {
+                for (j, &w) in weights.iter().enumerate().skip(skip) {
+                    let dst = &mut acc[(start + j) * c..(start + j + 1) * c];
+                    for (a, &x) in dst.iter_mut().zip(&part[j * c..(j + 1) * c]) {
+                        *a += x * w;
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+/// Adds window `part` (sequences, L, C), weighted per frame by `weights` (L of them), into
+/// `acc` (sequences, frames, C) at frames [start + skip, start + L): in place on contiguous
+/// float32 CPU tensors, else with candle's ops and `slice_set`. Frames before `skip` are left out
+/// (the reference's tail window adds only the frames no earlier window reached).
+pub fn accumulate_window(acc: &Tensor, part: &Tensor, start: usize, skip: usize, weights: &[f32]) -> Result<()> {
+    let (n, frames, c) = acc.dims3()?;
+    let length = weights.len();
+    if part.dims() != [n, length, c] || start + length > frames || skip > length {
+        candle_core::bail!(
+            "window of {length} frames from {start} (skip {skip}): part {:?} doesn't fit sums {:?}",
+            part.dims(),
+            acc.dims()
+        );
+    }
+    if super::on_cpu(acc.device())
+        && acc.dtype() == DType::F32
+        && part.dtype() == DType::F32
+        && acc.is_contiguous()
+        && part.is_contiguous()
+    {
+        return acc.inplace_op2(part, &AccumulateWindow { start, skip, weights });
+    }
+    let l = length - skip;
+    let w = Tensor::from_slice(&weights[skip..], (1, l, 1), acc.device())?.to_dtype(part.dtype())?;
+    let sum = (acc.narrow(1, start + skip, l)? + part.narrow(1, skip, l)?.broadcast_mul(&w)?)?;
+    acc.slice_set(&sum.contiguous()?, 1, start + skip)
+}

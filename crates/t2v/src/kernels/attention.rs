@@ -31,6 +31,9 @@ struct MultiHeadAttention {
     heads: usize,
     scale: f32,
     repeat: usize,
+    /// (start, length): attend within tokens [start, start + length) of every row (the inputs
+    /// hold the whole sequences; the output holds the window).
+    window: Option<(usize, usize)>,
 }
 
 #[inline(always)]
@@ -61,6 +64,11 @@ struct Dims {
     heads: usize,
     d: usize,
     repeat: usize,
+    /// Floats from one batch row of q to the next, and of k and v.
+    q_row: usize,
+    kv_row: usize,
+    /// Float offset of the first token used in each row (a window of a longer sequence).
+    first: usize,
 }
 
 impl Dims {
@@ -70,17 +78,28 @@ impl Dims {
 }
 
 impl MultiHeadAttention {
-    /// Short sequences: per (batch, head), scores row by row, softmax, weighted sum of values.
+    /// Short sequences: per batch row, every head with the queries in vector lanes ([`lanes`]);
+    /// without AVX2, per (batch, head) scores row by row, softmax, weighted sum of values.
     fn short(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims) {
         let (t, hd) = (dm.tokens, dm.width());
-        out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                // SAFETY: AVX2 and FMA checked.
-                return unsafe { short_video_avx2(self.scale, q, k, v, out, dm, b) };
-            }
-            short_video(self.scale, q, k, v, out, dm, b)
-        });
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            let wide = super::avx512();
+            let scratch = || vec![0f32; 2 * t.div_ceil(lanes::L) * lanes::L * hd];
+            out.par_chunks_mut(t * hd).enumerate().for_each_init(scratch, |scratch, (b, out)| {
+                // SAFETY: AVX2 and FMA (and AVX-512 F/VL for `wide`) checked; `scratch` holds
+                // two transposed copies of one row.
+                unsafe {
+                    if wide {
+                        lanes::attend_avx512(self.scale, q, k, v, out, dm, b, scratch)
+                    } else {
+                        lanes::attend_avx2(self.scale, q, k, v, out, dm, b, scratch)
+                    }
+                }
+            });
+            return;
+        }
+        out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| short_video(self.scale, q, k, v, out, dm, b));
     }
 
     /// Long sequences: per (batch, head, chunk of query rows) a task that packs that head's
@@ -103,7 +122,7 @@ impl MultiHeadAttention {
             if r0 >= r1 {
                 return;
             }
-            let kv = (b / dm.repeat) * s * hd + h * d;
+            let kv = (b / dm.repeat) * dm.kv_row + dm.first + h * d;
             let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
             let values = PackedB::from_rows(&v[kv..], s, d, hd, false);
             // each block's scores are written by the first GEMM before the softmax reads them
@@ -112,13 +131,14 @@ impl MultiHeadAttention {
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
                 let at = (b * t + r) * hd + h * d;
-                // SAFETY: `avx2()` was checked before this op ran; q and out hold
-                // `rows` rows of hd floats from `at`, scores rows×s floats; this task alone
+                let q_at = b * dm.q_row + dm.first + r * hd + h * d;
+                // SAFETY: `avx2()` was checked before this op ran; q holds `rows` rows of hd
+                // floats from `q_at` and out from `at`, scores rows×s floats; this task alone
                 // writes columns [h·d, h·d + d) of these rows of `out`.
                 unsafe {
                     packed_matmul::matmul_rows(
                         rows,
-                        q.as_ptr().add(at),
+                        q.as_ptr().add(q_at),
                         hd,
                         &keys,
                         scores.as_mut_ptr(),
@@ -150,8 +170,8 @@ impl MultiHeadAttention {
 #[inline(always)]
 fn short_video(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims, b: usize) {
     let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
-    let kv = (b / dm.repeat) * s * hd;
-    let q = &q[b * t * hd..(b + 1) * t * hd];
+    let kv = (b / dm.repeat) * dm.kv_row + dm.first;
+    let q = &q[b * dm.q_row + dm.first..][..t * hd];
     let mut p = [0f32; SHORT];
     for h in 0..dm.heads {
         let col = h * d;
@@ -174,12 +194,290 @@ fn short_video(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm:
     }
 }
 
-/// [`short_video`] compiled for AVX2 + FMA (its loops vectorise eight wide, with fused
-/// multiply-adds, instead of the baseline's four-wide SSE).
+/// Short attention with the queries in the lanes of a vector (eight at 256 bits, sixteen at
+/// 512): per head and group of queries, a score vector per key (Σₑ k[key, e]·q[·, e], k
+/// broadcast), the softmax across those vectors (elementwise: no horizontal sums), and the output
+/// as Σ_key v[key, e]·p[key]. The temporal attention's heads are narrow (64 heads of 5 to 20
+/// channels), where per-query dot products ([`short_video`]) run mostly scalar: this form keeps
+/// every lane busy whatever the head width (`kernel_speed`'s "temporal attention" shapes). The
+/// queries are transposed in and the outputs out, eight by eight in registers.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn short_video_avx2(scale: f32, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims, b: usize) {
-    short_video(scale, q, k, v, out, dm, b)
+mod lanes {
+    use std::arch::x86_64::*;
+
+    use super::{Dims, SHORT};
+    use crate::kernels::packed_matmul::transpose8;
+    use crate::kernels::vmath;
+
+    /// The most queries a vector holds (the scratch is sized for it).
+    pub(super) const L: usize = 16;
+
+    /// The vector operations [`attend`] needs, at 256 and 512 bits.
+    trait Lanes: Copy {
+        const N: usize;
+        unsafe fn zero() -> Self;
+        unsafe fn splat(x: f32) -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn store(self, p: *mut f32);
+        /// a·b + c
+        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+        /// a·b − c
+        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self;
+        unsafe fn max(a: Self, b: Self) -> Self;
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn mul(a: Self, b: Self) -> Self;
+        unsafe fn div(a: Self, b: Self) -> Self;
+        unsafe fn exp(self) -> Self;
+    }
+
+    impl Lanes for __m256 {
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self {
+            _mm256_fmsub_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            _mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn exp(self) -> Self {
+            vmath::exp(self)
+        }
+    }
+
+    impl Lanes for __m512 {
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self {
+            _mm512_fmsub_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            _mm512_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn exp(self) -> Self {
+            vmath::exp512(self)
+        }
+    }
+
+    /// Row `b` (`out` is its tokens × heads·d) with `V::N` queries a vector; `scratch` holds
+    /// 2·⌈t/L⌉·L·hd floats.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend<V: Lanes>(
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        dm: Dims,
+        b: usize,
+        scratch: &mut [f32],
+    ) {
+        let n = V::N;
+        let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
+        let groups = t.div_ceil(n);
+        let (qt, ot) = scratch.split_at_mut(groups * n * hd);
+        let q = &q[b * dm.q_row + dm.first..][..t * hd];
+        let kv = (b / dm.repeat) * dm.kv_row + dm.first;
+        let (kp, vp) = (k.as_ptr().add(kv), v.as_ptr().add(kv));
+        // qt[(g·hd + c)·n + lane] = q[g·n + lane, c] (zero past the last query)
+        transpose_rows(q.as_ptr(), t, hd, qt.as_mut_ptr(), n);
+        let (sv, one) = (V::splat(scale), V::splat(1.0));
+        // scores, then probabilities, of one head and group: p[..s] is written before it is read
+        let mut p = [V::zero(); SHORT];
+        for g in 0..groups {
+            for h in 0..dm.heads {
+                let col = h * d;
+                let qg = qt.as_ptr().add((g * hd + col) * n);
+                for (si, pi) in p[..s].iter_mut().enumerate() {
+                    let kr = kp.add(si * hd + col);
+                    let mut acc = V::zero();
+                    for e in 0..d {
+                        acc = V::fmadd(V::splat(*kr.add(e)), V::load(qg.add(e * n)), acc);
+                    }
+                    *pi = acc;
+                }
+                // softmax over the keys, as `softmax_row`: e^(x·scale − max·scale) / Σ
+                let mut max = p[0];
+                for &x in &p[1..s] {
+                    max = V::max(max, x);
+                }
+                let shift = V::mul(max, sv);
+                let mut sum = V::zero();
+                for x in &mut p[..s] {
+                    *x = V::fmsub(*x, sv, shift).exp();
+                    sum = V::add(sum, *x);
+                }
+                let inv = V::div(one, sum);
+                for x in &mut p[..s] {
+                    *x = V::mul(*x, inv);
+                }
+                let og = ot.as_mut_ptr().add((g * hd + col) * n);
+                for e in 0..d {
+                    let mut acc = V::zero();
+                    for (si, &pi) in p[..s].iter().enumerate() {
+                        acc = V::fmadd(V::splat(*vp.add(si * hd + col + e)), pi, acc);
+                    }
+                    acc.store(og.add(e * n));
+                }
+            }
+        }
+        untranspose_rows(ot.as_ptr(), t, hd, out.as_mut_ptr(), n);
+    }
+
+    /// `dst[(g·hd + c)·n + lane] = src[(g·n + lane)·hd + c]`, zero for rows ≥ `t` (n a multiple
+    /// of 8: blocks of 8 rows, each transposed in registers into its 8 lanes).
+    #[inline(always)]
+    unsafe fn transpose_rows(src: *const f32, t: usize, hd: usize, dst: *mut f32, n: usize) {
+        let c8 = hd / 8 * 8;
+        for r0 in (0..t.div_ceil(n) * n).step_by(8) {
+            let rows = t.saturating_sub(r0).min(8);
+            let (g, lane0) = (r0 / n, r0 % n);
+            let mut c = 0;
+            while c < c8 {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, ri) in r[..rows].iter_mut().enumerate() {
+                    *ri = _mm256_loadu_ps(src.add((r0 + i) * hd + c));
+                }
+                transpose8(&mut r);
+                for (i, &ri) in r.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((g * hd + c + i) * n + lane0), ri);
+                }
+                c += 8;
+            }
+            for c in c8..hd {
+                for i in 0..8 {
+                    *dst.add((g * hd + c) * n + lane0 + i) = if i < rows { *src.add((r0 + i) * hd + c) } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`transpose_rows`] for the `t` rows that exist.
+    #[inline(always)]
+    unsafe fn untranspose_rows(src: *const f32, t: usize, hd: usize, dst: *mut f32, n: usize) {
+        let c8 = hd / 8 * 8;
+        for r0 in (0..t).step_by(8) {
+            let rows = (t - r0).min(8);
+            let (g, lane0) = (r0 / n, r0 % n);
+            let mut c = 0;
+            while c < c8 {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, ri) in r.iter_mut().enumerate() {
+                    *ri = _mm256_loadu_ps(src.add((g * hd + c + i) * n + lane0));
+                }
+                transpose8(&mut r);
+                for (i, &ri) in r[..rows].iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((r0 + i) * hd + c), ri);
+                }
+                c += 8;
+            }
+            for c in c8..hd {
+                for i in 0..rows {
+                    *dst.add((r0 + i) * hd + c) = *src.add((g * hd + c) * n + lane0 + i);
+                }
+            }
+        }
+    }
+
+    /// [`attend`] for AVX2 + FMA, eight queries a vector.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_avx2(
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        dm: Dims,
+        b: usize,
+        scratch: &mut [f32],
+    ) {
+        attend::<__m256>(scale, q, k, v, out, dm, b, scratch)
+    }
+
+    /// [`attend`] for AVX-512, sixteen queries a vector (a 16-frame window's in one).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_avx512(
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        dm: Dims,
+        b: usize,
+        scratch: &mut [f32],
+    ) {
+        attend::<__m512>(scale, q, k, v, out, dm, b, scratch)
+    }
 }
 
 /// `row ← softmax(row · scale)` (scale > 0), as torch: max subtracted, exponentials divided by
@@ -270,9 +568,23 @@ impl CustomOp3 for MultiHeadAttention {
             super::f32_of(k, lk, "attention k")?,
             super::f32_of(v, lv, "attention v")?,
         );
-        let (batch, tokens, width) = lq.shape().dims3()?;
-        let keys = lk.shape().dims3()?.1;
-        let dm = Dims { batch, tokens, keys, heads: self.heads, d: width / self.heads, repeat: self.repeat };
+        let (batch, q_tokens, width) = lq.shape().dims3()?;
+        let kv_tokens = lk.shape().dims3()?.1;
+        let (first, tokens, keys) = match self.window {
+            Some((start, length)) => (start * width, length, length),
+            None => (0, q_tokens, kv_tokens),
+        };
+        let dm = Dims {
+            batch,
+            tokens,
+            keys,
+            heads: self.heads,
+            d: width / self.heads,
+            repeat: self.repeat,
+            q_row: q_tokens * width,
+            kv_row: kv_tokens * width,
+            first,
+        };
         // both paths write every (token, head) slice of every row
         let mut out = super::output_buffer(batch * tokens * width);
         if tokens <= SHORT && keys <= SHORT {
@@ -319,9 +631,8 @@ pub fn multi_head_attention(
             v.dims()
         );
     }
-    let on_cpu = super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if on_cpu && avx2() {
-        let op = MultiHeadAttention { heads, scale: scale as f32, repeat };
+    if fast(q, k, v) {
+        let op = MultiHeadAttention { heads, scale: scale as f32, repeat, window: None };
         let c = super::copy::contiguous;
         return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);
     }
@@ -333,6 +644,47 @@ pub fn multi_head_attention(
     };
     let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
     out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
+}
+
+/// Whether the CPU kernel runs (float32 on the CPU with AVX2/FMA).
+fn fast(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32) && avx2()
+}
+
+/// [`multi_head_attention`] (self-attention, no repeat) within tokens [start, start + length)
+/// of every row of q, k and v (batch, tokens, heads·d): the same as narrowing all three first,
+/// without the three copies (the CPU kernel reads the window in place). FreeNoise attends per
+/// window of frames.
+pub fn multi_head_attention_window(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    start: usize,
+    length: usize,
+) -> Result<Tensor> {
+    let tokens = q.dim(1)?;
+    if start + length > tokens || length == 0 || k.dims() != q.dims() || v.dims() != q.dims() {
+        candle_core::bail!(
+            "attention window [{start}, {}) doesn't fit q {:?}, k {:?}, v {:?}",
+            start + length,
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if fast(q, k, v) {
+        let width = q.dim(2)?;
+        if heads == 0 || width % heads != 0 {
+            candle_core::bail!("attention: width {width} doesn't split into {heads} heads");
+        }
+        let op = MultiHeadAttention { heads, scale: scale as f32, repeat: 1, window: Some((start, length)) };
+        let c = super::copy::contiguous;
+        return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);
+    }
+    let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
+    multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1)
 }
 
 /// softmax(q·kᵀ·scale)·v for (rows, tokens, head_dim) inputs with candle's ops, at most

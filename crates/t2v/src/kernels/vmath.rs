@@ -1,4 +1,4 @@
-//! Vectorised elementwise functions (AVX2 + FMA, eight lanes) for the fused kernels: `exp`,
+//! Vectorised elementwise functions (AVX2 + FMA, eight lanes; `exp` also on sixteen) for the fused kernels: `exp`,
 //! SiLU and the exact (erf) GELU. Each is within a few units in the last place of float32 (the
 //! GELU's erfc within 1.2e-7 relative, Numerical Recipes' Chebyshev fit), as accurate as torch's
 //! own vectorised CPU versions; callers check [`super::avx2`] first. Our own because the
@@ -30,6 +30,28 @@ pub unsafe fn exp(x: __m256) -> __m256 {
     // 2^fx, built in the exponent field (fx ∈ [−126, 128] after the clamp)
     let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)));
     _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+}
+
+/// [`exp`] on sixteen lanes (AVX-512F): the same polynomial and steps, so each lane's result is
+/// the eight-lane form's.
+#[inline(always)]
+pub unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33)), _mm512_set1_ps(88.37));
+    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_2e-4);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.398_2e-3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.333_452e-3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166_579_6e-2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.166_666_65));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
 }
 
 /// SiLU, x·σ(x) = x / (1 + e^−x).

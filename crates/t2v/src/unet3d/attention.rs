@@ -9,7 +9,10 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
-use crate::nn::{add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention, LayerNorm, Linear};
+use crate::nn::{
+    accumulate_window, add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
+    multi_head_attention_window, LayerNorm, Linear,
+};
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
 /// v from the context (cross-attention) or from the hidden states (self-attention).
@@ -62,6 +65,20 @@ impl Attention {
     /// The rest of [`Self::forward`] from its projections: the heads' attention, then `to_out`.
     pub fn attend_projected(&self, q: &Tensor, k: &Tensor, v: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
         let out = multi_head_attention(q, k, v, self.heads, self.scale, repeat)?;
+        self.to_out.forward(&out)
+    }
+
+    /// [`Self::attend_projected`] of self-attention within tokens [start, start + length) of
+    /// every row of the projections (one FreeNoise window, read in place).
+    pub fn attend_window(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+        length: usize,
+    ) -> candle_core::Result<Tensor> {
+        let out = multi_head_attention_window(q, k, v, self.heads, self.scale, start, length)?;
         self.to_out.forward(&out)
     }
 }
@@ -162,7 +179,8 @@ impl BasicTransformerBlock {
     /// weighted per frame and accumulated (in window order, as the reference adds), the sums are
     /// divided by the per-frame weight sums, then norm3 and the feed-forward run on every frame.
     /// Only one window's intermediates, attn1's projections and the per-frame sums are held
-    /// besides the input.
+    /// besides the input; attn1 reads each window of its projections in place, and each window's
+    /// output is added into the sums in place.
     pub fn forward_windowed(&self, xs: &Tensor, plan: &WindowPlan) -> candle_core::Result<Tensor> {
         let (n, frames, c) = xs.dims3()?;
         if frames != plan.frames {
@@ -173,37 +191,21 @@ impl BasicTransformerBlock {
         // per window (the reference recomputes them per window: the same numbers, 3/8 of the
         // windowed projections saved). What follows attn1 depends on its window.
         let (q, k, v) = self.attn1.project_self(&self.norm1.forward(xs)?)?;
-        let mut sums: Vec<Option<Tensor>> = vec![None; frames];
+        // The per-frame weighted sums, from zero as the reference's `accumulated_values`.
+        let sums = Tensor::zeros((n, frames, c), xs.dtype(), xs.device())?;
         for window in &plan.windows {
-            let part = |t: &Tensor| contiguous(&t.narrow(1, window.start, plan.length)?);
-            let chunk = part(xs)?;
-            let attended = self.attn1.attend_projected(&part(&q)?, &part(&k)?, &part(&v)?, 1)?;
-            let hidden = add(&attended, &chunk)?;
-            drop((attended, chunk));
+            let attended = self.attn1.attend_window(&q, &k, &v, window.start, plan.length)?;
+            let hidden = add(&attended, &contiguous(&xs.narrow(1, window.start, plan.length)?)?)?;
+            drop(attended);
             let out = add(&self.attn2.forward(&self.norm2.forward(&hidden)?, None)?, &hidden)?;
-            // Frame-major, so that each frame is one contiguous (sequences, C) block.
-            let out = contiguous(&out.transpose(0, 1)?)?;
-            for j in window.skip..plan.length {
-                let weighted = (out.get(j)? * plan.weights[j] as f64)?;
-                let slot = &mut sums[window.start + j];
-                *slot = Some(match slot.take() {
-                    Some(acc) => add(&acc, &weighted)?,
-                    None => weighted,
-                });
-            }
+            drop(hidden);
+            accumulate_window(&sums, &out, window.start, window.skip, &plan.weights)?;
         }
         drop((q, k, v));
-        let sums = sums
-            .into_iter()
-            .enumerate()
-            .map(|(f, s)| s.ok_or_else(|| candle_core::Error::Msg(format!("frame {f} is in no window"))))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let stacked = Tensor::stack(&sums, 1)?;
-        drop(sums);
         // A true division, as the reference's `accumulated / num_times_accumulated`.
         let divisor = Tensor::from_slice(&plan.weight_sums, (1, frames, 1), xs.device())?.to_dtype(xs.dtype())?;
-        let xs = stacked.broadcast_div(&divisor)?;
-        drop(stacked);
+        let xs = sums.broadcast_div(&divisor)?;
+        drop(sums);
         debug_assert_eq!(xs.dims(), &[n, frames, c]);
         add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::g3to6;
-use crate::kernels::packed_matmul::{self, Init, PackedA, PackedB};
+use crate::kernels::packed_matmul::{self, Init, PackedA, PackedB, NR};
 use crate::kernels::{threads, KernelKind, SendPtr, Src};
 
 /// `dst (m×n, row stride dst_rs) (+)= lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n,
@@ -145,9 +145,6 @@ pub(super) fn pointwise(
     let init = if bias.is_some() { Init::Accumulate } else { Init::Overwrite };
     let nt = threads();
     let optr = SendPtr(out.as_mut_ptr());
-    let per_image_flops = 2 * cout * cin * hw;
-    // one image per task while there are images enough for every thread, else each image on all
-    let per_image = n >= nt && nt > 1 && per_image_flops < (64 << 20);
     // the weights packed once for every image where our product runs (bfloat16 weights in the
     // bfloat16 form, the images then rounded as they are packed)
     let packed = if bf16 {
@@ -155,27 +152,40 @@ pub(super) fn pointwise(
     } else {
         use_packed(KernelKind::Conv1x1).then(|| PackedA::from_rows(wp, cout, cin, cin))
     };
+    if let Some(wa) = &packed {
+        // Tasks of (image, block of columns): each packs its block of the image (about
+        // [`POINTWISE_BLOCK`] bytes, which stays in L2) and multiplies every output channel's
+        // weights against it. The image is read once in all; splitting the output channels
+        // between threads instead (they are few beside the columns: 128 to 512 against 16,384
+        // to 65,536 pixels in the VAE) had every thread stream the whole packed image from
+        // memory (`t2v bench --profile`, Emerald Rapids: the VAE decoder's 1×1 ~110 → ~155
+        // GFLOP/s, the UNet's 167 → 216).
+        let cols = (POINTWISE_BLOCK / (4 * cin.max(1)) / NR * NR).clamp(NR, hw.div_ceil(NR) * NR);
+        let blocks = hw.div_ceil(cols);
+        (0..n * blocks).into_par_iter().for_each(|task| {
+            let (i, c0) = (task / blocks, (task % blocks) * cols);
+            let nc = cols.min(hw - c0);
+            let xi = &x[i * cin * hw + c0..][..(cin - 1) * hw + nc];
+            let xb = if bf16 {
+                PackedB::from_rows_bf16(xi, cin, nc, hw, false)
+            } else {
+                PackedB::from_rows(xi, cin, nc, hw, false)
+            };
+            // SAFETY: the packed path's instructions are present; image i's output holds
+            // cout rows of hw floats, this task alone writes columns [c0, c0 + nc).
+            unsafe { packed_matmul::matmul_packed(wa, &xb, optr.get().add(i * cout * hw + c0), hw, init, false, true) };
+        });
+        return;
+    }
+    let per_image_flops = 2 * cout * cin * hw;
+    // one image per task while there are images enough for every thread, else each image on all
+    let per_image = n >= nt && nt > 1 && per_image_flops < (64 << 20);
     let image = |i: usize, parallel: bool| {
         let (xi, oi) = (&x[i * cin * hw..][..cin * hw], unsafe { optr.get().add(i * cout * hw) });
-        match &packed {
-            Some(wa) => {
-                let xb = if bf16 {
-                    PackedB::from_rows_bf16(xi, cin, hw, hw, parallel)
-                } else {
-                    PackedB::from_rows(xi, cin, hw, hw, parallel)
-                };
-                // SAFETY: the packed path's instructions are present; image i's output holds cout×hw.
-                unsafe { packed_matmul::matmul_packed(wa, &xb, oi, hw, init, parallel, true) };
-            }
-            None => {
-                let par = if parallel { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
-                let acc = bias.is_some();
-                // SAFETY: w holds cout×cin, the image cin×hw and its output cout×hw floats.
-                unsafe {
-                    sgemm(cout, hw, cin, oi, hw, acc, wp.as_ptr(), cin, 1, xi.as_ptr(), hw, par, KernelKind::Conv1x1)
-                };
-            }
-        }
+        let par = if parallel { gemm::Parallelism::Rayon(nt) } else { gemm::Parallelism::None };
+        let acc = bias.is_some();
+        // SAFETY: w holds cout×cin, the image cin×hw and its output cout×hw floats.
+        unsafe { sgemm(cout, hw, cin, oi, hw, acc, wp.as_ptr(), cin, 1, xi.as_ptr(), hw, par, KernelKind::Conv1x1) };
     };
     if per_image {
         (0..n).into_par_iter().for_each(|i| image(i, false));
@@ -185,6 +195,9 @@ pub(super) fn pointwise(
         }
     }
 }
+
+/// Bytes of one image's block of columns that a 1×1 convolution task packs ([`pointwise`]).
+const POINTWISE_BLOCK: usize = 512 << 10;
 
 /// Temporal convolution over (B, C, F, HW): three accumulated GEMMs per video, each over a
 /// frame-shifted view of the input.

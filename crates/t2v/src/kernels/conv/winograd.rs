@@ -66,6 +66,12 @@ struct Geom {
 }
 
 impl Geom {
+    /// Whether the 16 tiles from `t` lie in one tile row (the 512-bit transforms' fast case).
+    #[inline(always)]
+    fn row16(&self, t: usize) -> bool {
+        t + 16 <= self.t_total && (t % (self.ty_n * self.tx_n)) % self.tx_n + 16 <= self.tx_n
+    }
+
     #[inline(always)]
     fn tile(&self, t: usize) -> (usize, usize, usize) {
         let per = self.ty_n * self.tx_n;
@@ -133,8 +139,16 @@ pub(super) unsafe fn conv3x3(
         let ci_blk = cin.div_ceil(4 * nt).max(1);
         (0..cin.div_ceil(ci_blk)).into_par_iter().for_each(|cb| {
             let (c_a, c_b) = (cb * ci_blk, ((cb + 1) * ci_blk).min(cin));
-            for (gi, &pos) in groups.iter().enumerate() {
-                input_group(x, &g, t0 + gi * 8, pos, c_a, c_b, vptr.get(), gi);
+            let mut gi = 0;
+            while gi < groups.len() {
+                let tg = t0 + gi * 8;
+                if wide && gi % 2 == 0 && g.row16(tg) {
+                    input_row16(x, &g, groups[gi], c_a, c_b, vptr.get(), gi / 2);
+                    gi += 2;
+                } else {
+                    input_group(x, &g, tg, groups[gi], c_a, c_b, vptr.get(), gi);
+                    gi += 1;
+                }
             }
         });
         // 2. GEMMs + output transform, parallel over output-channel blocks.
@@ -536,6 +550,7 @@ unsafe fn task_gemm(
             }
         }
         for s in 0..sg {
+            let row16 = wide && g.row16(t0 + (s0 + s) * NR);
             for col in 0..mc {
                 let co = co0 + col;
                 if co >= g.cout {
@@ -543,6 +558,10 @@ unsafe fn task_gemm(
                 }
                 let bv = bias.map_or(0.0, |b| b[co]);
                 let mp = m.add((s * mc + col) * 36 * NR);
+                if row16 {
+                    output_row16(g, mp, t0 + (s0 + s) * NR, co, bv, out);
+                    continue;
+                }
                 for half in 0..2 {
                     let tg = t0 + (s0 + s) * NR + half * 8;
                     if tg >= g.t_total {
@@ -663,6 +682,180 @@ unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
                     *base.add(y * w + xx) = buf[i][j][l];
                 }
             }
+        }
+    }
+}
+
+// ----- the 512-bit transforms: 16 tiles of one tile row, lane = tile ------------------------
+//
+// Images at least 16 tiles wide (the VAE decoder's 64² to 256² levels) take these: one 512-bit
+// vector per row of 16 tiles halves the arithmetic of the 8-tile forms above, and the 16 tiles
+// are one whole panel of the transformed input (full 64-byte stores).
+
+/// [`bt6`] on 512-bit vectors.
+#[inline(always)]
+unsafe fn bt6_16(v: [__m512; 6]) -> [__m512; 6] {
+    let [v0, v1, v2, v3, v4, v5] = v;
+    let h = _mm512_set1_ps(0.5);
+    let h3 = _mm512_set1_ps(1.5);
+    let two = _mm512_set1_ps(2.0);
+    let h5 = _mm512_set1_ps(2.5);
+    let r0 = _mm512_fnmadd_ps(two, v2, _mm512_fmadd_ps(h3, _mm512_sub_ps(v3, v1), _mm512_add_ps(v0, v4)));
+    let r5 = _mm512_fnmadd_ps(two, v3, _mm512_fmadd_ps(h3, _mm512_sub_ps(v4, v2), _mm512_add_ps(v1, v5)));
+    let r1 = _mm512_fmadd_ps(h5, v3, _mm512_fmadd_ps(h, v2, _mm512_sub_ps(v4, v1)));
+    let r2 = _mm512_fnmadd_ps(h5, v2, _mm512_fmadd_ps(h, v3, _mm512_add_ps(v4, v1)));
+    let r3 = _mm512_fmadd_ps(two, _mm512_sub_ps(v3, v1), _mm512_sub_ps(v4, v2));
+    let r4 = _mm512_fmadd_ps(h, _mm512_sub_ps(v1, v3), _mm512_sub_ps(v4, v2));
+    [r0, r1, r2, r3, r4, r5]
+}
+
+/// [`at6`] on 512-bit vectors.
+#[inline(always)]
+unsafe fn at6_16(m: [__m512; 6]) -> [__m512; 4] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let s12 = _mm512_add_ps(m1, m2);
+    let d12 = _mm512_sub_ps(m1, m2);
+    let o0 = _mm512_add_ps(_mm512_add_ps(m0, s12), _mm512_add_ps(m3, m4));
+    let o1 = _mm512_fmadd_ps(_mm512_set1_ps(0.5), m3, _mm512_fnmadd_ps(_mm512_set1_ps(2.0), m4, d12));
+    let o2 = _mm512_fmadd_ps(_mm512_set1_ps(0.25), m3, _mm512_fmadd_ps(_mm512_set1_ps(4.0), m4, s12));
+    let o3 =
+        _mm512_fmadd_ps(_mm512_set1_ps(0.125), m3, _mm512_fnmadd_ps(_mm512_set1_ps(8.0), m4, _mm512_add_ps(d12, m5)));
+    [o0, o1, o2, o3]
+}
+
+/// Lanes of 16 consecutive columns from `c0 + off` that lie inside [0, w).
+#[inline(always)]
+fn col_mask(c0: isize, off: isize, w: usize) -> __mmask16 {
+    let mut m = 0u16;
+    for l in 0..16 {
+        let col = c0 + off + l;
+        if col >= 0 && (col as usize) < w {
+            m |= 1 << l;
+        }
+    }
+    m
+}
+
+/// Lanes t of `idx` (4·(t mod 8) + c) picked from u[0..2] for t < 8 and from u[2..4] above.
+#[inline(always)]
+unsafe fn pick16(u: &[__m512; 4], idx: __m512i) -> __m512 {
+    let lo = _mm512_permutex2var_ps(u[0], idx, u[1]);
+    let hi = _mm512_permutex2var_ps(u[2], idx, u[3]);
+    _mm512_mask_blend_ps(0xFF00, lo, hi)
+}
+
+/// [`input_group`] for the 16 tiles from `pos` (all in one tile row) into panel `s` of the
+/// chunk.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn input_row16(x: &[f32], g: &Geom, pos: (usize, usize, usize), c_a: usize, c_b: usize, v: *mut f32, s: usize) {
+    let (h, w) = (g.h, g.w);
+    let plane = h * w;
+    let vstride_xi = g.cin * NR;
+    let vbase = v.add(s * 36 * g.cin * NR);
+    let (img0, ty0, tx0) = pos;
+    // The tiles read columns c0 .. c0 + 66: vectors a[q] from c0 + 16q and b[q] from
+    // c0 + 4 + 16q (q < 4), zero outside the image (masked loads touch no memory there).
+    let c0 = 4 * tx0 as isize - 1;
+    let ma = [0isize, 16, 32, 48].map(|o| col_mask(c0, o, w));
+    let mb = [4isize, 20, 36, 52].map(|o| col_mask(c0, o, w));
+    // Column c of tile t is element 4t + c of a (c < 4) or 4t + c − 4 of b: tiles 0..8 from
+    // the first two vectors, 8..16 from the last two, in lanes 0..8 and 8..16 of their pick.
+    let mut idx = [_mm512_setzero_si512(); 4];
+    for (c, ic) in idx.iter_mut().enumerate() {
+        let mut i = [0i32; 16];
+        for (t, it) in i.iter_mut().enumerate() {
+            *it = (4 * (t % 8) + c) as i32;
+        }
+        *ic = _mm512_loadu_si512(i.as_ptr() as *const _);
+    }
+    let xp = x.as_ptr();
+    for ci in c_a..c_b {
+        let pbase = xp.add((img0 * g.cin + ci) * plane);
+        let mut d = [[_mm512_setzero_ps(); 6]; 6];
+        for (r, dr) in d.iter_mut().enumerate() {
+            let y = (4 * ty0 + r) as isize - 1;
+            if y < 0 || y as usize >= h {
+                continue;
+            }
+            let p = pbase.add(y as usize * w).wrapping_offset(c0);
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut b = [_mm512_setzero_ps(); 4];
+            for q in 0..4 {
+                a[q] = _mm512_maskz_loadu_ps(ma[q], p.wrapping_add(16 * q));
+                b[q] = _mm512_maskz_loadu_ps(mb[q], p.wrapping_add(4 + 16 * q));
+            }
+            *dr = bt6_16([
+                pick16(&a, idx[0]),
+                pick16(&a, idx[1]),
+                pick16(&a, idx[2]),
+                pick16(&a, idx[3]),
+                pick16(&b, idx[0]),
+                pick16(&b, idx[1]),
+            ]);
+        }
+        let dst = vbase.add(ci * NR);
+        for j in 0..6 {
+            let col = bt6_16([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
+            for (i, &val) in col.iter().enumerate() {
+                _mm512_storeu_ps(dst.add((6 * i + j) * vstride_xi), val);
+            }
+        }
+    }
+}
+
+/// [`output_group`] for the 16 tiles from `tg` (all in one tile row; `mp[ξ·NR + lane]`).
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_row16(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, out: *mut f32) {
+    let mut t = [[_mm512_setzero_ps(); 6]; 4];
+    for j in 0..6 {
+        let mut col = [_mm512_setzero_ps(); 6];
+        for (i, ci) in col.iter_mut().enumerate() {
+            *ci = _mm512_loadu_ps(mp.add((i * 6 + j) * NR));
+        }
+        let c = at6_16(col);
+        for i in 0..4 {
+            t[i][j] = c[i];
+        }
+    }
+    let bvec = _mm512_set1_ps(bv);
+    let (h, w) = (g.h, g.w);
+    let (img0, ty0, tx0) = g.tile(tg);
+    let x0 = 4 * tx0;
+    let masks = [0isize, 16, 32, 48].map(|o| col_mask(x0 as isize, o, w));
+    let base = out.add((img0 * g.cout + co) * h * w);
+    for (i, ti) in t.iter().enumerate() {
+        let y = 4 * ty0 + i;
+        if y >= h {
+            break;
+        }
+        let [o0, o1, o2, o3] = at6_16(*ti);
+        let (o0, o1, o2, o3) =
+            (_mm512_add_ps(o0, bvec), _mm512_add_ps(o1, bvec), _mm512_add_ps(o2, bvec), _mm512_add_ps(o3, bvec));
+        // lane = tile → 64 consecutive columns: per 128-bit block k, u_r holds tile 4k + r's
+        // four columns; then a 4×4 transpose of the blocks.
+        let t0 = _mm512_unpacklo_ps(o0, o1);
+        let t1 = _mm512_unpackhi_ps(o0, o1);
+        let t2 = _mm512_unpacklo_ps(o2, o3);
+        let t3 = _mm512_unpackhi_ps(o2, o3);
+        let u0 = _mm512_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm512_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm512_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm512_shuffle_ps::<0xEE>(t1, t3);
+        let v0 = _mm512_shuffle_f32x4::<0x44>(u0, u1);
+        let v1 = _mm512_shuffle_f32x4::<0xEE>(u0, u1);
+        let v2 = _mm512_shuffle_f32x4::<0x44>(u2, u3);
+        let v3 = _mm512_shuffle_f32x4::<0xEE>(u2, u3);
+        let r = [
+            _mm512_shuffle_f32x4::<0x88>(v0, v2),
+            _mm512_shuffle_f32x4::<0xDD>(v0, v2),
+            _mm512_shuffle_f32x4::<0x88>(v1, v3),
+            _mm512_shuffle_f32x4::<0xDD>(v1, v3),
+        ];
+        let p = base.add(y * w + x0);
+        for (q, &rq) in r.iter().enumerate() {
+            _mm512_mask_storeu_ps(p.wrapping_add(16 * q), masks[q], rq);
         }
     }
 }
