@@ -2,9 +2,9 @@
 //!
 //! candle's `GroupNorm` takes about eight passes over the activations (mean, subtract, square,
 //! sum, divide, scale, shift, each allocating), and the SiLU that follows almost every GroupNorm
-//! in this model is a ninth. Here each (image, group) block is read three times (mean, variance, then the
-//! normalised output, while it is still in cache) by one thread of a parallel loop. Statistics are accumulated in f64, which
-//! is at least as accurate as PyTorch's float32 kernel. Other devices and dtypes use candle's ops.
+//! in this model is a ninth. Here each (image, group) block is read twice (mean and variance
+//! together, chunk by chunk, then the normalised output) by one thread of a parallel loop.
+//! Statistics are accumulated in f64, which is at least as accurate as PyTorch's float32 kernel. Other devices and dtypes use candle's ops.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,6 +27,31 @@ fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
     } else {
         xs.iter().sum()
     }
+}
+
+/// Values per chunk of [`mean_and_variance`]: read twice while in L1.
+const STAT_CHUNK: usize = 512;
+
+/// Mean and (biased) variance of `xs` in one pass over memory: per chunk of [`STAT_CHUNK`]
+/// values its mean and squared deviations from that mean (two passes over a chunk in L1, so no
+/// cancellation when |mean| ≫ std), merged in f64 (Chan et al.'s pairwise update). Reading
+/// the group once for both, instead of once for the mean and again for the deviations, matters
+/// where a group outgrows the cache (a temporal layer's group at 128 frames is 5 MB).
+fn mean_and_variance(xs: &[f32]) -> (f64, f64) {
+    let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
+    for c in xs.chunks(STAT_CHUNK) {
+        let nc = c.len() as f64;
+        let mc = sum(c, 0.0, false) as f64 / nc;
+        // deviations from the f32 chunk mean m′, moved to the f64 one: Σ(x − mc)² = Σ(x − m′)² − n(mc − m′)²
+        let m32 = mc as f32;
+        let m2c = (sum(c, m32, true) as f64 - nc * (mc - m32 as f64).powi(2)).max(0.0);
+        let total = n + nc;
+        let delta = mc - mean;
+        mean += delta * nc / total;
+        m2 += m2c + delta * delta * n * nc / total;
+        n = total;
+    }
+    (mean, if n > 0.0 { m2 / n } else { 0.0 })
 }
 
 /// `o = x·scale + shift`, then SiLU when `silu`.
@@ -120,11 +145,7 @@ impl CustomOp3 for GroupNormOp {
         let mut out = super::output_buffer(x.len());
         out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(i, (out, x))| {
             let group = i % self.groups;
-            // Two passes (mean, then squared deviations): no cancellation when |mean| ≫ std.
-            let count = block as f64;
-            let mean = x.chunks(256).map(|c| sum(c, 0.0, false) as f64).sum::<f64>() / count;
-            let m = mean as f32;
-            let var = x.chunks(256).map(|c| sum(c, m, true) as f64).sum::<f64>() / count;
+            let (mean, var) = mean_and_variance(x);
             let inv_std = 1.0 / (var + self.eps).sqrt();
             for ch in 0..channels_per_group {
                 let channel = group * channels_per_group + ch;
