@@ -243,7 +243,7 @@ fn multi_head_attention_in_place_matches_split_heads() {
     let dev = Device::Cpu;
     // (batch, tokens, keys, heads, d, repeat): long self-attention, cross-attention shared by
     // frames, and the short temporal kind: the UNet's narrow heads (64 of 5), token counts that
-    // leave a partial group of eight queries, widths that are no multiple of 8, short
+    // leave a partial vector of queries (8 or 16 a vector), widths that are no multiple of 8, short
     // cross-attention with more keys than queries, and the longest short sequence.
     for (batch, tokens, keys, heads, d, repeat) in [
         (2, 150, 150, 3, 20, 1),

@@ -207,130 +207,16 @@ mod lanes {
 
     use super::{Dims, SHORT};
     use crate::kernels::packed_matmul::transpose8;
-    use crate::kernels::vmath;
+    use crate::kernels::vmath::{self, F32s};
 
     /// The most queries a vector holds (the scratch is sized for it).
     pub(super) const L: usize = 16;
 
-    /// The vector operations [`attend`] needs, at 256 and 512 bits.
-    trait Lanes: Copy {
-        const N: usize;
-        unsafe fn zero() -> Self;
-        unsafe fn splat(x: f32) -> Self;
-        unsafe fn load(p: *const f32) -> Self;
-        unsafe fn store(self, p: *mut f32);
-        /// a·b + c
-        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
-        /// a·b − c
-        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self;
-        unsafe fn max(a: Self, b: Self) -> Self;
-        unsafe fn add(a: Self, b: Self) -> Self;
-        unsafe fn mul(a: Self, b: Self) -> Self;
-        unsafe fn div(a: Self, b: Self) -> Self;
-        unsafe fn exp(self) -> Self;
-    }
-
-    impl Lanes for __m256 {
-        const N: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            _mm256_set1_ps(x)
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self)
-        }
-        #[inline(always)]
-        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self {
-            _mm256_fmsub_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn max(a: Self, b: Self) -> Self {
-            _mm256_max_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            _mm256_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn mul(a: Self, b: Self) -> Self {
-            _mm256_mul_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn div(a: Self, b: Self) -> Self {
-            _mm256_div_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn exp(self) -> Self {
-            vmath::exp(self)
-        }
-    }
-
-    impl Lanes for __m512 {
-        const N: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            _mm512_set1_ps(x)
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm512_storeu_ps(p, self)
-        }
-        #[inline(always)]
-        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
-            _mm512_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self {
-            _mm512_fmsub_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn max(a: Self, b: Self) -> Self {
-            _mm512_max_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            _mm512_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn mul(a: Self, b: Self) -> Self {
-            _mm512_mul_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn div(a: Self, b: Self) -> Self {
-            _mm512_div_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn exp(self) -> Self {
-            vmath::exp512(self)
-        }
-    }
-
-    /// Row `b` (`out` is its tokens × heads·d) with `V::N` queries a vector; `scratch` holds
+    /// Row `b` (`out` is its tokens × heads·d) with `V::LANES` queries a vector; `scratch` holds
     /// 2·⌈t/L⌉·L·hd floats.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn attend<V: Lanes>(
+    unsafe fn attend<V: F32s>(
         scale: f32,
         q: &[f32],
         k: &[f32],
@@ -340,7 +226,7 @@ mod lanes {
         b: usize,
         scratch: &mut [f32],
     ) {
-        let n = V::N;
+        let n = V::LANES;
         let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
         let groups = t.div_ceil(n);
         let (qt, ot) = scratch.split_at_mut(groups * n * hd);
@@ -367,17 +253,17 @@ mod lanes {
                 // softmax over the keys, as `softmax_row`: e^(x·scale − max·scale) / Σ
                 let mut max = p[0];
                 for &x in &p[1..s] {
-                    max = V::max(max, x);
+                    max = max.max(x);
                 }
-                let shift = V::mul(max, sv);
+                let shift = max.mul(sv);
                 let mut sum = V::zero();
                 for x in &mut p[..s] {
-                    *x = V::fmsub(*x, sv, shift).exp();
-                    sum = V::add(sum, *x);
+                    *x = vmath::exp(V::fmsub(*x, sv, shift));
+                    sum = sum.add(*x);
                 }
-                let inv = V::div(one, sum);
+                let inv = one.div(sum);
                 for x in &mut p[..s] {
-                    *x = V::mul(*x, inv);
+                    *x = x.mul(inv);
                 }
                 let og = ot.as_mut_ptr().add((g * hd + col) * n);
                 for e in 0..d {
@@ -526,7 +412,7 @@ mod simd {
         i = 0;
         while i < main {
             // (x − max)·scale as x·scale − max·scale in one fused step
-            let e = super::super::vmath::exp(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), sv, shift));
+            let e = super::super::vmath::exp::<__m256>(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), sv, shift));
             _mm256_storeu_ps(p.add(i), e);
             sumv = _mm256_add_ps(sumv, e);
             i += 8;

@@ -1,4 +1,5 @@
-//! Vectorised elementwise functions (AVX2 + FMA, eight lanes; `exp` also on sixteen) for the fused kernels: `exp`,
+//! Vectorised elementwise functions for the fused kernels (AVX2 + FMA, eight lanes; `exp` at
+//! sixteen too, through [`F32s`]): `exp`,
 //! SiLU and the exact (erf) GELU. Each is within a few units in the last place of float32 (the
 //! GELU's erfc within 1.2e-7 relative, Numerical Recipes' Chebyshev fit), as accurate as torch's
 //! own vectorised CPU versions; callers check [`super::avx2`] first. Our own because the
@@ -7,51 +8,134 @@
 
 use std::arch::x86_64::*;
 
+/// Float32 vectors of 8 (AVX2 + FMA) or 16 (AVX-512F) lanes, so that a kernel's arithmetic is
+/// written once for both widths: the same operations in the same order, lane by lane (so the two
+/// widths give the same numbers). Callers run inside functions compiled for the width's features.
+pub(crate) trait F32s: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
+    unsafe fn div(self, b: Self) -> Self;
+    unsafe fn max(self, b: Self) -> Self;
+    unsafe fn min(self, b: Self) -> Self;
+    /// a·b + c
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    /// a·b − c
+    unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self;
+    /// c − a·b
+    unsafe fn fnmadd(a: Self, b: Self, c: Self) -> Self;
+    /// Rounded to the nearest integer (ties to even).
+    unsafe fn round(self) -> Self;
+    /// 2^n for integral n in [−126, 128], built in the exponent field.
+    unsafe fn pow2(self) -> Self;
+}
+
+macro_rules! f32s {
+    ($t:ty, $lanes:expr, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident, $sub:ident,
+     $mul:ident, $div:ident, $max:ident, $min:ident, $fmadd:ident, $fmsub:ident, $fnmadd:ident,
+     round: |$r:ident| $round:expr, pow2: |$p:ident| $pow2:expr) => {
+        impl F32s for $t {
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                $zero()
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self {
+                $set1(x)
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                $load(p)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                $store(p, self)
+            }
+            #[inline(always)]
+            unsafe fn add(self, b: Self) -> Self {
+                $add(self, b)
+            }
+            #[inline(always)]
+            unsafe fn sub(self, b: Self) -> Self {
+                $sub(self, b)
+            }
+            #[inline(always)]
+            unsafe fn mul(self, b: Self) -> Self {
+                $mul(self, b)
+            }
+            #[inline(always)]
+            unsafe fn div(self, b: Self) -> Self {
+                $div(self, b)
+            }
+            #[inline(always)]
+            unsafe fn max(self, b: Self) -> Self {
+                $max(self, b)
+            }
+            #[inline(always)]
+            unsafe fn min(self, b: Self) -> Self {
+                $min(self, b)
+            }
+            #[inline(always)]
+            unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+                $fmadd(a, b, c)
+            }
+            #[inline(always)]
+            unsafe fn fmsub(a: Self, b: Self, c: Self) -> Self {
+                $fmsub(a, b, c)
+            }
+            #[inline(always)]
+            unsafe fn fnmadd(a: Self, b: Self, c: Self) -> Self {
+                $fnmadd(a, b, c)
+            }
+            #[inline(always)]
+            unsafe fn round(self) -> Self {
+                let $r = self;
+                $round
+            }
+            #[inline(always)]
+            unsafe fn pow2(self) -> Self {
+                let $p = self;
+                $pow2
+            }
+        }
+    };
+}
+
+f32s!(__m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_sub_ps,
+    _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
+    round: |x| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x),
+    pow2: |n| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)))));
+
+f32s!(__m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_sub_ps,
+    _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps, _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps,
+    round: |x| _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x),
+    pow2: |n| _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)))));
+
 /// e^x (Cephes' single-precision polynomial, ≤ 2 ulp). Arguments are clamped to
 /// [−87.33, 88.37]: below, e^x is under float32's normal range and comes out ~1e-38 rather
 /// than a subnormal; above, it would overflow.
 #[inline(always)]
-pub unsafe fn exp(x: __m256) -> __m256 {
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33)), _mm256_set1_ps(88.37));
-    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
+pub(crate) unsafe fn exp<V: F32s>(x: V) -> V {
+    let x = x.max(V::splat(-87.33)).min(V::splat(88.37));
+    let fx = x.mul(V::splat(std::f32::consts::LOG2_E)).round();
     // x − fx·ln2 with ln2 split in two parts, so the reduced argument is exact to f32
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_2e-4);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_2e-3));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-    // 2^fx, built in the exponent field (fx ∈ [−126, 128] after the clamp)
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-}
-
-/// [`exp`] on sixteen lanes (AVX-512F): the same polynomial and steps, so each lane's result is
-/// the eight-lane form's.
-#[inline(always)]
-pub unsafe fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33)), _mm512_set1_ps(88.37));
-    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_2e-4);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.398_2e-3));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.333_452e-3));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166_579_6e-2));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.166_666_65));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+    let r = V::fnmadd(fx, V::splat(0.693_359_4), x);
+    let r = V::fnmadd(fx, V::splat(-2.121_944_4e-4), r);
+    let mut y = V::splat(1.987_569_2e-4);
+    y = V::fmadd(y, r, V::splat(1.398_2e-3));
+    y = V::fmadd(y, r, V::splat(8.333_452e-3));
+    y = V::fmadd(y, r, V::splat(4.166_579_6e-2));
+    y = V::fmadd(y, r, V::splat(0.166_666_65));
+    y = V::fmadd(y, r, V::splat(0.5));
+    y = V::fmadd(y, r.mul(r), r.add(V::splat(1.0)));
+    // 2^fx (fx ∈ [−126, 128] after the clamp)
+    y.mul(fx.pow2())
 }
 
 /// SiLU, x·σ(x) = x / (1 + e^−x).

@@ -20,6 +20,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use crate::kernels::vmath::F32s;
+
 // MR: output channels per micro-kernel panel (the broadcast operand); NR: tiles per panel (two
 // AVX vectors). The micro-kernel is the packed matrix product's.
 use crate::kernels::packed_matmul::{self, MR, NR};
@@ -307,26 +309,26 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, u: *mut f32
 
 // ----- input transform: V = Bᵀ d B ----------------------------------------------------------
 
-/// Bᵀ for the points {0, 1, −1, ½, −2, ∞}.
+/// Bᵀ for the points {0, 1, −1, ½, −2, ∞} (8 or 16 lanes: one tile a lane).
 #[inline(always)]
-unsafe fn bt6(v: [__m256; 6]) -> [__m256; 6] {
+unsafe fn bt6<V: F32s>(v: [V; 6]) -> [V; 6] {
     let [v0, v1, v2, v3, v4, v5] = v;
-    let h = _mm256_set1_ps(0.5);
-    let h3 = _mm256_set1_ps(1.5);
-    let two = _mm256_set1_ps(2.0);
-    let h5 = _mm256_set1_ps(2.5);
+    let h = V::splat(0.5);
+    let h3 = V::splat(1.5);
+    let two = V::splat(2.0);
+    let h5 = V::splat(2.5);
     // r0 = v0 − 1.5 v1 − 2 v2 + 1.5 v3 + v4 = v0 + v4 + 1.5 (v3 − v1) − 2 v2
-    let r0 = _mm256_fnmadd_ps(two, v2, _mm256_fmadd_ps(h3, _mm256_sub_ps(v3, v1), _mm256_add_ps(v0, v4)));
+    let r0 = V::fnmadd(two, v2, V::fmadd(h3, v3.sub(v1), v0.add(v4)));
     // r5 = v1 − 1.5 v2 − 2 v3 + 1.5 v4 + v5 = v1 + v5 + 1.5 (v4 − v2) − 2 v3
-    let r5 = _mm256_fnmadd_ps(two, v3, _mm256_fmadd_ps(h3, _mm256_sub_ps(v4, v2), _mm256_add_ps(v1, v5)));
+    let r5 = V::fnmadd(two, v3, V::fmadd(h3, v4.sub(v2), v1.add(v5)));
     // r1 = −v1 + 0.5 v2 + 2.5 v3 + v4
-    let r1 = _mm256_fmadd_ps(h5, v3, _mm256_fmadd_ps(h, v2, _mm256_sub_ps(v4, v1)));
+    let r1 = V::fmadd(h5, v3, V::fmadd(h, v2, v4.sub(v1)));
     // r2 = v1 − 2.5 v2 + 0.5 v3 + v4
-    let r2 = _mm256_fnmadd_ps(h5, v2, _mm256_fmadd_ps(h, v3, _mm256_add_ps(v4, v1)));
+    let r2 = V::fnmadd(h5, v2, V::fmadd(h, v3, v4.add(v1)));
     // r3 = −2 v1 − v2 + 2 v3 + v4 = 2 (v3 − v1) + v4 − v2
-    let r3 = _mm256_fmadd_ps(two, _mm256_sub_ps(v3, v1), _mm256_sub_ps(v4, v2));
+    let r3 = V::fmadd(two, v3.sub(v1), v4.sub(v2));
     // r4 = 0.5 v1 − v2 − 0.5 v3 + v4 = 0.5 (v1 − v3) + v4 − v2
-    let r4 = _mm256_fmadd_ps(h, _mm256_sub_ps(v1, v3), _mm256_sub_ps(v4, v2));
+    let r4 = V::fmadd(h, v1.sub(v3), v4.sub(v2));
     [r0, r1, r2, r3, r4, r5]
 }
 
@@ -575,17 +577,16 @@ unsafe fn task_gemm(
     }
 }
 
-/// Aᵀ for the points {0, 1, −1, ½, −2, ∞}: 6 → 4.
+/// Aᵀ for the points {0, 1, −1, ½, −2, ∞}: 6 → 4 (8 or 16 lanes).
 #[inline(always)]
-unsafe fn at6(m: [__m256; 6]) -> [__m256; 4] {
+unsafe fn at6<V: F32s>(m: [V; 6]) -> [V; 4] {
     let [m0, m1, m2, m3, m4, m5] = m;
-    let s12 = _mm256_add_ps(m1, m2);
-    let d12 = _mm256_sub_ps(m1, m2);
-    let o0 = _mm256_add_ps(_mm256_add_ps(m0, s12), _mm256_add_ps(m3, m4));
-    let o1 = _mm256_fmadd_ps(_mm256_set1_ps(0.5), m3, _mm256_fnmadd_ps(_mm256_set1_ps(2.0), m4, d12));
-    let o2 = _mm256_fmadd_ps(_mm256_set1_ps(0.25), m3, _mm256_fmadd_ps(_mm256_set1_ps(4.0), m4, s12));
-    let o3 =
-        _mm256_fmadd_ps(_mm256_set1_ps(0.125), m3, _mm256_fnmadd_ps(_mm256_set1_ps(8.0), m4, _mm256_add_ps(d12, m5)));
+    let s12 = m1.add(m2);
+    let d12 = m1.sub(m2);
+    let o0 = m0.add(s12).add(m3.add(m4));
+    let o1 = V::fmadd(V::splat(0.5), m3, V::fnmadd(V::splat(2.0), m4, d12));
+    let o2 = V::fmadd(V::splat(0.25), m3, V::fmadd(V::splat(4.0), m4, s12));
+    let o3 = V::fmadd(V::splat(0.125), m3, V::fnmadd(V::splat(8.0), m4, d12.add(m5)));
     [o0, o1, o2, o3]
 }
 
@@ -692,37 +693,6 @@ unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
 // vector per row of 16 tiles halves the arithmetic of the 8-tile forms above, and the 16 tiles
 // are one whole panel of the transformed input (full 64-byte stores).
 
-/// [`bt6`] on 512-bit vectors.
-#[inline(always)]
-unsafe fn bt6_16(v: [__m512; 6]) -> [__m512; 6] {
-    let [v0, v1, v2, v3, v4, v5] = v;
-    let h = _mm512_set1_ps(0.5);
-    let h3 = _mm512_set1_ps(1.5);
-    let two = _mm512_set1_ps(2.0);
-    let h5 = _mm512_set1_ps(2.5);
-    let r0 = _mm512_fnmadd_ps(two, v2, _mm512_fmadd_ps(h3, _mm512_sub_ps(v3, v1), _mm512_add_ps(v0, v4)));
-    let r5 = _mm512_fnmadd_ps(two, v3, _mm512_fmadd_ps(h3, _mm512_sub_ps(v4, v2), _mm512_add_ps(v1, v5)));
-    let r1 = _mm512_fmadd_ps(h5, v3, _mm512_fmadd_ps(h, v2, _mm512_sub_ps(v4, v1)));
-    let r2 = _mm512_fnmadd_ps(h5, v2, _mm512_fmadd_ps(h, v3, _mm512_add_ps(v4, v1)));
-    let r3 = _mm512_fmadd_ps(two, _mm512_sub_ps(v3, v1), _mm512_sub_ps(v4, v2));
-    let r4 = _mm512_fmadd_ps(h, _mm512_sub_ps(v1, v3), _mm512_sub_ps(v4, v2));
-    [r0, r1, r2, r3, r4, r5]
-}
-
-/// [`at6`] on 512-bit vectors.
-#[inline(always)]
-unsafe fn at6_16(m: [__m512; 6]) -> [__m512; 4] {
-    let [m0, m1, m2, m3, m4, m5] = m;
-    let s12 = _mm512_add_ps(m1, m2);
-    let d12 = _mm512_sub_ps(m1, m2);
-    let o0 = _mm512_add_ps(_mm512_add_ps(m0, s12), _mm512_add_ps(m3, m4));
-    let o1 = _mm512_fmadd_ps(_mm512_set1_ps(0.5), m3, _mm512_fnmadd_ps(_mm512_set1_ps(2.0), m4, d12));
-    let o2 = _mm512_fmadd_ps(_mm512_set1_ps(0.25), m3, _mm512_fmadd_ps(_mm512_set1_ps(4.0), m4, s12));
-    let o3 =
-        _mm512_fmadd_ps(_mm512_set1_ps(0.125), m3, _mm512_fnmadd_ps(_mm512_set1_ps(8.0), m4, _mm512_add_ps(d12, m5)));
-    [o0, o1, o2, o3]
-}
-
 /// Lanes of 16 consecutive columns from `c0 + off` that lie inside [0, w).
 #[inline(always)]
 fn col_mask(c0: isize, off: isize, w: usize) -> __mmask16 {
@@ -785,7 +755,7 @@ unsafe fn input_row16(x: &[f32], g: &Geom, pos: (usize, usize, usize), c_a: usiz
                 a[q] = _mm512_maskz_loadu_ps(ma[q], p.wrapping_add(16 * q));
                 b[q] = _mm512_maskz_loadu_ps(mb[q], p.wrapping_add(4 + 16 * q));
             }
-            *dr = bt6_16([
+            *dr = bt6([
                 pick16(&a, idx[0]),
                 pick16(&a, idx[1]),
                 pick16(&a, idx[2]),
@@ -796,7 +766,7 @@ unsafe fn input_row16(x: &[f32], g: &Geom, pos: (usize, usize, usize), c_a: usiz
         }
         let dst = vbase.add(ci * NR);
         for j in 0..6 {
-            let col = bt6_16([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
+            let col = bt6([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
             for (i, &val) in col.iter().enumerate() {
                 _mm512_storeu_ps(dst.add((6 * i + j) * vstride_xi), val);
             }
@@ -814,7 +784,7 @@ unsafe fn output_row16(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
         for (i, ci) in col.iter_mut().enumerate() {
             *ci = _mm512_loadu_ps(mp.add((i * 6 + j) * NR));
         }
-        let c = at6_16(col);
+        let c = at6(col);
         for i in 0..4 {
             t[i][j] = c[i];
         }
@@ -830,7 +800,7 @@ unsafe fn output_row16(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
         if y >= h {
             break;
         }
-        let [o0, o1, o2, o3] = at6_16(*ti);
+        let [o0, o1, o2, o3] = at6(*ti);
         let (o0, o1, o2, o3) =
             (_mm512_add_ps(o0, bvec), _mm512_add_ps(o1, bvec), _mm512_add_ps(o2, bvec), _mm512_add_ps(o3, bvec));
         // lane = tile → 64 consecutive columns: per 128-bit block k, u_r holds tile 4k + r's
