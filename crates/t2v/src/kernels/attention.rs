@@ -87,7 +87,7 @@ impl MultiHeadAttention {
             let wide = super::avx512();
             let scratch = || vec![0f32; 2 * t.div_ceil(lanes::L) * lanes::L * hd];
             out.par_chunks_mut(t * hd).enumerate().for_each_init(scratch, |scratch, (b, out)| {
-                // SAFETY: AVX2 and FMA (and AVX-512 F/VL for `wide`) checked; `scratch` holds
+                // SAFETY: AVX2 and FMA (and AVX-512F for `wide`) checked; `scratch` holds
                 // two transposed copies of one row.
                 unsafe {
                     if wide {
@@ -210,7 +210,7 @@ mod lanes {
     use crate::kernels::vmath::{self, F32s};
 
     /// The most queries a vector holds (the scratch is sized for it).
-    pub(super) const L: usize = 16;
+    pub(super) const L: usize = <__m512 as F32s>::LANES;
 
     /// Row `b` (`out` is its tokens × heads·d) with `V::LANES` queries a vector; `scratch` holds
     /// 2·⌈t/L⌉·L·hd floats.
@@ -501,6 +501,23 @@ pub fn multi_head_attention(
     scale: f64,
     repeat: usize,
 ) -> Result<Tensor> {
+    let (batch, tokens, width) = check_shapes(q, k, v, heads, repeat)?;
+    if fast(q, k, v) {
+        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat, window: None });
+    }
+    let (k, v) = (super::copy::repeat_interleave(k, repeat)?, super::copy::repeat_interleave(v, repeat)?);
+    let d = width / heads;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let n = x.dim(1)?;
+        x.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d))
+    };
+    let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
+    out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
+}
+
+/// (batch, tokens, width) of q, once q, k and v are checked to fit `heads` heads and `repeat`
+/// (row b / repeat of k and v serving query row b).
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, repeat: usize) -> Result<(usize, usize, usize)> {
     let (batch, tokens, width) = q.dims3()?;
     let (kb, keys, kw) = k.dims3()?;
     if repeat == 0
@@ -517,24 +534,18 @@ pub fn multi_head_attention(
             v.dims()
         );
     }
-    if fast(q, k, v) {
-        let op = MultiHeadAttention { heads, scale: scale as f32, repeat, window: None };
-        let c = super::copy::contiguous;
-        return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);
-    }
-    let (k, v) = (super::copy::repeat_interleave(k, repeat)?, super::copy::repeat_interleave(v, repeat)?);
-    let d = width / heads;
-    let split = |x: &Tensor| -> Result<Tensor> {
-        let n = x.dim(1)?;
-        x.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d))
-    };
-    let out = attention_in_blocks(&split(q)?, &split(&k)?, &split(&v)?, scale, SCORE_BUDGET)?;
-    out.reshape((batch, heads, tokens, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, width))
+    Ok((batch, tokens, width))
 }
 
 /// Whether the CPU kernel runs (float32 on the CPU with AVX2/FMA).
 fn fast(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     super::on_cpu(q.device()) && [q, k, v].iter().all(|t| t.dtype() == DType::F32) && avx2()
+}
+
+/// The CPU kernel on contiguous q, k and v.
+fn run_op(q: &Tensor, k: &Tensor, v: &Tensor, op: MultiHeadAttention) -> Result<Tensor> {
+    let c = super::copy::contiguous;
+    c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)
 }
 
 /// [`multi_head_attention`] (self-attention, no repeat) within tokens [start, start + length)
@@ -550,8 +561,8 @@ pub fn multi_head_attention_window(
     start: usize,
     length: usize,
 ) -> Result<Tensor> {
-    let tokens = q.dim(1)?;
-    if start + length > tokens || length == 0 || k.dims() != q.dims() || v.dims() != q.dims() {
+    let (_, tokens, _) = check_shapes(q, k, v, heads, 1)?;
+    if start + length > tokens || length == 0 || k.dims() != q.dims() {
         candle_core::bail!(
             "attention window [{start}, {}) doesn't fit q {:?}, k {:?}, v {:?}",
             start + length,
@@ -561,13 +572,12 @@ pub fn multi_head_attention_window(
         );
     }
     if fast(q, k, v) {
-        let width = q.dim(2)?;
-        if heads == 0 || width % heads != 0 {
-            candle_core::bail!("attention: width {width} doesn't split into {heads} heads");
-        }
-        let op = MultiHeadAttention { heads, scale: scale as f32, repeat: 1, window: Some((start, length)) };
-        let c = super::copy::contiguous;
-        return c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op);
+        return run_op(
+            q,
+            k,
+            v,
+            MultiHeadAttention { heads, scale: scale as f32, repeat: 1, window: Some((start, length)) },
+        );
     }
     let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
     multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1)

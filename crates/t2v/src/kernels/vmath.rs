@@ -1,6 +1,6 @@
-//! Vectorised elementwise functions for the fused kernels (AVX2 + FMA, eight lanes; `exp` at
-//! sixteen too, through [`F32s`]): `exp`,
-//! SiLU and the exact (erf) GELU. Each is within a few units in the last place of float32 (the
+//! Vectorised elementwise functions for the fused kernels: `exp` (on 8 or 16 lanes, through
+//! [`F32s`]), SiLU and the exact (erf) GELU (8 lanes, AVX2 + FMA). Each is within a few units in
+//! the last place of float32 (the
 //! GELU's erfc within 1.2e-7 relative, Numerical Recipes' Chebyshev fit), as accurate as torch's
 //! own vectorised CPU versions; callers check [`super::avx2`] first. Our own because the
 //! fused kernels apply them to eight lanes at a time inside their loops, where candle's are

@@ -456,14 +456,14 @@ unsafe fn input_group(
 /// `d` holds the rows of a 6×6 tile after the horizontal transform (d B); finish with the
 /// vertical one (Bᵀ ·) and store plane ξ = 6·i + j at `dst + ξ·stride_xi`.
 #[inline(always)]
-unsafe fn transform_store(d: &[[__m256; 6]; 6], dst: *mut f32, stride_xi: usize) {
+unsafe fn transform_store<V: F32s>(d: &[[V; 6]; 6], dst: *mut f32, stride_xi: usize) {
     let s6 = 6 * stride_xi;
     let mut pj = dst;
     for j in 0..6 {
         let col = bt6([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
         let mut p = pj;
         for v in col {
-            _mm256_storeu_ps(p, v);
+            v.store(p);
             p = p.add(s6);
         }
         pj = pj.add(stride_xi);
@@ -590,31 +590,37 @@ unsafe fn at6<V: F32s>(m: [V; 6]) -> [V; 4] {
     [o0, o1, o2, o3]
 }
 
-/// Output transform of 8 tiles [tg, tg + 8) (lane = tile) of channel `co`: `mp[ξ·NR + lane]`.
-#[inline(never)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, out: *mut f32) {
-    let mut mm = [[_mm256_setzero_ps(); 6]; 6];
-    for i in 0..6 {
-        for j in 0..6 {
-            mm[i][j] = _mm256_loadu_ps(mp.add((i * 6 + j) * NR));
-        }
-    }
-    let mut t = [[_mm256_setzero_ps(); 6]; 4];
+/// Aᵀ M A + bias for the tiles in the lanes of `mp[ξ·NR + lane]` (8 or 16 of them): row i,
+/// column j of each tile's 4×4 output in `[i][j]`.
+#[inline(always)]
+unsafe fn inverse_tiles<V: F32s>(mp: *const f32, bv: f32) -> [[V; 4]; 4] {
+    let mut t = [[V::zero(); 6]; 4];
     for j in 0..6 {
-        let c = at6([mm[0][j], mm[1][j], mm[2][j], mm[3][j], mm[4][j], mm[5][j]]);
+        let mut col = [V::zero(); 6];
+        for (i, ci) in col.iter_mut().enumerate() {
+            *ci = V::load(mp.add((i * 6 + j) * NR));
+        }
+        let c = at6(col);
         for i in 0..4 {
             t[i][j] = c[i];
         }
     }
-    let bvec = _mm256_set1_ps(bv);
-    let mut o = [[_mm256_setzero_ps(); 4]; 4];
+    let bvec = V::splat(bv);
+    let mut o = [[V::zero(); 4]; 4];
     for i in 0..4 {
         let r = at6(t[i]);
         for j in 0..4 {
-            o[i][j] = _mm256_add_ps(r[j], bvec);
+            o[i][j] = r[j].add(bvec);
         }
     }
+    o
+}
+
+/// Output transform of 8 tiles [tg, tg + 8) (lane = tile) of channel `co`: `mp[ξ·NR + lane]`.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, out: *mut f32) {
+    let o: [[__m256; 4]; 4] = inverse_tiles(mp, bv);
     let (h, w) = (g.h, g.w);
     let plane = h * w;
     let (img0, ty0, tx0) = g.tile(tg);
@@ -764,13 +770,7 @@ unsafe fn input_row16(x: &[f32], g: &Geom, pos: (usize, usize, usize), c_a: usiz
                 pick16(&b, idx[1]),
             ]);
         }
-        let dst = vbase.add(ci * NR);
-        for j in 0..6 {
-            let col = bt6([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
-            for (i, &val) in col.iter().enumerate() {
-                _mm512_storeu_ps(dst.add((6 * i + j) * vstride_xi), val);
-            }
-        }
+        transform_store(&d, vbase.add(ci * NR), vstride_xi);
     }
 }
 
@@ -778,31 +778,17 @@ unsafe fn input_row16(x: &[f32], g: &Geom, pos: (usize, usize, usize), c_a: usiz
 #[inline(never)]
 #[target_feature(enable = "avx512f")]
 unsafe fn output_row16(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, out: *mut f32) {
-    let mut t = [[_mm512_setzero_ps(); 6]; 4];
-    for j in 0..6 {
-        let mut col = [_mm512_setzero_ps(); 6];
-        for (i, ci) in col.iter_mut().enumerate() {
-            *ci = _mm512_loadu_ps(mp.add((i * 6 + j) * NR));
-        }
-        let c = at6(col);
-        for i in 0..4 {
-            t[i][j] = c[i];
-        }
-    }
-    let bvec = _mm512_set1_ps(bv);
+    let o: [[__m512; 4]; 4] = inverse_tiles(mp, bv);
     let (h, w) = (g.h, g.w);
     let (img0, ty0, tx0) = g.tile(tg);
     let x0 = 4 * tx0;
     let masks = [0isize, 16, 32, 48].map(|o| col_mask(x0 as isize, o, w));
     let base = out.add((img0 * g.cout + co) * h * w);
-    for (i, ti) in t.iter().enumerate() {
+    for (i, &[o0, o1, o2, o3]) in o.iter().enumerate() {
         let y = 4 * ty0 + i;
         if y >= h {
             break;
         }
-        let [o0, o1, o2, o3] = at6(*ti);
-        let (o0, o1, o2, o3) =
-            (_mm512_add_ps(o0, bvec), _mm512_add_ps(o1, bvec), _mm512_add_ps(o2, bvec), _mm512_add_ps(o3, bvec));
         // lane = tile → 64 consecutive columns: per 128-bit block k, u_r holds tile 4k + r's
         // four columns; then a 4×4 transpose of the blocks.
         let t0 = _mm512_unpacklo_ps(o0, o1);
