@@ -181,6 +181,9 @@ pub struct WindowPlan {
     pub weights: Vec<f32>,
     /// Per frame of the video, the sum its weighted outputs are divided by.
     pub weight_sums: Vec<f32>,
+    /// Per frame of the video, the sum of the weights its outputs were multiplied by: equal to
+    /// `weight_sums` except on the tail window's frames (the quirk above).
+    pub applied_sums: Vec<f32>,
 }
 
 impl WindowPlan {
@@ -197,6 +200,7 @@ impl WindowPlan {
                 sums[w.start + j] += wt;
             }
         }
+        let mut applied = sums.clone();
         let covered = list.last().map_or(0, |w| w.start + length);
         if covered < frames {
             let tail = frames - covered;
@@ -205,8 +209,11 @@ impl WindowPlan {
             for s in &mut sums[covered..] {
                 *s += weights[skip];
             }
+            for (a, &wt) in applied[covered..].iter_mut().zip(&weights[skip..]) {
+                *a += wt;
+            }
         }
-        Ok(Self { frames, length, windows: list, weights, weight_sums: sums })
+        Ok(Self { frames, length, windows: list, weights, weight_sums: sums, applied_sums: applied })
     }
 }
 

@@ -45,6 +45,72 @@ impl Linear {
     pub fn out_dim(&self) -> usize {
         self.weight.dims().first().copied().unwrap_or(0)
     }
+
+    /// The input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `acc += x·Wᵀ`, the bias left out (the caller adds it as its sums need): `x` (…, in),
+    /// `acc` (…, out) with the same leading dimensions; in place where the kernels run.
+    pub fn accumulate_without_bias(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = acc.dims().to_vec();
+        let in_dim = *x.dims().last().expect("linear input has a last dimension");
+        let rows = x.elem_count() / in_dim;
+        let out_dim = self.out_dim();
+        let acc = timed("linear", || {
+            kernels::linear::linear_accumulate(acc.reshape((rows, out_dim))?, &x.reshape((rows, in_dim))?, &self.weight)
+        })?;
+        count_flops("linear", 2 * rows * in_dim * out_dim);
+        acc.reshape(dims)
+    }
+}
+
+/// A [`Linear`] whose weight is packed once for many calls on float32 activations
+/// ([`Linear::prepare`]) where the kernels run; other calls go to the layer itself.
+pub struct PreparedLinear<'a> {
+    packed: Option<kernels::linear::PackedLinear>,
+    layer: &'a Linear,
+}
+
+impl Linear {
+    /// This layer ready for many calls when `pack` (FreeNoise's windows and the chunks of a long
+    /// video run the same layers many times): its weight packed now and kept, at the cost of
+    /// holding the packed (float32) copy meanwhile. Without `pack`, each call packs its own.
+    pub fn prepare(&self, pack: bool) -> candle_core::Result<PreparedLinear<'_>> {
+        let packed = if pack {
+            timed("linear", || kernels::linear::PackedLinear::new(&self.weight, self.bias.as_ref()))?
+        } else {
+            None
+        };
+        Ok(PreparedLinear { packed, layer: self })
+    }
+}
+
+impl PreparedLinear<'_> {
+    pub fn layer(&self) -> &Linear {
+        self.layer
+    }
+}
+
+impl Module for PreparedLinear<'_> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(packed) = self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) else {
+            return self.layer.forward(x);
+        };
+        let (in_dim, out_dim) = (self.layer.in_dim(), self.layer.out_dim());
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = timed("linear", || packed.forward(&x.reshape((rows, in_dim))?))?;
+        count_flops("linear", 2 * rows * in_dim * out_dim);
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = out_dim;
+        y.reshape(out_dims)
+    }
 }
 
 impl Module for Linear {

@@ -139,6 +139,11 @@ mod long_video {
         // Frames 17 and 18 get weights[6] = 2 each from the tail, whatever their own weights (2, 1).
         assert_eq!(plan.weight_sums[17], 2.0);
         assert_eq!(plan.weight_sums[18], 2.0);
+        // ... while the outputs added there were multiplied by their own weights, 2 and 1; the
+        // frames before the tail's were multiplied by what they are divided by.
+        assert_eq!(plan.applied_sums[17], 2.0);
+        assert_eq!(plan.applied_sums[18], 1.0);
+        assert_eq!(plan.applied_sums[..17], plan.weight_sums[..17]);
         // Frame 9: weights 4 (window 6, j=3), 1 (window 9, j=0), plus window 3's j=6 → 2.
         assert_eq!(plan.weight_sums[9], 4.0 + 1.0 + 2.0);
         let exact = ContextWindows::new(8, 4, ContextWeighting::Flat).plan(16).unwrap();

@@ -103,6 +103,37 @@ fn fused_linear_matches_matmul_with_float16_weights_too() {
 }
 
 #[test]
+fn packed_linear_equals_linear_and_accumulates_in_place() {
+    use t2v::kernels::linear::{linear, linear_accumulate, PackedLinear};
+    let dev = Device::Cpu;
+    // a depth past one packed block (256 or 384), float16 weights as the published ones
+    let x = Tensor::randn(0f32, 1f32, (53, 700), &dev).unwrap();
+    let w16 = Tensor::randn(0f32, 0.05, (45, 700), &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let b = Tensor::randn(0f32, 1f32, 45, &dev).unwrap();
+    let once = linear(&x, &w16, Some(&b)).unwrap().to_vec2::<f32>().unwrap();
+    let packed = PackedLinear::new(&w16, Some(&b)).unwrap();
+    let kernels_run = t2v::kernels::isa() != t2v::kernels::Isa::Generic && t2v::kernels::avx2();
+    assert_eq!(packed.is_some(), kernels_run, "packed wherever the fused product runs");
+    if let Some(packed) = packed {
+        // packed once, the same numbers as packing per call, call after call
+        for _ in 0..2 {
+            assert_eq!(packed.forward(&x).unwrap().to_vec2::<f32>().unwrap(), once);
+        }
+    }
+    let start = Tensor::randn(0f32, 1f32, (53, 45), &dev).unwrap();
+    let expected = (&start + linear(&x, &w16, None).unwrap()).unwrap();
+    let acc = start.copy().unwrap();
+    let view = acc.clone();
+    let got = linear_accumulate(acc, &x, &w16).unwrap();
+    assert!(max_rel(&got, &expected) < 1e-6, "{}", max_rel(&got, &expected));
+    if kernels_run {
+        // in place: the tensor handed in holds the sums
+        assert_eq!(view.to_vec2::<f32>().unwrap(), got.to_vec2::<f32>().unwrap());
+    }
+    assert!(linear_accumulate(start, &x.narrow(1, 0, 699).unwrap(), &w16).is_err(), "widths checked");
+}
+
+#[test]
 fn short_attention_matches_matrix_products() {
     let dev = Device::Cpu;
     for (rows, t, s, d) in [(50, 16, 16, 64), (7, 3, 77, 8), (9, 33, 20, 5)] {

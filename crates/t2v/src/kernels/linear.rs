@@ -3,35 +3,45 @@
 //! widened as they are packed, once per call; bfloat16 weights multiply in bfloat16 where the CPU
 //! has AVX512_BF16 ([`super::bf16`]: the input rounded as it is packed), else are widened too.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::packed_matmul::{self, Init, PackedB};
 
 struct LinearOp;
 
-fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-    let x = super::f32_of(x, lx, "linear input")?;
-    let w = super::src_of(w, lw, "linear weight")?;
-    let (m, k) = lx.shape().dims2()?;
-    let (n, k2) = lw.shape().dims2()?;
-    if k != k2 {
-        candle_core::bail!("linear: input width {k} ≠ weight width {k2}");
-    }
-    // The weight is packed (float16 widened; bfloat16 kept where the CPU multiplies in it) once
-    // per call, on every thread.
-    let packed = if w.multiplies_in_bf16() {
+/// A weight packed for the products (float16 widened; bfloat16 kept where the CPU multiplies in
+/// it), on every thread.
+fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
+    if w.multiplies_in_bf16() {
         PackedB::from_transposed_bf16(w, n, k, true)
     } else {
         PackedB::from_transposed(w, n, k, true)
-    };
+    }
+}
+
+/// `x·B + bias` for an input of float32 rows and a packed B.
+fn product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    let x = super::f32_of(x, lx, "linear input")?;
+    let (m, k) = lx.shape().dims2()?;
+    let n = packed.n();
+    if k != packed.k() {
+        candle_core::bail!("linear: input width {k} ≠ weight width {}", packed.k());
+    }
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
     let init = bias.map_or(Init::Overwrite, Init::Bias);
-    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `avx2()` was checked
-    // by `linear` before this op was applied.
+    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `avx2()` was checked before
+    // this op was applied (`linear`, `PackedLinear::new`).
     let wide = super::wide(super::KernelKind::Linear);
-    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n, init, wide) };
+    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
+}
+
+fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    let w = super::src_of(w, lw, "linear weight")?;
+    let (n, k) = lw.shape().dims2()?;
+    // packed once per call
+    product(x, lx, &pack(w, n, k), bias)
 }
 
 impl CustomOp2 for LinearOp {
@@ -63,16 +73,65 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// Whether [`linear`] takes the fused GEMM for these operands.
+fn fused(x_device: &candle_core::Device, x_dtype: DType, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    super::on_cpu(x_device)
+        && super::avx2()
+        && x_dtype == DType::F32
+        && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && bias.is_none_or(|b| b.dtype() == DType::F32)
+}
+
+/// A linear layer's weight packed once for many calls on float32 inputs (FreeNoise runs the same
+/// layers on every window of a video: packing per call would repeat the weight's widening and
+/// transposition each time, a third of a small window's product at 1280 channels).
+pub struct PackedLinear {
+    packed: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+struct PackedLinearOp<'a>(&'a PackedLinear);
+
+impl CustomOp1 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "linear-packed"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        product(x, lx, &self.0.packed, self.0.bias.as_deref())
+    }
+}
+
+impl PackedLinear {
+    /// The packed form of `weight` (out, in) and `bias` (out) where [`linear`] would take the
+    /// fused GEMM for float32 inputs on `device`; `None` elsewhere (call [`linear`] there).
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<PackedLinear>> {
+        if !fused(weight.device(), DType::F32, weight, bias) {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w = weight.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let packed = pack(super::src_of(cpu, layout, "linear weight")?, n, k);
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Some(PackedLinear { packed, bias }))
+    }
+
+    /// `x` (rows, in) · Wᵀ + bias → (rows, out), for float32 `x` on the CPU.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            candle_core::bail!("packed linear: float32 inputs on the CPU only, not {:?}", x.dtype());
+        }
+        super::copy::contiguous(x)?.apply_op1_no_bwd(&PackedLinearOp(self))
+    }
+}
+
 /// `x` (rows, in) · `weight` (out, in)ᵀ + `bias` (out) → (rows, out). On the CPU with float32
 /// activations (and float32, float16 or bfloat16 weights) one fused GEMM; elsewhere candle's
 /// matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let cpu_f32 = super::on_cpu(x.device())
-        && super::avx2()
-        && x.dtype() == DType::F32
-        && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if cpu_f32 {
+    if fused(x.device(), x.dtype(), weight, bias) {
         let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
         return match bias {
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp),
@@ -85,4 +144,59 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// `acc += x·Wᵀ` in place: the product's tiles start from `acc`'s own values.
+struct LinearAccumulateOp;
+
+impl candle_core::InplaceOp3 for LinearAccumulateOp {
+    fn name(&self) -> &'static str {
+        "linear-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        la: &Layout,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<()> {
+        let x = super::f32_of(x, lx, "linear input")?;
+        let w = super::src_of(w, lw, "linear weight")?;
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        let Some((a0, a1)) = la.contiguous_offsets() else {
+            candle_core::bail!("linear-accumulate: sums not contiguous")
+        };
+        let CpuStorage::F32(acc) = acc else { candle_core::bail!("linear-accumulate needs float32 sums") };
+        if k != k2 || a1 - a0 != m * n {
+            candle_core::bail!("linear-accumulate: input {m}×{k}, weight {n}×{k2}, sums of {} values", a1 - a0);
+        }
+        let packed = pack(w, n, k);
+        let wide = super::wide(super::KernelKind::Linear);
+        // SAFETY: `x` holds m×k and `acc[a0..]` m×n floats, rows contiguous; `avx2()` was
+        // checked by `linear_accumulate`.
+        unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, acc[a0..].as_mut_ptr(), n, Init::Accumulate, wide) };
+        Ok(())
+    }
+}
+
+/// `acc (rows, out) += x (rows, in) · weight (out, in)ᵀ`, without a bias: in place on the CPU
+/// (contiguous float32 sums and input), so the sum never needs a second buffer; elsewhere
+/// candle's matmul and add, returning the new sums. Returns the sums either way.
+pub fn linear_accumulate(acc: Tensor, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, k2) = weight.dims2()?;
+    if acc.dims() != [m, n] || k != k2 {
+        candle_core::bail!("linear-accumulate: sums {:?}, input {m}×{k}, weight {n}×{k2}", acc.dims());
+    }
+    if fused(x.device(), x.dtype(), weight, None) && acc.dtype() == DType::F32 && acc.is_contiguous() {
+        let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
+        acc.inplace_op3(&x, &w, &LinearAccumulateOp)?;
+        return Ok(acc);
+    }
+    let w = if weight.dtype() == x.dtype() { weight.clone() } else { weight.to_dtype(x.dtype())? };
+    acc + x.matmul(&w.t()?)?
 }

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use crate::long_video::WindowPlan;
 use crate::nn::{
     accumulate_window, add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
-    multi_head_attention_window, LayerNorm, Linear,
+    multi_head_attention_window, LayerNorm, Linear, PreparedLinear,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -46,6 +46,31 @@ impl Attention {
         })
     }
 
+    /// This attention with its weights packed once for many calls when `pack` (see
+    /// [`Linear::prepare`]), else packed per call.
+    pub fn prepare(&self, pack: bool) -> candle_core::Result<PreparedAttention<'_>> {
+        Ok(PreparedAttention {
+            to_q: self.to_q.prepare(pack)?,
+            to_k: self.to_k.prepare(pack)?,
+            to_v: self.to_v.prepare(pack)?,
+            to_out: self.to_out.prepare(pack)?,
+            heads: self.heads,
+            scale: self.scale,
+        })
+    }
+}
+
+/// An [`Attention`] ready to run ([`Attention::prepare`]).
+pub struct PreparedAttention<'a> {
+    to_q: PreparedLinear<'a>,
+    to_k: PreparedLinear<'a>,
+    to_v: PreparedLinear<'a>,
+    to_out: PreparedLinear<'a>,
+    heads: usize,
+    scale: f64,
+}
+
+impl PreparedAttention<'_> {
     /// `xs`: (batch, tokens, query_dim). `context`: (batch / repeat, context_tokens, context_dim),
     /// used for every `repeat` consecutive batch rows (the frames of one video share its prompt:
     /// projecting it once per video gives the same k and v as diffusers' per-frame copies).
@@ -53,34 +78,37 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let (source, repeat) = context.unwrap_or((xs, 1));
         let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
-        self.attend_projected(&q, &k, &v, repeat)
-    }
-
-    /// The q, k and v of self-attention over `xs`, each (batch, tokens, inner): what
-    /// [`Self::forward`] computes first, for callers that attend over parts of the tokens.
-    pub fn project_self(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        Ok((self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?))
-    }
-
-    /// The rest of [`Self::forward`] from its projections: the heads' attention, then `to_out`.
-    pub fn attend_projected(&self, q: &Tensor, k: &Tensor, v: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
-        let out = multi_head_attention(q, k, v, self.heads, self.scale, repeat)?;
+        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat)?;
         self.to_out.forward(&out)
     }
 
-    /// [`Self::attend_projected`] of self-attention within tokens [start, start + length) of
-    /// every row of the projections (one FreeNoise window, read in place).
-    pub fn attend_window(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        start: usize,
-        length: usize,
-    ) -> candle_core::Result<Tensor> {
-        let out = multi_head_attention_window(q, k, v, self.heads, self.scale, start, length)?;
-        self.to_out.forward(&out)
+    /// Self-attention's heads (batch, tokens, inner) before `to_out`.
+    fn heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (q, k, v) = (self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?);
+        multi_head_attention(&q, &k, &v, self.heads, self.scale, 1)
     }
+}
+
+/// Rows of a group of FreeNoise windows that make the products efficient (B streams from
+/// memory once per block of rows: a few thousand rows amortise it).
+const GROUP_ROWS: usize = 4096;
+/// Bytes of one activation of a group of windows at most, so that a group's intermediates stay
+/// small beside a long video's activations.
+const GROUP_BYTES: usize = 16 << 20;
+
+/// How many windows of `window_rows` rows (sequences × frames) of `width` channels run together.
+fn windows_per_group(window_rows: usize, width: usize) -> usize {
+    let by_rows = GROUP_ROWS.div_ceil(window_rows.max(1));
+    let by_bytes = GROUP_BYTES / (window_rows * width * std::mem::size_of::<f32>()).max(1);
+    by_rows.min(by_bytes).max(1)
+}
+
+/// Tensors of one shape stacked along the first dimension (one window after another).
+fn cat(parts: &[Tensor]) -> candle_core::Result<Tensor> {
+    if parts.len() == 1 {
+        return contiguous(&parts[0]);
+    }
+    crate::profile::timed("layout copies", || Tensor::cat(parts, 0))
 }
 
 /// `FeedForward(dim, activation_fn="geglu", mult=4)`.
@@ -101,7 +129,18 @@ impl FeedForward {
 /// (4× after GEGLU), so level 0 of a 16-frame guided step would otherwise hold over 1 GB there.
 const FF_ROWS: usize = 8192;
 
-impl Module for FeedForward {
+impl FeedForward {
+    fn prepare(&self, pack: bool) -> candle_core::Result<PreparedFeedForward<'_>> {
+        Ok(PreparedFeedForward { proj: self.proj.prepare(pack)?, out: self.out.prepare(pack)? })
+    }
+}
+
+struct PreparedFeedForward<'a> {
+    proj: PreparedLinear<'a>,
+    out: PreparedLinear<'a>,
+}
+
+impl Module for PreparedFeedForward<'_> {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let width = *dims.last().unwrap();
@@ -162,25 +201,42 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// This block with the weights of its linear layers packed once for many calls when `pack`
+    /// (a caller that runs it on many chunks, or FreeNoise's windows), else packed per call.
+    pub fn prepare(&self, pack: bool) -> candle_core::Result<PreparedBlock<'_>> {
+        Ok(PreparedBlock {
+            block: self,
+            attn1: self.attn1.prepare(pack)?,
+            attn2: self.attn2.prepare(pack)?,
+            ff: self.ff.prepare(pack)?,
+        })
+    }
+}
+
+/// A [`BasicTransformerBlock`] ready to run ([`BasicTransformerBlock::prepare`]).
+pub struct PreparedBlock<'a> {
+    block: &'a BasicTransformerBlock,
+    attn1: PreparedAttention<'a>,
+    attn2: PreparedAttention<'a>,
+    ff: PreparedFeedForward<'a>,
+}
+
+impl PreparedBlock<'_> {
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        let xs = self.attend(xs, context)?;
-        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
-    }
-
-    /// The two attentions with their residuals: everything before the feed-forward.
-    fn attend(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
-        add(&self.attn2.forward(&self.norm2.forward(&xs)?, context)?, &xs)
+        let b = self.block;
+        let xs = add(&self.attn1.forward(&b.norm1.forward(xs)?, None)?, xs)?;
+        let xs = add(&self.attn2.forward(&b.norm2.forward(&xs)?, context)?, &xs)?;
+        add(&self.ff.forward(&b.norm3.forward(&xs)?)?, &xs)
     }
 
     /// diffusers' `FreeNoiseTransformerBlock.forward` for a self-attention-only block: `xs`
     /// (sequences, frames, C); the attentions run per window of `plan`, each window's output is
     /// weighted per frame and accumulated (in window order, as the reference adds), the sums are
     /// divided by the per-frame weight sums, then norm3 and the feed-forward run on every frame.
-    /// Only one window's intermediates, attn1's projections and the per-frame sums are held
-    /// besides the input; attn1 reads each window of its projections in place, and each window's
-    /// output is added into the sums in place.
+    /// Only one window's intermediates, attn1's projections and the per-frame sums (of the
+    /// hidden states and of attn2's heads) are held besides the input; attn1 reads each window of
+    /// its projections in place, and each window's outputs are added into the sums in place.
     pub fn forward_windowed(&self, xs: &Tensor, plan: &WindowPlan) -> candle_core::Result<Tensor> {
         let (n, frames, c) = xs.dims3()?;
         if frames != plan.frames {
@@ -190,23 +246,59 @@ impl BasicTransformerBlock {
         // same in every window that holds the frame: computed once for all frames and narrowed
         // per window (the reference recomputes them per window: the same numbers, 3/8 of the
         // windowed projections saved). What follows attn1 depends on its window.
-        let (q, k, v) = self.attn1.project_self(&self.norm1.forward(xs)?)?;
-        // The per-frame weighted sums, from zero as the reference's `accumulated_values`.
-        let sums = Tensor::zeros((n, frames, c), xs.dtype(), xs.device())?;
-        for window in &plan.windows {
-            let attended = self.attn1.attend_window(&q, &k, &v, window.start, plan.length)?;
-            let hidden = add(&attended, &contiguous(&xs.narrow(1, window.start, plan.length)?)?)?;
+        let (b, a1, a2) = (self.block, &self.attn1, &self.attn2);
+        let normed = b.norm1.forward(xs)?;
+        let (q, k, v) = (a1.to_q.forward(&normed)?, a1.to_k.forward(&normed)?, a1.to_v.forward(&normed)?);
+        drop(normed);
+        // The reference adds each window's `attn2.to_out(heads) + hidden`, weighted. `to_out` is
+        // affine, so Σ wᵢ·(W·headsᵢ + b) = W·(Σ wᵢ·headsᵢ) + (Σ wᵢ)·b: the heads' outputs are
+        // summed apart and projected once (1/5 of the windowed products saved; the same sum in
+        // another rounding order). The sums start from (Σ wᵢ)·b per frame, the weights actually
+        // applied (they differ from the divisor on the tail window's frames).
+        let to_out = a2.to_out.layer();
+        let sums = match to_out.bias() {
+            Some(bias) => {
+                let applied = Tensor::from_slice(&plan.applied_sums, (frames, 1), xs.device())?.to_dtype(xs.dtype())?;
+                let per_frame = applied.broadcast_mul(&bias.to_dtype(xs.dtype())?.reshape((1, c))?)?;
+                contiguous(&per_frame.reshape((1, frames, c))?.broadcast_as((n, frames, c))?)?
+            }
+            None => Tensor::zeros((n, frames, c), xs.dtype(), xs.device())?,
+        };
+        let inner = to_out.in_dim();
+        let head_sums = Tensor::zeros((n, frames, inner), xs.dtype(), xs.device())?;
+        // Windows run in groups stacked along the sequences: every layer between the two
+        // attentions acts on each sequence (or token) alone, so a group's products are those of
+        // its windows one by one (the same numbers), with enough rows to run at full speed where
+        // a chunk holds few sequences (the deep levels: 128 rows a window at 4×4 latents).
+        let group = windows_per_group(n * plan.length, c.max(inner));
+        for windows in plan.windows.chunks(group) {
+            let mut heads = Vec::with_capacity(windows.len());
+            let mut inputs = Vec::with_capacity(windows.len());
+            for window in windows {
+                heads.push(multi_head_attention_window(&q, &k, &v, a1.heads, a1.scale, window.start, plan.length)?);
+                inputs.push(xs.narrow(1, window.start, plan.length)?);
+            }
+            let heads = cat(&heads)?;
+            let attended = a1.to_out.forward(&heads)?;
+            drop(heads);
+            let hidden = add(&attended, &cat(&inputs)?)?;
             drop(attended);
-            let out = add(&self.attn2.forward(&self.norm2.forward(&hidden)?, None)?, &hidden)?;
-            drop(hidden);
-            accumulate_window(&sums, &out, window.start, window.skip, &plan.weights)?;
+            let heads = a2.heads(&b.norm2.forward(&hidden)?)?;
+            // added window by window, in the reference's order
+            for (i, window) in windows.iter().enumerate() {
+                let part = |t: &Tensor| t.narrow(0, i * n, n);
+                accumulate_window(&sums, &part(&hidden)?, window.start, window.skip, &plan.weights)?;
+                accumulate_window(&head_sums, &part(&heads)?, window.start, window.skip, &plan.weights)?;
+            }
         }
         drop((q, k, v));
+        let sums = to_out.accumulate_without_bias(sums, &head_sums)?;
+        drop(head_sums);
         // A true division, as the reference's `accumulated / num_times_accumulated`.
         let divisor = Tensor::from_slice(&plan.weight_sums, (1, frames, 1), xs.device())?.to_dtype(xs.dtype())?;
         let xs = sums.broadcast_div(&divisor)?;
         drop(sums);
         debug_assert_eq!(xs.dims(), &[n, frames, c]);
-        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
+        add(&self.ff.forward(&b.norm3.forward(&xs)?)?, &xs)
     }
 }

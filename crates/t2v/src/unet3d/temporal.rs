@@ -124,23 +124,29 @@ impl TransformerTemporalModel {
         // One row of pixels of every frame: its widest intermediate is the feed-forward's chunk,
         // the others are (b·W·F, inner) like the projections.
         let inner = self.proj_in.out_dim().max(c);
-        // FreeNoise's windows also hold attn1's q, k and v of every frame beside the input.
-        let held = if windows.is_some() { 4 } else { 1 };
+        // FreeNoise's windows also hold attn1's q, k and v of every frame and the two per-frame
+        // sums beside the input.
+        let held = if windows.is_some() { 6 } else { 1 };
         let row_bytes = held * b * w * frames * inner * xs.dtype().size_in_bytes();
         let chunks = even_chunks(h, chunk_rows(chunk_bytes, row_bytes));
         let xs_video = xs.reshape((b, frames, c, h, w))?;
+        // Run on many chunks (or windows), the layers' weights are packed once for all of them
+        // (at 1280 channels, 8 chunks of a 128-frame video would otherwise pack 36M weights each).
+        let pack = windows.is_some() || chunks.len() > 1;
+        let (proj_in, proj_out) = (self.proj_in.prepare(pack)?, self.proj_out.prepare(pack)?);
+        let blocks = self.blocks.iter().map(|b| b.prepare(pack)).collect::<candle_core::Result<Vec<_>>>()?;
         let out = map_chunks(3, &chunks, |row, rows| {
             // (b, C, F, rows, W) → (b·rows·W, F, C): one sequence of frames per pixel.
             let part = normed.narrow(3, row, rows)?;
             let seq = contiguous(&part.permute((0, 3, 4, 2, 1))?)?.reshape((b * rows * w, frames, c))?;
-            let mut seq = self.proj_in.forward(&seq)?;
-            for block in &self.blocks {
+            let mut seq = proj_in.forward(&seq)?;
+            for block in &blocks {
                 seq = match windows {
                     Some(plan) => block.forward_windowed(&seq, plan)?,
                     None => block.forward(&seq, None)?,
                 };
             }
-            let seq = self.proj_out.forward(&seq)?;
+            let seq = proj_out.forward(&seq)?;
             // back to (b, F, C, rows, W), plus the residual
             let out = contiguous(&seq.reshape((b, rows, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?;
             add(&out, &contiguous(&xs_video.narrow(3, row, rows)?)?)

@@ -4,9 +4,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{add, chunk_rows, contiguous, group_norm, linear, map_chunks, GroupNorm, Linear};
+use crate::nn::{add, chunk_rows, contiguous, group_norm, linear, map_chunks, GroupNorm, Linear, PreparedLinear};
 
-use super::attention::{BasicTransformerBlock, SecondAttention};
+use super::attention::{BasicTransformerBlock, PreparedBlock, SecondAttention};
 
 /// `Transformer2DModel(heads, dim_head, in_channels, num_layers=1, cross_attention_dim,
 /// norm_num_groups, use_linear_projection=True)`: every 3D UNet block builds it with linear
@@ -58,6 +58,13 @@ impl Transformer2DModel {
         let n = xs.dim(0)?;
         let row_bytes = xs.elem_count() / n.max(1) * xs.dtype().size_in_bytes();
         let chunks = text_aligned_chunks(n, chunk_rows(chunk_bytes, row_bytes), repeat);
+        // Over many chunks the layers' weights are packed once for all of them.
+        let pack = chunks.len() > 1;
+        let layers = Prepared {
+            proj_in: self.proj_in.prepare(pack)?,
+            blocks: self.blocks.iter().map(|b| b.prepare(pack)).collect::<candle_core::Result<Vec<_>>>()?,
+            proj_out: self.proj_out.prepare(pack)?,
+        };
         map_chunks(0, &chunks, |start, len| {
             // The rows of the chunk read embeddings start / repeat onwards (a chunk is whole
             // groups of `repeat` rows, or lies within one).
@@ -66,22 +73,35 @@ impl Transformer2DModel {
             let text = context.narrow(0, first, last + 1 - first)?;
             // (a piece of one group: its rows all read the one embedding)
             let repeat = if first == last { len } else { repeat };
-            self.forward_rows(&xs.narrow(0, start, len)?, &text, repeat)
+            self.forward_rows(&layers, &xs.narrow(0, start, len)?, &text, repeat)
         })
     }
 
-    fn forward_rows(&self, xs: &Tensor, context: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
+    fn forward_rows(
+        &self,
+        layers: &Prepared,
+        xs: &Tensor,
+        context: &Tensor,
+        repeat: usize,
+    ) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let mut tokens =
-            self.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
+            layers.proj_in.forward(&contiguous(&normed.permute((0, 2, 3, 1))?)?.reshape((n, h * w, c))?)?;
         drop(normed);
-        for block in &self.blocks {
+        for block in &layers.blocks {
             tokens = block.forward(&tokens, Some((context, repeat)))?;
         }
-        let out = contiguous(&self.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
+        let out = contiguous(&layers.proj_out.forward(&tokens)?.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?)?;
         add(&out, &contiguous(xs)?)
     }
+}
+
+/// The model's linear layers ready for its chunks.
+struct Prepared<'a> {
+    proj_in: PreparedLinear<'a>,
+    blocks: Vec<PreparedBlock<'a>>,
+    proj_out: PreparedLinear<'a>,
 }
 
 /// Chunks of at most `chunk` of `n` rows that never split a group of `repeat` rows sharing an
