@@ -58,26 +58,12 @@ impl Linear {
     /// `acc += x·Wᵀ`, the bias left out (the caller adds it as its sums need): `x` (…, in),
     /// `acc` (…, out) with the same leading dimensions; in place where the kernels run.
     pub fn accumulate_without_bias(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = acc.dims().to_vec();
-        let in_dim = *x.dims().last().expect("linear input has a last dimension");
-        let rows = x.elem_count() / in_dim;
         let out_dim = self.out_dim();
-        let acc = timed("linear", || {
-            kernels::linear::linear_accumulate(acc.reshape((rows, out_dim))?, &x.reshape((rows, in_dim))?, &self.weight)
-        })?;
-        count_flops("linear", 2 * rows * in_dim * out_dim);
-        acc.reshape(dims)
+        over_rows(x, out_dim, |rows| {
+            kernels::linear::linear_accumulate(acc.reshape((rows.dim(0)?, out_dim))?, rows, &self.weight)
+        })
     }
-}
 
-/// A [`Linear`] whose weight is packed once for many calls on float32 activations
-/// ([`Linear::prepare`]) where the kernels run; other calls go to the layer itself.
-pub struct PreparedLinear<'a> {
-    packed: Option<kernels::linear::PackedLinear>,
-    layer: &'a Linear,
-}
-
-impl Linear {
     /// This layer ready for many calls when `pack` (FreeNoise's windows and the chunks of a long
     /// video run the same layers many times): its weight packed now and kept, at the cost of
     /// holding the packed (float32) copy meanwhile. Without `pack`, each call packs its own.
@@ -91,6 +77,30 @@ impl Linear {
     }
 }
 
+/// `product` of `x`'s rows (…, in) flattened to (rows, in), giving (rows, out_dim), reshaped back
+/// to (…, out_dim): one matrix product over all leading dimensions, timed and counted as a linear
+/// layer's.
+fn over_rows(
+    x: &Tensor,
+    out_dim: usize,
+    product: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let in_dim = *dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = timed("linear", || product(&x.reshape((rows, in_dim))?))?;
+    count_flops("linear", 2 * rows * in_dim * out_dim);
+    *dims.last_mut().unwrap() = out_dim;
+    y.reshape(dims)
+}
+
+/// A [`Linear`] whose weight is packed once for many calls on float32 activations
+/// ([`Linear::prepare`]) where the kernels run; other calls go to the layer itself.
+pub struct PreparedLinear<'a> {
+    packed: Option<kernels::linear::PackedLinear>,
+    layer: &'a Linear,
+}
+
 impl PreparedLinear<'_> {
     pub fn layer(&self) -> &Linear {
         self.layer
@@ -99,32 +109,17 @@ impl PreparedLinear<'_> {
 
 impl Module for PreparedLinear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(packed) = self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) else {
-            return self.layer.forward(x);
-        };
-        let (in_dim, out_dim) = (self.layer.in_dim(), self.layer.out_dim());
-        let dims = x.dims().to_vec();
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = timed("linear", || packed.forward(&x.reshape((rows, in_dim))?))?;
-        count_flops("linear", 2 * rows * in_dim * out_dim);
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = out_dim;
-        y.reshape(out_dims)
+        match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {
+            Some(packed) => over_rows(x, self.layer.out_dim(), |rows| packed.forward(rows)),
+            None => self.layer.forward(x),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a last dimension");
-        // One matrix product over all leading dimensions, the bias added as it is written.
-        let rows = x.elem_count() / in_dim;
-        let y =
-            timed("linear", || kernels::linear::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref()))?;
-        count_flops("linear", 2 * rows * in_dim * y.dim(1)?);
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = y.dim(1)?;
-        y.reshape(out_dims)
+        // the bias added as the product is written
+        over_rows(x, self.out_dim(), |rows| kernels::linear::linear(rows, &self.weight, self.bias.as_ref()))
     }
 }
 

@@ -29,12 +29,18 @@ fn product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f32]>) 
     }
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
-    let init = bias.map_or(Init::Overwrite, Init::Bias);
-    // SAFETY: `x` holds m×k and `out` m×n floats, rows contiguous; `avx2()` was checked before
-    // this op was applied (`linear`, `PackedLinear::new`).
-    let wide = super::wide(super::KernelKind::Linear);
-    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
+    multiply(x, m, packed, &mut out, bias.map_or(Init::Overwrite, Init::Bias));
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
+}
+
+/// `out (m×n) = init + x (m×k) · B` at the linear layers' vector width.
+fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) {
+    let (k, n) = (packed.k(), packed.n());
+    assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
+    let wide = super::wide(super::KernelKind::Linear);
+    // SAFETY: sizes checked above, rows contiguous; `avx2()` was checked before any linear op
+    // was applied (`linear`, `linear_accumulate`, `PackedLinear::new`).
+    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
 }
 
 fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
@@ -174,11 +180,7 @@ impl candle_core::InplaceOp3 for LinearAccumulateOp {
         if k != k2 || a1 - a0 != m * n {
             candle_core::bail!("linear-accumulate: input {m}×{k}, weight {n}×{k2}, sums of {} values", a1 - a0);
         }
-        let packed = pack(w, n, k);
-        let wide = super::wide(super::KernelKind::Linear);
-        // SAFETY: `x` holds m×k and `acc[a0..]` m×n floats, rows contiguous; `avx2()` was
-        // checked by `linear_accumulate`.
-        unsafe { packed_matmul::matmul(m, x.as_ptr(), k, &packed, acc[a0..].as_mut_ptr(), n, Init::Accumulate, wide) };
+        multiply(x, m, &pack(w, n, k), &mut acc[a0..a1], Init::Accumulate);
         Ok(())
     }
 }
