@@ -165,6 +165,46 @@ fn main() {
     if let Err(e) = temporal_attention(&paths) {
         eprintln!("temporal attention: {e}");
     }
+    if let Err(e) = layout_copies() {
+        eprintln!("layout copies: {e}");
+    }
+}
+
+/// A 128-frame video's moves between layouts at level 0 (320 channels, 32×32 latents): into the
+/// per-video layout before a temporal GroupNorm, into sequences of frames for the temporal
+/// transformer (a chunk of 8 rows of pixels) and back; GB/s of floats read and written.
+fn layout_copies() -> candle_core::Result<()> {
+    use t2v::kernels::copy::contiguous;
+    let dev = Device::Cpu;
+    let (frames, c, side, rows) = (128usize, 320usize, 32usize, 8usize);
+    let x = Tensor::randn(0f32, 1.0, (frames, c, side, side), &dev)?;
+    let video = contiguous(&x.reshape((1, frames, c, side, side))?.permute((0, 2, 1, 3, 4))?)?;
+    let seq = contiguous(&video.narrow(3, 0, rows)?.permute((0, 3, 4, 2, 1))?)?;
+    type Copy<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let cases: [(&str, Copy); 3] = [
+        (
+            "to the video layout",
+            Box::new(|| contiguous(&x.reshape((1, frames, c, side, side))?.permute((0, 2, 1, 3, 4))?)),
+        ),
+        ("into sequences", Box::new(|| contiguous(&video.narrow(3, 0, rows)?.permute((0, 3, 4, 2, 1))?))),
+        ("back from sequences", Box::new(|| contiguous(&seq.permute((0, 3, 4, 1, 2))?))),
+    ];
+    for (label, run) in cases {
+        let label = format!("layout copy {label}");
+        if !wanted(&label) {
+            continue;
+        }
+        let mut best = f64::INFINITY;
+        let mut bytes = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let out = run()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            bytes = 2 * out.elem_count() * 4;
+        }
+        println!("{label:40} {:7.2} ms  {:6.2} GB/s", best * 1e3, bytes as f64 / best / 1e9);
+    }
+    Ok(())
 }
 
 /// The temporal transformers' attention over 16 frames under guidance (64 heads of width/64

@@ -145,7 +145,7 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
 /// `t2v generate` does by default.
 pub const AUTO_FREE_NOISE_FRAMES: usize = 24;
 
-/// The most guided steps the benchmark times./// The most guided steps the benchmark times.
+/// The most guided steps the benchmark times.
 pub const MAX_STEPS: usize = 1000;
 
 /// Builds the full-size model and times each stage; `progress` hears what is being done.

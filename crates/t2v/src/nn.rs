@@ -294,20 +294,21 @@ pub fn multi_head_attention(
 }
 
 /// [`multi_head_attention`] of self-attention within tokens [start, start + length) of every
-/// row ([`kernels::attention::multi_head_attention_window`]): FreeNoise's windows of frames.
-pub fn multi_head_attention_window(
+/// row, for each of `starts`, the windows stacked along the batch
+/// ([`kernels::attention::multi_head_attention_windows`]): FreeNoise's windows of frames.
+pub fn multi_head_attention_windows(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
-    start: usize,
+    starts: &[usize],
     length: usize,
 ) -> candle_core::Result<Tensor> {
     let (batch, _, width) = q.dims3()?;
     let kind = if length <= kernels::attention::SHORT { "attention (short)" } else { "attention (long)" };
-    count_flops(kind, 4 * batch * length * length * width);
-    timed(kind, || kernels::attention::multi_head_attention_window(q, k, v, heads, scale, start, length))
+    count_flops(kind, 4 * starts.len() * batch * length * length * width);
+    timed(kind, || kernels::attention::multi_head_attention_windows(q, k, v, heads, scale, starts, length))
 }
 
 /// Bytes of one activation that a frame-chunked section of a network computes at a time by
@@ -390,6 +391,12 @@ pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `a + b` for tensors of one shape: the residual connections.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     timed("residual add", || kernels::add::add(a, b))
+}
+
+/// `parts[i·n + s, j] += xs[s, starts[i] + j]` in place: the residual of windows stacked along
+/// the sequences ([`kernels::add::add_windows`]).
+pub fn add_windows(parts: &Tensor, xs: &Tensor, starts: &[usize]) -> candle_core::Result<()> {
+    timed("residual add", || kernels::add::add_windows(parts, xs, starts))
 }
 
 /// FreeNoise's weighted sum of one window's output into the per-frame sums, in place

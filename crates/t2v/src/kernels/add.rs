@@ -41,6 +41,65 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a + b
 }
 
+/// `parts[i·n + s, j] += xs[s, starts[i] + j]`: each window of frames of `xs` (n, frames, C)
+/// added to its place in `parts` (windows·n, L, C), where the windows' outputs are stacked.
+struct AddWindows<'a> {
+    starts: &'a [usize],
+}
+
+impl candle_core::InplaceOp2 for AddWindows<'_> {
+    fn name(&self) -> &'static str {
+        "add-windows"
+    }
+
+    fn cpu_fwd(&self, parts: &mut CpuStorage, lp: &Layout, xs: &CpuStorage, lx: &Layout) -> Result<()> {
+        let (Some((p0, p1)), Some((x0, x1))) = (lp.contiguous_offsets(), lx.contiguous_offsets()) else {
+            candle_core::bail!("add-windows needs contiguous tensors");
+        };
+        let (_, length, c) = lp.shape().dims3()?;
+        let (n, frames, _) = lx.shape().dims3()?;
+        let CpuStorage::F32(parts) = parts else { candle_core::bail!("add-windows needs float32 parts") };
+        let parts = &mut parts[p0..p1];
+        let xs = &xs.as_slice::<f32>()?[x0..x1];
+        parts.par_chunks_mut(length * c).enumerate().for_each(|(row, part)| {
+            let (start, s) = (self.starts[row / n], row % n);
+            let x = &xs[(s * frames + start) * c..][..length * c];
+            for (p, &v) in part.iter_mut().zip(x) {
+                *p += v;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `parts[i·n + s, j] += xs[s, starts[i] + j]` for parts (starts·n, L, C) and xs (n, frames, C):
+/// the residual of FreeNoise's windows stacked along the sequences, added in place (the same
+/// sums as adding the narrowed windows of `xs`, without copying them out first).
+pub fn add_windows(parts: &Tensor, xs: &Tensor, starts: &[usize]) -> Result<()> {
+    let (rows, length, c) = parts.dims3()?;
+    let (n, frames, xc) = xs.dims3()?;
+    if rows != starts.len() * n || xc != c || starts.iter().any(|&s| s + length > frames) {
+        candle_core::bail!(
+            "windows of {length} frames from {starts:?}: parts {:?} don't fit {:?}",
+            parts.dims(),
+            xs.dims()
+        );
+    }
+    if super::on_cpu(parts.device())
+        && parts.dtype() == DType::F32
+        && xs.dtype() == DType::F32
+        && parts.is_contiguous()
+        && xs.is_contiguous()
+    {
+        return parts.inplace_op2(xs, &AddWindows { starts });
+    }
+    for (i, &start) in starts.iter().enumerate() {
+        let sum = (parts.narrow(0, i * n, n)? + xs.narrow(1, start, length)?)?;
+        parts.slice_set(&sum.contiguous()?, 0, i * n)?;
+    }
+    Ok(())
+}
+
 /// `acc[:, start + j] += part[:, j] · weights[j]` for j in [skip, L): FreeNoise's weighted sum of
 /// one window's output into the per-frame sums, as diffusers' `accumulated_values[:, a:b] +=
 /// chunk * weights` (the product rounded, then added: no fused multiply-add).

@@ -31,9 +31,10 @@ struct MultiHeadAttention {
     heads: usize,
     scale: f32,
     repeat: usize,
-    /// (start, length): attend within tokens [start, start + length) of every row (the inputs
-    /// hold the whole sequences; the output holds the window).
-    window: Option<(usize, usize)>,
+    /// (starts, length): attend within tokens [start, start + length) of every row, for each
+    /// start (the inputs hold the whole sequences; the output holds the windows one after
+    /// another along the batch: window i of row b at output row i·batch + b).
+    windows: Option<(Vec<usize>, usize)>,
 }
 
 #[inline(always)]
@@ -75,18 +76,25 @@ impl Dims {
     fn width(&self) -> usize {
         self.heads * self.d
     }
+
+    /// Output row `j` of a call over windows starting at float offsets `starts`: the input row
+    /// it reads and the dimensions with that window's first token.
+    fn output_row(self, starts: &[usize], j: usize) -> (Dims, usize) {
+        (Dims { first: starts[j / self.batch], ..self }, j % self.batch)
+    }
 }
 
 impl MultiHeadAttention {
     /// Short sequences: per batch row, every head with the queries in vector lanes ([`lanes`]);
     /// without AVX2, per (batch, head) scores row by row, softmax, weighted sum of values.
-    fn short(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims) {
+    fn short(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims, starts: &[usize]) {
         let (t, hd) = (dm.tokens, dm.width());
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             let wide = super::avx512();
             let scratch = || vec![0f32; 2 * t.div_ceil(lanes::L) * lanes::L * hd];
-            out.par_chunks_mut(t * hd).enumerate().for_each_init(scratch, |scratch, (b, out)| {
+            out.par_chunks_mut(t * hd).enumerate().for_each_init(scratch, |scratch, (j, out)| {
+                let (dm, b) = dm.output_row(starts, j);
                 // SAFETY: AVX2 and FMA (and AVX-512F for `wide`) checked; `scratch` holds
                 // two transposed copies of one row.
                 unsafe {
@@ -99,17 +107,20 @@ impl MultiHeadAttention {
             });
             return;
         }
-        out.par_chunks_mut(t * hd).enumerate().for_each(|(b, out)| short_video(self.scale, q, k, v, out, dm, b));
+        out.par_chunks_mut(t * hd).enumerate().for_each(|(j, out)| {
+            let (dm, b) = dm.output_row(starts, j);
+            short_video(self.scale, q, k, v, out, dm, b)
+        });
     }
 
     /// Long sequences: per (batch, head, chunk of query rows) a task that packs that head's
     /// keys and values and runs blocks of query rows through two packed GEMMs and a softmax.
-    fn long(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims) {
+    fn long(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dm: Dims, starts: &[usize]) {
         let (t, s, d, hd) = (dm.tokens, dm.keys, dm.d, dm.width());
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks for every thread even when there is a single head (the VAE's attention):
         // query chunks of one head then pack its keys and values once each.
-        let pairs = dm.batch * dm.heads;
+        let pairs = starts.len() * dm.batch * dm.heads;
         let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(packed_matmul::MR)).max(1);
         let chunk_rows = t.div_ceil(chunks);
         let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
@@ -117,7 +128,8 @@ impl MultiHeadAttention {
         let wide = super::wide(super::KernelKind::Attention);
         (0..pairs * chunks).into_par_iter().for_each(|task| {
             let (pair, chunk) = (task / chunks, task % chunks);
-            let (b, h) = (pair / dm.heads, pair % dm.heads);
+            let (j, h) = (pair / dm.heads, pair % dm.heads);
+            let (dm, b) = dm.output_row(starts, j);
             let (r0, r1) = (chunk * chunk_rows, ((chunk + 1) * chunk_rows).min(t));
             if r0 >= r1 {
                 return;
@@ -130,7 +142,7 @@ impl MultiHeadAttention {
             let mut r = r0;
             while r < r1 {
                 let rows = rows_per_block.min(r1 - r);
-                let at = (b * t + r) * hd + h * d;
+                let at = (j * t + r) * hd + h * d;
                 let q_at = b * dm.q_row + dm.first + r * hd + h * d;
                 // SAFETY: `avx2()` was checked before this op ran; q holds `rows` rows of hd
                 // floats from `q_at` and out from `at`, scores rows×s floats; this task alone
@@ -456,9 +468,9 @@ impl CustomOp3 for MultiHeadAttention {
         );
         let (batch, q_tokens, width) = lq.shape().dims3()?;
         let kv_tokens = lk.shape().dims3()?.1;
-        let (first, tokens, keys) = match self.window {
-            Some((start, length)) => (start * width, length, length),
-            None => (0, q_tokens, kv_tokens),
+        let (starts, tokens, keys) = match &self.windows {
+            Some((starts, length)) => (starts.iter().map(|s| s * width).collect(), *length, *length),
+            None => (vec![0], q_tokens, kv_tokens),
         };
         let dm = Dims {
             batch,
@@ -469,16 +481,17 @@ impl CustomOp3 for MultiHeadAttention {
             repeat: self.repeat,
             q_row: q_tokens * width,
             kv_row: kv_tokens * width,
-            first,
+            first: 0,
         };
+        let rows = starts.len() * batch;
         // both paths write every (token, head) slice of every row
-        let mut out = super::output_buffer(batch * tokens * width);
+        let mut out = super::output_buffer(rows * tokens * width);
         if tokens <= SHORT && keys <= SHORT {
-            self.short(q, k, v, &mut out, dm);
+            self.short(q, k, v, &mut out, dm, &starts);
         } else {
-            self.long(q, k, v, &mut out, dm);
+            self.long(q, k, v, &mut out, dm, &starts);
         }
-        Ok((CpuStorage::F32(out), Shape::from((batch, tokens, width))))
+        Ok((CpuStorage::F32(out), Shape::from((rows, tokens, width))))
     }
 }
 
@@ -503,7 +516,7 @@ pub fn multi_head_attention(
 ) -> Result<Tensor> {
     let (batch, tokens, width) = check_shapes(q, k, v, heads, repeat)?;
     if fast(q, k, v) {
-        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat, window: None });
+        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat, windows: None });
     }
     let (k, v) = (super::copy::repeat_interleave(k, repeat)?, super::copy::repeat_interleave(v, repeat)?);
     let d = width / heads;
@@ -549,38 +562,42 @@ fn run_op(q: &Tensor, k: &Tensor, v: &Tensor, op: MultiHeadAttention) -> Result<
 }
 
 /// [`multi_head_attention`] (self-attention, no repeat) within tokens [start, start + length)
-/// of every row of q, k and v (batch, tokens, heads·d): the same as narrowing all three first,
-/// without the three copies (the CPU kernel reads the window in place). FreeNoise attends per
-/// window of frames.
-pub fn multi_head_attention_window(
+/// of every row of q, k and v (batch, tokens, heads·d), for each start of `starts`: the windows'
+/// outputs stacked along the batch, window i of row b at row i·batch + b of the
+/// (starts·batch, length, heads·d) result. The same as narrowing all three per window and
+/// concatenating, without the copies (the CPU kernel reads the windows in place and writes them
+/// into one tensor). FreeNoise attends per window of frames.
+pub fn multi_head_attention_windows(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
-    start: usize,
+    starts: &[usize],
     length: usize,
 ) -> Result<Tensor> {
     let (_, tokens, _) = check_shapes(q, k, v, heads, 1)?;
-    if start + length > tokens || length == 0 || k.dims() != q.dims() {
+    let last = starts.iter().copied().max();
+    if last.is_none_or(|start| start + length > tokens) || length == 0 || k.dims() != q.dims() {
         candle_core::bail!(
-            "attention window [{start}, {}) doesn't fit q {:?}, k {:?}, v {:?}",
-            start + length,
+            "attention windows of {length} tokens from {starts:?} don't fit q {:?}, k {:?}, v {:?}",
             q.dims(),
             k.dims(),
             v.dims()
         );
     }
     if fast(q, k, v) {
-        return run_op(
-            q,
-            k,
-            v,
-            MultiHeadAttention { heads, scale: scale as f32, repeat: 1, window: Some((start, length)) },
-        );
+        let windows = Some((starts.to_vec(), length));
+        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat: 1, windows });
     }
-    let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
-    multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1)
+    let outs = starts
+        .iter()
+        .map(|&start| {
+            let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
+            multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outs, 0)
 }
 
 /// softmax(q·kᵀ·scale)·v for (rows, tokens, head_dim) inputs with candle's ops, at most

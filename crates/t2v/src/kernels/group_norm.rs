@@ -3,7 +3,8 @@
 //! candle's `GroupNorm` takes about eight passes over the activations (mean, subtract, square,
 //! sum, divide, scale, shift, each allocating), and the SiLU that follows almost every GroupNorm
 //! in this model is a ninth. Here each (image, group) block is read twice (mean and variance
-//! together, chunk by chunk, then the normalised output) by one thread of a parallel loop.
+//! together, chunk by chunk, then the normalised output) by one thread of a parallel loop, where
+//! it lies (a permuted view is read in place, row by row).
 //! Statistics are accumulated in f64, which is at least as accurate as PyTorch's float32 kernel. Other devices and dtypes use candle's ops.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -32,14 +33,15 @@ fn sum(xs: &[f32], m: f32, squares: bool) -> f32 {
 /// Values per chunk of [`mean_and_variance`]: read twice while in L1.
 const STAT_CHUNK: usize = 512;
 
-/// Mean and (biased) variance of `xs` in one pass over memory: per chunk of [`STAT_CHUNK`]
-/// values its mean and squared deviations from that mean (two passes over a chunk in L1, so no
-/// cancellation when |mean| ≫ std), merged in f64 (Chan et al.'s pairwise update). Reading
-/// the group once for both, instead of once for the mean and again for the deviations, matters
-/// where a group outgrows the cache (a temporal layer's group at 128 frames is 5 MB).
-fn mean_and_variance(xs: &[f32]) -> (f64, f64) {
+/// Mean and (biased) variance of the values of `rows` in one pass over memory: per chunk of at
+/// most [`STAT_CHUNK`] values of a row its mean and squared deviations from that mean (two
+/// passes over a chunk in L1, so no cancellation when |mean| ≫ std), merged in f64 (Chan et
+/// al.'s pairwise update). Reading the group once for both, instead of once for the mean and
+/// again for the deviations, matters where a group outgrows the cache (a temporal layer's group
+/// at 128 frames is 5 MB).
+fn mean_and_variance<'a>(rows: impl Iterator<Item = &'a [f32]>) -> (f64, f64) {
     let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
-    for c in xs.chunks(STAT_CHUNK) {
+    for c in rows.flat_map(|row| row.chunks(STAT_CHUNK)) {
         let nc = c.len() as f64;
         let mc = sum(c, 0.0, false) as f64 / nc;
         // deviations from the f32 chunk mean m′, moved to the f64 one: Σ(x − mc)² = Σ(x − m′)² − n(mc − m′)²
@@ -52,6 +54,39 @@ fn mean_and_variance(xs: &[f32]) -> (f64, f64) {
         n = total;
     }
     (mean, if n > 0.0 { m2 / n } else { 0.0 })
+}
+
+/// Where one image's channel lies in a strided input: its spatial dimensions merged
+/// ([`super::copy::merged`]) into rows of `row` contiguous floats, `rows` of them, at the
+/// offsets the outer spatial dimensions give.
+struct ChannelRows {
+    row: usize,
+    rows: usize,
+    outer_dims: Vec<usize>,
+    outer_strides: Vec<usize>,
+}
+
+impl ChannelRows {
+    /// The rows of a (batch, channels, ...) layout, or None where the last spatial dimension is
+    /// itself strided.
+    fn of(dims: &[usize], strides: &[usize]) -> Option<Self> {
+        let (d, s) = super::copy::merged(&dims[2..], &strides[2..]);
+        let last = d.len() - 1;
+        (s[last] == 1).then(|| ChannelRows {
+            row: d[last],
+            rows: d[..last].iter().product(),
+            outer_dims: d[..last].to_vec(),
+            outer_strides: s[..last].to_vec(),
+        })
+    }
+
+    /// The channel's rows in order, from its first float at `base`.
+    fn iter<'a>(&'a self, x: &'a [f32], base: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        (0..self.rows).map(move |r| {
+            let at = super::copy::offset_of(r, &self.outer_dims, &self.outer_strides, base);
+            &x[at..at + self.row]
+        })
+    }
 }
 
 /// `o = x·scale + shift`, then SiLU when `silu`.
@@ -128,35 +163,39 @@ impl CustomOp3 for GroupNormOp {
         beta: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((x0, x1)), Some((g0, g1)), Some((b0, b1))) =
-            (lx.contiguous_offsets(), lg.contiguous_offsets(), lb.contiguous_offsets())
-        else {
-            candle_core::bail!("group-norm-silu needs contiguous inputs");
+        let (Some((g0, g1)), Some((b0, b1))) = (lg.contiguous_offsets(), lb.contiguous_offsets()) else {
+            candle_core::bail!("group-norm-silu needs contiguous weights");
         };
-        let x = &x.as_slice::<f32>()?[x0..x1];
+        let (dims, strides) = (lx.dims(), lx.stride());
+        // The input is read where it lies: a permuted activation (the per-video view of the
+        // per-frame layout before a temporal layer) needs no contiguous copy first.
+        let Some(rows) = ChannelRows::of(dims, strides) else {
+            candle_core::bail!("group-norm-silu needs rows of contiguous values");
+        };
+        let x = x.as_slice::<f32>()?;
         let gamma = &gamma.as_slice::<f32>()?[g0..g1];
         let beta = &beta.as_slice::<f32>()?[b0..b1];
-        let dims = lx.shape().dims();
         let (n, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
         let channels_per_group = c / self.groups;
         let block = channels_per_group * spatial;
+        let base = |image: usize, channel: usize| lx.start_offset() + image * strides[0] + channel * strides[1];
         // every channel of every group is normalised into it
-        let mut out = super::output_buffer(x.len());
-        out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(i, (out, x))| {
-            let group = i % self.groups;
-            let (mean, var) = mean_and_variance(x);
+        let mut out = super::output_buffer(n * c * spatial);
+        out.par_chunks_mut(block.max(1)).enumerate().for_each(|(i, out)| {
+            let (image, group) = (i / self.groups, i % self.groups);
+            let channels = group * channels_per_group..(group + 1) * channels_per_group;
+            let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| rows.iter(x, base(image, ch))));
             let inv_std = 1.0 / (var + self.eps).sqrt();
-            for ch in 0..channels_per_group {
-                let channel = group * channels_per_group + ch;
+            for (ch, out) in channels.zip(out.chunks_mut(spatial.max(1))) {
                 // y = (x - mean) * inv_std * gamma + beta = x * scale + shift
-                let scale = (inv_std * gamma[channel] as f64) as f32;
-                let shift = (beta[channel] as f64 - mean * inv_std * gamma[channel] as f64) as f32;
-                let range = ch * spatial..(ch + 1) * spatial;
-                normalize(&mut out[range.clone()], &x[range], scale, shift, self.silu);
+                let scale = (inv_std * gamma[ch] as f64) as f32;
+                let shift = (beta[ch] as f64 - mean * inv_std * gamma[ch] as f64) as f32;
+                for (o, xs) in out.chunks_mut(rows.row).zip(rows.iter(x, base(image, ch))) {
+                    normalize(o, xs, scale, shift, self.silu);
+                }
             }
         });
-        debug_assert_eq!(out.len(), n * c * spatial);
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 }
@@ -169,7 +208,11 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
     }
     if super::on_cpu(x.device()) && x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32
     {
-        let x = super::copy::contiguous(x)?;
+        // read in place when its spatial values lie in rows, else copied first
+        let x = match ChannelRows::of(x.dims(), x.stride()) {
+            Some(_) => x.clone(),
+            None => super::copy::contiguous(x)?,
+        };
         return x.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu });
     }
     // Any other device or dtype: candle's own ops.

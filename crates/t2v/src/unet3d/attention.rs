@@ -10,8 +10,8 @@ use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    accumulate_window, add, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
-    multi_head_attention_window, LayerNorm, Linear, PreparedLinear,
+    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
+    multi_head_attention_windows, LayerNorm, Linear, PreparedLinear,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -101,14 +101,6 @@ fn windows_per_group(window_rows: usize, width: usize) -> usize {
     let by_rows = GROUP_ROWS.div_ceil(window_rows.max(1));
     let by_bytes = GROUP_BYTES / (window_rows * width * std::mem::size_of::<f32>()).max(1);
     by_rows.min(by_bytes).max(1)
-}
-
-/// Tensors of one shape stacked along the first dimension (one window after another).
-fn cat(parts: &[Tensor]) -> candle_core::Result<Tensor> {
-    if parts.len() == 1 {
-        return contiguous(&parts[0]);
-    }
-    crate::profile::timed("layout copies", || Tensor::cat(parts, 0))
 }
 
 /// `FeedForward(dim, activation_fn="geglu", mult=4)`.
@@ -271,18 +263,15 @@ impl PreparedBlock<'_> {
         // its windows one by one (the same numbers), with enough rows to run at full speed where
         // a chunk holds few sequences (the deep levels: 128 rows a window at 4×4 latents).
         let group = windows_per_group(n * plan.length, c.max(inner));
+        let xs = contiguous(xs)?;
         for windows in plan.windows.chunks(group) {
-            let mut heads = Vec::with_capacity(windows.len());
-            let mut inputs = Vec::with_capacity(windows.len());
-            for window in windows {
-                heads.push(multi_head_attention_window(&q, &k, &v, a1.heads, a1.scale, window.start, plan.length)?);
-                inputs.push(xs.narrow(1, window.start, plan.length)?);
-            }
-            let heads = cat(&heads)?;
-            let attended = a1.to_out.forward(&heads)?;
+            // the group's windows attended straight into one stacked tensor, the residual added
+            // in place from the windows of `xs`: no copies of either
+            let starts: Vec<usize> = windows.iter().map(|w| w.start).collect();
+            let heads = multi_head_attention_windows(&q, &k, &v, a1.heads, a1.scale, &starts, plan.length)?;
+            let hidden = a1.to_out.forward(&heads)?;
             drop(heads);
-            let hidden = add(&attended, &cat(&inputs)?)?;
-            drop(attended);
+            add_windows(&hidden, &xs, &starts)?;
             let heads = a2.heads(&b.norm2.forward(&hidden)?)?;
             // added window by window, in the reference's order
             for (i, window) in windows.iter().enumerate() {

@@ -558,7 +558,7 @@ impl UNet3DConditionModel {
             } else {
                 None
             };
-            xs = block.forward(&xs, &level_skips, &emb, context, frames, upsample_size)?;
+            xs = block.forward(xs, level_skips, &emb, context, frames, upsample_size)?;
         }
         // GroupNorm (per image here), SiLU and the output convolution, a chunk of frames at a time.
         let n = xs.dim(0)?;
