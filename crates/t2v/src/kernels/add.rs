@@ -41,6 +41,22 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a + b
 }
 
+/// The float32 data of an in-place op's destination (written) and source (read), both
+/// contiguous (`op` names the op in errors).
+fn in_place_operands<'a>(
+    dst: &'a mut CpuStorage,
+    ld: &Layout,
+    src: &'a CpuStorage,
+    ls: &Layout,
+    op: &str,
+) -> Result<(&'a mut [f32], &'a [f32])> {
+    let (Some((d0, d1)), Some((s0, s1))) = (ld.contiguous_offsets(), ls.contiguous_offsets()) else {
+        candle_core::bail!("{op} needs contiguous tensors");
+    };
+    let CpuStorage::F32(dst) = dst else { candle_core::bail!("{op} needs float32 tensors") };
+    Ok((&mut dst[d0..d1], &src.as_slice::<f32>()?[s0..s1]))
+}
+
 /// `parts[i·n + s, j] += xs[s, starts[i] + j]`: each window of frames of `xs` (n, frames, C)
 /// added to its place in `parts` (windows·n, L, C), where the windows' outputs are stacked.
 struct AddWindows<'a> {
@@ -53,14 +69,9 @@ impl candle_core::InplaceOp2 for AddWindows<'_> {
     }
 
     fn cpu_fwd(&self, parts: &mut CpuStorage, lp: &Layout, xs: &CpuStorage, lx: &Layout) -> Result<()> {
-        let (Some((p0, p1)), Some((x0, x1))) = (lp.contiguous_offsets(), lx.contiguous_offsets()) else {
-            candle_core::bail!("add-windows needs contiguous tensors");
-        };
+        let (parts, xs) = in_place_operands(parts, lp, xs, lx, "add-windows")?;
         let (_, length, c) = lp.shape().dims3()?;
         let (n, frames, _) = lx.shape().dims3()?;
-        let CpuStorage::F32(parts) = parts else { candle_core::bail!("add-windows needs float32 parts") };
-        let parts = &mut parts[p0..p1];
-        let xs = &xs.as_slice::<f32>()?[x0..x1];
         parts.par_chunks_mut(length * c).enumerate().for_each(|(row, part)| {
             let (start, s) = (self.starts[row / n], row % n);
             let x = &xs[(s * frames + start) * c..][..length * c];
@@ -115,14 +126,9 @@ impl candle_core::InplaceOp2 for AccumulateWindow<'_> {
     }
 
     fn cpu_fwd(&self, acc: &mut CpuStorage, la: &Layout, part: &CpuStorage, lp: &Layout) -> Result<()> {
-        let (Some((a0, a1)), Some((p0, p1))) = (la.contiguous_offsets(), lp.contiguous_offsets()) else {
-            candle_core::bail!("accumulate-window needs contiguous tensors");
-        };
+        let (acc, part) = in_place_operands(acc, la, part, lp, "accumulate-window")?;
         let (n, frames, c) = la.shape().dims3()?;
         let length = self.weights.len();
-        let CpuStorage::F32(acc) = acc else { candle_core::bail!("accumulate-window needs float32 sums") };
-        let acc = &mut acc[a0..a1];
-        let part = &part.as_slice::<f32>()?[p0..p1];
         let (start, skip, weights) = (self.start, self.skip, self.weights);
         acc.par_chunks_mut(frames * c).zip(part.par_chunks(length * c)).with_min_len(n.div_ceil(64).max(1)).for_each(
             |(acc, part)| {
