@@ -226,9 +226,10 @@ impl PreparedBlock<'_> {
     /// (sequences, frames, C); the attentions run per window of `plan`, each window's output is
     /// weighted per frame and accumulated (in window order, as the reference adds), the sums are
     /// divided by the per-frame weight sums, then norm3 and the feed-forward run on every frame.
-    /// Only one window's intermediates, attn1's projections and the per-frame sums (of the
-    /// hidden states and of attn2's heads) are held besides the input; attn1 reads each window of
-    /// its projections in place, and each window's outputs are added into the sums in place.
+    /// Only one group of windows' intermediates, attn1's projections and the per-frame sums (of
+    /// the hidden states and of attn2's heads) are held besides the input; attn1 reads each
+    /// window of its projections in place, and each window's outputs are added into the sums in
+    /// place.
     pub fn forward_windowed(&self, xs: &Tensor, plan: &WindowPlan) -> candle_core::Result<Tensor> {
         let (n, frames, c) = xs.dims3()?;
         if frames != plan.frames {
