@@ -159,6 +159,9 @@ fn main() {
             paths.iter().zip(&best).map(|(i, s)| format!("{i} {:6.1} GFLOP/s", flop / s / 1e9)).collect();
         println!("{m:5}×{k:4}·{k:4}×{n:4}  {}", line.join("   "));
     }
+    if let Err(e) = linear_per_call(&paths, vae_only) {
+        eprintln!("linear per call: {e}");
+    }
     if let Err(e) = convolutions(&paths, vae_only) {
         eprintln!("convolutions: {e}");
     }
@@ -168,6 +171,69 @@ fn main() {
     if let Err(e) = layout_copies() {
         eprintln!("layout copies: {e}");
     }
+}
+
+/// Linear layers as a step calls them: float16 weights widened and packed by the call itself,
+/// at the deep levels' few rows (4 and 16 frames under guidance: 128 and 512 tokens at 4×4
+/// latents, 512 and 2048 at 8×8) where packing the weight is a large part of the product.
+fn linear_per_call(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
+    if vae_only {
+        return Ok(());
+    }
+    // (rows, in, out): the feed-forward's GEGLU projection and output, and a q/k/v projection
+    let shapes = [
+        (128, 1280, 10240),
+        (512, 1280, 10240),
+        (2048, 1280, 10240),
+        (128, 5120, 1280),
+        (512, 5120, 1280),
+        (2048, 5120, 1280),
+        (128, 1280, 1280),
+        (512, 1280, 1280),
+        (2048, 1280, 1280),
+        (2048, 640, 640),
+        (2048, 640, 5120),
+        (2048, 2560, 640),
+        (8192, 640, 640),
+        (8192, 320, 2560),
+        (8192, 1280, 320),
+        (154, 1024, 320),
+        (154, 1024, 1280),
+    ];
+    for (m, k, n) in shapes {
+        let label = format!("linear per call {m}×{k}·{k}×{n} f16");
+        if !wanted(&label) {
+            continue;
+        }
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let w: Vec<half::f16> =
+            (0..n * k).map(|i| half::f16::from_f32(((i * 104729) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        let bias = vec![0.1f32; n];
+        let mut c = vec![0f32; m * n];
+        let wide = || t2v::kernels::avx512();
+        // SAFETY (both): a holds m×k, c m×n floats, w n×k; the path was checked available.
+        let whole = best_of(paths, || unsafe {
+            let packed = PackedB::from_transposed(Src::F16(&w), n, k, true);
+            packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, Init::Bias(&bias), wide())
+        });
+        report(&format!("{label} packed whole"), 2.0 * (m * k * n) as f64, paths, &whole);
+        let streamed = best_of(paths, || unsafe {
+            packed_matmul::matmul_streamed(
+                m,
+                a.as_ptr(),
+                k,
+                Src::F16(&w),
+                n,
+                k,
+                c.as_mut_ptr(),
+                n,
+                Init::Bias(&bias),
+                wide(),
+            )
+        });
+        report(&format!("{label} streamed"), 2.0 * (m * k * n) as f64, paths, &streamed);
+    }
+    Ok(())
 }
 
 /// A 128-frame video's moves between layouts at level 0 (320 channels, 32×32 latents): into the

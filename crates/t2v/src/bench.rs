@@ -33,11 +33,23 @@ pub struct BenchOptions {
     /// in bfloat16 on CPUs with AVX512_BF16, see [`crate::kernels::bf16`]) or float32.
     pub matrix_dtype: DType,
     pub device: Device,
+    /// Time only the text encoding and the guided steps: a long video's unguided steps, VAE
+    /// decode and encode take as long again as its guided steps, and the guided step is what a
+    /// run repeats.
+    pub guided_only: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { frames: 16, height: 256, width: 256, steps: 2, matrix_dtype: DType::F16, device: Device::Cpu }
+        Self {
+            frames: 16,
+            height: 256,
+            width: 256,
+            steps: 2,
+            matrix_dtype: DType::F16,
+            device: Device::Cpu,
+            guided_only: false,
+        }
     }
 }
 
@@ -71,19 +83,22 @@ pub struct BenchReport {
     pub unet_steps_s: Vec<f64>,
     pub unet_step_gflop: f64,
     pub unet_gflops_per_s: f64,
-    pub vae_decode_s: f64,
+    /// None (JSON null) in this and the four fields after it when only the guided steps were
+    /// timed ([`BenchOptions::guided_only`]).
+    pub vae_decode_s: Option<f64>,
     /// The VAE encoder's posterior of as many frames (video-to-video's first stage).
-    pub vae_encode_s: f64,
+    pub vae_encode_s: Option<f64>,
     /// Text encoding + 25 guided steps + decoding: the model card's recipe.
-    pub run_25_steps_s: f64,
+    pub run_25_steps_s: Option<f64>,
     /// A UNet step without guidance (batch 1; the mean of as many as the guided steps): the
     /// few-step samplers' step.
-    pub unet_unguided_step_s: f64,
+    pub unet_unguided_step_s: Option<f64>,
     /// Text encoding + 4 unguided steps + decoding: LCM/MCM or T2V-Turbo's 4-step recipe.
-    pub run_4_steps_unguided_s: f64,
+    pub run_4_steps_unguided_s: Option<f64>,
     pub peak_rss_gib: f64,
     /// With profiling on ([`crate::profile::set_enabled`]): the time per kind of layer of each
-    /// timed stage, in the order they ran.
+    /// timed stage (each UNet step its own: a process's first step also pays for first touching
+    /// the memory it grows into), in the order they ran.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<StageProfile>,
 }
@@ -161,7 +176,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         )));
     }
     let mut profile = Vec::new();
-    let mut end_stage = |stage: &str| {
+    let end_stage = |profile: &mut Vec<StageProfile>, stage: &str| {
         if crate::profile::enabled() {
             profile.push(StageProfile { stage: stage.to_string(), layers: crate::profile::take() });
         }
@@ -215,7 +230,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let context = text_encoder.forward(&ids)?;
     finish()?;
     let text_encode_s = started.elapsed().as_secs_f64();
-    end_stage("text encoding");
+    end_stage(&mut profile, "text encoding");
 
     let (h, w) = (opts.height / scale, opts.width / scale);
     // A guided step: one video's latents under [negative, prompt], as the pipeline runs it.
@@ -230,10 +245,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let plan = if opts.frames > AUTO_FREE_NOISE_FRAMES { Some(windows.plan(opts.frames)?) } else { None };
     let long = unet3d::LongVideoForward { text_per_frame: false, windows: plan.as_ref() };
     // `opts.steps` steps under `context`: each step's seconds and the last one's operations.
-    let mut time_steps = |what: &str, context: &Tensor| -> Result<(Vec<f64>, u64)> {
+    let mut time_steps = |what: &str, context: &Tensor, profile: &mut Vec<StageProfile>| -> Result<(Vec<f64>, u64)> {
         let (mut seconds, mut flops) = (Vec::with_capacity(opts.steps), 0);
         for i in 0..opts.steps {
-            progress(&format!("{what} UNet step {}/{}", i + 1, opts.steps));
+            let step = format!("{what} UNet step {}/{}", i + 1, opts.steps);
+            progress(&step);
             let before = crate::profile::flops();
             let started = Instant::now();
             let out = unet.forward_long(&latents, (981 - 20 * i) as f64, context, &long)?;
@@ -241,39 +257,43 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             drop(out);
             seconds.push(started.elapsed().as_secs_f64());
             flops = crate::profile::flops() - before;
+            end_stage(profile, &step);
         }
         Ok((seconds, flops))
     };
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (unet_steps_s, step_flops) = time_steps("guided", &context)?;
+    let (unet_steps_s, step_flops) = time_steps("guided", &context, &mut profile)?;
     let unet_step_s = mean(&unet_steps_s);
-    end_stage(&format!("guided UNet steps ({})", opts.steps));
-    // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM with
-    // guidance 1, T2V-Turbo) run. Timed as many times as the guided step (the mean), so that the
-    // two compare alike on a machine whose speed drifts.
-    let (unguided_s, _) = time_steps("unguided", &context.narrow(0, 1, 1)?)?;
-    let unet_unguided_step_s = mean(&unguided_s);
-    end_stage(&format!("unguided UNet steps ({})", opts.steps));
+    let rest = if opts.guided_only {
+        None
+    } else {
+        // A step without guidance (batch 1, the prompt only): what the few-step samplers (LCM
+        // with guidance 1, T2V-Turbo) run. Timed as many times as the guided step (the mean), so
+        // that the two compare alike on a machine whose speed drifts.
+        let (unguided_s, _) = time_steps("unguided", &context.narrow(0, 1, 1)?, &mut profile)?;
+        let unet_unguided_step_s = mean(&unguided_s);
 
-    progress("VAE decode");
-    let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
-    let started = Instant::now();
-    let frames = vae.decode(&z)?;
-    finish()?;
-    let vae_decode_s = started.elapsed().as_secs_f64();
-    end_stage("VAE decode");
-    drop(vae);
+        progress("VAE decode");
+        let z = Tensor::randn(0f32, 1f32, (opts.frames, vae_cfg.latent_channels, h, w), &device)?;
+        let started = Instant::now();
+        let frames = vae.decode(&z)?;
+        finish()?;
+        let vae_decode_s = started.elapsed().as_secs_f64();
+        end_stage(&mut profile, "VAE decode");
+        drop(vae);
 
-    // Video-to-video encodes its input frames first: the decoded frames, held to the [-1, 1] the
-    // pipeline passes.
-    progress("VAE encode");
-    let encoder = vae::VaeEncoder::new(vb(), &vae_cfg)?;
-    let started = Instant::now();
-    let posterior = encoder.encode(&frames.clamp(-1f32, 1f32)?)?;
-    finish()?;
-    let vae_encode_s = started.elapsed().as_secs_f64();
-    end_stage("VAE encode");
-    drop((posterior, frames, encoder));
+        // Video-to-video encodes its input frames first: the decoded frames, held to the
+        // [-1, 1] the pipeline passes.
+        progress("VAE encode");
+        let encoder = vae::VaeEncoder::new(vb(), &vae_cfg)?;
+        let started = Instant::now();
+        let posterior = encoder.encode(&frames.clamp(-1f32, 1f32)?)?;
+        finish()?;
+        let vae_encode_s = started.elapsed().as_secs_f64();
+        end_stage(&mut profile, "VAE encode");
+        drop((posterior, frames, encoder));
+        Some((unet_unguided_step_s, vae_decode_s, vae_encode_s))
+    };
 
     Ok(BenchReport {
         device: match &device {
@@ -302,11 +322,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         unet_steps_s,
         unet_step_gflop: step_flops as f64 / 1e9,
         unet_gflops_per_s: step_flops as f64 / 1e9 / unet_step_s,
-        vae_decode_s,
-        vae_encode_s,
-        run_25_steps_s: text_encode_s + 25.0 * unet_step_s + vae_decode_s,
-        unet_unguided_step_s,
-        run_4_steps_unguided_s: text_encode_s + 4.0 * unet_unguided_step_s + vae_decode_s,
+        vae_decode_s: rest.map(|r| r.1),
+        vae_encode_s: rest.map(|r| r.2),
+        run_25_steps_s: rest.map(|r| text_encode_s + 25.0 * unet_step_s + r.1),
+        unet_unguided_step_s: rest.map(|r| r.0),
+        run_4_steps_unguided_s: rest.map(|r| text_encode_s + 4.0 * r.0 + r.1),
         peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
         profile,
     })

@@ -361,7 +361,7 @@ pub(crate) fn even_chunks(n: usize, chunk: usize) -> Vec<(usize, usize)> {
 
 /// A tensor whose every element the caller writes before reading it: on the CPU in float32 an
 /// unfilled buffer (no pass to zero it), elsewhere zeros.
-fn uninitialized(dims: &[usize], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+pub(crate) fn uninitialized(dims: &[usize], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
     if device.is_cpu() && dtype == DType::F32 {
         let n = dims.iter().product();
         // every element is written by the chunks' slice_set before the tensor is returned
@@ -391,6 +391,13 @@ pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `a + b` for tensors of one shape: the residual connections.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     timed("residual add", || kernels::add::add(a, b))
+}
+
+/// `out[b, f, c, start + p] = seq[b, p, f, c] + xs[b, f, c, start + p]` in place: a temporal
+/// transformer's sequences of frames back in the video layout, plus the residual
+/// ([`kernels::add::add_from_sequences`]).
+pub fn add_from_sequences(out: &Tensor, seq: &Tensor, xs: &Tensor, start: usize) -> candle_core::Result<()> {
+    timed("residual add", || kernels::add::add_from_sequences(out, seq, xs, start))
 }
 
 /// `parts[i·n + s, j] += xs[s, starts[i] + j]` in place: the residual of windows stacked along

@@ -127,7 +127,7 @@ fn packed_linear_equals_linear_and_accumulates_in_place() {
     let b = Tensor::randn(0f32, 1f32, 45, &dev).unwrap();
     let once = linear(&x, &w16, Some(&b)).unwrap().to_vec2::<f32>().unwrap();
     let packed = PackedLinear::new(&w16, Some(&b)).unwrap();
-    let kernels_run = t2v::kernels::isa() != t2v::kernels::Isa::Generic && t2v::kernels::avx2();
+    let kernels_run = t2v::kernels::isa() != t2v::kernels::Isa::Generic && t2v::kernels::packed_product();
     assert_eq!(packed.is_some(), kernels_run, "packed wherever the fused product runs");
     if let Some(packed) = packed {
         // packed once, the same numbers as packing per call, call after call
@@ -212,8 +212,8 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
     use t2v::kernels::packed_matmul::{self, Init, PackedA, PackedB};
     use t2v::kernels::Src;
     use t2v::kernels::{self, set_isa, Isa};
-    if !t2v::kernels::avx2() {
-        t2v_testkit::skip("no AVX2/FMA: the packed matrix product is not used on this CPU");
+    if !t2v::kernels::packed_product() {
+        t2v_testkit::skip("no AVX2/FMA or NEON: the packed matrix product is not used on this CPU");
         return;
     }
     let dev = Device::Cpu;
@@ -223,7 +223,9 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
     let asked = t2v::kernels::isa();
     // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block, and a
     // product big enough to be split across threads.
-    for (m, n, k) in [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96), (400, 50, 700)] {
+    for (m, n, k) in
+        [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96), (400, 50, 700), (30, 1000, 300)]
+    {
         let a = Tensor::randn(0f32, 1f32, (m, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let w = Tensor::randn(0f32, 1f32, (n, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bias = Tensor::randn(0f32, 1f32, n, &dev).unwrap().to_vec1::<f32>().unwrap();
@@ -246,12 +248,28 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
             let scale = expected.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             for &path in &paths {
                 set_isa(path).unwrap();
-                for how in ["rows", "packed A", "packed A, one thread"] {
+                let mut rows = Vec::new();
+                for how in ["rows", "packed A", "packed A, one thread", "streamed weight"] {
                     let mut c = if matches!(init, Init::Accumulate) { start.clone() } else { vec![f32::NAN; m * n] };
                     match how {
                         // the path's own width (set_isa forces it whole)
                         "rows" => unsafe {
                             packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, kernels::avx512())
+                        },
+                        // the weight never packed whole: the same sums in the same order
+                        "streamed weight" => unsafe {
+                            packed_matmul::matmul_streamed(
+                                m,
+                                a.as_ptr(),
+                                k,
+                                src,
+                                n,
+                                k,
+                                c.as_mut_ptr(),
+                                n,
+                                init,
+                                kernels::avx512(),
+                            )
                         },
                         _ => unsafe {
                             let parallel = how == "packed A";
@@ -268,6 +286,11 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
                     }
                     let err = c.iter().zip(&expected).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale;
                     assert!(err < 1e-6, "{path}: {what} ({how}) {m}x{n}x{k}: {err:.2e}");
+                    if how == "rows" {
+                        rows = c;
+                    } else if how == "streamed weight" {
+                        assert!(c == rows, "{path}: {what}: streamed weight's sums differ from the packed weight's");
+                    }
                 }
             }
         }
@@ -286,7 +309,7 @@ fn instruction_set_names() {
     }
     let err = "sse2".parse::<Isa>().unwrap_err();
     assert_eq!(err, IsaError::Unknown("sse2".into()));
-    assert!(err.to_string().contains("auto, avx512bf16, avx512, avx2 or generic"), "{err}");
+    assert!(err.to_string().contains("auto, avx512bf16, avx512, avx2, neon or generic"), "{err}");
     assert_eq!(Isa::parse_available("auto"), Ok(Isa::best()));
     assert!(Isa::Generic.is_available());
     for isa in Isa::ALL {
@@ -402,6 +425,34 @@ fn windows_residual_added_in_place_equals_adding_copies() {
     }
     assert!(t2v::kernels::add::add_windows(&parts, &xs, &[0, 8, 3]).is_err());
     assert!(t2v::kernels::add::add_windows(&parts, &xs, &[0, 7]).is_err());
+}
+
+#[test]
+fn sequences_added_back_in_place_equal_permuting_and_adding() {
+    // out[b, f, c, start + p] = seq[b, p, f, c] + xs[b, f, c, start + p]: the CPU kernel against
+    // candle's permute, narrow and add, over chunks that cover the pixels (sizes past one 64-float
+    // tile in both C and the pixels, and ragged ones).
+    let dev = Device::Cpu;
+    for &(batch, frames, c, pixels, chunk) in &[(2, 3, 70, 130, 50), (1, 5, 9, 7, 7), (2, 1, 64, 64, 64)] {
+        let xs = Tensor::randn(0f32, 1f32, (batch, frames, c, pixels), &dev).unwrap();
+        let out = Tensor::zeros((batch, frames, c, pixels), DType::F32, &dev).unwrap();
+        let mut expected = Vec::new();
+        for start in (0..pixels).step_by(chunk) {
+            let len = chunk.min(pixels - start);
+            let seq = Tensor::randn(0f32, 1f32, (batch, len, frames, c), &dev).unwrap();
+            t2v::kernels::add::add_from_sequences(&out, &seq, &xs, start).unwrap();
+            expected.push((seq.permute((0, 2, 3, 1)).unwrap() + xs.narrow(3, start, len).unwrap()).unwrap());
+        }
+        let expected = Tensor::cat(&expected, 3).unwrap();
+        assert_eq!(max_rel(&out, &expected), 0.0, "{batch}x{frames}x{c}x{pixels} in chunks of {chunk}");
+    }
+    let (out, xs) = (
+        Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap(),
+        Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap(),
+    );
+    let seq = Tensor::zeros((1, 4, 2, 3), DType::F32, &dev).unwrap();
+    assert!(t2v::kernels::add::add_from_sequences(&out, &seq, &xs, 5).is_err(), "pixels past the end");
+    assert!(t2v::kernels::add::add_from_sequences(&out, &seq.narrow(3, 0, 2).unwrap(), &xs, 0).is_err(), "channels");
 }
 
 #[test]

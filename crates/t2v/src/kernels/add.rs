@@ -171,3 +171,96 @@ pub fn accumulate_window(acc: &Tensor, part: &Tensor, start: usize, skip: usize,
     let sum = (acc.narrow(1, start + skip, l)? + part.narrow(1, skip, l)?.broadcast_mul(&w)?)?;
     acc.slice_set(&sum.contiguous()?, 1, start + skip)
 }
+
+/// `out[b, f, c, start + p] = seq[b, p, f, c] + xs[b, f, c, start + p]`: see
+/// [`add_from_sequences`].
+struct AddFromSequences {
+    start: usize,
+}
+
+impl candle_core::InplaceOp3 for AddFromSequences {
+    fn name(&self) -> &'static str {
+        "add-from-sequences"
+    }
+
+    fn cpu_fwd(
+        &self,
+        out: &mut CpuStorage,
+        lo: &Layout,
+        seq: &CpuStorage,
+        ls: &Layout,
+        xs: &CpuStorage,
+        lx: &Layout,
+    ) -> Result<()> {
+        let (out, seq) = in_place_operands(out, lo, seq, ls, "add-from-sequences")?;
+        let Some((x0, x1)) = lx.contiguous_offsets() else {
+            candle_core::bail!("add-from-sequences needs contiguous tensors");
+        };
+        let xs = &xs.as_slice::<f32>()?[x0..x1];
+        let (batch, frames, c, n) = lo.shape().dims4()?;
+        let pixels = ls.shape().dims4()?.1;
+        let start = self.start;
+        // Per (video, frame): a transposition of its (pixels, C) block of `seq` into C rows of
+        // `out`, in the square tiles of the layout copies (whole cache lines read and written),
+        // each written element the tile's value plus the residual's. Tasks split C where there
+        // are few (video, frame) pairs, so that every thread has work.
+        const TILE: usize = super::copy::TILE;
+        let parts = (4 * super::threads()).div_ceil(batch * frames).clamp(1, c.div_ceil(TILE));
+        let part_len = c.div_ceil(parts).div_ceil(TILE) * TILE;
+        let parts = c.div_ceil(part_len);
+        let optr = super::SendPtr(out.as_mut_ptr());
+        (0..batch * frames * parts).into_par_iter().for_each(|task| {
+            let (bf, part) = (task / parts, task % parts);
+            let (b, f) = (bf / frames, bf % frames);
+            let (first, last) = (part * part_len, ((part + 1) * part_len).min(c));
+            let mut tile = [0f32; TILE * TILE];
+            for p0 in (0..pixels).step_by(TILE) {
+                let p1 = (p0 + TILE).min(pixels);
+                for c0 in (first..last).step_by(TILE) {
+                    let c1 = (c0 + TILE).min(last);
+                    for (i, p) in (p0..p1).enumerate() {
+                        let row = ((b * pixels + p) * frames + f) * c;
+                        for (j, &v) in seq[row + c0..row + c1].iter().enumerate() {
+                            tile[j * TILE + i] = v;
+                        }
+                    }
+                    for (j, ch) in (c0..c1).enumerate() {
+                        let at = (bf * c + ch) * n + start + p0;
+                        let residual = &xs[at..at + (p1 - p0)];
+                        // SAFETY: `at..at + (p1 - p0)` lies within `out` (same shape as `xs`),
+                        // and only this task writes channels [first, last) of (b, f).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.get().add(at), p1 - p0) };
+                        for ((d, &t), &x) in dst.iter_mut().zip(&tile[j * TILE..]).zip(residual) {
+                            *d = t + x;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `out[b, f, c, start + p] = seq[b, p, f, c] + xs[b, f, c, start + p]` in place, for `out` and
+/// `xs` (batch, frames, C, pixels) and `seq` (batch, P, frames, C): a temporal transformer's
+/// sequences of frames (one per pixel, P pixels from `start` on) moved back to the video layout
+/// with the residual added, in one pass, where a transposing copy, a copy of the residual's
+/// part, the add and a copy into place would make four. The same sums as adding the copies.
+pub fn add_from_sequences(out: &Tensor, seq: &Tensor, xs: &Tensor, start: usize) -> Result<()> {
+    let (batch, frames, c, n) = out.dims4()?;
+    let (sb, pixels, sf, sc) = seq.dims4()?;
+    if xs.dims() != out.dims() || (sb, sf, sc) != (batch, frames, c) || start + pixels > n {
+        candle_core::bail!(
+            "add-from-sequences: pixels {start}..{} of {:?} from sequences {:?} and residual {:?}",
+            start + pixels,
+            out.dims(),
+            seq.dims(),
+            xs.dims()
+        );
+    }
+    if super::on_cpu(out.device()) && [out, seq, xs].iter().all(|t| t.dtype() == DType::F32 && t.is_contiguous()) {
+        return out.inplace_op3(seq, xs, &AddFromSequences { start });
+    }
+    let sum = (seq.permute((0, 2, 3, 1))? + xs.narrow(3, start, pixels)?)?;
+    out.slice_set(&sum.contiguous()?, 3, start)
+}

@@ -32,7 +32,9 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::packed_matmul::{Init, Lhs, PackedA, PackedB, MC, MR, NR};
+#[cfg(target_arch = "x86_64")]
+use super::packed_matmul::MC;
+use super::packed_matmul::{Init, Lhs, PackedA, PackedB, MR, NR};
 use super::Src;
 
 /// Depth of a packed block, in pairs: a B micro-panel pair (2·KCP·NR u32, 32 KiB) stays in a

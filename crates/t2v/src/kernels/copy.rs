@@ -51,7 +51,7 @@ pub(crate) fn offset_of(mut i: usize, dims: &[usize], strides: &[usize], start: 
 /// Side of the square tiles of a transposing copy: runs of 64 floats (four cache lines) on both
 /// sides, the 16 KiB tile within L1. Measured on a 128-frame activation's moves into and out of
 /// sequences of frames (`kernel_speed`'s "layout copy"): 16-float tiles ran at half the speed.
-const TILE: usize = 64;
+pub(crate) const TILE: usize = 64;
 
 /// The copy where the output's last dimension is strided in the source but dimension `p` is
 /// contiguous there: a batched transposition between `p` (A) and the last dimension (B), in

@@ -1,5 +1,5 @@
 //! Which instruction set the CPU kernels run with: chosen once from what the CPU has, or forced
-//! with `T2V_ISA=auto|avx512bf16|avx512|avx2|generic` (or [`set_isa`]) so that one machine can test
+//! with `T2V_ISA=auto|avx512bf16|avx512|avx2|neon|generic` (or [`set_isa`]) so that one machine can test
 //! and time every path. `generic` is candle's standard ops, the path that other devices and CPUs
 //! take. `avx512bf16` differs from `avx512` only for bfloat16 weights (`--dtype bf16`): their
 //! matrix products run on `vdpbf16ps`; float32 work is the same on both.
@@ -16,6 +16,9 @@ pub const ISA_ENV: &str = "T2V_ISA";
 pub enum Isa {
     /// candle's standard ops (any CPU).
     Generic,
+    /// AArch64 (NEON, part of every AArch64 CPU): the packed matrix product's 128-bit kernel for
+    /// the linear layers; the other layers run their portable loops in parallel, or candle's ops.
+    Neon,
     /// x86-64 with AVX2, FMA and F16C: 256-bit kernels.
     Avx2,
     /// x86-64 with AVX-512 (F, VL, BW, DQ) besides AVX2: 512-bit kernels where they pay, the
@@ -29,18 +32,19 @@ pub enum Isa {
 /// A path that cannot be used: an unknown name, or one this CPU cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IsaError {
-    #[error("unknown instruction set `{0}`: expected auto, avx512bf16, avx512, avx2 or generic")]
+    #[error("unknown instruction set `{0}`: expected auto, avx512bf16, avx512, avx2, neon or generic")]
     Unknown(String),
     #[error("this CPU cannot run the {0} kernels (it can run: {list})", list = Isa::available_list())]
     Unsupported(Isa),
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Generic => "generic",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
@@ -51,6 +55,7 @@ impl Isa {
     pub fn is_available(self) -> bool {
         match self {
             Isa::Generic => true,
+            Isa::Neon => cfg!(target_arch = "aarch64"),
             Isa::Avx2 => detected().0,
             Isa::Avx512 => detected().1,
             Isa::Avx512Bf16 => detected().2,

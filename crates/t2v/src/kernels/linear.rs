@@ -38,7 +38,7 @@ fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) 
     let (k, n) = (packed.k(), packed.n());
     assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
     let wide = super::wide(super::KernelKind::Linear);
-    // SAFETY: sizes checked above, rows contiguous; `avx2()` was checked before any linear op
+    // SAFETY: sizes checked above, rows contiguous; `packed_product()` was checked before any linear op
     // was applied (`linear`, `linear_accumulate`, `PackedLinear::new`).
     unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
 }
@@ -46,6 +46,20 @@ fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) 
 fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
     let w = super::src_of(w, lw, "linear weight")?;
     let (n, k) = lw.shape().dims2()?;
+    let m = lx.shape().dims2()?.0;
+    if packed_matmul::streams_weight(m, n) && !w.multiplies_in_bf16() {
+        // few rows for the weight's size: streamed through L2 panel by panel, never packed whole
+        let x = super::f32_of(x, lx, "linear input")?;
+        if lx.shape().dims2()?.1 != k || x.len() < m * k {
+            candle_core::bail!("linear: input {:?} against a weight of width {k}", lx.shape());
+        }
+        let mut out = super::output_buffer(m * n);
+        let wide = super::wide(super::KernelKind::Linear);
+        let init = bias.map_or(Init::Overwrite, Init::Bias);
+        // SAFETY: x holds m rows of k floats, out m·n; `packed_product()` was checked before the op ran.
+        unsafe { packed_matmul::matmul_streamed(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n, init, wide) };
+        return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+    }
     // packed once per call
     product(x, lx, &pack(w, n, k), bias)
 }
@@ -82,7 +96,7 @@ impl CustomOp3 for LinearOp {
 /// Whether [`linear`] takes the fused GEMM for these operands.
 fn fused(x_device: &candle_core::Device, x_dtype: DType, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     super::on_cpu(x_device)
-        && super::avx2()
+        && super::packed_product()
         && x_dtype == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && bias.is_none_or(|b| b.dtype() == DType::F32)

@@ -97,6 +97,15 @@ impl Src<'_> {
         self.len() == 0
     }
 
+    /// Elements [start, start + len).
+    pub fn slice(self, start: usize, len: usize) -> Self {
+        match self {
+            Src::F32(s) => Src::F32(&s[start..start + len]),
+            Src::F16(s) => Src::F16(&s[start..start + len]),
+            Src::Bf16(s) => Src::Bf16(&s[start..start + len]),
+        }
+    }
+
     /// Whether these are bfloat16 values that the products take as they are ([`bf16`]): only on
     /// the AVX-512 + BF16 path; elsewhere bfloat16 weights are widened like float16 ones.
     pub fn multiplies_in_bf16(&self) -> bool {
@@ -159,6 +168,12 @@ pub(crate) fn threads() -> usize {
 /// without, kernels take a scalar loop or candle's ops.
 pub fn avx2() -> bool {
     isa() >= Isa::Avx2
+}
+
+/// Whether the linear layers run the packed matrix product ([`packed_matmul`]): on the x86-64
+/// paths and on AArch64's NEON one.
+pub fn packed_product() -> bool {
+    avx2() || isa() == Isa::Neon
 }
 
 /// Whether the AVX-512 kernels run (where one exists; the AVX2 ones elsewhere): the AVX-512 path

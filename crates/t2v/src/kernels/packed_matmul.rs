@@ -1,4 +1,5 @@
-//! A packed float32 matrix product for x86-64 with AVX2 + FMA: `C (m×n) = A (m×k) · B (k×n)`,
+//! A packed float32 matrix product for x86-64 with AVX2 + FMA (and AVX-512 tiles) and for AArch64
+//! (NEON): `C (m×n) = A (m×k) · B (k×n)`,
 //! the operand layout of the UNet's linear layers (A = activations, B = the transposed weight)
 //! and of attention (A = queries or probabilities, B = keys or values).
 //!
@@ -8,7 +9,8 @@
 //! 55 %, and attention can run it on strided heads without copying them out.
 //!
 //! Goto/BLIS blocking: B is packed once per call into panels of [`NR`] columns (`[panel][k][NR]`,
-//! where float16 weights are widened as they are packed); each task takes a block of rows of A,
+//! where float16 weights are widened as they are packed), or streamed a few panels at a time
+//! where A is the smaller ([`matmul_streamed`]); each task takes a block of rows of A,
 //! packs [`MC`]×[`KC`] blocks of it into micro-panels of [`MR`] rows (`[ir][k][MR]`, kept in L2)
 //! and runs the 6×16 register-blocked micro-kernel over every (B panel, A micro-panel) pair, so a
 //! B micro-panel stays in L1 while the A micro-panels stream past it.
@@ -16,8 +18,9 @@
 //! Each output element sums its k products in blocks of ≤ `KC` (each block in order, blocks
 //! added in order): a different but equally accurate rounding order from candle's matmul.
 
-// Elsewhere than x86-64 only the packing exists (nothing calls it: `avx2()` is false).
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// Elsewhere than x86-64 and AArch64 only the packing exists (nothing calls it: `packed_product()`
+// is false there).
+#![cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -72,23 +75,7 @@ impl PackedB {
         assert!(n == 0 || w.len() >= (n - 1) * row_stride + k, "packed operand size");
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
-        let pack = |(p, dst): (usize, &mut [f32])| {
-            let cols = NR.min(n - p * NR);
-            if avx2() && cols == NR {
-                // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    pack_transposed_panel(w, p * NR, k, row_stride, dst)
-                };
-            } else {
-                for c in 0..cols {
-                    let row = (p * NR + c) * row_stride;
-                    for kk in 0..k {
-                        dst[kk * NR + c] = w.get(row + kk);
-                    }
-                }
-            }
-        };
+        let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, row_stride, p, dst);
         if parallel && panels > 1 && n * k >= 1 << 16 {
             data.par_chunks_mut(k * NR).enumerate().for_each(pack);
         } else {
@@ -139,13 +126,16 @@ impl PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
         for (p, dst) in data.chunks_mut((k * MR).max(1)).enumerate() {
-            for r in 0..MR.min(m - p * MR) {
-                let row = &a[(p * MR + r) * row_stride..][..k];
-                for (kk, &v) in row.iter().enumerate() {
-                    dst[kk * MR + r] = v;
-                }
-            }
+            pack_a_panel(a, m, k, row_stride, p, dst);
         }
+        PackedA { data, pairs: Vec::new(), bf16: false, m, k }
+    }
+
+    /// [`PackedA::from_rows`] with the micro-panels packed on all of rayon's threads.
+    pub fn from_rows_parallel(a: &[f32], m: usize, k: usize, row_stride: usize) -> PackedA {
+        assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
+        let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
+        data.par_chunks_mut((k * MR).max(1)).enumerate().for_each(|(p, dst)| pack_a_panel(a, m, k, row_stride, p, dst));
         PackedA { data, pairs: Vec::new(), bf16: false, m, k }
     }
 
@@ -171,6 +161,17 @@ impl PackedA {
     /// Whether A is in the bfloat16 form (products on `vdpbf16ps`).
     pub fn is_bf16(&self) -> bool {
         self.bf16
+    }
+}
+
+/// Micro-panel `p` of A (m rows of k values, `row_stride` apart) into `dst` (k·[`MR`] floats,
+/// zeros where rows past m stay).
+fn pack_a_panel(a: &[f32], m: usize, k: usize, row_stride: usize, p: usize, dst: &mut [f32]) {
+    for r in 0..MR.min(m - p * MR) {
+        let row = &a[(p * MR + r) * row_stride..][..k];
+        for (kk, &v) in row.iter().enumerate() {
+            dst[kk * MR + r] = v;
+        }
     }
 }
 
@@ -207,6 +208,29 @@ unsafe impl Sync for SharedLhs {}
 impl SharedLhs {
     fn get(self) -> Lhs {
         self.0
+    }
+}
+
+/// Panel `p` of Wᵀ (`w`: n rows of k values, `row_stride` apart) into `dst` (k·[`NR`] floats):
+/// `dst[kk·NR + c] = w[p·NR + c][kk]`, columns past n zero.
+fn pack_transposed(w: Src, n: usize, k: usize, row_stride: usize, p: usize, dst: &mut [f32]) {
+    let cols = NR.min(n - p * NR);
+    if avx2() && cols == NR {
+        // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            pack_transposed_panel(w, p * NR, k, row_stride, dst)
+        };
+    } else {
+        if cols < NR {
+            dst[..k * NR].fill(0.0);
+        }
+        for c in 0..cols {
+            let row = (p * NR + c) * row_stride;
+            for kk in 0..k {
+                dst[kk * NR + c] = w.get(row + kk);
+            }
+        }
     }
 }
 
@@ -398,7 +422,7 @@ const KC512: usize = 256;
 ///
 /// # Safety
 /// [`avx2`] is true; `a` covers m rows of `lda` (≥ k) floats and `c` m rows of `ldc` (≥ n).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_rows(
     m: usize,
@@ -413,11 +437,20 @@ pub unsafe fn matmul_rows(
     rows_of(m, Lhs::Rows(a, lda), b, c, ldc, init, wide)
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
     if b.bf16 {
         return super::bf16::blocked(m, a, b, c, ldc, init);
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // one width on NEON: 128-bit vectors, the 6×16 tile
+        let _ = wide;
+        blocked(m, a, b, c, ldc, init, KC, 1, |kl, ap, _, bp, _, dst, ld, acc, bias| {
+            neon::kernel_6x16(kl, ap[0], bp[0], dst, ld, acc, bias)
+        })
+    }
+    #[cfg(target_arch = "x86_64")]
     if wide && super::avx512() {
         blocked(m, a, b, c, ldc, init, KC512, 2, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
             tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
@@ -433,7 +466,7 @@ unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: 
 /// `step` B panels: `tile(kl, a panels, how many, b panels, how many, c, ldc, accumulate, bias)`
 /// computes one tile of (a panels·[`MR`]) rows × (b panels·[`NR`]) columns; ragged edges go
 /// through a scratch tile and are copied out.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     m: usize,
@@ -603,12 +636,91 @@ unsafe fn tile_avx512<const RA: usize, const NB: usize>(
     }
 }
 
+/// Whether a product of `m` rows against a weight of `n` outputs streams the weight
+/// ([`matmul_streamed`]) rather than packing it whole first: where A is no larger than the
+/// weight. Each of the streamed product's tasks reads all of A again (from cache while it is
+/// small), where the packed weight is written once and read again per block of rows.
+/// `kernel_speed`'s "linear per call" rows (Emerald Rapids, AVX-512, GFLOP/s, whole → streamed):
+/// 128×1280·1280×10240 175 → 284, 512×1280·…×10240 232 → 304, 2048×1280·…×10240 251 → 313,
+/// 512×1280·…×1280 273 → 290; with A larger, 2048×640·640×640 293 → 259 and 8192×1280·…×320
+/// 262 → 202.
+pub fn streams_weight(m: usize, n: usize) -> bool {
+    m <= n
+}
+
+/// Bytes of the weight panels one task of [`matmul_streamed`] packs and runs at a time: within
+/// L2 beside a micro-panel of A.
+const STREAM_GROUP_BYTES: usize = 512 << 10;
+
+thread_local! {
+    static B_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · Wᵀ` for a weight `w` of n rows of
+/// k values (float32, or float16/bfloat16 widened exactly), on all of rayon's threads, without
+/// packing W whole: for products with few rows of A (a step's deepest levels, a few frames), where
+/// packing the weight first writes out a float32 copy of it and reads it back, as much memory
+/// traffic as the product's own arithmetic takes time. A is packed once into micro-panels that
+/// every task reads; the tasks split W's columns into groups of panels, and each packs its group
+/// into a buffer that stays in L2 and runs all of A's rows against it: W is read once, from its
+/// own (narrow) storage. The same sums, in the same order, as [`matmul`] with W packed.
+///
+/// # Safety
+/// As [`matmul_rows`]; `w` holds n rows of k values.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_streamed(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    w: Src,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    wide: bool,
+) {
+    assert!(n == 0 || w.len() >= (n - 1) * k + k, "streamed weight size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let a = PackedA::from_rows_parallel(std::slice::from_raw_parts(a, (m - 1) * lda + k), m, k, lda);
+    let panels = n.div_ceil(NR);
+    // panels per task: within the L2 budget, an even count (the wide tiles take two), and small
+    // enough that every thread gets a few tasks
+    let by_bytes = (STREAM_GROUP_BYTES / (k * NR * 4).max(1)).max(2) / 2 * 2;
+    let by_tasks = panels.div_ceil(4 * super::threads()).div_ceil(2) * 2;
+    let group = by_bytes.min(by_tasks).max(2);
+    let cp = SendPtr(c);
+    let lhs = SharedLhs(Lhs::Panels(a.data.as_ptr(), k));
+    (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
+        let (p0, count) = (g * group, group.min(panels - g * group));
+        let (col0, cols) = (p0 * NR, (count * NR).min(n - p0 * NR));
+        B_PACK.with(|buf| {
+            let mut data = std::mem::take(&mut *buf.borrow_mut());
+            data.resize(count * k * NR, 0.0);
+            let part = w.slice(col0 * k, cols * k);
+            for (p, dst) in data.chunks_mut(k * NR).enumerate() {
+                pack_transposed(part, cols, k, k, p, dst);
+            }
+            let b = PackedB { data, pairs: Vec::new(), bf16: false, k, n: cols };
+            let init = match init {
+                Init::Bias(bias) => Init::Bias(&bias[col0..col0 + cols]),
+                other => other,
+            };
+            rows_of(m, lhs.get(), &b, cp.get().add(col0), ldc, init, wide);
+            *buf.borrow_mut() = b.data;
+        });
+    });
+}
+
 /// [`matmul_rows`] on all of rayon's threads: rows split into equal blocks (a few per thread on
 /// large products; one per thread otherwise, so that no thread idles on a short tail).
 ///
 /// # Safety
 /// As [`matmul_rows`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     m: usize,
@@ -628,7 +740,7 @@ pub unsafe fn matmul(
 ///
 /// # Safety
 /// [`avx2`] is true; `c` covers a.m() rows of `ldc` (≥ n) floats.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool, wide: bool) {
     assert_eq!(a.k, b.k, "packed operands' depths");
     assert_eq!(a.bf16, b.bf16, "packed operands' forms (float32 or bfloat16)");
@@ -640,7 +752,7 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
@@ -659,11 +771,12 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
     });
 }
 
-/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
+/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
+/// candle's matmul.
 ///
 /// # Safety
 /// Not callable.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_rows(
     _m: usize,
@@ -675,14 +788,15 @@ pub unsafe fn matmul_rows(
     _init: Init,
     _wide: bool,
 ) {
-    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
+    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
 }
 
-/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
+/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
+/// candle's matmul.
 ///
 /// # Safety
 /// Not callable.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub unsafe fn matmul_packed(
     _a: &PackedA,
     _b: &PackedB,
@@ -692,14 +806,15 @@ pub unsafe fn matmul_packed(
     _parallel: bool,
     _wide: bool,
 ) {
-    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
+    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
 }
 
-/// Never called off x86-64: [`avx2`] is false there and callers take candle's matmul.
+/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
+/// candle's matmul.
 ///
 /// # Safety
 /// Not callable.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     _m: usize,
@@ -711,5 +826,83 @@ pub unsafe fn matmul(
     _init: Init,
     _wide: bool,
 ) {
-    unreachable!("the packed matrix product runs only where avx2() is true (x86-64 with AVX2+FMA)")
+    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
+}
+
+/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
+/// candle's matmul.
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_streamed(
+    _m: usize,
+    _a: *const f32,
+    _lda: usize,
+    _w: Src,
+    _n: usize,
+    _k: usize,
+    _c: *mut f32,
+    _ldc: usize,
+    _init: Init,
+    _wide: bool,
+) {
+    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
+}
+
+/// The AArch64 micro-kernel (NEON is part of every AArch64 CPU).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{MR, NR};
+
+    /// As the AVX2 [`super::kernel_6x16`], with 128-bit vectors: a 6×16 tile in 24 accumulators
+    /// (four vectors a row), each step of k four loads of B and 24 multiply-adds by lanes of the
+    /// six A values (one 4-wide and one 2-wide load). The per-element sums run in k order, fused,
+    /// as on x86-64.
+    ///
+    /// # Safety
+    /// `a` holds k·6, `b` k·16 floats, c six rows of 16 (`ldc` apart); `bias16` null or 16 floats.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn kernel_6x16(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        bias16: *const f32,
+    ) {
+        let start = if bias16.is_null() {
+            [vdupq_n_f32(0.0); 4]
+        } else {
+            [vld1q_f32(bias16), vld1q_f32(bias16.add(4)), vld1q_f32(bias16.add(8)), vld1q_f32(bias16.add(12))]
+        };
+        let mut s = [start; MR];
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..k {
+            let bv = [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(bp.add(12))];
+            let a03 = vld1q_f32(ap);
+            let a45 = vld1_f32(ap.add(4));
+            for j in 0..4 {
+                s[0][j] = vfmaq_laneq_f32::<0>(s[0][j], bv[j], a03);
+                s[1][j] = vfmaq_laneq_f32::<1>(s[1][j], bv[j], a03);
+                s[2][j] = vfmaq_laneq_f32::<2>(s[2][j], bv[j], a03);
+                s[3][j] = vfmaq_laneq_f32::<3>(s[3][j], bv[j], a03);
+                s[4][j] = vfmaq_lane_f32::<0>(s[4][j], bv[j], a45);
+                s[5][j] = vfmaq_lane_f32::<1>(s[5][j], bv[j], a45);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+        for (r, row) in s.iter().enumerate() {
+            let p = c.add(r * ldc);
+            for (j, &v) in row.iter().enumerate() {
+                let v = if acc { vaddq_f32(vld1q_f32(p.add(4 * j)), v) } else { v };
+                vst1q_f32(p.add(4 * j), v);
+            }
+        }
+    }
 }

@@ -130,6 +130,7 @@ pub fn wide(kind: KernelKind) -> bool {
 pub fn describe() -> String {
     match isa() {
         Isa::Generic => "generic: candle's ops".to_string(),
+        Isa::Neon => "neon: 128-bit linear; portable loops elsewhere".to_string(),
         Isa::Avx2 => "avx2: 256-bit everywhere".to_string(),
         i if isa_forced() => format!("{i} (forced): 512-bit everywhere"),
         _ => Tuning::detected().to_string(),

@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    add, chunk_rows, contiguous, even_chunks, group_norm, linear, map_chunks, temporal_conv, GroupNorm, Linear,
-    TemporalConv,
+    add, add_from_sequences, chunk_rows, contiguous, even_chunks, group_norm, linear, temporal_conv, uninitialized,
+    GroupNorm, Linear, TemporalConv,
 };
 
 use super::attention::{BasicTransformerBlock, SecondAttention};
@@ -129,13 +129,17 @@ impl TransformerTemporalModel {
         let held = if windows.is_some() { 6 } else { 1 };
         let row_bytes = held * b * w * frames * inner * xs.dtype().size_in_bytes();
         let chunks = even_chunks(h, chunk_rows(chunk_bytes, row_bytes));
-        let xs_video = xs.reshape((b, frames, c, h, w))?;
         // Run on many chunks (or windows), the layers' weights are packed once for all of them
         // (at 1280 channels, 8 chunks of a 128-frame video would otherwise pack 36M weights each).
         let pack = windows.is_some() || chunks.len() > 1;
         let (proj_in, proj_out) = (self.proj_in.prepare(pack)?, self.proj_out.prepare(pack)?);
         let blocks = self.blocks.iter().map(|b| b.prepare(pack)).collect::<candle_core::Result<Vec<_>>>()?;
-        let out = map_chunks(3, &chunks, |row, rows| {
+        // Each chunk's output is written into place in the video layout with the residual added
+        // (one pass, see `add_from_sequences`).
+        let out = uninitialized(&[b, frames, c, h, w], xs.dtype(), xs.device())?;
+        let (out_pixels, xs_pixels) =
+            (out.reshape((b, frames, c, h * w))?, contiguous(xs)?.reshape((b, frames, c, h * w))?);
+        for &(row, rows) in &chunks {
             // (b, C, F, rows, W) → (b·rows·W, F, C): one sequence of frames per pixel.
             let part = normed.narrow(3, row, rows)?;
             let seq = contiguous(&part.permute((0, 3, 4, 2, 1))?)?.reshape((b * rows * w, frames, c))?;
@@ -147,10 +151,8 @@ impl TransformerTemporalModel {
                 };
             }
             let seq = proj_out.forward(&seq)?;
-            // back to (b, F, C, rows, W), plus the residual
-            let out = contiguous(&seq.reshape((b, rows, w, frames, c))?.permute((0, 3, 4, 1, 2))?)?;
-            add(&out, &contiguous(&xs_video.narrow(3, row, rows)?)?)
-        })?;
+            add_from_sequences(&out_pixels, &seq.reshape((b, rows * w, frames, c))?, &xs_pixels, row * w)?;
+        }
         out.reshape((n, c, h, w))
     }
 }
