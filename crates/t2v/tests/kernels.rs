@@ -221,11 +221,18 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
     // binary are right on any path).
     let paths: Vec<Isa> = Isa::available().into_iter().filter(|&i| i != Isa::Generic).collect();
     let asked = t2v::kernels::isa();
-    // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block, and a
+    // Rows not a multiple of 6, columns not of 16, depths over one 384-deep block (and none), and a
     // product big enough to be split across threads.
-    for (m, n, k) in
-        [(1, 1, 1), (7, 17, 5), (13, 40, 385), (200, 33, 800), (1001, 64, 96), (400, 50, 700), (30, 1000, 300)]
-    {
+    for (m, n, k) in [
+        (1, 1, 1),
+        (7, 17, 5),
+        (13, 40, 385),
+        (200, 33, 800),
+        (1001, 64, 96),
+        (400, 50, 700),
+        (30, 1000, 300),
+        (5, 20, 0),
+    ] {
         let a = Tensor::randn(0f32, 1f32, (m, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let w = Tensor::randn(0f32, 1f32, (n, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bias = Tensor::randn(0f32, 1f32, n, &dev).unwrap().to_vec1::<f32>().unwrap();

@@ -47,7 +47,7 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     let w = super::src_of(w, lw, "linear weight")?;
     let (n, k) = lw.shape().dims2()?;
     let m = lx.shape().dims2()?.0;
-    if packed_matmul::streams_weight(m, n) && !w.multiplies_in_bf16() {
+    if k > 0 && packed_matmul::streams_weight(m, n) && !w.multiplies_in_bf16() {
         // few rows for the weight's size: streamed through L2 panel by panel, never packed whole
         let x = super::f32_of(x, lx, "linear input")?;
         if lx.shape().dims2()?.1 != k || x.len() < m * k {

@@ -42,7 +42,8 @@ pub(super) const MC: usize = 192;
 /// columns past `n` zero.
 pub struct PackedB {
     pub(super) data: Vec<f32>,
-    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
+    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`] (x86-64 only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) pairs: Vec<u32>,
     pub(super) bf16: bool,
     pub(super) k: usize,
@@ -77,9 +78,9 @@ impl PackedB {
         let mut data = vec![0f32; panels * k * NR];
         let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, row_stride, p, dst);
         if parallel && panels > 1 && n * k >= 1 << 16 {
-            data.par_chunks_mut(k * NR).enumerate().for_each(pack);
+            data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         } else {
-            data.chunks_mut(k * NR).enumerate().for_each(pack);
+            data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
         PackedB { data, pairs: Vec::new(), bf16: false, k, n }
     }
@@ -99,9 +100,9 @@ impl PackedB {
             }
         };
         if parallel && panels > 1 && n * k >= 1 << 16 {
-            data.par_chunks_mut(k * NR).enumerate().for_each(pack);
+            data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         } else {
-            data.chunks_mut(k * NR).enumerate().for_each(pack);
+            data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
         PackedB { data, pairs: Vec::new(), bf16: false, k, n }
     }
@@ -701,7 +702,7 @@ pub unsafe fn matmul_streamed(
             let mut data = std::mem::take(&mut *buf.borrow_mut());
             data.resize(count * k * NR, 0.0);
             let part = w.slice(col0 * k, cols * k);
-            for (p, dst) in data.chunks_mut(k * NR).enumerate() {
+            for (p, dst) in data.chunks_mut((k * NR).max(1)).enumerate() {
                 pack_transposed(part, cols, k, k, p, dst);
             }
             let b = PackedB { data, pairs: Vec::new(), bf16: false, k, n: cols };
