@@ -205,9 +205,7 @@ impl candle_core::InplaceOp3 for AddFromSequences {
         // each written element the tile's value plus the residual's. Tasks split C where there
         // are few (video, frame) pairs, so that every thread has work.
         const TILE: usize = super::copy::TILE;
-        let parts = (4 * super::threads()).div_ceil(batch * frames).clamp(1, c.div_ceil(TILE));
-        let part_len = c.div_ceil(parts).div_ceil(TILE) * TILE;
-        let parts = c.div_ceil(part_len);
+        let (parts, part_len) = super::copy::tile_parts(batch * frames, c);
         let optr = super::SendPtr(out.as_mut_ptr());
         (0..batch * frames * parts).into_par_iter().for_each(|task| {
             let (bf, part) = (task / parts, task % parts);

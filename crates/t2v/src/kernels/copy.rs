@@ -53,6 +53,15 @@ pub(crate) fn offset_of(mut i: usize, dims: &[usize], strides: &[usize], start: 
 /// sequences of frames (`kernel_speed`'s "layout copy"): 16-float tiles ran at half the speed.
 pub(crate) const TILE: usize = 64;
 
+/// How a tiled transposition splits the dimension it reads contiguously (`len` long) among the
+/// tasks of each of `outer` independent indices: (parts, floats a part) in whole tiles, enough
+/// parts for every thread to get about four tasks.
+pub(crate) fn tile_parts(outer: usize, len: usize) -> (usize, usize) {
+    let parts = (4 * super::threads()).div_ceil(outer.max(1)).clamp(1, len.div_ceil(TILE).max(1));
+    let part_len = len.div_ceil(parts).div_ceil(TILE) * TILE;
+    (len.div_ceil(part_len.max(1)), part_len)
+}
+
 /// The copy where the output's last dimension is strided in the source but dimension `p` is
 /// contiguous there: a batched transposition between `p` (A) and the last dimension (B), in
 /// tiles of TILE × TILE so that reads and writes both move whole cache lines. A task takes one
@@ -70,10 +79,7 @@ fn transpose(src: &[f32], out: &mut [f32], dims: &[usize], strides: &[usize], st
     let outer_src: Vec<usize> = (0..rank - 1).filter(|&d| d != p).map(|d| strides[d]).collect();
     let outer_out: Vec<usize> = (0..rank - 1).filter(|&d| d != p).map(|d| dims[d + 1..].iter().product()).collect();
     let outer: usize = outer_dims.iter().product();
-    // parts of A per outer index: enough tasks for every thread (4 each), whole tiles
-    let parts = (4 * super::threads()).div_ceil(outer).clamp(1, a_len.div_ceil(TILE));
-    let part_len = a_len.div_ceil(parts).div_ceil(TILE) * TILE;
-    let parts = a_len.div_ceil(part_len);
+    let (parts, part_len) = tile_parts(outer, a_len);
     let optr = super::SendPtr(out.as_mut_ptr());
     (0..outer * parts).into_par_iter().for_each(|task| {
         let (o, part) = (task / parts, task % parts);

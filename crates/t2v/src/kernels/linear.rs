@@ -21,15 +21,27 @@ fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
 
 /// `x·B + bias` for an input of float32 rows and a packed B.
 fn product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    product_with(x, lx, packed.k(), packed.n(), bias, |x, m, out, init| multiply(x, m, packed, out, init))
+}
+
+/// `x·W + bias` for an input of float32 rows (m×k) into a new m×n output, the product written by
+/// `multiply(x, m, out, init)`.
+fn product_with(
+    x: &CpuStorage,
+    lx: &Layout,
+    k: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    multiply: impl FnOnce(&[f32], usize, &mut [f32], Init),
+) -> Result<(CpuStorage, Shape)> {
     let x = super::f32_of(x, lx, "linear input")?;
-    let (m, k) = lx.shape().dims2()?;
-    let n = packed.n();
-    if k != packed.k() {
-        candle_core::bail!("linear: input width {k} ≠ weight width {}", packed.k());
+    let (m, width) = lx.shape().dims2()?;
+    if width != k {
+        candle_core::bail!("linear: input width {width} ≠ weight width {k}");
     }
     // the GEMM overwrites (or starts from the bias in) every tile
     let mut out = super::output_buffer(m * n);
-    multiply(x, m, packed, &mut out, bias.map_or(Init::Overwrite, Init::Bias));
+    multiply(x, m, &mut out, bias.map_or(Init::Overwrite, Init::Bias));
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
@@ -49,16 +61,12 @@ fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[
     let m = lx.shape().dims2()?.0;
     if k > 0 && packed_matmul::streams_weight(m, n) && !w.multiplies_in_bf16() {
         // few rows for the weight's size: streamed through L2 panel by panel, never packed whole
-        let x = super::f32_of(x, lx, "linear input")?;
-        if lx.shape().dims2()?.1 != k || x.len() < m * k {
-            candle_core::bail!("linear: input {:?} against a weight of width {k}", lx.shape());
-        }
-        let mut out = super::output_buffer(m * n);
-        let wide = super::wide(super::KernelKind::Linear);
-        let init = bias.map_or(Init::Overwrite, Init::Bias);
-        // SAFETY: x holds m rows of k floats, out m·n; `packed_product()` was checked before the op ran.
-        unsafe { packed_matmul::matmul_streamed(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n, init, wide) };
-        return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+        return product_with(x, lx, k, n, bias, |x, m, out, init| {
+            assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
+            let wide = super::wide(super::KernelKind::Linear);
+            // SAFETY: sizes checked above; `packed_product()` was checked before the op ran.
+            unsafe { packed_matmul::matmul_streamed(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n, init, wide) }
+        });
     }
     // packed once per call
     product(x, lx, &pack(w, n, k), bias)
