@@ -2,14 +2,15 @@
 //! CPU can run, on the UNet's shapes (the best of several repetitions, so that a busy machine still
 //! gives a fair comparison between paths; convolutions count the direct form's multiplications):
 //! `cargo run --release --example kernel_speed [all|vae] [all|avx2|avx512|...] [LABEL-PART]`:
-//! `vae` runs only the VAE decoder's and the 16-frame temporal convolutions, a path name that path
-//! only, and a third argument only the shapes whose label contains it. Last, the temporal
-//! attention's shapes.
+//! `vae` runs only the VAE's and the 16-frame temporal convolutions, a path name that path only,
+//! and a third argument only the shapes whose label contains it. At the UNet's levels each
+//! convolution runs both ways: the automatic choice (or candle's, for stride 2) against the
+//! unfolded product. Last, the temporal attention's shapes.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use t2v::kernels::conv::{conv2d, temporal_conv3, temporal_conv3_with, TemporalAlgo};
+use t2v::kernels::conv::{conv2d, conv2d_with, temporal_conv3_with, ConvAlgo, TemporalAlgo};
 use t2v::kernels::packed_matmul::{self, Init, PackedB};
 use t2v::kernels::{set_isa, Isa, Src};
 
@@ -43,30 +44,49 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (channels, latent side): 4 frames at 256×256 under guidance (batch 2) at the UNet's levels
     let unet_levels: &[(usize, usize)] = if vae_only { &[] } else { &[(320, 32), (640, 16), (1280, 8), (1280, 4)] };
-    for &(c, side) in unet_levels {
-        let (b, f) = (2, 4);
+    // (4 frames at every level; 16 at the two smallest, where the unfolded product may pay)
+    let runs = unet_levels
+        .iter()
+        .map(|&(c, side)| (c, side, 4))
+        .chain(unet_levels.iter().filter(|&&(_, side)| side <= 8).map(|&(c, side)| (c, side, 16)));
+    for (c, side, f) in runs {
+        let b = 2;
+        if !wanted(&format!("{c}ch {}×{side}²", b * f)) && !wanted(&format!("{c}ch {b}×{f}×{side}²")) {
+            continue;
+        }
         let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
-        let wt = Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?;
+        // float16, as the published weights are kept in memory
+        let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16);
+        let wt = f16(Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?)?;
         let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
         let flop = 2.0 * (b * f * side * side * c * c * 3) as f64;
-        let best = best_of(paths, || {
-            temporal_conv3(&x, &wt, Some(&bias)).expect("temporal convolution");
-        });
-        report(&format!("temporal {c}ch {b}×{f}×{side}²"), flop, paths, &best);
+        for algo in [TemporalAlgo::Auto, TemporalAlgo::Unfolded] {
+            let label = format!("temporal {c}ch {b}×{f}×{side}² {algo:?}");
+            if wanted(&label) {
+                let best = best_of(paths, || {
+                    temporal_conv3_with(&x, &wt, Some(&bias), algo).expect("temporal convolution");
+                });
+                report(&label, flop, paths, &best);
+            }
+        }
 
         let frames = x.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, side, side))?.contiguous()?;
-        let w1 = Tensor::randn(0f32, 0.05, (c, c, 1, 1), &dev)?;
         let flop = 2.0 * (b * f * side * side * c * c) as f64;
-        let best = best_of(paths, || {
-            conv2d(&frames, &w1, Some(&bias), 1, 0).expect("1×1 convolution");
-        });
-        report(&format!("1×1 {c}ch {}×{side}²", b * f), flop, paths, &best);
-
-        let w3 = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?;
-        let best = best_of(paths, || {
-            conv2d(&frames, &w3, Some(&bias), 1, 1).expect("3×3 convolution");
-        });
-        report(&format!("3×3 {c}ch {}×{side}²", b * f), 9.0 * flop, paths, &best);
+        // (kernel, stride, padding, output side)
+        for (k, stride, pad, out) in [(1usize, 1usize, 0usize, side), (3, 1, 1, side), (3, 2, 1, side / 2)] {
+            let wk = f16(Tensor::randn(0f32, 0.05, (c, c, k, k), &dev)?)?;
+            let flop = flop * (k * k * out * out) as f64 / (side * side) as f64;
+            let other = if stride == 1 { ConvAlgo::Auto } else { ConvAlgo::Candle };
+            for algo in [other, ConvAlgo::Unfolded] {
+                let label = format!("{k}×{k}/{stride} {c}ch {}×{side}² {algo:?}", b * f);
+                if wanted(&label) {
+                    let best = best_of(paths, || {
+                        conv2d_with(&frames, &wk, Some(&bias), stride, pad, algo).expect("convolution");
+                    });
+                    report(&label, flop, paths, &best);
+                }
+            }
+        }
     }
     // The temporal convolutions of 16 frames, with guidance (batch 2) and without (batch 1).
     for (c, side) in [(320usize, 32usize), (640, 16), (1280, 8), (1280, 4)] {
@@ -116,6 +136,24 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             conv2d(&x, &w, Some(&bias), 1, k / 2).expect("convolution");
         });
         report(&label, flop, paths, &best);
+    }
+    // The VAE encoder's stride-2 downsamplers (video-to-video), on its input padded by one at the
+    // right and bottom as diffusers pads it: candle's convolution against the unfolded product.
+    for (c, side) in [(128usize, 256usize), (256, 128), (512, 64)] {
+        let label = format!("VAE 3×3/2 {c}ch {side}²");
+        if !wanted(&label) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (1, c, side + 1, side + 1), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
+        let flop = 2.0 * (9 * (side / 2) * (side / 2) * c * c) as f64;
+        for algo in [ConvAlgo::Candle, ConvAlgo::Unfolded] {
+            let best = best_of(paths, || {
+                conv2d_with(&x, &w, Some(&bias), 2, 0, algo).expect("convolution");
+            });
+            report(&format!("{label} {algo:?}"), flop, paths, &best);
+        }
     }
     Ok(())
 }

@@ -108,19 +108,33 @@ fn check(
     for with_bias in [false, true] {
         let (want, ho, wo) = reference(&x, &w, with_bias.then_some(&b[..]), n, cin, cout, h, wd, k, stride, pad);
         let bias = with_bias.then_some(&bt);
-        let y32 = conv::conv2d(&xt, &wt, bias, stride, pad).unwrap();
-        assert_eq!(y32.dims(), [n, cout, ho, wo]);
-        assert_eq!(y32.dtype(), DType::F32);
-        let y16 = conv::conv2d(&xt, &wt16, bias, stride, pad).unwrap();
-        let (g32, g16) = (flat(&y32), flat(&y16));
-        assert!(g32 == g16, "f16 weights must give exactly the f32-weight result");
-        let e = rel_err(&g32, &want);
         let ec = rel_err(&flat(&conv::conv2d_fallback(&xt, &wt, bias, stride, pad).unwrap()), &want);
-        eprintln!("conv k{k} s{stride} p{pad} n{n} {cin}->{cout} {h}x{wd} bias={with_bias}: rel err {e:.2e} (candle {ec:.2e})");
-        assert!(e <= 1e-5, "relative error {e:.3e} > 1e-5");
-        worst = worst.max(e);
+        for algo in conv_algos() {
+            let y32 = conv::conv2d_with(&xt, &wt, bias, stride, pad, algo).unwrap();
+            assert_eq!(y32.dims(), [n, cout, ho, wo]);
+            assert_eq!(y32.dtype(), DType::F32);
+            let y16 = conv::conv2d_with(&xt, &wt16, bias, stride, pad, algo).unwrap();
+            let (g32, g16) = (flat(&y32), flat(&y16));
+            assert!(g32 == g16, "{algo:?}: f16 weights must give exactly the f32-weight result");
+            let e = rel_err(&g32, &want);
+            eprintln!(
+                "conv {algo:?} k{k} s{stride} p{pad} n{n} {cin}->{cout} {h}x{wd} bias={with_bias}: rel err {e:.2e} (candle {ec:.2e})"
+            );
+            assert!(e <= 1e-5, "{algo:?}: relative error {e:.3e} > 1e-5");
+            worst = worst.max(e);
+        }
     }
     worst
+}
+
+/// The algorithms to check on this path: the automatic choice, and the unfolded product wherever
+/// the packed product runs.
+fn conv_algos() -> Vec<conv::ConvAlgo> {
+    let mut algos = vec![conv::ConvAlgo::Auto];
+    if t2v::kernels::packed_product() {
+        algos.push(conv::ConvAlgo::Unfolded);
+    }
+    algos
 }
 
 #[test]
@@ -187,10 +201,28 @@ fn conv1x1_and_fallbacks() {
     check(9, 5, 17, 33, 4, 4, 1, 1, 0);
     // images split into several blocks of columns, the last one partial
     check(13, 2, 300, 20, 40, 40, 1, 1, 0);
-    // not covered by the fast kernels: candle's conv2d
+    // other kernels, strides and paddings: the unfolded product (candle's conv2d on the
+    // generic path)
     check(10, 2, 6, 5, 9, 8, 3, 2, 1);
     check(11, 1, 4, 6, 7, 7, 3, 1, 0);
     check(12, 1, 4, 6, 7, 7, 1, 2, 0);
+    check(14, 3, 20, 9, 8, 8, 3, 2, 0);
+    check(15, 1, 5, 7, 11, 6, 5, 3, 2);
+    check(16, 2, 1, 3, 2, 2, 3, 2, 1);
+    // the UNet's downsampler at its 4×4 level (rows few beside the channels)
+    check(17, 2, 64, 96, 4, 4, 3, 2, 1);
+    check(18, 2, 48, 64, 2, 3, 3, 1, 1);
+    // a 1×1 of few pixels against many output channels: the automatic choice takes the unfolded
+    // product
+    check(19, 3, 24, 64, 1, 1, 1, 1, 0);
+    check(21, 2, 16, 256, 2, 2, 1, 1, 0);
+}
+
+#[test]
+fn unfolded_product_works_in_blocks_of_rows() {
+    // more unfolded rows than one block holds (8M floats / (cin·9) rows): the product repeats per
+    // block against the weight packed once
+    check(20, 1, 1000, 8, 40, 30, 3, 1, 1);
 }
 
 #[test]
@@ -257,6 +289,8 @@ fn temporal_conv() {
         (2, 640, 48, 16, 4, 4),
         (1, 64, 8, 7, 33, 65),
         (1, 1280, 24, 16, 2, 3),
+        // few pixels against many output channels: the automatic choice takes the unfolded product
+        (2, 40, 96, 3, 2, 2),
     ];
     for (seed, &(bsz, cin, cout, f, h, w)) in cases.iter().enumerate() {
         let mut rng = Rng(1000 + seed as u64);
@@ -273,7 +307,11 @@ fn temporal_conv() {
             let want = temporal_reference(&x, &wv, with_bias.then_some(&b[..]), bsz, cin, cout, f, h * w);
             let bias = with_bias.then_some(&bt);
             let ec = rel_err(&flat(&conv::temporal_conv3_fallback(&xt, &wt, bias).unwrap()), &want);
-            for algo in [conv::TemporalAlgo::Auto, conv::TemporalAlgo::Direct, conv::TemporalAlgo::Winograd] {
+            let mut algos = vec![conv::TemporalAlgo::Auto, conv::TemporalAlgo::Direct, conv::TemporalAlgo::Winograd];
+            if t2v::kernels::packed_product() {
+                algos.push(conv::TemporalAlgo::Unfolded);
+            }
+            for algo in algos {
                 let y = conv::temporal_conv3_with(&xt, &wt, bias, algo).unwrap();
                 assert_eq!(y.dims(), [bsz, cout, f, h, w]);
                 let y16 = conv::temporal_conv3_with(&xt, &wt16, bias, algo).unwrap();

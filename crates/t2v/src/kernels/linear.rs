@@ -11,7 +11,7 @@ struct LinearOp;
 
 /// A weight packed for the products (float16 widened; bfloat16 kept where the CPU multiplies in
 /// it), on every thread.
-fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
+pub(crate) fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
     if w.multiplies_in_bf16() {
         PackedB::from_transposed_bf16(w, n, k, true)
     } else {

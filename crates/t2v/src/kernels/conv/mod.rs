@@ -32,6 +32,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use super::{f32_of, src_of};
 
 mod gemm_based;
+mod unfolded;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
 
@@ -40,10 +41,46 @@ mod winograd;
 /// padding 1, or 1×1 stride 1 padding 0) it runs the fast kernels of this module; otherwise it
 /// falls back to candle's `Tensor::conv2d` (+ a broadcast bias add).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    if let Some(kind) = fast_kind(x, weight, bias, stride, padding)? {
+    conv2d_with(x, weight, bias, stride, padding, ConvAlgo::Auto)
+}
+
+/// Which algorithm [`conv2d_with`] uses on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// Winograd for 3×3 (stride 1, padding 1) and per-image products for 1×1, except where the
+    /// unfolded product measured faster ([`UnfoldedPays`]); the unfolded product for any other
+    /// kernel, stride or padding (on the packed-product paths; candle's convolution elsewhere).
+    Auto,
+    /// One product over the unfolded input (im2col) through the linear layers' packed product.
+    Unfolded,
+    /// candle's own convolution ([`conv2d_fallback`]).
+    Candle,
+}
+
+/// [`conv2d`] with a chosen CPU algorithm (for tests and benchmarks).
+pub fn conv2d_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    algo: ConvAlgo,
+) -> Result<Tensor> {
+    let kind = match algo {
+        ConvAlgo::Candle => None,
+        ConvAlgo::Auto => fast_kind(x, weight, bias, stride, padding)?,
+        ConvAlgo::Unfolded => {
+            let kind = fast_kind(x, weight, bias, stride, padding)?.map(|_| Kind::Unfolded);
+            if (kind.is_none() || !super::packed_product()) && super::on_cpu(x.device()) {
+                bail!("conv2d: no unfolded product for input {:?}, weight {:?} on this path", x.dims(), weight.dims());
+            }
+            kind
+        }
+    };
+    if let Some(kind) = kind {
         let x = super::copy::contiguous(x)?;
         let weight = weight.contiguous()?;
-        let op = ConvOp { kind, has_bias: bias.is_some() };
+        let op = ConvOp { kind, has_bias: bias.is_some(), stride, padding };
         return match bias {
             Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &op),
             None => x.apply_op2_no_bwd(&weight, &op),
@@ -88,6 +125,9 @@ pub enum TemporalAlgo {
     Direct,
     /// 1-D Winograd F(4, 3) along frames: six GEMMs with half the multiplications of Direct.
     Winograd,
+    /// One product over the input unfolded to rows of (channel, tap), through the linear layers'
+    /// packed product (the packed-product paths only).
+    Unfolded,
 }
 
 /// The fewest columns (B·F·H·W) for which [`TemporalAlgo::Auto`] takes Winograd. Measured with
@@ -153,6 +193,7 @@ pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
 enum Kind {
     Wino3x3,
     Pointwise,
+    Unfolded,
 }
 
 fn fast_kind(
@@ -178,18 +219,65 @@ fn fast_kind(
             return Ok(None);
         }
     }
-    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::avx2() {
-        return Ok(Some(Kind::Wino3x3));
+    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        return Ok(None);
     }
-    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        return Ok(Some(Kind::Pointwise));
+    let pixels = out_side(h, kh, stride, padding) * out_side(w, kw, stride, padding);
+    let unfolded = super::packed_product();
+    let regular = if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::avx2() {
+        Some(Kind::Wino3x3)
+    } else if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        Some(Kind::Pointwise)
+    } else {
+        None
+    };
+    Ok(match regular {
+        Some(Kind::Pointwise) if unfolded && UnfoldedPays::Pointwise { pixels }.holds(cout) => Some(Kind::Unfolded),
+        Some(kind) => Some(kind),
+        None if unfolded => Some(Kind::Unfolded),
+        None => None,
+    })
+}
+
+/// The side of a convolution's output.
+fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (side + 2 * padding - kernel) / stride + 1
+}
+
+/// Where the unfolded product ([`unfolded`]) beats the per-image products of a 1×1 convolution
+/// and the Winograd temporal one: where the rows are few beside the weight, which the unfolded
+/// product streams once from its float16 storage while the others transform or pack it first.
+/// `kernel_speed`, Emerald Rapids, float16 weights, 1280 channels at the UNet's 4×4 level,
+/// GFLOP/s, other → unfolded:
+///
+/// * 1×1 with 8 images (4 frames under guidance) 74–188 → 158–210, with 32 images 139 → 211; at
+///   8×8 level (208 against 219). Judged per image (`pixels` of one output image), so that a
+///   layer run on chunks of frames takes the same kernel, and the same sums, for every chunk size.
+/// * Temporal, 2×4 frames (128 rows) 98 → 250 (256-bit path 77 → 110); 2×16 frames (512 rows)
+///   241 → 253, level; at 8×8 with 16 frames 338 → 202. Judged by all the rows: the temporal
+///   convolutions run on whole videos.
+///
+/// The 3×3 convolutions stay with Winograd: unfolding won only with 8 images of 4×4 (155–208 →
+/// 184–232) and lost far with 32 (580 → 238) and at 8×8 (586 → 252).
+enum UnfoldedPays {
+    Pointwise { pixels: usize },
+    Temporal { rows: usize },
+}
+
+impl UnfoldedPays {
+    fn holds(self, cout: usize) -> bool {
+        match self {
+            UnfoldedPays::Pointwise { pixels } => 64 * pixels <= cout,
+            UnfoldedPays::Temporal { rows } => 4 * rows <= cout,
+        }
     }
-    Ok(None)
 }
 
 struct ConvOp {
     kind: Kind,
     has_bias: bool,
+    stride: usize,
+    padding: usize,
 }
 
 impl ConvOp {
@@ -208,10 +296,15 @@ impl ConvOp {
         if wcin != cin {
             bail!("t2v conv: weight {:?} doesn't fit input {:?}", wl.shape(), xl.shape());
         }
-        // both kernels write every output pixel (Winograd tiles cover the plane; the 1×1 GEMM
-        // starts from the bias or overwrites)
-        let mut out = super::output_buffer(n * cout * h * wd);
+        let (oh, ow) = (out_side(h, kh, self.stride, self.padding), out_side(wd, kw, self.stride, self.padding));
+        // every kernel writes every output pixel (Winograd tiles cover the plane; the products
+        // start from the bias or overwrite)
+        let mut out = super::output_buffer(n * cout * oh * ow);
         match self.kind {
+            Kind::Unfolded => {
+                let (hw, k) = ((h, wd), (kh, kw));
+                unfolded::conv2d(x, w, bias.as_deref(), &mut out, n, cin, cout, hw, k, self.stride, self.padding);
+            }
             Kind::Wino3x3 => {
                 if kh != 3 || kw != 3 || !super::avx2() {
                     bail!("t2v conv: winograd kernel needs a 3x3 kernel and AVX2+FMA");
@@ -228,7 +321,7 @@ impl ConvOp {
                 gemm_based::pointwise(x, w, bias.as_deref(), &mut out, n, cin, cout, h * wd);
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, h, wd))))
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))))
     }
 }
 
@@ -288,12 +381,22 @@ impl TemporalOp {
         }
         // every frame of every channel starts from the bias or is overwritten by a first GEMM
         let mut out = super::output_buffer(b * cout * f * h * wd);
-        let wino = match self.algo {
-            TemporalAlgo::Auto => f >= 3 && b * f * h * wd >= winograd_min_columns(),
-            TemporalAlgo::Direct => false,
-            TemporalAlgo::Winograd => true,
+        let algo = match self.algo {
+            TemporalAlgo::Auto
+                if super::packed_product() && UnfoldedPays::Temporal { rows: b * f * h * wd }.holds(cout) =>
+            {
+                TemporalAlgo::Unfolded
+            }
+            TemporalAlgo::Auto if f >= 3 && b * f * h * wd >= winograd_min_columns() => TemporalAlgo::Winograd,
+            TemporalAlgo::Auto => TemporalAlgo::Direct,
+            TemporalAlgo::Unfolded if !super::packed_product() => {
+                bail!("t2v temporal conv: the unfolded product needs the packed product's instructions")
+            }
+            chosen => chosen,
         };
-        if wino {
+        if algo == TemporalAlgo::Unfolded {
+            unfolded::temporal(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
+        } else if algo == TemporalAlgo::Winograd {
             gemm_based::temporal_wino(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
         } else {
             gemm_based::temporal(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
