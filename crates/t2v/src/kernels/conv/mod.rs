@@ -13,12 +13,15 @@
 //!   call, per block of output channels, inside the parallel tasks (no 4×-sized copy of all the
 //!   weights). Needs AVX2+FMA+F16C at run time (checked once); otherwise candle's convolution.
 //! * 1×1, stride 1, padding 0 (`gemm_based.rs`): one GEMM per image (the `gemm` crate, as
-//!   candle's matmul).
+//!   candle's matmul, or our packed product on the AVX-512 path).
+//! * Every other kernel, stride and padding (the stride-2 downsamplers), and the 1×1 and temporal
+//!   convolutions of few pixels ([`UnfoldedPays`]): one product over the unfolded input
+//!   (`unfolded.rs`) through the linear layers' packed product, on the paths that have it.
 //! * The temporal `Conv3d(k=(3,1,1), pad=(1,0,0))` of the UNet's temporal layers
 //!   ([`temporal_conv3`], `gemm_based.rs`): 1-D Winograd F(4, 3) along frames (six GEMMs with half the
 //!   multiplications; error ~1e-6) for F ≥ 3 (with ≥ 512 columns B·F·H·W on the 256-bit
 //!   path), else three accumulated GEMMs over frame-shifted views of the input (no padded or
-//!   im2col copy).
+//!   im2col copy), or the unfolded product where the rows are few.
 //!
 //! Memory: the 3×3 kernel keeps a transformed-input buffer (≤ 32 MB) between calls, and each
 //! rayon thread a weight/product scratch (≤ 36·48·Cin floats, 8.8 MB at Cin = 1280).
@@ -37,9 +40,10 @@ mod unfolded;
 mod winograd;
 
 /// `conv2d` on NCHW `x` (groups 1, dilation 1) with `weight` (Cout, Cin, K, K) and an optional
-/// `bias` (Cout). On the CPU, with f32 `x`, f32/f16 weights and a supported kernel (3×3 stride 1
-/// padding 1, or 1×1 stride 1 padding 0) it runs the fast kernels of this module; otherwise it
-/// falls back to candle's `Tensor::conv2d` (+ a broadcast bias add).
+/// `bias` (Cout). On the CPU, with f32 `x` and f32/f16/bf16 weights, it runs the kernels of this
+/// module (Winograd for 3×3 stride 1 padding 1, per-image products for 1×1, the unfolded product
+/// for the rest where the packed product runs); otherwise candle's `Tensor::conv2d` (+ a broadcast
+/// bias add).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     conv2d_with(x, weight, bias, stride, padding, ConvAlgo::Auto)
 }
