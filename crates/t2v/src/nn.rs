@@ -314,7 +314,7 @@ pub fn multi_head_attention_windows(
 /// Bytes of one activation that a frame-chunked section of a network computes at a time by
 /// default: the per-frame layers of a long video run on chunks of frames, so that their
 /// intermediates (a GroupNorm, a convolution, the attention's q, k and v...) stay this size
-/// instead of scaling with the frames (see [`map_chunks`]).
+/// instead of scaling with the frames (see `map_chunks`).
 pub const CHUNK_BYTES: usize = 32 << 20;
 
 /// How many rows of `row_bytes` bytes one chunk of `chunk_bytes` holds: at least one.

@@ -20,8 +20,8 @@
 //! CPU runs `--dtype bf16`; float32 weights never take this path.
 //!
 //! Layout: `vdpbf16ps` multiplies pairs along k. B is packed as `pairs[(panel·kp + kq)·NR + c]`
-//! = (B[2kq][col] in the low 16 bits, B[2kq+1][col] in the high 16), kp = ⌈k/2⌉, a missing last
-//! row zero; A as `pairs[(panel·kp + kq)·MR + r]` = (A[row][2kq], A[row][2kq+1]), one u32 that the
+//! = (`B[2kq][col]` in the low 16 bits, `B[2kq+1][col]` in the high 16), kp = ⌈k/2⌉, a missing last
+//! row zero; A as `pairs[(panel·kp + kq)·MR + r]` = (`A[row][2kq]`, `A[row][2kq+1]`), one u32 that the
 //! micro-kernel broadcasts. Tiles are the AVX-512 path's 12×32 (two A micro-panels × two B
 //! panels, 24 accumulators).
 

@@ -1,6 +1,6 @@
 //! GEGLU, `value · gelu(gate)` over the two halves of the feed-forward's first projection, in one
 //! parallel pass on the CPU (candle would copy both halves, run GELU on one thread and multiply in
-//! a third pass). GELU is the exact one (erf), as `F.gelu`: vectorised ([`super::vmath::gelu`])
+//! a third pass). GELU is the exact one (erf), as `F.gelu`: vectorised (`vmath::gelu`)
 //! where AVX2 is available, candle's own erf otherwise.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};

@@ -11,7 +11,7 @@
 //! Goto/BLIS blocking: B is packed once per call into panels of [`NR`] columns (`[panel][k][NR]`,
 //! where float16 weights are widened as they are packed), or streamed a few panels at a time
 //! where A is the smaller ([`matmul_streamed`]); each task takes a block of rows of A,
-//! packs [`MC`]×[`KC`] blocks of it into micro-panels of [`MR`] rows (`[ir][k][MR]`, kept in L2)
+//! packs `MC`×`KC` blocks of it into micro-panels of [`MR`] rows (`[ir][k][MR]`, kept in L2)
 //! and runs the 6×16 register-blocked micro-kernel over every (B panel, A micro-panel) pair, so a
 //! B micro-panel stays in L1 while the A micro-panels stream past it.
 //!
@@ -146,7 +146,7 @@ impl PackedA {
         PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Vec::new(), bf16: false, m, k }
     }
 
-    /// Where A[row][kk] is in [`PackedA::data_mut`].
+    /// Where `A[row][kk]` is in [`PackedA::data_mut`].
     pub fn index(&self, row: usize, kk: usize) -> usize {
         ((row / MR) * self.k + kk) * MR + row % MR
     }

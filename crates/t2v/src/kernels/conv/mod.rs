@@ -15,7 +15,7 @@
 //! * 1×1, stride 1, padding 0 (`gemm_based.rs`): one GEMM per image (the `gemm` crate, as
 //!   candle's matmul, or our packed product on the AVX-512 path).
 //! * Every other kernel, stride and padding (the stride-2 downsamplers), and the 1×1 and temporal
-//!   convolutions of few pixels ([`UnfoldedPays`]): one product over the unfolded input
+//!   convolutions of few pixels (`UnfoldedPays`): one product over the unfolded input
 //!   (`unfolded.rs`) through the linear layers' packed product, on the paths that have it.
 //! * The temporal `Conv3d(k=(3,1,1), pad=(1,0,0))` of the UNet's temporal layers
 //!   ([`temporal_conv3`], `gemm_based.rs`): 1-D Winograd F(4, 3) along frames (six GEMMs with half the
@@ -52,7 +52,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvAlgo {
     /// Winograd for 3×3 (stride 1, padding 1) and per-image products for 1×1, except where the
-    /// unfolded product measured faster ([`UnfoldedPays`]); the unfolded product for any other
+    /// unfolded product measured faster (`UnfoldedPays`); the unfolded product for any other
     /// kernel, stride or padding (on the packed-product paths; candle's convolution elsewhere).
     Auto,
     /// One product over the unfolded input (im2col) through the linear layers' packed product.

@@ -181,7 +181,7 @@ pub fn read_video(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Input
     collector.finish(fps)
 }
 
-/// Frames already in memory handed on as 8-bit images ([`Frames::frame_rgb8`]: clamped, rounded)
+/// Frames already in memory handed on as 8-bit images ([`crate::video::Frames::frame_rgb8`]: clamped, rounded)
 /// and resized to `size` (width, height) as [`read_video`] resizes a file's: the same frames as
 /// writing them as PNG and reading those back at that size, without the files. zeroscope's second
 /// pass takes the first's frames this way ([`crate::pipeline::upscale`]).
