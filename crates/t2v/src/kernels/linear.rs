@@ -9,9 +9,41 @@ use super::packed_matmul::{self, Init, PackedB};
 
 struct LinearOp;
 
+/// A weight as the products meet it: streamed from its own storage a few panels at a time where
+/// the rows are few for its size ([`packed_matmul::streams_weight`]), else packed whole once.
+pub(crate) enum Weight<'a> {
+    Streamed { w: super::Src<'a>, n: usize, k: usize },
+    Packed(PackedB),
+}
+
+impl<'a> Weight<'a> {
+    /// The form for products of at most `rows` rows against `w` (n rows of k values).
+    pub(crate) fn for_rows(w: super::Src<'a>, n: usize, k: usize, rows: usize) -> Self {
+        if k > 0 && packed_matmul::streams_weight(rows, n) && !w.multiplies_in_bf16() {
+            Weight::Streamed { w, n, k }
+        } else {
+            Weight::Packed(pack(w, n, k))
+        }
+    }
+
+    /// `out (m×n) = init + x (m×k) · Wᵀ` at the linear layers' vector width.
+    pub(crate) fn multiply(&self, x: &[f32], m: usize, out: &mut [f32], init: Init) {
+        match self {
+            Weight::Packed(packed) => multiply(x, m, packed, out, init),
+            &Weight::Streamed { w, n, k } => {
+                assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
+                let wide = super::wide(super::KernelKind::Linear);
+                // SAFETY: sizes checked above; `packed_product()` was checked before any caller
+                // ran (the linear ops, the unfolded convolutions).
+                unsafe { packed_matmul::matmul_streamed(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n, init, wide) }
+            }
+        }
+    }
+}
+
 /// A weight packed for the products (float16 widened; bfloat16 kept where the CPU multiplies in
 /// it), on every thread.
-pub(crate) fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
+fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
     if w.multiplies_in_bf16() {
         PackedB::from_transposed_bf16(w, n, k, true)
     } else {
@@ -58,18 +90,9 @@ fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) 
 fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
     let w = super::src_of(w, lw, "linear weight")?;
     let (n, k) = lw.shape().dims2()?;
-    let m = lx.shape().dims2()?.0;
-    if k > 0 && packed_matmul::streams_weight(m, n) && !w.multiplies_in_bf16() {
-        // few rows for the weight's size: streamed through L2 panel by panel, never packed whole
-        return product_with(x, lx, k, n, bias, |x, m, out, init| {
-            assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
-            let wide = super::wide(super::KernelKind::Linear);
-            // SAFETY: sizes checked above; `packed_product()` was checked before the op ran.
-            unsafe { packed_matmul::matmul_streamed(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n, init, wide) }
-        });
-    }
-    // packed once per call
-    product(x, lx, &pack(w, n, k), bias)
+    // streamed where the rows are few for the weight's size, else packed once per call
+    let weight = Weight::for_rows(w, n, k, lx.shape().dims2()?.0);
+    product_with(x, lx, k, n, bias, |x, m, out, init| weight.multiply(x, m, out, init))
 }
 
 impl CustomOp2 for LinearOp {

@@ -16,8 +16,8 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::packed_matmul::{self, Init};
-use crate::kernels::{linear, output_buffer, wide, KernelKind, SendPtr, Src};
+use crate::kernels::packed_matmul::Init;
+use crate::kernels::{linear, output_buffer, SendPtr, Src};
 
 /// The most floats of unfolded rows held at a time (32 MB).
 const BLOCK_FLOATS: usize = 8 << 20;
@@ -45,10 +45,8 @@ pub(super) fn product(
         return;
     }
     let block = (BLOCK_FLOATS / k.max(1)).clamp(1, rows);
-    // one block with few rows for the weight: streamed; else packed once for every block
-    let streamed = block == rows && packed_matmul::streams_weight(rows, n) && !w.multiplies_in_bf16();
-    let packed = (!streamed).then(|| linear::pack(w, n, k));
-    let wide = wide(KernelKind::Linear);
+    // one block: the form its rows call for; several: packed once for all of them
+    let weight = linear::Weight::for_rows(w, n, k, if block == rows { rows } else { usize::MAX });
     let init = bias.map_or(Init::Overwrite, Init::Bias);
     // both buffers are written in full before they are read: every row by `unfold`, every
     // product tile by the product (which overwrites or starts from the bias)
@@ -60,14 +58,7 @@ pub(super) fn product(
         if k > 0 {
             a[..m * k].par_chunks_mut(k).enumerate().for_each(|(i, row)| unfold(r0 + i, row));
         }
-        // SAFETY: a holds m rows of k floats, y m rows of n; the product's instructions were
-        // checked by the caller (`packed_product()`).
-        unsafe {
-            match &packed {
-                Some(p) => packed_matmul::matmul(m, a.as_ptr(), k, p, y.as_mut_ptr(), n, init, wide),
-                None => packed_matmul::matmul_streamed(m, a.as_ptr(), k, w, n, k, y.as_mut_ptr(), n, init, wide),
-            }
-        }
+        weight.multiply(&a[..m * k], m, &mut y[..m * n], init);
         let y = &y;
         (0..n.div_ceil(CHANNELS_PER_TASK)).into_par_iter().for_each(|t| {
             let channels = t * CHANNELS_PER_TASK..((t + 1) * CHANNELS_PER_TASK).min(n);
