@@ -200,6 +200,9 @@ fn main() {
     if let Err(e) = linear_per_call(&paths, vae_only) {
         eprintln!("linear per call: {e}");
     }
+    if let Err(e) = bf16_linear(&paths, vae_only) {
+        eprintln!("bf16 linear: {e}");
+    }
     if let Err(e) = convolutions(&paths, vae_only) {
         eprintln!("convolutions: {e}");
     }
@@ -270,6 +273,60 @@ fn linear_per_call(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             )
         });
         report(&format!("{label} streamed"), 2.0 * (m * k * n) as f64, paths, &streamed);
+    }
+    Ok(())
+}
+
+/// Linear layers with bfloat16 weights (`--dtype bf16`) as a step calls them, through the layer's
+/// own op (weight packed per call): widened to float32 on the avx2 and avx512 paths, multiplied in
+/// bfloat16 on the avx512bf16 (`vdpbf16ps`) and amx (tiles) ones.
+fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
+    if vae_only {
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    // (rows, in, out): 4 frames under guidance at the UNet's levels (8192, 2048, 512, 128 tokens
+    // of frames), the feed-forward's and the projections' shapes
+    let shapes = [
+        (8192, 320, 320),
+        (8192, 320, 2560),
+        (8192, 1280, 320),
+        (2048, 640, 640),
+        (2048, 640, 5120),
+        (2048, 2560, 640),
+        (512, 1280, 1280),
+        (512, 1280, 10240),
+        (512, 5120, 1280),
+        (128, 1280, 10240),
+    ];
+    for (m, k, n) in shapes {
+        let label = format!("bf16 linear {m}×{k}·{k}×{n}");
+        if !wanted(&label) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?.to_dtype(candle_core::DType::BF16)?;
+        let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+        let best = best_of(paths, || {
+            t2v::kernels::linear::linear(&x, &w, Some(&b)).expect("linear");
+        });
+        report(&label, 2.0 * (m * k * n) as f64, paths, &best);
+        // the product alone, the weight packed once (on the paths that multiply in bfloat16)
+        let bf16_paths: Vec<Isa> = paths.iter().copied().filter(|&i| i >= Isa::Avx512Bf16).collect();
+        if !bf16_paths.is_empty() {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let ws: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
+            let bias = b.to_vec1::<f32>()?;
+            let mut c = vec![0f32; m * n];
+            let packed = PackedB::from_transposed_bf16(Src::Bf16(&ws), n, k, true);
+            for (what, init) in [("bias", Init::Bias(&bias)), ("overwrite", Init::Overwrite)] {
+                // SAFETY: xs holds m×k, c m×n floats; the paths were checked available.
+                let best = best_of(&bf16_paths, || unsafe {
+                    packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true)
+                });
+                report(&format!("{label} product ({what})"), 2.0 * (m * k * n) as f64, &bf16_paths, &best);
+            }
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The bfloat16 matrix products of `--dtype bf16` on the CPU (`t2v::kernels::bf16`): on the
-//! `avx512bf16` path against a float64 product of the same bfloat16-rounded operands (tight: only
+//! `avx512bf16` and `amx` paths against a float64 product of the same bfloat16-rounded operands (tight: only
 //! the float32 sums differ) and against the unrounded float32 operands (loose: the rounding's
 //! own error); on the other paths bfloat16 weights are widened and the activations are not
 //! rounded. Every test here sets the kernels' path, so they take turns.
@@ -12,6 +12,10 @@ use t2v::kernels::linear::linear;
 use t2v::kernels::{isa, set_isa, Isa};
 
 static PATH: Mutex<()> = Mutex::new(());
+
+/// The paths that multiply in bfloat16: `vdpbf16ps`, and AMX tiles (each test skips a path this
+/// CPU lacks and says so).
+const BF16_PATHS: [Isa; 2] = [Isa::Avx512Bf16, Isa::Amx];
 
 /// Runs `f` on the kernels' path `want` (restoring the path after), or says why not.
 fn on_path(want: Isa, f: impl FnOnce()) {
@@ -70,30 +74,32 @@ const LINEAR_SHAPES: [(usize, usize, usize); 5] =
 
 #[test]
 fn bf16_linear_matches_float64_of_the_rounded_operands() {
-    on_path(Isa::Avx512Bf16, || {
-        for (m, k, n) in LINEAR_SHAPES {
-            let x = randn(&[m, k], 1.0);
-            let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
-            let b = randn(&[n], 1.0);
-            let got = linear(&x, &w, Some(&b)).unwrap();
-            assert_eq!(got.dtype(), DType::F32);
-            let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &f64_of(&b));
-            let tight = err_in_scale(&got, &want, &scale);
-            let (want32, scale32) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
-            let loose = err_in_scale(&got, &want32, &scale32);
-            println!("linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
-            assert!(tight < 1e-5, "{m}×{k}×{n}: {tight:.2e} from float64 of the rounded operands");
-            assert!(loose < 4e-3, "{m}×{k}×{n}: {loose:.2e} from float64 of the float32 operands");
-            if k > 2 {
-                assert!(loose > 1e-5, "{m}×{k}×{n}: the input was not rounded ({loose:.2e})");
+    for path in BF16_PATHS {
+        on_path(path, || {
+            for (m, k, n) in LINEAR_SHAPES {
+                let x = randn(&[m, k], 1.0);
+                let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[n], 1.0);
+                let got = linear(&x, &w, Some(&b)).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &f64_of(&b));
+                let tight = err_in_scale(&got, &want, &scale);
+                let (want32, scale32) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
+                let loose = err_in_scale(&got, &want32, &scale32);
+                println!("{path}: linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+                assert!(tight < 1e-5, "{path}: {m}×{k}×{n}: {tight:.2e} from float64 of the rounded operands");
+                assert!(loose < 4e-3, "{m}×{k}×{n}: {loose:.2e} from float64 of the float32 operands");
+                if k > 2 {
+                    assert!(loose > 1e-5, "{m}×{k}×{n}: the input was not rounded ({loose:.2e})");
+                }
+                // without a bias
+                let got = linear(&x, &w, None).unwrap();
+                let zero = Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap();
+                let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &zero);
+                assert!(err_in_scale(&got, &want, &scale) < 1e-5, "{m}×{k}×{n} without a bias");
             }
-            // without a bias
-            let got = linear(&x, &w, None).unwrap();
-            let zero = Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap();
-            let (want, scale) = linear_f64(&rounded(&x), &f64_of(&w), &zero);
-            assert!(err_in_scale(&got, &want, &scale) < 1e-5, "{m}×{k}×{n} without a bias");
-        }
-    });
+        });
+    }
 }
 
 #[test]
@@ -124,28 +130,30 @@ fn bf16_weights_are_widened_off_the_bf16_path() {
 
 #[test]
 fn bf16_pointwise_convolution_matches_float64_of_the_rounded_operands() {
-    on_path(Isa::Avx512Bf16, || {
-        // (images, cin, cout, h, w): odd channels, ragged tiles; many images (one per task) and
-        // one large image (split across threads)
-        for (n, cin, cout, h, w) in [(2, 37, 21, 5, 7), (5, 64, 40, 16, 16), (1, 320, 33, 64, 70)] {
-            let x = randn(&[n, cin, h, w], 1.0);
-            let wt = randn(&[cout, cin, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
-            let b = randn(&[cout], 1.0);
-            let got = conv2d(&x, &wt, Some(&b), 1, 0).unwrap();
-            let conv = |x: &Tensor, w: &Tensor, b: &Tensor| conv2d_fallback(x, w, Some(b), 1, 0).unwrap();
-            let abs = |t: &Tensor| t.abs().unwrap();
-            let (wf, bf) = (f64_of(&wt), f64_of(&b));
-            let tight =
-                err_in_scale(&got, &conv(&rounded(&x), &wf, &bf), &conv(&abs(&rounded(&x)), &abs(&wf), &abs(&bf)));
-            let loose =
-                err_in_scale(&got, &conv(&f64_of(&x), &wf, &bf), &conv(&abs(&f64_of(&x)), &abs(&wf), &abs(&bf)));
-            println!(
-                "1×1 conv {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's"
-            );
-            assert!(tight < 1e-5, "{tight:.2e}");
-            assert!(loose < 4e-3 && loose > 1e-5, "{loose:.2e}");
-        }
-    });
+    for path in BF16_PATHS {
+        on_path(path, || {
+            // (images, cin, cout, h, w): odd channels, ragged tiles; many images (one per task) and
+            // one large image (split across threads)
+            for (n, cin, cout, h, w) in [(2, 37, 21, 5, 7), (5, 64, 40, 16, 16), (1, 320, 33, 64, 70)] {
+                let x = randn(&[n, cin, h, w], 1.0);
+                let wt = randn(&[cout, cin, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[cout], 1.0);
+                let got = conv2d(&x, &wt, Some(&b), 1, 0).unwrap();
+                let conv = |x: &Tensor, w: &Tensor, b: &Tensor| conv2d_fallback(x, w, Some(b), 1, 0).unwrap();
+                let abs = |t: &Tensor| t.abs().unwrap();
+                let (wf, bf) = (f64_of(&wt), f64_of(&b));
+                let tight =
+                    err_in_scale(&got, &conv(&rounded(&x), &wf, &bf), &conv(&abs(&rounded(&x)), &abs(&wf), &abs(&bf)));
+                let loose =
+                    err_in_scale(&got, &conv(&f64_of(&x), &wf, &bf), &conv(&abs(&f64_of(&x)), &abs(&wf), &abs(&bf)));
+                println!(
+                    "{path}: 1×1 conv {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's"
+                );
+                assert!(tight < 1e-5, "{path}: {tight:.2e}");
+                assert!(loose < 4e-3 && loose > 1e-5, "{loose:.2e}");
+            }
+        });
+    }
 }
 
 /// The 3×3 convolutions keep float32 products for bfloat16 weights (Winograd F(4×4) amplifies
@@ -154,33 +162,35 @@ fn bf16_pointwise_convolution_matches_float64_of_the_rounded_operands() {
 /// result, within a few bfloat16 roundings of the magnitudes' sum.
 #[test]
 fn bf16_winograd_convolutions_stay_near_float64() {
-    on_path(Isa::Avx512Bf16, || {
-        let abs = |t: &Tensor| t.abs().unwrap();
-        // 3×3: channel blocks of 128 with an odd last one, ragged tiles
-        for (n, cin, cout, h, w) in [(2, 19, 23, 9, 11), (1, 131, 14, 6, 6)] {
-            let x = randn(&[n, cin, h, w], 1.0);
-            let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
-            let b = randn(&[cout], 1.0);
-            let got = conv2d(&x, &wt, Some(&b), 1, 1).unwrap();
-            let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&b));
-            let want = conv2d_fallback(&xf, &wf, Some(&bf), 1, 1).unwrap();
-            let scale = conv2d_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf)), 1, 1).unwrap();
-            let err = err_in_scale(&got, &want, &scale);
-            println!("3×3 conv {n}×{cin}→{cout} {h}×{w}: {err:.1e} from float64 of the widened weights");
-            assert!(err < 1e-5, "3×3 {cin}→{cout}: {err:.2e}");
-        }
-        // temporal (3, 1, 1) in Winograd F(4, 3) along frames
-        for (b, cin, cout, f, h, w) in [(1, 19, 23, 8, 4, 4), (2, 64, 40, 6, 16, 16)] {
-            let x = randn(&[b, cin, f, h, w], 1.0);
-            let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
-            let bias = randn(&[cout], 1.0);
-            let got = temporal_conv3_with(&x, &wt, Some(&bias), TemporalAlgo::Winograd).unwrap();
-            let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&bias));
-            let want = temporal_conv3_fallback(&xf, &wf, Some(&bf)).unwrap();
-            let scale = temporal_conv3_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf))).unwrap();
-            let err = err_in_scale(&got, &want, &scale);
-            println!("temporal conv {b}×{cin}→{cout}, {f} frames of {h}×{w}: bf16 {err:.1e}");
-            assert!(err < 1e-2 && err > 1e-5, "temporal {cin}→{cout}: {err:.2e}");
-        }
-    });
+    for path in BF16_PATHS {
+        on_path(path, || {
+            let abs = |t: &Tensor| t.abs().unwrap();
+            // 3×3: channel blocks of 128 with an odd last one, ragged tiles
+            for (n, cin, cout, h, w) in [(2, 19, 23, 9, 11), (1, 131, 14, 6, 6)] {
+                let x = randn(&[n, cin, h, w], 1.0);
+                let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[cout], 1.0);
+                let got = conv2d(&x, &wt, Some(&b), 1, 1).unwrap();
+                let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&b));
+                let want = conv2d_fallback(&xf, &wf, Some(&bf), 1, 1).unwrap();
+                let scale = conv2d_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf)), 1, 1).unwrap();
+                let err = err_in_scale(&got, &want, &scale);
+                println!("{path}: 3×3 conv {n}×{cin}→{cout} {h}×{w}: {err:.1e} from float64 of the widened weights");
+                assert!(err < 1e-5, "3×3 {cin}→{cout}: {err:.2e}");
+            }
+            // temporal (3, 1, 1) in Winograd F(4, 3) along frames
+            for (b, cin, cout, f, h, w) in [(1, 19, 23, 8, 4, 4), (2, 64, 40, 6, 16, 16)] {
+                let x = randn(&[b, cin, f, h, w], 1.0);
+                let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+                let bias = randn(&[cout], 1.0);
+                let got = temporal_conv3_with(&x, &wt, Some(&bias), TemporalAlgo::Winograd).unwrap();
+                let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&bias));
+                let want = temporal_conv3_fallback(&xf, &wf, Some(&bf)).unwrap();
+                let scale = temporal_conv3_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf))).unwrap();
+                let err = err_in_scale(&got, &want, &scale);
+                println!("{path}: temporal conv {b}×{cin}→{cout}, {f} frames of {h}×{w}: bf16 {err:.1e}");
+                assert!(err < 1e-2 && err > 1e-5, "temporal {cin}→{cout}: {err:.2e}");
+            }
+        });
+    }
 }

@@ -316,7 +316,7 @@ fn instruction_set_names() {
     }
     let err = "sse2".parse::<Isa>().unwrap_err();
     assert_eq!(err, IsaError::Unknown("sse2".into()));
-    assert!(err.to_string().contains("auto, avx512bf16, avx512, avx2, neon or generic"), "{err}");
+    assert!(err.to_string().contains("auto, amx, avx512bf16, avx512, avx2, neon or generic"), "{err}");
     assert_eq!(Isa::parse_available("auto"), Ok(Isa::best()));
     assert!(Isa::Generic.is_available());
     for isa in Isa::ALL {

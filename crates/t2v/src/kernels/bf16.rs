@@ -256,6 +256,9 @@ thread_local! {
 /// rows of `ldc` (≥ n) floats.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    if super::amx() {
+        return super::amx::blocked(m, a, b, c, ldc, init);
+    }
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;

@@ -1,8 +1,9 @@
 //! Which instruction set the CPU kernels run with: chosen once from what the CPU has, or forced
-//! with `T2V_ISA=auto|avx512bf16|avx512|avx2|neon|generic` (or [`set_isa`]) so that one machine can test
-//! and time every path. `generic` is candle's standard ops, the path that other devices and CPUs
-//! take. `avx512bf16` differs from `avx512` only for bfloat16 weights (`--dtype bf16`): their
-//! matrix products run on `vdpbf16ps`; float32 work is the same on both.
+//! with `T2V_ISA=auto|amx|avx512bf16|avx512|avx2|neon|generic` (or [`set_isa`]) so that one machine can
+//! test and time every path. `generic` is candle's standard ops, the path that other devices and
+//! CPUs take. `avx512bf16` and `amx` differ from `avx512` only for bfloat16 weights (`--dtype
+//! bf16`): their matrix products run on `vdpbf16ps`, or on AMX tiles; float32 work is the same on
+//! all three.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,19 +28,22 @@ pub enum Isa {
     /// The AVX-512 path plus AVX512_BF16 (Zen 4 and later, Intel since Cooper Lake): bfloat16
     /// weights multiply with `vdpbf16ps` (float32 accumulation) instead of being widened.
     Avx512Bf16,
+    /// The AVX-512 + BF16 path plus AMX-BF16 (Intel since Sapphire Rapids): the bfloat16
+    /// products run on AMX tiles (`tdpbf16ps`, float32 accumulation, [`super::amx`]).
+    Amx,
 }
 
 /// A path that cannot be used: an unknown name, or one this CPU cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IsaError {
-    #[error("unknown instruction set `{0}`: expected auto, avx512bf16, avx512, avx2, neon or generic")]
+    #[error("unknown instruction set `{0}`: expected auto, amx, avx512bf16, avx512, avx2, neon or generic")]
     Unknown(String),
     #[error("this CPU cannot run the {0} kernels (it can run: {list})", list = Isa::available_list())]
     Unsupported(Isa),
 }
 
 impl Isa {
-    pub const ALL: [Isa; 5] = [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 6] = [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +52,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -59,6 +64,7 @@ impl Isa {
             Isa::Avx2 => detected().0,
             Isa::Avx512 => detected().1,
             Isa::Avx512Bf16 => detected().2,
+            Isa::Amx => detected().3,
         }
     }
 
@@ -110,12 +116,13 @@ impl FromStr for Isa {
     }
 }
 
-/// (AVX2 path, AVX-512 path, AVX-512 + BF16 path) available on this CPU.
-fn detected() -> (bool, bool, bool) {
+/// (AVX2 path, AVX-512 path, AVX-512 + BF16 path, AMX path) available on this CPU (for AMX,
+/// with the tile state granted by the OS, which this asks for once).
+fn detected() -> (bool, bool, bool, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<(bool, bool, bool)> = OnceLock::new();
+        static HAS: OnceLock<(bool, bool, bool, bool)> = OnceLock::new();
         *HAS.get_or_init(|| {
             let avx2 =
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
@@ -125,12 +132,13 @@ fn detected() -> (bool, bool, bool) {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512dq");
             let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
-            (avx2, avx512, bf16)
+            let amx = bf16 && super::amx::cpu_has_amx_bf16() && super::amx::request_tile_state();
+            (avx2, avx512, bf16, amx)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        (false, false, false)
+        (false, false, false, false)
     }
 }
 

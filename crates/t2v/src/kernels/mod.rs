@@ -7,6 +7,8 @@
 //! use nothing of it but each other, and record no time (the layers of [`crate::nn`] do).
 
 pub mod add;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
@@ -182,10 +184,15 @@ pub fn avx512() -> bool {
     isa() >= Isa::Avx512
 }
 
-/// Whether bfloat16 weights multiply in bfloat16 (`vdpbf16ps`, float32 sums); elsewhere they are
-/// widened to float32 as they are packed, like float16 weights.
+/// Whether bfloat16 weights multiply in bfloat16 (`vdpbf16ps` or AMX tiles, float32 sums);
+/// elsewhere they are widened to float32 as they are packed, like float16 weights.
 pub fn avx512bf16() -> bool {
-    isa() == Isa::Avx512Bf16
+    isa() >= Isa::Avx512Bf16
+}
+
+/// Whether the bfloat16 products run on AMX tiles ([`Isa::Amx`]).
+pub fn amx() -> bool {
+    isa() == Isa::Amx
 }
 
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).
