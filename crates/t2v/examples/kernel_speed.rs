@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use t2v::kernels::conv::{conv2d, conv2d_with, temporal_conv3_with, ConvAlgo, TemporalAlgo};
+use t2v::kernels::conv::{conv2d_with, temporal_conv3_with, ConvAlgo, TemporalAlgo};
 use t2v::kernels::packed_matmul::{self, Init, PackedB};
 use t2v::kernels::{set_isa, Isa, Src};
 
@@ -40,6 +40,16 @@ fn wanted(label: &str) -> bool {
     std::env::args().nth(3).is_none_or(|only| label.contains(&only))
 }
 
+/// The convolutions' weight type: float16 (the published weights), or bfloat16 with
+/// `KERNEL_SPEED_WEIGHTS=bf16` (`--dtype bf16`: products in bfloat16 on the avx512bf16 and amx
+/// paths).
+fn weight_dtype() -> candle_core::DType {
+    match std::env::var("KERNEL_SPEED_WEIGHTS").as_deref() {
+        Ok("bf16") => candle_core::DType::BF16,
+        _ => candle_core::DType::F16,
+    }
+}
+
 fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (channels, latent side): 4 frames at 256×256 under guidance (batch 2) at the UNet's levels
@@ -55,8 +65,8 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
-        // float16, as the published weights are kept in memory
-        let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16);
+        // float16, as the published weights are kept in memory (or bfloat16, `--dtype bf16`)
+        let f16 = |t: Tensor| t.to_dtype(weight_dtype());
         let wt = f16(Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?)?;
         let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
         let flop = 2.0 * (b * f * side * side * c * c * 3) as f64;
@@ -76,10 +86,16 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         for (k, stride, pad, out) in [(1usize, 1usize, 0usize, side), (3, 1, 1, side), (3, 2, 1, side / 2)] {
             let wk = f16(Tensor::randn(0f32, 0.05, (c, c, k, k), &dev)?)?;
             let flop = flop * (k * k * out * out) as f64 / (side * side) as f64;
-            let other = if stride == 1 { ConvAlgo::Auto } else { ConvAlgo::Candle };
-            for algo in [other, ConvAlgo::Unfolded] {
+            // 3×3: float32 Winograd against the automatic choice (AMX tiles for bfloat16
+            // weights where they fit) and the unfolded product
+            let algos = match (k, stride) {
+                (3, 1) => vec![ConvAlgo::Winograd, ConvAlgo::Auto, ConvAlgo::Unfolded],
+                (_, 1) => vec![ConvAlgo::Auto, ConvAlgo::Unfolded],
+                _ => vec![ConvAlgo::Candle, ConvAlgo::Unfolded],
+            };
+            for algo in algos {
                 let label = format!("{k}×{k}/{stride} {c}ch {}×{side}² {algo:?}", b * f);
-                if wanted(&label) {
+                if wanted(&label) && conv2d_with(&frames, &wk, Some(&bias), stride, pad, algo).is_ok() {
                     let best = best_of(paths, || {
                         conv2d_with(&frames, &wk, Some(&bias), stride, pad, algo).expect("convolution");
                     });
@@ -92,12 +108,12 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     for (c, side) in [(320usize, 32usize), (640, 16), (1280, 8), (1280, 4)] {
         for b in [2usize, 1] {
             let f = 16;
-            let label = format!("temporal {c}ch {b}×{f}×{side}² f16");
+            let label = format!("temporal {c}ch {b}×{f}×{side}² {:?}", weight_dtype());
             if !wanted(&label) {
                 continue;
             }
             let x = Tensor::randn(0f32, 1.0, (b, c, f, side, side), &dev)?;
-            let wt = Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?.to_dtype(candle_core::DType::F16)?;
+            let wt = Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?.to_dtype(weight_dtype())?;
             let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
             let flop = 2.0 * (b * f * side * side * c * c * 3) as f64;
             for algo in [TemporalAlgo::Direct, TemporalAlgo::Winograd] {
@@ -128,14 +144,21 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (1, cin, side, side), &dev)?;
-        // float16, as the published weights are kept in memory
-        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev)?.to_dtype(candle_core::DType::F16)?;
+        // float16, as the published weights are kept in memory (or bfloat16, `--dtype bf16`)
+        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev)?.to_dtype(weight_dtype())?;
         let bias = Tensor::randn(0f32, 0.1, cout, &dev)?;
         let flop = 2.0 * (k * k * side * side * cin * cout) as f64;
-        let best = best_of(paths, || {
-            conv2d(&x, &w, Some(&bias), 1, k / 2).expect("convolution");
-        });
-        report(&label, flop, paths, &best);
+        let algos =
+            if k == 3 { vec![ConvAlgo::Winograd, ConvAlgo::Auto, ConvAlgo::Unfolded] } else { vec![ConvAlgo::Auto] };
+        for algo in algos {
+            if conv2d_with(&x, &w, Some(&bias), 1, k / 2, algo).is_err() {
+                continue;
+            }
+            let best = best_of(paths, || {
+                conv2d_with(&x, &w, Some(&bias), 1, k / 2, algo).expect("convolution");
+            });
+            report(&format!("{label} {algo:?}"), flop, paths, &best);
+        }
     }
     // The VAE encoder's stride-2 downsamplers (video-to-video), on its input padded by one at the
     // right and bottom as diffusers pads it: candle's convolution against the unfolded product.
@@ -145,7 +168,7 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (1, c, side + 1, side + 1), &dev)?;
-        let w = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let w = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?.to_dtype(weight_dtype())?;
         let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
         let flop = 2.0 * (9 * (side / 2) * (side / 2) * c * c) as f64;
         for algo in [ConvAlgo::Candle, ConvAlgo::Unfolded] {

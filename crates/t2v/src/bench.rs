@@ -30,7 +30,7 @@ pub struct BenchOptions {
     pub steps: usize,
     /// The dtype weight matrices and kernels are stored in (activations are float32): float16
     /// (as the published fp16 weights, widened per layer), bfloat16 (`--dtype bf16`: multiplied
-    /// in bfloat16 on CPUs with AVX512_BF16, see [`crate::kernels::bf16`]) or float32.
+    /// in bfloat16 on CPUs with AVX512_BF16 or AMX, see [`crate::kernels::bf16`]) or float32.
     pub matrix_dtype: DType,
     pub device: Device,
     /// Time only the text encoding and the guided steps: a long video's unguided steps, VAE
@@ -58,7 +58,7 @@ impl Default for BenchOptions {
 pub struct BenchReport {
     /// `cpu`, or the GPU's kind (`cuda`, `metal`).
     pub device: String,
-    /// The CPU kernels' instruction-set path (`avx512bf16`, `avx512`, `avx2`, `generic`; `generic`
+    /// The CPU kernels' instruction-set path (`amx`, `avx512bf16`, `avx512`, `avx2`, `generic`; `generic`
     /// off the CPU).
     pub isa: String,
     /// The vector width each kind of kernel runs at, chosen for the CPU found
@@ -67,7 +67,7 @@ pub struct BenchReport {
     /// The weight matrices' dtype (`f16`, `bf16`, `f32`).
     pub weights: String,
     /// What the matrix products multiply: `bf16` (bfloat16 operands, float32 sums: bfloat16
-    /// weights on the `avx512bf16` path) or `f32`.
+    /// weights on the `avx512bf16` and `amx` paths) or `f32`.
     pub products: String,
     pub frames: usize,
     pub height: usize,

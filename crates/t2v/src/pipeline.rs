@@ -104,7 +104,7 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// The dtype the activations are computed in, and the one weight matrices and kernels are
     /// stored in where that differs: `bf16` on the CPU computes in float32 with bfloat16
-    /// matrices, whose products run in bfloat16 where the CPU has AVX512_BF16 (see
+    /// matrices, whose products run in bfloat16 where the CPU has AVX512_BF16 or AMX (see
     /// [`crate::kernels::bf16`]); every other choice computes in `dtype`.
     pub fn compute_dtypes(&self) -> (DType, Option<DType>) {
         if self.device.is_cpu() && self.dtype == DType::BF16 {

@@ -7,7 +7,9 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use t2v::kernels::conv::{conv2d, conv2d_fallback, temporal_conv3_fallback, temporal_conv3_with, TemporalAlgo};
+use t2v::kernels::conv::{
+    conv2d, conv2d_fallback, conv2d_with, temporal_conv3_fallback, temporal_conv3_with, ConvAlgo, TemporalAlgo,
+};
 use t2v::kernels::linear::linear;
 use t2v::kernels::{isa, set_isa, Isa};
 
@@ -86,7 +88,9 @@ fn bf16_linear_matches_float64_of_the_rounded_operands() {
                 let tight = err_in_scale(&got, &want, &scale);
                 let (want32, scale32) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
                 let loose = err_in_scale(&got, &want32, &scale32);
-                println!("{path}: linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+                println!(
+                    "{path}: linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's"
+                );
                 assert!(tight < 1e-5, "{path}: {m}×{k}×{n}: {tight:.2e} from float64 of the rounded operands");
                 assert!(loose < 4e-3, "{m}×{k}×{n}: {loose:.2e} from float64 of the float32 operands");
                 if k > 2 {
@@ -193,4 +197,54 @@ fn bf16_winograd_convolutions_stay_near_float64() {
             }
         });
     }
+}
+
+/// The direct 3×3 convolution on AMX tiles (bfloat16 weights on the `amx` path, where the output
+/// channels and the rows' pixels come in 16s): both operands rounded to bfloat16, float32 sums,
+/// held to float64 of the rounded operands (tight) and of float32's (loose); the automatic
+/// choice takes it there, and Winograd elsewhere.
+#[test]
+fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
+    on_path(Isa::Amx, || {
+        let abs = |t: &Tensor| t.abs().unwrap();
+        // (images, cin, cout, h, w): an odd channel count short of a tile, one past two tiles of
+        // pairs, 2×2 blocks with a lone last group of channels and of pixels, with and without
+        // a bias
+        for (n, cin, cout, h, w, with_bias) in
+            [(2, 19, 32, 5, 16, true), (1, 65, 48, 7, 48, true), (3, 8, 16, 3, 32, false), (1, 320, 64, 4, 16, true)]
+        {
+            let x = randn(&[n, cin, h, w], 1.0);
+            let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[cout], 1.0);
+            let bias = with_bias.then_some(&b);
+            let got = conv2d_with(&x, &wt, bias, 1, 1, ConvAlgo::Tiles).unwrap();
+            let auto = conv2d(&x, &wt, bias, 1, 1).unwrap();
+            let diff = (&got - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the automatic choice is the tiles' kernel");
+            let (wf, bf) = (f64_of(&wt), bias.map(f64_of));
+            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| conv2d_fallback(x, w, b, 1, 1).unwrap();
+            let babs = bf.as_ref().map(abs);
+            let tight = err_in_scale(
+                &got,
+                &conv(&rounded(&x), &wf, bf.as_ref()),
+                &conv(&abs(&rounded(&x)), &abs(&wf), babs.as_ref()),
+            );
+            let loose = err_in_scale(
+                &got,
+                &conv(&f64_of(&x), &wf, bf.as_ref()),
+                &conv(&abs(&f64_of(&x)), &abs(&wf), babs.as_ref()),
+            );
+            println!("amx: 3×3 tiles {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+            assert!(tight < 1e-5, "3×3 tiles {cin}→{cout}: {tight:.2e}");
+            assert!(loose < 4e-3 && loose > 1e-5, "3×3 tiles {cin}→{cout}: {loose:.2e}");
+        }
+        // sizes the tiles do not take go to Winograd
+        let x = randn(&[1, 16, 8, 8], 1.0);
+        let wt = randn(&[16, 16, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+        assert!(conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Tiles).is_err(), "8-pixel rows");
+        let winograd = conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Winograd).unwrap();
+        let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
+        let diff = (&winograd - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    });
 }

@@ -33,11 +33,14 @@ use super::packed_matmul::{Init, Lhs, PackedB, MR, NR};
 const T: usize = 16;
 /// u32 (pairs or floats) in one tile.
 const TILE: usize = T * T;
-/// Depth tiles per packed block: two B panels of 16·16 pairs (32 KiB) stay in L1 while every
-/// A tile pair of the block passes.
-const KT: usize = 16;
-/// Rows of A per packed block (`MC` × 256 pairs × 4 bytes = 384 KiB, in L2).
-const MC: usize = 384;
+/// Depth tiles per packed block (512 pairs, 1,024 depths) and rows of A per packed block (64:
+/// 128 KiB of A tiles, and a block of C that stays in L2 between depth blocks). Chosen by
+/// `kernel_speed`'s "bf16 linear … product" rows on Emerald Rapids (GFLOP/s of the product alone,
+/// 2 cores, best of 5, a noisy machine): from 16 tiles × 384 rows to 32 × 64,
+/// 8192×320·320×2560 214–247 → 488–661, 2048×2560·2560×640 369–452 → 506–629,
+/// 512×5120·5120×1280 473–494 → 565; 16 × 64, 32 × 32, 64 × 64 and 32 × 128 measured between.
+const KT: usize = 32;
+const MC: usize = 64;
 
 /// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes.
 #[repr(C, align(64))]
@@ -174,6 +177,22 @@ unsafe fn pack_panels(p: *const u32, dp: usize, i0: usize, mc: usize, kq0: usize
             }
         }
     }
+}
+
+/// A's micro-panels (`[panel][kq][MR]` pairs, m rows, kp pairs deep) as AMX tiles
+/// `[16-row group][depth tile][16][16]` (⌈kp/16⌉ tiles a group; rows and pairs past the matrix
+/// zero), for [`Lhs::TilesBf16`].
+pub(super) fn tiles_of_panels(panels: &[u32], m: usize, kp: usize) -> Vec<u32> {
+    let tiles = kp.div_ceil(T);
+    let mut out = vec![0u32; m.div_ceil(T) * tiles * TILE];
+    for row in 0..m {
+        let (g, r) = (row / T, row % T);
+        let src = &panels[(row / MR) * kp * MR + row % MR..];
+        for kq in 0..kp {
+            out[((g * tiles + kq / T) * T + r) * T + kq % T] = src[kq * MR];
+        }
+    }
+    out
 }
 
 /// How a block of C starts.
@@ -336,11 +355,22 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
             for kb in 0..nkb {
                 let klp = kcp.min(kp - kq0);
                 let kt = klp.div_ceil(T);
-                match a {
-                    Lhs::Rows(a, lda) => pack_rows(a, lda, k, i0, mc, kq0, klp, apack),
-                    Lhs::PanelsBf16(p, depth) => pack_panels(p, depth.div_ceil(2), i0, mc, kq0, klp, apack),
+                // A's tiles of this block: the first of each row group, and the tiles between
+                // consecutive row groups
+                let (a_tiles, a_stride) = match a {
+                    Lhs::Rows(a, lda) => {
+                        pack_rows(a, lda, k, i0, mc, kq0, klp, apack);
+                        (apack as *const u32, kt)
+                    }
+                    Lhs::PanelsBf16(p, depth) => {
+                        pack_panels(p, depth.div_ceil(2), i0, mc, kq0, klp, apack);
+                        (apack as *const u32, kt)
+                    }
+                    Lhs::TilesBf16(p, groups_tiles) => {
+                        (p.add(((i0 / T) * groups_tiles + kq0 / T) * TILE), groups_tiles)
+                    }
                     Lhs::Panels(..) => unreachable!("a bfloat16 B goes with float32 rows or bfloat16 panels"),
-                }
+                };
                 let ragged = !klp.is_multiple_of(T);
                 let mut jr = 0;
                 while jr < panels {
@@ -354,7 +384,8 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                         let have = klp - (kt - 1) * T;
                         for (j, l) in last.iter_mut().enumerate() {
                             l.fill(0);
-                            l[..have * T].copy_from_slice(std::slice::from_raw_parts(bp[j].add((kt - 1) * TILE), have * T));
+                            l[..have * T]
+                                .copy_from_slice(std::slice::from_raw_parts(bp[j].add((kt - 1) * TILE), have * T));
                         }
                     }
                     let lp = [last[0].as_ptr(), last[1].as_ptr()];
@@ -372,10 +403,10 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                     while it < nit {
                         let ra = 2.min(nit - it);
                         let rows = (ra * T).min(mc - it * T);
-                        let ap = apack.add(it * kt * TILE) as *const u32;
+                        let ap = a_tiles.add(it * a_stride * TILE);
                         let cp = c.add((i0 + it * T) * ldc + jr * NR);
                         if rows == ra * T && cols == nb * NR {
-                            block_of(ra, nb, kt, ap, kt, bp, lp, ragged, cp, ldc, start);
+                            block_of(ra, nb, kt, ap, a_stride, bp, lp, ragged, cp, ldc, start);
                         } else {
                             // through a 32×32 scratch block: C's part copied in to accumulate
                             let s = scratch.0.as_mut_ptr();
@@ -384,7 +415,7 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                                     std::ptr::copy_nonoverlapping(cp.add(r * ldc), s.add(r * 2 * T), cols);
                                 }
                             }
-                            block_of(ra, nb, kt, ap, kt, bp, lp, ragged, s, 2 * T, start);
+                            block_of(ra, nb, kt, ap, a_stride, bp, lp, ragged, s, 2 * T, start);
                             for r in 0..rows {
                                 std::ptr::copy_nonoverlapping(s.add(r * 2 * T), cp.add(r * ldc), cols);
                             }
@@ -426,4 +457,285 @@ unsafe fn block_of(
         (_, 2) => block::<1, 2>(kt, a, a_stride, b, last, ragged, c, ldc, start),
         _ => block::<1, 1>(kt, a, a_stride, b, last, ragged, c, ldc, start),
     }
+}
+
+/// Whether [`conv3x3`] takes a convolution of these sizes: output channels in whole tiles and
+/// image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every VAE level at
+/// 256×256; narrower images take Winograd).
+pub(crate) fn conv3x3_fits(cout: usize, w: usize) -> bool {
+    cout > 0 && cout.is_multiple_of(T) && w > 0 && w.is_multiple_of(T)
+}
+
+/// Pairs of input channels of a 3×3 convolution, padded to whole depth tiles.
+fn channel_pairs(cin: usize) -> usize {
+    cin.div_ceil(2 * T) * T
+}
+
+/// The weights (cout, cin, 3, 3) as A tiles: row = output channel, depth = (tap, input channel),
+/// `[16-channel group][tap · tiles a tap + channel tile][16][16]` pairs (channels past cin zero).
+fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let qp = channel_pairs(cin);
+    let per_tap = qp / T;
+    let ktiles = 9 * per_tap;
+    let mut out = vec![0u32; cout.div_ceil(T) * ktiles * TILE];
+    out.par_chunks_mut(ktiles * TILE).enumerate().for_each(|(g, dst)| {
+        for r in 0..T.min(cout - g * T) {
+            let row = &w[(g * T + r) * cin * 9..][..cin * 9];
+            for tap in 0..9 {
+                for q in 0..cin.div_ceil(2) {
+                    let lo = row[2 * q * 9 + tap].to_bits() as u32;
+                    let hi = if 2 * q + 1 < cin { row[(2 * q + 1) * 9 + tap].to_bits() as u32 } else { 0 };
+                    let t = tap * per_tap + q / T;
+                    dst[(t * T + r) * T + q % T] = lo | hi << 16;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// One image (cin planes of h×w) as rows of channel pairs with a border of one zero pixel:
+/// `rows[((y + 1)·qp + q)·(w + 2) + x + 1]` = (x[2q][y][x], x[2q + 1][y][x]) rounded to bfloat16
+/// (qp pairs padded to whole tiles), so that 16 consecutive pixels of a pair's row are one row
+/// of a B tile and the next pair's row (w + 2 pixels on) the next: a tile spans a few KB, where
+/// whole pair planes a tile row apart (tried first) put its 16 rows in 16 pages.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u32]) {
+    let (pw, qp) = (w + 2, channel_pairs(cin));
+    // word j of the result takes word idx[j] of [lo's 16 | hi's 16]: pairs in pixel order
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    // (the buffer starts zeroed: borders, padded pairs)
+    for y in 0..h {
+        for q in 0..cin.div_ceil(2) {
+            let d = rows.as_mut_ptr().add(((y + 1) * qp + q) * pw + 1);
+            let lo_row = x.add((2 * q * h + y) * w);
+            let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
+            let mut xx = 0;
+            while xx < w {
+                let lo = _mm512_loadu_ps(lo_row.add(xx));
+                let hi = match hi_row {
+                    Some(p) => _mm512_loadu_ps(p.add(xx)),
+                    None => _mm512_setzero_ps(),
+                };
+                let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(d.add(xx) as *mut __m512i, _mm512_permutexvar_epi16(idx, words));
+                xx += T;
+            }
+        }
+    }
+}
+
+/// A 2×2 (or smaller) block of a 3×3 convolution's output on the tiles: `RA` groups of 16 output
+/// channels × `NB` groups of 16 pixels, over all `kt` depth tiles. A tiles (weights) at
+/// `a + (p·ktiles + t)·256`, stride 64 bytes; B tiles (image) at `b[j] + b_off[t]`, one pair's
+/// row a tile row (`b_stride` bytes); C tiles at `c[p][j]`, one output channel a row (`c_stride`
+/// bytes), starting from `start` (a 16×16 tile a channel group, or zero when null).
+///
+/// # Safety
+/// The tile configuration is loaded; every address above is inside its buffer.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn conv_block<const RA: usize, const NB: usize>(
+    a: *const u32,
+    ktiles: usize,
+    b: [*const u32; 2],
+    b_off: &[usize],
+    b_stride: usize,
+    c: [[*mut f32; 2]; 2],
+    c_stride: usize,
+    start: [*const f32; 2],
+) {
+    if start[0].is_null() {
+        tile_zero!("0");
+        tile_zero!("1");
+        tile_zero!("2");
+        tile_zero!("3");
+    } else {
+        tile_load!("0", start[0], 64usize);
+        tile_load!("1", start[0], 64usize);
+        tile_load!("2", start[1], 64usize);
+        tile_load!("3", start[1], 64usize);
+    }
+    let a1 = a.add(ktiles * TILE);
+    let kt = b_off.len();
+    if RA == 2 && NB == 2 {
+        // software-pipelined as `block`
+        tile_load!("4", a, 64usize);
+        tile_load!("6", b[0].add(b_off[0]), b_stride);
+        tile_load!("7", b[1].add(b_off[0]), b_stride);
+        tile_load!("5", a1, 64usize);
+        for (t, &off) in b_off.iter().enumerate().skip(1) {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{b0} + {bs}*1]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm7, [{b1} + {bs}*1]",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                a0 = in(reg) a.add(t * TILE),
+                a1 = in(reg) a1.add(t * TILE),
+                b0 = in(reg) b[0].add(off),
+                b1 = in(reg) b[1].add(off),
+                s = in(reg) 64usize,
+                bs = in(reg) b_stride,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+        tile_dot!("0", "4", "6");
+        tile_dot!("1", "4", "7");
+        tile_dot!("2", "5", "6");
+        tile_dot!("3", "5", "7");
+    } else {
+        for t in 0..kt {
+            tile_load!("4", a.add(t * TILE), 64usize);
+            tile_load!("6", b[0].add(b_off[t]), b_stride);
+            tile_dot!("0", "4", "6");
+            if NB == 2 {
+                tile_load!("7", b[1].add(b_off[t]), b_stride);
+                tile_dot!("1", "4", "7");
+            }
+            if RA == 2 {
+                tile_load!("5", a1.add(t * TILE), 64usize);
+                tile_dot!("2", "5", "6");
+                if NB == 2 {
+                    tile_dot!("3", "5", "7");
+                }
+            }
+        }
+    }
+    tile_store!("0", c[0][0], c_stride);
+    if NB == 2 {
+        tile_store!("1", c[0][1], c_stride);
+    }
+    if RA == 2 {
+        tile_store!("2", c[1][0], c_stride);
+        if NB == 2 {
+            tile_store!("3", c[1][1], c_stride);
+        }
+    }
+}
+
+/// A 3×3 convolution (stride 1, padding 1) of n images (cin planes of h×w, float32) with
+/// bfloat16 weights on the tiles, directly: out (n, cout, h, w) = bias + Σ over taps and input
+/// channels, each product of bfloat16 operands summed in float32.
+///
+/// The output is the product W (cout × 9·cin) · X (9·cin × pixels) with X never unfolded: each
+/// image becomes rows of channel pairs with a zero border ([`pair_rows`]), and the B tile of
+/// tap (dy, dx), 16 channel pairs and 16 pixels of a row is read straight from them (16 pixels
+/// shifted by the tap, one pair's row a tile row). C tiles are 16 output channels × 16 pixels of a
+/// row, stored straight into the channel-major output. Tasks are bands of rows of an image
+/// whose pair planes stay in L2 while every group of output channels passes over them.
+///
+/// Why by hand: see the module's notes; it replaces Winograd's float32 products where the
+/// weights are bfloat16 and the CPU has AMX (`kernel_speed`'s VAE and UNet rows).
+///
+/// # Safety
+/// [`super::amx`] is true (tile state granted); [`conv3x3_fits`]`(cout, w)`; x holds n·cin·h·w
+/// floats, w cout·cin·9, out n·cout·h·w, bias cout.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn conv3x3(
+    x: &[f32],
+    w: &[half::bf16],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    n: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    wd: usize,
+) {
+    use rayon::prelude::*;
+    assert!(conv3x3_fits(cout, wd) && x.len() >= n * cin * h * wd && out.len() >= n * cout * h * wd);
+    assert!(w.len() >= cout * cin * 9 && bias.is_none_or(|b| b.len() >= cout));
+    let qp = channel_pairs(cin);
+    let per_tap = qp / T;
+    let ktiles = 9 * per_tap;
+    let weights = conv_weight_tiles(w, cin, cout);
+    // a 16×16 start tile per group of output channels: row r is that channel's bias
+    let groups = cout / T;
+    let starts: Vec<f32> = match bias {
+        Some(b) => (0..groups * TILE).map(|i| b[(i / TILE) * T + (i % TILE) / T]).collect(),
+        None => Vec::new(),
+    };
+    let pw = wd + 2;
+    // an image's pair rows: h + 2 rows of qp pairs' rows of pw pixels
+    let image = (h + 2) * qp * pw;
+    // B's offset (in u32) for each depth tile: tap (dy, dx), channel tile cb
+    let b_off: Vec<usize> = (0..ktiles)
+        .map(|t| {
+            let (tap, cb) = (t / per_tap, t % per_tap);
+            ((tap / 3) * qp + cb * T) * pw + tap % 3
+        })
+        .collect();
+    // bands of output rows whose input rows (band + 2) of every pair plane fit about 1 MB
+    let row_bytes = qp * pw * 4;
+    // (and at least four bands a thread in all, for one image of few rows)
+    let band = ((1 << 20) / row_bytes).saturating_sub(2).clamp(1, h).min((n * h).div_ceil(4 * super::threads()));
+    let bands = h.div_ceil(band);
+    let mut planes = vec![0u32; n * image];
+    planes.par_chunks_mut(image).enumerate().for_each(|(i, p)| {
+        // SAFETY: features checked by the caller; image i has cin planes of h×w.
+        unsafe { pair_rows(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p) }
+    });
+    let hw = h * wd;
+    let optr = super::SendPtr(out.as_mut_ptr());
+    // (read-only in the tasks)
+    let pp = super::SendPtr(planes.as_ptr() as *mut u32);
+    let wp = super::SendPtr(weights.as_ptr() as *mut u32);
+    let sp = super::SendPtr(starts.as_ptr() as *mut f32);
+    let has_bias = bias.is_some();
+    (0..n * bands).into_par_iter().for_each(|task| {
+        let (img, bi) = (task / bands, task % bands);
+        let (y0, y1) = (bi * band, ((bi + 1) * band).min(h));
+        // SAFETY: the tile state was granted (caller); each task writes the output rows of its
+        // band of its image only, for every channel.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags));
+            let planes = pp.get().add(img * image) as *const u32;
+            let outi = optr.get().add(img * cout * hw);
+            // pixel groups of the band: (row, first pixel)
+            let per_row = wd / T;
+            let pixel_groups = (y1 - y0) * per_row;
+            let origin = |g: usize| {
+                let (y, xg) = (y0 + g / per_row, g % per_row);
+                (planes.add(y * qp * pw + xg * T), y * wd + xg * T)
+            };
+            let mut g0 = 0;
+            while g0 < groups {
+                let ra = 2.min(groups - g0);
+                let a = wp.get().add(g0 * ktiles * TILE) as *const u32;
+                let start = if has_bias {
+                    [sp.get().add(g0 * TILE) as *const f32, sp.get().add((g0 + ra - 1) * TILE) as *const f32]
+                } else {
+                    [std::ptr::null(), std::ptr::null()]
+                };
+                let mut p0 = 0;
+                while p0 < pixel_groups {
+                    let nb = 2.min(pixel_groups - p0);
+                    let (b0, o0) = origin(p0);
+                    let (b1, o1) = origin(p0 + nb - 1);
+                    let c = [
+                        [outi.add(g0 * T * hw + o0), outi.add(g0 * T * hw + o1)],
+                        [outi.add((g0 + ra - 1) * T * hw + o0), outi.add((g0 + ra - 1) * T * hw + o1)],
+                    ];
+                    let (b, bs) = ([b0, b1], pw * 4);
+                    match (ra, nb) {
+                        (2, 2) => conv_block::<2, 2>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
+                        (2, _) => conv_block::<2, 1>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
+                        (_, 2) => conv_block::<1, 2>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
+                        _ => conv_block::<1, 1>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
+                    }
+                    p0 += nb;
+                }
+                g0 += ra;
+            }
+            asm!("tilerelease", options(nostack, nomem, preserves_flags));
+        }
+    });
 }

@@ -1,14 +1,17 @@
 //! The bfloat16 form of the packed matrix product ([`super::packed_matmul`]) for CPUs with
 //! AVX512_BF16 ([`super::Isa::Avx512Bf16`]): both operands rounded to bfloat16 (round to nearest
 //! even, as `vcvtne2ps2bf16` rounds), products summed in float32 by `vdpbf16ps`, float32 output.
+//! Where the CPU has AMX-BF16 ([`super::Isa::Amx`]) the same packed operands multiply on tiles
+//! instead ([`super::amx`]).
 //!
 //! What `--dtype bf16` means on the CPU: the weight matrices and kernels are *stored* in
 //! bfloat16 (half the memory of float32), while the activations between layers stay float32;
-//! only the operands of the matrix products of the linear layers and of the 1×1 and temporal
-//! convolutions are rounded to bfloat16, as they are packed. The 3×3 convolutions keep their
-//! float32 Winograd products (weights widened as they are transformed): rounding the
-//! transformed planes costs too much accuracy (see `conv/winograd.rs`), and a direct bfloat16
-//! convolution would do four times Winograd's multiplications at twice the rate. Attention's
+//! only the operands of the matrix products of the linear layers and of the 1×1, temporal and
+//! unfolded (strided) convolutions are rounded to bfloat16, as they are packed. The 3×3
+//! convolutions keep their float32 Winograd products (weights widened as they are transformed):
+//! rounding the transformed planes costs too much accuracy (see `conv/winograd.rs`), and a direct
+//! bfloat16 convolution would do four times Winograd's multiplications at twice the rate. On AMX
+//! tiles, 16 times `vdpbf16ps`'s rate, the direct one pays: [`super::amx::conv3x3`]. Attention's
 //! products (queries·keys, probabilities·values) stay float32 too: their operands are
 //! activations, and they are a small part of a step at these sizes. Why: the time is in the products, where `vdpbf16ps` does twice the multiply-adds of a
 //! float32 FMA per instruction and the packed operands take half the cache; the rest (norms,
@@ -146,7 +149,17 @@ impl PackedA {
                 }
             }
         }
-        PackedA { data: Vec::new(), pairs, bf16: true, m, k }
+        PackedA::of_pairs(pairs, m, k)
+    }
+
+    /// A bfloat16 A from its micro-panels, in AMX tiles where the products run on them.
+    fn of_pairs(pairs: Vec<u32>, m: usize, k: usize) -> PackedA {
+        #[cfg(target_arch = "x86_64")]
+        if super::amx() {
+            let tiles = super::amx::tiles_of_panels(&pairs, m, k.div_ceil(2));
+            return PackedA { data: Vec::new(), pairs: tiles, bf16: true, tiles: true, m, k };
+        }
+        PackedA { data: Vec::new(), pairs, bf16: true, tiles: false, m, k }
     }
 
     /// This float32 A in the bfloat16 form, rounded (the temporal convolution's transformed
@@ -154,7 +167,7 @@ impl PackedA {
     pub fn to_bf16(&self) -> PackedA {
         let (m, k) = (self.m, self.k);
         if self.bf16 {
-            return PackedA { data: Vec::new(), pairs: self.pairs.clone(), bf16: true, m, k };
+            return PackedA { data: Vec::new(), pairs: self.pairs.clone(), bf16: true, tiles: self.tiles, m, k };
         }
         let kp = k.div_ceil(2);
         let mut pairs = vec![0u32; m.div_ceil(MR) * MR * kp];
@@ -168,7 +181,7 @@ impl PackedA {
                 }
             }
         }
-        PackedA { data: Vec::new(), pairs, bf16: true, m, k }
+        PackedA::of_pairs(pairs, m, k)
     }
 }
 
@@ -256,7 +269,8 @@ thread_local! {
 /// rows of `ldc` (≥ n) floats.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    if super::amx() {
+    // (tiles are made only where the CPU has AMX, so they may run there on any path)
+    if super::amx() || matches!(a, Lhs::TilesBf16(..)) {
         return super::amx::blocked(m, a, b, c, ldc, init);
     }
     let (k, n) = (b.k, b.n);
@@ -292,7 +306,9 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                         let dp = depth.div_ceil(2);
                         (p.add(i0 * dp + kq0 * MR), dp * MR)
                     }
-                    Lhs::Panels(..) => unreachable!("a bfloat16 B goes with float32 rows or bfloat16 panels"),
+                    Lhs::Panels(..) | Lhs::TilesBf16(..) => {
+                        unreachable!("a bfloat16 B goes with float32 rows or bfloat16 panels")
+                    }
                 };
                 let acc = kb > 0 || matches!(init, Init::Accumulate);
                 let mut jr = 0;

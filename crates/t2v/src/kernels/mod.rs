@@ -8,7 +8,7 @@
 
 pub mod add;
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;

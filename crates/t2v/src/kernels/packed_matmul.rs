@@ -117,6 +117,10 @@ pub struct PackedA {
     /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
     pub(super) pairs: Vec<u32>,
     pub(super) bf16: bool,
+    /// Whether `pairs` are in AMX tiles (`[16 rows][16 pairs]` blocks, [`super::amx`]) rather
+    /// than micro-panels: made where the products run on tiles, so that an A used against many
+    /// B is laid out for them once.
+    pub(super) tiles: bool,
     pub(super) m: usize,
     pub(super) k: usize,
 }
@@ -129,7 +133,7 @@ impl PackedA {
         for (p, dst) in data.chunks_mut((k * MR).max(1)).enumerate() {
             pack_a_panel(a, m, k, row_stride, p, dst);
         }
-        PackedA { data, pairs: Vec::new(), bf16: false, m, k }
+        PackedA { data, pairs: Vec::new(), bf16: false, tiles: false, m, k }
     }
 
     /// [`PackedA::from_rows`] with the micro-panels packed on all of rayon's threads.
@@ -137,13 +141,13 @@ impl PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
         data.par_chunks_mut((k * MR).max(1)).enumerate().for_each(|(p, dst)| pack_a_panel(a, m, k, row_stride, p, dst));
-        PackedA { data, pairs: Vec::new(), bf16: false, m, k }
+        PackedA { data, pairs: Vec::new(), bf16: false, tiles: false, m, k }
     }
 
     /// An m×k A of zeros, to be written in place through [`PackedA::index`] and
     /// [`PackedA::data_mut`] (by whoever computes A row by row in parallel).
     pub fn zeroed(m: usize, k: usize) -> PackedA {
-        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Vec::new(), bf16: false, m, k }
+        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Vec::new(), bf16: false, tiles: false, m, k }
     }
 
     /// Where `A[row][kk]` is in [`PackedA::data_mut`].
@@ -186,6 +190,9 @@ pub(super) enum Lhs {
     /// [`PackedA`]'s bfloat16 panels (of depth `k`, in pairs: ⌈k/2⌉ u32 per row), starting at a
     /// panel boundary.
     PanelsBf16(*const u32, usize),
+    /// [`PackedA`]'s AMX tiles (`[16-row group][depth tile][16][16]`, of that many depth tiles
+    /// a row group), starting at a row group.
+    TilesBf16(*const u32, usize),
 }
 
 impl Lhs {
@@ -195,6 +202,10 @@ impl Lhs {
             Lhs::Rows(p, lda) => Lhs::Rows(p.add(r * lda), lda),
             Lhs::Panels(p, depth) => Lhs::Panels(p.add(r * depth), depth),
             Lhs::PanelsBf16(p, depth) => Lhs::PanelsBf16(p.add(r * depth.div_ceil(2)), depth),
+            Lhs::TilesBf16(p, tiles) => {
+                debug_assert!(r.is_multiple_of(16), "tiles split at 16 rows");
+                Lhs::TilesBf16(p.add(r * tiles * 16), tiles)
+            }
         }
     }
 }
@@ -510,7 +521,9 @@ unsafe fn blocked(
                         (apack as *const f32, kl * MR)
                     }
                     Lhs::Panels(p, depth) => (p.add(i0 * depth + k0 * MR), depth * MR),
-                    Lhs::PanelsBf16(..) => unreachable!("bfloat16 panels go with a bfloat16 B (rows_of)"),
+                    Lhs::PanelsBf16(..) | Lhs::TilesBf16(..) => {
+                        unreachable!("bfloat16 panels go with a bfloat16 B (rows_of)")
+                    }
                 };
                 let acc = kb > 0 || matches!(init, Init::Accumulate);
                 let mut jr = 0;
@@ -745,7 +758,13 @@ pub unsafe fn matmul(
 pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool, wide: bool) {
     assert_eq!(a.k, b.k, "packed operands' depths");
     assert_eq!(a.bf16, b.bf16, "packed operands' forms (float32 or bfloat16)");
-    let lhs = if a.bf16 { Lhs::PanelsBf16(a.pairs.as_ptr(), a.k) } else { Lhs::Panels(a.data.as_ptr(), a.k) };
+    let lhs = if a.tiles {
+        Lhs::TilesBf16(a.pairs.as_ptr(), a.k.div_ceil(2).div_ceil(16))
+    } else if a.bf16 {
+        Lhs::PanelsBf16(a.pairs.as_ptr(), a.k)
+    } else {
+        Lhs::Panels(a.data.as_ptr(), a.k)
+    };
     if parallel {
         parallel_rows(a.m, lhs, b, c, ldc, init, wide)
     } else {
@@ -761,8 +780,10 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
         return rows_of(m, a, b, c, ldc, init, wide);
     }
     let tasks = threads * (m / (threads * 2048)).max(1);
-    // blocks of whole micro-panels, so that packed A splits at panel boundaries
-    let block = m.div_ceil(tasks).div_ceil(MR) * MR;
+    // blocks of whole micro-panels (or tile row groups), so that packed A splits at their
+    // boundaries
+    let align = if matches!(a, Lhs::TilesBf16(..)) { 16 } else { MR };
+    let block = m.div_ceil(tasks).div_ceil(align) * align;
     let cp = SendPtr(c);
     let a = SharedLhs(a);
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {

@@ -59,6 +59,11 @@ pub enum ConvAlgo {
     Unfolded,
     /// candle's own convolution ([`conv2d_fallback`]).
     Candle,
+    /// Winograd F(4×4, 3×3) in float32 (3×3, stride 1, padding 1, on the x86-64 paths).
+    Winograd,
+    /// The direct 3×3 convolution on AMX tiles for bfloat16 weights (stride 1, padding 1, output
+    /// channels a multiple of 16 and rows of a multiple of 16 pixels, on the `amx` path).
+    Tiles,
 }
 
 /// [`conv2d`] with a chosen CPU algorithm (for tests and benchmarks).
@@ -77,6 +82,14 @@ pub fn conv2d_with(
             let kind = fast_kind(x, weight, bias, stride, padding)?.map(|_| Kind::Unfolded);
             if (kind.is_none() || !super::packed_product()) && super::on_cpu(x.device()) {
                 bail!("conv2d: no unfolded product for input {:?}, weight {:?} on this path", x.dims(), weight.dims());
+            }
+            kind
+        }
+        ConvAlgo::Winograd | ConvAlgo::Tiles => {
+            let want = if algo == ConvAlgo::Winograd { Kind::Wino3x3 } else { Kind::Tiles3x3 };
+            let kind = fast_kind_with(x, weight, bias, stride, padding, Some(want))?;
+            if kind != Some(want) {
+                bail!("conv2d: no {algo:?} kernel for input {:?}, weight {:?} on this path", x.dims(), weight.dims());
             }
             kind
         }
@@ -196,6 +209,8 @@ pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Wino3x3,
+    /// [`super::amx::conv3x3`].
+    Tiles3x3,
     Pointwise,
     Unfolded,
 }
@@ -206,6 +221,19 @@ fn fast_kind(
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
+) -> Result<Option<Kind>> {
+    fast_kind_with(x, weight, bias, stride, padding, None)
+}
+
+/// The kernel for these operands: the automatic choice, or for a 3×3 `want`ed by name, that
+/// one where it applies.
+fn fast_kind_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    want: Option<Kind>,
 ) -> Result<Option<Kind>> {
     if !super::on_cpu(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 || weight.rank() != 4 {
         return Ok(None);
@@ -228,7 +256,18 @@ fn fast_kind(
     }
     let pixels = out_side(h, kh, stride, padding) * out_side(w, kw, stride, padding);
     let unfolded = super::packed_product();
-    let regular = if kh == 3 && kw == 3 && stride == 1 && padding == 1 && super::avx2() {
+    let three = kh == 3 && kw == 3 && stride == 1 && padding == 1;
+    #[cfg(target_arch = "x86_64")]
+    let tiles = three
+        && weight.dtype() == DType::BF16
+        && super::amx()
+        && super::amx::conv3x3_fits(cout, w)
+        && want != Some(Kind::Wino3x3);
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = false;
+    let regular = if tiles {
+        Some(Kind::Tiles3x3)
+    } else if three && super::avx2() {
         Some(Kind::Wino3x3)
     } else if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
         Some(Kind::Pointwise)
@@ -262,17 +301,25 @@ fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 ///   convolutions run on whole videos.
 ///
 /// The 3×3 convolutions stay with Winograd: unfolding won only with 8 images of 4×4 (155–208 →
-/// 184–232) and lost far with 32 (580 → 238) and at 8×8 (586 → 252).
+/// 184–232) and lost far with 32 (580 → 238) and at 8×8 (586 → 252). With bfloat16 weights on
+/// AMX tiles too (`KERNEL_SPEED_WEIGHTS=bf16`): the VAE's 3×3 at 100–230 unfolded against
+/// Winograd's 370–500.
+///
+/// The temporal convolution with bfloat16 weights on AMX tiles (`tiles`), 4 frames under
+/// guidance, Winograd → unfolded: 320 channels at 32² 287 → 127, 640 at 16² 209 → 203, 1280 at 8²
+/// 67 → 356 and at 4² 218 → 227; 16 frames, 1280 at 8² 177 → 278 and at 4² 72 → 608. Unfolded
+/// where the rows are at most twice the output channels.
 enum UnfoldedPays {
     Pointwise { pixels: usize },
-    Temporal { rows: usize },
+    Temporal { rows: usize, tiles: bool },
 }
 
 impl UnfoldedPays {
     fn holds(self, cout: usize) -> bool {
         match self {
             UnfoldedPays::Pointwise { pixels } => 64 * pixels <= cout,
-            UnfoldedPays::Temporal { rows } => 4 * rows <= cout,
+            UnfoldedPays::Temporal { rows, tiles: false } => 4 * rows <= cout,
+            UnfoldedPays::Temporal { rows, tiles: true } => rows <= 2 * cout,
         }
     }
 }
@@ -317,6 +364,20 @@ impl ConvOp {
                 unsafe {
                     winograd::conv3x3(x, w, bias.as_deref(), &mut out, n, cin, cout, h, wd);
                 }
+            }
+            Kind::Tiles3x3 => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let super::Src::Bf16(wb) = w else { bail!("t2v conv: the tiles' kernel needs bfloat16 weights") };
+                    if kh != 3 || kw != 3 || !super::amx() || !super::amx::conv3x3_fits(cout, wd) {
+                        bail!("t2v conv: the tiles' kernel needs a 3x3 kernel, AMX and whole tiles");
+                    }
+                    // SAFETY: AMX and the sizes checked above; the operands' sizes are the
+                    // layouts' (checked by candle's shapes).
+                    unsafe { super::amx::conv3x3(x, wb, bias.as_deref(), &mut out, n, cin, cout, h, wd) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                bail!("t2v conv: the tiles' kernel runs only on x86-64");
             }
             Kind::Pointwise => {
                 if kh != 1 || kw != 1 {
@@ -387,7 +448,12 @@ impl TemporalOp {
         let mut out = super::output_buffer(b * cout * f * h * wd);
         let algo = match self.algo {
             TemporalAlgo::Auto
-                if super::packed_product() && UnfoldedPays::Temporal { rows: b * f * h * wd }.holds(cout) =>
+                if super::packed_product()
+                    && UnfoldedPays::Temporal {
+                        rows: b * f * h * wd,
+                        tiles: super::amx() && w.multiplies_in_bf16(),
+                    }
+                    .holds(cout) =>
             {
                 TemporalAlgo::Unfolded
             }
