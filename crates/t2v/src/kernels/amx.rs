@@ -195,38 +195,34 @@ pub(super) fn tiles_of_panels(panels: &[u32], m: usize, kp: usize) -> Vec<u32> {
     out
 }
 
-/// How a block of C starts.
+/// How a block of C starts: zero, or loaded tile by tile (tile (p, j) from `at[p][j]`, its rows
+/// `stride` bytes apart: C itself to accumulate, a bias row repeated with stride 0, or a tile of
+/// per-row values).
 #[derive(Clone, Copy)]
 enum Start {
-    /// Zero.
     Zero,
-    /// C's own values (accumulate).
-    Own,
-    /// One per-column value repeated down every row (32 floats: the block's columns).
-    Bias(*const f32),
+    Load([[*const f32; 2]; 2], usize),
 }
 
-/// The micro-kernel: a block of `RA`·16 rows × `NB`·16 columns of C (rows `ldc` floats apart),
-/// `C = start + Σ_t A_t · B_t` over `kt` depth tiles: A tiles at `a + (p·a_stride + t)·256`, B
-/// tiles at `b[j] + t·256` (the last at `last[j]` where `ragged`).
+/// The micro-kernel: a block of `RA` × `NB` tiles of C, `C = start + Σ_t A_t · B_t` over `kt`
+/// depth tiles: A tile (p, t) at `a[p] + t·256` (rows 64 bytes apart), B tile (j, t) at
+/// `b_at(j, t)` (rows `b_stride` bytes apart), C tile (p, j) at `c[p][j]` (rows `c_stride` bytes
+/// apart). The matrix product and the direct 3×3 convolution differ only in where their B tiles
+/// and C tiles lie.
 ///
 /// # Safety
-/// The tile configuration is loaded on this thread; the pointers cover what is said above.
+/// The tile configuration is loaded on this thread; every tile addressed lies in its buffer.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block<const RA: usize, const NB: usize>(
     kt: usize,
-    a: *const u32,
-    a_stride: usize,
-    b: [*const u32; 2],
-    last: [*const u32; 2],
-    ragged: bool,
-    c: *mut f32,
-    ldc: usize,
+    a: [*const u32; 2],
+    b_at: impl Fn(usize, usize) -> *const u32,
+    b_stride: usize,
+    c: [[*mut f32; 2]; 2],
+    c_stride: usize,
     start: Start,
 ) {
-    let row_bytes = ldc * 4;
-    let c_at = |p: usize, j: usize| c.add(p * T * ldc + j * T);
     match start {
         Start::Zero => {
             tile_zero!("0");
@@ -234,36 +230,28 @@ unsafe fn block<const RA: usize, const NB: usize>(
             tile_zero!("2");
             tile_zero!("3");
         }
-        Start::Own => {
-            tile_load!("0", c_at(0, 0), row_bytes);
+        Start::Load(at, stride) => {
+            tile_load!("0", at[0][0], stride);
             if NB == 2 {
-                tile_load!("1", c_at(0, 1), row_bytes);
+                tile_load!("1", at[0][1], stride);
             }
             if RA == 2 {
-                tile_load!("2", c_at(1, 0), row_bytes);
+                tile_load!("2", at[1][0], stride);
                 if NB == 2 {
-                    tile_load!("3", c_at(1, 1), row_bytes);
+                    tile_load!("3", at[1][1], stride);
                 }
             }
         }
-        Start::Bias(bias) => {
-            // stride 0: the same 16 values in every row
-            tile_load!("0", bias, 0usize);
-            tile_load!("1", bias.add(T), 0usize);
-            tile_load!("2", bias, 0usize);
-            tile_load!("3", bias.add(T), 0usize);
-        }
     }
-    let a1 = a.add(a_stride * TILE);
-    let b_at = |j: usize, t: usize| if ragged && t + 1 == kt { last[j] } else { b[j].add(t * TILE) };
+    let [a0, a1] = a;
     if RA == 2 && NB == 2 {
         // Software-pipelined: a tile register is loaded again as soon as its last product of
         // this depth has been issued, so that the loads of depth t overlap the products of
         // t − 1 (tiles are not renamed: a load waits for the products reading its register).
         // Measured on Emerald Rapids with A in L2: 360–415 → 480–634 GFLOP/s a core.
-        tile_load!("4", a, 64usize);
-        tile_load!("6", b_at(0, 0), 64usize);
-        tile_load!("7", b_at(1, 0), 64usize);
+        tile_load!("4", a0, 64usize);
+        tile_load!("6", b_at(0, 0), b_stride);
+        tile_load!("7", b_at(1, 0), b_stride);
         tile_load!("5", a1, 64usize);
         for t in 1..kt {
             asm!(
@@ -271,15 +259,16 @@ unsafe fn block<const RA: usize, const NB: usize>(
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tileloadd tmm4, [{a0} + {s}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
-                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {bs}*1]",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tileloadd tmm7, [{b1} + {bs}*1]",
                 "tileloadd tmm5, [{a1} + {s}*1]",
-                a0 = in(reg) a.add(t * TILE),
+                a0 = in(reg) a0.add(t * TILE),
                 a1 = in(reg) a1.add(t * TILE),
                 b0 = in(reg) b_at(0, t),
                 b1 = in(reg) b_at(1, t),
                 s = in(reg) 64usize,
+                bs = in(reg) b_stride,
                 options(nostack, readonly, preserves_flags)
             );
         }
@@ -289,11 +278,11 @@ unsafe fn block<const RA: usize, const NB: usize>(
         tile_dot!("3", "5", "7");
     } else {
         for t in 0..kt {
-            tile_load!("4", a.add(t * TILE), 64usize);
-            tile_load!("6", b_at(0, t), 64usize);
+            tile_load!("4", a0.add(t * TILE), 64usize);
+            tile_load!("6", b_at(0, t), b_stride);
             tile_dot!("0", "4", "6");
             if NB == 2 {
-                tile_load!("7", b_at(1, t), 64usize);
+                tile_load!("7", b_at(1, t), b_stride);
                 tile_dot!("1", "4", "7");
             }
             if RA == 2 {
@@ -305,15 +294,36 @@ unsafe fn block<const RA: usize, const NB: usize>(
             }
         }
     }
-    tile_store!("0", c_at(0, 0), row_bytes);
+    tile_store!("0", c[0][0], c_stride);
     if NB == 2 {
-        tile_store!("1", c_at(0, 1), row_bytes);
+        tile_store!("1", c[0][1], c_stride);
     }
     if RA == 2 {
-        tile_store!("2", c_at(1, 0), row_bytes);
+        tile_store!("2", c[1][0], c_stride);
         if NB == 2 {
-            tile_store!("3", c_at(1, 1), row_bytes);
+            tile_store!("3", c[1][1], c_stride);
         }
+    }
+}
+
+/// [`block`] for `ra` × `nb` tiles (1 or 2 each) known at run time.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_of(
+    ra: usize,
+    nb: usize,
+    kt: usize,
+    a: [*const u32; 2],
+    b_at: impl Fn(usize, usize) -> *const u32,
+    b_stride: usize,
+    c: [[*mut f32; 2]; 2],
+    c_stride: usize,
+    start: Start,
+) {
+    match (ra, nb) {
+        (2, 2) => block::<2, 2>(kt, a, b_at, b_stride, c, c_stride, start),
+        (2, _) => block::<2, 1>(kt, a, b_at, b_stride, c, c_stride, start),
+        (_, 2) => block::<1, 2>(kt, a, b_at, b_stride, c, c_stride, start),
+        _ => block::<1, 1>(kt, a, b_at, b_stride, c, c_stride, start),
     }
 }
 
@@ -390,34 +400,43 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                     }
                     let lp = [last[0].as_ptr(), last[1].as_ptr()];
                     let cols = (nb * NR).min(n - jr * NR);
-                    let start = match init {
+                    // how C starts: from the bias row (stride 0: the same 32 values in every row),
+                    // zero, or its own values (C's block, or the scratch block's copy of it)
+                    let bias_start = match init {
                         Init::Bias(bias) if kb == 0 => {
                             bias_row.fill(0.0);
                             bias_row[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
-                            Start::Bias(bias_row.as_ptr())
+                            Some(bias_row.as_ptr())
                         }
-                        Init::Overwrite if kb == 0 => Start::Zero,
-                        _ => Start::Own,
+                        _ => None,
                     };
+                    let own = !matches!((init, kb), (Init::Overwrite, 0)) && bias_start.is_none();
+                    let b_at = |j: usize, t: usize| if ragged && t + 1 == kt { lp[j] } else { bp[j].add(t * TILE) };
                     let mut it = 0;
                     while it < nit {
                         let ra = 2.min(nit - it);
                         let rows = (ra * T).min(mc - it * T);
                         let ap = a_tiles.add(it * a_stride * TILE);
+                        let a = [ap, ap.add(a_stride * TILE)];
                         let cp = c.add((i0 + it * T) * ldc + jr * NR);
-                        if rows == ra * T && cols == nb * NR {
-                            block_of(ra, nb, kt, ap, a_stride, bp, lp, ragged, cp, ldc, start);
-                        } else {
-                            // through a 32×32 scratch block: C's part copied in to accumulate
-                            let s = scratch.0.as_mut_ptr();
-                            if let Start::Own = start {
-                                for r in 0..rows {
-                                    std::ptr::copy_nonoverlapping(cp.add(r * ldc), s.add(r * 2 * T), cols);
-                                }
-                            }
-                            block_of(ra, nb, kt, ap, a_stride, bp, lp, ragged, s, 2 * T, start);
+                        let full = rows == ra * T && cols == nb * NR;
+                        // the block's C: in place, or through a 32×32 scratch block
+                        let (cb, ld) = if full { (cp, ldc) } else { (scratch.0.as_mut_ptr(), 2 * T) };
+                        if !full && own {
                             for r in 0..rows {
-                                std::ptr::copy_nonoverlapping(s.add(r * 2 * T), cp.add(r * ldc), cols);
+                                std::ptr::copy_nonoverlapping(cp.add(r * ldc), cb.add(r * ld), cols);
+                            }
+                        }
+                        let ct = [[cb, cb.add(T)], [cb.add(T * ld), cb.add(T * ld + T)]];
+                        let start = match bias_start {
+                            Some(bias) => Start::Load([[bias, bias.add(T)], [bias, bias.add(T)]], 0),
+                            None if own => Start::Load(ct.map(|row| row.map(|p| p as *const f32)), ld * 4),
+                            None => Start::Zero,
+                        };
+                        block_of(ra, nb, kt, a, b_at, 64, ct, ld * 4, start);
+                        if !full {
+                            for r in 0..rows {
+                                std::ptr::copy_nonoverlapping(cb.add(r * ld), cp.add(r * ldc), cols);
                             }
                         }
                         it += ra;
@@ -435,29 +454,6 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
 /// A 32×32 block of float32, aligned for the tile stores.
 #[repr(C, align(64))]
 struct Scratch([f32; 4 * TILE]);
-
-/// [`block`] for `ra` A tiles and `nb` B panels (1 or 2 each) known at run time.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_of(
-    ra: usize,
-    nb: usize,
-    kt: usize,
-    a: *const u32,
-    a_stride: usize,
-    b: [*const u32; 2],
-    last: [*const u32; 2],
-    ragged: bool,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-) {
-    match (ra, nb) {
-        (2, 2) => block::<2, 2>(kt, a, a_stride, b, last, ragged, c, ldc, start),
-        (2, _) => block::<2, 1>(kt, a, a_stride, b, last, ragged, c, ldc, start),
-        (_, 2) => block::<1, 2>(kt, a, a_stride, b, last, ragged, c, ldc, start),
-        _ => block::<1, 1>(kt, a, a_stride, b, last, ragged, c, ldc, start),
-    }
-}
 
 /// Whether [`conv3x3`] takes a convolution of these sizes: output channels in whole tiles and
 /// image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every VAE level at
@@ -525,98 +521,6 @@ unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u
                 _mm512_storeu_si512(d.add(xx) as *mut __m512i, _mm512_permutexvar_epi16(idx, words));
                 xx += T;
             }
-        }
-    }
-}
-
-/// A 2×2 (or smaller) block of a 3×3 convolution's output on the tiles: `RA` groups of 16 output
-/// channels × `NB` groups of 16 pixels, over all `kt` depth tiles. A tiles (weights) at
-/// `a + (p·ktiles + t)·256`, stride 64 bytes; B tiles (image) at `b[j] + b_off[t]`, one pair's
-/// row a tile row (`b_stride` bytes); C tiles at `c[p][j]`, one output channel a row (`c_stride`
-/// bytes), starting from `start` (a 16×16 tile a channel group, or zero when null).
-///
-/// # Safety
-/// The tile configuration is loaded; every address above is inside its buffer.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn conv_block<const RA: usize, const NB: usize>(
-    a: *const u32,
-    ktiles: usize,
-    b: [*const u32; 2],
-    b_off: &[usize],
-    b_stride: usize,
-    c: [[*mut f32; 2]; 2],
-    c_stride: usize,
-    start: [*const f32; 2],
-) {
-    if start[0].is_null() {
-        tile_zero!("0");
-        tile_zero!("1");
-        tile_zero!("2");
-        tile_zero!("3");
-    } else {
-        tile_load!("0", start[0], 64usize);
-        tile_load!("1", start[0], 64usize);
-        tile_load!("2", start[1], 64usize);
-        tile_load!("3", start[1], 64usize);
-    }
-    let a1 = a.add(ktiles * TILE);
-    let kt = b_off.len();
-    if RA == 2 && NB == 2 {
-        // software-pipelined as `block`
-        tile_load!("4", a, 64usize);
-        tile_load!("6", b[0].add(b_off[0]), b_stride);
-        tile_load!("7", b[1].add(b_off[0]), b_stride);
-        tile_load!("5", a1, 64usize);
-        for (t, &off) in b_off.iter().enumerate().skip(1) {
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm4, [{a0} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tileloadd tmm6, [{b0} + {bs}*1]",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm7, [{b1} + {bs}*1]",
-                "tileloadd tmm5, [{a1} + {s}*1]",
-                a0 = in(reg) a.add(t * TILE),
-                a1 = in(reg) a1.add(t * TILE),
-                b0 = in(reg) b[0].add(off),
-                b1 = in(reg) b[1].add(off),
-                s = in(reg) 64usize,
-                bs = in(reg) b_stride,
-                options(nostack, readonly, preserves_flags)
-            );
-        }
-        tile_dot!("0", "4", "6");
-        tile_dot!("1", "4", "7");
-        tile_dot!("2", "5", "6");
-        tile_dot!("3", "5", "7");
-    } else {
-        for t in 0..kt {
-            tile_load!("4", a.add(t * TILE), 64usize);
-            tile_load!("6", b[0].add(b_off[t]), b_stride);
-            tile_dot!("0", "4", "6");
-            if NB == 2 {
-                tile_load!("7", b[1].add(b_off[t]), b_stride);
-                tile_dot!("1", "4", "7");
-            }
-            if RA == 2 {
-                tile_load!("5", a1.add(t * TILE), 64usize);
-                tile_dot!("2", "5", "6");
-                if NB == 2 {
-                    tile_dot!("3", "5", "7");
-                }
-            }
-        }
-    }
-    tile_store!("0", c[0][0], c_stride);
-    if NB == 2 {
-        tile_store!("1", c[0][1], c_stride);
-    }
-    if RA == 2 {
-        tile_store!("2", c[1][0], c_stride);
-        if NB == 2 {
-            tile_store!("3", c[1][1], c_stride);
         }
     }
 }
@@ -710,11 +614,14 @@ pub(crate) unsafe fn conv3x3(
             while g0 < groups {
                 let ra = 2.min(groups - g0);
                 let a = wp.get().add(g0 * ktiles * TILE) as *const u32;
+                // C starts from each channel group's tile of biases, or zero
                 let start = if has_bias {
-                    [sp.get().add(g0 * TILE) as *const f32, sp.get().add((g0 + ra - 1) * TILE) as *const f32]
+                    let s = [sp.get().add(g0 * TILE) as *const f32, sp.get().add((g0 + ra - 1) * TILE) as *const f32];
+                    Start::Load([[s[0], s[0]], [s[1], s[1]]], 64)
                 } else {
-                    [std::ptr::null(), std::ptr::null()]
+                    Start::Zero
                 };
+                let a = [a, a.add(ktiles * TILE)];
                 let mut p0 = 0;
                 while p0 < pixel_groups {
                     let nb = 2.min(pixel_groups - p0);
@@ -724,13 +631,9 @@ pub(crate) unsafe fn conv3x3(
                         [outi.add(g0 * T * hw + o0), outi.add(g0 * T * hw + o1)],
                         [outi.add((g0 + ra - 1) * T * hw + o0), outi.add((g0 + ra - 1) * T * hw + o1)],
                     ];
-                    let (b, bs) = ([b0, b1], pw * 4);
-                    match (ra, nb) {
-                        (2, 2) => conv_block::<2, 2>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
-                        (2, _) => conv_block::<2, 1>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
-                        (_, 2) => conv_block::<1, 2>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
-                        _ => conv_block::<1, 1>(a, ktiles, b, &b_off, bs, c, hw * 4, start),
-                    }
+                    let b = [b0, b1];
+                    let b_at = |j: usize, t: usize| b[j].add(b_off[t]);
+                    block_of(ra, nb, ktiles, a, b_at, pw * 4, c, hw * 4, start);
                     p0 += nb;
                 }
                 g0 += ra;
