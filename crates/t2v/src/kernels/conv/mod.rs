@@ -264,7 +264,10 @@ fn fast_kind_with(
         && super::amx::conv3x3_fits(cout, w)
         && want != Some(Kind::Wino3x3);
     #[cfg(not(target_arch = "x86_64"))]
-    let tiles = false;
+    let tiles = {
+        let _ = want;
+        false
+    };
     let regular = if tiles {
         Some(Kind::Tiles3x3)
     } else if three && super::avx2() {
