@@ -499,11 +499,6 @@ fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize) -> Vec<u32> {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u32]) {
     let (pw, qp) = (w + 2, channel_pairs(cin));
-    // word j of the result takes word idx[j] of [lo's 16 | hi's 16]: pairs in pixel order
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-        16, 0,
-    );
     // (the buffer starts zeroed: borders, padded pairs)
     for y in 0..h {
         for q in 0..cin.div_ceil(2) {
@@ -517,8 +512,8 @@ unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u
                     Some(p) => _mm512_loadu_ps(p.add(xx)),
                     None => _mm512_setzero_ps(),
                 };
-                let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(d.add(xx) as *mut __m512i, _mm512_permutexvar_epi16(idx, words));
+                // pairs in pixel order
+                _mm512_storeu_si512(d.add(xx) as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
                 xx += T;
             }
         }

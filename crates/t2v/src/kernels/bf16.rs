@@ -200,22 +200,30 @@ unsafe fn gather_panel(rows: *const i32, kp: usize, dst: &mut [u32]) {
     }
 }
 
-/// 16 columns × k rows of a row-major float32 B (rows `stride` apart, from `b`) as one panel of
-/// pairs: per pair of rows one rounding of 32 values and one interleave of their halves.
+/// 16 values of `lo` and 16 of `hi` rounded to bfloat16 and interleaved into 16 pairs (`lo[i]` in
+/// the low half of pair i, `hi[i]` in the high): one rounding of 32 values, one permutation.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_rows_panel(b: *const f32, k: usize, stride: usize, dst: &mut [u32]) {
-    // word j of the result takes word idx[j] of [row 2kq's 16 | row 2kq+1's 16]
+pub(super) unsafe fn interleaved_pairs(lo: __m512, hi: __m512) -> __m512i {
+    // word j of the result takes word idx[j] of [lo's 16 | hi's 16]
     let idx = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
         16, 0,
     );
+    let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_permutexvar_epi16(idx, words)
+}
+
+/// 16 columns × k rows of a row-major float32 B (rows `stride` apart, from `b`) as one panel of
+/// pairs: per pair of rows one [`interleaved_pairs`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_rows_panel(b: *const f32, k: usize, stride: usize, dst: &mut [u32]) {
     let d = dst.as_mut_ptr() as *mut __m512i;
     for kq in 0..k.div_ceil(2) {
         let lo = _mm512_loadu_ps(b.add(2 * kq * stride));
         let hi = if 2 * kq + 1 < k { _mm512_loadu_ps(b.add((2 * kq + 1) * stride)) } else { _mm512_setzero_ps() };
-        let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(d.add(kq), _mm512_permutexvar_epi16(idx, words));
+        _mm512_storeu_si512(d.add(kq), interleaved_pairs(lo, hi));
     }
 }
 
