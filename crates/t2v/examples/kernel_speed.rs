@@ -70,9 +70,12 @@ fn convolutions(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         let wt = f16(Tensor::randn(0f32, 0.05, (c, c, 3, 1, 1), &dev)?)?;
         let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
         let flop = 2.0 * (b * f * side * side * c * c * 3) as f64;
-        for algo in [TemporalAlgo::Auto, TemporalAlgo::Unfolded] {
+        for algo in [TemporalAlgo::Auto, TemporalAlgo::Unfolded, TemporalAlgo::Winograd, TemporalAlgo::Tiles] {
             let label = format!("temporal {c}ch {b}×{f}×{side}² {algo:?}");
             if wanted(&label) {
+                if temporal_conv3_with(&x, &wt, Some(&bias), algo).is_err() {
+                    continue;
+                }
                 let best = best_of(paths, || {
                     temporal_conv3_with(&x, &wt, Some(&bias), algo).expect("temporal convolution");
                 });

@@ -210,19 +210,23 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
         // (images, cin, cout, h, w): an odd channel count short of a tile, one past two tiles of
         // pairs, 2×2 blocks with a lone last group of channels and of pixels, with and without
         // a bias
-        for (n, cin, cout, h, w, with_bias) in
-            [(2, 19, 32, 5, 16, true), (1, 65, 48, 7, 48, true), (3, 8, 16, 3, 32, false), (1, 320, 64, 4, 16, true)]
-        {
+        for (n, cin, cout, h, w, with_bias, k) in [
+            (2, 19, 32, 5, 16, true, 3),
+            (1, 65, 48, 7, 48, true, 3),
+            (3, 8, 16, 3, 32, false, 3),
+            (1, 320, 64, 4, 16, true, 3),
+        ] {
+            let pad = k / 2;
             let x = randn(&[n, cin, h, w], 1.0);
-            let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+            let wt = randn(&[cout, cin, k, k], 0.1).to_dtype(DType::BF16).unwrap();
             let b = randn(&[cout], 1.0);
             let bias = with_bias.then_some(&b);
-            let got = conv2d_with(&x, &wt, bias, 1, 1, ConvAlgo::Tiles).unwrap();
-            let auto = conv2d(&x, &wt, bias, 1, 1).unwrap();
+            let got = conv2d_with(&x, &wt, bias, 1, pad, ConvAlgo::Tiles).unwrap();
+            let auto = conv2d(&x, &wt, bias, 1, pad).unwrap();
             let diff = (&got - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the automatic choice is the tiles' kernel");
             let (wf, bf) = (f64_of(&wt), bias.map(f64_of));
-            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| conv2d_fallback(x, w, b, 1, 1).unwrap();
+            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| conv2d_fallback(x, w, b, 1, pad).unwrap();
             let babs = bf.as_ref().map(abs);
             let tight = err_in_scale(
                 &got,
@@ -234,9 +238,9 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
                 &conv(&f64_of(&x), &wf, bf.as_ref()),
                 &conv(&abs(&f64_of(&x)), &abs(&wf), babs.as_ref()),
             );
-            println!("amx: 3×3 tiles {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
-            assert!(tight < 1e-5, "3×3 tiles {cin}→{cout}: {tight:.2e}");
-            assert!(loose < 4e-3 && loose > 1e-5, "3×3 tiles {cin}→{cout}: {loose:.2e}");
+            println!("amx: {k}×{k} tiles {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+            assert!(tight < 1e-5, "{k}×{k} tiles {cin}→{cout}: {tight:.2e}");
+            assert!(loose < 4e-3 && loose > 1e-5, "{k}×{k} tiles {cin}→{cout}: {loose:.2e}");
         }
         // sizes the tiles do not take go to Winograd
         let x = randn(&[1, 16, 8, 8], 1.0);
@@ -246,5 +250,59 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
         let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
         let diff = (&winograd - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // planes of 16 pixels at most (the UNet's 4×4 level) take the unfolded product on tiles
+        let x = randn(&[2, 32, 4, 4], 1.0);
+        let wt = randn(&[16, 32, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
+        let unfolded = conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Unfolded).unwrap();
+        let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
+        let diff = (&unfolded - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "4×4 planes: the unfolded product");
+    });
+}
+
+/// The temporal convolution directly on AMX tiles (a 3×1 kernel over images of frames × pixels:
+/// bfloat16 weights on the `amx` path, output channels and frames' pixels in 16s), held as the
+/// 3×3 one is; the automatic choice takes it there.
+#[test]
+fn bf16_tiles_temporal_convolution_matches_float64_of_the_rounded_operands() {
+    on_path(Isa::Amx, || {
+        let abs = |t: &Tensor| t.abs().unwrap();
+        // (videos, cin, cout, frames, h, w, bias): frames of one pixel group, of four, and of
+        // 1,024 pixels split into spans across tasks (320 channels); one frame; odd channels
+        for (b, cin, cout, f, h, w, with_bias) in [
+            (1, 19, 32, 5, 4, 4, true),
+            (2, 65, 48, 3, 8, 8, true),
+            (1, 320, 32, 4, 32, 32, true),
+            (1, 8, 16, 1, 4, 8, false),
+        ] {
+            let x = randn(&[b, cin, f, h, w], 1.0);
+            let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+            let bb = randn(&[cout], 1.0);
+            let bias = with_bias.then_some(&bb);
+            let got = temporal_conv3_with(&x, &wt, bias, TemporalAlgo::Tiles).unwrap();
+            let auto = temporal_conv3_with(&x, &wt, bias, TemporalAlgo::Auto).unwrap();
+            let diff = (&got - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the automatic choice is the tiles' kernel");
+            let (wf, bf) = (f64_of(&wt), bias.map(f64_of));
+            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| temporal_conv3_fallback(x, w, b).unwrap();
+            let babs = bf.as_ref().map(abs);
+            let tight = err_in_scale(
+                &got,
+                &conv(&rounded(&x), &wf, bf.as_ref()),
+                &conv(&abs(&rounded(&x)), &abs(&wf), babs.as_ref()),
+            );
+            let loose = err_in_scale(
+                &got,
+                &conv(&f64_of(&x), &wf, bf.as_ref()),
+                &conv(&abs(&f64_of(&x)), &abs(&wf), babs.as_ref()),
+            );
+            println!("amx: temporal tiles {b}×{cin}→{cout}, {f} frames of {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+            assert!(tight < 1e-5, "temporal tiles {cin}→{cout}: {tight:.2e}");
+            assert!(loose < 4e-3 && loose > 1e-5, "temporal tiles {cin}→{cout}: {loose:.2e}");
+        }
+        // frames the tiles do not take (9 pixels) are refused when asked for
+        let x = randn(&[1, 16, 3, 3, 3], 1.0);
+        let wt = randn(&[16, 16, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
+        assert!(temporal_conv3_with(&x, &wt, None, TemporalAlgo::Tiles).is_err(), "9-pixel frames");
     });
 }

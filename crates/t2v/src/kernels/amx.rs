@@ -33,13 +33,17 @@ use super::packed_matmul::{Init, Lhs, PackedB, MR, NR};
 const T: usize = 16;
 /// u32 (pairs or floats) in one tile.
 const TILE: usize = T * T;
-/// Depth tiles per packed block (512 pairs, 1,024 depths) and rows of A per packed block (64:
-/// 128 KiB of A tiles, and a block of C that stays in L2 between depth blocks). Chosen by
-/// `kernel_speed`'s "bf16 linear … product" rows on Emerald Rapids (GFLOP/s of the product alone,
-/// 2 cores, best of 5, a noisy machine): from 16 tiles × 384 rows to 32 × 64,
-/// 8192×320·320×2560 214–247 → 488–661, 2048×2560·2560×640 369–452 → 506–629,
-/// 512×5120·5120×1280 473–494 → 565; 16 × 64, 32 × 32, 64 × 64 and 32 × 128 measured between.
-const KT: usize = 32;
+/// Depth tiles per packed block (1,536 pairs, 3,072 depths: the model's depths up to 2,560 in
+/// one block, 5,120 in two) and rows of A per packed block (64: up to 384 KiB of A tiles, and a
+/// block of C that stays in L2 between depth blocks). Chosen by `kernel_speed`'s "bf16 linear …
+/// product" rows on Emerald Rapids (GFLOP/s of the product alone, 2 cores, a noisy machine):
+/// first from 16 tiles × 384 rows to 32 × 64 (best of 5: 8192×320·320×2560 214–247 → 488–661,
+/// 2048×2560·2560×640 369–452 → 506–629, 512×5120·5120×1280 473–494 → 565); then, timed
+/// interleaved (best of 10, twice), 32 → 96 tiles: 2048×2560·2560×640 549–609 → 594–684,
+/// 512×5120·5120×1280 544–607 → 611–649, 512×1280·1280×1280 534–572 → 592–703, the 320-deep
+/// rows level (one block either way); 64 and 160 tiles between, 8 and 16 below; 32, 128 and 256
+/// rows no better than 64.
+const KT: usize = 96;
 const MC: usize = 64;
 
 /// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes.
@@ -337,12 +341,29 @@ unsafe fn block_of(
 /// [`super::amx`] is true; `a` covers m rows (of ≥ k floats, or ⌈k/2⌉ pairs) and `c` m rows of
 /// `ldc` (≥ n) floats.
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    blocked_panels(m, a, b, c, ldc, init, 0..b.n.div_ceil(NR))
+}
+
+/// [`blocked`] for B's panels `range` only (C's columns `range.start·16 ..`), C's other columns
+/// left as they are.
+///
+/// # Safety
+/// As [`blocked`].
+pub(super) unsafe fn blocked_panels(
+    m: usize,
+    a: Lhs,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    range: std::ops::Range<usize>,
+) {
     let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || range.is_empty() {
         return;
     }
     let kp = k.div_ceil(2);
-    let panels = n.div_ceil(NR);
+    let panels = range.end.min(n.div_ceil(NR));
     // blocks of whole depth tiles, so that only the last one is ragged
     let nkb = kp.div_ceil(KT * T).max(1);
     let kcp = kp.div_ceil(nkb).div_ceil(T) * T;
@@ -382,7 +403,7 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                     Lhs::Panels(..) => unreachable!("a bfloat16 B goes with float32 rows or bfloat16 panels"),
                 };
                 let ragged = !klp.is_multiple_of(T);
-                let mut jr = 0;
+                let mut jr = range.start;
                 while jr < panels {
                     let nb = 2.min(panels - jr);
                     let bp = [
@@ -455,33 +476,34 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
 #[repr(C, align(64))]
 struct Scratch([f32; 4 * TILE]);
 
-/// Whether [`conv3x3`] takes a convolution of these sizes: output channels in whole tiles and
-/// image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every VAE level at
-/// 256×256; narrower images take Winograd).
+/// Whether [`conv_direct`] takes a convolution of these sizes: output channels in
+/// whole tiles and image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every
+/// VAE level at 256×256; narrower images take Winograd; the temporal convolutions' frames of
+/// 16 pixels and more).
 pub(crate) fn conv3x3_fits(cout: usize, w: usize) -> bool {
     cout > 0 && cout.is_multiple_of(T) && w > 0 && w.is_multiple_of(T)
 }
 
-/// Pairs of input channels of a 3×3 convolution, padded to whole depth tiles.
+/// Pairs of input channels of a convolution, padded to whole depth tiles.
 fn channel_pairs(cin: usize) -> usize {
     cin.div_ceil(2 * T) * T
 }
 
-/// The weights (cout, cin, 3, 3) as A tiles: row = output channel, depth = (tap, input channel),
+/// The weights (cout, cin, taps) as A tiles: row = output channel, depth = (tap, input channel),
 /// `[16-channel group][tap · tiles a tap + channel tile][16][16]` pairs (channels past cin zero).
-fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize) -> Vec<u32> {
+fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> Vec<u32> {
     use rayon::prelude::*;
     let qp = channel_pairs(cin);
     let per_tap = qp / T;
-    let ktiles = 9 * per_tap;
+    let ktiles = taps * per_tap;
     let mut out = vec![0u32; cout.div_ceil(T) * ktiles * TILE];
     out.par_chunks_mut(ktiles * TILE).enumerate().for_each(|(g, dst)| {
         for r in 0..T.min(cout - g * T) {
-            let row = &w[(g * T + r) * cin * 9..][..cin * 9];
-            for tap in 0..9 {
+            let row = &w[(g * T + r) * cin * taps..][..cin * taps];
+            for tap in 0..taps {
                 for q in 0..cin.div_ceil(2) {
-                    let lo = row[2 * q * 9 + tap].to_bits() as u32;
-                    let hi = if 2 * q + 1 < cin { row[(2 * q + 1) * 9 + tap].to_bits() as u32 } else { 0 };
+                    let lo = row[2 * q * taps + tap].to_bits() as u32;
+                    let hi = if 2 * q + 1 < cin { row[(2 * q + 1) * taps + tap].to_bits() as u32 } else { 0 };
                     let t = tap * per_tap + q / T;
                     dst[(t * T + r) * T + q % T] = lo | hi << 16;
                 }
@@ -520,25 +542,55 @@ unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u
     }
 }
 
-/// A 3×3 convolution (stride 1, padding 1) of n images (cin planes of h×w, float32) with
-/// bfloat16 weights on the tiles, directly: out (n, cout, h, w) = bias + Σ over taps and input
-/// channels, each product of bfloat16 operands summed in float32.
+/// One image (cin planes of h×w, w a multiple of 16) as B tiles for kernels one pixel wide:
+/// `chunks[(((y + 1)·(w/16) + xc)·qp + q)·16 + i]` = (x[2q][y][16xc + i], x[2q + 1][y][16xc + i])
+/// rounded to bfloat16, with a zero row above and below. Without horizontal taps a tile never
+/// straddles two 16-pixel chunks, so each B tile (16 pairs × 16 pixels) is 1 KB in one piece:
+/// rows of the [`pair_rows`] layout are a whole row's length apart, which for the temporal
+/// convolution's rows of 1,024 pixels put every row of a tile in its own page.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, out: &mut [u32]) {
+    let (chunks, qp) = (w / T, channel_pairs(cin));
+    // (the buffer starts zeroed: the rows above and below, padded pairs)
+    for y in 0..h {
+        for q in 0..cin.div_ceil(2) {
+            let lo_row = x.add((2 * q * h + y) * w);
+            let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
+            for xc in 0..chunks {
+                let lo = _mm512_loadu_ps(lo_row.add(xc * T));
+                let hi = match hi_row {
+                    Some(p) => _mm512_loadu_ps(p.add(xc * T)),
+                    None => _mm512_setzero_ps(),
+                };
+                let d = out.as_mut_ptr().add((((y + 1) * chunks + xc) * qp + q) * T);
+                _mm512_storeu_si512(d as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
+            }
+        }
+    }
+}
+
+/// A `kh`×`kw` convolution (stride 1, padding `kh/2` rows and `kw/2` columns, kernels of 1 or 3)
+/// of n images (cin planes of h×w, float32) with bfloat16 weights (cout, cin, kh, kw) on the
+/// tiles, directly: out (n, cout, h, w) = bias + Σ over taps and input channels, each product of
+/// bfloat16 operands summed in float32. The 3×3 convolutions, and the temporal ones as a 3×1
+/// kernel over images of frames × pixels.
 ///
-/// The output is the product W (cout × 9·cin) · X (9·cin × pixels) with X never unfolded: each
-/// image becomes rows of channel pairs with a zero border ([`pair_rows`]), and the B tile of
-/// tap (dy, dx), 16 channel pairs and 16 pixels of a row is read straight from them (16 pixels
-/// shifted by the tap, one pair's row a tile row). C tiles are 16 output channels × 16 pixels of a
-/// row, stored straight into the channel-major output. Tasks are bands of rows of an image
-/// whose pair planes stay in L2 while every group of output channels passes over them.
+/// The output is the product W (cout × taps·cin) · X (taps·cin × pixels) with X never unfolded:
+/// each image becomes rows of channel pairs with a zero border ([`pair_rows`]), and the B tile
+/// of tap (dy, dx), 16 channel pairs and 16 pixels of a row is read straight from them (16
+/// pixels shifted by the tap, one pair's row a tile row). C tiles are 16 output channels × 16
+/// pixels of a row, stored straight into the channel-major output. Tasks are bands of rows of an
+/// image (and spans of pixels of rows too long for that) whose input stays in L2 while every
+/// group of output channels passes over it.
 ///
 /// Why by hand: see the module's notes; it replaces Winograd's float32 products where the
 /// weights are bfloat16 and the CPU has AMX (`kernel_speed`'s VAE and UNet rows).
 ///
 /// # Safety
-/// [`super::amx`] is true (tile state granted); [`conv3x3_fits`]`(cout, w)`; x holds n·cin·h·w
-/// floats, w cout·cin·9, out n·cout·h·w, bias cout.
+/// [`super::amx`] is true (tile state granted); [`conv3x3_fits`]`(cout, w)`; kh and kw are 1 or
+/// 3; x holds n·cin·h·w floats, w cout·cin·kh·kw, out n·cout·h·w, bias cout.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn conv3x3(
+pub(crate) unsafe fn conv_direct(
     x: &[f32],
     w: &[half::bf16],
     bias: Option<&[f32]>,
@@ -546,41 +598,69 @@ pub(crate) unsafe fn conv3x3(
     n: usize,
     cin: usize,
     cout: usize,
-    h: usize,
-    wd: usize,
+    (h, wd): (usize, usize),
+    (kh, kw): (usize, usize),
 ) {
     use rayon::prelude::*;
+    let taps = kh * kw;
     assert!(conv3x3_fits(cout, wd) && x.len() >= n * cin * h * wd && out.len() >= n * cout * h * wd);
-    assert!(w.len() >= cout * cin * 9 && bias.is_none_or(|b| b.len() >= cout));
+    assert!(matches!(kh, 1 | 3) && matches!(kw, 1 | 3), "kernels of 1 or 3");
+    assert!(w.len() >= cout * cin * taps && bias.is_none_or(|b| b.len() >= cout));
     let qp = channel_pairs(cin);
     let per_tap = qp / T;
-    let ktiles = 9 * per_tap;
-    let weights = conv_weight_tiles(w, cin, cout);
+    let ktiles = taps * per_tap;
+    let weights = conv_weight_tiles(w, cin, cout, taps);
     // a 16×16 start tile per group of output channels: row r is that channel's bias
     let groups = cout / T;
     let starts: Vec<f32> = match bias {
         Some(b) => (0..groups * TILE).map(|i| b[(i / TILE) * T + (i % TILE) / T]).collect(),
         None => Vec::new(),
     };
-    let pw = wd + 2;
-    // an image's pair rows: h + 2 rows of qp pairs' rows of pw pixels
-    let image = (h + 2) * qp * pw;
-    // B's offset (in u32) for each depth tile: tap (dy, dx), channel tile cb
+    // kernels one pixel wide read whole tiles ([`pair_chunks`]), wider ones rows with a border
+    // ([`pair_rows`])
+    let chunked = kw == 1;
+    let (pw, chunks) = (wd + 2, wd / T);
+    // an image's pairs: h + 2 rows of qp pairs' rows of pw pixels, or of chunks of qp·16 pairs
+    let image = if chunked { (h + 2) * chunks * qp * T } else { (h + 2) * qp * pw };
+    // B's offset (in u32) for each depth tile, from the pairs of the output row's top-left
+    // padded pixel: tap (dy, dx) of a kernel centred by its padding, channel tile cb
+    let (ph, pwd) = (kh / 2, kw / 2);
     let b_off: Vec<usize> = (0..ktiles)
         .map(|t| {
             let (tap, cb) = (t / per_tap, t % per_tap);
-            ((tap / 3) * qp + cb * T) * pw + tap % 3
+            let (dy, dx) = (tap / kw + 1 - ph, tap % kw + 1 - pwd);
+            if chunked {
+                (dy * chunks * qp + cb * T) * T
+            } else {
+                (dy * qp + cb * T) * pw + dx
+            }
         })
         .collect();
-    // bands of output rows whose input rows (band + 2) of every pair plane fit about 1 MB
+    let b_stride = if chunked { T * 4 } else { pw * 4 };
+    // bands of output rows whose input rows (band + kh − 1) of every pair plane fit about 1 MB,
+    // and spans of whole pixel groups of each row where a row alone is more
+    let per_row = wd / T;
+    let group_bytes = kh * qp * T * 4;
+    let span = ((1 << 20) / group_bytes).clamp(1, per_row);
+    let spans = per_row.div_ceil(span);
     let row_bytes = qp * pw * 4;
-    // (and at least four bands a thread in all, for one image of few rows)
-    let band = ((1 << 20) / row_bytes).saturating_sub(2).clamp(1, h).min((n * h).div_ceil(4 * super::threads()));
+    // (and at least four tasks a thread in all, for one image of few rows)
+    let band = if spans > 1 {
+        1
+    } else {
+        ((1 << 20) / row_bytes).saturating_sub(kh - 1).clamp(1, h).min((n * h).div_ceil(4 * super::threads()))
+    };
     let bands = h.div_ceil(band);
     let mut planes = vec![0u32; n * image];
     planes.par_chunks_mut(image).enumerate().for_each(|(i, p)| {
         // SAFETY: features checked by the caller; image i has cin planes of h×w.
-        unsafe { pair_rows(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p) }
+        unsafe {
+            if chunked {
+                pair_chunks(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p)
+            } else {
+                pair_rows(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p)
+            }
+        }
     });
     let hw = h * wd;
     let optr = super::SendPtr(out.as_mut_ptr());
@@ -589,21 +669,23 @@ pub(crate) unsafe fn conv3x3(
     let wp = super::SendPtr(weights.as_ptr() as *mut u32);
     let sp = super::SendPtr(starts.as_ptr() as *mut f32);
     let has_bias = bias.is_some();
-    (0..n * bands).into_par_iter().for_each(|task| {
-        let (img, bi) = (task / bands, task % bands);
+    (0..n * bands * spans).into_par_iter().for_each(|task| {
+        let (img, bi, si) = (task / (bands * spans), (task / spans) % bands, task % spans);
         let (y0, y1) = (bi * band, ((bi + 1) * band).min(h));
-        // SAFETY: the tile state was granted (caller); each task writes the output rows of its
-        // band of its image only, for every channel.
+        let (x0, x1) = (si * span, ((si + 1) * span).min(per_row));
+        // SAFETY: the tile state was granted (caller); each task writes the output pixels of
+        // its band and span of its image only, for every channel.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags));
             let planes = pp.get().add(img * image) as *const u32;
             let outi = optr.get().add(img * cout * hw);
-            // pixel groups of the band: (row, first pixel)
-            let per_row = wd / T;
-            let pixel_groups = (y1 - y0) * per_row;
+            // pixel groups of the task: (row, first pixel)
+            let across = x1 - x0;
+            let pixel_groups = (y1 - y0) * across;
             let origin = |g: usize| {
-                let (y, xg) = (y0 + g / per_row, g % per_row);
-                (planes.add(y * qp * pw + xg * T), y * wd + xg * T)
+                let (y, xg) = (y0 + g / across, x0 + g % across);
+                let at = if chunked { (y * chunks + xg) * qp * T } else { y * qp * pw + xg * T };
+                (planes.add(at), y * wd + xg * T)
             };
             let mut g0 = 0;
             while g0 < groups {
@@ -628,7 +710,7 @@ pub(crate) unsafe fn conv3x3(
                     ];
                     let b = [b0, b1];
                     let b_at = |j: usize, t: usize| b[j].add(b_off[t]);
-                    block_of(ra, nb, ktiles, a, b_at, pw * 4, c, hw * 4, start);
+                    block_of(ra, nb, ktiles, a, b_at, b_stride, c, hw * 4, start);
                     p0 += nb;
                 }
                 g0 += ra;

@@ -11,7 +11,7 @@
 //! convolutions keep their float32 Winograd products (weights widened as they are transformed):
 //! rounding the transformed planes costs too much accuracy (see `conv/winograd.rs`), and a direct
 //! bfloat16 convolution would do four times Winograd's multiplications at twice the rate. On AMX
-//! tiles, 16 times `vdpbf16ps`'s rate, the direct one pays: [`super::amx::conv3x3`]. Attention's
+//! tiles, 16 times `vdpbf16ps`'s rate, the direct one pays: [`super::amx::conv_direct`]. Attention's
 //! products (queries·keys, probabilities·values) stay float32 too: their operands are
 //! activations, and they are a small part of a step at these sizes. Why: the time is in the products, where `vdpbf16ps` does twice the multiply-adds of a
 //! float32 FMA per instruction and the packed operands take half the cache; the rest (norms,

@@ -772,12 +772,33 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
     }
 }
 
+/// The most rows for which a product on AMX tiles splits B's columns among the threads rather
+/// than A's rows. `kernel_speed`'s bf16 linear rows, Emerald Rapids, 2 cores, GFLOP/s of the
+/// product, interleaved best of 10 three times, rows split → columns split: 128×1280·1280×10240
+/// 456–543 → 542–666, 512×1280·1280×10240 503–588 → 540–615, 512×1280·1280×1280 and
+/// 512×5120·5120×1280 level; at 2048 rows (split at most 2048) 0.9–1.0×.
+#[cfg(target_arch = "x86_64")]
+const AMX_COLUMN_SPLIT_ROWS: usize = 1024;
+
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
         return rows_of(m, a, b, c, ldc, init, wide);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if b.bf16 && (super::amx() || matches!(a, Lhs::TilesBf16(..))) && m <= AMX_COLUMN_SPLIT_ROWS {
+        // on tiles, few rows: B's columns split among the threads, each over all rows, so that
+        // the weight is read from memory once in all rather than once a thread
+        let panels = b.n.div_ceil(NR);
+        let per = panels.div_ceil(threads).max(1);
+        let cp = SendPtr(c);
+        let a = SharedLhs(a);
+        (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+            super::amx::blocked_panels(m, a.get(), b, cp.get(), ldc, init, t * per..((t + 1) * per).min(panels));
+        });
+        return;
     }
     let tasks = threads * (m / (threads * 2048)).max(1);
     // blocks of whole micro-panels (or tile row groups), so that packed A splits at their

@@ -86,7 +86,7 @@ pub fn conv2d_with(
             kind
         }
         ConvAlgo::Winograd | ConvAlgo::Tiles => {
-            let want = if algo == ConvAlgo::Winograd { Kind::Wino3x3 } else { Kind::Tiles3x3 };
+            let want = if algo == ConvAlgo::Winograd { Kind::Wino3x3 } else { Kind::Tiles };
             let kind = fast_kind_with(x, weight, bias, stride, padding, Some(want))?;
             if kind != Some(want) {
                 bail!("conv2d: no {algo:?} kernel for input {:?}, weight {:?} on this path", x.dims(), weight.dims());
@@ -145,6 +145,9 @@ pub enum TemporalAlgo {
     /// One product over the input unfolded to rows of (channel, tap), through the linear layers'
     /// packed product (the packed-product paths only).
     Unfolded,
+    /// Directly on AMX tiles, as a 3×1 kernel over images of frames × pixels
+    /// ([`super::amx::conv_direct`]; bfloat16 weights, frames of whole 16-pixel groups).
+    Tiles,
 }
 
 /// The fewest columns (B·F·H·W) for which [`TemporalAlgo::Auto`] takes Winograd. Measured with
@@ -209,8 +212,8 @@ pub fn temporal_conv3_fallback(x: &Tensor, weight: &Tensor, bias: Option<&Tensor
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Wino3x3,
-    /// [`super::amx::conv3x3`].
-    Tiles3x3,
+    /// [`super::amx::conv_direct`] with a 3×3 kernel.
+    Tiles,
     Pointwise,
     Unfolded,
 }
@@ -257,6 +260,7 @@ fn fast_kind_with(
     let pixels = out_side(h, kh, stride, padding) * out_side(w, kw, stride, padding);
     let unfolded = super::packed_product();
     let three = kh == 3 && kw == 3 && stride == 1 && padding == 1;
+    let one = kh == 1 && kw == 1 && stride == 1 && padding == 0;
     #[cfg(target_arch = "x86_64")]
     let tiles = three
         && weight.dtype() == DType::BF16
@@ -264,21 +268,28 @@ fn fast_kind_with(
         && super::amx::conv3x3_fits(cout, w)
         && want != Some(Kind::Wino3x3);
     #[cfg(not(target_arch = "x86_64"))]
-    let tiles = {
-        let _ = want;
-        false
-    };
+    let tiles = false;
+    // bfloat16 products on tiles for the unfolded product too
+    #[cfg(target_arch = "x86_64")]
+    let bf16_tiles = weight.dtype() == DType::BF16 && super::amx();
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16_tiles = false;
     let regular = if tiles {
-        Some(Kind::Tiles3x3)
+        Some(Kind::Tiles)
     } else if three && super::avx2() {
         Some(Kind::Wino3x3)
-    } else if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+    } else if one {
         Some(Kind::Pointwise)
     } else {
         None
     };
     Ok(match regular {
         Some(Kind::Pointwise) if unfolded && UnfoldedPays::Pointwise { pixels }.holds(cout) => Some(Kind::Unfolded),
+        Some(Kind::Wino3x3)
+            if unfolded && want.is_none() && UnfoldedPays::Plane3x3 { pixels, tiles: bf16_tiles }.holds(cout) =>
+        {
+            Some(Kind::Unfolded)
+        }
         Some(kind) => Some(kind),
         None if unfolded => Some(Kind::Unfolded),
         None => None,
@@ -311,9 +322,19 @@ fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 /// The temporal convolution with bfloat16 weights on AMX tiles (`tiles`), 4 frames under
 /// guidance, Winograd → unfolded: 320 channels at 32² 287 → 127, 640 at 16² 209 → 203, 1280 at 8²
 /// 67 → 356 and at 4² 218 → 227; 16 frames, 1280 at 8² 177 → 278 and at 4² 72 → 608. Unfolded
-/// where the rows are at most twice the output channels.
+/// where the rows are at most twice the output channels — for frames the direct kernel on tiles
+/// does not take (pixels not in whole 16s): it takes the others, ahead of both (4 frames under
+/// guidance, Winograd / unfolded → tiles: 320 channels at 32² 270 / 115 → 440–458, 640 at 16²
+/// 196 / 191 → 460–501, 1280 at 8² 78 / 246 → 395–398, at 4² 22 / 259 → 216–233; 16 frames at
+/// 8² 181 / 229 → 529–745, at 4² 56 / 256 → 319–340).
+///
+/// 3×3 with bfloat16 weights on AMX tiles, where the tiles' direct kernel does not take the
+/// planes (rows of fewer than 16 pixels), 1280 channels, Winograd → unfolded: at 4×4, 8 images
+/// 106–120 → 280, 32 images 120–150 → 152; at 8×8 level (8 images 340–359 → 352, 32 images
+/// 187–265 → 155). Unfolded for planes of at most 16 pixels.
 enum UnfoldedPays {
     Pointwise { pixels: usize },
+    Plane3x3 { pixels: usize, tiles: bool },
     Temporal { rows: usize, tiles: bool },
 }
 
@@ -321,6 +342,7 @@ impl UnfoldedPays {
     fn holds(self, cout: usize) -> bool {
         match self {
             UnfoldedPays::Pointwise { pixels } => 64 * pixels <= cout,
+            UnfoldedPays::Plane3x3 { pixels, tiles } => tiles && pixels <= 16,
             UnfoldedPays::Temporal { rows, tiles: false } => 4 * rows <= cout,
             UnfoldedPays::Temporal { rows, tiles: true } => rows <= 2 * cout,
         }
@@ -368,16 +390,19 @@ impl ConvOp {
                     winograd::conv3x3(x, w, bias.as_deref(), &mut out, n, cin, cout, h, wd);
                 }
             }
-            Kind::Tiles3x3 => {
+            Kind::Tiles => {
                 #[cfg(target_arch = "x86_64")]
                 {
                     let super::Src::Bf16(wb) = w else { bail!("t2v conv: the tiles' kernel needs bfloat16 weights") };
-                    if kh != 3 || kw != 3 || !super::amx() || !super::amx::conv3x3_fits(cout, wd) {
-                        bail!("t2v conv: the tiles' kernel needs a 3x3 kernel, AMX and whole tiles");
+                    let shape_fits = (kh, kw, self.stride, self.padding) == (3, 3, 1, 1);
+                    if !shape_fits || !super::amx() || !super::amx::conv3x3_fits(cout, wd) {
+                        bail!("t2v conv: the tiles' kernel needs a 3x3 kernel of stride 1, AMX and whole tiles");
                     }
                     // SAFETY: AMX and the sizes checked above; the operands' sizes are the
                     // layouts' (checked by candle's shapes).
-                    unsafe { super::amx::conv3x3(x, wb, bias.as_deref(), &mut out, n, cin, cout, h, wd) };
+                    unsafe {
+                        super::amx::conv_direct(x, wb, bias.as_deref(), &mut out, n, cin, cout, (h, wd), (kh, kw))
+                    };
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 bail!("t2v conv: the tiles' kernel runs only on x86-64");
@@ -426,6 +451,20 @@ impl CustomOp3 for ConvOp {
     }
 }
 
+/// Whether the temporal convolution can run on AMX tiles: bfloat16 weights on a CPU with AMX,
+/// output channels and frames in whole tiles ([`super::amx::conv3x3_fits`]).
+fn temporal_tiles_fit(w: &super::Src, cout: usize, hw: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(w, super::Src::Bf16(_)) && super::amx() && super::amx::conv3x3_fits(cout, hw)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, cout, hw);
+        false
+    }
+}
+
 struct TemporalOp {
     has_bias: bool,
     algo: TemporalAlgo,
@@ -449,7 +488,13 @@ impl TemporalOp {
         }
         // every frame of every channel starts from the bias or is overwritten by a first GEMM
         let mut out = super::output_buffer(b * cout * f * h * wd);
+        // the direct kernel on tiles wherever it runs (see UnfoldedPays for the figures)
+        let tiles = temporal_tiles_fit(&w, cout, h * wd);
         let algo = match self.algo {
+            TemporalAlgo::Auto if tiles => TemporalAlgo::Tiles,
+            TemporalAlgo::Tiles if !tiles => {
+                bail!("t2v temporal conv: the tiles' kernel needs AMX, bfloat16 weights and frames of whole 16-pixel groups")
+            }
             TemporalAlgo::Auto
                 if super::packed_product()
                     && UnfoldedPays::Temporal {
@@ -467,7 +512,14 @@ impl TemporalOp {
             }
             chosen => chosen,
         };
-        if algo == TemporalAlgo::Unfolded {
+        if algo == TemporalAlgo::Tiles {
+            #[cfg(target_arch = "x86_64")]
+            if let super::Src::Bf16(wb) = w {
+                // SAFETY: AMX, the weight's type and the sizes checked (temporal_tiles_fit); the
+                // operands' sizes are the layouts' (candle's shapes).
+                unsafe { super::amx::conv_direct(x, wb, bias.as_deref(), &mut out, b, cin, cout, (f, h * wd), (3, 1)) };
+            }
+        } else if algo == TemporalAlgo::Unfolded {
             unfolded::temporal(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
         } else if algo == TemporalAlgo::Winograd {
             gemm_based::temporal_wino(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
