@@ -49,6 +49,23 @@ fn err_in_scale(got: &Tensor, want: &Tensor, scale: &Tensor) -> f64 {
     r.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
+/// `got`'s error against `conv` (a float64 convolution of input, weight and bias) of the rounded
+/// input (tight: only the float32 sums differ) and of float32's (loose: the rounding's own error),
+/// each in the scale of the same convolution of the magnitudes.
+fn tight_and_loose(
+    got: &Tensor,
+    x: &Tensor,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    conv: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Tensor,
+) -> (f64, f64) {
+    let abs = |t: &Tensor| t.abs().unwrap();
+    let (wf, bf) = (f64_of(wt), bias.map(f64_of));
+    let babs = bf.as_ref().map(abs);
+    let err_from = |x: &Tensor| err_in_scale(got, &conv(x, &wf, bf.as_ref()), &conv(&abs(x), &abs(&wf), babs.as_ref()));
+    (err_from(&rounded(x)), err_from(&f64_of(x)))
+}
+
 /// Normal values drawn from a fixed seed (each call the next draws), so that every run checks the
 /// same numbers: the bounds below hold for them, not only for what a run happens to draw.
 fn randn(shape: &[usize], std: f32) -> Tensor {
@@ -143,13 +160,8 @@ fn bf16_pointwise_convolution_matches_float64_of_the_rounded_operands() {
                 let wt = randn(&[cout, cin, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
                 let b = randn(&[cout], 1.0);
                 let got = conv2d(&x, &wt, Some(&b), 1, 0).unwrap();
-                let conv = |x: &Tensor, w: &Tensor, b: &Tensor| conv2d_fallback(x, w, Some(b), 1, 0).unwrap();
-                let abs = |t: &Tensor| t.abs().unwrap();
-                let (wf, bf) = (f64_of(&wt), f64_of(&b));
-                let tight =
-                    err_in_scale(&got, &conv(&rounded(&x), &wf, &bf), &conv(&abs(&rounded(&x)), &abs(&wf), &abs(&bf)));
-                let loose =
-                    err_in_scale(&got, &conv(&f64_of(&x), &wf, &bf), &conv(&abs(&f64_of(&x)), &abs(&wf), &abs(&bf)));
+                let (tight, loose) =
+                    tight_and_loose(&got, &x, &wt, Some(&b), |x, w, b| conv2d_fallback(x, w, b, 1, 0).unwrap());
                 println!(
                     "{path}: 1×1 conv {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's"
                 );
@@ -206,7 +218,6 @@ fn bf16_winograd_convolutions_stay_near_float64() {
 #[test]
 fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
     on_path(Isa::Amx, || {
-        let abs = |t: &Tensor| t.abs().unwrap();
         // (images, cin, cout, h, w): an odd channel count short of a tile, one past two tiles of
         // pairs, 2×2 blocks with a lone last group of channels and of pixels, with and without
         // a bias
@@ -225,19 +236,8 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
             let auto = conv2d(&x, &wt, bias, 1, pad).unwrap();
             let diff = (&got - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the automatic choice is the tiles' kernel");
-            let (wf, bf) = (f64_of(&wt), bias.map(f64_of));
-            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| conv2d_fallback(x, w, b, 1, pad).unwrap();
-            let babs = bf.as_ref().map(abs);
-            let tight = err_in_scale(
-                &got,
-                &conv(&rounded(&x), &wf, bf.as_ref()),
-                &conv(&abs(&rounded(&x)), &abs(&wf), babs.as_ref()),
-            );
-            let loose = err_in_scale(
-                &got,
-                &conv(&f64_of(&x), &wf, bf.as_ref()),
-                &conv(&abs(&f64_of(&x)), &abs(&wf), babs.as_ref()),
-            );
+            let (tight, loose) =
+                tight_and_loose(&got, &x, &wt, bias, |x, w, b| conv2d_fallback(x, w, b, 1, pad).unwrap());
             println!("amx: {k}×{k} tiles {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
             assert!(tight < 1e-5, "{k}×{k} tiles {cin}→{cout}: {tight:.2e}");
             assert!(loose < 4e-3 && loose > 1e-5, "{k}×{k} tiles {cin}→{cout}: {loose:.2e}");
@@ -266,7 +266,6 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
 #[test]
 fn bf16_tiles_temporal_convolution_matches_float64_of_the_rounded_operands() {
     on_path(Isa::Amx, || {
-        let abs = |t: &Tensor| t.abs().unwrap();
         // (videos, cin, cout, frames, h, w, bias): frames of one pixel group, of four, and of
         // 1,024 pixels split into spans across tasks (320 channels); one frame; odd channels
         for (b, cin, cout, f, h, w, with_bias) in [
@@ -283,19 +282,8 @@ fn bf16_tiles_temporal_convolution_matches_float64_of_the_rounded_operands() {
             let auto = temporal_conv3_with(&x, &wt, bias, TemporalAlgo::Auto).unwrap();
             let diff = (&got - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the automatic choice is the tiles' kernel");
-            let (wf, bf) = (f64_of(&wt), bias.map(f64_of));
-            let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| temporal_conv3_fallback(x, w, b).unwrap();
-            let babs = bf.as_ref().map(abs);
-            let tight = err_in_scale(
-                &got,
-                &conv(&rounded(&x), &wf, bf.as_ref()),
-                &conv(&abs(&rounded(&x)), &abs(&wf), babs.as_ref()),
-            );
-            let loose = err_in_scale(
-                &got,
-                &conv(&f64_of(&x), &wf, bf.as_ref()),
-                &conv(&abs(&f64_of(&x)), &abs(&wf), babs.as_ref()),
-            );
+            let (tight, loose) =
+                tight_and_loose(&got, &x, &wt, bias, |x, w, b| temporal_conv3_fallback(x, w, b).unwrap());
             println!("amx: temporal tiles {b}×{cin}→{cout}, {f} frames of {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
             assert!(tight < 1e-5, "temporal tiles {cin}→{cout}: {tight:.2e}");
             assert!(loose < 4e-3 && loose > 1e-5, "temporal tiles {cin}→{cout}: {loose:.2e}");
