@@ -480,7 +480,7 @@ struct Scratch([f32; 4 * TILE]);
 /// whole tiles and image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every
 /// VAE level at 256×256; narrower images take Winograd; the temporal convolutions' frames of
 /// 16 pixels and more).
-pub(crate) fn conv3x3_fits(cout: usize, w: usize) -> bool {
+pub(crate) fn conv_direct_fits(cout: usize, w: usize) -> bool {
     cout > 0 && cout.is_multiple_of(T) && w > 0 && w.is_multiple_of(T)
 }
 
@@ -587,7 +587,7 @@ unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, out: &mut [
 /// weights are bfloat16 and the CPU has AMX (`kernel_speed`'s VAE and UNet rows).
 ///
 /// # Safety
-/// [`super::amx`] is true (tile state granted); [`conv3x3_fits`]`(cout, w)`; kh and kw are 1 or
+/// [`super::amx`] is true (tile state granted); [`conv_direct_fits`]`(cout, w)`; kh and kw are 1 or
 /// 3; x holds n·cin·h·w floats, w cout·cin·kh·kw, out n·cout·h·w, bias cout.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn conv_direct(
@@ -603,7 +603,7 @@ pub(crate) unsafe fn conv_direct(
 ) {
     use rayon::prelude::*;
     let taps = kh * kw;
-    assert!(conv3x3_fits(cout, wd) && x.len() >= n * cin * h * wd && out.len() >= n * cout * h * wd);
+    assert!(conv_direct_fits(cout, wd) && x.len() >= n * cin * h * wd && out.len() >= n * cout * h * wd);
     assert!(matches!(kh, 1 | 3) && matches!(kw, 1 | 3), "kernels of 1 or 3");
     assert!(w.len() >= cout * cin * taps && bias.is_none_or(|b| b.len() >= cout));
     let qp = channel_pairs(cin);

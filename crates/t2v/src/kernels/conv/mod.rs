@@ -261,19 +261,8 @@ fn fast_kind_with(
     let unfolded = super::packed_product();
     let three = kh == 3 && kw == 3 && stride == 1 && padding == 1;
     let one = kh == 1 && kw == 1 && stride == 1 && padding == 0;
-    #[cfg(target_arch = "x86_64")]
-    let tiles = three
-        && weight.dtype() == DType::BF16
-        && super::amx()
-        && super::amx::conv3x3_fits(cout, w)
-        && want != Some(Kind::Wino3x3);
-    #[cfg(not(target_arch = "x86_64"))]
-    let tiles = false;
-    // bfloat16 products on tiles for the unfolded product too
-    #[cfg(target_arch = "x86_64")]
-    let bf16_tiles = weight.dtype() == DType::BF16 && super::amx();
-    #[cfg(not(target_arch = "x86_64"))]
-    let bf16_tiles = false;
+    let bf16 = weight.dtype() == DType::BF16;
+    let tiles = three && direct_on_tiles(bf16, cout, w) && want != Some(Kind::Wino3x3);
     let regular = if tiles {
         Some(Kind::Tiles)
     } else if three && super::avx2() {
@@ -286,7 +275,9 @@ fn fast_kind_with(
     Ok(match regular {
         Some(Kind::Pointwise) if unfolded && UnfoldedPays::Pointwise { pixels }.holds(cout) => Some(Kind::Unfolded),
         Some(Kind::Wino3x3)
-            if unfolded && want.is_none() && UnfoldedPays::Plane3x3 { pixels, tiles: bf16_tiles }.holds(cout) =>
+            if unfolded
+                && want.is_none()
+                && UnfoldedPays::Plane3x3 { pixels, tiles: bf16_on_tiles(bf16) }.holds(cout) =>
         {
             Some(Kind::Unfolded)
         }
@@ -395,7 +386,7 @@ impl ConvOp {
                 {
                     let super::Src::Bf16(wb) = w else { bail!("t2v conv: the tiles' kernel needs bfloat16 weights") };
                     let shape_fits = (kh, kw, self.stride, self.padding) == (3, 3, 1, 1);
-                    if !shape_fits || !super::amx() || !super::amx::conv3x3_fits(cout, wd) {
+                    if !shape_fits || !direct_on_tiles(true, cout, wd) {
                         bail!("t2v conv: the tiles' kernel needs a 3x3 kernel of stride 1, AMX and whole tiles");
                     }
                     // SAFETY: AMX and the sizes checked above; the operands' sizes are the
@@ -451,16 +442,23 @@ impl CustomOp3 for ConvOp {
     }
 }
 
-/// Whether the temporal convolution can run on AMX tiles: bfloat16 weights on a CPU with AMX,
-/// output channels and frames in whole tiles ([`super::amx::conv3x3_fits`]).
-fn temporal_tiles_fit(w: &super::Src, cout: usize, hw: usize) -> bool {
+/// Whether bfloat16 weights (`bf16`) multiply on AMX tiles here (the `amx` path): directly, or
+/// through the unfolded product.
+fn bf16_on_tiles(bf16: bool) -> bool {
+    bf16 && super::amx()
+}
+
+/// Whether the tiles' direct kernel ([`super::amx::conv_direct`]) takes these weights for `cout`
+/// output channels over rows of `w` pixels (the 3×3 convolutions' image rows, the temporal ones'
+/// frames): bfloat16 on tiles, channels and pixels in whole tiles.
+fn direct_on_tiles(bf16: bool, cout: usize, w: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(w, super::Src::Bf16(_)) && super::amx() && super::amx::conv3x3_fits(cout, hw)
+        bf16_on_tiles(bf16) && super::amx::conv_direct_fits(cout, w)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, cout, hw);
+        let _ = (bf16, cout, w);
         false
     }
 }
@@ -489,7 +487,8 @@ impl TemporalOp {
         // every frame of every channel starts from the bias or is overwritten by a first GEMM
         let mut out = super::output_buffer(b * cout * f * h * wd);
         // the direct kernel on tiles wherever it runs (see UnfoldedPays for the figures)
-        let tiles = temporal_tiles_fit(&w, cout, h * wd);
+        let bf16 = matches!(w, super::Src::Bf16(_));
+        let tiles = direct_on_tiles(bf16, cout, h * wd);
         let algo = match self.algo {
             TemporalAlgo::Auto if tiles => TemporalAlgo::Tiles,
             TemporalAlgo::Tiles if !tiles => {
@@ -497,11 +496,7 @@ impl TemporalOp {
             }
             TemporalAlgo::Auto
                 if super::packed_product()
-                    && UnfoldedPays::Temporal {
-                        rows: b * f * h * wd,
-                        tiles: super::amx() && w.multiplies_in_bf16(),
-                    }
-                    .holds(cout) =>
+                    && UnfoldedPays::Temporal { rows: b * f * h * wd, tiles: bf16_on_tiles(bf16) }.holds(cout) =>
             {
                 TemporalAlgo::Unfolded
             }
@@ -515,7 +510,7 @@ impl TemporalOp {
         if algo == TemporalAlgo::Tiles {
             #[cfg(target_arch = "x86_64")]
             if let super::Src::Bf16(wb) = w {
-                // SAFETY: AMX, the weight's type and the sizes checked (temporal_tiles_fit); the
+                // SAFETY: AMX, the weight's type and the sizes checked (direct_on_tiles); the
                 // operands' sizes are the layouts' (candle's shapes).
                 unsafe { super::amx::conv_direct(x, wb, bias.as_deref(), &mut out, b, cin, cout, (f, h * wd), (3, 1)) };
             }
