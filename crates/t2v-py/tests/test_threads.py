@@ -64,7 +64,7 @@ def test_runs_from_two_threads_share_the_model():
     assert not np.array_equal(results[1], results[2])
 
 
-def test_ctrl_c_stops_within_one_step():
+def test_ctrl_c_stops_within_one_step(ctrl_c):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     pipe = pipeline("small-t2v")

@@ -152,7 +152,7 @@ def test_from_pipe_shares_the_weights_and_batches():
     assert latents.shape == (1, 4, 3, 32, 32)
 
 
-def test_ctrl_c_stops_within_one_step():
+def test_ctrl_c_stops_within_one_step(ctrl_c):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     pipe = v2v_pipe("small-t2v")

@@ -1,0 +1,157 @@
+//! What one core's AMX tiles can do, apart from any blocking: `tdpbf16ps` alone, and the 2×2
+//! block of [`t2v::kernels::amx`] (four C tiles, two A and two B tiles a depth step) with its
+//! operands in L1, L2 or memory, in the kernel's software-pipelined order and in the plain one
+//! (each tile loaded just before its first product). GFLOP/s of one thread; run it pinned
+//! (`taskset -c 0`) on a quiet machine, twice: the first pass also warms the core.
+//!
+//! Why its own tiles and not the library's kernels: the library's products bundle blocking,
+//! packing and threads; this isolates how fast the tiles go when fed from each level of memory,
+//! the ceiling those products are judged against (`cargo run --release -p t2v --example
+//! amx_ceiling`). Linux on x86-64 with AMX-BF16 only.
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod tiles {
+    use std::arch::asm;
+    use std::time::Instant;
+
+    /// Palette 1, all eight tiles 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// Asks Linux for the tile state and loads the configuration; false without AMX.
+    fn start() -> bool {
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf7.edx >> 22 & 1 == 0 || leaf7.edx >> 24 & 1 == 0 {
+            return false;
+        }
+        // SAFETY: a plain system call (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+        if unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023 as libc::c_long, 18 as libc::c_long) } != 0 {
+            return false;
+        }
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+        }
+        let config = Config(c);
+        // SAFETY: the tile state was granted; the configuration is valid.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+        true
+    }
+
+    const TILE: usize = 256;
+    /// Multiply-adds of one `tdpbf16ps`, times two.
+    const FLOP: f64 = (16 * 16 * 32 * 2) as f64;
+
+    /// `steps` depth steps of four products with no loads.
+    fn products_only(steps: usize) {
+        // SAFETY: tiles configured (start); register operands only.
+        unsafe {
+            asm!("tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7", options(nostack, nomem));
+            for _ in 0..steps {
+                asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    options(nostack, nomem)
+                );
+            }
+        }
+    }
+
+    /// `steps` depth steps of the 2×2 block, A and B tiles taken in turn from `a` and `b`.
+    fn block(a: &[u32], b: &[u32], steps: usize, pipelined: bool) {
+        let (na, nb) = (a.len() / TILE, b.len() / TILE);
+        let (mut ia, mut ib) = (0, 0);
+        // SAFETY: tiles configured (start); every tile read lies in `a` or `b` (64-byte rows).
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            if pipelined {
+                asm!("tileloadd tmm4, [{p} + {s}*1]", "tileloadd tmm5, [{p} + {s}*1]",
+                     "tileloadd tmm6, [{p} + {s}*1]", "tileloadd tmm7, [{p} + {s}*1]",
+                     p = in(reg) a.as_ptr(), s = in(reg) 64usize, options(nostack, readonly));
+            }
+            for _ in 0..steps {
+                let a0 = a.as_ptr().add(ia * TILE);
+                let a1 = a.as_ptr().add((ia + 1) % na * TILE);
+                let b0 = b.as_ptr().add(ib * TILE);
+                let b1 = b.as_ptr().add((ib + 1) % nb * TILE);
+                if pipelined {
+                    // the library's order: a register reloaded right after its last product
+                    asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+                ia = (ia + 2) % na;
+                ib = (ib + 2) % nb;
+            }
+        }
+    }
+
+    fn rate(steps: usize, f: impl Fn()) -> f64 {
+        let t = Instant::now();
+        f();
+        4.0 * steps as f64 * FLOP / t.elapsed().as_secs_f64() / 1e9
+    }
+
+    pub fn run() {
+        if !start() {
+            println!("no AMX-BF16 tiles here (or Linux did not grant their state)");
+            return;
+        }
+        let steps = 2_000_000;
+        // (A tiles, B tiles, where they lie): 1 KB a tile
+        let sources = [
+            (4, 4, "A and B in L1 (4 KB each)"),
+            (8, 256, "A in L1, B 256 KB (L2)"),
+            (256, 256, "A and B 256 KB each (L2)"),
+            (8, 16384, "A in L1, B 16 MB (L3, memory)"),
+            (16384, 16384, "A and B 16 MB each (memory)"),
+        ];
+        for pass in 1..=2 {
+            println!("pass {pass}, GFLOP/s of one core:");
+            println!("  products only, no loads           {:7.0}", rate(steps, || products_only(steps)));
+            for (na, nb, what) in sources {
+                let a = vec![0x3f80_3f80u32; na * TILE];
+                let b = vec![0x3f80_3f80u32; nb * TILE];
+                block(&a, &b, steps / 10, true);
+                let piped = rate(steps, || block(&a, &b, steps, true));
+                let plain = rate(steps, || block(&a, &b, steps, false));
+                println!("  {what:<34} {piped:7.0} pipelined, {plain:7.0} in plain order");
+            }
+        }
+        // SAFETY: releases the tiles configured above.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+fn main() {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    tiles::run();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    println!("AMX tiles exist on x86-64 only (and this example asks Linux for their state)");
+}
