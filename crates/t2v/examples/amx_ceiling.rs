@@ -18,14 +18,10 @@ mod tiles {
     #[repr(C, align(64))]
     struct Config([u8; 64]);
 
-    /// Asks Linux for the tile state and loads the configuration; false without AMX.
+    /// Loads the tile configuration where the library found AMX-BF16 and Linux granted the tile
+    /// state (its detection, [`t2v::kernels::Isa::Amx`]); false elsewhere.
     fn start() -> bool {
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        if leaf7.edx >> 22 & 1 == 0 || leaf7.edx >> 24 & 1 == 0 {
-            return false;
-        }
-        // SAFETY: a plain system call (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-        if unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023 as libc::c_long, 18 as libc::c_long) } != 0 {
+        if !t2v::kernels::Isa::Amx.is_available() {
             return false;
         }
         let mut c = [0u8; 64];
