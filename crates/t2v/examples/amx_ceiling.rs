@@ -1,7 +1,8 @@
 //! What one core's AMX tiles can do, apart from any blocking: `tdpbf16ps` alone, and the 2×2
 //! block of [`t2v::kernels::amx`] (four C tiles, two A and two B tiles a depth step) with its
 //! operands in L1, L2 or memory, in the kernel's software-pipelined order and in the plain one
-//! (each tile loaded just before its first product). GFLOP/s of one thread; run it pinned
+//! (each tile loaded just before its first product), each with the tiles' rows on 64-byte cache
+//! lines and 16 bytes past them. GFLOP/s of one thread; run it pinned
 //! (`taskset -c 0`) on a quiet machine, twice: the first pass also warms the core.
 //!
 //! Why its own tiles and not the library's kernels: the library's products bundle blocking,
@@ -13,6 +14,8 @@
 mod tiles {
     use std::arch::asm;
     use std::time::Instant;
+
+    use t2v::kernels::aligned::Aligned;
 
     /// Palette 1, all eight tiles 16 rows of 64 bytes.
     #[repr(C, align(64))]
@@ -132,12 +135,25 @@ mod tiles {
             println!("pass {pass}, GFLOP/s of one core:");
             println!("  products only, no loads           {:7.0}", rate(steps, || products_only(steps)));
             for (na, nb, what) in sources {
-                let a = vec![0x3f80_3f80u32; na * TILE];
-                let b = vec![0x3f80_3f80u32; nb * TILE];
-                block(&a, &b, steps / 10, true);
-                let piped = rate(steps, || block(&a, &b, steps, true));
-                let plain = rate(steps, || block(&a, &b, steps, false));
-                println!("  {what:<34} {piped:7.0} pipelined, {plain:7.0} in plain order");
+                // tile rows on cache lines (as the library lays its operands out), then each row
+                // 16 bytes past one (as a plain Vec's allocation puts them)
+                let ones = |n: usize| {
+                    let mut v = Aligned::<u32>::zeroed(n * TILE + 16);
+                    v.fill(0x3f80_3f80);
+                    v
+                };
+                let (abuf, bbuf) = (ones(na), ones(nb));
+                for skew in [0usize, 4] {
+                    let a = &abuf[skew..][..na * TILE];
+                    let b = &bbuf[skew..][..nb * TILE];
+                    block(a, b, steps / 10, true);
+                    let piped = rate(steps, || block(a, b, steps, true));
+                    let plain = rate(steps, || block(a, b, steps, false));
+                    println!(
+                        "  {what:<34} {piped:7.0} pipelined, {plain:7.0} in plain order, rows {} bytes past a line",
+                        skew * 4
+                    );
+                }
             }
         }
         // SAFETY: releases the tiles configured above.

@@ -226,6 +226,8 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
             (1, 65, 48, 7, 48, true, 3),
             (3, 8, 16, 3, 32, false, 3),
             (1, 320, 64, 4, 16, true, 3),
+            // input channels enough that a task takes a span of a row's pixel groups, not bands
+            (1, 1856, 16, 2, 32, true, 3),
         ] {
             let pad = k / 2;
             let x = randn(&[n, cin, h, w], 1.0);

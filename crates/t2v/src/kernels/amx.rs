@@ -17,7 +17,9 @@
 //! float32 rows (32 values a vector: `vcvtne2ps2bf16` leaves them in pair order) or gathered from
 //! bfloat16 panels. A last depth tile shorter than 16 pairs is padded with zeros, in A as it is
 //! packed and in B through a zeroed copy of the panel's last rows, so that no product reads past
-//! a panel.
+//! a panel. Every buffer that tiles are loaded from starts on a 64-byte cache line
+//! ([`super::aligned`]) and every tile row lies on one: rows that straddle two lines feed the
+//! tiles at a quarter to a third of the rate (`amx_ceiling`).
 //!
 //! The tile state: Linux hands it to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
 //! done once when the path is detected, [`request_tile_state`]); each product loads the tile
@@ -27,6 +29,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+use super::aligned::Aligned;
 use super::packed_matmul::{Init, Lhs, PackedB, MR, NR};
 
 /// Rows (and float32 columns) of a tile; pairs of a tile's row.
@@ -114,7 +117,10 @@ macro_rules! tile_zero {
 }
 
 thread_local! {
-    static A_PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A band's input rows for [`conv_direct`], kept for the thread's next task.
+    static BAND_ROWS: std::cell::Cell<Aligned<u32>> = std::cell::Cell::new(Aligned::default());
+    /// (on a cache line, as every operand the tiles load: see [`super::aligned`])
+    static A_PACK: std::cell::RefCell<Aligned<u32>> = std::cell::RefCell::new(Aligned::default());
 }
 
 /// Rows [i0, i0 + mc) × pairs [kq0, kq0 + klp) of float32 rows `a` (`lda` apart) as A tiles
@@ -186,9 +192,9 @@ unsafe fn pack_panels(p: *const u32, dp: usize, i0: usize, mc: usize, kq0: usize
 /// A's micro-panels (`[panel][kq][MR]` pairs, m rows, kp pairs deep) as AMX tiles
 /// `[16-row group][depth tile][16][16]` (⌈kp/16⌉ tiles a group; rows and pairs past the matrix
 /// zero), for [`Lhs::TilesBf16`].
-pub(super) fn tiles_of_panels(panels: &[u32], m: usize, kp: usize) -> Vec<u32> {
+pub(super) fn tiles_of_panels(panels: &[u32], m: usize, kp: usize) -> Aligned<u32> {
     let tiles = kp.div_ceil(T);
-    let mut out = vec![0u32; m.div_ceil(T) * tiles * TILE];
+    let mut out = Aligned::<u32>::zeroed(m.div_ceil(T) * tiles * TILE);
     for row in 0..m {
         let (g, r) = (row / T, row % T);
         let src = &panels[(row / MR) * kp * MR + row % MR..];
@@ -369,13 +375,13 @@ pub(super) unsafe fn blocked_panels(
     let kcp = kp.div_ceil(nkb).div_ceil(T) * T;
     asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags));
     let mut scratch = Scratch([0f32; 4 * TILE]);
-    let mut bias_row = [0f32; 2 * T];
-    let mut last = [[0u32; TILE]; 2];
+    let mut bias_row = Line([0f32; 2 * T]);
+    let mut last = [Tile([0u32; TILE]), Tile([0u32; TILE])];
     A_PACK.with(|ap| {
         let mut apack = ap.borrow_mut();
         let need = MC.div_ceil(T) * kcp * T;
         if apack.len() < need {
-            apack.resize(need, 0);
+            *apack = Aligned::zeroed(need);
         }
         let apack = apack.as_mut_ptr();
         let mut i0 = 0;
@@ -414,20 +420,20 @@ pub(super) unsafe fn blocked_panels(
                         // the last depth tile's pairs that exist, then zeros
                         let have = klp - (kt - 1) * T;
                         for (j, l) in last.iter_mut().enumerate() {
-                            l.fill(0);
-                            l[..have * T]
+                            l.0.fill(0);
+                            l.0[..have * T]
                                 .copy_from_slice(std::slice::from_raw_parts(bp[j].add((kt - 1) * TILE), have * T));
                         }
                     }
-                    let lp = [last[0].as_ptr(), last[1].as_ptr()];
+                    let lp = [last[0].0.as_ptr(), last[1].0.as_ptr()];
                     let cols = (nb * NR).min(n - jr * NR);
                     // how C starts: from the bias row (stride 0: the same 32 values in every row),
                     // zero, or its own values (C's block, or the scratch block's copy of it)
                     let bias_start = match init {
                         Init::Bias(bias) if kb == 0 => {
-                            bias_row.fill(0.0);
-                            bias_row[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
-                            Some(bias_row.as_ptr())
+                            bias_row.0.fill(0.0);
+                            bias_row.0[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
+                            Some(bias_row.0.as_ptr())
                         }
                         _ => None,
                     };
@@ -476,6 +482,14 @@ pub(super) unsafe fn blocked_panels(
 #[repr(C, align(64))]
 struct Scratch([f32; 4 * TILE]);
 
+/// One tile of pairs on a cache line (a ragged last depth tile of B, zero-padded).
+#[repr(C, align(64))]
+struct Tile([u32; TILE]);
+
+/// Two tiles' rows of float32 on a cache line (a bias row that every row of C starts from).
+#[repr(C, align(64))]
+struct Line([f32; 2 * T]);
+
 /// Whether [`conv_direct`] takes a convolution of these sizes: output channels in
 /// whole tiles and image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every
 /// VAE level at 256×256; narrower images take Winograd; the temporal convolutions' frames of
@@ -491,12 +505,12 @@ fn channel_pairs(cin: usize) -> usize {
 
 /// The weights (cout, cin, taps) as A tiles: row = output channel, depth = (tap, input channel),
 /// `[16-channel group][tap · tiles a tap + channel tile][16][16]` pairs (channels past cin zero).
-fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> Vec<u32> {
+fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> Aligned<u32> {
     use rayon::prelude::*;
     let qp = channel_pairs(cin);
     let per_tap = qp / T;
     let ktiles = taps * per_tap;
-    let mut out = vec![0u32; cout.div_ceil(T) * ktiles * TILE];
+    let mut out = Aligned::<u32>::zeroed(cout.div_ceil(T) * ktiles * TILE);
     out.par_chunks_mut(ktiles * TILE).enumerate().for_each(|(g, dst)| {
         for r in 0..T.min(cout - g * T) {
             let row = &w[(g * T + r) * cin * taps..][..cin * taps];
@@ -513,58 +527,73 @@ fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> 
     out
 }
 
-/// One image (cin planes of h×w) as rows of channel pairs with a border of one zero pixel:
-/// `rows[((y + 1)·qp + q)·(w + 2) + x + 1]` = (x[2q][y][x], x[2q + 1][y][x]) rounded to bfloat16
-/// (qp pairs padded to whole tiles), so that 16 consecutive pixels of a pair's row are one row
-/// of a B tile and the next pair's row (w + 2 pixels on) the next: a tile spans a few KB, where
-/// whole pair planes a tile row apart (tried first) put its 16 rows in 16 pages.
+/// Input row y of one image (cin planes of h×w, w a multiple of 16; rows outside the image are
+/// zeros) as qp rows of channel pairs, three times: once for each horizontal tap dx, shifted by
+/// it: `rows[dx·copy + q·w + x]` = (x[2q][y][x + dx − 1], x[2q + 1][y][x + dx − 1]) rounded to
+/// bfloat16, zero outside the image and for the pairs past cin that pad qp to whole tiles. The
+/// B tile of tap (dy, dx), 16 channel pairs × 16 pixels of an output row, is then 16 rows of 64
+/// bytes that each start on a cache line (one pair's row a tile row, w pixels apart): one padded
+/// copy read at the three shifts (tried first) put two of every three tiles' rows across two
+/// lines, and a tile row across two lines loads at a third of the rate (`amx_ceiling`,
+/// [`super::aligned`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, rows: &mut [u32]) {
-    let (pw, qp) = (w + 2, channel_pairs(cin));
-    // (the buffer starts zeroed: borders, padded pairs)
-    for y in 0..h {
-        for q in 0..cin.div_ceil(2) {
-            let d = rows.as_mut_ptr().add(((y + 1) * qp + q) * pw + 1);
-            let lo_row = x.add((2 * q * h + y) * w);
-            let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
-            let mut xx = 0;
-            while xx < w {
-                let lo = _mm512_loadu_ps(lo_row.add(xx));
-                let hi = match hi_row {
-                    Some(p) => _mm512_loadu_ps(p.add(xx)),
-                    None => _mm512_setzero_ps(),
-                };
-                // pairs in pixel order
-                _mm512_storeu_si512(d.add(xx) as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
-                xx += T;
-            }
+unsafe fn pair_rows(x: *const f32, cin: usize, h: usize, w: usize, y: Option<usize>, rows: *mut u32, copy: usize) {
+    let qp = channel_pairs(cin);
+    let filled = match y {
+        Some(y) if y < h => cin.div_ceil(2),
+        _ => 0,
+    };
+    for q in filled..qp {
+        for dx in 0..3 {
+            std::ptr::write_bytes(rows.add(dx * copy + q * w), 0, w);
         }
+    }
+    let Some(y) = y else { return };
+    for q in 0..filled {
+        let centre = rows.add(copy + q * w);
+        let lo_row = x.add((2 * q * h + y) * w);
+        let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
+        let mut xx = 0;
+        while xx < w {
+            let lo = _mm512_loadu_ps(lo_row.add(xx));
+            let hi = match hi_row {
+                Some(p) => _mm512_loadu_ps(p.add(xx)),
+                None => _mm512_setzero_ps(),
+            };
+            // pairs in pixel order
+            _mm512_storeu_si512(centre.add(xx) as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
+            xx += T;
+        }
+        // dx = 0 reads the pixel to the left (x − 1), dx = 2 the one to the right
+        let (left, right) = (rows.add(q * w), rows.add(2 * copy + q * w));
+        *left = 0;
+        std::ptr::copy_nonoverlapping(centre, left.add(1), w - 1);
+        std::ptr::copy_nonoverlapping(centre.add(1), right, w - 1);
+        *right.add(w - 1) = 0;
     }
 }
 
-/// One image (cin planes of h×w, w a multiple of 16) as B tiles for kernels one pixel wide:
+/// Row y of one image (cin planes of h×w, w a multiple of 16) as B tiles for kernels one pixel wide:
 /// `chunks[(((y + 1)·(w/16) + xc)·qp + q)·16 + i]` = (x[2q][y][16xc + i], x[2q + 1][y][16xc + i])
 /// rounded to bfloat16, with a zero row above and below. Without horizontal taps a tile never
 /// straddles two 16-pixel chunks, so each B tile (16 pairs × 16 pixels) is 1 KB in one piece:
 /// rows of the [`pair_rows`] layout are a whole row's length apart, which for the temporal
 /// convolution's rows of 1,024 pixels put every row of a tile in its own page.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, out: &mut [u32]) {
+unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, y: usize, out: *mut u32) {
     let (chunks, qp) = (w / T, channel_pairs(cin));
     // (the buffer starts zeroed: the rows above and below, padded pairs)
-    for y in 0..h {
-        for q in 0..cin.div_ceil(2) {
-            let lo_row = x.add((2 * q * h + y) * w);
-            let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
-            for xc in 0..chunks {
-                let lo = _mm512_loadu_ps(lo_row.add(xc * T));
-                let hi = match hi_row {
-                    Some(p) => _mm512_loadu_ps(p.add(xc * T)),
-                    None => _mm512_setzero_ps(),
-                };
-                let d = out.as_mut_ptr().add((((y + 1) * chunks + xc) * qp + q) * T);
-                _mm512_storeu_si512(d as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
-            }
+    for q in 0..cin.div_ceil(2) {
+        let lo_row = x.add((2 * q * h + y) * w);
+        let hi_row = if 2 * q + 1 < cin { Some(x.add(((2 * q + 1) * h + y) * w)) } else { None };
+        for xc in 0..chunks {
+            let lo = _mm512_loadu_ps(lo_row.add(xc * T));
+            let hi = match hi_row {
+                Some(p) => _mm512_loadu_ps(p.add(xc * T)),
+                None => _mm512_setzero_ps(),
+            };
+            let d = out.add((((y + 1) * chunks + xc) * qp + q) * T);
+            _mm512_storeu_si512(d as *mut __m512i, super::bf16::interleaved_pairs(lo, hi));
         }
     }
 }
@@ -575,13 +604,15 @@ unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, out: &mut [
 /// bfloat16 operands summed in float32. The 3×3 convolutions, and the temporal ones as a 3×1
 /// kernel over images of frames × pixels.
 ///
-/// The output is the product W (cout × taps·cin) · X (taps·cin × pixels) with X never unfolded:
-/// each image becomes rows of channel pairs with a zero border ([`pair_rows`]), and the B tile
-/// of tap (dy, dx), 16 channel pairs and 16 pixels of a row is read straight from them (16
-/// pixels shifted by the tap, one pair's row a tile row). C tiles are 16 output channels × 16
-/// pixels of a row, stored straight into the channel-major output. Tasks are bands of rows of an
-/// image (and spans of pixels of rows too long for that) whose input stays in L2 while every
-/// group of output channels passes over it.
+/// The output is the product W (cout × taps·cin) · X (taps·cin × pixels) with X never unfolded
+/// by the vertical taps: each task makes its band's input rows into rows of channel pairs, one
+/// copy per horizontal tap ([`pair_rows`]: three copies for 3×3, so that every tile row starts
+/// on a cache line), or, for kernels one pixel wide, each image into whole 1 KB tiles once
+/// ([`pair_chunks`]); the B tile of tap (dy, dx), 16 channel pairs and 16 pixels of a row, is
+/// read straight from them. C tiles are 16 output channels × 16 pixels of a row, stored straight
+/// into the channel-major output. Tasks are bands of rows of an image (and spans of pixels of
+/// rows too long for that) whose input stays in L2 while every group of output channels passes
+/// over it: the band's copies are made there and never go out to memory.
 ///
 /// Why by hand: see the module's notes; it replaces Winograd's float32 products where the
 /// weights are bfloat16 and the CPU has AMX (`kernel_speed`'s VAE and UNet rows).
@@ -612,16 +643,35 @@ pub(crate) unsafe fn conv_direct(
     let weights = conv_weight_tiles(w, cin, cout, taps);
     // a 16×16 start tile per group of output channels: row r is that channel's bias
     let groups = cout / T;
-    let starts: Vec<f32> = match bias {
-        Some(b) => (0..groups * TILE).map(|i| b[(i / TILE) * T + (i % TILE) / T]).collect(),
-        None => Vec::new(),
+    let starts: Aligned<f32> = match bias {
+        Some(b) => {
+            let tiles: Vec<f32> = (0..groups * TILE).map(|i| b[(i / TILE) * T + (i % TILE) / T]).collect();
+            Aligned::from_slice(&tiles)
+        }
+        None => Aligned::default(),
     };
-    // kernels one pixel wide read whole tiles ([`pair_chunks`]), wider ones rows with a border
-    // ([`pair_rows`])
+    // kernels one pixel wide read whole tiles made once for all ([`pair_chunks`]), wider ones
+    // rows shifted by each horizontal tap, made by each task for its band ([`pair_rows`])
     let chunked = kw == 1;
-    let (pw, chunks) = (wd + 2, wd / T);
-    // an image's pairs: h + 2 rows of qp pairs' rows of pw pixels, or of chunks of qp·16 pairs
-    let image = if chunked { (h + 2) * chunks * qp * T } else { (h + 2) * qp * pw };
+    let chunks = wd / T;
+    // bands of output rows whose input (band + kh − 1 rows of every pair plane, in kw copies)
+    // fits about 1 MB, and spans of whole pixel groups of each row where a row alone is more
+    let per_row = wd / T;
+    let group_bytes = kh * kw * qp * T * 4;
+    let span = ((1 << 20) / group_bytes).clamp(1, per_row);
+    let spans = per_row.div_ceil(span);
+    let row_bytes = kw * qp * wd * 4;
+    // (and at least four tasks a thread in all, for one image of few rows)
+    let band = if spans > 1 {
+        1
+    } else {
+        ((1 << 20) / row_bytes).saturating_sub(kh - 1).clamp(1, h).min((n * h).div_ceil(4 * super::threads()))
+    };
+    let bands = h.div_ceil(band);
+    // an image's pairs: h + 2 rows of chunks of qp·16 pairs; a band's: kw copies of band + 2
+    // rows of qp pairs' rows of w pixels
+    let image = (h + 2) * chunks * qp * T;
+    let copy = (band + 2) * qp * wd;
     // B's offset (in u32) for each depth tile, from the pairs of the output row's top-left
     // padded pixel: tap (dy, dx) of a kernel centred by its padding, channel tile cb
     let (ph, pwd) = (kh / 2, kw / 2);
@@ -632,36 +682,22 @@ pub(crate) unsafe fn conv_direct(
             if chunked {
                 (dy * chunks * qp + cb * T) * T
             } else {
-                (dy * qp + cb * T) * pw + dx
+                (dx * copy) + (dy * qp + cb * T) * wd
             }
         })
         .collect();
-    let b_stride = if chunked { T * 4 } else { pw * 4 };
-    // bands of output rows whose input rows (band + kh − 1) of every pair plane fit about 1 MB,
-    // and spans of whole pixel groups of each row where a row alone is more
-    let per_row = wd / T;
-    let group_bytes = kh * qp * T * 4;
-    let span = ((1 << 20) / group_bytes).clamp(1, per_row);
-    let spans = per_row.div_ceil(span);
-    let row_bytes = qp * pw * 4;
-    // (and at least four tasks a thread in all, for one image of few rows)
-    let band = if spans > 1 {
-        1
-    } else {
-        ((1 << 20) / row_bytes).saturating_sub(kh - 1).clamp(1, h).min((n * h).div_ceil(4 * super::threads()))
-    };
-    let bands = h.div_ceil(band);
-    let mut planes = vec![0u32; n * image];
-    planes.par_chunks_mut(image).enumerate().for_each(|(i, p)| {
-        // SAFETY: features checked by the caller; image i has cin planes of h×w.
-        unsafe {
-            if chunked {
-                pair_chunks(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p)
-            } else {
-                pair_rows(x.as_ptr().add(i * cin * h * wd), cin, h, wd, p)
-            }
-        }
-    });
+    let b_stride = if chunked { T * 4 } else { wd * 4 };
+    let mut planes = Aligned::<u32>::zeroed(if chunked { n * image } else { 0 });
+    if chunked {
+        // row by row on every thread
+        let pp = super::SendPtr(planes.as_mut_ptr());
+        (0..n * h).into_par_iter().for_each(|r| {
+            let (i, y) = (r / h, r % h);
+            // SAFETY: features checked by the caller; image i has cin planes of h×w and its
+            // pairs `image` u32 from i·image; each row y writes its own rows of the layout.
+            unsafe { pair_chunks(x.as_ptr().add(i * cin * h * wd), cin, h, wd, y, pp.get().add(i * image)) }
+        });
+    }
     let hw = h * wd;
     let optr = super::SendPtr(out.as_mut_ptr());
     // (read-only in the tasks)
@@ -677,14 +713,29 @@ pub(crate) unsafe fn conv_direct(
         // its band and span of its image only, for every channel.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags));
-            let planes = pp.get().add(img * image) as *const u32;
             let outi = optr.get().add(img * cout * hw);
+            // this band's input rows y0 − 1 .. y1 + 1, in the kw shifted copies (on this
+            // thread, in L2 while every group of output channels passes over them)
+            let mut local = BAND_ROWS.with(|b| b.take());
+            let planes = if chunked {
+                pp.get().add(img * image) as *const u32
+            } else {
+                if local.len() < kw * copy {
+                    local = Aligned::zeroed(kw * copy);
+                }
+                let xi = x.as_ptr().add(img * cin * h * wd);
+                for r in 0..y1 - y0 + 2 {
+                    let y = (y0 + r).checked_sub(1);
+                    pair_rows(xi, cin, h, wd, y, local.as_mut_ptr().add(r * qp * wd), copy);
+                }
+                local.as_ptr()
+            };
             // pixel groups of the task: (row, first pixel)
             let across = x1 - x0;
             let pixel_groups = (y1 - y0) * across;
             let origin = |g: usize| {
                 let (y, xg) = (y0 + g / across, x0 + g % across);
-                let at = if chunked { (y * chunks + xg) * qp * T } else { y * qp * pw + xg * T };
+                let at = if chunked { (y * chunks + xg) * qp * T } else { (y - y0) * qp * wd + xg * T };
                 (planes.add(at), y * wd + xg * T)
             };
             let mut g0 = 0;
@@ -716,6 +767,7 @@ pub(crate) unsafe fn conv_direct(
                 g0 += ra;
             }
             asm!("tilerelease", options(nostack, nomem, preserves_flags));
+            BAND_ROWS.with(|b| b.replace(local));
         }
     });
 }

@@ -35,6 +35,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::aligned::Aligned;
 #[cfg(target_arch = "x86_64")]
 use super::packed_matmul::MC;
 use super::packed_matmul::{Init, Lhs, PackedA, PackedB, MR, NR};
@@ -72,7 +73,7 @@ impl PackedB {
         assert!(w.len() >= n * k, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut pairs = vec![0u32; panels * kp * NR];
+        let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
         let pack = |(p, dst): (usize, &mut [u32])| {
             #[cfg(target_arch = "x86_64")]
             if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, p * NR + NR <= n) {
@@ -96,7 +97,7 @@ impl PackedB {
         } else {
             pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data: Vec::new(), pairs, bf16: true, k, n }
+        PackedB { data: Default::default(), pairs, bf16: true, k, n }
     }
 
     /// B in the bfloat16 form from a row-major k×n float32 matrix whose rows are `row_stride`
@@ -105,7 +106,7 @@ impl PackedB {
         assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut pairs = vec![0u32; panels * kp * NR];
+        let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
         let pack = |(p, dst): (usize, &mut [u32])| {
             let cols = NR.min(n - p * NR);
             #[cfg(target_arch = "x86_64")]
@@ -129,7 +130,7 @@ impl PackedB {
         } else {
             pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data: Vec::new(), pairs, bf16: true, k, n }
+        PackedB { data: Default::default(), pairs, bf16: true, k, n }
     }
 }
 
@@ -139,7 +140,7 @@ impl PackedA {
     pub fn from_rows_bf16(a: Src, m: usize, k: usize, row_stride: usize) -> PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let kp = k.div_ceil(2);
-        let mut pairs = vec![0u32; m.div_ceil(MR) * MR * kp];
+        let mut pairs = Aligned::<u32>::zeroed(m.div_ceil(MR) * MR * kp);
         for (p, dst) in pairs.chunks_mut((kp * MR).max(1)).enumerate() {
             for r in 0..MR.min(m - p * MR) {
                 let row = (p * MR + r) * row_stride;
@@ -153,7 +154,7 @@ impl PackedA {
     }
 
     /// A bfloat16 A from its micro-panels, in AMX tiles where the products run on them.
-    fn of_pairs(pairs: Vec<u32>, m: usize, k: usize) -> PackedA {
+    fn of_pairs(pairs: Aligned<u32>, m: usize, k: usize) -> PackedA {
         #[cfg(target_arch = "x86_64")]
         if super::amx() {
             let tiles = super::amx::tiles_of_panels(&pairs, m, k.div_ceil(2));
@@ -170,7 +171,7 @@ impl PackedA {
             return PackedA { data: Vec::new(), pairs: self.pairs.clone(), bf16: true, tiles: self.tiles, m, k };
         }
         let kp = k.div_ceil(2);
-        let mut pairs = vec![0u32; m.div_ceil(MR) * MR * kp];
+        let mut pairs = Aligned::<u32>::zeroed(m.div_ceil(MR) * MR * kp);
         for (p, dst) in pairs.chunks_mut((kp * MR).max(1)).enumerate() {
             let src = &self.data[p * k * MR..][..k * MR];
             for kq in 0..kp {

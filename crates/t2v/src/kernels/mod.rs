@@ -7,6 +7,7 @@
 //! use nothing of it but each other, and record no time (the layers of [`crate::nn`] do).
 
 pub mod add;
+pub mod aligned;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 pub mod attention;

@@ -41,10 +41,11 @@ pub(super) const MC: usize = 192;
 /// B packed into panels of [`NR`] columns: `data[(panel·k + kk)·NR + c] = B[kk][panel·NR + c]`,
 /// columns past `n` zero.
 pub struct PackedB {
-    pub(super) data: Vec<f32>,
+    /// (on cache lines: a panel's rows are whole 64-byte vectors, [`super::aligned`])
+    pub(super) data: super::aligned::Aligned<f32>,
     /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`] (x86-64 only).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(super) pairs: Vec<u32>,
+    pub(super) pairs: super::aligned::Aligned<u32>,
     pub(super) bf16: bool,
     pub(super) k: usize,
     pub(super) n: usize,
@@ -75,14 +76,14 @@ impl PackedB {
     pub fn from_transposed_rows(w: Src, n: usize, k: usize, row_stride: usize, parallel: bool) -> PackedB {
         assert!(n == 0 || w.len() >= (n - 1) * row_stride + k, "packed operand size");
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = super::aligned::Aligned::<f32>::zeroed(panels * k * NR);
         let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, row_stride, p, dst);
         if parallel && panels > 1 && n * k >= 1 << 16 {
             data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         } else {
             data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data, pairs: Vec::new(), bf16: false, k, n }
+        PackedB { data, pairs: Default::default(), bf16: false, k, n }
     }
 
     /// B as a row-major k×n matrix whose rows are `row_stride` floats apart (attention's values,
@@ -91,7 +92,7 @@ impl PackedB {
     pub fn from_rows(b: &[f32], k: usize, n: usize, row_stride: usize, parallel: bool) -> PackedB {
         assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = super::aligned::Aligned::<f32>::zeroed(panels * k * NR);
         let pack = |(p, dst): (usize, &mut [f32])| {
             let cols = NR.min(n - p * NR);
             for kk in 0..k {
@@ -104,7 +105,7 @@ impl PackedB {
         } else {
             data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data, pairs: Vec::new(), bf16: false, k, n }
+        PackedB { data, pairs: Default::default(), bf16: false, k, n }
     }
 }
 
@@ -115,7 +116,7 @@ impl PackedB {
 pub struct PackedA {
     pub(super) data: Vec<f32>,
     /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
-    pub(super) pairs: Vec<u32>,
+    pub(super) pairs: super::aligned::Aligned<u32>,
     pub(super) bf16: bool,
     /// Whether `pairs` are in AMX tiles (`[16 rows][16 pairs]` blocks, [`super::amx`]) rather
     /// than micro-panels: made where the products run on tiles, so that an A used against many
@@ -133,7 +134,7 @@ impl PackedA {
         for (p, dst) in data.chunks_mut((k * MR).max(1)).enumerate() {
             pack_a_panel(a, m, k, row_stride, p, dst);
         }
-        PackedA { data, pairs: Vec::new(), bf16: false, tiles: false, m, k }
+        PackedA { data, pairs: Default::default(), bf16: false, tiles: false, m, k }
     }
 
     /// [`PackedA::from_rows`] with the micro-panels packed on all of rayon's threads.
@@ -141,13 +142,20 @@ impl PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
         data.par_chunks_mut((k * MR).max(1)).enumerate().for_each(|(p, dst)| pack_a_panel(a, m, k, row_stride, p, dst));
-        PackedA { data, pairs: Vec::new(), bf16: false, tiles: false, m, k }
+        PackedA { data, pairs: Default::default(), bf16: false, tiles: false, m, k }
     }
 
     /// An m×k A of zeros, to be written in place through [`PackedA::index`] and
     /// [`PackedA::data_mut`] (by whoever computes A row by row in parallel).
     pub fn zeroed(m: usize, k: usize) -> PackedA {
-        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Vec::new(), bf16: false, tiles: false, m, k }
+        PackedA {
+            data: vec![0f32; m.div_ceil(MR) * MR * k],
+            pairs: Default::default(),
+            bf16: false,
+            tiles: false,
+            m,
+            k,
+        }
     }
 
     /// Where `A[row][kk]` is in [`PackedA::data_mut`].
@@ -667,7 +675,7 @@ pub fn streams_weight(m: usize, n: usize) -> bool {
 const STREAM_GROUP_BYTES: usize = 512 << 10;
 
 thread_local! {
-    static B_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static B_PACK: std::cell::RefCell<super::aligned::Aligned<f32>> = std::cell::RefCell::new(Default::default());
 }
 
 /// `C (m×n, row stride ldc) = init + A (m×k, row stride lda) · Wᵀ` for a weight `w` of n rows of
@@ -713,12 +721,12 @@ pub unsafe fn matmul_streamed(
         let (col0, cols) = (p0 * NR, (count * NR).min(n - p0 * NR));
         B_PACK.with(|buf| {
             let mut data = std::mem::take(&mut *buf.borrow_mut());
-            data.resize(count * k * NR, 0.0);
+            data.resize(count * k * NR);
             let part = w.slice(col0 * k, cols * k);
             for (p, dst) in data.chunks_mut((k * NR).max(1)).enumerate() {
                 pack_transposed(part, cols, k, k, p, dst);
             }
-            let b = PackedB { data, pairs: Vec::new(), bf16: false, k, n: cols };
+            let b = PackedB { data, pairs: Default::default(), bf16: false, k, n: cols };
             let init = match init {
                 Init::Bias(bias) => Init::Bias(&bias[col0..col0 + cols]),
                 other => other,
