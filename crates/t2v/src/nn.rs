@@ -11,6 +11,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::kernels;
+pub use crate::kernels::attention::ValueProduct;
 use crate::profile::{count_flops, timed};
 
 /// Widens a narrow weight to `dtype` (a no-op when it already is).
@@ -49,6 +50,11 @@ impl Linear {
     /// The input width.
     pub fn in_dim(&self) -> usize {
         self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// The weight (out_dim, in_dim), in the dtype it is kept in.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -279,6 +285,20 @@ pub fn multi_head_attention(
     scale: f64,
     repeat: usize,
 ) -> candle_core::Result<Tensor> {
+    multi_head_attention_with(q, k, v, heads, scale, repeat, ValueProduct::Float32)
+}
+
+/// [`multi_head_attention`] with long sequences' probabilities multiplying the values as `values`
+/// says ([`kernels::attention::ValueProduct`]).
+pub fn multi_head_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    repeat: usize,
+    values: ValueProduct,
+) -> candle_core::Result<Tensor> {
     let (batch, tokens, width) = q.dims3()?;
     let keys = k.dim(1)?;
     // (profile labels: cross-attention attends to another sequence than its queries')
@@ -290,12 +310,13 @@ pub fn multi_head_attention(
         "attention (long)"
     };
     count_flops(kind, 4 * batch * tokens * keys * width);
-    timed(kind, || kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat))
+    timed(kind, || kernels::attention::multi_head_attention_with(q, k, v, heads, scale, repeat, values))
 }
 
 /// [`multi_head_attention`] of self-attention within tokens [start, start + length) of every
 /// row, for each of `starts`, the windows stacked along the batch
 /// ([`kernels::attention::multi_head_attention_windows`]): FreeNoise's windows of frames.
+#[allow(clippy::too_many_arguments)]
 pub fn multi_head_attention_windows(
     q: &Tensor,
     k: &Tensor,
@@ -304,11 +325,12 @@ pub fn multi_head_attention_windows(
     scale: f64,
     starts: &[usize],
     length: usize,
+    values: ValueProduct,
 ) -> candle_core::Result<Tensor> {
     let (batch, _, width) = q.dims3()?;
     let kind = if length <= kernels::attention::SHORT { "attention (short)" } else { "attention (long)" };
     count_flops(kind, 4 * starts.len() * batch * length * length * width);
-    timed(kind, || kernels::attention::multi_head_attention_windows(q, k, v, heads, scale, starts, length))
+    timed(kind, || kernels::attention::multi_head_attention_windows(q, k, v, heads, scale, starts, length, values))
 }
 
 /// Bytes of one activation that a frame-chunked section of a network computes at a time by

@@ -296,3 +296,32 @@ fn bf16_tiles_temporal_convolution_matches_float64_of_the_rounded_operands() {
         assert!(temporal_conv3_with(&x, &wt, None, TemporalAlgo::Tiles).is_err(), "9-pixel frames");
     });
 }
+
+/// Attention's probabilities · values in bfloat16 on the `amx` path ([`t2v::nn::ValueProduct`]):
+/// a long sequence (past the short kernel's 64 tokens) with the values rounded to bfloat16 stays
+/// within bfloat16's rounding of the float32 attention and differs from it (the tiles ran); short
+/// sequences and the other paths keep float32's exact result.
+#[test]
+fn bf16_attention_values_stay_near_float32() {
+    use t2v::nn::{multi_head_attention_with, ValueProduct};
+    let run = |q: &Tensor, values| multi_head_attention_with(q, q, q, 2, 0.125, 1, values).unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    on_path(Isa::Amx, || {
+        // (batch, tokens, heads·d): 300 tokens takes the long kernel, 40 the short one
+        let long = randn(&[2, 300, 128], 1.0);
+        let diff = max_diff(&run(&long, ValueProduct::Bfloat16), &run(&long, ValueProduct::Float32));
+        println!("amx: attention with bfloat16 values, 300 tokens: {diff:.1e} from float32's");
+        // outputs are weighted means of the values: within two of bfloat16's steps (2⁻⁸ relative)
+        // of the largest value, each of which the rounding may move by half a step
+        let largest = long.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 1e-6 && diff < largest / 128.0, "{diff:.2e} (values up to {largest:.2})");
+        let short = randn(&[2, 40, 128], 1.0);
+        assert_eq!(max_diff(&run(&short, ValueProduct::Bfloat16), &run(&short, ValueProduct::Float32)), 0.0);
+    });
+    on_path(Isa::Avx512, || {
+        let long = randn(&[1, 200, 128], 1.0);
+        assert_eq!(max_diff(&run(&long, ValueProduct::Bfloat16), &run(&long, ValueProduct::Float32)), 0.0);
+    });
+}

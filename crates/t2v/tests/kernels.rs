@@ -420,7 +420,17 @@ fn attention_over_windows_equals_attention_over_copies() {
         let k = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
         let v = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
-        let got = t2v::nn::multi_head_attention_windows(&q, &k, &v, heads, scale, &starts, length).unwrap();
+        let got = t2v::nn::multi_head_attention_windows(
+            &q,
+            &k,
+            &v,
+            heads,
+            scale,
+            &starts,
+            length,
+            t2v::nn::ValueProduct::Float32,
+        )
+        .unwrap();
         let expected: Vec<Tensor> = starts
             .iter()
             .map(|&start| {
@@ -433,9 +443,10 @@ fn attention_over_windows_equals_attention_over_copies() {
         assert_eq!(max_rel(&got, &expected), 0.0, "{batch} {frames} {heads} {d} {starts:?} {length}");
     }
     let q = Tensor::zeros((2, 10, 8), DType::F32, &dev).unwrap();
-    let err = t2v::nn::multi_head_attention_windows(&q, &q, &q, 2, 1.0, &[0, 4], 7).unwrap_err();
+    let err = t2v::nn::multi_head_attention_windows(&q, &q, &q, 2, 1.0, &[0, 4], 7, t2v::nn::ValueProduct::Float32)
+        .unwrap_err();
     assert!(err.to_string().contains("windows of 7 tokens from [0, 4]"), "{err}");
-    assert!(t2v::nn::multi_head_attention_windows(&q, &q, &q, 2, 1.0, &[], 7).is_err());
+    assert!(t2v::nn::multi_head_attention_windows(&q, &q, &q, 2, 1.0, &[], 7, t2v::nn::ValueProduct::Float32).is_err());
 }
 
 #[test]

@@ -27,10 +27,25 @@ pub const SHORT: usize = 64;
 /// keys and values within a 1 MiB L2).
 const SCORE_BLOCK: usize = 96 * 1024;
 
+/// How a long sequence's probabilities multiply its values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueProduct {
+    /// In float32.
+    #[default]
+    Float32,
+    /// Where the CPU has AMX tiles ([`super::amx`]): probabilities and values rounded to
+    /// bfloat16, float32 sums, as `--dtype bf16`'s other products (elsewhere in float32). The
+    /// scores (q·kᵀ) stay float32: rounding q and k too took small-t2v's guidance-9 frames from
+    /// 3.1e-2 to 3.8e-2 of the float32 reference, where the values alone leave them at 3.1e-2.
+    /// Guided step at 4 frames of 256×256, Emerald Rapids: long attention 0.54–0.58 → 0.34–0.40 s.
+    Bfloat16,
+}
+
 struct MultiHeadAttention {
     heads: usize,
     scale: f32,
     repeat: usize,
+    values: ValueProduct,
     /// (starts, length): attend within tokens [start, start + length) of every row, for each
     /// start (the inputs hold the whole sequences; the output holds the windows one after
     /// another along the batch: window i of row b at output row i·batch + b).
@@ -126,6 +141,7 @@ impl MultiHeadAttention {
         let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
         let optr = SendPtr(out.as_mut_ptr());
         let wide = super::wide(super::KernelKind::Attention);
+        let bf16 = self.values == ValueProduct::Bfloat16 && super::amx();
         (0..pairs * chunks).into_par_iter().for_each(|task| {
             let (pair, chunk) = (task / chunks, task % chunks);
             let (j, h) = (pair / dm.heads, pair % dm.heads);
@@ -136,7 +152,11 @@ impl MultiHeadAttention {
             }
             let kv = (b / dm.repeat) * dm.kv_row + dm.first + h * d;
             let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
-            let values = PackedB::from_rows(&v[kv..], s, d, hd, false);
+            let values = if bf16 {
+                PackedB::from_rows_bf16(&v[kv..], s, d, hd, false)
+            } else {
+                PackedB::from_rows(&v[kv..], s, d, hd, false)
+            };
             // each block's scores are written by the first GEMM before the softmax reads them
             let mut scores = super::output_buffer(rows_per_block.min(r1 - r0) * s);
             let mut r = r0;
@@ -514,9 +534,23 @@ pub fn multi_head_attention(
     scale: f64,
     repeat: usize,
 ) -> Result<Tensor> {
+    multi_head_attention_with(q, k, v, heads, scale, repeat, ValueProduct::Float32)
+}
+
+/// [`multi_head_attention`] with the long sequences' probabilities multiplying the values as
+/// `values` says (the CPU kernel; candle's ops elsewhere).
+pub fn multi_head_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    repeat: usize,
+    values: ValueProduct,
+) -> Result<Tensor> {
     let (batch, tokens, width) = check_shapes(q, k, v, heads, repeat)?;
     if fast(q, k, v) {
-        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat, windows: None });
+        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat, values, windows: None });
     }
     let (k, v) = (super::copy::repeat_interleave(k, repeat)?, super::copy::repeat_interleave(v, repeat)?);
     let d = width / heads;
@@ -567,6 +601,7 @@ fn run_op(q: &Tensor, k: &Tensor, v: &Tensor, op: MultiHeadAttention) -> Result<
 /// (starts·batch, length, heads·d) result. The same as narrowing all three per window and
 /// concatenating, without the copies (the CPU kernel reads the windows in place and writes them
 /// into one tensor). FreeNoise attends per window of frames.
+#[allow(clippy::too_many_arguments)]
 pub fn multi_head_attention_windows(
     q: &Tensor,
     k: &Tensor,
@@ -575,6 +610,7 @@ pub fn multi_head_attention_windows(
     scale: f64,
     starts: &[usize],
     length: usize,
+    values: ValueProduct,
 ) -> Result<Tensor> {
     let (_, tokens, _) = check_shapes(q, k, v, heads, 1)?;
     let last = starts.iter().copied().max();
@@ -588,13 +624,13 @@ pub fn multi_head_attention_windows(
     }
     if fast(q, k, v) {
         let windows = Some((starts.to_vec(), length));
-        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat: 1, windows });
+        return run_op(q, k, v, MultiHeadAttention { heads, scale: scale as f32, repeat: 1, values, windows });
     }
     let outs = starts
         .iter()
         .map(|&start| {
             let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
-            multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1)
+            multi_head_attention_with(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1, values)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&outs, 0)

@@ -5,13 +5,13 @@
 //! candle-transformers' Stable Diffusion `BasicTransformerBlock` is private and its GEGLU uses the
 //! tanh approximation of GELU, where diffusers' uses the exact one; these mirror diffusers.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
-    multi_head_attention_windows, LayerNorm, Linear, PreparedLinear,
+    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias,
+    multi_head_attention_windows, multi_head_attention_with, LayerNorm, Linear, PreparedLinear, ValueProduct,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -24,6 +24,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// Bfloat16 where the weights are (`--dtype bf16`): see [`ValueProduct`].
+    values: ValueProduct,
 }
 
 impl Attention {
@@ -36,13 +38,16 @@ impl Attention {
     ) -> candle_core::Result<Self> {
         let inner = heads * dim_head;
         let context_dim = context_dim.unwrap_or(query_dim);
+        let to_v = linear_no_bias(context_dim, inner, vb.pp("to_v"))?;
+        let values = if to_v.weight().dtype() == DType::BF16 { ValueProduct::Bfloat16 } else { ValueProduct::Float32 };
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_v,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
+            values,
         })
     }
 
@@ -56,6 +61,7 @@ impl Attention {
             to_out: self.to_out.prepare(pack)?,
             heads: self.heads,
             scale: self.scale,
+            values: self.values,
         })
     }
 }
@@ -68,6 +74,7 @@ pub struct PreparedAttention<'a> {
     to_out: PreparedLinear<'a>,
     heads: usize,
     scale: f64,
+    values: ValueProduct,
 }
 
 impl PreparedAttention<'_> {
@@ -78,14 +85,14 @@ impl PreparedAttention<'_> {
         let q = self.to_q.forward(xs)?;
         let (source, repeat) = context.unwrap_or((xs, 1));
         let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
-        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat)?;
+        let out = multi_head_attention_with(&q, &k, &v, self.heads, self.scale, repeat, self.values)?;
         self.to_out.forward(&out)
     }
 
     /// Self-attention's heads (batch, tokens, inner) before `to_out`.
     fn heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (q, k, v) = (self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?);
-        multi_head_attention(&q, &k, &v, self.heads, self.scale, 1)
+        multi_head_attention_with(&q, &k, &v, self.heads, self.scale, 1, self.values)
     }
 }
 
@@ -269,7 +276,7 @@ impl PreparedBlock<'_> {
             // the group's windows attended straight into one stacked tensor, the residual added
             // in place from the windows of `xs`: no copies of either
             let starts: Vec<usize> = windows.iter().map(|w| w.start).collect();
-            let heads = multi_head_attention_windows(&q, &k, &v, a1.heads, a1.scale, &starts, plan.length)?;
+            let heads = multi_head_attention_windows(&q, &k, &v, a1.heads, a1.scale, &starts, plan.length, a1.values)?;
             let hidden = a1.to_out.forward(&heads)?;
             drop(heads);
             add_windows(&hidden, &xs, &starts)?;
