@@ -122,7 +122,8 @@ fn step_reports_carry_the_latents() {
 /// `--dtype bf16` on the CPU: float32 activations, weight matrices stored in bfloat16 and, on
 /// the `avx512bf16` and `amx` paths, the products of the linear layers and the 1×1 and temporal
 /// convolutions with bfloat16 operands (float32 sums; on `amx` also the 3×3 convolutions that
-/// fit its tiles, 3.1e-2 on small-t2v's guidance-9 run); elsewhere the bfloat16 weights are widened
+/// fit its tiles and long attention's probabilities · values, 3.1e-2 on small-t2v's guidance-9
+/// run); elsewhere the bfloat16 weights are widened
 /// (run this test with `T2V_ISA=avx2` for that path). Frames within 2e-2 (max abs) of the float32
 /// reference, except small-t2v with bfloat16 products: its first run (guidance 9, which
 /// multiplies the difference of the two branches' errors) measured 3.0e-2, its others 1.2e-2
