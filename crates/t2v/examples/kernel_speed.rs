@@ -409,7 +409,7 @@ fn temporal_attention(paths: &[Isa]) -> candle_core::Result<()> {
         let v = Tensor::randn(0f32, 1.0, (batch, 16, width), &dev)?;
         let scale = 1.0 / ((width / 64) as f64).sqrt();
         let best = best_of(paths, || {
-            t2v::nn::multi_head_attention(&q, &k, &v, 64, scale, 1).expect("attention");
+            t2v::nn::multi_head_attention(&q, &k, &v, 64, scale, 1, t2v::nn::ValueProduct::Float32).expect("attention");
         });
         report(&label, 4.0 * (batch * 16 * 16 * width) as f64, paths, &best);
     }

@@ -271,26 +271,14 @@ impl Module for GroupNorm {
 
 /// softmax(q·kᵀ·scale)·v for (batch, tokens, head_dim) inputs (one head).
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    multi_head_attention(q, k, v, 1, scale, 1)
+    multi_head_attention(q, k, v, 1, scale, 1, ValueProduct::Float32)
 }
 
 /// Attention with `heads` heads for q (batch, tokens, heads·d) and k, v (batch / repeat, keys,
 /// heads·d), row b / repeat of k and v serving query row b; (batch, tokens, heads·d) out
-/// ([`kernels::attention::multi_head_attention`]).
+/// ([`kernels::attention::multi_head_attention`]), long sequences' probabilities multiplying the
+/// values as `values` says ([`ValueProduct`]).
 pub fn multi_head_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    repeat: usize,
-) -> candle_core::Result<Tensor> {
-    multi_head_attention_with(q, k, v, heads, scale, repeat, ValueProduct::Float32)
-}
-
-/// [`multi_head_attention`] with long sequences' probabilities multiplying the values as `values`
-/// says ([`kernels::attention::ValueProduct`]).
-pub fn multi_head_attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -310,7 +298,7 @@ pub fn multi_head_attention_with(
         "attention (long)"
     };
     count_flops(kind, 4 * batch * tokens * keys * width);
-    timed(kind, || kernels::attention::multi_head_attention_with(q, k, v, heads, scale, repeat, values))
+    timed(kind, || kernels::attention::multi_head_attention(q, k, v, heads, scale, repeat, values))
 }
 
 /// [`multi_head_attention`] of self-attention within tokens [start, start + length) of every

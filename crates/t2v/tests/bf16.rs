@@ -303,8 +303,8 @@ fn bf16_tiles_temporal_convolution_matches_float64_of_the_rounded_operands() {
 /// sequences and the other paths keep float32's exact result.
 #[test]
 fn bf16_attention_values_stay_near_float32() {
-    use t2v::nn::{multi_head_attention_with, ValueProduct};
-    let run = |q: &Tensor, values| multi_head_attention_with(q, q, q, 2, 0.125, 1, values).unwrap();
+    use t2v::nn::{multi_head_attention, ValueProduct};
+    let run = |q: &Tensor, values| multi_head_attention(q, q, q, 2, 0.125, 1, values).unwrap();
     let max_diff = |a: &Tensor, b: &Tensor| {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     };

@@ -374,7 +374,8 @@ fn multi_head_attention_in_place_matches_split_heads() {
         let k = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1f32, (batch / repeat, keys, heads * d), &dev).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
-        let got = t2v::nn::multi_head_attention(&q, &k, &v, heads, scale, repeat).unwrap();
+        let got =
+            t2v::nn::multi_head_attention(&q, &k, &v, heads, scale, repeat, t2v::nn::ValueProduct::Float32).unwrap();
         let split = |x: &Tensor| {
             let n = x.dim(1).unwrap();
             x.reshape((batch, n, heads, d))
@@ -435,7 +436,16 @@ fn attention_over_windows_equals_attention_over_copies() {
             .iter()
             .map(|&start| {
                 let part = |t: &Tensor| t.narrow(1, start, length).unwrap().contiguous().unwrap();
-                t2v::nn::multi_head_attention(&part(&q), &part(&k), &part(&v), heads, scale, 1).unwrap()
+                t2v::nn::multi_head_attention(
+                    &part(&q),
+                    &part(&k),
+                    &part(&v),
+                    heads,
+                    scale,
+                    1,
+                    t2v::nn::ValueProduct::Float32,
+                )
+                .unwrap()
             })
             .collect();
         let expected = Tensor::cat(&expected, 0).unwrap();

@@ -524,22 +524,10 @@ const SCORE_BUDGET: usize = 16 << 20;
 /// softmax(q·kᵀ·scale)·v per head, for q (batch, tokens, heads·d) and k, v (batch / repeat,
 /// keys, heads·d) whose row b / repeat serves query rows b (the frames of a video sharing its
 /// text embeddings); the output is (batch, tokens, heads·d). On the CPU with float32 tensors
-/// (and AVX2/FMA) one kernel reads the heads in place; elsewhere the heads are split into
+/// (and AVX2/FMA) one kernel reads the heads in place, the long sequences' probabilities
+/// multiplying the values as `values` says; elsewhere the heads are split into
 /// (batch·heads, tokens, d) and [`attention_in_blocks`] runs candle's ops.
 pub fn multi_head_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    repeat: usize,
-) -> Result<Tensor> {
-    multi_head_attention_with(q, k, v, heads, scale, repeat, ValueProduct::Float32)
-}
-
-/// [`multi_head_attention`] with the long sequences' probabilities multiplying the values as
-/// `values` says (the CPU kernel; candle's ops elsewhere).
-pub fn multi_head_attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -630,7 +618,7 @@ pub fn multi_head_attention_windows(
         .iter()
         .map(|&start| {
             let part = |t: &Tensor| super::copy::contiguous(&t.narrow(1, start, length)?);
-            multi_head_attention_with(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1, values)
+            multi_head_attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, 1, values)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&outs, 0)

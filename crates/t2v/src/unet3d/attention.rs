@@ -10,8 +10,8 @@ use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias,
-    multi_head_attention_windows, multi_head_attention_with, LayerNorm, Linear, PreparedLinear, ValueProduct,
+    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
+    multi_head_attention_windows, LayerNorm, Linear, PreparedLinear, ValueProduct,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -85,14 +85,14 @@ impl PreparedAttention<'_> {
         let q = self.to_q.forward(xs)?;
         let (source, repeat) = context.unwrap_or((xs, 1));
         let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
-        let out = multi_head_attention_with(&q, &k, &v, self.heads, self.scale, repeat, self.values)?;
+        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat, self.values)?;
         self.to_out.forward(&out)
     }
 
     /// Self-attention's heads (batch, tokens, inner) before `to_out`.
     fn heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (q, k, v) = (self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?);
-        multi_head_attention_with(&q, &k, &v, self.heads, self.scale, 1, self.values)
+        multi_head_attention(&q, &k, &v, self.heads, self.scale, 1, self.values)
     }
 }
 
