@@ -643,13 +643,12 @@ pub(crate) unsafe fn conv_direct(
     let weights = conv_weight_tiles(w, cin, cout, taps);
     // a 16×16 start tile per group of output channels: row r is that channel's bias
     let groups = cout / T;
-    let starts: Aligned<f32> = match bias {
-        Some(b) => {
-            let tiles: Vec<f32> = (0..groups * TILE).map(|i| b[(i / TILE) * T + (i % TILE) / T]).collect();
-            Aligned::from_slice(&tiles)
+    let mut starts = Aligned::<f32>::zeroed(if bias.is_some() { groups * TILE } else { 0 });
+    if let Some(b) = bias {
+        for (i, s) in starts.iter_mut().enumerate() {
+            *s = b[(i / TILE) * T + (i % TILE) / T];
         }
-        None => Aligned::default(),
-    };
+    }
     // kernels one pixel wide read whole tiles made once for all ([`pair_chunks`]), wider ones
     // rows shifted by each horizontal tap, made by each task for its band ([`pair_rows`])
     let chunked = kw == 1;

@@ -70,21 +70,13 @@ impl PackedB {
     /// B = Wᵀ in the bfloat16 form for a row-major `w` of n rows × k (a linear layer's weight,
     /// bfloat16 as stored, or rounded to it).
     pub fn from_transposed_bf16(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
-        Self::from_transposed_rows_bf16(w, n, k, k, parallel)
-    }
-
-    /// [`PackedB::from_transposed_bf16`] for rows `row_stride` apart (attention's keys, one
-    /// head of the (keys, heads·d) projection, rounded).
-    pub fn from_transposed_rows_bf16(w: Src, n: usize, k: usize, row_stride: usize, parallel: bool) -> PackedB {
-        assert!(n == 0 || w.len() >= (n - 1) * row_stride + k, "packed operand size");
+        assert!(w.len() >= n * k, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
         let pack = |(p, dst): (usize, &mut [u32])| {
             #[cfg(target_arch = "x86_64")]
-            if let (Src::Bf16(s), true, true) =
-                (w, k.is_multiple_of(2) && NR * k < 1 << 30 && row_stride == k, p * NR + NR <= n)
-            {
+            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, p * NR + NR <= n) {
                 if super::avx512bf16() {
                     // SAFETY: features checked; rows p·NR.. p·NR + 16 of k values exist, and `dst`
                     // holds kp·NR pairs.
@@ -93,7 +85,7 @@ impl PackedB {
                 }
             }
             for c in 0..NR.min(n - p * NR) {
-                let row = (p * NR + c) * row_stride;
+                let row = (p * NR + c) * k;
                 for kq in 0..kp {
                     let hi = if 2 * kq + 1 < k { bits_of(w, row + 2 * kq + 1) } else { 0 };
                     dst[kq * NR + c] = pair(bits_of(w, row + 2 * kq), hi);
