@@ -398,6 +398,12 @@ pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
     timed("layout copies", || kernels::copy::contiguous(x))
 }
 
+/// Nearest-neighbour up-sampling of (n, C, H, W) images to (height, width): the up-samplers of
+/// the UNet and the VAE decoder (torch's `F.interpolate(mode="nearest")`).
+pub fn upsample_nearest2d(x: &Tensor, height: usize, width: usize) -> candle_core::Result<Tensor> {
+    timed("upsample", || kernels::copy::upsample_nearest2d(x, height, width))
+}
+
 /// `a + b` for tensors of one shape: the residual connections.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     timed("residual add", || kernels::add::add(a, b))

@@ -178,7 +178,7 @@ impl UpDecoderBlock {
         }
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = x.dims4()?;
-            x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            x = conv.forward(&crate::nn::upsample_nearest2d(&x, 2 * h, 2 * w)?)?;
         }
         Ok(x)
     }

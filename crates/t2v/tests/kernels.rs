@@ -199,6 +199,22 @@ fn parallel_contiguous_copies_any_view() {
     }
 }
 
+#[test]
+fn parallel_upsampling_picks_candles_pixels() {
+    use t2v::kernels::copy::upsample_nearest2d;
+    let dev = Device::Cpu;
+    let x = Tensor::arange(0f32, (2 * 3 * 5 * 7) as f32, &dev).unwrap().reshape((2, 3, 5, 7)).unwrap();
+    // 2× (the VAE's and the UNet's usual case), the UNet's odd output sizes, shrinking, and 1×1
+    for (oh, ow) in [(10, 14), (11, 15), (9, 13), (3, 4), (5, 7), (1, 1), (20, 21)] {
+        let fast = upsample_nearest2d(&x, oh, ow).unwrap();
+        assert_eq!(fast.dims(), &[2, 3, oh, ow]);
+        assert_eq!(max_rel(&fast, &x.upsample_nearest2d(oh, ow).unwrap()), 0.0, "{oh}×{ow}");
+    }
+    // a view that is not contiguous goes through candle
+    let t = x.transpose(2, 3).unwrap();
+    assert_eq!(max_rel(&upsample_nearest2d(&t, 14, 10).unwrap(), &t.upsample_nearest2d(14, 10).unwrap()), 0.0);
+}
+
 /// `C = init + A·B` in float64 from row-major A (m×k) and W (n×k), B = Wᵀ, and beside it the
 /// sum of the terms' magnitudes, `|init| + |A|·|B|`, that bounds the rounding of any order of
 /// float32 sums.
