@@ -70,6 +70,24 @@ impl Linear {
         })
     }
 
+    /// `value · gelu(gate)` of this projection's output split into two halves (…, out/2):
+    /// diffusers' `GEGLU`, fused into the product where the kernels can
+    /// ([`kernels::linear::fuses_geglu`], timed as the linear layer it is part of), else the
+    /// layer and [`geglu`].
+    pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out_dim = self.out_dim();
+        let mut dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has a last dimension");
+        let rows = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+        if !kernels::linear::fuses_geglu(&rows, &self.weight, self.bias.as_ref()) {
+            return geglu(&self.forward(x)?);
+        }
+        let y = timed("linear", || kernels::linear::linear_geglu(&rows, &self.weight, self.bias.as_ref()))?;
+        count_flops("linear", 2 * rows.dim(0)? * in_dim * out_dim);
+        *dims.last_mut().unwrap() = out_dim / 2;
+        y.reshape(dims)
+    }
+
     /// This layer ready for many calls when `pack` (FreeNoise's windows and the chunks of a long
     /// video run the same layers many times): its weight packed now and kept, at the cost of
     /// holding the packed (float32) copy meanwhile. Without `pack`, each call packs its own.
@@ -110,6 +128,14 @@ pub struct PreparedLinear<'a> {
 impl PreparedLinear<'_> {
     pub fn layer(&self) -> &Linear {
         self.layer
+    }
+
+    /// [`Linear::forward_geglu`], through the weight packed beforehand where there is one.
+    pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.packed {
+            Some(_) => geglu(&self.forward(x)?),
+            None => self.layer.forward_geglu(x),
+        }
     }
 }
 

@@ -124,6 +124,31 @@ fn bf16_linear_matches_float64_of_the_rounded_operands() {
 }
 
 #[test]
+fn fused_geglu_gives_the_bits_of_the_projection_then_geglu() {
+    use t2v::kernels::linear::{fuses_geglu, linear_geglu};
+    for path in [Isa::Avx2, Isa::Avx512Bf16, Isa::Amx] {
+        on_path(path, || {
+            // (rows, k, n): rows below a task's share (one thread), columns split among the
+            // threads, rows split, odd depths, and halves not in whole panels (never fused)
+            for (m, k, n) in [(7, 25, 96), (37, 24, 64), (300, 160, 128), (2100, 97, 64), (40, 32, 48)] {
+                let x = randn(&[m, k], 1.0);
+                let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[n], 1.0);
+                let fused = fuses_geglu(&x, &w, Some(&b));
+                assert_eq!(fused, path == Isa::Amx && n % 32 == 0, "{path}: {m}×{k}·{k}×{n}");
+                for bias in [Some(&b), None] {
+                    let got = linear_geglu(&x, &w, bias).unwrap();
+                    let want = t2v::kernels::geglu::geglu(&linear(&x, &w, bias).unwrap()).unwrap();
+                    assert_eq!(got.dims(), &[m, n / 2]);
+                    let (got, want) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+                    assert!(got == want, "{path}: {m}×{k}·{k}×{n} (fused: {fused}, bias: {})", bias.is_some());
+                }
+            }
+        });
+    }
+}
+
+#[test]
 fn bf16_weights_are_widened_off_the_bf16_path() {
     for path in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
         on_path(path, || {

@@ -364,6 +364,63 @@ pub(super) unsafe fn blocked_panels(
     init: Init,
     range: std::ops::Range<usize>,
 ) {
+    blocked_panels_with(m, a, b, c, ldc, init, range, false)
+}
+
+/// Whether [`geglu_panels`] takes a feed-forward projection `k` deep and `n` wide: its
+/// depths in one block and each half of its output in whole panels.
+pub(crate) fn geglu_fits(k: usize, n: usize) -> bool {
+    k > 0 && k.div_ceil(2) <= KT * T && n.is_multiple_of(2 * NR)
+}
+
+/// GEGLU fused into the feed-forward's first projection: `out (m × n/2, row stride ldo) =
+/// value · gelu(gate)` where B's panels alternate between the value half's and the gate half's
+/// columns (panel 2p: value columns 16p.., panel 2p + 1: gate columns 16p..) and `init` is
+/// the bias in that order. Each 32×32 block of the product (16 value and 16 gate columns) goes
+/// through a scratch block in L1 and only its 16 gated columns are written: the projection's
+/// output, twice the width of the gated one, never reaches memory and is not read back. The
+/// same sums and the same GELU (`vmath::gelu`) as the projection and then `geglu`, so the same
+/// bits. B's `range` of panels starts and ends on a pair.
+///
+/// # Safety
+/// As [`blocked`], with [`geglu_fits`] true, AVX2 and FMA present, and `out` m rows of `ldo`
+/// (≥ n/2) floats.
+pub(super) unsafe fn geglu_panels(
+    m: usize,
+    a: Lhs,
+    b: &PackedB,
+    out: *mut f32,
+    ldo: usize,
+    init: Init,
+    range: std::ops::Range<usize>,
+) {
+    debug_assert!(geglu_fits(b.k, b.n) && range.start.is_multiple_of(2) && range.end.is_multiple_of(2));
+    blocked_panels_with(m, a, b, out, ldo, init, range, true)
+}
+
+/// `dst[r][c] = s[r][c] · gelu(s[r][16 + c])` for `rows` rows of a 32-wide scratch block.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gated_rows(s: *const f32, rows: usize, dst: *mut f32, ld: usize) {
+    for r in 0..rows {
+        for h in [0, 8] {
+            let v = _mm256_loadu_ps(s.add(r * 2 * T + h));
+            let g = super::vmath::gelu(_mm256_loadu_ps(s.add(r * 2 * T + T + h)));
+            _mm256_storeu_ps(dst.add(r * ld + h), _mm256_mul_ps(v, g));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked_panels_with(
+    m: usize,
+    a: Lhs,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    range: std::ops::Range<usize>,
+    geglu: bool,
+) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 || range.is_empty() {
         return;
@@ -445,8 +502,9 @@ pub(super) unsafe fn blocked_panels(
                         let rows = (ra * T).min(mc - it * T);
                         let ap = a_tiles.add(it * a_stride * TILE);
                         let a = [ap, ap.add(a_stride * TILE)];
-                        let cp = c.add((i0 + it * T) * ldc + jr * NR);
-                        let full = rows == ra * T && cols == nb * NR;
+                        // (GEGLU: the gated output has one panel's columns per pair of B's)
+                        let cp = c.add((i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR);
+                        let full = rows == ra * T && cols == nb * NR && !geglu;
                         // the block's C: in place, or through a 32×32 scratch block
                         let (cb, ld) = if full { (cp, ldc) } else { (scratch.0.as_mut_ptr(), 2 * T) };
                         if !full && own {
@@ -461,7 +519,9 @@ pub(super) unsafe fn blocked_panels(
                             None => Start::Zero,
                         };
                         block_of(ra, nb, kt, a, b_at, 64, ct, ld * 4, start);
-                        if !full {
+                        if geglu {
+                            gated_rows(cb, rows, cp, ldc);
+                        } else if !full {
                             for r in 0..rows {
                                 std::ptr::copy_nonoverlapping(cb.add(r * ld), cp.add(r * ldc), cols);
                             }

@@ -70,22 +70,43 @@ impl PackedB {
     /// B = Wᵀ in the bfloat16 form for a row-major `w` of n rows × k (a linear layer's weight,
     /// bfloat16 as stored, or rounded to it).
     pub fn from_transposed_bf16(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
+        Self::transposed_bf16_rows(w, n, k, parallel, |p| p * NR)
+    }
+
+    /// As [`PackedB::from_transposed_bf16`] for a feed-forward projection whose output's two
+    /// halves (value, gate) are multiplied by GEGLU: panels alternate between the halves (panel
+    /// 2p: W's rows 16p.., panel 2p + 1: rows n/2 + 16p..), so that each pair of panels holds
+    /// 16 gated columns' value and gate ([`super::amx::geglu_panels`]). n/2 is a multiple of 16.
+    pub fn from_transposed_bf16_geglu(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
+        assert!(n.is_multiple_of(2 * NR), "GEGLU halves in whole panels");
+        Self::transposed_bf16_rows(w, n, k, parallel, |p| (p / 2) * NR + (p % 2) * (n / 2))
+    }
+
+    /// The bfloat16 Wᵀ with panel p made of W's rows `first_row(p)..` (16, fewer past n).
+    fn transposed_bf16_rows(
+        w: Src,
+        n: usize,
+        k: usize,
+        parallel: bool,
+        first_row: impl Fn(usize) -> usize + Sync,
+    ) -> PackedB {
         assert!(w.len() >= n * k, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
         let pack = |(p, dst): (usize, &mut [u32])| {
+            let r0 = first_row(p);
             #[cfg(target_arch = "x86_64")]
-            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, p * NR + NR <= n) {
+            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, r0 + NR <= n) {
                 if super::avx512bf16() {
-                    // SAFETY: features checked; rows p·NR.. p·NR + 16 of k values exist, and `dst`
+                    // SAFETY: features checked; rows r0.. r0 + 16 of k values exist, and `dst`
                     // holds kp·NR pairs.
-                    unsafe { gather_panel(s.as_ptr().add(p * NR * k) as *const i32, kp, dst) };
+                    unsafe { gather_panel(s.as_ptr().add(r0 * k) as *const i32, kp, dst) };
                     return;
                 }
             }
-            for c in 0..NR.min(n - p * NR) {
-                let row = (p * NR + c) * k;
+            for c in 0..NR.min(n - r0) {
+                let row = (r0 + c) * k;
                 for kq in 0..kp {
                     let hi = if 2 * kq + 1 < k { bits_of(w, row + 2 * kq + 1) } else { 0 };
                     dst[kq * NR + c] = pair(bits_of(w, row + 2 * kq), hi);

@@ -197,6 +197,91 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
+/// The feed-forward's first projection with GEGLU fused in ([`super::amx::geglu_panels`]).
+struct LinearGegluOp;
+
+impl LinearGegluOp {
+    fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let x = super::f32_of(x, lx, "linear input")?;
+        let w = super::src_of(w, lw, "linear weight")?;
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        #[cfg(target_arch = "x86_64")]
+        if k == k2 && w.multiplies_in_bf16() && super::amx() && super::amx::geglu_fits(k, n) {
+            let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
+            // the bias in the panels' order: value and gate columns alternating by 16
+            let bias: Option<Vec<f32>> = bias.map(|b| {
+                (0..n).map(|j| b[(j / (2 * packed_matmul::NR)) * packed_matmul::NR + (j / packed_matmul::NR % 2) * (n / 2) + j % packed_matmul::NR]).collect()
+            });
+            // every gated column of every row is written
+            let mut out = super::output_buffer(m * n / 2);
+            let init = bias.as_deref().map_or(Init::Overwrite, Init::Bias);
+            // SAFETY: AMX checked (and with it AVX2, FMA), geglu_fits for B; x holds m×k floats, out m×n/2.
+            unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n / 2, init) };
+            return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+        }
+        candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k2}: not a product on AMX tiles")
+    }
+}
+
+impl CustomOp2 for LinearGegluOp {
+    fn name(&self) -> &'static str {
+        "linear-geglu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::run(x, lx, w, lw, None)
+    }
+}
+
+impl CustomOp3 for LinearGegluOp {
+    fn name(&self) -> &'static str {
+        "linear-geglu-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::run(x, lx, w, lw, Some(super::f32_of(b, lb, "linear bias")?))
+    }
+}
+
+/// Whether [`linear_geglu`] fuses GEGLU into the product for these operands: float32 rows on
+/// the CPU, a bfloat16 weight multiplied on AMX tiles, depths in one block of tiles and each
+/// half of the output in whole panels (every feed-forward of the published models).
+pub fn fuses_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Ok((n, k)), 2) = (weight.dims2(), x.rank()) {
+        return fused(x.device(), x.dtype(), weight, bias)
+            && weight.dtype() == DType::BF16
+            && super::amx()
+            && super::amx::geglu_fits(k, n);
+    }
+    let _ = (x, weight, bias);
+    false
+}
+
+/// `value · gelu(gate)` of `x (rows, in) · weight (out, in)ᵀ + bias` split into halves (value,
+/// gate) of out/2 columns: diffusers' `GEGLU`. Fused into the product where [`fuses_geglu`]
+/// (the same bits, without the projection's output in memory); else the product, then
+/// [`super::geglu::geglu`].
+pub fn linear_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if fuses_geglu(x, weight, bias) {
+        let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
+        return match bias {
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearGegluOp),
+            None => x.apply_op2_no_bwd(&w, &LinearGegluOp),
+        };
+    }
+    super::geglu::geglu(&linear(x, weight, bias)?)
+}
+
 /// `acc += x·Wᵀ` in place: the product's tiles start from `acc`'s own values.
 struct LinearAccumulateOp;
 

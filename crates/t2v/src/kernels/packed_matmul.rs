@@ -757,6 +757,49 @@ pub unsafe fn matmul(
     parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide)
 }
 
+/// GEGLU fused into the feed-forward's projection on AMX tiles ([`super::amx::geglu_panels`]):
+/// `out (m × n/2) = value · gelu(gate)` of `init + A · B` for a B packed with its value and
+/// gate panels alternating ([`PackedB::from_transposed_bf16_geglu`]), on all of rayon's threads,
+/// split as [`matmul`] splits a product on tiles (columns, in whole pairs of panels, for few
+/// rows; rows otherwise).
+///
+/// # Safety
+/// [`super::amx`] is true and [`super::amx::geglu_fits`] for B; `a` covers m rows of k floats
+/// (`lda` apart) and `out` m rows of `ldo` (≥ n/2) floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_geglu(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    out: *mut f32,
+    ldo: usize,
+    init: Init,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let pairs = b.n.div_ceil(2 * NR);
+    let (a, op) = (SharedLhs(Lhs::Rows(a, lda)), SendPtr(out));
+    if threads == 1 || m < 2 * MR {
+        return super::amx::geglu_panels(m, a.get(), b, out, ldo, init, 0..2 * pairs);
+    }
+    if m <= AMX_COLUMN_SPLIT_ROWS {
+        let per = pairs.div_ceil(threads).max(1);
+        (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
+            let range = 2 * t * per..2 * ((t + 1) * per).min(pairs);
+            super::amx::geglu_panels(m, a.get(), b, op.get(), ldo, init, range);
+        });
+        return;
+    }
+    let tasks = threads * (m / (threads * 2048)).max(1);
+    let block = m.div_ceil(tasks).div_ceil(MR) * MR;
+    (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
+        let r0 = t * block;
+        let rows = block.min(m - r0);
+        super::amx::geglu_panels(rows, a.get().skip_rows(r0), b, op.get().add(r0 * ldo), ldo, init, 0..2 * pairs);
+    });
+}
+
 /// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
 /// threads when `parallel`, else on the calling thread.
 ///

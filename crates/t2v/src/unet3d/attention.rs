@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    accumulate_window, add, add_windows, contiguous, geglu, layer_norm, linear, linear_no_bias, multi_head_attention,
+    accumulate_window, add, add_windows, contiguous, layer_norm, linear, linear_no_bias, multi_head_attention,
     multi_head_attention_windows, LayerNorm, Linear, PreparedLinear, ValueProduct,
 };
 
@@ -147,9 +147,8 @@ impl Module for PreparedFeedForward<'_> {
         let flat = xs.reshape((rows, width))?;
         let mut outs = Vec::with_capacity(rows.div_ceil(FF_ROWS));
         for start in (0..rows).step_by(FF_ROWS) {
-            let h = self.proj.forward(&flat.narrow(0, start, FF_ROWS.min(rows - start))?)?;
             // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
-            let gated = geglu(&h)?;
+            let gated = self.proj.forward_geglu(&flat.narrow(0, start, FF_ROWS.min(rows - start))?)?;
             outs.push(self.out.forward(&gated)?);
         }
         let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? };
