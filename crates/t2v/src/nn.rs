@@ -75,17 +75,25 @@ impl Linear {
     /// ([`kernels::linear::fuses_geglu`], timed as the linear layer it is part of), else the
     /// layer and [`geglu`].
     pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out_dim = self.out_dim();
-        let mut dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a last dimension");
+        let in_dim = self.in_dim();
         let rows = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
         if !kernels::linear::fuses_geglu(&rows, &self.weight, self.bias.as_ref()) {
             return geglu(&self.forward(x)?);
         }
-        let y = timed("linear", || kernels::linear::linear_geglu(&rows, &self.weight, self.bias.as_ref()))?;
-        count_flops("linear", 2 * rows.dim(0)? * in_dim * out_dim);
-        *dims.last_mut().unwrap() = out_dim / 2;
-        y.reshape(dims)
+        over_rows(x, self.out_dim(), |rows| kernels::linear::linear_geglu(rows, &self.weight, self.bias.as_ref()))
+    }
+
+    /// As [`Linear::prepare`] for [`PreparedLinear::forward_geglu`]: where GEGLU fuses into the
+    /// product, the weight is packed in the fused product's order.
+    pub fn prepare_geglu(&self, pack: bool) -> candle_core::Result<PreparedLinear<'_>> {
+        if pack {
+            let packed =
+                timed("linear", || kernels::linear::PackedLinear::new_geglu(&self.weight, self.bias.as_ref()))?;
+            if packed.is_some() {
+                return Ok(PreparedLinear { packed, layer: self });
+            }
+        }
+        self.prepare(pack)
     }
 
     /// This layer ready for many calls when `pack` (FreeNoise's windows and the chunks of a long
@@ -114,7 +122,8 @@ fn over_rows(
     let rows = x.elem_count() / in_dim.max(1);
     let y = timed("linear", || product(&x.reshape((rows, in_dim))?))?;
     count_flops("linear", 2 * rows * in_dim * out_dim);
-    *dims.last_mut().unwrap() = out_dim;
+    // (out_dim, or half of it where GEGLU was fused in)
+    *dims.last_mut().unwrap() = y.dim(1)?;
     y.reshape(dims)
 }
 
@@ -130,9 +139,11 @@ impl PreparedLinear<'_> {
         self.layer
     }
 
-    /// [`Linear::forward_geglu`], through the weight packed beforehand where there is one.
+    /// [`Linear::forward_geglu`], through the weight packed beforehand where there is one
+    /// ([`Linear::prepare_geglu`] packs it for the fused product where the kernels fuse it).
     pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.packed {
+        match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {
+            Some(packed) if packed.is_geglu() => over_rows(x, self.layer.out_dim(), |rows| packed.forward_geglu(rows)),
             Some(_) => geglu(&self.forward(x)?),
             None => self.layer.forward_geglu(x),
         }

@@ -125,7 +125,7 @@ fn bf16_linear_matches_float64_of_the_rounded_operands() {
 
 #[test]
 fn fused_geglu_gives_the_bits_of_the_projection_then_geglu() {
-    use t2v::kernels::linear::{fuses_geglu, linear_geglu};
+    use t2v::kernels::linear::{fuses_geglu, linear_geglu, PackedLinear};
     for path in [Isa::Avx2, Isa::Avx512Bf16, Isa::Amx] {
         on_path(path, || {
             // (rows, k, n): rows below a task's share (one thread), columns split among the
@@ -140,8 +140,16 @@ fn fused_geglu_gives_the_bits_of_the_projection_then_geglu() {
                     let got = linear_geglu(&x, &w, bias).unwrap();
                     let want = t2v::kernels::geglu::geglu(&linear(&x, &w, bias).unwrap()).unwrap();
                     assert_eq!(got.dims(), &[m, n / 2]);
-                    let (got, want) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
-                    assert!(got == want, "{path}: {m}×{k}·{k}×{n} (fused: {fused}, bias: {})", bias.is_some());
+                    let want = want.to_vec2::<f32>().unwrap();
+                    assert!(got.to_vec2::<f32>().unwrap() == want, "{path}: {m}×{k}·{k}×{n} (fused: {fused})");
+                    // the weight packed once for many calls (long videos' chunks)
+                    let packed = PackedLinear::new_geglu(&w, bias).unwrap();
+                    assert_eq!(packed.is_some(), fused);
+                    if let Some(packed) = packed {
+                        assert!(packed.forward(&x).is_err(), "packed for the gated product only");
+                        let got = packed.forward_geglu(&x).unwrap().to_vec2::<f32>().unwrap();
+                        assert!(got == want, "{path}: {m}×{k}·{k}×{n} packed once");
+                    }
                 }
             }
         });

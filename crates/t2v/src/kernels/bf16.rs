@@ -93,7 +93,8 @@ impl PackedB {
         assert!(w.len() >= n * k, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
+        // SAFETY: each panel's pairs are all written below (a ragged panel zeroed first).
+        let mut pairs = unsafe { Aligned::<u32>::uninit(panels * kp * NR) };
         let pack = |(p, dst): (usize, &mut [u32])| {
             let r0 = first_row(p);
             #[cfg(target_arch = "x86_64")]
@@ -104,6 +105,9 @@ impl PackedB {
                     unsafe { gather_panel(s.as_ptr().add(r0 * k) as *const i32, kp, dst) };
                     return;
                 }
+            }
+            if r0 + NR > n {
+                dst.fill(0);
             }
             for c in 0..NR.min(n - r0) {
                 let row = (r0 + c) * k;
@@ -127,7 +131,8 @@ impl PackedB {
         assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut pairs = Aligned::<u32>::zeroed(panels * kp * NR);
+        // SAFETY: each panel's pairs are all written below (a ragged panel zeroed first).
+        let mut pairs = unsafe { Aligned::<u32>::uninit(panels * kp * NR) };
         let pack = |(p, dst): (usize, &mut [u32])| {
             let cols = NR.min(n - p * NR);
             #[cfg(target_arch = "x86_64")]
@@ -136,6 +141,9 @@ impl PackedB {
                 // `dst` holds kp·NR pairs.
                 unsafe { pack_rows_panel(b.as_ptr().add(p * NR), k, row_stride, dst) };
                 return;
+            }
+            if cols < NR {
+                dst.fill(0);
             }
             for kq in 0..kp {
                 for c in 0..cols {

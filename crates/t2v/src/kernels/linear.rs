@@ -139,6 +139,20 @@ fn fused(x_device: &candle_core::Device, x_dtype: DType, weight: &Tensor, bias: 
 pub struct PackedLinear {
     packed: PackedB,
     bias: Option<Vec<f32>>,
+    /// Packed for [`PackedLinear::forward_geglu`] ([`PackedLinear::new_geglu`]).
+    geglu: bool,
+}
+
+struct PackedGegluOp<'a>(&'a PackedLinear);
+
+impl CustomOp1 for PackedGegluOp<'_> {
+    fn name(&self) -> &'static str {
+        "linear-geglu-packed"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        gated_product(x, lx, &self.0.packed, self.0.bias.as_deref())
+    }
 }
 
 struct PackedLinearOp<'a>(&'a PackedLinear);
@@ -166,15 +180,48 @@ impl PackedLinear {
         let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
         let packed = pack(super::src_of(cpu, layout, "linear weight")?, n, k);
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        Ok(Some(PackedLinear { packed, bias }))
+        Ok(Some(PackedLinear { packed, bias, geglu: false }))
+    }
+
+    /// A feed-forward projection packed for [`PackedLinear::forward_geglu`] where GEGLU fuses
+    /// into its products ([`fuses_geglu`] for float32 rows on `weight`'s device); `None`
+    /// elsewhere.
+    pub fn new_geglu(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<PackedLinear>> {
+        if !geglu_fusable(weight.device(), weight, bias) {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w = weight.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let packed = PackedB::from_transposed_bf16_geglu(super::src_of(cpu, layout, "linear weight")?, n, k, true);
+        let bias = bias.map(|b| b.to_vec1::<f32>().map(|b| geglu_bias(&b))).transpose()?;
+        Ok(Some(PackedLinear { packed, bias, geglu: true }))
+    }
+
+    /// Whether this is packed for [`PackedLinear::forward_geglu`] (and not for `forward`).
+    pub fn is_geglu(&self) -> bool {
+        self.geglu
+    }
+
+    fn check(&self, x: &Tensor, geglu: bool) -> Result<Tensor> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            candle_core::bail!("packed linear: float32 inputs on the CPU only, not {:?}", x.dtype());
+        }
+        if self.geglu != geglu {
+            candle_core::bail!("packed linear: packed for {}", if self.geglu { "forward_geglu" } else { "forward" });
+        }
+        super::copy::contiguous(x)
     }
 
     /// `x` (rows, in) · Wᵀ + bias → (rows, out), for float32 `x` on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() != DType::F32 || !x.device().is_cpu() {
-            candle_core::bail!("packed linear: float32 inputs on the CPU only, not {:?}", x.dtype());
-        }
-        super::copy::contiguous(x)?.apply_op1_no_bwd(&PackedLinearOp(self))
+        self.check(x, false)?.apply_op1_no_bwd(&PackedLinearOp(self))
+    }
+
+    /// [`linear_geglu`] through the weight packed by [`PackedLinear::new_geglu`]: (rows, out/2).
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        self.check(x, true)?.apply_op1_no_bwd(&PackedGegluOp(self))
     }
 }
 
@@ -197,30 +244,50 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
-/// The feed-forward's first projection with GEGLU fused in ([`super::amx::geglu_panels`]).
+/// The feed-forward's first projection with GEGLU fused in ([`super::amx::geglu_panels`]),
+/// its weight packed per call.
 struct LinearGegluOp;
 
+/// `bias` (n) in the order of [`PackedB::from_transposed_bf16_geglu`]'s panels: value and gate
+/// columns alternating by 16.
+fn geglu_bias(bias: &[f32]) -> Vec<f32> {
+    let (n, nr) = (bias.len(), packed_matmul::NR);
+    (0..n).map(|j| bias[(j / (2 * nr)) * nr + (j / nr % 2) * (n / 2) + j % nr]).collect()
+}
+
+/// `value · gelu(gate)` of `x (m×k) · B + bias` for B packed by
+/// [`PackedB::from_transposed_bf16_geglu`] and the bias in its order: a new m × n/2 output.
+fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    let x = super::f32_of(x, lx, "linear input")?;
+    let (m, k) = lx.shape().dims2()?;
+    let n = packed.n();
+    if k != packed.k() {
+        candle_core::bail!("linear-geglu: input width {k} ≠ weight width {}", packed.k());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::amx() && super::amx::geglu_fits(k, n) {
+        // every gated column of every row is written
+        let mut out = super::output_buffer(m * n / 2);
+        let init = bias.map_or(Init::Overwrite, Init::Bias);
+        // SAFETY: AMX checked (and with it AVX2, FMA), geglu_fits for B; x holds m×k floats, out m×n/2.
+        unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n / 2, init) };
+        return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+    }
+    candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k}: not a product on AMX tiles")
+}
+
 impl LinearGegluOp {
-    fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-        let x = super::f32_of(x, lx, "linear input")?;
+    fn run(
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let w = super::src_of(w, lw, "linear weight")?;
-        let (m, k) = lx.shape().dims2()?;
-        let (n, k2) = lw.shape().dims2()?;
-        #[cfg(target_arch = "x86_64")]
-        if k == k2 && w.multiplies_in_bf16() && super::amx() && super::amx::geglu_fits(k, n) {
-            let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
-            // the bias in the panels' order: value and gate columns alternating by 16
-            let bias: Option<Vec<f32>> = bias.map(|b| {
-                (0..n).map(|j| b[(j / (2 * packed_matmul::NR)) * packed_matmul::NR + (j / packed_matmul::NR % 2) * (n / 2) + j % packed_matmul::NR]).collect()
-            });
-            // every gated column of every row is written
-            let mut out = super::output_buffer(m * n / 2);
-            let init = bias.as_deref().map_or(Init::Overwrite, Init::Bias);
-            // SAFETY: AMX checked (and with it AVX2, FMA), geglu_fits for B; x holds m×k floats, out m×n/2.
-            unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, &packed, out.as_mut_ptr(), n / 2, init) };
-            return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
-        }
-        candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k2}: not a product on AMX tiles")
+        let (n, k) = lw.shape().dims2()?;
+        let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
+        gated_product(x, lx, &packed, bias.map(geglu_bias).as_deref())
     }
 }
 
@@ -252,19 +319,24 @@ impl CustomOp3 for LinearGegluOp {
     }
 }
 
-/// Whether [`linear_geglu`] fuses GEGLU into the product for these operands: float32 rows on
-/// the CPU, a bfloat16 weight multiplied on AMX tiles, depths in one block of tiles and each
-/// half of the output in whole panels (every feed-forward of the published models).
-pub fn fuses_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+/// Whether GEGLU fuses into products with this weight and bias for float32 rows on `device`: a
+/// bfloat16 weight multiplied on AMX tiles, depths in one block of tiles and each half of the
+/// output in whole panels (every feed-forward of the published models).
+fn geglu_fusable(device: &candle_core::Device, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Ok((n, k)), 2) = (weight.dims2(), x.rank()) {
-        return fused(x.device(), x.dtype(), weight, bias)
+    if let Ok((n, k)) = weight.dims2() {
+        return fused(device, DType::F32, weight, bias)
             && weight.dtype() == DType::BF16
             && super::amx()
             && super::amx::geglu_fits(k, n);
     }
-    let _ = (x, weight, bias);
+    let _ = (device, weight, bias);
     false
+}
+
+/// Whether [`linear_geglu`] fuses GEGLU into the product for these operands (float32 rows).
+pub fn fuses_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    x.rank() == 2 && x.dtype() == DType::F32 && geglu_fusable(x.device(), weight, bias)
 }
 
 /// `value · gelu(gate)` of `x (rows, in) · weight (out, in)ᵀ + bias` split into halves (value,

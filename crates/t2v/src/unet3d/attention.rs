@@ -130,7 +130,7 @@ const FF_ROWS: usize = 8192;
 
 impl FeedForward {
     fn prepare(&self, pack: bool) -> candle_core::Result<PreparedFeedForward<'_>> {
-        Ok(PreparedFeedForward { proj: self.proj.prepare(pack)?, out: self.out.prepare(pack)? })
+        Ok(PreparedFeedForward { proj: self.proj.prepare_geglu(pack)?, out: self.out.prepare(pack)? })
     }
 }
 
