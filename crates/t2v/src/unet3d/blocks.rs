@@ -309,7 +309,7 @@ impl UpBlock {
             let (_, _, h, w) = xs.dims4()?;
             let (th, tw) = upsample_size.unwrap_or((2 * h, 2 * w));
             // Upsample2D: nearest-neighbour interpolation, then a 3×3 convolution, per frame.
-            xs = per_frame(&xs, cond.chunk_bytes / 4, |x| conv.forward(&crate::nn::upsample_nearest2d(&x, th, tw)?))?;
+            xs = per_frame(&xs, cond.chunk_bytes / 4, |x| conv.forward(&crate::nn::upsample_nearest2d(x, th, tw)?))?;
         }
         Ok(xs)
     }
