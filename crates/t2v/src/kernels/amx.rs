@@ -347,24 +347,7 @@ unsafe fn block_of(
 /// [`super::amx`] is true; `a` covers m rows (of ≥ k floats, or ⌈k/2⌉ pairs) and `c` m rows of
 /// `ldc` (≥ n) floats.
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    blocked_panels(m, a, b, c, ldc, init, 0..b.n.div_ceil(NR))
-}
-
-/// [`blocked`] for B's panels `range` only (C's columns `range.start·16 ..`), C's other columns
-/// left as they are.
-///
-/// # Safety
-/// As [`blocked`].
-pub(super) unsafe fn blocked_panels(
-    m: usize,
-    a: Lhs,
-    b: &PackedB,
-    c: *mut f32,
-    ldc: usize,
-    init: Init,
-    range: std::ops::Range<usize>,
-) {
-    blocked_panels_with(m, a, b, c, ldc, init, range, false)
+    blocked_panels(m, a, b, c, ldc, init, 0..b.n.div_ceil(NR), false)
 }
 
 /// Whether [`geglu_panels`] takes a feed-forward projection `k` deep and `n` wide: its
@@ -395,7 +378,7 @@ pub(super) unsafe fn geglu_panels(
     range: std::ops::Range<usize>,
 ) {
     debug_assert!(geglu_fits(b.k, b.n) && range.start.is_multiple_of(2) && range.end.is_multiple_of(2));
-    blocked_panels_with(m, a, b, out, ldo, init, range, true)
+    blocked_panels(m, a, b, out, ldo, init, range, true)
 }
 
 /// `dst[r][c] = s[r][c] · gelu(s[r][16 + c])` for `rows` rows of a 32-wide scratch block.
@@ -410,8 +393,13 @@ unsafe fn gated_rows(s: *const f32, rows: usize, dst: *mut f32, ld: usize) {
     }
 }
 
+/// [`blocked`] for B's panels `range` only (C's columns `range.start·16 ..`), C's other columns
+/// left as they are; with `geglu`, as [`geglu_panels`].
+///
+/// # Safety
+/// As [`blocked`] (and [`geglu_panels`] with `geglu`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn blocked_panels_with(
+pub(super) unsafe fn blocked_panels(
     m: usize,
     a: Lhs,
     b: &PackedB,

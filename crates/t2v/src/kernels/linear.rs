@@ -143,18 +143,7 @@ pub struct PackedLinear {
     geglu: bool,
 }
 
-struct PackedGegluOp<'a>(&'a PackedLinear);
-
-impl CustomOp1 for PackedGegluOp<'_> {
-    fn name(&self) -> &'static str {
-        "linear-geglu-packed"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        gated_product(x, lx, &self.0.packed, self.0.bias.as_deref())
-    }
-}
-
+/// The product through a [`PackedLinear`], gated where it was packed for GEGLU.
 struct PackedLinearOp<'a>(&'a PackedLinear);
 
 impl CustomOp1 for PackedLinearOp<'_> {
@@ -163,7 +152,12 @@ impl CustomOp1 for PackedLinearOp<'_> {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        product(x, lx, &self.0.packed, self.0.bias.as_deref())
+        let (packed, bias) = (&self.0.packed, self.0.bias.as_deref());
+        if self.0.geglu {
+            gated_product(x, lx, packed, bias)
+        } else {
+            product(x, lx, packed, bias)
+        }
     }
 }
 
@@ -221,7 +215,7 @@ impl PackedLinear {
 
     /// [`linear_geglu`] through the weight packed by [`PackedLinear::new_geglu`]: (rows, out/2).
     pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
-        self.check(x, true)?.apply_op1_no_bwd(&PackedGegluOp(self))
+        self.check(x, true)?.apply_op1_no_bwd(&PackedLinearOp(self))
     }
 }
 

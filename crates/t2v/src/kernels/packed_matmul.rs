@@ -847,7 +847,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
         let cp = SendPtr(c);
         let a = SharedLhs(a);
         (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
-            super::amx::blocked_panels(m, a.get(), b, cp.get(), ldc, init, t * per..((t + 1) * per).min(panels));
+            super::amx::blocked_panels(m, a.get(), b, cp.get(), ldc, init, t * per..((t + 1) * per).min(panels), false);
         });
         return;
     }
