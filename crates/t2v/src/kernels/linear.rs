@@ -7,7 +7,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 
 use super::packed_matmul::{self, Init, PackedB};
 
-struct LinearOp;
+/// `x·Wᵀ + b` with the weight packed (or streamed) by the call; with `geglu`, the feed-forward's
+/// first projection with GEGLU fused in ([`linear_geglu`]).
+struct LinearOp {
+    geglu: bool,
+}
 
 /// A weight as the products meet it: streamed from its own storage a few panels at a time where
 /// the rows are few for its size ([`packed_matmul::streams_weight`]), else packed whole once.
@@ -87,27 +91,48 @@ fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) 
     unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
 }
 
-fn run(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-    let w = super::src_of(w, lw, "linear weight")?;
-    let (n, k) = lw.shape().dims2()?;
-    // streamed where the rows are few for the weight's size, else packed once per call
-    let weight = Weight::for_rows(w, n, k, lx.shape().dims2()?.0);
-    product_with(x, lx, k, n, bias, |x, m, out, init| weight.multiply(x, m, out, init))
+impl LinearOp {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = super::src_of(w, lw, "linear weight")?;
+        let (n, k) = lw.shape().dims2()?;
+        if self.geglu {
+            let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
+            return gated_product(x, lx, &packed, bias.map(geglu_bias).as_deref());
+        }
+        // streamed where the rows are few for the weight's size, else packed once per call
+        let weight = Weight::for_rows(w, n, k, lx.shape().dims2()?.0);
+        product_with(x, lx, k, n, bias, |x, m, out, init| weight.multiply(x, m, out, init))
+    }
 }
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear"
+        if self.geglu {
+            "linear-geglu"
+        } else {
+            "linear"
+        }
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
-        run(x, lx, w, lw, None)
+        self.run(x, lx, w, lw, None)
     }
 }
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear-bias"
+        if self.geglu {
+            "linear-geglu-bias"
+        } else {
+            "linear-bias"
+        }
     }
 
     fn cpu_fwd(
@@ -120,7 +145,7 @@ impl CustomOp3 for LinearOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let b = super::f32_of(b, lb, "linear bias")?;
-        run(x, lx, w, lw, Some(b))
+        self.run(x, lx, w, lw, Some(b))
     }
 }
 
@@ -226,8 +251,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     if fused(x.device(), x.dtype(), weight, bias) {
         let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
         return match bias {
-            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp),
-            None => x.apply_op2_no_bwd(&w, &LinearOp),
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp { geglu: false }),
+            None => x.apply_op2_no_bwd(&w, &LinearOp { geglu: false }),
         };
     }
     let w = if weight.dtype() == x.dtype() { weight.clone() } else { weight.to_dtype(x.dtype())? };
@@ -237,10 +262,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => Ok(y),
     }
 }
-
-/// The feed-forward's first projection with GEGLU fused in ([`super::amx::geglu_panels`]),
-/// its weight packed per call.
-struct LinearGegluOp;
 
 /// `bias` (n) in the order of [`PackedB::from_transposed_bf16_geglu`]'s panels: value and gate
 /// columns alternating by 16.
@@ -268,49 +289,6 @@ fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f
         return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
     }
     candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k}: not a product on AMX tiles")
-}
-
-impl LinearGegluOp {
-    fn run(
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        bias: Option<&[f32]>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let w = super::src_of(w, lw, "linear weight")?;
-        let (n, k) = lw.shape().dims2()?;
-        let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
-        gated_product(x, lx, &packed, bias.map(geglu_bias).as_deref())
-    }
-}
-
-impl CustomOp2 for LinearGegluOp {
-    fn name(&self) -> &'static str {
-        "linear-geglu"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::run(x, lx, w, lw, None)
-    }
-}
-
-impl CustomOp3 for LinearGegluOp {
-    fn name(&self) -> &'static str {
-        "linear-geglu-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        b: &CpuStorage,
-        lb: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::run(x, lx, w, lw, Some(super::f32_of(b, lb, "linear bias")?))
-    }
 }
 
 /// Whether GEGLU fuses into products with this weight and bias for float32 rows on `device`: a
@@ -341,8 +319,8 @@ pub fn linear_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resul
     if fuses_geglu(x, weight, bias) {
         let (x, w) = (super::copy::contiguous(x)?, weight.contiguous()?);
         return match bias {
-            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearGegluOp),
-            None => x.apply_op2_no_bwd(&w, &LinearGegluOp),
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearOp { geglu: true }),
+            None => x.apply_op2_no_bwd(&w, &LinearOp { geglu: true }),
         };
     }
     super::geglu::geglu(&linear(x, weight, bias)?)
