@@ -45,14 +45,7 @@ impl<T: Plain> Aligned<T> {
 
     /// `len` zeros (fresh pages from the allocator where it can, so no pass of writes).
     pub fn zeroed(len: usize) -> Self {
-        if len == 0 {
-            return Self::default();
-        }
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) } as *mut T;
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        Aligned { ptr, len, cap: len }
+        Self::allocate(len, true)
     }
 
     /// `len` elements left as the allocator hands them over, for a buffer whose every element
@@ -63,12 +56,22 @@ impl<T: Plain> Aligned<T> {
     /// # Safety
     /// Every element is written before it is read.
     pub unsafe fn uninit(len: usize) -> Self {
+        Self::allocate(len, false)
+    }
+
+    fn allocate(len: usize, zeroed: bool) -> Self {
         if len == 0 {
             return Self::default();
         }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc(layout) } as *mut T;
+        let ptr = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        } as *mut T;
         let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         Aligned { ptr, len, cap: len }
     }

@@ -190,32 +190,40 @@ impl PackedLinear {
     /// The packed form of `weight` (out, in) and `bias` (out) where [`linear`] would take the
     /// fused GEMM for float32 inputs on `device`; `None` elsewhere (call [`linear`] there).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<PackedLinear>> {
-        if !fused(weight.device(), DType::F32, weight, bias) {
-            return Ok(None);
-        }
-        let (n, k) = weight.dims2()?;
-        let w = weight.contiguous()?;
-        let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let packed = pack(super::src_of(cpu, layout, "linear weight")?, n, k);
-        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        Ok(Some(PackedLinear { packed, bias, geglu: false }))
+        Self::packed(weight, bias, false)
     }
 
     /// A feed-forward projection packed for [`PackedLinear::forward_geglu`] where GEGLU fuses
     /// into its products ([`fuses_geglu`] for float32 rows on `weight`'s device); `None`
     /// elsewhere.
     pub fn new_geglu(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<PackedLinear>> {
-        if !geglu_fusable(weight.device(), weight, bias) {
+        Self::packed(weight, bias, true)
+    }
+
+    fn packed(weight: &Tensor, bias: Option<&Tensor>, geglu: bool) -> Result<Option<PackedLinear>> {
+        let takes = if geglu {
+            geglu_fusable(weight.device(), weight, bias)
+        } else {
+            fused(weight.device(), DType::F32, weight, bias)
+        };
+        if !takes {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
         let w = weight.contiguous()?;
         let (storage, layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let packed = PackedB::from_transposed_bf16_geglu(super::src_of(cpu, layout, "linear weight")?, n, k, true);
-        let bias = bias.map(|b| b.to_vec1::<f32>().map(|b| geglu_bias(&b))).transpose()?;
-        Ok(Some(PackedLinear { packed, bias, geglu: true }))
+        let w = super::src_of(cpu, layout, "linear weight")?;
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Some(if geglu {
+            PackedLinear {
+                packed: PackedB::from_transposed_bf16_geglu(w, n, k, true),
+                bias: bias.as_deref().map(geglu_bias),
+                geglu,
+            }
+        } else {
+            PackedLinear { packed: pack(w, n, k), bias, geglu }
+        }))
     }
 
     /// Whether this is packed for [`PackedLinear::forward_geglu`] (and not for `forward`).
@@ -288,6 +296,8 @@ fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f
         unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n / 2, init) };
         return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, bias);
     candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k}: not a product on AMX tiles")
 }
 

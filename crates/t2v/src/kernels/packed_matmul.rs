@@ -754,7 +754,7 @@ pub unsafe fn matmul(
     init: Init,
     wide: bool,
 ) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide)
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, false)
 }
 
 /// GEGLU fused into the feed-forward's projection on AMX tiles ([`super::amx::geglu_panels`]):
@@ -777,27 +777,7 @@ pub(crate) unsafe fn matmul_geglu(
     ldo: usize,
     init: Init,
 ) {
-    let threads = rayon::current_num_threads().max(1);
-    let pairs = b.n.div_ceil(2 * NR);
-    let (a, op) = (SharedLhs(Lhs::Rows(a, lda)), SendPtr(out));
-    if threads == 1 || m < 2 * MR {
-        return super::amx::geglu_panels(m, a.get(), b, out, ldo, init, 0..2 * pairs);
-    }
-    if m <= AMX_COLUMN_SPLIT_ROWS {
-        let per = pairs.div_ceil(threads).max(1);
-        (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
-            let range = 2 * t * per..2 * ((t + 1) * per).min(pairs);
-            super::amx::geglu_panels(m, a.get(), b, op.get(), ldo, init, range);
-        });
-        return;
-    }
-    let tasks = threads * (m / (threads * 2048)).max(1);
-    let block = m.div_ceil(tasks).div_ceil(MR) * MR;
-    (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
-        let r0 = t * block;
-        let rows = block.min(m - r0);
-        super::amx::geglu_panels(rows, a.get().skip_rows(r0), b, op.get().add(r0 * ldo), ldo, init, 0..2 * pairs);
-    });
+    parallel_rows(m, Lhs::Rows(a, lda), b, out, ldo, init, true, true)
 }
 
 /// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
@@ -817,7 +797,7 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
         Lhs::Panels(a.data.as_ptr(), a.k)
     };
     if parallel {
-        parallel_rows(a.m, lhs, b, c, ldc, init, wide)
+        parallel_rows(a.m, lhs, b, c, ldc, init, wide, false)
     } else {
         rows_of(a.m, lhs, b, c, ldc, init, wide)
     }
@@ -831,23 +811,40 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
 #[cfg(target_arch = "x86_64")]
 const AMX_COLUMN_SPLIT_ROWS: usize = 1024;
 
+/// The product on all of rayon's threads; with `geglu` (AMX tiles only), GEGLU fused in
+/// ([`super::amx::geglu_panels`]: C is the gated output, B's columns split in whole pairs of
+/// panels).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool, geglu: bool) {
+    let panels = b.n.div_ceil(NR);
+    // B's panels `range` for m rows from `a` into `c`, on this thread
+    let run = |m: usize, a: Lhs, c: *mut f32, range: std::ops::Range<usize>| {
+        #[cfg(target_arch = "x86_64")]
+        if geglu {
+            return super::amx::geglu_panels(m, a, b, c, ldc, init, range);
+        } else if range != (0..panels) {
+            return super::amx::blocked_panels(m, a, b, c, ldc, init, range, false);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (range, geglu);
+        rows_of(m, a, b, c, ldc, init, wide)
+    };
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
-        return rows_of(m, a, b, c, ldc, init, wide);
+        return run(m, a, c, 0..panels);
     }
     #[cfg(target_arch = "x86_64")]
     if b.bf16 && (super::amx() || matches!(a, Lhs::TilesBf16(..))) && m <= AMX_COLUMN_SPLIT_ROWS {
         // on tiles, few rows: B's columns split among the threads, each over all rows, so that
-        // the weight is read from memory once in all rather than once a thread
-        let panels = b.n.div_ceil(NR);
-        let per = panels.div_ceil(threads).max(1);
+        // the weight is read from memory once in all rather than once a thread (GEGLU: in
+        // whole pairs of a value and a gate panel)
+        let per = panels.div_ceil(threads).max(1).next_multiple_of(if geglu { 2 } else { 1 });
         let cp = SendPtr(c);
         let a = SharedLhs(a);
         (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
-            super::amx::blocked_panels(m, a.get(), b, cp.get(), ldc, init, t * per..((t + 1) * per).min(panels), false);
+            run(m, a.get(), cp.get(), t * per..((t + 1) * per).min(panels));
         });
         return;
     }
@@ -860,8 +857,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
     let a = SharedLhs(a);
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
         let r0 = t * block;
-        let rows = block.min(m - r0);
-        rows_of(rows, a.get().skip_rows(r0), b, cp.get().add(r0 * ldc), ldc, init, wide);
+        run(block.min(m - r0), a.get().skip_rows(r0), cp.get().add(r0 * ldc), 0..panels);
     });
 }
 
