@@ -157,6 +157,33 @@ fn fused_geglu_gives_the_bits_of_the_projection_then_geglu() {
 }
 
 #[test]
+fn gelu_gives_the_same_bits_on_8_and_16_lanes() {
+    // the fused GEGLU on tiles runs GELU on 16 lanes; the AVX2 path on 8: the same operations,
+    // so the same bits, over ±0, tiny, ordinary, saturated and non-finite gates
+    let mut gate: Vec<f32> = (0..20_000).map(|i| -14.0 + 28.0 * i as f32 / 19_999.0).collect();
+    gate.extend([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 100.0, -100.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    // a length that leaves one vector of eight and a remainder for the scalar loop
+    gate.truncate(gate.len() / 16 * 16 + 13);
+    let n = gate.len();
+    let mut h = vec![1.5f32; 2 * n];
+    h[n..].copy_from_slice(&gate);
+    let h = Tensor::from_vec(h, (1, 2 * n), &Device::Cpu).unwrap();
+    let bits = |path: Isa| {
+        let mut out = None;
+        on_path(path, || {
+            let y = t2v::kernels::geglu::geglu(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            out = Some(y.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        });
+        out
+    };
+    if let (Some(narrow), Some(wide)) = (bits(Isa::Avx2), bits(Isa::Avx512)) {
+        for (i, (a, b)) in narrow.iter().zip(&wide).enumerate() {
+            assert_eq!(a, b, "gelu({}): {} on 8 lanes, {} on 16", gate[i], f32::from_bits(*a), f32::from_bits(*b));
+        }
+    }
+}
+
+#[test]
 fn bf16_weights_are_widened_off_the_bf16_path() {
     for path in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
         on_path(path, || {

@@ -12,26 +12,43 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// `o = value · gelu(gate)` over whole vectors of eight where AVX2 is present; returns how many
-/// elements were done (the rest take the scalar loop).
+/// `o = value · gelu(gate)` over whole vectors of sixteen (AVX-512) or eight (AVX2) where the CPU
+/// has them; returns how many elements were done (the rest take the scalar loop).
 fn geglu_vectors(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if super::avx2() {
-        // SAFETY: AVX2 and FMA checked; the slices hold the same number of floats.
-        return unsafe { geglu_simd(o, value, gate) };
+    {
+        use std::arch::x86_64::{__m256, __m512};
+        if super::avx512() {
+            // SAFETY: AVX-512F checked; the slices hold the same number of floats.
+            return unsafe { geglu_512(o, value, gate) };
+        }
+        if super::avx2() {
+            // SAFETY: AVX2 and FMA checked; the slices hold the same number of floats.
+            return unsafe { geglu_256(o, value, gate) };
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn geglu_512(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
+            // then one vector of eight where eight or more are left, as the AVX2 path does them
+            let done = geglu_lanes::<__m512>(o, value, gate);
+            done + geglu_lanes::<__m256>(&mut o[done..], &value[done..], &gate[done..])
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn geglu_256(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
+            geglu_lanes::<__m256>(o, value, gate)
+        }
     }
     let _ = (o, value, gate);
     0
 }
 
+/// [`geglu_vectors`] on vectors of `V`, inlined into a function compiled for its width.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_simd(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
-    use std::arch::x86_64::*;
-    let n = o.len() / 8 * 8;
-    for i in (0..n).step_by(8) {
-        let g = super::vmath::gelu(_mm256_loadu_ps(gate.as_ptr().add(i)));
-        _mm256_storeu_ps(o.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_loadu_ps(value.as_ptr().add(i)), g));
+#[inline(always)]
+unsafe fn geglu_lanes<V: super::vmath::F32s>(o: &mut [f32], value: &[f32], gate: &[f32]) -> usize {
+    let n = o.len() / V::LANES * V::LANES;
+    for i in (0..n).step_by(V::LANES) {
+        let g = super::vmath::gelu(V::load(gate.as_ptr().add(i)));
+        V::load(value.as_ptr().add(i)).mul(g).store(o.as_mut_ptr().add(i));
     }
     n
 }

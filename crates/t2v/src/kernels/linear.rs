@@ -292,7 +292,7 @@ fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f
         // every gated column of every row is written
         let mut out = super::output_buffer(m * n / 2);
         let init = bias.map_or(Init::Overwrite, Init::Bias);
-        // SAFETY: AMX checked (and with it AVX2, FMA), geglu_fits for B; x holds m×k floats, out m×n/2.
+        // SAFETY: AMX checked (and with it AVX-512F), geglu_fits for B; x holds m×k floats, out m×n/2.
         unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n / 2, init) };
         return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
     }

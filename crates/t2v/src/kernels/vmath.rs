@@ -33,12 +33,17 @@ pub(crate) trait F32s: Copy {
     unsafe fn round(self) -> Self;
     /// 2^n for integral n in [−126, 128], built in the exponent field.
     unsafe fn pow2(self) -> Self;
+    /// |x|: the sign bit cleared.
+    unsafe fn abs(self) -> Self;
+    /// Lane by lane, `neg` where `sign`'s sign bit is set, else `pos`.
+    unsafe fn by_sign(sign: Self, pos: Self, neg: Self) -> Self;
 }
 
 macro_rules! f32s {
     ($t:ty, $lanes:expr, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident, $sub:ident,
      $mul:ident, $div:ident, $max:ident, $min:ident, $fmadd:ident, $fmsub:ident, $fnmadd:ident,
-     round: |$r:ident| $round:expr, pow2: |$p:ident| $pow2:expr) => {
+     round: |$r:ident| $round:expr, pow2: |$p:ident| $pow2:expr, abs: |$a:ident| $abs:expr,
+     by_sign: |$s:ident, $pos:ident, $neg:ident| $by_sign:expr) => {
         impl F32s for $t {
             const LANES: usize = $lanes;
             #[inline(always)]
@@ -103,6 +108,16 @@ macro_rules! f32s {
                 let $p = self;
                 $pow2
             }
+            #[inline(always)]
+            unsafe fn abs(self) -> Self {
+                let $a = self;
+                $abs
+            }
+            #[inline(always)]
+            unsafe fn by_sign(sign: Self, pos: Self, neg: Self) -> Self {
+                let ($s, $pos, $neg) = (sign, pos, neg);
+                $by_sign
+            }
         }
     };
 }
@@ -110,12 +125,17 @@ macro_rules! f32s {
 f32s!(__m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_sub_ps,
     _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
     round: |x| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x),
-    pow2: |n| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)))));
+    pow2: |n| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)))),
+    abs: |x| _mm256_andnot_ps(_mm256_set1_ps(-0.0), x),
+    by_sign: |s, pos, neg| _mm256_blendv_ps(pos, neg, s));
 
 f32s!(__m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_sub_ps,
     _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps, _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps,
     round: |x| _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x),
-    pow2: |n| _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)))));
+    pow2: |n| _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)))),
+    abs: |x| _mm512_abs_ps(x),
+    by_sign: |s, pos, neg| _mm512_mask_blend_ps(
+        _mm512_test_epi32_mask(_mm512_castps_si512(s), _mm512_set1_epi32(i32::MIN)), pos, neg));
 
 /// e^x (Cephes' single-precision polynomial, ≤ 2 ulp). Arguments are clamped to
 /// [−87.33, 88.37]: below, e^x is under float32's normal range and comes out ~1e-38 rather
@@ -147,13 +167,13 @@ pub unsafe fn silu(x: __m256) -> __m256 {
 
 /// GELU with the exact erf, ½x(1 + erf(x/√2)), as `F.gelu`: with z = |x|/√2, erfc(z) =
 /// t·e^(−z² + P(t)), t = 1/(1 + z/2); x ≥ 0 gives x(1 − ½erfc(z)), x < 0 gives ½x·erfc(z)
-/// (no cancellation on the negative side, where the value is small).
+/// (no cancellation on the negative side, where the value is small). The same operations on 8
+/// or 16 lanes, so the same numbers at either width.
 #[inline(always)]
-pub unsafe fn gelu(x: __m256) -> __m256 {
-    let sign_mask = _mm256_set1_ps(-0.0);
-    let z = _mm256_mul_ps(_mm256_andnot_ps(sign_mask, x), _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-    let one = _mm256_set1_ps(1.0);
-    let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.5), z, one));
+pub(crate) unsafe fn gelu<V: F32s>(x: V) -> V {
+    let z = x.abs().mul(V::splat(std::f32::consts::FRAC_1_SQRT_2));
+    let one = V::splat(1.0);
+    let t = one.div(V::fmadd(V::splat(0.5), z, one));
     // Numerical Recipes' coefficients as published (rounded to f32 here).
     #[allow(clippy::excessive_precision)]
     const C: [f32; 10] = [
@@ -168,13 +188,13 @@ pub unsafe fn gelu(x: __m256) -> __m256 {
         -0.822_152_23,
         0.170_872_77,
     ];
-    let mut p = _mm256_set1_ps(C[9]);
+    let mut p = V::splat(C[9]);
     for &c in C[..9].iter().rev() {
-        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
+        p = V::fmadd(p, t, V::splat(c));
     }
-    let erfc = _mm256_mul_ps(t, exp(_mm256_fnmadd_ps(z, z, p)));
-    let half = _mm256_set1_ps(0.5);
-    let pos = _mm256_mul_ps(x, _mm256_fnmadd_ps(half, erfc, one));
-    let neg = _mm256_mul_ps(_mm256_mul_ps(half, x), erfc);
-    _mm256_blendv_ps(pos, neg, x)
+    let erfc = t.mul(exp(V::fnmadd(z, z, p)));
+    let half = V::splat(0.5);
+    let pos = x.mul(V::fnmadd(half, erfc, one));
+    let neg = half.mul(x).mul(erfc);
+    V::by_sign(x, pos, neg)
 }
