@@ -26,35 +26,77 @@ pub(crate) fn widen(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
 /// `nn.Linear`: y = x·Wᵀ + b over the last dimension.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight: the tensor, or packed for good where the CPU multiplies it as it is
+/// stored ([`kernels::linear::PackedLinear::resident`]: bfloat16 weights on the bfloat16 paths,
+/// packed once at load instead of on every call, in the same memory).
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Tensor(Tensor),
+    Packed(std::sync::Arc<kernels::linear::PackedLinear>),
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
-    Ok(Linear { weight, bias: Some(bias) })
+    Linear::new(weight, Some(bias), false)
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
-    Ok(Linear { weight, bias: None })
+    Linear::new(weight, None, false)
+}
+
+/// A feed-forward's first projection (in, 2·inner), for [`Linear::forward_geglu`]: where its
+/// weight is packed at load, it is packed in the order of the product with GEGLU fused in.
+pub fn geglu_projection(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
+    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
+    Linear::new(weight, Some(bias), true)
 }
 
 impl Linear {
+    /// The layer of `weight` (out, in) and `bias` (out), its weight packed now and kept packed
+    /// where the kernels take it so ([`kernels::linear::PackedLinear::resident`]; for GEGLU with
+    /// `geglu`).
+    fn new(weight: Tensor, bias: Option<Tensor>, geglu: bool) -> candle_core::Result<Linear> {
+        let weight = match kernels::linear::PackedLinear::resident(&weight, bias.as_ref(), geglu)? {
+            Some(packed) => LinearWeight::Packed(std::sync::Arc::new(packed)),
+            None => LinearWeight::Tensor(weight),
+        };
+        Ok(Linear { weight, bias })
+    }
+
     /// The output width.
     pub fn out_dim(&self) -> usize {
-        self.weight.dims().first().copied().unwrap_or(0)
+        match &self.weight {
+            LinearWeight::Tensor(w) => w.dims().first().copied().unwrap_or(0),
+            LinearWeight::Packed(p) => p.out_dim(),
+        }
     }
 
     /// The input width.
     pub fn in_dim(&self) -> usize {
-        self.weight.dims().get(1).copied().unwrap_or(0)
+        match &self.weight {
+            LinearWeight::Tensor(w) => w.dims().get(1).copied().unwrap_or(0),
+            LinearWeight::Packed(p) => p.in_dim(),
+        }
     }
 
-    /// The weight (out_dim, in_dim), in the dtype it is kept in.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dtype the weight is kept in (bfloat16 where it is packed for good).
+    pub fn weight_dtype(&self) -> DType {
+        match &self.weight {
+            LinearWeight::Tensor(w) => w.dtype(),
+            LinearWeight::Packed(_) => DType::BF16,
+        }
+    }
+
+    /// Whether the weight was packed at load ([`kernels::linear::PackedLinear::resident`]).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, LinearWeight::Packed(_))
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -66,8 +108,22 @@ impl Linear {
     pub fn accumulate_without_bias(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
         let out_dim = self.out_dim();
         over_rows(x, out_dim, |rows| {
-            kernels::linear::linear_accumulate(acc.reshape((rows.dim(0)?, out_dim))?, rows, &self.weight)
+            let acc = acc.reshape((rows.dim(0)?, out_dim))?;
+            match &self.weight {
+                LinearWeight::Tensor(w) => kernels::linear::linear_accumulate(acc, rows, w),
+                LinearWeight::Packed(p) => p.accumulate(acc, rows),
+            }
         })
+    }
+
+    /// `x·Wᵀ + b + residual`, `residual` shaped as the output: the add fused into the product
+    /// where the weight is packed ([`kernels::linear::PackedLinear::forward_residual`], timed as
+    /// the linear layer), else the layer and [`add`]. The same bits either way.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Packed(p) if !p.is_geglu() => residual_over_rows(x, residual, p),
+            _ => add(&self.forward(x)?, residual),
+        }
     }
 
     /// `value · gelu(gate)` of this projection's output split into two halves (…, out/2):
@@ -75,20 +131,26 @@ impl Linear {
     /// ([`kernels::linear::fuses_geglu`], timed as the linear layer it is part of), else the
     /// layer and [`geglu`].
     pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = match &self.weight {
+            LinearWeight::Packed(p) if p.is_geglu() => {
+                return over_rows(x, self.out_dim(), |rows| p.forward_geglu(rows))
+            }
+            LinearWeight::Packed(_) => return geglu(&self.forward(x)?),
+            LinearWeight::Tensor(w) => w,
+        };
         let in_dim = self.in_dim();
         let rows = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
-        if !kernels::linear::fuses_geglu(&rows, &self.weight, self.bias.as_ref()) {
+        if !kernels::linear::fuses_geglu(&rows, w, self.bias.as_ref()) {
             return geglu(&self.forward(x)?);
         }
-        over_rows(x, self.out_dim(), |rows| kernels::linear::linear_geglu(rows, &self.weight, self.bias.as_ref()))
+        over_rows(x, self.out_dim(), |rows| kernels::linear::linear_geglu(rows, w, self.bias.as_ref()))
     }
 
     /// As [`Linear::prepare`] for [`PreparedLinear::forward_geglu`]: where GEGLU fuses into the
     /// product, the weight is packed in the fused product's order.
     pub fn prepare_geglu(&self, pack: bool) -> candle_core::Result<PreparedLinear<'_>> {
-        if pack {
-            let packed =
-                timed("linear", || kernels::linear::PackedLinear::new_geglu(&self.weight, self.bias.as_ref()))?;
+        if let (true, LinearWeight::Tensor(w)) = (pack, &self.weight) {
+            let packed = timed("linear", || kernels::linear::PackedLinear::new_geglu(w, self.bias.as_ref()))?;
             if packed.is_some() {
                 return Ok(PreparedLinear { packed, layer: self });
             }
@@ -98,12 +160,14 @@ impl Linear {
 
     /// This layer ready for many calls when `pack` (FreeNoise's windows and the chunks of a long
     /// video run the same layers many times): its weight packed now and kept, at the cost of
-    /// holding the packed (float32) copy meanwhile. Without `pack`, each call packs its own.
+    /// holding the packed (float32) copy meanwhile. Without `pack`, each call packs its own. A
+    /// weight packed at load is used as it is either way.
     pub fn prepare(&self, pack: bool) -> candle_core::Result<PreparedLinear<'_>> {
-        let packed = if pack {
-            timed("linear", || kernels::linear::PackedLinear::new(&self.weight, self.bias.as_ref()))?
-        } else {
-            None
+        let packed = match (pack, &self.weight) {
+            (true, LinearWeight::Tensor(w)) => {
+                timed("linear", || kernels::linear::PackedLinear::new(w, self.bias.as_ref()))?
+            }
+            _ => None,
         };
         Ok(PreparedLinear { packed, layer: self })
     }
@@ -125,6 +189,25 @@ fn over_rows(
     // (out_dim, or half of it where GEGLU was fused in)
     *dims.last_mut().unwrap() = y.dim(1)?;
     y.reshape(dims)
+}
+
+/// `packed`'s product of `x` (…, in) plus `residual` (…, out) through [`over_rows`] (float32
+/// operands on the CPU, as every packed product).
+fn residual_over_rows(
+    x: &Tensor,
+    residual: &Tensor,
+    packed: &kernels::linear::PackedLinear,
+) -> candle_core::Result<Tensor> {
+    let out_dim = packed.out_dim();
+    let mut want = x.dims().to_vec();
+    if let Some(last) = want.last_mut() {
+        *last = out_dim;
+    }
+    if residual.dims() != want {
+        candle_core::bail!("linear: residual {:?} for an output of {want:?}", residual.dims());
+    }
+    let residual = residual.reshape((residual.elem_count() / out_dim.max(1), out_dim))?;
+    over_rows(x, out_dim, |rows| packed.forward_residual(rows, &residual))
 }
 
 /// A [`Linear`] whose weight is packed once for many calls on float32 activations
@@ -150,6 +233,17 @@ impl PreparedLinear<'_> {
     }
 }
 
+impl PreparedLinear<'_> {
+    /// [`Linear::forward_residual`], through the weight packed beforehand where there is one.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {
+            Some(packed) if !packed.is_geglu() => residual_over_rows(x, residual, packed),
+            Some(_) => add(&self.forward(x)?, residual),
+            None => self.layer.forward_residual(x, residual),
+        }
+    }
+}
+
 impl Module for PreparedLinear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {
@@ -162,7 +256,10 @@ impl Module for PreparedLinear<'_> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // the bias added as the product is written
-        over_rows(x, self.out_dim(), |rows| kernels::linear::linear(rows, &self.weight, self.bias.as_ref()))
+        over_rows(x, self.out_dim(), |rows| match &self.weight {
+            LinearWeight::Tensor(w) => kernels::linear::linear(rows, w, self.bias.as_ref()),
+            LinearWeight::Packed(p) => p.forward(rows),
+        })
     }
 }
 

@@ -22,6 +22,11 @@ const BF16_PATHS: [Isa; 2] = [Isa::Avx512Bf16, Isa::Amx];
 /// Runs `f` on the kernels' path `want` (restoring the path after), or says why not.
 fn on_path(want: Isa, f: impl FnOnce()) {
     let _turn = PATH.lock().unwrap_or_else(|e| e.into_inner());
+    on_path_inner(want, f)
+}
+
+/// [`on_path`] inside another's turn.
+fn on_path_inner(want: Isa, f: impl FnOnce()) {
     if !want.is_available() {
         println!("skipped: this CPU has no {want} path (available: {:?})", Isa::available());
         return;
@@ -180,6 +185,103 @@ fn gelu_gives_the_same_bits_on_8_and_16_lanes() {
         for (i, (a, b)) in narrow.iter().zip(&wide).enumerate() {
             assert_eq!(a, b, "gelu({}): {} on 8 lanes, {} on 16", gate[i], f32::from_bits(*a), f32::from_bits(*b));
         }
+    }
+}
+
+/// Tensors handed to the layers as they are stored (bfloat16 matrices beside float32 biases, as
+/// `store_matrices_as` gives them), for building layers through a `VarBuilder`.
+struct AsStored(std::collections::HashMap<String, Tensor>);
+
+impl candle_nn::var_builder::SimpleBackend for AsStored {
+    fn get(
+        &self,
+        _: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        _: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(name).cloned().ok_or_else(|| candle_core::Error::Msg(format!("no {name}")))
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.get(candle_core::Shape::from(()), name, candle_nn::Init::Const(0.), dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+#[test]
+fn linear_layers_packed_at_load_give_the_bits_of_packing_per_call_and_of_the_residual_add() {
+    use candle_core::Module;
+    use t2v::kernels::linear::{linear_accumulate, linear_geglu};
+    for path in [Isa::Avx2, Isa::Avx512Bf16, Isa::Amx] {
+        on_path(path, || {
+            // (rows, in, out): ragged panels and depths, and a feed-forward whose halves are in
+            // whole panels (GEGLU fused on tiles)
+            // (two blocks of depths on tiles: the residual added after the last only)
+            for (m, k, n) in [(37, 24, 14), (300, 97, 70), (2100, 160, 128), (300, 3200, 96)] {
+                let (x, w, b) =
+                    (randn(&[m, k], 1.0), randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap(), randn(&[n], 1.0));
+                let tensors = [("l.weight", &w), ("l.bias", &b)].map(|(name, t)| (name.to_string(), t.clone()));
+                let vb = candle_nn::VarBuilder::from_backend(
+                    Box::new(AsStored(tensors.into_iter().collect())),
+                    DType::F32,
+                    Device::Cpu,
+                );
+                let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let layer = t2v::nn::linear(k, n, vb.pp("l")).unwrap();
+                let plain = t2v::nn::linear_no_bias(k, n, vb.pp("l")).unwrap();
+                let projection = t2v::nn::geglu_projection(k, n, vb.pp("l")).unwrap();
+                let packed = path >= Isa::Avx512Bf16;
+                for l in [&layer, &plain, &projection] {
+                    assert_eq!(l.is_packed(), packed, "{path}: {m}×{k}·{k}×{n}");
+                    assert_eq!((l.out_dim(), l.in_dim(), l.weight_dtype()), (n, k, DType::BF16));
+                }
+                let x3 = x.reshape((1, m, k)).unwrap();
+                assert!(bits(&layer.forward(&x3).unwrap()) == bits(&linear(&x, &w, Some(&b)).unwrap()), "{path}");
+                assert!(bits(&plain.forward(&x).unwrap()) == bits(&linear(&x, &w, None).unwrap()), "{path}");
+                let gated = projection.forward_geglu(&x3).unwrap();
+                assert_eq!(gated.dims(), &[1, m, n / 2]);
+                assert!(bits(&gated) == bits(&linear_geglu(&x, &w, Some(&b)).unwrap()), "{path}: GEGLU");
+                assert!(bits(&layer.forward_geglu(&x).unwrap()) == bits(&gated), "{path}: GEGLU unpacked order");
+                // the residual added as the product is written: the bits of the product, then add
+                let residual = randn(&[1, m, n], 1.0);
+                let want = bits(
+                    &t2v::kernels::add::add(&linear(&x, &w, Some(&b)).unwrap().unsqueeze(0).unwrap(), &residual)
+                        .unwrap(),
+                );
+                let got = bits(&layer.forward_residual(&x3, &residual).unwrap());
+                let bad: Vec<_> = got
+                    .iter()
+                    .zip(&want)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(i, (a, b))| (i / n, i % n, *a, *b))
+                    .take(5)
+                    .collect();
+                assert!(got == want, "{path}: {m}×{k}·{k}×{n} residual {bad:?}");
+                let prepared = layer.prepare(true).unwrap();
+                assert!(
+                    bits(&prepared.forward_residual(&x3, &residual).unwrap()) == want,
+                    "{path}: prepared, residual"
+                );
+                assert!(layer.forward_residual(&x3, &residual.narrow(1, 1, m - 1).unwrap()).is_err());
+                let acc = randn(&[m, n], 1.0);
+                let want = linear_accumulate(acc.copy().unwrap(), &x, &w).unwrap();
+                let got = plain.accumulate_without_bias(acc.copy().unwrap(), &x).unwrap();
+                assert!(bits(&got) == bits(&want), "{path}: accumulated");
+                // a layer packed for the bfloat16 products refuses to run on a path without them
+                if packed {
+                    on_path_inner(Isa::Avx2, || {
+                        let err = layer.forward(&x).unwrap_err().to_string();
+                        assert!(err.contains("load the model again"), "{err}");
+                    });
+                }
+            }
+        });
     }
 }
 

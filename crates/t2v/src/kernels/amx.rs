@@ -30,7 +30,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 use super::aligned::Aligned;
-use super::packed_matmul::{Init, Lhs, PackedB, MR, NR};
+use super::packed_matmul::{Epilogue, Init, Lhs, PackedB, MR, NR};
 
 /// Rows (and float32 columns) of a tile; pairs of a tile's row.
 const T: usize = 16;
@@ -347,7 +347,7 @@ unsafe fn block_of(
 /// [`super::amx`] is true; `a` covers m rows (of ≥ k floats, or ⌈k/2⌉ pairs) and `c` m rows of
 /// `ldc` (≥ n) floats.
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
-    blocked_panels(m, a, b, c, ldc, init, 0..b.n.div_ceil(NR), false)
+    blocked_panels(m, a, b, c, ldc, init, 0..b.n.div_ceil(NR), Epilogue::Store)
 }
 
 /// Whether [`geglu_panels`] takes a feed-forward projection `k` deep and `n` wide: its
@@ -378,7 +378,7 @@ pub(super) unsafe fn geglu_panels(
     range: std::ops::Range<usize>,
 ) {
     debug_assert!(geglu_fits(b.k, b.n) && range.start.is_multiple_of(2) && range.end.is_multiple_of(2));
-    blocked_panels(m, a, b, out, ldo, init, range, true)
+    blocked_panels(m, a, b, out, ldo, init, range, Epilogue::Geglu)
 }
 
 /// `dst[r][c] = s[r][c] · gelu(s[r][16 + c])` for `rows` rows of a 32-wide scratch block: a
@@ -394,10 +394,11 @@ unsafe fn gated_rows(s: *const f32, rows: usize, dst: *mut f32, ld: usize) {
 }
 
 /// [`blocked`] for B's panels `range` only (C's columns `range.start·16 ..`), C's other columns
-/// left as they are; with `geglu`, as [`geglu_panels`].
+/// left as they are; with [`Epilogue::Geglu`], as [`geglu_panels`]; with a residual, each block
+/// of C gets its rows of the residual added once its last depths are summed, while it is in L1.
 ///
 /// # Safety
-/// As [`blocked`] (and [`geglu_panels`] with `geglu`).
+/// As [`blocked`] (and [`geglu_panels`] with GEGLU); a residual covers C's rows and columns.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn blocked_panels(
     m: usize,
@@ -407,9 +408,10 @@ pub(super) unsafe fn blocked_panels(
     ldc: usize,
     init: Init,
     range: std::ops::Range<usize>,
-    geglu: bool,
+    epilogue: Epilogue,
 ) {
     let (k, n) = (b.k, b.n);
+    let geglu = matches!(epilogue, Epilogue::Geglu);
     if m == 0 || n == 0 || range.is_empty() {
         return;
     }
@@ -491,7 +493,8 @@ pub(super) unsafe fn blocked_panels(
                         let ap = a_tiles.add(it * a_stride * TILE);
                         let a = [ap, ap.add(a_stride * TILE)];
                         // (GEGLU: the gated output has one panel's columns per pair of B's)
-                        let cp = c.add((i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR);
+                        let at = (i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR;
+                        let cp = c.add(at);
                         let full = rows == ra * T && cols == nb * NR && !geglu;
                         // the block's C: in place, or through a 32×32 scratch block
                         let (cb, ld) = if full { (cp, ldc) } else { (scratch.0.as_mut_ptr(), 2 * T) };
@@ -514,6 +517,13 @@ pub(super) unsafe fn blocked_panels(
                                 std::ptr::copy_nonoverlapping(cb.add(r * ld), cp.add(r * ldc), cols);
                             }
                         }
+                        if let (Epilogue::Residual(res), true) = (epilogue, kb + 1 == nkb) {
+                            if full {
+                                add_block(cp, res.add(at), ldc, rows, cols);
+                            } else {
+                                super::packed_matmul::add_residual(rows, cols, cp, res.add(at), ldc);
+                            }
+                        }
                         it += ra;
                     }
                     jr += nb;
@@ -524,6 +534,18 @@ pub(super) unsafe fn blocked_panels(
         }
     });
     asm!("tilerelease", options(nostack, nomem, preserves_flags));
+}
+
+/// `c[r][j] += residual[r][j]` over a block of C of whole tiles (`rows` and `cols` 16 or 32),
+/// both `ld` apart.
+#[target_feature(enable = "avx512f")]
+unsafe fn add_block(c: *mut f32, residual: *const f32, ld: usize, rows: usize, cols: usize) {
+    for r in 0..rows {
+        for h in (0..cols).step_by(T) {
+            let (c, res) = (c.add(r * ld + h), residual.add(r * ld + h));
+            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(res)));
+        }
+    }
 }
 
 /// A 32×32 block of float32, aligned for the tile stores.

@@ -160,7 +160,8 @@ fn fused(x_device: &candle_core::Device, x_dtype: DType, weight: &Tensor, bias: 
 
 /// A linear layer's weight packed once for many calls on float32 inputs (FreeNoise runs the same
 /// layers on every window of a video: packing per call would repeat the weight's widening and
-/// transposition each time, a third of a small window's product at 1280 channels).
+/// transposition each time, a third of a small window's product at 1280 channels), or for good
+/// in place of the weight ([`PackedLinear::resident`]).
 pub struct PackedLinear {
     packed: PackedB,
     bias: Option<Vec<f32>>,
@@ -186,7 +187,103 @@ impl CustomOp1 for PackedLinearOp<'_> {
     }
 }
 
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("out", &self.packed.n())
+            .field("in", &self.packed.k())
+            .field("bf16", &self.packed.is_bf16())
+            .field("geglu", &self.geglu)
+            .finish()
+    }
+}
+
+/// `(x·Wᵀ + b) + residual` through a [`PackedLinear`], the residual added as the product is
+/// written ([`packed_matmul::matmul_residual`]).
+struct PackedResidualOp<'a>(&'a PackedLinear);
+
+impl CustomOp2 for PackedResidualOp<'_> {
+    fn name(&self) -> &'static str {
+        "linear-packed-residual"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, r: &CpuStorage, lr: &Layout) -> Result<(CpuStorage, Shape)> {
+        let packed = &self.0.packed;
+        let (k, n) = (packed.k(), packed.n());
+        let residual = super::f32_of(r, lr, "linear residual")?;
+        let rows = lx.shape().dims2()?.0;
+        if lr.shape().dims2()? != (rows, n) {
+            candle_core::bail!("linear-residual: residual {:?} for an output of {rows}×{n}", lr.shape().dims());
+        }
+        product_with(x, lx, k, n, self.0.bias.as_deref(), |x, m, out, init| {
+            assert!(x.len() >= m * k && out.len() >= m * n && residual.len() >= m * n, "linear operand sizes");
+            let wide = super::wide(super::KernelKind::Linear);
+            // SAFETY: sizes checked above, rows contiguous; `packed_product()` was checked when the
+            // weight was packed.
+            unsafe {
+                packed_matmul::matmul_residual(
+                    m,
+                    x.as_ptr(),
+                    k,
+                    packed,
+                    out.as_mut_ptr(),
+                    n,
+                    init,
+                    wide,
+                    residual.as_ptr(),
+                )
+            }
+        })
+    }
+}
+
+/// `acc += x·Wᵀ` in place through a [`PackedLinear`] (its bias left out).
+struct PackedAccumulateOp<'a>(&'a PackedLinear);
+
+impl candle_core::InplaceOp2 for PackedAccumulateOp<'_> {
+    fn name(&self) -> &'static str {
+        "linear-packed-accumulate"
+    }
+
+    fn cpu_fwd(&self, acc: &mut CpuStorage, la: &Layout, x: &CpuStorage, lx: &Layout) -> Result<()> {
+        let packed = &self.0.packed;
+        accumulate_into(acc, la, x, lx, packed.n(), packed.k(), |x, m, acc| {
+            multiply(x, m, packed, acc, Init::Accumulate)
+        })
+    }
+}
+
 impl PackedLinear {
+    /// `weight` (out, in) packed to be kept in its place for the model's life, where the CPU's
+    /// products take it as it is stored: bfloat16 weights on the `avx512bf16` and `amx` paths,
+    /// whose packed form has the same size as the weight (float16 and float32 weights would be
+    /// packed widened, twice their size: they stay tensors and are packed per call). With
+    /// `geglu`, a feed-forward projection in the fused product's order where GEGLU fuses into it.
+    /// The same products, so the same bits, as packing per call; what is saved is the packing
+    /// (`gather_panel`: 3.7% of a 4-frame step's `perf` samples on Emerald Rapids). `None`
+    /// elsewhere.
+    pub fn resident(weight: &Tensor, bias: Option<&Tensor>, geglu: bool) -> Result<Option<PackedLinear>> {
+        if weight.dtype() != DType::BF16 || !super::avx512bf16() {
+            return Ok(None);
+        }
+        if geglu {
+            if let Some(packed) = Self::packed(weight, bias, true)? {
+                return Ok(Some(packed));
+            }
+        }
+        Self::packed(weight, bias, false)
+    }
+
+    /// The output width (the projection's whole width where packed for GEGLU).
+    pub fn out_dim(&self) -> usize {
+        self.packed.n()
+    }
+
+    /// The input width.
+    pub fn in_dim(&self) -> usize {
+        self.packed.k()
+    }
+
     /// The packed form of `weight` (out, in) and `bias` (out) where [`linear`] would take the
     /// fused GEMM for float32 inputs on `device`; `None` elsewhere (call [`linear`] there).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<PackedLinear>> {
@@ -235,6 +332,12 @@ impl PackedLinear {
         if x.dtype() != DType::F32 || !x.device().is_cpu() {
             candle_core::bail!("packed linear: float32 inputs on the CPU only, not {:?}", x.dtype());
         }
+        if self.packed.is_bf16() && !super::avx512bf16() {
+            candle_core::bail!(
+                "packed linear: packed for the bfloat16 products, but the kernels' path is now {}: load the model again",
+                super::isa()
+            );
+        }
         if self.geglu != geglu {
             candle_core::bail!("packed linear: packed for {}", if self.geglu { "forward_geglu" } else { "forward" });
         }
@@ -249,6 +352,25 @@ impl PackedLinear {
     /// [`linear_geglu`] through the weight packed by [`PackedLinear::new_geglu`]: (rows, out/2).
     pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
         self.check(x, true)?.apply_op1_no_bwd(&PackedLinearOp(self))
+    }
+
+    /// `x (rows, in) · Wᵀ + bias + residual (rows, out)`: the product then the residual added, in
+    /// one pass over the output (on AMX tiles, each block of it as it leaves the tiles), with the
+    /// bits of the product followed by [`super::add::add`].
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let x = self.check(x, false)?;
+        if residual.dtype() != DType::F32 {
+            candle_core::bail!("packed linear: a float32 residual only, not {:?}", residual.dtype());
+        }
+        x.apply_op2_no_bwd(&super::copy::contiguous(residual)?, &PackedResidualOp(self))
+    }
+
+    /// [`linear_accumulate`] through this weight: `acc (rows, out) += x (rows, in) · Wᵀ` in
+    /// place (contiguous float32 sums), the bias left out.
+    pub fn accumulate(&self, acc: Tensor, x: &Tensor) -> Result<Tensor> {
+        let x = self.check(x, false)?;
+        acc.inplace_op2(&x, &PackedAccumulateOp(self))?;
+        Ok(acc)
     }
 }
 
@@ -353,20 +475,31 @@ impl candle_core::InplaceOp3 for LinearAccumulateOp {
         w: &CpuStorage,
         lw: &Layout,
     ) -> Result<()> {
-        let x = super::f32_of(x, lx, "linear input")?;
         let w = super::src_of(w, lw, "linear weight")?;
-        let (m, k) = lx.shape().dims2()?;
-        let (n, k2) = lw.shape().dims2()?;
-        let Some((a0, a1)) = la.contiguous_offsets() else {
-            candle_core::bail!("linear-accumulate: sums not contiguous")
-        };
-        let CpuStorage::F32(acc) = acc else { candle_core::bail!("linear-accumulate needs float32 sums") };
-        if k != k2 || a1 - a0 != m * n {
-            candle_core::bail!("linear-accumulate: input {m}×{k}, weight {n}×{k2}, sums of {} values", a1 - a0);
-        }
-        multiply(x, m, &pack(w, n, k), &mut acc[a0..a1], Init::Accumulate);
-        Ok(())
+        let (n, k) = lw.shape().dims2()?;
+        accumulate_into(acc, la, x, lx, n, k, |x, m, acc| multiply(x, m, &pack(w, n, k), acc, Init::Accumulate))
     }
+}
+
+/// `acc (m×n) += x (m×k) · W` by `accumulate(x, m, acc)`, the operands checked first.
+fn accumulate_into(
+    acc: &mut CpuStorage,
+    la: &Layout,
+    x: &CpuStorage,
+    lx: &Layout,
+    n: usize,
+    k: usize,
+    accumulate: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<()> {
+    let x = super::f32_of(x, lx, "linear input")?;
+    let (m, width) = lx.shape().dims2()?;
+    let Some((a0, a1)) = la.contiguous_offsets() else { candle_core::bail!("linear-accumulate: sums not contiguous") };
+    let CpuStorage::F32(acc) = acc else { candle_core::bail!("linear-accumulate needs float32 sums") };
+    if width != k || a1 - a0 != m * n {
+        candle_core::bail!("linear-accumulate: input {m}×{width}, weight {n}×{k}, sums of {} values", a1 - a0);
+    }
+    accumulate(x, m, &mut acc[a0..a1]);
+    Ok(())
 }
 
 /// `acc (rows, out) += x (rows, in) · weight (out, in)ᵀ`, without a bias: in place on the CPU

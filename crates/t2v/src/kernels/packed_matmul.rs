@@ -337,6 +337,46 @@ pub enum Init<'a> {
     Bias(&'a [f32]),
 }
 
+/// What a product does with its output besides writing it.
+#[derive(Clone, Copy)]
+pub(crate) enum Epilogue {
+    /// C as it is.
+    Store,
+    /// GEGLU fused in on AMX tiles ([`super::amx::geglu_panels`]): the output is the gated half.
+    Geglu,
+    /// A residual added once C is complete: `C = (init + A·B) + R`, R laid out as C (its rows
+    /// `ldc` apart): the sums and the one addition of the product followed by an add, so the
+    /// same bits, without a second output.
+    Residual(*const f32),
+}
+
+// SAFETY: the residual is only read, from a buffer that outlives the product.
+unsafe impl Send for Epilogue {}
+unsafe impl Sync for Epilogue {}
+
+impl Epilogue {
+    /// The epilogue of the block of C that starts `offset` floats further on.
+    pub(crate) fn at(self, offset: usize) -> Epilogue {
+        match self {
+            Epilogue::Residual(r) => Epilogue::Residual(r.wrapping_add(offset)),
+            other => other,
+        }
+    }
+}
+
+/// `c[r][j] += residual[r][j]` for `m` rows of `n` columns, both `ldc` apart.
+///
+/// # Safety
+/// Both cover m rows of ldc (≥ n) floats.
+pub(crate) unsafe fn add_residual(m: usize, n: usize, c: *mut f32, residual: *const f32, ldc: usize) {
+    for r in 0..m {
+        let (c, res) = (c.add(r * ldc), residual.add(r * ldc));
+        for j in 0..n {
+            *c.add(j) += *res.add(j);
+        }
+    }
+}
+
 /// The micro-kernel: `c[r][0..16] = start + Σ_kk a[kk][r] · b[kk][0..16]` for r < 6, rows of c
 /// `ldc` apart; `start` is c's own value (`acc`), `bias16` (16 per-column values) or zero.
 ///
@@ -754,7 +794,27 @@ pub unsafe fn matmul(
     init: Init,
     wide: bool,
 ) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, false)
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, Epilogue::Store)
+}
+
+/// [`matmul`] with a residual added: `C = (init + A · B) + R`, R (`residual`) laid out as C.
+///
+/// # Safety
+/// As [`matmul`]; `residual` covers m rows of `ldc` floats.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_residual(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    wide: bool,
+    residual: *const f32,
+) {
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, Epilogue::Residual(residual))
 }
 
 /// GEGLU fused into the feed-forward's projection on AMX tiles ([`super::amx::geglu_panels`]):
@@ -777,7 +837,7 @@ pub(crate) unsafe fn matmul_geglu(
     ldo: usize,
     init: Init,
 ) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, out, ldo, init, true, true)
+    parallel_rows(m, Lhs::Rows(a, lda), b, out, ldo, init, true, Epilogue::Geglu)
 }
 
 /// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
@@ -797,7 +857,7 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
         Lhs::Panels(a.data.as_ptr(), a.k)
     };
     if parallel {
-        parallel_rows(a.m, lhs, b, c, ldc, init, wide, false)
+        parallel_rows(a.m, lhs, b, c, ldc, init, wide, Epilogue::Store)
     } else {
         rows_of(a.m, lhs, b, c, ldc, init, wide)
     }
@@ -811,29 +871,47 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
 #[cfg(target_arch = "x86_64")]
 const AMX_COLUMN_SPLIT_ROWS: usize = 1024;
 
-/// The product on all of rayon's threads; with `geglu` (AMX tiles only), GEGLU fused in
-/// ([`super::amx::geglu_panels`]: C is the gated output, B's columns split in whole pairs of
-/// panels).
+/// The product on all of rayon's threads, its `epilogue` applied: with GEGLU (AMX tiles only,
+/// [`super::amx::geglu_panels`]: C is the gated output, B's columns split in whole pairs of
+/// panels); a residual added in the tiles' epilogue on AMX, after each thread's rows elsewhere.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool, geglu: bool) {
+unsafe fn parallel_rows(
+    m: usize,
+    a: Lhs,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    wide: bool,
+    epilogue: Epilogue,
+) {
     let panels = b.n.div_ceil(NR);
-    // B's panels `range` for m rows from `a` into `c`, on this thread
-    let run = |m: usize, a: Lhs, c: *mut f32, range: std::ops::Range<usize>| {
+    let geglu = matches!(epilogue, Epilogue::Geglu);
+    // B's panels `range` for m rows from `a` into `c` (the epilogue's residual at c's offset),
+    // on this thread
+    let run = |m: usize, a: Lhs, c: *mut f32, epilogue: Epilogue, range: std::ops::Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if geglu {
             return super::amx::geglu_panels(m, a, b, c, ldc, init, range);
-        } else if range != (0..panels) {
-            return super::amx::blocked_panels(m, a, b, c, ldc, init, range, false);
+        } else if range != (0..panels)
+            || (matches!(epilogue, Epilogue::Residual(_))
+                && b.bf16
+                && (super::amx() || matches!(a, Lhs::TilesBf16(..))))
+        {
+            return super::amx::blocked_panels(m, a, b, c, ldc, init, range, epilogue);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (range, geglu);
-        rows_of(m, a, b, c, ldc, init, wide)
+        let _ = range;
+        rows_of(m, a, b, c, ldc, init, wide);
+        if let Epilogue::Residual(r) = epilogue {
+            add_residual(m, b.n, c, r, ldc);
+        }
     };
     let threads = rayon::current_num_threads().max(1);
     let work = m * b.n * b.k;
     if threads == 1 || work < 1 << 20 || m < 2 * MR {
-        return run(m, a, c, 0..panels);
+        return run(m, a, c, epilogue, 0..panels);
     }
     #[cfg(target_arch = "x86_64")]
     if b.bf16 && (super::amx() || matches!(a, Lhs::TilesBf16(..))) && m <= AMX_COLUMN_SPLIT_ROWS {
@@ -844,7 +922,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
         let cp = SendPtr(c);
         let a = SharedLhs(a);
         (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
-            run(m, a.get(), cp.get(), t * per..((t + 1) * per).min(panels));
+            run(m, a.get(), cp.get(), epilogue, t * per..((t + 1) * per).min(panels));
         });
         return;
     }
@@ -857,7 +935,7 @@ unsafe fn parallel_rows(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, 
     let a = SharedLhs(a);
     (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
         let r0 = t * block;
-        run(block.min(m - r0), a.get().skip_rows(r0), cp.get().add(r0 * ldc), 0..panels);
+        run(block.min(m - r0), a.get().skip_rows(r0), cp.get().add(r0 * ldc), epilogue.at(r0 * ldc), 0..panels);
     });
 }
 
@@ -895,6 +973,27 @@ pub unsafe fn matmul_packed(
     _init: Init,
     _parallel: bool,
     _wide: bool,
+) {
+    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
+}
+
+/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
+/// candle's matmul.
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_residual(
+    _m: usize,
+    _a: *const f32,
+    _lda: usize,
+    _b: &PackedB,
+    _c: *mut f32,
+    _ldc: usize,
+    _init: Init,
+    _wide: bool,
+    _residual: *const f32,
 ) {
     unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
 }

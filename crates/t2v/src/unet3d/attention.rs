@@ -10,8 +10,8 @@ use candle_nn::VarBuilder;
 
 use crate::long_video::WindowPlan;
 use crate::nn::{
-    accumulate_window, add, add_windows, contiguous, layer_norm, linear, linear_no_bias, multi_head_attention,
-    multi_head_attention_windows, LayerNorm, Linear, PreparedLinear, ValueProduct,
+    accumulate_window, add_windows, contiguous, geglu_projection, layer_norm, linear, linear_no_bias,
+    multi_head_attention, multi_head_attention_windows, LayerNorm, Linear, PreparedLinear, ValueProduct,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -39,7 +39,7 @@ impl Attention {
         let inner = heads * dim_head;
         let context_dim = context_dim.unwrap_or(query_dim);
         let to_v = linear_no_bias(context_dim, inner, vb.pp("to_v"))?;
-        let values = if to_v.weight().dtype() == DType::BF16 { ValueProduct::Bfloat16 } else { ValueProduct::Float32 };
+        let values = if to_v.weight_dtype() == DType::BF16 { ValueProduct::Bfloat16 } else { ValueProduct::Float32 };
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
@@ -81,18 +81,28 @@ impl PreparedAttention<'_> {
     /// `xs`: (batch, tokens, query_dim). `context`: (batch / repeat, context_tokens, context_dim),
     /// used for every `repeat` consecutive batch rows (the frames of one video share its prompt:
     /// projecting it once per video gives the same k and v as diffusers' per-frame copies).
-    pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
+    /// `residual` (shaped as the output) is added as `to_out` writes its product
+    /// ([`crate::nn::Linear::forward_residual`]).
+    pub fn forward_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<(&Tensor, usize)>,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.to_out.forward_residual(&self.attend(xs, context)?, residual)
+    }
+
+    /// The heads (batch, tokens, inner) before `to_out`.
+    fn attend(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
         let q = self.to_q.forward(xs)?;
         let (source, repeat) = context.unwrap_or((xs, 1));
         let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
-        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat, self.values)?;
-        self.to_out.forward(&out)
+        multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat, self.values)
     }
 
     /// Self-attention's heads (batch, tokens, inner) before `to_out`.
     fn heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (q, k, v) = (self.to_q.forward(xs)?, self.to_k.forward(xs)?, self.to_v.forward(xs)?);
-        multi_head_attention(&q, &k, &v, self.heads, self.scale, 1, self.values)
+        self.attend(xs, None)
     }
 }
 
@@ -120,7 +130,10 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = dim * 4;
-        Ok(Self { proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))? })
+        Ok(Self {
+            proj: geglu_projection(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
+        })
     }
 }
 
@@ -139,17 +152,22 @@ struct PreparedFeedForward<'a> {
     out: PreparedLinear<'a>,
 }
 
-impl Module for PreparedFeedForward<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl PreparedFeedForward<'_> {
+    /// The feed-forward of `xs` plus `residual` (shaped as `xs`), added as the second projection
+    /// writes its product ([`crate::nn::Linear::forward_residual`]).
+    /// Over chunks of [`FF_ROWS`] rows, each with its rows of the residual.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let width = *dims.last().unwrap();
         let rows = xs.elem_count() / width;
         let flat = xs.reshape((rows, width))?;
+        let residual = residual.reshape((rows, width))?;
         let mut outs = Vec::with_capacity(rows.div_ceil(FF_ROWS));
         for start in (0..rows).step_by(FF_ROWS) {
+            let len = FF_ROWS.min(rows - start);
             // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
-            let gated = self.proj.forward_geglu(&flat.narrow(0, start, FF_ROWS.min(rows - start))?)?;
-            outs.push(self.out.forward(&gated)?);
+            let gated = self.proj.forward_geglu(&flat.narrow(0, start, len)?)?;
+            outs.push(self.out.forward_residual(&gated, &residual.narrow(0, start, len)?)?);
         }
         let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? };
         out.reshape(dims)
@@ -223,9 +241,10 @@ impl PreparedBlock<'_> {
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
         let b = self.block;
-        let xs = add(&self.attn1.forward(&b.norm1.forward(xs)?, None)?, xs)?;
-        let xs = add(&self.attn2.forward(&b.norm2.forward(&xs)?, context)?, &xs)?;
-        add(&self.ff.forward(&b.norm3.forward(&xs)?)?, &xs)
+        // each residual added as the layer's last product writes its output
+        let xs = self.attn1.forward_residual(&b.norm1.forward(xs)?, None, xs)?;
+        let xs = self.attn2.forward_residual(&b.norm2.forward(&xs)?, context, &xs)?;
+        self.ff.forward_residual(&b.norm3.forward(&xs)?, &xs)
     }
 
     /// diffusers' `FreeNoiseTransformerBlock.forward` for a self-attention-only block: `xs`
@@ -295,6 +314,6 @@ impl PreparedBlock<'_> {
         let xs = sums.broadcast_div(&divisor)?;
         drop(sums);
         debug_assert_eq!(xs.dims(), &[n, frames, c]);
-        add(&self.ff.forward(&b.norm3.forward(&xs)?)?, &xs)
+        self.ff.forward_residual(&b.norm3.forward(&xs)?, &xs)
     }
 }
