@@ -214,7 +214,9 @@ fn main() {
                 // SAFETY: a holds m×k, c m×n floats; the path was checked available.
                 // (at the path's own width: set_isa forces it whole)
                 let wide = t2v::kernels::avx512();
-                unsafe { packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, Init::Bias(&bias), wide) };
+                unsafe {
+                    packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, Init::Bias(&bias), wide, None)
+                };
                 best[p] = best[p].min(t.elapsed().as_secs_f64());
             }
         }
@@ -281,7 +283,7 @@ fn linear_per_call(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         // SAFETY (both): a holds m×k, c m×n floats, w n×k; the path was checked available.
         let whole = best_of(paths, || unsafe {
             let packed = PackedB::from_transposed(Src::F16(&w), n, k, true);
-            packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, Init::Bias(&bias), wide())
+            packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, Init::Bias(&bias), wide(), None)
         });
         report(&format!("{label} packed whole"), 2.0 * (m * k * n) as f64, paths, &whole);
         let streamed = best_of(paths, || unsafe {
@@ -348,7 +350,7 @@ fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             for (what, init) in [("bias", Init::Bias(&bias)), ("overwrite", Init::Overwrite)] {
                 // SAFETY: xs holds m×k, c m×n floats; the paths were checked available.
                 let best = best_of(&bf16_paths, || unsafe {
-                    packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true)
+                    packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true, None)
                 });
                 report(&format!("{label} product ({what})"), 2.0 * (m * k * n) as f64, &bf16_paths, &best);
             }

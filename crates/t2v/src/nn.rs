@@ -40,9 +40,7 @@ enum LinearWeight {
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
-    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
-    Linear::new(weight, Some(bias), false)
+    linear_with_bias(in_dim, out_dim, vb, false)
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
@@ -53,9 +51,14 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 /// A feed-forward's first projection (in, 2·inner), for [`Linear::forward_geglu`]: where its
 /// weight is packed at load, it is packed in the order of the product with GEGLU fused in.
 pub fn geglu_projection(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    linear_with_bias(in_dim, out_dim, vb, true)
+}
+
+/// [`linear`], packed for GEGLU with `geglu` ([`geglu_projection`]).
+fn linear_with_bias(in_dim: usize, out_dim: usize, vb: VarBuilder, geglu: bool) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
-    Linear::new(weight, Some(bias), true)
+    Linear::new(weight, Some(bias), geglu)
 }
 
 impl Linear {
@@ -231,9 +234,7 @@ impl PreparedLinear<'_> {
             None => self.layer.forward_geglu(x),
         }
     }
-}
 
-impl PreparedLinear<'_> {
     /// [`Linear::forward_residual`], through the weight packed beforehand where there is one.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {

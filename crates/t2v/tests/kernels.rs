@@ -298,7 +298,17 @@ fn packed_matmul_matches_float64_on_ragged_shapes() {
                     match how {
                         // the path's own width (set_isa forces it whole)
                         "rows" => unsafe {
-                            packed_matmul::matmul(m, a.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, kernels::avx512())
+                            packed_matmul::matmul(
+                                m,
+                                a.as_ptr(),
+                                k,
+                                &packed,
+                                c.as_mut_ptr(),
+                                n,
+                                init,
+                                kernels::avx512(),
+                                None,
+                            )
                         },
                         // the weight never packed whole: the same sums in the same order
                         "streamed weight" => unsafe {

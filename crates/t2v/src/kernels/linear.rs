@@ -33,7 +33,7 @@ impl<'a> Weight<'a> {
     /// `out (m×n) = init + x (m×k) · Wᵀ` at the linear layers' vector width.
     pub(crate) fn multiply(&self, x: &[f32], m: usize, out: &mut [f32], init: Init) {
         match self {
-            Weight::Packed(packed) => multiply(x, m, packed, out, init),
+            Weight::Packed(packed) => multiply(x, m, packed, out, init, None),
             &Weight::Streamed { w, n, k } => {
                 assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
                 let wide = super::wide(super::KernelKind::Linear);
@@ -57,7 +57,7 @@ fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
 
 /// `x·B + bias` for an input of float32 rows and a packed B.
 fn product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-    product_with(x, lx, packed.k(), packed.n(), bias, |x, m, out, init| multiply(x, m, packed, out, init))
+    product_with(x, lx, packed.k(), packed.n(), bias, |x, m, out, init| multiply(x, m, packed, out, init, None))
 }
 
 /// `x·W + bias` for an input of float32 rows (m×k) into a new m×n output, the product written by
@@ -81,14 +81,17 @@ fn product_with(
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
-/// `out (m×n) = init + x (m×k) · B` at the linear layers' vector width.
-fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init) {
+/// `out (m×n) = init + x (m×k) · B` at the linear layers' vector width, plus `residual` (m×n)
+/// where there is one.
+fn multiply(x: &[f32], m: usize, packed: &PackedB, out: &mut [f32], init: Init, residual: Option<&[f32]>) {
     let (k, n) = (packed.k(), packed.n());
     assert!(x.len() >= m * k && out.len() >= m * n, "linear operand sizes");
+    assert!(residual.is_none_or(|r| r.len() >= m * n), "linear residual size");
     let wide = super::wide(super::KernelKind::Linear);
+    let residual = residual.map(|r| r.as_ptr());
     // SAFETY: sizes checked above, rows contiguous; `packed_product()` was checked before any linear op
     // was applied (`linear`, `linear_accumulate`, `PackedLinear::new`).
-    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide) };
+    unsafe { packed_matmul::matmul(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n, init, wide, residual) };
 }
 
 impl LinearOp {
@@ -199,7 +202,7 @@ impl std::fmt::Debug for PackedLinear {
 }
 
 /// `(x·Wᵀ + b) + residual` through a [`PackedLinear`], the residual added as the product is
-/// written ([`packed_matmul::matmul_residual`]).
+/// written ([`packed_matmul::matmul`] with a residual).
 struct PackedResidualOp<'a>(&'a PackedLinear);
 
 impl CustomOp2 for PackedResidualOp<'_> {
@@ -216,23 +219,7 @@ impl CustomOp2 for PackedResidualOp<'_> {
             candle_core::bail!("linear-residual: residual {:?} for an output of {rows}×{n}", lr.shape().dims());
         }
         product_with(x, lx, k, n, self.0.bias.as_deref(), |x, m, out, init| {
-            assert!(x.len() >= m * k && out.len() >= m * n && residual.len() >= m * n, "linear operand sizes");
-            let wide = super::wide(super::KernelKind::Linear);
-            // SAFETY: sizes checked above, rows contiguous; `packed_product()` was checked when the
-            // weight was packed.
-            unsafe {
-                packed_matmul::matmul_residual(
-                    m,
-                    x.as_ptr(),
-                    k,
-                    packed,
-                    out.as_mut_ptr(),
-                    n,
-                    init,
-                    wide,
-                    residual.as_ptr(),
-                )
-            }
+            multiply(x, m, packed, out, init, Some(residual))
         })
     }
 }
@@ -248,7 +235,7 @@ impl candle_core::InplaceOp2 for PackedAccumulateOp<'_> {
     fn cpu_fwd(&self, acc: &mut CpuStorage, la: &Layout, x: &CpuStorage, lx: &Layout) -> Result<()> {
         let packed = &self.0.packed;
         accumulate_into(acc, la, x, lx, packed.n(), packed.k(), |x, m, acc| {
-            multiply(x, m, packed, acc, Init::Accumulate)
+            multiply(x, m, packed, acc, Init::Accumulate, None)
         })
     }
 }
@@ -477,7 +464,7 @@ impl candle_core::InplaceOp3 for LinearAccumulateOp {
     ) -> Result<()> {
         let w = super::src_of(w, lw, "linear weight")?;
         let (n, k) = lw.shape().dims2()?;
-        accumulate_into(acc, la, x, lx, n, k, |x, m, acc| multiply(x, m, &pack(w, n, k), acc, Init::Accumulate))
+        accumulate_into(acc, la, x, lx, n, k, |x, m, acc| multiply(x, m, &pack(w, n, k), acc, Init::Accumulate, None))
     }
 }
 

@@ -778,10 +778,11 @@ pub unsafe fn matmul_streamed(
 }
 
 /// [`matmul_rows`] on all of rayon's threads: rows split into equal blocks (a few per thread on
-/// large products; one per thread otherwise, so that no thread idles on a short tail).
+/// large products; one per thread otherwise, so that no thread idles on a short tail). With a
+/// `residual` R laid out as C, `C = (init + A · B) + R` ([`Epilogue::Residual`]).
 ///
 /// # Safety
-/// As [`matmul_rows`].
+/// As [`matmul_rows`]; a `residual` covers m rows of `ldc` floats.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
@@ -793,28 +794,10 @@ pub unsafe fn matmul(
     ldc: usize,
     init: Init,
     wide: bool,
+    residual: Option<*const f32>,
 ) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, Epilogue::Store)
-}
-
-/// [`matmul`] with a residual added: `C = (init + A · B) + R`, R (`residual`) laid out as C.
-///
-/// # Safety
-/// As [`matmul`]; `residual` covers m rows of `ldc` floats.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_residual(
-    m: usize,
-    a: *const f32,
-    lda: usize,
-    b: &PackedB,
-    c: *mut f32,
-    ldc: usize,
-    init: Init,
-    wide: bool,
-    residual: *const f32,
-) {
-    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, Epilogue::Residual(residual))
+    let epilogue = residual.map_or(Epilogue::Store, Epilogue::Residual);
+    parallel_rows(m, Lhs::Rows(a, lda), b, c, ldc, init, wide, epilogue)
 }
 
 /// GEGLU fused into the feed-forward's projection on AMX tiles ([`super::amx::geglu_panels`]):
@@ -984,27 +967,6 @@ pub unsafe fn matmul_packed(
 /// Not callable.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_residual(
-    _m: usize,
-    _a: *const f32,
-    _lda: usize,
-    _b: &PackedB,
-    _c: *mut f32,
-    _ldc: usize,
-    _init: Init,
-    _wide: bool,
-    _residual: *const f32,
-) {
-    unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
-}
-
-/// Never called off x86-64 and AArch64: [`super::packed_product`] is false there and callers take
-/// candle's matmul.
-///
-/// # Safety
-/// Not callable.
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     _m: usize,
     _a: *const f32,
@@ -1014,6 +976,7 @@ pub unsafe fn matmul(
     _ldc: usize,
     _init: Init,
     _wide: bool,
+    _residual: Option<*const f32>,
 ) {
     unreachable!("the packed matrix product runs only where packed_product() is true (x86-64, AArch64)")
 }

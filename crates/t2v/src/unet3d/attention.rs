@@ -154,8 +154,8 @@ struct PreparedFeedForward<'a> {
 
 impl PreparedFeedForward<'_> {
     /// The feed-forward of `xs` plus `residual` (shaped as `xs`), added as the second projection
-    /// writes its product ([`crate::nn::Linear::forward_residual`]).
-    /// Over chunks of [`FF_ROWS`] rows, each with its rows of the residual.
+    /// writes its product ([`crate::nn::Linear::forward_residual`]), over chunks of [`FF_ROWS`]
+    /// rows, each with its rows of the residual.
     fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let width = *dims.last().unwrap();

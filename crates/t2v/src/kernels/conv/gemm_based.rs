@@ -94,7 +94,7 @@ unsafe fn sgemm_packed(
     let packed = PackedB::from_rows(b, k, n, rhs_rs, parallel);
     let init = if accumulate { Init::Accumulate } else { Init::Overwrite };
     if parallel {
-        packed_matmul::matmul(m, a, lda, &packed, dst, dst_rs, init, true)
+        packed_matmul::matmul(m, a, lda, &packed, dst, dst_rs, init, true, None)
     } else {
         packed_matmul::matmul_rows(m, a, lda, &packed, dst, dst_rs, init, true)
     }
