@@ -346,11 +346,17 @@ fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             let ws: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
             let bias = b.to_vec1::<f32>()?;
             let mut c = vec![0f32; m * n];
+            let residual = Tensor::randn(0f32, 1.0, m * n, &dev)?.to_vec1::<f32>()?;
             let packed = PackedB::from_transposed_bf16(Src::Bf16(&ws), n, k, true);
-            for (what, init) in [("bias", Init::Bias(&bias)), ("overwrite", Init::Overwrite)] {
-                // SAFETY: xs holds m×k, c m×n floats; the paths were checked available.
+            let cases = [
+                ("bias", Init::Bias(&bias), None),
+                ("overwrite", Init::Overwrite, None),
+                ("bias, residual", Init::Bias(&bias), Some(residual.as_ptr())),
+            ];
+            for (what, init, residual) in cases {
+                // SAFETY: xs holds m×k, c and residual m×n floats; the paths were checked available.
                 let best = best_of(&bf16_paths, || unsafe {
-                    packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true, None)
+                    packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true, residual)
                 });
                 report(&format!("{label} product ({what})"), 2.0 * (m * k * n) as f64, &bf16_paths, &best);
             }

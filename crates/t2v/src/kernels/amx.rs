@@ -422,7 +422,18 @@ pub(super) unsafe fn blocked_panels(
     let kcp = kp.div_ceil(nkb).div_ceil(T) * T;
     asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags));
     let mut scratch = Scratch([0f32; 4 * TILE]);
-    let mut bias_row = Line([0f32; 2 * T]);
+    // the bias of B's panels `range`, zero-padded to whole pairs of panels, copied once: copying
+    // it per block of C stalled the products (the copy's loads wait behind the tile stores)
+    let bias_row = match init {
+        Init::Bias(bias) => {
+            let first = range.start * NR;
+            let mut row = Aligned::<f32>::zeroed((panels - range.start + 1) * NR);
+            let have = (panels * NR).min(n) - first;
+            row[..have].copy_from_slice(&bias[first..first + have]);
+            Some(row)
+        }
+        _ => None,
+    };
     let mut last = [Tile([0u32; TILE]), Tile([0u32; TILE])];
     A_PACK.with(|ap| {
         let mut apack = ap.borrow_mut();
@@ -476,12 +487,8 @@ pub(super) unsafe fn blocked_panels(
                     let cols = (nb * NR).min(n - jr * NR);
                     // how C starts: from the bias row (stride 0: the same 32 values in every row),
                     // zero, or its own values (C's block, or the scratch block's copy of it)
-                    let bias_start = match init {
-                        Init::Bias(bias) if kb == 0 => {
-                            bias_row.0.fill(0.0);
-                            bias_row.0[..cols].copy_from_slice(&bias[jr * NR..jr * NR + cols]);
-                            Some(bias_row.0.as_ptr())
-                        }
+                    let bias_start = match &bias_row {
+                        Some(row) if kb == 0 => Some(row.as_ptr().add((jr - range.start) * NR)),
                         _ => None,
                     };
                     let own = !matches!((init, kb), (Init::Overwrite, 0)) && bias_start.is_none();
@@ -495,7 +502,14 @@ pub(super) unsafe fn blocked_panels(
                         // (GEGLU: the gated output has one panel's columns per pair of B's)
                         let at = (i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR;
                         let cp = c.add(at);
-                        let full = rows == ra * T && cols == nb * NR && !geglu;
+                        // the residual's blocks go through the scratch block too, and are added as
+                        // they are copied out, rather than read back from C right behind the
+                        // tiles' stores to it (the stall that the bias's copy met above)
+                        let residual = match epilogue {
+                            Epilogue::Residual(res) if kb + 1 == nkb => Some(res.add(at)),
+                            _ => None,
+                        };
+                        let full = rows == ra * T && cols == nb * NR && !geglu && residual.is_none();
                         // the block's C: in place, or through a 32×32 scratch block
                         let (cb, ld) = if full { (cp, ldc) } else { (scratch.0.as_mut_ptr(), 2 * T) };
                         if !full && own {
@@ -513,16 +527,7 @@ pub(super) unsafe fn blocked_panels(
                         if geglu {
                             gated_rows(cb, rows, cp, ldc);
                         } else if !full {
-                            for r in 0..rows {
-                                std::ptr::copy_nonoverlapping(cb.add(r * ld), cp.add(r * ldc), cols);
-                            }
-                        }
-                        if let (Epilogue::Residual(res), true) = (epilogue, kb + 1 == nkb) {
-                            if full {
-                                add_block(cp, res.add(at), ldc, rows, cols);
-                            } else {
-                                super::packed_matmul::add_residual(rows, cols, cp, res.add(at), ldc);
-                            }
+                            copy_out(cb, rows, cols, cp, ldc, residual);
                         }
                         it += ra;
                     }
@@ -536,14 +541,18 @@ pub(super) unsafe fn blocked_panels(
     asm!("tilerelease", options(nostack, nomem, preserves_flags));
 }
 
-/// `c[r][j] += residual[r][j]` over a block of C of whole tiles (`rows` and `cols` 16 or 32),
-/// both `ld` apart.
+/// `c[r][j] = block[r][j] (+ residual[r][j])` for `rows` × `cols` (≤ 32) of a 32-wide scratch
+/// block, C and the residual rows `ld` apart.
 #[target_feature(enable = "avx512f")]
-unsafe fn add_block(c: *mut f32, residual: *const f32, ld: usize, rows: usize, cols: usize) {
-    for r in 0..rows {
-        for h in (0..cols).step_by(T) {
-            let (c, res) = (c.add(r * ld + h), residual.add(r * ld + h));
-            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(res)));
+unsafe fn copy_out(block: *const f32, rows: usize, cols: usize, c: *mut f32, ld: usize, residual: Option<*const f32>) {
+    for h in (0..cols).step_by(T) {
+        let mask: __mmask16 = if cols - h >= T { 0xffff } else { (1 << (cols - h)) - 1 };
+        for r in 0..rows {
+            let mut v = _mm512_maskz_loadu_ps(mask, block.add(r * 2 * T + h));
+            if let Some(res) = residual {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res.add(r * ld + h)));
+            }
+            _mm512_mask_storeu_ps(c.add(r * ld + h), mask, v);
         }
     }
 }
@@ -555,10 +564,6 @@ struct Scratch([f32; 4 * TILE]);
 /// One tile of pairs on a cache line (a ragged last depth tile of B, zero-padded).
 #[repr(C, align(64))]
 struct Tile([u32; TILE]);
-
-/// Two tiles' rows of float32 on a cache line (a bias row that every row of C starts from).
-#[repr(C, align(64))]
-struct Line([f32; 2 * T]);
 
 /// Whether [`conv_direct`] takes a convolution of these sizes: output channels in
 /// whole tiles and image rows in whole 16-pixel groups (the UNet's 32² and 16² levels and every
