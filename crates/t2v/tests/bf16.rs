@@ -348,7 +348,7 @@ fn bf16_winograd_convolutions_stay_near_float64() {
                 let x = randn(&[n, cin, h, w], 1.0);
                 let wt = randn(&[cout, cin, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
                 let b = randn(&[cout], 1.0);
-                let got = conv2d(&x, &wt, Some(&b), 1, 1).unwrap();
+                let got = conv2d_with(&x, &wt, Some(&b), 1, 1, ConvAlgo::Winograd).unwrap();
                 let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&b));
                 let want = conv2d_fallback(&xf, &wf, Some(&bf), 1, 1).unwrap();
                 let scale = conv2d_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf)), 1, 1).unwrap();
@@ -406,21 +406,24 @@ fn bf16_tiles_convolution_matches_float64_of_the_rounded_operands() {
             assert!(tight < 1e-5, "{k}×{k} tiles {cin}→{cout}: {tight:.2e}");
             assert!(loose < 4e-3 && loose > 1e-5, "{k}×{k} tiles {cin}→{cout}: {loose:.2e}");
         }
-        // sizes the tiles do not take go to Winograd
-        let x = randn(&[1, 16, 8, 8], 1.0);
+        // sizes the tiles do not take: Winograd, or the unfolded product on tiles for planes of
+        // 16 pixels at most (the UNet's 4×4 level) and for 8×8 planes in calls of at most 1,024
+        // rows (4 frames under guidance at the 8×8 level)
         let wt = randn(&[16, 16, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
-        assert!(conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Tiles).is_err(), "8-pixel rows");
-        let winograd = conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Winograd).unwrap();
-        let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
-        let diff = (&winograd - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        // planes of 16 pixels at most (the UNet's 4×4 level) take the unfolded product on tiles
-        let x = randn(&[2, 32, 4, 4], 1.0);
-        let wt = randn(&[16, 32, 3, 3], 0.1).to_dtype(DType::BF16).unwrap();
-        let unfolded = conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Unfolded).unwrap();
-        let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
-        let diff = (&unfolded - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "4×4 planes: the unfolded product");
+        for (n, side, want) in [
+            (1, 12, ConvAlgo::Winograd),
+            (17, 8, ConvAlgo::Winograd),
+            (16, 8, ConvAlgo::Unfolded),
+            (2, 4, ConvAlgo::Unfolded),
+            (80, 4, ConvAlgo::Unfolded),
+        ] {
+            let x = randn(&[n, 16, side, side], 1.0);
+            assert!(conv2d_with(&x, &wt, None, 1, 1, ConvAlgo::Tiles).is_err(), "{side}-pixel rows");
+            let chosen = conv2d_with(&x, &wt, None, 1, 1, want).unwrap();
+            let auto = conv2d(&x, &wt, None, 1, 1).unwrap();
+            let diff = (&chosen - &auto).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{n} images of {side}×{side}: {want:?}");
+        }
     });
 }
 

@@ -244,7 +244,7 @@ fn fast_kind_with(
     if !matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         return Ok(None);
     }
-    let (_, cin, h, w) = x.dims4()?;
+    let (images, cin, h, w) = x.dims4()?;
     let (cout, wcin, kh, kw) = weight.dims4()?;
     if wcin != cin || cout == 0 || cin == 0 || h == 0 || w == 0 {
         return Ok(None);
@@ -277,7 +277,7 @@ fn fast_kind_with(
         Some(Kind::Wino3x3)
             if unfolded
                 && want.is_none()
-                && UnfoldedPays::Plane3x3 { pixels, tiles: bf16_on_tiles(bf16) }.holds(cout) =>
+                && UnfoldedPays::Plane3x3 { pixels, rows: images * pixels, tiles: bf16_on_tiles(bf16) }.holds(cout) =>
         {
             Some(Kind::Unfolded)
         }
@@ -322,10 +322,16 @@ fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 /// 3×3 with bfloat16 weights on AMX tiles, where the tiles' direct kernel does not take the
 /// planes (rows of fewer than 16 pixels), 1280 channels, Winograd → unfolded: at 4×4, 8 images
 /// 106–120 → 280, 32 images 120–150 → 152; at 8×8 level (8 images 340–359 → 352, 32 images
-/// 187–265 → 155). Unfolded for planes of at most 16 pixels.
+/// 187–265 → 155). Unfolded for planes of at most 16 pixels, and for planes of 8×8 where the call
+/// has at most 1,024 rows (images × pixels): measured again with the bfloat16 products' later
+/// kernels (weights packed at load, the bias row fix), 8 images of 8×8 (4 frames under guidance),
+/// Winograd → unfolded, three rounds: 537 → 735, 518 → 875, 411 → 840; 32 images (16 frames)
+/// 714 → 749, 578 → 456, 535 → 402, so those stay with Winograd. In a 4-frame guided step
+/// (`--profile`, 3×3 time over linear time in the same step, 9 steps a build, alternating):
+/// 0.72 → 0.65.
 enum UnfoldedPays {
     Pointwise { pixels: usize },
-    Plane3x3 { pixels: usize, tiles: bool },
+    Plane3x3 { pixels: usize, rows: usize, tiles: bool },
     Temporal { rows: usize, tiles: bool },
 }
 
@@ -333,7 +339,7 @@ impl UnfoldedPays {
     fn holds(self, cout: usize) -> bool {
         match self {
             UnfoldedPays::Pointwise { pixels } => 64 * pixels <= cout,
-            UnfoldedPays::Plane3x3 { pixels, tiles } => tiles && pixels <= 16,
+            UnfoldedPays::Plane3x3 { pixels, rows, tiles } => tiles && (pixels <= 16 || (pixels <= 64 && rows <= 1024)),
             UnfoldedPays::Temporal { rows, tiles: false } => 4 * rows <= cout,
             UnfoldedPays::Temporal { rows, tiles: true } => rows <= 2 * cout,
         }
