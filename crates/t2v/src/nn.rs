@@ -305,24 +305,43 @@ impl Module for Conv2d {
 /// only, with zero frames padded at both ends (diffusers' `TemporalConvLayer`).
 #[derive(Debug, Clone)]
 pub struct TemporalConv {
-    /// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D
-    /// convolution over (frames, H·W).
-    weight: Tensor,
+    weight: TemporalWeight,
     bias: Tensor,
+}
+
+/// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D convolution
+/// over (frames, H·W); or laid out for good as the AMX tiles read it
+/// ([`kernels::conv::TemporalTiles`]: bfloat16 weights on the `amx` path, in the same memory).
+#[derive(Debug, Clone)]
+enum TemporalWeight {
+    Tensor(Tensor),
+    Tiles(std::sync::Arc<kernels::conv::TemporalTiles>),
 }
 
 pub fn temporal_conv(in_channels: usize, out_channels: usize, vb: VarBuilder) -> candle_core::Result<TemporalConv> {
     let weight = vb.get((out_channels, in_channels, 3, 1, 1), "weight")?.reshape((out_channels, in_channels, 3, 1))?;
     let bias = vb.get(out_channels, "bias")?;
     // The kernel may stay in its stored (narrower) dtype; it is widened when used.
+    let weight = match kernels::conv::TemporalTiles::resident(&weight)? {
+        Some(tiles) => TemporalWeight::Tiles(std::sync::Arc::new(tiles)),
+        None => TemporalWeight::Tensor(weight),
+    };
     Ok(TemporalConv { weight, bias })
 }
 
 impl TemporalConv {
+    /// Whether the weights are kept as the AMX tiles read them.
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.weight, TemporalWeight::Tiles(_))
+    }
+
     /// (batch, C, frames, H, W) → (batch, out, frames, H, W).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let c = xs.dim(1)?;
-        let out = timed("temporal conv", || kernels::conv::temporal_conv3(xs, &self.weight, Some(&self.bias)))?;
+        let out = timed("temporal conv", || match &self.weight {
+            TemporalWeight::Tensor(w) => kernels::conv::temporal_conv3(xs, w, Some(&self.bias)),
+            TemporalWeight::Tiles(t) => kernels::conv::temporal_conv3_tiles(xs, t, Some(&self.bias)),
+        })?;
         count_flops("temporal conv", 2 * 3 * c * out.elem_count());
         Ok(out)
     }

@@ -286,6 +286,52 @@ fn linear_layers_packed_at_load_give_the_bits_of_packing_per_call_and_of_the_res
 }
 
 #[test]
+fn temporal_convolutions_tiled_at_load_give_the_bits_of_tiling_per_call() {
+    use t2v::kernels::conv::{temporal_conv3, temporal_conv3_tiles, TemporalTiles};
+    on_path(Isa::Amx, || {
+        // (videos, cin, cout, frames, h, w): frames of whole 16-pixel groups (the tiles' kernel),
+        // an odd channel count, and frames of 20 pixels (the tensor remade for the other kernels)
+        for (b, cin, cout, f, h, w) in [(2, 64, 32, 4, 4, 4), (1, 19, 48, 5, 4, 8), (2, 32, 16, 3, 4, 5)] {
+            let x = randn(&[b, cin, f, h, w], 1.0);
+            let wt = randn(&[cout, cin, 3, 1], 0.1).to_dtype(DType::BF16).unwrap();
+            let bias = randn(&[cout], 1.0);
+            let tiles = TemporalTiles::resident(&wt).unwrap().expect("bfloat16 weights on the amx path");
+            let back = tiles.weight().unwrap();
+            let bits16 = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            assert!(bits16(&back) == bits16(&wt), "the weights remade from the tiles");
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for bias in [Some(&bias), None] {
+                let want = temporal_conv3(&x, &wt, bias).unwrap();
+                let got = temporal_conv3_tiles(&x, &tiles, bias).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert!(bits(&got) == bits(&want), "{b}×{cin}→{cout}, {f} frames of {h}×{w}");
+            }
+            // on a path without the tiles, the tensor is remade and multiplied there
+            on_path_inner(Isa::Avx2, || {
+                assert!(TemporalTiles::resident(&wt).unwrap().is_none());
+                let want = temporal_conv3(&x, &wt, Some(&bias)).unwrap();
+                let got = temporal_conv3_tiles(&x, &tiles, Some(&bias)).unwrap();
+                assert!(bits(&got) == bits(&want), "avx2: {b}×{cin}→{cout}");
+            });
+        }
+        // the layer keeps its weights tiled where they load as bfloat16
+        let (wt, lb) = (randn(&[32, 16, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap(), randn(&[32], 1.0));
+        let tensors = [("t.weight", &wt), ("t.bias", &lb)].map(|(n, t)| (n.to_string(), t.clone()));
+        let vb = candle_nn::VarBuilder::from_backend(
+            Box::new(AsStored(tensors.into_iter().collect())),
+            DType::F32,
+            Device::Cpu,
+        );
+        let layer = t2v::nn::temporal_conv(16, 32, vb.pp("t")).unwrap();
+        assert!(layer.is_tiled());
+        let x = randn(&[1, 16, 4, 4, 4], 1.0);
+        let want = temporal_conv3(&x, &wt, Some(&lb)).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(bits(&layer.forward(&x).unwrap()) == bits(&want), "the layer");
+    });
+}
+
+#[test]
 fn bf16_weights_are_widened_off_the_bf16_path() {
     for path in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
         on_path(path, || {

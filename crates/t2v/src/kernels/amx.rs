@@ -602,6 +602,51 @@ fn conv_weight_tiles(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> 
     out
 }
 
+/// A convolution's bfloat16 weights (cout, cin, taps) as [`conv_direct`]'s A tiles
+/// ([`conv_weight_tiles`]): made per call, or once at load for the layers that keep them
+/// ([`super::conv::TemporalTiles`]).
+pub struct ConvTiles {
+    tiles: Aligned<u32>,
+    cout: usize,
+    cin: usize,
+    taps: usize,
+}
+
+impl ConvTiles {
+    /// The tiles of `w` (cout, cin, taps), cout a multiple of 16.
+    pub(crate) fn new(w: &[half::bf16], cin: usize, cout: usize, taps: usize) -> Self {
+        assert!(cout.is_multiple_of(T) && w.len() >= cout * cin * taps, "convolution weight tiles");
+        ConvTiles { tiles: conv_weight_tiles(w, cin, cout, taps), cout, cin, taps }
+    }
+
+    /// (output channels, input channels, taps).
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.cout, self.cin, self.taps)
+    }
+
+    /// The weights back in their own layout (cout, cin, taps), exactly.
+    pub(crate) fn weights(&self) -> Vec<half::bf16> {
+        let (qp, taps) = (channel_pairs(self.cin), self.taps);
+        let per_tap = qp / T;
+        let ktiles = taps * per_tap;
+        let mut w = vec![half::bf16::ZERO; self.cout * self.cin * taps];
+        for (o, row) in w.chunks_mut(self.cin * taps).enumerate() {
+            let (g, r) = (o / T, o % T);
+            for tap in 0..taps {
+                for q in 0..self.cin.div_ceil(2) {
+                    let t = tap * per_tap + q / T;
+                    let pair = self.tiles[(g * ktiles + t) * TILE + r * T + q % T];
+                    row[2 * q * taps + tap] = half::bf16::from_bits(pair as u16);
+                    if 2 * q + 1 < self.cin {
+                        row[(2 * q + 1) * taps + tap] = half::bf16::from_bits((pair >> 16) as u16);
+                    }
+                }
+            }
+        }
+        w
+    }
+}
+
 /// Input row y of one image (cin planes of h×w, w a multiple of 16; rows outside the image are
 /// zeros) as qp rows of channel pairs, three times: once for each horizontal tap dx, shifted by
 /// it: `rows[dx·copy + q·w + x]` = (x[2q][y][x + dx − 1], x[2q + 1][y][x + dx − 1]) rounded to
@@ -694,28 +739,27 @@ unsafe fn pair_chunks(x: *const f32, cin: usize, h: usize, w: usize, y: usize, o
 ///
 /// # Safety
 /// [`super::amx`] is true (tile state granted); [`conv_direct_fits`]`(cout, w)`; kh and kw are 1 or
-/// 3; x holds n·cin·h·w floats, w cout·cin·kh·kw, out n·cout·h·w, bias cout.
+/// 3, the weights' taps kh·kw; x holds n·cin·h·w floats, out n·cout·h·w, bias cout.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn conv_direct(
     x: &[f32],
-    w: &[half::bf16],
+    weights: &ConvTiles,
     bias: Option<&[f32]>,
     out: &mut [f32],
     n: usize,
-    cin: usize,
-    cout: usize,
     (h, wd): (usize, usize),
     (kh, kw): (usize, usize),
 ) {
     use rayon::prelude::*;
     let taps = kh * kw;
+    let (cout, cin, wtaps) = weights.dims();
     assert!(conv_direct_fits(cout, wd) && x.len() >= n * cin * h * wd && out.len() >= n * cout * h * wd);
-    assert!(matches!(kh, 1 | 3) && matches!(kw, 1 | 3), "kernels of 1 or 3");
-    assert!(w.len() >= cout * cin * taps && bias.is_none_or(|b| b.len() >= cout));
+    assert!(matches!(kh, 1 | 3) && matches!(kw, 1 | 3) && wtaps == taps, "kernels of 1 or 3");
+    assert!(bias.is_none_or(|b| b.len() >= cout));
     let qp = channel_pairs(cin);
     let per_tap = qp / T;
     let ktiles = taps * per_tap;
-    let weights = conv_weight_tiles(w, cin, cout, taps);
+    let weights = &weights.tiles;
     // a 16×16 start tile per group of output channels: row r is that channel's bias
     let groups = cout / T;
     let mut starts = Aligned::<f32>::zeroed(if bias.is_some() { groups * TILE } else { 0 });
