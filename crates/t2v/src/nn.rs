@@ -245,6 +245,93 @@ impl PreparedLinear<'_> {
     }
 }
 
+impl PreparedLinear<'_> {
+    /// The weight packed for good or for these calls, where there is one.
+    fn packed(&self) -> Option<&kernels::linear::PackedLinear> {
+        match (&self.packed, &self.layer.weight) {
+            (Some(p), _) => Some(p),
+            (None, LinearWeight::Packed(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Whether this layer reads rows in AMX tiles ([`Activations::Tiles`]).
+    pub fn takes_tiles(&self) -> bool {
+        self.packed().is_some_and(|p| p.takes_tiles())
+    }
+
+    /// Whether this feed-forward projection reads rows in AMX tiles with GEGLU fused in
+    /// ([`PreparedLinear::forward_geglu_activations`]).
+    pub fn takes_geglu_tiles(&self) -> bool {
+        self.packed().is_some_and(|p| p.takes_tiles() && p.is_geglu())
+    }
+
+    /// The packed product of rows in tiles, timed and counted as the linear layer, shaped as
+    /// `dims` with the product's width last (`residual` added as it is written).
+    fn tiles_product(
+        &self,
+        a: &kernels::packed_matmul::PackedA,
+        dims: &[usize],
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let Some(packed) = self.packed().filter(|p| p.takes_tiles()) else {
+            candle_core::bail!("linear: rows in AMX tiles for a layer that does not multiply on them")
+        };
+        let (rows, out_dim) = (a.m(), packed.out_dim());
+        let y = timed("linear", || match residual {
+            Some(r) => packed.forward_residual_tiles(a, &r.reshape((rows, out_dim))?),
+            None => packed.forward_tiles(a),
+        })?;
+        count_flops("linear", 2 * rows * packed.in_dim() * out_dim);
+        let mut dims = dims.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(dims)
+    }
+
+    /// [`Module::forward`] of a LayerNorm's output.
+    pub fn forward_activations(&self, x: &Activations) -> candle_core::Result<Tensor> {
+        match x {
+            Activations::Rows(x) => self.forward(x),
+            Activations::Tiles(a, dims) => self.tiles_product(a, dims, None),
+        }
+    }
+
+    /// [`PreparedLinear::forward_geglu`] of a LayerNorm's output; where `tiles` (the next layer
+    /// [`PreparedLinear::takes_tiles`]), the input is in tiles and the projection can, the gated
+    /// output rounded into AMX tiles for that layer
+    /// ([`kernels::linear::PackedLinear::forward_geglu_tiles`]).
+    pub fn forward_geglu_activations(&self, x: &Activations, tiles: bool) -> candle_core::Result<Activations> {
+        let packed = self.packed().filter(|p| p.is_geglu() && p.takes_tiles());
+        match (x, packed) {
+            (Activations::Rows(x), _) => Ok(Activations::Rows(self.forward_geglu(x)?)),
+            (Activations::Tiles(a, dims), Some(p)) if tiles && p.gates_into_tiles() => {
+                let (rows, in_dim, out_dim) = (a.m(), p.in_dim(), p.out_dim());
+                let gated = timed("linear", || p.forward_geglu_tiles(a))?;
+                count_flops("linear", 2 * rows * in_dim * out_dim);
+                let mut dims = dims.clone();
+                if let Some(last) = dims.last_mut() {
+                    *last = gated.k();
+                }
+                Ok(Activations::Tiles(gated, dims))
+            }
+            (Activations::Tiles(a, dims), Some(_)) => Ok(Activations::Rows(self.tiles_product(a, dims, None)?)),
+            (Activations::Tiles(..), None) => {
+                candle_core::bail!("linear: rows in AMX tiles for a projection not packed for GEGLU on them")
+            }
+        }
+    }
+
+    /// [`PreparedLinear::forward_residual`] of activations in either form.
+    pub fn forward_residual_activations(&self, x: &Activations, residual: &Tensor) -> candle_core::Result<Tensor> {
+        match x {
+            Activations::Rows(x) => self.forward_residual(x, residual),
+            Activations::Tiles(a, dims) => self.tiles_product(a, dims, Some(residual)),
+        }
+    }
+}
+
 impl Module for PreparedLinear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu()) {
@@ -381,10 +468,41 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// This norm of `x` as the linear layers after it read it: where `tiles` (every one of them
+    /// [`PreparedLinear::takes_tiles`]) and the kernels can, rounded into their AMX tiles
+    /// ([`kernels::layer_norm::layer_norm_tiles`]: the same products, without a float32 output
+    /// or repacking per product); else float32 rows.
+    pub fn forward_rows(&self, x: &Tensor, tiles: bool) -> candle_core::Result<Activations> {
+        if let (true, Some(bias)) = (tiles, self.0.bias()) {
+            let packed =
+                timed("layer norm", || kernels::layer_norm::layer_norm_tiles(x, self.0.weight(), bias, self.0.eps()))?;
+            if let Some(packed) = packed {
+                return Ok(Activations::Tiles(packed, x.dims().to_vec()));
+            }
+        }
+        Ok(Activations::Rows(self.forward(x)?))
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        timed("layer norm", || self.0.forward(x))
+        timed("layer norm", || match self.0.bias() {
+            Some(bias) => kernels::layer_norm::layer_norm(x, self.0.weight(), bias, self.0.eps()),
+            None => self.0.forward(x),
+        })
     }
+}
+
+/// Activations as the linear layers after them read them: a LayerNorm's output
+/// ([`LayerNorm::forward_rows`]) or a feed-forward's gated hidden layer
+/// ([`PreparedLinear::forward_geglu_activations`]).
+pub enum Activations {
+    /// Float32 rows.
+    Rows(Tensor),
+    /// Rounded to bfloat16 in the layout of the AMX tiles' A operand, with the dimensions of
+    /// the rows it stands for.
+    Tiles(kernels::packed_matmul::PackedA, Vec<usize>),
 }
 
 /// `nn.GroupNorm(groups, channels, eps)` with its affine scale and shift.

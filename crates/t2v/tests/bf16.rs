@@ -536,3 +536,103 @@ fn bf16_attention_values_stay_near_float32() {
         assert_eq!(max_diff(&run(&long, ValueProduct::Bfloat16), &run(&long, ValueProduct::Float32)), 0.0);
     });
 }
+
+/// Bits of a float32 tensor.
+fn bits_of(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn layer_norm_matches_float64_and_gives_the_same_bits_at_every_vector_width() {
+    use t2v::kernels::layer_norm::layer_norm;
+    // rows of a transformer's widths, a ragged one, and rows far from zero mean (the variance
+    // from the deviations, not E[x²] − mean²)
+    for (rows, k, offset) in [(37, 320, 0.0), (5, 33, 0.0), (8, 1280, 300.0)] {
+        let x = (randn(&[rows, k], 1.0) + offset).unwrap();
+        let (g, b) = (randn(&[k], 1.0), randn(&[k], 1.0));
+        // float64: (x − mean)/√(var + eps)·γ + β
+        let xf = f64_of(&x);
+        let mean = xf.mean_keepdim(1).unwrap();
+        let d = xf.broadcast_sub(&mean).unwrap();
+        let var = d.sqr().unwrap().mean_keepdim(1).unwrap();
+        let want = d
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&f64_of(&g))
+            .unwrap()
+            .broadcast_add(&f64_of(&b))
+            .unwrap();
+        let mut seen: Vec<(Isa, Vec<u32>)> = Vec::new();
+        for path in [Isa::Avx2, Isa::Avx512, Isa::Amx] {
+            on_path(path, || {
+                let got = layer_norm(&x, &g, &b, 1e-5).unwrap();
+                let err = (f64_of(&got) - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let err = err.to_scalar::<f64>().unwrap();
+                // (a mean of 300 is summed in float32: its rounding moves every output)
+                let bound = if offset == 0.0 { 2e-5 } else { 2e-4 };
+                println!("{path}: {rows}×{k} (mean {offset}): {err:.2e} from float64");
+                assert!(err < bound, "{path}: {rows}×{k} (mean {offset}): {err:.2e} from float64");
+                seen.push((path, bits_of(&got)));
+            });
+        }
+        for (path, bits) in &seen[1..] {
+            assert!(*bits == seen[0].1, "{path} and {}: {rows}×{k}", seen[0].0);
+        }
+    }
+}
+
+#[test]
+fn products_of_rows_in_tiles_give_the_bits_of_products_of_float32_rows() {
+    use t2v::kernels::layer_norm::{layer_norm, layer_norm_tiles};
+    use t2v::kernels::linear::PackedLinear;
+    on_path(Isa::Amx, || {
+        // (rows, in, out): rows past whole 16s, one product on one thread, columns split among
+        // threads (few rows), rows split (many), an odd depth
+        for (rows, k, n) in [(37, 64, 48), (300, 128, 256), (2100, 64, 96), (21, 33, 32)] {
+            let x = randn(&[rows, k], 1.0);
+            let (g, b) = (randn(&[k], 1.0), randn(&[k], 0.5));
+            let w = randn(&[n, k], 0.1).to_dtype(DType::BF16).unwrap();
+            let bias = randn(&[n], 1.0);
+            let residual = randn(&[rows, n], 1.0);
+            let layer = PackedLinear::resident(&w, Some(&bias), false).unwrap().expect("bf16 weights pack on amx");
+            assert!(layer.takes_tiles());
+            let normed = layer_norm(&x, &g, &b, 1e-5).unwrap();
+            let tiles = layer_norm_tiles(&x, &g, &b, 1e-5).unwrap().expect("tiles on amx");
+            let what = format!("{rows}×{k}·{k}×{n}");
+            assert!(
+                bits_of(&layer.forward_tiles(&tiles).unwrap()) == bits_of(&layer.forward(&normed).unwrap()),
+                "{what}"
+            );
+            let got = layer.forward_residual_tiles(&tiles, &residual).unwrap();
+            assert!(bits_of(&got) == bits_of(&layer.forward_residual(&normed, &residual).unwrap()), "{what}, residual");
+        }
+        // the feed-forward: GEGLU's gated rows into tiles for the second projection
+        for (rows, k, inner) in [(37, 64, 64), (300, 128, 128), (2100, 64, 64)] {
+            let x = randn(&[rows, k], 1.0);
+            let (g, b) = (randn(&[k], 1.0), randn(&[k], 0.5));
+            let proj_w = randn(&[2 * inner, k], 0.1).to_dtype(DType::BF16).unwrap();
+            let proj_b = randn(&[2 * inner], 1.0);
+            let out_w = randn(&[k, inner], 0.1).to_dtype(DType::BF16).unwrap();
+            let out_b = randn(&[k], 1.0);
+            let proj = PackedLinear::resident(&proj_w, Some(&proj_b), true).unwrap().unwrap();
+            let out = PackedLinear::resident(&out_w, Some(&out_b), false).unwrap().unwrap();
+            assert!(proj.is_geglu() && proj.gates_into_tiles());
+            let gated = proj.forward_geglu(&layer_norm(&x, &g, &b, 1e-5).unwrap()).unwrap();
+            let want = out.forward_residual(&gated, &x).unwrap();
+            let tiles = layer_norm_tiles(&x, &g, &b, 1e-5).unwrap().unwrap();
+            assert!(bits_of(&proj.forward_tiles(&tiles).unwrap()) == bits_of(&gated), "{rows}×{k}: gated rows");
+            let gated_tiles = proj.forward_geglu_tiles(&tiles).unwrap();
+            let got = out.forward_residual_tiles(&gated_tiles, &x).unwrap();
+            assert!(bits_of(&got) == bits_of(&want), "{rows}×{k}, inner {inner}: the feed-forward");
+        }
+    });
+    // elsewhere there are no tiles: the float32 rows go on
+    on_path(Isa::Avx512Bf16, || {
+        let x = randn(&[20, 64], 1.0);
+        let (g, b) = (randn(&[64], 1.0), randn(&[64], 0.5));
+        assert!(layer_norm_tiles(&x, &g, &b, 1e-5).unwrap().is_none());
+        let w = randn(&[32, 64], 0.1).to_dtype(DType::BF16).unwrap();
+        let layer = PackedLinear::resident(&w, None, false).unwrap().unwrap();
+        assert!(!layer.takes_tiles());
+    });
+}

@@ -363,11 +363,14 @@ pub(crate) fn geglu_fits(k: usize, n: usize) -> bool {
 /// through a scratch block in L1 and only its 16 gated columns are written: the projection's
 /// output, twice the width of the gated one, never reaches memory and is not read back. The
 /// same sums and the same GELU (`vmath::gelu`) as the projection and then `geglu`, so the same
-/// bits. B's `range` of panels starts and ends on a pair.
+/// bits. B's `range` of panels starts and ends on a pair. With [`Epilogue::GegluTiles`] the
+/// gated columns are rounded into the next product's A tiles instead ([`gated_tile_rows`]).
 ///
 /// # Safety
 /// As [`blocked`], with [`geglu_fits`] true, AVX-512F present, and `out` m rows of `ldo`
-/// (≥ n/2) floats.
+/// (≥ n/2) floats (with `GegluTiles`, [`gated_tiles_fit`] and ⌈m/16⌉ row groups of tiles, `ldo`
+/// a group's u32 / 16).
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn geglu_panels(
     m: usize,
     a: Lhs,
@@ -376,9 +379,30 @@ pub(super) unsafe fn geglu_panels(
     ldo: usize,
     init: Init,
     range: std::ops::Range<usize>,
+    epilogue: Epilogue,
 ) {
     debug_assert!(geglu_fits(b.k, b.n) && range.start.is_multiple_of(2) && range.end.is_multiple_of(2));
-    blocked_panels(m, a, b, out, ldo, init, range, Epilogue::Geglu)
+    debug_assert!(matches!(epilogue, Epilogue::Geglu) || gated_tiles_fit(b.n));
+    blocked_panels(m, a, b, out, ldo, init, range, epilogue)
+}
+
+/// Whether [`Epilogue::GegluTiles`] takes a projection `n` wide: its gated half in whole depth
+/// tiles of the next product (32 columns a tile row), so that no tile holds padding to clear.
+pub(crate) fn gated_tiles_fit(n: usize) -> bool {
+    n.is_multiple_of(4 * T)
+}
+
+/// As [`gated_rows`], each row's 16 gated values rounded to 8 bfloat16 pairs (`vcvtneps2bf16`,
+/// the rounding of [`pack_rows`]) and stored as half a tile row: row r of the block at
+/// `dst + (r / 16)·group + (r % 16)·16` (u32), `group` the u32 of a 16-row group.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn gated_tile_rows(s: *const f32, rows: usize, dst: *mut u32, group: usize) {
+    for r in 0..rows {
+        let v = _mm512_loadu_ps(s.add(r * 2 * T));
+        let g = super::vmath::gelu(_mm512_loadu_ps(s.add(r * 2 * T + T)));
+        let pairs = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, g)));
+        _mm256_storeu_si256(dst.add((r / T) * group + (r % T) * T) as *mut __m256i, pairs);
+    }
 }
 
 /// `dst[r][c] = s[r][c] · gelu(s[r][16 + c])` for `rows` rows of a 32-wide scratch block: a
@@ -411,7 +435,8 @@ pub(super) unsafe fn blocked_panels(
     epilogue: Epilogue,
 ) {
     let (k, n) = (b.k, b.n);
-    let geglu = matches!(epilogue, Epilogue::Geglu);
+    let geglu = matches!(epilogue, Epilogue::Geglu | Epilogue::GegluTiles);
+    let to_tiles = matches!(epilogue, Epilogue::GegluTiles);
     if m == 0 || n == 0 || range.is_empty() {
         return;
     }
@@ -499,8 +524,13 @@ pub(super) unsafe fn blocked_panels(
                         let rows = (ra * T).min(mc - it * T);
                         let ap = a_tiles.add(it * a_stride * TILE);
                         let a = [ap, ap.add(a_stride * TILE)];
-                        // (GEGLU: the gated output has one panel's columns per pair of B's)
-                        let at = (i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR;
+                        // (GEGLU: the gated output has one panel's columns per pair of B's; in
+                        // tiles, 8 pairs: half a row of depth tile jr / 4, ldc a row group / 16)
+                        let at = if to_tiles {
+                            (i0 + it * T) * ldc + (jr / 4) * TILE + (jr / 2 % 2) * (T / 2)
+                        } else {
+                            (i0 + it * T) * ldc + if geglu { jr / 2 } else { jr } * NR
+                        };
                         let cp = c.add(at);
                         // the residual's blocks go through the scratch block too, and are added as
                         // they are copied out, rather than read back from C right behind the
@@ -524,7 +554,9 @@ pub(super) unsafe fn blocked_panels(
                             None => Start::Zero,
                         };
                         block_of(ra, nb, kt, a, b_at, 64, ct, ld * 4, start);
-                        if geglu {
+                        if to_tiles {
+                            gated_tile_rows(cb, rows, cp as *mut u32, T * ldc);
+                        } else if geglu {
                             gated_rows(cb, rows, cp, ldc);
                         } else if !full {
                             copy_out(cb, rows, cols, cp, ldc, residual);

@@ -5,7 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::packed_matmul::{self, Init, PackedB};
+use super::packed_matmul::{self, Init, PackedA, PackedB};
 
 /// `x·Wᵀ + b` with the weight packed (or streamed) by the call; with `geglu`, the feed-forward's
 /// first projection with GEGLU fused in ([`linear_geglu`]).
@@ -350,6 +350,132 @@ impl PackedLinear {
             candle_core::bail!("packed linear: a float32 residual only, not {:?}", residual.dtype());
         }
         x.apply_op2_no_bwd(&super::copy::contiguous(residual)?, &PackedResidualOp(self))
+    }
+
+    /// Whether [`PackedLinear::forward_tiles`] takes rows already in AMX tiles
+    /// ([`super::layer_norm::layer_norm_tiles`]): a bfloat16 weight, products on the tiles.
+    pub fn takes_tiles(&self) -> bool {
+        self.packed.is_bf16() && super::amx()
+    }
+
+    /// The product (gated where packed for GEGLU) of rows in AMX tiles: (rows, out), or
+    /// (rows, out/2) with GEGLU. The same bits as [`PackedLinear::forward`] (or
+    /// [`PackedLinear::forward_geglu`]) of the float32 rows those tiles were rounded from.
+    pub fn forward_tiles(&self, a: &PackedA) -> Result<Tensor> {
+        self.tiles_product(a, None)
+    }
+
+    /// [`PackedLinear::forward_tiles`] plus `residual` (rows, out), added as each block of the
+    /// product leaves the tiles, as [`PackedLinear::forward_residual`] adds it.
+    pub fn forward_residual_tiles(&self, a: &PackedA, residual: &Tensor) -> Result<Tensor> {
+        if self.geglu {
+            candle_core::bail!("packed linear: packed for forward_geglu, not a residual product");
+        }
+        self.tiles_product(a, Some(residual))
+    }
+
+    /// Whether [`PackedLinear::forward_geglu_tiles`] takes this projection: packed for GEGLU on
+    /// AMX tiles, its gated half in whole depth tiles.
+    pub fn gates_into_tiles(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.geglu && self.takes_tiles() && super::amx::gated_tiles_fit(self.packed.n());
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// [`PackedLinear::forward_tiles`] with GEGLU fused in, the gated output itself rounded into
+    /// AMX tiles for the next product ([`PackedLinear::forward_residual_tiles`]): the same bits
+    /// as that product of the float32 gated rows, without writing them, reading them back and
+    /// packing them.
+    pub fn forward_geglu_tiles(&self, a: &PackedA) -> Result<PackedA> {
+        let (k, n) = (self.packed.k(), self.packed.n());
+        if !self.gates_into_tiles() || !a.is_tiles() || a.k() != k {
+            candle_core::bail!(
+                "packed linear: a projection {n}×{k} that does not gate into AMX tiles, or rows of depth {}",
+                a.k()
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            const T: usize = 16;
+            let (m, gated) = (a.m(), n / 2);
+            let tiles = gated.div_ceil(2).div_ceil(T);
+            let group = tiles * T * T;
+            // SAFETY: every element is written: the product writes each real row's pairs (the
+            // gated half fills whole tiles, gates_into_tiles), the rows past m are zeroed here.
+            let mut pairs = unsafe { super::aligned::Aligned::<u32>::uninit(m.div_ceil(T) * group) };
+            if !m.is_multiple_of(T) {
+                let last = &mut pairs[(m / T) * group..];
+                for t in 0..tiles {
+                    last[t * T * T + (m % T) * T..(t + 1) * T * T].fill(0);
+                }
+            }
+            let init = self.bias.as_deref().map_or(Init::Overwrite, Init::Bias);
+            // SAFETY: AMX checked with A in tiles of B's depth and gated_tiles_fit; `pairs` holds
+            // ⌈m/16⌉ groups of `tiles` tiles, 16·tiles u32 a row's stride.
+            unsafe {
+                packed_matmul::matmul_tiles(
+                    a,
+                    &self.packed,
+                    pairs.as_mut_ptr() as *mut f32,
+                    tiles * T,
+                    init,
+                    packed_matmul::Epilogue::GegluTiles,
+                )
+            };
+            Ok(PackedA { data: Vec::new(), pairs, bf16: true, tiles: true, m, k: gated })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("gates_into_tiles() is false off x86-64")
+    }
+
+    fn tiles_product(&self, a: &PackedA, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (k, n) = (self.packed.k(), self.packed.n());
+        if !self.takes_tiles() || !a.is_tiles() || a.k() != k {
+            candle_core::bail!(
+                "packed linear: rows in tiles of depth {} for a weight {n}×{k} {}",
+                a.k(),
+                if self.takes_tiles() { "of the same depth" } else { "that does not multiply on AMX tiles" }
+            );
+        }
+        let m = a.m();
+        let width = if self.geglu { n / 2 } else { n };
+        let residual = match residual {
+            Some(r) => {
+                if r.dims() != [m, n] || r.dtype() != DType::F32 || !r.device().is_cpu() {
+                    candle_core::bail!("packed linear: residual {:?} for an output of {m}×{n}", r.dims());
+                }
+                Some(super::copy::contiguous(r)?)
+            }
+            None => None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            let init = self.bias.as_deref().map_or(Init::Overwrite, Init::Bias);
+            // every element (of the gated half with GEGLU) is written
+            let mut out = super::output_buffer(m * width);
+            let guard = residual.as_ref().map(|r| r.storage_and_layout());
+            let epilogue = match &guard {
+                Some((storage, layout)) => {
+                    let candle_core::Storage::Cpu(cpu) = &**storage else {
+                        candle_core::bail!("packed linear: a residual on the CPU only")
+                    };
+                    packed_matmul::Epilogue::Residual(super::f32_of(cpu, layout, "linear residual")?.as_ptr())
+                }
+                None if self.geglu => packed_matmul::Epilogue::Geglu,
+                None => packed_matmul::Epilogue::Store,
+            };
+            // SAFETY: AMX checked (takes_tiles), A in tiles of B's depth, GEGLU packing only where
+            // geglu_fits; `out` holds m rows of `width`, the residual m rows of n.
+            unsafe { packed_matmul::matmul_tiles(a, &self.packed, out.as_mut_ptr(), width, init, epilogue) };
+            drop(guard);
+            Tensor::from_vec(out, (m, width), &candle_core::Device::Cpu)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (residual, width);
+            unreachable!("takes_tiles() is false off x86-64")
+        }
     }
 
     /// [`linear_accumulate`] through this weight: `acc (rows, out) += x (rows, in) · Wᵀ` in

@@ -17,6 +17,7 @@ pub mod copy;
 pub mod geglu;
 pub mod group_norm;
 pub mod isa;
+pub mod layer_norm;
 pub mod linear;
 pub mod packed_matmul;
 pub mod tuning;

@@ -171,6 +171,16 @@ impl PackedA {
         self.m
     }
 
+    /// A's depth.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether A is in AMX tiles (products on tiles only).
+    pub fn is_tiles(&self) -> bool {
+        self.tiles
+    }
+
     /// Whether A is in the bfloat16 form (products on `vdpbf16ps`).
     pub fn is_bf16(&self) -> bool {
         self.bf16
@@ -344,6 +354,11 @@ pub(crate) enum Epilogue {
     Store,
     /// GEGLU fused in on AMX tiles ([`super::amx::geglu_panels`]): the output is the gated half.
     Geglu,
+    /// As [`Epilogue::Geglu`], the gated output rounded to bfloat16 into AMX tiles for the
+    /// product that reads it ([`PackedA`] tiles, [`super::amx::gated_tiles_fit`]): C is that
+    /// buffer's u32, its "row stride" 16 × its depth tiles a row group (the offset of row r, a
+    /// multiple of 16, is then r × the stride, as for float32 rows).
+    GegluTiles,
     /// A residual added once C is complete: `C = (init + A·B) + R`, R laid out as C (its rows
     /// `ldc` apart): the sums and the one addition of the product followed by an add, so the
     /// same bits, without a second output.
@@ -846,6 +861,20 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
     }
 }
 
+/// `C (a.m()×n, row stride ldc) = init + A · B` for A in AMX tiles (a LayerNorm's output,
+/// [`super::layer_norm::layer_norm_tiles`], or a gated feed-forward's) on all of rayon's threads,
+/// with the `epilogue` of a product on float32 rows (GEGLU: C is the gated output).
+///
+/// # Safety
+/// [`super::amx`] is true and A is in tiles (with [`super::amx::geglu_fits`] for GEGLU); `c`
+/// covers a.m() rows of `ldc` floats (n, or n/2 with GEGLU), as does a residual.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn matmul_tiles(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, epilogue: Epilogue) {
+    assert!(a.tiles && b.bf16 && a.k == b.k, "tiles of A for a bfloat16 B of the same depth");
+    let lhs = Lhs::TilesBf16(a.pairs.as_ptr(), a.k.div_ceil(2).div_ceil(16));
+    parallel_rows(a.m, lhs, b, c, ldc, init, true, epilogue)
+}
+
 /// The most rows for which a product on AMX tiles splits B's columns among the threads rather
 /// than A's rows. `kernel_speed`'s bf16 linear rows, Emerald Rapids, 2 cores, GFLOP/s of the
 /// product, interleaved best of 10 three times, rows split → columns split: 128×1280·1280×10240
@@ -870,13 +899,13 @@ unsafe fn parallel_rows(
     epilogue: Epilogue,
 ) {
     let panels = b.n.div_ceil(NR);
-    let geglu = matches!(epilogue, Epilogue::Geglu);
+    let geglu = matches!(epilogue, Epilogue::Geglu | Epilogue::GegluTiles);
     // B's panels `range` for m rows from `a` into `c` (the epilogue's residual at c's offset),
     // on this thread
     let run = |m: usize, a: Lhs, c: *mut f32, epilogue: Epilogue, range: std::ops::Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if geglu {
-            return super::amx::geglu_panels(m, a, b, c, ldc, init, range);
+            return super::amx::geglu_panels(m, a, b, c, ldc, init, range, epilogue);
         } else if range != (0..panels)
             || (matches!(epilogue, Epilogue::Residual(_))
                 && b.bf16

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use crate::long_video::WindowPlan;
 use crate::nn::{
     accumulate_window, add_windows, contiguous, geglu_projection, layer_norm, linear, linear_no_bias,
-    multi_head_attention, multi_head_attention_windows, LayerNorm, Linear, PreparedLinear, ValueProduct,
+    multi_head_attention, multi_head_attention_windows, Activations, LayerNorm, Linear, PreparedLinear, ValueProduct,
 };
 
 /// `Attention(query_dim, cross_attention_dim, heads, dim_head)`: q from the hidden states, k and
@@ -85,23 +85,32 @@ impl PreparedAttention<'_> {
     /// ([`crate::nn::Linear::forward_residual`]).
     pub fn forward_residual(
         &self,
-        xs: &Tensor,
+        xs: &Activations,
         context: Option<(&Tensor, usize)>,
         residual: &Tensor,
     ) -> candle_core::Result<Tensor> {
         self.to_out.forward_residual(&self.attend(xs, context)?, residual)
     }
 
-    /// The heads (batch, tokens, inner) before `to_out`.
-    fn attend(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
-        let q = self.to_q.forward(xs)?;
-        let (source, repeat) = context.unwrap_or((xs, 1));
-        let (k, v) = (self.to_k.forward(source)?, self.to_v.forward(source)?);
+    /// Whether every projection of `xs` (q, and k and v without a `context`) reads a LayerNorm's
+    /// output in AMX tiles ([`LayerNorm::forward_rows`]).
+    fn takes_tiles(&self, cross: bool) -> bool {
+        self.to_q.takes_tiles() && (cross || (self.to_k.takes_tiles() && self.to_v.takes_tiles()))
+    }
+
+    /// The heads (batch, tokens, inner) before `to_out`: q from `xs`, k and v from `context`
+    /// (cross-attention) or from `xs`.
+    fn attend(&self, xs: &Activations, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
+        let q = self.to_q.forward_activations(xs)?;
+        let (k, v, repeat) = match context {
+            Some((source, repeat)) => (self.to_k.forward(source)?, self.to_v.forward(source)?, repeat),
+            None => (self.to_k.forward_activations(xs)?, self.to_v.forward_activations(xs)?, 1),
+        };
         multi_head_attention(&q, &k, &v, self.heads, self.scale, repeat, self.values)
     }
 
     /// Self-attention's heads (batch, tokens, inner) before `to_out`.
-    fn heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    fn heads(&self, xs: &Activations) -> candle_core::Result<Tensor> {
         self.attend(xs, None)
     }
 }
@@ -153,21 +162,24 @@ struct PreparedFeedForward<'a> {
 }
 
 impl PreparedFeedForward<'_> {
-    /// The feed-forward of `xs` plus `residual` (shaped as `xs`), added as the second projection
-    /// writes its product ([`crate::nn::Linear::forward_residual`]), over chunks of [`FF_ROWS`]
-    /// rows, each with its rows of the residual.
-    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+    /// The feed-forward of `norm(xs)` plus `xs`, added as the second projection writes its
+    /// product ([`crate::nn::Linear::forward_residual`]), over chunks of [`FF_ROWS`] rows (the
+    /// norm too: it acts on each row alone), each with its rows of the residual.
+    fn forward_residual(&self, norm: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let width = *dims.last().unwrap();
         let rows = xs.elem_count() / width;
         let flat = xs.reshape((rows, width))?;
-        let residual = residual.reshape((rows, width))?;
+        let tiles = self.proj.takes_geglu_tiles();
         let mut outs = Vec::with_capacity(rows.div_ceil(FF_ROWS));
         for start in (0..rows).step_by(FF_ROWS) {
             let len = FF_ROWS.min(rows - start);
+            let chunk = flat.narrow(0, start, len)?;
             // GEGLU: value * gelu(gate), with the exact (erf) GELU as F.gelu.
-            let gated = self.proj.forward_geglu(&flat.narrow(0, start, len)?)?;
-            outs.push(self.out.forward_residual(&gated, &residual.narrow(0, start, len)?)?);
+            let normed = norm.forward_rows(&chunk, tiles)?;
+            let gated = self.proj.forward_geglu_activations(&normed, self.out.takes_tiles())?;
+            drop(normed);
+            outs.push(self.out.forward_residual_activations(&gated, &chunk)?);
         }
         let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? };
         out.reshape(dims)
@@ -241,10 +253,11 @@ impl PreparedBlock<'_> {
     /// `context`: the text embeddings and how many consecutive rows of `xs` share each.
     pub fn forward(&self, xs: &Tensor, context: Option<(&Tensor, usize)>) -> candle_core::Result<Tensor> {
         let b = self.block;
+        let (tiles1, tiles2) = (self.attn1.takes_tiles(false), self.attn2.takes_tiles(context.is_some()));
         // each residual added as the layer's last product writes its output
-        let xs = self.attn1.forward_residual(&b.norm1.forward(xs)?, None, xs)?;
-        let xs = self.attn2.forward_residual(&b.norm2.forward(&xs)?, context, &xs)?;
-        self.ff.forward_residual(&b.norm3.forward(&xs)?, &xs)
+        let xs = self.attn1.forward_residual(&b.norm1.forward_rows(xs, tiles1)?, None, xs)?;
+        let xs = self.attn2.forward_residual(&b.norm2.forward_rows(&xs, tiles2)?, context, &xs)?;
+        self.ff.forward_residual(&b.norm3, &xs)
     }
 
     /// diffusers' `FreeNoiseTransformerBlock.forward` for a self-attention-only block: `xs`
@@ -265,8 +278,12 @@ impl PreparedBlock<'_> {
         // per window (the reference recomputes them per window: the same numbers, 3/8 of the
         // windowed projections saved). What follows attn1 depends on its window.
         let (b, a1, a2) = (self.block, &self.attn1, &self.attn2);
-        let normed = b.norm1.forward(xs)?;
-        let (q, k, v) = (a1.to_q.forward(&normed)?, a1.to_k.forward(&normed)?, a1.to_v.forward(&normed)?);
+        let normed = b.norm1.forward_rows(xs, a1.takes_tiles(false))?;
+        let (q, k, v) = (
+            a1.to_q.forward_activations(&normed)?,
+            a1.to_k.forward_activations(&normed)?,
+            a1.to_v.forward_activations(&normed)?,
+        );
         drop(normed);
         // The reference adds each window's `attn2.to_out(heads) + hidden`, weighted. `to_out` is
         // affine, so Σ wᵢ·(W·headsᵢ + b) = W·(Σ wᵢ·headsᵢ) + (Σ wᵢ)·b: the heads' outputs are
@@ -298,7 +315,7 @@ impl PreparedBlock<'_> {
             let hidden = a1.to_out.forward(&heads)?;
             drop(heads);
             add_windows(&hidden, &xs, &starts)?;
-            let heads = a2.heads(&b.norm2.forward(&hidden)?)?;
+            let heads = a2.heads(&b.norm2.forward_rows(&hidden, a2.takes_tiles(false))?)?;
             // added window by window, in the reference's order
             for (i, window) in windows.iter().enumerate() {
                 let part = |t: &Tensor| t.narrow(0, i * n, n);
@@ -314,6 +331,6 @@ impl PreparedBlock<'_> {
         let xs = sums.broadcast_div(&divisor)?;
         drop(sums);
         debug_assert_eq!(xs.dims(), &[n, frames, c]);
-        self.ff.forward_residual(&b.norm3.forward(&xs)?, &xs)
+        self.ff.forward_residual(&b.norm3, &xs)
     }
 }
