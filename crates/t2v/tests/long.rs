@@ -57,7 +57,13 @@ fn params_of(run: &serde_json::Value) -> GenerationParams {
 }
 
 fn check_runs(model: &str) {
-    let pipe = TextToVideo::load(model_dir(model), &LoadOptions::default()).unwrap();
+    check_runs_with(model, &LoadOptions::default(), MODULE_TOL, 1e-3)
+}
+
+/// The long runs of `model` loaded with `options`: travelling prompt embeddings within
+/// `embeds_tol` (relative), frames within `frames_tol` (max abs) of the reference.
+fn check_runs_with(model: &str, options: &LoadOptions, embeds_tol: f64, frames_tol: f64) {
+    let pipe = TextToVideo::load(model_dir(model), options).unwrap();
     let (json, refs) = long_reference(model);
     for (i, run) in json["runs"].as_array().unwrap().iter().enumerate() {
         let params = params_of(run);
@@ -71,7 +77,7 @@ fn check_runs(model: &str) {
         if let Some(key) = run.get("prompt_embeds_key").and_then(|v| v.as_str()) {
             let embeds = pipe.travelling_context(&params).unwrap();
             let err = rel_err(&embeds, &refs[key]);
-            assert!(err <= MODULE_TOL, "{model} run {i}: prompt embeddings differ by {err:.2e} (relative)");
+            assert!(err <= embeds_tol, "{model} run {i}: prompt embeddings differ by {err:.2e} (relative)");
             embeds_err = Some(err);
         }
 
@@ -92,7 +98,7 @@ fn check_runs(model: &str) {
             run["scheduler"],
             embeds_err.map_or("-".to_string(), |e| format!("{e:.2e}"))
         );
-        assert!(err <= 1e-3, "{model} run {i}: frames differ by {err:.2e}");
+        assert!(err <= frames_tol, "{model} run {i}: frames differ by {err:.2e}");
         let first = video.frames.i(0).unwrap();
         let range = (first.max_all().unwrap().to_scalar::<f32>().unwrap()
             - first.min_all().unwrap().to_scalar::<f32>().unwrap()) as f64;
@@ -108,6 +114,16 @@ fn tiny_long_runs_match_reference() {
 #[test]
 fn small_long_runs_match_reference() {
     check_runs("small-t2v");
+}
+
+/// `--dtype bf16`'s FreeNoise windows (on AMX, the LayerNorms' rows and the feed-forwards' gated
+/// rows in tiles, per window group) stay within the bfloat16 bound of the float32 reference
+/// that plain text-to-video keeps on this fixture (`tests/pipeline.rs`); the text encoder's
+/// bfloat16 products move the travelling embeddings by a few percent (measured 4.1e-2).
+#[test]
+fn tiny_long_runs_in_bf16_stay_near_reference() {
+    let options = LoadOptions { dtype: candle_core::DType::BF16, ..LoadOptions::default() };
+    check_runs_with("tiny-t2v", &options, 8e-2, 2e-2);
 }
 
 /// `torch.randperm` on a CPU generator continues the stream `torch.randn` left: the
