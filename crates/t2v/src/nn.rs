@@ -243,9 +243,7 @@ impl PreparedLinear<'_> {
             None => self.layer.forward_residual(x, residual),
         }
     }
-}
 
-impl PreparedLinear<'_> {
     /// The weight packed for good or for these calls, where there is one.
     fn packed(&self) -> Option<&kernels::linear::PackedLinear> {
         match (&self.packed, &self.layer.weight) {
@@ -290,7 +288,7 @@ impl PreparedLinear<'_> {
         y.reshape(dims)
     }
 
-    /// [`Module::forward`] of a LayerNorm's output.
+    /// [`Module::forward`] of activations in either form.
     pub fn forward_activations(&self, x: &Activations) -> candle_core::Result<Tensor> {
         match x {
             Activations::Rows(x) => self.forward(x),
@@ -466,9 +464,7 @@ impl LayerNorm {
     pub fn weight(&self) -> &Tensor {
         self.0.weight()
     }
-}
 
-impl LayerNorm {
     /// This norm of `x` as the linear layers after it read it: where `tiles` (every one of them
     /// [`PreparedLinear::takes_tiles`]) and the kernels can, rounded into their AMX tiles
     /// ([`kernels::layer_norm::layer_norm_tiles`]: the same products, without a float32 output
