@@ -24,8 +24,9 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "dtype")]
     float32_weights: bool,
     /// f32: float32 compute, weight matrices stored as float16 (or --float32-weights); bf16:
-    /// weight matrices stored as bfloat16 and multiplied in bfloat16 where the CPU has
-    /// AVX512_BF16 or AMX-BF16 tiles (float32 sums and activations), as `generate --dtype bf16`.
+    /// weight matrices stored as bfloat16 and multiplied in bfloat16 on AMX-BF16 tiles, or with
+    /// AVX512_BF16 where that beats float32 (float32 sums and activations; `products` in --json
+    /// says which), as `generate --dtype bf16`.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Print the time spent per kind of layer in each timed stage (each UNet step, the VAE).

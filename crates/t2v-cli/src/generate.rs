@@ -204,8 +204,8 @@ pub struct GenerateArgs {
 
     /// Compute precision: f32 (the reference's numbers), f16 (half the memory; frames within
     /// ~1e-2 of f32) or bf16 (on the CPU: bfloat16 weights, float32 activations, matrix products
-    /// in bfloat16 where the CPU has AVX512_BF16 or AMX, the fastest with AMX; frames within 2e-2
-    /// of f32).
+    /// in bfloat16 on AMX, or with AVX512_BF16 where that beats float32 (AMD; Intel without AMX
+    /// widens them), the fastest with AMX; frames within 2e-2 of f32).
     /// [default: f32, or what --from recorded]
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,

@@ -9,6 +9,11 @@
 //! packing and threads; this isolates how fast the tiles go when fed from each level of memory,
 //! the ceiling those products are judged against (`cargo run --release -p t2v --example
 //! amx_ceiling`). Linux on x86-64 with AMX-BF16 only.
+//!
+//! First, on any CPU with AVX512_BF16, the vector units' own ceilings: 512-bit `vfmadd231ps`
+//! against `vdpbf16ps` on 12 independent sums (no loads), one core. Where `vdpbf16ps` does not
+//! reach an FMA's rate per flop, bfloat16 weights without AMX are better widened to float32
+//! (`kernels::tuning::Tuning::bf16_dot`).
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod tiles {
@@ -161,7 +166,68 @@ mod tiles {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vectors {
+    use std::arch::x86_64::*;
+    use std::time::Instant;
+
+    const SUMS: usize = 12;
+
+    /// `steps` rounds of 12 independent `vfmadd231ps` (32 flops each); returns a sum so that
+    /// nothing is optimised away.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fmas(steps: usize) -> f32 {
+        let (x, y) = (_mm512_set1_ps(1.0 - 1e-7), _mm512_set1_ps(1e-7));
+        let mut s = [_mm512_setzero_ps(); SUMS];
+        for _ in 0..steps {
+            for v in s.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, x, y);
+            }
+        }
+        s.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+    }
+
+    /// `steps` rounds of 12 independent `vdpbf16ps` (64 flops each).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dots(steps: usize) -> f32 {
+        let one: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3f80));
+        let small: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3380));
+        let mut s = [_mm512_setzero_ps(); SUMS];
+        for _ in 0..steps {
+            for v in s.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, one, small);
+            }
+        }
+        s.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+    }
+
+    fn gflops(flop_per_step: f64, steps: usize, f: impl Fn() -> f32) -> f64 {
+        let t = Instant::now();
+        std::hint::black_box(f());
+        flop_per_step * steps as f64 / t.elapsed().as_secs_f64() / 1e9
+    }
+
+    pub fn run() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
+            println!("no AVX512_BF16 here: vector ceilings skipped");
+            return;
+        }
+        let steps = 20_000_000;
+        for pass in 1..=2 {
+            // SAFETY: AVX-512F and AVX512_BF16 detected above.
+            let fma = gflops((SUMS * 32) as f64, steps, || unsafe { fmas(steps) });
+            let dot = gflops((SUMS * 64) as f64, steps, || unsafe { dots(steps) });
+            println!(
+                "pass {pass}, one core: vfmadd231ps {fma:6.1} GFLOP/s, vdpbf16ps {dot:6.1} GFLOP/s ({:.2}× the FMAs)",
+                dot / fma
+            );
+        }
+    }
+}
+
 fn main() {
+    #[cfg(target_arch = "x86_64")]
+    vectors::run();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     tiles::run();
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]

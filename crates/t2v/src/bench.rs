@@ -30,7 +30,7 @@ pub struct BenchOptions {
     pub steps: usize,
     /// The dtype weight matrices and kernels are stored in (activations are float32): float16
     /// (as the published fp16 weights, widened per layer), bfloat16 (`--dtype bf16`: multiplied
-    /// in bfloat16 on CPUs with AVX512_BF16 or AMX, see [`crate::kernels::bf16`]) or float32.
+    /// in bfloat16 on the `avx512bf16` and `amx` paths, see [`crate::kernels::bf16`]) or float32.
     pub matrix_dtype: DType,
     pub device: Device,
     /// Time only the text encoding and the guided steps: a long video's unguided steps, VAE

@@ -338,12 +338,22 @@ mod tuning {
         let zen5 = Tuning::for_cpu("AuthenticAMD", 0x1A, 0x02);
         assert!(KernelKind::ALL.iter().all(|k| zen5.is_wide(*k)));
         assert_eq!(zen5.to_string(), "zen5: 512-bit linear, attention, conv3x3, conv1x1, temporal conv");
-        let mixed = Tuning { cpu: "mixed", wide: [true, true, true, true, false] };
+        assert!(zen4.bf16_dot && zen5.bf16_dot);
+        let mixed = Tuning { cpu: "mixed", wide: [true, true, true, true, false], bf16_dot: true };
         assert_eq!(mixed.to_string(), "mixed: 512-bit linear, attention, conv3x3, conv1x1; 256-bit temporal conv");
         assert_eq!(zen4.to_string(), "zen4: 256-bit linear, attention, conv3x3, conv1x1, temporal conv");
         let other = Tuning::for_cpu("GenuineIntel", 6, 85);
         assert_eq!(other.cpu, "other");
         assert!(KernelKind::ALL.iter().all(|k| other.is_wide(*k)));
+        // Emerald Rapids: vdpbf16ps at half the FMAs' rate, so bfloat16 weights are widened
+        // unless AMX takes them
+        let emerald = Tuning::for_cpu("GenuineIntel", 6, 207);
+        assert!(!emerald.bf16_dot);
+        assert_eq!(
+            emerald.to_string(),
+            "sapphire/emerald rapids: 512-bit linear, attention, conv3x3, conv1x1, temporal conv; bfloat16 weights \
+             widened to float32 without AMX (vdpbf16ps slower than FMAs)"
+        );
     }
 
     #[test]

@@ -366,6 +366,13 @@ fn instruction_set_names() {
     assert_eq!(err, IsaError::Unknown("sse2".into()));
     assert!(err.to_string().contains("auto, amx, avx512bf16, avx512, avx2, neon or generic"), "{err}");
     assert_eq!(Isa::parse_available("auto"), Ok(Isa::best()));
+    // the best is the widest path, but vdpbf16ps gives way to widened float32 products where the
+    // CPU's table says it is slower (AMX, where present, still wins)
+    let widest = *Isa::ALL.iter().rev().find(|i| i.is_available()).unwrap();
+    let bf16_dot = t2v::__internals::tuning::Tuning::detected().bf16_dot;
+    let expected = if widest == Isa::Avx512Bf16 && !bf16_dot { Isa::Avx512 } else { widest };
+    assert_eq!(Isa::best(), expected);
+    assert!(Isa::best().is_available());
     assert!(Isa::Generic.is_available());
     for isa in Isa::ALL {
         if !isa.is_available() {

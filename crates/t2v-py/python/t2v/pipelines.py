@@ -159,8 +159,8 @@ class _ModelScopePipeline:
                 (``HF_HOME``, ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` to stay offline).
             torch_dtype: the compute dtype: ``"float32"`` (default; the reference's numbers, and
                 the fastest on the CPU), ``"float16"`` (half the memory; frames within about 1e-2)
-                or ``"bfloat16"`` (on the CPU: weights stored in bfloat16, products in bfloat16 where the
-                CPU has AVX512_BF16 or AMX); ``t2v.float16`` or torch's dtypes work too.
+                or ``"bfloat16"`` (on the CPU: weights stored in bfloat16, products in bfloat16 on AMX,
+                or with AVX512_BF16 where that beats float32); ``t2v.float16`` or torch's dtypes work too.
             variant: ``"fp16"`` reads the ``*.fp16.safetensors`` weights (half the download).
             scheduler: a scheduler to run with instead of the checkpoint's.
             revision: a branch, tag or commit of the repo.

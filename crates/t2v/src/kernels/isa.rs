@@ -68,9 +68,16 @@ impl Isa {
         }
     }
 
-    /// The fastest path this CPU can run.
+    /// The fastest path this CPU can run: the widest it has, except that `avx512bf16` gives way
+    /// to `avx512` where the CPU's `vdpbf16ps` is slower than its float32 FMAs
+    /// ([`super::tuning::Tuning::bf16_dot`]: Intel's server cores without AMX).
     pub fn best() -> Isa {
-        *Isa::ALL.iter().rev().find(|i| i.is_available()).unwrap_or(&Isa::Generic)
+        let widest = *Isa::ALL.iter().rev().find(|i| i.is_available()).unwrap_or(&Isa::Generic);
+        if widest == Isa::Avx512Bf16 && !super::tuning::Tuning::detected().bf16_dot {
+            Isa::Avx512
+        } else {
+            widest
+        }
     }
 
     /// Every path this CPU can run, from the most general.

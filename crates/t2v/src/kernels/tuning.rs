@@ -55,6 +55,10 @@ pub struct Tuning {
     pub cpu: &'static str,
     /// Whether each kind of [`KernelKind::ALL`] runs its 512-bit kernels.
     pub wide: [bool; 5],
+    /// Whether `vdpbf16ps` outruns float32 FMAs here, so that bfloat16 weights without AMX
+    /// multiply in bfloat16 ([`Isa::Avx512Bf16`]) rather than widened to float32
+    /// ([`Isa::Avx512`]); see [`Isa::best`].
+    pub bf16_dot: bool,
 }
 
 impl Tuning {
@@ -78,16 +82,26 @@ impl Tuning {
         match (vendor, family, model) {
             // Zen 4 (family 0x19 with AVX-512): 512-bit work is split in two; every f32 kernel
             // measured faster at 256 bits (the figures at the top of this file).
+            // Its `vdpbf16ps` does twice an FMA's work at the same rate: bfloat16 took a guided
+            // step from 32.8 to 22.9 s.
             ("AuthenticAMD", 0x19, _) => {
-                Tuning { cpu: "zen4", wide: wide(&[Linear, Attention, Conv3x3, Conv1x1, TemporalConv]) }
+                Tuning { cpu: "zen4", wide: wide(&[Linear, Attention, Conv3x3, Conv1x1, TemporalConv]), bf16_dot: true }
             }
             // Zen 5 (family 0x1A) and Sapphire/Emerald Rapids (Intel 6/143, 6/207): full 512-bit
             // units. Per kind at 4 frames the temporal convolutions looked faster at 256 bits (Zen 5
             // 270 against 241 GFLOP/s, Emerald Rapids 148 against 107), but the whole 16-frame step on
             // the Emerald Rapids was slower with them at 256 (42.2 against 37.1 s): 512 everywhere.
-            ("AuthenticAMD", 0x1A, _) => Tuning { cpu: "zen5", wide: Tuning::ALL_WIDE },
-            ("GenuineIntel", 6, 143 | 207) => Tuning { cpu: "sapphire/emerald rapids", wide: Tuning::ALL_WIDE },
-            _ => Tuning { cpu: "other", wide: Tuning::ALL_WIDE },
+            ("AuthenticAMD", 0x1A, _) => Tuning { cpu: "zen5", wide: Tuning::ALL_WIDE, bf16_dot: true },
+            // Sapphire/Emerald Rapids issue one `vdpbf16ps` every other cycle against two FMAs a
+            // cycle (`amx_ceiling`'s vector rows, one core: 85 against 175 GFLOP/s), so without
+            // AMX (a guest whose hypervisor hides it) bfloat16 products run at half float32's
+            // rate: the packed product 134–148 GFLOP/s against 183–250 with the weights widened,
+            // a 4-frame guided step 12.9 against 8.6 s (2026-12-07). There bfloat16 weights are
+            // widened; with AMX the tiles take them.
+            ("GenuineIntel", 6, 143 | 207) => {
+                Tuning { cpu: "sapphire/emerald rapids", wide: Tuning::ALL_WIDE, bf16_dot: false }
+            }
+            _ => Tuning { cpu: "other", wide: Tuning::ALL_WIDE, bf16_dot: true },
         }
     }
 
@@ -114,6 +128,9 @@ impl fmt::Display for Tuning {
         }
         if !n.is_empty() {
             write!(f, "{} 256-bit {}", if w.is_empty() { "" } else { ";" }, n.join(", "))?;
+        }
+        if !self.bf16_dot {
+            write!(f, "; bfloat16 weights widened to float32 without AMX (vdpbf16ps slower than FMAs)")?;
         }
         Ok(())
     }
