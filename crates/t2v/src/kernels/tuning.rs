@@ -1,6 +1,7 @@
-//! Which vector width each kind of kernel runs at on the AVX-512 path, chosen per
-//! microarchitecture from a table of measurements (issue 24: tuned per microarchitecture, not per
-//! instruction set).
+//! Which vector width each kind of kernel runs at on the AVX-512 path, and whether `vdpbf16ps`
+//! is worth taking for bfloat16 weights where AMX is absent ([`Tuning::bf16_dot`], read by
+//! [`Isa::best`]), chosen per microarchitecture from a table of measurements (issue 24: tuned per
+//! microarchitecture, not per instruction set).
 //!
 //! A CPU that has AVX-512 does not always run 512-bit work faster: Zen 4 splits each 512-bit
 //! operation into two 256-bit halves, and its AVX2 kernels beat its AVX-512 ones (a guided step
@@ -48,7 +49,8 @@ impl KernelKind {
     }
 }
 
-/// The microarchitecture found and the width each kind of kernel runs at there.
+/// The microarchitecture found, the width each kind of kernel runs at there and whether its
+/// `vdpbf16ps` pays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// The table's name for the CPU (`zen4`, `zen5`, …), or `other`.
