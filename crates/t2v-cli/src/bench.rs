@@ -26,7 +26,9 @@ pub struct BenchArgs {
     /// f32: float32 compute, weight matrices stored as float16 (or --float32-weights); bf16:
     /// weight matrices stored as bfloat16 and multiplied in bfloat16 on AMX-BF16 tiles, or with
     /// AVX512_BF16 where that beats float32 (float32 sums and activations; `products` in --json
-    /// says which), as `generate --dtype bf16`.
+    /// says which), as `generate --dtype bf16`; f16: weight matrices stored as float16 and
+    /// multiplied in float16 with AVX512_FP16 (float16 sums of 32 products, added in float32),
+    /// else widened, as `generate --dtype f16`.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Print the time spent per kind of layer in each timed stage (each UNet step, the VAE).
@@ -45,14 +47,12 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let matrix_dtype = match t2v::params::parse_dtype(&args.dtype)? {
-        DType::BF16 => DType::BF16,
+    let asked = t2v::params::parse_dtype(&args.dtype)?;
+    let matrix_dtype = match asked {
+        DType::BF16 | DType::F16 => asked,
         DType::F32 if args.float32_weights => DType::F32,
         DType::F32 => DType::F16,
-        other => anyhow::bail!(
-            "the benchmark runs --dtype f32 or bf16, not {}: float16 weights are its f32 default",
-            t2v::params::dtype_name(other)
-        ),
+        other => anyhow::bail!("the benchmark runs --dtype f32, f16 or bf16, not {}", t2v::params::dtype_name(other)),
     };
     let opts = t2v::bench::BenchOptions {
         frames: args.frames,
@@ -60,6 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         width: args.width,
         steps: args.steps,
         matrix_dtype,
+        f16_products: asked == DType::F16,
         device: t2v::pipeline::select_device(&args.device)?,
         guided_only: args.guided_only,
     };

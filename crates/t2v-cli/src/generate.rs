@@ -202,10 +202,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     overwrite: bool,
 
-    /// Compute precision: f32 (the reference's numbers), f16 (half the memory; frames within
-    /// ~1e-2 of f32) or bf16 (on the CPU: bfloat16 weights, float32 activations, matrix products
-    /// in bfloat16 on AMX, or with AVX512_BF16 where that beats float32 (AMD; Intel without AMX
-    /// widens them), the fastest with AMX; frames within 2e-2 of f32).
+    /// Compute precision: f32 (the reference's numbers), f16 (on a GPU: float16 throughout; on
+    /// the CPU: float16 weights, float32 activations, matrix products in float16 with
+    /// AVX512_FP16 (Intel since Sapphire Rapids; widened elsewhere), the fastest without AMX;
+    /// frames within 2e-2 of f32) or bf16 (on the CPU: bfloat16 weights, float32 activations,
+    /// matrix products in bfloat16 on AMX, or with AVX512_BF16 where that beats float32 (AMD;
+    /// Intel without AMX widens them), the fastest with AMX; frames within 2e-2 of f32).
     /// [default: f32, or what --from recorded]
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,

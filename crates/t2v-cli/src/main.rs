@@ -16,7 +16,7 @@ use t2v::tokenizer::ClipTokenizer;
 #[derive(Parser)]
 #[command(name = "t2v", version, about, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  t2v generate \"a corgi surfing a wave\"            # downloads the 1.7B model once\n  t2v generate \"a corgi\" -o corgi.mp4 --format mp4,gif --seed 7\n  t2v generate --from corgi.mp4                   # repeat a run\n  t2v generate \"a corgi\" --video in.mp4 --strength 0.6   # video-to-video\n  t2v generate \"a corgi\" -m cerspense/zeroscope_v2_576w \\\n      --upscale cerspense/zeroscope_v2_XL --upscale-size 1024x576   # two passes\n  t2v bench                                       # full-size speed and memory\n\nEnvironment:\n  T2V_ISA=auto|amx|avx512bf16|avx512|avx2|neon|generic   the CPU kernels' instruction set (default: the best this CPU has;\n                                     generic: candle's standard ops)"
+    after_help = "Examples:\n  t2v generate \"a corgi surfing a wave\"            # downloads the 1.7B model once\n  t2v generate \"a corgi\" -o corgi.mp4 --format mp4,gif --seed 7\n  t2v generate --from corgi.mp4                   # repeat a run\n  t2v generate \"a corgi\" --video in.mp4 --strength 0.6   # video-to-video\n  t2v generate \"a corgi\" -m cerspense/zeroscope_v2_576w \\\n      --upscale cerspense/zeroscope_v2_XL --upscale-size 1024x576   # two passes\n  t2v bench                                       # full-size speed and memory\n\nEnvironment:\n  T2V_ISA=auto|amx|avx512fp16|avx512bf16|avx512|avx2|neon|generic   the CPU kernels' instruction set (default: the best this CPU has;\n                                     generic: candle's standard ops)"
 )]
 struct Cli {
     #[command(subcommand)]

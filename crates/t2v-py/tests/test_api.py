@@ -83,7 +83,7 @@ def test_to_takes_devices_and_dtypes_as_diffusers_spells_them():
     pipe.to("cpu", "torch.float16")
     assert pipe.dtype == "float16"
     if t2v._t2v.open_device("auto") == "cpu":
-        # A script written for a GPU still runs, in float32 (float16 is ~10x slower on the CPU).
+        # A script written for a GPU still runs, in float32 (the reference's numbers).
         with pytest.warns(RuntimeWarning, match="running on the CPU: this build of t2v has no cuda support.*"
                           "computing in float32 instead of float16"):
             pipe.to("cuda")

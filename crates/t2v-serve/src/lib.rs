@@ -224,7 +224,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Compute precision: f32, f16, or bf16 (on the CPU: bfloat16 weights, float32 activations).
+    /// Compute precision: f32, f16, or bf16 (on the CPU: float16 or bfloat16 weights, float32
+    /// activations, products in the narrow type where the CPU multiplies in it).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 

@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use t2v::kernels::bf16::Half;
 use t2v::kernels::conv::{conv2d_with, temporal_conv3_with, ConvAlgo, TemporalAlgo};
 use t2v::kernels::packed_matmul::{self, Init, PackedB};
 use t2v::kernels::{set_isa, Isa, Src};
@@ -40,9 +41,10 @@ fn wanted(label: &str) -> bool {
     std::env::args().nth(3).is_none_or(|only| label.contains(&only))
 }
 
-/// The convolutions' weight type: float16 (the published weights), or bfloat16 with
-/// `KERNEL_SPEED_WEIGHTS=bf16` (`--dtype bf16`: products in bfloat16 on the avx512bf16 and amx
-/// paths).
+/// The convolutions' weight type: float16 (the published weights, widened as a float32 run
+/// widens them), bfloat16 with `KERNEL_SPEED_WEIGHTS=bf16` (`--dtype bf16`: products in bfloat16
+/// where the path multiplies in it), or float16 multiplied in float16 on `avx512fp16` with
+/// `KERNEL_SPEED_WEIGHTS=f16` (`--dtype f16`).
 fn weight_dtype() -> candle_core::DType {
     match std::env::var("KERNEL_SPEED_WEIGHTS").as_deref() {
         Ok("bf16") => candle_core::DType::BF16,
@@ -228,10 +230,13 @@ fn main() {
     if let Err(e) = linear_per_call(&paths, vae_only) {
         eprintln!("linear per call: {e}");
     }
-    if let Err(e) = bf16_linear(&paths, vae_only) {
-        eprintln!("bf16 linear: {e}");
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+        if let Err(e) = half_linear(&paths, vae_only, dtype) {
+            eprintln!("{} linear: {e}", dtype.as_str());
+        }
     }
-    if let Err(e) = convolutions(&paths, vae_only) {
+    let f16_products = std::env::var("KERNEL_SPEED_WEIGHTS").as_deref() == Ok("f16");
+    if let Err(e) = t2v::kernels::with_f16_products(f16_products, || convolutions(&paths, vae_only)) {
         eprintln!("convolutions: {e}");
     }
     if let Err(e) = temporal_attention(&paths) {
@@ -305,10 +310,10 @@ fn linear_per_call(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// Linear layers with bfloat16 weights (`--dtype bf16`) as a step calls them, through the layer's
-/// own op (weight packed per call): widened to float32 on the avx2 and avx512 paths, multiplied in
-/// bfloat16 on the avx512bf16 (`vdpbf16ps`) and amx (tiles) ones.
-fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
+/// Linear layers with 16-bit weights (`--dtype bf16` or `f16`) as a step calls them, through the
+/// layer's own op (weight packed per call): widened to float32 on the paths that do not multiply
+/// in that type, multiplied in bfloat16 on `vdpbf16ps` or AMX tiles, in float16 on `vfmadd231ph`.
+fn half_linear(paths: &[Isa], vae_only: bool, dtype: candle_core::DType) -> candle_core::Result<()> {
     if vae_only {
         return Ok(());
     }
@@ -328,26 +333,41 @@ fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         (128, 1280, 10240),
     ];
     for (m, k, n) in shapes {
-        let label = format!("bf16 linear {m}×{k}·{k}×{n}");
+        let label = format!("{} linear {m}×{k}·{k}×{n}", dtype.as_str());
         if !wanted(&label) {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?.to_dtype(candle_core::DType::BF16)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?.to_dtype(dtype)?;
         let b = Tensor::randn(0f32, 1.0, n, &dev)?;
         let best = best_of(paths, || {
             t2v::kernels::linear::linear(&x, &w, Some(&b)).expect("linear");
         });
         report(&label, 2.0 * (m * k * n) as f64, paths, &best);
-        // the product alone, the weight packed once (on the paths that multiply in bfloat16)
-        let bf16_paths: Vec<Isa> = paths.iter().copied().filter(|&i| i >= Isa::Avx512Bf16).collect();
-        if !bf16_paths.is_empty() {
+        // the product alone, the weight packed once (on the paths that multiply in this type)
+        let half_paths: Vec<Isa> = paths
+            .iter()
+            .copied()
+            .filter(|&i| {
+                set_isa(i).expect("available path");
+                match dtype {
+                    candle_core::DType::BF16 => t2v::kernels::avx512bf16(),
+                    _ => t2v::kernels::avx512fp16(),
+                }
+            })
+            .collect();
+        if let Some(&first) = half_paths.first() {
+            set_isa(first).expect("available path");
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let ws: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
+            let (wb, wh): (Vec<half::bf16>, Vec<half::f16>) = match dtype {
+                candle_core::DType::BF16 => (w.flatten_all()?.to_vec1()?, Vec::new()),
+                _ => (Vec::new(), w.flatten_all()?.to_vec1()?),
+            };
+            let (src, half) = if wh.is_empty() { (Src::Bf16(&wb), Half::Bf16) } else { (Src::F16(&wh), Half::F16) };
             let bias = b.to_vec1::<f32>()?;
             let mut c = vec![0f32; m * n];
             let residual = Tensor::randn(0f32, 1.0, m * n, &dev)?.to_vec1::<f32>()?;
-            let packed = PackedB::from_transposed_bf16(Src::Bf16(&ws), n, k, true);
+            let packed = PackedB::from_transposed_half(src, half, n, k, true);
             let cases = [
                 ("bias", Init::Bias(&bias), None),
                 ("overwrite", Init::Overwrite, None),
@@ -355,10 +375,10 @@ fn bf16_linear(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
             ];
             for (what, init, residual) in cases {
                 // SAFETY: xs holds m×k, c and residual m×n floats; the paths were checked available.
-                let best = best_of(&bf16_paths, || unsafe {
+                let best = best_of(&half_paths, || unsafe {
                     packed_matmul::matmul(m, xs.as_ptr(), k, &packed, c.as_mut_ptr(), n, init, true, residual)
                 });
-                report(&format!("{label} product ({what})"), 2.0 * (m * k * n) as f64, &bf16_paths, &best);
+                report(&format!("{label} product ({what})"), 2.0 * (m * k * n) as f64, &half_paths, &best);
             }
         }
     }

@@ -32,6 +32,9 @@ pub struct BenchOptions {
     /// (as the published fp16 weights, widened per layer), bfloat16 (`--dtype bf16`: multiplied
     /// in bfloat16 on the `avx512bf16` and `amx` paths, see [`crate::kernels::bf16`]) or float32.
     pub matrix_dtype: DType,
+    /// Float16 matrices multiplied in float16 where the CPU has AVX512_FP16 (`--dtype f16`, see
+    /// [`crate::kernels::fp16`]), rather than widened as a float32 run of the published weights.
+    pub f16_products: bool,
     pub device: Device,
     /// Time only the text encoding and the guided steps: a long video's unguided steps, VAE
     /// decode and encode take as long again as its guided steps, and the guided step is what a
@@ -47,6 +50,7 @@ impl Default for BenchOptions {
             width: 256,
             steps: 2,
             matrix_dtype: DType::F16,
+            f16_products: false,
             device: Device::Cpu,
             guided_only: false,
         }
@@ -67,7 +71,8 @@ pub struct BenchReport {
     /// The weight matrices' dtype (`f16`, `bf16`, `f32`).
     pub weights: String,
     /// What the matrix products multiply: `bf16` (bfloat16 operands, float32 sums: bfloat16
-    /// weights on the `avx512bf16` and `amx` paths) or `f32`.
+    /// weights where the path multiplies in them), `f16` (float16 operands and sums of 32
+    /// products: `--dtype f16` on `avx512fp16`) or `f32`.
     pub products: String,
     pub frames: usize,
     pub height: usize,
@@ -216,9 +221,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
 
     progress("building the 1.7B model with random weights");
     let started = Instant::now();
-    let text_encoder = TextEncoder::new(vb(), &te_cfg)?;
-    let unet = UNet3DConditionModel::new(vb(), &unet_cfg)?;
-    let vae = Vae::new(vb(), &vae_cfg)?;
+    // (layers built as a `--dtype f16` load builds them, where asked)
+    let (text_encoder, unet, vae) = crate::kernels::with_f16_products(opts.f16_products, || -> Result<_> {
+        Ok((TextEncoder::new(vb(), &te_cfg)?, UNet3DConditionModel::new(vb(), &unet_cfg)?, Vae::new(vb(), &vae_cfg)?))
+    })?;
     let build_s = started.elapsed().as_secs_f64();
     let params = count.load(Ordering::Relaxed);
     crate::profile::take();
@@ -285,7 +291,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         // Video-to-video encodes its input frames first: the decoded frames, held to the
         // [-1, 1] the pipeline passes.
         progress("VAE encode");
-        let encoder = vae::VaeEncoder::new(vb(), &vae_cfg)?;
+        let encoder = crate::kernels::with_f16_products(opts.f16_products, || vae::VaeEncoder::new(vb(), &vae_cfg))?;
         let started = Instant::now();
         let posterior = encoder.encode(&frames.clamp(-1f32, 1f32)?)?;
         finish()?;
@@ -304,10 +310,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         isa: if device.is_cpu() { crate::kernels::isa() } else { crate::kernels::Isa::Generic }.to_string(),
         tuning: if device.is_cpu() { crate::kernels::tuning::describe() } else { "generic: candle's ops".to_string() },
         weights: crate::params::dtype_name(matrix_dtype).to_string(),
-        products: if device.is_cpu() && matrix_dtype == DType::BF16 && crate::kernels::avx512bf16() {
-            "bf16"
-        } else {
-            "f32"
+        products: match matrix_dtype {
+            DType::BF16 if device.is_cpu() && crate::kernels::avx512bf16() => "bf16",
+            DType::F16 if device.is_cpu() && opts.f16_products && crate::kernels::avx512fp16() => "f16",
+            _ => "f32",
         }
         .to_string(),
         frames: opts.frames,

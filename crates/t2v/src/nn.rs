@@ -32,7 +32,8 @@ pub struct Linear {
 
 /// A linear layer's weight: the tensor, or packed for good where the CPU multiplies it as it is
 /// stored ([`kernels::linear::PackedLinear::resident`]: bfloat16 weights on the bfloat16 paths,
-/// packed once at load instead of on every call, in the same memory).
+/// float16 ones of a `--dtype f16` run on `avx512fp16`, packed once at load instead of on every
+/// call, in the same memory).
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Tensor(Tensor),
@@ -89,11 +90,11 @@ impl Linear {
         }
     }
 
-    /// The dtype the weight is kept in (bfloat16 where it is packed for good).
+    /// The dtype the weight is kept in (bfloat16 or float16 where it is packed for good).
     pub fn weight_dtype(&self) -> DType {
         match &self.weight {
             LinearWeight::Tensor(w) => w.dtype(),
-            LinearWeight::Packed(_) => DType::BF16,
+            LinearWeight::Packed(p) => p.weight_dtype(),
         }
     }
 
@@ -356,6 +357,8 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// Whether a float16 weight multiplies in float16 ([`kernels::with_f16_products`] when built).
+    f16_products: bool,
 }
 
 pub fn conv2d(
@@ -368,7 +371,7 @@ pub fn conv2d(
 ) -> candle_core::Result<Conv2d> {
     let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", Init::Const(0.))?;
     let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.))?;
-    Ok(Conv2d { weight, bias, stride, padding })
+    Ok(Conv2d { weight, bias, stride, padding, f16_products: kernels::f16_products() })
 }
 
 impl Module for Conv2d {
@@ -380,7 +383,11 @@ impl Module for Conv2d {
             _ => "conv 3x3 stride 2",
         };
         // The kernels widen float16 weights themselves, and add the bias as they write.
-        let y = timed(kind, || kernels::conv::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding))?;
+        let y = timed(kind, || {
+            kernels::with_f16_products(self.f16_products, || {
+                kernels::conv::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding)
+            })
+        })?;
         count_flops(kind, 2 * c_in * kh * kw * y.elem_count());
         Ok(y)
     }
@@ -392,6 +399,8 @@ impl Module for Conv2d {
 pub struct TemporalConv {
     weight: TemporalWeight,
     bias: Tensor,
+    /// Whether a float16 weight multiplies in float16 ([`kernels::with_f16_products`] when built).
+    f16_products: bool,
 }
 
 /// (out, in, 3, 1): the Conv3d kernel with its unit width dropped, applied as a 2D convolution
@@ -411,7 +420,7 @@ pub fn temporal_conv(in_channels: usize, out_channels: usize, vb: VarBuilder) ->
         Some(tiles) => TemporalWeight::Tiles(std::sync::Arc::new(tiles)),
         None => TemporalWeight::Tensor(weight),
     };
-    Ok(TemporalConv { weight, bias })
+    Ok(TemporalConv { weight, bias, f16_products: kernels::f16_products() })
 }
 
 impl TemporalConv {
@@ -424,7 +433,9 @@ impl TemporalConv {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let c = xs.dim(1)?;
         let out = timed("temporal conv", || match &self.weight {
-            TemporalWeight::Tensor(w) => kernels::conv::temporal_conv3(xs, w, Some(&self.bias)),
+            TemporalWeight::Tensor(w) => {
+                kernels::with_f16_products(self.f16_products, || kernels::conv::temporal_conv3(xs, w, Some(&self.bias)))
+            }
             TemporalWeight::Tiles(t) => kernels::conv::temporal_conv3_tiles(xs, t, Some(&self.bias)),
         })?;
         count_flops("temporal conv", 2 * 3 * c * out.elem_count());

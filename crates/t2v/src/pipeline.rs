@@ -105,10 +105,12 @@ impl LoadOptions {
     /// The dtype the activations are computed in, and the one weight matrices and kernels are
     /// stored in where that differs: `bf16` on the CPU computes in float32 with bfloat16
     /// matrices, whose products run in bfloat16 where the CPU has AVX512_BF16 or AMX (see
-    /// [`crate::kernels::bf16`]); every other choice computes in `dtype`.
+    /// [`crate::kernels::bf16`]); `f16` on the CPU likewise with float16 matrices, multiplied in
+    /// float16 where it has AVX512_FP16 ([`crate::kernels::fp16`]), else widened; every other
+    /// choice computes in `dtype`.
     pub fn compute_dtypes(&self) -> (DType, Option<DType>) {
-        if self.device.is_cpu() && self.dtype == DType::BF16 {
-            (DType::F32, Some(DType::BF16))
+        if self.device.is_cpu() && matches!(self.dtype, DType::BF16 | DType::F16) {
+            (DType::F32, Some(self.dtype))
         } else {
             (self.dtype, None)
         }

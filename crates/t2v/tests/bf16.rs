@@ -1,8 +1,9 @@
-//! The bfloat16 matrix products of `--dtype bf16` on the CPU (`t2v::kernels::bf16`): on the
-//! `avx512bf16` and `amx` paths against a float64 product of the same bfloat16-rounded operands (tight: only
-//! the float32 sums differ) and against the unrounded float32 operands (loose: the rounding's
-//! own error); on the other paths bfloat16 weights are widened and the activations are not
-//! rounded. Every test here sets the kernels' path, so they take turns.
+//! The 16-bit matrix products of `--dtype bf16` and `--dtype f16` on the CPU
+//! (`t2v::kernels::bf16`, `t2v::kernels::fp16`): on the `avx512bf16` and `amx` paths (bfloat16)
+//! and the `avx512fp16` one (float16) against a float64 product of the same rounded operands
+//! (tight: only the sums differ) and against the unrounded float32 operands (loose: the
+//! rounding's own error); on the other paths 16-bit weights are widened and the activations are
+//! not rounded. Every test here sets the kernels' path, so they take turns.
 
 use std::sync::Mutex;
 
@@ -43,7 +44,12 @@ fn f64_of(t: &Tensor) -> Tensor {
 
 /// `t` rounded to bfloat16 (round to nearest even), in float64.
 fn rounded(t: &Tensor) -> Tensor {
-    f64_of(&t.to_dtype(DType::BF16).unwrap())
+    rounded_to(t, DType::BF16)
+}
+
+/// `t` rounded to `dtype` (round to nearest even), in float64.
+fn rounded_to(t: &Tensor, dtype: DType) -> Tensor {
+    f64_of(&t.to_dtype(dtype).unwrap())
 }
 
 /// Largest |got − want| / scale over the elements, where `scale` is the same computation on the
@@ -68,7 +74,8 @@ fn tight_and_loose(
     let (wf, bf) = (f64_of(wt), bias.map(f64_of));
     let babs = bf.as_ref().map(abs);
     let err_from = |x: &Tensor| err_in_scale(got, &conv(x, &wf, bf.as_ref()), &conv(&abs(x), &abs(&wf), babs.as_ref()));
-    (err_from(&rounded(x)), err_from(&f64_of(x)))
+    // the input rounded as the weight's type rounds it
+    (err_from(&rounded_to(x, wt.dtype())), err_from(&f64_of(x)))
 }
 
 /// Normal values drawn from a fixed seed (each call the next draws), so that every run checks the
@@ -331,29 +338,33 @@ fn temporal_convolutions_tiled_at_load_give_the_bits_of_tiling_per_call() {
     });
 }
 
+/// Linear layers and a 1×1 convolution with `dtype` weights on the current path: within float32
+/// sums' rounding of float64 of the widened weights (the activations not rounded).
+fn assert_widened(dtype: DType) {
+    let path = isa();
+    for (m, k, n) in LINEAR_SHAPES {
+        let x = randn(&[m, k], 1.0);
+        let w = randn(&[n, k], 0.2).to_dtype(dtype).unwrap();
+        let b = randn(&[n], 1.0);
+        let got = linear(&x, &w, Some(&b)).unwrap();
+        let (want, scale) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
+        let err = err_in_scale(&got, &want, &scale);
+        assert!(err < 1e-5, "{path}: {m}×{k}×{n}: {err:.2e} from float64 of the widened weights");
+    }
+    let x = randn(&[2, 37, 5, 7], 1.0);
+    let w = randn(&[21, 37, 1, 1], 0.2).to_dtype(dtype).unwrap();
+    let b = randn(&[21], 1.0);
+    let got = conv2d(&x, &w, Some(&b), 1, 0).unwrap();
+    let want = conv2d_fallback(&f64_of(&x), &f64_of(&w), Some(&f64_of(&b)), 1, 0).unwrap();
+    let scale = conv2d_fallback(&f64_of(&x).abs().unwrap(), &f64_of(&w).abs().unwrap(), None, 1, 0).unwrap();
+    let err = err_in_scale(&got, &want, &(scale + 1.0).unwrap());
+    assert!(err < 1e-5, "{path}: 1×1 convolution {err:.2e}");
+}
+
 #[test]
 fn bf16_weights_are_widened_off_the_bf16_path() {
     for path in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
-        on_path(path, || {
-            for (m, k, n) in LINEAR_SHAPES {
-                let x = randn(&[m, k], 1.0);
-                let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
-                let b = randn(&[n], 1.0);
-                let got = linear(&x, &w, Some(&b)).unwrap();
-                let (want, scale) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
-                let err = err_in_scale(&got, &want, &scale);
-                assert!(err < 1e-5, "{path}: {m}×{k}×{n}: {err:.2e} from float64 of the widened weights");
-            }
-            // a 1×1 convolution too
-            let x = randn(&[2, 37, 5, 7], 1.0);
-            let w = randn(&[21, 37, 1, 1], 0.2).to_dtype(DType::BF16).unwrap();
-            let b = randn(&[21], 1.0);
-            let got = conv2d(&x, &w, Some(&b), 1, 0).unwrap();
-            let want = conv2d_fallback(&f64_of(&x), &f64_of(&w), Some(&f64_of(&b)), 1, 0).unwrap();
-            let scale = conv2d_fallback(&f64_of(&x).abs().unwrap(), &f64_of(&w).abs().unwrap(), None, 1, 0).unwrap();
-            let err = err_in_scale(&got, &want, &(scale + 1.0).unwrap());
-            assert!(err < 1e-5, "{path}: 1×1 convolution {err:.2e}");
-        });
+        on_path(path, || assert_widened(DType::BF16));
     }
 }
 
@@ -403,19 +414,28 @@ fn bf16_winograd_convolutions_stay_near_float64() {
                 assert!(err < 1e-5, "3×3 {cin}→{cout}: {err:.2e}");
             }
             // temporal (3, 1, 1) in Winograd F(4, 3) along frames
-            for (b, cin, cout, f, h, w) in [(1, 19, 23, 8, 4, 4), (2, 64, 40, 6, 16, 16)] {
-                let x = randn(&[b, cin, f, h, w], 1.0);
-                let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(DType::BF16).unwrap();
-                let bias = randn(&[cout], 1.0);
-                let got = temporal_conv3_with(&x, &wt, Some(&bias), TemporalAlgo::Winograd).unwrap();
-                let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&bias));
-                let want = temporal_conv3_fallback(&xf, &wf, Some(&bf)).unwrap();
-                let scale = temporal_conv3_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf))).unwrap();
-                let err = err_in_scale(&got, &want, &scale);
-                println!("{path}: temporal conv {b}×{cin}→{cout}, {f} frames of {h}×{w}: bf16 {err:.1e}");
-                assert!(err < 1e-2 && err > 1e-5, "temporal {cin}→{cout}: {err:.2e}");
-            }
+            assert_winograd_temporal_near_float64(DType::BF16, 1e-5, 1e-2);
         });
+    }
+}
+
+/// The temporal (3, 1, 1) convolution in Winograd F(4, 3) along frames with `dtype` weights on
+/// the current path, held to float64 of the widened weights and float32 input: its transformed
+/// operands are rounded where the path multiplies in `dtype`, so the error is above `above`
+/// (they were) and below `below` (in the scale of the magnitudes' sum).
+fn assert_winograd_temporal_near_float64(dtype: DType, above: f64, below: f64) {
+    let abs = |t: &Tensor| t.abs().unwrap();
+    for (b, cin, cout, f, h, w) in [(1, 19, 23, 8, 4, 4), (2, 64, 40, 6, 16, 16)] {
+        let x = randn(&[b, cin, f, h, w], 1.0);
+        let wt = randn(&[cout, cin, 3, 1, 1], 0.1).to_dtype(dtype).unwrap();
+        let bias = randn(&[cout], 1.0);
+        let got = temporal_conv3_with(&x, &wt, Some(&bias), TemporalAlgo::Winograd).unwrap();
+        let (xf, wf, bf) = (f64_of(&x), f64_of(&wt), f64_of(&bias));
+        let want = temporal_conv3_fallback(&xf, &wf, Some(&bf)).unwrap();
+        let scale = temporal_conv3_fallback(&abs(&xf), &abs(&wf), Some(&abs(&bf))).unwrap();
+        let err = err_in_scale(&got, &want, &scale);
+        println!("{}: temporal conv {b}×{cin}→{cout}, {f} frames of {h}×{w}: {dtype:?} {err:.1e}", isa());
+        assert!(err < below && err > above, "temporal {cin}→{cout}: {err:.2e}");
     }
 }
 
@@ -634,5 +654,74 @@ fn products_of_rows_in_tiles_give_the_bits_of_products_of_float32_rows() {
         let w = randn(&[32, 64], 0.1).to_dtype(DType::BF16).unwrap();
         let layer = PackedLinear::resident(&w, None, false).unwrap().unwrap();
         assert!(!layer.takes_tiles());
+    });
+}
+
+/// Float16 weights on the `avx512fp16` path: both operands rounded to float16 and multiplied by
+/// `vfmadd231ph`, each lane summing 32 products in float16 before they go into float32. Held to
+/// float64 of the rounded operands within float16 sums' rounding (an order of magnitude looser
+/// than float32 sums, and over the depths of two flushes and of two packed blocks), and to
+/// float32's operands within about a bfloat16 rounding; elsewhere float16 weights are widened
+/// exactly and the activations not rounded.
+#[test]
+fn f16_linear_and_convolutions_match_float64_of_the_rounded_operands() {
+    use t2v::kernels::with_f16_products;
+    on_path(Isa::Avx512Fp16, || {
+        with_f16_products(true, || {
+            for (m, k, n) in LINEAR_SHAPES {
+                let x = randn(&[m, k], 1.0);
+                let w = randn(&[n, k], 0.2).to_dtype(DType::F16).unwrap();
+                let b = randn(&[n], 1.0);
+                let got = linear(&x, &w, Some(&b)).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                let (want, scale) = linear_f64(&rounded_to(&x, DType::F16), &f64_of(&w), &f64_of(&b));
+                let tight = err_in_scale(&got, &want, &scale);
+                let (want32, scale32) = linear_f64(&f64_of(&x), &f64_of(&w), &f64_of(&b));
+                let loose = err_in_scale(&got, &want32, &scale32);
+                println!("avx512fp16: linear {m}×{k}·{k}×{n}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+                assert!(tight < 2e-3, "{m}×{k}×{n}: {tight:.2e} from float64 of the rounded operands");
+                assert!(loose < 2e-3, "{m}×{k}×{n}: {loose:.2e} from float64 of the float32 operands");
+                if k > 2 {
+                    assert!(loose > 1e-6, "{m}×{k}×{n}: the input was not rounded ({loose:.2e})");
+                }
+            }
+            for (n, cin, cout, h, w) in [(2, 37, 21, 5, 7), (5, 64, 40, 16, 16), (1, 320, 33, 64, 70)] {
+                let x = randn(&[n, cin, h, w], 1.0);
+                let wt = randn(&[cout, cin, 1, 1], 0.1).to_dtype(DType::F16).unwrap();
+                let b = randn(&[cout], 1.0);
+                let got = conv2d(&x, &wt, Some(&b), 1, 0).unwrap();
+                let (tight, loose) =
+                    tight_and_loose(&got, &x, &wt, Some(&b), |x, w, b| conv2d_fallback(x, w, b, 1, 0).unwrap());
+                println!("avx512fp16: 1×1 conv {n}×{cin}→{cout} {h}×{w}: {tight:.1e} from the rounded operands, {loose:.1e} from float32's");
+                assert!(tight < 2e-3 && loose < 2e-3 && loose > 1e-6, "1×1 {cin}→{cout}: {tight:.2e}, {loose:.2e}");
+            }
+            // the temporal convolution rounds its transformed operands (Winograd F(4, 3) along frames)
+            assert_winograd_temporal_near_float64(DType::F16, 1e-6, 5e-3);
+        })
+    });
+    // off the path, and on it outside `with_f16_products` (a float32 run of float16 weights),
+    // float16 weights are widened and nothing else is rounded
+    for (path, asked) in [(Isa::Avx512Fp16, false), (Isa::Avx512Bf16, true), (Isa::Avx512, true), (Isa::Avx2, true)] {
+        on_path(path, || with_f16_products(asked, || assert_widened(DType::F16)));
+    }
+}
+
+/// The float16 sums are flushed into float32 every 32 pairs of depths, so a long product of
+/// values of one sign (where float16 sums would grow past their precision fastest) stays within
+/// float16's rounding of its terms, not of its whole sum's growth.
+#[test]
+fn f16_long_sums_of_one_sign_stay_near_float64() {
+    on_path(Isa::Avx512Fp16, || {
+        t2v::kernels::with_f16_products(true, || {
+            let (m, k, n) = (12, 4096, 32);
+            let x = randn(&[m, k], 1.0).abs().unwrap();
+            let w = randn(&[n, k], 0.2).abs().unwrap().to_dtype(DType::F16).unwrap();
+            let got = linear(&x, &w, None).unwrap();
+            let zero = Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap();
+            let (want, scale) = linear_f64(&rounded_to(&x, DType::F16), &f64_of(&w), &zero);
+            let err = err_in_scale(&got, &want, &scale);
+            println!("avx512fp16: {m}×{k}·{k}×{n} of positive terms: {err:.1e}");
+            assert!(err < 2e-3, "{err:.2e}");
+        })
     });
 }

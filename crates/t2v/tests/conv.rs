@@ -307,7 +307,12 @@ fn temporal_conv() {
             let want = temporal_reference(&x, &wv, with_bias.then_some(&b[..]), bsz, cin, cout, f, h * w);
             let bias = with_bias.then_some(&bt);
             let ec = rel_err(&flat(&conv::temporal_conv3_fallback(&xt, &wt, bias).unwrap()), &want);
-            let mut algos = vec![conv::TemporalAlgo::Auto, conv::TemporalAlgo::Direct, conv::TemporalAlgo::Winograd];
+            let mut algos = vec![
+                conv::TemporalAlgo::Auto,
+                conv::TemporalAlgo::Direct,
+                conv::TemporalAlgo::Winograd,
+                conv::TemporalAlgo::Stacked,
+            ];
             if t2v::kernels::packed_product() {
                 algos.push(conv::TemporalAlgo::Unfolded);
             }

@@ -364,7 +364,7 @@ fn instruction_set_names() {
     }
     let err = "sse2".parse::<Isa>().unwrap_err();
     assert_eq!(err, IsaError::Unknown("sse2".into()));
-    assert!(err.to_string().contains("auto, amx, avx512bf16, avx512, avx2, neon or generic"), "{err}");
+    assert!(err.to_string().contains("auto, amx, avx512fp16, avx512bf16, avx512, avx2, neon or generic"), "{err}");
     assert_eq!(Isa::parse_available("auto"), Ok(Isa::best()));
     // the best is the widest path, but vdpbf16ps gives way to widened float32 products where the
     // CPU's table says it is slower (AMX, where present, still wins)

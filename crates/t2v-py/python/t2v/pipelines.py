@@ -157,10 +157,12 @@ class _ModelScopePipeline:
                 ``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``) or a Hugging Face repo id
                 (``damo-vilab/text-to-video-ms-1.7b``), downloaded once into the Hugging Face cache
                 (``HF_HOME``, ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` to stay offline).
-            torch_dtype: the compute dtype: ``"float32"`` (default; the reference's numbers, and
-                the fastest on the CPU), ``"float16"`` (half the memory; frames within about 1e-2)
-                or ``"bfloat16"`` (on the CPU: weights stored in bfloat16, products in bfloat16 on AMX,
-                or with AVX512_BF16 where that beats float32); ``t2v.float16`` or torch's dtypes work too.
+            torch_dtype: the compute dtype: ``"float32"`` (default; the reference's numbers),
+                ``"float16"`` (on a GPU float16 throughout; on the CPU weights stored in float16,
+                float32 activations, products in float16 with AVX512_FP16, the fastest there
+                without AMX; frames within about 2e-2) or ``"bfloat16"`` (on the CPU: weights
+                stored in bfloat16, products in bfloat16 on AMX, or with AVX512_BF16 where that
+                beats float32); ``t2v.float16`` or torch's dtypes work too.
             variant: ``"fp16"`` reads the ``*.fp16.safetensors`` weights (half the download).
             scheduler: a scheduler to run with instead of the checkpoint's.
             revision: a branch, tag or commit of the repo.
@@ -320,8 +322,9 @@ class _ModelScopePipeline:
         ``"auto"`` (a GPU if there is one), or a ``torch.device``. A GPU that this build of t2v
         cannot use (built without the ``cuda``/``metal`` feature, or none present) leaves the
         pipeline on the CPU with a warning, so that scripts written for a GPU still run; a
-        float16 or bfloat16 pipeline then computes in float32, ten times faster on the CPU
-        (an explicit ``to("cpu")`` with float16 keeps float16).
+        float16 or bfloat16 pipeline then computes in float32, the reference's numbers (an
+        explicit ``to("cpu")`` with float16 keeps float16: float16 weights, multiplied in
+        float16 where the CPU has AVX512_FP16).
 
         Returns the pipeline itself.
 
@@ -359,10 +362,13 @@ class _ModelScopePipeline:
             )
             message = f"running on the CPU: {reason}"
             if self._dtype != "float32":
-                # Half precision was asked for the GPU's sake; on the CPU it only slows t2v down
-                # (about 10x) while float32 gives the reference's numbers. Weights stored in
-                # float16 stay float16 in memory either way.
-                message += f"; computing in float32 instead of {self._dtype}, which is for GPUs"
+                # Half precision was asked for the GPU's sake; on the CPU float32 gives the
+                # reference's numbers (half precision there is a choice of its own: `.to("cpu",
+                # dtype)`). Weights stored in float16 stay float16 in memory either way.
+                message += (
+                    f"; computing in float32 instead of {self._dtype} "
+                    f"(to keep it on the CPU: .to(\"cpu\", \"{self._dtype}\"))"
+                )
                 self._set(dtype="float32")
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return "cpu"

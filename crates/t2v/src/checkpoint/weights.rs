@@ -147,9 +147,14 @@ impl ComponentWeights {
     }
 
     /// Runs a model constructor over these weights; a failure caused by a missing tensor or a
-    /// tensor of the wrong shape comes back as the typed error that names it.
+    /// tensor of the wrong shape comes back as the typed error that names it. Where the matrices
+    /// were asked for in float16 ([`ComponentWeights::store_matrices_as`], `--dtype f16` on the
+    /// CPU), the layers are built to multiply them in float16 where the CPU can
+    /// ([`crate::kernels::with_f16_products`]); float16 matrices kept narrow in a float32 run
+    /// are widened.
     pub fn build<T>(&self, f: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
-        match f(self.vb.clone()) {
+        let f16_products = self.matrices.get() == Some(&DType::F16);
+        match crate::kernels::with_f16_products(f16_products, || f(self.vb.clone())) {
             Err(Error::Candle(err)) => {
                 let recorded = self.failure.lock().ok().and_then(|mut slot| slot.take());
                 Err(recorded.unwrap_or(Error::Candle(err)))

@@ -482,7 +482,7 @@ pub(super) unsafe fn blocked_panels(
                         pack_rows(a, lda, k, i0, mc, kq0, klp, apack);
                         (apack as *const u32, kt)
                     }
-                    Lhs::PanelsBf16(p, depth) => {
+                    Lhs::PanelsHalf(p, depth) => {
                         pack_panels(p, depth.div_ceil(2), i0, mc, kq0, klp, apack);
                         (apack as *const u32, kt)
                     }

@@ -24,7 +24,7 @@ use super::{avx2, SendPtr, Src};
 pub const SHORT: usize = 64;
 
 /// Score elements of one block of query rows (96 rows × 1024 keys: 384 KiB, with the packed
-/// keys and values within a 1 MiB L2).
+/// keys and values within a 1 MiB L2; at least 12 rows, 432 KiB at 9,216 keys).
 const SCORE_BLOCK: usize = 96 * 1024;
 
 /// How a long sequence's probabilities multiply its values.
@@ -39,6 +39,10 @@ pub enum ValueProduct {
     /// 3.1e-2 to 3.8e-2 of the float32 reference, where the values alone leave them at 3.1e-2.
     /// Guided step at 4 frames of 256×256, Emerald Rapids: long attention 0.54–0.58 → 0.34–0.40 s.
     Bfloat16,
+    /// On the `avx512fp16` path ([`super::fp16`]): probabilities and values rounded to float16,
+    /// float16 sums of 32 products added in float32, as `--dtype f16`'s other products
+    /// (elsewhere in float32). The scores stay float32, as for bfloat16.
+    Float16,
 }
 
 struct MultiHeadAttention {
@@ -138,10 +142,18 @@ impl MultiHeadAttention {
         let pairs = starts.len() * dm.batch * dm.heads;
         let chunks = (2 * threads).div_ceil(pairs).min(t.div_ceil(packed_matmul::MR)).max(1);
         let chunk_rows = t.div_ceil(chunks);
-        let rows_per_block = (SCORE_BLOCK / s).clamp(packed_matmul::MR, t.max(packed_matmul::MR));
+        // whole 12-row tiles of the AVX-512 product (two micro-panels): at 9,216 keys (1024×576)
+        // the score block held 10 rows, and every tile of both products went through the ragged
+        // edge's scratch copy
+        let tile_rows = 2 * packed_matmul::MR;
+        let rows_per_block = (SCORE_BLOCK / s / tile_rows * tile_rows).clamp(tile_rows, t.max(tile_rows));
         let optr = SendPtr(out.as_mut_ptr());
         let wide = super::wide(super::KernelKind::Attention);
-        let bf16 = self.values == ValueProduct::Bfloat16 && super::amx();
+        let half = match self.values {
+            ValueProduct::Bfloat16 if super::amx() => Some(super::bf16::Half::Bf16),
+            ValueProduct::Float16 if super::avx512fp16() => Some(super::bf16::Half::F16),
+            _ => None,
+        };
         (0..pairs * chunks).into_par_iter().for_each(|task| {
             let (pair, chunk) = (task / chunks, task % chunks);
             let (j, h) = (pair / dm.heads, pair % dm.heads);
@@ -152,8 +164,8 @@ impl MultiHeadAttention {
             }
             let kv = (b / dm.repeat) * dm.kv_row + dm.first + h * d;
             let keys = PackedB::from_transposed_rows(Src::F32(&k[kv..]), s, d, hd, false);
-            let values = if bf16 {
-                PackedB::from_rows_bf16(&v[kv..], s, d, hd, false)
+            let values = if let Some(half) = half {
+                PackedB::from_rows_half(&v[kv..], half, s, d, hd, false)
             } else {
                 PackedB::from_rows(&v[kv..], s, d, hd, false)
             };

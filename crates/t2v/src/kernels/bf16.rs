@@ -1,8 +1,11 @@
-//! The bfloat16 form of the packed matrix product ([`super::packed_matmul`]) for CPUs with
-//! AVX512_BF16 ([`super::Isa::Avx512Bf16`]): both operands rounded to bfloat16 (round to nearest
-//! even, as `vcvtne2ps2bf16` rounds), products summed in float32 by `vdpbf16ps`, float32 output.
-//! Where the CPU has AMX-BF16 ([`super::Isa::Amx`]) the same packed operands multiply on tiles
-//! instead ([`super::amx`]).
+//! The 16-bit forms of the packed matrix product ([`super::packed_matmul`]). bfloat16, for CPUs
+//! with AVX512_BF16 ([`super::Isa::Avx512Bf16`]): both operands rounded to bfloat16 (round to
+//! nearest even, as `vcvtne2ps2bf16` rounds), products summed in float32 by `vdpbf16ps`, float32
+//! output; where the CPU has AMX-BF16 ([`super::Isa::Amx`]) the same packed operands multiply on
+//! tiles instead ([`super::amx`]). float16 ([`Half::F16`], `--dtype f16` on
+//! [`super::Isa::Avx512Fp16`]): the same layout of pairs holding float16 values, multiplied by
+//! `vfmadd231ph` ([`super::fp16`], which says how its float16 sums are kept short); the packing
+//! and the blocking below are shared, only the rounding and the micro-kernel differ.
 //!
 //! What `--dtype bf16` means on the CPU: the weight matrices and kernels are *stored* in
 //! bfloat16 (half the memory of float32), while the activations between layers stay float32;
@@ -20,7 +23,11 @@
 //! in float32 keeps the deviation from the float32 frames small and each kernel testable
 //! against a float64 product of the same rounded operands. Without AVX512_BF16 the same
 //! bfloat16 weights are widened (exactly) as they are packed and multiply in float32, so every
-//! CPU runs `--dtype bf16`; float32 weights never take this path.
+//! CPU runs `--dtype bf16`; float32 weights never take this path. `--dtype f16` is the same
+//! with float16 for bfloat16 (and attention's probabilities · values in float16 too, see
+//! [`super::attention::ValueProduct`]), chosen per layer when the model is built
+//! ([`super::with_f16_products`]), so that a float32 run of the published float16 weights keeps
+//! float32's products.
 //!
 //! Layout: `vdpbf16ps` multiplies pairs along k. B is packed as `pairs[(panel·kp + kq)·NR + c]`
 //! = (`B[2kq][col]` in the low 16 bits, `B[2kq+1][col]` in the high 16), kp = ⌈k/2⌉, a missing last
@@ -33,6 +40,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::aligned::Aligned;
@@ -46,10 +54,72 @@ use super::Src;
 /// since the operands are half the size).
 const KCP: usize = 256;
 
+/// The 16-bit floats of a packed operand's pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Half {
+    /// bfloat16: products on `vdpbf16ps` or AMX tiles, float32 sums.
+    Bf16,
+    /// IEEE float16: products on `vfmadd231ph` ([`super::fp16`]), float16 sums of a few dozen
+    /// terms added into float32.
+    F16,
+}
+
+impl Half {
+    /// The form a weight's products take on this path: its own 16-bit type where the CPU
+    /// multiplies in it ([`Src::multiplies_in_bf16`], [`Src::multiplies_in_f16`]), `None` where
+    /// it is widened to float32.
+    pub fn of(w: Src) -> Option<Half> {
+        if w.multiplies_in_bf16() {
+            Some(Half::Bf16)
+        } else if w.multiplies_in_f16() {
+            Some(Half::F16)
+        } else {
+            None
+        }
+    }
+
+    /// `x` rounded to this type, round to nearest even (NaN stays NaN; past float16's range,
+    /// infinity), as `vcvtne2ps2bf16` and `vcvtps2ph` round.
+    #[inline(always)]
+    pub fn round_bits(self, x: f32) -> u16 {
+        match self {
+            Half::Bf16 => half::bf16::from_f32(x).to_bits(),
+            Half::F16 => half::f16::from_f32(x).to_bits(),
+        }
+    }
+
+    /// Element `i` of `w` as this type's bits (as stored where `w` is of this type, else rounded).
+    #[inline(always)]
+    fn bits_of(self, w: Src, i: usize) -> u16 {
+        match (self, w) {
+            (Half::Bf16, Src::Bf16(s)) => s[i].to_bits(),
+            (Half::F16, Src::F16(s)) => s[i].to_bits(),
+            (h, other) => h.round_bits(other.get(i)),
+        }
+    }
+
+    /// `w`'s 16-bit storage where it is of this type.
+    fn stored(self, w: Src) -> Option<*const u16> {
+        match (self, w) {
+            (Half::Bf16, Src::Bf16(s)) => Some(s.as_ptr() as *const u16),
+            (Half::F16, Src::F16(s)) => Some(s.as_ptr() as *const u16),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU's vector code packs float32 into this type (and `vpermw` interleaves).
+    fn packs_vectors(self) -> bool {
+        match self {
+            Half::Bf16 => super::bf16_instructions(),
+            Half::F16 => super::avx512fp16(),
+        }
+    }
+}
+
 /// `x` rounded to bfloat16, round to nearest even (NaN stays NaN), as `vcvtne2ps2bf16`.
 #[inline(always)]
 pub fn round_bits(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
+    Half::Bf16.round_bits(x)
 }
 
 #[inline(always)]
@@ -57,34 +127,27 @@ fn pair(lo: u16, hi: u16) -> u32 {
     lo as u32 | (hi as u32) << 16
 }
 
-/// Element `i` of `w` as bfloat16 bits (rounded from float32 or float16, as is from bfloat16).
-#[inline(always)]
-fn bits_of(w: Src, i: usize) -> u16 {
-    match w {
-        Src::Bf16(s) => s[i].to_bits(),
-        other => round_bits(other.get(i)),
-    }
-}
-
 impl PackedB {
-    /// B = Wᵀ in the bfloat16 form for a row-major `w` of n rows × k (a linear layer's weight,
-    /// bfloat16 as stored, or rounded to it).
-    pub fn from_transposed_bf16(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
-        Self::transposed_bf16_rows(w, n, k, parallel, |p| p * NR)
+    /// B = Wᵀ in the 16-bit form `half` for a row-major `w` of n rows × k (a linear layer's
+    /// weight, as stored where it is of that type, or rounded to it).
+    pub fn from_transposed_half(w: Src, half: Half, n: usize, k: usize, parallel: bool) -> PackedB {
+        Self::transposed_half_rows(w, half, n, k, parallel, |p| p * NR)
     }
 
-    /// As [`PackedB::from_transposed_bf16`] for a feed-forward projection whose output's two
-    /// halves (value, gate) are multiplied by GEGLU: panels alternate between the halves (panel
-    /// 2p: W's rows 16p.., panel 2p + 1: rows n/2 + 16p..), so that each pair of panels holds
-    /// 16 gated columns' value and gate ([`super::amx::geglu_panels`]). n/2 is a multiple of 16.
+    /// As [`PackedB::from_transposed_half`] in bfloat16 for a feed-forward projection whose
+    /// output's two halves (value, gate) are multiplied by GEGLU: panels alternate between the
+    /// halves (panel 2p: W's rows 16p.., panel 2p + 1: rows n/2 + 16p..), so that each pair of
+    /// panels holds 16 gated columns' value and gate ([`super::amx::geglu_panels`]). n/2 is a
+    /// multiple of 16.
     pub fn from_transposed_bf16_geglu(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
         assert!(n.is_multiple_of(2 * NR), "GEGLU halves in whole panels");
-        Self::transposed_bf16_rows(w, n, k, parallel, |p| (p / 2) * NR + (p % 2) * (n / 2))
+        Self::transposed_half_rows(w, Half::Bf16, n, k, parallel, |p| (p / 2) * NR + (p % 2) * (n / 2))
     }
 
-    /// The bfloat16 Wᵀ with panel p made of W's rows `first_row(p)..` (16, fewer past n).
-    fn transposed_bf16_rows(
+    /// The 16-bit Wᵀ with panel p made of W's rows `first_row(p)..` (16, fewer past n).
+    fn transposed_half_rows(
         w: Src,
+        half: Half,
         n: usize,
         k: usize,
         parallel: bool,
@@ -98,11 +161,11 @@ impl PackedB {
         let pack = |(p, dst): (usize, &mut [u32])| {
             let r0 = first_row(p);
             #[cfg(target_arch = "x86_64")]
-            if let (Src::Bf16(s), true, true) = (w, k.is_multiple_of(2) && NR * k < 1 << 30, r0 + NR <= n) {
-                if super::avx512bf16() {
+            if let (Some(s), true, true) = (half.stored(w), k.is_multiple_of(2) && NR * k < 1 << 30, r0 + NR <= n) {
+                if super::avx512() {
                     // SAFETY: features checked; rows r0.. r0 + 16 of k values exist, and `dst`
                     // holds kp·NR pairs.
-                    unsafe { gather_panel(s.as_ptr().add(r0 * k) as *const i32, kp, dst) };
+                    unsafe { gather_panel(s.add(r0 * k) as *const i32, kp, dst) };
                     return;
                 }
             }
@@ -112,8 +175,8 @@ impl PackedB {
             for c in 0..NR.min(n - r0) {
                 let row = (r0 + c) * k;
                 for kq in 0..kp {
-                    let hi = if 2 * kq + 1 < k { bits_of(w, row + 2 * kq + 1) } else { 0 };
-                    dst[kq * NR + c] = pair(bits_of(w, row + 2 * kq), hi);
+                    let hi = if 2 * kq + 1 < k { half.bits_of(w, row + 2 * kq + 1) } else { 0 };
+                    dst[kq * NR + c] = pair(half.bits_of(w, row + 2 * kq), hi);
                 }
             }
         };
@@ -122,12 +185,13 @@ impl PackedB {
         } else {
             pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data: Default::default(), pairs, bf16: true, k, n }
+        PackedB { data: Default::default(), pairs, half: Some(half), k, n }
     }
 
-    /// B in the bfloat16 form from a row-major k×n float32 matrix whose rows are `row_stride`
-    /// floats apart (the activations of the convolutions that are matrix products), rounded.
-    pub fn from_rows_bf16(b: &[f32], k: usize, n: usize, row_stride: usize, parallel: bool) -> PackedB {
+    /// B in the 16-bit form `half` from a row-major k×n float32 matrix whose rows are
+    /// `row_stride` floats apart (the activations of the convolutions that are matrix
+    /// products), rounded.
+    pub fn from_rows_half(b: &[f32], half: Half, k: usize, n: usize, row_stride: usize, parallel: bool) -> PackedB {
         assert!(n == 0 || k == 0 || b.len() >= (k - 1) * row_stride + n, "packed operand size");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
@@ -136,10 +200,10 @@ impl PackedB {
         let pack = |(p, dst): (usize, &mut [u32])| {
             let cols = NR.min(n - p * NR);
             #[cfg(target_arch = "x86_64")]
-            if cols == NR && super::avx512bf16() {
+            if cols == NR && half.packs_vectors() {
                 // SAFETY: features checked; rows 0..k of this panel's 16 columns exist, and
                 // `dst` holds kp·NR pairs.
-                unsafe { pack_rows_panel(b.as_ptr().add(p * NR), k, row_stride, dst) };
+                unsafe { pack_rows_panel(half, b.as_ptr().add(p * NR), k, row_stride, dst) };
                 return;
             }
             if cols < NR {
@@ -148,8 +212,8 @@ impl PackedB {
             for kq in 0..kp {
                 for c in 0..cols {
                     let at = p * NR + c;
-                    let lo = round_bits(b[2 * kq * row_stride + at]);
-                    let hi = if 2 * kq + 1 < k { round_bits(b[(2 * kq + 1) * row_stride + at]) } else { 0 };
+                    let lo = half.round_bits(b[2 * kq * row_stride + at]);
+                    let hi = if 2 * kq + 1 < k { half.round_bits(b[(2 * kq + 1) * row_stride + at]) } else { 0 };
                     dst[kq * NR + c] = pair(lo, hi);
                 }
             }
@@ -159,14 +223,14 @@ impl PackedB {
         } else {
             pairs.chunks_mut((kp * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data: Default::default(), pairs, bf16: true, k, n }
+        PackedB { data: Default::default(), pairs, half: Some(half), k, n }
     }
 }
 
 impl PackedA {
-    /// A in the bfloat16 form from a row-major m×k `a` whose rows are `row_stride` apart (a 1×1
-    /// convolution's weight, bfloat16 as stored, or rounded to it).
-    pub fn from_rows_bf16(a: Src, m: usize, k: usize, row_stride: usize) -> PackedA {
+    /// A in the 16-bit form `half` from a row-major m×k `a` whose rows are `row_stride` apart (a
+    /// 1×1 convolution's weight, as stored where it is of that type, or rounded to it).
+    pub fn from_rows_half(a: Src, half: Half, m: usize, k: usize, row_stride: usize) -> PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let kp = k.div_ceil(2);
         let mut pairs = Aligned::<u32>::zeroed(m.div_ceil(MR) * MR * kp);
@@ -174,44 +238,58 @@ impl PackedA {
             for r in 0..MR.min(m - p * MR) {
                 let row = (p * MR + r) * row_stride;
                 for kq in 0..kp {
-                    let hi = if 2 * kq + 1 < k { bits_of(a, row + 2 * kq + 1) } else { 0 };
-                    dst[kq * MR + r] = pair(bits_of(a, row + 2 * kq), hi);
+                    let hi = if 2 * kq + 1 < k { half.bits_of(a, row + 2 * kq + 1) } else { 0 };
+                    dst[kq * MR + r] = pair(half.bits_of(a, row + 2 * kq), hi);
                 }
             }
         }
-        PackedA::of_pairs(pairs, m, k)
+        PackedA::of_pairs(pairs, half, m, k)
     }
 
-    /// A bfloat16 A from its micro-panels, in AMX tiles where the products run on them.
-    fn of_pairs(pairs: Aligned<u32>, m: usize, k: usize) -> PackedA {
+    /// A 16-bit A from its micro-panels, in AMX tiles where bfloat16 products run on them.
+    fn of_pairs(pairs: Aligned<u32>, half: Half, m: usize, k: usize) -> PackedA {
         #[cfg(target_arch = "x86_64")]
-        if super::amx() {
+        if half == Half::Bf16 && super::amx() {
             let tiles = super::amx::tiles_of_panels(&pairs, m, k.div_ceil(2));
-            return PackedA { data: Vec::new(), pairs: tiles, bf16: true, tiles: true, m, k };
+            return PackedA { data: Vec::new(), pairs: tiles, half: Some(half), tiles: true, m, k };
         }
-        PackedA { data: Vec::new(), pairs, bf16: true, tiles: false, m, k }
+        PackedA { data: Vec::new(), pairs, half: Some(half), tiles: false, m, k }
     }
 
-    /// This float32 A in the bfloat16 form, rounded (the temporal convolution's transformed
+    /// This float32 A in the 16-bit form `half`, rounded (the temporal convolution's transformed
     /// weights, computed in float32).
-    pub fn to_bf16(&self) -> PackedA {
+    pub fn to_half(&self, half: Half) -> PackedA {
         let (m, k) = (self.m, self.k);
-        if self.bf16 {
-            return PackedA { data: Vec::new(), pairs: self.pairs.clone(), bf16: true, tiles: self.tiles, m, k };
+        if let Some(h) = self.half {
+            assert_eq!(h, half, "a packed A already in another 16-bit form");
+            return PackedA { data: Vec::new(), pairs: self.pairs.clone(), half: Some(h), tiles: self.tiles, m, k };
         }
         let kp = k.div_ceil(2);
+        // every value rounded at once (the slice conversions are vectorised: one value at a time,
+        // float16's took a tenth of a 4-frame step's temporal convolutions), then paired
+        let bits: Vec<u16> = match half {
+            Half::Bf16 => {
+                let mut b = vec![half::bf16::ZERO; self.data.len()];
+                b.convert_from_f32_slice(&self.data);
+                b.into_iter().map(half::bf16::to_bits).collect()
+            }
+            Half::F16 => {
+                let mut b = vec![half::f16::ZERO; self.data.len()];
+                b.convert_from_f32_slice(&self.data);
+                b.into_iter().map(half::f16::to_bits).collect()
+            }
+        };
         let mut pairs = Aligned::<u32>::zeroed(m.div_ceil(MR) * MR * kp);
-        for (p, dst) in pairs.chunks_mut((kp * MR).max(1)).enumerate() {
-            let src = &self.data[p * k * MR..][..k * MR];
+        pairs.par_chunks_mut((kp * MR).max(1)).enumerate().for_each(|(p, dst)| {
+            let src = &bits[p * k * MR..][..k * MR];
             for kq in 0..kp {
                 for r in 0..MR {
-                    let lo = round_bits(src[2 * kq * MR + r]);
-                    let hi = if 2 * kq + 1 < k { round_bits(src[(2 * kq + 1) * MR + r]) } else { 0 };
-                    dst[kq * MR + r] = pair(lo, hi);
+                    let hi = if 2 * kq + 1 < k { src[(2 * kq + 1) * MR + r] } else { 0 };
+                    dst[kq * MR + r] = pair(src[2 * kq * MR + r], hi);
                 }
             }
-        }
-        PackedA::of_pairs(pairs, m, k)
+        });
+        PackedA::of_pairs(pairs, half, m, k)
     }
 }
 
@@ -230,38 +308,62 @@ unsafe fn gather_panel(rows: *const i32, kp: usize, dst: &mut [u32]) {
     }
 }
 
+/// 16 values of `lo` then 16 of `hi` rounded to `half` (round to nearest even): 32 words in
+/// that order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn rounded32(half: Half, lo: __m512, hi: __m512) -> __m512i {
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    match half {
+        Half::Bf16 => std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+        Half::F16 => _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtps_ph::<NEAREST>(lo)),
+            _mm512_cvtps_ph::<NEAREST>(hi),
+        ),
+    }
+}
+
 /// 16 values of `lo` and 16 of `hi` rounded to bfloat16 and interleaved into 16 pairs (`lo[i]` in
 /// the low half of pair i, `hi[i]` in the high): one rounding of 32 values, one permutation.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn interleaved_pairs(lo: __m512, hi: __m512) -> __m512i {
+    interleaved_pairs_of(Half::Bf16, lo, hi)
+}
+
+/// [`interleaved_pairs`] in `half`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn interleaved_pairs_of(half: Half, lo: __m512, hi: __m512) -> __m512i {
     // word j of the result takes word idx[j] of [lo's 16 | hi's 16]
     let idx = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
         16, 0,
     );
-    let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    _mm512_permutexvar_epi16(idx, words)
+    _mm512_permutexvar_epi16(idx, rounded32(half, lo, hi))
 }
 
 /// 16 columns × k rows of a row-major float32 B (rows `stride` apart, from `b`) as one panel of
-/// pairs: per pair of rows one [`interleaved_pairs`].
+/// pairs in `half`: per pair of rows one [`interleaved_pairs_of`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_rows_panel(b: *const f32, k: usize, stride: usize, dst: &mut [u32]) {
+unsafe fn pack_rows_panel(half: Half, b: *const f32, k: usize, stride: usize, dst: &mut [u32]) {
     let d = dst.as_mut_ptr() as *mut __m512i;
     for kq in 0..k.div_ceil(2) {
         let lo = _mm512_loadu_ps(b.add(2 * kq * stride));
         let hi = if 2 * kq + 1 < k { _mm512_loadu_ps(b.add((2 * kq + 1) * stride)) } else { _mm512_setzero_ps() };
-        _mm512_storeu_si512(d.add(kq), interleaved_pairs(lo, hi));
+        _mm512_storeu_si512(d.add(kq), interleaved_pairs_of(half, lo, hi));
     }
 }
 
 /// Packs rows [i0, i0 + mc) × depth [k0, k0 + kl) (k0 even) of a float32 A (row stride `lda`)
-/// as bfloat16 micro-panels `[ir][kq][MR]` of ⌈kl/2⌉ pairs (rows past mc zero).
+/// as micro-panels `[ir][kq][MR]` of ⌈kl/2⌉ pairs in `half` (rows past mc zero).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_a(a: *const f32, lda: usize, i0: usize, mc: usize, k0: usize, kl: usize, dst: *mut u32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a(half: Half, a: *const f32, lda: usize, i0: usize, mc: usize, k0: usize, kl: usize, dst: *mut u32) {
     let klp = kl.div_ceil(2);
     let mut buf = [0u32; 16];
     for ir in 0..mc.div_ceil(MR) {
@@ -278,16 +380,16 @@ unsafe fn pack_a(a: *const f32, lda: usize, i0: usize, mc: usize, k0: usize, kl:
             let mut kq = 0;
             // 32 values (16 pairs) at a time: consecutive values of a row are a pair's halves
             while 2 * kq + 32 <= kl {
-                let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(2 * kq + 16)), _mm512_loadu_ps(src.add(2 * kq)));
-                _mm512_storeu_si512(buf.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+                let v = rounded32(half, _mm512_loadu_ps(src.add(2 * kq)), _mm512_loadu_ps(src.add(2 * kq + 16)));
+                _mm512_storeu_si512(buf.as_mut_ptr() as *mut __m512i, v);
                 for (j, &p) in buf.iter().enumerate() {
                     *d.add((kq + j) * MR + r) = p;
                 }
                 kq += 16;
             }
             while kq < klp {
-                let hi = if 2 * kq + 1 < kl { round_bits(*src.add(2 * kq + 1)) } else { 0 };
-                *d.add(kq * MR + r) = pair(round_bits(*src.add(2 * kq)), hi);
+                let hi = if 2 * kq + 1 < kl { half.round_bits(*src.add(2 * kq + 1)) } else { 0 };
+                *d.add(kq * MR + r) = pair(half.round_bits(*src.add(2 * kq)), hi);
                 kq += 1;
             }
         }
@@ -307,8 +409,9 @@ thread_local! {
 /// rows of `ldc` (≥ n) floats.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init) {
+    let half = b.half.expect("a 16-bit B");
     // (tiles are made only where the CPU has AMX, so they may run there on any path)
-    if super::amx() || matches!(a, Lhs::TilesBf16(..)) {
+    if half == Half::Bf16 && super::amx() || matches!(a, Lhs::TilesBf16(..)) {
         return super::amx::blocked(m, a, b, c, ldc, init);
     }
     let (k, n) = (b.k, b.n);
@@ -337,10 +440,11 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                 let klp = kcp.min(kp - kq0);
                 let (apack, ap_stride) = match a {
                     Lhs::Rows(a, lda) => {
-                        pack_a(a, lda, i0, mc, 2 * kq0, (2 * klp).min(k - 2 * kq0), apack);
+                        let (k0, kl) = (2 * kq0, (2 * klp).min(k - 2 * kq0));
+                        pack_a(half, a, lda, i0, mc, k0, kl, apack);
                         (apack as *const u32, klp * MR)
                     }
-                    Lhs::PanelsBf16(p, depth) => {
+                    Lhs::PanelsHalf(p, depth) => {
                         let dp = depth.div_ceil(2);
                         (p.add(i0 * dp + kq0 * MR), dp * MR)
                     }
@@ -370,6 +474,10 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                         let ap = [apack.add(ir * ap_stride), apack.add((ir + ra - 1) * ap_stride)];
                         let rows = (ra * MR).min(mc - ir * MR);
                         let cp = c.add((i0 + ir * MR) * ldc + jr * NR);
+                        let tile_of = match half {
+                            Half::Bf16 => tile_of,
+                            Half::F16 => super::fp16::tile_of,
+                        };
                         if rows == ra * MR && cols == nb * NR {
                             tile_of(ra, nb, klp, ap, bp, cp, ldc, NR, acc, bias_ptr);
                         } else {
@@ -394,31 +502,8 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
     });
 }
 
-/// [`tile`] for `ra` A micro-panels and `nb` B panels (1 or 2 each) known at run time.
-///
-/// # Safety
-/// As [`tile`].
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_of(
-    ra: usize,
-    nb: usize,
-    kp: usize,
-    a: [*const u32; 2],
-    b: [*const u32; 2],
-    c: *mut f32,
-    ldc: usize,
-    cjs: usize,
-    acc: bool,
-    bias: *const f32,
-) {
-    match (ra, nb) {
-        (2, 2) => tile::<2, 2>(kp, a, b, c, ldc, cjs, acc, bias),
-        (2, _) => tile::<2, 1>(kp, a, b, c, ldc, cjs, acc, bias),
-        (_, 2) => tile::<1, 2>(kp, a, b, c, ldc, cjs, acc, bias),
-        _ => tile::<1, 1>(kp, a, b, c, ldc, cjs, acc, bias),
-    }
-}
+super::packed_matmul::tile_by_count!(tile_of, tile, u32);
 
 /// The micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns, `c[r][..] = start + Σ_kq
 /// a[kq][r] · b[kq][..]` where each term is a pair's two products (`vdpbf16ps`), with A in `RA`

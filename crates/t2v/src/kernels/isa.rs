@@ -1,9 +1,9 @@
 //! Which instruction set the CPU kernels run with: chosen once from what the CPU has, or forced
-//! with `T2V_ISA=auto|amx|avx512bf16|avx512|avx2|neon|generic` (or [`set_isa`]) so that one machine can
-//! test and time every path. `generic` is candle's standard ops, the path that other devices and
-//! CPUs take. `avx512bf16` and `amx` differ from `avx512` only for bfloat16 weights (`--dtype
-//! bf16`): their matrix products run on `vdpbf16ps`, or on AMX tiles; float32 work is the same on
-//! all three.
+//! with `T2V_ISA=auto|amx|avx512fp16|avx512bf16|avx512|avx2|neon|generic` (or [`set_isa`]) so that one
+//! machine can test and time every path. `generic` is candle's standard ops, the path that other
+//! devices and CPUs take. `avx512bf16`, `avx512fp16` and `amx` differ from `avx512` only for
+//! bfloat16 and float16 weights (`--dtype bf16`, `--dtype f16`): their matrix products run on
+//! `vdpbf16ps`, on `vfmadd231ph`, or on AMX tiles; float32 work is the same on all four.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,22 +28,31 @@ pub enum Isa {
     /// The AVX-512 path plus AVX512_BF16 (Zen 4 and later, Intel since Cooper Lake): bfloat16
     /// weights multiply with `vdpbf16ps` (float32 accumulation) instead of being widened.
     Avx512Bf16,
+    /// The AVX-512 + BF16 path plus AVX512_FP16 (Intel since Sapphire Rapids): float16 weights
+    /// multiply with `vfmadd231ph` (float16 sums of 32 products added into float32,
+    /// [`super::f16`]) instead of being widened; bfloat16 ones take `vdpbf16ps` where it beats
+    /// the float32 FMAs ([`super::tuning::Tuning::bf16_dot`]), else are widened.
+    Avx512Fp16,
     /// The AVX-512 + BF16 path plus AMX-BF16 (Intel since Sapphire Rapids): the bfloat16
-    /// products run on AMX tiles (`tdpbf16ps`, float32 accumulation, [`super::amx`]).
+    /// products run on AMX tiles (`tdpbf16ps`, float32 accumulation, [`super::amx`]); float16
+    /// weights are widened.
     Amx,
 }
 
 /// A path that cannot be used: an unknown name, or one this CPU cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IsaError {
-    #[error("unknown instruction set `{0}`: expected auto, amx, avx512bf16, avx512, avx2, neon or generic")]
+    #[error(
+        "unknown instruction set `{0}`: expected auto, amx, avx512fp16, avx512bf16, avx512, avx2, neon or generic"
+    )]
     Unknown(String),
     #[error("this CPU cannot run the {0} kernels (it can run: {list})", list = Isa::available_list())]
     Unsupported(Isa),
 }
 
 impl Isa {
-    pub const ALL: [Isa; 6] = [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
+    pub const ALL: [Isa; 7] =
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Avx512Fp16, Isa::Amx];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,6 +61,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Avx512Fp16 => "avx512fp16",
             Isa::Amx => "amx",
         }
     }
@@ -64,13 +74,15 @@ impl Isa {
             Isa::Avx2 => detected().0,
             Isa::Avx512 => detected().1,
             Isa::Avx512Bf16 => detected().2,
-            Isa::Amx => detected().3,
+            Isa::Avx512Fp16 => detected().3,
+            Isa::Amx => detected().4,
         }
     }
 
     /// The fastest path this CPU can run: the widest it has, except that `avx512bf16` gives way
     /// to `avx512` where the CPU's `vdpbf16ps` is slower than its float32 FMAs
-    /// ([`super::tuning::Tuning::bf16_dot`]: Intel's server cores without AMX).
+    /// ([`super::tuning::Tuning::bf16_dot`]: Intel's server cores without AMX; where they have
+    /// AVX512_FP16, `avx512fp16` is taken and widens bfloat16 weights itself).
     pub fn best() -> Isa {
         let widest = *Isa::ALL.iter().rev().find(|i| i.is_available()).unwrap_or(&Isa::Generic);
         if widest == Isa::Avx512Bf16 && !super::tuning::Tuning::detected().bf16_dot {
@@ -123,13 +135,14 @@ impl FromStr for Isa {
     }
 }
 
-/// (AVX2 path, AVX-512 path, AVX-512 + BF16 path, AMX path) available on this CPU (for AMX,
-/// with the tile state granted by the OS, which this asks for once).
-fn detected() -> (bool, bool, bool, bool) {
+/// (AVX2 path, AVX-512 path, AVX-512 + BF16 path, + FP16 path, AMX path) available on this CPU
+/// (for AMX, with the tile state granted by the OS, which this asks for once). The AMX path does
+/// not need FP16 (it widens float16 weights), so a guest shown AMX without FP16 still has it.
+fn detected() -> (bool, bool, bool, bool, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<(bool, bool, bool, bool)> = OnceLock::new();
+        static HAS: OnceLock<(bool, bool, bool, bool, bool)> = OnceLock::new();
         *HAS.get_or_init(|| {
             let avx2 =
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
@@ -139,13 +152,14 @@ fn detected() -> (bool, bool, bool, bool) {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512dq");
             let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
+            let fp16 = bf16 && is_x86_feature_detected!("avx512fp16");
             let amx = bf16 && super::amx::cpu_has_amx_bf16() && super::amx::request_tile_state();
-            (avx2, avx512, bf16, amx)
+            (avx2, avx512, bf16, fp16, amx)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        (false, false, false, false)
+        (false, false, false, false, false)
     }
 }
 

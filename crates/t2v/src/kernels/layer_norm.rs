@@ -208,6 +208,7 @@ mod tiles {
     use rayon::prelude::*;
 
     use super::super::aligned::Aligned;
+    use super::super::bf16::Half;
     use super::super::packed_matmul::PackedA;
 
     /// Rows (and pairs) of a tile; u32 in a tile.
@@ -243,7 +244,7 @@ mod tiles {
                 }
             }
         });
-        PackedA { data: Vec::new(), pairs, bf16: true, tiles: true, m, k }
+        PackedA { data: Vec::new(), pairs, half: Some(Half::Bf16), tiles: true, m, k }
     }
 
     /// One row into its tile rows (`dst` at the row's first, tiles 256 u32 apart): 32 values of

@@ -5,6 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::bf16::Half;
 use super::packed_matmul::{self, Init, PackedA, PackedB};
 
 /// `x·Wᵀ + b` with the weight packed (or streamed) by the call; with `geglu`, the feed-forward's
@@ -23,7 +24,7 @@ pub(crate) enum Weight<'a> {
 impl<'a> Weight<'a> {
     /// The form for products of at most `rows` rows against `w` (n rows of k values).
     pub(crate) fn for_rows(w: super::Src<'a>, n: usize, k: usize, rows: usize) -> Self {
-        if k > 0 && packed_matmul::streams_weight(rows, n) && !w.multiplies_in_bf16() {
+        if k > 0 && packed_matmul::streams_weight(rows, n) && Half::of(w).is_none() {
             Weight::Streamed { w, n, k }
         } else {
             Weight::Packed(pack(w, n, k))
@@ -45,13 +46,12 @@ impl<'a> Weight<'a> {
     }
 }
 
-/// A weight packed for the products (float16 widened; bfloat16 kept where the CPU multiplies in
-/// it), on every thread.
+/// A weight packed for the products (bfloat16 and float16 kept where the CPU multiplies in them,
+/// else widened), on every thread.
 fn pack(w: super::Src, n: usize, k: usize) -> PackedB {
-    if w.multiplies_in_bf16() {
-        PackedB::from_transposed_bf16(w, n, k, true)
-    } else {
-        PackedB::from_transposed(w, n, k, true)
+    match Half::of(w) {
+        Some(half) => PackedB::from_transposed_half(w, half, n, k, true),
+        None => PackedB::from_transposed(w, n, k, true),
     }
 }
 
@@ -195,7 +195,7 @@ impl std::fmt::Debug for PackedLinear {
         f.debug_struct("PackedLinear")
             .field("out", &self.packed.n())
             .field("in", &self.packed.k())
-            .field("bf16", &self.packed.is_bf16())
+            .field("half", &self.packed.half())
             .field("geglu", &self.geglu)
             .finish()
     }
@@ -242,15 +242,21 @@ impl candle_core::InplaceOp2 for PackedAccumulateOp<'_> {
 
 impl PackedLinear {
     /// `weight` (out, in) packed to be kept in its place for the model's life, where the CPU's
-    /// products take it as it is stored: bfloat16 weights on the `avx512bf16` and `amx` paths,
-    /// whose packed form has the same size as the weight (float16 and float32 weights would be
-    /// packed widened, twice their size: they stay tensors and are packed per call). With
+    /// products take it as it is stored: bfloat16 weights where [`super::avx512bf16`], float16
+    /// ones where [`super::f16_products`], whose packed form has the same size as the weight
+    /// (widened weights would be packed at twice their size: they stay tensors and are packed
+    /// per call). With
     /// `geglu`, a feed-forward projection in the fused product's order where GEGLU fuses into it.
     /// The same products, so the same bits, as packing per call; what is saved is the packing
     /// (`gather_panel`: 3.7% of a 4-frame step's `perf` samples on Emerald Rapids). `None`
     /// elsewhere.
     pub fn resident(weight: &Tensor, bias: Option<&Tensor>, geglu: bool) -> Result<Option<PackedLinear>> {
-        if weight.dtype() != DType::BF16 || !super::avx512bf16() {
+        let kept = match weight.dtype() {
+            DType::BF16 => super::avx512bf16(),
+            DType::F16 => super::f16_products(),
+            _ => false,
+        };
+        if !kept {
             return Ok(None);
         }
         if geglu {
@@ -259,6 +265,15 @@ impl PackedLinear {
             }
         }
         Self::packed(weight, bias, false)
+    }
+
+    /// The dtype the weight was packed in (bfloat16 or float16; float32 where widened).
+    pub fn weight_dtype(&self) -> DType {
+        match self.packed.half() {
+            Some(Half::Bf16) => DType::BF16,
+            Some(Half::F16) => DType::F16,
+            None => DType::F32,
+        }
     }
 
     /// The output width (the projection's whole width where packed for GEGLU).
@@ -319,9 +334,14 @@ impl PackedLinear {
         if x.dtype() != DType::F32 || !x.device().is_cpu() {
             candle_core::bail!("packed linear: float32 inputs on the CPU only, not {:?}", x.dtype());
         }
-        if self.packed.is_bf16() && !super::avx512bf16() {
+        let still = match self.packed.half() {
+            Some(Half::Bf16) => super::avx512bf16(),
+            Some(Half::F16) => super::avx512fp16(),
+            None => true,
+        };
+        if !still {
             candle_core::bail!(
-                "packed linear: packed for the bfloat16 products, but the kernels' path is now {}: load the model again",
+                "packed linear: packed for the 16-bit products, but the kernels' path is now {}: load the model again",
                 super::isa()
             );
         }
@@ -423,7 +443,7 @@ impl PackedLinear {
                     packed_matmul::Epilogue::GegluTiles,
                 )
             };
-            Ok(PackedA { data: Vec::new(), pairs, bf16: true, tiles: true, m, k: gated })
+            Ok(PackedA { data: Vec::new(), pairs, half: Some(Half::Bf16), tiles: true, m, k: gated })
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gates_into_tiles() is false off x86-64")

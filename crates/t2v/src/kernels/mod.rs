@@ -14,6 +14,8 @@ pub mod attention;
 pub mod bf16;
 pub mod conv;
 pub mod copy;
+#[cfg(target_arch = "x86_64")]
+pub mod fp16;
 pub mod geglu;
 pub mod group_norm;
 pub mod isa;
@@ -110,10 +112,16 @@ impl Src<'_> {
         }
     }
 
-    /// Whether these are bfloat16 values that the products take as they are ([`bf16`]): only on
-    /// the AVX-512 + BF16 path; elsewhere bfloat16 weights are widened like float16 ones.
+    /// Whether these are bfloat16 values that the products take as they are ([`bf16`]): where
+    /// [`avx512bf16`]; elsewhere bfloat16 weights are widened like float16 ones.
     pub fn multiplies_in_bf16(&self) -> bool {
         matches!(self, Src::Bf16(_)) && avx512bf16()
+    }
+
+    /// Whether these are float16 values that the products take as they are ([`fp16`]): where
+    /// [`f16_products`]; elsewhere float16 weights are widened as they are packed.
+    pub fn multiplies_in_f16(&self) -> bool {
+        matches!(self, Src::F16(_)) && f16_products()
     }
 
     #[inline(always)]
@@ -186,10 +194,56 @@ pub fn avx512() -> bool {
     isa() >= Isa::Avx512
 }
 
-/// Whether bfloat16 weights multiply in bfloat16 (`vdpbf16ps` or AMX tiles, float32 sums);
-/// elsewhere they are widened to float32 as they are packed, like float16 weights.
+/// Whether bfloat16 weights multiply in bfloat16 (`vdpbf16ps` or AMX tiles, float32 sums): on
+/// the `avx512bf16` and `amx` paths, and on `avx512fp16` where the CPU's `vdpbf16ps` beats its
+/// float32 FMAs ([`Tuning::bf16_dot`]); elsewhere they are widened to float32 as they are
+/// packed, like float16 weights.
 pub fn avx512bf16() -> bool {
+    match isa() {
+        Isa::Avx512Bf16 | Isa::Amx => true,
+        Isa::Avx512Fp16 => Tuning::detected().bf16_dot,
+        _ => false,
+    }
+}
+
+/// Whether the path's CPU has AVX512_BF16's instructions (the `avx512bf16` path and those
+/// above it), whether or not the products use them ([`avx512bf16`]).
+pub(crate) fn bf16_instructions() -> bool {
     isa() >= Isa::Avx512Bf16
+}
+
+/// Whether float16 weights can multiply in float16 (`vfmadd231ph`, [`fp16`]): on the
+/// `avx512fp16` path only, and there only in layers built for it ([`with_f16_products`]). On
+/// `amx` they are widened: there `--dtype bf16` runs on the tiles, 8 times `vfmadd231ph`'s rate.
+pub fn avx512fp16() -> bool {
+    isa() == Isa::Avx512Fp16
+}
+
+thread_local! {
+    /// Whether float16 weights met on this thread multiply in float16 ([`with_f16_products`]).
+    static F16_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on this thread with float16 weights multiplied in float16 where the path can
+/// ([`avx512fp16`]) when `on`, else widened to float32. Widened is the default, so that a float32
+/// run of the published float16 weights (kept narrow in memory) has float32's products; the
+/// model loaders build the layers of a `--dtype f16` run inside `with_f16_products(true, …)`,
+/// and those layers keep the choice for their calls.
+pub fn with_f16_products<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            F16_PRODUCTS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(F16_PRODUCTS.with(|c| c.replace(on)));
+    f()
+}
+
+/// Whether float16 weights multiply in float16 on this thread now ([`with_f16_products`] on
+/// the `avx512fp16` path).
+pub fn f16_products() -> bool {
+    avx512fp16() && F16_PRODUCTS.with(|c| c.get())
 }
 
 /// Whether the bfloat16 products run on AMX tiles ([`Isa::Amx`]).

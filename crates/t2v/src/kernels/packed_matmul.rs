@@ -27,6 +27,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::bf16::Half;
 use super::{avx2, SendPtr, Src};
 
 /// Rows of a micro-tile (broadcast from A).
@@ -43,10 +44,12 @@ pub(super) const MC: usize = 192;
 pub struct PackedB {
     /// (on cache lines: a panel's rows are whole 64-byte vectors, [`super::aligned`])
     pub(super) data: super::aligned::Aligned<f32>,
-    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`] (x86-64 only).
+    /// The 16-bit form instead of `data` (empty otherwise): pairs of bfloat16 or float16 values
+    /// along k, see [`super::bf16`] (x86-64 only).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) pairs: super::aligned::Aligned<u32>,
-    pub(super) bf16: bool,
+    /// Which 16-bit floats `pairs` hold; `None` for the float32 form.
+    pub(super) half: Option<Half>,
     pub(super) k: usize,
     pub(super) n: usize,
 }
@@ -60,9 +63,14 @@ impl PackedB {
         self.n
     }
 
-    /// Whether B is in the bfloat16 form (products on `vdpbf16ps`).
+    /// Whether B is in the bfloat16 form (products on `vdpbf16ps` or AMX tiles).
     pub fn is_bf16(&self) -> bool {
-        self.bf16
+        self.half == Some(Half::Bf16)
+    }
+
+    /// The 16-bit form B is in (`None`: float32).
+    pub fn half(&self) -> Option<Half> {
+        self.half
     }
 
     /// B = Wᵀ for a row-major `w` of n rows × k (a linear layer's weight). Panels are packed in
@@ -83,7 +91,7 @@ impl PackedB {
         } else {
             data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data, pairs: Default::default(), bf16: false, k, n }
+        PackedB { data, pairs: Default::default(), half: None, k, n }
     }
 
     /// B as a row-major k×n matrix whose rows are `row_stride` floats apart (attention's values,
@@ -105,7 +113,7 @@ impl PackedB {
         } else {
             data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         }
-        PackedB { data, pairs: Default::default(), bf16: false, k, n }
+        PackedB { data, pairs: Default::default(), half: None, k, n }
     }
 }
 
@@ -115,9 +123,10 @@ impl PackedB {
 /// columns.
 pub struct PackedA {
     pub(super) data: Vec<f32>,
-    /// The bfloat16 form instead of `data` (empty otherwise): see [`super::bf16`].
+    /// The 16-bit form instead of `data` (empty otherwise): see [`super::bf16`].
     pub(super) pairs: super::aligned::Aligned<u32>,
-    pub(super) bf16: bool,
+    /// Which 16-bit floats `pairs` hold; `None` for the float32 form.
+    pub(super) half: Option<Half>,
     /// Whether `pairs` are in AMX tiles (`[16 rows][16 pairs]` blocks, [`super::amx`]) rather
     /// than micro-panels: made where the products run on tiles, so that an A used against many
     /// B is laid out for them once.
@@ -134,7 +143,7 @@ impl PackedA {
         for (p, dst) in data.chunks_mut((k * MR).max(1)).enumerate() {
             pack_a_panel(a, m, k, row_stride, p, dst);
         }
-        PackedA { data, pairs: Default::default(), bf16: false, tiles: false, m, k }
+        PackedA { data, pairs: Default::default(), half: None, tiles: false, m, k }
     }
 
     /// [`PackedA::from_rows`] with the micro-panels packed on all of rayon's threads.
@@ -142,20 +151,13 @@ impl PackedA {
         assert!(m == 0 || k == 0 || a.len() >= (m - 1) * row_stride + k, "packed operand size");
         let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
         data.par_chunks_mut((k * MR).max(1)).enumerate().for_each(|(p, dst)| pack_a_panel(a, m, k, row_stride, p, dst));
-        PackedA { data, pairs: Default::default(), bf16: false, tiles: false, m, k }
+        PackedA { data, pairs: Default::default(), half: None, tiles: false, m, k }
     }
 
     /// An m×k A of zeros, to be written in place through [`PackedA::index`] and
     /// [`PackedA::data_mut`] (by whoever computes A row by row in parallel).
     pub fn zeroed(m: usize, k: usize) -> PackedA {
-        PackedA {
-            data: vec![0f32; m.div_ceil(MR) * MR * k],
-            pairs: Default::default(),
-            bf16: false,
-            tiles: false,
-            m,
-            k,
-        }
+        PackedA { data: vec![0f32; m.div_ceil(MR) * MR * k], pairs: Default::default(), half: None, tiles: false, m, k }
     }
 
     /// Where `A[row][kk]` is in [`PackedA::data_mut`].
@@ -181,9 +183,14 @@ impl PackedA {
         self.tiles
     }
 
-    /// Whether A is in the bfloat16 form (products on `vdpbf16ps`).
+    /// Whether A is in the bfloat16 form (products on `vdpbf16ps` or AMX tiles).
     pub fn is_bf16(&self) -> bool {
-        self.bf16
+        self.half == Some(Half::Bf16)
+    }
+
+    /// The 16-bit form A is in (`None`: float32).
+    pub fn half(&self) -> Option<Half> {
+        self.half
     }
 }
 
@@ -205,9 +212,9 @@ pub(super) enum Lhs {
     Rows(*const f32, usize),
     /// [`PackedA`]'s panels (of depth `k`), starting at a panel boundary.
     Panels(*const f32, usize),
-    /// [`PackedA`]'s bfloat16 panels (of depth `k`, in pairs: ⌈k/2⌉ u32 per row), starting at a
-    /// panel boundary.
-    PanelsBf16(*const u32, usize),
+    /// [`PackedA`]'s 16-bit panels (bfloat16 or float16 as B's, of depth `k`, in pairs: ⌈k/2⌉
+    /// u32 per row), starting at a panel boundary.
+    PanelsHalf(*const u32, usize),
     /// [`PackedA`]'s AMX tiles (`[16-row group][depth tile][16][16]`, of that many depth tiles
     /// a row group), starting at a row group.
     TilesBf16(*const u32, usize),
@@ -219,7 +226,7 @@ impl Lhs {
         match self {
             Lhs::Rows(p, lda) => Lhs::Rows(p.add(r * lda), lda),
             Lhs::Panels(p, depth) => Lhs::Panels(p.add(r * depth), depth),
-            Lhs::PanelsBf16(p, depth) => Lhs::PanelsBf16(p.add(r * depth.div_ceil(2)), depth),
+            Lhs::PanelsHalf(p, depth) => Lhs::PanelsHalf(p.add(r * depth.div_ceil(2)), depth),
             Lhs::TilesBf16(p, tiles) => {
                 debug_assert!(r.is_multiple_of(16), "tiles split at 16 rows");
                 Lhs::TilesBf16(p.add(r * tiles * 16), tiles)
@@ -521,7 +528,7 @@ pub unsafe fn matmul_rows(
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn rows_of(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: usize, init: Init, wide: bool) {
-    if b.bf16 {
+    if b.half.is_some() {
         return super::bf16::blocked(m, a, b, c, ldc, init);
     }
     #[cfg(target_arch = "aarch64")]
@@ -591,7 +598,7 @@ unsafe fn blocked(
                         (apack as *const f32, kl * MR)
                     }
                     Lhs::Panels(p, depth) => (p.add(i0 * depth + k0 * MR), depth * MR),
-                    Lhs::PanelsBf16(..) | Lhs::TilesBf16(..) => {
+                    Lhs::PanelsHalf(..) | Lhs::TilesBf16(..) => {
                         unreachable!("bfloat16 panels go with a bfloat16 B (rows_of)")
                     }
                 };
@@ -639,31 +646,44 @@ unsafe fn blocked(
     });
 }
 
-/// [`tile_avx512`] for `ra` A micro-panels and `nb` B panels (1 or 2 each) known at run time.
-///
-/// # Safety
-/// As [`tile_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_avx512_of(
-    ra: usize,
-    nb: usize,
-    k: usize,
-    a: [*const f32; 2],
-    b: [*const f32; 2],
-    c: *mut f32,
-    ldc: usize,
-    cjs: usize,
-    acc: bool,
-    bias: *const f32,
-) {
-    match (ra, nb) {
-        (2, 2) => tile_avx512::<2, 2>(k, a, b, c, ldc, cjs, acc, bias),
-        (2, _) => tile_avx512::<2, 1>(k, a, b, c, ldc, cjs, acc, bias),
-        (_, 2) => tile_avx512::<1, 2>(k, a, b, c, ldc, cjs, acc, bias),
-        _ => tile_avx512::<1, 1>(k, a, b, c, ldc, cjs, acc, bias),
-    }
+/// Defines `$name(ra, nb, depth, a, b, c, ldc, cjs, acc, bias)`: the micro-kernel `$tile::<RA,
+/// NB>` (a tile of up to two A micro-panels × two B panels of `$elem`) for `ra` micro-panels and
+/// `nb` panels (1 or 2 each) known at run time. Each form of the product (float32, bfloat16,
+/// float16) has one.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! tile_by_count {
+    ($vis:vis $name:ident, $tile:ident, $elem:ty) => {
+        #[doc = concat!("[`", stringify!($tile), "`] for `ra` A micro-panels and `nb` B panels (1 or 2 each) known at run time.")]
+        ///
+        /// # Safety
+        #[doc = concat!("As [`", stringify!($tile), "`].")]
+        #[allow(clippy::too_many_arguments)]
+        $vis unsafe fn $name(
+            ra: usize,
+            nb: usize,
+            depth: usize,
+            a: [*const $elem; 2],
+            b: [*const $elem; 2],
+            c: *mut f32,
+            ldc: usize,
+            cjs: usize,
+            acc: bool,
+            bias: *const f32,
+        ) {
+            match (ra, nb) {
+                (2, 2) => $tile::<2, 2>(depth, a, b, c, ldc, cjs, acc, bias),
+                (2, _) => $tile::<2, 1>(depth, a, b, c, ldc, cjs, acc, bias),
+                (_, 2) => $tile::<1, 2>(depth, a, b, c, ldc, cjs, acc, bias),
+                _ => $tile::<1, 1>(depth, a, b, c, ldc, cjs, acc, bias),
+            }
+        }
+    };
 }
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(super) use tile_by_count;
+
+#[cfg(target_arch = "x86_64")]
+tile_by_count!(pub(crate) tile_avx512_of, tile_avx512, f32);
 
 /// The AVX-512 micro-kernel: a tile of `RA`·6 rows × `NB`·16 columns,
 /// `c[r][..] = start + Σ_kk a[kk][r] · b[kk][..]` with A in `RA` micro-panels `[kk][MR]` and B in
@@ -788,7 +808,7 @@ pub unsafe fn matmul_streamed(
             for (p, dst) in data.chunks_mut((k * NR).max(1)).enumerate() {
                 pack_transposed(part, cols, k, k, p, dst);
             }
-            let b = PackedB { data, pairs: Default::default(), bf16: false, k, n: cols };
+            let b = PackedB { data, pairs: Default::default(), half: None, k, n: cols };
             let init = match init {
                 Init::Bias(bias) => Init::Bias(&bias[col0..col0 + cols]),
                 other => other,
@@ -853,11 +873,11 @@ pub(crate) unsafe fn matmul_geglu(
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, parallel: bool, wide: bool) {
     assert_eq!(a.k, b.k, "packed operands' depths");
-    assert_eq!(a.bf16, b.bf16, "packed operands' forms (float32 or bfloat16)");
+    assert_eq!(a.half, b.half, "packed operands' forms (float32, bfloat16 or float16)");
     let lhs = if a.tiles {
         Lhs::TilesBf16(a.pairs.as_ptr(), a.k.div_ceil(2).div_ceil(16))
-    } else if a.bf16 {
-        Lhs::PanelsBf16(a.pairs.as_ptr(), a.k)
+    } else if a.half.is_some() {
+        Lhs::PanelsHalf(a.pairs.as_ptr(), a.k)
     } else {
         Lhs::Panels(a.data.as_ptr(), a.k)
     };
@@ -877,7 +897,7 @@ pub unsafe fn matmul_packed(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, i
 /// covers a.m() rows of `ldc` floats (n, or n/2 with GEGLU), as does a residual.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn matmul_tiles(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, init: Init, epilogue: Epilogue) {
-    assert!(a.tiles && b.bf16 && a.k == b.k, "tiles of A for a bfloat16 B of the same depth");
+    assert!(a.tiles && b.is_bf16() && a.k == b.k, "tiles of A for a bfloat16 B of the same depth");
     let lhs = Lhs::TilesBf16(a.pairs.as_ptr(), a.k.div_ceil(2).div_ceil(16));
     parallel_rows(a.m, lhs, b, c, ldc, init, true, epilogue)
 }
@@ -915,7 +935,7 @@ unsafe fn parallel_rows(
             return super::amx::geglu_panels(m, a, b, c, ldc, init, range, epilogue);
         } else if range != (0..panels)
             || (matches!(epilogue, Epilogue::Residual(_))
-                && b.bf16
+                && b.is_bf16()
                 && (super::amx() || matches!(a, Lhs::TilesBf16(..))))
         {
             return super::amx::blocked_panels(m, a, b, c, ldc, init, range, epilogue);
@@ -933,7 +953,7 @@ unsafe fn parallel_rows(
         return run(m, a, c, epilogue, 0..panels);
     }
     #[cfg(target_arch = "x86_64")]
-    if b.bf16 && (super::amx() || matches!(a, Lhs::TilesBf16(..))) && m <= AMX_COLUMN_SPLIT_ROWS {
+    if b.is_bf16() && (super::amx() || matches!(a, Lhs::TilesBf16(..))) && m <= AMX_COLUMN_SPLIT_ROWS {
         // on tiles, few rows: B's columns split among the threads, each over all rows, so that
         // the weight is read from memory once in all rather than once a thread (GEGLU: in
         // whole pairs of a value and a gate panel)

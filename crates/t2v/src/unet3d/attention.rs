@@ -24,7 +24,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
-    /// Bfloat16 where the weights are (`--dtype bf16`): see [`ValueProduct`].
+    /// Bfloat16 or float16 where the weights are (`--dtype bf16`, `--dtype f16`): see
+    /// [`ValueProduct`].
     values: ValueProduct,
 }
 
@@ -39,7 +40,13 @@ impl Attention {
         let inner = heads * dim_head;
         let context_dim = context_dim.unwrap_or(query_dim);
         let to_v = linear_no_bias(context_dim, inner, vb.pp("to_v"))?;
-        let values = if to_v.weight_dtype() == DType::BF16 { ValueProduct::Bfloat16 } else { ValueProduct::Float32 };
+        // (a float16 weight packed at load is a `--dtype f16` run's: a float32 run of float16
+        // weights keeps them as tensors, widened per call)
+        let values = match to_v.weight_dtype() {
+            DType::BF16 => ValueProduct::Bfloat16,
+            DType::F16 if to_v.is_packed() => ValueProduct::Float16,
+            _ => ValueProduct::Float32,
+        };
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,

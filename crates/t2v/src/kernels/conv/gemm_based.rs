@@ -5,9 +5,9 @@
 //!
 //! * 1×1 convolutions: one product per image.
 //!
-//! bfloat16 weights on the AVX-512 + BF16 path multiply in bfloat16 ([`crate::kernels::bf16`]) in
-//! the 1×1 and the Winograd temporal convolution; the direct temporal form (small inputs only)
-//! widens them.
+//! bfloat16 and float16 weights multiply in their own type where the path does
+//! ([`crate::kernels::bf16`], [`crate::kernels::f16`]) in the 1×1 and the Winograd temporal
+//! convolution; the direct temporal form (small inputs only) widens them.
 //! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
 //!   the input, or 1-D Winograd F(4, 3) along frames (six products with half the
 //!   multiplications).
@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::g3to6;
+use crate::kernels::bf16::Half;
 use crate::kernels::packed_matmul::{self, Init, PackedA, PackedB, NR};
 use crate::kernels::{threads, KernelKind, SendPtr, Src};
 
@@ -126,6 +127,52 @@ fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
     }
 }
 
+/// The temporal (3, 1, 1) convolution as one 1×1 convolution over (channel, frame) rows: the
+/// input (B, Cin, F, HW) is B images of Cin·F channels, and the output's Cout·F channels take the
+/// weight Wf ((Cout·F) × (Cin·F)) whose block (fo, fi) is tap fi − fo + 1 of the kernel (zero
+/// where |fi − fo| > 1). Exact for any F, but it multiplies F² blocks against the direct form's
+/// 3F − 2: [`super::TemporalAlgo::Auto`] takes it for F ≤ 2 (two frames: the zeroscope XL size,
+/// 2 frames of 1024×576), where every block is a tap, so that those frames run on the 1×1
+/// path's packed product (and its 16-bit products) instead of three shifted GEMMs.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn temporal_stacked(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    b: usize,
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+) {
+    // Wf in the weight's own type, so that the 1×1 path treats it as it would the weight
+    fn stacked<T: Copy + Default>(w: &[T], cin: usize, cout: usize, f: usize) -> Vec<T> {
+        let mut wf = vec![T::default(); cout * f * cin * f];
+        for co in 0..cout {
+            for fo in 0..f {
+                let row = &mut wf[(co * f + fo) * cin * f..][..cin * f];
+                for fi in (fo.max(1) - 1)..(fo + 2).min(f) {
+                    let tap = fi + 1 - fo;
+                    for ci in 0..cin {
+                        row[ci * f + fi] = w[(co * cin + ci) * 3 + tap];
+                    }
+                }
+            }
+        }
+        wf
+    }
+    let bias_f: Option<Vec<f32>> = bias.map(|bv| bv.iter().flat_map(|&v| std::iter::repeat_n(v, f)).collect());
+    let (cin_f, cout_f) = (cin * f, cout * f);
+    match w {
+        Src::F32(s) => pointwise(x, Src::F32(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw),
+        Src::F16(s) => pointwise(x, Src::F16(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw),
+        Src::Bf16(s) => {
+            pointwise(x, Src::Bf16(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw)
+        }
+    }
+}
+
 /// 1×1 convolution: `out[n] = W · x[n] (+ bias)`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pointwise(
@@ -138,17 +185,17 @@ pub(super) fn pointwise(
     cout: usize,
     hw: usize,
 ) {
-    let bf16 = w.multiplies_in_bf16();
+    let half = Half::of(w);
     let mut wf = Vec::new();
-    let wp: &[f32] = if bf16 { &[] } else { weights_f32(w, &mut wf) };
+    let wp: &[f32] = if half.is_some() { &[] } else { weights_f32(w, &mut wf) };
     fill_bias(out, bias, hw);
     let init = if bias.is_some() { Init::Accumulate } else { Init::Overwrite };
     let nt = threads();
     let optr = SendPtr(out.as_mut_ptr());
     // the weights packed once for every image where our product runs (bfloat16 weights in the
     // bfloat16 form, the images then rounded as they are packed)
-    let packed = if bf16 {
-        Some(PackedA::from_rows_bf16(w, cout, cin, cin))
+    let packed = if let Some(half) = half {
+        Some(PackedA::from_rows_half(w, half, cout, cin, cin))
     } else {
         use_packed(KernelKind::Conv1x1).then(|| PackedA::from_rows(wp, cout, cin, cin))
     };
@@ -166,8 +213,8 @@ pub(super) fn pointwise(
             let (i, c0) = (task / blocks, (task % blocks) * cols);
             let nc = cols.min(hw - c0);
             let xi = &x[i * cin * hw + c0..][..(cin - 1) * hw + nc];
-            let xb = if bf16 {
-                PackedB::from_rows_bf16(xi, cin, nc, hw, false)
+            let xb = if let Some(half) = half {
+                PackedB::from_rows_half(xi, half, cin, nc, hw, false)
             } else {
                 PackedB::from_rows(xi, cin, nc, hw, false)
             };
@@ -276,9 +323,9 @@ pub(super) fn temporal_wino(
     let par = if nthreads > 1 { gemm::Parallelism::Rayon(nthreads) } else { gemm::Parallelism::None };
     // U[ξ][co][ci], packed once for every block of columns where our product runs (in the
     // bfloat16 form for bfloat16 weights: U rounded once computed, V as it is packed)
-    let bf16 = w.multiplies_in_bf16();
-    // (bfloat16 products need our packed product, whatever the width of the float32 ones)
-    let packed = bf16 || use_packed(KernelKind::TemporalConv);
+    let half = Half::of(w);
+    // (16-bit products need our packed product, whatever the width of the float32 ones)
+    let packed = half.is_some() || use_packed(KernelKind::TemporalConv);
     let mut u = vec![0f32; if packed { 0 } else { 6 * cout * cin }];
     let mut u_packed: Vec<PackedA> =
         if packed { (0..6).map(|_| PackedA::zeroed(cout, cin)).collect() } else { Vec::new() };
@@ -319,8 +366,8 @@ pub(super) fn temporal_wino(
             }
         });
     }
-    if bf16 {
-        u_packed = u_packed.iter().map(PackedA::to_bf16).collect();
+    if let Some(half) = half {
+        u_packed = u_packed.iter().map(|u| u.to_half(half)).collect();
     }
     // Columns: (batch, frame tile, pixel). A chunk is `ns` segments of `pl` pixels of one
     // (batch, frame tile) each, sized so that its transformed input and GEMM output (6·C·cols
@@ -370,8 +417,8 @@ pub(super) fn temporal_wino(
             let vx = &v[xi * cin * ncols..][..cin * ncols];
             let mx = m[xi * cout * ncols..].as_mut_ptr();
             if packed {
-                let vb = if bf16 {
-                    PackedB::from_rows_bf16(vx, cin, ncols, ncols, nthreads > 1)
+                let vb = if let Some(half) = half {
+                    PackedB::from_rows_half(vx, half, cin, ncols, ncols, nthreads > 1)
                 } else {
                     PackedB::from_rows(vx, cin, ncols, ncols, nthreads > 1)
                 };

@@ -135,8 +135,9 @@ pub fn temporal_conv3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 /// Which algorithm [`temporal_conv3_with`] uses on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TemporalAlgo {
-    /// Winograd when F ≥ 3 and, on the 256-bit path, there are enough columns (B·F·H·W ≥ 512),
-    /// else direct.
+    /// The stacked 1×1 form for F ≤ 2; Winograd when F ≥ 3 and, on the 256-bit path, there
+    /// are enough columns (B·F·H·W ≥ 512), else direct (or the unfolded product or the tiles
+    /// where they pay).
     Auto,
     /// Three accumulated GEMMs over frame-shifted views.
     Direct,
@@ -148,6 +149,9 @@ pub enum TemporalAlgo {
     /// Directly on AMX tiles, as a 3×1 kernel over images of frames × pixels
     /// ([`super::amx::conv_direct`]; bfloat16 weights, frames of whole 16-pixel groups).
     Tiles,
+    /// One 1×1 convolution over (channel, frame) rows with a block weight (`F²` blocks of taps
+    /// and zeros): taken for F ≤ 2, where every block is a tap.
+    Stacked,
 }
 
 /// The fewest columns (B·F·H·W) for which [`TemporalAlgo::Auto`] takes Winograd. Measured with
@@ -443,6 +447,12 @@ fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 /// 196 / 191 → 460–501, 1280 at 8² 78 / 246 → 395–398, at 4² 22 / 259 → 216–233; 16 frames at
 /// 8² 181 / 229 → 529–745, at 4² 56 / 256 → 319–340).
 ///
+/// The temporal convolution with float16 weights multiplied in float16 (`f16`, `avx512fp16`,
+/// `KERNEL_SPEED_WEIGHTS=f16`), 4 frames under guidance, Winograd → unfolded, Emerald Rapids:
+/// 320 channels at 32² 320 → 135, 640 at 16² 304 → 183, 1280 at 8² 142 → 263 (Winograd's
+/// per-call weight transform, rounded to float16, outweighs its products at 512 rows), at 4²
+/// 45 → 254. Unfolded where the rows are at most the output channels.
+///
 /// 3×3 with bfloat16 weights on AMX tiles, where the tiles' direct kernel does not take the
 /// planes (rows of fewer than 16 pixels), 1280 channels, Winograd → unfolded: at 4×4, 8 images
 /// 106–120 → 280, 32 images 120–150 → 152; at 8×8 level (8 images 340–359 → 352, 32 images
@@ -456,7 +466,7 @@ fn out_side(side: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 enum UnfoldedPays {
     Pointwise { pixels: usize },
     Plane3x3 { pixels: usize, rows: usize, tiles: bool },
-    Temporal { rows: usize, tiles: bool },
+    Temporal { rows: usize, tiles: bool, f16: bool },
 }
 
 impl UnfoldedPays {
@@ -464,8 +474,9 @@ impl UnfoldedPays {
         match self {
             UnfoldedPays::Pointwise { pixels } => 64 * pixels <= cout,
             UnfoldedPays::Plane3x3 { pixels, rows, tiles } => tiles && (pixels <= 16 || (pixels <= 64 && rows <= 1024)),
-            UnfoldedPays::Temporal { rows, tiles: false } => 4 * rows <= cout,
-            UnfoldedPays::Temporal { rows, tiles: true } => rows <= 2 * cout,
+            UnfoldedPays::Temporal { rows, tiles: true, .. } => rows <= 2 * cout,
+            UnfoldedPays::Temporal { rows, f16: true, .. } => rows <= cout,
+            UnfoldedPays::Temporal { rows, .. } => 4 * rows <= cout,
         }
     }
 }
@@ -632,9 +643,15 @@ impl TemporalOp {
             TemporalAlgo::Tiles if !tiles => {
                 bail!("t2v temporal conv: the tiles' kernel needs AMX, bfloat16 weights and frames of whole 16-pixel groups")
             }
+            TemporalAlgo::Auto if f <= 2 => TemporalAlgo::Stacked,
             TemporalAlgo::Auto
                 if super::packed_product()
-                    && UnfoldedPays::Temporal { rows: b * f * h * wd, tiles: bf16_on_tiles(bf16) }.holds(cout) =>
+                    && UnfoldedPays::Temporal {
+                        rows: b * f * h * wd,
+                        tiles: bf16_on_tiles(bf16),
+                        f16: w.multiplies_in_f16(),
+                    }
+                    .holds(cout) =>
             {
                 TemporalAlgo::Unfolded
             }
@@ -664,6 +681,8 @@ impl TemporalOp {
             }
         } else if algo == TemporalAlgo::Unfolded {
             unfolded::temporal(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
+        } else if algo == TemporalAlgo::Stacked {
+            gemm_based::temporal_stacked(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
         } else if algo == TemporalAlgo::Winograd {
             gemm_based::temporal_wino(x, w, bias.as_deref(), &mut out, b, cin, cout, f, h * wd);
         } else {
