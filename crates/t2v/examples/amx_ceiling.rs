@@ -13,7 +13,8 @@
 //! First, on any CPU with AVX512_BF16, the vector units' own ceilings: 512-bit `vfmadd231ps`
 //! against `vdpbf16ps` on 12 independent sums (no loads), one core. Where `vdpbf16ps` does not
 //! reach an FMA's rate per flop, bfloat16 weights without AMX are better widened to float32
-//! (`kernels::tuning::Tuning::bf16_dot`).
+//! (`kernels::tuning::Tuning::bf16_dot`). Where the CPU has AVX512_FP16, `vfmadd231ph` too: the
+//! float16 products' ceiling (`kernels::fp16`).
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod tiles {
@@ -201,6 +202,21 @@ mod vectors {
         s.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
     }
 
+    /// `steps` rounds of 12 independent `vfmadd231ph` (64 flops each: 32 float16 lanes).
+    #[target_feature(enable = "avx512f,avx512fp16")]
+    unsafe fn halves(steps: usize) -> f32 {
+        // (1 − 2⁻¹¹ and 2⁻¹⁴ in float16's bits: sums that stay finite and normal)
+        let x = _mm512_castsi512_ph(_mm512_set1_epi16(0x3bff));
+        let y = _mm512_castsi512_ph(_mm512_set1_epi16(0x0400));
+        let mut s = [_mm512_setzero_ph(); SUMS];
+        for _ in 0..steps {
+            for v in s.iter_mut() {
+                *v = _mm512_fmadd_ph(*v, x, y);
+            }
+        }
+        s.iter().map(|v| _mm512_reduce_add_ps(_mm512_castph_ps(*v))).sum()
+    }
+
     fn gflops(flop_per_step: f64, steps: usize, f: impl Fn() -> f32) -> f64 {
         let t = Instant::now();
         std::hint::black_box(f());
@@ -221,6 +237,11 @@ mod vectors {
                 "pass {pass}, one core: vfmadd231ps {fma:6.1} GFLOP/s, vdpbf16ps {dot:6.1} GFLOP/s ({:.2}× the FMAs)",
                 dot / fma
             );
+            if is_x86_feature_detected!("avx512fp16") {
+                // SAFETY: AVX512_FP16 detected.
+                let half = gflops((SUMS * 64) as f64, steps, || unsafe { halves(steps) });
+                println!("pass {pass}, one core: vfmadd231ph {half:6.1} GFLOP/s ({:.2}× the FMAs)", half / fma);
+            }
         }
     }
 }
