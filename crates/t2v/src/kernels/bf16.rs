@@ -116,12 +116,6 @@ impl Half {
     }
 }
 
-/// `x` rounded to bfloat16, round to nearest even (NaN stays NaN), as `vcvtne2ps2bf16`.
-#[inline(always)]
-pub fn round_bits(x: f32) -> u16 {
-    Half::Bf16.round_bits(x)
-}
-
 #[inline(always)]
 fn pair(lo: u16, hi: u16) -> u32 {
     lo as u32 | (hi as u32) << 16

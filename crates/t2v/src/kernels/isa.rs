@@ -30,7 +30,7 @@ pub enum Isa {
     Avx512Bf16,
     /// The AVX-512 + BF16 path plus AVX512_FP16 (Intel since Sapphire Rapids): float16 weights
     /// multiply with `vfmadd231ph` (float16 sums of 32 products added into float32,
-    /// [`super::f16`]) instead of being widened; bfloat16 ones take `vdpbf16ps` where it beats
+    /// [`super::fp16`]) instead of being widened; bfloat16 ones take `vdpbf16ps` where it beats
     /// the float32 FMAs ([`super::tuning::Tuning::bf16_dot`]), else are widened.
     Avx512Fp16,
     /// The AVX-512 + BF16 path plus AMX-BF16 (Intel since Sapphire Rapids): the bfloat16

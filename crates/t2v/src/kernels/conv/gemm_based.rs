@@ -6,7 +6,7 @@
 //! * 1×1 convolutions: one product per image.
 //!
 //! bfloat16 and float16 weights multiply in their own type where the path does
-//! ([`crate::kernels::bf16`], [`crate::kernels::f16`]) in the 1×1 and the Winograd temporal
+//! ([`crate::kernels::bf16`], [`crate::kernels::fp16`]) in the 1×1 and the Winograd temporal
 //! convolution; the direct temporal form (small inputs only) widens them.
 //! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
 //!   the input, or 1-D Winograd F(4, 3) along frames (six products with half the
@@ -163,13 +163,11 @@ pub(super) fn temporal_stacked(
         wf
     }
     let bias_f: Option<Vec<f32>> = bias.map(|bv| bv.iter().flat_map(|&v| std::iter::repeat_n(v, f)).collect());
-    let (cin_f, cout_f) = (cin * f, cout * f);
+    let mut run = |wf: Src| pointwise(x, wf, bias_f.as_deref(), out, b, cin * f, cout * f, hw);
     match w {
-        Src::F32(s) => pointwise(x, Src::F32(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw),
-        Src::F16(s) => pointwise(x, Src::F16(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw),
-        Src::Bf16(s) => {
-            pointwise(x, Src::Bf16(&stacked(s, cin, cout, f)), bias_f.as_deref(), out, b, cin_f, cout_f, hw)
-        }
+        Src::F32(s) => run(Src::F32(&stacked(s, cin, cout, f))),
+        Src::F16(s) => run(Src::F16(&stacked(s, cin, cout, f))),
+        Src::Bf16(s) => run(Src::Bf16(&stacked(s, cin, cout, f))),
     }
 }
 
