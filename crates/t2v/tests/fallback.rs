@@ -30,3 +30,14 @@ fn unet_tiny_without_kernels() {
 fn vae_small_narrow_without_kernels() {
     without_kernels(|| check_vae("small-t2v", "small-t2v", true))
 }
+
+#[test]
+fn vae_and_unet_in_bands_without_kernels() {
+    // the bands' candle form: statistics, affine and row writes by candle's ops
+    without_kernels(|| {
+        t2v::nn::with_bands(0, 0, || {
+            check_vae("small-t2v", "small-t2v", true);
+            check_unet("tiny-t2v", "tiny-t2v", false);
+        })
+    })
+}

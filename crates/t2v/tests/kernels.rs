@@ -599,3 +599,93 @@ fn vectorised_gelu_and_silu_match_float64() {
         assert!((s as f64 - exact).abs() <= 3e-7 * exact.abs().max(1.0), "silu({y}) = {s}, exact {exact}");
     }
 }
+
+/// GroupNorm in two halves (statistics over the whole tensor, then the affine on bands of its
+/// rows) gives the one-pass kernel's values bit for bit, and candle's form of the halves (other
+/// devices) agrees to rounding.
+#[test]
+fn group_norm_in_bands_equals_the_whole() {
+    use t2v::kernels::group_norm::{group_norm_apply, group_norm_statistics};
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (2, 8, 7, 5), &dev).unwrap().affine(2.0, 5.0).unwrap();
+    let g = Tensor::randn(0f32, 1f32, 8, &dev).unwrap();
+    let b = Tensor::randn(0f32, 1f32, 8, &dev).unwrap();
+    let statistics = group_norm_statistics(&x, &g, &b, 4, 1e-6).unwrap();
+    assert_eq!(statistics.dims(), [2, 8, 2]);
+    let candle_statistics = group_norm_statistics(&x.to_dtype(DType::F64).unwrap(), &g, &b, 4, 1e-6).unwrap();
+    assert!(max_rel(&statistics, &candle_statistics) < 1e-6);
+    for silu in [false, true] {
+        let whole = group_norm(&x, &g, &b, 4, 1e-6, silu).unwrap();
+        for (start, rows) in [(0, 7), (0, 3), (2, 4), (6, 1)] {
+            let band = group_norm_apply(&x.narrow(2, start, rows).unwrap(), &statistics, silu).unwrap();
+            let expected = whole.narrow(2, start, rows).unwrap();
+            let diff = (band.clone() - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "rows {start}..{} silu {silu}", start + rows);
+            let x64 = x.narrow(2, start, rows).unwrap().to_dtype(DType::F64).unwrap();
+            let candle = group_norm_apply(&x64, &candle_statistics, silu).unwrap();
+            assert!(max_rel(&candle, &expected) < 1e-5, "candle's form, rows {start}..{}", start + rows);
+        }
+    }
+}
+
+/// `set_rows` writes a band of rows, with or without its residual, where `slice_set` of the sum
+/// would, on the CPU kernel and on candle's form alike, and leaves the other rows alone.
+#[test]
+fn set_rows_writes_one_band_and_its_residual() {
+    use t2v::kernels::add::set_rows;
+    let dev = Device::Cpu;
+    let conv = Tensor::randn(0f32, 1f32, (2, 3, 6, 5), &dev).unwrap();
+    // a band of a convolution's output (rows 1..4) and of a residual with its own layout
+    let rows = conv.narrow(2, 1, 3).unwrap();
+    let residual = Tensor::randn(0f32, 1f32, (2, 3, 9, 5), &dev).unwrap().narrow(2, 4, 3).unwrap();
+    for with_residual in [false, true] {
+        for dtype in [DType::F32, DType::F64] {
+            let dst = Tensor::randn(0f32, 1f32, (2, 3, 8, 5), &dev).unwrap().to_dtype(dtype).unwrap();
+            let before = dst.copy().unwrap();
+            let (r, x) = (rows.to_dtype(dtype).unwrap(), residual.to_dtype(dtype).unwrap());
+            set_rows(&dst, 2, &r, with_residual.then_some(&x)).unwrap();
+            let band = if with_residual { (&r + &x).unwrap() } else { r.clone() };
+            let expected =
+                Tensor::cat(&[before.narrow(2, 0, 2).unwrap(), band, before.narrow(2, 5, 3).unwrap()], 2).unwrap();
+            assert_eq!(max_rel(&dst, &expected), 0.0, "{dtype:?} residual {with_residual}");
+        }
+    }
+    let dst = Tensor::zeros((2, 3, 8, 5), DType::F32, &dev).unwrap();
+    assert!(set_rows(&dst, 6, &rows, None).is_err(), "rows past the end");
+}
+
+/// A ResNet block with a time embedding, a width change and `output_scale_factor` 2 (the
+/// combination no fixture has) in bands of two rows and of six against its whole form.
+#[test]
+fn resnet_block_in_bands_equals_the_whole() {
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let (cin, cout, temb) = (8usize, 16usize, 12usize);
+    let mut tensors = HashMap::new();
+    let mut put = |name: &str, shape: &[usize], scale: f64| {
+        let t = (Tensor::randn(0f32, 1f32, shape, &dev).unwrap() * scale).unwrap();
+        tensors.insert(name.to_string(), t);
+    };
+    for (norm, c) in [("norm1", cin), ("norm2", cout)] {
+        put(&format!("{norm}.weight"), &[c], 1.0);
+        put(&format!("{norm}.bias"), &[c], 0.5);
+    }
+    put("conv1.weight", &[cout, cin, 3, 3], 0.2);
+    put("conv1.bias", &[cout], 0.1);
+    put("conv2.weight", &[cout, cout, 3, 3], 0.1);
+    put("conv2.bias", &[cout], 0.1);
+    put("conv_shortcut.weight", &[cout, cin, 1, 1], 0.3);
+    put("conv_shortcut.bias", &[cout], 0.1);
+    put("time_emb_proj.weight", &[cout, temb], 0.3);
+    put("time_emb_proj.bias", &[cout], 0.1);
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
+    let cfg = t2v::nn::ResnetConfig { groups: 4, eps: 1e-6, temb_channels: Some(temb), output_scale_factor: 2.0 };
+    let block = t2v::nn::ResnetBlock2D::new(vb, cin, cout, cfg).unwrap();
+    let x = Tensor::randn(0f32, 1f32, (2, cin, 13, 9), &dev).unwrap();
+    let t = Tensor::randn(0f32, 1f32, (2, temb), &dev).unwrap();
+    let whole = block.forward(&x, Some(&t)).unwrap();
+    for band_bytes in [0, 2 * cin * 9 * 4 * 8] {
+        let banded = t2v::nn::with_bands(0, band_bytes, || block.forward(&x, Some(&t))).unwrap();
+        assert!(max_rel(&banded, &whole) < 1e-5, "bands of {band_bytes} bytes: {:.2e}", max_rel(&banded, &whole));
+    }
+}

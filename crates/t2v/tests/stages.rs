@@ -59,6 +59,37 @@ fn vae_tiny_bin() {
     check_vae("tiny-t2v-bin", "tiny-t2v", true)
 }
 
+/// Every 3×3 convolution of the decoder, and of the UNet's ResNet blocks (with their time
+/// embedding), in bands of two rows ([`t2v::nn::with_bands`]; at full size only the VAE's
+/// largest layers are): the reference's outputs still.
+#[test]
+fn vae_and_unet_in_bands_of_two_rows() {
+    t2v::nn::with_bands(0, 0, || {
+        check_vae("small-t2v", "small-t2v", false);
+        check_vae("tiny-t2v", "tiny-t2v", false);
+        check_unet("small-t2v", "small-t2v", false);
+    })
+}
+
+/// Bands of 2 to 22 rows against the whole decode of the same latents: equal to float32
+/// rounding (each band is its own convolution, so Winograd groups its sums differently).
+#[test]
+fn decode_in_bands_matches_the_whole_decode() {
+    let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();
+    let cfg: t2v::vae::Config = folder.config("vae", "config.json").unwrap();
+    let weights = folder.weights_with("vae", WeightsVariant::Auto, DType::F32, &Device::Cpu, false).unwrap();
+    let vae = weights.build(|vb| t2v::vae::Vae::new(vb, &cfg)).unwrap();
+    let latents = &reference("small-t2v")["vae.latents"];
+    let whole = vae.decode(latents).unwrap();
+    // rows of 64 pixels take 4 KiB (16 channels) or 8 KiB (32): bands of 2, 6, 10 and 22 rows
+    for band_bytes in [0, 40 << 10, 100 << 10] {
+        let banded = t2v::nn::with_bands(0, band_bytes, || vae.decode(latents)).unwrap();
+        let err = rel_err(&banded, &whole);
+        println!("bands of {band_bytes} bytes: rel err {err:.2e} from the whole decode");
+        assert!(err < 1e-5, "bands of {band_bytes} bytes: rel err {err:.2e} from the whole decode");
+    }
+}
+
 #[test]
 fn guided_step_shares_the_latents_prefix_exactly() {
     let folder = ModelFolder::open(model_dir("small-t2v")).unwrap();

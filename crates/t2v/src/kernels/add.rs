@@ -262,3 +262,120 @@ pub fn add_from_sequences(out: &Tensor, seq: &Tensor, xs: &Tensor, start: usize)
     let sum = (seq.permute((0, 2, 3, 1))? + xs.narrow(3, start, pixels)?)?;
     out.slice_set(&sum.contiguous()?, 3, start)
 }
+
+/// Where the rows of each (image, channel) plane of a 4-D float32 view lie: the plane's first
+/// float and the step between rows (each row `W` contiguous floats).
+struct PlaneRows {
+    start: usize,
+    image: usize,
+    channel: usize,
+    row: usize,
+}
+
+impl PlaneRows {
+    fn of(l: &Layout, op: &str) -> Result<Self> {
+        let s = l.stride();
+        if l.dims().len() != 4 || (s[3] != 1 && l.dims()[3] > 1) {
+            candle_core::bail!("{op} needs 4-D tensors with contiguous rows");
+        }
+        Ok(Self { start: l.start_offset(), image: s[0], channel: s[1], row: s[2] })
+    }
+
+    fn at(&self, image: usize, channel: usize, row: usize) -> usize {
+        self.start + image * self.image + channel * self.channel + row * self.row
+    }
+}
+
+/// `dst[:, :, offset + r, :] = rows[:, :, r, :] (+ residual[:, :, r, :])`: one band of a
+/// convolution's output rows, and its residual, written into place in one pass.
+struct SetRows {
+    offset: usize,
+}
+
+impl SetRows {
+    fn run(&self, dst: &mut CpuStorage, ld: &Layout, parts: &[(&CpuStorage, &Layout)]) -> Result<()> {
+        let Some((d0, d1)) = ld.contiguous_offsets() else {
+            candle_core::bail!("set-rows needs a contiguous destination");
+        };
+        let CpuStorage::F32(dst) = dst else { candle_core::bail!("set-rows needs float32 tensors") };
+        let (_, c, height, w) = ld.shape().dims4()?;
+        let (_, _, rows, _) = parts[0].1.shape().dims4()?;
+        let sources = parts
+            .iter()
+            .map(|(s, l)| Ok((s.as_slice::<f32>()?, PlaneRows::of(l, "set-rows")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let offset = self.offset;
+        dst[d0..d1].par_chunks_mut(height * w).enumerate().for_each(|(plane, dst)| {
+            let (image, ch) = (plane / c, plane % c);
+            for (r, d) in dst[offset * w..(offset + rows) * w].chunks_mut(w).enumerate() {
+                let (s, at) = (&sources[0].0, sources[0].1.at(image, ch, r));
+                d.copy_from_slice(&s[at..at + w]);
+                if let Some((s, p)) = sources.get(1) {
+                    let at = p.at(image, ch, r);
+                    for (d, &v) in d.iter_mut().zip(&s[at..at + w]) {
+                        *d += v;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp2 for SetRows {
+    fn name(&self) -> &'static str {
+        "set-rows"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, ld: &Layout, rows: &CpuStorage, lr: &Layout) -> Result<()> {
+        self.run(dst, ld, &[(rows, lr)])
+    }
+}
+
+impl candle_core::InplaceOp3 for SetRows {
+    fn name(&self) -> &'static str {
+        "set-rows-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        ld: &Layout,
+        rows: &CpuStorage,
+        lr: &Layout,
+        residual: &CpuStorage,
+        lx: &Layout,
+    ) -> Result<()> {
+        self.run(dst, ld, &[(rows, lr), (residual, lx)])
+    }
+}
+
+/// `dst[:, :, offset..offset + R, :] = rows (+ residual)` in place, for `dst` (n, C, H, W)
+/// contiguous and `rows`, `residual` (n, C, R, W) views with contiguous rows (narrowed bands):
+/// one copy, where making the band contiguous, adding and `slice_set` make three. The same
+/// sums as adding first.
+pub fn set_rows(dst: &Tensor, offset: usize, rows: &Tensor, residual: Option<&Tensor>) -> Result<()> {
+    let (n, c, height, w) = dst.dims4()?;
+    let (rn, rc, r, rw) = rows.dims4()?;
+    if (rn, rc, rw) != (n, c, w) || offset + r > height || residual.is_some_and(|x| x.dims() != rows.dims()) {
+        candle_core::bail!(
+            "set-rows: rows {:?} (residual {:?}) at row {offset} of {:?}",
+            rows.dims(),
+            residual.map(|x| x.dims()),
+            dst.dims()
+        );
+    }
+    let fits = |t: &Tensor| t.dtype() == DType::F32 && (t.stride()[3] == 1 || w == 1);
+    if super::on_cpu(dst.device()) && dst.is_contiguous() && fits(dst) && fits(rows) && residual.is_none_or(fits) {
+        let op = SetRows { offset };
+        return match residual {
+            Some(x) => dst.inplace_op3(rows, x, &op),
+            None => dst.inplace_op2(rows, &op),
+        };
+    }
+    let band = match residual {
+        Some(x) => (rows + x)?,
+        None => rows.clone(),
+    };
+    dst.slice_set(&band.contiguous()?, 2, offset)
+}

@@ -136,17 +136,41 @@ mod simd {
         s
     }
 
+    /// Every value, the tail too (through a padded copy), with the same vector arithmetic: a
+    /// value's result does not depend on where its row starts (GroupNorm applied in bands of
+    /// rows equals the whole one bit for bit).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn normalize(o: &mut [f32], xs: &[f32], scale: f32, shift: f32, silu: bool) -> usize {
-        let n = xs.len().min(o.len()) / 8 * 8;
+        let len = xs.len().min(o.len());
+        let n = len / 8 * 8;
         let (sv, hv) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+        let one = |x: __m256| {
+            let y = _mm256_fmadd_ps(x, sv, hv);
+            if silu {
+                super::super::vmath::silu(y)
+            } else {
+                y
+            }
+        };
         for i in (0..n).step_by(8) {
-            let y = _mm256_fmadd_ps(_mm256_loadu_ps(xs.as_ptr().add(i)), sv, hv);
-            let y = if silu { super::super::vmath::silu(y) } else { y };
-            _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
+            _mm256_storeu_ps(o.as_mut_ptr().add(i), one(_mm256_loadu_ps(xs.as_ptr().add(i))));
         }
-        n
+        if n < len {
+            let mut tail = [0f32; 8];
+            tail[..len - n].copy_from_slice(&xs[n..len]);
+            _mm256_storeu_ps(tail.as_mut_ptr(), one(_mm256_loadu_ps(tail.as_ptr())));
+            o[n..len].copy_from_slice(&tail[..len - n]);
+        }
+        len
     }
+}
+
+/// One channel's `y = (x − mean)·inv_std·gamma + beta` as `y = x·scale + shift`: the same f32
+/// pair wherever the statistics were taken, so a norm applied in bands ([`AffineOp`]) equals
+/// the whole one.
+fn channel_affine(mean: f64, var: f64, eps: f64, gamma: f32, beta: f32) -> (f32, f32) {
+    let inv_std = 1.0 / (var + eps).sqrt();
+    ((inv_std * gamma as f64) as f32, (beta as f64 - mean * inv_std * gamma as f64) as f32)
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -186,17 +210,152 @@ impl CustomOp3 for GroupNormOp {
             let (image, group) = (i / self.groups, i % self.groups);
             let channels = group * channels_per_group..(group + 1) * channels_per_group;
             let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| rows.iter(x, base(image, ch))));
-            let inv_std = 1.0 / (var + self.eps).sqrt();
             for (ch, out) in channels.zip(out.chunks_mut(spatial.max(1))) {
-                // y = (x - mean) * inv_std * gamma + beta = x * scale + shift
-                let scale = (inv_std * gamma[ch] as f64) as f32;
-                let shift = (beta[ch] as f64 - mean * inv_std * gamma[ch] as f64) as f32;
+                let (scale, shift) = channel_affine(mean, var, self.eps, gamma[ch], beta[ch]);
                 for (o, xs) in out.chunks_mut(rows.row).zip(rows.iter(x, base(image, ch))) {
                     normalize(o, xs, scale, shift, self.silu);
                 }
             }
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+/// The statistics half of GroupNorm: per (image, channel) the scale and shift that normalise
+/// `x`, as a (batch, channels, 2) tensor.
+struct StatisticsOp {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for StatisticsOp {
+    fn name(&self) -> &'static str {
+        "group-norm-statistics"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        gamma: &CpuStorage,
+        lg: &Layout,
+        beta: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((g0, g1)), Some((b0, b1))) = (lg.contiguous_offsets(), lb.contiguous_offsets()) else {
+            candle_core::bail!("group-norm-statistics needs contiguous weights");
+        };
+        let (dims, strides) = (lx.dims(), lx.stride());
+        let Some(rows) = ChannelRows::of(dims, strides) else {
+            candle_core::bail!("group-norm-statistics needs rows of contiguous values");
+        };
+        let x = x.as_slice::<f32>()?;
+        let gamma = &gamma.as_slice::<f32>()?[g0..g1];
+        let beta = &beta.as_slice::<f32>()?[b0..b1];
+        let (n, c) = (dims[0], dims[1]);
+        let per_group = c / self.groups;
+        let base = |image: usize, channel: usize| lx.start_offset() + image * strides[0] + channel * strides[1];
+        let mut out = vec![0f32; n * c * 2];
+        out.par_chunks_mut(2 * per_group).enumerate().for_each(|(i, out)| {
+            let (image, group) = (i / self.groups, i % self.groups);
+            let channels = group * per_group..(group + 1) * per_group;
+            let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| rows.iter(x, base(image, ch))));
+            for (ch, pair) in channels.zip(out.chunks_mut(2)) {
+                (pair[0], pair[1]) = channel_affine(mean, var, self.eps, gamma[ch], beta[ch]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, 2))))
+    }
+}
+
+/// `y = x·scale + shift` per (image, channel), then SiLU when `silu`: GroupNorm's second half,
+/// on any rows of the tensor whose statistics were taken ([`group_norm_statistics`]).
+struct AffineOp {
+    silu: bool,
+}
+
+impl candle_core::CustomOp2 for AffineOp {
+    fn name(&self) -> &'static str {
+        "group-norm-affine"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, affine: &CpuStorage, la: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a0, a1)) = la.contiguous_offsets() else {
+            candle_core::bail!("group-norm-affine needs a contiguous scale and shift");
+        };
+        let (dims, strides) = (lx.dims(), lx.stride());
+        let Some(rows) = ChannelRows::of(dims, strides) else {
+            candle_core::bail!("group-norm-affine needs rows of contiguous values");
+        };
+        let x = x.as_slice::<f32>()?;
+        let affine = &affine.as_slice::<f32>()?[a0..a1];
+        let (n, c) = (dims[0], dims[1]);
+        if affine.len() != n * c * 2 {
+            candle_core::bail!("group-norm-affine: {} values of scale and shift for {n}×{c} channels", affine.len());
+        }
+        let spatial: usize = dims[2..].iter().product();
+        // every channel of every image is written
+        let mut out = super::output_buffer(n * c * spatial);
+        out.par_chunks_mut(spatial.max(1)).enumerate().for_each(|(i, out)| {
+            let (image, ch) = (i / c, i % c);
+            let base = lx.start_offset() + image * strides[0] + ch * strides[1];
+            for (o, xs) in out.chunks_mut(rows.row).zip(rows.iter(x, base)) {
+                normalize(o, xs, affine[2 * i], affine[2 * i + 1], self.silu);
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+/// GroupNorm's statistics over all of `x` (batch, channels, ...): per (image, channel) the
+/// scale and shift ((batch, channels, 2), float32) that [`group_norm_apply`] applies to any
+/// rows of `x`. The two together equal [`group_norm`] on every value.
+pub fn group_norm_statistics(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    if c % groups != 0 {
+        candle_core::bail!("{c} channels do not split into {groups} groups");
+    }
+    if super::on_cpu(x.device()) && x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32
+    {
+        let x = match ChannelRows::of(x.dims(), x.stride()) {
+            Some(_) => x.clone(),
+            None => super::copy::contiguous(x)?,
+        };
+        return x.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &StatisticsOp { groups, eps });
+    }
+    // Any other device or dtype: candle's ops, in float32 (float64 for float64).
+    let internal = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let xs = x.reshape((n, groups, ()))?.to_dtype(internal)?;
+    let mean = xs.mean_keepdim(2)?;
+    let var = xs.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+    let inv_std = (var + eps)?.sqrt()?.recip()?;
+    // (n, groups, 1) → (n, c): each group's value for each of its channels
+    let per_channel = |t: &Tensor| t.broadcast_as((n, groups, c / groups))?.reshape((n, c));
+    let (mean, inv_std) = (per_channel(&mean)?, per_channel(&inv_std)?);
+    let scale = inv_std.broadcast_mul(&gamma.to_dtype(internal)?.reshape((1, c))?)?;
+    let shift = beta.to_dtype(internal)?.reshape((1, c))?.broadcast_sub(&mean.mul(&scale)?)?;
+    Tensor::stack(&[scale, shift], 2)?.to_dtype(DType::F32)
+}
+
+/// `x`'s values normalised with `affine` from [`group_norm_statistics`] (of a tensor of which
+/// `x` may be any rows), then SiLU when `silu`.
+pub fn group_norm_apply(x: &Tensor, affine: &Tensor, silu: bool) -> Result<Tensor> {
+    if super::on_cpu(x.device()) && x.dtype() == DType::F32 {
+        let x = match ChannelRows::of(x.dims(), x.stride()) {
+            Some(_) => x.clone(),
+            None => super::copy::contiguous(x)?,
+        };
+        return x.apply_op2_no_bwd(&affine.contiguous()?, &AffineOp { silu });
+    }
+    let mut shape = vec![x.dim(0)?, x.dim(1)?];
+    shape.resize(x.rank(), 1);
+    let scale = affine.narrow(2, 0, 1)?.reshape(shape.clone())?.to_dtype(x.dtype())?;
+    let shift = affine.narrow(2, 1, 1)?.reshape(shape)?.to_dtype(x.dtype())?;
+    let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+    if silu {
+        candle_nn::ops::silu(&y)
+    } else {
+        Ok(y)
     }
 }
 

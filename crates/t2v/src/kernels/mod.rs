@@ -53,6 +53,20 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// A float32 tensor of `shape` whose values are all about to be written (the bands of a
+/// convolution's output): on the CPU uninitialised ([`output_buffer`]), so that neither the
+/// allocator nor the kernel zeroes memory the writes then cover; zeros elsewhere.
+pub(crate) fn to_be_written(
+    shape: impl Into<candle_core::Shape>,
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let shape = shape.into();
+    if on_cpu(device) {
+        return candle_core::Tensor::from_vec(output_buffer(shape.elem_count()), shape, device);
+    }
+    candle_core::Tensor::zeros(shape, candle_core::DType::F32, device)
+}
+
 /// The contiguous float32 data of a custom op's operand (`what` names it in errors).
 pub(crate) fn f32_of<'a>(
     s: &'a candle_core::CpuStorage,
