@@ -106,6 +106,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             _ => println!("(--guided-only: no unguided step, VAE or whole-run figures)"),
         }
         println!("peak_rss_gib       {:.2}", r.peak_rss_gib);
+        if let Some(p) = r.peak_rss_decode_gib {
+            println!("peak_rss_decode    {p:.2}   (through the VAE decode, as torch_fullsize.py runs)");
+        }
     }
     for stage in &report.profile {
         eprintln!("time per kind of layer, {}:", stage.stage);

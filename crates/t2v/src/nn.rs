@@ -876,6 +876,33 @@ impl Conv2d {
         }
         Ok(out)
     }
+
+    /// diffusers' `Downsample2D` with `padding=0`: one zero column on the right and one zero row
+    /// at the bottom, then this stride-2 convolution without padding. Where `x` is large
+    /// ([`RowBands`]) in bands of output rows, each from its own rows of `x` (and the zero row,
+    /// for the last), so that the padded copy of `x` is only ever made a band at a time.
+    pub fn forward_downsampled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let pad = |rows: &Tensor, bottom: usize| rows.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, bottom);
+        let (n, c, h, w) = x.dims4()?;
+        let (_, _, k, _) = self.weight.dims4()?;
+        let Some(bands) = RowBands::of((n, c, h, w), x.dtype().size_in_bytes()) else {
+            return self.forward(&pad(x, 1)?);
+        };
+        if self.padding != 0 || h + 1 < k {
+            candle_core::bail!("a padded down-sampling needs an unpadded convolution over at least {k} rows");
+        }
+        let (oh, ow) = ((h + 1 - k) / self.stride + 1, (w + 1 - k) / self.stride + 1);
+        let out = kernels::to_be_written((n, self.out_channels(), oh, ow), x.device())?;
+        // output rows o0..o1 read padded rows stride·o0 .. stride·(o1 − 1) + k
+        let per_band = (bands.band / self.stride).max(1);
+        for o0 in (0..oh).step_by(per_band) {
+            let o1 = (o0 + per_band).min(oh);
+            let (a, b) = (self.stride * o0, self.stride * (o1 - 1) + k);
+            let rows = x.narrow(2, a, b.min(h) - a)?;
+            set_rows(&out, o0, &self.forward(&pad(&rows, b - b.min(h))?)?, None)?;
+        }
+        Ok(out)
+    }
 }
 
 /// diffusers' `ResnetBlock2D` (pre-norm, SiLU, `time_embedding_norm="default"`), on each image:

@@ -613,6 +613,7 @@ impl TextToVideo {
             return Err(Error::InvalidArgument(format!("decode_latents takes one video, got a batch of {b}")));
         }
         let per_frame = latents.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
+        crate::kernels::release_freed_memory();
         let images = self.vae.decode(&per_frame)?;
         if !all_finite(&images)? {
             return Err(Error::NonFiniteFrames);
@@ -640,6 +641,7 @@ impl TextToVideo {
             return Err(Error::InvalidArgument(format!("decode_latents takes one video, got a batch of {b}")));
         }
         let per_frame = latents.permute((0, 2, 1, 3, 4))?.reshape((b * f, c, h, w))?;
+        crate::kernels::release_freed_memory();
         for i in 0..f {
             let image = self.vae.decode(&per_frame.narrow(0, i, 1)?)?;
             if !all_finite(&image)? {

@@ -78,6 +78,16 @@ fn small_encoder_matches_reference() {
     check_encoder("small-t2v");
 }
 
+/// The encoder's ResNet blocks and padded down-samplings in bands of rows (at full size only
+/// 1024×576's first levels are): bands of 1 to 11 output rows, the reference's posterior still.
+#[test]
+fn encoder_in_bands_matches_reference() {
+    for band_bytes in [0, 40 << 10, 100 << 10] {
+        t2v::nn::with_bands(0, band_bytes, || check_encoder("small-t2v"));
+    }
+    t2v::nn::with_bands(0, 0, || check_encoder("tiny-t2v"));
+}
+
 #[test]
 fn strength_timesteps_match_reference() {
     for model in ["tiny-t2v", "small-t2v"] {

@@ -265,6 +265,24 @@ pub fn amx() -> bool {
     isa() == Isa::Amx
 }
 
+/// Hands the memory freed so far back to the system (glibc's `malloc_trim`), where
+/// [`tune_allocator`] keeps it: between stages, not within one. Inside the denoising loop every
+/// step allocates the sizes the step before freed, so kept blocks are reused; the VAE decode
+/// that follows allocates other sizes, and the steps' heap, fragmented around what is still
+/// alive, would stay resident beneath it. The decode's own pages are then faulted in once.
+/// Returns whether memory was released.
+pub fn release_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free memory of the allocator's arenas to the system.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Keeps memory that the process frees mapped for its next allocation (glibc on Linux).
 ///
 /// A UNet step allocates and frees hundreds of activation buffers of 10–400 MB. glibc serves

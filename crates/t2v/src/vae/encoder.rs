@@ -23,13 +23,13 @@ struct DownEncoderBlock {
 }
 
 impl DownEncoderBlock {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
+    /// Takes its input by value, so that it is freed once the first ResNet block has read it.
+    fn forward(&self, mut x: Tensor) -> candle_core::Result<Tensor> {
         for r in &self.resnets {
             x = r.forward(&x, None)?;
         }
         if let Some(conv) = &self.downsample {
-            x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            x = conv.forward_downsampled(&x)?;
         }
         Ok(x)
     }
@@ -164,7 +164,7 @@ impl VaeEncoder {
     fn moments(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.conv_in.forward(&x.to_dtype(self.dtype)?)?;
         for block in &self.down_blocks {
-            x = block.forward(&x)?;
+            x = block.forward(x)?;
         }
         let x = self.mid_resnets[0].forward(&x, None)?;
         let x = self.mid_attention.forward(&x)?;
