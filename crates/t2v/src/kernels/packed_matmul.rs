@@ -360,11 +360,13 @@ pub(crate) enum Epilogue {
     /// C as it is.
     Store,
     /// GEGLU fused in on AMX tiles ([`super::amx::geglu_panels`]): the output is the gated half.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Geglu,
     /// As [`Epilogue::Geglu`], the gated output rounded to bfloat16 into AMX tiles for the
     /// product that reads it ([`PackedA`] tiles, [`super::amx::gated_tiles_fit`]): C is that
     /// buffer's u32, its "row stride" 16 × its depth tiles a row group (the offset of row r, a
     /// multiple of 16, is then r × the stride, as for float32 rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     GegluTiles,
     /// A residual added once C is complete: `C = (init + A·B) + R`, R laid out as C (its rows
     /// `ldc` apart): the sums and the one addition of the product followed by an add, so the
