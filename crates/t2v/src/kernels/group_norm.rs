@@ -173,6 +173,66 @@ fn channel_affine(mean: f64, var: f64, eps: f64, gamma: f32, beta: f32) -> (f32,
     ((inv_std * gamma as f64) as f32, (beta as f64 - mean * inv_std * gamma as f64) as f32)
 }
 
+/// A GroupNorm op's operands, checked: the input's rows per (image, channel) where they lie, and
+/// the weights.
+struct Operands<'a> {
+    x: &'a [f32],
+    rows: ChannelRows,
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    /// The first float of image 0, channel 0, and the steps between images and channels.
+    start: usize,
+    image: usize,
+    channel: usize,
+}
+
+impl<'a> Operands<'a> {
+    fn of(
+        op: &str,
+        (x, lx): (&'a CpuStorage, &Layout),
+        (gamma, lg): (&'a CpuStorage, &Layout),
+        (beta, lb): (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        let (Some((g0, g1)), Some((b0, b1))) = (lg.contiguous_offsets(), lb.contiguous_offsets()) else {
+            candle_core::bail!("{op} needs contiguous weights");
+        };
+        let (dims, strides) = (lx.dims(), lx.stride());
+        // The input is read where it lies: a permuted activation (the per-video view of the
+        // per-frame layout before a temporal layer) needs no contiguous copy first.
+        let Some(rows) = ChannelRows::of(dims, strides) else {
+            candle_core::bail!("{op} needs rows of contiguous values");
+        };
+        Ok(Self {
+            x: x.as_slice::<f32>()?,
+            rows,
+            gamma: &gamma.as_slice::<f32>()?[g0..g1],
+            beta: &beta.as_slice::<f32>()?[b0..b1],
+            start: lx.start_offset(),
+            image: strides[0],
+            channel: strides[1],
+        })
+    }
+
+    /// The rows of one image's channel.
+    fn channel_rows(&self, image: usize, channel: usize) -> impl Iterator<Item = &[f32]> + '_ {
+        self.rows.iter(self.x, self.start + image * self.image + channel * self.channel)
+    }
+
+    /// Each channel of one image's group with its scale and shift ([`channel_affine`]).
+    fn group_affine(
+        &self,
+        image: usize,
+        channels: std::ops::Range<usize>,
+        eps: f64,
+    ) -> impl Iterator<Item = (usize, f32, f32)> + '_ {
+        let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| self.channel_rows(image, ch)));
+        channels.map(move |ch| {
+            let (scale, shift) = channel_affine(mean, var, eps, self.gamma[ch], self.beta[ch]);
+            (ch, scale, shift)
+        })
+    }
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm-silu"
@@ -187,32 +247,18 @@ impl CustomOp3 for GroupNormOp {
         beta: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((g0, g1)), Some((b0, b1))) = (lg.contiguous_offsets(), lb.contiguous_offsets()) else {
-            candle_core::bail!("group-norm-silu needs contiguous weights");
-        };
-        let (dims, strides) = (lx.dims(), lx.stride());
-        // The input is read where it lies: a permuted activation (the per-video view of the
-        // per-frame layout before a temporal layer) needs no contiguous copy first.
-        let Some(rows) = ChannelRows::of(dims, strides) else {
-            candle_core::bail!("group-norm-silu needs rows of contiguous values");
-        };
-        let x = x.as_slice::<f32>()?;
-        let gamma = &gamma.as_slice::<f32>()?[g0..g1];
-        let beta = &beta.as_slice::<f32>()?[b0..b1];
+        let ops = Operands::of("group-norm-silu", (x, lx), (gamma, lg), (beta, lb))?;
+        let dims = lx.dims();
         let (n, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
-        let channels_per_group = c / self.groups;
-        let block = channels_per_group * spatial;
-        let base = |image: usize, channel: usize| lx.start_offset() + image * strides[0] + channel * strides[1];
+        let per_group = c / self.groups;
         // every channel of every group is normalised into it
         let mut out = super::output_buffer(n * c * spatial);
-        out.par_chunks_mut(block.max(1)).enumerate().for_each(|(i, out)| {
+        out.par_chunks_mut((per_group * spatial).max(1)).enumerate().for_each(|(i, out)| {
             let (image, group) = (i / self.groups, i % self.groups);
-            let channels = group * channels_per_group..(group + 1) * channels_per_group;
-            let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| rows.iter(x, base(image, ch))));
-            for (ch, out) in channels.zip(out.chunks_mut(spatial.max(1))) {
-                let (scale, shift) = channel_affine(mean, var, self.eps, gamma[ch], beta[ch]);
-                for (o, xs) in out.chunks_mut(rows.row).zip(rows.iter(x, base(image, ch))) {
+            let channels = ops.group_affine(image, group * per_group..(group + 1) * per_group, self.eps);
+            for ((ch, scale, shift), out) in channels.zip(out.chunks_mut(spatial.max(1))) {
+                for (o, xs) in out.chunks_mut(ops.rows.row).zip(ops.channel_rows(image, ch)) {
                     normalize(o, xs, scale, shift, self.silu);
                 }
             }
@@ -242,26 +288,15 @@ impl CustomOp3 for StatisticsOp {
         beta: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((g0, g1)), Some((b0, b1))) = (lg.contiguous_offsets(), lb.contiguous_offsets()) else {
-            candle_core::bail!("group-norm-statistics needs contiguous weights");
-        };
-        let (dims, strides) = (lx.dims(), lx.stride());
-        let Some(rows) = ChannelRows::of(dims, strides) else {
-            candle_core::bail!("group-norm-statistics needs rows of contiguous values");
-        };
-        let x = x.as_slice::<f32>()?;
-        let gamma = &gamma.as_slice::<f32>()?[g0..g1];
-        let beta = &beta.as_slice::<f32>()?[b0..b1];
-        let (n, c) = (dims[0], dims[1]);
+        let ops = Operands::of("group-norm-statistics", (x, lx), (gamma, lg), (beta, lb))?;
+        let (n, c) = (lx.dims()[0], lx.dims()[1]);
         let per_group = c / self.groups;
-        let base = |image: usize, channel: usize| lx.start_offset() + image * strides[0] + channel * strides[1];
         let mut out = vec![0f32; n * c * 2];
         out.par_chunks_mut(2 * per_group).enumerate().for_each(|(i, out)| {
             let (image, group) = (i / self.groups, i % self.groups);
-            let channels = group * per_group..(group + 1) * per_group;
-            let (mean, var) = mean_and_variance(channels.clone().flat_map(|ch| rows.iter(x, base(image, ch))));
-            for (ch, pair) in channels.zip(out.chunks_mut(2)) {
-                (pair[0], pair[1]) = channel_affine(mean, var, self.eps, gamma[ch], beta[ch]);
+            let channels = ops.group_affine(image, group * per_group..(group + 1) * per_group, self.eps);
+            for ((_, scale, shift), pair) in channels.zip(out.chunks_mut(2)) {
+                (pair[0], pair[1]) = (scale, shift);
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c, 2))))

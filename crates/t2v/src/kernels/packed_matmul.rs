@@ -943,7 +943,7 @@ unsafe fn parallel_rows(
             return super::amx::blocked_panels(m, a, b, c, ldc, init, range, epilogue);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = range;
+        let _ = (range, geglu);
         rows_of(m, a, b, c, ldc, init, wide);
         if let Epilogue::Residual(r) = epilogue {
             add_residual(m, b.n, c, r, ldc);
