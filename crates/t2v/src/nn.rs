@@ -756,14 +756,7 @@ thread_local! {
 /// Runs `f` with 3×3 convolutions banded from `from_bytes` of input an image, `band_bytes` a
 /// band (tests band small tensors with it).
 pub fn with_bands<R>(from_bytes: usize, band_bytes: usize, f: impl FnOnce() -> R) -> R {
-    struct Restore((usize, usize));
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BANDS.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(BANDS.with(|c| c.replace((from_bytes, band_bytes))));
-    f()
+    kernels::with_thread_setting(&BANDS, (from_bytes, band_bytes), f)
 }
 
 /// The output rows of a 3×3 convolution (stride 1, padding 1) over an input of `height` rows,
@@ -980,13 +973,14 @@ impl ResnetBlock2D {
 
     /// `x`: (n, C, H, W); `temb`: (n, temb_channels) when the block has a time projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?),
+            _ => None,
+        };
+        // (in bands of rows where x is large, as the second convolution then is)
+        let h = self.conv1.forward_norm_silu(&self.norm1, x, t.as_ref())?;
         if let Some(bands) = RowBands::of(x.dims4()?, x.dtype().size_in_bytes()) {
-            return self.forward_in_bands(x, temb, bands);
-        }
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&silu(temb)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            return self.second_in_bands(x, h, bands);
         }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
@@ -1001,17 +995,13 @@ impl ResnetBlock2D {
         }
     }
 
-    /// [`ResnetBlock2D::forward`] with both convolutions in bands of rows ([`RowBands`]): the
-    /// normalised inputs are only ever held a band at a time, and the second convolution's
-    /// output, with the shortcut added as it is written, overwrites the first's (which no one
-    /// else holds) a band behind: band k is written once band k + 1 has read the row above it.
-    /// Besides `x`, one tensor of the output's size is held, where the whole form holds four.
-    fn forward_in_bands(&self, x: &Tensor, temb: Option<&Tensor>, bands: RowBands) -> candle_core::Result<Tensor> {
-        let t = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => Some(proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?),
-            _ => None,
-        };
-        let h = self.conv1.forward_norm_silu(&self.norm1, x, t.as_ref())?;
+    /// The rest of [`ResnetBlock2D::forward`] in bands of rows ([`RowBands`]) after the first
+    /// convolution (`h`, banded too): the normalised input is only ever held a band at a time,
+    /// and the second convolution's output, with the shortcut added as it is written,
+    /// overwrites `h` (which no one else holds) a band behind: band k is written once band
+    /// k + 1 has read the row above it. Besides `x`, one tensor of the output's size is held,
+    /// where the whole form holds four.
+    fn second_in_bands(&self, x: &Tensor, h: Tensor, bands: RowBands) -> candle_core::Result<Tensor> {
         let statistics = self.norm2.statistics(&h)?;
         let write = |(band, y, shortcut): (Band, Tensor, Tensor)| -> candle_core::Result<()> {
             if self.output_scale_factor == 1.0 {

@@ -244,13 +244,23 @@ thread_local! {
 /// model loaders build the layers of a `--dtype f16` run inside `with_f16_products(true, …)`,
 /// and those layers keep the choice for their calls.
 pub fn with_f16_products<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
+    with_thread_setting(&F16_PRODUCTS, on, f)
+}
+
+/// Runs `f` with this thread's `setting` at `value`, restored afterwards (also when `f`
+/// panics): the per-thread switches of the layers that a caller sets for one piece of work.
+pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
+    setting: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            F16_PRODUCTS.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(F16_PRODUCTS.with(|c| c.replace(on)));
+    let _restore = Restore(setting, setting.with(|c| c.replace(value)));
     f()
 }
 
