@@ -739,6 +739,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let (mut pipe, load_s) = load(&model_spec, &model_folder, &options, &ctx, 1)?;
     pipe.set_scheduler_config(scheduler_config);
+    // Every prompt of the run is known: encode them all now and free the text encoder, so that
+    // the UNet's activations and the VAE decode have its memory (0.7 GB for the 1.7B model).
+    pipe.encode_ahead_and_release(jobs.iter().map(|job| &job.params)).context("encoding the prompts")?;
     let mut summaries = Vec::with_capacity(jobs.len());
     let mut first_pass = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -787,10 +790,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let asked = GenerationParams { num_inference_steps: up.steps, ..template.clone() };
         pipe.set_scheduler_config(scheduler_config_for(&up.folder, &asked, &overrides)?);
         load_s += s;
-        for (i, (job, (clip, run_settings, first_timings))) in jobs.iter().zip(first_pass).enumerate() {
+        let second: Vec<GenerationParams> = jobs.iter().map(|job| up.params().second_pass(&job.params)).collect();
+        pipe.encode_ahead_and_release(&second).context("encoding the prompts for the second pass")?;
+        for (i, ((job, params), (clip, run_settings, first_timings))) in
+            jobs.iter().zip(&second).zip(first_pass).enumerate()
+        {
             let tensor = clip.to_model_input(&candle_core::Device::Cpu, DType::F32)?;
-            let params = up.params().second_pass(&job.params);
-            let mut video = ctx.denoise(&pipe, &params, Some((&tensor, up.strength)), i, 2, (up.height, up.width))?;
+            let mut video = ctx.denoise(&pipe, params, Some((&tensor, up.strength)), i, 2, (up.height, up.width))?;
             video.timings.text_encoding += first_timings.text_encoding;
             video.timings.denoising += first_timings.denoising;
             video.timings.decoding += first_timings.decoding;

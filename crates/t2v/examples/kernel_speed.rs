@@ -307,6 +307,28 @@ fn linear_per_call(paths: &[Isa], vae_only: bool) -> candle_core::Result<()> {
         });
         report(&format!("{label} streamed"), 2.0 * (m * k * n) as f64, paths, &streamed);
     }
+    // The feed-forward's first projection with GEGLU, as a step calls it (float16 weights
+    // widened): fused into the product where the path does, against the product, then GEGLU.
+    for (m, k, n) in [(8192, 320, 2560), (2048, 640, 5120), (512, 1280, 10240), (1024, 640, 5120), (256, 1280, 10240)] {
+        let label = format!("geglu per call {m}×{k}·{k}×{n} f16");
+        if !wanted(&label) {
+            continue;
+        }
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?.to_dtype(candle_core::DType::F16)?;
+        let b = Tensor::randn(0f32, 0.1, n, &dev)?;
+        let flop = 2.0 * (m * k * n) as f64;
+        let fused = best_of(paths, || {
+            t2v::kernels::linear::linear_geglu(&x, &w, Some(&b)).expect("GEGLU");
+        });
+        report(&format!("{label} fused"), flop, paths, &fused);
+        let apart = best_of(paths, || {
+            let h = t2v::kernels::linear::linear(&x, &w, Some(&b)).expect("projection");
+            t2v::kernels::geglu::geglu(&h).expect("GEGLU");
+        });
+        report(&format!("{label} apart"), flop, paths, &apart);
+    }
     Ok(())
 }
 

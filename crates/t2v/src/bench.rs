@@ -40,6 +40,11 @@ pub struct BenchOptions {
     /// decode and encode take as long again as its guided steps, and the guided step is what a
     /// run repeats.
     pub guided_only: bool,
+    /// Keep the text encoder through the steps and the VAE, as a service keeps it between
+    /// requests (and PyTorch's `torch_fullsize.py` keeps its pipeline whole). By default it is
+    /// freed once the prompts are encoded, as `t2v generate` frees it
+    /// ([`crate::pipeline::TextToVideo::encode_ahead_and_release`]).
+    pub keep_text_encoder: bool,
 }
 
 impl Default for BenchOptions {
@@ -53,6 +58,7 @@ impl Default for BenchOptions {
             f16_products: false,
             device: Device::Cpu,
             guided_only: false,
+            keep_text_encoder: false,
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct BenchReport {
     /// `torch_fullsize.py` runs (text encoding, the guided steps, the decode; the unguided steps
     /// too, which hold less).
     pub peak_rss_decode_gib: Option<f64>,
+    /// Whether the text encoder stayed resident after encoding ([`BenchOptions::keep_text_encoder`]).
+    pub text_encoder_kept: bool,
     /// With profiling on ([`crate::profile::set_enabled`]): the time per kind of layer of each
     /// timed stage (each UNet step its own: a process's first step also pays for first touching
     /// the memory it grows into), in the order they ran.
@@ -246,6 +254,15 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     finish()?;
     let text_encode_s = started.elapsed().as_secs_f64();
     end_stage(&mut profile, "text encoding");
+    // (kept to the end, or freed now and its memory handed back for the steps to grow into)
+    let _text_encoder = match opts.keep_text_encoder {
+        true => Some(text_encoder),
+        false => {
+            drop(text_encoder);
+            crate::kernels::release_freed_memory();
+            None
+        }
+    };
 
     let (h, w) = (opts.height / scale, opts.width / scale);
     // A guided step: one video's latents under [negative, prompt], as the pipeline runs it.
@@ -347,6 +364,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         run_4_steps_unguided_s: rest.map(|r| text_encode_s + 4.0 * r.0 + r.1),
         peak_rss_gib: gib(peak_rss_bytes().unwrap_or(0)),
         peak_rss_decode_gib: rest.map(|r| r.3),
+        text_encoder_kept: opts.keep_text_encoder,
         profile,
     })
 }

@@ -209,7 +209,11 @@ pub struct Timings {
 pub struct TextToVideo {
     folder: ModelFolder,
     tokenizer: ClipTokenizer,
-    text_encoder: TextEncoder,
+    /// `None` once released ([`TextToVideo::encode_ahead_and_release`]): the texts it encoded
+    /// are then in `encoded`.
+    text_encoder: Option<TextEncoder>,
+    /// The texts encoded before the text encoder was released, with the time each took.
+    encoded: std::collections::HashMap<String, (Tensor, Duration)>,
     unet: UNet3DConditionModel,
     vae: Vae,
     /// Built on first use by video-to-video: text-to-video never reads the encoder's weights.
@@ -270,7 +274,8 @@ impl TextToVideo {
         Ok(Self {
             folder,
             tokenizer,
-            text_encoder,
+            text_encoder: Some(text_encoder),
+            encoded: std::collections::HashMap::new(),
             unet,
             vae,
             vae_encoder: std::sync::OnceLock::new(),
@@ -289,8 +294,50 @@ impl TextToVideo {
         &self.tokenizer
     }
 
-    pub fn text_encoder(&self) -> &TextEncoder {
-        &self.text_encoder
+    /// The text encoder, until [`TextToVideo::encode_ahead_and_release`] frees it.
+    pub fn text_encoder(&self) -> Option<&TextEncoder> {
+        self.text_encoder.as_ref()
+    }
+
+    /// Encodes every text that `runs` read (prompts, negative prompts, keyframe prompts), keeps
+    /// those embeddings, and frees the text encoder's weights (0.7 GB in float16 for the 1.7B
+    /// model): for a run that knows all its prompts up front, such as one `t2v generate`, whose
+    /// UNet and VAE then have that memory. The embeddings are the ones each run would have
+    /// computed (the same encoder, the same text), so the frames do not change. A text not
+    /// encoded here is an error afterwards; call it again (it encodes nothing once released)
+    /// only with texts already given.
+    pub fn encode_ahead_and_release<'a>(&mut self, runs: impl IntoIterator<Item = &'a GenerationParams>) -> Result<()> {
+        let mut texts = Vec::new();
+        for params in runs {
+            texts.push(params.prompt.as_str());
+            texts.extend(params.long.prompts.values().map(String::as_str));
+            if classifier_free(params) {
+                texts.push(params.negative_prompt.as_deref().unwrap_or(""));
+                texts.extend(params.long.negative_prompts.values().map(String::as_str));
+            }
+        }
+        for text in texts {
+            if !self.encoded.contains_key(text) {
+                let started = Instant::now();
+                let embeds = self.encode_prompt(text)?;
+                self.encoded.insert(text.to_string(), (embeds, started.elapsed()));
+            }
+        }
+        if self.text_encoder.take().is_some() {
+            crate::kernels::release_freed_memory();
+        }
+        Ok(())
+    }
+
+    /// The embeddings of `prompt` and the time encoding it took ([`TextToVideo::encode_prompt`],
+    /// or kept by [`TextToVideo::encode_ahead_and_release`]).
+    fn encoded_prompt(&self, prompt: &str) -> Result<(Tensor, Duration)> {
+        if let Some((embeds, took)) = self.encoded.get(prompt) {
+            return Ok((embeds.clone(), *took));
+        }
+        let started = Instant::now();
+        let embeds = self.encode_prompt(prompt)?;
+        Ok((embeds, started.elapsed()))
     }
 
     pub fn unet(&self) -> &UNet3DConditionModel {
@@ -353,9 +400,18 @@ impl TextToVideo {
     /// The text encoder's last hidden state for `prompt`, padded to the tokenizer's length:
     /// (1, tokens, hidden).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        if let Some((embeds, _)) = self.encoded.get(prompt) {
+            return Ok(embeds.clone());
+        }
+        let Some(text_encoder) = &self.text_encoder else {
+            return Err(Error::InvalidArgument(format!(
+                "the text encoder was freed once this run's prompts were encoded, and \"{prompt}\" was not among \
+                 them: give every prompt before the run starts, or load the model again"
+            )));
+        };
         let encoded = self.tokenizer.encode_padded(prompt)?;
         let ids = Tensor::new(encoded.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        self.text_encoder.forward(&ids)
+        text_encoder.forward(&ids)
     }
 
     /// The initial latents the seed gives: (1, C, frames, h, w), torch-identical noise.
@@ -432,9 +488,7 @@ impl TextToVideo {
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<(Tensor, Timings)> {
         let (height, width) = self.validate(params)?;
-        let started = Instant::now();
-        let context = self.guidance_context(params)?;
-        let text_encoding = started.elapsed();
+        let (context, text_encoding) = self.guidance_context(params)?;
 
         let started = Instant::now();
         let mut scheduler = self.scheduler(params, scheduler_config)?;
@@ -460,16 +514,20 @@ impl TextToVideo {
     /// [negative, prompt], else the prompt alone.
     /// With keyframe prompts ([`LongVideo::travels`]) one embedding per frame: see
     /// [`TextToVideo::travelling_context`].
-    pub(crate) fn guidance_context(&self, params: &GenerationParams) -> Result<Tensor> {
+    /// Also the time the text encoder took for these texts (when they were encoded ahead, the
+    /// time it took then).
+    pub(crate) fn guidance_context(&self, params: &GenerationParams) -> Result<(Tensor, Duration)> {
         if params.long.travels() {
-            return self.travelling_context(params);
+            let started = Instant::now();
+            return Ok((self.travelling_context(params)?, started.elapsed()));
         }
-        let prompt_embeds = self.encode_prompt(&params.prompt)?;
+        let (prompt_embeds, mut took) = self.encoded_prompt(&params.prompt)?;
         if classifier_free(params) {
-            let negative = self.encode_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
-            Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
+            let (negative, also) = self.encoded_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
+            took += also;
+            Ok((Tensor::cat(&[&negative, &prompt_embeds], 0)?, took))
         } else {
-            Ok(prompt_embeds)
+            Ok((prompt_embeds, took))
         }
     }
 

@@ -138,32 +138,55 @@ fn bf16_linear_matches_float64_of_the_rounded_operands() {
 #[test]
 fn fused_geglu_gives_the_bits_of_the_projection_then_geglu() {
     use t2v::kernels::linear::{fuses_geglu, linear_geglu, PackedLinear};
-    for path in [Isa::Avx2, Isa::Avx512Bf16, Isa::Amx] {
+    // (float16 weights also with float16 products, as a `--dtype f16` run's layers take them)
+    for (path, dtype, f16_products) in
+        [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Avx512Fp16, Isa::Amx].into_iter().flat_map(|p| {
+            [(DType::BF16, false), (DType::F16, false), (DType::F32, false), (DType::F16, true)].map(|(d, h)| (p, d, h))
+        })
+    {
         on_path(path, || {
-            // (rows, k, n): rows below a task's share (one thread), columns split among the
-            // threads, rows split, odd depths, and halves not in whole panels (never fused)
-            for (m, k, n) in [(7, 25, 96), (37, 24, 64), (300, 160, 128), (2100, 97, 64), (40, 32, 48)] {
-                let x = randn(&[m, k], 1.0);
-                let w = randn(&[n, k], 0.2).to_dtype(DType::BF16).unwrap();
-                let b = randn(&[n], 1.0);
-                let fused = fuses_geglu(&x, &w, Some(&b));
-                assert_eq!(fused, path == Isa::Amx && n % 32 == 0, "{path}: {m}×{k}·{k}×{n}");
-                for bias in [Some(&b), None] {
-                    let got = linear_geglu(&x, &w, bias).unwrap();
-                    let want = t2v::kernels::geglu::geglu(&linear(&x, &w, bias).unwrap()).unwrap();
-                    assert_eq!(got.dims(), &[m, n / 2]);
-                    let want = want.to_vec2::<f32>().unwrap();
-                    assert!(got.to_vec2::<f32>().unwrap() == want, "{path}: {m}×{k}·{k}×{n} (fused: {fused})");
-                    // the weight packed once for many calls (long videos' chunks)
-                    let packed = PackedLinear::new_geglu(&w, bias).unwrap();
-                    assert_eq!(packed.is_some(), fused);
-                    if let Some(packed) = packed {
-                        assert!(packed.forward(&x).is_err(), "packed for the gated product only");
-                        let got = packed.forward_geglu(&x).unwrap().to_vec2::<f32>().unwrap();
-                        assert!(got == want, "{path}: {m}×{k}·{k}×{n} packed once");
+            t2v::kernels::with_f16_products(f16_products, || {
+                // (rows, k, n): rows below a task's share (one thread), columns split among the
+                // threads, rows split, odd depths, and halves not in whole panels (never fused); the
+                // float32 products with the weight streamed (rows ≤ n) and packed whole, over one
+                // and several blocks of depth
+                for (m, k, n) in [
+                    (7, 25, 96),
+                    (37, 24, 64),
+                    (300, 160, 128),
+                    (2100, 97, 64),
+                    (40, 32, 48),
+                    (64, 700, 160),
+                    (400, 1000, 96),
+                ] {
+                    let x = randn(&[m, k], 1.0);
+                    let w = randn(&[n, k], 0.2).to_dtype(dtype).unwrap();
+                    let b = randn(&[n], 1.0);
+                    let fused = fuses_geglu(&x, &w, Some(&b));
+                    // fused wherever the halves are whole panels: into the products on vectors
+                    // (float32, widened, `vdpbf16ps`, float16 products) and on AMX tiles (bfloat16
+                    // weights, all these depths in one block of tiles)
+                    assert_eq!(fused, n % 32 == 0, "{path}: {m}×{k}·{k}×{n} {dtype:?}");
+                    for bias in [Some(&b), None] {
+                        let got = linear_geglu(&x, &w, bias).unwrap();
+                        let want = t2v::kernels::geglu::geglu(&linear(&x, &w, bias).unwrap()).unwrap();
+                        assert_eq!(got.dims(), &[m, n / 2]);
+                        let want = want.to_vec2::<f32>().unwrap();
+                        assert!(
+                            got.to_vec2::<f32>().unwrap() == want,
+                            "{path}: {m}×{k}·{k}×{n} {dtype:?} f16 products {f16_products} (fused: {fused})"
+                        );
+                        // the weight packed once for many calls (long videos' chunks)
+                        let packed = PackedLinear::new_geglu(&w, bias).unwrap();
+                        assert_eq!(packed.is_some(), fused);
+                        if let Some(packed) = packed {
+                            assert!(packed.forward(&x).is_err(), "packed for the gated product only");
+                            let got = packed.forward_geglu(&x).unwrap().to_vec2::<f32>().unwrap();
+                            assert!(got == want, "{path}: {m}×{k}·{k}×{n} {dtype:?} packed once");
+                        }
                     }
                 }
-            }
+            })
         });
     }
 }

@@ -100,6 +100,45 @@ fn cancel_stops_after_the_step() {
     assert_eq!(seen, 2);
 }
 
+/// `t2v generate` encodes a run's prompts first and frees the text encoder: the frames are the
+/// same bits as encoding each prompt as the run reaches it; a text not given beforehand is a
+/// clear error afterwards.
+#[test]
+fn prompts_encoded_ahead_give_the_same_frames_without_the_encoder() {
+    let mut plain = GenerationParams::new("a cat", 3);
+    plain.num_inference_steps = 2;
+    plain.num_frames = 2;
+    let mut negative = GenerationParams::new("a dog", 4);
+    negative.negative_prompt = Some("blurry".into());
+    negative.num_inference_steps = 2;
+    negative.num_frames = 2;
+    // prompt travel: a keyframe prompt at frame 2 (and its negative)
+    let mut travel = GenerationParams::new("a cat", 5);
+    travel.num_inference_steps = 2;
+    travel.num_frames = 3;
+    travel.long.prompts.insert(2, "a cat asleep".into());
+    travel.long.negative_prompts.insert(2, "noise".into());
+    let runs = [plain, negative, travel];
+    let fresh = TextToVideo::load(model_dir("tiny-t2v"), &LoadOptions::default()).unwrap();
+    let mut ahead = TextToVideo::load(model_dir("tiny-t2v"), &LoadOptions::default()).unwrap();
+    ahead.encode_ahead_and_release(&runs).unwrap();
+    assert!(ahead.text_encoder().is_none() && fresh.text_encoder().is_some());
+    // (again: nothing left to encode, nothing encoded)
+    ahead.encode_ahead_and_release(&runs[..1]).unwrap();
+    for (i, params) in runs.iter().enumerate() {
+        let want = fresh.generate(params, &mut |_| Control::Continue).unwrap();
+        let got = ahead.generate(params, &mut |_| Control::Continue).unwrap();
+        assert_eq!(max_abs_diff(&got.frames, &want.frames), 0.0, "run {i}");
+        assert!(got.timings.text_encoding > std::time::Duration::ZERO, "run {i}: the encoding's time is kept");
+    }
+    let err = ahead.encode_prompt("a horse").unwrap_err().to_string();
+    assert!(err.contains("freed") && err.contains("a horse"), "{err}");
+    let mut unseen = runs[0].clone();
+    unseen.prompt = "a horse".into();
+    assert!(ahead.generate(&unseen, &mut |_| Control::Continue).is_err());
+    assert!(ahead.encode_ahead_and_release(&[unseen]).is_err());
+}
+
 /// The step report carries the latents: those of the last step are what the frames decode from.
 #[test]
 fn step_reports_carry_the_latents() {

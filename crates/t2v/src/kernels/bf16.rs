@@ -134,8 +134,13 @@ impl PackedB {
     /// panels holds 16 gated columns' value and gate ([`super::amx::geglu_panels`]). n/2 is a
     /// multiple of 16.
     pub fn from_transposed_bf16_geglu(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
+        Self::from_transposed_half_geglu(w, Half::Bf16, n, k, parallel)
+    }
+
+    /// As [`PackedB::from_transposed_bf16_geglu`] in `half` (float16 for the `avx512fp16` path).
+    pub fn from_transposed_half_geglu(w: Src, half: Half, n: usize, k: usize, parallel: bool) -> PackedB {
         assert!(n.is_multiple_of(2 * NR), "GEGLU halves in whole panels");
-        Self::transposed_half_rows(w, Half::Bf16, n, k, parallel, |p| (p / 2) * NR + (p % 2) * (n / 2))
+        Self::transposed_half_rows(w, half, n, k, parallel, |p| super::packed_matmul::geglu_panel_row(p, n))
     }
 
     /// The 16-bit Wᵀ with panel p made of W's rows `first_row(p)..` (16, fewer past n).
@@ -490,6 +495,100 @@ pub(super) unsafe fn blocked(m: usize, a: Lhs, b: &PackedB, c: *mut f32, ldc: us
                     jr += nb;
                 }
                 kq0 += klp;
+            }
+            i0 += mc;
+        }
+    });
+}
+
+/// [`blocked`] with GEGLU fused in, for a 16-bit B whose panels alternate a value and a gate
+/// panel ([`PackedB::from_transposed_half_geglu`]): the loops of
+/// [`super::packed_matmul`]'s float32 `blocked_geglu` (each pair of panels summed over all
+/// depths for a block of rows into a scratch block, then gated into `out`'s 16 columns of the
+/// pair), on this path's tiles and depth blocks, so the same sums as [`blocked`].
+///
+/// # Safety
+/// As [`blocked`] (not on AMX tiles); n a multiple of 2·[`NR`], `out` m rows of `ldo` (≥ n/2).
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn blocked_geglu(m: usize, a: Lhs, b: &PackedB, out: *mut f32, ldo: usize, init: Init) {
+    let half = b.half.expect("a 16-bit B");
+    let (k, n) = (b.k, b.n);
+    debug_assert!(n.is_multiple_of(2 * NR) && !matches!(init, Init::Accumulate));
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let nkb = kp.div_ceil(KCP).max(1);
+    let kcp = kp.div_ceil(nkb);
+    let mc_max = (super::packed_matmul::GEGLU_A_BYTES / (4 * kp)).clamp(MR, MC) / MR * MR;
+    let tile_of = match half {
+        Half::Bf16 => tile_of,
+        Half::F16 => super::fp16::tile_of,
+    };
+    let ld = 2 * NR;
+    let mut sums = vec![0f32; mc_max * ld];
+    let mut ragged = [0f32; 2 * MR * 2 * NR];
+    let mut blocks = Vec::with_capacity(nkb);
+    A_PACK.with(|ap| {
+        let mut apack = ap.borrow_mut();
+        if apack.len() < mc_max * kp {
+            apack.resize(mc_max * kp, 0);
+        }
+        let apack = apack.as_mut_ptr();
+        let mut i0 = 0;
+        while i0 < m {
+            let mc = mc_max.min(m - i0);
+            let nir = mc.div_ceil(MR);
+            blocks.clear();
+            for kb in 0..nkb {
+                let (kq0, klp) = (kb * kcp, kcp.min(kp - kb * kcp));
+                blocks.push(match a {
+                    Lhs::Rows(a, lda) => {
+                        let dst = apack.add(nir * MR * kq0);
+                        pack_a(half, a, lda, i0, mc, 2 * kq0, (2 * klp).min(k - 2 * kq0), dst);
+                        (dst as *const u32, klp * MR)
+                    }
+                    Lhs::PanelsHalf(p, depth) => {
+                        let dp = depth.div_ceil(2);
+                        (p.add(i0 * dp + kq0 * MR), dp * MR)
+                    }
+                    Lhs::Panels(..) | Lhs::TilesBf16(..) => {
+                        unreachable!("a 16-bit B goes with float32 rows or 16-bit panels")
+                    }
+                });
+            }
+            for j in 0..n / (2 * NR) {
+                for (kb, &(block, ap_stride)) in blocks.iter().enumerate() {
+                    let (kq0, klp) = (kb * kcp, kcp.min(kp - kb * kcp));
+                    let bias = match init {
+                        Init::Bias(bias) if kb == 0 => bias.as_ptr().add(2 * j * NR),
+                        _ => std::ptr::null(),
+                    };
+                    let bp = [
+                        b.pairs.as_ptr().add((2 * j * kp + kq0) * NR),
+                        b.pairs.as_ptr().add(((2 * j + 1) * kp + kq0) * NR),
+                    ];
+                    let mut ir = 0;
+                    while ir < nir {
+                        let ra = 2.min(nir - ir);
+                        let ap = [block.add(ir * ap_stride), block.add((ir + ra - 1) * ap_stride)];
+                        let rows = (ra * MR).min(mc - ir * MR);
+                        let cp = sums.as_mut_ptr().add(ir * MR * ld);
+                        if rows == ra * MR {
+                            tile_of(ra, 2, klp, ap, bp, cp, ld, NR, kb > 0, bias);
+                        } else {
+                            // a ragged tile as `blocked` does it (its sums from zero, then added:
+                            // the float16 tile adds each chunk to where it starts, so this order
+                            // is part of the bits)
+                            tile_of(ra, 2, klp, ap, bp, ragged.as_mut_ptr(), ld, NR, false, bias);
+                            for (i, &v) in ragged[..rows * ld].iter().enumerate() {
+                                *cp.add(i) = if kb > 0 { *cp.add(i) + v } else { v };
+                            }
+                        }
+                        ir += ra;
+                    }
+                }
+                super::packed_matmul::gated_rows_512(sums.as_ptr(), mc, out.add(i0 * ldo + j * NR), ldo);
             }
             i0 += mc;
         }

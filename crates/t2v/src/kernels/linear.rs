@@ -106,8 +106,24 @@ impl LinearOp {
         let w = super::src_of(w, lw, "linear weight")?;
         let (n, k) = lw.shape().dims2()?;
         if self.geglu {
-            let packed = PackedB::from_transposed_bf16_geglu(w, n, k, true);
-            return gated_product(x, lx, &packed, bias.map(geglu_bias).as_deref());
+            let bias = bias.map(geglu_bias);
+            let m = lx.shape().dims2()?.0;
+            // float32 products of few rows: the weight streamed in pairs of panels
+            #[cfg(target_arch = "x86_64")]
+            if Half::of(w).is_none() && packed_matmul::streams_weight(m, n) {
+                let x = super::f32_of(x, lx, "linear input")?;
+                // every gated column of every row is written
+                let mut out = super::output_buffer(m * n / 2);
+                let wide = super::wide(super::KernelKind::Linear);
+                let init = bias.as_deref().map_or(Init::Overwrite, Init::Bias);
+                // SAFETY: the widths checked by geglu_fusable (n in whole pairs of panels) and
+                // here; x holds m×k floats, out m×n/2; the products' instructions checked there.
+                unsafe {
+                    packed_matmul::matmul_streamed_geglu(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n / 2, init, wide)
+                };
+                return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+            }
+            return gated_product(x, lx, &geglu_packed(w, n, k), bias.as_deref());
         }
         // streamed where the rows are few for the weight's size, else packed once per call
         let weight = Weight::for_rows(w, n, k, lx.shape().dims2()?.0);
@@ -315,11 +331,7 @@ impl PackedLinear {
         let w = super::src_of(cpu, layout, "linear weight")?;
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
         Ok(Some(if geglu {
-            PackedLinear {
-                packed: PackedB::from_transposed_bf16_geglu(w, n, k, true),
-                bias: bias.as_deref().map(geglu_bias),
-                geglu,
-            }
+            PackedLinear { packed: geglu_packed(w, n, k), bias: bias.as_deref().map(geglu_bias), geglu }
         } else {
             PackedLinear { packed: pack(w, n, k), bias, geglu }
         }))
@@ -528,6 +540,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// `bias` (n) in the order of [`PackedB::from_transposed_bf16_geglu`]'s panels: value and gate
 /// columns alternating by 16.
+/// A GEGLU projection's weight packed for [`gated_product`]: in its own 16-bit type where the
+/// products take it so, else widened to float32.
+fn geglu_packed(w: super::Src, n: usize, k: usize) -> PackedB {
+    match Half::of(w) {
+        Some(half) => PackedB::from_transposed_half_geglu(w, half, n, k, true),
+        None => PackedB::from_transposed_geglu(w, n, k, true),
+    }
+}
+
 fn geglu_bias(bias: &[f32]) -> Vec<f32> {
     let (n, nr) = (bias.len(), packed_matmul::NR);
     (0..n).map(|j| bias[(j / (2 * nr)) * nr + (j / nr % 2) * (n / 2) + j % nr]).collect()
@@ -543,7 +564,7 @@ fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f
         candle_core::bail!("linear-geglu: input width {k} ≠ weight width {}", packed.k());
     }
     #[cfg(target_arch = "x86_64")]
-    if super::amx() && super::amx::geglu_fits(k, n) {
+    if packed.is_bf16() && super::amx() && super::amx::geglu_fits(k, n) {
         // every gated column of every row is written
         let mut out = super::output_buffer(m * n / 2);
         let init = bias.map_or(Init::Overwrite, Init::Bias);
@@ -551,21 +572,36 @@ fn gated_product(x: &CpuStorage, lx: &Layout, packed: &PackedB, bias: Option<&[f
         unsafe { packed_matmul::matmul_geglu(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n / 2, init) };
         return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
     }
+    #[cfg(target_arch = "x86_64")]
+    if !(packed.is_bf16() && super::amx()) && super::avx2() && n.is_multiple_of(2 * packed_matmul::NR) {
+        let mut out = super::output_buffer(m * n / 2);
+        let init = bias.map_or(Init::Overwrite, Init::Bias);
+        let wide = super::wide(super::KernelKind::Linear);
+        // SAFETY: AVX2 checked, and a 16-bit B exists only where its products run (packed by
+        // geglu_packed or PackedLinear for this path); n in whole pairs of panels; x holds m×k
+        // floats, out m×n/2.
+        unsafe { packed_matmul::matmul_gated(m, x.as_ptr(), k, packed, out.as_mut_ptr(), n / 2, init, wide) };
+        return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, bias);
-    candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k}: not a product on AMX tiles")
+    candle_core::bail!("linear-geglu: input {m}×{k}, weight {n}×{k}: not a product GEGLU fuses into")
 }
 
-/// Whether GEGLU fuses into products with this weight and bias for float32 rows on `device`: a
-/// bfloat16 weight multiplied on AMX tiles, depths in one block of tiles and each half of the
-/// output in whole panels (every feed-forward of the published models).
+/// Whether GEGLU fuses into products with this weight and bias for float32 rows on `device`,
+/// each half of the output in whole panels (every feed-forward of the published models): on AMX
+/// tiles for a bfloat16 weight with its depths in one block of tiles, and into the products on
+/// vectors for any other (float32, widened, or on `vdpbf16ps` or float16 products).
 fn geglu_fusable(device: &candle_core::Device, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Ok((n, k)) = weight.dims2() {
-        return fused(device, DType::F32, weight, bias)
-            && weight.dtype() == DType::BF16
-            && super::amx()
-            && super::amx::geglu_fits(k, n);
+        if !fused(device, DType::F32, weight, bias) || !n.is_multiple_of(2 * packed_matmul::NR) {
+            return false;
+        }
+        if weight.dtype() == DType::BF16 && super::amx() {
+            return super::amx::geglu_fits(k, n);
+        }
+        return super::avx2();
     }
     let _ = (device, weight, bias);
     false

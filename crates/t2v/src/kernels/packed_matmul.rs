@@ -85,8 +85,25 @@ impl PackedB {
         assert!(n == 0 || w.len() >= (n - 1) * row_stride + k, "packed operand size");
         let panels = n.div_ceil(NR);
         let mut data = super::aligned::Aligned::<f32>::zeroed(panels * k * NR);
-        let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, row_stride, p, dst);
+        let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, row_stride, p * NR, dst);
         if parallel && panels > 1 && n * k >= 1 << 16 {
+            data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
+        }
+        PackedB { data, pairs: Default::default(), half: None, k, n }
+    }
+
+    /// B = Wᵀ for a GEGLU projection `w` (n rows × k: the value half, then the gate half) with
+    /// its panels alternating a value and a gate panel (panel 2j: value rows 16j.., panel 2j + 1:
+    /// gate rows n/2 + 16j..), as [`matmul_geglu`] reads it; float32 (widened) as
+    /// [`PackedB::from_transposed`].
+    pub fn from_transposed_geglu(w: Src, n: usize, k: usize, parallel: bool) -> PackedB {
+        assert!(n.is_multiple_of(2 * NR) && w.len() >= n * k, "GEGLU halves in whole panels");
+        let panels = n / NR;
+        let mut data = super::aligned::Aligned::<f32>::zeroed(panels * k * NR);
+        let pack = |(p, dst): (usize, &mut [f32])| pack_transposed(w, n, k, k, geglu_panel_row(p, n), dst);
+        if parallel && n * k >= 1 << 16 {
             data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
         } else {
             data.chunks_mut((k * NR).max(1)).enumerate().for_each(pack);
@@ -194,6 +211,12 @@ impl PackedA {
     }
 }
 
+/// The first of W's rows in panel `p` of a GEGLU projection packed with its value and gate
+/// panels alternating (n rows: the value half, then the gate half).
+pub(crate) fn geglu_panel_row(p: usize, n: usize) -> usize {
+    (p / 2) * NR + (p % 2) * (n / 2)
+}
+
 /// Micro-panel `p` of A (m rows of k values, `row_stride` apart) into `dst` (k·[`MR`] floats,
 /// zeros where rows past m stay).
 fn pack_a_panel(a: &[f32], m: usize, k: usize, row_stride: usize, p: usize, dst: &mut [f32]) {
@@ -248,22 +271,24 @@ impl SharedLhs {
     }
 }
 
-/// Panel `p` of Wᵀ (`w`: n rows of k values, `row_stride` apart) into `dst` (k·[`NR`] floats):
-/// `dst[kk·NR + c] = w[p·NR + c][kk]`, columns past n zero.
-fn pack_transposed(w: Src, n: usize, k: usize, row_stride: usize, p: usize, dst: &mut [f32]) {
-    let cols = NR.min(n - p * NR);
+/// The panel of Wᵀ made of W's rows `r0..` (`w`: n rows of k values, `row_stride` apart) into
+/// `dst` (k·[`NR`] floats): `dst[kk·NR + c] = w[r0 + c][kk]`, columns past n zero. Panel `p`
+/// of Wᵀ is rows `p·NR..`; a GEGLU projection's panels alternate its two halves
+/// ([`PackedB::from_transposed_geglu`]).
+fn pack_transposed(w: Src, n: usize, k: usize, row_stride: usize, r0: usize, dst: &mut [f32]) {
+    let cols = NR.min(n - r0);
     if avx2() && cols == NR {
-        // SAFETY: features checked; `dst` holds k·NR floats and rows p·NR.. exist.
+        // SAFETY: features checked; `dst` holds k·NR floats and rows r0.. r0 + NR exist.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            pack_transposed_panel(w, p * NR, k, row_stride, dst)
+            pack_transposed_panel(w, r0, k, row_stride, dst)
         };
     } else {
         if cols < NR {
             dst[..k * NR].fill(0.0);
         }
         for c in 0..cols {
-            let row = (p * NR + c) * row_stride;
+            let row = (r0 + c) * row_stride;
             for kk in 0..k {
                 dst[kk * NR + c] = w.get(row + kk);
             }
@@ -808,7 +833,7 @@ pub unsafe fn matmul_streamed(
             data.resize(count * k * NR);
             let part = w.slice(col0 * k, cols * k);
             for (p, dst) in data.chunks_mut((k * NR).max(1)).enumerate() {
-                pack_transposed(part, cols, k, k, p, dst);
+                pack_transposed(part, cols, k, k, p * NR, dst);
             }
             let b = PackedB { data, pairs: Default::default(), half: None, k, n: cols };
             let init = match init {
@@ -865,6 +890,236 @@ pub(crate) unsafe fn matmul_geglu(
     init: Init,
 ) {
     parallel_rows(m, Lhs::Rows(a, lda), b, out, ldo, init, true, Epilogue::Geglu)
+}
+
+/// GEGLU fused into a product on vectors (float32 on the AVX2 and AVX-512 paths; a 16-bit B on
+/// `vdpbf16ps` or `vfmadd231ph`): `out (m × n/2, row stride ldo) = value · gelu(gate)` of
+/// `init + A · B` for a B packed with its value and gate panels alternating
+/// ([`PackedB::from_transposed_geglu`], [`PackedB::from_transposed_half_geglu`]) and `init`'s
+/// bias in its order, on all of rayon's threads (rows split as [`matmul`] splits them). The sums
+/// are [`matmul`]'s and the GELU the separate pass's ([`super::geglu`]), so the same bits,
+/// without the projection's output (twice as wide) written and read back.
+///
+/// # Safety
+/// [`avx2`] is true (AVX-512 and the 16-bit products' instructions for a 16-bit B, not on AMX
+/// tiles), n a multiple of 2·[`NR`]; `a` covers m rows of k floats (`lda` apart) and `out` m
+/// rows of `ldo` (≥ n/2) floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_gated(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    out: *mut f32,
+    ldo: usize,
+    init: Init,
+    wide: bool,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || m < 2 * MR {
+        return geglu_rows_of(m, Lhs::Rows(a, lda), b, out, ldo, init, wide);
+    }
+    let tasks = threads * (m / (threads * 2048)).max(1);
+    let block = m.div_ceil(tasks).div_ceil(MR) * MR;
+    let (ap, op) = (SendPtr(a as *mut f32), SendPtr(out));
+    (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
+        let r0 = t * block;
+        let lhs = Lhs::Rows(ap.get().add(r0 * lda) as *const f32, lda);
+        geglu_rows_of(block.min(m - r0), lhs, b, op.get().add(r0 * ldo), ldo, init, wide);
+    });
+}
+
+/// [`matmul_gated`] for float32 products with the weight `w` (n rows of k: the value half, then the gate half)
+/// streamed as [`matmul_streamed`] streams it, in groups of (value, gate) panel pairs, for
+/// products with few rows; `init`'s bias in the packed order ([`PackedB::from_transposed_geglu`]).
+///
+/// # Safety
+/// As [`matmul_gated`]; `w` holds n rows of k values.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_streamed_geglu(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    w: Src,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    init: Init,
+    wide: bool,
+) {
+    assert!(n.is_multiple_of(2 * NR) && w.len() >= n * k, "streamed GEGLU weight size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let a = PackedA::from_rows_parallel(std::slice::from_raw_parts(a, (m - 1) * lda + k), m, k, lda);
+    let pairs = n / (2 * NR);
+    let by_bytes = (STREAM_GROUP_BYTES / (2 * k * NR * 4).max(1)).max(1);
+    let by_tasks = pairs.div_ceil(4 * super::threads());
+    let group = by_bytes.min(by_tasks).max(1);
+    let op = SendPtr(out);
+    let lhs = SharedLhs(Lhs::Panels(a.data.as_ptr(), k));
+    (0..pairs.div_ceil(group)).into_par_iter().for_each(|g| {
+        let (j0, count) = (g * group, group.min(pairs - g * group));
+        B_PACK.with(|buf| {
+            let mut data = std::mem::take(&mut *buf.borrow_mut());
+            data.resize(2 * count * k * NR);
+            for (q, dst) in data.chunks_mut((k * NR).max(1)).enumerate() {
+                pack_transposed(w, n, k, k, geglu_panel_row(2 * j0 + q, n), dst);
+            }
+            let b = PackedB { data, pairs: Default::default(), half: None, k, n: 2 * count * NR };
+            let init = match init {
+                Init::Bias(bias) => Init::Bias(&bias[2 * j0 * NR..2 * (j0 + count) * NR]),
+                other => other,
+            };
+            geglu_rows_of(m, lhs.get(), &b, op.get().add(j0 * NR), ldo, init, wide);
+            *buf.borrow_mut() = b.data;
+        });
+    });
+}
+
+/// Bytes of A's rows (all depths) that a block of [`blocked_geglu`] keeps packed: within L2
+/// beside a pair of B panels.
+#[cfg(target_arch = "x86_64")]
+pub(super) const GEGLU_A_BYTES: usize = 768 << 10;
+
+/// [`blocked_geglu`] on this thread with the micro-kernel [`rows_of`] takes for B's form.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn geglu_rows_of(m: usize, a: Lhs, b: &PackedB, out: *mut f32, ldo: usize, init: Init, wide: bool) {
+    if b.half.is_some() {
+        super::bf16::blocked_geglu(m, a, b, out, ldo, init)
+    } else if wide && super::avx512() {
+        blocked_geglu(m, a, b, out, ldo, init, KC512, 2, gated_rows_512, |kl, ap, ra, bp, nb, dst, ld, acc, bias| {
+            tile_avx512_of(ra, nb, kl, ap, bp, dst, ld, NR, acc, bias)
+        })
+    } else {
+        blocked_geglu(m, a, b, out, ldo, init, KC, 1, gated_rows_256, |kl, ap, _, bp, _, dst, ld, acc, bias| {
+            kernel_6x16(kl, ap[0], bp[0], dst, ld, acc, bias)
+        })
+    }
+}
+
+/// As [`blocked`] (the same blocks of depth, so the same sums) for a B whose panels alternate a
+/// value and a gate panel, with the loops turned so that each pair of panels is summed over all
+/// depths for a block of rows into a scratch block (A's rows packed for all depths once a
+/// block), then gated into `out`'s 16 columns of that pair by `gate(sums, rows, dst, ldo)`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked_geglu(
+    m: usize,
+    a: Lhs,
+    b: &PackedB,
+    out: *mut f32,
+    ldo: usize,
+    init: Init,
+    kc_max: usize,
+    step: usize,
+    gate: unsafe fn(*const f32, usize, *mut f32, usize),
+    tile: impl Fn(usize, [*const f32; 2], usize, [*const f32; 2], usize, *mut f32, usize, bool, *const f32),
+) {
+    let (k, n) = (b.k, b.n);
+    debug_assert!(n.is_multiple_of(2 * NR) && !matches!(init, Init::Accumulate));
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let nkb = k.div_ceil(kc_max).max(1);
+    let kc = k.div_ceil(nkb);
+    let mc_max = (GEGLU_A_BYTES / (4 * k)).clamp(MR, MC) / MR * MR;
+    // a block of rows' sums for one pair: value columns 0..16, gate columns 16..32
+    let ld = 2 * NR;
+    let mut sums = vec![0f32; mc_max * ld];
+    let mut blocks = Vec::with_capacity(nkb);
+    A_PACK.with(|ap| {
+        let mut apack = ap.borrow_mut();
+        if apack.len() < mc_max * k {
+            apack.resize(mc_max * k, 0.0);
+        }
+        let apack = apack.as_mut_ptr();
+        let mut i0 = 0;
+        while i0 < m {
+            let mc = mc_max.min(m - i0);
+            let nir = mc.div_ceil(MR);
+            // each depth block's first micro-panel and the distance between its micro-panels
+            blocks.clear();
+            for kb in 0..nkb {
+                let (k0, kl) = (kb * kc, kc.min(k - kb * kc));
+                blocks.push(match a {
+                    Lhs::Rows(a, lda) => {
+                        let dst = apack.add(nir * MR * k0);
+                        pack_a(a, lda, i0, mc, k0, kl, dst);
+                        (dst as *const f32, kl * MR)
+                    }
+                    Lhs::Panels(p, depth) => (p.add(i0 * depth + k0 * MR), depth * MR),
+                    Lhs::PanelsHalf(..) | Lhs::TilesBf16(..) => unreachable!("GEGLU on float32 products only"),
+                });
+            }
+            for j in 0..n / (2 * NR) {
+                let (value, gate_panel) =
+                    (b.data.as_ptr().add(2 * j * k * NR), b.data.as_ptr().add((2 * j + 1) * k * NR));
+                for (kb, &(block, ap_stride)) in blocks.iter().enumerate() {
+                    let (k0, kl) = (kb * kc, kc.min(k - kb * kc));
+                    let bias = match init {
+                        Init::Bias(bias) if kb == 0 => bias.as_ptr().add(2 * j * NR),
+                        _ => std::ptr::null(),
+                    };
+                    let bp = [value.add(k0 * NR), gate_panel.add(k0 * NR)];
+                    // both panels a tile where the tiles take two (12×32), else the value panel
+                    // over all rows, then the gate panel: one panel's depth block stays in L1
+                    let passes: &[(usize, usize)] = if step == 2 { &[(0, 2)] } else { &[(0, 1), (1, 1)] };
+                    for &(h, nb) in passes {
+                        let bias = if bias.is_null() { bias } else { bias.add(h * NR) };
+                        let b_tile = if nb == 2 { bp } else { [bp[h]; 2] };
+                        let mut ir = 0;
+                        while ir < nir {
+                            let ra = step.min(nir - ir);
+                            let ap = [block.add(ir * ap_stride), block.add((ir + ra - 1) * ap_stride)];
+                            tile(
+                                kl,
+                                ap,
+                                ra,
+                                b_tile,
+                                nb,
+                                sums.as_mut_ptr().add(ir * MR * ld + h * NR),
+                                ld,
+                                kb > 0,
+                                bias,
+                            );
+                            ir += ra;
+                        }
+                    }
+                }
+                gate(sums.as_ptr(), mc, out.add(i0 * ldo + j * NR), ldo);
+            }
+            i0 += mc;
+        }
+    });
+}
+
+/// `dst[r][c] = s[r][c] · gelu(s[r][16 + c])` for `rows` rows of a 32-wide block, on 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gated_rows_256(s: *const f32, rows: usize, dst: *mut f32, ld: usize) {
+    use super::vmath::F32s;
+    for r in 0..rows {
+        for h in (0..NR).step_by(8) {
+            let g = super::vmath::gelu(<__m256 as F32s>::load(s.add(r * 2 * NR + NR + h)));
+            <__m256 as F32s>::load(s.add(r * 2 * NR + h)).mul(g).store(dst.add(r * ld + h));
+        }
+    }
+}
+
+/// [`gated_rows_256`] on 16 lanes (the same numbers: [`super::vmath::gelu`] is lane by lane).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(super) unsafe fn gated_rows_512(s: *const f32, rows: usize, dst: *mut f32, ld: usize) {
+    use super::vmath::F32s;
+    for r in 0..rows {
+        let g = super::vmath::gelu(<__m512 as F32s>::load(s.add(r * 2 * NR + NR)));
+        <__m512 as F32s>::load(s.add(r * 2 * NR)).mul(g).store(dst.add(r * ld));
+    }
 }
 
 /// `C (a.m()×n, row stride ldc) = init + A · B` with A packed beforehand, on all of rayon's
@@ -944,9 +1199,19 @@ unsafe fn parallel_rows(
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (range, geglu);
-        rows_of(m, a, b, c, ldc, init, wide);
-        if let Epilogue::Residual(r) = epilogue {
-            add_residual(m, b.n, c, r, ldc);
+        match epilogue {
+            // a block of rows at a time (the blocked product's own), its residual added while
+            // the block is still in L2
+            Epilogue::Residual(r) => {
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = MC.min(m - r0);
+                    rows_of(rows, a.skip_rows(r0), b, c.add(r0 * ldc), ldc, init, wide);
+                    add_residual(rows, b.n, c.add(r0 * ldc), r.add(r0 * ldc), ldc);
+                    r0 += rows;
+                }
+            }
+            _ => rows_of(m, a, b, c, ldc, init, wide),
         }
     };
     let threads = rayon::current_num_threads().max(1);

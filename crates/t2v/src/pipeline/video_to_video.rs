@@ -152,9 +152,7 @@ impl TextToVideo {
         let mut resolved = GenerationParams { num_frames: frames, ..params.clone() };
         resolved.long.context = resolved.long.context.filter(|c| c.length < frames);
         let params = &resolved;
-        let started = Instant::now();
-        let context = self.guidance_context(params)?;
-        let text_encoding = started.elapsed();
+        let (context, text_encoding) = self.guidance_context(params)?;
 
         let started = Instant::now();
         let mut scheduler = self.scheduler(params, scheduler_config)?;
