@@ -107,21 +107,34 @@ impl LinearOp {
         let (n, k) = lw.shape().dims2()?;
         if self.geglu {
             let bias = bias.map(geglu_bias);
-            let m = lx.shape().dims2()?.0;
             // float32 products of few rows: the weight streamed in pairs of panels
             #[cfg(target_arch = "x86_64")]
-            if Half::of(w).is_none() && packed_matmul::streams_weight(m, n) {
-                let x = super::f32_of(x, lx, "linear input")?;
-                // every gated column of every row is written
-                let mut out = super::output_buffer(m * n / 2);
-                let wide = super::wide(super::KernelKind::Linear);
-                let init = bias.as_deref().map_or(Init::Overwrite, Init::Bias);
-                // SAFETY: the widths checked by geglu_fusable (n in whole pairs of panels) and
-                // here; x holds m×k floats, out m×n/2; the products' instructions checked there.
-                unsafe {
-                    packed_matmul::matmul_streamed_geglu(m, x.as_ptr(), k, w, n, k, out.as_mut_ptr(), n / 2, init, wide)
-                };
-                return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+            {
+                let m = lx.shape().dims2()?.0;
+                if Half::of(w).is_none() && packed_matmul::streams_weight(m, n) {
+                    let x = super::f32_of(x, lx, "linear input")?;
+                    // every gated column of every row is written
+                    let mut out = super::output_buffer(m * n / 2);
+                    let wide = super::wide(super::KernelKind::Linear);
+                    let init = bias.as_deref().map_or(Init::Overwrite, Init::Bias);
+                    // SAFETY: the widths checked by geglu_fusable (n in whole pairs of panels) and
+                    // here; x holds m×k floats, out m×n/2; the products' instructions checked there.
+                    unsafe {
+                        packed_matmul::matmul_streamed_geglu(
+                            m,
+                            x.as_ptr(),
+                            k,
+                            w,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n / 2,
+                            init,
+                            wide,
+                        )
+                    };
+                    return Ok((CpuStorage::F32(out), Shape::from((m, n / 2))));
+                }
             }
             return gated_product(x, lx, &geglu_packed(w, n, k), bias.as_deref());
         }

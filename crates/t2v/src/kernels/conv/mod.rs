@@ -721,8 +721,10 @@ impl CustomOp3 for TemporalOp {
     }
 }
 
-/// G for the points {0, 1, −1, ½, −2, ∞}: 3 taps → 6 (the weight transform of both Winograd
-/// forms: the temporal F(4, 3) and, for the remainder channels, the 2-D F(4×4, 3×3)).
+/// G for the points {0, 1, −1, ½, −2, ∞}: 3 taps → 6 (the 2-D F(4×4, 3×3)'s weight transform for
+/// its remainder channels; the temporal F(4, 3) does the same operations over whole rows,
+/// `gemm_based::g3to6_rows`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn g3to6(a: f32, b: f32, c: f32) -> [f32; 6] {
     let ac = a + c;
     // (plain mul/add: `f32::mul_add` is a libm call without an FMA target feature)
