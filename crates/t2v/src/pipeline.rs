@@ -134,6 +134,12 @@ pub(crate) fn classifier_free(params: &GenerationParams) -> bool {
     params.guidance_scale > 1.0 && params.scheduler.guides_with_negative()
 }
 
+/// The negative prompt a guided run encodes: the one given, else the empty text (diffusers'
+/// `negative_prompt=None` under guidance).
+fn negative_prompt(params: &GenerationParams) -> &str {
+    params.negative_prompt.as_deref().unwrap_or("")
+}
+
 /// The UNet config with the load's `time_cond_proj_dim` override, validated.
 fn unet_config(folder: &ModelFolder, time_cond_proj_dim: Option<usize>) -> Result<unet3d::Config> {
     let mut cfg: unet3d::Config = folder.config("unet", "config.json")?;
@@ -312,15 +318,14 @@ impl TextToVideo {
             texts.push(params.prompt.as_str());
             texts.extend(params.long.prompts.values().map(String::as_str));
             if classifier_free(params) {
-                texts.push(params.negative_prompt.as_deref().unwrap_or(""));
+                texts.push(negative_prompt(params));
                 texts.extend(params.long.negative_prompts.values().map(String::as_str));
             }
         }
         for text in texts {
             if !self.encoded.contains_key(text) {
-                let started = Instant::now();
-                let embeds = self.encode_prompt(text)?;
-                self.encoded.insert(text.to_string(), (embeds, started.elapsed()));
+                let encoded = self.encoded_prompt(text)?;
+                self.encoded.insert(text.to_string(), encoded);
             }
         }
         if self.text_encoder.take().is_some() {
@@ -329,15 +334,22 @@ impl TextToVideo {
         Ok(())
     }
 
-    /// The embeddings of `prompt` and the time encoding it took ([`TextToVideo::encode_prompt`],
-    /// or kept by [`TextToVideo::encode_ahead_and_release`]).
+    /// [`TextToVideo::encode_prompt`] and the time encoding it took (then, where
+    /// [`TextToVideo::encode_ahead_and_release`] kept it).
     fn encoded_prompt(&self, prompt: &str) -> Result<(Tensor, Duration)> {
         if let Some((embeds, took)) = self.encoded.get(prompt) {
             return Ok((embeds.clone(), *took));
         }
+        let Some(text_encoder) = &self.text_encoder else {
+            return Err(Error::InvalidArgument(format!(
+                "the text encoder was freed once this run's prompts were encoded, and \"{prompt}\" was not among \
+                 them: give every prompt before the run starts, or load the model again"
+            )));
+        };
         let started = Instant::now();
-        let embeds = self.encode_prompt(prompt)?;
-        Ok((embeds, started.elapsed()))
+        let encoded = self.tokenizer.encode_padded(prompt)?;
+        let ids = Tensor::new(encoded.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok((text_encoder.forward(&ids)?, started.elapsed()))
     }
 
     pub fn unet(&self) -> &UNet3DConditionModel {
@@ -400,18 +412,7 @@ impl TextToVideo {
     /// The text encoder's last hidden state for `prompt`, padded to the tokenizer's length:
     /// (1, tokens, hidden).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
-        if let Some((embeds, _)) = self.encoded.get(prompt) {
-            return Ok(embeds.clone());
-        }
-        let Some(text_encoder) = &self.text_encoder else {
-            return Err(Error::InvalidArgument(format!(
-                "the text encoder was freed once this run's prompts were encoded, and \"{prompt}\" was not among \
-                 them: give every prompt before the run starts, or load the model again"
-            )));
-        };
-        let encoded = self.tokenizer.encode_padded(prompt)?;
-        let ids = Tensor::new(encoded.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        text_encoder.forward(&ids)
+        Ok(self.encoded_prompt(prompt)?.0)
     }
 
     /// The initial latents the seed gives: (1, C, frames, h, w), torch-identical noise.
@@ -518,12 +519,11 @@ impl TextToVideo {
     /// time it took then).
     pub(crate) fn guidance_context(&self, params: &GenerationParams) -> Result<(Tensor, Duration)> {
         if params.long.travels() {
-            let started = Instant::now();
-            return Ok((self.travelling_context(params)?, started.elapsed()));
+            return self.travelling_context_timed(params);
         }
         let (prompt_embeds, mut took) = self.encoded_prompt(&params.prompt)?;
         if classifier_free(params) {
-            let (negative, also) = self.encoded_prompt(params.negative_prompt.as_deref().unwrap_or(""))?;
+            let (negative, also) = self.encoded_prompt(negative_prompt(params))?;
             took += also;
             Ok((Tensor::cat(&[&negative, &prompt_embeds], 0)?, took))
         } else {
@@ -536,22 +536,34 @@ impl TextToVideo {
     /// negative prompts the same way, first: (2·frames or frames, tokens, D), frame f of each half
     /// at row f, which frame f's cross-attention reads.
     pub fn travelling_context(&self, params: &GenerationParams) -> Result<Tensor> {
+        Ok(self.travelling_context_timed(params)?.0)
+    }
+
+    /// [`TextToVideo::travelling_context`] and the time the text encoder took for its texts.
+    fn travelling_context_timed(&self, params: &GenerationParams) -> Result<(Tensor, Duration)> {
         let frames = params.num_frames;
+        let took = std::cell::Cell::new(Duration::ZERO);
+        let encode = |text: &str| -> Result<Tensor> {
+            let (embeds, t) = self.encoded_prompt(text)?;
+            took.set(took.get() + t);
+            Ok(embeds)
+        };
         let interpolate = |first: &str, keys: &std::collections::BTreeMap<usize, String>| -> Result<Tensor> {
             let mut embeds = std::collections::BTreeMap::new();
-            embeds.insert(0, self.encode_prompt(first)?);
+            embeds.insert(0, encode(first)?);
             for (&frame, text) in keys {
-                embeds.insert(frame, self.encode_prompt(text)?);
+                embeds.insert(frame, encode(text)?);
             }
             long_video::interpolate_keyframes(&embeds, frames)
         };
         let prompt_embeds = interpolate(&params.prompt, &params.long.prompts)?;
-        if classifier_free(params) {
-            let negative = interpolate(params.negative_prompt.as_deref().unwrap_or(""), &params.long.negative_prompts)?;
-            Ok(Tensor::cat(&[&negative, &prompt_embeds], 0)?)
+        let context = if classifier_free(params) {
+            let negative = interpolate(negative_prompt(params), &params.long.negative_prompts)?;
+            Tensor::cat(&[&negative, &prompt_embeds], 0)?
         } else {
-            Ok(prompt_embeds)
-        }
+            prompt_embeds
+        };
+        Ok((context, took.get()))
     }
 
     /// The scheduler `params` ask for, its timesteps set for their step count.

@@ -24,11 +24,17 @@ pub(crate) enum Weight<'a> {
 impl<'a> Weight<'a> {
     /// The form for products of at most `rows` rows against `w` (n rows of k values).
     pub(crate) fn for_rows(w: super::Src<'a>, n: usize, k: usize, rows: usize) -> Self {
-        if k > 0 && packed_matmul::streams_weight(rows, n) && Half::of(w).is_none() {
+        if k > 0 && Self::streams(w, n, rows) {
             Weight::Streamed { w, n, k }
         } else {
             Weight::Packed(pack(w, n, k))
         }
+    }
+
+    /// Whether products of `rows` rows against `w` (n rows) stream it: float32 products (16-bit
+    /// ones pack it in their own type) where the rows are few for its size.
+    pub(crate) fn streams(w: super::Src, n: usize, rows: usize) -> bool {
+        packed_matmul::streams_weight(rows, n) && Half::of(w).is_none()
     }
 
     /// `out (m×n) = init + x (m×k) · Wᵀ` at the linear layers' vector width.
@@ -111,7 +117,7 @@ impl LinearOp {
             #[cfg(target_arch = "x86_64")]
             {
                 let m = lx.shape().dims2()?.0;
-                if Half::of(w).is_none() && packed_matmul::streams_weight(m, n) {
+                if Weight::streams(w, n, m) {
                     let x = super::f32_of(x, lx, "linear input")?;
                     // every gated column of every row is written
                     let mut out = super::output_buffer(m * n / 2);
