@@ -152,6 +152,10 @@ fn conv3x3_odd_sizes() {
         // rows of 16 tiles and more (the 512-bit transforms), ending past the image's edge
         (1, 5, 7, 9, 62),
         (2, 3, 4, 13, 130),
+        // small planes with channels past a whole 8 and a ragged block of output channels
+        (2, 13, 7, 3, 4),
+        (5, 130, 20, 4, 4),
+        (15, 9, 8, 4, 4),
     ];
     for (i, &(n, cin, cout, h, w)) in cases.iter().enumerate() {
         check(i as u64 + 1, n, cin, cout, h, w, 3, 1, 1);

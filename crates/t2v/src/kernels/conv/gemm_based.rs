@@ -10,7 +10,7 @@
 //! convolution; the direct temporal form (small inputs only) widens them.
 //! * The temporal (3, 1, 1) convolution: three accumulated products over frame-shifted views of
 //!   the input, or 1-D Winograd F(4, 3) along frames (six products with half the
-//!   multiplications).
+//!   multiplications; with float32 products at 256 bits, the fused form in `winograd.rs`).
 
 use rayon::prelude::*;
 
@@ -322,6 +322,17 @@ fn g3to6_rows<'a>(taps: &[f32], by_k: &mut [f32], rows: impl Iterator<Item = &'a
     }
 }
 
+/// Whether [`temporal_wino`] runs the fused form (`winograd::temporal`: the transforms beside
+/// the packed product's micro-kernel, no transformed copies through memory): float32 products
+/// at 256 bits (the AVX2 path, and the AVX-512 one where the temporal convolution is tuned to
+/// 256 bits). Elsewhere the six products run on our 512-bit packed product or in 16-bit types.
+pub(super) fn temporal_fused(w: Src) -> bool {
+    cfg!(target_arch = "x86_64")
+        && Half::of(w).is_none()
+        && !use_packed(KernelKind::TemporalConv)
+        && crate::kernels::avx2()
+}
+
 /// 1-D Winograd F(4, 3) along frames (points {0, 1, −1, ½, −2, ∞}): frames in tiles of 4
 /// (input windows of 6, zero outside [0, F)); `V_ξ = Σ_k Bᵀ[ξ][k] x[4τ − 1 + k]`,
 /// `U_ξ = Σ_k G[ξ][k] W_k`, `M_ξ = U_ξ · V_ξ` (six GEMMs, half the multiplications of the direct
@@ -352,6 +363,13 @@ pub(super) fn temporal_wino(
         [0.0, 1.0, 1.0, 0.25, 4.0, 0.0],
         [0.0, 1.0, -1.0, 0.125, -8.0, 1.0],
     ];
+    #[cfg(target_arch = "x86_64")]
+    if temporal_fused(w) {
+        // SAFETY: AVX2, FMA and F16C checked (temporal_fused); the sizes are the callers'
+        // (candle's shapes).
+        unsafe { super::winograd::temporal(x, w, bias, out, b, cin, cout, f, hw) };
+        return;
+    }
     let nt = f.div_ceil(4);
     let fhw = f * hw;
     let nthreads = threads();

@@ -19,12 +19,14 @@
 //!   (`unfolded.rs`) through the linear layers' packed product, on the paths that have it.
 //! * The temporal `Conv3d(k=(3,1,1), pad=(1,0,0))` of the UNet's temporal layers
 //!   ([`temporal_conv3`], `gemm_based.rs`): 1-D Winograd F(4, 3) along frames (six GEMMs with half the
-//!   multiplications; error ~1e-6) for F ≥ 3 (with ≥ 512 columns B·F·H·W on the 256-bit
-//!   path), else three accumulated GEMMs over frame-shifted views of the input (no padded or
-//!   im2col copy), or the unfolded product where the rows are few.
+//!   multiplications; error ~1e-6) for F ≥ 3 — with float32 products at 256 bits fused as the
+//!   3×3 kernel runs (`winograd.rs`: transforms beside the micro-kernel, for frames of at least
+//!   16 pixels) — else three accumulated GEMMs over frame-shifted views of the input (no padded
+//!   or im2col copy), or the unfolded product where the rows are few.
 //!
-//! Memory: the 3×3 kernel keeps a transformed-input buffer (≤ 32 MB) between calls, and each
-//! rayon thread a weight/product scratch (≤ 36·48·Cin floats, 8.8 MB at Cin = 1280).
+//! Memory: the 3×3 and fused temporal kernels keep a transformed-input buffer (≤ 32 MB) between
+//! calls, and each rayon thread a weight/product scratch (at most ~6 MB of transformed weights
+//! and ~1 MB of products).
 //!
 //! Every entry point falls back to candle's own ops for devices other than the CPU, dtypes other
 //! than f32 activations with f32/f16 weights, and shapes the kernels don't cover; weights may be
@@ -135,9 +137,10 @@ pub fn temporal_conv3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 /// Which algorithm [`temporal_conv3_with`] uses on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TemporalAlgo {
-    /// The stacked 1×1 form for F ≤ 2; Winograd when F ≥ 3 and, on the 256-bit path, there
-    /// are enough columns (B·F·H·W ≥ 512), else direct (or the unfolded product or the tiles
-    /// where they pay).
+    /// The stacked 1×1 form for F ≤ 2; Winograd when F ≥ 3 and either its fused form runs
+    /// (float32 products at 256 bits, frames of at least 16 pixels) or, elsewhere on the
+    /// 256-bit path, there are enough columns (B·F·H·W ≥ 512); else direct (or the unfolded
+    /// product or the tiles where they pay).
     Auto,
     /// Three accumulated GEMMs over frame-shifted views.
     Direct,
@@ -158,7 +161,8 @@ pub enum TemporalAlgo {
 /// `kernel_speed vae <path> temporal` (16 frames, the UNet's four levels, with and without
 /// guidance; Emerald Rapids): on the 512-bit path Winograd was faster at every shape, down to
 /// 256 columns (1280 channels at 4², 1.5×); on the 256-bit path (the `gemm` crate) from 512
-/// columns on, and 0.9× of the direct form at 256.
+/// columns on, and 0.9× of the direct form at 256. (The fused form, [`FUSED_MIN_PIXELS`], is
+/// chosen before this is asked.)
 fn winograd_min_columns() -> usize {
     if super::wide(super::KernelKind::TemporalConv) {
         1
@@ -166,6 +170,14 @@ fn winograd_min_columns() -> usize {
         512
     }
 }
+
+/// The fewest pixels a frame for which [`TemporalAlgo::Auto`] takes the fused Winograd form
+/// ([`gemm_based::temporal_fused`]: its columns are groups of 16 pixels of one frame tile, so
+/// smaller frames leave most of each group empty). Measured on the AVX2 path (Emerald Rapids,
+/// 1280 channels, ms a call, Winograd / unfolded / direct): 4×4 frames, 4 frames under guidance
+/// 6.0 / 10.3 / 14.8, without 3.7 / 4.6 / 7.8, 16 frames 10.0 / 17.2 / 21.2; 2×2 frames
+/// 5.7 / 2.7 / 6.1.
+const FUSED_MIN_PIXELS: usize = 16;
 
 /// [`temporal_conv3`] with a chosen CPU algorithm (for tests and benchmarks).
 pub fn temporal_conv3_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, algo: TemporalAlgo) -> Result<Tensor> {
@@ -644,6 +656,8 @@ impl TemporalOp {
                 bail!("t2v temporal conv: the tiles' kernel needs AMX, bfloat16 weights and frames of whole 16-pixel groups")
             }
             TemporalAlgo::Auto if f <= 2 => TemporalAlgo::Stacked,
+            // the fused form wherever frames hold whole groups of 16 pixels (see FUSED_MIN_PIXELS)
+            TemporalAlgo::Auto if gemm_based::temporal_fused(w) && h * wd >= FUSED_MIN_PIXELS => TemporalAlgo::Winograd,
             TemporalAlgo::Auto
                 if super::packed_product()
                     && UnfoldedPays::Temporal {

@@ -10,6 +10,9 @@
 //! output's magnitude (F(4×4)'s output transform multiplies rounding errors by up to 64) and
 //! took the tiny fixture's frames to 3.5e-2 from float32's, past the 2e-2 that `--dtype bf16` keeps.
 //!
+//! The same machinery runs the temporal convolution's 1-D F(4, 3) along frames (float32
+//! products at 256 bits), with its own transforms.
+//!
 //! One file: the input, weight and output transforms and the multiply share one tile layout, which a
 //! split would scatter.
 
@@ -51,6 +54,10 @@ fn groups_per_pass(wide: bool) -> usize {
         SG_NARROW
     }
 }
+
+/// The transformed-input buffer, kept between calls (page faults on a fresh one cost several %
+/// on the UNet shapes); every entry used is written before it is read.
+static V_CACHE: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
 
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -97,15 +104,31 @@ pub(super) unsafe fn conv3x3(
     h: usize,
     wd: usize,
 ) {
+    conv3x3_in_order(x, w, bias, out, (n, cin, cout, h, wd), None)
+}
+
+/// [`conv3x3`] with the tasks' loop order chosen by [`Order::of`], or `order` (tests: every
+/// order gives the same bits).
+///
+/// # Safety
+/// As [`conv3x3`]; a forced `ChannelBlocks` holds a multiple of the path's groups a pass.
+unsafe fn conv3x3_in_order(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (n, cin, cout, h, wd): (usize, usize, usize, usize, usize),
+    order: Option<Order>,
+) {
     assert_eq!(x.len(), n * cin * h * wd);
     assert_eq!(w.len(), cout * cin * 9);
     assert_eq!(out.len(), n * cout * h * wd);
+    // 512-bit tiles where this CPU runs them faster (kernels::tuning)
+    let wide = super::super::wide(super::super::KernelKind::Conv3x3);
     let ty_n = h.div_ceil(4);
     let tx_n = wd.div_ceil(4);
     let g = Geom { cin, cout, h, w: wd, ty_n, tx_n, t_total: n * ty_n * tx_n };
     let nt = threads();
-    // 512-bit tiles where this CPU runs them faster (kernels::tuning)
-    let wide = super::super::wide(super::super::KernelKind::Conv3x3);
     let sg_max = groups_per_pass(wide);
     let t16 = g.t_total.div_ceil(NR) * NR;
     let tc_max = ((V_BUDGET / (36 * cin)) / NR * NR).max(NR);
@@ -121,9 +144,6 @@ pub(super) unsafe fn conv3x3(
     let tasks: Vec<(usize, usize)> =
         (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect();
 
-    // The transformed-input buffer is kept between calls (page faults on a fresh one cost
-    // several % on the UNet shapes); every entry used is written before it is read.
-    static V_CACHE: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
     let mut v = std::mem::take(&mut *V_CACHE.lock().unwrap_or_else(|e| e.into_inner()));
     if v.len() < 36 * cin * tc {
         v = vec![0f32; 36 * cin * tc];
@@ -159,30 +179,16 @@ pub(super) unsafe fn conv3x3(
                 let mut s = s.borrow_mut();
                 let (ubuf, mbuf) = &mut *s;
                 let np = pb - pa;
-                let uxs = np * cin * MR + 8;
-                let need_u = 36 * uxs;
+                let order = order.unwrap_or_else(|| Order::of(&g, np, n_tsub, sg_max));
+                let (need_u, need_m) = order.scratch(&g, np, sg_max);
                 if ubuf.len() < need_u {
                     ubuf.resize(need_u, 0.0);
                 }
-                let need_m = sg_max * NR * np * MR * 36;
                 if mbuf.len() < need_m {
                     mbuf.resize(need_m, 0.0);
                 }
-                transform_weights(w, &g, pa * MR, np, ubuf.as_mut_ptr(), uxs);
-                task_gemm(
-                    &g,
-                    ubuf.as_ptr(),
-                    uxs,
-                    np,
-                    vptr.get(),
-                    n_tsub,
-                    mbuf.as_mut_ptr(),
-                    pa * MR,
-                    t0,
-                    bias,
-                    optr.get(),
-                    wide,
-                );
+                let task = Task { g: &g, w, np, co0: pa * MR, v: vptr.get(), t0, bias, out: optr.get(), wide };
+                task.run(order, n_tsub, ubuf.as_mut_ptr(), mbuf.as_mut_ptr());
             });
         });
         t0 += tcc;
@@ -223,47 +229,20 @@ unsafe fn g3to6(a: __m256, b: __m256, c: __m256) -> [__m256; 6] {
 /// store overwrites (stores run in increasing address order within a ξ plane), so `uxs` must
 /// leave 2 floats of slack after np·Cin·MR.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, u: *mut f32, uxs: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, ci0: usize, ci1: usize, u: *mut f32, uxs: usize) {
     let cin = g.cin;
-    let mut kb = 0;
-    while kb < cin {
-        let kl = KC.min(cin - kb);
+    let mut kb = ci0;
+    while kb < ci1 {
+        let kl = KC.min(ci1 - kb);
         for pl in 0..np {
             let cop = co0 + pl * MR;
             let nco = g.cout.saturating_sub(cop).min(MR);
             // address of (ξ = 0, ci) in this block and panel
-            let at = |ci: usize| u.add(kb * np * MR + pl * kl * MR + (ci - kb) * MR);
+            let at = |ci: usize| u.add((kb - ci0) * np * MR + pl * kl * MR + (ci - kb) * MR);
             let mut ci = kb;
             while ci + 8 <= kb + kl {
-                // rows[q][r]: 8 consecutive weights (ci.., k) of output channel r, block q of 9
-                let mut rows = [[_mm256_setzero_ps(); 8]; 9];
-                for r in 0..nco {
-                    let base = ((cop + r) * cin + ci) * 9;
-                    match w {
-                        Src::F32(s) => {
-                            let p = s.as_ptr().add(base);
-                            for (q, rq) in rows.iter_mut().enumerate() {
-                                rq[r] = _mm256_loadu_ps(p.add(8 * q));
-                            }
-                        }
-                        Src::F16(s) => {
-                            let p = s.as_ptr().add(base) as *const __m128i;
-                            for (q, rq) in rows.iter_mut().enumerate() {
-                                rq[r] = _mm256_cvtph_ps(_mm_loadu_si128(p.add(q)));
-                            }
-                        }
-                        Src::Bf16(s) => {
-                            let p = s.as_ptr().add(base) as *const __m128i;
-                            for (q, rq) in rows.iter_mut().enumerate() {
-                                rq[r] = packed_matmul::widen_bf16x8(p.add(q));
-                            }
-                        }
-                    }
-                }
-                // after the transposes rows[q][m] holds flat index 8q + m = cl·9 + k, lane = r
-                for rq in rows.iter_mut() {
-                    packed_matmul::transpose8(rq);
-                }
+                let rows = taps9(w, cin, cop, nco, ci);
                 let flat = rows.as_ptr() as *const __m256;
                 for cl in 0..8 {
                     let gk = |k: usize| *flat.add(cl * 9 + k);
@@ -305,6 +284,43 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, u: *mut f32
         }
         kb += kl;
     }
+}
+
+/// The 3×3 kernels of input channels [ci, ci + 8) of output channels [cop, cop + nco) (nco ≤ 6),
+/// lane = output channel (lanes past nco zero): `flat[cl·9 + k]` for channel ci + cl and tap k,
+/// `flat` being the 72 vectors in order.
+#[inline(always)]
+unsafe fn taps9(w: Src, cin: usize, cop: usize, nco: usize, ci: usize) -> [[__m256; 8]; 9] {
+    // rows[q][r]: 8 consecutive weights (ci.., k) of output channel r, block q of 9
+    let mut rows = [[_mm256_setzero_ps(); 8]; 9];
+    for r in 0..nco {
+        let base = ((cop + r) * cin + ci) * 9;
+        match w {
+            Src::F32(s) => {
+                let p = s.as_ptr().add(base);
+                for (q, rq) in rows.iter_mut().enumerate() {
+                    rq[r] = _mm256_loadu_ps(p.add(8 * q));
+                }
+            }
+            Src::F16(s) => {
+                let p = s.as_ptr().add(base) as *const __m128i;
+                for (q, rq) in rows.iter_mut().enumerate() {
+                    rq[r] = _mm256_cvtph_ps(_mm_loadu_si128(p.add(q)));
+                }
+            }
+            Src::Bf16(s) => {
+                let p = s.as_ptr().add(base) as *const __m128i;
+                for (q, rq) in rows.iter_mut().enumerate() {
+                    rq[r] = packed_matmul::widen_bf16x8(p.add(q));
+                }
+            }
+        }
+    }
+    // after the transposes rows[q][m] holds flat index 8q + m = cl·9 + k, lane = r
+    for rq in rows.iter_mut() {
+        packed_matmul::transpose8(rq);
+    }
+    rows
 }
 
 // ----- input transform: V = Bᵀ d B ----------------------------------------------------------
@@ -508,72 +524,189 @@ unsafe fn gemm_plane_avx512(
     }
 }
 
-/// One task: output channels [co0, co0 + np·MR) × all tiles of the chunk.
-/// `m` scratch layout: `[s in sg_max][co_local][ξ][NR]`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn task_gemm(
-    g: &Geom,
-    u: *const f32,
-    uxs: usize,
+/// The loop order of a task ([`Task::run`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Order {
+    /// The task's whole transformed weight (36·Cin·np·MR floats) computed once, then for each
+    /// group of tiles all 36 planes over all channel blocks: for weights of at most
+    /// [`U_RESIDENT`] bytes.
+    WholeWeights,
+    /// For each block of `groups` tile groups and each block of [`KC`] input channels, that
+    /// block's transformed weight (36·KC·np·MR floats, L2-sized) computed and multiplied with
+    /// all the block's tile groups, their products accumulated in `m` across channel blocks.
+    /// The whole weight of a deep layer (1280 channels: 8.5 MB a task) would otherwise be
+    /// written to memory and read back once per group of tiles.
+    ChannelBlocks { groups: usize },
+}
+
+/// The most bytes of a task's whole transformed weight for [`Order::WholeWeights`]: above it
+/// (1280 channels and more, 8.5 MB a task) the channel blocks. AVX2 path, Emerald Rapids,
+/// 8 images (4 frames under guidance), ms a call, whole → blocks: 1280 channels at 8²
+/// 38.6–40.1 → 36.0–36.8; at 320 channels (2.2 MB) 32.1 → 36.1 and 640 (4.4 MB) 30.5 → 32.0,
+/// where transforming the weights once per block of groups cost more than it saved.
+const U_RESIDENT: usize = 6 << 20;
+/// The products of tile groups accumulated across channel blocks (bytes): a block of groups.
+const M_BUDGET: usize = 1 << 20;
+
+impl Order {
+    fn of(g: &Geom, np: usize, n_tsub: usize, sg_max: usize) -> Order {
+        let mc = np * MR;
+        if 36 * g.cin * mc * 4 <= U_RESIDENT {
+            return Order::WholeWeights;
+        }
+        let per_group = mc * 36 * NR * 4;
+        let groups = (M_BUDGET / per_group).max(1).div_ceil(sg_max) * sg_max;
+        // blocks of equal size: fewer weight transforms for the same budget
+        let blocks = n_tsub.div_ceil(groups);
+        Order::ChannelBlocks { groups: n_tsub.div_ceil(blocks).div_ceil(sg_max) * sg_max }
+    }
+
+    /// Floats of transformed weight and of products a task needs.
+    fn scratch(self, g: &Geom, np: usize, sg_max: usize) -> (usize, usize) {
+        let mc = np * MR;
+        match self {
+            Order::WholeWeights => (36 * (mc * g.cin + 8), sg_max * NR * mc * 36),
+            Order::ChannelBlocks { groups } => (36 * (mc * KC.min(g.cin) + 8), groups * NR * mc * 36),
+        }
+    }
+}
+
+/// One task: output channels [co0, co0 + np·MR) × all tiles of the chunk from `t0`.
+/// `m` scratch layout: `[group][co_local][ξ][NR]`.
+struct Task<'a> {
+    g: &'a Geom,
+    w: Src<'a>,
     np: usize,
-    v: *const f32,
-    n_tsub: usize,
-    m: *mut f32,
     co0: usize,
+    v: *const f32,
     t0: usize,
-    bias: Option<&[f32]>,
+    bias: Option<&'a [f32]>,
     out: *mut f32,
     wide: bool,
-) {
-    let cin = g.cin;
-    let mc = np * MR;
-    let sg_max = groups_per_pass(wide);
-    let mut s0 = 0;
-    while s0 < n_tsub {
-        let sg = sg_max.min(n_tsub - s0);
-        for xi in 0..36 {
-            let mut kb = 0;
-            while kb < cin {
-                let kl = KC.min(cin - kb);
-                if wide {
-                    gemm_plane_avx512(u.add(xi * uxs + kb * np * MR), kl, np, v, s0, sg, xi, cin, kb, m, mc, kb > 0);
-                } else {
-                    for p in 0..np {
-                        let up = u.add(xi * uxs + kb * np * MR + p * kl * MR);
-                        for s in 0..sg {
-                            let vp = v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
-                            let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-                            packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, kb > 0, std::ptr::null());
+}
+
+impl Task<'_> {
+    /// # Safety
+    /// AVX2 and FMA (AVX-512F where `wide`); `u` and `m` hold [`Order::scratch`] floats, `v`
+    /// the chunk's transformed input, `out` the output.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run(&self, order: Order, n_tsub: usize, u: *mut f32, m: *mut f32) {
+        let (g, np) = (self.g, self.np);
+        let cin = g.cin;
+        let mc = np * MR;
+        let sg_max = groups_per_pass(self.wide);
+        let group_floats = mc * 36 * NR;
+        match order {
+            Order::WholeWeights => {
+                let uxs = mc * cin + 8;
+                transform_weights(self.w, g, self.co0, np, 0, cin, u, uxs);
+                let mut s0 = 0;
+                while s0 < n_tsub {
+                    let sg = sg_max.min(n_tsub - s0);
+                    for xi in 0..36 {
+                        let mut kb = 0;
+                        while kb < cin {
+                            let kl = KC.min(cin - kb);
+                            self.plane(u.add(xi * uxs + kb * mc), kl, s0, sg, xi, kb, m, kb > 0);
+                            kb += kl;
                         }
                     }
+                    self.outputs(s0, sg, m);
+                    s0 += sg;
                 }
-                kb += kl;
+            }
+            Order::ChannelBlocks { groups } => {
+                let mut b0 = 0;
+                while b0 < n_tsub {
+                    let nb = groups.min(n_tsub - b0);
+                    let mut kb = 0;
+                    while kb < cin {
+                        let kl = KC.min(cin - kb);
+                        let uxs = mc * kl + 8;
+                        transform_weights(self.w, g, self.co0, np, kb, kb + kl, u, uxs);
+                        let mut s0 = b0;
+                        while s0 < b0 + nb {
+                            let sg = sg_max.min(b0 + nb - s0);
+                            let ms = m.add((s0 - b0) * group_floats);
+                            for xi in 0..36 {
+                                self.plane(u.add(xi * uxs), kl, s0, sg, xi, kb, ms, kb > 0);
+                            }
+                            s0 += sg;
+                        }
+                        kb += kl;
+                    }
+                    let mut s0 = b0;
+                    while s0 < b0 + nb {
+                        let sg = sg_max.min(b0 + nb - s0);
+                        self.outputs(s0, sg, m.add((s0 - b0) * group_floats));
+                        s0 += sg;
+                    }
+                    b0 += nb;
+                }
             }
         }
+    }
+
+    /// Plane ξ's products over input channels [kb, kb + kl) for tile groups [s0, s0 + sg): `up`
+    /// is the transformed weight of that plane and block (np panels of kl·MR), `m` the
+    /// products of group s0.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn plane(
+        &self,
+        up: *const f32,
+        kl: usize,
+        s0: usize,
+        sg: usize,
+        xi: usize,
+        kb: usize,
+        m: *mut f32,
+        acc: bool,
+    ) {
+        let (cin, np) = (self.g.cin, self.np);
+        let mc = np * MR;
+        if self.wide {
+            gemm_plane_avx512(up, kl, np, self.v, s0, sg, xi, cin, kb, m, mc, acc);
+        } else {
+            for p in 0..np {
+                let up = up.add(p * kl * MR);
+                for s in 0..sg {
+                    let vp = self.v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
+                    let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
+                    packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, acc, std::ptr::null());
+                }
+            }
+        }
+    }
+
+    /// The output transform of tile groups [s0, s0 + sg) from their products at `m`.
+    #[inline(always)]
+    unsafe fn outputs(&self, s0: usize, sg: usize, m: *const f32) {
+        let g = self.g;
+        let mc = self.np * MR;
         for s in 0..sg {
-            let row16 = wide && g.row16(t0 + (s0 + s) * NR);
+            let first = self.t0 + (s0 + s) * NR;
+            let row16 = self.wide && g.row16(first);
             for col in 0..mc {
-                let co = co0 + col;
+                let co = self.co0 + col;
                 if co >= g.cout {
                     break;
                 }
-                let bv = bias.map_or(0.0, |b| b[co]);
+                let bv = self.bias.map_or(0.0, |b| b[co]);
                 let mp = m.add((s * mc + col) * 36 * NR);
                 if row16 {
-                    output_row16(g, mp, t0 + (s0 + s) * NR, co, bv, out);
+                    output_row16(g, mp, first, co, bv, self.out);
                     continue;
                 }
                 for half in 0..2 {
-                    let tg = t0 + (s0 + s) * NR + half * 8;
+                    let tg = first + half * 8;
                     if tg >= g.t_total {
                         break;
                     }
-                    output_group(g, mp.add(half * 8), tg, co, bv, out);
+                    output_group(g, mp.add(half * 8), tg, co, bv, self.out);
                 }
             }
         }
-        s0 += sg;
     }
 }
 
@@ -812,6 +945,331 @@ unsafe fn output_row16(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
         let p = base.add(y * w + x0);
         for (q, &rq) in r.iter().enumerate() {
             _mm512_mask_storeu_ps(p.wrapping_add(16 * q), masks[q], rq);
+        }
+    }
+}
+
+// ----- 1-D F(4, 3) along frames: the temporal (3, 1, 1) convolution ---------------------------
+//
+// The same points, tiles of 4 frames (windows of 6, zero outside [0, F)), and the same product
+// as the 2-D form with 6 planes instead of 36: a column of the transformed input is one pixel
+// of one (batch, frame tile), NR pixels of one frame tile a panel. Where the products are in
+// float32 at 256 bits, this replaces six `gemm`-crate products over a transformed copy of the
+// input: those ran at ~120 GFLOP/s of their multiplications against the micro-kernel's ~160,
+// and the transformed input and the products each made a round trip through memory
+// (`perf`, AVX2 path, Emerald Rapids: 68% in the `gemm` crate's kernel, 15% in the transforms).
+
+/// The columns of a temporal call: groups of NR pixels of one (batch, frame tile).
+#[derive(Clone, Copy)]
+struct Frames {
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+    /// Frame tiles (of 4) per batch entry.
+    nt: usize,
+    /// Pixel groups (of NR) per frame tile.
+    pg: usize,
+}
+
+impl Frames {
+    /// Group `s`'s batch entry, frame tile, first pixel and pixel count.
+    #[inline(always)]
+    fn group(&self, s: usize) -> (usize, usize, usize, usize) {
+        let (bt, q) = (s / self.pg, s % self.pg);
+        let p0 = q * NR;
+        (bt / self.nt, bt % self.nt, p0, NR.min(self.hw - p0))
+    }
+}
+
+/// Lanes `lane0..lane0 + 8` that are below `len` (a ragged group's last pixels).
+#[inline(always)]
+unsafe fn lanes_below(lane0: usize, len: usize) -> __m256i {
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32 - lane0 as i32), iota)
+}
+
+/// `nn.Conv3d` with kernel (3, 1, 1), padding (1, 0, 0) on x (B, Cin, F, HW) into out
+/// (B, Cout, F, HW), by 1-D Winograd F(4, 3) along frames with float32 products at 256 bits.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; slices must have the sizes given.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn temporal(
+    x: &[f32],
+    w: Src,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    b: usize,
+    cin: usize,
+    cout: usize,
+    f: usize,
+    hw: usize,
+) {
+    assert_eq!(x.len(), b * cin * f * hw);
+    assert_eq!(w.len(), cout * cin * 3);
+    assert_eq!(out.len(), b * cout * f * hw);
+    if b * f * hw == 0 || cout == 0 {
+        return;
+    }
+    let fr = Frames { cin, cout, f, hw, nt: f.div_ceil(4), pg: hw.div_ceil(NR) };
+    let groups = b * fr.nt * fr.pg;
+    let nt = threads();
+    // groups a chunk: its transformed input within the budget
+    let per_group = 6 * cin * NR;
+    let chunk = (T_BUDGET / per_group.max(1)).clamp(1, groups);
+    let n_panels = cout.div_ceil(MR);
+    // output-channel tasks as large as their transformed weights allow (each block of the
+    // transformed input is then reused by more panels), at least one a thread
+    let task_panels = (T_TASK_WEIGHTS / (6 * cin * MR * 4).max(1)).max(1);
+    let mut n_tasks = n_panels.div_ceil(task_panels).max(nt).min(n_panels);
+    if n_tasks > nt {
+        n_tasks = n_tasks.div_ceil(nt) * nt;
+    }
+    let n_tasks = n_tasks.min(n_panels).max(1);
+    let tasks: Vec<(usize, usize)> =
+        (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect();
+    let mut v = std::mem::take(&mut *V_CACHE.lock().unwrap_or_else(|e| e.into_inner()));
+    if v.len() < per_group * chunk {
+        v = vec![0f32; per_group * chunk];
+    }
+    let vptr = SendPtr(v.as_mut_ptr());
+    let optr = SendPtr(out.as_mut_ptr());
+    let ci_blk = cin.div_ceil(4 * nt).max(1);
+    let mut g0 = 0;
+    while g0 < groups {
+        let gn = chunk.min(groups - g0);
+        // 1. the input transform of groups [g0, g0 + gn), parallel over input channels
+        (0..cin.div_ceil(ci_blk)).into_par_iter().for_each(|cb| {
+            let (c_a, c_b) = (cb * ci_blk, ((cb + 1) * ci_blk).min(cin));
+            for s in 0..gn {
+                temporal_input(x, &fr, g0 + s, c_a, c_b, vptr.get().add(s * per_group));
+            }
+        });
+        // 2. products and the output transform, parallel over blocks of output channels
+        tasks.par_iter().for_each(|&(pa, pb)| {
+            SCRATCH.with(|sc| {
+                let mut sc = sc.borrow_mut();
+                let (ubuf, mbuf) = &mut *sc;
+                let np = pb - pa;
+                let mc = np * MR;
+                let uxs = mc * cin + 8;
+                if ubuf.len() < 6 * uxs {
+                    ubuf.resize(6 * uxs, 0.0);
+                }
+                if mbuf.len() < mc * 6 * NR {
+                    mbuf.resize(mc * 6 * NR, 0.0);
+                }
+                let (u, m) = (ubuf.as_mut_ptr(), mbuf.as_mut_ptr());
+                temporal_weights(w, &fr, pa * MR, np, u, uxs);
+                for s in 0..gn {
+                    let vs = vptr.get().add(s * per_group) as *const f32;
+                    for xi in 0..6 {
+                        let mut kb = 0;
+                        while kb < cin {
+                            let kl = TKC.min(cin - kb);
+                            let vp = vs.add((xi * cin + kb) * NR);
+                            for p in 0..np {
+                                let up = u.add(xi * uxs + kb * mc + p * kl * MR);
+                                let cp = m.add((p * MR * 6 + xi) * NR);
+                                packed_matmul::kernel_6x16(kl, up, vp, cp, 6 * NR, kb > 0, std::ptr::null());
+                            }
+                            kb += kl;
+                        }
+                    }
+                    temporal_output(&fr, m, g0 + s, pa * MR, mc, bias, optr.get());
+                }
+            });
+        });
+        g0 += gn;
+    }
+    let mut cache = V_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() < v.len() {
+        *cache = v;
+    }
+}
+
+/// Input channels per accumulation block of the temporal products: the packed product's depth
+/// (a block of the transformed input, TKC·NR floats, stays in L1 across a task's panels).
+const TKC: usize = 384;
+/// Bytes of transformed weight a temporal task may hold (L2-resident across its groups):
+/// tasks of more panels reuse each block of the transformed input more. `kernel_speed`-like
+/// timing (AVX2 path, Emerald Rapids, 4 frames under guidance, ms a call) with 8 panels a task
+/// → 16 → 32: 320 channels at 32² 21.5 → 20.9 → 19.7, 640 at 16² 18.6 → 18.0 → 17.6, 1280 at 8²
+/// 18.6 → 17.9 → 18.7 (1.2, 2.9, 5.9 MB at 1280 channels).
+const T_TASK_WEIGHTS: usize = 3 << 20;
+
+/// Transformed input of a temporal chunk (floats): as the 2-D form's, a few MB.
+const T_BUDGET: usize = 2 << 20;
+
+/// The input transform of group `s` for channels [c_a, c_b): `v[(ξ·Cin + ci)·NR + lane]`.
+#[inline(always)]
+unsafe fn temporal_input(x: &[f32], fr: &Frames, s: usize, c_a: usize, c_b: usize, v: *mut f32) {
+    let (bb, tau, p0, len) = fr.group(s);
+    let full = len == NR;
+    let masks = [lanes_below(0, len), lanes_below(8, len)];
+    let xp = x.as_ptr();
+    for ci in c_a..c_b {
+        let plane = xp.add((bb * fr.cin + ci) * fr.f * fr.hw + p0);
+        let mut lo = [_mm256_setzero_ps(); 6];
+        let mut hi = [_mm256_setzero_ps(); 6];
+        for k in 0..6 {
+            let frame = (4 * tau + k) as isize - 1;
+            if frame < 0 || frame as usize >= fr.f {
+                continue;
+            }
+            let p = plane.add(frame as usize * fr.hw);
+            if full {
+                lo[k] = _mm256_loadu_ps(p);
+                hi[k] = _mm256_loadu_ps(p.add(8));
+            } else {
+                lo[k] = _mm256_maskload_ps(p, masks[0]);
+                hi[k] = _mm256_maskload_ps(p.wrapping_add(8), masks[1]);
+            }
+        }
+        let (lo, hi) = (bt6(lo), bt6(hi));
+        for xi in 0..6 {
+            let dst = v.add((xi * fr.cin + ci) * NR);
+            _mm256_storeu_ps(dst, lo[xi]);
+            _mm256_storeu_ps(dst.add(8), hi[xi]);
+        }
+    }
+}
+
+/// The weights of output channels [co0, co0 + np·MR) transformed (U_ξ = Σ_k G[ξ][k] W_k) into
+/// `u` as the micro-kernel reads them: `[ξ][channel block kb][panel][ci − kb][MR]`, ξ planes
+/// `uxs` floats apart, channels past Cout zero. Lane = output channel of a panel, as the 2-D
+/// form's [`transform_weights`] (lanes 6 and 7 are scratch a later store overwrites, so `uxs`
+/// leaves 2 floats of slack).
+#[inline(always)]
+unsafe fn temporal_weights(w: Src, fr: &Frames, co0: usize, np: usize, u: *mut f32, uxs: usize) {
+    let (cin, mc) = (fr.cin, np * MR);
+    let mut kb = 0;
+    while kb < cin {
+        let kl = TKC.min(cin - kb);
+        for pl in 0..np {
+            let cop = co0 + pl * MR;
+            let nco = fr.cout.saturating_sub(cop).min(MR);
+            let at = |ci: usize| u.add(kb * mc + pl * kl * MR + (ci - kb) * MR);
+            let mut ci = kb;
+            while ci + 8 <= kb + kl {
+                // rows[q][r]: taps 8q.. of the 24 (8 input channels × 3) of output channel r
+                let mut rows = [[_mm256_setzero_ps(); 8]; 3];
+                for r in 0..nco {
+                    let base = ((cop + r) * cin + ci) * 3;
+                    for (q, rq) in rows.iter_mut().enumerate() {
+                        rq[r] = match w {
+                            Src::F32(s) => _mm256_loadu_ps(s.as_ptr().add(base + 8 * q)),
+                            Src::F16(s) => {
+                                _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(base + 8 * q) as *const __m128i))
+                            }
+                            Src::Bf16(s) => packed_matmul::widen_bf16x8(s.as_ptr().add(base + 8 * q) as *const __m128i),
+                        };
+                    }
+                }
+                // after the transposes, flat index 3·cl + k (lane = r)
+                for rq in rows.iter_mut() {
+                    packed_matmul::transpose8(rq);
+                }
+                let flat = rows.as_ptr() as *const __m256;
+                for cl in 0..8 {
+                    let t = g3to6(*flat.add(3 * cl), *flat.add(3 * cl + 1), *flat.add(3 * cl + 2));
+                    let dst = at(ci + cl);
+                    for (xi, &tv) in t.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add(xi * uxs), tv);
+                    }
+                }
+                ci += 8;
+            }
+            while ci < kb + kl {
+                let dst = at(ci);
+                for r in 0..MR {
+                    let t = if r < nco {
+                        let base = ((cop + r) * cin + ci) * 3;
+                        super::g3to6(w.get(base), w.get(base + 1), w.get(base + 2))
+                    } else {
+                        [0.0; 6]
+                    };
+                    for (xi, &tv) in t.iter().enumerate() {
+                        *dst.add(xi * uxs + r) = tv;
+                    }
+                }
+                ci += 1;
+            }
+        }
+        kb += kl;
+    }
+}
+
+/// The output transform of group `s` for output channels [co0, co0 + mc) from its products
+/// (`m[(co − co0)·6·NR + ξ·NR + lane]`): `y[4τ + i] = bias + Σ_ξ Aᵀ[i][ξ] M_ξ`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn temporal_output(
+    fr: &Frames,
+    m: *const f32,
+    s: usize,
+    co0: usize,
+    mc: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
+    let (bb, tau, p0, len) = fr.group(s);
+    let full = len == NR;
+    let masks = [lanes_below(0, len), lanes_below(8, len)];
+    let frames = 4.min(fr.f - 4 * tau);
+    for col in 0..mc {
+        let co = co0 + col;
+        if co >= fr.cout {
+            break;
+        }
+        let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
+        let mp = m.add(col * 6 * NR);
+        let base = out.add(((bb * fr.cout + co) * fr.f + 4 * tau) * fr.hw + p0);
+        for (h, &mask) in masks.iter().enumerate() {
+            let y = at6::<__m256>(std::array::from_fn(|xi| _mm256_loadu_ps(mp.add(xi * NR + 8 * h))));
+            for (i, &yi) in y.iter().enumerate().take(frames) {
+                let p = base.add(i * fr.hw + 8 * h);
+                if full {
+                    _mm256_storeu_ps(p, _mm256_add_ps(yi, bv));
+                } else {
+                    _mm256_maskstore_ps(p, mask, _mm256_add_ps(yi, bv));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop orders of a task give the same bits: each tile's sums run over the same
+    /// channel blocks in the same order, the transformed weights are the same per block.
+    #[test]
+    fn loop_orders_give_the_same_bits() {
+        if !crate::kernels::avx2() {
+            eprintln!("SKIPPED: no AVX2 and FMA on this CPU");
+            return;
+        }
+        let sg = groups_per_pass(super::super::super::wide(super::super::super::KernelKind::Conv3x3));
+        // 136 input channels: a whole block of KC and a ragged one, with channels past a whole 8
+        let (n, cin, cout, h, wd) = (9, 136, 50, 8, 12);
+        let val = |i: usize, m: usize| ((i * 7919 + m) % 1000) as f32 / 500.0 - 1.0;
+        let x: Vec<f32> = (0..n * cin * h * wd).map(|i| val(i, 3)).collect();
+        let wt: Vec<half::f16> = (0..cout * cin * 9).map(|i| half::f16::from_f32(0.05 * val(i, 11))).collect();
+        let bias: Vec<f32> = (0..cout).map(|i| val(i, 5)).collect();
+        let run = |order| {
+            let mut out = vec![0f32; n * cout * h * wd];
+            // SAFETY: AVX2 and FMA checked; the slices have the sizes given.
+            unsafe { conv3x3_in_order(&x, Src::F16(&wt), Some(&bias), &mut out, (n, cin, cout, h, wd), order) };
+            out
+        };
+        let whole = run(Some(Order::WholeWeights));
+        assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.0));
+        for groups in [sg, 3 * sg, 64 * sg] {
+            assert_eq!(run(Some(Order::ChannelBlocks { groups })), whole, "channel blocks of {groups} groups");
         }
     }
 }
