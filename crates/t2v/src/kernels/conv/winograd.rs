@@ -59,6 +59,35 @@ fn groups_per_pass(wide: bool) -> usize {
 /// on the UNet shapes); every entry used is written before it is read.
 static V_CACHE: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
 
+/// The kept transformed-input buffer, at least `len` floats (a new one if it is smaller).
+fn take_v(len: usize) -> Vec<f32> {
+    let v = std::mem::take(&mut *V_CACHE.lock().unwrap_or_else(|e| e.into_inner()));
+    if v.len() < len {
+        vec![0f32; len]
+    } else {
+        v
+    }
+}
+
+/// `v` kept for the next call, where it is larger than the buffer kept.
+fn keep_v(v: Vec<f32>) {
+    let mut cache = V_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() < v.len() {
+        *cache = v;
+    }
+}
+
+/// `n_panels` panels of output channels split into tasks of at most `max_panels` panels, at least
+/// `min_tasks` of them (where there are that many panels), in a multiple of the `nt` threads.
+fn channel_tasks(n_panels: usize, max_panels: usize, min_tasks: usize, nt: usize) -> Vec<(usize, usize)> {
+    let mut n_tasks = n_panels.div_ceil(max_panels.max(1)).max(min_tasks).min(n_panels);
+    if n_tasks > nt {
+        n_tasks = n_tasks.div_ceil(nt) * nt;
+    }
+    let n_tasks = n_tasks.min(n_panels).max(1);
+    (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect()
+}
+
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -136,18 +165,9 @@ unsafe fn conv3x3_in_order(
     let tc = (t16 / NR).div_ceil(n_chunks) * NR;
     let n_panels = cout.div_ceil(MR);
     // output-channel tasks: at least 2 per thread, at most MAX_TASK_PANELS panels each.
-    let mut n_tasks = n_panels.div_ceil(MAX_TASK_PANELS).max(2 * nt).min(n_panels);
-    if n_tasks > nt {
-        n_tasks = n_tasks.div_ceil(nt) * nt;
-    }
-    let n_tasks = n_tasks.min(n_panels).max(1);
-    let tasks: Vec<(usize, usize)> =
-        (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect();
+    let tasks = channel_tasks(n_panels, MAX_TASK_PANELS, 2 * nt, nt);
 
-    let mut v = std::mem::take(&mut *V_CACHE.lock().unwrap_or_else(|e| e.into_inner()));
-    if v.len() < 36 * cin * tc {
-        v = vec![0f32; 36 * cin * tc];
-    }
+    let mut v = take_v(36 * cin * tc);
     let vptr = SendPtr(v.as_mut_ptr());
     let optr = SendPtr(out.as_mut_ptr());
     let mut t0 = 0;
@@ -193,10 +213,7 @@ unsafe fn conv3x3_in_order(
         });
         t0 += tcc;
     }
-    let mut cache = V_CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.len() < v.len() {
-        *cache = v;
-    }
+    keep_v(v);
 }
 
 // ----- weight transform: U = G g Gᵀ -------------------------------------------------------
@@ -1023,17 +1040,8 @@ pub(super) unsafe fn temporal(
     // output-channel tasks as large as their transformed weights allow (each block of the
     // transformed input is then reused by more panels), at least one a thread
     let task_panels = (T_TASK_WEIGHTS / (6 * cin * MR * 4).max(1)).max(1);
-    let mut n_tasks = n_panels.div_ceil(task_panels).max(nt).min(n_panels);
-    if n_tasks > nt {
-        n_tasks = n_tasks.div_ceil(nt) * nt;
-    }
-    let n_tasks = n_tasks.min(n_panels).max(1);
-    let tasks: Vec<(usize, usize)> =
-        (0..n_tasks).map(|i| (i * n_panels / n_tasks, (i + 1) * n_panels / n_tasks)).filter(|(a, b)| b > a).collect();
-    let mut v = std::mem::take(&mut *V_CACHE.lock().unwrap_or_else(|e| e.into_inner()));
-    if v.len() < per_group * chunk {
-        v = vec![0f32; per_group * chunk];
-    }
+    let tasks = channel_tasks(n_panels, task_panels, nt, nt);
+    let mut v = take_v(per_group * chunk);
     let vptr = SendPtr(v.as_mut_ptr());
     let optr = SendPtr(out.as_mut_ptr());
     let ci_blk = cin.div_ceil(4 * nt).max(1);
@@ -1084,10 +1092,7 @@ pub(super) unsafe fn temporal(
         });
         g0 += gn;
     }
-    let mut cache = V_CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.len() < v.len() {
-        *cache = v;
-    }
+    keep_v(v);
 }
 
 /// Input channels per accumulation block of the temporal products: the packed product's depth
