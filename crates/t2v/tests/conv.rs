@@ -156,6 +156,9 @@ fn conv3x3_odd_sizes() {
         (2, 13, 7, 3, 4),
         (5, 130, 20, 4, 4),
         (15, 9, 8, 4, 4),
+        // groups of at most 8 tiles (one tile an image) with an odd count of channel panels
+        (3, 24, 15, 4, 8),
+        (8, 64, 40, 4, 4),
     ];
     for (i, &(n, cin, cout, h, w)) in cases.iter().enumerate() {
         check(i as u64 + 1, n, cin, cout, h, w, 3, 1, 1);

@@ -685,12 +685,27 @@ impl Task<'_> {
         if self.wide {
             gemm_plane_avx512(up, kl, np, self.v, s0, sg, xi, cin, kb, m, mc, acc);
         } else {
+            let vp = |s: usize| self.v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
+            let cp = |s: usize, p: usize| m.add(((s * mc + p * MR) * 36 + xi) * NR);
+            // a group of at most 8 tiles (the chunk's ragged last one; every group at 4×4 planes
+            // with 8 images) half-fills the 6×16 tile: pairs of panels on the 12×8 tile instead
+            let narrow = |s: usize| self.g.t_total.saturating_sub(self.t0 + (s0 + s) * NR) <= 8;
             for p in 0..np {
                 let up = up.add(p * kl * MR);
-                for s in 0..sg {
-                    let vp = self.v.add((((s0 + s) * 36 + xi) * cin + kb) * NR);
-                    let cp = m.add(((s * mc + p * MR) * 36 + xi) * NR);
-                    packed_matmul::kernel_6x16(kl, up, vp, cp, 36 * NR, acc, std::ptr::null());
+                for s in (0..sg).filter(|&s| !narrow(s)) {
+                    packed_matmul::kernel_6x16(kl, up, vp(s), cp(s, p), 36 * NR, acc, std::ptr::null());
+                }
+            }
+            for s in (0..sg).filter(|&s| narrow(s)) {
+                let mut p = 0;
+                while p + 2 <= np {
+                    let (u0, u1) = (up.add(p * kl * MR), up.add((p + 1) * kl * MR));
+                    packed_matmul::kernel_12x8(kl, u0, u1, vp(s), NR, cp(s, p), 36 * NR, acc);
+                    p += 2;
+                }
+                if p < np {
+                    let u0 = up.add(p * kl * MR);
+                    packed_matmul::kernel_6x16(kl, u0, vp(s), cp(s, p), 36 * NR, acc, std::ptr::null());
                 }
             }
         }
