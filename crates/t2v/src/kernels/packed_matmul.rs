@@ -558,10 +558,9 @@ unsafe fn pack_a(a: *const f32, lda: usize, i0: usize, mc: usize, k0: usize, kl:
 }
 
 /// The first ⌊kl/8⌋·8 depths of one whole micro-panel (six rows from `src`, `lda` apart) into
-/// `d` (`[kk][MR]`), eight depths at a time through a register transpose: six loads and six
-/// 8-wide stores where one scalar store per value took 2.2% of a 4-frame guided step on the
-/// AVX2 path, and as much as the value product itself in long attention (its probabilities,
-/// 64 columns of values a row). Returns the depths done.
+/// `d` (`[kk][MR]`), eight depths at a time through a register transpose: six loads and eight
+/// vector stores where one scalar store per value took 2.2% of a 4-frame guided step on the
+/// AVX2 path (`perf`). Returns the depths done.
 ///
 /// # Safety
 /// AVX2 present; six rows of kl floats from `src`, `d` holds kl·MR floats.
