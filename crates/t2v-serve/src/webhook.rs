@@ -316,7 +316,9 @@ fn calls(shared: &Shared, job: &Job, event: &JobEvent) -> Vec<(&'static str, Val
     if job.meta.is_prediction() {
         let prediction = |job: &Job| crate::predictions::prediction_object(shared, job);
         match event.name {
-            "queued" if wants("start") => out.push(("start", prediction(job))),
+            // Cog's `start` call is the prediction as it was queued (`starting`): a worker may
+            // have claimed the job before this event's store read, which must not show here.
+            "queued" if wants("start") => out.push(("start", prediction(&as_queued(job)))),
             "progress" if wants("logs") && job.status == JobStatus::InProgress => {
                 let mut p = prediction(job);
                 p["logs"] = Value::String(crate::predictions::logs(shared, job, Some(&event.data)));
@@ -352,6 +354,21 @@ fn calls(shared: &Shared, job: &Job, event: &JobEvent) -> Vec<(&'static str, Val
         ));
     }
     out
+}
+
+/// `job` as it stood when it was queued: no worker, start, progress or end yet.
+fn as_queued(job: &Job) -> Job {
+    Job {
+        status: JobStatus::Queued,
+        progress: 0,
+        started_at_ms: None,
+        completed_at_ms: None,
+        error: None,
+        attempts: 0,
+        cancel_requested: false,
+        worker: None,
+        ..job.clone()
+    }
 }
 
 /// Delivers the kept calls until the process stops: those due, a batch at a time, each signed at
@@ -480,6 +497,75 @@ fn call(agent: &ureq::Agent, signer: &Signer, allow_private: bool, d: &crate::st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker may claim a prediction before its `queued` event reads it from the store (the
+    /// workers are woken first): the `start` call still shows it as queued, as Cog's does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_start_call_shows_the_prediction_as_queued() -> Result<()> {
+        use crate::store::JobStore;
+        let dir = tempfile::TempDir::new()?;
+        let store = Arc::new(crate::store::SqliteStore::open(&dir.path().join("jobs.sqlite"))?);
+        let shared = crate::shared(crate::Parts {
+            store: store.clone(),
+            model: crate::ModelInfo {
+                spec: "/m/tiny".into(),
+                name: "tiny".into(),
+                native_width: 64,
+                native_height: 64,
+                vae_scale: 8,
+                dtype: "f32".into(),
+                video_to_video: false,
+            },
+            data: dir.path().to_path_buf(),
+            api_key: None,
+            limits: crate::Limits {
+                max_frames: 0,
+                max_side: 0,
+                max_steps: 0,
+                max_prompt_chars: 0,
+                max_json_bytes: 0,
+                max_upload_bytes: 0,
+                max_job_cost: 0,
+                max_queued: 0,
+                max_source_pixels: 0,
+                max_source_frames: 0,
+            },
+            preview_every: 0,
+            policy: crate::store::QueuePolicy { lease: Duration::from_secs(60), max_attempts: 2 },
+            workers: 1,
+            webhooks: Webhooks::new(None, true, Duration::from_secs(1), 2),
+            loras: Default::default(),
+            scheduler_config: None,
+            upscale: None,
+        })?;
+        let params = t2v::pipeline::GenerationParams::new("a red ball", 1);
+        let settings = t2v_settings::RunSettings::new("m", &params, 32, 32, 4, candle_core::DType::F32);
+        let meta = crate::store::JobMeta {
+            api: Some("prediction".into()),
+            webhook: Some("http://127.0.0.1:9/hook".into()),
+            ..Default::default()
+        };
+        let new = crate::store::NewJob {
+            id: "video_1",
+            settings: &settings,
+            meta: &meta,
+            prediction_id: Some("p1"),
+            idempotency: None,
+        };
+        let crate::store::Inserted::New(_) = store.insert_new(new).await? else { panic!("a new job") };
+        // Claimed before the event's store read.
+        store.claim_next("host-w0", shared.policy).await?.expect("the job");
+        let job = store.get("video_1").await?.unwrap();
+        assert_eq!(job.status, JobStatus::InProgress);
+        let made = calls(&shared, &job, &JobEvent::new("video_1", "queued", json!({})));
+        assert_eq!(made.len(), 1);
+        let (name, body) = &made[0];
+        assert_eq!(*name, "start");
+        assert_eq!((body["id"].as_str(), body["status"].as_str()), (Some("p1"), Some("starting")), "{body}");
+        assert!(body["started_at"].is_null(), "{body}");
+        assert_eq!(body["logs"].as_str().map(|l| l.lines().count()), Some(1), "only the queued line: {body}");
+        Ok(())
+    }
 
     /// The Standard Webhooks specification's own example: this secret, id, timestamp and body
     /// sign to this signature (its test vector).
