@@ -35,6 +35,25 @@ pub struct Limits {
     pub max_source_frames: usize,
 }
 
+impl Limits {
+    /// The limits of a process that takes no requests (a worker process): nothing may be asked;
+    /// the upload budgets stay the defaults, as the jobs it runs were checked against them.
+    pub fn none() -> Self {
+        Limits {
+            max_frames: 0,
+            max_side: 0,
+            max_steps: 0,
+            max_prompt_chars: 0,
+            max_json_bytes: 0,
+            max_upload_bytes: 0,
+            max_job_cost: 0,
+            max_queued: 0,
+            max_source_pixels: MAX_SOURCE_PIXELS,
+            max_source_frames: MAX_SOURCE_FRAMES,
+        }
+    }
+}
+
 /// The pixel budget of an uploaded video's frames (4096×4096: a 4K video fits; a GIF's screen
 /// is then at most 64 MiB as RGBA).
 pub const MAX_SOURCE_PIXELS: usize = 4096 * 4096;
