@@ -3,7 +3,9 @@
 //! parallel over channels), then per block of output channels the weights are transformed
 //! (U = G g Gᵀ), the 36 planes multiplied by the packed matrix product's micro-kernels (6×16 at
 //! 256 bits; 12×32 at 512, two groups of 16 tiles a pass) with channel sums in blocks of [`KC`],
-//! and the products transformed back (Aᵀ M A) into the output.
+//! and the products transformed back (Aᵀ M A) into the output. At most 8 tiles on the 256-bit
+//! path (the UNet's 4×4 planes) only the weights' first stage is stored and each plane of U is
+//! finished in the product loop ([`planes_products`]).
 //! Interpolation points {0, 1, −1, ½, −2, ∞}. Weights may be float16 or bfloat16 (widened exactly
 //! as they are transformed); the products stay float32 even for bfloat16 weights on the
 //! AVX-512 + BF16 path: rounding the transformed planes to bfloat16 was measured at ~1e-2 of the
@@ -166,6 +168,11 @@ unsafe fn conv3x3_in_order(
     let n_panels = cout.div_ceil(MR);
     // output-channel tasks: at least 2 per thread, at most MAX_TASK_PANELS panels each.
     let tasks = channel_tasks(n_panels, MAX_TASK_PANELS, 2 * nt, nt);
+    // few tiles on the 256-bit path: the weights' second transform stage in the products
+    let planes = match order {
+        Some(order) => order == Order::Planes,
+        None => !wide && g.t_total <= PLANES_MAX_TILES,
+    };
 
     let mut v = take_v(36 * cin * tc);
     let vptr = SendPtr(v.as_mut_ptr());
@@ -194,6 +201,11 @@ unsafe fn conv3x3_in_order(
             }
         });
         // 2. GEMMs + output transform, parallel over output-channel blocks.
+        if planes {
+            planes_products(&g, w, bias, vptr.get(), t0, n_tsub, optr.get());
+            t0 += tcc;
+            continue;
+        }
         tasks.par_iter().for_each(|&(pa, pb)| {
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
@@ -303,7 +315,7 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, ci0: usize,
     }
 }
 
-/// The 3×3 kernels of input channels [ci, ci + 8) of output channels [cop, cop + nco) (nco ≤ 6),
+/// The 3×3 kernels of input channels [ci, ci + 8) of output channels [cop, cop + nco) (nco ≤ 8),
 /// lane = output channel (lanes past nco zero): `flat[cl·9 + k]` for channel ci + cl and tap k,
 /// `flat` being the 72 vectors in order.
 #[inline(always)]
@@ -554,6 +566,8 @@ enum Order {
     /// The whole weight of a deep layer (1280 channels: 8.5 MB a task) would otherwise be
     /// written to memory and read back once per group of tiles.
     ChannelBlocks { groups: usize },
+    /// Not a task's order but the whole call's: [`planes_products`] (256-bit path).
+    Planes,
 }
 
 /// The most bytes of a task's whole transformed weight for [`Order::WholeWeights`]: above it
@@ -584,6 +598,7 @@ impl Order {
         match self {
             Order::WholeWeights => (36 * (mc * g.cin + 8), sg_max * NR * mc * 36),
             Order::ChannelBlocks { groups } => (36 * (mc * KC.min(g.cin) + 8), groups * NR * mc * 36),
+            Order::Planes => unreachable!("the planes form has no channel tasks"),
         }
     }
 }
@@ -661,6 +676,7 @@ impl Task<'_> {
                     b0 += nb;
                 }
             }
+            Order::Planes => unreachable!("the planes form has no channel tasks"),
         }
     }
 
@@ -855,6 +871,222 @@ unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
                 }
             }
         }
+    }
+}
+
+// ----- few tiles: the weights' second stage in the products ---------------------------------
+//
+// Where the tiles are few (the UNet's deepest levels: 8 images of 4×4 are 8 tiles, of 8×8 are
+// 32), the weight transform above costs more than the products it feeds: U (36 planes, 4× the
+// weights) is computed, written to L2 and read back for every call, to be used by only 8–32
+// tiles (`perf`, one thread: 62% of a 4×4 call in the weight transform). Here only the first stage
+// T = G g (6×3 per input and output channel, lanes = 8 output channels) is stored; each plane
+// ξ = (i, j) of U is finished from row i of T in the product loop (0–4 operations a vector, the
+// `g3to6` output j), and multiplied against the tiles broadcast from V, 8 tiles a pass, eight
+// accumulators. The values of U and the order of every sum are those of the tasks above (blocks
+// of [`KC`] channels, each summed from zero in channel order, then added), so the same bits.
+
+/// The most tiles for which [`planes_products`] is taken on the 256-bit path: one pass of 8.
+/// `kernel_speed`, AVX2 path, Emerald Rapids, 2 cores, 3×3 at 1280 channels, GFLOP/s of the
+/// direct form, tasks → planes, three alternating rounds: 8 images of 4×4 (8 tiles) 203–208 →
+/// 252–260; of 8×8 (32 tiles, four passes, each finishing U again) 412–416 → 368–372.
+const PLANES_MAX_TILES: usize = 8;
+/// Output-channel octets a task of [`planes_products`] takes: their first-stage weights
+/// (a block of KC channels: 74 KB an octet) stay in L2 while a block of V (KC channels of one
+/// plane, 8 KB) is read once from memory for all of them.
+const PLANES_TASK_OCTETS: usize = 8;
+
+/// Products and output transform of every tile of a chunk of at most [`PLANES_MAX_TILES`] tiles
+/// (V at `v`, its groups [0, n_tsub) from tile `t0`), all output channels, in parallel over
+/// tasks of output-channel octets.
+///
+/// # Safety
+/// AVX2, FMA and F16C present; `v` holds the chunk's transformed input, `out` the output.
+unsafe fn planes_products(
+    g: &Geom,
+    w: Src,
+    bias: Option<&[f32]>,
+    v: *const f32,
+    t0: usize,
+    n_tsub: usize,
+    out: *mut f32,
+) {
+    let octets = g.cout.div_ceil(8);
+    let tasks = channel_tasks(octets, PLANES_TASK_OCTETS, 2 * threads(), threads());
+    let (vp, op) = (SendPtr(v as *mut f32), SendPtr(out));
+    tasks.par_iter().for_each(|&(oa, ob)| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let (tbuf, mbuf) = &mut *s;
+            let (need_t, need_m) = ((ob - oa) * 18 * 8 * KC.min(g.cin), (ob - oa) * 8 * n_tsub * 36 * NR);
+            if tbuf.len() < need_t {
+                tbuf.resize(need_t, 0.0);
+            }
+            if mbuf.len() < need_m {
+                mbuf.resize(need_m, 0.0);
+            }
+            planes_task(g, w, bias, vp.get(), t0, n_tsub, (oa, ob), tbuf.as_mut_ptr(), mbuf.as_mut_ptr(), op.get());
+        });
+    });
+}
+
+/// One task of [`planes_products`]: octets [oa, ob) of output channels. `t` holds the octets'
+/// first-stage weights of a channel block (`[octet][i][ci − kb][b][8]`), `m` their products
+/// (`[octet][group][co − 8·octet][ξ][NR]`, as [`output_group`] reads them).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn planes_task(
+    g: &Geom,
+    w: Src,
+    bias: Option<&[f32]>,
+    v: *const f32,
+    t0: usize,
+    n_tsub: usize,
+    (oa, ob): (usize, usize),
+    t: *mut f32,
+    m: *mut f32,
+    out: *mut f32,
+) {
+    let cin = g.cin;
+    let tiles = g.t_total - t0;
+    let passes = tiles.min(n_tsub * NR).div_ceil(8);
+    let m_octet = n_tsub * 8 * 36 * NR;
+    let mut kb = 0;
+    while kb < cin {
+        let kl = KC.min(cin - kb);
+        let t_octet = 18 * 8 * kl;
+        for o in oa..ob {
+            first_stage(w, g, 8 * o, kb, kl, t.add((o - oa) * t_octet));
+        }
+        for xi in 0..36 {
+            let (i, j) = (xi / 6, xi % 6);
+            for pass in 0..passes {
+                let (sg, half) = (pass / 2, pass % 2);
+                // V of plane ξ, channels kb.., this pass's 8 tiles
+                let vrow = v.add(((sg * 36 + xi) * cin + kb) * NR + half * 8);
+                for o in oa..ob {
+                    let ti = t.add((o - oa) * t_octet + i * kl * 24);
+                    let mut acc = plane_pass(j, ti, vrow, kl);
+                    // lane = output channel → lane = tile, as the products' layout has it
+                    packed_matmul::transpose8(&mut acc);
+                    let nco = (g.cout - 8 * o).min(8);
+                    let mo = m.add((o - oa) * m_octet + sg * 8 * 36 * NR + xi * NR + half * 8);
+                    for (c, &sum) in acc.iter().enumerate().take(nco) {
+                        let p = mo.add(c * 36 * NR);
+                        if kb > 0 {
+                            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), sum));
+                        } else {
+                            _mm256_storeu_ps(p, sum);
+                        }
+                    }
+                }
+            }
+        }
+        kb += kl;
+    }
+    for o in oa..ob {
+        for c in 0..(g.cout - 8 * o).min(8) {
+            let co = 8 * o + c;
+            let bv = bias.map_or(0.0, |b| b[co]);
+            for pass in 0..passes {
+                let (sg, half) = (pass / 2, pass % 2);
+                let mp = m.add((o - oa) * m_octet + (sg * 8 + c) * 36 * NR + half * 8);
+                output_group(g, mp, t0 + pass * 8, co, bv, out);
+            }
+        }
+    }
+}
+
+/// `acc[tile] (lane = output channel) = Σ_ci U_ξ[ci] · V_ξ[ci][tile]` over `kl` channels from
+/// zero, for the plane ξ = (i, j) whose row i of the first stage is at `ti` (`[ci][b][8]`) and
+/// the 8 tiles of V at `vrow` (channels NR floats apart). U is `g3to6`'s output j of that row,
+/// computed as it computes it.
+#[inline(always)]
+unsafe fn plane_pass(j: usize, ti: *const f32, vrow: *const f32, kl: usize) -> [__m256; 8] {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    macro_rules! sum {
+        (|$a:ident, $b:ident, $c:ident| $u:expr) => {{
+            for cl in 0..kl {
+                let p = ti.add(cl * 24);
+                let ($a, $b, $c) = (p, p.add(8), p.add(16));
+                let u = $u;
+                let vr = vrow.add(cl * NR);
+                for (tl, s) in acc.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(_mm256_broadcast_ss(&*vr.add(tl)), u, *s);
+                }
+            }
+        }};
+    }
+    let third = _mm256_set1_ps(1.0 / 3.0);
+    match j {
+        0 => sum!(|a, _b, _c| _mm256_loadu_ps(a)),
+        1 => sum!(|a, b, c| {
+            let ac = _mm256_add_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(c));
+            _mm256_mul_ps(_mm256_add_ps(ac, _mm256_loadu_ps(b)), third)
+        }),
+        2 => sum!(|a, b, c| {
+            let ac = _mm256_add_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(c));
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(b), ac), third)
+        }),
+        3 => sum!(|a, b, c| {
+            let (a, b, c) = (_mm256_loadu_ps(a), _mm256_loadu_ps(b), _mm256_loadu_ps(c));
+            let t3 = _mm256_fmadd_ps(
+                _mm256_set1_ps(16.0),
+                a,
+                _mm256_fmadd_ps(_mm256_set1_ps(8.0), b, _mm256_mul_ps(_mm256_set1_ps(4.0), c)),
+            );
+            _mm256_mul_ps(t3, _mm256_set1_ps(-1.0 / 15.0))
+        }),
+        4 => sum!(|a, b, c| {
+            let (a, b, c) = (_mm256_loadu_ps(a), _mm256_loadu_ps(b), _mm256_loadu_ps(c));
+            let t4 = _mm256_fmadd_ps(_mm256_set1_ps(4.0), c, _mm256_fmadd_ps(_mm256_set1_ps(-2.0), b, a));
+            _mm256_mul_ps(t4, _mm256_set1_ps(1.0 / 15.0))
+        }),
+        _ => sum!(|_a, _b, c| _mm256_loadu_ps(c)),
+    }
+    acc
+}
+
+/// The first stage T = G g of output channels [co0, co0 + 8) (lanes; past Cout zero) and input
+/// channels [kb, kb + kl) into `t` as `[i][ci − kb][b][8]`: column b of the 3×3 kernel through
+/// `g3to6`, as [`transform_weights`] computes it.
+#[inline(always)]
+unsafe fn first_stage(w: Src, g: &Geom, co0: usize, kb: usize, kl: usize, t: *mut f32) {
+    let nco = g.cout.saturating_sub(co0).min(8);
+    let at = |i: usize, cl: usize, b: usize| t.add(((i * kl + cl) * 3 + b) * 8);
+    let mut ci = kb;
+    while ci + 8 <= kb + kl {
+        let rows = taps9(w, g.cin, co0, nco, ci);
+        let flat = rows.as_ptr() as *const __m256;
+        for cl in 0..8 {
+            let gk = |k: usize| *flat.add(cl * 9 + k);
+            let cols = [g3to6(gk(0), gk(3), gk(6)), g3to6(gk(1), gk(4), gk(7)), g3to6(gk(2), gk(5), gk(8))];
+            for i in 0..6 {
+                for (b, col) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(at(i, ci - kb + cl, b), col[i]);
+                }
+            }
+        }
+        ci += 8;
+    }
+    while ci < kb + kl {
+        let mut cols = [[[0f32; 8]; 6]; 3];
+        for r in 0..nco {
+            let base = ((co0 + r) * g.cin + ci) * 9;
+            let gg: [f32; 9] = std::array::from_fn(|k| w.get(base + k));
+            for (b, col) in cols.iter_mut().enumerate() {
+                let c = super::g3to6(gg[b], gg[3 + b], gg[6 + b]);
+                for i in 0..6 {
+                    col[i][r] = c[i];
+                }
+            }
+        }
+        for i in 0..6 {
+            for (b, col) in cols.iter().enumerate() {
+                _mm256_storeu_ps(at(i, ci - kb, b), _mm256_loadu_ps(col[i].as_ptr()));
+            }
+        }
+        ci += 1;
     }
 }
 
@@ -1290,6 +1522,33 @@ mod tests {
         assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.0));
         for groups in [sg, 3 * sg, 64 * sg] {
             assert_eq!(run(Some(Order::ChannelBlocks { groups })), whole, "channel blocks of {groups} groups");
+        }
+        assert_eq!(run(Some(Order::Planes)), whole, "the planes form");
+    }
+
+    /// The planes form (the weights' second stage in the products) gives the tasks' bits on
+    /// the deepest levels' shapes: one 4×4 tile an image (8 and 3 images), 8×8 planes (4 tiles
+    /// an image), with ragged channel blocks, channels past a whole 8 and output octets.
+    #[test]
+    fn the_planes_form_gives_the_same_bits() {
+        if !crate::kernels::avx2() {
+            eprintln!("SKIPPED: no AVX2 and FMA on this CPU");
+            return;
+        }
+        for (n, cin, cout, h, wd) in [(8, 136, 50, 4, 4), (3, 20, 13, 4, 4), (8, 264, 22, 8, 8), (2, 9, 8, 5, 7)] {
+            let val = |i: usize, m: usize| ((i * 7919 + m) % 1000) as f32 / 500.0 - 1.0;
+            let x: Vec<f32> = (0..n * cin * h * wd).map(|i| val(i, 3)).collect();
+            let wt: Vec<half::f16> = (0..cout * cin * 9).map(|i| half::f16::from_f32(0.05 * val(i, 11))).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| val(i, 5)).collect();
+            let run = |order| {
+                let mut out = vec![0f32; n * cout * h * wd];
+                // SAFETY: AVX2 and FMA checked; the slices have the sizes given.
+                unsafe { conv3x3_in_order(&x, Src::F16(&wt), Some(&bias), &mut out, (n, cin, cout, h, wd), order) };
+                out
+            };
+            let whole = run(Some(Order::WholeWeights));
+            assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.0));
+            assert_eq!(run(Some(Order::Planes)), whole, "{n}×{cin}→{cout} at {h}×{wd}");
         }
     }
 }
