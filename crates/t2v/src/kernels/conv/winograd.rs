@@ -1497,6 +1497,20 @@ unsafe fn temporal_output(
 mod tests {
     use super::*;
 
+    /// A 3×3 convolution of `shape` (n, Cin, Cout, h, w) on deterministic inputs, float16
+    /// weights and a bias, its tasks in `order`.
+    fn conv_in_order((n, cin, cout, h, wd): (usize, usize, usize, usize, usize), order: Order) -> Vec<f32> {
+        let val = |i: usize, m: usize| ((i * 7919 + m) % 1000) as f32 / 500.0 - 1.0;
+        let x: Vec<f32> = (0..n * cin * h * wd).map(|i| val(i, 3)).collect();
+        let wt: Vec<half::f16> = (0..cout * cin * 9).map(|i| half::f16::from_f32(0.05 * val(i, 11))).collect();
+        let bias: Vec<f32> = (0..cout).map(|i| val(i, 5)).collect();
+        let mut out = vec![0f32; n * cout * h * wd];
+        // SAFETY: callers check AVX2 and FMA; the slices have the sizes given.
+        unsafe { conv3x3_in_order(&x, Src::F16(&wt), Some(&bias), &mut out, (n, cin, cout, h, wd), Some(order)) };
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|&v| v != 0.0));
+        out
+    }
+
     /// The loop orders of a task give the same bits: each tile's sums run over the same
     /// channel blocks in the same order, the transformed weights are the same per block.
     #[test]
@@ -1507,23 +1521,16 @@ mod tests {
         }
         let sg = groups_per_pass(super::super::super::wide(super::super::super::KernelKind::Conv3x3));
         // 136 input channels: a whole block of KC and a ragged one, with channels past a whole 8
-        let (n, cin, cout, h, wd) = (9, 136, 50, 8, 12);
-        let val = |i: usize, m: usize| ((i * 7919 + m) % 1000) as f32 / 500.0 - 1.0;
-        let x: Vec<f32> = (0..n * cin * h * wd).map(|i| val(i, 3)).collect();
-        let wt: Vec<half::f16> = (0..cout * cin * 9).map(|i| half::f16::from_f32(0.05 * val(i, 11))).collect();
-        let bias: Vec<f32> = (0..cout).map(|i| val(i, 5)).collect();
-        let run = |order| {
-            let mut out = vec![0f32; n * cout * h * wd];
-            // SAFETY: AVX2 and FMA checked; the slices have the sizes given.
-            unsafe { conv3x3_in_order(&x, Src::F16(&wt), Some(&bias), &mut out, (n, cin, cout, h, wd), order) };
-            out
-        };
-        let whole = run(Some(Order::WholeWeights));
-        assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.0));
+        let shape = (9, 136, 50, 8, 12);
+        let whole = conv_in_order(shape, Order::WholeWeights);
         for groups in [sg, 3 * sg, 64 * sg] {
-            assert_eq!(run(Some(Order::ChannelBlocks { groups })), whole, "channel blocks of {groups} groups");
+            assert_eq!(
+                conv_in_order(shape, Order::ChannelBlocks { groups }),
+                whole,
+                "channel blocks of {groups} groups"
+            );
         }
-        assert_eq!(run(Some(Order::Planes)), whole, "the planes form");
+        assert_eq!(conv_in_order(shape, Order::Planes), whole, "the planes form");
     }
 
     /// The planes form (the weights' second stage in the products) gives the tasks' bits on
@@ -1535,20 +1542,9 @@ mod tests {
             eprintln!("SKIPPED: no AVX2 and FMA on this CPU");
             return;
         }
-        for (n, cin, cout, h, wd) in [(8, 136, 50, 4, 4), (3, 20, 13, 4, 4), (8, 264, 22, 8, 8), (2, 9, 8, 5, 7)] {
-            let val = |i: usize, m: usize| ((i * 7919 + m) % 1000) as f32 / 500.0 - 1.0;
-            let x: Vec<f32> = (0..n * cin * h * wd).map(|i| val(i, 3)).collect();
-            let wt: Vec<half::f16> = (0..cout * cin * 9).map(|i| half::f16::from_f32(0.05 * val(i, 11))).collect();
-            let bias: Vec<f32> = (0..cout).map(|i| val(i, 5)).collect();
-            let run = |order| {
-                let mut out = vec![0f32; n * cout * h * wd];
-                // SAFETY: AVX2 and FMA checked; the slices have the sizes given.
-                unsafe { conv3x3_in_order(&x, Src::F16(&wt), Some(&bias), &mut out, (n, cin, cout, h, wd), order) };
-                out
-            };
-            let whole = run(Some(Order::WholeWeights));
-            assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.0));
-            assert_eq!(run(Some(Order::Planes)), whole, "{n}×{cin}→{cout} at {h}×{wd}");
+        for shape in [(8, 136, 50, 4, 4), (3, 20, 13, 4, 4), (8, 264, 22, 8, 8), (2, 9, 8, 5, 7)] {
+            let whole = conv_in_order(shape, Order::WholeWeights);
+            assert_eq!(conv_in_order(shape, Order::Planes), whole, "{shape:?}");
         }
     }
 }
