@@ -261,6 +261,7 @@ unsafe fn g3to6(a: __m256, b: __m256, c: __m256) -> [__m256; 6] {
 #[allow(clippy::too_many_arguments)]
 unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, ci0: usize, ci1: usize, u: *mut f32, uxs: usize) {
     let cin = g.cin;
+    let mut rows = [[_mm256_setzero_ps(); 8]; 9];
     let mut kb = ci0;
     while kb < ci1 {
         let kl = KC.min(ci1 - kb);
@@ -271,7 +272,7 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, ci0: usize,
             let at = |ci: usize| u.add((kb - ci0) * np * MR + pl * kl * MR + (ci - kb) * MR);
             let mut ci = kb;
             while ci + 8 <= kb + kl {
-                let rows = taps9(w, cin, cop, nco, ci);
+                taps9(w, cin, cop, nco, ci, &mut rows);
                 let flat = rows.as_ptr() as *const __m256;
                 for cl in 0..8 {
                     let gk = |k: usize| *flat.add(cl * 9 + k);
@@ -316,12 +317,17 @@ unsafe fn transform_weights(w: Src, g: &Geom, co0: usize, np: usize, ci0: usize,
 }
 
 /// The 3×3 kernels of input channels [ci, ci + 8) of output channels [cop, cop + nco) (nco ≤ 8),
-/// lane = output channel (lanes past nco zero): `flat[cl·9 + k]` for channel ci + cl and tap k,
-/// `flat` being the 72 vectors in order.
+/// lane = output channel (lanes past nco zero), into `rows`: `flat[cl·9 + k]` for channel ci + cl
+/// and tap k, `flat` being the 72 vectors in order. Into the caller's buffer rather than returned:
+/// a returned 2.3 KB array was zeroed (`memset`) and copied out (`memcpy`) at every call.
 #[inline(always)]
-unsafe fn taps9(w: Src, cin: usize, cop: usize, nco: usize, ci: usize) -> [[__m256; 8]; 9] {
+unsafe fn taps9(w: Src, cin: usize, cop: usize, nco: usize, ci: usize, rows: &mut [[__m256; 8]; 9]) {
     // rows[q][r]: 8 consecutive weights (ci.., k) of output channel r, block q of 9
-    let mut rows = [[_mm256_setzero_ps(); 8]; 9];
+    for r in nco..8 {
+        for rq in rows.iter_mut() {
+            rq[r] = _mm256_setzero_ps();
+        }
+    }
     for r in 0..nco {
         let base = ((cop + r) * cin + ci) * 9;
         match w {
@@ -349,7 +355,6 @@ unsafe fn taps9(w: Src, cin: usize, cop: usize, nco: usize, ci: usize) -> [[__m2
     for rq in rows.iter_mut() {
         packed_matmul::transpose8(rq);
     }
-    rows
 }
 
 // ----- input transform: V = Bᵀ d B ----------------------------------------------------------
@@ -1054,9 +1059,10 @@ unsafe fn plane_pass(j: usize, ti: *const f32, vrow: *const f32, kl: usize) -> [
 unsafe fn first_stage(w: Src, g: &Geom, co0: usize, kb: usize, kl: usize, t: *mut f32) {
     let nco = g.cout.saturating_sub(co0).min(8);
     let at = |i: usize, cl: usize, b: usize| t.add(((i * kl + cl) * 3 + b) * 8);
+    let mut rows = [[_mm256_setzero_ps(); 8]; 9];
     let mut ci = kb;
     while ci + 8 <= kb + kl {
-        let rows = taps9(w, g.cin, co0, nco, ci);
+        taps9(w, g.cin, co0, nco, ci, &mut rows);
         let flat = rows.as_ptr() as *const __m256;
         for cl in 0..8 {
             let gk = |k: usize| *flat.add(cl * 9 + k);
