@@ -5,7 +5,7 @@
 //! 256 bits; 12×32 at 512, two groups of 16 tiles a pass) with channel sums in blocks of [`KC`],
 //! and the products transformed back (Aᵀ M A) into the output. At most 8 tiles on the 256-bit
 //! path (the UNet's 4×4 planes) only the weights' first stage is stored and each plane of U is
-//! finished in the product loop ([`planes_products`]).
+//! finished in the product loop ([`Planes`]).
 //! Interpolation points {0, 1, −1, ½, −2, ∞}. Weights may be float16 or bfloat16 (widened exactly
 //! as they are transformed); the products stay float32 even for bfloat16 weights on the
 //! AVX-512 + BF16 path: rounding the transformed planes to bfloat16 was measured at ~1e-2 of the
@@ -202,7 +202,7 @@ unsafe fn conv3x3_in_order(
         });
         // 2. GEMMs + output transform, parallel over output-channel blocks.
         if planes {
-            planes_products(&g, w, bias, vptr.get(), t0, n_tsub, optr.get());
+            Planes { g: &g, w, bias, v: vptr.get(), t0, n_tsub, out: optr.get() }.run();
             t0 += tcc;
             continue;
         }
@@ -571,7 +571,7 @@ enum Order {
     /// The whole weight of a deep layer (1280 channels: 8.5 MB a task) would otherwise be
     /// written to memory and read back once per group of tiles.
     ChannelBlocks { groups: usize },
-    /// Not a task's order but the whole call's: [`planes_products`] (256-bit path).
+    /// Not a task's order but the whole call's: [`Planes`] (256-bit path).
     Planes,
 }
 
@@ -891,112 +891,106 @@ unsafe fn output_group(g: &Geom, mp: *const f32, tg: usize, co: usize, bv: f32, 
 // accumulators. The values of U and the order of every sum are those of the tasks above (blocks
 // of [`KC`] channels, each summed from zero in channel order, then added), so the same bits.
 
-/// The most tiles for which [`planes_products`] is taken on the 256-bit path: one pass of 8.
+/// The most tiles for which [`Planes`] is taken on the 256-bit path: one pass of 8.
 /// `kernel_speed`, AVX2 path, Emerald Rapids, 2 cores, 3×3 at 1280 channels, GFLOP/s of the
 /// direct form, tasks → planes, three alternating rounds: 8 images of 4×4 (8 tiles) 203–208 →
 /// 252–260; of 8×8 (32 tiles, four passes, each finishing U again) 412–416 → 368–372.
 const PLANES_MAX_TILES: usize = 8;
-/// Output-channel octets a task of [`planes_products`] takes: their first-stage weights
+/// Output-channel octets a task of [`Planes`] takes: their first-stage weights
 /// (a block of KC channels: 74 KB an octet) stay in L2 while a block of V (KC channels of one
 /// plane, 8 KB) is read once from memory for all of them.
 const PLANES_TASK_OCTETS: usize = 8;
 
 /// Products and output transform of every tile of a chunk of at most [`PLANES_MAX_TILES`] tiles
 /// (V at `v`, its groups [0, n_tsub) from tile `t0`), all output channels, in parallel over
-/// tasks of output-channel octets.
-///
-/// # Safety
-/// AVX2, FMA and F16C present; `v` holds the chunk's transformed input, `out` the output.
-unsafe fn planes_products(
-    g: &Geom,
-    w: Src,
-    bias: Option<&[f32]>,
+/// tasks of output-channel octets ([`Planes::run`]).
+struct Planes<'a> {
+    g: &'a Geom,
+    w: Src<'a>,
+    bias: Option<&'a [f32]>,
     v: *const f32,
     t0: usize,
     n_tsub: usize,
     out: *mut f32,
-) {
-    let octets = g.cout.div_ceil(8);
-    let tasks = channel_tasks(octets, PLANES_TASK_OCTETS, 2 * threads(), threads());
-    let (vp, op) = (SendPtr(v as *mut f32), SendPtr(out));
-    tasks.par_iter().for_each(|&(oa, ob)| {
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let (tbuf, mbuf) = &mut *s;
-            let (need_t, need_m) = ((ob - oa) * 18 * 8 * KC.min(g.cin), (ob - oa) * 8 * n_tsub * 36 * NR);
-            if tbuf.len() < need_t {
-                tbuf.resize(need_t, 0.0);
-            }
-            if mbuf.len() < need_m {
-                mbuf.resize(need_m, 0.0);
-            }
-            planes_task(g, w, bias, vp.get(), t0, n_tsub, (oa, ob), tbuf.as_mut_ptr(), mbuf.as_mut_ptr(), op.get());
-        });
-    });
 }
 
-/// One task of [`planes_products`]: octets [oa, ob) of output channels. `t` holds the octets'
-/// first-stage weights of a channel block (`[octet][i][ci − kb][b][8]`), `m` their products
-/// (`[octet][group][co − 8·octet][ξ][NR]`, as [`output_group`] reads them).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn planes_task(
-    g: &Geom,
-    w: Src,
-    bias: Option<&[f32]>,
-    v: *const f32,
-    t0: usize,
-    n_tsub: usize,
-    (oa, ob): (usize, usize),
-    t: *mut f32,
-    m: *mut f32,
-    out: *mut f32,
-) {
-    let cin = g.cin;
-    let tiles = g.t_total - t0;
-    let passes = tiles.min(n_tsub * NR).div_ceil(8);
-    let m_octet = n_tsub * 8 * 36 * NR;
-    let mut kb = 0;
-    while kb < cin {
-        let kl = KC.min(cin - kb);
-        let t_octet = 18 * 8 * kl;
-        for o in oa..ob {
-            first_stage(w, g, 8 * o, kb, kl, t.add((o - oa) * t_octet));
-        }
-        for xi in 0..36 {
-            let (i, j) = (xi / 6, xi % 6);
-            for pass in 0..passes {
-                let (sg, half) = (pass / 2, pass % 2);
-                // V of plane ξ, channels kb.., this pass's 8 tiles
-                let vrow = v.add(((sg * 36 + xi) * cin + kb) * NR + half * 8);
-                for o in oa..ob {
-                    let ti = t.add((o - oa) * t_octet + i * kl * 24);
-                    let mut acc = plane_pass(j, ti, vrow, kl);
-                    // lane = output channel → lane = tile, as the products' layout has it
-                    packed_matmul::transpose8(&mut acc);
-                    let nco = (g.cout - 8 * o).min(8);
-                    let mo = m.add((o - oa) * m_octet + sg * 8 * 36 * NR + xi * NR + half * 8);
-                    for (c, &sum) in acc.iter().enumerate().take(nco) {
-                        let p = mo.add(c * 36 * NR);
-                        if kb > 0 {
-                            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), sum));
-                        } else {
-                            _mm256_storeu_ps(p, sum);
+// SAFETY: tasks only read `v` and write disjoint output channels of `out`.
+unsafe impl Sync for Planes<'_> {}
+
+impl Planes<'_> {
+    /// # Safety
+    /// AVX2, FMA and F16C present; `v` holds the chunk's transformed input, `out` the output.
+    unsafe fn run(&self) {
+        let octets = self.g.cout.div_ceil(8);
+        let tasks = channel_tasks(octets, PLANES_TASK_OCTETS, 2 * threads(), threads());
+        tasks.par_iter().for_each(|&(oa, ob)| {
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                let (tbuf, mbuf) = &mut *s;
+                let need_t = (ob - oa) * 18 * 8 * KC.min(self.g.cin);
+                let need_m = (ob - oa) * 8 * self.n_tsub * 36 * NR;
+                if tbuf.len() < need_t {
+                    tbuf.resize(need_t, 0.0);
+                }
+                if mbuf.len() < need_m {
+                    mbuf.resize(need_m, 0.0);
+                }
+                self.task((oa, ob), tbuf.as_mut_ptr(), mbuf.as_mut_ptr());
+            });
+        });
+    }
+
+    /// One task: octets [oa, ob) of output channels. `t` holds the octets' first-stage weights
+    /// of a channel block (`[octet][i][ci − kb][b][8]`), `m` their products
+    /// (`[octet][group][co − 8·octet][ξ][NR]`, as [`output_group`] reads them).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn task(&self, (oa, ob): (usize, usize), t: *mut f32, m: *mut f32) {
+        let (g, cin) = (self.g, self.g.cin);
+        let tiles = g.t_total - self.t0;
+        let passes = tiles.min(self.n_tsub * NR).div_ceil(8);
+        let m_octet = self.n_tsub * 8 * 36 * NR;
+        let mut kb = 0;
+        while kb < cin {
+            let kl = KC.min(cin - kb);
+            let t_octet = 18 * 8 * kl;
+            for o in oa..ob {
+                first_stage(self.w, g, 8 * o, kb, kl, t.add((o - oa) * t_octet));
+            }
+            for xi in 0..36 {
+                let (i, j) = (xi / 6, xi % 6);
+                for pass in 0..passes {
+                    let (sg, half) = (pass / 2, pass % 2);
+                    // V of plane ξ, channels kb.., this pass's 8 tiles
+                    let vrow = self.v.add(((sg * 36 + xi) * cin + kb) * NR + half * 8);
+                    for o in oa..ob {
+                        let ti = t.add((o - oa) * t_octet + i * kl * 24);
+                        let mut acc = plane_pass(j, ti, vrow, kl);
+                        // lane = output channel → lane = tile, as the products' layout has it
+                        packed_matmul::transpose8(&mut acc);
+                        let nco = (g.cout - 8 * o).min(8);
+                        let mo = m.add((o - oa) * m_octet + sg * 8 * 36 * NR + xi * NR + half * 8);
+                        for (c, &sum) in acc.iter().enumerate().take(nco) {
+                            let p = mo.add(c * 36 * NR);
+                            if kb > 0 {
+                                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), sum));
+                            } else {
+                                _mm256_storeu_ps(p, sum);
+                            }
                         }
                     }
                 }
             }
+            kb += kl;
         }
-        kb += kl;
-    }
-    for o in oa..ob {
-        for c in 0..(g.cout - 8 * o).min(8) {
-            let co = 8 * o + c;
-            let bv = bias.map_or(0.0, |b| b[co]);
-            for pass in 0..passes {
-                let (sg, half) = (pass / 2, pass % 2);
-                let mp = m.add((o - oa) * m_octet + (sg * 8 + c) * 36 * NR + half * 8);
-                output_group(g, mp, t0 + pass * 8, co, bv, out);
+        for o in oa..ob {
+            for c in 0..(g.cout - 8 * o).min(8) {
+                let co = 8 * o + c;
+                let bv = self.bias.map_or(0.0, |b| b[co]);
+                for pass in 0..passes {
+                    let (sg, half) = (pass / 2, pass % 2);
+                    let mp = m.add((o - oa) * m_octet + (sg * 8 + c) * 36 * NR + half * 8);
+                    output_group(g, mp, self.t0 + pass * 8, co, bv, self.out);
+                }
             }
         }
     }
@@ -1004,52 +998,31 @@ unsafe fn planes_task(
 
 /// `acc[tile] (lane = output channel) = Σ_ci U_ξ[ci] · V_ξ[ci][tile]` over `kl` channels from
 /// zero, for the plane ξ = (i, j) whose row i of the first stage is at `ti` (`[ci][b][8]`) and
-/// the 8 tiles of V at `vrow` (channels NR floats apart). U is `g3to6`'s output j of that row,
-/// computed as it computes it.
+/// the 8 tiles of V at `vrow` (channels NR floats apart). U is [`g3to6`]'s output j of that row;
+/// with j a constant in each arm, its other outputs (and the loads they alone need) fold away.
 #[inline(always)]
 unsafe fn plane_pass(j: usize, ti: *const f32, vrow: *const f32, kl: usize) -> [__m256; 8] {
-    let mut acc = [_mm256_setzero_ps(); 8];
-    macro_rules! sum {
-        (|$a:ident, $b:ident, $c:ident| $u:expr) => {{
-            for cl in 0..kl {
-                let p = ti.add(cl * 24);
-                let ($a, $b, $c) = (p, p.add(8), p.add(16));
-                let u = $u;
-                let vr = vrow.add(cl * NR);
-                for (tl, s) in acc.iter_mut().enumerate() {
-                    *s = _mm256_fmadd_ps(_mm256_broadcast_ss(&*vr.add(tl)), u, *s);
-                }
+    #[inline(always)]
+    unsafe fn sum<const J: usize>(ti: *const f32, vrow: *const f32, kl: usize) -> [__m256; 8] {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for cl in 0..kl {
+            let p = ti.add(cl * 24);
+            let u = g3to6(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)))[J];
+            let vr = vrow.add(cl * NR);
+            for (tl, s) in acc.iter_mut().enumerate() {
+                *s = _mm256_fmadd_ps(_mm256_broadcast_ss(&*vr.add(tl)), u, *s);
             }
-        }};
+        }
+        acc
     }
-    let third = _mm256_set1_ps(1.0 / 3.0);
     match j {
-        0 => sum!(|a, _b, _c| _mm256_loadu_ps(a)),
-        1 => sum!(|a, b, c| {
-            let ac = _mm256_add_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(c));
-            _mm256_mul_ps(_mm256_add_ps(ac, _mm256_loadu_ps(b)), third)
-        }),
-        2 => sum!(|a, b, c| {
-            let ac = _mm256_add_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(c));
-            _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(b), ac), third)
-        }),
-        3 => sum!(|a, b, c| {
-            let (a, b, c) = (_mm256_loadu_ps(a), _mm256_loadu_ps(b), _mm256_loadu_ps(c));
-            let t3 = _mm256_fmadd_ps(
-                _mm256_set1_ps(16.0),
-                a,
-                _mm256_fmadd_ps(_mm256_set1_ps(8.0), b, _mm256_mul_ps(_mm256_set1_ps(4.0), c)),
-            );
-            _mm256_mul_ps(t3, _mm256_set1_ps(-1.0 / 15.0))
-        }),
-        4 => sum!(|a, b, c| {
-            let (a, b, c) = (_mm256_loadu_ps(a), _mm256_loadu_ps(b), _mm256_loadu_ps(c));
-            let t4 = _mm256_fmadd_ps(_mm256_set1_ps(4.0), c, _mm256_fmadd_ps(_mm256_set1_ps(-2.0), b, a));
-            _mm256_mul_ps(t4, _mm256_set1_ps(1.0 / 15.0))
-        }),
-        _ => sum!(|_a, _b, c| _mm256_loadu_ps(c)),
+        0 => sum::<0>(ti, vrow, kl),
+        1 => sum::<1>(ti, vrow, kl),
+        2 => sum::<2>(ti, vrow, kl),
+        3 => sum::<3>(ti, vrow, kl),
+        4 => sum::<4>(ti, vrow, kl),
+        _ => sum::<5>(ti, vrow, kl),
     }
-    acc
 }
 
 /// The first stage T = G g of output channels [co0, co0 + 8) (lanes; past Cout zero) and input
